@@ -1,0 +1,7 @@
+//! Connectors: where table rows come from and go to.
+//!
+//! Today: Weir's own table log (tables without a connector), and the WITH-option
+//! specifications every named connector is validated against.
+
+pub mod log_table;
+pub mod options;

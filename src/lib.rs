@@ -1,0 +1,5 @@
+//! Weir: a streaming SQL engine server speaking the Postgres wire protocol.
+
+pub mod connector;
+pub mod server;
+pub mod sql;

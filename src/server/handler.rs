@@ -1,0 +1,355 @@
+//! pgwire's query handlers over Weir's engine: the simple protocol (many statements per
+//! message) and the extended one (Parse / Bind / Describe / Execute).
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::catalog::MemTable;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::dataframe::DataFrame;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::prelude::SessionContext;
+use futures::{Sink, SinkExt};
+use pgwire::api::auth::StartupHandler;
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{FieldInfo, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::startup::ParameterStatus;
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::types::format::FormatOptions;
+
+use super::auth::Startup;
+use crate::sql::error::{SqlError, SqlResult};
+use crate::sql::parser::{self, Parsed};
+use crate::sql::{CommandTag, Engine, Outcome};
+
+pub struct Handlers {
+    queries: Arc<QueryHandler>,
+    startup: Arc<Startup>,
+    cancel: Arc<DefaultCancelHandler>,
+}
+
+impl Handlers {
+    pub fn new(engine: Arc<Engine>, password: Option<&str>) -> Self {
+        let connections = Arc::new(ConnectionManager::new());
+        Self {
+            queries: Arc::new(QueryHandler {
+                parser: Arc::new(StatementParser {
+                    engine: engine.clone(),
+                }),
+                engine,
+            }),
+            startup: Arc::new(Startup::new(password, connections.clone())),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+        }
+    }
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.queries.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.queries.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.startup.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.cancel.clone()
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(LogErrors)
+    }
+}
+
+struct LogErrors;
+
+impl ErrorHandler for LogErrors {
+    fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
+        tracing::debug!("sending error: {error}");
+    }
+}
+
+pub struct QueryHandler {
+    engine: Arc<Engine>,
+    parser: Arc<StatementParser>,
+}
+
+/// A statement prepared by Parse: the parsed statement and, for queries and INSERTs,
+/// its plan (placeholders still open).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    parsed: Arc<Parsed>,
+    plan: Option<LogicalPlan>,
+}
+
+fn to_pgwire(e: SqlError) -> PgWireError {
+    PgWireError::UserError(Box::new(error_info(e)))
+}
+
+fn error_info(e: SqlError) -> ErrorInfo {
+    let mut info = ErrorInfo::new("ERROR".to_string(), e.code.to_string(), e.message);
+    info.hint = e.hint;
+    info.position = e.position.map(|p| p.to_string());
+    info
+}
+
+#[async_trait]
+impl SimpleQueryHandler for QueryHandler {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statements = match parser::parse(query) {
+            Ok(statements) => statements,
+            Err(e) => return Ok(vec![Response::Error(Box::new(error_info(e)))]),
+        };
+        if statements.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let mut responses = Vec::with_capacity(statements.len());
+        for parsed in statements {
+            let outcome = self
+                .engine
+                .execute(client.metadata(), &parsed.statement, None, None)
+                .await;
+            match outcome {
+                Ok(outcome) => {
+                    responses.push(respond(client, outcome, &Format::UnifiedText).await?)
+                }
+                Err(e) => {
+                    // Postgres abandons the rest of a multi-statement string at an error.
+                    responses.push(Response::Error(Box::new(error_info(
+                        e.shifted(parsed.start),
+                    ))));
+                    break;
+                }
+            }
+        }
+        Ok(responses)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for QueryHandler {
+    type Statement = Prepared;
+    type QueryParser = StatementParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let prepared = &portal.statement.statement;
+        let params = match &prepared.plan {
+            Some(plan) => {
+                let types = ordered_parameter_types(plan).map_err(to_pgwire)?;
+                let refs: Vec<Option<&DataType>> = types.iter().map(Option::as_ref).collect();
+                Some(arrow_pg::datatypes::df::deserialize_parameters(
+                    portal, &refs,
+                )?)
+            }
+            None => None,
+        };
+        let outcome = self
+            .engine
+            .execute(
+                client.metadata(),
+                &prepared.parsed.statement,
+                prepared.plan.clone(),
+                params,
+            )
+            .await
+            .map_err(to_pgwire)?;
+        respond(client, outcome, &portal.result_column_format).await
+    }
+}
+
+pub struct StatementParser {
+    engine: Arc<Engine>,
+}
+
+#[async_trait]
+impl QueryParser for StatementParser {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut statements = parser::parse(sql).map_err(to_pgwire)?;
+        if statements.len() > 1 {
+            return Err(to_pgwire(SqlError::syntax(
+                "cannot insert multiple commands into a prepared statement",
+            )));
+        }
+        let Some(parsed) = statements.pop() else {
+            return Ok(None);
+        };
+        let plan = self
+            .engine
+            .plan(client.metadata(), &parsed.statement)
+            .await
+            .map_err(|e| to_pgwire(e.shifted(parsed.start)))?;
+        Ok(Some(Prepared {
+            parsed: Arc::new(parsed),
+            plan,
+        }))
+    }
+
+    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        let Some(plan) = &stmt.plan else {
+            return Ok(vec![]);
+        };
+        ordered_parameter_types(plan)
+            .map_err(to_pgwire)?
+            .iter()
+            .map(|t| match t {
+                Some(t) => arrow_pg::datatypes::into_pg_type(t),
+                None => Ok(Type::UNKNOWN),
+            })
+            .collect()
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Prepared,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        let schema = self
+            .engine
+            .result_schema(&stmt.parsed.statement, stmt.plan.as_ref())
+            .map_err(to_pgwire)?;
+        match schema {
+            None => Ok(vec![]),
+            Some(schema) => arrow_pg::datatypes::arrow_schema_to_pg_fields(
+                &schema,
+                column_format.unwrap_or(&Format::UnifiedText),
+                None,
+            ),
+        }
+    }
+}
+
+/// Types of `$1..$n` in order: DataFusion's inference, else the type a placeholder is
+/// cast to (`$1::int`), else unknown.
+fn ordered_parameter_types(plan: &LogicalPlan) -> SqlResult<Vec<Option<DataType>>> {
+    let inferred = plan.get_parameter_types()?;
+    let mut cast_types: HashMap<String, DataType> = HashMap::new();
+    plan.apply(|node| {
+        for expr in node.expressions() {
+            expr.apply(|e| {
+                if let Expr::Cast(cast) = e {
+                    if let Expr::Placeholder(p) = cast.expr.as_ref() {
+                        cast_types.insert(p.id.clone(), cast.field.data_type().clone());
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let count = inferred
+        .keys()
+        .filter_map(|id| id.trim_start_matches('$').parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    Ok((1..=count)
+        .map(|i| {
+            let id = format!("${i}");
+            inferred
+                .get(&id)
+                .cloned()
+                .flatten()
+                .or_else(|| cast_types.get(&id).cloned())
+        })
+        .collect())
+}
+
+/// Turns an outcome into what pgwire sends, applying session changes on the way.
+async fn respond<C>(client: &mut C, outcome: Outcome, format: &Format) -> PgWireResult<Response>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    Ok(match outcome {
+        Outcome::Rows(df) => {
+            let df = run_to_completion(df).await.map_err(to_pgwire)?;
+            let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+            Response::Query(
+                arrow_pg::datatypes::df::encode_dataframe(df, format, Some(options)).await?,
+            )
+        }
+        Outcome::Command(tag) => Response::Execution(tag_of(&tag)),
+        Outcome::Set(assignments, tag) => {
+            for a in assignments {
+                client.metadata_mut().insert(a.key, a.value);
+                if let Some((name, value)) = a.report {
+                    client
+                        .send(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
+                            name, value,
+                        )))
+                        .await?;
+                }
+            }
+            Response::Execution(tag_of(&tag))
+        }
+        Outcome::Begin => Response::TransactionStart(Tag::new("BEGIN")),
+        Outcome::End(tag) => Response::TransactionEnd(tag_of(&tag)),
+    })
+}
+
+/// Runs a query fully before any row is sent, so an error mid-way reaches the client as
+/// a proper error with its SQLSTATE instead of a cut-off result.
+async fn run_to_completion(df: DataFrame) -> SqlResult<DataFrame> {
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    let table = MemTable::try_new(schema, vec![batches])?;
+    Ok(SessionContext::new().read_table(Arc::new(table))?)
+}
+
+fn tag_of(tag: &CommandTag) -> Tag {
+    let mut t = Tag::new(&tag.command);
+    if tag.command == "INSERT" {
+        t = t.with_oid(0);
+    }
+    match tag.rows {
+        Some(rows) => t.with_rows(rows),
+        None => t,
+    }
+}

@@ -1,0 +1,37 @@
+//! SQL: parsing Weir's dialect, running statements, and the session they run in.
+
+mod ddl;
+pub mod engine;
+pub mod error;
+pub mod expr;
+mod functions;
+mod insert;
+mod names;
+pub mod parser;
+mod schema;
+pub mod session;
+mod show;
+mod types;
+
+pub use engine::{Engine, Outcome};
+
+/// A command completion tag ("CREATE TABLE", "INSERT 0 3").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandTag {
+    pub command: String,
+    pub rows: Option<usize>,
+}
+
+impl CommandTag {
+    pub fn new(command: &str) -> Self {
+        Self {
+            command: command.to_string(),
+            rows: None,
+        }
+    }
+
+    pub fn with_rows(mut self, rows: usize) -> Self {
+        self.rows = Some(rows);
+        self
+    }
+}

@@ -1,0 +1,70 @@
+//! Shared by the integration tests: a Weir server in-process on an ephemeral port.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use tokio_postgres::{Client, NoTls};
+use weir::server::{Server, ServerConfig};
+
+pub struct TestServer {
+    pub server: Server,
+    pub port: u16,
+}
+
+impl TestServer {
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with_password(data_dir, None).await
+    }
+
+    pub async fn start_with_password(data_dir: &Path, password: Option<&str>) -> Self {
+        let server = Server::start(ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: data_dir.to_path_buf(),
+            password: password.map(str::to_string),
+        })
+        .await
+        .expect("server starts");
+        let port = server.local_addr().port();
+        Self { server, port }
+    }
+
+    pub async fn connect(&self) -> Client {
+        connect(self.port).await
+    }
+
+    pub async fn stop(self) {
+        self.server.shutdown().await.expect("clean shutdown");
+    }
+}
+
+pub async fn connect(port: u16) -> Client {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=weir dbname=weir"),
+        NoTls,
+    )
+    .await
+    .expect("connects");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// All rows of a simple-protocol query, each value as text ("NULL" for null).
+pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,218 @@
+//! Runs every `sql-tests/**/*.slt` file over the real pgwire endpoint, once with the
+//! extended protocol (prepared statements, binary results) and once with the simple one.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use sqllogictest::{DBOutput, DefaultColumnType};
+use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Extended,
+    Simple,
+}
+
+struct Weir {
+    client: Client,
+    protocol: Protocol,
+}
+
+#[derive(Debug)]
+struct DbError(tokio_postgres::Error);
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => write!(f, "{}: {}", db.code().code(), db.message()),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for DbError {}
+
+#[async_trait]
+impl sqllogictest::AsyncDB for Weir {
+    type Error = DbError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DbError> {
+        match self.protocol {
+            Protocol::Extended => self.run_extended(sql).await,
+            Protocol::Simple => self.run_simple(sql).await,
+        }
+        .map_err(DbError)
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "weir"
+    }
+
+    async fn sleep(dur: std::time::Duration) {
+        tokio::time::sleep(dur).await
+    }
+
+    fn error_sql_state(err: &DbError) -> Option<String> {
+        err.0.code().map(|c| c.code().to_string())
+    }
+}
+
+impl Weir {
+    async fn run_extended(
+        &self,
+        sql: &str,
+    ) -> Result<DBOutput<DefaultColumnType>, tokio_postgres::Error> {
+        let statement = self.client.prepare(sql).await?;
+        if statement.columns().is_empty() {
+            let n = self.client.execute(&statement, &[]).await?;
+            return Ok(DBOutput::StatementComplete(n));
+        }
+        let rows = self.client.query(&statement, &[]).await?;
+        let types = vec![DefaultColumnType::Any; statement.columns().len()];
+        let rows = rows
+            .iter()
+            .map(|row| {
+                (0..row.len())
+                    .map(|i| binary_value_to_text(row, i))
+                    .collect()
+            })
+            .collect();
+        Ok(DBOutput::Rows { types, rows })
+    }
+
+    async fn run_simple(
+        &self,
+        sql: &str,
+    ) -> Result<DBOutput<DefaultColumnType>, tokio_postgres::Error> {
+        let messages = self.client.simple_query(sql).await?;
+        let mut columns = None;
+        let mut rows = vec![];
+        let mut count = 0;
+        for message in messages {
+            match message {
+                SimpleQueryMessage::RowDescription(desc) => columns = Some(desc.len()),
+                SimpleQueryMessage::Row(row) => rows.push(
+                    (0..row.len())
+                        .map(|i| match row.get(i) {
+                            None => "NULL".to_string(),
+                            Some("") => "(empty)".to_string(),
+                            Some(v) => v.to_string(),
+                        })
+                        .collect(),
+                ),
+                SimpleQueryMessage::CommandComplete(n) => count = n,
+                _ => {}
+            }
+        }
+        Ok(match columns {
+            Some(n) => DBOutput::Rows {
+                types: vec![DefaultColumnType::Any; n],
+                rows,
+            },
+            None => DBOutput::StatementComplete(count),
+        })
+    }
+}
+
+/// Postgres' text rendering of a binary-format value, so both protocols must agree.
+fn binary_value_to_text(row: &tokio_postgres::Row, i: usize) -> String {
+    fn get<'a, T: FromSql<'a>>(row: &'a tokio_postgres::Row, i: usize) -> Option<T> {
+        row.try_get::<_, Option<T>>(i)
+            .unwrap_or_else(|e| panic!("column {i}: {e}"))
+    }
+    let ty = row.columns()[i].type_().clone();
+    let text = match ty {
+        Type::BOOL => get::<bool>(row, i).map(|b| if b { "t" } else { "f" }.to_string()),
+        Type::INT2 => get::<i16>(row, i).map(|v| v.to_string()),
+        Type::INT4 => get::<i32>(row, i).map(|v| v.to_string()),
+        Type::INT8 => get::<i64>(row, i).map(|v| v.to_string()),
+        Type::OID => get::<u32>(row, i).map(|v| v.to_string()),
+        Type::FLOAT4 => get::<f32>(row, i).map(|v| v.to_string()),
+        Type::FLOAT8 => get::<f64>(row, i).map(|v| v.to_string()),
+        Type::NUMERIC => get::<rust_decimal::Decimal>(row, i).map(|v| v.to_string()),
+        Type::DATE => get::<chrono::NaiveDate>(row, i).map(|v| v.to_string()),
+        Type::TIME => get::<chrono::NaiveTime>(row, i).map(|v| v.to_string()),
+        Type::TIMESTAMP => get::<chrono::NaiveDateTime>(row, i).map(|v| v.to_string()),
+        Type::TIMESTAMPTZ => {
+            get::<chrono::DateTime<chrono::Utc>>(row, i).map(|v| v.naive_utc().to_string() + "+00")
+        }
+        Type::INTERVAL => get::<pg_interval::Interval>(row, i).map(|v| v.to_postgres()),
+        Type::BYTEA => get::<Vec<u8>>(row, i)
+            .map(|v| "\\x".to_string() + &v.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        _ => get::<String>(row, i),
+    };
+    match text {
+        None => "NULL".into(),
+        Some(s) if s.is_empty() => "(empty)".into(),
+        Some(s) => s,
+    }
+}
+
+fn slt_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("sql-tests exists")
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            slt_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "slt") {
+            out.push(path);
+        }
+    }
+}
+
+async fn run_all(protocol: Protocol) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql-tests");
+    let mut files = vec![];
+    slt_files(&root, &mut files);
+    assert!(!files.is_empty(), "no .slt files under {}", root.display());
+    // SLT_FILTER=name runs only the files whose path contains it.
+    let filter = std::env::var("SLT_FILTER").unwrap_or_default();
+    let mut failures = vec![];
+    for file in files
+        .iter()
+        .filter(|f| f.to_string_lossy().contains(&filter))
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let server = common::TestServer::start(dir.path()).await;
+        let port = server.port;
+        let mut runner = sqllogictest::Runner::new(move || async move {
+            Ok(Weir {
+                client: common::connect(port).await,
+                protocol,
+            })
+        });
+        runner.add_label(match protocol {
+            Protocol::Extended => "extended",
+            Protocol::Simple => "simple",
+        });
+        if let Err(e) = runner.run_file_async(file).await {
+            failures.push(format!("{}: {}", file.display(), e.display(true)));
+        }
+        server.stop().await;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} file(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_tests_over_extended_protocol() {
+    run_all(Protocol::Extended).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_tests_over_simple_protocol() {
+    run_all(Protocol::Simple).await;
+}

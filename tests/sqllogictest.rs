@@ -133,15 +133,19 @@ fn binary_value_to_text(row: &tokio_postgres::Row, i: usize) -> String {
         Type::INT4 => get::<i32>(row, i).map(|v| v.to_string()),
         Type::INT8 => get::<i64>(row, i).map(|v| v.to_string()),
         Type::OID => get::<u32>(row, i).map(|v| v.to_string()),
-        Type::FLOAT4 => get::<f32>(row, i).map(|v| v.to_string()),
-        Type::FLOAT8 => get::<f64>(row, i).map(|v| v.to_string()),
+        // pgwire's text format writes floats the way ryu does ("1.0"); so does Debug.
+        Type::FLOAT4 => get::<f32>(row, i).map(|v| format!("{v:?}")),
+        Type::FLOAT8 => get::<f64>(row, i).map(|v| format!("{v:?}")),
         Type::NUMERIC => get::<rust_decimal::Decimal>(row, i).map(|v| v.to_string()),
         Type::DATE => get::<chrono::NaiveDate>(row, i).map(|v| v.to_string()),
-        Type::TIME => get::<chrono::NaiveTime>(row, i).map(|v| v.to_string()),
-        Type::TIMESTAMP => get::<chrono::NaiveDateTime>(row, i).map(|v| v.to_string()),
-        Type::TIMESTAMPTZ => {
-            get::<chrono::DateTime<chrono::Utc>>(row, i).map(|v| v.naive_utc().to_string() + "+00")
+        // pgwire's text format always shows six fractional digits; match it.
+        Type::TIME => {
+            get::<chrono::NaiveTime>(row, i).map(|v| v.format("%H:%M:%S%.6f").to_string())
         }
+        Type::TIMESTAMP => get::<chrono::NaiveDateTime>(row, i)
+            .map(|v| v.format("%Y-%m-%d %H:%M:%S%.6f").to_string()),
+        Type::TIMESTAMPTZ => get::<chrono::DateTime<chrono::Utc>>(row, i)
+            .map(|v| v.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
         Type::INTERVAL => get::<pg_interval::Interval>(row, i).map(|v| v.to_postgres()),
         Type::BYTEA => get::<Vec<u8>>(row, i)
             .map(|v| "\\x".to_string() + &v.iter().map(|b| format!("{b:02x}")).collect::<String>()),
@@ -152,6 +156,26 @@ fn binary_value_to_text(row: &tokio_postgres::Row, i: usize) -> String {
         Some(s) if s.is_empty() => "(empty)".into(),
         Some(s) => s,
     }
+}
+
+/// Compares line by line; a value spanning lines (SHOW CREATE TABLE) is split into
+/// its lines, and each line is compared after the runner's normalisation.
+fn validate_lines(
+    normalizer: sqllogictest::Normalizer,
+    actual: &[Vec<String>],
+    expected: &[String],
+) -> bool {
+    let actual: Vec<String> = actual
+        .iter()
+        .flat_map(|row| {
+            let line = row.join(" ");
+            line.lines()
+                .map(|l| normalizer(&l.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let expected: Vec<String> = expected.iter().map(normalizer).collect();
+    actual == expected
 }
 
 fn slt_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -190,6 +214,7 @@ async fn run_all(protocol: Protocol) {
                 protocol,
             })
         });
+        runner.with_validator(validate_lines);
         runner.add_label(match protocol {
             Protocol::Extended => "extended",
             Protocol::Simple => "simple",

@@ -100,17 +100,19 @@ impl Engine {
         };
         let mut stmt = (**stmt).clone();
         substitute_current_setting(&mut stmt, metadata)?;
+        let state = self.state();
         match &mut stmt {
             ast::Statement::Query(_) | ast::Statement::Explain { .. } => {}
-            ast::Statement::Insert(insert) => insert::prepare(&self.catalog, insert)?,
+            ast::Statement::Insert(insert) => {
+                let def = insert::prepare(&self.catalog, insert)?;
+                insert::check_source_types(&state, insert, &def).await?;
+            }
             _ => return Ok(None),
         }
-        let plan = self
-            .state()
+        let plan = state
             .statement_to_plan(DFStatement::Statement(Box::new(stmt)))
             .await?;
         match &plan {
-            LogicalPlan::Dml(dml) => insert::check_types(dml)?,
             LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) | LogicalPlan::Copy(_) => {
                 return Err(SqlError::not_supported(format!(
                     "{} is not supported",
@@ -215,12 +217,18 @@ impl Engine {
             Some(params) => plan.with_param_values(params)?,
             None => plan,
         };
-        let is_insert = matches!(plan, LogicalPlan::Dml(_));
+        let insert = match &plan {
+            LogicalPlan::Dml(dml) => Some(dml.clone()),
+            _ => None,
+        };
         let df = DataFrame::new(self.state(), plan);
-        if !is_insert {
+        let Some(insert) = insert else {
             return Ok(Outcome::Rows(df));
-        }
-        let batches = df.collect().await?;
+        };
+        let batches = df
+            .collect()
+            .await
+            .map_err(|e| insert::explain_failure(&self.catalog, &insert, e))?;
         let rows = insert::count_of(&batches);
         Ok(Outcome::Command(CommandTag::new("INSERT").with_rows(rows)))
     }

@@ -1,18 +1,23 @@
 //! INSERT into a table of Weir's log: which columns a statement may name, and whether
 //! the values it gives fit the column types, checked before anything is written.
 
+use std::sync::Arc;
+
 use datafusion::arrow::array::{Array, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::DataType;
-use datafusion::logical_expr::{DmlStatement, Expr, ExprSchemable, LogicalPlan};
+use datafusion::error::DataFusionError;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{DmlStatement, Expr, LogicalPlan};
+use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{self, Ident, ObjectName, ObjectNamePart, TableObject};
-use weir_catalog::Catalog;
+use weir_catalog::{Catalog, TableDef};
 
 use super::error::{sqlstate, SqlError, SqlResult};
 use super::names::{ident_name, object_name};
 
 /// Checks the target and names the stored columns explicitly when the table has
 /// computed columns, which INSERT does not fill.
-pub fn prepare(catalog: &Catalog, insert: &mut ast::Insert) -> SqlResult<()> {
+pub fn prepare(catalog: &Catalog, insert: &mut ast::Insert) -> SqlResult<Arc<TableDef>> {
     let TableObject::TableName(target) = &insert.table else {
         return Err(SqlError::not_supported(
             "INSERT INTO TABLE FUNCTION is not supported",
@@ -67,43 +72,48 @@ pub fn prepare(catalog: &Catalog, insert: &mut ast::Insert) -> SqlResult<()> {
             })
             .collect();
     }
-    Ok(())
+    Ok(def)
 }
 
 /// Refuses values whose type cannot be assigned to their column (Postgres' 42804),
 /// e.g. a boolean into an INT column. Text may go anywhere: it is parsed, and a value
 /// that does not parse fails with 22P02 when the statement runs.
-pub fn check_types(dml: &DmlStatement) -> SqlResult<()> {
-    let target = dml.target.schema();
-    match dml.input.as_ref() {
-        LogicalPlan::Projection(projection) => {
-            let input_schema = projection.input.schema();
-            for (expr, field) in projection.expr.iter().zip(target.fields()) {
-                let source = unwrap_cast(expr).get_type(input_schema)?;
-                check_assignable(&source, field.data_type(), field.name())?;
-            }
+///
+/// The source is planned on its own because DataFusion folds the casts to the target
+/// types into the literals when it plans the INSERT, hiding what was written. A source
+/// that cannot be planned alone (untyped parameters) is left to the INSERT's planning.
+pub async fn check_source_types(
+    state: &SessionState,
+    insert: &ast::Insert,
+    def: &TableDef,
+) -> SqlResult<()> {
+    let Some(source) = &insert.source else {
+        return Ok(());
+    };
+    let statement = DFStatement::Statement(Box::new(ast::Statement::Query(source.clone())));
+    let Ok(plan) = state.statement_to_plan(statement).await else {
+        return Ok(());
+    };
+    let targets: Vec<String> = if insert.columns.is_empty() {
+        def.columns.iter().map(|c| c.name.clone()).collect()
+    } else {
+        insert.columns.iter().map(column_name).collect()
+    };
+    let schema = def.schema();
+    for (field, target) in plan.schema().fields().iter().zip(&targets) {
+        if let Ok(target_field) = schema.field_with_name(target) {
+            check_assignable(field.data_type(), target_field.data_type(), target)?;
         }
-        LogicalPlan::Values(values) => {
-            let schema = values.schema.clone();
-            for row in &values.values {
-                for (expr, field) in row.iter().zip(target.fields()) {
-                    let source = unwrap_cast(expr).get_type(&schema)?;
-                    check_assignable(&source, field.data_type(), field.name())?;
-                }
-            }
-        }
-        _ => {}
     }
     Ok(())
 }
 
-fn unwrap_cast(expr: &Expr) -> &Expr {
-    match expr {
-        Expr::Alias(alias) => unwrap_cast(&alias.expr),
-        Expr::Cast(cast) => unwrap_cast(&cast.expr),
-        Expr::TryCast(cast) => unwrap_cast(&cast.expr),
-        other => other,
-    }
+fn column_name(name: &ObjectName) -> String {
+    name.0
+        .last()
+        .and_then(|p| p.as_ident())
+        .map(ident_name)
+        .unwrap_or_default()
 }
 
 #[derive(PartialEq, Eq, Debug)]
@@ -147,6 +157,56 @@ fn check_assignable(source: &DataType, target: &DataType, column: &str) -> SqlRe
         format!("column \"{column}\" is of type {target} but expression is of type {source}"),
     )
     .with_hint("rewrite or cast the expression"))
+}
+
+/// DataFusion reports a NULL in a NOT NULL column by position or by the name of the
+/// source column; say which column of the table it was.
+pub fn explain_failure(catalog: &Catalog, dml: &DmlStatement, error: DataFusionError) -> SqlError {
+    let message = error.to_string();
+    let table = dml.table_name.table();
+    let quoted = |after: &str| {
+        message
+            .split(after)
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .map(str::to_string)
+    };
+    let column = if message.contains("has null but schema specifies non-nullable") {
+        let index = quoted("Invalid batch column at '").and_then(|i| i.parse::<usize>().ok());
+        index.and_then(|i| {
+            catalog
+                .table(table)
+                .and_then(|def| def.columns.get(i).map(|c| c.name.clone()))
+        })
+    } else if message.contains("is declared as non-nullable but contains null values") {
+        quoted("Column '").map(|source| target_of(dml, &source).unwrap_or(source))
+    } else {
+        None
+    };
+    match column {
+        Some(column) => SqlError::new(
+            sqlstate::NOT_NULL_VIOLATION,
+            format!("null value in column \"{column}\" of relation \"{table}\" violates not-null constraint"),
+        ),
+        None => SqlError::from(error),
+    }
+}
+
+/// The table column an INSERT fills from the source column `source`.
+fn target_of(dml: &DmlStatement, source: &str) -> Option<String> {
+    let LogicalPlan::Projection(projection) = dml.input.as_ref() else {
+        return None;
+    };
+    projection.expr.iter().find_map(|e| match e {
+        Expr::Alias(alias) => match alias.expr.as_ref() {
+            Expr::Column(c) if c.name == source => Some(alias.name.clone()),
+            Expr::Cast(cast) if matches!(cast.expr.as_ref(), Expr::Column(c) if c.name == source) => {
+                Some(alias.name.clone())
+            }
+            _ => None,
+        },
+        _ => None,
+    })
 }
 
 /// Rows written, from the `count` column DataFusion's insert returns.

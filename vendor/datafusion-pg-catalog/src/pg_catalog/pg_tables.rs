@@ -61,6 +61,14 @@ impl<C: CatalogInfo> PgTablesTable<C> {
                     {
                         // Now process all tables in this schema
                         for table_name in catalog_table_names {
+                            // Weir patch: pg_tables lists tables, not views (as in Postgres).
+                            let table_type = this
+                                .catalog_list
+                                .table_type(&catalog_name, &schema_name, &table_name)
+                                .await?;
+                            if table_type == Some(datafusion::datasource::TableType::View) {
+                                continue;
+                            }
                             schema_names.push(schema_name.to_string());
                             table_names.push(table_name.to_string());
                             table_owners.push("postgres".to_string());

@@ -18,26 +18,43 @@ use super::params::{server_parameters, ServerParameters};
 
 const SCRAM_ITERATIONS: usize = 4096;
 
-pub enum Startup {
-    Trust(TrustStartup),
-    Scram(SASLAuthStartupHandler<ServerParameters>),
+/// Makes the start-up handler of each connection.
+pub struct Authenticator {
+    password: Option<Arc<OnePassword>>,
+    connections: Arc<ConnectionManager>,
 }
 
-impl Startup {
+impl Authenticator {
     pub fn new(password: Option<&str>, connections: Arc<ConnectionManager>) -> Self {
-        match password {
-            None => Startup::Trust(TrustStartup { connections }),
+        Self {
+            password: password.map(|p| Arc::new(OnePassword::new(p))),
+            connections,
+        }
+    }
+
+    /// A handler for one connection: pgwire's SASL handler keeps the exchange's state
+    /// in itself, so sharing one between connections would mix their handshakes.
+    pub fn startup(&self) -> Startup {
+        match &self.password {
+            None => Startup::Trust(TrustStartup {
+                connections: self.connections.clone(),
+            }),
             Some(password) => {
-                let mut scram = ScramAuth::new(Arc::new(OnePassword::new(password)));
+                let mut scram = ScramAuth::new(password.clone());
                 scram.set_iterations(SCRAM_ITERATIONS);
                 Startup::Scram(
                     SASLAuthStartupHandler::new(Arc::new(ServerParameters))
                         .with_scram(scram)
-                        .with_connection_manager(connections),
+                        .with_connection_manager(self.connections.clone()),
                 )
             }
         }
     }
+}
+
+pub enum Startup {
+    Trust(TrustStartup),
+    Scram(SASLAuthStartupHandler<ServerParameters>),
 }
 
 #[async_trait]

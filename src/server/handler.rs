@@ -28,14 +28,14 @@ use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::types::format::FormatOptions;
 
-use super::auth::Startup;
+use super::auth::Authenticator;
 use crate::sql::error::{SqlError, SqlResult};
 use crate::sql::parser::{self, Parsed};
 use crate::sql::{CommandTag, Engine, Outcome};
 
 pub struct Handlers {
     queries: Arc<QueryHandler>,
-    startup: Arc<Startup>,
+    authenticator: Authenticator,
     cancel: Arc<DefaultCancelHandler>,
 }
 
@@ -49,7 +49,7 @@ impl Handlers {
                 }),
                 engine,
             }),
-            startup: Arc::new(Startup::new(password, connections.clone())),
+            authenticator: Authenticator::new(password, connections.clone()),
             cancel: Arc::new(DefaultCancelHandler::new(connections)),
         }
     }
@@ -65,7 +65,7 @@ impl PgWireServerHandlers for Handlers {
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        self.startup.clone()
+        Arc::new(self.authenticator.startup())
     }
 
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {

@@ -26,7 +26,11 @@ pub struct CreateTable {
 }
 
 /// Parses what follows `CREATE TABLE`.
-pub fn parse_create_table(p: &mut Parser) -> SqlResult<CreateTable> {
+pub fn parse_create_table(p: &mut Parser, text: &str) -> SqlResult<CreateTable> {
+    parse_create_table_body(p).map_err(|e| e.locate(text))
+}
+
+fn parse_create_table_body(p: &mut Parser) -> SqlResult<CreateTable> {
     let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
     let name = object_name(&p.parse_object_name(false).map_err(syntax)?)?;
     if p.peek_keyword(Keyword::AS) {
@@ -236,6 +240,8 @@ fn undefined_column(name: &str, clause: &str) -> SqlError {
     )
 }
 
+/// Keeps sqlparser's location in the message; [`SqlError::locate`] turns it into a
+/// position once the statement text is at hand.
 fn syntax(e: ParserError) -> SqlError {
-    SqlError::from_parser(&e, "")
+    SqlError::unlocated_parser_error(&e)
 }

@@ -112,10 +112,37 @@ impl SqlError {
     }
 }
 
+impl SqlError {
+    /// A parser error whose "at Line: l, Column: c" is resolved later by [`SqlError::locate`].
+    pub fn unlocated_parser_error(err: &ParserError) -> Self {
+        match err {
+            ParserError::TokenizerError(s) | ParserError::ParserError(s) => {
+                Self::syntax(format!("syntax error: {s}"))
+            }
+            ParserError::RecursionLimitExceeded => Self::from_parser(err, ""),
+        }
+    }
+
+    /// Resolves a location left in the message against the statement's text.
+    pub fn locate(mut self, sql: &str) -> Self {
+        if self.position.is_none() && self.code == sqlstate::SYNTAX_ERROR {
+            let (message, position) = split_location(&self.message, sql);
+            self.message = message;
+            self.position = position;
+        }
+        self
+    }
+}
+
 /// Splits "msg at Line: 1, Column: 8" into the message and a 1-based character offset.
 fn split_location(text: &str, sql: &str) -> (String, Option<usize>) {
     let Some(at) = text.rfind(" at Line: ") else {
-        return (text.to_string(), None);
+        // sqlparser gives no location for the end of input; Postgres points just past it.
+        let at_end = text.ends_with("found: EOF") && !sql.is_empty();
+        return (
+            text.to_string(),
+            at_end.then(|| sql.trim_end().chars().count() + 1),
+        );
     };
     let loc = &text[at + " at Line: ".len()..];
     let mut parts = loc.split(", Column: ");

@@ -66,8 +66,8 @@ impl Server {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         let _ = self.accept_loop.await;
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.catalog().flush()).await??;
+        let engine = self.engine;
+        tokio::task::spawn_blocking(move || engine.close()).await??;
         Ok(())
     }
 }

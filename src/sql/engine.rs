@@ -84,6 +84,17 @@ impl Engine {
         &self.catalog
     }
 
+    /// Makes everything durable and lets the store close once the engine is dropped:
+    /// pg_catalog's schema refers back to the catalog list that holds it, a cycle that
+    /// would otherwise keep the store (and its lock) open for the life of the process.
+    pub fn close(&self) -> SqlResult<()> {
+        if let Some(catalog) = self.ctx.catalog(names::CATALOG) {
+            catalog.deregister_schema("pg_catalog", true)?;
+        }
+        self.catalog.flush()?;
+        Ok(())
+    }
+
     fn state(&self) -> SessionState {
         self.ctx.state()
     }

@@ -272,9 +272,11 @@ mod tests {
 
     #[test]
     fn syntax_errors_point_into_the_whole_query() {
-        let e = parse("SELECT 1; SELECT FROM WHERE").unwrap_err();
+        let e = parse("SELECT 1; SELECT * FROM t WHERE").unwrap_err();
         assert_eq!(e.code, "42601");
-        assert_eq!(e.position, Some(23));
+        assert_eq!(e.position, Some(32));
+        let e = parse("SELECT 1;\nSELECT * FROM t WHERE a = = 1").unwrap_err();
+        assert_eq!(e.position, Some(37));
     }
 
     #[test]

@@ -1,0 +1,212 @@
+//! Data and catalog survive a clean restart and a kill -9, and no statement is ever
+//! half-applied.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{rows, TestServer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_and_rows_survive_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE t (id BIGINT NOT NULL, name STRING, pt AS PROCTIME(), PRIMARY KEY (id) NOT ENFORCED);
+             CREATE TABLE k (x INT) WITH ('connector' = 'blackhole');
+             INSERT INTO t VALUES (1, 'one'), (2, 'two');
+             INSERT INTO t VALUES (3, 'three');
+             CREATE VIEW v AS SELECT count(*) AS n FROM t;",
+        )
+        .await
+        .unwrap();
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    assert_eq!(
+        rows(&client, "SELECT id, name FROM t ORDER BY id").await,
+        vec![vec!["1", "one"], vec!["2", "two"], vec!["3", "three"]]
+            .into_iter()
+            .map(|r| r.into_iter().map(String::from).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        rows(&client, "SELECT n FROM v").await,
+        vec![vec!["3".to_string()]]
+    );
+    assert_eq!(
+        rows(&client, "SHOW TABLES").await,
+        vec![
+            vec!["k".to_string(), "table".into(), "blackhole".into()],
+            vec!["t".to_string(), "table".into(), "log".into()],
+            vec!["v".to_string(), "view".into(), "NULL".into()],
+        ]
+    );
+    // Table ids keep counting after a restart: a new table never sees old rows.
+    client
+        .batch_execute("DROP VIEW v; DROP TABLE t; CREATE TABLE t (id BIGINT)")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, "SELECT count(*) FROM t").await,
+        vec![vec!["0".to_string()]]
+    );
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    assert_eq!(
+        rows(&client, "SELECT count(*) FROM t").await,
+        vec![vec!["0".to_string()]]
+    );
+    server.stop().await;
+}
+
+/// The `weir` binary as a child process.
+struct WeirProcess {
+    child: Child,
+    port: u16,
+}
+
+impl WeirProcess {
+    fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("weir starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("weir logs where it listens")
+                .expect("readable log");
+            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, port }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_insert_and_never_half_a_statement() {
+    const ROWS_PER_STATEMENT: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    client
+        .batch_execute("CREATE TABLE t (stmt BIGINT NOT NULL, i BIGINT NOT NULL)")
+        .await
+        .unwrap();
+
+    // Writers append statements of ROWS_PER_STATEMENT rows until the server dies.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut writers = vec![];
+    for _ in 0..3 {
+        let (acknowledged, next, port) = (acknowledged.clone(), next.clone(), weir.port);
+        writers.push(tokio::spawn(async move {
+            let client = common::connect(port).await;
+            let mut mine = vec![];
+            loop {
+                let stmt = next.fetch_add(1, Ordering::SeqCst);
+                let sql = format!(
+                    "INSERT INTO t SELECT {stmt}, value FROM generate_series(1, {ROWS_PER_STATEMENT})"
+                );
+                match client.simple_query(&sql).await {
+                    Ok(_) => {
+                        mine.push(stmt);
+                        acknowledged.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => return mine,
+                }
+            }
+        }));
+    }
+    while acknowledged.load(Ordering::SeqCst) < 30 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    weir.kill_9();
+    let mut acked = vec![];
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+
+    let weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    let counts = rows(
+        &client,
+        "SELECT stmt, count(*), count(DISTINCT i) FROM t GROUP BY stmt",
+    )
+    .await;
+    let present: std::collections::HashMap<u64, (u64, u64)> = counts
+        .iter()
+        .map(|r| {
+            (
+                r[0].parse().unwrap(),
+                (r[1].parse().unwrap(), r[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    for (stmt, (count, distinct)) in &present {
+        assert_eq!(
+            (*count, *distinct),
+            (ROWS_PER_STATEMENT, ROWS_PER_STATEMENT),
+            "statement {stmt} is half applied or doubled"
+        );
+    }
+    for stmt in &acked {
+        assert!(
+            present.contains_key(stmt),
+            "acknowledged statement {stmt} was lost"
+        );
+    }
+    assert!(acked.len() >= 30);
+    weir.kill_9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    client
+        .batch_execute("CREATE TABLE t (a INT); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &weir.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = weir.child.wait().unwrap();
+    assert!(exit.success(), "weir exited with {exit}");
+    let weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    assert_eq!(
+        rows(&client, "SELECT a FROM t").await,
+        vec![vec!["1".to_string()]]
+    );
+    weir.kill_9();
+}

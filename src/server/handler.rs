@@ -303,7 +303,8 @@ fn ordered_parameter_types(plan: &LogicalPlan) -> SqlResult<Vec<Option<DataType>
 /// Turns an outcome into what pgwire sends, applying session changes on the way.
 async fn respond<C>(client: &mut C, outcome: Outcome, format: &Format) -> PgWireResult<Response>
 where
-    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    C::PortalStore: PortalStore,
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
@@ -331,6 +332,19 @@ where
         }
         Outcome::Begin => Response::TransactionStart(Tag::new("BEGIN")),
         Outcome::End(tag) => Response::TransactionEnd(tag_of(&tag)),
+        Outcome::Deallocate(name) => {
+            // Without a name (ALL) there is nothing to look up: pgwire frees a
+            // connection's statements when it closes.
+            if let Some(name) = &name {
+                client.portal_store().rm_statement(name);
+            }
+            let tag = if name.is_some() {
+                "DEALLOCATE"
+            } else {
+                "DEALLOCATE ALL"
+            };
+            Response::Execution(Tag::new(tag))
+        }
     })
 }
 

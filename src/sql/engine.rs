@@ -2,7 +2,6 @@
 //! DataFusion over the catalog's tables, session statements against the session.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,10 +14,7 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::{ExprSchemable, LogicalPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{
-    self, Expr as AstExpr, FunctionArg, FunctionArgExpr, FunctionArguments, ObjectType, Value,
-    VisitMut, VisitorMut,
-};
+use datafusion::sql::sqlparser::ast::{self, ObjectType};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use weir_catalog::{
     Catalog, ComputedColumn, SledStore, SqlType, StateStore, TableDef, TableId, ViewDef,
@@ -30,6 +26,7 @@ use super::error::{sqlstate, SqlError, SqlResult};
 use super::insert;
 use super::names::{self, object_name};
 use super::parser::Statement;
+use super::rewrite;
 use super::schema::WeirSchema;
 use super::session::{self, Assignment};
 use super::show;
@@ -44,6 +41,8 @@ pub enum Outcome {
     Begin,
     /// COMMIT or ROLLBACK.
     End(CommandTag),
+    /// `DEALLOCATE name` frees a statement prepared through the protocol; `None` is ALL.
+    Deallocate(Option<String>),
 }
 
 /// The server's one query engine: the catalog and the DataFusion context over it.
@@ -110,7 +109,8 @@ impl Engine {
             return Ok(None);
         };
         let mut stmt = (**stmt).clone();
-        substitute_current_setting(&mut stmt, metadata)?;
+        rewrite::rewrite(&mut stmt, metadata)?;
+        tracing::debug!("planning: {stmt}");
         let state = self.state();
         match &mut stmt {
             ast::Statement::Query(_) | ast::Statement::Explain { .. } => {}
@@ -196,8 +196,22 @@ impl Engine {
         match stmt {
             ast::Statement::StartTransaction { .. } => return Ok(Outcome::Begin),
             ast::Statement::Commit { .. } => return Ok(Outcome::End(CommandTag::new("COMMIT"))),
+            // Savepoints are accepted like transactions: reads need nothing undone.
+            ast::Statement::Rollback {
+                savepoint: Some(_), ..
+            } => return Ok(Outcome::Command(CommandTag::new("ROLLBACK"))),
             ast::Statement::Rollback { .. } => {
                 return Ok(Outcome::End(CommandTag::new("ROLLBACK")))
+            }
+            ast::Statement::Savepoint { .. } => {
+                return Ok(Outcome::Command(CommandTag::new("SAVEPOINT")))
+            }
+            ast::Statement::ReleaseSavepoint { .. } => {
+                return Ok(Outcome::Command(CommandTag::new("RELEASE")))
+            }
+            ast::Statement::Deallocate { name, .. } => {
+                let all = name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all");
+                return Ok(Outcome::Deallocate((!all).then(|| name.value.clone())));
             }
             ast::Statement::CreateView(view) => return self.create_view(view).await,
             ast::Statement::Drop {
@@ -420,53 +434,4 @@ fn statement_kind(stmt: &ast::Statement) -> String {
         .take(2)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Replaces `current_setting('name')` with the variable's value before planning:
-/// DataFusion's functions cannot see the session.
-fn substitute_current_setting(
-    stmt: &mut ast::Statement,
-    metadata: &HashMap<String, String>,
-) -> SqlResult<()> {
-    struct Substitute<'a>(&'a HashMap<String, String>);
-    impl VisitorMut for Substitute<'_> {
-        type Break = SqlError;
-        fn post_visit_expr(&mut self, expr: &mut AstExpr) -> ControlFlow<SqlError> {
-            let AstExpr::Function(f) = expr else {
-                return ControlFlow::Continue(());
-            };
-            let is_current_setting = f
-                .name
-                .0
-                .last()
-                .and_then(|p| p.as_ident())
-                .is_some_and(|i| i.value.eq_ignore_ascii_case("current_setting"));
-            if !is_current_setting {
-                return ControlFlow::Continue(());
-            }
-            let FunctionArguments::List(list) = &f.args else {
-                return ControlFlow::Continue(());
-            };
-            let name = match list.args.first() {
-                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(AstExpr::Value(v)))) => {
-                    match &v.value {
-                        Value::SingleQuotedString(s) => s.clone(),
-                        _ => return ControlFlow::Continue(()),
-                    }
-                }
-                _ => return ControlFlow::Continue(()),
-            };
-            match session::show(self.0, &name) {
-                Ok((_, value)) => {
-                    *expr = AstExpr::value(Value::SingleQuotedString(value));
-                    ControlFlow::Continue(())
-                }
-                Err(e) => ControlFlow::Break(e),
-            }
-        }
-    }
-    match stmt.visit(&mut Substitute(metadata)) {
-        ControlFlow::Continue(()) => Ok(()),
-        ControlFlow::Break(e) => Err(e),
-    }
 }

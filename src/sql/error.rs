@@ -223,7 +223,10 @@ impl From<DataFusionError> for SqlError {
             DataFusionError::SchemaError(..) => {
                 Self::new(classify_schema(&message), clean(&message))
             }
-            DataFusionError::Plan(m) => Self::new(classify_plan(m), clean(&message)),
+            DataFusionError::Plan(m) => match missing_table(m) {
+                Some(name) => Self::undefined_table(&name),
+                None => Self::new(classify_plan(m), clean(&message)),
+            },
             DataFusionError::ResourcesExhausted(m) => {
                 Self::new(sqlstate::INSUFFICIENT_RESOURCES, m.clone())
             }
@@ -245,6 +248,13 @@ fn clone_arrow(e: &ArrowError) -> ArrowError {
         ArrowError::NotYetImplemented(m) => ArrowError::NotYetImplemented(m.clone()),
         other => ArrowError::ExternalError(other.to_string().into()),
     }
+}
+
+/// The name in DataFusion's "table 'weir.public.t' not found".
+fn missing_table(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("table '")?;
+    let name = rest.strip_suffix("' not found")?;
+    Some(name.rsplit('.').next().unwrap_or(name).to_string())
 }
 
 fn classify_schema(message: &str) -> &'static str {

@@ -8,6 +8,7 @@ mod functions;
 mod insert;
 mod names;
 pub mod parser;
+mod rewrite;
 mod schema;
 pub mod session;
 mod show;

@@ -1112,6 +1112,33 @@ impl RemoveSubqueryFromProjectionVisitor {
     }
 }
 
+/// Weir patch: true when every table the query's FROM names is a pg_catalog table.
+fn reads_only_pg_catalog(query: &Query) -> bool {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return false;
+    };
+    let is_catalog_table = |factor: &TableFactor| match factor {
+        TableFactor::Table { name, .. } => {
+            let parts: Vec<String> = name
+                .0
+                .iter()
+                .filter_map(|p| p.as_ident())
+                .map(|i| i.value.to_lowercase())
+                .collect();
+            match parts.as_slice() {
+                [schema, _] => schema == "pg_catalog",
+                [table] => table.starts_with("pg_"),
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    !select.from.is_empty()
+        && select.from.iter().all(|twj| {
+            is_catalog_table(&twj.relation) && twj.joins.iter().all(|j| is_catalog_table(&j.relation))
+        })
+}
+
 struct CorrelationCheckVisitor<'a>(&'a mut bool, &'a HashSet<String>);
 
 impl Visitor for CorrelationCheckVisitor<'_> {
@@ -1144,6 +1171,13 @@ impl VisitorMut for RemoveSubqueryFromProjectionVisitor {
         if let SetExpr::Select(select) = query.body.as_mut() {
             for projection in &mut select.projection {
                 match projection {
+                    // Weir patch: only catalog lookups are rewritten; a user's subquery
+                    // keeps its meaning (DataFusion runs it or says why it cannot).
+                    SelectItem::UnnamedExpr(Expr::Subquery(subquery))
+                    | SelectItem::ExprWithAlias {
+                        expr: Expr::Subquery(subquery),
+                        ..
+                    } if !reads_only_pg_catalog(subquery) => {}
                     SelectItem::UnnamedExpr(expr) => {
                         if let Expr::Subquery(subquery) = expr {
                             if self.has_correlation(subquery) {

@@ -181,7 +181,7 @@ pub fn validate(options: &BTreeMap<String, String>) -> SqlResult<()> {
         }
     }
     if spec.name == "kafka"
-        && !options.contains_key("topic") == !options.contains_key("topic-pattern")
+        && options.contains_key("topic") == options.contains_key("topic-pattern")
     {
         return Err(invalid(
             "connector 'kafka' needs exactly one of 'topic' or 'topic-pattern'",

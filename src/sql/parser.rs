@@ -17,7 +17,7 @@ use super::names::{ident_name, object_name};
 
 #[derive(Debug, Clone)]
 pub enum Statement {
-    CreateTable(CreateTable),
+    CreateTable(Box<CreateTable>),
     ShowTables,
     ShowCreateTable(String),
     Describe(String),
@@ -114,7 +114,7 @@ fn parse_one(text: &str) -> SqlResult<Statement> {
         .map_err(|e| SqlError::from_parser(&e, text))?;
     let at = |e: ParserError| SqlError::from_parser(&e, text);
     if p.parse_keywords(&[Keyword::CREATE, Keyword::TABLE]) {
-        return parse_create_table(&mut p, text).map(Statement::CreateTable);
+        return parse_create_table(&mut p, text).map(|t| Statement::CreateTable(Box::new(t)));
     }
     if p.parse_keyword(Keyword::SHOW) {
         return parse_show(&mut p).map_err(at);

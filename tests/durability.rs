@@ -103,9 +103,17 @@ impl WeirProcess {
         Self { child, port }
     }
 
-    fn kill_9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    /// SIGKILL: no chance to flush or close anything.
+    fn kill_9(self) {
+        drop(self);
+    }
+}
+
+/// SIGKILL on drop, so a test that fails half-way leaves no server running.
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

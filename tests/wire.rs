@@ -334,3 +334,30 @@ async fn password_turns_on_scram_and_a_wrong_one_is_28p01() {
     assert_eq!(rows(&client, "SELECT 7").await, vec![vec!["7".to_string()]]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_columns_are_named_as_postgres_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute("CREATE TABLE t (a INT, b STRING); INSERT INTO t VALUES (1, 'x')")
+        .await
+        .unwrap();
+    let sql = "SELECT 1, a, t.b, count(*), upper(b), a AS renamed, count(a) FROM t GROUP BY a, t.b";
+    let expected = vec!["?column?", "a", "b", "count", "upper", "renamed", "count"];
+    // Extended protocol: Describe gives the names before execution.
+    let prepared = client.prepare(sql).await.unwrap();
+    let names: Vec<&str> = prepared.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, expected);
+    let rows = client.query(&prepared, &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(3), 1);
+    // Simple protocol.
+    let messages = client.simple_query(sql).await.unwrap();
+    let Some(tokio_postgres::SimpleQueryMessage::RowDescription(desc)) = messages.first() else {
+        panic!("no row description: {messages:?}");
+    };
+    let names: Vec<&str> = desc.iter().map(|c| c.name()).collect();
+    assert_eq!(names, expected);
+    server.stop().await;
+}

@@ -7,17 +7,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::DataType;
-use datafusion::catalog::MemTable;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{Expr, LogicalPlan};
-use datafusion::prelude::SessionContext;
-use futures::{Sink, SinkExt};
+use futures::{Sink, SinkExt, StreamExt};
 use pgwire::api::auth::StartupHandler;
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{FieldInfo, Response, Tag};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
@@ -29,6 +27,7 @@ use pgwire::messages::PgWireBackendMessage;
 use pgwire::types::format::FormatOptions;
 
 use super::auth::Authenticator;
+use crate::sql::column_names;
 use crate::sql::error::{SqlError, SqlResult};
 use crate::sql::parser::{self, Parsed};
 use crate::sql::{CommandTag, Engine, Outcome};
@@ -309,12 +308,9 @@ where
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
     Ok(match outcome {
-        Outcome::Rows(df) => {
-            let df = run_to_completion(df).await.map_err(to_pgwire)?;
+        Outcome::Rows(df, names) => {
             let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-            Response::Query(
-                arrow_pg::datatypes::df::encode_dataframe(df, format, Some(options)).await?,
-            )
+            Response::Query(run_to_completion(df, &names, format, options).await?)
         }
         Outcome::Command(tag) => Response::Execution(tag_of(&tag)),
         Outcome::Set(assignments, tag) => {
@@ -349,12 +345,29 @@ where
 }
 
 /// Runs a query fully before any row is sent, so an error mid-way reaches the client as
-/// a proper error with its SQLSTATE instead of a cut-off result.
-async fn run_to_completion(df: DataFrame) -> SqlResult<DataFrame> {
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
-    let table = MemTable::try_new(schema, vec![batches])?;
-    Ok(SessionContext::new().read_table(Arc::new(table))?)
+/// a proper error with its SQLSTATE instead of a cut-off result. Rows are encoded from
+/// the batches directly: Postgres column names may repeat, which a DataFrame refuses.
+async fn run_to_completion(
+    df: DataFrame,
+    names: &[Option<String>],
+    format: &Format,
+    options: Arc<FormatOptions>,
+) -> PgWireResult<QueryResponse> {
+    let schema = column_names::rename(&Arc::new(df.schema().as_arrow().clone()), names);
+    let batches = df.collect().await.map_err(|e| to_pgwire(e.into()))?;
+    let fields = Arc::new(arrow_pg::datatypes::arrow_schema_to_pg_fields(
+        &schema,
+        format,
+        Some(options),
+    )?);
+    let row_fields = fields.clone();
+    let rows = futures::stream::iter(batches).flat_map(move |batch| {
+        futures::stream::iter(arrow_pg::datatypes::encode_recordbatch(
+            row_fields.clone(),
+            batch,
+        ))
+    });
+    Ok(QueryResponse::new(fields, rows))
 }
 
 fn tag_of(tag: &CommandTag) -> Tag {

@@ -21,6 +21,7 @@ use weir_catalog::{
     WatermarkDef,
 };
 
+use super::column_names;
 use super::ddl::CreateTable;
 use super::error::{sqlstate, SqlError, SqlResult};
 use super::insert;
@@ -34,7 +35,8 @@ use super::{functions, CommandTag};
 
 /// What a statement produced.
 pub enum Outcome {
-    Rows(DataFrame),
+    /// Rows to return, and the Postgres names of their columns where DataFusion's differ.
+    Rows(DataFrame, Vec<Option<String>>),
     Command(CommandTag),
     /// Session variables to change (and report to the client).
     Set(Vec<Assignment>, CommandTag),
@@ -146,9 +148,12 @@ impl Engine {
             Statement::ShowCreateTable(_) => Some(show::show_create_schema()),
             Statement::Describe(_) => Some(show::describe_schema()),
             Statement::ShowVariable(name) => Some(show::show_variable_schema(name)?),
-            Statement::Sql(_) => match plan {
+            Statement::Sql(stmt) => match plan {
                 Some(LogicalPlan::Dml(_)) | None => None,
-                Some(plan) => Some(Arc::new(plan.schema().as_arrow().clone())),
+                Some(plan) => Some(column_names::rename(
+                    &Arc::new(plan.schema().as_arrow().clone()),
+                    &column_names::postgres_names(stmt),
+                )),
             },
             _ => None,
         })
@@ -248,7 +253,7 @@ impl Engine {
         };
         let df = DataFrame::new(self.state(), plan);
         let Some(insert) = insert else {
-            return Ok(Outcome::Rows(df));
+            return Ok(Outcome::Rows(df, column_names::postgres_names(stmt)));
         };
         let batches = df
             .collect()
@@ -259,7 +264,7 @@ impl Engine {
     }
 
     fn rows(&self, batch: RecordBatch) -> SqlResult<Outcome> {
-        Ok(Outcome::Rows(self.ctx.read_batch(batch)?))
+        Ok(Outcome::Rows(self.ctx.read_batch(batch)?, vec![]))
     }
 
     async fn create_table(&self, create: &CreateTable) -> SqlResult<Outcome> {

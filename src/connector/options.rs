@@ -31,9 +31,8 @@ const fn opt(key: &'static str, kind: Kind) -> OptionSpec {
 
 const fn required(key: &'static str, kind: Kind) -> OptionSpec {
     OptionSpec {
-        key,
         required: true,
-        kind,
+        ..opt(key, kind)
     }
 }
 

@@ -1,5 +1,6 @@
 //! SQL: parsing Weir's dialect, running statements, and the session they run in.
 
+mod catalog_statements;
 pub mod column_names;
 mod ddl;
 pub mod engine;

@@ -4,19 +4,17 @@
 use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::catalog::{SchemaProvider, TableProvider};
 use datafusion::common::Result;
 use datafusion::datasource::{TableType, ViewTable};
 use datafusion::error::DataFusionError;
-use datafusion::logical_expr::Expr;
-use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
-use weir_catalog::{Catalog, TableDef};
+use weir_catalog::Catalog;
 
 use super::error::SqlError;
 use super::parser::{self, Statement};
+use crate::connector::connector_table::ConnectorTable;
 use crate::connector::log_table::LogTable;
 
 #[derive(Debug)]
@@ -106,46 +104,5 @@ impl SchemaProvider for WeirSchema {
 
     fn table_exist(&self, name: &str) -> bool {
         self.catalog.exists(name)
-    }
-}
-
-/// A table read through a named connector. Its schema is known (for `\d`, DESCRIBE and
-/// planning) but reading it needs the streaming runtime.
-#[derive(Debug)]
-pub struct ConnectorTable {
-    def: Arc<TableDef>,
-    schema: SchemaRef,
-}
-
-impl ConnectorTable {
-    fn new(def: Arc<TableDef>) -> Self {
-        let schema = def.schema();
-        Self { def, schema }
-    }
-}
-
-#[async_trait]
-impl TableProvider for ConnectorTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        _projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Err(external(SqlError::not_supported(format!(
-            "reading table \"{}\" through connector '{}' needs continuous queries, which this Weir \
-             version does not run yet; only tables without a connector can be queried",
-            self.def.name,
-            self.def.connector().unwrap_or_default()
-        ))))
     }
 }

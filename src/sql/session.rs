@@ -37,6 +37,7 @@ const fn var(
     }
 }
 
+/// A variable clients may read but not change.
 const fn fixed(
     name: &'static str,
     default: &'static str,
@@ -44,11 +45,8 @@ const fn fixed(
     description: &'static str,
 ) -> Variable {
     Variable {
-        name,
-        default,
-        reported,
         settable: false,
-        description,
+        ..var(name, default, reported, description)
     }
 }
 

@@ -361,3 +361,42 @@ async fn result_columns_are_named_as_postgres_names_them() {
     assert_eq!(names, expected);
     server.stop().await;
 }
+
+/// Reads backend messages up to ReadyForQuery; returns their type bytes in order.
+async fn message_types_until_ready(socket: &mut TcpStream) -> Vec<u8> {
+    let mut types = vec![];
+    loop {
+        let tag = socket.read_u8().await.expect("server answers");
+        let len = socket.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        socket.read_exact(&mut body).await.unwrap();
+        types.push(tag);
+        if tag == b'Z' {
+            return types;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_mid_string_keeps_the_results_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute("CREATE TABLE t (a INT); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let mut socket = raw_session(server.port).await;
+    let sql = b"SELECT 1; SELECT a / (a - 1) FROM t; SELECT 2\0";
+    let mut msg = vec![b'Q'];
+    msg.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(sql);
+    socket.write_all(&msg).await.unwrap();
+    // RowDescription, DataRow, CommandComplete for the first; an error for the second;
+    // nothing for the third, as in Postgres.
+    assert_eq!(
+        message_types_until_ready(&mut socket).await,
+        b"TDCEZ".to_vec()
+    );
+    server.stop().await;
+}

@@ -130,17 +130,19 @@ impl SimpleQueryHandler for QueryHandler {
                 .engine
                 .execute(client.metadata(), &parsed.statement, None, None)
                 .await;
-            match outcome {
-                Ok(outcome) => {
-                    responses.push(respond(client, outcome, &Format::UnifiedText).await?)
-                }
-                Err(e) => {
-                    // Postgres abandons the rest of a multi-statement string at an error.
-                    responses.push(Response::Error(Box::new(error_info(
-                        e.shifted(parsed.start),
-                    ))));
+            let response = match outcome {
+                Ok(outcome) => respond(client, outcome, &Format::UnifiedText).await,
+                Err(e) => Err(to_pgwire(e.shifted(parsed.start))),
+            };
+            match response {
+                Ok(response) => responses.push(response),
+                // Postgres abandons the rest of a multi-statement string at an error,
+                // after sending what the statements before it produced.
+                Err(PgWireError::UserError(info)) => {
+                    responses.push(Response::Error(info));
                     break;
                 }
+                Err(other) => return Err(other),
             }
         }
         Ok(responses)

@@ -32,16 +32,17 @@ async fn raw_session(port: u16) -> TcpStream {
     socket
 }
 
+/// Sends a simple-protocol Query message without waiting for the answer.
+async fn send_simple_query(socket: &mut TcpStream, sql: &str) {
+    let mut msg = vec![b'Q'];
+    msg.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    msg.extend_from_slice(sql.as_bytes());
+    msg.push(0);
+    socket.write_all(&msg).await.unwrap();
+}
+
 async fn read_until_ready(socket: &mut TcpStream) {
-    loop {
-        let tag = socket.read_u8().await.expect("server answers");
-        let len = socket.read_i32().await.unwrap() as usize;
-        let mut body = vec![0; len - 4];
-        socket.read_exact(&mut body).await.unwrap();
-        if tag == b'Z' {
-            return;
-        }
-    }
+    message_types_until_ready(socket).await;
 }
 
 /// True once the server has closed the socket (EOF or reset), within a few seconds.
@@ -202,11 +203,11 @@ async fn a_client_that_vanishes_mid_query_hurts_no_one() {
         .unwrap();
     for _ in 0..5 {
         let mut socket = raw_session(server.port).await;
-        let sql = b"SELECT a, a * 2, a::TEXT FROM t CROSS JOIN (SELECT 1) ORDER BY a DESC\0";
-        let mut msg = vec![b'Q'];
-        msg.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
-        msg.extend_from_slice(sql);
-        socket.write_all(&msg).await.unwrap();
+        send_simple_query(
+            &mut socket,
+            "SELECT a, a * 2, a::TEXT FROM t CROSS JOIN (SELECT 1) ORDER BY a DESC",
+        )
+        .await;
         drop(socket);
     }
     still_serves(&server).await;
@@ -387,11 +388,7 @@ async fn an_error_mid_string_keeps_the_results_before_it() {
         .await
         .unwrap();
     let mut socket = raw_session(server.port).await;
-    let sql = b"SELECT 1; SELECT a / (a - 1) FROM t; SELECT 2\0";
-    let mut msg = vec![b'Q'];
-    msg.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
-    msg.extend_from_slice(sql);
-    socket.write_all(&msg).await.unwrap();
+    send_simple_query(&mut socket, "SELECT 1; SELECT a / (a - 1) FROM t; SELECT 2").await;
     // RowDescription, DataRow, CommandComplete for the first; an error for the second;
     // nothing for the third, as in Postgres.
     assert_eq!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
+use datafusion::catalog::CatalogProvider;
 use datafusion::common::ParamValues;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SessionState;
@@ -20,6 +20,7 @@ use weir_catalog::{Catalog, SledStore, StateStore};
 
 use super::column_names;
 use super::error::{SqlError, SqlResult};
+use super::information_schema::{InformationSchema, WeirCatalog};
 use super::insert;
 use super::names;
 use super::parser::Statement;
@@ -62,11 +63,13 @@ impl Engine {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(names::CATALOG, names::SCHEMA)
             .with_create_default_catalog_and_schema(false)
-            .with_information_schema(true);
+            .with_information_schema(false);
         let ctx = Arc::new(SessionContext::new_with_config(config));
         let schema = Arc::new(WeirSchema::new(catalog.clone()));
         schema.set_context(&ctx);
-        let weir = Arc::new(MemoryCatalogProvider::new());
+        let information_schema = Arc::new(InformationSchema::default());
+        information_schema.set_context(&ctx);
+        let weir = Arc::new(WeirCatalog::new(information_schema));
         weir.register_schema(names::SCHEMA, schema)?;
         ctx.register_catalog(names::CATALOG, weir);
         datafusion_pg_catalog::setup_pg_catalog(&ctx, names::CATALOG, EmptyContextProvider)

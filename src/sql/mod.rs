@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod expr;
 mod functions;
+mod information_schema;
 mod insert;
 mod names;
 pub mod parser;

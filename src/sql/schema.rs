@@ -35,31 +35,36 @@ impl WeirSchema {
     pub fn set_context(&self, ctx: &Arc<SessionContext>) {
         let _ = self.context.set(Arc::downgrade(ctx));
     }
+}
 
-    async fn view_table(&self, name: &str, query: &str) -> Result<Arc<dyn TableProvider>> {
-        let ctx = self
-            .context
-            .get()
-            .and_then(Weak::upgrade)
-            .ok_or_else(|| DataFusionError::Internal("session context is gone".into()))?;
-        let statement = match parser::parse(query)
-            .map_err(external)?
-            .pop()
-            .map(|p| p.statement)
-        {
-            Some(Statement::Sql(s)) => s,
-            _ => {
-                return Err(external(SqlError::internal(format!(
-                    "stored query of view \"{name}\" is not a query"
-                ))))
-            }
-        };
-        let plan = ctx
-            .state()
-            .statement_to_plan(DFStatement::Statement(statement))
-            .await?;
-        Ok(Arc::new(ViewTable::new(plan, Some(query.to_string()))))
-    }
+/// Plans a view's stored query in the context, each time the view is used, so it sees
+/// the tables as they are now.
+pub async fn view_table(
+    context: &OnceLock<Weak<SessionContext>>,
+    name: &str,
+    query: &str,
+) -> Result<Arc<dyn TableProvider>> {
+    let ctx = context
+        .get()
+        .and_then(Weak::upgrade)
+        .ok_or_else(|| DataFusionError::Internal("session context is gone".into()))?;
+    let statement = match parser::parse(query)
+        .map_err(external)?
+        .pop()
+        .map(|p| p.statement)
+    {
+        Some(Statement::Sql(s)) => s,
+        _ => {
+            return Err(external(SqlError::internal(format!(
+                "stored query of view \"{name}\" is not a query"
+            ))))
+        }
+    };
+    let plan = ctx
+        .state()
+        .statement_to_plan(DFStatement::Statement(statement))
+        .await?;
+    Ok(Arc::new(ViewTable::new(plan, Some(query.to_string()))))
 }
 
 fn external(e: SqlError) -> DataFusionError {
@@ -87,7 +92,7 @@ impl SchemaProvider for WeirSchema {
             }));
         }
         match self.catalog.view(name) {
-            Some(view) => self.view_table(name, &view.query).await.map(Some),
+            Some(view) => view_table(&self.context, name, &view.query).await.map(Some),
             None => Ok(None),
         }
     }

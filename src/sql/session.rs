@@ -99,6 +99,12 @@ const VARIABLES: &[Variable] = &[
         false,
         "Extra digits shown for floating-point values",
     ),
+    var(
+        "idle_in_transaction_session_timeout",
+        "0",
+        false,
+        "Accepted for compatibility",
+    ),
     fixed(
         "integer_datetimes",
         "on",
@@ -177,12 +183,6 @@ const VARIABLES: &[Variable] = &[
         "off",
         false,
         "Whether the current transaction is read-only",
-    ),
-    var(
-        "idle_in_transaction_session_timeout",
-        "0",
-        false,
-        "Accepted for compatibility",
     ),
 ];
 

@@ -6,7 +6,7 @@ use datafusion::common::DFSchema;
 use datafusion::logical_expr::ExprSchemable;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{self, ObjectType};
-use weir_catalog::{ComputedColumn, SqlType, TableDef, TableId, ViewDef, WatermarkDef};
+use weir_catalog::{Catalog, ComputedColumn, SqlType, TableDef, TableId, ViewDef, WatermarkDef};
 
 use super::ddl::CreateTable;
 use super::engine::{Engine, Outcome};
@@ -63,7 +63,9 @@ impl Engine {
                 expr: expr.to_string(),
             });
         }
-        self.catalog.create_table(def, create.if_not_exists)?;
+        let if_not_exists = create.if_not_exists;
+        self.catalog_write(move |c| c.create_table(def, if_not_exists))
+            .await?;
         Ok(Outcome::Command(CommandTag::new("CREATE TABLE")))
     }
 
@@ -107,18 +109,18 @@ impl Engine {
                 .statement_to_plan(DFStatement::Statement(stmt))
                 .await?;
         }
-        self.catalog.create_view(
-            ViewDef {
-                name,
-                query,
-                depends_on,
-            },
-            view.or_replace,
-        )?;
+        let def = ViewDef {
+            name,
+            query,
+            depends_on,
+        };
+        let or_replace = view.or_replace;
+        self.catalog_write(move |c| c.create_view(def, or_replace))
+            .await?;
         Ok(Outcome::Command(CommandTag::new("CREATE VIEW")))
     }
 
-    pub(super) fn drop(
+    pub(super) async fn drop(
         &self,
         object_type: ObjectType,
         if_exists: bool,
@@ -146,13 +148,15 @@ impl Engine {
                     if self.catalog.view(&name).is_some() {
                         return Err(wrong_kind(&name, "a view", "DROP VIEW"));
                     }
-                    self.catalog.drop_table(&name)?
+                    let table = name.clone();
+                    self.catalog_write(move |c| c.drop_table(&table)).await?
                 }
                 _ => {
                     if self.catalog.table(&name).is_some() {
                         return Err(wrong_kind(&name, "a table", "DROP TABLE"));
                     }
-                    self.catalog.drop_view(&name)?
+                    let view = name.clone();
+                    self.catalog_write(move |c| c.drop_view(&view)).await?
                 }
             };
             if !dropped && !if_exists {
@@ -163,6 +167,18 @@ impl Engine {
             }
         }
         Ok(Outcome::Command(CommandTag::new(tag)))
+    }
+
+    /// Catalog writes wait for sled's flush: keep them off the async worker threads.
+    async fn catalog_write<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&Catalog) -> weir_catalog::Result<T> + Send + 'static,
+    ) -> SqlResult<T> {
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || write(&catalog))
+            .await
+            .map_err(|e| SqlError::internal(format!("catalog write failed: {e}")))?
+            .map_err(SqlError::from)
     }
 
     pub(super) async fn describe(&self, name: &str) -> SqlResult<Outcome> {

@@ -224,7 +224,7 @@ impl Engine {
                 names,
                 cascade,
                 ..
-            } => return self.drop(*object_type, *if_exists, names, *cascade),
+            } => return self.drop(*object_type, *if_exists, names, *cascade).await,
             ast::Statement::Update(_) | ast::Statement::Delete(_) | ast::Statement::Truncate(_) => {
                 return Err(SqlError::not_supported(
                     "UPDATE, DELETE and TRUNCATE are not supported: tables in Weir's log are \

@@ -96,30 +96,19 @@ impl SqlError {
 
     /// A sqlparser error for a statement of `sql`; its "Line: l, Column: c" becomes a position.
     pub fn from_parser(err: &ParserError, sql: &str) -> Self {
-        let text = match err {
-            ParserError::TokenizerError(s) | ParserError::ParserError(s) => s.clone(),
-            ParserError::RecursionLimitExceeded => {
-                return Self::new(
-                    sqlstate::INSUFFICIENT_RESOURCES,
-                    "statement is nested too deeply; simplify it",
-                )
-            }
-        };
-        let (message, position) = split_location(&text, sql);
-        let mut e = Self::syntax(format!("syntax error: {message}"));
-        e.position = position;
-        e
+        Self::unlocated_parser_error(err).locate(sql)
     }
-}
 
-impl SqlError {
     /// A parser error whose "at Line: l, Column: c" is resolved later by [`SqlError::locate`].
     pub fn unlocated_parser_error(err: &ParserError) -> Self {
         match err {
             ParserError::TokenizerError(s) | ParserError::ParserError(s) => {
                 Self::syntax(format!("syntax error: {s}"))
             }
-            ParserError::RecursionLimitExceeded => Self::from_parser(err, ""),
+            ParserError::RecursionLimitExceeded => Self::new(
+                sqlstate::INSUFFICIENT_RESOURCES,
+                "statement is nested too deeply; simplify it",
+            ),
         }
     }
 

@@ -30,7 +30,6 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const WRONG_OBJECT_TYPE: &str = "42809";
     pub const INSUFFICIENT_RESOURCES: &str = "53000";
-    pub const QUERY_CANCELED: &str = "57014";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const IO_ERROR: &str = "58030";
 }
@@ -58,11 +57,6 @@ impl SqlError {
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
-        self
-    }
-
-    pub fn with_position(mut self, position: usize) -> Self {
-        self.position = Some(position);
         self
     }
 

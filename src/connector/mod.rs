@@ -4,5 +4,6 @@
 //! specifications every named connector is validated against.
 
 pub mod connector_table;
+pub mod io;
 pub mod log_table;
 pub mod options;

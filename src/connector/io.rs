@@ -1,0 +1,34 @@
+//! What the streaming runtime asks of a connector: split readers that produce Arrow
+//! batches of a table's physical columns, and sink writers that take them.
+//!
+//! A reader's position is opaque bytes so checkpoints can record and restore it
+//! without knowing the connector.
+
+use async_trait::async_trait;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::Result;
+
+/// One split (partition) of a source table, read by one source subtask.
+#[async_trait]
+pub trait SplitReader: Send {
+    /// The next batch of rows — the table's physical columns in declaration order
+    /// (`TableDef::physical_schema`) — waiting while an unbounded input has nothing new.
+    /// `Ok(None)` once a bounded input is exhausted.
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>>;
+
+    /// Where the reader is: [`SplitReader::restore`] with it resumes right after the last
+    /// batch returned.
+    fn position(&self) -> Vec<u8>;
+
+    fn restore(&mut self, position: &[u8]) -> Result<()>;
+}
+
+/// Where one sink subtask writes insert-only rows.
+#[async_trait]
+pub trait SinkWriter: Send {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()>;
+
+    /// Makes everything written so far visible to readers of the sink (called at every
+    /// barrier and at the end of the input).
+    async fn flush(&mut self) -> Result<()>;
+}

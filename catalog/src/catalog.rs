@@ -6,13 +6,14 @@ use std::sync::{Arc, RwLock};
 use crate::error::{CatalogError, Result};
 use crate::keys;
 use crate::store::{StateStore, WriteBatch};
-use crate::table_def::{TableDef, TableId, ViewDef};
+use crate::table_def::{JobDef, TableDef, TableId, ViewDef};
 use crate::table_log::TableLog;
 
 #[derive(Debug, Default)]
 struct Entries {
     tables: BTreeMap<String, Arc<TableDef>>,
     views: BTreeMap<String, Arc<ViewDef>>,
+    jobs: BTreeMap<String, Arc<JobDef>>,
     next_table_id: u64,
 }
 
@@ -38,6 +39,10 @@ impl Catalog {
         for (key, value) in store.scan_prefix(keys::VIEW_PREFIX)? {
             let def: ViewDef = parse_entry(&key, &value)?;
             entries.views.insert(def.name.clone(), Arc::new(def));
+        }
+        for (key, value) in store.scan_prefix(keys::JOB_PREFIX)? {
+            let def: JobDef = parse_entry(&key, &value)?;
+            entries.jobs.insert(def.id.clone(), Arc::new(def));
         }
         if let Some(bytes) = store.get(keys::NEXT_TABLE_ID)? {
             entries.next_table_id = parse_entry(keys::NEXT_TABLE_ID, &bytes)?;
@@ -72,6 +77,32 @@ impl Catalog {
 
     pub fn views(&self) -> Vec<Arc<ViewDef>> {
         self.read().views.values().cloned().collect()
+    }
+
+    pub fn jobs(&self) -> Vec<Arc<JobDef>> {
+        self.read().jobs.values().cloned().collect()
+    }
+
+    pub fn create_job(&self, def: JobDef) -> Result<()> {
+        let mut entries = self.write();
+        let mut write = WriteBatch::default();
+        write.put(keys::job(&def.id), to_json(&def));
+        self.commit(write)?;
+        entries.jobs.insert(def.id.clone(), Arc::new(def));
+        Ok(())
+    }
+
+    /// Returns false when the job did not exist.
+    pub fn drop_job(&self, id: &str) -> Result<bool> {
+        let mut entries = self.write();
+        if !entries.jobs.contains_key(id) {
+            return Ok(false);
+        }
+        let mut write = WriteBatch::default();
+        write.delete(keys::job(id));
+        self.commit(write)?;
+        entries.jobs.remove(id);
+        Ok(true)
     }
 
     pub fn exists(&self, name: &str) -> bool {
@@ -168,19 +199,32 @@ impl Catalog {
 }
 
 fn check_no_dependents(entries: &Entries, kind: &'static str, name: &str) -> Result<()> {
-    let dependents: Vec<&str> = entries
+    let views: Vec<&str> = entries
         .views
         .values()
         .filter(|v| v.depends_on.iter().any(|d| d == name))
         .map(|v| v.name.as_str())
         .collect();
+    let jobs: Vec<&str> = entries
+        .jobs
+        .values()
+        .filter(|j| j.depends_on.iter().any(|d| d == name))
+        .map(|j| j.id.as_str())
+        .collect();
+    let mut dependents = Vec::new();
+    if !views.is_empty() {
+        dependents.push(format!("view(s) {}", views.join(", ")));
+    }
+    if !jobs.is_empty() {
+        dependents.push(format!("job(s) {} (STOP JOB first)", jobs.join(", ")));
+    }
     if dependents.is_empty() {
         Ok(())
     } else {
         Err(CatalogError::HasDependents {
             kind,
             name: name.to_string(),
-            dependents: format!("view(s) {}", dependents.join(", ")),
+            dependents: dependents.join(" and "),
         })
     }
 }
@@ -237,6 +281,7 @@ mod tests {
                         name: "v".into(),
                         query: "SELECT * FROM t".into(),
                         depends_on: vec!["t".into()],
+                        materialized: false,
                     },
                     false,
                 )

@@ -4,6 +4,7 @@ use crate::table_def::TableId;
 
 pub const TABLE_PREFIX: &[u8] = b"catalog/table/";
 pub const VIEW_PREFIX: &[u8] = b"catalog/view/";
+pub const JOB_PREFIX: &[u8] = b"catalog/job/";
 pub const NEXT_TABLE_ID: &[u8] = b"catalog/next_table_id";
 
 pub fn table(name: &str) -> Vec<u8> {
@@ -12,6 +13,10 @@ pub fn table(name: &str) -> Vec<u8> {
 
 pub fn view(name: &str) -> Vec<u8> {
     [VIEW_PREFIX, name.as_bytes()].concat()
+}
+
+pub fn job(id: &str) -> Vec<u8> {
+    [JOB_PREFIX, id.as_bytes()].concat()
 }
 
 /// All log entries of one table share this prefix.

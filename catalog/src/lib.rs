@@ -17,7 +17,7 @@ pub use catalog::Catalog;
 pub use error::{CatalogError, Result};
 pub use store::{MemoryStore, SledStore, StateStore, WriteBatch};
 pub use table_def::{
-    quote_ident, ColumnDef, ComputedColumn, TableDef, TableId, ViewDef, WatermarkDef,
+    quote_ident, ColumnDef, ComputedColumn, JobDef, TableDef, TableId, ViewDef, WatermarkDef,
 };
 pub use table_log::{LogEntry, Offset, TableLog};
 pub use types::{

@@ -137,6 +137,20 @@ pub struct ViewDef {
     pub query: String,
     /// Tables and views the query reads, so they cannot be dropped from under it.
     pub depends_on: Vec<String>,
+    /// A materialized view: maintained incrementally by a continuous query.
+    #[serde(default)]
+    pub materialized: bool,
+}
+
+/// A continuous `INSERT INTO sink SELECT ...` job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobDef {
+    pub id: String,
+    /// The INSERT statement as SQL text.
+    pub statement: String,
+    /// The sink table and the relations the query reads: none can be dropped while the
+    /// job exists.
+    pub depends_on: Vec<String>,
 }
 
 /// Quotes an identifier only when it would not survive unquoted (Postgres rules).

@@ -29,6 +29,10 @@ impl ConnectorTable {
         let schema = def.schema();
         Self { def, schema }
     }
+
+    pub fn def(&self) -> &Arc<TableDef> {
+        &self.def
+    }
 }
 
 #[async_trait]
@@ -50,11 +54,10 @@ impl TableProvider for ConnectorTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         Err(DataFusionError::External(Box::new(
             SqlError::not_supported(format!(
-            "reading table \"{}\" through connector '{}' needs continuous queries, which this Weir \
-             version does not run yet; only tables without a connector can be queried",
-            self.def.name,
-            self.def.connector().unwrap_or_default()
-        )),
+                "table \"{}\" ('{}') is read by the streaming engine, not as a snapshot",
+                self.def.name,
+                self.def.connector().unwrap_or_default()
+            )),
         )))
     }
 }

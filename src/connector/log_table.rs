@@ -37,6 +37,10 @@ impl LogTable {
         Self { def, log, schema }
     }
 
+    pub fn def(&self) -> &Arc<TableDef> {
+        &self.def
+    }
+
     /// Physical expressions for the computed columns, planned against the stored columns.
     fn computed_exprs(&self, state: &dyn Session) -> Result<Vec<Arc<dyn PhysicalExpr>>> {
         if self.def.computed.is_empty() {
@@ -124,6 +128,26 @@ fn with_computed_columns(
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
+static APPENDS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
+
+/// Changes after every append to any table's log: sources following a log wait on it.
+pub fn appends() -> tokio::sync::watch::Receiver<u64> {
+    APPENDS.subscribe()
+}
+
+/// Appends batches to a table's log durably, then wakes the sources that follow it.
+pub async fn append(log: &TableLog, def: &TableDef, batches: Vec<RecordBatch>) -> Result<()> {
+    let log = log.clone();
+    let id = def.id;
+    tokio::task::spawn_blocking(move || log.append(id, &batches))
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
+        .map_err(|e| DataFusionError::External(Box::new(SqlError::from(e))))?;
+    APPENDS.send_modify(|n| *n += 1);
+    Ok(())
+}
+
 /// Collects a whole INSERT, checks it, and appends it to the log in one durable step.
 #[derive(Debug)]
 struct LogSink {
@@ -157,12 +181,7 @@ impl DataSink for LogSink {
             .map(|b| self.to_stored(b, &physical))
             .collect::<Result<Vec<_>>>()?;
         let rows: usize = stored.iter().map(|b| b.num_rows()).sum();
-        let log = self.log.clone();
-        let id = self.def.id;
-        tokio::task::spawn_blocking(move || log.append(id, &stored))
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?
-            .map_err(|e| DataFusionError::External(Box::new(SqlError::from(e))))?;
+        append(&self.log, &self.def, stored).await?;
         Ok(rows as u64)
     }
 }

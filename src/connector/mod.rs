@@ -4,6 +4,7 @@
 //! specifications every named connector is validated against.
 
 pub mod connector_table;
+pub mod factory;
 pub mod io;
 pub mod log_table;
 pub mod options;

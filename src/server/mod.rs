@@ -37,6 +37,7 @@ impl Server {
     /// Opens the data directory, binds the address and starts accepting connections.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         let engine = Engine::open(&config.data_dir)?;
+        engine.resume().await;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

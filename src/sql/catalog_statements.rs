@@ -69,15 +69,24 @@ impl Engine {
         Ok(Outcome::Command(CommandTag::new("CREATE TABLE")))
     }
 
-    pub(super) async fn create_view(&self, view: &ast::CreateView) -> SqlResult<Outcome> {
-        if view.materialized {
-            return Err(SqlError::not_supported(
-                "CREATE MATERIALIZED VIEW is not supported yet; CREATE VIEW gives a view computed when read",
-            ));
-        }
+    pub(super) async fn create_view(
+        &self,
+        metadata: &std::collections::HashMap<String, String>,
+        view: &ast::CreateView,
+    ) -> SqlResult<Outcome> {
         let name = object_name(&view.name)?;
+        let tag = if view.materialized {
+            "CREATE MATERIALIZED VIEW"
+        } else {
+            "CREATE VIEW"
+        };
         if view.if_not_exists && self.catalog.exists(&name) {
-            return Ok(Outcome::Command(CommandTag::new("CREATE VIEW")));
+            return Ok(Outcome::Command(CommandTag::new(tag)));
+        }
+        if view.materialized && view.or_replace {
+            return Err(SqlError::not_supported(
+                "CREATE OR REPLACE MATERIALIZED VIEW is not supported; DROP MATERIALIZED VIEW and create it again",
+            ));
         }
         let mut query = view.query.to_string();
         if !view.columns.is_empty() {
@@ -102,6 +111,21 @@ impl Engine {
                 format!("view \"{name}\" cannot read itself"),
             ));
         }
+        if view.materialized {
+            if self.catalog.exists(&name) {
+                return Err(SqlError::new(
+                    "42P07",
+                    format!("relation \"{name}\" already exists"),
+                ));
+            }
+            let def = ViewDef {
+                name,
+                query,
+                depends_on,
+                materialized: true,
+            };
+            return self.create_materialized_view(metadata, def).await;
+        }
         // Plan it once now, so a view that cannot run is refused at creation.
         let planned = super::parser::parse(&query)?;
         if let Some(Statement::Sql(stmt)) = planned.into_iter().next().map(|p| p.statement) {
@@ -113,6 +137,7 @@ impl Engine {
             name,
             query,
             depends_on,
+            materialized: false,
         };
         let or_replace = view.or_replace;
         self.catalog_write(move |c| c.create_view(def, or_replace))
@@ -170,7 +195,7 @@ impl Engine {
     }
 
     /// Catalog writes wait for sled's flush: keep them off the async worker threads.
-    async fn catalog_write<T: Send + 'static>(
+    pub(super) async fn catalog_write<T: Send + 'static>(
         &self,
         write: impl FnOnce(&Catalog) -> weir_catalog::Result<T> + Send + 'static,
     ) -> SqlResult<T> {

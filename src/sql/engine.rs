@@ -28,7 +28,10 @@ use super::rewrite;
 use super::schema::WeirSchema;
 use super::session::{self, Assignment};
 use super::show;
-use super::{functions, CommandTag};
+use super::{functions, streaming, CommandTag};
+use crate::plan::planner::Mode;
+use crate::stream::manager::{Jobs, DEFAULT_EPOCH_INTERVAL};
+use datafusion::sql::sqlparser::ast::ObjectType;
 
 /// What a statement produced.
 pub enum Outcome {
@@ -48,6 +51,7 @@ pub enum Outcome {
 pub struct Engine {
     pub(super) catalog: Arc<Catalog>,
     pub(super) ctx: Arc<SessionContext>,
+    pub(super) jobs: Arc<Jobs>,
 }
 
 impl Engine {
@@ -65,7 +69,11 @@ impl Engine {
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(false);
         let ctx = Arc::new(SessionContext::new_with_config(config));
-        let schema = Arc::new(WeirSchema::new(catalog.clone()));
+        let jobs = Jobs::new();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            jobs.start_epochs(DEFAULT_EPOCH_INTERVAL);
+        }
+        let schema = Arc::new(WeirSchema::new(catalog.clone(), jobs.clone()));
         schema.set_context(&ctx);
         let information_schema = Arc::new(InformationSchema::default());
         information_schema.set_context(&ctx);
@@ -77,7 +85,7 @@ impl Engine {
         for udf in functions::all() {
             ctx.register_udf(udf);
         }
-        Ok(Arc::new(Self { catalog, ctx }))
+        Ok(Arc::new(Self { catalog, ctx, jobs }))
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -88,6 +96,7 @@ impl Engine {
     /// pg_catalog's schema refers back to the catalog list that holds it, a cycle that
     /// would otherwise keep the store (and its lock) open for the life of the process.
     pub fn close(&self) -> SqlResult<()> {
+        self.jobs.stop_all();
         if let Some(catalog) = self.ctx.catalog(names::CATALOG) {
             catalog.deregister_schema("pg_catalog", true)?;
         }
@@ -147,7 +156,16 @@ impl Engine {
             Statement::ShowCreateTable(_) => Some(show::show_create_schema()),
             Statement::Describe(_) => Some(show::describe_schema()),
             Statement::ShowVariable(name) => Some(show::show_variable_schema(name)?),
+            Statement::ShowJobs => Some(self.show_jobs_schema()),
             Statement::Sql(stmt) => match plan {
+                Some(plan @ LogicalPlan::Dml(_)) if streaming::is_job(plan) => {
+                    Some(streaming::job_id_schema())
+                }
+                Some(LogicalPlan::Explain(e))
+                    if streaming::is_job(&e.plan) || streaming::needs_streaming(&e.plan) =>
+                {
+                    Some(streaming::explain_schema())
+                }
                 Some(LogicalPlan::Dml(_)) | None => None,
                 Some(plan) => Some(column_names::rename(
                     &Arc::new(plan.schema().as_arrow().clone()),
@@ -182,6 +200,9 @@ impl Engine {
                 Ok(Outcome::Set(vec![assignment], CommandTag::new(tag)))
             }
             Statement::SetIgnored => Ok(Outcome::Command(CommandTag::new("SET"))),
+            Statement::ShowJobs => self.show_jobs(),
+            Statement::StopJob(id) => self.stop_job(id).await,
+            Statement::Flush => self.flush().await,
             Statement::Sql(stmt) => {
                 self.execute_sql(metadata, statement, stmt, plan, params)
                     .await
@@ -217,7 +238,32 @@ impl Engine {
                 let all = name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all");
                 return Ok(Outcome::Deallocate((!all).then(|| name.value.clone())));
             }
-            ast::Statement::CreateView(view) => return self.create_view(view).await,
+            ast::Statement::CreateView(view) => return self.create_view(metadata, view).await,
+            ast::Statement::Drop {
+                object_type: ObjectType::MaterializedView,
+                if_exists,
+                names,
+                ..
+            } => {
+                for name in names {
+                    let name = names::object_name(name)?;
+                    match self.catalog.view(&name) {
+                        Some(v) if v.materialized => {
+                            self.drop_materialized_view(&name).await?;
+                        }
+                        Some(_) => {
+                            return Err(SqlError::new(
+                                "42809",
+                                format!("\"{name}\" is not a materialized view"),
+                            )
+                            .with_hint("use DROP VIEW"))
+                        }
+                        None if *if_exists => {}
+                        None => return Err(SqlError::undefined_table(&name)),
+                    }
+                }
+                return Ok(Outcome::Command(CommandTag::new("DROP MATERIALIZED VIEW")));
+            }
             ast::Statement::Drop {
                 object_type,
                 if_exists,
@@ -246,6 +292,26 @@ impl Engine {
             Some(params) => plan.with_param_values(params)?,
             None => plan,
         };
+        if streaming::is_job(&plan) {
+            return self
+                .start_insert_job(metadata, stmt.to_string(), &plan)
+                .await;
+        }
+        if let LogicalPlan::Explain(e) = &plan {
+            if let LogicalPlan::Dml(dml) = e.plan.as_ref() {
+                if streaming::is_job(&e.plan) {
+                    return self.explain_stream(metadata, &dml.input, Mode::Continuous);
+                }
+            }
+            if streaming::needs_streaming(&e.plan) {
+                return self.explain_stream(metadata, &e.plan, Mode::Bounded);
+            }
+        }
+        if streaming::needs_streaming(&plan) {
+            let batches = self.run_bounded(metadata, &plan).await?;
+            let df = self.ctx.read_batches(batches)?;
+            return Ok(Outcome::Rows(df, column_names::postgres_names(stmt)));
+        }
         let insert = match &plan {
             LogicalPlan::Dml(dml) => Some(dml.clone()),
             _ => None,

@@ -9,12 +9,13 @@ pub mod expr;
 mod functions;
 mod information_schema;
 mod insert;
-mod names;
+pub(crate) mod names;
 pub mod parser;
 mod rewrite;
 mod schema;
 pub mod session;
 mod show;
+mod streaming;
 mod types;
 
 pub use engine::{Engine, Outcome};

@@ -14,6 +14,7 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use super::ddl::{parse_create_table, CreateTable};
 use super::error::{SqlError, SqlResult};
 use super::names::{ident_name, object_name};
+use crate::plan::window_tvf;
 
 #[derive(Debug, Clone)]
 pub enum Statement {
@@ -30,6 +31,11 @@ pub enum Statement {
     },
     /// A SET form with no effect in Weir (`SET SESSION CHARACTERISTICS ...`).
     SetIgnored,
+    ShowJobs,
+    /// `STOP JOB 'id'`.
+    StopJob(String),
+    /// `FLUSH`: wait until everything appended so far is reflected in every view and sink.
+    Flush,
     Sql(Box<ast::Statement>),
 }
 
@@ -129,6 +135,22 @@ fn parse_one(text: &str) -> SqlResult<Statement> {
     if p.parse_keyword(Keyword::SET) {
         return parse_set(&mut p).map_err(at);
     }
+    if p.parse_keyword(Keyword::FLUSH) {
+        expect_end(&mut p).map_err(at)?;
+        return Ok(Statement::Flush);
+    }
+    if peek_word(&mut p, "stop") {
+        p.next_token();
+        if !peek_word(&mut p, "job") {
+            return Err(at(ParserError::ParserError(
+                "expected JOB after STOP".into(),
+            )));
+        }
+        p.next_token();
+        let id = p.parse_literal_string().map_err(at)?;
+        expect_end(&mut p).map_err(at)?;
+        return Ok(Statement::StopJob(id));
+    }
     if p.parse_keyword(Keyword::RESET) {
         let name = if p.parse_keyword(Keyword::ALL) {
             "all".to_string()
@@ -144,9 +166,13 @@ fn parse_one(text: &str) -> SqlResult<Statement> {
 /// Anything else: datafusion-pg-catalog's parser first (it rewrites the catalog queries
 /// psql and drivers send); when that fails, plain sqlparser for a positioned error.
 fn parse_generic(text: &str) -> SqlResult<Statement> {
+    let reduced = window_tvf::reduce_flink_syntax(text);
+    let text = reduced.as_deref().unwrap_or(text);
     match COMPAT.parse(text) {
         Ok(mut statements) if statements.len() == 1 => {
-            Ok(Statement::Sql(Box::new(statements.remove(0))))
+            let mut statement = statements.remove(0);
+            window_tvf::rewrite_statement(&mut statement)?;
+            Ok(Statement::Sql(Box::new(statement)))
         }
         Ok(_) => Err(SqlError::syntax("expected exactly one statement")),
         Err(compat_err) => match Parser::parse_sql(&PostgreSqlDialect {}, text) {
@@ -156,8 +182,15 @@ fn parse_generic(text: &str) -> SqlResult<Statement> {
     }
 }
 
+fn peek_word(p: &mut Parser, word: &str) -> bool {
+    matches!(&p.peek_token().token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
+}
+
 fn parse_show(p: &mut Parser) -> Result<Statement, ParserError> {
-    let statement = if p.parse_keyword(Keyword::TABLES) {
+    let statement = if peek_word(p, "jobs") {
+        p.next_token();
+        Statement::ShowJobs
+    } else if p.parse_keyword(Keyword::TABLES) {
         if p.parse_one_of_keywords(&[Keyword::FROM, Keyword::IN])
             .is_some()
         {

@@ -16,18 +16,24 @@ use super::error::SqlError;
 use super::parser::{self, Statement};
 use crate::connector::connector_table::ConnectorTable;
 use crate::connector::log_table::LogTable;
+use crate::plan::window_table::WindowTvfTable;
+use crate::plan::window_tvf::WindowSpec;
+use crate::stream::manager::Jobs;
+use crate::stream::mv::MvTable;
 
 #[derive(Debug)]
 pub struct WeirSchema {
     catalog: Arc<Catalog>,
+    jobs: Arc<Jobs>,
     /// The context views are planned in; set once the context exists.
     context: OnceLock<Weak<SessionContext>>,
 }
 
 impl WeirSchema {
-    pub fn new(catalog: Arc<Catalog>) -> Self {
+    pub fn new(catalog: Arc<Catalog>, jobs: Arc<Jobs>) -> Self {
         Self {
             catalog,
+            jobs,
             context: OnceLock::new(),
         }
     }
@@ -85,6 +91,12 @@ impl SchemaProvider for WeirSchema {
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        if let Some(spec) = WindowSpec::from_table_name(name) {
+            let input = Box::pin(self.table(&spec.table))
+                .await?
+                .ok_or_else(|| external(SqlError::undefined_table(&spec.table)))?;
+            return Ok(Some(Arc::new(WindowTvfTable::try_new(spec, input)?)));
+        }
         if let Some(def) = self.catalog.table(name) {
             return Ok(Some(match def.connector() {
                 None => Arc::new(LogTable::new(def, self.catalog.table_log().clone())),
@@ -92,6 +104,13 @@ impl SchemaProvider for WeirSchema {
             }));
         }
         match self.catalog.view(name) {
+            Some(view) if view.materialized => match self.jobs.view(name) {
+                Some(state) => Ok(Some(Arc::new(MvTable { state }))),
+                None => Err(external(SqlError::new(
+                    "55000",
+                    format!("materialized view \"{name}\" is not running"),
+                ))),
+            },
             Some(view) => view_table(&self.context, name, &view.query).await.map(Some),
             None => Ok(None),
         }

@@ -52,6 +52,36 @@ const fn fixed(
 
 const VARIABLES: &[Variable] = &[
     var(
+        "execution.checkpointing.interval",
+        "1 s",
+        false,
+        "How often epochs commit: what materialized views and sinks publish at (Flink's key)",
+    ),
+    var(
+        "parallelism.default",
+        "0",
+        false,
+        "Subtasks per operator of new continuous queries; 0 = one per CPU core (Flink's key)",
+    ),
+    var(
+        "pipeline.auto-watermark-interval",
+        "0 ms",
+        false,
+        "Accepted for Flink compatibility: Weir decides lateness as if a watermark followed every row",
+    ),
+    var(
+        "table.dml-sync",
+        "false",
+        false,
+        "Whether INSERT INTO ... SELECT over bounded inputs waits for its job to finish (Flink's key)",
+    ),
+    var(
+        "table.local-time-zone",
+        "UTC",
+        false,
+        "Time zone of TIMESTAMP_LTZ values and of time functions (Flink's key)",
+    ),
+    var(
         "application_name",
         "",
         true,
@@ -293,6 +323,30 @@ fn normalize(name: &str, value: &str) -> SqlResult<String> {
                 .map(|_| tz.to_string())
                 .map_err(|_| invalid("use a zone name such as 'UTC' or 'Europe/Paris', or an offset such as '+02:00'".into()))
         }
+        "parallelism.default" => match value.trim().parse::<usize>() {
+            Ok(n) if n <= 128 => Ok(n.to_string()),
+            _ => Err(invalid(
+                "it must be an integer from 0 (one per core) to 128".into(),
+            )),
+        },
+        "table.dml-sync" => match value.to_ascii_lowercase().as_str() {
+            "true" | "on" => Ok("true".into()),
+            "false" | "off" => Ok("false".into()),
+            _ => Err(invalid("it must be true or false".into())),
+        },
+        "execution.checkpointing.interval" | "pipeline.auto-watermark-interval" => {
+            match crate::connector::options::parse_duration(value) {
+                Some(d) if name == "pipeline.auto-watermark-interval" || !d.is_zero() => {
+                    Ok(value.to_string())
+                }
+                _ => Err(invalid(
+                    "it must be a duration such as '1 s' or '500 ms'".into(),
+                )),
+            }
+        }
+        "table.local-time-zone" => Tz::from_str(value)
+            .map(|_| value.to_string())
+            .map_err(|_| invalid("use a zone name such as 'UTC' or 'Asia/Shanghai'".into())),
         "extra_float_digits" => match value.parse::<i8>() {
             Ok(n) if (-15..=3).contains(&n) => Ok(n.to_string()),
             _ => Err(invalid("it must be an integer from -15 to 3".into())),

@@ -1,0 +1,1044 @@
+//! Turns an optimized DataFusion LogicalPlan into a [`StreamGraph`].
+//!
+//! Each plan node becomes a streaming node: scans become sources, projections and filters
+//! stateless operators, window table functions and the aggregates, ranks and joins over
+//! their windows become window operators. What has no streaming form yet runs once at the
+//! end of a bounded input (a SELECT over bounded sources) and is refused for continuous
+//! queries with a message that says what to write instead.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::common::{Column, DFSchema, DFSchemaRef, DataFusionError, Result};
+use datafusion::datasource::source_as_provider;
+use datafusion::datasource::ViewTable;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, GroupingSet, LogicalPlan, TableScan};
+use datafusion::physical_expr::PhysicalExpr;
+// The one-call form of DataFusion's aggregate lowering; its builder replacement plans
+// whole aggregate nodes, not single calls against a given input.
+#[allow(deprecated)]
+use datafusion::physical_planner::create_aggregate_expr_and_maybe_filter;
+use weir_catalog::{Catalog, TableDef};
+
+use super::window_table::{WindowTvfTable, WINDOW_END, WINDOW_START, WINDOW_TIME};
+use super::window_tvf::WindowKind;
+use crate::connector::connector_table::ConnectorTable;
+use crate::connector::log_table::LogTable;
+use crate::sql::error::{sqlstate, SqlError};
+use crate::stream::graph::{
+    ChangelogMode, Edge, Exchange, NodeKind, SinkKind, SourceKind, SourceSpec, StreamGraph,
+    StreamNode, TimeSource,
+};
+use crate::stream::mv::MvTable;
+use crate::stream::ops::fragment::Fragment;
+use crate::stream::ops::grouped::AggregateCalls;
+use crate::stream::ops::stateless::{Filter, Project};
+use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
+use crate::stream::ops::window_assign::{Assign, WindowAssign};
+use crate::stream::window::Slicing;
+
+/// Window columns a stream carries.
+#[derive(Debug, Clone, Copy)]
+struct WindowColumns {
+    start: usize,
+    end: usize,
+    time: Option<usize>,
+    /// The columns hold slice bounds for the window aggregate above (see [`Assign`]).
+    sliced: bool,
+}
+
+/// The output of a planned node.
+#[derive(Clone)]
+struct Stream {
+    node: usize,
+    schema: DFSchemaRef,
+    parallelism: usize,
+    windows: Option<WindowColumns>,
+    /// For sliced window columns: the window kind the slices belong to.
+    slicing: Option<Slicing>,
+}
+
+/// Reading bounded inputs to their end (a SELECT), or following them forever (a job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Bounded,
+    Continuous,
+}
+
+pub struct Planner<'a> {
+    state: &'a SessionState,
+    catalog: &'a Arc<Catalog>,
+    parallelism: usize,
+    mode: Mode,
+    graph: StreamGraph,
+    /// The next window table function scan is planned with slice bounds.
+    slice_next: bool,
+}
+
+fn refuse(message: impl Into<String>) -> DataFusionError {
+    DataFusionError::External(Box::new(SqlError::not_supported(message)))
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(
+        state: &'a SessionState,
+        catalog: &'a Arc<Catalog>,
+        parallelism: usize,
+        mode: Mode,
+    ) -> Self {
+        Self {
+            state,
+            catalog,
+            parallelism: parallelism.max(1),
+            mode,
+            graph: StreamGraph::default(),
+            slice_next: false,
+        }
+    }
+
+    /// Plans `plan` (optimized here) into a graph ending in `sink`. For log and connector
+    /// sinks only the table's physical columns are written.
+    pub fn plan(mut self, plan: &LogicalPlan, sink: SinkKind) -> Result<StreamGraph> {
+        let plan = self.state.optimize(plan)?;
+        let stream = self.plan_node(&plan)?;
+        let schema = Arc::new(stream.schema.as_arrow().clone());
+        let (exchange, parallelism) = match &sink {
+            SinkKind::Connector(_) => (Exchange::Forward, stream.parallelism),
+            _ if stream.parallelism == 1 => (Exchange::Forward, 1),
+            _ => (Exchange::Gather, 1),
+        };
+        self.graph.add(StreamNode {
+            name: "Sink".into(),
+            detail: match &sink {
+                SinkKind::Collect(_) => "query result".into(),
+                SinkKind::View(_) => "materialized view".into(),
+                SinkKind::Log(def) => format!("table {}", def.name),
+                SinkKind::Connector(def) => format!(
+                    "table {} ({})",
+                    def.name,
+                    def.connector().unwrap_or_default()
+                ),
+            },
+            state: match &sink {
+                SinkKind::View(_) => "the view's rows".into(),
+                SinkKind::Log(_) => "rows of the current epoch".into(),
+                _ => "none".into(),
+            },
+            parallelism,
+            inputs: vec![Edge {
+                from: stream.node,
+                exchange,
+            }],
+            kind: NodeKind::Sink(sink),
+            schema,
+            changelog: ChangelogMode::InsertOnly,
+        });
+        Ok(self.graph)
+    }
+
+    fn physical(&self, expr: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
+        self.state.create_physical_expr(expr.clone(), schema)
+    }
+
+    fn add(&mut self, node: StreamNode) -> usize {
+        self.graph.add(node)
+    }
+
+    /// A single-input operator after `input`.
+    fn operator(
+        &mut self,
+        input: &Stream,
+        exchange: Exchange,
+        parallelism: usize,
+        (name, detail, state): (&str, String, &str),
+        schema: DFSchemaRef,
+        factory: crate::stream::graph::OperatorFactory,
+    ) -> Stream {
+        let node = self.add(StreamNode {
+            name: name.into(),
+            detail,
+            state: state.into(),
+            parallelism,
+            inputs: vec![Edge {
+                from: input.node,
+                exchange,
+            }],
+            kind: NodeKind::Operator(factory),
+            schema: Arc::new(schema.as_arrow().clone()),
+            changelog: ChangelogMode::InsertOnly,
+        });
+        Stream {
+            node,
+            schema,
+            parallelism,
+            windows: None,
+            slicing: None,
+        }
+    }
+
+    fn plan_node(&mut self, plan: &LogicalPlan) -> Result<Stream> {
+        match plan {
+            LogicalPlan::TableScan(scan) => self.plan_scan(scan),
+            LogicalPlan::Projection(p) => {
+                let input = self.plan_node(&p.input)?;
+                let exprs = p
+                    .expr
+                    .iter()
+                    .map(|e| self.physical(e, &input.schema))
+                    .collect::<Result<Vec<_>>>()?;
+                let passthrough: Vec<Option<usize>> = p
+                    .expr
+                    .iter()
+                    .map(|e| passthrough(e, &input.schema))
+                    .collect();
+                let detail = p
+                    .expr
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let schema = p.schema.clone();
+                let arrow = Arc::new(schema.as_arrow().clone());
+                let mut out = self.operator(
+                    &input,
+                    Exchange::Forward,
+                    input.parallelism,
+                    ("Project", detail, "none"),
+                    schema,
+                    Arc::new(move |_| {
+                        Ok(Box::new(Project {
+                            exprs: exprs.clone(),
+                            schema: arrow.clone(),
+                        }) as _)
+                    }),
+                );
+                out.windows = input.windows.and_then(|w| {
+                    let find = |i: usize| passthrough.iter().position(|p| *p == Some(i));
+                    Some(WindowColumns {
+                        start: find(w.start)?,
+                        end: find(w.end)?,
+                        time: w.time.and_then(find),
+                        sliced: w.sliced,
+                    })
+                });
+                out.slicing = input.slicing;
+                Ok(out)
+            }
+            LogicalPlan::Filter(f) => {
+                let input = self.plan_node(&f.input)?;
+                let predicate = self.physical(&f.predicate, &input.schema)?;
+                let mut out = self.operator(
+                    &input,
+                    Exchange::Forward,
+                    input.parallelism,
+                    ("Filter", f.predicate.to_string(), "none"),
+                    input.schema.clone(),
+                    Arc::new(move |_| {
+                        Ok(Box::new(Filter {
+                            predicate: predicate.clone(),
+                        }) as _)
+                    }),
+                );
+                out.windows = input.windows;
+                out.slicing = input.slicing;
+                Ok(out)
+            }
+            LogicalPlan::SubqueryAlias(a) => {
+                let mut input = self.plan_node(&a.input)?;
+                input.schema = a.schema.clone();
+                Ok(input)
+            }
+            LogicalPlan::Aggregate(agg) => self.plan_aggregate(plan, agg),
+            LogicalPlan::Window(w) => {
+                let input = self.plan_node(&w.input)?;
+                let partitioned_by_window = input.windows.is_some_and(|cols| {
+                    w.window_expr.iter().all(|e| {
+                        let Expr::WindowFunction(f) = strip_alias(e) else {
+                            return false;
+                        };
+                        let parts: Vec<Option<usize>> = f
+                            .params
+                            .partition_by
+                            .iter()
+                            .map(|p| passthrough(p, &input.schema))
+                            .collect();
+                        parts.contains(&Some(cols.start)) && parts.contains(&Some(cols.end))
+                    })
+                });
+                if partitioned_by_window {
+                    self.windowed_fragment(plan, vec![input], "WindowRank")
+                } else {
+                    self.end_fragment(
+                        plan,
+                        vec![input],
+                        "OVER (...) without PARTITION BY window_start, window_end is not supported \
+                         in a continuous query; rank rows per window (PARTITION BY window_start, \
+                         window_end, ...)",
+                    )
+                }
+            }
+            LogicalPlan::Join(join) => {
+                let left = self.plan_node(&join.left)?;
+                let right = self.plan_node(&join.right)?;
+                let window_join = match (left.windows, right.windows) {
+                    (Some(l), Some(r)) => {
+                        let on: Vec<(Option<usize>, Option<usize>)> = join
+                            .on
+                            .iter()
+                            .map(|(a, b)| {
+                                (passthrough(a, &left.schema), passthrough(b, &right.schema))
+                            })
+                            .collect();
+                        on.contains(&(Some(l.start), Some(r.start)))
+                            && on.contains(&(Some(l.end), Some(r.end)))
+                    }
+                    _ => false,
+                };
+                if window_join {
+                    self.windowed_fragment(plan, vec![left, right], "WindowJoin")
+                } else {
+                    self.end_fragment(
+                        plan,
+                        vec![left, right],
+                        "joins other than window joins are not supported in continuous queries yet; \
+                         join two window table functions ON l.window_start = r.window_start AND \
+                         l.window_end = r.window_end",
+                    )
+                }
+            }
+            LogicalPlan::Union(u) => {
+                let inputs = u
+                    .inputs
+                    .iter()
+                    .map(|i| self.plan_node(i))
+                    .collect::<Result<Vec<_>>>()?;
+                self.end_fragment(
+                    plan,
+                    inputs,
+                    "UNION is not supported in continuous queries yet",
+                )
+            }
+            LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => self.constant(plan),
+            LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Distinct(_) => {
+                let inputs = plan
+                    .inputs()
+                    .into_iter()
+                    .map(|i| self.plan_node(i))
+                    .collect::<Result<Vec<_>>>()?;
+                self.end_fragment(
+                    plan,
+                    inputs,
+                    "ORDER BY and LIMIT need the whole input; a continuous query has no end. \
+                     Order or limit when reading the view (SELECT ... FROM v ORDER BY ...)",
+                )
+            }
+            other => Err(refuse(format!(
+                "{} cannot run as a streaming query",
+                other.display()
+            ))),
+        }
+    }
+
+    /// A subplan without stream sources, computed now.
+    fn constant(&mut self, plan: &LogicalPlan) -> Result<Stream> {
+        let state = self.state.clone();
+        let physical_plan = plan.clone();
+        let batches = futures::executor::block_on(async move {
+            let physical = state.create_physical_plan(&physical_plan).await?;
+            datafusion::physical_plan::collect(physical, state.task_ctx()).await
+        })?;
+        let schema = plan.schema().clone();
+        let node = self.add(StreamNode {
+            name: "Values".into(),
+            detail: format!(
+                "{} rows",
+                batches.iter().map(|b| b.num_rows()).sum::<usize>()
+            ),
+            state: "none".into(),
+            parallelism: 1,
+            inputs: vec![],
+            kind: NodeKind::Source(SourceSpec {
+                kind: SourceKind::Batches(batches),
+                computed: vec![],
+                time: TimeSource::None,
+            }),
+            schema: Arc::new(schema.as_arrow().clone()),
+            changelog: ChangelogMode::InsertOnly,
+        });
+        Ok(Stream {
+            node,
+            schema,
+            parallelism: 1,
+            windows: None,
+            slicing: None,
+        })
+    }
+
+    fn plan_scan(&mut self, scan: &TableScan) -> Result<Stream> {
+        let provider = source_as_provider(&scan.source)?;
+        let name = scan.table_name.table().to_string();
+        let full = self.plan_provider(&name, provider, None)?;
+        let mut stream = full;
+        let qualified = DFSchema::try_from_qualified_schema(
+            scan.table_name.clone(),
+            &Schema::new(stream.schema.as_arrow().fields().clone()),
+        )?;
+        stream.schema = Arc::new(qualified);
+        if let Some(projection) = &scan.projection {
+            let exprs: Vec<Expr> = projection
+                .iter()
+                .map(|&i| Expr::Column(Column::from(stream.schema.qualified_field(i))))
+                .collect();
+            let builder_schema = scan.projected_schema.clone();
+            let physical = exprs
+                .iter()
+                .map(|e| self.physical(e, &stream.schema))
+                .collect::<Result<Vec<_>>>()?;
+            let arrow = Arc::new(builder_schema.as_arrow().clone());
+            let windows = stream.windows.and_then(|w| {
+                let find = |i: usize| projection.iter().position(|p| *p == i);
+                Some(WindowColumns {
+                    start: find(w.start)?,
+                    end: find(w.end)?,
+                    time: w.time.and_then(find),
+                    sliced: w.sliced,
+                })
+            });
+            let slicing = stream.slicing.clone();
+            let names = exprs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut out = self.operator(
+                &stream,
+                Exchange::Forward,
+                stream.parallelism,
+                ("Project", names, "none"),
+                builder_schema,
+                Arc::new(move |_| {
+                    Ok(Box::new(Project {
+                        exprs: physical.clone(),
+                        schema: arrow.clone(),
+                    }) as _)
+                }),
+            );
+            out.windows = windows;
+            out.slicing = slicing;
+            stream = out;
+        } else {
+            stream.schema = scan.projected_schema.clone();
+        }
+        for filter in &scan.filters {
+            let predicate = self.physical(filter, &stream.schema)?;
+            let windows = stream.windows;
+            let slicing = stream.slicing.clone();
+            stream = self.operator(
+                &stream,
+                Exchange::Forward,
+                stream.parallelism,
+                ("Filter", filter.to_string(), "none"),
+                stream.schema.clone(),
+                Arc::new(move |_| {
+                    Ok(Box::new(Filter {
+                        predicate: predicate.clone(),
+                    }) as _)
+                }),
+            );
+            stream.windows = windows;
+            stream.slicing = slicing;
+        }
+        Ok(stream)
+    }
+
+    /// A source reading `provider` (every column, unqualified). `time` names the column
+    /// a window is defined on, which decides how watermarks are generated.
+    fn plan_provider(
+        &mut self,
+        name: &str,
+        provider: Arc<dyn TableProvider>,
+        time: Option<&str>,
+    ) -> Result<Stream> {
+        let any: &dyn std::any::Any = provider.as_ref();
+        if let Some(window) = any.downcast_ref::<WindowTvfTable>() {
+            return self.plan_window_tvf(window);
+        }
+        if let Some(view) = any.downcast_ref::<ViewTable>() {
+            let plan = self.state.optimize(view.logical_plan())?;
+            let mut stream = self.plan_node(&plan)?;
+            stream.schema = Arc::new(DFSchema::try_from(stream.schema.as_arrow().clone())?);
+            return Ok(stream);
+        }
+        let (kind, def, parallelism): (SourceKind, Option<Arc<TableDef>>, usize) = if let Some(
+            log,
+        ) =
+            any.downcast_ref::<LogTable>()
+        {
+            let def = log.def().clone();
+            let until = match self.mode {
+                Mode::Bounded => Some(
+                    self.catalog
+                        .table_log()
+                        .next_offset(def.id)
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?,
+                ),
+                Mode::Continuous => None,
+            };
+            (
+                SourceKind::Log {
+                    def: def.clone(),
+                    until,
+                },
+                Some(def),
+                1,
+            )
+        } else if let Some(table) = any.downcast_ref::<ConnectorTable>() {
+            let def = table.def().clone();
+            if self.mode == Mode::Bounded && !crate::connector::factory::is_bounded(&def) {
+                return Err(DataFusionError::External(Box::new(
+                        SqlError::not_supported(format!(
+                            "table \"{}\" is an unbounded '{}' source, so a SELECT over it would never end",
+                            def.name,
+                            def.connector().unwrap_or_default()
+                        ))
+                        .with_hint("CREATE MATERIALIZED VIEW v AS SELECT ... and query the view, or bound the source (e.g. 'number-of-rows')"),
+                    )));
+            }
+            (
+                SourceKind::Connector { def: def.clone() },
+                Some(def),
+                self.parallelism,
+            )
+        } else if let Some(view) = any.downcast_ref::<MvTable>() {
+            (
+                SourceKind::View {
+                    state: view.state.clone(),
+                    bounded: self.mode == Mode::Bounded,
+                },
+                None,
+                1,
+            )
+        } else {
+            return Err(refuse(format!(
+                "\"{name}\" cannot be read by a streaming query"
+            )));
+        };
+        let schema = Arc::new(DFSchema::try_from(provider.schema().as_ref().clone())?);
+        let (computed, time_source, detail) = match &def {
+            Some(def) => self.source_time(def, &schema, time)?,
+            None => (vec![], TimeSource::Upstream, format!("view {name}")),
+        };
+        let node = self.add(StreamNode {
+            name: "Source".into(),
+            detail,
+            state: "read position".into(),
+            parallelism,
+            inputs: vec![],
+            kind: NodeKind::Source(SourceSpec {
+                kind,
+                computed,
+                time: time_source,
+            }),
+            schema: Arc::new(schema.as_arrow().clone()),
+            changelog: ChangelogMode::InsertOnly,
+        });
+        // A view of window results keeps its window columns for windows over windows.
+        let windows = match (
+            &def,
+            schema.index_of_column_by_name(None, WINDOW_START),
+            schema.index_of_column_by_name(None, WINDOW_END),
+        ) {
+            (None, Some(start), Some(end)) => Some(WindowColumns {
+                start,
+                end,
+                time: schema.index_of_column_by_name(None, WINDOW_TIME),
+                sliced: false,
+            }),
+            _ => None,
+        };
+        Ok(Stream {
+            node,
+            schema,
+            parallelism,
+            windows,
+            slicing: None,
+        })
+    }
+
+    /// Computed columns and the watermark of a table's source.
+    fn source_time(
+        &self,
+        def: &Arc<TableDef>,
+        schema: &DFSchemaRef,
+        time: Option<&str>,
+    ) -> Result<(Vec<Arc<dyn PhysicalExpr>>, TimeSource, String)> {
+        let physical = DFSchema::try_from(def.physical_schema().as_ref().clone())?;
+        let computed = def
+            .computed
+            .iter()
+            .map(|c| {
+                let expr = crate::sql::expr::parse_sql_expr(&c.expr, &physical, self.state)?;
+                self.physical(&expr, &physical)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let proctime = |column: &str| {
+            def.computed
+                .iter()
+                .any(|c| c.name == column && c.expr.to_ascii_lowercase().starts_with("proctime"))
+        };
+        let mut detail = format!("table {}", def.name);
+        let time_source = match (time, &def.watermark) {
+            (Some(column), _) if proctime(column) => {
+                detail.push_str(&format!(", processing time {column}"));
+                TimeSource::Processing
+            }
+            (Some(column), Some(w)) if w.column != column => {
+                return Err(not_time_attribute(def, column))
+            }
+            (Some(column), None) => return Err(not_time_attribute(def, column)),
+            (_, Some(w)) => {
+                let expr = crate::sql::expr::parse_sql_expr(&w.expr, schema, self.state)?;
+                let idle_timeout = def
+                    .options
+                    .get("scan.watermark.idle-timeout")
+                    .and_then(|t| crate::connector::options::parse_duration(t));
+                detail.push_str(&format!(", watermark {} = {}", w.column, w.expr));
+                if let Some(t) = idle_timeout {
+                    detail.push_str(&format!(", idle after {t:?}"));
+                }
+                TimeSource::Watermark {
+                    expr: self.physical(&expr, schema)?,
+                    idle_timeout,
+                }
+            }
+            (None, None) => TimeSource::None,
+        };
+        Ok((computed, time_source, detail))
+    }
+
+    fn plan_window_tvf(&mut self, window: &WindowTvfTable) -> Result<Stream> {
+        let spec = &window.spec;
+        if matches!(spec.kind, WindowKind::Session { .. }) {
+            return Err(refuse(
+                "SESSION windows are not supported yet; use TUMBLE, HOP or CUMULATE",
+            ));
+        }
+        let sliced = std::mem::take(&mut self.slice_next);
+        let input =
+            self.plan_provider(&spec.table, window.input.clone(), Some(&spec.time_column))?;
+        let time_column = input
+            .schema
+            .index_of_column_by_name(None, &spec.time_column)
+            .ok_or_else(|| DataFusionError::Plan(format!("no column {}", spec.time_column)))?;
+        let arrow = window.schema();
+        let schema = Arc::new(DFSchema::try_from(arrow.as_ref().clone())?);
+        let slicing = Slicing::new(&spec.kind);
+        let assign = if sliced {
+            Assign::Slices
+        } else {
+            Assign::Windows
+        };
+        let factory_slicing = slicing.clone();
+        let n = arrow.fields().len();
+        let mut out = self.operator(
+            &input,
+            Exchange::Forward,
+            input.parallelism,
+            (
+                "WindowAssign",
+                format!(
+                    "{spec}{}",
+                    if sliced {
+                        " (rows carry their slice)"
+                    } else {
+                        ""
+                    }
+                ),
+                "none",
+            ),
+            schema,
+            Arc::new(move |_| {
+                Ok(Box::new(WindowAssign {
+                    slicing: factory_slicing.clone(),
+                    time_column,
+                    assign,
+                    schema: arrow.clone(),
+                }) as _)
+            }),
+        );
+        out.windows = Some(WindowColumns {
+            start: n - 3,
+            end: n - 2,
+            time: Some(n - 1),
+            sliced,
+        });
+        out.slicing = sliced.then_some(slicing);
+        Ok(out)
+    }
+
+    fn plan_aggregate(
+        &mut self,
+        plan: &LogicalPlan,
+        agg: &datafusion::logical_expr::Aggregate,
+    ) -> Result<Stream> {
+        let grouping_sets = agg
+            .group_expr
+            .iter()
+            .any(|e| matches!(e, Expr::GroupingSet(_)));
+        self.slice_next = !grouping_sets && sliceable(&agg.input, &agg.group_expr);
+        let input = self.plan_node(&agg.input)?;
+        self.slice_next = false;
+        let Some(cols) = input.windows else {
+            return self.end_fragment(
+                plan,
+                vec![input],
+                "GROUP BY without window_start and window_end of a window table function gives \
+                 results that change as rows arrive, which Weir cannot maintain yet; aggregate \
+                 per window: FROM TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), INTERVAL '1' MINUTE)) \
+                 GROUP BY window_start, window_end, ...",
+            );
+        };
+        let group_exprs: Vec<&Expr> = match agg.group_expr.as_slice() {
+            [Expr::GroupingSet(
+                GroupingSet::GroupingSets(_) | GroupingSet::Cube(_) | GroupingSet::Rollup(_),
+            )] => {
+                if cols.sliced {
+                    return Err(DataFusionError::Internal(
+                        "grouping sets over slices".into(),
+                    ));
+                }
+                return self.windowed_fragment(plan, vec![input], "WindowAggregate");
+            }
+            exprs => exprs.iter().collect(),
+        };
+        let roles: Vec<Option<usize>> = group_exprs
+            .iter()
+            .map(|e| passthrough(e, &input.schema))
+            .collect();
+        if !(roles.contains(&Some(cols.start)) && roles.contains(&Some(cols.end))) {
+            return self.end_fragment(
+                plan,
+                vec![input],
+                "a window aggregate must GROUP BY both window_start and window_end",
+            );
+        }
+        let mut output = Vec::new();
+        let mut keys = Vec::new();
+        let mut key_fields = Vec::new();
+        for (i, (expr, role)) in group_exprs.iter().zip(&roles).enumerate() {
+            output.push(match *role {
+                Some(c) if c == cols.start => OutputColumn::WindowStart,
+                Some(c) if c == cols.end => OutputColumn::WindowEnd,
+                Some(c) if Some(c) == cols.time => OutputColumn::WindowTime,
+                _ => {
+                    keys.push(self.physical(expr, &input.schema)?);
+                    key_fields.push(agg.schema.field(i).as_ref().clone());
+                    OutputColumn::Key(keys.len() - 1)
+                }
+            });
+        }
+        let input_arrow = input.schema.as_arrow();
+        let mut aggregates = Vec::new();
+        let mut filters = Vec::new();
+        for (i, e) in agg.aggr_expr.iter().enumerate() {
+            #[allow(deprecated)]
+            let (aggregate, filter, _order) = create_aggregate_expr_and_maybe_filter(
+                e,
+                &input.schema,
+                input_arrow,
+                self.state.execution_props(),
+            )?;
+            aggregates.push(aggregate);
+            filters.push(filter);
+            output.push(OutputColumn::Aggregate(i));
+        }
+        let calls = Arc::new(AggregateCalls {
+            keys: keys.clone(),
+            key_schema: Arc::new(Schema::new(key_fields)),
+            aggregates,
+            filters,
+        });
+        let slicing = if cols.sliced {
+            input
+                .slicing
+                .clone()
+                .ok_or_else(|| DataFusionError::Internal("sliced input without slicing".into()))?
+        } else {
+            Slicing::Given
+        };
+        let (exchange, parallelism) = if keys.is_empty() {
+            (Exchange::Gather, 1)
+        } else {
+            (Exchange::Hash(keys), self.parallelism)
+        };
+        let schema = agg.schema.clone();
+        let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
+        let detail = format!(
+            "{}group by {}; {}",
+            if cols.sliced { "by slices, " } else { "" },
+            agg.group_expr
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            agg.aggr_expr
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let factory_output = output.clone();
+        let mut out = self.operator(
+            &input,
+            exchange,
+            parallelism,
+            (
+                "WindowAggregate",
+                detail,
+                "partial aggregates per slice and key, until the last window of the slice fires",
+            ),
+            schema,
+            Arc::new(move |_| {
+                Ok(Box::new(WindowAggregate::new(
+                    calls.clone(),
+                    slicing.clone(),
+                    (cols.start, cols.end),
+                    factory_output.clone(),
+                    arrow.clone(),
+                )) as _)
+            }),
+        );
+        let find = |role: OutputColumn| output.iter().position(|o| *o == role);
+        out.windows = match (
+            find(OutputColumn::WindowStart),
+            find(OutputColumn::WindowEnd),
+        ) {
+            (Some(start), Some(end)) => Some(WindowColumns {
+                start,
+                end,
+                time: find(OutputColumn::WindowTime),
+                sliced: false,
+            }),
+            _ => None,
+        };
+        Ok(out)
+    }
+
+    /// `plan` run by DataFusion per window, on rows hashed by their window.
+    fn windowed_fragment(
+        &mut self,
+        plan: &LogicalPlan,
+        inputs: Vec<Stream>,
+        name: &str,
+    ) -> Result<Stream> {
+        let windows: Vec<(usize, usize)> = inputs
+            .iter()
+            .map(|i| i.windows.map(|w| (w.start, w.end)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| DataFusionError::Internal("windowed fragment without windows".into()))?;
+        let mut edges = Vec::new();
+        for (input, (start, end)) in inputs.iter().zip(&windows) {
+            let keys: Vec<Arc<dyn PhysicalExpr>> = vec![
+                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                    input.schema.field(*start).name(),
+                    *start,
+                )),
+                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                    input.schema.field(*end).name(),
+                    *end,
+                )),
+            ];
+            edges.push(Edge {
+                from: input.node,
+                exchange: Exchange::Hash(keys),
+            });
+        }
+        let out = self.fragment(
+            plan,
+            edges,
+            self.parallelism,
+            Some(windows),
+            name,
+            "rows of each open window",
+        )?;
+        let schema = plan.schema();
+        let mut out = out;
+        out.windows = match (
+            schema.index_of_column_by_name(None, WINDOW_START),
+            schema.index_of_column_by_name(None, WINDOW_END),
+        ) {
+            (Some(start), Some(end)) => Some(WindowColumns {
+                start,
+                end,
+                time: schema.index_of_column_by_name(None, WINDOW_TIME),
+                sliced: false,
+            }),
+            _ => None,
+        };
+        Ok(out)
+    }
+
+    /// `plan` run once at the end of bounded inputs; refused in continuous queries.
+    fn end_fragment(
+        &mut self,
+        plan: &LogicalPlan,
+        inputs: Vec<Stream>,
+        refusal: &str,
+    ) -> Result<Stream> {
+        if self.mode == Mode::Continuous {
+            return Err(refuse(refusal));
+        }
+        let edges = inputs
+            .iter()
+            .map(|i| Edge {
+                from: i.node,
+                exchange: if i.parallelism == 1 {
+                    Exchange::Forward
+                } else {
+                    Exchange::Gather
+                },
+            })
+            .collect();
+        let name = match plan {
+            LogicalPlan::Aggregate(_) => "Aggregate",
+            LogicalPlan::Sort(_) => "Sort",
+            LogicalPlan::Limit(_) => "Limit",
+            LogicalPlan::Join(_) => "Join",
+            LogicalPlan::Window(_) => "Over",
+            _ => "Batch",
+        };
+        self.fragment(
+            plan,
+            edges,
+            1,
+            None,
+            &format!("{name} (at end of input)"),
+            "every input row",
+        )
+    }
+
+    fn fragment(
+        &mut self,
+        plan: &LogicalPlan,
+        inputs: Vec<Edge>,
+        parallelism: usize,
+        windows: Option<Vec<(usize, usize)>>,
+        name: &str,
+        state: &str,
+    ) -> Result<Stream> {
+        let schema = plan.schema().clone();
+        let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
+        let node_plan = plan.clone();
+        let session = self.state.clone();
+        let factory_arrow = arrow.clone();
+        let detail = format!("{}", plan.display());
+        let node = self.add(StreamNode {
+            name: name.into(),
+            detail,
+            state: state.into(),
+            parallelism,
+            inputs,
+            kind: NodeKind::Operator(Arc::new(move |_| {
+                Ok(Box::new(Fragment::new(
+                    session.clone(),
+                    node_plan.clone(),
+                    windows.clone(),
+                    factory_arrow.clone(),
+                )) as _)
+            })),
+            schema: arrow,
+            changelog: ChangelogMode::InsertOnly,
+        });
+        Ok(Stream {
+            node,
+            schema,
+            parallelism,
+            windows: None,
+            slicing: None,
+        })
+    }
+}
+
+fn not_time_attribute(def: &TableDef, column: &str) -> DataFusionError {
+    DataFusionError::External(Box::new(
+        SqlError::new(
+            sqlstate::DATATYPE_MISMATCH,
+            format!(
+                "column \"{column}\" of \"{}\" is not a time attribute, so it cannot define windows",
+                def.name
+            ),
+        )
+        .with_hint(format!(
+            "declare WATERMARK FOR {column} AS {column} - INTERVAL '5' SECOND in the table, or window by a PROCTIME() column"
+        )),
+    ))
+}
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        e => e,
+    }
+}
+
+/// The input column `e` passes through unchanged, if it is one.
+fn passthrough(e: &Expr, schema: &DFSchema) -> Option<usize> {
+    match strip_alias(e) {
+        Expr::Column(c) => schema.index_of_column(c).ok(),
+        _ => None,
+    }
+}
+
+/// Whether the aggregate's input reaches a TUMBLE/HOP/CUMULATE table function through
+/// nodes that leave window_start/window_end untouched and never look at them: then rows
+/// can carry slice bounds instead of being copied into every window.
+fn sliceable(input: &LogicalPlan, group_expr: &[Expr]) -> bool {
+    let names = [WINDOW_START, WINDOW_END];
+    let groups_both = names.iter().all(|n| {
+        group_expr
+            .iter()
+            .any(|e| matches!(strip_alias(e), Expr::Column(c) if c.name == *n))
+    });
+    if !groups_both {
+        return false;
+    }
+    let mentions_window = |e: &Expr| {
+        e.column_refs()
+            .iter()
+            .any(|c| [WINDOW_START, WINDOW_END, WINDOW_TIME].contains(&c.name.as_str()))
+    };
+    let mut node = input;
+    loop {
+        match node {
+            LogicalPlan::Projection(p) => {
+                if p.expr
+                    .iter()
+                    .any(|e| mentions_window(e) && !matches!(strip_alias(e), Expr::Column(_)))
+                {
+                    return false;
+                }
+                node = &p.input;
+            }
+            LogicalPlan::Filter(f) => {
+                if mentions_window(&f.predicate) {
+                    return false;
+                }
+                node = &f.input;
+            }
+            LogicalPlan::SubqueryAlias(a) => node = &a.input,
+            LogicalPlan::TableScan(scan) => {
+                let Ok(provider) = source_as_provider(&scan.source) else {
+                    return false;
+                };
+                let any: &dyn std::any::Any = provider.as_ref();
+                return any
+                    .downcast_ref::<WindowTvfTable>()
+                    .is_some_and(|w| !matches!(w.spec.kind, WindowKind::Session { .. }))
+                    && scan.filters.iter().all(|f| !mentions_window(f));
+            }
+            _ => return false,
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! Statements that start, inspect and stop continuous queries: CREATE MATERIALIZED VIEW,
+//! INSERT INTO ... SELECT jobs, SHOW JOBS, STOP JOB, FLUSH, SELECT over bounded
+//! connector inputs, and EXPLAIN of streaming plans.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::DataFusionError;
+use datafusion::datasource::{source_as_provider, ViewTable};
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{DmlStatement, LogicalPlan, WriteOp};
+use datafusion::sql::parser::Statement as DFStatement;
+use weir_catalog::{JobDef, TableDef, ViewDef};
+
+use super::engine::{Engine, Outcome};
+use super::error::{SqlError, SqlResult};
+use super::parser::{self, Statement};
+use super::CommandTag;
+use crate::connector::connector_table::ConnectorTable;
+use crate::plan::planner::{Mode, Planner};
+use crate::plan::window_table::WindowTvfTable;
+use crate::stream::graph::{SinkKind, StreamGraph};
+use crate::stream::job::{JobState, RunningJob};
+use crate::stream::manager::{JobEntry, JobKind};
+use crate::stream::message::NO_WATERMARK;
+use crate::stream::mv::MvState;
+
+/// Whether `plan` reads something only the streaming engine can read: a connector
+/// table or a window table function (through views too).
+pub fn needs_streaming(plan: &LogicalPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if let Ok(provider) = source_as_provider(&scan.source) {
+                let any: &dyn std::any::Any = provider.as_ref();
+                if any.is::<WindowTvfTable>() || any.is::<ConnectorTable>() {
+                    found = true;
+                } else if let Some(view) = any.downcast_ref::<ViewTable>() {
+                    found = needs_streaming(view.logical_plan());
+                }
+            }
+        }
+        let _ = node.apply_subqueries(|sub| {
+            found |= needs_streaming(sub);
+            Ok(TreeNodeRecursion::Continue)
+        });
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
+
+/// An INSERT that runs as a continuous job: into a connector table, or from anything
+/// only the streaming engine reads. Other INSERTs append once, like Postgres.
+pub fn is_job(plan: &LogicalPlan) -> bool {
+    let LogicalPlan::Dml(DmlStatement {
+        op: WriteOp::Insert(_),
+        target,
+        input,
+        ..
+    }) = plan
+    else {
+        return false;
+    };
+    let into_connector = source_as_provider(target)
+        .map(|p| {
+            let any: &dyn std::any::Any = p.as_ref();
+            any.is::<ConnectorTable>()
+        })
+        .unwrap_or(false);
+    into_connector || needs_streaming(input)
+}
+
+pub fn explain_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(
+        "QUERY PLAN",
+        DataType::Utf8,
+        false,
+    )]))
+}
+
+/// The row an INSERT job returns.
+pub fn job_id_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(
+        "job_id",
+        DataType::Utf8,
+        false,
+    )]))
+}
+
+fn external(e: DataFusionError) -> SqlError {
+    SqlError::from(e)
+}
+
+fn new_job_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl Engine {
+    /// The session state a statement plans in: the shared one, with the session's time zone.
+    pub(super) fn session_state(&self, metadata: &HashMap<String, String>) -> SessionState {
+        let mut state = self.state();
+        if let Some(tz) = metadata.get("table.local-time-zone") {
+            state.config_mut().options_mut().execution.time_zone = Some(tz.clone());
+        }
+        state
+    }
+
+    pub(super) fn parallelism(metadata: &HashMap<String, String>) -> usize {
+        match metadata
+            .get("parallelism.default")
+            .and_then(|p| p.parse::<usize>().ok())
+        {
+            Some(n) if n > 0 => n,
+            _ => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+
+    fn graph(
+        &self,
+        metadata: &HashMap<String, String>,
+        plan: &LogicalPlan,
+        mode: Mode,
+        sink: SinkKind,
+    ) -> SqlResult<StreamGraph> {
+        let state = self.session_state(metadata);
+        Planner::new(&state, &self.catalog, Self::parallelism(metadata), mode)
+            .plan(plan, sink)
+            .map_err(external)
+    }
+
+    /// Runs a query over bounded inputs to the end and returns its rows.
+    pub(super) async fn run_bounded(
+        &self,
+        metadata: &HashMap<String, String>,
+        plan: &LogicalPlan,
+    ) -> SqlResult<Vec<RecordBatch>> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let graph = self.graph(metadata, plan, Mode::Bounded, SinkKind::Collect(tx))?;
+        let job = RunningJob::start(new_job_id(), graph, self.catalog.clone()).map_err(external)?;
+        let mut batches = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            batches.push(batch.map_err(external)?);
+        }
+        match job.finished().await {
+            JobState::Failed(message) => Err(SqlError::new("XX000", message)),
+            _ => Ok(batches),
+        }
+    }
+
+    /// EXPLAIN of a query that runs as a stream: its operator graph.
+    pub(super) fn explain_stream(
+        &self,
+        metadata: &HashMap<String, String>,
+        plan: &LogicalPlan,
+        mode: Mode,
+    ) -> SqlResult<Outcome> {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let graph = self.graph(metadata, plan, mode, SinkKind::Collect(tx))?;
+        let text = crate::plan::explain::render(&graph);
+        let schema = explain_schema();
+        let lines: ArrayRef = Arc::new(StringArray::from_iter_values(text.lines()));
+        self.rows(RecordBatch::try_new(schema, vec![lines])?)
+    }
+
+    pub(super) async fn create_materialized_view(
+        &self,
+        metadata: &HashMap<String, String>,
+        def: ViewDef,
+    ) -> SqlResult<Outcome> {
+        self.start_view(metadata, &def).await?;
+        let name = def.name.clone();
+        if let Err(e) = self.catalog_write(move |c| c.create_view(def, false)).await {
+            if let Some(id) = self.jobs.job_of_view(&name) {
+                self.jobs.stop(&id);
+            }
+            self.jobs.remove_view(&name);
+            return Err(e);
+        }
+        Ok(Outcome::Command(CommandTag::new(
+            "CREATE MATERIALIZED VIEW",
+        )))
+    }
+
+    async fn plan_text(
+        &self,
+        metadata: &HashMap<String, String>,
+        text: &str,
+    ) -> SqlResult<LogicalPlan> {
+        let statement = match parser::parse(text)?.pop().map(|p| p.statement) {
+            Some(Statement::Sql(s)) => s,
+            _ => {
+                return Err(SqlError::internal(format!(
+                    "stored statement is not SQL: {text}"
+                )))
+            }
+        };
+        let mut statement = *statement;
+        super::rewrite::rewrite(&mut statement, metadata)?;
+        Ok(self
+            .session_state(metadata)
+            .statement_to_plan(DFStatement::Statement(Box::new(statement)))
+            .await?)
+    }
+
+    /// Plans and starts the job maintaining a materialized view.
+    async fn start_view(&self, metadata: &HashMap<String, String>, def: &ViewDef) -> SqlResult<()> {
+        let plan = self.plan_text(metadata, &def.query).await?;
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let state = MvState::new(schema);
+        let graph = self.graph(
+            metadata,
+            &plan,
+            Mode::Continuous,
+            SinkKind::View(state.clone()),
+        )?;
+        let job = RunningJob::start(new_job_id(), graph, self.catalog.clone()).map_err(external)?;
+        self.jobs.add_view(&def.name, state);
+        self.jobs.add(JobEntry {
+            job,
+            statement: format!("CREATE MATERIALIZED VIEW {} AS {}", def.name, def.query),
+            kind: JobKind::View(def.name.clone()),
+        });
+        Ok(())
+    }
+
+    pub(super) async fn drop_materialized_view(&self, name: &str) -> SqlResult<bool> {
+        let view = name.to_string();
+        let dropped = self.catalog_write(move |c| c.drop_view(&view)).await?;
+        if let Some(id) = self.jobs.job_of_view(name) {
+            self.jobs.stop(&id);
+        }
+        self.jobs.remove_view(name);
+        Ok(dropped)
+    }
+
+    /// Starts `INSERT INTO sink SELECT ...` as a job; with 'table.dml-sync' waits for it.
+    pub(super) async fn start_insert_job(
+        &self,
+        metadata: &HashMap<String, String>,
+        statement: String,
+        plan: &LogicalPlan,
+    ) -> SqlResult<Outcome> {
+        let id = new_job_id();
+        let (job, def) = self.start_insert(metadata, &id, &statement, plan)?;
+        let depends_on = std::iter::once(def.name.clone())
+            .chain(sources_of(plan))
+            .collect();
+        let job_def = JobDef {
+            id: id.clone(),
+            statement: statement.clone(),
+            depends_on,
+        };
+        let sync = metadata.get("table.dml-sync").is_some_and(|v| v == "true");
+        if sync {
+            let state = job.finished().await;
+            self.jobs.stop(&id);
+            if let JobState::Failed(message) = state {
+                return Err(SqlError::new(
+                    "XX000",
+                    format!("job {id} failed: {message}"),
+                ));
+            }
+        } else {
+            self.catalog_write(move |c| c.create_job(job_def)).await?;
+        }
+        let ids: ArrayRef = Arc::new(StringArray::from(vec![id]));
+        self.rows(RecordBatch::try_new(job_id_schema(), vec![ids])?)
+    }
+
+    fn start_insert(
+        &self,
+        metadata: &HashMap<String, String>,
+        id: &str,
+        statement: &str,
+        plan: &LogicalPlan,
+    ) -> SqlResult<(Arc<RunningJob>, Arc<TableDef>)> {
+        let LogicalPlan::Dml(dml) = plan else {
+            return Err(SqlError::internal("not an INSERT"));
+        };
+        let name = dml.table_name.table().to_string();
+        let def = self
+            .catalog
+            .table(&name)
+            .ok_or_else(|| SqlError::undefined_table(&name))?;
+        let physical = def.physical_schema().fields().len();
+        let input = datafusion::logical_expr::LogicalPlanBuilder::from(dml.input.as_ref().clone())
+            .project(
+                dml.input
+                    .schema()
+                    .columns()
+                    .into_iter()
+                    .take(physical)
+                    .map(datafusion::logical_expr::Expr::Column),
+            )?
+            .build()?;
+        let sink = match def.connector() {
+            None => SinkKind::Log(def.clone()),
+            Some(_) => SinkKind::Connector(def.clone()),
+        };
+        let graph = self.graph(metadata, &input, Mode::Continuous, sink)?;
+        let job =
+            RunningJob::start(id.to_string(), graph, self.catalog.clone()).map_err(external)?;
+        self.jobs.add(JobEntry {
+            job: job.clone(),
+            statement: statement.to_string(),
+            kind: JobKind::Insert(name),
+        });
+        Ok((job, def))
+    }
+
+    pub(super) fn show_jobs(&self) -> SqlResult<Outcome> {
+        let jobs = self.jobs.list();
+        let schema = self.show_jobs_schema();
+        self.show_jobs_rows(schema, jobs)
+    }
+
+    pub(super) fn show_jobs_schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("job_id", DataType::Utf8, false),
+            Field::new("statement", DataType::Utf8, false),
+            Field::new("state", DataType::Utf8, false),
+            Field::new("rows_in", DataType::Int64, false),
+            Field::new("rows_out", DataType::Int64, false),
+            Field::new(
+                "watermark",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                true,
+            ),
+            Field::new("late_rows_dropped", DataType::Int64, false),
+            Field::new("state_bytes", DataType::Int64, false),
+        ]))
+    }
+
+    fn show_jobs_rows(
+        &self,
+        schema: SchemaRef,
+        jobs: Vec<(String, String, JobState, Arc<RunningJob>, JobKind)>,
+    ) -> SqlResult<Outcome> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let watermark = |j: &RunningJob| {
+            let w = j.metrics.watermark.load(Relaxed);
+            (w != NO_WATERMARK && w != i64::MAX).then_some(w)
+        };
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(jobs.iter().map(|j| &j.0))),
+            Arc::new(StringArray::from_iter_values(jobs.iter().map(|j| &j.1))),
+            Arc::new(StringArray::from_iter_values(
+                jobs.iter().map(|j| j.2.to_string()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                jobs.iter()
+                    .map(|j| j.3.metrics.rows_in.load(Relaxed) as i64),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                jobs.iter()
+                    .map(|j| j.3.metrics.rows_out.load(Relaxed) as i64),
+            )),
+            Arc::new(TimestampMillisecondArray::from_iter(
+                jobs.iter().map(|j| watermark(&j.3)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                jobs.iter().map(|j| j.3.metrics.late_rows() as i64),
+            )),
+            Arc::new(Int64Array::from_iter_values(jobs.iter().map(|j| {
+                let view = match &j.4 {
+                    JobKind::View(name) => self.jobs.view(name).map(|s| s.size().1).unwrap_or(0),
+                    JobKind::Insert(_) => 0,
+                };
+                (j.3.metrics.state_bytes() + view) as i64
+            }))),
+        ];
+        self.rows(RecordBatch::try_new(schema, columns)?)
+    }
+
+    pub(super) async fn stop_job(&self, id: &str) -> SqlResult<Outcome> {
+        if let Some((_, _, _, _, JobKind::View(name))) =
+            self.jobs.list().into_iter().find(|j| j.0 == id)
+        {
+            return Err(SqlError::new(
+                "55000",
+                format!("job {id} maintains materialized view \"{name}\""),
+            )
+            .with_hint(format!("DROP MATERIALIZED VIEW {name}")));
+        }
+        if !self.jobs.stop(id) {
+            return Err(SqlError::new(
+                "42704",
+                format!("job '{id}' does not exist; SHOW JOBS lists the running jobs"),
+            ));
+        }
+        let job = id.to_string();
+        self.catalog_write(move |c| c.drop_job(&job)).await?;
+        Ok(Outcome::Command(CommandTag::new("STOP JOB")))
+    }
+
+    pub(super) async fn flush(&self) -> SqlResult<Outcome> {
+        self.jobs.flush().await;
+        Ok(Outcome::Command(CommandTag::new("FLUSH")))
+    }
+
+    /// Starts the views and jobs in the catalog again after a restart; their sources are
+    /// replayed from the start. One that cannot start is logged and left stopped.
+    pub async fn resume(&self) {
+        let metadata = HashMap::new();
+        let mut views: Vec<Arc<ViewDef>> = self
+            .catalog
+            .views()
+            .into_iter()
+            .filter(|v| v.materialized)
+            .collect();
+        // A view over another view starts after it.
+        while !views.is_empty() {
+            let ready = views.iter().position(|v| {
+                v.depends_on
+                    .iter()
+                    .all(|d| !views.iter().any(|w| &w.name == d))
+            });
+            let view = views.remove(ready.unwrap_or(0));
+            if let Err(e) = self.start_view(&metadata, &view).await {
+                tracing::error!(
+                    "materialized view {} did not start: {}",
+                    view.name,
+                    e.message
+                );
+            }
+        }
+        for job in self.catalog.jobs() {
+            let started = async {
+                let plan = self.plan_text(&metadata, &job.statement).await?;
+                self.start_insert(&metadata, &job.id, &job.statement, &plan)
+            };
+            if let Err(e) = started.await {
+                tracing::error!("job {} did not start: {}", job.id, e.message);
+            }
+        }
+    }
+}
+
+/// Tables and views an INSERT's query reads.
+fn sources_of(plan: &LogicalPlan) -> Vec<String> {
+    let mut names = Vec::new();
+    let LogicalPlan::Dml(dml) = plan else {
+        return names;
+    };
+    let _ = dml.input.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let name = scan.table_name.table().to_string();
+            match crate::plan::window_tvf::WindowSpec::from_table_name(&name) {
+                Some(spec) => names.push(spec.table),
+                None => names.push(name),
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    names.sort();
+    names.dedup();
+    names
+}

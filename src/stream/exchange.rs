@@ -1,0 +1,307 @@
+//! The sending and receiving ends of the channels between tasks.
+//!
+//! Every subtask has one bounded receiver shared by all its input channels; messages are
+//! tagged with the channel they came on. The receiving side tracks each channel's
+//! watermark (the operator's watermark is the minimum over live channels) and aligns
+//! barriers: a channel whose barrier came first is held back until every channel has
+//! delivered it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Int64Array, UInt32Array};
+use datafusion::common::hash_utils::{create_hashes, RandomState};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::physical_expr::PhysicalExpr;
+use tokio::sync::mpsc;
+
+use super::graph::KEY_GROUPS;
+use super::message::{ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK};
+
+pub type Tagged = (u32, Message);
+
+/// Channel capacity, in messages: bounded, so a slow consumer back-pressures producers.
+pub const CHANNEL_CAPACITY: usize = 16;
+
+/// The subtask that owns `key_group` when a node has `parallelism` subtasks.
+pub fn subtask_of_key_group(key_group: usize, parallelism: usize) -> usize {
+    key_group * parallelism / KEY_GROUPS
+}
+
+const HASH_STATE: RandomState = RandomState::with_seed(0x5745_4952);
+
+pub enum Partitioner {
+    /// One receiver.
+    Single,
+    RoundRobin(usize),
+    Hash(Vec<Arc<dyn PhysicalExpr>>),
+}
+
+/// Where a task's output goes.
+pub struct Outlet {
+    senders: Vec<mpsc::Sender<Tagged>>,
+    tag: u32,
+    partitioner: Partitioner,
+    hashes: Vec<u64>,
+}
+
+fn gone() -> DataFusionError {
+    DataFusionError::Execution("downstream task stopped".into())
+}
+
+impl Outlet {
+    pub fn new(senders: Vec<mpsc::Sender<Tagged>>, tag: u32, partitioner: Partitioner) -> Self {
+        Self {
+            senders,
+            tag,
+            partitioner,
+            hashes: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, batch: ChangeBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        match &mut self.partitioner {
+            Partitioner::Single => self.send_to(0, batch).await,
+            Partitioner::RoundRobin(next) => {
+                let to = *next % self.senders.len();
+                *next += 1;
+                self.send_to(to, batch).await
+            }
+            Partitioner::Hash(keys) => {
+                let parallelism = self.senders.len();
+                if parallelism == 1 {
+                    return self.send_to(0, batch).await;
+                }
+                let rows = batch.num_rows();
+                let columns = keys
+                    .iter()
+                    .map(|k| k.evaluate(&batch.rows)?.into_array(rows))
+                    .collect::<Result<Vec<_>>>()?;
+                self.hashes.clear();
+                self.hashes.resize(rows, 0);
+                create_hashes(&columns, &HASH_STATE, &mut self.hashes)?;
+                let mut indices: Vec<Vec<u32>> = vec![Vec::new(); parallelism];
+                for (row, hash) in self.hashes.iter().enumerate() {
+                    let group = (*hash % KEY_GROUPS as u64) as usize;
+                    indices[subtask_of_key_group(group, parallelism)].push(row as u32);
+                }
+                for (to, rows) in indices.into_iter().enumerate() {
+                    if !rows.is_empty() {
+                        let part = batch.take(&UInt32Array::from(rows))?;
+                        self.send_to(to, part).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_to(&self, to: usize, batch: ChangeBatch) -> Result<()> {
+        self.senders[to]
+            .send((self.tag, Message::Data(batch)))
+            .await
+            .map_err(|_| gone())
+    }
+
+    /// Watermarks, barriers, idleness and the end go to every receiver.
+    pub async fn broadcast(&self, message: Message) -> Result<()> {
+        for sender in &self.senders {
+            sender
+                .send((self.tag, message.clone()))
+                .await
+                .map_err(|_| gone())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Channel {
+    input: usize,
+    watermark: Millis,
+    idle: bool,
+    ended: bool,
+    /// Its barrier for the epoch being aligned has arrived.
+    aligned: bool,
+}
+
+/// What the receiving side hands its task.
+#[derive(Debug)]
+pub enum Event {
+    Data(usize, ChangeBatch),
+    Watermark(Millis),
+    Barrier(Epoch),
+    Idle,
+    Active,
+    End,
+}
+
+pub struct Inlet {
+    receiver: mpsc::Receiver<Tagged>,
+    channels: Vec<Channel>,
+    /// Messages of channels held back by barrier alignment.
+    held: VecDeque<Tagged>,
+    /// Released after an alignment completed: delivered before new messages.
+    replay: VecDeque<Tagged>,
+    aligning: Option<Epoch>,
+    watermark: Millis,
+    idle: bool,
+    pending: VecDeque<Event>,
+}
+
+impl Inlet {
+    /// `inputs[c]` is the operator input channel `c` feeds.
+    pub fn new(receiver: mpsc::Receiver<Tagged>, inputs: Vec<usize>) -> Self {
+        Self {
+            receiver,
+            channels: inputs
+                .into_iter()
+                .map(|input| Channel {
+                    input,
+                    watermark: NO_WATERMARK,
+                    idle: false,
+                    ended: false,
+                    aligned: false,
+                })
+                .collect(),
+            held: VecDeque::new(),
+            replay: VecDeque::new(),
+            aligning: None,
+            watermark: NO_WATERMARK,
+            idle: false,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub fn watermark(&self) -> Millis {
+        self.watermark
+    }
+
+    /// The next event; `None` once every channel ended and everything was delivered.
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            if self.channels.iter().all(|c| c.ended) && self.replay.is_empty() {
+                return None;
+            }
+            let (tag, message) = match self.replay.pop_front() {
+                Some(m) => m,
+                None => self.receiver.recv().await?,
+            };
+            let c = tag as usize;
+            if self.channels[c].aligned && !matches!(message, Message::End) {
+                self.held.push_back((tag, message));
+                continue;
+            }
+            self.on_message(c, message);
+        }
+    }
+
+    fn live_min(&self, except: Option<usize>) -> Option<Millis> {
+        self.channels
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| Some(*i) != except && !c.ended && !c.idle)
+            .map(|(_, c)| c.watermark)
+            .min()
+    }
+
+    fn on_message(&mut self, c: usize, message: Message) {
+        match message {
+            Message::Data(mut batch) => {
+                if self.channels[c].idle {
+                    self.channels[c].idle = false;
+                    self.update_idle();
+                }
+                // A row meets the lowest watermark among its own (per row) and the
+                // other channels' current ones.
+                let others = self.live_min(Some(c)).unwrap_or(END_OF_TIME);
+                let own = self.channels[c].watermark;
+                let rows = batch.num_rows();
+                let watermarks: Int64Array = match &batch.watermarks {
+                    Some(w) => w
+                        .iter()
+                        .map(|w| Some(w.unwrap_or(own).min(others)))
+                        .collect(),
+                    None => std::iter::repeat_n(Some(own.min(others)), rows).collect(),
+                };
+                batch.watermarks = Some(watermarks);
+                let input = self.channels[c].input;
+                self.pending.push_back(Event::Data(input, batch));
+            }
+            Message::Watermark(w) => {
+                let ch = &mut self.channels[c];
+                ch.watermark = ch.watermark.max(w);
+                self.advance();
+            }
+            Message::Idle => {
+                self.channels[c].idle = true;
+                self.update_idle();
+                self.advance();
+            }
+            Message::Active => {
+                self.channels[c].idle = false;
+                self.update_idle();
+            }
+            Message::Barrier(epoch) => {
+                self.aligning = Some(epoch);
+                self.channels[c].aligned = true;
+                self.try_complete_alignment();
+            }
+            Message::End => {
+                let ch = &mut self.channels[c];
+                ch.ended = true;
+                ch.watermark = END_OF_TIME;
+                self.advance();
+                self.try_complete_alignment();
+                if self.channels.iter().all(|c| c.ended) {
+                    self.pending.push_back(Event::End);
+                }
+            }
+        }
+    }
+
+    fn update_idle(&mut self) {
+        let idle =
+            self.channels.iter().all(|c| c.ended || c.idle) && self.channels.iter().any(|c| c.idle);
+        if idle != self.idle {
+            self.idle = idle;
+            self.pending
+                .push_back(if idle { Event::Idle } else { Event::Active });
+        }
+    }
+
+    fn advance(&mut self) {
+        let Some(min) = self
+            .live_min(None)
+            .or_else(|| self.channels.iter().all(|c| c.ended).then_some(END_OF_TIME))
+        else {
+            return;
+        };
+        if min > self.watermark {
+            self.watermark = min;
+            self.pending.push_back(Event::Watermark(min));
+        }
+    }
+
+    fn try_complete_alignment(&mut self) {
+        let Some(epoch) = self.aligning else {
+            return;
+        };
+        if !self.channels.iter().all(|c| c.aligned || c.ended) {
+            return;
+        }
+        for c in &mut self.channels {
+            c.aligned = false;
+        }
+        self.aligning = None;
+        self.pending.push_back(Event::Barrier(epoch));
+        let held = std::mem::take(&mut self.held);
+        self.replay.extend(held);
+    }
+}

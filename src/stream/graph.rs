@@ -1,0 +1,172 @@
+//! A continuous query as the runtime runs it: nodes with a parallelism, connected by
+//! exchanges. The planner builds it; EXPLAIN prints it.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::Result;
+use datafusion::physical_expr::PhysicalExpr;
+use weir_catalog::TableDef;
+
+use super::message::Millis;
+use super::mv::MvState;
+use super::operator::Operator;
+
+/// Key groups rows are hashed into; fixed, so keyed state can move between subtasks when
+/// a job is rescaled (Flink's max parallelism).
+pub const KEY_GROUPS: usize = 128;
+
+/// How rows travel from a node's subtasks to its consumer's subtasks.
+#[derive(Clone)]
+pub enum Exchange {
+    /// Subtask i to subtask i (same parallelism): chained into one task.
+    Forward,
+    /// By the hash of these key expressions, through key groups.
+    Hash(Vec<Arc<dyn PhysicalExpr>>),
+    /// Every row to the single consumer subtask.
+    Gather,
+    /// Spread evenly, for a consumer with more subtasks than its producer.
+    RoundRobin,
+}
+
+impl Exchange {
+    pub fn describe(&self) -> String {
+        match self {
+            Exchange::Forward => "forward".into(),
+            Exchange::Hash(keys) => format!(
+                "hash({})",
+                keys.iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Exchange::Gather => "gather".into(),
+            Exchange::RoundRobin => "round-robin".into(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Edge {
+    pub from: usize,
+    pub exchange: Exchange,
+}
+
+/// The changelog a node produces (updating modes come with updating queries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangelogMode {
+    InsertOnly,
+}
+
+impl std::fmt::Display for ChangelogMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangelogMode::InsertOnly => write!(f, "insert-only"),
+        }
+    }
+}
+
+pub type OperatorFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Operator>> + Send + Sync>;
+
+/// Where a source node's rows come from.
+#[derive(Clone)]
+pub enum SourceKind {
+    /// A table in Weir's log. `until` bounds the read (a snapshot for a plain SELECT).
+    Log {
+        def: Arc<TableDef>,
+        until: Option<u64>,
+    },
+    /// A table read through a connector.
+    Connector { def: Arc<TableDef> },
+    /// A materialized view's rows, as they are published.
+    View { state: Arc<MvState>, bounded: bool },
+    /// Constant rows (VALUES, or a snapshot taken at planning time).
+    Batches(Vec<datafusion::arrow::record_batch::RecordBatch>),
+}
+
+/// Event time as a source generates it.
+#[derive(Clone)]
+pub enum TimeSource {
+    /// No time attribute: no watermarks (windows fire at the end of the input only).
+    None,
+    /// `WATERMARK FOR col AS expr`: the watermark is the running maximum of `expr`.
+    Watermark {
+        expr: Arc<dyn PhysicalExpr>,
+        idle_timeout: Option<std::time::Duration>,
+    },
+    /// Carried over from an upstream view's published watermark.
+    Upstream,
+    /// PROCTIME(): the watermark is the wall clock.
+    Processing,
+}
+
+#[derive(Clone)]
+pub struct SourceSpec {
+    pub kind: SourceKind,
+    /// Computed columns, evaluated on the physical columns and appended to them.
+    pub computed: Vec<Arc<dyn PhysicalExpr>>,
+    pub time: TimeSource,
+}
+
+/// Where a sink node's rows go.
+#[derive(Clone)]
+pub enum SinkKind {
+    /// Rows back to the statement that asked (a SELECT over bounded inputs).
+    Collect(tokio::sync::mpsc::Sender<Result<datafusion::arrow::record_batch::RecordBatch>>),
+    /// A materialized view.
+    View(Arc<MvState>),
+    /// A table in Weir's log.
+    Log(Arc<TableDef>),
+    /// A table written through a connector.
+    Connector(Arc<TableDef>),
+}
+
+#[derive(Clone)]
+pub enum NodeKind {
+    Source(SourceSpec),
+    Operator(OperatorFactory),
+    Sink(SinkKind),
+}
+
+#[derive(Clone)]
+pub struct StreamNode {
+    /// What EXPLAIN calls it ("WindowAggregate").
+    pub name: String,
+    /// What it does, for EXPLAIN (keys, window, expressions).
+    pub detail: String,
+    /// The state it keeps, for EXPLAIN ("none" for stateless operators).
+    pub state: String,
+    pub parallelism: usize,
+    pub inputs: Vec<Edge>,
+    pub kind: NodeKind,
+    pub schema: SchemaRef,
+    pub changelog: ChangelogMode,
+}
+
+/// Nodes in topological order: a node's inputs come before it; the last node is the sink.
+#[derive(Clone, Default)]
+pub struct StreamGraph {
+    pub nodes: Vec<StreamNode>,
+}
+
+impl StreamGraph {
+    pub fn add(&mut self, node: StreamNode) -> usize {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// The node that reads `id`'s output.
+    pub fn consumer_of(&self, id: usize) -> Option<(usize, usize)> {
+        self.nodes.iter().enumerate().find_map(|(n, node)| {
+            node.inputs
+                .iter()
+                .position(|e| e.from == id)
+                .map(|input| (n, input))
+        })
+    }
+}
+
+/// Watermark value of a row time in `Millis`.
+pub fn watermark_of_end(window_end: Millis) -> Millis {
+    window_end - 1
+}

@@ -1,0 +1,174 @@
+//! Every continuous query of the server: materialized views and INSERT jobs, the epochs
+//! they publish at, and FLUSH.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use super::job::{JobState, RunningJob};
+use super::message::Epoch;
+use super::mv::MvState;
+
+/// What a job maintains.
+#[derive(Debug, Clone)]
+pub enum JobKind {
+    View(String),
+    Insert(String),
+}
+
+pub struct JobEntry {
+    pub job: Arc<RunningJob>,
+    pub statement: String,
+    pub kind: JobKind,
+}
+
+#[derive(Default)]
+pub struct Jobs {
+    jobs: Mutex<BTreeMap<String, JobEntry>>,
+    views: RwLock<HashMap<String, Arc<MvState>>>,
+    epoch: AtomicU64,
+    /// Barriers reach every source in epoch order.
+    injecting: Mutex<()>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").finish_non_exhaustive()
+    }
+}
+
+/// The interval epochs commit at when nobody asks for one.
+pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Jobs {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Commits an epoch every `interval` while the server runs.
+    pub fn start_epochs(self: &Arc<Self>, interval: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(jobs) = weak.upgrade() else {
+                    return;
+                };
+                jobs.flush().await;
+            }
+        });
+    }
+
+    pub fn view(&self, name: &str) -> Option<Arc<MvState>> {
+        self.views
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn add_view(&self, name: &str, state: Arc<MvState>) {
+        self.views
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), state);
+    }
+
+    pub fn remove_view(&self, name: &str) {
+        self.views
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    pub fn add(&self, entry: JobEntry) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entry.job.id.clone(), entry);
+    }
+
+    /// Stops and forgets a job; false when there is none with that id.
+    pub fn stop(&self, id: &str) -> bool {
+        let entry = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        match entry {
+            Some(entry) => {
+                entry.job.stop();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn job_of_view(&self, view: &str) -> Option<String> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|e| matches!(&e.kind, JobKind::View(v) if v == view))
+            .map(|e| e.job.id.clone())
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    /// A snapshot of every job, for SHOW JOBS.
+    pub fn list(&self) -> Vec<(String, String, JobState, Arc<RunningJob>, JobKind)> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| {
+                (
+                    e.job.id.clone(),
+                    e.statement.clone(),
+                    e.job.state(),
+                    e.job.clone(),
+                    e.kind.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Commits a new epoch in every running job: returns once everything their sources had
+    /// read or could read when it was called is published.
+    pub async fn flush(&self) -> Epoch {
+        let (epoch, running) = {
+            let _order = self.injecting.lock().unwrap_or_else(|p| p.into_inner());
+            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            let running: Vec<Arc<RunningJob>> = self
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|e| e.job.state() == JobState::Running)
+                .map(|e| e.job.clone())
+                .collect();
+            for job in &running {
+                job.request_barrier(epoch);
+            }
+            (epoch, running)
+        };
+        futures::future::join_all(running.iter().map(|j| j.committed(epoch))).await;
+        epoch
+    }
+
+    /// Stops every job (server shutdown).
+    pub fn stop_all(&self) {
+        let jobs = std::mem::take(&mut *self.jobs.lock().unwrap_or_else(|p| p.into_inner()));
+        for entry in jobs.values() {
+            entry.job.stop();
+        }
+    }
+}

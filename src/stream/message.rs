@@ -1,0 +1,103 @@
+//! What flows between operators.
+
+use datafusion::arrow::array::{Array, Int64Array};
+use datafusion::arrow::array::{BooleanArray, UInt32Array};
+use datafusion::arrow::compute::{filter_record_batch, take_record_batch};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::Result;
+
+/// Event time and watermarks: milliseconds since the Unix epoch, as Flink keeps them.
+pub type Millis = i64;
+
+/// A watermark no row can be older than: the end of a bounded input.
+pub const END_OF_TIME: Millis = Millis::MAX;
+/// The watermark before any has been seen.
+pub const NO_WATERMARK: Millis = Millis::MIN;
+
+/// Identifies a checkpoint epoch; barriers carry it.
+pub type Epoch = u64;
+
+/// Rows, all inserts in this version of Weir.
+///
+/// `watermarks` is the watermark each row meets. Sources generate a watermark after
+/// every row (Flink's `pipeline.auto-watermark-interval = 0`), so which window a late row
+/// misses must not depend on how rows were grouped into batches; carrying the per-row
+/// value costs one integer a row instead of one message a row. `None` means every row
+/// meets the receiving operator's current watermark.
+#[derive(Debug, Clone)]
+pub struct ChangeBatch {
+    pub rows: RecordBatch,
+    pub watermarks: Option<Int64Array>,
+}
+
+impl ChangeBatch {
+    pub fn new(rows: RecordBatch) -> Self {
+        Self {
+            rows,
+            watermarks: None,
+        }
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.rows.num_rows()
+    }
+
+    /// The rows `mask` keeps, with their watermarks.
+    pub fn filter(&self, mask: &BooleanArray) -> Result<Self> {
+        let watermarks = match &self.watermarks {
+            Some(w) => Some(
+                datafusion::arrow::compute::filter(w, mask)?
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("filter keeps the array type")
+                    .clone(),
+            ),
+            None => None,
+        };
+        Ok(Self {
+            rows: filter_record_batch(&self.rows, mask)?,
+            watermarks,
+        })
+    }
+
+    /// The rows at `indices`, with their watermarks.
+    pub fn take(&self, indices: &UInt32Array) -> Result<Self> {
+        let watermarks = match &self.watermarks {
+            Some(w) => Some(
+                datafusion::arrow::compute::take(w, indices, None)?
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("take keeps the array type")
+                    .clone(),
+            ),
+            None => None,
+        };
+        Ok(Self {
+            rows: take_record_batch(&self.rows, indices)?,
+            watermarks,
+        })
+    }
+
+    /// The watermark row `i` meets, given the operator's current one.
+    pub fn watermark_of(&self, i: usize, current: Millis) -> Millis {
+        match &self.watermarks {
+            Some(w) if !w.is_null(i) => w.value(i),
+            _ => current,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Message {
+    Data(ChangeBatch),
+    /// Event-time progress: no later row on this channel is older.
+    Watermark(Millis),
+    /// A checkpoint epoch boundary.
+    Barrier(Epoch),
+    /// The sending source split stopped producing: do not let it hold watermarks back.
+    Idle,
+    /// It resumed.
+    Active,
+    /// The input is finished; acts as a watermark at the end of time.
+    End,
+}

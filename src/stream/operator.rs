@@ -1,0 +1,42 @@
+//! The operator contract: synchronous handlers over whole batches. Tasks do the I/O
+//! (channels, readers, sinks) around a chain of operators.
+
+use datafusion::common::Result;
+
+use super::message::{ChangeBatch, Millis};
+
+/// One stage of a continuous query, owned by one subtask.
+///
+/// An operator sees batches, then the watermark (the minimum over its inputs) each time it
+/// advances; what it emits goes into `out`. Its state is its own, and it says how large it
+/// is so `SHOW JOBS` can report it.
+pub trait Operator: Send {
+    /// Handles rows from input `input` (0 unless the operator joins several inputs).
+    fn process(
+        &mut self,
+        input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()>;
+
+    /// The watermark advanced to `watermark`: emit what it completes. The watermark itself
+    /// is forwarded after the rows emitted here, so those meet the previous one downstream.
+    fn on_watermark(&mut self, _watermark: Millis, _out: &mut Vec<ChangeBatch>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Every input ended (after `on_watermark(END_OF_TIME)`).
+    fn on_end(&mut self, _out: &mut Vec<ChangeBatch>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Bytes of state held.
+    fn state_size(&self) -> usize {
+        0
+    }
+
+    /// Rows dropped because they arrived after the windows they belonged to had fired.
+    fn late_rows_dropped(&self) -> u64 {
+        0
+    }
+}

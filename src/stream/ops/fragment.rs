@@ -1,0 +1,209 @@
+//! A piece of the logical plan run by DataFusion over buffered rows: per window (window
+//! TopN, window join, window deduplication) when the watermark closes the window, or
+//! once at the end of a bounded input (ORDER BY, LIMIT, joins and aggregates of a SELECT
+//! over bounded inputs).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::UInt32Array;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DFSchemaRef, Result};
+use datafusion::datasource::{provider_as_source, MemTable};
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{col, Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::physical_plan::collect;
+
+use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
+use crate::stream::operator::Operator;
+use crate::stream::source::to_millis;
+use crate::stream::window::{fired, Span};
+
+/// The whole input, when the fragment is not per window.
+const EVERYTHING: Span = (Millis::MIN, Millis::MAX);
+
+pub struct Fragment {
+    state: SessionState,
+    /// The plan node to run; its inputs are replaced by the buffered rows.
+    node: LogicalPlan,
+    inputs: Vec<DFSchemaRef>,
+    /// Per input, the columns holding window_start and window_end; `None`: run at the end.
+    windows: Option<Vec<(usize, usize)>>,
+    schema: SchemaRef,
+    buffers: BTreeMap<Span, Vec<Vec<RecordBatch>>>,
+    watermark: Millis,
+    late: u64,
+}
+
+impl Fragment {
+    pub fn new(
+        state: SessionState,
+        node: LogicalPlan,
+        windows: Option<Vec<(usize, usize)>>,
+        schema: SchemaRef,
+    ) -> Self {
+        let inputs = node.inputs().iter().map(|i| i.schema().clone()).collect();
+        Self {
+            state,
+            node,
+            inputs,
+            windows,
+            schema,
+            buffers: BTreeMap::new(),
+            watermark: NO_WATERMARK,
+            late: 0,
+        }
+    }
+
+    fn buffer(&mut self, span: Span, input: usize, rows: RecordBatch) {
+        let n = self.inputs.len();
+        self.buffers
+            .entry(span)
+            .or_insert_with(|| vec![Vec::new(); n])[input]
+            .push(rows);
+    }
+
+    /// Runs the node over one window's rows.
+    fn run(&self, rows: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let mut inputs = Vec::new();
+        for (i, (batches, schema)) in rows.into_iter().zip(&self.inputs).enumerate() {
+            let arrow = Arc::new(schema.as_arrow().clone());
+            // Buffered columns get plain names; a projection gives back the qualified ones
+            // the node's expressions refer to.
+            let plain: Vec<_> = (0..arrow.fields().len()).map(|c| format!("c{c}")).collect();
+            let plain_schema = Arc::new(datafusion::arrow::datatypes::Schema::new(
+                arrow
+                    .fields()
+                    .iter()
+                    .zip(&plain)
+                    .map(|(f, n)| f.as_ref().clone().with_name(n))
+                    .collect::<Vec<_>>(),
+            ));
+            let batches = batches
+                .into_iter()
+                .map(|b| RecordBatch::try_new(plain_schema.clone(), b.columns().to_vec()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let table = MemTable::try_new(plain_schema, vec![batches])?;
+            let exprs: Vec<Expr> = schema
+                .iter()
+                .zip(&plain)
+                .map(|((qualifier, field), name)| {
+                    col(name.as_str()).alias_qualified(qualifier.cloned(), field.name())
+                })
+                .collect();
+            let scan = LogicalPlanBuilder::scan(
+                format!("__buffer{i}"),
+                provider_as_source(Arc::new(table)),
+                None,
+            )?
+            .project(exprs)?
+            .build()?;
+            inputs.push(scan);
+        }
+        let plan = self.node.with_new_exprs(self.node.expressions(), inputs)?;
+        let state = self.state.clone();
+        let schema = self.schema.clone();
+        futures::executor::block_on(async move {
+            let physical = state.create_physical_plan(&plan).await?;
+            let batches = collect(physical, state.task_ctx()).await?;
+            batches
+                .into_iter()
+                .map(|b| Ok(RecordBatch::try_new(schema.clone(), b.columns().to_vec())?))
+                .collect()
+        })
+    }
+
+    fn fire(&mut self, span: Span, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if let Some(rows) = self.buffers.remove(&span) {
+            for batch in self.run(rows)? {
+                if batch.num_rows() > 0 {
+                    out.push(ChangeBatch::new(batch));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Operator for Fragment {
+    fn process(
+        &mut self,
+        input: usize,
+        batch: ChangeBatch,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let Some(windows) = &self.windows else {
+            self.buffer(EVERYTHING, input, batch.rows);
+            return Ok(());
+        };
+        let (start, end) = windows[input];
+        let starts = to_millis(batch.rows.column(start))?;
+        let ends = to_millis(batch.rows.column(end))?;
+        let mut by_window: BTreeMap<Span, Vec<u32>> = BTreeMap::new();
+        for i in 0..batch.num_rows() {
+            let span = (starts.value(i), ends.value(i));
+            if fired(span.1, batch.watermark_of(i, self.watermark)) {
+                self.late += 1;
+                continue;
+            }
+            by_window.entry(span).or_default().push(i as u32);
+        }
+        for (span, rows) in by_window {
+            let part = if rows.len() == batch.num_rows() {
+                batch.rows.clone()
+            } else {
+                datafusion::arrow::compute::take_record_batch(
+                    &batch.rows,
+                    &UInt32Array::from(rows),
+                )?
+            };
+            self.buffer(span, input, part);
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.watermark = watermark;
+        if self.windows.is_none() {
+            return Ok(());
+        }
+        let due: Vec<Span> = self
+            .buffers
+            .keys()
+            .filter(|s| fired(s.1, watermark))
+            .copied()
+            .collect();
+        for span in due {
+            self.fire(span, out)?;
+        }
+        Ok(())
+    }
+
+    fn on_end(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if self.windows.is_none() {
+            let n = self.inputs.len();
+            self.buffers
+                .entry(EVERYTHING)
+                .or_insert_with(|| vec![Vec::new(); n]);
+        }
+        let all: Vec<Span> = self.buffers.keys().copied().collect();
+        for span in all {
+            self.fire(span, out)?;
+        }
+        Ok(())
+    }
+
+    fn state_size(&self) -> usize {
+        self.buffers
+            .values()
+            .flatten()
+            .flatten()
+            .map(|b| b.get_array_memory_size())
+            .sum()
+    }
+
+    fn late_rows_dropped(&self) -> u64 {
+        self.late
+    }
+}

@@ -1,0 +1,158 @@
+//! Grouped aggregation state on DataFusion's GroupValues and GroupsAccumulators: rows are
+//! folded in a batch at a time, frozen into partial states (keys + accumulator states),
+//! and partial states merge, so slices aggregate once and windows combine slices.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray};
+use datafusion::arrow::compute::prep_null_mask_filter;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
+use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+
+/// What to aggregate: group keys and aggregate calls, planned against the input.
+pub struct AggregateCalls {
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    pub key_schema: SchemaRef,
+    pub aggregates: Vec<Arc<AggregateFunctionExpr>>,
+    /// FILTER (WHERE ...) of each aggregate.
+    pub filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+}
+
+impl AggregateCalls {
+    pub fn new_state(&self) -> Result<Grouped> {
+        let accumulators = self
+            .aggregates
+            .iter()
+            .map(|agg| -> Result<Box<dyn GroupsAccumulator>> {
+                if agg.groups_accumulator_supported() {
+                    agg.create_groups_accumulator()
+                } else {
+                    let agg = agg.clone();
+                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                        agg.create_accumulator()
+                    })))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Grouped {
+            groups: new_group_values(self.key_schema.clone(), &GroupOrdering::None)?,
+            accumulators,
+            indices: Vec::new(),
+        })
+    }
+
+    /// Key columns of `batch`.
+    pub fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        self.keys
+            .iter()
+            .map(|k| k.evaluate(batch)?.into_array(batch.num_rows()))
+            .collect()
+    }
+}
+
+/// Keys and accumulator states of a frozen group state.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub keys: Vec<ArrayRef>,
+    pub states: Vec<Vec<ArrayRef>>,
+}
+
+impl Partial {
+    pub fn size(&self) -> usize {
+        self.keys
+            .iter()
+            .map(|a| a.get_array_memory_size())
+            .sum::<usize>()
+            + self
+                .states
+                .iter()
+                .flatten()
+                .map(|a| a.get_array_memory_size())
+                .sum::<usize>()
+    }
+}
+
+pub struct Grouped {
+    groups: Box<dyn GroupValues>,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    indices: Vec<usize>,
+}
+
+impl Grouped {
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    pub fn size(&self) -> usize {
+        self.groups.size() + self.accumulators.iter().map(|a| a.size()).sum::<usize>()
+    }
+
+    /// Folds `batch` in; `keys` are its key columns.
+    pub fn update(
+        &mut self,
+        calls: &AggregateCalls,
+        keys: &[ArrayRef],
+        batch: &RecordBatch,
+    ) -> Result<()> {
+        self.groups.intern(keys, &mut self.indices)?;
+        let total = self.groups.len();
+        for (i, acc) in self.accumulators.iter_mut().enumerate() {
+            let agg = &calls.aggregates[i];
+            let args = agg
+                .expressions()
+                .iter()
+                .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
+                .collect::<Result<Vec<_>>>()?;
+            let filter = match &calls.filters[i] {
+                Some(f) => {
+                    let mask = f.evaluate(batch)?.into_array(batch.num_rows())?;
+                    let mask = mask
+                        .as_any()
+                        .downcast_ref::<BooleanArray>()
+                        .ok_or_else(|| DataFusionError::Plan("FILTER must be boolean".into()))?;
+                    Some(prep_null_mask_filter(mask))
+                }
+                None => None,
+            };
+            acc.update_batch(&args, &self.indices, filter.as_ref(), total)?;
+        }
+        Ok(())
+    }
+
+    /// Takes everything out as a partial state, leaving this empty.
+    pub fn freeze(&mut self) -> Result<Partial> {
+        let keys = self.groups.emit(EmitTo::All)?;
+        let states = self
+            .accumulators
+            .iter_mut()
+            .map(|a| a.state(EmitTo::All))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Partial { keys, states })
+    }
+
+    pub fn merge(&mut self, partial: &Partial) -> Result<()> {
+        self.groups.intern(&partial.keys, &mut self.indices)?;
+        let total = self.groups.len();
+        for (acc, state) in self.accumulators.iter_mut().zip(&partial.states) {
+            acc.merge_batch(state, &self.indices, total)?;
+        }
+        Ok(())
+    }
+
+    /// Final keys and aggregate values, one row per group.
+    pub fn evaluate(&mut self) -> Result<(Vec<ArrayRef>, Vec<ArrayRef>)> {
+        let keys = self.groups.emit(EmitTo::All)?;
+        let values = self
+            .accumulators
+            .iter_mut()
+            .map(|a| a.evaluate(EmitTo::All))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((keys, values))
+    }
+}

@@ -1,0 +1,7 @@
+//! Operators, one file each.
+
+pub mod fragment;
+pub mod grouped;
+pub mod stateless;
+pub mod window_agg;
+pub mod window_assign;

@@ -1,0 +1,305 @@
+//! Source subtasks: read a split, add computed columns, generate watermarks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::physical_expr::PhysicalExpr;
+use tokio::sync::watch;
+use weir_catalog::{Catalog, TableDef};
+
+use super::graph::{SourceKind, SourceSpec, TimeSource};
+use super::message::{ChangeBatch, Millis, NO_WATERMARK};
+use super::mv::MvState;
+use crate::connector::io::SplitReader;
+
+/// Rows per batch sources aim for.
+pub const BATCH_SIZE: usize = 8192;
+
+/// What a reader produced.
+pub enum Read {
+    Rows(RecordBatch),
+    /// An upstream view published up to this watermark.
+    Watermark(Millis),
+    End,
+}
+
+/// Reads one split of a source.
+pub enum Reader {
+    Split(Box<dyn SplitReader>),
+    Log(LogReader),
+    View(ViewReader),
+    Batches(std::collections::VecDeque<RecordBatch>),
+}
+
+impl Reader {
+    pub fn open(
+        kind: &SourceKind,
+        catalog: &Arc<Catalog>,
+        split: usize,
+        splits: usize,
+    ) -> Result<Self> {
+        Ok(match kind {
+            SourceKind::Log { def, until } => Reader::Log(LogReader {
+                catalog: catalog.clone(),
+                def: def.clone(),
+                next: 0,
+                until: *until,
+                appends: crate::connector::log_table::appends(),
+                queue: Default::default(),
+            }),
+            SourceKind::Connector { def } => Reader::Split(
+                crate::connector::factory::open_split(def, split, splits, BATCH_SIZE)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?,
+            ),
+            SourceKind::View { state, bounded } => Reader::View(ViewReader {
+                state: state.clone(),
+                next: 0,
+                watermark: NO_WATERMARK,
+                bounded: *bounded,
+                changes: state.subscribe(),
+                queue: Default::default(),
+            }),
+            SourceKind::Batches(batches) => Reader::Batches(if split == 0 {
+                batches.iter().cloned().collect()
+            } else {
+                Default::default()
+            }),
+        })
+    }
+
+    /// Waits for the next rows.
+    pub async fn next(&mut self) -> Result<Read> {
+        match self {
+            Reader::Split(r) => Ok(match r.next_batch().await? {
+                Some(b) => Read::Rows(b),
+                None => Read::End,
+            }),
+            Reader::Log(r) => r.next().await,
+            Reader::View(r) => r.next().await,
+            Reader::Batches(q) => Ok(q.pop_front().map(Read::Rows).unwrap_or(Read::End)),
+        }
+    }
+
+    /// Rows already available without waiting: what was appended to a log or published by
+    /// a view before a barrier was requested must reach the barrier's epoch.
+    pub fn available_now(&mut self) -> Result<Vec<Read>> {
+        match self {
+            Reader::Log(r) => r.read_available(),
+            Reader::View(r) => {
+                r.fill();
+                Ok(r.queue.drain(..).collect())
+            }
+            _ => Ok(vec![]),
+        }
+    }
+}
+
+pub struct LogReader {
+    catalog: Arc<Catalog>,
+    def: Arc<TableDef>,
+    /// The offset after the last entry read (queued or delivered).
+    next: u64,
+    until: Option<u64>,
+    appends: watch::Receiver<u64>,
+    queue: std::collections::VecDeque<Read>,
+}
+
+impl LogReader {
+    fn read_available(&mut self) -> Result<Vec<Read>> {
+        let mut out: Vec<Read> = self.queue.drain(..).collect();
+        out.extend(self.read_new()?);
+        Ok(out)
+    }
+
+    fn read_new(&mut self) -> Result<Vec<Read>> {
+        if self.until.is_some_and(|u| self.next >= u) {
+            return Ok(vec![]);
+        }
+        let entries = self
+            .catalog
+            .table_log()
+            .read_from(self.def.id, self.next)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            if self.until.is_some_and(|u| entry.offset >= u) {
+                break;
+            }
+            self.next = entry.offset + 1;
+            out.push(Read::Rows(entry.batch));
+        }
+        Ok(out)
+    }
+
+    async fn next(&mut self) -> Result<Read> {
+        loop {
+            if let Some(read) = self.queue.pop_front() {
+                return Ok(read);
+            }
+            if self.until.is_some_and(|u| self.next >= u) {
+                return Ok(Read::End);
+            }
+            self.appends.borrow_and_update();
+            let new = self.read_new()?;
+            if !new.is_empty() {
+                self.queue.extend(new);
+                continue;
+            }
+            if self.until.is_some() {
+                return Ok(Read::End);
+            }
+            if self.appends.changed().await.is_err() {
+                return Ok(Read::End);
+            }
+        }
+    }
+}
+
+pub struct ViewReader {
+    state: Arc<MvState>,
+    next: usize,
+    watermark: Millis,
+    bounded: bool,
+    changes: watch::Receiver<u64>,
+    queue: std::collections::VecDeque<Read>,
+}
+
+impl ViewReader {
+    fn fill(&mut self) {
+        let published = self.state.read_from(self.next);
+        self.next = published.next;
+        self.queue
+            .extend(published.batches.into_iter().map(Read::Rows));
+        if published.watermark > self.watermark {
+            self.watermark = published.watermark;
+            self.queue.push_back(Read::Watermark(published.watermark));
+        }
+        if published.ended || self.bounded {
+            self.queue.push_back(Read::End);
+            self.bounded = false;
+            self.next = usize::MAX;
+        }
+    }
+
+    async fn next(&mut self) -> Result<Read> {
+        loop {
+            if let Some(read) = self.queue.pop_front() {
+                return Ok(read);
+            }
+            if self.next == usize::MAX {
+                std::future::pending::<()>().await;
+            }
+            self.changes.borrow_and_update();
+            self.fill();
+            if self.queue.is_empty() && self.changes.changed().await.is_err() {
+                return Ok(Read::End);
+            }
+        }
+    }
+}
+
+/// Adds computed columns and generates watermarks for one source subtask.
+pub struct SourceRows {
+    schema: SchemaRef,
+    computed: Vec<Arc<dyn PhysicalExpr>>,
+    time: TimeSource,
+    pub watermark: Millis,
+}
+
+impl SourceRows {
+    pub fn new(spec: &SourceSpec, schema: SchemaRef) -> Self {
+        Self {
+            schema,
+            computed: spec.computed.clone(),
+            time: spec.time.clone(),
+            watermark: NO_WATERMARK,
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        match &self.time {
+            TimeSource::Watermark { idle_timeout, .. } => *idle_timeout,
+            _ => None,
+        }
+    }
+
+    pub fn processing_time(&self) -> bool {
+        matches!(self.time, TimeSource::Processing)
+    }
+
+    /// The full rows of a physical batch, each with the watermark it meets.
+    pub fn prepare(&mut self, physical: RecordBatch) -> Result<ChangeBatch> {
+        let rows = if self.computed.is_empty() && physical.schema() == self.schema {
+            physical
+        } else {
+            let n = physical.num_rows();
+            let mut columns: Vec<ArrayRef> = physical.columns().to_vec();
+            for expr in &self.computed {
+                columns.push(expr.evaluate(&physical)?.into_array(n)?);
+            }
+            RecordBatch::try_new(self.schema.clone(), columns)?
+        };
+        let mut batch = ChangeBatch::new(rows);
+        match &self.time {
+            TimeSource::Watermark { expr, .. } => {
+                let values = expr.evaluate(&batch.rows)?.into_array(batch.num_rows())?;
+                let millis = to_millis(&values)?;
+                let mut current = self.watermark;
+                let mut meets = Vec::with_capacity(millis.len());
+                for i in 0..millis.len() {
+                    meets.push(current);
+                    if millis.is_valid(i) {
+                        current = current.max(millis.value(i));
+                    }
+                }
+                self.watermark = current;
+                batch.watermarks = Some(Int64Array::from(meets));
+            }
+            TimeSource::Processing => {
+                let now = chrono::Utc::now().timestamp_millis();
+                batch.watermarks = Some(Int64Array::from(vec![self.watermark; batch.num_rows()]));
+                self.watermark = self.watermark.max(now - 1);
+            }
+            TimeSource::None | TimeSource::Upstream => {}
+        }
+        Ok(batch)
+    }
+
+    /// Processing time moves on without rows.
+    pub fn tick(&mut self) -> Option<Millis> {
+        if !self.processing_time() {
+            return None;
+        }
+        let now = chrono::Utc::now().timestamp_millis() - 1;
+        (now > self.watermark).then(|| {
+            self.watermark = now;
+            now
+        })
+    }
+}
+
+/// Milliseconds since the epoch of a timestamp (or integer millisecond) array.
+pub fn to_millis(values: &ArrayRef) -> Result<Int64Array> {
+    let ms = match values.data_type() {
+        DataType::Timestamp(TimeUnit::Millisecond, _) | DataType::Int64 => values.clone(),
+        DataType::Timestamp(_, tz) => cast(
+            values,
+            &DataType::Timestamp(TimeUnit::Millisecond, tz.clone()),
+        )?,
+        other => {
+            return Err(DataFusionError::Plan(format!(
+                "a time attribute must be a TIMESTAMP or TIMESTAMP_LTZ, not {other}"
+            )))
+        }
+    };
+    let ms = cast(&ms, &DataType::Int64)?;
+    Ok(ms
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .expect("cast to Int64")
+        .clone())
+}

@@ -754,8 +754,22 @@ impl<'a> Planner<'a> {
             filters.push(filter);
             output.push(OutputColumn::Aggregate(i));
         }
+        // GroupValues needs a key: a global aggregate groups by one constant.
+        let (state_keys, key_fields) = if keys.is_empty() {
+            let unit: Arc<dyn PhysicalExpr> = Arc::new(
+                datafusion::physical_expr::expressions::Literal::new(true.into()),
+            );
+            let field = datafusion::arrow::datatypes::Field::new(
+                "unit",
+                datafusion::arrow::datatypes::DataType::Boolean,
+                false,
+            );
+            (vec![unit], vec![field])
+        } else {
+            (keys.clone(), key_fields)
+        };
         let calls = Arc::new(AggregateCalls {
-            keys: keys.clone(),
+            keys: state_keys,
             key_schema: Arc::new(Schema::new(key_fields)),
             aggregates,
             filters,

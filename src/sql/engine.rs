@@ -309,8 +309,7 @@ impl Engine {
         }
         if streaming::needs_streaming(&plan) {
             let batches = self.run_bounded(metadata, &plan).await?;
-            let df = self.ctx.read_batches(batches)?;
-            return Ok(Outcome::Rows(df, column_names::postgres_names(stmt)));
+            return self.streamed_rows(&plan, batches, column_names::postgres_names(stmt));
         }
         let insert = match &plan {
             LogicalPlan::Dml(dml) => Some(dml.clone()),
@@ -326,6 +325,33 @@ impl Engine {
             .map_err(|e| insert::explain_failure(&self.catalog, &insert, e))?;
         let rows = insert::count_of(&batches);
         Ok(Outcome::Command(CommandTag::new("INSERT").with_rows(rows)))
+    }
+
+    /// Rows a streaming query returned. Their columns get unique names for DataFusion
+    /// (a join may return two `price` columns); the client sees the original ones.
+    fn streamed_rows(
+        &self,
+        plan: &LogicalPlan,
+        batches: Vec<RecordBatch>,
+        mut names: Vec<Option<String>>,
+    ) -> SqlResult<Outcome> {
+        let fields = plan.schema().fields();
+        names.resize(fields.len(), None);
+        let unique: Vec<_> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| f.as_ref().clone().with_name(format!("{}#{i}", f.name())))
+            .collect();
+        for (name, field) in names.iter_mut().zip(fields.iter()) {
+            name.get_or_insert_with(|| field.name().clone());
+        }
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(unique));
+        let batches = batches
+            .into_iter()
+            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
+        Ok(Outcome::Rows(self.ctx.read_table(Arc::new(table))?, names))
     }
 
     pub(super) fn rows(&self, batch: RecordBatch) -> SqlResult<Outcome> {

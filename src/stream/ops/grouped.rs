@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray};
 use datafusion::arrow::compute::prep_null_mask_filter;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -116,7 +116,11 @@ impl Grouped {
                         .as_any()
                         .downcast_ref::<BooleanArray>()
                         .ok_or_else(|| DataFusionError::Plan("FILTER must be boolean".into()))?;
-                    Some(prep_null_mask_filter(mask))
+                    Some(if mask.null_count() > 0 {
+                        prep_null_mask_filter(mask)
+                    } else {
+                        mask.clone()
+                    })
                 }
                 None => None,
             };

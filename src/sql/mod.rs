@@ -3,6 +3,7 @@
 mod catalog_statements;
 pub mod column_names;
 mod ddl;
+mod flink_functions;
 pub mod engine;
 pub mod error;
 pub mod expr;

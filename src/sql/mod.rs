@@ -3,10 +3,11 @@
 mod catalog_statements;
 pub mod column_names;
 mod ddl;
-mod flink_functions;
 pub mod engine;
 pub mod error;
 pub mod expr;
+mod flink_functions;
+mod flink_syntax;
 mod functions;
 mod information_schema;
 mod insert;

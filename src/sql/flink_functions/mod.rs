@@ -103,7 +103,6 @@ struct FlinkFunction {
     params: &'static [Param],
     /// How many of `params` a call must pass; the rest are optional.
     required: usize,
-    volatility: Volatility,
     signature: Signature,
     returns: Returns,
     invoke: Invoke,
@@ -123,7 +122,6 @@ impl FlinkFunction {
             usage,
             params,
             required,
-            volatility: Volatility::Immutable,
             signature: Signature::user_defined(Volatility::Immutable),
             returns,
             invoke,
@@ -131,7 +129,6 @@ impl FlinkFunction {
     }
 
     fn volatile(mut self) -> Self {
-        self.volatility = Volatility::Volatile;
         self.signature = Signature::user_defined(Volatility::Volatile);
         self
     }

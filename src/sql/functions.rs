@@ -115,6 +115,9 @@ pub fn all() -> Vec<ScalarUDF> {
         Constant::udf("pg_type_is_visible", 1, ScalarValue::Boolean(Some(true))),
         ScalarUDF::from(JsonBuildObject::new()),
     ]
+    .into_iter()
+    .chain(super::flink_functions::all())
+    .collect()
 }
 
 /// Postgres' `json_build_object(key, value, ...)`, as JSON text.

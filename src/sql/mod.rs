@@ -6,6 +6,8 @@ mod ddl;
 pub mod engine;
 pub mod error;
 pub mod expr;
+mod flink_functions;
+mod flink_syntax;
 mod functions;
 mod information_schema;
 mod insert;

@@ -15,6 +15,7 @@ use super::error::{SqlError, SqlResult};
 use super::session;
 
 pub fn rewrite(stmt: &mut ast::Statement, metadata: &HashMap<String, String>) -> SqlResult<()> {
+    super::flink_syntax::rewrite(stmt);
     let _ = stmt.visit(&mut NestedCatalogLookups);
     match stmt.visit(&mut SessionFunctions(metadata)) {
         ControlFlow::Continue(()) => Ok(()),

@@ -830,6 +830,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn more_types_round_trip() {
+        let cols = [
+            ("b", SqlType::Boolean),
+            ("bi", SqlType::BigInt),
+            ("d", SqlType::Double),
+            (
+                "dec",
+                SqlType::Decimal {
+                    precision: 10,
+                    scale: 2,
+                },
+            ),
+            ("dt", SqlType::Date),
+            ("ltz", SqlType::TimestampLtz(3)),
+            ("us", SqlType::Timestamp(6)),
+        ];
+        for format in ["csv", "json"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().to_str().unwrap();
+            let def = table(
+                &cols,
+                &[
+                    ("connector", "datagen"),
+                    ("number-of-rows", "50"),
+                    ("rows-per-second", "1000000"),
+                    ("seed", "7"),
+                    ("fields.d.max", "1000"),
+                    ("fields.bi.null-rate", "0.2"),
+                ],
+            );
+            let mut gen = crate::connector::datagen::DatagenReader::open(&def, 0, 1, 100).unwrap();
+            let data = gen.next_batch().await.unwrap().unwrap();
+            let sink_def = table(&cols, &[("path", path), ("format", format)]);
+            let mut sink = FileSink::open(&sink_def, 3, "j").unwrap();
+            sink.write(data.clone()).await.unwrap();
+            sink.flush().await.unwrap();
+            let (back, _) = read(&sink_def, 1).await;
+            let back = concat_batches(&sink_def.physical_schema(), &back).unwrap();
+            assert_eq!(back, data, "{format}");
+        }
+    }
+
+    #[tokio::test]
     async fn restore_resumes_after_the_last_batch() {
         let dir = tempfile::tempdir().unwrap();
         let lines: String = (1..=7)

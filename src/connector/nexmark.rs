@@ -1076,3 +1076,41 @@ mod tests {
         assert!(took < std::time::Duration::from_secs(2), "{took:?}");
     }
 }
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::connector::factory::test_util::table;
+    use weir_catalog::SqlType;
+
+    /// Bid generation rate of one split: `cargo test --lib nexmark_speed -- --ignored
+    /// --nocapture` (meaningful only in an optimized build).
+    #[tokio::test]
+    #[ignore]
+    async fn nexmark_speed() {
+        let cols = [
+            ("auction", SqlType::BigInt),
+            ("bidder", SqlType::BigInt),
+            ("price", SqlType::BigInt),
+            ("channel", SqlType::Varchar(None)),
+            ("url", SqlType::Varchar(None)),
+            ("date_time", SqlType::Timestamp(3)),
+            ("extra", SqlType::Varchar(None)),
+        ];
+        let def = table(
+            &cols,
+            &[("nexmark.table", "bid"), ("nexmark.event.num", "2000000")],
+        );
+        let mut r = NexmarkReader::open(&def, 0, 1, 8192).unwrap();
+        let start = std::time::Instant::now();
+        let mut rows = 0;
+        while let Some(b) = r.next_batch().await.unwrap() {
+            rows += b.num_rows();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{rows} bids in {secs:.3} s: {:.0} bids/s",
+            rows as f64 / secs
+        );
+    }
+}

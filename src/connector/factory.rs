@@ -1,29 +1,219 @@
-//! Placeholder until the connector readers land (replaced by the connectors branch).
+//! Opens the reader or writer a table's connector names, and what connectors share:
+//! option parsing, errors, rate limits and moving blocking file work off the async workers.
 
+use std::time::Duration;
+
+use datafusion::common::Result;
+use datafusion::error::DataFusionError;
+use tokio::time::Instant;
 use weir_catalog::TableDef;
 
+use super::datagen::DatagenReader;
+use super::filesystem::{FileSink, FileSource};
 use super::io::{SinkWriter, SplitReader};
-use crate::sql::error::{SqlError, SqlResult};
+use super::nexmark::NexmarkReader;
+use super::options::parse_duration;
+use super::print::{BlackholeSink, PrintSink};
+use crate::sql::error::{sqlstate, SqlError, SqlResult};
 
+/// The reader for split `split` (0-based) of `splits` parallel source subtasks.
 pub fn open_split(
     def: &TableDef,
-    _split: usize,
-    _splits: usize,
-    _batch_size: usize,
+    split: usize,
+    splits: usize,
+    batch_size: usize,
 ) -> SqlResult<Box<dyn SplitReader>> {
-    Err(SqlError::not_supported(format!(
-        "connector {:?} cannot be read yet",
-        def.connector()
-    )))
+    if splits == 0 || split >= splits {
+        return Err(SqlError::internal(format!(
+            "split {split} of {splits} does not exist"
+        )));
+    }
+    let batch_size = batch_size.max(1);
+    Ok(match def.connector() {
+        Some("datagen") => Box::new(DatagenReader::open(def, split, splits, batch_size)?),
+        Some("nexmark") => Box::new(NexmarkReader::open(def, split, splits, batch_size)?),
+        Some("filesystem") => Box::new(FileSource::open(def, split, splits, batch_size)?),
+        Some(other) => return Err(not_a(def, other, "source")),
+        None => {
+            return Err(SqlError::internal(format!(
+                "table \"{}\" has no connector; it is read from Weir's own log",
+                def.name
+            )))
+        }
+    })
 }
 
-pub fn is_bounded(_def: &TableDef) -> bool {
-    false
+/// Whether the table's source ends (filesystem, datagen with a row count or sequence,
+/// nexmark with an event count).
+pub fn is_bounded(def: &TableDef) -> bool {
+    match def.connector() {
+        Some("filesystem") => true,
+        Some("datagen") => DatagenReader::is_bounded(def),
+        Some("nexmark") => def.options.contains_key("nexmark.event.num"),
+        _ => false,
+    }
 }
 
-pub fn open_sink(def: &TableDef, _subtask: usize, _job_id: &str) -> SqlResult<Box<dyn SinkWriter>> {
-    Err(SqlError::not_supported(format!(
-        "connector {:?} cannot be written yet",
-        def.connector()
-    )))
+/// The writer of sink subtask `subtask` for job `job_id` (files the sink writes are named
+/// after both).
+pub fn open_sink(def: &TableDef, subtask: usize, job_id: &str) -> SqlResult<Box<dyn SinkWriter>> {
+    Ok(match def.connector() {
+        Some("filesystem") => Box::new(FileSink::open(def, subtask, job_id)?),
+        Some("print") => Box::new(PrintSink::open(def, Some(subtask))?),
+        Some("blackhole") => Box::new(BlackholeSink),
+        Some(other) => return Err(not_a(def, other, "sink")),
+        None => {
+            return Err(SqlError::internal(format!(
+                "table \"{}\" has no connector; it is written to Weir's own log",
+                def.name
+            )))
+        }
+    })
+}
+
+fn not_a(def: &TableDef, connector: &str, role: &str) -> SqlError {
+    let can = match role {
+        "source" => "datagen, nexmark and filesystem",
+        _ => "filesystem, print and blackhole",
+    };
+    SqlError::not_supported(format!(
+        "table \"{}\" uses connector '{connector}', which this Weir version cannot use as a \
+         {role}; {can} can",
+        def.name
+    ))
+}
+
+pub(crate) fn invalid(message: impl Into<String>) -> SqlError {
+    SqlError::new(sqlstate::INVALID_PARAMETER_VALUE, message)
+}
+
+/// A `SqlError` as the `DataFusionError` the reader and writer traits return; converting
+/// back (`SqlError::from`) gives the original.
+pub(crate) fn to_df(e: SqlError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+pub(crate) fn opt_u64(def: &TableDef, key: &str) -> SqlResult<Option<u64>> {
+    def.options
+        .get(key)
+        .map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                invalid(format!(
+                    "bad value '{v}' for option '{key}'; expected a non-negative integer"
+                ))
+            })
+        })
+        .transpose()
+}
+
+pub(crate) fn opt_bool(def: &TableDef, key: &str) -> SqlResult<bool> {
+    match def.options.get(key).map(|v| v.to_ascii_lowercase()) {
+        None => Ok(false),
+        Some(v) if v == "true" => Ok(true),
+        Some(v) if v == "false" => Ok(false),
+        Some(v) => Err(invalid(format!(
+            "bad value '{v}' for option '{key}'; expected 'true' or 'false'"
+        ))),
+    }
+}
+
+pub(crate) fn opt_duration(def: &TableDef, key: &str) -> SqlResult<Option<Duration>> {
+    def.options
+        .get(key)
+        .map(|v| {
+            parse_duration(v).ok_or_else(|| {
+                invalid(format!(
+                    "bad value '{v}' for option '{key}'; expected a duration such as '5 s'"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// Paces a reader at `rate` units per second: `wait(n)` returns when the `n` units after
+/// those already allowed are due.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    rate: f64,
+    start: Option<Instant>,
+    allowed: u64,
+}
+
+impl Throttle {
+    pub(crate) fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            start: None,
+            allowed: 0,
+        }
+    }
+
+    /// How many units a step should take so steps come about twenty times a second.
+    pub(crate) fn step(&self) -> u64 {
+        ((self.rate / 20.0) as u64).max(1)
+    }
+
+    pub(crate) async fn wait(&mut self, n: u64) {
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let due = start + Duration::from_secs_f64(self.allowed as f64 / self.rate);
+        self.allowed += n;
+        tokio::time::sleep_until(due).await;
+    }
+
+    /// Starts pacing afresh (after a restore).
+    pub(crate) fn reset(&mut self) {
+        self.start = None;
+        self.allowed = 0;
+    }
+}
+
+/// Runs `f` on `state` on tokio's blocking pool, so file I/O does not stall async workers.
+pub(crate) async fn blocking<S, R>(
+    state: &mut Option<S>,
+    f: impl FnOnce(&mut S) -> R + Send + 'static,
+) -> Result<R>
+where
+    S: Send + 'static,
+    R: Send + 'static,
+{
+    let mut s = state
+        .take()
+        .ok_or_else(|| to_df(SqlError::internal("connector used after a failed call")))?;
+    let (s, r) = tokio::task::spawn_blocking(move || {
+        let r = f(&mut s);
+        (s, r)
+    })
+    .await
+    .map_err(|e| to_df(SqlError::internal(format!("connector task failed: {e}"))))?;
+    *state = Some(s);
+    Ok(r)
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::collections::BTreeMap;
+
+    use weir_catalog::{ColumnDef, SqlType, TableDef, TableId};
+
+    pub fn table(columns: &[(&str, SqlType)], options: &[(&str, &str)]) -> TableDef {
+        TableDef {
+            id: TableId(1),
+            name: "t".into(),
+            columns: columns
+                .iter()
+                .map(|(n, t)| ColumnDef {
+                    name: n.to_string(),
+                    data_type: t.clone(),
+                    nullable: true,
+                })
+                .collect(),
+            computed: vec![],
+            primary_key: vec![],
+            watermark: None,
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
 }

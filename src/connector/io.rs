@@ -21,6 +21,11 @@ pub trait SplitReader: Send {
     fn position(&self) -> Vec<u8>;
 
     fn restore(&mut self, position: &[u8]) -> Result<()>;
+
+    /// Malformed records skipped so far (by a source told to ignore parse errors).
+    fn skipped_records(&self) -> u64 {
+        0
+    }
 }
 
 /// Where one sink subtask writes insert-only rows.

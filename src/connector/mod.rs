@@ -1,10 +1,17 @@
 //! Connectors: where table rows come from and go to.
 //!
-//! Today: Weir's own table log (tables without a connector), and the WITH-option
-//! specifications every named connector is validated against.
+//! Weir's own table log (tables without a connector), the WITH-option specifications
+//! every named connector is validated against, and the built-in connectors' readers and
+//! writers, opened through [`factory`].
 
 pub mod connector_table;
+pub mod datagen;
 pub mod factory;
+pub mod filesystem;
 pub mod io;
 pub mod log_table;
+pub mod nexmark;
 pub mod options;
+pub mod print;
+
+pub use factory::{is_bounded, open_sink, open_split};

@@ -69,6 +69,8 @@ const CONNECTORS: &[ConnectorSpec] = &[
         options: &[
             opt("rows-per-second", Kind::Integer),
             opt("number-of-rows", Kind::Integer),
+            // Undocumented: fixes the random values, for tests.
+            opt("seed", Kind::Integer),
             IDLE_TIMEOUT,
         ],
         prefixes: &["fields."],
@@ -132,6 +134,25 @@ const CONNECTORS: &[ConnectorSpec] = &[
         options: &[
             opt("print-identifier", Kind::Text),
             opt("standard-error", Kind::Boolean),
+        ],
+        prefixes: &[],
+    },
+    ConnectorSpec {
+        name: "nexmark",
+        options: &[
+            required("nexmark.table", Kind::OneOf(&["person", "auction", "bid"])),
+            opt("nexmark.event.num", Kind::Integer),
+            opt("nexmark.events-per-second", Kind::Integer),
+            opt("nexmark.first-event-rate", Kind::Integer),
+            opt("nexmark.max-out-of-orderness", Kind::Duration),
+            opt("nexmark.out-of-order-group-size", Kind::Integer),
+            opt("nexmark.base-time", Kind::Integer),
+            opt("nexmark.hot-auction-ratio", Kind::Integer),
+            opt("nexmark.hot-seller-ratio", Kind::Integer),
+            opt("nexmark.hot-bidder-ratio", Kind::Integer),
+            opt("nexmark.num-active-people", Kind::Integer),
+            opt("nexmark.num-in-flight-auctions", Kind::Integer),
+            IDLE_TIMEOUT,
         ],
         prefixes: &[],
     },

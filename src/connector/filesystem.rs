@@ -1,0 +1,911 @@
+//! The `filesystem` connector: CSV or newline-delimited JSON files.
+//!
+//! As a source, `'path'` is a file or a directory whose regular files are read in name
+//! order (names starting with `.` or `_`, such as files still being written, are
+//! skipped); file i goes to split i % splits. Bounded. A bad record fails the job with
+//! its file and line, or with `'csv.ignore-parse-errors'` / `'json.ignore-parse-errors'`
+//! is skipped and counted.
+//!
+//! As a sink, `'path'` is a directory. Sink subtask s of job j writes rows to a hidden
+//! `.part-j-s-n.csv.inprogress` file; `flush` syncs it and renames it to
+//! `part-j-s-n.csv`, so readers only ever see whole files.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use arrow::compute::concat_batches;
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::common::Result;
+use weir_catalog::TableDef;
+
+use super::factory::{blocking, invalid, opt_bool, to_df};
+use super::io::{SinkWriter, SplitReader};
+use crate::sql::error::{sqlstate, SqlError, SqlResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Csv,
+    Json,
+}
+
+impl Format {
+    fn from_options(def: &TableDef) -> SqlResult<Self> {
+        match def.options.get("format").map(String::as_str) {
+            Some("csv") => Ok(Format::Csv),
+            Some("json") => Ok(Format::Json),
+            Some(other) => Err(SqlError::not_supported(format!(
+                "the filesystem connector reads and writes 'csv' and 'json', not '{other}'"
+            ))),
+            None => Err(invalid("connector 'filesystem' needs option 'format'")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Json => "json",
+        }
+    }
+}
+
+fn delimiter(def: &TableDef) -> SqlResult<u8> {
+    match def.options.get("csv.field-delimiter").map(String::as_str) {
+        None => Ok(b','),
+        Some("\\t") => Ok(b'\t'),
+        Some(d) if d.len() == 1 => Ok(d.as_bytes()[0]),
+        Some(d) => Err(invalid(format!(
+            "bad value '{d}' for option 'csv.field-delimiter'; expected a single character"
+        ))),
+    }
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> SqlError {
+    SqlError::new(
+        sqlstate::IO_ERROR,
+        format!("cannot {what} '{}': {e}", path.display()),
+    )
+}
+
+/// The files a source path names: the file itself, or a directory's visible files by name.
+fn list_files(path: &Path) -> SqlResult<Vec<PathBuf>> {
+    let meta = fs::metadata(path).map_err(|e| io_error("read path", path, e))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(path).map_err(|e| io_error("list directory", path, e))? {
+        let entry = entry.map_err(|e| io_error("list directory", path, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        let is_file = fs::metadata(entry.path()).is_ok_and(|m| m.is_file());
+        if is_file {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+struct SourceState {
+    files: Vec<PathBuf>,
+    format: Format,
+    schema: SchemaRef,
+    batch_size: usize,
+    delimiter: u8,
+    ignore_errors: bool,
+    /// The next record: file index (into `files`), byte offset and 1-based line.
+    file: usize,
+    offset: u64,
+    line: u64,
+    reader: Option<BufReader<File>>,
+    skipped: u64,
+}
+
+pub struct FileSource {
+    state: Option<SourceState>,
+    /// Copies of the state's position and skip count, readable while a read is running.
+    position: (u64, u64, u64),
+    skipped: u64,
+}
+
+impl FileSource {
+    pub fn open(def: &TableDef, split: usize, splits: usize, batch_size: usize) -> SqlResult<Self> {
+        let path = def
+            .options
+            .get("path")
+            .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?;
+        let format = Format::from_options(def)?;
+        let ignore_key = match format {
+            Format::Csv => "csv.ignore-parse-errors",
+            Format::Json => "json.ignore-parse-errors",
+        };
+        let files = list_files(Path::new(path))?
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % splits == split)
+            .map(|(_, f)| f)
+            .collect();
+        Ok(Self {
+            state: Some(SourceState {
+                files,
+                format,
+                schema: def.physical_schema(),
+                batch_size,
+                delimiter: delimiter(def)?,
+                ignore_errors: opt_bool(def, ignore_key)?,
+                file: 0,
+                offset: 0,
+                line: 1,
+                reader: None,
+                skipped: 0,
+            }),
+            position: (0, 0, 1),
+            skipped: 0,
+        })
+    }
+}
+
+impl SourceState {
+    fn path(&self) -> &Path {
+        &self.files[self.file]
+    }
+
+    fn next_file(&mut self) {
+        self.file += 1;
+        self.offset = 0;
+        self.line = 1;
+        self.reader = None;
+    }
+
+    fn read_batch(&mut self) -> SqlResult<Option<RecordBatch>> {
+        loop {
+            if self.file >= self.files.len() {
+                return Ok(None);
+            }
+            if self.reader.is_none() {
+                let path = self.path().to_path_buf();
+                let mut f = File::open(&path).map_err(|e| io_error("open file", &path, e))?;
+                f.seek(SeekFrom::Start(self.offset))
+                    .map_err(|e| io_error("read file", &path, e))?;
+                self.reader = Some(BufReader::with_capacity(1 << 16, f));
+            }
+            let (buf, records, eof) = self.read_records()?;
+            let batch = if records.is_empty() {
+                None
+            } else {
+                Some(self.decode(&buf, &records)?)
+            };
+            if eof {
+                self.next_file();
+            }
+            match batch {
+                Some(b) if b.num_rows() > 0 => return Ok(Some(b)),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Up to a batch of records: their bytes (each ending in a newline), each record's
+    /// range and first line, and whether the file ended.
+    #[allow(clippy::type_complexity)]
+    fn read_records(&mut self) -> SqlResult<(Vec<u8>, Vec<(usize, usize, u64)>, bool)> {
+        let path = self.files[self.file].clone();
+        let reader = self.reader.as_mut().expect("opened");
+        let mut buf = Vec::new();
+        let mut records = Vec::new();
+        let mut eof = false;
+        while records.len() < self.batch_size {
+            let start = buf.len();
+            let line = self.line;
+            let mut quotes = 0usize;
+            loop {
+                let from = buf.len();
+                let n = reader
+                    .read_until(b'\n', &mut buf)
+                    .map_err(|e| io_error("read file", &path, e))?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                self.line += 1;
+                self.offset += n as u64;
+                // A CSV record goes on while a quoted field is open.
+                if self.format == Format::Json {
+                    break;
+                }
+                quotes += buf[from..].iter().filter(|&&b| b == b'"').count();
+                if quotes.is_multiple_of(2) {
+                    break;
+                }
+            }
+            if buf[start..].iter().all(|b| b.is_ascii_whitespace()) {
+                buf.truncate(start);
+                if eof {
+                    break;
+                }
+                continue;
+            }
+            if buf.last() != Some(&b'\n') {
+                buf.push(b'\n');
+            }
+            records.push((start, buf.len(), line));
+            if eof {
+                break;
+            }
+        }
+        Ok((buf, records, eof))
+    }
+
+    fn decode(&mut self, buf: &[u8], records: &[(usize, usize, u64)]) -> SqlResult<RecordBatch> {
+        if let Ok(batch) = self.decode_chunk(buf, records.len()) {
+            return Ok(batch);
+        }
+        // Something in the chunk is bad: find it record by record.
+        let mut good = Vec::new();
+        for &(start, end, line) in records {
+            match self.decode_chunk(&buf[start..end], 1) {
+                Ok(b) => good.push(b),
+                Err(_) if self.ignore_errors => self.skipped += 1,
+                Err(e) => return Err(self.bad_record(line, e)),
+            }
+        }
+        Ok(concat_batches(&self.schema, &good)?)
+    }
+
+    fn decode_chunk(
+        &self,
+        bytes: &[u8],
+        records: usize,
+    ) -> std::result::Result<RecordBatch, ArrowError> {
+        let capacity = records + 1;
+        let mut batches = Vec::new();
+        macro_rules! run {
+            ($decoder:expr) => {{
+                let mut d = $decoder;
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let n = d.decode(rest)?;
+                    if n == 0 {
+                        batches.extend(d.flush()?);
+                    }
+                    rest = &rest[n..];
+                }
+                d.decode(&[])?;
+                batches.extend(d.flush()?);
+            }};
+        }
+        match self.format {
+            Format::Csv => run!(arrow::csv::ReaderBuilder::new(self.schema.clone())
+                .with_header(false)
+                .with_delimiter(self.delimiter)
+                .with_batch_size(capacity)
+                .build_decoder()),
+            Format::Json => run!(arrow::json::ReaderBuilder::new(self.schema.clone())
+                .with_batch_size(capacity)
+                .build_decoder()?),
+        }
+        if batches.len() == 1 {
+            return Ok(batches.pop().expect("one"));
+        }
+        concat_batches(&self.schema, &batches)
+    }
+
+    fn bad_record(&self, line: u64, e: ArrowError) -> SqlError {
+        let option = match self.format {
+            Format::Csv => "csv.ignore-parse-errors",
+            Format::Json => "json.ignore-parse-errors",
+        };
+        SqlError::new(
+            sqlstate::INVALID_TEXT_REPRESENTATION,
+            format!(
+                "bad {} record in file '{}' at line {line}: {}",
+                self.format.name(),
+                self.path().display(),
+                self.explain(e)
+            ),
+        )
+        .with_hint(format!(
+            "fix the record, or set '{option}' = 'true' to skip bad records"
+        ))
+    }
+
+    /// Arrow's message without its own (chunk-relative) line numbers and with column names.
+    fn explain(&self, e: ArrowError) -> String {
+        let mut m = match e {
+            ArrowError::ParseError(m)
+            | ArrowError::CsvError(m)
+            | ArrowError::JsonError(m)
+            | ArrowError::CastError(m)
+            | ArrowError::InvalidArgumentError(m) => m,
+            other => other.to_string(),
+        };
+        for marker in [" at line ", " for line "] {
+            if let Some(at) = m.find(marker) {
+                let digits = m[at + marker.len()..]
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(m.len() - at - marker.len());
+                m.replace_range(at..at + marker.len() + digits, "");
+            }
+        }
+        if let Some(at) = m.find("for column ") {
+            let from = at + "for column ".len();
+            let digits = m[from..]
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(m.len() - from);
+            if let Ok(i) = m[from..from + digits].parse::<usize>() {
+                if let Some(f) = self.schema.fields().get(i) {
+                    m.replace_range(from..from + digits, &format!("\"{}\"", f.name()));
+                }
+            }
+        }
+        m
+    }
+}
+
+#[async_trait]
+impl SplitReader for FileSource {
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        let batch = blocking(&mut self.state, |s| s.read_batch()).await?;
+        let s = self.state.as_ref().expect("restored after the read");
+        self.position = (s.file as u64, s.offset, s.line);
+        self.skipped = s.skipped;
+        batch.map_err(to_df)
+    }
+
+    fn position(&self) -> Vec<u8> {
+        let (file, offset, line) = self.position;
+        [file, offset, line]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    fn restore(&mut self, position: &[u8]) -> Result<()> {
+        if position.len() != 24 {
+            return Err(to_df(SqlError::internal(format!(
+                "bad filesystem position of {} bytes",
+                position.len()
+            ))));
+        }
+        let word = |i: usize| u64::from_le_bytes(position[i * 8..i * 8 + 8].try_into().unwrap());
+        let s = self
+            .state
+            .as_mut()
+            .ok_or_else(|| to_df(SqlError::internal("filesystem source used after a failure")))?;
+        s.file = word(0) as usize;
+        s.offset = word(1);
+        s.line = word(2);
+        s.reader = None;
+        self.position = (word(0), word(1), word(2));
+        Ok(())
+    }
+
+    fn skipped_records(&self) -> u64 {
+        self.skipped
+    }
+}
+
+// ---- sink ----
+
+/// Flink's SQL timestamp text ('2023-11-14 09:00:00.123') or ISO-8601 ('...T09:...').
+fn timestamp_formats(def: &TableDef) -> (&'static str, &'static str) {
+    match def
+        .options
+        .get("json.timestamp-format.standard")
+        .map(String::as_str)
+    {
+        Some("ISO-8601") => ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.fZ"),
+        _ => ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.fZ"),
+    }
+}
+
+struct InProgress {
+    temp: PathBuf,
+    done: PathBuf,
+    file: BufWriter<File>,
+}
+
+struct SinkState {
+    dir: PathBuf,
+    /// `part-<job>-<subtask>-`
+    prefix: String,
+    format: Format,
+    delimiter: u8,
+    formats: (&'static str, &'static str),
+    next_part: u64,
+    current: Option<InProgress>,
+}
+
+pub struct FileSink {
+    state: Option<SinkState>,
+}
+
+fn file_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl FileSink {
+    pub fn open(def: &TableDef, subtask: usize, job_id: &str) -> SqlResult<Self> {
+        let dir = PathBuf::from(
+            def.options
+                .get("path")
+                .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?,
+        );
+        let format = Format::from_options(def)?;
+        if dir.is_file() {
+            return Err(invalid(format!(
+                "sink path '{}' is a file; a filesystem sink writes files into a directory",
+                dir.display()
+            )));
+        }
+        fs::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, e))?;
+        let prefix = format!("part-{}-{subtask}-", file_safe(job_id));
+        let ext = format.name();
+        // Continue after the parts an earlier run made visible; drop what it left in
+        // progress (never committed).
+        let mut next_part = 0;
+        for entry in fs::read_dir(&dir).map_err(|e| io_error("list directory", &dir, e))? {
+            let entry = entry.map_err(|e| io_error("list directory", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(&format!(".{ext}")))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                next_part = next_part.max(n + 1);
+            } else if name.starts_with(&format!(".{prefix}")) && name.ends_with(".inprogress") {
+                fs::remove_file(entry.path())
+                    .map_err(|e| io_error("remove file", &entry.path(), e))?;
+            }
+        }
+        Ok(Self {
+            state: Some(SinkState {
+                dir,
+                prefix,
+                format,
+                delimiter: delimiter(def)?,
+                formats: timestamp_formats(def),
+                next_part,
+                current: None,
+            }),
+        })
+    }
+}
+
+impl SinkState {
+    fn write(&mut self, batch: &RecordBatch) -> SqlResult<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        if self.current.is_none() {
+            let name = format!("{}{}.{}", self.prefix, self.next_part, self.format.name());
+            let temp = self.dir.join(format!(".{name}.inprogress"));
+            let file = File::create(&temp).map_err(|e| io_error("create file", &temp, e))?;
+            self.current = Some(InProgress {
+                temp,
+                done: self.dir.join(name),
+                file: BufWriter::with_capacity(1 << 16, file),
+            });
+        }
+        let (ts, ts_tz) = self.formats;
+        let out = self.current.as_mut().expect("created");
+        match self.format {
+            Format::Csv => {
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(false)
+                    .with_delimiter(self.delimiter)
+                    .with_timestamp_format(ts.to_string())
+                    .with_timestamp_tz_format(ts_tz.to_string())
+                    .build(&mut out.file);
+                w.write(batch)?;
+            }
+            Format::Json => {
+                let mut w = arrow::json::WriterBuilder::new()
+                    .with_timestamp_format(ts.to_string())
+                    .with_timestamp_tz_format(ts_tz.to_string())
+                    .build::<_, arrow::json::writer::LineDelimited>(&mut out.file);
+                w.write(batch)?;
+                w.finish()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> SqlResult<()> {
+        let Some(mut part) = self.current.take() else {
+            return Ok(());
+        };
+        part.file
+            .flush()
+            .map_err(|e| io_error("write file", &part.temp, e))?;
+        let file = part.file.get_ref();
+        let len = file
+            .metadata()
+            .map_err(|e| io_error("write file", &part.temp, e))?
+            .len();
+        if len == 0 {
+            return fs::remove_file(&part.temp).map_err(|e| io_error("remove file", &part.temp, e));
+        }
+        file.sync_all()
+            .map_err(|e| io_error("write file", &part.temp, e))?;
+        fs::rename(&part.temp, &part.done).map_err(|e| io_error("rename file", &part.temp, e))?;
+        self.next_part += 1;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SinkWriter for FileSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        blocking(&mut self.state, move |s| s.write(&batch))
+            .await?
+            .map_err(to_df)
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        blocking(&mut self.state, |s| s.flush())
+            .await?
+            .map_err(to_df)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connector::factory::test_util::table;
+    use arrow::array::{Array, AsArray, Int32Array, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{Int32Type, TimestampMillisecondType};
+    use std::sync::Arc;
+    use weir_catalog::SqlType;
+
+    fn cols() -> Vec<(&'static str, SqlType)> {
+        vec![
+            ("id", SqlType::Int),
+            ("name", SqlType::Varchar(None)),
+            ("ts", SqlType::Timestamp(3)),
+        ]
+    }
+
+    async fn read(def: &TableDef, splits: usize) -> (Vec<RecordBatch>, u64) {
+        let mut out = vec![];
+        let mut skipped = 0;
+        for k in 0..splits {
+            let mut r = FileSource::open(def, k, splits, 2).unwrap();
+            while let Some(b) = r.next_batch().await.unwrap() {
+                assert_eq!(b.schema(), def.physical_schema());
+                out.push(b);
+            }
+            skipped += r.skipped_records();
+        }
+        (out, skipped)
+    }
+
+    fn ids(batches: &[RecordBatch]) -> Vec<i32> {
+        let mut v: Vec<i32> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int32Type>().values().to_vec())
+            .collect();
+        v.sort();
+        v
+    }
+
+    const MS_2023_11_14_09: i64 = 1_699_952_400_000;
+
+    #[tokio::test]
+    async fn reads_csv_files_and_directories_over_splits() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("a.csv"),
+            "1,abc,2023-11-14 09:00:00.123\n2,\"x, \"\"y\"\"\",2023-11-14 09:00:01\n\n3,,2023-11-14T09:00:02\n",
+        )
+        .unwrap();
+        fs::write(dir.path().join("b.csv"), "4,d,2023-11-14 09:00:03").unwrap();
+        fs::write(dir.path().join(".hidden.csv"), "garbage\n").unwrap();
+        fs::write(dir.path().join("_tmp"), "garbage\n").unwrap();
+        let path = dir.path().to_str().unwrap();
+        let def = table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", path),
+                ("format", "csv"),
+            ],
+        );
+        let (batches, _) = read(&def, 1).await;
+        assert_eq!(ids(&batches), vec![1, 2, 3, 4]);
+        let first = &batches[0];
+        assert_eq!(first.column(1).as_string::<i32>().value(1), "x, \"y\"");
+        assert_eq!(
+            first
+                .column(2)
+                .as_primitive::<TimestampMillisecondType>()
+                .value(0),
+            MS_2023_11_14_09 + 123
+        );
+        let (three, _) = read(&def, 3).await;
+        assert_eq!(ids(&three), vec![1, 2, 3, 4]);
+
+        // A single file.
+        let file = dir.path().join("b.csv");
+        let def = table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", file.to_str().unwrap()),
+                ("format", "csv"),
+            ],
+        );
+        assert_eq!(ids(&read(&def, 1).await.0), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn reads_json_lines_with_both_timestamp_styles() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("a.json"),
+            "{\"id\": 1, \"name\": \"a\", \"ts\": \"2023-11-14 09:00:00.123\"}\n\
+             {\"ts\": \"2023-11-14T09:00:00.5\", \"id\": 2, \"other\": true}\n",
+        )
+        .unwrap();
+        let def = table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", dir.path().to_str().unwrap()),
+                ("format", "json"),
+            ],
+        );
+        let (batches, _) = read(&def, 1).await;
+        assert_eq!(ids(&batches), vec![1, 2]);
+        let b = &batches[0];
+        let ts = b.column(2).as_primitive::<TimestampMillisecondType>();
+        assert_eq!(ts.value(0), MS_2023_11_14_09 + 123);
+        assert_eq!(ts.value(1), MS_2023_11_14_09 + 500);
+        assert!(b.column(1).is_null(1));
+    }
+
+    #[tokio::test]
+    async fn bad_records_fail_with_file_and_line_or_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("a.csv"),
+            "1,a,2023-11-14 09:00:00\n2,b,2023-11-14 09:00:00\nthree,c,2023-11-14 09:00:00\n4,d,2023-11-14 09:00:00\n5,e\n",
+        )
+        .unwrap();
+        let path = dir.path().to_str().unwrap();
+        let def = table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", path),
+                ("format", "csv"),
+            ],
+        );
+        let mut r = FileSource::open(&def, 0, 1, 2).unwrap();
+        r.next_batch().await.unwrap().unwrap();
+        let e = SqlError::from(r.next_batch().await.unwrap_err());
+        assert_eq!(e.code, sqlstate::INVALID_TEXT_REPRESENTATION);
+        assert!(e.message.contains("a.csv' at line 3"), "{}", e.message);
+        assert!(
+            e.message.contains("'three'") && e.message.contains("\"id\""),
+            "{}",
+            e.message
+        );
+        assert!(e.hint.unwrap().contains("csv.ignore-parse-errors"));
+
+        let def = table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", path),
+                ("format", "csv"),
+                ("csv.ignore-parse-errors", "true"),
+            ],
+        );
+        let (batches, skipped) = read(&def, 1).await;
+        assert_eq!(ids(&batches), vec![1, 2, 4]);
+        assert_eq!(skipped, 2);
+
+        fs::write(dir.path().join("a.csv"), "").unwrap();
+        fs::write(
+            dir.path().join("b.json"),
+            "{\"id\": 1}\n{\"id\": \n{\"id\": 3}\n",
+        )
+        .unwrap();
+        let json = |ignore: &str| {
+            table(
+                &cols(),
+                &[
+                    ("connector", "filesystem"),
+                    ("path", path),
+                    ("format", "json"),
+                    ("json.ignore-parse-errors", ignore),
+                ],
+            )
+        };
+        let (batches, skipped) = read(&json("true"), 1).await;
+        assert_eq!((ids(&batches), skipped), (vec![1, 3], 1));
+        let mut r = FileSource::open(&json("false"), 0, 1, 10).unwrap();
+        let e = SqlError::from(r.next_batch().await.unwrap_err());
+        assert!(e.message.contains("b.json' at line 2"), "{}", e.message);
+    }
+
+    fn sample() -> RecordBatch {
+        let def = table(&cols(), &[]);
+        RecordBatch::try_new(
+            def.physical_schema(),
+            vec![
+                Arc::new(Int32Array::from(vec![1, 2, 3])),
+                Arc::new(StringArray::from(vec![
+                    Some("a,b"),
+                    None,
+                    Some("line\nbreak"),
+                ])),
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    MS_2023_11_14_09 + 123,
+                    MS_2023_11_14_09,
+                    MS_2023_11_14_09 + 1,
+                ])),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sink_round_trips_and_hides_files_in_progress() {
+        for format in ["csv", "json"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().to_str().unwrap();
+            let def = table(
+                &cols(),
+                &[
+                    ("connector", "filesystem"),
+                    ("path", path),
+                    ("format", format),
+                ],
+            );
+            let mut sink = FileSink::open(&def, 0, "job/1").unwrap();
+            sink.write(sample()).await.unwrap();
+            // Not visible before the flush.
+            assert!(list_files(dir.path()).unwrap().is_empty());
+            let hidden = fs::read_dir(dir.path()).unwrap().count();
+            assert_eq!(hidden, 1);
+            sink.flush().await.unwrap();
+            sink.flush().await.unwrap();
+            sink.write(sample()).await.unwrap();
+            sink.flush().await.unwrap();
+            let files = list_files(dir.path()).unwrap();
+            let names: Vec<String> = files
+                .iter()
+                .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(
+                names,
+                vec![
+                    format!("part-job_1-0-0.{format}"),
+                    format!("part-job_1-0-1.{format}")
+                ]
+            );
+            if format == "csv" {
+                let text = fs::read_to_string(&files[0]).unwrap();
+                assert!(
+                    text.starts_with("1,\"a,b\",2023-11-14 09:00:00.123\n"),
+                    "{text}"
+                );
+            }
+            let (batches, _) = read(&def, 2).await;
+            let all = concat_batches(&def.physical_schema(), &batches).unwrap();
+            let expected = concat_batches(&def.physical_schema(), &[sample(), sample()]).unwrap();
+            assert_eq!(all, expected, "{format}");
+
+            // A new run of the same job and subtask continues the numbering.
+            let mut sink = FileSink::open(&def, 0, "job/1").unwrap();
+            sink.write(sample()).await.unwrap();
+            drop(sink);
+            let mut sink = FileSink::open(&def, 0, "job/1").unwrap();
+            assert_eq!(
+                fs::read_dir(dir.path()).unwrap().count(),
+                2,
+                "stale part removed"
+            );
+            sink.write(sample()).await.unwrap();
+            sink.flush().await.unwrap();
+            assert!(dir.path().join(format!("part-job_1-0-2.{format}")).exists());
+        }
+    }
+
+    #[tokio::test]
+    async fn more_types_round_trip() {
+        let cols = [
+            ("b", SqlType::Boolean),
+            ("bi", SqlType::BigInt),
+            ("d", SqlType::Double),
+            (
+                "dec",
+                SqlType::Decimal {
+                    precision: 10,
+                    scale: 2,
+                },
+            ),
+            ("dt", SqlType::Date),
+            ("ltz", SqlType::TimestampLtz(3)),
+            ("us", SqlType::Timestamp(6)),
+        ];
+        for format in ["csv", "json"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().to_str().unwrap();
+            let def = table(
+                &cols,
+                &[
+                    ("connector", "datagen"),
+                    ("number-of-rows", "50"),
+                    ("rows-per-second", "1000000"),
+                    ("seed", "7"),
+                    ("fields.d.max", "1000"),
+                    ("fields.bi.null-rate", "0.2"),
+                ],
+            );
+            let mut gen = crate::connector::datagen::DatagenReader::open(&def, 0, 1, 100).unwrap();
+            let data = gen.next_batch().await.unwrap().unwrap();
+            let sink_def = table(&cols, &[("path", path), ("format", format)]);
+            let mut sink = FileSink::open(&sink_def, 3, "j").unwrap();
+            sink.write(data.clone()).await.unwrap();
+            sink.flush().await.unwrap();
+            let (back, _) = read(&sink_def, 1).await;
+            let back = concat_batches(&sink_def.physical_schema(), &back).unwrap();
+            assert_eq!(back, data, "{format}");
+        }
+    }
+
+    #[tokio::test]
+    async fn restore_resumes_after_the_last_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines: String = (1..=7)
+            .map(|i| format!("{i},n,2023-11-14 09:00:00\n"))
+            .collect();
+        fs::write(dir.path().join("a.csv"), &lines).unwrap();
+        fs::write(dir.path().join("b.csv"), &lines).unwrap();
+        let path = dir.path().to_str().unwrap();
+        let def = table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", path),
+                ("format", "csv"),
+            ],
+        );
+        let mut r = FileSource::open(&def, 0, 1, 3).unwrap();
+        let mut seen = vec![];
+        for _ in 0..3 {
+            seen.push(r.next_batch().await.unwrap().unwrap());
+        }
+        let pos = r.position();
+        let mut rest = vec![];
+        while let Some(b) = r.next_batch().await.unwrap() {
+            rest.push(b);
+        }
+        let mut again = FileSource::open(&def, 0, 1, 3).unwrap();
+        again.restore(&pos).unwrap();
+        let mut rest2 = vec![];
+        while let Some(b) = again.next_batch().await.unwrap() {
+            rest2.push(b);
+        }
+        assert_eq!(rest, rest2);
+        assert_eq!(ids(&seen).len() + ids(&rest).len(), 14);
+    }
+}

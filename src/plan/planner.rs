@@ -343,9 +343,10 @@ impl<'a> Planner<'a> {
 
     /// A subplan without stream sources, computed now.
     fn constant(&mut self, plan: &LogicalPlan) -> Result<Stream> {
-        let state = self.state.clone();
+        let mut state = self.state.clone();
+        state.config_mut().options_mut().execution.target_partitions = 1;
         let physical_plan = plan.clone();
-        let batches = futures::executor::block_on(async move {
+        let batches = crate::stream::block_on(async move {
             let physical = state.create_physical_plan(&physical_plan).await?;
             datafusion::physical_plan::collect(physical, state.task_ctx()).await
         })?;

@@ -180,6 +180,13 @@ impl Engine {
                     if self.catalog.table(&name).is_some() {
                         return Err(wrong_kind(&name, "a table", "DROP TABLE"));
                     }
+                    if self.catalog.view(&name).is_some_and(|v| v.materialized) {
+                        return Err(wrong_kind(
+                            &name,
+                            "a materialized view",
+                            "DROP MATERIALIZED VIEW",
+                        ));
+                    }
                     let view = name.clone();
                     self.catalog_write(move |c| c.drop_view(&view)).await?
                 }

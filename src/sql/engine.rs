@@ -258,6 +258,10 @@ impl Engine {
                             )
                             .with_hint("use DROP VIEW"))
                         }
+                        None if self.catalog.table(&name).is_some() => {
+                            return Err(SqlError::new("42809", format!("\"{name}\" is a table"))
+                                .with_hint("use DROP TABLE"))
+                        }
                         None if *if_exists => {}
                         None => return Err(SqlError::undefined_table(&name)),
                     }

@@ -11,3 +11,15 @@ pub mod ops;
 pub mod sink;
 pub mod source;
 pub mod window;
+
+/// Runs DataFusion work from inside a synchronous operator. On the multi-threaded runtime
+/// the worker hands its other tasks over first, so DataFusion's own tasks can progress.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(future))
+        }
+        _ => futures::executor::block_on(future),
+    }
+}

@@ -44,6 +44,9 @@ impl Fragment {
         schema: SchemaRef,
     ) -> Self {
         let inputs = node.inputs().iter().map(|i| i.schema().clone()).collect();
+        // One partition: the rows of a window are few, and no DataFusion task is spawned.
+        let mut state = state;
+        state.config_mut().options_mut().execution.target_partitions = 1;
         Self {
             state,
             node,
@@ -104,7 +107,7 @@ impl Fragment {
         let plan = self.node.with_new_exprs(self.node.expressions(), inputs)?;
         let state = self.state.clone();
         let schema = self.schema.clone();
-        futures::executor::block_on(async move {
+        crate::stream::block_on(async move {
             let physical = state.create_physical_plan(&plan).await?;
             let batches = collect(physical, state.task_ctx()).await?;
             batches

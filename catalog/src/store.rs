@@ -50,9 +50,22 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// Opens the store in `dir`. sled's background flusher may hold the directory lock for
+    /// a moment after the previous owner closed it, so a busy lock is retried briefly.
     pub fn open(dir: &std::path::Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open()?;
-        Ok(Self { db })
+        let mut attempts = 0;
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return Ok(Self { db }),
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 40 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

@@ -45,6 +45,21 @@ pub fn open_split(
 
 /// Whether the table's source ends (filesystem, datagen with a row count or sequence,
 /// nexmark with an event count).
+/// Connectors a job can write to.
+pub const SINKS: &[&str] = &["filesystem", "print", "blackhole"];
+
+/// The most source subtasks that can have work: a filesystem source has one split per
+/// file, and a subtask without a split would hold the watermark back for nothing.
+pub fn max_splits(def: &TableDef) -> Option<usize> {
+    match def.connector() {
+        Some("filesystem") => {
+            let path = std::path::Path::new(def.options.get("path")?);
+            Some(super::filesystem::list_files(path).ok()?.len().max(1))
+        }
+        _ => None,
+    }
+}
+
 pub fn is_bounded(def: &TableDef) -> bool {
     match def.connector() {
         Some("filesystem") => true,

@@ -71,7 +71,7 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> SqlError {
 }
 
 /// The files a source path names: the file itself, or a directory's visible files by name.
-fn list_files(path: &Path) -> SqlResult<Vec<PathBuf>> {
+pub(crate) fn list_files(path: &Path) -> SqlResult<Vec<PathBuf>> {
     let meta = fs::metadata(path).map_err(|e| io_error("read path", path, e))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);

@@ -30,7 +30,7 @@ fn render_node(
     out.push_str(&format!(", state={}]", node.state));
     if !node.detail.is_empty() {
         out.push_str(": ");
-        out.push_str(&node.detail.replace('\n', " "));
+        out.push_str(&without_window_tables(&node.detail.replace('\n', " ")));
     }
     out.push('\n');
     for edge in &node.inputs {
@@ -40,6 +40,49 @@ fn render_node(
             Some(edge.exchange.describe()),
             depth + 1,
             out,
+        );
+    }
+}
+
+/// Column qualifiers that name a window table function's encoded table say nothing to a
+/// reader: drop them (`__weir_window__{...}.qty` becomes `qty`).
+fn without_window_tables(text: &str) -> String {
+    const PREFIX: &str = "__weir_window__{";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(PREFIX) {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + PREFIX.len() - 1..];
+        let mut depth = 0usize;
+        let mut end = after.len();
+        for (i, c) in after.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = after[end..].strip_prefix('.').unwrap_or(&after[end..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn window_table_qualifiers_are_dropped() {
+        assert_eq!(
+            super::without_window_tables(
+                r#"__weir_window__{"kind":{"Tumble":{"size":5000}},"table":"t"}.qty, b.x"#
+            ),
+            "qty, b.x"
         );
     }
 }

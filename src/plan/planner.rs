@@ -507,10 +507,12 @@ impl<'a> Planner<'a> {
                         .with_hint("CREATE MATERIALIZED VIEW v AS SELECT ... and query the view, or bound the source (e.g. 'number-of-rows')"),
                     )));
             }
+            let parallelism = crate::connector::factory::max_splits(&def)
+                .map_or(self.parallelism, |n| n.min(self.parallelism));
             (
                 SourceKind::Connector { def: def.clone() },
                 Some(def),
-                self.parallelism,
+                parallelism,
             )
         } else if let Some(view) = any.downcast_ref::<MvTable>() {
             (

@@ -352,7 +352,7 @@ impl Engine {
         let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(unique));
         let batches = batches
             .into_iter()
-            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .map(|b| crate::stream::batch_of(schema.clone(), b.columns().to_vec(), b.num_rows()))
             .collect::<Result<Vec<_>, _>>()?;
         let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
         Ok(Outcome::Rows(self.ctx.read_table(Arc::new(table))?, names))

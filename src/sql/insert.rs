@@ -35,11 +35,13 @@ pub fn prepare(catalog: &Catalog, insert: &mut ast::Insert) -> SqlResult<Arc<Tab
         return Err(SqlError::undefined_table(&name));
     };
     if let Some(connector) = def.connector() {
-        return Err(SqlError::not_supported(format!(
-            "INSERT INTO \"{name}\" would write through connector '{connector}', which needs \
-             continuous jobs that this Weir version does not run yet; only tables without a \
-             connector take INSERT"
-        )));
+        if !crate::connector::factory::SINKS.contains(&connector) {
+            return Err(SqlError::not_supported(format!(
+                "INSERT INTO \"{name}\" would write through connector '{connector}', which Weir \
+                 cannot write yet; sinks are {}",
+                crate::connector::factory::SINKS.join(", ")
+            )));
+        }
     }
     if insert.overwrite {
         return Err(SqlError::not_supported(

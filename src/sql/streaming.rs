@@ -152,7 +152,7 @@ impl Engine {
             batches.push(batch.map_err(external)?);
         }
         match job.finished().await {
-            JobState::Failed(message) => Err(SqlError::new("XX000", message)),
+            JobState::Failed(code, message) => Err(SqlError::new(code, message)),
             _ => Ok(batches),
         }
     }
@@ -168,7 +168,9 @@ impl Engine {
         let graph = self.graph(metadata, plan, mode, SinkKind::Collect(tx))?;
         let text = crate::plan::explain::render(&graph);
         let schema = explain_schema();
-        let lines: ArrayRef = Arc::new(StringArray::from_iter_values(text.lines()));
+        let lines: ArrayRef = Arc::new(StringArray::from_iter_values(
+            text.lines().collect::<Vec<_>>(),
+        ));
         self.rows(RecordBatch::try_new(schema, vec![lines])?)
     }
 
@@ -264,11 +266,8 @@ impl Engine {
         if sync {
             let state = job.finished().await;
             self.jobs.stop(&id);
-            if let JobState::Failed(message) = state {
-                return Err(SqlError::new(
-                    "XX000",
-                    format!("job {id} failed: {message}"),
-                ));
+            if let JobState::Failed(code, message) = state {
+                return Err(SqlError::new(code, format!("job {id} failed: {message}")));
             }
         } else {
             self.catalog_write(move |c| c.create_job(job_def)).await?;

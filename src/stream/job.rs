@@ -21,7 +21,8 @@ use super::source::{Read, Reader, SourceRows};
 pub enum JobState {
     Running,
     Finished,
-    Failed(String),
+    /// The SQLSTATE and message of the error that stopped it.
+    Failed(&'static str, String),
     Stopped,
 }
 
@@ -30,7 +31,7 @@ impl std::fmt::Display for JobState {
         match self {
             JobState::Running => write!(f, "RUNNING"),
             JobState::Finished => write!(f, "FINISHED"),
-            JobState::Failed(e) => write!(f, "FAILED: {e}"),
+            JobState::Failed(_, e) => write!(f, "FAILED: {e}"),
             JobState::Stopped => write!(f, "STOPPED"),
         }
     }
@@ -401,14 +402,17 @@ impl RunningJob {
             while let Some(result) = tasks.join_next().await {
                 let failure = match result {
                     Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
+                    Ok(Err(e)) => {
+                        let e = crate::sql::error::SqlError::from(e);
+                        Some((e.code, e.message))
+                    }
                     Err(e) if e.is_cancelled() => None,
-                    Err(e) => Some(format!("a task panicked: {e}")),
+                    Err(e) => Some(("XX000", format!("a task panicked: {e}"))),
                 };
-                if let Some(message) = failure {
+                if let Some((code, message)) = failure {
                     tracing::warn!("job failed: {message}");
                     *watcher_state.lock().unwrap_or_else(|p| p.into_inner()) =
-                        JobState::Failed(message);
+                        JobState::Failed(code, message);
                     tasks.abort_all();
                 }
             }

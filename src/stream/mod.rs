@@ -23,3 +23,19 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         _ => futures::executor::block_on(future),
     }
 }
+
+/// A batch of `columns` with `rows` rows; with no columns (`SELECT count(*)` reads none)
+/// the row count is all a batch carries.
+pub fn batch_of(
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    columns: Vec<datafusion::arrow::array::ArrayRef>,
+    rows: usize,
+) -> datafusion::common::Result<datafusion::arrow::record_batch::RecordBatch> {
+    let options =
+        datafusion::arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows));
+    Ok(
+        datafusion::arrow::record_batch::RecordBatch::try_new_with_options(
+            schema, columns, &options,
+        )?,
+    )
+}

@@ -241,7 +241,7 @@ impl SourceRows {
             for expr in &self.computed {
                 columns.push(expr.evaluate(&physical)?.into_array(n)?);
             }
-            RecordBatch::try_new(self.schema.clone(), columns)?
+            super::batch_of(self.schema.clone(), columns, n)?
         };
         let mut batch = ChangeBatch::new(rows);
         match &self.time {

@@ -85,8 +85,14 @@ impl Fragment {
             ));
             let batches = batches
                 .into_iter()
-                .map(|b| RecordBatch::try_new(plain_schema.clone(), b.columns().to_vec()))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
+                .map(|b| {
+                    crate::stream::batch_of(
+                        plain_schema.clone(),
+                        b.columns().to_vec(),
+                        b.num_rows(),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
             let table = MemTable::try_new(plain_schema, vec![batches])?;
             let exprs: Vec<Expr> = schema
                 .iter()
@@ -112,7 +118,9 @@ impl Fragment {
             let batches = collect(physical, state.task_ctx()).await?;
             batches
                 .into_iter()
-                .map(|b| Ok(RecordBatch::try_new(schema.clone(), b.columns().to_vec())?))
+                .map(|b| {
+                    crate::stream::batch_of(schema.clone(), b.columns().to_vec(), b.num_rows())
+                })
                 .collect()
         })
     }

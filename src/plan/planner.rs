@@ -34,6 +34,7 @@ use crate::stream::graph::{
 use crate::stream::mv::MvTable;
 use crate::stream::ops::fragment::Fragment;
 use crate::stream::ops::grouped::AggregateCalls;
+use crate::stream::ops::session_agg::SessionAggregate;
 use crate::stream::ops::stateless::{Filter, Project};
 use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
 use crate::stream::ops::window_assign::{Assign, WindowAssign};
@@ -623,12 +624,14 @@ impl<'a> Planner<'a> {
 
     fn plan_window_tvf(&mut self, window: &WindowTvfTable) -> Result<Stream> {
         let spec = &window.spec;
-        if matches!(spec.kind, WindowKind::Session { .. }) {
+        let sliced = std::mem::take(&mut self.slice_next);
+        if matches!(spec.kind, WindowKind::Session { .. }) && !sliced {
             return Err(refuse(
-                "SESSION windows are not supported yet; use TUMBLE, HOP or CUMULATE",
+                "SESSION windows can only be aggregated: SELECT window_start, window_end, k, \
+                 count(*) FROM TABLE(SESSION(TABLE t PARTITION BY k, DESCRIPTOR(ts), gap)) \
+                 GROUP BY window_start, window_end, k",
             ));
         }
-        let sliced = std::mem::take(&mut self.slice_next);
         let input =
             self.plan_provider(&spec.table, window.input.clone(), Some(&spec.time_column))?;
         let time_column = input
@@ -777,6 +780,89 @@ impl<'a> Planner<'a> {
             aggregates,
             filters,
         });
+        if let Some(Slicing::Session { gap, partition_by }) = &input.slicing {
+            let mut keys_named: Vec<String> = group_exprs
+                .iter()
+                .zip(&output)
+                .filter(|(_, o)| matches!(o, OutputColumn::Key(_)))
+                .map(|(e, _)| match strip_alias(e) {
+                    Expr::Column(c) => c.name.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+            keys_named.sort();
+            let mut partition = partition_by.clone();
+            partition.sort();
+            if keys_named != partition {
+                return Err(DataFusionError::External(Box::new(SqlError::new(
+                    sqlstate::GROUPING_ERROR,
+                    format!(
+                        "a SESSION window aggregate must GROUP BY window_start, window_end and exactly \
+                         its PARTITION BY columns ({}); it groups by {}",
+                        if partition.is_empty() { "none".to_string() } else { partition.join(", ") },
+                        if keys_named.is_empty() { "no other column".to_string() } else { keys_named.join(", ") }
+                    ),
+                ))));
+            }
+            let gap = *gap;
+            let exchange_keys = keys.clone();
+            let (exchange, parallelism) = if exchange_keys.is_empty() {
+                (Exchange::Gather, 1)
+            } else {
+                (Exchange::Hash(exchange_keys), self.parallelism)
+            };
+            let schema = agg.schema.clone();
+            let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
+            let factory_output = output.clone();
+            let time_column = cols.start;
+            let detail = format!(
+                "gap {gap} ms, group by {}; {}",
+                agg.group_expr
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                agg.aggr_expr
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut out = self.operator(
+                &input,
+                exchange,
+                parallelism,
+                (
+                    "SessionAggregate",
+                    detail,
+                    "open sessions per key with their partial aggregates",
+                ),
+                schema,
+                Arc::new(move |_| {
+                    Ok(Box::new(SessionAggregate::try_new(
+                        calls.clone(),
+                        gap,
+                        time_column,
+                        factory_output.clone(),
+                        arrow.clone(),
+                    )?) as _)
+                }),
+            );
+            let find = |role: OutputColumn| output.iter().position(|o| *o == role);
+            out.windows = match (
+                find(OutputColumn::WindowStart),
+                find(OutputColumn::WindowEnd),
+            ) {
+                (Some(start), Some(end)) => Some(WindowColumns {
+                    start,
+                    end,
+                    time: find(OutputColumn::WindowTime),
+                    sliced: false,
+                }),
+                _ => None,
+            };
+            return Ok(out);
+        }
         let slicing = if cols.sliced {
             input
                 .slicing
@@ -1050,9 +1136,7 @@ fn sliceable(input: &LogicalPlan, group_expr: &[Expr]) -> bool {
                     return false;
                 };
                 let any: &dyn std::any::Any = provider.as_ref();
-                return any
-                    .downcast_ref::<WindowTvfTable>()
-                    .is_some_and(|w| !matches!(w.spec.kind, WindowKind::Session { .. }))
+                return any.downcast_ref::<WindowTvfTable>().is_some()
                     && scan.filters.iter().all(|f| !mentions_window(f));
             }
             _ => return false,

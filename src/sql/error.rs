@@ -18,6 +18,7 @@ pub mod sqlstate {
     pub const DUPLICATE_TABLE: &str = "42P07";
     pub const DUPLICATE_COLUMN: &str = "42701";
     pub const DATATYPE_MISMATCH: &str = "42804";
+    pub const GROUPING_ERROR: &str = "42803";
     pub const INVALID_COLUMN_REFERENCE: &str = "42P10";
     pub const AMBIGUOUS_COLUMN: &str = "42702";
     pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";

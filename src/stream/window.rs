@@ -26,6 +26,12 @@ pub enum Slicing {
         size: Millis,
         offset: Millis,
     },
+    /// SESSION windows: rows carry their own time as a one-instant slice; the session
+    /// aggregate merges them.
+    Session {
+        gap: Millis,
+        partition_by: Vec<String>,
+    },
     /// Windows given by the rows themselves (window_start/window_end columns of an
     /// upstream window result): each window is one slice.
     Given,
@@ -58,7 +64,13 @@ impl Slicing {
                 slice: gcd(size, slide),
             },
             WindowKind::Cumulate { step, size, offset } => Slicing::Cumulate { step, size, offset },
-            WindowKind::Session { .. } => Slicing::Given,
+            WindowKind::Session {
+                gap,
+                ref partition_by,
+            } => Slicing::Session {
+                gap,
+                partition_by: partition_by.clone(),
+            },
         }
     }
 
@@ -68,7 +80,7 @@ impl Slicing {
             Slicing::Tumble { size, offset } => (size, offset),
             Slicing::Hop { slice, offset, .. } => (slice, offset),
             Slicing::Cumulate { step, offset, .. } => (step, offset),
-            Slicing::Given => return (t, t),
+            Slicing::Given | Slicing::Session { .. } => return (t, t),
         };
         let start = align(t, unit, offset);
         (start, start + unit)
@@ -77,7 +89,9 @@ impl Slicing {
     /// Every window containing `slice`, by ascending end.
     pub fn windows_of_slice(&self, (start, end): Span) -> Vec<Span> {
         match *self {
-            Slicing::Tumble { .. } | Slicing::Given => vec![(start, end)],
+            Slicing::Tumble { .. } | Slicing::Given | Slicing::Session { .. } => {
+                vec![(start, end)]
+            }
             Slicing::Hop {
                 slide,
                 size,
@@ -129,14 +143,16 @@ impl Slicing {
                     .filter(|(_, we)| *we > t)
                     .collect()
             }
-            Slicing::Given => vec![(t, t)],
+            Slicing::Given | Slicing::Session { .. } => vec![(t, t)],
         }
     }
 
     /// The slices a window is made of.
     pub fn slices_of_window(&self, (start, end): Span) -> Vec<Span> {
         let unit = match *self {
-            Slicing::Tumble { .. } | Slicing::Given => return vec![(start, end)],
+            Slicing::Tumble { .. } | Slicing::Given | Slicing::Session { .. } => {
+                return vec![(start, end)]
+            }
             Slicing::Hop { slice, .. } => slice,
             Slicing::Cumulate { step, .. } => step,
         };

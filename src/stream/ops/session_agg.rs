@@ -1,0 +1,277 @@
+//! SESSION window aggregation: per key, a row opens the window [ts, ts + gap) and merges
+//! with every session it touches. A row is dropped as late only if the session it would
+//! merge into has already closed (its end - 1 ms is at or below the watermark the row
+//! meets). Sessions emit one insert-only row when the watermark closes them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, UInt32Array};
+use datafusion::arrow::compute::{concat, take_record_batch};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::common::Result;
+
+use super::grouped::{AggregateCalls, Grouped};
+use super::window_agg::OutputColumn;
+use super::window_assign::millis_column;
+use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
+use crate::stream::operator::Operator;
+use crate::stream::source::to_millis;
+use crate::stream::window::fired;
+
+struct Session {
+    key: OwnedRow,
+    start: Millis,
+    end: Millis,
+    state: Grouped,
+}
+
+pub struct SessionAggregate {
+    calls: Arc<AggregateCalls>,
+    gap: Millis,
+    /// The input column holding each row's time.
+    time_column: usize,
+    output: Vec<OutputColumn>,
+    schema: SchemaRef,
+    converter: RowConverter,
+    /// Ids are never reused, so rows of a session merged away can follow it.
+    sessions: HashMap<usize, Session>,
+    next_id: usize,
+    by_key: HashMap<OwnedRow, Vec<usize>>,
+    /// (end, session) of every open session, to find those the watermark closes.
+    by_end: BTreeSet<(Millis, usize)>,
+    watermark: Millis,
+    late: u64,
+}
+
+impl SessionAggregate {
+    pub fn try_new(
+        calls: Arc<AggregateCalls>,
+        gap: Millis,
+        time_column: usize,
+        output: Vec<OutputColumn>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let converter = RowConverter::new(
+            calls
+                .key_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            calls,
+            gap,
+            time_column,
+            output,
+            schema,
+            converter,
+            sessions: HashMap::new(),
+            next_id: 0,
+            by_key: HashMap::new(),
+            by_end: BTreeSet::new(),
+            watermark: NO_WATERMARK,
+            late: 0,
+        })
+    }
+
+    fn session(&self, id: usize) -> &Session {
+        &self.sessions[&id]
+    }
+
+    fn insert(&mut self, session: Session) -> usize {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_end.insert((session.end, id));
+        self.by_key.entry(session.key.clone()).or_default().push(id);
+        self.sessions.insert(id, session);
+        id
+    }
+
+    fn remove(&mut self, id: usize) -> Session {
+        let session = self.sessions.remove(&id).expect("live session");
+        self.by_end.remove(&(session.end, id));
+        if let Some(ids) = self.by_key.get_mut(&session.key) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_key.remove(&session.key);
+            }
+        }
+        session
+    }
+
+    /// Puts a row at `t` into its key's sessions; returns the session it joined, or
+    /// `None` when that session has already closed.
+    fn assign(&mut self, key: &OwnedRow, t: Millis, watermark: Millis) -> Result<Option<usize>> {
+        let (mut start, mut end) = (t, t + self.gap);
+        let touching: Vec<usize> = self
+            .by_key
+            .get(key)
+            .map(|ids| {
+                ids.iter()
+                    .copied()
+                    .filter(|&id| {
+                        let s = self.session(id);
+                        s.start <= end && s.end >= start
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for &id in &touching {
+            let s = self.session(id);
+            start = start.min(s.start);
+            end = end.max(s.end);
+        }
+        if fired(end, watermark) {
+            return Ok(None);
+        }
+        if let [only] = touching.as_slice() {
+            let id = *only;
+            let s = self.sessions.get_mut(&id).expect("live session");
+            if (s.start, s.end) != (start, end) {
+                self.by_end.remove(&(s.end, id));
+                s.start = start;
+                s.end = end;
+                self.by_end.insert((end, id));
+            }
+            return Ok(Some(id));
+        }
+        let mut state = self.calls.new_state()?;
+        for id in touching {
+            let mut merged = self.remove(id);
+            state.merge(&merged.state.freeze()?)?;
+        }
+        Ok(Some(self.insert(Session {
+            key: key.clone(),
+            start,
+            end,
+            state,
+        })))
+    }
+
+    fn emit(&mut self, sessions: Vec<Session>, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let mut starts = Vec::new();
+        let mut ends = Vec::new();
+        let mut keys: Vec<Vec<ArrayRef>> = Vec::new();
+        let mut values: Vec<Vec<ArrayRef>> = Vec::new();
+        for mut s in sessions {
+            let (k, v) = s.state.evaluate()?;
+            let rows = k.first().map(|a| a.len()).unwrap_or(0);
+            starts.extend(std::iter::repeat_n(s.start, rows));
+            ends.extend(std::iter::repeat_n(s.end, rows));
+            keys.push(k);
+            values.push(v);
+        }
+        let column = |parts: &[Vec<ArrayRef>], i: usize| -> Result<ArrayRef> {
+            let arrays: Vec<&dyn datafusion::arrow::array::Array> =
+                parts.iter().map(|p| p[i].as_ref()).collect();
+            Ok(concat(&arrays)?)
+        };
+        let rows = starts.len();
+        let times: Vec<Millis> = ends.iter().map(|e| e - 1).collect();
+        let columns = self
+            .output
+            .iter()
+            .enumerate()
+            .map(|(i, c)| -> Result<ArrayRef> {
+                let array = match *c {
+                    OutputColumn::WindowStart => millis_column(starts.clone(), &self.schema, i)?,
+                    OutputColumn::WindowEnd => millis_column(ends.clone(), &self.schema, i)?,
+                    OutputColumn::WindowTime => millis_column(times.clone(), &self.schema, i)?,
+                    OutputColumn::Key(k) => column(&keys, k)?,
+                    OutputColumn::Aggregate(a) => column(&values, a)?,
+                };
+                let ty = self.schema.field(i).data_type();
+                Ok(if array.data_type() == ty {
+                    array
+                } else {
+                    datafusion::arrow::compute::cast(&array, ty)?
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.push(ChangeBatch::new(crate::stream::batch_of(
+            self.schema.clone(),
+            columns,
+            rows,
+        )?));
+        Ok(())
+    }
+}
+
+impl Operator for SessionAggregate {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let times = to_millis(batch.rows.column(self.time_column))?;
+        let key_columns = self.calls.key_columns(&batch.rows)?;
+        let keys = self.converter.convert_columns(&key_columns)?;
+        // Rows join sessions one by one; a session merged away later hands its rows on.
+        let mut joined: Vec<(usize, u32)> = Vec::with_capacity(batch.num_rows());
+        let mut moved: HashMap<usize, usize> = HashMap::new();
+        for i in 0..batch.num_rows() {
+            let key = keys.row(i).owned();
+            let before: Vec<usize> = self.by_key.get(&key).cloned().unwrap_or_default();
+            match self.assign(&key, times.value(i), batch.watermark_of(i, self.watermark))? {
+                Some(id) => {
+                    for old in before {
+                        if old != id && !self.sessions.contains_key(&old) {
+                            moved.insert(old, id);
+                        }
+                    }
+                    joined.push((id, i as u32));
+                }
+                None => self.late += 1,
+            }
+        }
+        let resolve = |mut id: usize| {
+            while let Some(next) = moved.get(&id) {
+                id = *next;
+            }
+            id
+        };
+        let mut rows_of: HashMap<usize, Vec<u32>> = HashMap::new();
+        for (id, row) in joined {
+            rows_of.entry(resolve(id)).or_default().push(row);
+        }
+        for (id, rows) in rows_of {
+            let part: RecordBatch = take_record_batch(&batch.rows, &UInt32Array::from(rows))?;
+            let part_keys = self.calls.key_columns(&part)?;
+            let calls = self.calls.clone();
+            let session = self.sessions.get_mut(&id).expect("live session");
+            session.state.update(&calls, &part_keys, &part)?;
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.watermark = watermark;
+        let due: Vec<usize> = self
+            .by_end
+            .iter()
+            .take_while(|(end, _)| fired(*end, watermark))
+            .map(|(_, id)| *id)
+            .collect();
+        let closed: Vec<Session> = due.into_iter().map(|id| self.remove(id)).collect();
+        self.emit(closed, out)
+    }
+
+    fn state_size(&self) -> usize {
+        self.sessions
+            .values()
+            .map(|s| s.state.size() + s.key.as_ref().len())
+            .sum()
+    }
+
+    fn late_rows_dropped(&self) -> u64 {
+        self.late
+    }
+}

@@ -1,0 +1,156 @@
+//! Continuous queries as a user drives them: INSERT jobs and materialized views, SHOW JOBS,
+//! STOP JOB, FLUSH, and views and jobs that start again after a restart.
+
+mod common;
+
+use common::{rows, TestServer};
+
+const BIDS: &str = "CREATE TABLE bids (auction INT, price INT, ts TIMESTAMP(3), \
+                    WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)";
+
+async fn insert_bids(client: &tokio_postgres::Client, from_second: u32, to_second: u32) {
+    let values: Vec<String> = (from_second..to_second)
+        .map(|s| {
+            format!(
+                "({}, {}, TIMESTAMP '2024-01-01 00:00:00' + INTERVAL '{s} seconds')",
+                s % 3,
+                s
+            )
+        })
+        .collect();
+    client
+        .batch_execute(&format!("INSERT INTO bids VALUES {}", values.join(", ")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_and_views_are_listed_stopped_and_resumed_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client.batch_execute(BIDS).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE per_window (window_start TIMESTAMP(3), auction INT, bids BIGINT);
+             CREATE MATERIALIZED VIEW totals AS
+               SELECT window_start, window_end, count(*) AS bids, sum(price) AS revenue
+               FROM TABLE(TUMBLE(TABLE bids, DESCRIPTOR(ts), INTERVAL '10' SECOND))
+               GROUP BY window_start, window_end",
+        )
+        .await
+        .unwrap();
+    // An INSERT job returns its id at once.
+    let job = rows(
+        &client,
+        "INSERT INTO per_window SELECT window_start, auction, count(*)
+         FROM TABLE(TUMBLE(TABLE bids, DESCRIPTOR(ts), INTERVAL '10' SECOND))
+         GROUP BY window_start, window_end, auction",
+    )
+    .await;
+    let job_id = job[0][0].clone();
+    assert_eq!(job_id.len(), 16, "{job:?}");
+
+    insert_bids(&client, 0, 25).await;
+    client.batch_execute("FLUSH").await.unwrap();
+    // Windows [0, 10) and [10, 20) have closed (watermark 23).
+    let expected_totals = vec![
+        vec!["2024-01-01 00:00:00.000000".to_string(), "10".into(), "45".into()],
+        vec!["2024-01-01 00:00:10.000000".to_string(), "10".into(), "145".into()],
+    ];
+    let totals = "SELECT window_start, bids, revenue FROM totals ORDER BY window_start";
+    assert_eq!(rows(&client, totals).await, expected_totals);
+    let per_window = "SELECT window_start, auction, bids FROM per_window ORDER BY 1, 2";
+    assert_eq!(rows(&client, per_window).await.len(), 6);
+
+    let jobs = rows(
+        &client,
+        "SHOW JOBS",
+    )
+    .await;
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let insert_job = jobs.iter().find(|j| j[0] == job_id).expect("the INSERT job is listed");
+    assert!(insert_job[1].starts_with("INSERT INTO per_window"), "{insert_job:?}");
+    assert_eq!(insert_job[2], "RUNNING");
+    assert_eq!(insert_job[3], "25", "rows in: {insert_job:?}");
+    assert_eq!(insert_job[4], "6", "rows out: {insert_job:?}");
+    assert_eq!(insert_job[5], "2024-01-01 00:00:23.000000", "watermark: {insert_job:?}");
+    assert_eq!(insert_job[6], "0", "late rows: {insert_job:?}");
+
+    // A late row is counted.
+    client
+        .batch_execute("INSERT INTO bids VALUES (1, 1000, TIMESTAMP '2024-01-01 00:00:05'); FLUSH")
+        .await
+        .unwrap();
+    let jobs = rows(&client, "SHOW JOBS").await;
+    assert!(jobs.iter().all(|j| j[6] == "1"), "{jobs:?}");
+
+    // The sink cannot be dropped while the job writes to it.
+    let e = client.batch_execute("DROP TABLE per_window").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "2BP01", "{e}");
+
+    server.stop().await;
+
+    // After a restart the view and the job replay the log from the start.
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    insert_bids(&client, 25, 40).await;
+    client.batch_execute("FLUSH").await.unwrap();
+    let mut expected = expected_totals.clone();
+    expected.push(vec!["2024-01-01 00:00:20.000000".to_string(), "10".into(), "245".into()]);
+    assert_eq!(rows(&client, totals).await, expected);
+    // The job wrote its first windows again (replaying is what this version promises),
+    // plus the new one.
+    let written = rows(&client, per_window).await;
+    assert_eq!(written.len(), 6 + 6 + 3, "{written:?}");
+
+    let e = client.batch_execute("STOP JOB 'nope'").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42704");
+    client
+        .batch_execute(&format!("STOP JOB '{job_id}'"))
+        .await
+        .unwrap();
+    assert_eq!(rows(&client, "SHOW JOBS").await.len(), 1);
+    client.batch_execute("DROP TABLE per_window").await.unwrap();
+    client
+        .batch_execute("DROP MATERIALIZED VIEW totals")
+        .await
+        .unwrap();
+    assert!(rows(&client, "SHOW JOBS").await.is_empty());
+    server.stop().await;
+
+    // Stopped jobs and dropped views stay gone.
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    assert!(rows(&client, "SHOW JOBS").await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dml_sync_waits_for_a_bounded_job_and_reports_its_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE gen (id BIGINT) WITH ('connector' = 'datagen', 'number-of-rows' = '1000',
+               'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '1000');
+             CREATE TABLE copy (id BIGINT);
+             SET 'table.dml-sync' = 'true';
+             INSERT INTO copy SELECT id FROM gen WHERE id % 10 = 0",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, "SELECT count(*), sum(id) FROM copy").await,
+        vec![vec!["100".to_string(), "50500".into()]]
+    );
+    // A finished synchronous job is not left in SHOW JOBS.
+    assert!(rows(&client, "SHOW JOBS").await.is_empty());
+    let e = client
+        .batch_execute("INSERT INTO copy SELECT 10 / (id - id) FROM gen")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "22012", "{e}");
+    server.stop().await;
+}

@@ -55,26 +55,39 @@ async fn jobs_and_views_are_listed_stopped_and_resumed_after_restart() {
     client.batch_execute("FLUSH").await.unwrap();
     // Windows [0, 10) and [10, 20) have closed (watermark 23).
     let expected_totals = vec![
-        vec!["2024-01-01 00:00:00.000000".to_string(), "10".into(), "45".into()],
-        vec!["2024-01-01 00:00:10.000000".to_string(), "10".into(), "145".into()],
+        vec![
+            "2024-01-01 00:00:00.000000".to_string(),
+            "10".into(),
+            "45".into(),
+        ],
+        vec![
+            "2024-01-01 00:00:10.000000".to_string(),
+            "10".into(),
+            "145".into(),
+        ],
     ];
     let totals = "SELECT window_start, bids, revenue FROM totals ORDER BY window_start";
     assert_eq!(rows(&client, totals).await, expected_totals);
     let per_window = "SELECT window_start, auction, bids FROM per_window ORDER BY 1, 2";
     assert_eq!(rows(&client, per_window).await.len(), 6);
 
-    let jobs = rows(
-        &client,
-        "SHOW JOBS",
-    )
-    .await;
+    let jobs = rows(&client, "SHOW JOBS").await;
     assert_eq!(jobs.len(), 2, "{jobs:?}");
-    let insert_job = jobs.iter().find(|j| j[0] == job_id).expect("the INSERT job is listed");
-    assert!(insert_job[1].starts_with("INSERT INTO per_window"), "{insert_job:?}");
+    let insert_job = jobs
+        .iter()
+        .find(|j| j[0] == job_id)
+        .expect("the INSERT job is listed");
+    assert!(
+        insert_job[1].starts_with("INSERT INTO per_window"),
+        "{insert_job:?}"
+    );
     assert_eq!(insert_job[2], "RUNNING");
     assert_eq!(insert_job[3], "25", "rows in: {insert_job:?}");
     assert_eq!(insert_job[4], "6", "rows out: {insert_job:?}");
-    assert_eq!(insert_job[5], "2024-01-01 00:00:23.000000", "watermark: {insert_job:?}");
+    assert_eq!(
+        insert_job[5], "2024-01-01 00:00:23.000000",
+        "watermark: {insert_job:?}"
+    );
     assert_eq!(insert_job[6], "0", "late rows: {insert_job:?}");
 
     // A late row is counted.
@@ -86,7 +99,10 @@ async fn jobs_and_views_are_listed_stopped_and_resumed_after_restart() {
     assert!(jobs.iter().all(|j| j[6] == "1"), "{jobs:?}");
 
     // The sink cannot be dropped while the job writes to it.
-    let e = client.batch_execute("DROP TABLE per_window").await.unwrap_err();
+    let e = client
+        .batch_execute("DROP TABLE per_window")
+        .await
+        .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "2BP01", "{e}");
 
     server.stop().await;
@@ -97,7 +113,11 @@ async fn jobs_and_views_are_listed_stopped_and_resumed_after_restart() {
     insert_bids(&client, 25, 40).await;
     client.batch_execute("FLUSH").await.unwrap();
     let mut expected = expected_totals.clone();
-    expected.push(vec!["2024-01-01 00:00:20.000000".to_string(), "10".into(), "245".into()]);
+    expected.push(vec![
+        "2024-01-01 00:00:20.000000".to_string(),
+        "10".into(),
+        "245".into(),
+    ]);
     assert_eq!(rows(&client, totals).await, expected);
     // The job wrote its first windows again (replaying is what this version promises),
     // plus the new one.

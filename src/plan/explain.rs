@@ -6,26 +6,21 @@ use crate::stream::graph::StreamGraph;
 pub fn render(graph: &StreamGraph) -> String {
     let mut out = String::new();
     if let Some(last) = graph.nodes.len().checked_sub(1) {
-        render_node(graph, last, None, 0, &mut out);
+        render_node(graph, last, 0, &mut out);
     }
     out
 }
 
-fn render_node(
-    graph: &StreamGraph,
-    id: usize,
-    input: Option<String>,
-    depth: usize,
-    out: &mut String,
-) {
+fn render_node(graph: &StreamGraph, id: usize, depth: usize, out: &mut String) {
     let node = &graph.nodes[id];
     out.push_str(&"  ".repeat(depth));
     out.push_str(&format!(
         "{} [parallelism={}, changelog={}",
         node.name, node.parallelism, node.changelog
     ));
-    if let Some(input) = input {
-        out.push_str(&format!(", input={input}"));
+    if !node.inputs.is_empty() {
+        let inputs: Vec<String> = node.inputs.iter().map(|e| e.exchange.describe()).collect();
+        out.push_str(&format!(", input={}", inputs.join(" + ")));
     }
     out.push_str(&format!(", state={}]", node.state));
     if !node.detail.is_empty() {
@@ -34,13 +29,7 @@ fn render_node(
     }
     out.push('\n');
     for edge in &node.inputs {
-        render_node(
-            graph,
-            edge.from,
-            Some(edge.exchange.describe()),
-            depth + 1,
-            out,
-        );
+        render_node(graph, edge.from, depth + 1, out);
     }
 }
 

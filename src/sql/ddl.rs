@@ -23,21 +23,31 @@ pub struct CreateTable {
     pub watermark: Option<(String, Expr)>,
     pub primary_key: Vec<String>,
     pub options: BTreeMap<String, String>,
+    /// `CREATE TABLE t [WITH (...)] AS query`: the query's text; the table takes its columns.
+    pub as_query: Option<String>,
 }
 
 /// Parses what follows `CREATE TABLE`.
 pub fn parse_create_table(p: &mut Parser, text: &str) -> SqlResult<CreateTable> {
-    parse_create_table_body(p).map_err(|e| e.locate(text))
+    parse_create_table_body(p, text).map_err(|e| e.locate(text))
 }
 
-fn parse_create_table_body(p: &mut Parser) -> SqlResult<CreateTable> {
+/// The rest of `text` from the next token on: the query of CREATE TABLE ... AS.
+fn rest_of(p: &mut Parser, text: &str) -> String {
+    let at = p.peek_token().span.start;
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(at.line.saturating_sub(1) as usize)
+        .map(|l| l.chars().count())
+        .sum();
+    text.chars()
+        .skip(line_start + at.column.saturating_sub(1) as usize)
+        .collect()
+}
+
+fn parse_create_table_body(p: &mut Parser, text: &str) -> SqlResult<CreateTable> {
     let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
     let name = object_name(&p.parse_object_name(false).map_err(syntax)?)?;
-    if p.peek_keyword(Keyword::AS) {
-        return Err(SqlError::not_supported(
-            "CREATE TABLE ... AS SELECT is not supported yet; create the table, then INSERT INTO it",
-        ));
-    }
     let mut table = CreateTable {
         name,
         if_not_exists,
@@ -46,21 +56,47 @@ fn parse_create_table_body(p: &mut Parser) -> SqlResult<CreateTable> {
         watermark: None,
         primary_key: vec![],
         options: BTreeMap::new(),
+        as_query: None,
     };
-    p.expect_token(&Token::LParen).map_err(syntax)?;
-    loop {
-        parse_element(p, &mut table)?;
-        if p.consume_token(&Token::Comma) {
-            continue;
+    if p.peek_token().token == Token::LParen {
+        p.expect_token(&Token::LParen).map_err(syntax)?;
+        loop {
+            parse_element(p, &mut table)?;
+            if p.consume_token(&Token::Comma) {
+                continue;
+            }
+            p.expect_token(&Token::RParen).map_err(syntax)?;
+            break;
         }
-        p.expect_token(&Token::RParen).map_err(syntax)?;
-        break;
+    } else if !p.peek_keyword(Keyword::WITH) && !p.peek_keyword(Keyword::AS) {
+        return Err(syntax(
+            p.expected::<()>("a column list, WITH or AS", p.peek_token())
+                .unwrap_err(),
+        ));
     }
     if p.parse_keyword(Keyword::COMMENT) {
         p.parse_literal_string().map_err(syntax)?;
     }
     if p.parse_keyword(Keyword::WITH) {
         table.options = parse_options(p)?;
+    }
+    if p.parse_keyword(Keyword::AS) {
+        if !table.columns.is_empty() {
+            return Err(SqlError::not_supported(
+                "CREATE TABLE ... AS takes its columns from the query; leave out the column list",
+            ));
+        }
+        table.as_query = Some(rest_of(p, text));
+        return Ok(table);
+    }
+    if table.columns.is_empty() {
+        return Err(syntax(
+            p.expected::<()>(
+                "AS query (a table without columns takes them from a query)",
+                p.peek_token(),
+            )
+            .unwrap_err(),
+        ));
     }
     if p.peek_token().token != Token::EOF {
         return Err(syntax(

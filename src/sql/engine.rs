@@ -186,7 +186,10 @@ impl Engine {
         params: Option<ParamValues>,
     ) -> SqlResult<Outcome> {
         match statement {
-            Statement::CreateTable(create) => self.create_table(create).await,
+            Statement::CreateTable(create) => match &create.as_query {
+                Some(query) => self.create_table_as(metadata, create, query).await,
+                None => self.create_table(create).await,
+            },
             Statement::ShowTables => self.rows(show::show_tables(&self.catalog)),
             Statement::ShowCreateTable(name) => self.rows(show::show_create(&self.catalog, name)?),
             Statement::Describe(name) => self.describe(name).await,
@@ -297,15 +300,11 @@ impl Engine {
             None => plan,
         };
         if streaming::is_job(&plan) {
-            return self
-                .start_insert_job(metadata, stmt.to_string(), &plan)
-                .await;
+            return self.insert_job(metadata, stmt.to_string(), &plan).await;
         }
         if let LogicalPlan::Explain(e) = &plan {
-            if let LogicalPlan::Dml(dml) = e.plan.as_ref() {
-                if streaming::is_job(&e.plan) {
-                    return self.explain_stream(metadata, &dml.input, Mode::Continuous);
-                }
+            if streaming::is_job(&e.plan) {
+                return self.explain_insert(metadata, &e.plan);
             }
             if streaming::needs_streaming(&e.plan) {
                 return self.explain_stream(metadata, &e.plan, Mode::Bounded);

@@ -2,7 +2,7 @@
 
 mod catalog_statements;
 pub mod column_names;
-mod ddl;
+pub(crate) mod ddl;
 pub mod engine;
 pub mod error;
 pub mod expr;

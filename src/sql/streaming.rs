@@ -166,7 +166,11 @@ impl Engine {
     ) -> SqlResult<Outcome> {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let graph = self.graph(metadata, plan, mode, SinkKind::Collect(tx))?;
-        let text = crate::plan::explain::render(&graph);
+        self.explain_rows(&graph)
+    }
+
+    fn explain_rows(&self, graph: &StreamGraph) -> SqlResult<Outcome> {
+        let text = crate::plan::explain::render(graph);
         let schema = explain_schema();
         let lines: ArrayRef = Arc::new(StringArray::from_iter_values(
             text.lines().collect::<Vec<_>>(),
@@ -246,12 +250,102 @@ impl Engine {
     }
 
     /// Starts `INSERT INTO sink SELECT ...` as a job; with 'table.dml-sync' waits for it.
-    pub(super) async fn start_insert_job(
+    pub(super) async fn insert_job(
         &self,
         metadata: &HashMap<String, String>,
         statement: String,
         plan: &LogicalPlan,
     ) -> SqlResult<Outcome> {
+        let id = self.start_insert_job(metadata, statement, plan).await?;
+        let ids: ArrayRef = Arc::new(StringArray::from(vec![id]));
+        self.rows(RecordBatch::try_new(job_id_schema(), vec![ids])?)
+    }
+
+    /// `CREATE TABLE t [WITH (...)] AS query`: the table takes the query's columns, then
+    /// an INSERT fills it (a job when the query reads streams).
+    pub(super) async fn create_table_as(
+        &self,
+        metadata: &HashMap<String, String>,
+        create: &super::ddl::CreateTable,
+        query: &str,
+    ) -> SqlResult<Outcome> {
+        let tag = Outcome::Command(CommandTag::new("CREATE TABLE"));
+        if self.catalog.exists(&create.name) {
+            if create.if_not_exists {
+                return Ok(tag);
+            }
+            return Err(SqlError::new(
+                "42P07",
+                format!("relation \"{}\" already exists", create.name),
+            ));
+        }
+        crate::connector::options::validate(&create.options)?;
+        let plan = self.plan_text(metadata, query).await?;
+        let columns = plan
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| {
+                let data_type =
+                    weir_catalog::SqlType::from_arrow(f.data_type()).ok_or_else(|| {
+                        SqlError::new(
+                            "42804",
+                            format!(
+                                "column \"{}\" has type {}, which a table cannot hold",
+                                f.name(),
+                                f.data_type()
+                            ),
+                        )
+                    })?;
+                Ok(weir_catalog::ColumnDef {
+                    name: f.name().clone(),
+                    data_type,
+                    nullable: true,
+                })
+            })
+            .collect::<SqlResult<Vec<_>>>()?;
+        let def = TableDef {
+            id: weir_catalog::TableId(0),
+            name: create.name.clone(),
+            columns,
+            computed: vec![],
+            primary_key: vec![],
+            watermark: None,
+            options: create.options.clone(),
+        };
+        self.catalog_write(move |c| c.create_table(def, false))
+            .await?;
+        let insert = format!(
+            "INSERT INTO {} {query}",
+            weir_catalog::quote_ident(&create.name)
+        );
+        let filled = async {
+            let plan = self.plan_text(metadata, &insert).await?;
+            if is_job(&plan) {
+                self.start_insert_job(metadata, insert.clone(), &plan)
+                    .await?;
+            } else {
+                datafusion::dataframe::DataFrame::new(self.session_state(metadata), plan)
+                    .collect()
+                    .await?;
+            }
+            SqlResult::Ok(())
+        };
+        if let Err(e) = filled.await {
+            let name = create.name.clone();
+            let _ = self.catalog_write(move |c| c.drop_table(&name)).await;
+            return Err(e);
+        }
+        Ok(tag)
+    }
+
+    /// Starts an INSERT job and returns its id.
+    async fn start_insert_job(
+        &self,
+        metadata: &HashMap<String, String>,
+        statement: String,
+        plan: &LogicalPlan,
+    ) -> SqlResult<String> {
         let id = new_job_id();
         let (job, def) = self.start_insert(metadata, &id, &statement, plan)?;
         let depends_on = std::iter::once(def.name.clone())
@@ -272,17 +366,15 @@ impl Engine {
         } else {
             self.catalog_write(move |c| c.create_job(job_def)).await?;
         }
-        let ids: ArrayRef = Arc::new(StringArray::from(vec![id]));
-        self.rows(RecordBatch::try_new(job_id_schema(), vec![ids])?)
+        Ok(id)
     }
 
-    fn start_insert(
+    /// The graph of an INSERT job: its query into the target's physical columns.
+    fn insert_graph(
         &self,
         metadata: &HashMap<String, String>,
-        id: &str,
-        statement: &str,
         plan: &LogicalPlan,
-    ) -> SqlResult<(Arc<RunningJob>, Arc<TableDef>)> {
+    ) -> SqlResult<(StreamGraph, Arc<TableDef>)> {
         let LogicalPlan::Dml(dml) = plan else {
             return Err(SqlError::internal("not an INSERT"));
         };
@@ -306,13 +398,33 @@ impl Engine {
             None => SinkKind::Log(def.clone()),
             Some(_) => SinkKind::Connector(def.clone()),
         };
-        let graph = self.graph(metadata, &input, Mode::Continuous, sink)?;
+        Ok((self.graph(metadata, &input, Mode::Continuous, sink)?, def))
+    }
+
+    /// EXPLAIN of an INSERT job.
+    pub(super) fn explain_insert(
+        &self,
+        metadata: &HashMap<String, String>,
+        plan: &LogicalPlan,
+    ) -> SqlResult<Outcome> {
+        let (graph, _) = self.insert_graph(metadata, plan)?;
+        self.explain_rows(&graph)
+    }
+
+    fn start_insert(
+        &self,
+        metadata: &HashMap<String, String>,
+        id: &str,
+        statement: &str,
+        plan: &LogicalPlan,
+    ) -> SqlResult<(Arc<RunningJob>, Arc<TableDef>)> {
+        let (graph, def) = self.insert_graph(metadata, plan)?;
         let job =
             RunningJob::start(id.to_string(), graph, self.catalog.clone()).map_err(external)?;
         self.jobs.add(JobEntry {
             job: job.clone(),
             statement: statement.to_string(),
-            kind: JobKind::Insert(name),
+            kind: JobKind::Insert(def.name.clone()),
         });
         Ok((job, def))
     }

@@ -167,8 +167,12 @@ pub fn connector_names() -> Vec<&'static str> {
 /// `connector` option the table is Weir's own log, which takes no options.
 pub fn validate(options: &BTreeMap<String, String>) -> SqlResult<()> {
     let Some(name) = options.get("connector") else {
-        return match options.keys().next() {
-            None => Ok(()),
+        // Weir's own log is a source like any other: it may go idle.
+        return match options.keys().find(|k| *k != IDLE_TIMEOUT.key) {
+            None => match options.get(IDLE_TIMEOUT.key) {
+                Some(value) => check_value("log", &IDLE_TIMEOUT, value),
+                None => Ok(()),
+            },
             Some(key) => Err(invalid(format!(
                 "option '{key}' needs a connector; add 'connector' = '...' (one of {}) \
                  or drop the WITH clause for a table stored in Weir's own log",

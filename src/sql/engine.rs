@@ -121,7 +121,7 @@ impl Engine {
         let mut stmt = (**stmt).clone();
         rewrite::rewrite(&mut stmt, metadata)?;
         tracing::debug!("planning: {stmt}");
-        let state = self.state();
+        let state = self.session_state(metadata);
         match &mut stmt {
             ast::Statement::Query(_) | ast::Statement::Explain { .. } => {}
             ast::Statement::Insert(insert) => {
@@ -318,7 +318,7 @@ impl Engine {
             LogicalPlan::Dml(dml) => Some(dml.clone()),
             _ => None,
         };
-        let df = DataFrame::new(self.state(), plan);
+        let df = DataFrame::new(self.session_state(metadata), plan);
         let Some(insert) = insert else {
             return Ok(Outcome::Rows(df, column_names::postgres_names(stmt)));
         };

@@ -31,6 +31,7 @@ use crate::stream::graph::{
     ChangelogMode, Edge, Exchange, NodeKind, SinkKind, SourceKind, SourceSpec, StreamGraph,
     StreamNode, TimeSource,
 };
+use crate::stream::late::LateRows;
 use crate::stream::mv::MvTable;
 use crate::stream::ops::fragment::Fragment;
 use crate::stream::ops::grouped::AggregateCalls;
@@ -76,6 +77,7 @@ pub struct Planner<'a> {
     graph: StreamGraph,
     /// The next window table function scan is planned with slice bounds.
     slice_next: bool,
+    late_rows: Option<Arc<LateRows>>,
 }
 
 fn refuse(message: impl Into<String>) -> DataFusionError {
@@ -96,7 +98,14 @@ impl<'a> Planner<'a> {
             mode,
             graph: StreamGraph::default(),
             slice_next: false,
+            late_rows: None,
         }
+    }
+
+    /// Window operators append the rows they drop as late to this table.
+    pub fn with_late_rows(mut self, late_rows: Option<Arc<LateRows>>) -> Self {
+        self.late_rows = late_rows;
+        self
     }
 
     /// Plans `plan` (optimized here) into a graph ending in `sink`. For log and connector
@@ -815,6 +824,7 @@ impl<'a> Planner<'a> {
             let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
             let factory_output = output.clone();
             let time_column = cols.start;
+            let late_rows = self.late_rows.clone();
             let detail = format!(
                 "gap {gap} ms, group by {}; {}",
                 agg.group_expr
@@ -839,13 +849,15 @@ impl<'a> Planner<'a> {
                 ),
                 schema,
                 Arc::new(move |_| {
-                    Ok(Box::new(SessionAggregate::try_new(
+                    let mut op = SessionAggregate::try_new(
                         calls.clone(),
                         gap,
                         time_column,
                         factory_output.clone(),
                         arrow.clone(),
-                    )?) as _)
+                    )?;
+                    op.late_rows = late_rows.clone();
+                    Ok(Box::new(op) as _)
                 }),
             );
             let find = |role: OutputColumn| output.iter().position(|o| *o == role);
@@ -893,6 +905,7 @@ impl<'a> Planner<'a> {
                 .join(", ")
         );
         let factory_output = output.clone();
+        let late_rows = self.late_rows.clone();
         let mut out = self.operator(
             &input,
             exchange,
@@ -904,13 +917,15 @@ impl<'a> Planner<'a> {
             ),
             schema,
             Arc::new(move |_| {
-                Ok(Box::new(WindowAggregate::new(
+                let mut op = WindowAggregate::new(
                     calls.clone(),
                     slicing.clone(),
                     (cols.start, cols.end),
                     factory_output.clone(),
                     arrow.clone(),
-                )) as _)
+                );
+                op.late_rows = late_rows.clone();
+                Ok(Box::new(op) as _)
             }),
         );
         let find = |role: OutputColumn| output.iter().position(|o| *o == role);
@@ -1036,6 +1051,7 @@ impl<'a> Planner<'a> {
         let node_plan = plan.clone();
         let session = self.state.clone();
         let factory_arrow = arrow.clone();
+        let late_rows = self.late_rows.clone();
         let detail = format!("{}", plan.display());
         let node = self.add(StreamNode {
             name: name.into(),
@@ -1044,12 +1060,14 @@ impl<'a> Planner<'a> {
             parallelism,
             inputs,
             kind: NodeKind::Operator(Arc::new(move |_| {
-                Ok(Box::new(Fragment::new(
+                let mut op = Fragment::new(
                     session.clone(),
                     node_plan.clone(),
                     windows.clone(),
                     factory_arrow.clone(),
-                )) as _)
+                );
+                op.late_rows = late_rows.clone();
+                Ok(Box::new(op) as _)
             })),
             schema: arrow,
             changelog: ChangelogMode::InsertOnly,

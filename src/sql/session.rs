@@ -82,6 +82,12 @@ const VARIABLES: &[Variable] = &[
         "Time zone of TIMESTAMP_LTZ values and of time functions (Flink's key)",
     ),
     var(
+        "weir.late-data-table",
+        "",
+        false,
+        "Table that rows dropped as late by window operators of new queries are appended to",
+    ),
+    var(
         "application_name",
         "",
         true,

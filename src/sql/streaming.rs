@@ -25,6 +25,7 @@ use crate::plan::planner::{Mode, Planner};
 use crate::plan::window_table::WindowTvfTable;
 use crate::stream::graph::{SinkKind, StreamGraph};
 use crate::stream::job::{JobState, RunningJob};
+use crate::stream::late::LateRows;
 use crate::stream::manager::{JobEntry, JobKind};
 use crate::stream::message::NO_WATERMARK;
 use crate::stream::mv::MvState;
@@ -134,8 +135,34 @@ impl Engine {
     ) -> SqlResult<StreamGraph> {
         let state = self.session_state(metadata);
         Planner::new(&state, &self.catalog, Self::parallelism(metadata), mode)
+            .with_late_rows(self.late_rows(metadata)?)
             .plan(plan, sink)
             .map_err(external)
+    }
+
+    /// The late-data table the session named, if any.
+    fn late_rows(&self, metadata: &HashMap<String, String>) -> SqlResult<Option<Arc<LateRows>>> {
+        let Some(name) = metadata
+            .get("weir.late-data-table")
+            .filter(|n| !n.is_empty())
+        else {
+            return Ok(None);
+        };
+        let def = self.catalog.table(name).ok_or_else(|| {
+            SqlError::undefined_table(name).with_hint(
+                "create the late-data table first, e.g. with the columns of the windowed table \
+                 plus late_watermark TIMESTAMP(3) and late_operator STRING",
+            )
+        })?;
+        if def.connector().is_some() {
+            return Err(SqlError::new(
+                "42809",
+                format!(
+                    "late-data table \"{name}\" must be a table in Weir's log, without a connector"
+                ),
+            ));
+        }
+        Ok(Some(LateRows::start(def, self.catalog.clone())))
     }
 
     /// Runs a query over bounded inputs to the end and returns its rows.

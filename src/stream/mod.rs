@@ -3,6 +3,7 @@
 pub mod exchange;
 pub mod graph;
 pub mod job;
+pub mod late;
 pub mod manager;
 pub mod message;
 pub mod mv;

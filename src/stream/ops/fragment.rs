@@ -15,6 +15,7 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::{col, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::collect;
 
+use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::source::to_millis;
@@ -34,6 +35,8 @@ pub struct Fragment {
     buffers: BTreeMap<Span, Vec<Vec<RecordBatch>>>,
     watermark: Millis,
     late: u64,
+    /// Where dropped rows go, if the session named a late-data table.
+    pub late_rows: Option<Arc<LateRows>>,
 }
 
 impl Fragment {
@@ -56,6 +59,7 @@ impl Fragment {
             buffers: BTreeMap::new(),
             watermark: NO_WATERMARK,
             late: 0,
+            late_rows: None,
         }
     }
 
@@ -152,13 +156,20 @@ impl Operator for Fragment {
         let starts = to_millis(batch.rows.column(start))?;
         let ends = to_millis(batch.rows.column(end))?;
         let mut by_window: BTreeMap<Span, Vec<u32>> = BTreeMap::new();
+        let (mut late, mut late_watermarks) = (Vec::new(), Vec::new());
         for i in 0..batch.num_rows() {
             let span = (starts.value(i), ends.value(i));
-            if fired(span.1, batch.watermark_of(i, self.watermark)) {
+            let watermark = batch.watermark_of(i, self.watermark);
+            if fired(span.1, watermark) {
                 self.late += 1;
+                late.push(i as u32);
+                late_watermarks.push(watermark);
                 continue;
             }
             by_window.entry(span).or_default().push(i as u32);
+        }
+        if let Some(sink) = &self.late_rows {
+            sink.record("WindowOperator", &batch.rows, late, late_watermarks)?;
         }
         for (span, rows) in by_window {
             let part = if rows.len() == batch.num_rows() {

@@ -16,6 +16,7 @@ use datafusion::common::Result;
 use super::grouped::{AggregateCalls, Grouped};
 use super::window_agg::OutputColumn;
 use super::window_assign::millis_column;
+use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::source::to_millis;
@@ -44,6 +45,8 @@ pub struct SessionAggregate {
     by_end: BTreeSet<(Millis, usize)>,
     watermark: Millis,
     late: u64,
+    /// Where dropped rows go, if the session named a late-data table.
+    pub late_rows: Option<Arc<LateRows>>,
 }
 
 impl SessionAggregate {
@@ -75,6 +78,7 @@ impl SessionAggregate {
             by_end: BTreeSet::new(),
             watermark: NO_WATERMARK,
             late: 0,
+            late_rows: None,
         })
     }
 
@@ -217,10 +221,12 @@ impl Operator for SessionAggregate {
         // Rows join sessions one by one; a session merged away later hands its rows on.
         let mut joined: Vec<(usize, u32)> = Vec::with_capacity(batch.num_rows());
         let mut moved: HashMap<usize, usize> = HashMap::new();
+        let (mut late, mut late_watermarks) = (Vec::new(), Vec::new());
         for i in 0..batch.num_rows() {
             let key = keys.row(i).owned();
             let before: Vec<usize> = self.by_key.get(&key).cloned().unwrap_or_default();
-            match self.assign(&key, times.value(i), batch.watermark_of(i, self.watermark))? {
+            let watermark = batch.watermark_of(i, self.watermark);
+            match self.assign(&key, times.value(i), watermark)? {
                 Some(id) => {
                     for old in before {
                         if old != id && !self.sessions.contains_key(&old) {
@@ -229,8 +235,15 @@ impl Operator for SessionAggregate {
                     }
                     joined.push((id, i as u32));
                 }
-                None => self.late += 1,
+                None => {
+                    self.late += 1;
+                    late.push(i as u32);
+                    late_watermarks.push(watermark);
+                }
             }
+        }
+        if let Some(sink) = &self.late_rows {
+            sink.record("SessionAggregate", &batch.rows, late, late_watermarks)?;
         }
         let resolve = |mut id: usize| {
             while let Some(next) = moved.get(&id) {

@@ -13,6 +13,7 @@ use datafusion::common::Result;
 
 use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_assign::millis_column;
+use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::source::to_millis;
@@ -52,6 +53,8 @@ pub struct WindowAggregate {
     slices: BTreeMap<Span, Slice>,
     watermark: Millis,
     late: u64,
+    /// Where dropped rows go, if the session named a late-data table.
+    pub late_rows: Option<Arc<LateRows>>,
 }
 
 impl WindowAggregate {
@@ -72,6 +75,7 @@ impl WindowAggregate {
             slices: BTreeMap::new(),
             watermark: NO_WATERMARK,
             late: 0,
+            late_rows: None,
         }
     }
 
@@ -175,12 +179,16 @@ impl Operator for WindowAggregate {
         let mut first: Option<Span> = None;
         let mut uniform = true;
         let mut kept = 0usize;
+        let (mut late, mut late_watermarks) = (Vec::new(), Vec::new());
         for i in 0..batch.num_rows() {
             let slice = (starts.value(i), ends.value(i));
             let last_end = self.slicing.last_end(slice);
-            if fired(last_end, batch.watermark_of(i, self.watermark)) {
+            let watermark = batch.watermark_of(i, self.watermark);
+            if fired(last_end, watermark) {
                 self.late += 1;
                 uniform = false;
+                late.push(i as u32);
+                late_watermarks.push(watermark);
                 continue;
             }
             kept += 1;
@@ -190,6 +198,9 @@ impl Operator for WindowAggregate {
                 _ => {}
             }
             by_slice.entry(slice).or_default().push(i as u32);
+        }
+        if let Some(sink) = &self.late_rows {
+            sink.record("WindowAggregate", &batch.rows, late, late_watermarks)?;
         }
         if kept == 0 {
             return Ok(());

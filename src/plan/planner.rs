@@ -60,6 +60,7 @@ struct Stream {
     windows: Option<WindowColumns>,
     /// For sliced window columns: the window kind the slices belong to.
     slicing: Option<Slicing>,
+    changelog: ChangelogMode,
 }
 
 /// Reading bounded inputs to their end (a SELECT), or following them forever (a job).
@@ -78,6 +79,8 @@ pub struct Planner<'a> {
     /// The next window table function scan is planned with slice bounds.
     slice_next: bool,
     late_rows: Option<Arc<LateRows>>,
+    /// 'table.exec.emit.allow-lateness' of window aggregates.
+    lateness: i64,
 }
 
 fn refuse(message: impl Into<String>) -> DataFusionError {
@@ -99,7 +102,19 @@ impl<'a> Planner<'a> {
             graph: StreamGraph::default(),
             slice_next: false,
             late_rows: None,
+            lateness: 0,
         }
+    }
+
+    /// Window aggregates keep fired windows this long and correct them with retractions.
+    pub fn with_lateness(mut self, lateness: i64) -> Self {
+        self.lateness = lateness;
+        self
+    }
+
+    fn set_changelog(&mut self, stream: &mut Stream, mode: ChangelogMode) {
+        stream.changelog = mode;
+        self.graph.nodes[stream.node].changelog = mode;
     }
 
     /// Window operators append the rows they drop as late to this table.
@@ -113,6 +128,12 @@ impl<'a> Planner<'a> {
     pub fn plan(mut self, plan: &LogicalPlan, sink: SinkKind) -> Result<StreamGraph> {
         let plan = self.state.optimize(plan)?;
         let stream = self.plan_node(&plan)?;
+        if let SinkKind::Log(def) | SinkKind::Connector(def) = &sink {
+            self.insert_only(
+                &stream,
+                &format!("table \"{}\", which takes inserts only,", def.name),
+            )?;
+        }
         let schema = Arc::new(stream.schema.as_arrow().clone());
         let (exchange, parallelism) = match &sink {
             SinkKind::Connector(_) => (Exchange::Forward, stream.parallelism),
@@ -185,7 +206,20 @@ impl<'a> Planner<'a> {
             parallelism,
             windows: None,
             slicing: None,
+            changelog: ChangelogMode::InsertOnly,
         }
+    }
+
+    /// Refuses to feed `consumer` from an input whose rows change after they are emitted.
+    fn insert_only(&self, input: &Stream, consumer: &str) -> Result<()> {
+        if input.changelog == ChangelogMode::InsertOnly {
+            return Ok(());
+        }
+        Err(refuse(format!(
+            "{consumer} cannot take rows that are later corrected: a window aggregate re-emits \
+             windows as retractions because 'table.exec.emit.allow-lateness' is set; RESET it, \
+             or read the corrected rows from a materialized view"
+        )))
     }
 
     fn plan_node(&mut self, plan: &LogicalPlan) -> Result<Stream> {
@@ -234,6 +268,7 @@ impl<'a> Planner<'a> {
                     })
                 });
                 out.slicing = input.slicing;
+                self.set_changelog(&mut out, input.changelog);
                 Ok(out)
             }
             LogicalPlan::Filter(f) => {
@@ -253,6 +288,7 @@ impl<'a> Planner<'a> {
                 );
                 out.windows = input.windows;
                 out.slicing = input.slicing;
+                self.set_changelog(&mut out, input.changelog);
                 Ok(out)
             }
             LogicalPlan::SubqueryAlias(a) => {
@@ -278,6 +314,7 @@ impl<'a> Planner<'a> {
                     })
                 });
                 if partitioned_by_window {
+                    self.insert_only(&input, "a window TopN")?;
                     self.windowed_fragment(plan, vec![input], "WindowRank")
                 } else {
                     self.end_fragment(
@@ -307,6 +344,8 @@ impl<'a> Planner<'a> {
                     _ => false,
                 };
                 if window_join {
+                    self.insert_only(&left, "a window join")?;
+                    self.insert_only(&right, "a window join")?;
                     self.windowed_fragment(plan, vec![left, right], "WindowJoin")
                 } else {
                     self.end_fragment(
@@ -384,6 +423,7 @@ impl<'a> Planner<'a> {
             parallelism: 1,
             windows: None,
             slicing: None,
+            changelog: ChangelogMode::InsertOnly,
         })
     }
 
@@ -577,6 +617,7 @@ impl<'a> Planner<'a> {
             parallelism,
             windows,
             slicing: None,
+            changelog: ChangelogMode::InsertOnly,
         })
     }
 
@@ -705,6 +746,9 @@ impl<'a> Planner<'a> {
         self.slice_next = !grouping_sets && sliceable(&agg.input, &agg.group_expr);
         let input = self.plan_node(&agg.input)?;
         self.slice_next = false;
+        if self.mode == Mode::Continuous || input.windows.is_some() {
+            self.insert_only(&input, "an aggregate")?;
+        }
         let Some(cols) = input.windows else {
             return self.end_fragment(
                 plan,
@@ -906,6 +950,7 @@ impl<'a> Planner<'a> {
         );
         let factory_output = output.clone();
         let late_rows = self.late_rows.clone();
+        let lateness = self.lateness;
         let mut out = self.operator(
             &input,
             exchange,
@@ -925,9 +970,13 @@ impl<'a> Planner<'a> {
                     arrow.clone(),
                 );
                 op.late_rows = late_rows.clone();
+                op.lateness = lateness;
                 Ok(Box::new(op) as _)
             }),
         );
+        if lateness > 0 {
+            self.set_changelog(&mut out, ChangelogMode::Retract);
+        }
         let find = |role: OutputColumn| output.iter().position(|o| *o == role);
         out.windows = match (
             find(OutputColumn::WindowStart),
@@ -1078,6 +1127,7 @@ impl<'a> Planner<'a> {
             parallelism,
             windows: None,
             slicing: None,
+            changelog: ChangelogMode::InsertOnly,
         })
     }
 }

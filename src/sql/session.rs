@@ -76,6 +76,12 @@ const VARIABLES: &[Variable] = &[
         "Whether INSERT INTO ... SELECT over bounded inputs waits for its job to finish (Flink's key)",
     ),
     var(
+        "table.exec.emit.allow-lateness",
+        "0 ms",
+        false,
+        "How long window aggregates of new queries keep fired windows and correct them for late rows (Flink's key)",
+    ),
+    var(
         "table.local-time-zone",
         "UTC",
         false,
@@ -340,9 +346,11 @@ fn normalize(name: &str, value: &str) -> SqlResult<String> {
             "false" | "off" => Ok("false".into()),
             _ => Err(invalid("it must be true or false".into())),
         },
-        "execution.checkpointing.interval" | "pipeline.auto-watermark-interval" => {
+        "execution.checkpointing.interval"
+        | "pipeline.auto-watermark-interval"
+        | "table.exec.emit.allow-lateness" => {
             match crate::connector::options::parse_duration(value) {
-                Some(d) if name == "pipeline.auto-watermark-interval" || !d.is_zero() => {
+                Some(d) if name != "execution.checkpointing.interval" || !d.is_zero() => {
                     Ok(value.to_string())
                 }
                 _ => Err(invalid(

@@ -136,6 +136,12 @@ impl Engine {
         let state = self.session_state(metadata);
         Planner::new(&state, &self.catalog, Self::parallelism(metadata), mode)
             .with_late_rows(self.late_rows(metadata)?)
+            .with_lateness(
+                metadata
+                    .get("table.exec.emit.allow-lateness")
+                    .and_then(|d| crate::connector::options::parse_duration(d))
+                    .map_or(0, |d| d.as_millis() as i64),
+            )
             .plan(plan, sink)
             .map_err(external)
     }
@@ -174,13 +180,14 @@ impl Engine {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let graph = self.graph(metadata, plan, Mode::Bounded, SinkKind::Collect(tx))?;
         let job = RunningJob::start(new_job_id(), graph, self.catalog.clone()).map_err(external)?;
-        let mut batches = Vec::new();
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let mut changes = Vec::new();
         while let Some(batch) = rx.recv().await {
-            batches.push(batch.map_err(external)?);
+            changes.push(batch.map_err(external)?);
         }
         match job.finished().await {
             JobState::Failed(code, message) => Err(SqlError::new(code, message)),
-            _ => Ok(batches),
+            _ => Ok(crate::stream::changelog::apply(&schema, vec![], changes)?),
         }
     }
 
@@ -249,7 +256,13 @@ impl Engine {
     async fn start_view(&self, metadata: &HashMap<String, String>, def: &ViewDef) -> SqlResult<()> {
         let plan = self.plan_text(metadata, &def.query).await?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
-        let state = MvState::new(schema);
+        let (probe, _) = tokio::sync::mpsc::channel(1);
+        let updating = self
+            .graph(metadata, &plan, Mode::Continuous, SinkKind::Collect(probe))?
+            .nodes
+            .iter()
+            .any(|n| n.changelog != crate::stream::graph::ChangelogMode::InsertOnly);
+        let state = MvState::new(schema, updating);
         let graph = self.graph(
             metadata,
             &plan,

@@ -56,12 +56,15 @@ pub struct Edge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangelogMode {
     InsertOnly,
+    /// Rows are inserted and later retracted (-U) and re-emitted (+U).
+    Retract,
 }
 
 impl std::fmt::Display for ChangelogMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ChangelogMode::InsertOnly => write!(f, "insert-only"),
+            ChangelogMode::Retract => write!(f, "retract"),
         }
     }
 }
@@ -112,7 +115,7 @@ pub struct SourceSpec {
 #[derive(Clone)]
 pub enum SinkKind {
     /// Rows back to the statement that asked (a SELECT over bounded inputs).
-    Collect(tokio::sync::mpsc::Sender<Result<datafusion::arrow::record_batch::RecordBatch>>),
+    Collect(tokio::sync::mpsc::Sender<Result<super::message::ChangeBatch>>),
     /// A materialized view.
     View(Arc<MvState>),
     /// A table in Weir's log.

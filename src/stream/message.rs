@@ -1,6 +1,6 @@
 //! What flows between operators.
 
-use datafusion::arrow::array::{Array, Int64Array};
+use datafusion::arrow::array::{Array, Int64Array, Int8Array};
 use datafusion::arrow::array::{BooleanArray, UInt32Array};
 use datafusion::arrow::compute::{filter_record_batch, take_record_batch};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -17,7 +17,7 @@ pub const NO_WATERMARK: Millis = Millis::MIN;
 /// Identifies a checkpoint epoch; barriers carry it.
 pub type Epoch = u64;
 
-/// Rows, all inserts in this version of Weir.
+/// Rows and the change each makes (inserts unless `ops` says otherwise).
 ///
 /// `watermarks` is the watermark each row meets. Sources generate a watermark after
 /// every row (Flink's `pipeline.auto-watermark-interval = 0`), so which window a late row
@@ -28,6 +28,25 @@ pub type Epoch = u64;
 pub struct ChangeBatch {
     pub rows: RecordBatch,
     pub watermarks: Option<Int64Array>,
+    /// Each row's change ([`Op`] codes); `None`: every row is an insert.
+    pub ops: Option<Int8Array>,
+}
+
+/// A row's change, as Flink names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i8)]
+pub enum Op {
+    Insert = 0,
+    UpdateBefore = 1,
+    UpdateAfter = 2,
+    Delete = 3,
+}
+
+impl Op {
+    /// Whether the row is taken away (-U, -D) rather than added (+I, +U).
+    pub fn retracts(code: i8) -> bool {
+        code == Op::UpdateBefore as i8 || code == Op::Delete as i8
+    }
 }
 
 impl ChangeBatch {
@@ -35,7 +54,23 @@ impl ChangeBatch {
         Self {
             rows,
             watermarks: None,
+            ops: None,
         }
+    }
+
+    /// Rows that all carry the change `op`.
+    pub fn with_op(rows: RecordBatch, op: Op) -> Self {
+        let ops = (op != Op::Insert).then(|| Int8Array::from(vec![op as i8; rows.num_rows()]));
+        Self {
+            rows,
+            watermarks: None,
+            ops,
+        }
+    }
+
+    /// Whether row `i` retracts.
+    pub fn retracts(&self, i: usize) -> bool {
+        self.ops.as_ref().is_some_and(|o| Op::retracts(o.value(i)))
     }
 
     pub fn num_rows(&self) -> usize {
@@ -54,9 +89,20 @@ impl ChangeBatch {
             ),
             None => None,
         };
+        let ops = match &self.ops {
+            Some(o) => Some(
+                datafusion::arrow::compute::filter(o, mask)?
+                    .as_any()
+                    .downcast_ref::<Int8Array>()
+                    .expect("filter keeps the array type")
+                    .clone(),
+            ),
+            None => None,
+        };
         Ok(Self {
             rows: filter_record_batch(&self.rows, mask)?,
             watermarks,
+            ops,
         })
     }
 
@@ -72,9 +118,20 @@ impl ChangeBatch {
             ),
             None => None,
         };
+        let ops = match &self.ops {
+            Some(o) => Some(
+                datafusion::arrow::compute::take(o, indices, None)?
+                    .as_any()
+                    .downcast_ref::<Int8Array>()
+                    .expect("take keeps the array type")
+                    .clone(),
+            ),
+            None => None,
+        };
         Ok(Self {
             rows: take_record_batch(&self.rows, indices)?,
             watermarks,
+            ops,
         })
     }
 

@@ -1,5 +1,6 @@
 //! The streaming runtime: messages, operators, tasks and exchanges.
 
+pub mod changelog;
 pub mod exchange;
 pub mod graph;
 pub mod job;

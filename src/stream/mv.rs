@@ -14,7 +14,7 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use tokio::sync::watch;
 
-use super::message::{Millis, NO_WATERMARK};
+use super::message::{ChangeBatch, Millis, NO_WATERMARK};
 
 #[derive(Debug, Default)]
 struct Contents {
@@ -25,10 +25,14 @@ struct Contents {
     ended: bool,
 }
 
-/// Insert-only contents: every publish appends, so a reader's position is a batch index.
+/// Contents: an insert-only view appends at every publish, so a follower's position is a
+/// batch index; an updating view is rebuilt and only read as a snapshot.
 #[derive(Debug)]
 pub struct MvState {
     schema: SchemaRef,
+    /// Its rows change after they are published (retractions): views over it cannot
+    /// follow it as an insert-only stream.
+    pub updating: bool,
     contents: RwLock<Contents>,
     version: watch::Sender<u64>,
 }
@@ -42,9 +46,10 @@ pub struct Published {
 }
 
 impl MvState {
-    pub fn new(schema: SchemaRef) -> Arc<Self> {
+    pub fn new(schema: SchemaRef, updating: bool) -> Arc<Self> {
         Arc::new(Self {
             schema,
+            updating,
             contents: RwLock::default(),
             version: watch::Sender::new(0),
         })
@@ -54,19 +59,24 @@ impl MvState {
         self.schema.clone()
     }
 
-    /// Makes `batches` visible, all at once, with the watermark they are complete up to.
-    pub fn publish(&self, batches: Vec<RecordBatch>, watermark: Millis, ended: bool) {
+    /// Makes `changes` visible, all at once, with the watermark they are complete up to.
+    pub fn publish(
+        &self,
+        changes: Vec<ChangeBatch>,
+        watermark: Millis,
+        ended: bool,
+    ) -> datafusion::common::Result<()> {
         {
             let mut c = self.contents.write().unwrap_or_else(|p| p.into_inner());
-            for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
-                c.rows += b.num_rows();
-                c.bytes += b.get_array_memory_size();
-                c.batches.push(b);
-            }
+            let current = std::mem::take(&mut c.batches);
+            c.batches = super::changelog::apply(&self.schema, current, changes)?;
+            c.rows = c.batches.iter().map(|b| b.num_rows()).sum();
+            c.bytes = c.batches.iter().map(|b| b.get_array_memory_size()).sum();
             c.watermark = Some(watermark.max(c.watermark.unwrap_or(NO_WATERMARK)));
             c.ended |= ended;
         }
         self.version.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     /// Forgets everything (the view's job restarts from the beginning).

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use weir_catalog::Catalog;
 
@@ -14,7 +13,7 @@ use crate::connector::io::SinkWriter;
 pub struct Sink {
     kind: SinkKind,
     catalog: Arc<Catalog>,
-    pending: Vec<RecordBatch>,
+    pending: Vec<ChangeBatch>,
     writer: Option<Box<dyn SinkWriter>>,
 }
 
@@ -43,12 +42,12 @@ impl Sink {
     pub async fn write(&mut self, batch: ChangeBatch) -> Result<()> {
         match (&self.kind, &mut self.writer) {
             (SinkKind::Collect(tx), _) => tx
-                .send(Ok(batch.rows))
+                .send(Ok(batch))
                 .await
                 .map_err(|_| DataFusionError::Execution("the query was cancelled".into())),
             (_, Some(writer)) => writer.write(batch.rows).await,
             _ => {
-                self.pending.push(batch.rows);
+                self.pending.push(batch);
                 Ok(())
             }
         }
@@ -58,9 +57,10 @@ impl Sink {
     pub async fn commit(&mut self, watermark: Millis, ended: bool) -> Result<()> {
         let pending = std::mem::take(&mut self.pending);
         match (&self.kind, &mut self.writer) {
-            (SinkKind::View(state), _) => state.publish(pending, watermark, ended),
+            (SinkKind::View(state), _) => state.publish(pending, watermark, ended)?,
             (SinkKind::Log(def), _) if !pending.is_empty() => {
-                crate::connector::log_table::append(self.catalog.table_log(), def, pending).await?
+                let rows = pending.into_iter().map(|c| c.rows).collect();
+                crate::connector::log_table::append(self.catalog.table_log(), def, rows).await?
             }
             (_, Some(writer)) => writer.flush().await?,
             _ => {}

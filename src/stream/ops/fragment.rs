@@ -32,7 +32,7 @@ pub struct Fragment {
     /// Per input, the columns holding window_start and window_end; `None`: run at the end.
     windows: Option<Vec<(usize, usize)>>,
     schema: SchemaRef,
-    buffers: BTreeMap<Span, Vec<Vec<RecordBatch>>>,
+    buffers: BTreeMap<Span, Vec<Vec<ChangeBatch>>>,
     watermark: Millis,
     late: u64,
     /// Where dropped rows go, if the session named a late-data table.
@@ -63,7 +63,7 @@ impl Fragment {
         }
     }
 
-    fn buffer(&mut self, span: Span, input: usize, rows: RecordBatch) {
+    fn buffer(&mut self, span: Span, input: usize, rows: ChangeBatch) {
         let n = self.inputs.len();
         self.buffers
             .entry(span)
@@ -72,10 +72,12 @@ impl Fragment {
     }
 
     /// Runs the node over one window's rows.
-    fn run(&self, rows: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+    fn run(&self, rows: Vec<Vec<ChangeBatch>>) -> Result<Vec<RecordBatch>> {
         let mut inputs = Vec::new();
-        for (i, (batches, schema)) in rows.into_iter().zip(&self.inputs).enumerate() {
+        for (i, (changes, schema)) in rows.into_iter().zip(&self.inputs).enumerate() {
             let arrow = Arc::new(schema.as_arrow().clone());
+            // An input whose rows were corrected (allow-lateness) is its net rows here.
+            let batches = crate::stream::changelog::apply(&arrow, vec![], changes)?;
             // Buffered columns get plain names; a projection gives back the qualified ones
             // the node's expressions refer to.
             let plain: Vec<_> = (0..arrow.fields().len()).map(|c| format!("c{c}")).collect();
@@ -149,7 +151,7 @@ impl Operator for Fragment {
         _out: &mut Vec<ChangeBatch>,
     ) -> Result<()> {
         let Some(windows) = &self.windows else {
-            self.buffer(EVERYTHING, input, batch.rows);
+            self.buffer(EVERYTHING, input, batch);
             return Ok(());
         };
         let (start, end) = windows[input];
@@ -173,12 +175,9 @@ impl Operator for Fragment {
         }
         for (span, rows) in by_window {
             let part = if rows.len() == batch.num_rows() {
-                batch.rows.clone()
+                batch.clone()
             } else {
-                datafusion::arrow::compute::take_record_batch(
-                    &batch.rows,
-                    &UInt32Array::from(rows),
-                )?
+                batch.take(&UInt32Array::from(rows))?
             };
             self.buffer(span, input, part);
         }
@@ -221,7 +220,7 @@ impl Operator for Fragment {
             .values()
             .flatten()
             .flatten()
-            .map(|b| b.get_array_memory_size())
+            .map(|b| b.rows.get_array_memory_size())
             .sum()
     }
 

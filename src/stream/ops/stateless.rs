@@ -34,6 +34,7 @@ impl Operator for Project {
         out.push(ChangeBatch {
             rows: RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?,
             watermarks: batch.watermarks,
+            ops: batch.ops,
         });
         Ok(())
     }

@@ -14,7 +14,7 @@ use datafusion::common::Result;
 use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_assign::millis_column;
 use crate::stream::late::LateRows;
-use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
+use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Slicing, Span};
@@ -53,6 +53,13 @@ pub struct WindowAggregate {
     slices: BTreeMap<Span, Slice>,
     watermark: Millis,
     late: u64,
+    /// 'table.exec.emit.allow-lateness': fired windows stay this long, and rows arriving
+    /// for them re-emit the window's rows as -U (old) and +U (corrected).
+    pub lateness: Millis,
+    /// What fired windows emitted, while they can still be corrected.
+    emitted: BTreeMap<Span, RecordBatch>,
+    /// Fired windows that late rows changed since the last watermark.
+    dirty: BTreeSet<Span>,
     /// Where dropped rows go, if the session named a late-data table.
     pub late_rows: Option<Arc<LateRows>>,
 }
@@ -76,6 +83,9 @@ impl WindowAggregate {
             watermark: NO_WATERMARK,
             late: 0,
             late_rows: None,
+            lateness: 0,
+            emitted: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -98,7 +108,7 @@ impl WindowAggregate {
             let Some(entry) = self.slices.get_mut(&slice) else {
                 continue;
             };
-            if last && state.is_none() && entry.partials.is_empty() {
+            if last && self.lateness == 0 && state.is_none() && entry.partials.is_empty() {
                 if let Some(live) = self.slices.remove(&slice).and_then(|s| s.live) {
                     state = Some(live);
                 }
@@ -149,30 +159,22 @@ impl WindowAggregate {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        out.push(ChangeBatch::new(RecordBatch::try_new(
-            self.schema.clone(),
-            columns,
-        )?));
+        let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
+        if self.lateness == 0 {
+            out.push(ChangeBatch::new(rows));
+            return Ok(());
+        }
+        match self.emitted.insert(window, rows.clone()) {
+            Some(old) => {
+                out.push(ChangeBatch::with_op(old, Op::UpdateBefore));
+                out.push(ChangeBatch::with_op(rows, Op::UpdateAfter));
+            }
+            None => out.push(ChangeBatch::new(rows)),
+        }
         Ok(())
     }
-}
 
-fn cast_to(array: &ArrayRef, schema: &SchemaRef, i: usize) -> Result<ArrayRef> {
-    let ty = schema.field(i).data_type();
-    if array.data_type() == ty {
-        Ok(array.clone())
-    } else {
-        Ok(datafusion::arrow::compute::cast(array, ty)?)
-    }
-}
-
-impl Operator for WindowAggregate {
-    fn process(
-        &mut self,
-        _input: usize,
-        batch: ChangeBatch,
-        _out: &mut Vec<ChangeBatch>,
-    ) -> Result<()> {
+    fn add_rows(&mut self, batch: ChangeBatch) -> Result<()> {
         let starts = to_millis(batch.rows.column(self.start_column))?;
         let ends = to_millis(batch.rows.column(self.end_column))?;
         let mut by_slice: HashMap<Span, Vec<u32>> = HashMap::new();
@@ -184,7 +186,7 @@ impl Operator for WindowAggregate {
             let slice = (starts.value(i), ends.value(i));
             let last_end = self.slicing.last_end(slice);
             let watermark = batch.watermark_of(i, self.watermark);
-            if fired(last_end, watermark) {
+            if fired(last_end + self.lateness, watermark) {
                 self.late += 1;
                 uniform = false;
                 late.push(i as u32);
@@ -192,6 +194,13 @@ impl Operator for WindowAggregate {
                 continue;
             }
             kept += 1;
+            if self.lateness > 0 && fired(last_end, self.watermark) {
+                for window in self.slicing.windows_of_slice(slice) {
+                    if fired(window.1, self.watermark) {
+                        self.dirty.insert(window);
+                    }
+                }
+            }
             match first {
                 None => first = Some(slice),
                 Some(f) if f != slice => uniform = false,
@@ -214,6 +223,32 @@ impl Operator for WindowAggregate {
         }
         Ok(())
     }
+}
+
+fn cast_to(array: &ArrayRef, schema: &SchemaRef, i: usize) -> Result<ArrayRef> {
+    let ty = schema.field(i).data_type();
+    if array.data_type() == ty {
+        Ok(array.clone())
+    } else {
+        Ok(datafusion::arrow::compute::cast(array, ty)?)
+    }
+}
+
+impl Operator for WindowAggregate {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        self.add_rows(batch)?;
+        // Late rows within the allowed lateness correct their windows at once, as Flink
+        // fires a window again for each late element.
+        for window in std::mem::take(&mut self.dirty) {
+            self.fire(window, out)?;
+        }
+        Ok(())
+    }
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
         let mut due = BTreeSet::new();
@@ -227,15 +262,25 @@ impl Operator for WindowAggregate {
         for (end, start) in due {
             self.fire((start, end), out)?;
         }
-        let slicing = &self.slicing;
+        for window in std::mem::take(&mut self.dirty) {
+            self.fire(window, out)?;
+        }
+        let (slicing, lateness) = (&self.slicing, self.lateness);
         self.slices
-            .retain(|slice, _| !fired(slicing.last_end(*slice), watermark));
+            .retain(|slice, _| !fired(slicing.last_end(*slice) + lateness, watermark));
+        self.emitted
+            .retain(|window, _| !fired(window.1 + lateness, watermark));
         self.watermark = watermark;
         Ok(())
     }
 
     fn state_size(&self) -> usize {
-        self.slices.values().map(Slice::size).sum()
+        self.slices.values().map(Slice::size).sum::<usize>()
+            + self
+                .emitted
+                .values()
+                .map(|b| b.get_array_memory_size())
+                .sum::<usize>()
     }
 
     fn late_rows_dropped(&self) -> u64 {

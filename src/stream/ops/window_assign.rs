@@ -94,6 +94,7 @@ impl Operator for WindowAssign {
         out.push(ChangeBatch {
             rows: RecordBatch::try_new(self.schema.clone(), columns)?,
             watermarks: base.watermarks,
+            ops: base.ops,
         });
         Ok(())
     }

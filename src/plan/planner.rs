@@ -41,6 +41,9 @@ use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
 use crate::stream::ops::window_assign::{Assign, WindowAssign};
 use crate::stream::window::Slicing;
 
+/// A source's computed columns, how it generates time, and how EXPLAIN describes it.
+type SourceTime = (Vec<Arc<dyn PhysicalExpr>>, TimeSource, String);
+
 /// Window columns a stream carries.
 #[derive(Debug, Clone, Copy)]
 struct WindowColumns {
@@ -627,7 +630,7 @@ impl<'a> Planner<'a> {
         def: &Arc<TableDef>,
         schema: &DFSchemaRef,
         time: Option<&str>,
-    ) -> Result<(Vec<Arc<dyn PhysicalExpr>>, TimeSource, String)> {
+    ) -> Result<SourceTime> {
         let physical = DFSchema::try_from(def.physical_schema().as_ref().clone())?;
         let computed = def
             .computed

@@ -129,6 +129,8 @@ struct Channel {
 }
 
 /// What the receiving side hands its task.
+// Data is nearly every event; boxing it would allocate once per batch for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event {
     Data(usize, ChangeBatch),

@@ -144,6 +144,8 @@ impl ChangeBatch {
     }
 }
 
+// Data is nearly every message; boxing it would allocate once per batch for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Message {
     Data(ChangeBatch),

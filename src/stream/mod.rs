@@ -11,6 +11,7 @@ pub mod mv;
 pub mod operator;
 pub mod ops;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod window;
 

@@ -1,6 +1,7 @@
 //! The operator contract: synchronous handlers over whole batches. Tasks do the I/O
 //! (channels, readers, sinks) around a chain of operators.
 
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::Result;
 
 use super::message::{ChangeBatch, Millis};
@@ -38,5 +39,16 @@ pub trait Operator: Send {
     /// Rows dropped because they arrived after the windows they belonged to had fired.
     fn late_rows_dropped(&self) -> u64 {
         0
+    }
+
+    /// The operator's state as Arrow batches, for a checkpoint. Taking it may reorganise
+    /// the state (live accumulators become partial states) but never changes results.
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        Ok(vec![])
+    }
+
+    /// Puts back what [`Operator::snapshot`] took, into a fresh operator of the same plan.
+    fn restore(&mut self, _state: Vec<RecordBatch>) -> Result<()> {
+        Ok(())
     }
 }

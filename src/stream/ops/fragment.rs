@@ -18,6 +18,7 @@ use datafusion::physical_plan::collect;
 use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
 use crate::stream::operator::Operator;
+use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Span};
 
@@ -226,5 +227,60 @@ impl Operator for Fragment {
 
     fn late_rows_dropped(&self) -> u64 {
         self.late
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut out = vec![snapshot::batch(
+            "progress",
+            &[self.watermark, self.late as i64],
+            vec![],
+        )?];
+        for (span, inputs) in &self.buffers {
+            for (input, changes) in inputs.iter().enumerate() {
+                for change in changes {
+                    let mut columns = change.rows.columns().to_vec();
+                    if let Some(ops) = &change.ops {
+                        columns.push(Arc::new(ops.clone()));
+                    }
+                    let head = [span.0, span.1, input as i64, change.ops.is_some() as i64];
+                    out.push(snapshot::batch("rows", &head, columns)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        for batch in state {
+            let heads = if batch.num_columns() >= 4 { 4 } else { 2 };
+            let (kind, head, mut columns) = snapshot::parts(&batch, heads)?;
+            if kind == "progress" {
+                self.watermark = head[0];
+                self.late = head[1] as u64;
+                continue;
+            }
+            let input = head[2] as usize;
+            let ops = if head[3] == 1 {
+                columns.pop().and_then(|c| {
+                    c.as_any()
+                        .downcast_ref::<datafusion::arrow::array::Int8Array>()
+                        .cloned()
+                })
+            } else {
+                None
+            };
+            let schema = Arc::new(self.inputs[input].as_arrow().clone());
+            let rows = crate::stream::batch_of(schema, columns, batch.num_rows())?;
+            self.buffer(
+                (head[0], head[1]),
+                input,
+                ChangeBatch {
+                    rows,
+                    watermarks: None,
+                    ops,
+                },
+            );
+        }
+        Ok(())
     }
 }

@@ -64,6 +64,36 @@ pub struct Partial {
 }
 
 impl Partial {
+    /// Key columns then every accumulator's state columns.
+    pub fn columns(&self) -> Vec<ArrayRef> {
+        self.keys
+            .iter()
+            .chain(self.states.iter().flatten())
+            .cloned()
+            .collect()
+    }
+
+    /// The inverse of [`Partial::columns`] for the aggregates of `calls`.
+    pub fn from_columns(calls: &AggregateCalls, columns: &[ArrayRef]) -> Result<Self> {
+        let keys = calls.key_schema.fields().len();
+        let mut at = keys;
+        let mut states = Vec::new();
+        for agg in &calls.aggregates {
+            let n = agg.state_fields()?.len();
+            states.push(
+                columns
+                    .get(at..at + n)
+                    .ok_or_else(|| DataFusionError::Internal("state columns missing".into()))?
+                    .to_vec(),
+            );
+            at += n;
+        }
+        Ok(Self {
+            keys: columns[..keys].to_vec(),
+            states,
+        })
+    }
+
     pub fn size(&self) -> usize {
         self.keys
             .iter()

@@ -13,12 +13,13 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 use datafusion::common::Result;
 
-use super::grouped::{AggregateCalls, Grouped};
+use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_agg::OutputColumn;
 use super::window_assign::millis_column;
 use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
 use crate::stream::operator::Operator;
+use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::fired;
 
@@ -286,5 +287,50 @@ impl Operator for SessionAggregate {
 
     fn late_rows_dropped(&self) -> u64 {
         self.late
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut out = vec![snapshot::batch(
+            "progress",
+            &[self.watermark, self.late as i64],
+            vec![],
+        )?];
+        for session in self.sessions.values_mut() {
+            let partial = session.state.freeze()?;
+            session.state = self.calls.new_state()?;
+            session.state.merge(&partial)?;
+            out.push(snapshot::batch(
+                "session",
+                &[session.start, session.end],
+                partial.columns(),
+            )?);
+        }
+        Ok(out)
+    }
+
+    fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        for batch in state {
+            let (kind, head, columns) = snapshot::parts(&batch, 2)?;
+            if kind == "progress" {
+                self.watermark = head[0];
+                self.late = head[1] as u64;
+                continue;
+            }
+            let partial = Partial::from_columns(&self.calls, &columns)?;
+            let key = self
+                .converter
+                .convert_columns(&partial.keys)?
+                .row(0)
+                .owned();
+            let mut state = self.calls.new_state()?;
+            state.merge(&partial)?;
+            self.insert(Session {
+                key,
+                start: head[0],
+                end: head[1],
+                state,
+            });
+        }
+        Ok(())
     }
 }

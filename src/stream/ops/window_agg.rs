@@ -16,6 +16,7 @@ use super::window_assign::millis_column;
 use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
+use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Slicing, Span};
 
@@ -285,5 +286,206 @@ impl Operator for WindowAggregate {
 
     fn late_rows_dropped(&self) -> u64 {
         self.late
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut out = vec![snapshot::batch(
+            "progress",
+            &[self.watermark, self.late as i64],
+            vec![],
+        )?];
+        for (slice, entry) in &mut self.slices {
+            if let Some(mut live) = entry.live.take() {
+                if !live.is_empty() {
+                    entry.partials.push(live.freeze()?);
+                }
+            }
+            for partial in &entry.partials {
+                out.push(snapshot::batch(
+                    "slice",
+                    &[slice.0, slice.1],
+                    partial.columns(),
+                )?);
+            }
+        }
+        for (window, rows) in &self.emitted {
+            out.push(snapshot::batch(
+                "emitted",
+                &[window.0, window.1],
+                rows.columns().to_vec(),
+            )?);
+        }
+        Ok(out)
+    }
+
+    fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        for batch in state {
+            let (kind, head, columns) = snapshot::parts(&batch, 2)?;
+            match kind.as_str() {
+                "progress" => {
+                    self.watermark = head[0];
+                    self.late = head[1] as u64;
+                }
+                "slice" => {
+                    let partial = Partial::from_columns(&self.calls, &columns)?;
+                    self.slices
+                        .entry((head[0], head[1]))
+                        .or_default()
+                        .partials
+                        .push(partial);
+                }
+                "emitted" => {
+                    let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
+                    self.emitted.insert((head[0], head[1]), rows);
+                }
+                other => {
+                    return Err(datafusion::common::DataFusionError::Internal(format!(
+                        "window aggregate state of unknown kind {other}"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::functions_aggregate::count::count_udaf;
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_expr::expressions::col;
+
+    use super::*;
+    use crate::plan::window_tvf::WindowKind;
+
+    fn input_schema() -> SchemaRef {
+        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+            Field::new("window_start", ts.clone(), false),
+            Field::new("window_end", ts, false),
+        ]))
+    }
+
+    fn operator() -> WindowAggregate {
+        let schema = input_schema();
+        let key = col("k", &schema).unwrap();
+        let v = col("v", &schema).unwrap();
+        let sum = AggregateExprBuilder::new(sum_udaf(), vec![v.clone()])
+            .schema(schema.clone())
+            .alias("sum")
+            .build()
+            .unwrap();
+        let count = AggregateExprBuilder::new(count_udaf(), vec![v])
+            .schema(schema.clone())
+            .alias("count")
+            .distinct()
+            .build()
+            .unwrap();
+        let calls = Arc::new(AggregateCalls {
+            keys: vec![key],
+            key_schema: Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)])),
+            aggregates: vec![Arc::new(sum), Arc::new(count)],
+            filters: vec![None, None],
+        });
+        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+        let output = Arc::new(Schema::new(vec![
+            Field::new("window_start", ts, false),
+            Field::new("k", DataType::Int64, false),
+            Field::new("sum", DataType::Int64, true),
+            Field::new("count", DataType::Int64, false),
+        ]));
+        WindowAggregate::new(
+            calls,
+            Slicing::new(&WindowKind::Hop {
+                slide: 10,
+                size: 30,
+                offset: 0,
+            }),
+            (2, 3),
+            vec![
+                OutputColumn::WindowStart,
+                OutputColumn::Key(0),
+                OutputColumn::Aggregate(0),
+                OutputColumn::Aggregate(1),
+            ],
+            output,
+        )
+    }
+
+    /// Rows (k, v, t) as the slice-carrying input of the aggregate.
+    fn rows(rows: &[(i64, i64, i64)]) -> ChangeBatch {
+        let slice = |t: i64| t - t.rem_euclid(10);
+        ChangeBatch::new(
+            RecordBatch::try_new(
+                input_schema(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| slice(r.2)),
+                    )),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| slice(r.2) + 10),
+                    )),
+                ],
+            )
+            .unwrap(),
+        )
+    }
+
+    fn run(op: &mut WindowAggregate, batches: &[ChangeBatch], watermark: Millis) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in batches {
+            op.process(0, b.clone(), &mut out).unwrap();
+        }
+        op.on_watermark(watermark, &mut out).unwrap();
+        let mut lines: Vec<String> = out
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows()).map(move |i| {
+                    (0..b.rows.num_columns())
+                        .map(|c| {
+                            datafusion::arrow::util::display::array_value_to_string(
+                                b.rows.column(c),
+                                i,
+                            )
+                            .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_restored_aggregate_continues_as_if_never_stopped() {
+        let first = [
+            rows(&[(1, 5, 1), (2, 7, 12), (1, 5, 25)]),
+            rows(&[(1, 9, 14)]),
+        ];
+        let second = [rows(&[(1, 1, 31), (2, 2, 33)])];
+        let mut straight = operator();
+        let mut expected = run(&mut straight, &first, 15);
+        expected.extend(run(&mut straight, &second, 100));
+
+        let mut before = operator();
+        let mut got = run(&mut before, &first, 15);
+        let state = before.snapshot().unwrap();
+        let mut after = operator();
+        after.restore(state).unwrap();
+        got.extend(run(&mut after, &second, 100));
+        assert_eq!(got, expected);
+        assert!(
+            expected.contains(&"1970-01-01T00:00:00,1,19,2".to_string()),
+            "{expected:?}"
+        );
     }
 }

@@ -1,0 +1,59 @@
+//! Operator state as Arrow batches, for checkpoints: each batch says what it holds in its
+//! schema metadata, so restoring needs nothing but the batches and the operator's plan.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, Int64Array};
+use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+
+const KIND: &str = "weir.state";
+
+/// A batch of `kind` whose leading columns are the integers `head` (repeated on every row)
+/// followed by `columns`.
+pub fn batch(kind: &str, head: &[i64], columns: Vec<ArrayRef>) -> Result<RecordBatch> {
+    let rows = columns.first().map(|c| c.len()).unwrap_or(1);
+    let mut fields = Vec::new();
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    for (i, v) in head.iter().enumerate() {
+        fields.push(Field::new(
+            format!("h{i}"),
+            datafusion::arrow::datatypes::DataType::Int64,
+            false,
+        ));
+        arrays.push(Arc::new(Int64Array::from(vec![*v; rows])));
+    }
+    for (i, c) in columns.into_iter().enumerate() {
+        fields.push(Field::new(format!("c{i}"), c.data_type().clone(), true));
+        arrays.push(c);
+    }
+    let schema =
+        Schema::new(fields).with_metadata(HashMap::from([(KIND.to_string(), kind.to_string())]));
+    super::batch_of(Arc::new(schema), arrays, rows)
+}
+
+/// What `batch` holds, its `heads` leading integers, and the rest of its columns.
+pub fn parts(batch: &RecordBatch, heads: usize) -> Result<(String, Vec<i64>, Vec<ArrayRef>)> {
+    let kind = batch
+        .schema()
+        .metadata()
+        .get(KIND)
+        .cloned()
+        .ok_or_else(|| DataFusionError::Internal("a state batch without its kind".into()))?;
+    let mut head = Vec::with_capacity(heads);
+    for i in 0..heads {
+        let column = batch
+            .column(i)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| DataFusionError::Internal("a state batch without its header".into()))?;
+        head.push(if column.is_empty() {
+            0
+        } else {
+            column.value(0)
+        });
+    }
+    Ok((kind, head, batch.columns()[heads..].to_vec()))
+}

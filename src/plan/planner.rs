@@ -115,6 +115,15 @@ impl<'a> Planner<'a> {
         self
     }
 
+    /// Rows hashed by `keys` to every subtask, or all to one when there are no keys.
+    fn keyed(&self, keys: Vec<Arc<dyn PhysicalExpr>>) -> (Exchange, usize) {
+        if keys.is_empty() {
+            (Exchange::Gather, 1)
+        } else {
+            (Exchange::Hash(keys), self.parallelism)
+        }
+    }
+
     fn set_changelog(&mut self, stream: &mut Stream, mode: ChangelogMode) {
         stream.changelog = mode;
         self.graph.nodes[stream.node].changelog = mode;
@@ -861,30 +870,13 @@ impl<'a> Planner<'a> {
                 ))));
             }
             let gap = *gap;
-            let exchange_keys = keys.clone();
-            let (exchange, parallelism) = if exchange_keys.is_empty() {
-                (Exchange::Gather, 1)
-            } else {
-                (Exchange::Hash(exchange_keys), self.parallelism)
-            };
+            let (exchange, parallelism) = self.keyed(keys.clone());
             let schema = agg.schema.clone();
             let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
             let factory_output = output.clone();
             let time_column = cols.start;
             let late_rows = self.late_rows.clone();
-            let detail = format!(
-                "gap {gap} ms, group by {}; {}",
-                agg.group_expr
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                agg.aggr_expr
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            let detail = format!("gap {gap} ms, {}", describe_aggregate(agg));
             let mut out = self.operator(
                 &input,
                 exchange,
@@ -907,19 +899,7 @@ impl<'a> Planner<'a> {
                     Ok(Box::new(op) as _)
                 }),
             );
-            let find = |role: OutputColumn| output.iter().position(|o| *o == role);
-            out.windows = match (
-                find(OutputColumn::WindowStart),
-                find(OutputColumn::WindowEnd),
-            ) {
-                (Some(start), Some(end)) => Some(WindowColumns {
-                    start,
-                    end,
-                    time: find(OutputColumn::WindowTime),
-                    sliced: false,
-                }),
-                _ => None,
-            };
+            out.windows = output_windows(&output);
             return Ok(out);
         }
         let slicing = if cols.sliced {
@@ -930,26 +910,13 @@ impl<'a> Planner<'a> {
         } else {
             Slicing::Given
         };
-        let (exchange, parallelism) = if keys.is_empty() {
-            (Exchange::Gather, 1)
-        } else {
-            (Exchange::Hash(keys), self.parallelism)
-        };
+        let (exchange, parallelism) = self.keyed(keys);
         let schema = agg.schema.clone();
         let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
         let detail = format!(
-            "{}group by {}; {}",
+            "{}{}",
             if cols.sliced { "by slices, " } else { "" },
-            agg.group_expr
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            agg.aggr_expr
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            describe_aggregate(agg)
         );
         let factory_output = output.clone();
         let late_rows = self.late_rows.clone();
@@ -980,19 +947,7 @@ impl<'a> Planner<'a> {
         if lateness > 0 {
             self.set_changelog(&mut out, ChangelogMode::Retract);
         }
-        let find = |role: OutputColumn| output.iter().position(|o| *o == role);
-        out.windows = match (
-            find(OutputColumn::WindowStart),
-            find(OutputColumn::WindowEnd),
-        ) {
-            (Some(start), Some(end)) => Some(WindowColumns {
-                start,
-                end,
-                time: find(OutputColumn::WindowTime),
-                sliced: false,
-            }),
-            _ => None,
-        };
+        out.windows = output_windows(&output);
         Ok(out)
     }
 
@@ -1148,6 +1103,33 @@ fn not_time_attribute(def: &TableDef, column: &str) -> DataFusionError {
             "declare WATERMARK FOR {column} AS {column} - INTERVAL '5' SECOND in the table, or window by a PROCTIME() column"
         )),
     ))
+}
+
+/// The window columns of an aggregate's output, if it keeps window_start and window_end.
+fn output_windows(output: &[OutputColumn]) -> Option<WindowColumns> {
+    let find = |role: OutputColumn| output.iter().position(|o| *o == role);
+    Some(WindowColumns {
+        start: find(OutputColumn::WindowStart)?,
+        end: find(OutputColumn::WindowEnd)?,
+        time: find(OutputColumn::WindowTime),
+        sliced: false,
+    })
+}
+
+/// "group by ...; aggregates" for EXPLAIN.
+fn describe_aggregate(agg: &datafusion::logical_expr::Aggregate) -> String {
+    let list = |exprs: &[Expr]| {
+        exprs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "group by {}; {}",
+        list(&agg.group_expr),
+        list(&agg.aggr_expr)
+    )
 }
 
 fn strip_alias(e: &Expr) -> &Expr {

@@ -57,3 +57,13 @@ pub fn parts(batch: &RecordBatch, heads: usize) -> Result<(String, Vec<i64>, Vec
     }
     Ok((kind, head, batch.columns()[heads..].to_vec()))
 }
+
+/// An operator's watermark and late-row count.
+pub fn progress(watermark: i64, late: u64) -> Result<RecordBatch> {
+    batch("progress", &[watermark, late as i64], vec![])
+}
+
+/// The watermark and late-row count of a `progress` batch's header.
+pub fn read_progress(head: &[i64]) -> (i64, u64) {
+    (head[0], head[1] as u64)
+}

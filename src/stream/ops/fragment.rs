@@ -230,11 +230,7 @@ impl Operator for Fragment {
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut out = vec![snapshot::batch(
-            "progress",
-            &[self.watermark, self.late as i64],
-            vec![],
-        )?];
+        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
         for (span, inputs) in &self.buffers {
             for (input, changes) in inputs.iter().enumerate() {
                 for change in changes {
@@ -255,8 +251,7 @@ impl Operator for Fragment {
             let heads = if batch.num_columns() >= 4 { 4 } else { 2 };
             let (kind, head, mut columns) = snapshot::parts(&batch, heads)?;
             if kind == "progress" {
-                self.watermark = head[0];
-                self.late = head[1] as u64;
+                (self.watermark, self.late) = snapshot::read_progress(&head);
                 continue;
             }
             let input = head[2] as usize;

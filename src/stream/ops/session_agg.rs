@@ -290,11 +290,7 @@ impl Operator for SessionAggregate {
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut out = vec![snapshot::batch(
-            "progress",
-            &[self.watermark, self.late as i64],
-            vec![],
-        )?];
+        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
         for session in self.sessions.values_mut() {
             let partial = session.state.freeze()?;
             session.state = self.calls.new_state()?;
@@ -312,8 +308,7 @@ impl Operator for SessionAggregate {
         for batch in state {
             let (kind, head, columns) = snapshot::parts(&batch, 2)?;
             if kind == "progress" {
-                self.watermark = head[0];
-                self.late = head[1] as u64;
+                (self.watermark, self.late) = snapshot::read_progress(&head);
                 continue;
             }
             let partial = Partial::from_columns(&self.calls, &columns)?;

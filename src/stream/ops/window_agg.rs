@@ -289,11 +289,7 @@ impl Operator for WindowAggregate {
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut out = vec![snapshot::batch(
-            "progress",
-            &[self.watermark, self.late as i64],
-            vec![],
-        )?];
+        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
         for (slice, entry) in &mut self.slices {
             if let Some(mut live) = entry.live.take() {
                 if !live.is_empty() {
@@ -323,8 +319,7 @@ impl Operator for WindowAggregate {
             let (kind, head, columns) = snapshot::parts(&batch, 2)?;
             match kind.as_str() {
                 "progress" => {
-                    self.watermark = head[0];
-                    self.late = head[1] as u64;
+                    (self.watermark, self.late) = snapshot::read_progress(&head);
                 }
                 "slice" => {
                     let partial = Partial::from_columns(&self.calls, &columns)?;

@@ -234,74 +234,79 @@ impl<'a> Planner<'a> {
         )))
     }
 
+    /// A projection of `input` to `exprs`, keeping track of the window columns it passes on.
+    fn project(&mut self, input: &Stream, exprs: &[Expr], schema: DFSchemaRef) -> Result<Stream> {
+        let physical = exprs
+            .iter()
+            .map(|e| self.physical(e, &input.schema))
+            .collect::<Result<Vec<_>>>()?;
+        let passed: Vec<Option<usize>> = exprs
+            .iter()
+            .map(|e| passthrough(e, &input.schema))
+            .collect();
+        let detail = exprs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let arrow = Arc::new(schema.as_arrow().clone());
+        let mut out = self.operator(
+            input,
+            Exchange::Forward,
+            input.parallelism,
+            ("Project", detail, "none"),
+            schema,
+            Arc::new(move |_| {
+                Ok(Box::new(Project {
+                    exprs: physical.clone(),
+                    schema: arrow.clone(),
+                }) as _)
+            }),
+        );
+        out.windows = input.windows.and_then(|w| {
+            let find = |i: usize| passed.iter().position(|p| *p == Some(i));
+            Some(WindowColumns {
+                start: find(w.start)?,
+                end: find(w.end)?,
+                time: w.time.and_then(find),
+                sliced: w.sliced,
+            })
+        });
+        out.slicing = input.slicing.clone();
+        self.set_changelog(&mut out, input.changelog);
+        Ok(out)
+    }
+
+    fn filter(&mut self, input: &Stream, predicate: &Expr) -> Result<Stream> {
+        let physical = self.physical(predicate, &input.schema)?;
+        let mut out = self.operator(
+            input,
+            Exchange::Forward,
+            input.parallelism,
+            ("Filter", predicate.to_string(), "none"),
+            input.schema.clone(),
+            Arc::new(move |_| {
+                Ok(Box::new(Filter {
+                    predicate: physical.clone(),
+                }) as _)
+            }),
+        );
+        out.windows = input.windows;
+        out.slicing = input.slicing.clone();
+        self.set_changelog(&mut out, input.changelog);
+        Ok(out)
+    }
+
     fn plan_node(&mut self, plan: &LogicalPlan) -> Result<Stream> {
         match plan {
             LogicalPlan::TableScan(scan) => self.plan_scan(scan),
             LogicalPlan::Projection(p) => {
                 let input = self.plan_node(&p.input)?;
-                let exprs = p
-                    .expr
-                    .iter()
-                    .map(|e| self.physical(e, &input.schema))
-                    .collect::<Result<Vec<_>>>()?;
-                let passthrough: Vec<Option<usize>> = p
-                    .expr
-                    .iter()
-                    .map(|e| passthrough(e, &input.schema))
-                    .collect();
-                let detail = p
-                    .expr
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let schema = p.schema.clone();
-                let arrow = Arc::new(schema.as_arrow().clone());
-                let mut out = self.operator(
-                    &input,
-                    Exchange::Forward,
-                    input.parallelism,
-                    ("Project", detail, "none"),
-                    schema,
-                    Arc::new(move |_| {
-                        Ok(Box::new(Project {
-                            exprs: exprs.clone(),
-                            schema: arrow.clone(),
-                        }) as _)
-                    }),
-                );
-                out.windows = input.windows.and_then(|w| {
-                    let find = |i: usize| passthrough.iter().position(|p| *p == Some(i));
-                    Some(WindowColumns {
-                        start: find(w.start)?,
-                        end: find(w.end)?,
-                        time: w.time.and_then(find),
-                        sliced: w.sliced,
-                    })
-                });
-                out.slicing = input.slicing;
-                self.set_changelog(&mut out, input.changelog);
-                Ok(out)
+                self.project(&input, &p.expr, p.schema.clone())
             }
             LogicalPlan::Filter(f) => {
                 let input = self.plan_node(&f.input)?;
-                let predicate = self.physical(&f.predicate, &input.schema)?;
-                let mut out = self.operator(
-                    &input,
-                    Exchange::Forward,
-                    input.parallelism,
-                    ("Filter", f.predicate.to_string(), "none"),
-                    input.schema.clone(),
-                    Arc::new(move |_| {
-                        Ok(Box::new(Filter {
-                            predicate: predicate.clone(),
-                        }) as _)
-                    }),
-                );
-                out.windows = input.windows;
-                out.slicing = input.slicing;
-                self.set_changelog(&mut out, input.changelog);
-                Ok(out)
+                self.filter(&input, &f.predicate)
             }
             LogicalPlan::SubqueryAlias(a) => {
                 let mut input = self.plan_node(&a.input)?;
@@ -454,64 +459,12 @@ impl<'a> Planner<'a> {
                 .iter()
                 .map(|&i| Expr::Column(Column::from(stream.schema.qualified_field(i))))
                 .collect();
-            let builder_schema = scan.projected_schema.clone();
-            let physical = exprs
-                .iter()
-                .map(|e| self.physical(e, &stream.schema))
-                .collect::<Result<Vec<_>>>()?;
-            let arrow = Arc::new(builder_schema.as_arrow().clone());
-            let windows = stream.windows.and_then(|w| {
-                let find = |i: usize| projection.iter().position(|p| *p == i);
-                Some(WindowColumns {
-                    start: find(w.start)?,
-                    end: find(w.end)?,
-                    time: w.time.and_then(find),
-                    sliced: w.sliced,
-                })
-            });
-            let slicing = stream.slicing.clone();
-            let names = exprs
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut out = self.operator(
-                &stream,
-                Exchange::Forward,
-                stream.parallelism,
-                ("Project", names, "none"),
-                builder_schema,
-                Arc::new(move |_| {
-                    Ok(Box::new(Project {
-                        exprs: physical.clone(),
-                        schema: arrow.clone(),
-                    }) as _)
-                }),
-            );
-            out.windows = windows;
-            out.slicing = slicing;
-            stream = out;
+            stream = self.project(&stream, &exprs, scan.projected_schema.clone())?;
         } else {
             stream.schema = scan.projected_schema.clone();
         }
         for filter in &scan.filters {
-            let predicate = self.physical(filter, &stream.schema)?;
-            let windows = stream.windows;
-            let slicing = stream.slicing.clone();
-            stream = self.operator(
-                &stream,
-                Exchange::Forward,
-                stream.parallelism,
-                ("Filter", filter.to_string(), "none"),
-                stream.schema.clone(),
-                Arc::new(move |_| {
-                    Ok(Box::new(Filter {
-                        predicate: predicate.clone(),
-                    }) as _)
-                }),
-            );
-            stream.windows = windows;
-            stream.slicing = slicing;
+            stream = self.filter(&stream, filter)?;
         }
         Ok(stream)
     }

@@ -174,3 +174,44 @@ async fn dml_sync_waits_for_a_bounded_job_and_reports_its_failure() {
     assert_eq!(e.code().unwrap().code(), "22012", "{e}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_is_listed_but_not_run_again_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE gen (id BIGINT) WITH ('connector' = 'datagen', 'number-of-rows' = '10',
+               'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '10');
+             CREATE TABLE out (id BIGINT);",
+        )
+        .await
+        .unwrap();
+    rows(&client, "INSERT INTO out SELECT id FROM gen").await;
+    let mut state = String::new();
+    for _ in 0..100 {
+        state = rows(&client, "SHOW JOBS").await[0][2].clone();
+        if state == "FINISHED" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "FINISHED");
+    assert_eq!(
+        rows(&client, "SELECT count(*) FROM out").await,
+        vec![vec!["10".to_string()]]
+    );
+    // Give the catalog a moment to forget the finished job.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    assert!(rows(&client, "SHOW JOBS").await.is_empty());
+    assert_eq!(
+        rows(&client, "SELECT count(*) FROM out").await,
+        vec![vec!["10".to_string()]]
+    );
+    server.stop().await;
+}

@@ -57,8 +57,9 @@ impl SledStore {
         loop {
             match sled::Config::new().path(dir).open() {
                 Ok(db) => return Ok(Self { db }),
+                // sled reports the busy lock as an I/O error whose text names it.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 40 =>
+                    if e.to_string().contains("could not acquire lock") && attempts < 40 =>
                 {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));

@@ -405,6 +405,7 @@ impl Engine {
             }
         } else {
             self.catalog_write(move |c| c.create_job(job_def)).await?;
+            forget_when_done(job, self.catalog.clone());
         }
         Ok(id)
     }
@@ -590,11 +591,27 @@ impl Engine {
                 let plan = self.plan_text(&metadata, &job.statement).await?;
                 self.start_insert(&metadata, &job.id, &job.statement, &plan)
             };
-            if let Err(e) = started.await {
-                tracing::error!("job {} did not start: {}", job.id, e.message);
+            match started.await {
+                Ok((running, _)) => forget_when_done(running, self.catalog.clone()),
+                Err(e) => tracing::error!("job {} did not start: {}", job.id, e.message),
             }
         }
     }
+}
+
+/// A job that finished (its inputs were bounded) or failed is not started again after a
+/// restart: its catalog entry goes; SHOW JOBS still lists it until then.
+fn forget_when_done(job: Arc<RunningJob>, catalog: Arc<weir_catalog::Catalog>) {
+    tokio::spawn(async move {
+        if job.finished().await == JobState::Stopped {
+            return;
+        }
+        let id = job.id.clone();
+        let dropped = tokio::task::spawn_blocking(move || catalog.drop_job(&id)).await;
+        if let Ok(Err(e)) = dropped {
+            tracing::error!("finished job {} stays in the catalog: {e}", job.id);
+        }
+    });
 }
 
 /// Tables and views an INSERT's query reads.

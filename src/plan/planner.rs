@@ -1012,6 +1012,13 @@ impl<'a> Planner<'a> {
         let session = self.state.clone();
         let factory_arrow = arrow.clone();
         let late_rows = self.late_rows.clone();
+        // Only windows can be corrected; an end-of-input fragment runs once.
+        let lateness = if windows.is_some() { self.lateness } else { 0 };
+        let changelog = if lateness > 0 {
+            ChangelogMode::Retract
+        } else {
+            ChangelogMode::InsertOnly
+        };
         let detail = format!("{}", plan.display());
         let node = self.add(StreamNode {
             name: name.into(),
@@ -1027,10 +1034,11 @@ impl<'a> Planner<'a> {
                     factory_arrow.clone(),
                 );
                 op.late_rows = late_rows.clone();
+                op.lateness = lateness;
                 Ok(Box::new(op) as _)
             })),
             schema: arrow,
-            changelog: ChangelogMode::InsertOnly,
+            changelog,
         });
         Ok(Stream {
             node,
@@ -1038,7 +1046,7 @@ impl<'a> Planner<'a> {
             parallelism,
             windows: None,
             slicing: None,
-            changelog: ChangelogMode::InsertOnly,
+            changelog,
         })
     }
 }

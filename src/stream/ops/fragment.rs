@@ -16,7 +16,7 @@ use datafusion::logical_expr::{col, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::collect;
 
 use crate::stream::late::LateRows;
-use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
+use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
@@ -38,6 +38,12 @@ pub struct Fragment {
     late: u64,
     /// Where dropped rows go, if the session named a late-data table.
     pub late_rows: Option<Arc<LateRows>>,
+    /// 'table.exec.emit.allow-lateness': how long fired windows are kept for corrections.
+    pub lateness: Millis,
+    /// What fired windows emitted, while they can still be corrected.
+    emitted: BTreeMap<Span, Vec<RecordBatch>>,
+    /// Fired windows that late rows changed.
+    dirty: std::collections::BTreeSet<Span>,
 }
 
 impl Fragment {
@@ -61,6 +67,9 @@ impl Fragment {
             watermark: NO_WATERMARK,
             late: 0,
             late_rows: None,
+            lateness: 0,
+            emitted: BTreeMap::new(),
+            dirty: Default::default(),
         }
     }
 
@@ -133,24 +142,44 @@ impl Fragment {
     }
 
     fn fire(&mut self, span: Span, out: &mut Vec<ChangeBatch>) -> Result<()> {
-        if let Some(rows) = self.buffers.remove(&span) {
-            for batch in self.run(rows)? {
-                if batch.num_rows() > 0 {
-                    out.push(ChangeBatch::new(batch));
-                }
+        if self.lateness == 0 {
+            if let Some(rows) = self.buffers.remove(&span) {
+                let batches = self.run(rows)?;
+                out.extend(
+                    batches
+                        .into_iter()
+                        .filter(|b| b.num_rows() > 0)
+                        .map(ChangeBatch::new),
+                );
             }
+            return Ok(());
+        }
+        // Kept for corrections: the rows, and what the window emitted.
+        let Some(rows) = self.buffers.get(&span).cloned() else {
+            return Ok(());
+        };
+        let new: Vec<RecordBatch> = self
+            .run(rows)?
+            .into_iter()
+            .filter(|b| b.num_rows() > 0)
+            .collect();
+        match self.emitted.insert(span, new.clone()) {
+            Some(old) => {
+                out.extend(
+                    old.into_iter()
+                        .map(|b| ChangeBatch::with_op(b, Op::UpdateBefore)),
+                );
+                out.extend(
+                    new.into_iter()
+                        .map(|b| ChangeBatch::with_op(b, Op::UpdateAfter)),
+                );
+            }
+            None => out.extend(new.into_iter().map(ChangeBatch::new)),
         }
         Ok(())
     }
-}
 
-impl Operator for Fragment {
-    fn process(
-        &mut self,
-        input: usize,
-        batch: ChangeBatch,
-        _out: &mut Vec<ChangeBatch>,
-    ) -> Result<()> {
+    fn add_rows(&mut self, input: usize, batch: ChangeBatch) -> Result<()> {
         let Some(windows) = &self.windows else {
             self.buffer(EVERYTHING, input, batch);
             return Ok(());
@@ -163,11 +192,14 @@ impl Operator for Fragment {
         for i in 0..batch.num_rows() {
             let span = (starts.value(i), ends.value(i));
             let watermark = batch.watermark_of(i, self.watermark);
-            if fired(span.1, watermark) {
+            if fired(span.1 + self.lateness, watermark) {
                 self.late += 1;
                 late.push(i as u32);
                 late_watermarks.push(watermark);
                 continue;
+            }
+            if self.emitted.contains_key(&span) {
+                self.dirty.insert(span);
             }
             by_window.entry(span).or_default().push(i as u32);
         }
@@ -184,6 +216,22 @@ impl Operator for Fragment {
         }
         Ok(())
     }
+}
+
+impl Operator for Fragment {
+    fn process(
+        &mut self,
+        input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        self.add_rows(input, batch)?;
+        // Late rows within the allowed lateness correct their windows at once.
+        for span in std::mem::take(&mut self.dirty) {
+            self.fire(span, out)?;
+        }
+        Ok(())
+    }
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.watermark = watermark;
@@ -193,12 +241,17 @@ impl Operator for Fragment {
         let due: Vec<Span> = self
             .buffers
             .keys()
-            .filter(|s| fired(s.1, watermark))
+            .filter(|s| fired(s.1, watermark) && !self.emitted.contains_key(s))
             .copied()
             .collect();
         for span in due {
             self.fire(span, out)?;
         }
+        let lateness = self.lateness;
+        self.buffers
+            .retain(|s, _| !fired(s.1 + lateness, watermark));
+        self.emitted
+            .retain(|s, _| !fired(s.1 + lateness, watermark));
         Ok(())
     }
 
@@ -209,13 +262,17 @@ impl Operator for Fragment {
                 .entry(EVERYTHING)
                 .or_insert_with(|| vec![Vec::new(); n]);
         }
-        let all: Vec<Span> = self.buffers.keys().copied().collect();
+        let all: Vec<Span> = self
+            .buffers
+            .keys()
+            .filter(|s| !self.emitted.contains_key(s))
+            .copied()
+            .collect();
         for span in all {
             self.fire(span, out)?;
         }
         Ok(())
     }
-
     fn state_size(&self) -> usize {
         self.buffers
             .values()

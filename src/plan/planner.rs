@@ -799,6 +799,12 @@ impl<'a> Planner<'a> {
             filters,
         });
         if let Some(Slicing::Session { gap, partition_by }) = &input.slicing {
+            if self.lateness > 0 {
+                return Err(refuse(
+                    "'table.exec.emit.allow-lateness' is not supported for SESSION windows yet; \
+                     RESET it for this query (late rows are then dropped and counted)",
+                ));
+            }
             let mut keys_named: Vec<String> = group_exprs
                 .iter()
                 .zip(&output)

@@ -176,9 +176,7 @@ pub fn reduce_flink_syntax(text: &str) -> Option<String> {
             i += 1;
             continue;
         };
-        let Some(close) = matching_paren(&tokens, open) else {
-            return None;
-        };
+        let close = matching_paren(&tokens, open)?;
         let inner_close = matching_paren(&tokens, inner_open)?;
         changed = true;
         out.push(tokens[func].clone());

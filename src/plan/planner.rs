@@ -587,7 +587,6 @@ impl<'a> Planner<'a> {
     }
 
     /// Computed columns and the watermark of a table's source.
-    #[allow(clippy::type_complexity)]
     fn source_time(
         &self,
         def: &Arc<TableDef>,

@@ -14,6 +14,7 @@ use datafusion::datasource::{provider_as_source, MemTable};
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::{col, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::collect;
+use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 
 use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
@@ -130,7 +131,10 @@ impl Fragment {
         let state = self.state.clone();
         let schema = self.schema.clone();
         crate::stream::block_on(async move {
-            let physical = state.create_physical_plan(&plan).await?;
+            // The node was optimized with the whole query; only physical planning is left.
+            let physical = DefaultPhysicalPlanner::default()
+                .create_physical_plan(&plan, &state)
+                .await?;
             let batches = collect(physical, state.task_ctx()).await?;
             batches
                 .into_iter()

@@ -799,12 +799,6 @@ impl<'a> Planner<'a> {
             filters,
         });
         if let Some(Slicing::Session { gap, partition_by }) = &input.slicing {
-            if self.lateness > 0 {
-                return Err(refuse(
-                    "'table.exec.emit.allow-lateness' is not supported for SESSION windows yet; \
-                     RESET it for this query (late rows are then dropped and counted)",
-                ));
-            }
             let mut keys_named: Vec<String> = group_exprs
                 .iter()
                 .zip(&output)
@@ -835,6 +829,7 @@ impl<'a> Planner<'a> {
             let factory_output = output.clone();
             let time_column = cols.start;
             let late_rows = self.late_rows.clone();
+            let lateness = self.lateness;
             let detail = format!("gap {gap} ms, {}", describe_aggregate(agg));
             let mut out = self.operator(
                 &input,
@@ -855,9 +850,13 @@ impl<'a> Planner<'a> {
                         arrow.clone(),
                     )?;
                     op.late_rows = late_rows.clone();
+                    op.lateness = lateness;
                     Ok(Box::new(op) as _)
                 }),
             );
+            if lateness > 0 {
+                self.set_changelog(&mut out, ChangelogMode::Retract);
+            }
             out.windows = output_windows(&output);
             return Ok(out);
         }

@@ -17,7 +17,7 @@ use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_agg::OutputColumn;
 use super::window_assign::millis_column;
 use crate::stream::late::LateRows;
-use crate::stream::message::{ChangeBatch, Millis, NO_WATERMARK};
+use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
@@ -28,6 +28,8 @@ struct Session {
     start: Millis,
     end: Millis,
     state: Grouped,
+    /// What the session emitted when it closed, kept while it can still be corrected.
+    emitted: Option<RecordBatch>,
 }
 
 pub struct SessionAggregate {
@@ -48,6 +50,13 @@ pub struct SessionAggregate {
     late: u64,
     /// Where dropped rows go, if the session named a late-data table.
     pub late_rows: Option<Arc<LateRows>>,
+    /// 'table.exec.emit.allow-lateness': closed sessions stay this long; a late row that
+    /// merges into one retracts what it emitted and emits the corrected session.
+    pub lateness: Millis,
+    /// Emitted rows of sessions that late rows changed, to retract.
+    retract: Vec<RecordBatch>,
+    /// Closed sessions that late rows changed.
+    dirty: BTreeSet<usize>,
 }
 
 impl SessionAggregate {
@@ -80,6 +89,9 @@ impl SessionAggregate {
             watermark: NO_WATERMARK,
             late: 0,
             late_rows: None,
+            lateness: 0,
+            retract: Vec::new(),
+            dirty: BTreeSet::new(),
         })
     }
 
@@ -130,8 +142,15 @@ impl SessionAggregate {
             start = start.min(s.start);
             end = end.max(s.end);
         }
-        if fired(end, watermark) {
+        if fired(end + self.lateness, watermark) {
             return Ok(None);
+        }
+        for &id in &touching {
+            let s = self.sessions.get_mut(&id).expect("live session");
+            if let Some(rows) = s.emitted.take() {
+                self.retract.push(rows);
+                self.dirty.insert(id);
+            }
         }
         if let [only] = touching.as_slice() {
             let id = *only;
@@ -145,16 +164,50 @@ impl SessionAggregate {
             return Ok(Some(id));
         }
         let mut state = self.calls.new_state()?;
+        let mut corrected = false;
         for id in touching {
+            corrected |= self.dirty.remove(&id);
             let mut merged = self.remove(id);
             state.merge(&merged.state.freeze()?)?;
         }
-        Ok(Some(self.insert(Session {
+        let id = self.insert(Session {
             key: key.clone(),
             start,
             end,
             state,
-        })))
+            emitted: None,
+        });
+        if corrected {
+            self.dirty.insert(id);
+        }
+        Ok(Some(id))
+    }
+
+    /// The rows session `id` emits now, leaving its state as it was.
+    fn rows_of(&mut self, id: usize) -> Result<RecordBatch> {
+        let calls = self.calls.clone();
+        let session = self.sessions.get_mut(&id).expect("live session");
+        let partial = session.state.freeze()?;
+        session.state = calls.new_state()?;
+        session.state.merge(&partial)?;
+        let mut copy = calls.new_state()?;
+        copy.merge(&partial)?;
+        let (key, start, end) = (session.key.clone(), session.start, session.end);
+        let mut batches = Vec::new();
+        self.emit(
+            vec![Session {
+                key,
+                start,
+                end,
+                state: copy,
+                emitted: None,
+            }],
+            &mut batches,
+        )?;
+        Ok(batches
+            .pop()
+            .map(|b| b.rows)
+            .unwrap_or_else(|| RecordBatch::new_empty(self.schema.clone())))
     }
 
     fn emit(&mut self, sessions: Vec<Session>, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -214,7 +267,7 @@ impl Operator for SessionAggregate {
         &mut self,
         _input: usize,
         batch: ChangeBatch,
-        _out: &mut Vec<ChangeBatch>,
+        out: &mut Vec<ChangeBatch>,
     ) -> Result<()> {
         let times = to_millis(batch.rows.column(self.time_column))?;
         let key_columns = self.calls.key_columns(&batch.rows)?;
@@ -263,6 +316,22 @@ impl Operator for SessionAggregate {
             let session = self.sessions.get_mut(&id).expect("live session");
             session.state.update(&calls, &part_keys, &part)?;
         }
+        for rows in std::mem::take(&mut self.retract) {
+            out.push(ChangeBatch::with_op(rows, Op::UpdateBefore));
+        }
+        for id in std::mem::take(&mut self.dirty) {
+            // A corrected session that is still closed emits again now; one that reopened
+            // (its end moved past the watermark) emits when it closes.
+            if self
+                .sessions
+                .get(&id)
+                .is_some_and(|s| fired(s.end, self.watermark))
+            {
+                let rows = self.rows_of(id)?;
+                out.push(ChangeBatch::with_op(rows.clone(), Op::UpdateAfter));
+                self.sessions.get_mut(&id).expect("live session").emitted = Some(rows);
+            }
+        }
         Ok(())
     }
 
@@ -273,9 +342,27 @@ impl Operator for SessionAggregate {
             .iter()
             .take_while(|(end, _)| fired(*end, watermark))
             .map(|(_, id)| *id)
+            .filter(|id| self.sessions[id].emitted.is_none())
             .collect();
-        let closed: Vec<Session> = due.into_iter().map(|id| self.remove(id)).collect();
-        self.emit(closed, out)
+        if self.lateness == 0 {
+            let closed: Vec<Session> = due.into_iter().map(|id| self.remove(id)).collect();
+            return self.emit(closed, out);
+        }
+        for id in due {
+            let rows = self.rows_of(id)?;
+            out.push(ChangeBatch::new(rows.clone()));
+            self.sessions.get_mut(&id).expect("live session").emitted = Some(rows);
+        }
+        let expired: Vec<usize> = self
+            .by_end
+            .iter()
+            .take_while(|(end, _)| fired(*end + self.lateness, watermark))
+            .map(|(_, id)| *id)
+            .collect();
+        for id in expired {
+            self.remove(id);
+        }
+        Ok(())
     }
 
     fn state_size(&self) -> usize {
@@ -324,6 +411,7 @@ impl Operator for SessionAggregate {
                 start: head[0],
                 end: head[1],
                 state,
+                emitted: None,
             });
         }
         Ok(())

@@ -207,15 +207,57 @@ pub struct SourceRows {
     schema: SchemaRef,
     computed: Vec<Arc<dyn PhysicalExpr>>,
     time: TimeSource,
+    /// The watermark expression when it is `column - fixed interval`: (column, interval in
+    /// milliseconds). Arrow subtracts intervals from timestamps row by row through chrono,
+    /// which dominated sources; a fixed length of time is an integer subtraction.
+    minus_millis: Option<(usize, i64)>,
     pub watermark: Millis,
+}
+
+/// `(column, ms)` when `expr` is `column - INTERVAL` over a millisecond timestamp column
+/// of `schema`, the interval being a whole number of milliseconds without months or days
+/// (whose length depends on the date).
+fn column_minus_millis(expr: &Arc<dyn PhysicalExpr>, schema: &SchemaRef) -> Option<(usize, i64)> {
+    use datafusion::common::ScalarValue;
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+    let binary = expr.downcast_ref::<BinaryExpr>()?;
+    if *binary.op() != Operator::Minus {
+        return None;
+    }
+    let column = binary.left().downcast_ref::<Column>()?;
+    let field = schema.fields().get(column.index())?;
+    if field.name() != column.name()
+        || !matches!(
+            field.data_type(),
+            DataType::Timestamp(TimeUnit::Millisecond, _)
+        )
+    {
+        return None;
+    }
+    let millis = match binary.right().downcast_ref::<Literal>()?.value() {
+        ScalarValue::IntervalMonthDayNano(Some(i))
+            if i.months == 0 && i.days == 0 && i.nanoseconds % 1_000_000 == 0 =>
+        {
+            i.nanoseconds / 1_000_000
+        }
+        ScalarValue::IntervalDayTime(Some(i)) if i.days == 0 => i.milliseconds as i64,
+        _ => return None,
+    };
+    Some((column.index(), millis))
 }
 
 impl SourceRows {
     pub fn new(spec: &SourceSpec, schema: SchemaRef) -> Self {
+        let minus_millis = match &spec.time {
+            TimeSource::Watermark { expr, .. } => column_minus_millis(expr, &schema),
+            _ => None,
+        };
         Self {
             schema,
             computed: spec.computed.clone(),
             time: spec.time.clone(),
+            minus_millis,
             watermark: NO_WATERMARK,
         }
     }
@@ -246,14 +288,32 @@ impl SourceRows {
         let mut batch = ChangeBatch::new(rows);
         match &self.time {
             TimeSource::Watermark { expr, .. } => {
-                let values = expr.evaluate(&batch.rows)?.into_array(batch.num_rows())?;
-                let millis = to_millis(&values)?;
                 let mut current = self.watermark;
-                let mut meets = Vec::with_capacity(millis.len());
-                for i in 0..millis.len() {
-                    meets.push(current);
-                    if millis.is_valid(i) {
-                        current = current.max(millis.value(i));
+                let mut meets = Vec::with_capacity(batch.num_rows());
+                let fast = self
+                    .minus_millis
+                    .map(|(column, ms)| (to_millis(batch.rows.column(column)), ms));
+                match fast {
+                    // Times so early that subtracting overflows: the expression reports it.
+                    Some((Ok(times), ms))
+                        if times.values().iter().all(|t| t.checked_sub(ms).is_some()) =>
+                    {
+                        for i in 0..times.len() {
+                            meets.push(current);
+                            if times.is_valid(i) {
+                                current = current.max(times.value(i) - ms);
+                            }
+                        }
+                    }
+                    _ => {
+                        let values = expr.evaluate(&batch.rows)?.into_array(batch.num_rows())?;
+                        let millis = to_millis(&values)?;
+                        for i in 0..millis.len() {
+                            meets.push(current);
+                            if millis.is_valid(i) {
+                                current = current.max(millis.value(i));
+                            }
+                        }
                     }
                 }
                 self.watermark = current;
@@ -302,4 +362,60 @@ pub fn to_millis(values: &ArrayRef) -> Result<Int64Array> {
         .downcast_ref::<Int64Array>()
         .expect("cast to Int64")
         .clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::TimestampMillisecondArray;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::common::DFSchema;
+    use datafusion::prelude::SessionContext;
+
+    fn watermark_expr(sql: &str, schema: &SchemaRef) -> Arc<dyn PhysicalExpr> {
+        let state = SessionContext::new().state();
+        let df_schema = DFSchema::try_from(schema.as_ref().clone()).unwrap();
+        let logical = state.create_logical_expr(sql, &df_schema).unwrap();
+        state.create_physical_expr(logical, &df_schema).unwrap()
+    }
+
+    #[test]
+    fn column_minus_fixed_interval_is_integer_subtraction() {
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4])),
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    Some(1_436_918_400_123),
+                    None,
+                    Some(-5),
+                    Some(0),
+                ])),
+            ],
+        )
+        .unwrap();
+        for (sql, fast) in [
+            ("ts - INTERVAL '4' SECOND", Some((1, 4000))),
+            ("ts - INTERVAL '0.25' SECOND", Some((1, 250))),
+            ("ts - INTERVAL '1' MINUTE", Some((1, 60_000))),
+            ("ts - INTERVAL '1' DAY", None),
+            ("ts - INTERVAL '1' MONTH", None),
+            ("ts + INTERVAL '4' SECOND", None),
+            ("ts", None),
+        ] {
+            let expr = watermark_expr(sql, &schema);
+            assert_eq!(column_minus_millis(&expr, &schema), fast, "{sql}");
+            if let Some((column, ms)) = fast {
+                let times = to_millis(batch.column(column)).unwrap();
+                let generic =
+                    to_millis(&expr.evaluate(&batch).unwrap().into_array(4).unwrap()).unwrap();
+                let subtracted: Int64Array = times.iter().map(|t| t.map(|t| t - ms)).collect();
+                assert_eq!(subtracted, generic, "{sql}");
+            }
+        }
+    }
 }

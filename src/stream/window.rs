@@ -151,11 +151,24 @@ impl Slicing {
 
     /// The end of the last window containing `slice`: once the watermark passes it, the
     /// slice can be dropped, and a row for it is late.
-    pub fn last_end(&self, slice: Span) -> Millis {
-        self.windows_of_slice(slice)
-            .last()
-            .map(|w| w.1)
-            .unwrap_or(slice.1)
+    ///
+    /// Called for every row: computed directly rather than as the last of
+    /// [`Slicing::windows_of_slice`], which allocates.
+    pub fn last_end(&self, (start, end): Span) -> Millis {
+        match *self {
+            Slicing::Tumble { .. } | Slicing::Given => end,
+            // The window starting at the slide boundary at or before the slice.
+            Slicing::Hop {
+                slide,
+                size,
+                offset,
+                ..
+            } => (align(start, slide, offset) + size).max(end),
+            // The full-size window of the cumulation the slice is in.
+            Slicing::Cumulate { step, size, offset } => {
+                (align(start, size, offset) + size / step * step).max(end)
+            }
+        }
     }
 }
 
@@ -210,5 +223,53 @@ mod tests {
         assert_eq!(t.slice_of(2), (-7, 3));
         assert_eq!(t.slice_of(-8), (-17, -7));
         assert!(fired(10, 9) && !fired(10, 8));
+    }
+
+    #[test]
+    fn last_end_is_the_end_of_the_last_window_of_the_slice() {
+        let kinds = [
+            WindowKind::Tumble {
+                size: 10,
+                offset: 3,
+            },
+            WindowKind::Hop {
+                slide: 2,
+                size: 10,
+                offset: 0,
+            },
+            WindowKind::Hop {
+                slide: 4,
+                size: 10,
+                offset: 1,
+            },
+            WindowKind::Hop {
+                slide: 10,
+                size: 4,
+                offset: 0,
+            },
+            WindowKind::Cumulate {
+                step: 2,
+                size: 6,
+                offset: 0,
+            },
+            WindowKind::Cumulate {
+                step: 3,
+                size: 12,
+                offset: 5,
+            },
+        ];
+        for kind in kinds {
+            let slicing = Slicing::new(&kind);
+            for t in -40..40 {
+                let slice = slicing.slice_of(t);
+                let expected = slicing
+                    .windows_of_slice(slice)
+                    .last()
+                    .map(|w| w.1)
+                    .unwrap_or(slice.1);
+                assert_eq!(slicing.last_end(slice), expected, "{kind:?} at {t}");
+            }
+        }
+        assert_eq!(Slicing::Given.last_end((5, 9)), 9);
     }
 }

@@ -2,7 +2,7 @@
 //! given by upstream window_start/window_end columns. Emits one insert-only row per window
 //! and key when the watermark reaches window_end - 1.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, UInt32Array};
@@ -171,31 +171,33 @@ impl Operator for WindowAggregate {
     ) -> Result<()> {
         let starts = to_millis(batch.rows.column(self.start_column))?;
         let ends = to_millis(batch.rows.column(self.end_column))?;
-        let mut by_slice: HashMap<Span, Vec<u32>> = HashMap::new();
-        let mut first: Option<Span> = None;
-        let mut uniform = true;
+        // Rows of a batch fall into a few slices, usually one, and come in runs: a short
+        // list searched from the last slice used beats hashing every row.
+        let mut by_slice: Vec<(Span, Vec<u32>)> = Vec::new();
+        let mut last = 0;
         let mut kept = 0usize;
         for i in 0..batch.num_rows() {
             let slice = (starts.value(i), ends.value(i));
             let last_end = self.slicing.last_end(slice);
             if fired(last_end, batch.watermark_of(i, self.watermark)) {
                 self.late += 1;
-                uniform = false;
                 continue;
             }
             kept += 1;
-            match first {
-                None => first = Some(slice),
-                Some(f) if f != slice => uniform = false,
-                _ => {}
+            if by_slice.get(last).is_none_or(|(s, _)| *s != slice) {
+                last = match by_slice.iter().position(|(s, _)| *s == slice) {
+                    Some(p) => p,
+                    None => {
+                        by_slice.push((slice, Vec::new()));
+                        by_slice.len() - 1
+                    }
+                };
             }
-            by_slice.entry(slice).or_default().push(i as u32);
+            by_slice[last].1.push(i as u32);
         }
-        if kept == 0 {
-            return Ok(());
-        }
-        if uniform {
-            return self.add(first.expect("rows were kept"), &batch.rows);
+        if kept == batch.num_rows() && by_slice.len() == 1 {
+            let (slice, _) = by_slice.pop().expect("one slice");
+            return self.add(slice, &batch.rows);
         }
         for (slice, rows) in by_slice {
             let part = take_record_batch(&batch.rows, &UInt32Array::from(rows))?;

@@ -33,7 +33,6 @@ const HASH_STATE: RandomState = RandomState::with_seed(0x5745_4952);
 pub enum Partitioner {
     /// One receiver.
     Single,
-    RoundRobin(usize),
     Hash(Vec<Arc<dyn PhysicalExpr>>),
 }
 
@@ -65,11 +64,6 @@ impl Outlet {
         }
         match &mut self.partitioner {
             Partitioner::Single => self.send_to(0, batch).await,
-            Partitioner::RoundRobin(next) => {
-                let to = *next % self.senders.len();
-                *next += 1;
-                self.send_to(to, batch).await
-            }
             Partitioner::Hash(keys) => {
                 let parallelism = self.senders.len();
                 if parallelism == 1 {

@@ -8,7 +8,6 @@ use datafusion::common::Result;
 use datafusion::physical_expr::PhysicalExpr;
 use weir_catalog::TableDef;
 
-use super::message::Millis;
 use super::mv::MvState;
 use super::operator::Operator;
 
@@ -25,8 +24,6 @@ pub enum Exchange {
     Hash(Vec<Arc<dyn PhysicalExpr>>),
     /// Every row to the single consumer subtask.
     Gather,
-    /// Spread evenly, for a consumer with more subtasks than its producer.
-    RoundRobin,
 }
 
 impl Exchange {
@@ -41,7 +38,6 @@ impl Exchange {
                     .join(", ")
             ),
             Exchange::Gather => "gather".into(),
-            Exchange::RoundRobin => "round-robin".into(),
         }
     }
 }
@@ -167,9 +163,4 @@ impl StreamGraph {
                 .map(|input| (n, input))
         })
     }
-}
-
-/// Watermark value of a row time in `Millis`.
-pub fn watermark_of_end(window_end: Millis) -> Millis {
-    window_end - 1
 }

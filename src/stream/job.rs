@@ -365,9 +365,6 @@ impl RunningJob {
                             Exchange::Gather => {
                                 (vec![all[0].clone()], base + subtask, Partitioner::Single)
                             }
-                            Exchange::RoundRobin => {
-                                (all, base + subtask, Partitioner::RoundRobin(subtask))
-                            }
                             Exchange::Hash(keys) => {
                                 (all, base + subtask, Partitioner::Hash(keys.clone()))
                             }

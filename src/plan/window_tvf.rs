@@ -126,6 +126,88 @@ impl std::fmt::Display for WindowSpec {
     }
 }
 
+impl WindowSpec {
+    /// The call in Flink's syntax.
+    pub fn to_sql(&self) -> String {
+        let interval = |v: Millis| format!("INTERVAL '{}' SECOND", v as f64 / 1000.0);
+        let (name, table, col) = (self.function_name(), &self.table, &self.time_column);
+        let args = match &self.kind {
+            WindowKind::Tumble { size, offset } => {
+                let mut a = vec![interval(*size)];
+                if *offset != 0 {
+                    a.push(interval(*offset));
+                }
+                a
+            }
+            WindowKind::Hop {
+                slide,
+                size,
+                offset,
+            }
+            | WindowKind::Cumulate {
+                step: slide,
+                size,
+                offset,
+            } => {
+                let mut a = vec![interval(*slide), interval(*size)];
+                if *offset != 0 {
+                    a.push(interval(*offset));
+                }
+                a
+            }
+            WindowKind::Session { gap, .. } => vec![interval(*gap)],
+        };
+        let partition = match &self.kind {
+            WindowKind::Session { partition_by, .. } if !partition_by.is_empty() => {
+                format!(" PARTITION BY ({})", partition_by.join(", "))
+            }
+            _ => String::new(),
+        };
+        format!(
+            "TABLE({name}(TABLE {table}{partition}, DESCRIPTOR({col}), {}))",
+            args.join(", ")
+        )
+    }
+}
+
+/// `sql` with every encoded window table reference written back as the Flink call, for
+/// showing stored queries (SHOW CREATE VIEW, SHOW JOBS).
+pub fn readable(sql: &str) -> String {
+    let marker = format!("\"{NAME_PREFIX}");
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(start) = rest.find(&marker) {
+        out.push_str(&rest[..start]);
+        let body = &rest[start + 1..];
+        // A quoted identifier ends at a quote that is not doubled.
+        let mut end = None;
+        let bytes = body.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 2;
+                    continue;
+                }
+                end = Some(i);
+                break;
+            }
+            i += 1;
+        }
+        let Some(end) = end else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        match WindowSpec::from_table_name(&body[..end].replace("\"\"", "\"")) {
+            Some(spec) => out.push_str(&spec.to_sql()),
+            None => out.push_str(&rest[start..start + end + 2]),
+        }
+        rest = &body[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn ms(v: Millis) -> String {
     match v {
         v if v % 3_600_000 == 0 => format!("{}h", v / 3_600_000),
@@ -571,6 +653,32 @@ mod tests {
             WindowKind::Cumulate {
                 step: 1000,
                 size: 4000,
+                offset: 0
+            }
+        );
+    }
+
+    #[test]
+    fn stored_queries_read_back_in_flink_syntax() {
+        let stmt = parse(
+            "SELECT * FROM TABLE(HOP(TABLE bid, DESCRIPTOR(ts), INTERVAL '2' SECOND, INTERVAL '1' MINUTE)) w",
+        )
+        .unwrap()
+        .remove(0)
+        .statement;
+        let Statement::Sql(stmt) = stmt else {
+            panic!("not sql")
+        };
+        let text = readable(&stmt.to_string());
+        assert_eq!(
+            text,
+            "SELECT * FROM TABLE(HOP(TABLE bid, DESCRIPTOR(ts), INTERVAL '2' SECOND, INTERVAL '60' SECOND)) w"
+        );
+        assert_eq!(
+            spec_of(&text).kind,
+            WindowKind::Hop {
+                slide: 2000,
+                size: 60_000,
                 offset: 0
             }
         );

@@ -69,9 +69,14 @@ pub fn show_create(catalog: &Catalog, name: &str) -> SqlResult<RecordBatch> {
         table.create_statement()
     } else if let Some(view) = catalog.view(name) {
         format!(
-            "CREATE VIEW {} AS {}",
+            "CREATE {}VIEW {} AS {}",
+            if view.materialized {
+                "MATERIALIZED "
+            } else {
+                ""
+            },
             weir_catalog::quote_ident(&view.name),
-            view.query
+            crate::plan::window_tvf::readable(&view.query)
         )
     } else {
         return Err(SqlError::undefined_table(name));

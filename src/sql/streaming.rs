@@ -505,7 +505,9 @@ impl Engine {
         };
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(jobs.iter().map(|j| &j.0))),
-            Arc::new(StringArray::from_iter_values(jobs.iter().map(|j| &j.1))),
+            Arc::new(StringArray::from_iter_values(
+                jobs.iter().map(|j| crate::plan::window_tvf::readable(&j.1)),
+            )),
             Arc::new(StringArray::from_iter_values(
                 jobs.iter().map(|j| j.2.to_string()),
             )),

@@ -19,8 +19,11 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
-use weir::server::{Server, ServerConfig};
+// The integration tests' in-process server and row helpers.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{rows, TestServer};
 
 const DEFAULT_EVENTS: u64 = 10_000_000;
 
@@ -135,26 +138,6 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-async fn exec(client: &Client, sql: &str) -> Vec<Vec<String>> {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| match e.as_db_error() {
-            Some(db) => panic!("{sql}: {} ({})", db.message(), db.code().code()),
-            None => panic!("{sql}: {e}"),
-        })
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 struct Run {
     query: &'static str,
     parallelism: usize,
@@ -198,24 +181,9 @@ fn main() {
     );
     let runs = runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = Server::start(ServerConfig {
-            listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().to_path_buf(),
-            password: None,
-        })
-        .await
-        .expect("server starts");
-        let port = server.local_addr().port();
-        let (client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=weir dbname=weir"),
-            NoTls,
-        )
-        .await
-        .expect("connects");
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        exec(
+        let server = TestServer::start(dir.path()).await;
+        let client = server.connect().await;
+        rows(
             &client,
             &format!(
                 "CREATE TABLE bid (auction BIGINT, bidder BIGINT, price BIGINT, channel STRING, \
@@ -227,7 +195,7 @@ fn main() {
             ),
         )
         .await;
-        exec(&client, "SET 'table.dml-sync' = 'true'").await;
+        rows(&client, "SET 'table.dml-sync' = 'true'").await;
         let mut runs = Vec::new();
         for name in &args.queries {
             let query = QUERIES
@@ -235,7 +203,7 @@ fn main() {
                 .find(|q| q.name == name)
                 .unwrap_or_else(|| panic!("no query {name}; there are pass-through, tumble, hop"));
             let sink = format!("sink_{}", query.name.replace('-', "_"));
-            exec(
+            rows(
                 &client,
                 &format!(
                     "CREATE TABLE {sink} ({}) WITH ('connector' = 'blackhole')",
@@ -244,7 +212,7 @@ fn main() {
             )
             .await;
             for &parallelism in &args.parallelism {
-                exec(
+                rows(
                     &client,
                     &format!("SET 'parallelism.default' = '{parallelism}'"),
                 )
@@ -253,7 +221,7 @@ fn main() {
                 let (mut walls, mut cpus) = (Vec::new(), Vec::new());
                 for _ in 0..args.repeat {
                     let (wall0, cpu0) = (Instant::now(), cpu_time());
-                    exec(&client, &statement).await;
+                    rows(&client, &statement).await;
                     let (wall, cpu) = (wall0.elapsed(), cpu_time() - cpu0);
                     eprintln!(
                         "{} p={parallelism}: {:.2} s wall, {:.2} s CPU",
@@ -281,7 +249,7 @@ fn main() {
                 } else {
                     "sum(bids)"
                 };
-                let counts = exec(
+                let counts = rows(
                     &client,
                     &format!("SELECT count(*), {sum} FROM ({}) AS q", query.select),
                 )
@@ -296,7 +264,7 @@ fn main() {
             }
         }
         drop(client);
-        server.shutdown().await.expect("clean shutdown");
+        server.stop().await;
         runs
     });
     println!();

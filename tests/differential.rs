@@ -16,9 +16,9 @@ use std::time::Instant;
 use chrono::DateTime;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
-use common::{rows, TestServer};
+use common::{rows, try_rows, TestServer};
 
 const DEFAULT_CASES: u64 = 10;
 const BASE_SEED: u64 = 0x5eed_d1ff;
@@ -486,23 +486,6 @@ fn cascade_view(case: &Case, t: &str, view: &str) -> String {
          GROUP BY window_start, window_end, window_time, k",
         case.tumble_s
     )
-}
-
-/// Like `common::rows`, but a query error is a result (it is reported as a mismatch).
-async fn try_rows(client: &Client, sql: &str) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
-    Ok(client
-        .simple_query(sql)
-        .await?
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect())
 }
 
 fn render(rows: Vec<Vec<String>>) -> Vec<String> {

@@ -53,10 +53,22 @@ pub async fn connect(port: u16) -> Client {
 
 /// All rows of a simple-protocol query, each value as text ("NULL" for null).
 pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
-    client
-        .simple_query(sql)
+    try_rows(client, sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| match e.as_db_error() {
+            Some(db) => panic!("{sql}: {} ({})", db.message(), db.code().code()),
+            None => panic!("{sql}: {e}"),
+        })
+}
+
+/// Like [`rows`], with a query error as a result.
+pub async fn try_rows(
+    client: &Client,
+    sql: &str,
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    Ok(client
+        .simple_query(sql)
+        .await?
         .into_iter()
         .filter_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(row) => Some(
@@ -66,5 +78,5 @@ pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
             ),
             _ => None,
         })
-        .collect()
+        .collect())
 }

@@ -831,7 +831,7 @@ impl<'a> Planner<'a> {
             let late_rows = self.late_rows.clone();
             let lateness = self.lateness;
             let detail = format!("gap {gap} ms, {}", describe_aggregate(agg));
-            let mut out = self.operator(
+            let out = self.operator(
                 &input,
                 exchange,
                 parallelism,
@@ -854,11 +854,7 @@ impl<'a> Planner<'a> {
                     Ok(Box::new(op) as _)
                 }),
             );
-            if lateness > 0 {
-                self.set_changelog(&mut out, ChangelogMode::Retract);
-            }
-            out.windows = output_windows(&output);
-            return Ok(out);
+            return Ok(self.window_result(out, lateness, &output));
         }
         let slicing = if cols.sliced {
             input
@@ -879,7 +875,7 @@ impl<'a> Planner<'a> {
         let factory_output = output.clone();
         let late_rows = self.late_rows.clone();
         let lateness = self.lateness;
-        let mut out = self.operator(
+        let out = self.operator(
             &input,
             exchange,
             parallelism,
@@ -902,11 +898,17 @@ impl<'a> Planner<'a> {
                 Ok(Box::new(op) as _)
             }),
         );
+        Ok(self.window_result(out, lateness, &output))
+    }
+
+    /// A window aggregate's output: corrected by retractions under allow-lateness, and
+    /// carrying window columns when it keeps window_start and window_end.
+    fn window_result(&mut self, mut out: Stream, lateness: i64, output: &[OutputColumn]) -> Stream {
         if lateness > 0 {
             self.set_changelog(&mut out, ChangelogMode::Retract);
         }
-        out.windows = output_windows(&output);
-        Ok(out)
+        out.windows = output_windows(output);
+        out
     }
 
     /// `plan` run by DataFusion per window, on rows hashed by their window.

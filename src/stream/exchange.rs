@@ -9,7 +9,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Int64Array, UInt32Array};
+use datafusion::arrow::array::{Array, Int64Array, UInt32Array};
+use datafusion::arrow::compute::max;
 use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
@@ -215,18 +216,25 @@ impl Inlet {
                     self.update_idle();
                 }
                 // A row meets the lowest watermark among its own (per row) and the
-                // other channels' current ones.
+                // other channels' current ones. On the common path nothing is copied.
                 let others = self.live_min(Some(c)).unwrap_or(END_OF_TIME);
                 let own = self.channels[c].watermark;
-                let rows = batch.num_rows();
-                let watermarks: Int64Array = match &batch.watermarks {
-                    Some(w) => w
-                        .iter()
-                        .map(|w| Some(w.unwrap_or(own).min(others)))
-                        .collect(),
-                    None => std::iter::repeat_n(Some(own.min(others)), rows).collect(),
+                batch.watermarks = match batch.watermarks.take() {
+                    // No other channel is lower than any row's own watermark.
+                    Some(w) if w.null_count() == 0 && max(&w).is_none_or(|m| m <= others) => {
+                        Some(w)
+                    }
+                    Some(w) => Some(
+                        w.iter()
+                            .map(|w| Some(w.unwrap_or(own).min(others)))
+                            .collect(),
+                    ),
+                    // Rows meet the channels' minimum, which is the watermark the operator
+                    // last received (None says exactly that)...
+                    None if own.min(others) >= self.watermark => None,
+                    // ...unless a channel that resumed lags behind it.
+                    None => Some(Int64Array::from(vec![own.min(others); batch.num_rows()])),
                 };
-                batch.watermarks = Some(watermarks);
                 let input = self.channels[c].input;
                 self.pending.push_back(Event::Data(input, batch));
             }

@@ -168,7 +168,7 @@ impl Engine {
                 ),
             ));
         }
-        Ok(Some(LateRows::start(def, self.catalog.clone())))
+        Ok(Some(LateRows::new(def, self.catalog.clone())))
     }
 
     /// Runs a query over bounded inputs to the end and returns its rows.

@@ -11,12 +11,11 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::Result;
-use tokio::sync::mpsc;
 use weir_catalog::{Catalog, TableDef};
 
 pub struct LateRows {
     def: Arc<TableDef>,
-    sender: mpsc::UnboundedSender<RecordBatch>,
+    catalog: Arc<Catalog>,
 }
 
 impl std::fmt::Debug for LateRows {
@@ -26,21 +25,9 @@ impl std::fmt::Debug for LateRows {
 }
 
 impl LateRows {
-    /// Appends to `def` (a table in Weir's log) in the background.
-    pub fn start(def: Arc<TableDef>, catalog: Arc<Catalog>) -> Arc<Self> {
-        let (sender, mut receiver) = mpsc::unbounded_channel::<RecordBatch>();
-        let target = def.clone();
-        tokio::spawn(async move {
-            while let Some(batch) = receiver.recv().await {
-                let result =
-                    crate::connector::log_table::append(catalog.table_log(), &target, vec![batch])
-                        .await;
-                if let Err(e) = result {
-                    tracing::error!("late rows could not be written to {}: {e}", target.name);
-                }
-            }
-        });
-        Arc::new(Self { def, sender })
+    /// Appends to `def`, a table in Weir's log.
+    pub fn new(def: Arc<TableDef>, catalog: Arc<Catalog>) -> Arc<Self> {
+        Arc::new(Self { def, catalog })
     }
 
     /// Records rows `indices` of `rows`, which met `watermarks`, as dropped by `operator`.
@@ -83,8 +70,12 @@ impl LateRows {
             })
             .collect::<Result<Vec<_>>>()?;
         let batch = crate::stream::batch_of(schema, columns, n)?;
-        // The appender ends only with the job; a closed channel means it is stopping.
-        let _ = self.sender.send(batch);
-        Ok(())
+        // Written before the operator goes on, so the epoch that follows (and FLUSH) covers
+        // them; late rows are few, so waiting for the log here costs little.
+        crate::stream::block_on(crate::connector::log_table::append(
+            self.catalog.table_log(),
+            &self.def,
+            vec![batch],
+        ))
     }
 }

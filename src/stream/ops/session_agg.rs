@@ -122,7 +122,14 @@ impl SessionAggregate {
 
     /// Puts a row at `t` into its key's sessions; returns the session it joined, or
     /// `None` when that session has already closed.
-    fn assign(&mut self, key: &OwnedRow, t: Millis, watermark: Millis) -> Result<Option<usize>> {
+    /// Sessions merged away go into `merged_away`, so rows assigned to them can follow.
+    fn assign(
+        &mut self,
+        key: &OwnedRow,
+        t: Millis,
+        watermark: Millis,
+        merged_away: &mut Vec<usize>,
+    ) -> Result<Option<usize>> {
         let (mut start, mut end) = (t, t + self.gap);
         let touching: Vec<usize> = self
             .by_key
@@ -169,6 +176,7 @@ impl SessionAggregate {
             corrected |= self.dirty.remove(&id);
             let mut merged = self.remove(id);
             state.merge(&merged.state.freeze()?)?;
+            merged_away.push(id);
         }
         let id = self.insert(Session {
             key: key.clone(),
@@ -275,17 +283,16 @@ impl Operator for SessionAggregate {
         // Rows join sessions one by one; a session merged away later hands its rows on.
         let mut joined: Vec<(usize, u32)> = Vec::with_capacity(batch.num_rows());
         let mut moved: HashMap<usize, usize> = HashMap::new();
+        let mut merged_away = Vec::new();
         let (mut late, mut late_watermarks) = (Vec::new(), Vec::new());
         for i in 0..batch.num_rows() {
             let key = keys.row(i).owned();
-            let before: Vec<usize> = self.by_key.get(&key).cloned().unwrap_or_default();
             let watermark = batch.watermark_of(i, self.watermark);
-            match self.assign(&key, times.value(i), watermark)? {
+            merged_away.clear();
+            match self.assign(&key, times.value(i), watermark, &mut merged_away)? {
                 Some(id) => {
-                    for old in before {
-                        if old != id && !self.sessions.contains_key(&old) {
-                            moved.insert(old, id);
-                        }
+                    for old in merged_away.drain(..) {
+                        moved.insert(old, id);
                     }
                     joined.push((id, i as u32));
                 }

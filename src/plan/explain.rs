@@ -8,6 +8,9 @@ pub fn render(graph: &StreamGraph) -> String {
     if let Some(last) = graph.nodes.len().checked_sub(1) {
         render_node(graph, last, 0, &mut out);
     }
+    for notice in &graph.notices {
+        out.push_str(&format!("NOTICE: {notice}\n"));
+    }
     out
 }
 

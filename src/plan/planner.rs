@@ -64,6 +64,9 @@ struct Stream {
     /// For sliced window columns: the window kind the slices belong to.
     slicing: Option<Slicing>,
     changelog: ChangelogMode,
+    /// The operator whose output rows change after they are emitted, for errors of
+    /// consumers that cannot take updates.
+    updated_by: Option<String>,
 }
 
 /// Reading bounded inputs to their end (a SELECT), or following them forever (a job).
@@ -84,6 +87,8 @@ pub struct Planner<'a> {
     late_rows: Option<Arc<LateRows>>,
     /// 'table.exec.emit.allow-lateness' of window aggregates.
     lateness: i64,
+    /// 'table.exec.state.ttl' of unbounded operators; `None` keeps state forever.
+    state_ttl: Option<std::time::Duration>,
 }
 
 fn refuse(message: impl Into<String>) -> DataFusionError {
@@ -106,6 +111,24 @@ impl<'a> Planner<'a> {
             slice_next: false,
             late_rows: None,
             lateness: 0,
+            state_ttl: None,
+        }
+    }
+
+    /// Unbounded operators forget a key's state this long after it was last touched.
+    pub fn with_state_ttl(mut self, ttl: Option<std::time::Duration>) -> Self {
+        self.state_ttl = ttl;
+        self
+    }
+
+    /// Warns (NOTICE at CREATE, a line in EXPLAIN) about `operator` keeping state for
+    /// every key it ever sees when no TTL bounds it.
+    fn unbounded_state(&mut self, operator: &str) {
+        if self.mode == Mode::Continuous && self.state_ttl.is_none() {
+            self.graph.notices.push(format!(
+                "{operator} keeps state for every key it ever sees and grows without bound; \
+                 SET 'table.exec.state.ttl' = '1 h' (or a /*+ STATE_TTL(...) */ hint) to bound it"
+            ));
         }
     }
 
@@ -127,6 +150,12 @@ impl<'a> Planner<'a> {
     fn set_changelog(&mut self, stream: &mut Stream, mode: ChangelogMode) {
         stream.changelog = mode;
         self.graph.nodes[stream.node].changelog = mode;
+    }
+
+    /// Marks `stream` as updating, produced by the operator EXPLAIN calls `by`.
+    fn set_updating(&mut self, stream: &mut Stream, by: String) {
+        self.set_changelog(stream, ChangelogMode::Retract);
+        stream.updated_by = Some(by);
     }
 
     /// Window operators append the rows they drop as late to this table.
@@ -219,6 +248,7 @@ impl<'a> Planner<'a> {
             windows: None,
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
+            updated_by: None,
         }
     }
 
@@ -227,10 +257,10 @@ impl<'a> Planner<'a> {
         if input.changelog == ChangelogMode::InsertOnly {
             return Ok(());
         }
+        let by = input.updated_by.as_deref().unwrap_or("an operator");
         Err(refuse(format!(
-            "{consumer} cannot take rows that are later corrected: a window aggregate re-emits \
-             windows as retractions because 'table.exec.emit.allow-lateness' is set; RESET it, \
-             or read the corrected rows from a materialized view"
+            "{consumer} cannot take rows that are later corrected (retractions), which {by} \
+             produces; read the corrected rows from a materialized view or SUBSCRIBE instead"
         )))
     }
 
@@ -441,6 +471,7 @@ impl<'a> Planner<'a> {
             windows: None,
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
+            updated_by: None,
         })
     }
 
@@ -583,6 +614,7 @@ impl<'a> Planner<'a> {
             windows,
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
+            updated_by: None,
         })
     }
 
@@ -905,7 +937,11 @@ impl<'a> Planner<'a> {
     /// carrying window columns when it keeps window_start and window_end.
     fn window_result(&mut self, mut out: Stream, lateness: i64, output: &[OutputColumn]) -> Stream {
         if lateness > 0 {
-            self.set_changelog(&mut out, ChangelogMode::Retract);
+            let by = format!(
+                "{}, because 'table.exec.emit.allow-lateness' is set",
+                self.graph.nodes[out.node].name
+            );
+            self.set_updating(&mut out, by);
         }
         out.windows = output_windows(output);
         out
@@ -1054,6 +1090,7 @@ impl<'a> Planner<'a> {
             windows: None,
             slicing: None,
             changelog,
+            updated_by: (changelog == ChangelogMode::Retract).then(|| format!("{name}, because 'table.exec.emit.allow-lateness' is set")),
         })
     }
 }

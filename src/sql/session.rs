@@ -82,6 +82,12 @@ const VARIABLES: &[Variable] = &[
         "How long window aggregates of new queries keep fired windows and correct them for late rows (Flink's key)",
     ),
     var(
+        "table.exec.state.ttl",
+        "0 ms",
+        false,
+        "How long unbounded aggregates, joins, TopN and dedup of new queries keep a key's state after it was last touched; 0 = forever (Flink's key)",
+    ),
+    var(
         "table.local-time-zone",
         "UTC",
         false,
@@ -348,7 +354,8 @@ fn normalize(name: &str, value: &str) -> SqlResult<String> {
         },
         "execution.checkpointing.interval"
         | "pipeline.auto-watermark-interval"
-        | "table.exec.emit.allow-lateness" => {
+        | "table.exec.emit.allow-lateness"
+        | "table.exec.state.ttl" => {
             match crate::connector::options::parse_duration(value) {
                 Some(d) if name != "execution.checkpointing.interval" || !d.is_zero() => {
                     Ok(value.to_string())

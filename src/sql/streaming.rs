@@ -142,6 +142,12 @@ impl Engine {
                     .and_then(|d| crate::connector::options::parse_duration(d))
                     .map_or(0, |d| d.as_millis() as i64),
             )
+            .with_state_ttl(
+                metadata
+                    .get("table.exec.state.ttl")
+                    .and_then(|d| crate::connector::options::parse_duration(d))
+                    .filter(|d| !d.is_zero()),
+            )
             .plan(plan, sink)
             .map_err(external)
     }

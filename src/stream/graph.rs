@@ -146,6 +146,9 @@ pub struct StreamNode {
 #[derive(Clone, Default)]
 pub struct StreamGraph {
     pub nodes: Vec<StreamNode>,
+    /// Warnings for the user about the plan (state that grows without bound), sent as
+    /// NOTICEs when the query is created and printed by EXPLAIN.
+    pub notices: Vec<String>,
 }
 
 impl StreamGraph {

@@ -174,6 +174,19 @@ impl Chain {
         Ok(out)
     }
 
+    /// Lets every operator emit what it held for the barrier, in chain order.
+    fn barrier(&mut self) -> Result<Vec<ChangeBatch>> {
+        let mut out = Vec::new();
+        for i in 0..self.operators.len() {
+            let mut emitted = Vec::new();
+            self.operators[i].on_barrier(&mut emitted)?;
+            for batch in emitted {
+                out.extend(self.push(i + 1, 0, batch)?);
+            }
+        }
+        Ok(out)
+    }
+
     fn end(&mut self) -> Result<Vec<ChangeBatch>> {
         let mut out = Vec::new();
         for i in 0..self.operators.len() {
@@ -507,7 +520,11 @@ async fn run_task(
                 output.rows(out, &end).await?;
                 output.watermark(w, &end).await?;
             }
-            Event::Barrier(epoch) => output.barrier(epoch, inlet.watermark(), &end).await?,
+            Event::Barrier(epoch) => {
+                let out = chain.barrier()?;
+                output.rows(out, &end).await?;
+                output.barrier(epoch, inlet.watermark(), &end).await?
+            }
             Event::Idle => output.signal(Message::Idle).await?,
             Event::Active => output.signal(Message::Active).await?,
             Event::End => {
@@ -552,6 +569,8 @@ async fn run_source(
                         return Ok(());
                     }
                 }
+                let out = chain.barrier()?;
+                output.rows(out, &end).await?;
                 output.barrier(epoch, rows.watermark, &end).await?;
                 continue;
             }

@@ -26,6 +26,13 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// A checkpoint barrier arrived on every input: emit what was held back for it.
+    /// Unbounded aggregates and TopN fold a whole epoch of changes and emit each changed
+    /// key once here (Flink's mini-batch), not once per input row.
+    fn on_barrier(&mut self, _out: &mut Vec<ChangeBatch>) -> Result<()> {
+        Ok(())
+    }
+
     /// Every input ended (after `on_watermark(END_OF_TIME)`).
     fn on_end(&mut self, _out: &mut Vec<ChangeBatch>) -> Result<()> {
         Ok(())

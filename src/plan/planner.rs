@@ -34,6 +34,7 @@ use crate::stream::graph::{
 use crate::stream::late::LateRows;
 use crate::stream::mv::MvTable;
 use crate::stream::ops::fragment::Fragment;
+use crate::stream::ops::group_agg::GroupAggregate;
 use crate::stream::ops::grouped::AggregateCalls;
 use crate::stream::ops::session_agg::SessionAggregate;
 use crate::stream::ops::stateless::{Filter, Project};
@@ -170,10 +171,13 @@ impl<'a> Planner<'a> {
         let plan = self.state.optimize(plan)?;
         let stream = self.plan_node(&plan)?;
         if let SinkKind::Log(def) | SinkKind::Connector(def) = &sink {
-            self.insert_only(
-                &stream,
-                &format!("table \"{}\", which takes inserts only,", def.name),
-            )?;
+            // A blackhole takes anything; other sinks write rows as they come.
+            if def.connector() != Some("blackhole") {
+                self.insert_only(
+                    &stream,
+                    &format!("table \"{}\", which takes inserts only,", def.name),
+                )?;
+            }
         }
         let schema = Arc::new(stream.schema.as_arrow().clone());
         let (exchange, parallelism) = match &sink {
@@ -304,6 +308,7 @@ impl<'a> Planner<'a> {
         });
         out.slicing = input.slicing.clone();
         self.set_changelog(&mut out, input.changelog);
+        out.updated_by = input.updated_by.clone();
         Ok(out)
     }
 
@@ -324,6 +329,7 @@ impl<'a> Planner<'a> {
         out.windows = input.windows;
         out.slicing = input.slicing.clone();
         self.set_changelog(&mut out, input.changelog);
+        out.updated_by = input.updated_by.clone();
         Ok(out)
     }
 
@@ -743,19 +749,21 @@ impl<'a> Planner<'a> {
         self.slice_next = !grouping_sets && sliceable(&agg.input, &agg.group_expr);
         let input = self.plan_node(&agg.input)?;
         self.slice_next = false;
-        if self.mode == Mode::Continuous || input.windows.is_some() {
-            self.insert_only(&input, "an aggregate")?;
-        }
-        let Some(cols) = input.windows else {
-            return self.end_fragment(
-                plan,
-                vec![input],
-                "GROUP BY without window_start and window_end of a window table function gives \
-                 results that change as rows arrive, which Weir cannot maintain yet; aggregate \
-                 per window: FROM TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), INTERVAL '1' MINUTE)) \
-                 GROUP BY window_start, window_end, ...",
-            );
+        let groups_windows = input.windows.filter(|cols| {
+            let roles: Vec<Option<usize>> = agg
+                .group_expr
+                .iter()
+                .map(|e| passthrough(e, &input.schema))
+                .collect();
+            grouping_sets || (roles.contains(&Some(cols.start)) && roles.contains(&Some(cols.end)))
+        });
+        let Some(cols) = groups_windows else {
+            if self.mode == Mode::Continuous {
+                return self.group_aggregate(agg, input);
+            }
+            return self.end_fragment(plan, vec![input], "");
         };
+        self.insert_only(&input, "a window aggregate")?;
         let group_exprs: Vec<&Expr> = match agg.group_expr.as_slice() {
             [Expr::GroupingSet(
                 GroupingSet::GroupingSets(_) | GroupingSet::Cube(_) | GroupingSet::Rollup(_),
@@ -773,13 +781,6 @@ impl<'a> Planner<'a> {
             .iter()
             .map(|e| passthrough(e, &input.schema))
             .collect();
-        if !(roles.contains(&Some(cols.start)) && roles.contains(&Some(cols.end))) {
-            return self.end_fragment(
-                plan,
-                vec![input],
-                "a window aggregate must GROUP BY both window_start and window_end",
-            );
-        }
         let mut output = Vec::new();
         let mut keys = Vec::new();
         let mut key_fields = Vec::new();
@@ -795,41 +796,10 @@ impl<'a> Planner<'a> {
                 }
             });
         }
-        let input_arrow = input.schema.as_arrow();
-        let mut aggregates = Vec::new();
-        let mut filters = Vec::new();
-        for (i, e) in agg.aggr_expr.iter().enumerate() {
-            #[allow(deprecated)]
-            let (aggregate, filter, _order) = create_aggregate_expr_and_maybe_filter(
-                e,
-                &input.schema,
-                input_arrow,
-                self.state.execution_props(),
-            )?;
-            aggregates.push(aggregate);
-            filters.push(filter);
+        for i in 0..agg.aggr_expr.len() {
             output.push(OutputColumn::Aggregate(i));
         }
-        // GroupValues needs a key: a global aggregate groups by one constant.
-        let (state_keys, key_fields) = if keys.is_empty() {
-            let unit: Arc<dyn PhysicalExpr> = Arc::new(
-                datafusion::physical_expr::expressions::Literal::new(true.into()),
-            );
-            let field = datafusion::arrow::datatypes::Field::new(
-                "unit",
-                datafusion::arrow::datatypes::DataType::Boolean,
-                false,
-            );
-            (vec![unit], vec![field])
-        } else {
-            (keys.clone(), key_fields)
-        };
-        let calls = Arc::new(AggregateCalls {
-            keys: state_keys,
-            key_schema: Arc::new(Schema::new(key_fields)),
-            aggregates,
-            filters,
-        });
+        let calls = Arc::new(self.aggregate_calls(agg, &input, keys.clone(), key_fields)?);
         if let Some(Slicing::Session { gap, partition_by }) = &input.slicing {
             let mut keys_named: Vec<String> = group_exprs
                 .iter()
@@ -931,6 +901,118 @@ impl<'a> Planner<'a> {
             }),
         );
         Ok(self.window_result(out, lateness, &output))
+    }
+
+    /// The aggregate calls of `agg` over `input`, grouped by `keys`. GroupValues needs a
+    /// key: a global aggregate groups by one constant.
+    fn aggregate_calls(
+        &self,
+        agg: &datafusion::logical_expr::Aggregate,
+        input: &Stream,
+        keys: Vec<Arc<dyn PhysicalExpr>>,
+        key_fields: Vec<datafusion::arrow::datatypes::Field>,
+    ) -> Result<AggregateCalls> {
+        let input_arrow = input.schema.as_arrow();
+        let mut aggregates = Vec::new();
+        let mut filters = Vec::new();
+        for e in &agg.aggr_expr {
+            #[allow(deprecated)]
+            let (aggregate, filter, _order) = create_aggregate_expr_and_maybe_filter(
+                e,
+                &input.schema,
+                input_arrow,
+                self.state.execution_props(),
+            )?;
+            aggregates.push(aggregate);
+            filters.push(filter);
+        }
+        let (keys, key_fields) = if keys.is_empty() {
+            let unit: Arc<dyn PhysicalExpr> = Arc::new(
+                datafusion::physical_expr::expressions::Literal::new(true.into()),
+            );
+            let field = datafusion::arrow::datatypes::Field::new(
+                "unit",
+                datafusion::arrow::datatypes::DataType::Boolean,
+                false,
+            );
+            (vec![unit], vec![field])
+        } else {
+            (keys, key_fields)
+        };
+        Ok(AggregateCalls {
+            keys,
+            key_schema: Arc::new(Schema::new(key_fields)),
+            aggregates,
+            filters,
+        })
+    }
+
+    /// An unbounded GROUP BY: one row per key, corrected as rows arrive.
+    fn group_aggregate(
+        &mut self,
+        agg: &datafusion::logical_expr::Aggregate,
+        input: Stream,
+    ) -> Result<Stream> {
+        if agg
+            .group_expr
+            .iter()
+            .any(|e| matches!(e, Expr::GroupingSet(_)))
+        {
+            return Err(refuse(
+                "GROUPING SETS, CUBE and ROLLUP run per window in continuous queries: group by \
+                 window_start, window_end of a window table function as well",
+            ));
+        }
+        let keys = agg
+            .group_expr
+            .iter()
+            .map(|e| self.physical(e, &input.schema))
+            .collect::<Result<Vec<_>>>()?;
+        let key_fields = (0..keys.len())
+            .map(|i| agg.schema.field(i).as_ref().clone())
+            .collect();
+        let keyed = !keys.is_empty();
+        let calls = Arc::new(self.aggregate_calls(agg, &input, keys.clone(), key_fields)?);
+        let retracting = input.changelog != ChangelogMode::InsertOnly;
+        let (exchange, parallelism) = self.keyed(keys);
+        let schema = agg.schema.clone();
+        let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
+        let input_arrow: SchemaRef = Arc::new(input.schema.as_arrow().clone());
+        let ttl = self.state_ttl;
+        let described = describe_aggregate(agg);
+        let mut out = self.operator(
+            &input,
+            exchange,
+            parallelism,
+            (
+                "GroupAggregate",
+                described.clone(),
+                if retracting {
+                    "per key: its result and the multiset of its aggregates' argument rows"
+                } else {
+                    "per key: its result and partial aggregates"
+                },
+            ),
+            schema,
+            Arc::new(move |_| {
+                Ok(Box::new(GroupAggregate::try_new(
+                    calls.clone(),
+                    input_arrow.clone(),
+                    arrow.clone(),
+                    keyed,
+                    retracting,
+                    ttl,
+                )?) as _)
+            }),
+        );
+        // DISTINCT over inserts only ever adds rows; everything else corrects its rows.
+        if !agg.aggr_expr.is_empty() || retracting || self.state_ttl.is_some() {
+            self.set_updating(&mut out, format!("GroupAggregate ({described})"));
+        }
+        if keyed || retracting {
+            self.unbounded_state(&format!("GroupAggregate ({described})"));
+        }
+        Ok(out)
     }
 
     /// A window aggregate's output: corrected by retractions under allow-lateness, and
@@ -1090,7 +1172,8 @@ impl<'a> Planner<'a> {
             windows: None,
             slicing: None,
             changelog,
-            updated_by: (changelog == ChangelogMode::Retract).then(|| format!("{name}, because 'table.exec.emit.allow-lateness' is set")),
+            updated_by: (changelog == ChangelogMode::Retract)
+                .then(|| format!("{name}, because 'table.exec.emit.allow-lateness' is set")),
         })
     }
 }

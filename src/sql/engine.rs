@@ -123,6 +123,9 @@ impl Engine {
         tracing::debug!("planning: {stmt}");
         let state = self.session_state(metadata);
         match &mut stmt {
+            ast::Statement::Explain { statement, .. } if explained_view(statement).is_some() => {
+                return Ok(None)
+            }
             ast::Statement::Query(_) | ast::Statement::Explain { .. } => {}
             ast::Statement::Insert(insert) => {
                 let def = insert::prepare(&self.catalog, insert)?;
@@ -157,6 +160,12 @@ impl Engine {
             Statement::Describe(_) => Some(show::describe_schema()),
             Statement::ShowVariable(name) => Some(show::show_variable_schema(name)?),
             Statement::ShowJobs => Some(self.show_jobs_schema()),
+            Statement::Sql(stmt)
+                if matches!(&**stmt, ast::Statement::Explain { statement, .. }
+                    if explained_view(statement).is_some()) =>
+            {
+                Some(streaming::explain_schema())
+            }
             Statement::Sql(stmt) => match plan {
                 Some(plan @ LogicalPlan::Dml(_)) if streaming::is_job(plan) => {
                     Some(streaming::job_id_schema())
@@ -278,6 +287,10 @@ impl Engine {
                 cascade,
                 ..
             } => return self.drop(*object_type, *if_exists, names, *cascade).await,
+            ast::Statement::Explain { statement, .. } if explained_view(statement).is_some() => {
+                let query = explained_view(statement).expect("checked").to_string();
+                return self.explain_view(metadata, &query).await;
+            }
             ast::Statement::Update(_) | ast::Statement::Delete(_) | ast::Statement::Truncate(_) => {
                 return Err(SqlError::not_supported(
                     "UPDATE, DELETE and TRUNCATE are not supported: tables in Weir's log are \
@@ -369,4 +382,12 @@ fn statement_kind(stmt: &ast::Statement) -> String {
         .take(2)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The query of `EXPLAIN CREATE MATERIALIZED VIEW v AS query`.
+fn explained_view(statement: &ast::Statement) -> Option<&ast::Query> {
+    match statement {
+        ast::Statement::CreateView(view) if view.materialized => Some(&view.query),
+        _ => None,
+    }
 }

@@ -209,6 +209,18 @@ impl Engine {
         self.explain_rows(&graph)
     }
 
+    /// EXPLAIN CREATE MATERIALIZED VIEW: the graph the view's job would run.
+    pub(super) async fn explain_view(
+        &self,
+        metadata: &HashMap<String, String>,
+        query: &str,
+    ) -> SqlResult<Outcome> {
+        let plan = self.plan_text(metadata, query).await?;
+        let state = MvState::new(Arc::new(plan.schema().as_arrow().clone()), true);
+        let graph = self.graph(metadata, &plan, Mode::Continuous, SinkKind::View(state))?;
+        self.explain_rows(&graph)
+    }
+
     fn explain_rows(&self, graph: &StreamGraph) -> SqlResult<Outcome> {
         let text = crate::plan::explain::render(graph);
         let schema = explain_schema();

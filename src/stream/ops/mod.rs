@@ -1,6 +1,7 @@
 //! Operators, one file each.
 
 pub mod fragment;
+pub mod group_agg;
 pub mod grouped;
 pub mod session_agg;
 pub mod stateless;

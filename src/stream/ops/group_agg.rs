@@ -1,0 +1,544 @@
+//! Unbounded GROUP BY: one result row per key, corrected with -U/+U as rows arrive.
+//!
+//! Changes are folded for a whole epoch and each changed key is emitted once at the
+//! barrier (Flink's mini-batch aggregation): old result -U, new result +U, a new key +I,
+//! a key whose rows were all retracted -D. A key whose result did not change emits
+//! nothing.
+//!
+//! Two ways to hold a key's aggregate, chosen by the input's changelog:
+//! - insert-only input: DataFusion GroupsAccumulators fold rows in as they come; at the
+//!   barrier the changed keys' partial states are merged into fresh accumulators and
+//!   evaluated, so every aggregate DataFusion has works, with no retraction support.
+//! - retracting input: each key keeps the multiset of its aggregates' argument rows; a
+//!   changed key is recomputed from it. Correct for every aggregate (min, max, count
+//!   DISTINCT, string_agg ...), at a cost that grows with the key's distinct rows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{
+    new_empty_array, Array, ArrayRef, BooleanArray, Int8Array, RecordBatch, UInt32Array,
+};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+use datafusion::common::Result;
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+
+use super::grouped::AggregateCalls;
+use crate::stream::message::{ChangeBatch, Op};
+use crate::stream::operator::Operator;
+
+/// How a key's aggregate state is held (see the module comment).
+enum Values {
+    Accumulators(Vec<Box<dyn GroupsAccumulator>>),
+    Multisets {
+        /// Argument columns of every aggregate, then a boolean per FILTER.
+        converter: RowConverter,
+        /// Per group: argument row -> how many times it is present.
+        rows: Vec<HashMap<OwnedRow, i64>>,
+    },
+}
+
+pub struct GroupAggregate {
+    calls: Arc<AggregateCalls>,
+    /// Input schema, for empty argument columns of a global aggregate with no rows.
+    input: SchemaRef,
+    schema: SchemaRef,
+    /// Whether there are GROUP BY keys in the output (a global aggregate has none).
+    keyed: bool,
+    ttl: Option<Duration>,
+    groups: Box<dyn GroupValues>,
+    indices: Vec<usize>,
+    key_converter: RowConverter,
+    /// Key of each group, by group index.
+    keys: Rows,
+    values: Values,
+    /// Rows currently counted per group (retracting input), to know when a key is gone.
+    counts: Vec<i64>,
+    /// The aggregate values last emitted per group (row bytes of `value_converter`;
+    /// empty when there are no aggregates, as for DISTINCT).
+    emitted: Vec<Option<Box<[u8]>>>,
+    value_converter: RowConverter,
+    touched: Vec<Instant>,
+    changed: Vec<bool>,
+    changed_list: Vec<usize>,
+    /// A global aggregate emits its row for empty input once, at the first barrier.
+    started: bool,
+}
+
+impl GroupAggregate {
+    /// `retracting`: whether the input carries retractions (chooses how values are held).
+    pub fn try_new(
+        calls: Arc<AggregateCalls>,
+        input: SchemaRef,
+        schema: SchemaRef,
+        keyed: bool,
+        retracting: bool,
+        ttl: Option<Duration>,
+    ) -> Result<Self> {
+        let key_converter = RowConverter::new(
+            calls
+                .key_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let values = if retracting {
+            let mut fields = Vec::new();
+            for (i, agg) in calls.aggregates.iter().enumerate() {
+                for e in agg.expressions() {
+                    fields.push(SortField::new(e.data_type(&input)?));
+                }
+                if calls.filters[i].is_some() {
+                    fields.push(SortField::new(DataType::Boolean));
+                }
+            }
+            Values::Multisets {
+                converter: RowConverter::new(fields)?,
+                rows: Vec::new(),
+            }
+        } else {
+            Values::Accumulators(calls.new_accumulators()?)
+        };
+        let n_keys = calls.key_schema.fields().len();
+        let output_keys = if keyed { n_keys } else { 0 };
+        let value_converter = RowConverter::new(
+            schema.fields()[output_keys..]
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            groups: new_group_values(calls.key_schema.clone(), &GroupOrdering::None)?,
+            keys: key_converter.empty_rows(0, 0),
+            key_converter,
+            calls,
+            input,
+            schema,
+            keyed,
+            ttl,
+            indices: Vec::new(),
+            values,
+            counts: Vec::new(),
+            emitted: Vec::new(),
+            value_converter,
+            touched: Vec::new(),
+            changed: Vec::new(),
+            changed_list: Vec::new(),
+            started: false,
+        })
+    }
+
+    fn mark(&mut self, group: usize, now: Instant) {
+        self.touched[group] = now;
+        if !self.changed[group] {
+            self.changed[group] = true;
+            self.changed_list.push(group);
+        }
+    }
+
+    /// Interns the keys of `batch`, registering new groups.
+    fn intern(&mut self, batch: &RecordBatch) -> Result<()> {
+        let keys = self.calls.key_columns(batch)?;
+        let before = self.groups.len();
+        self.groups.intern(&keys, &mut self.indices)?;
+        let after = self.groups.len();
+        if after > before {
+            let rows = self.key_converter.convert_columns(&keys)?;
+            let mut next = before;
+            for (i, &g) in self.indices.iter().enumerate() {
+                if g == next {
+                    self.keys.push(rows.row(i));
+                    next += 1;
+                }
+            }
+            self.counts.resize(after, 0);
+            self.emitted.resize(after, None);
+            self.touched.resize(after, Instant::now());
+            self.changed.resize(after, false);
+            if let Values::Multisets { rows, .. } = &mut self.values {
+                rows.resize_with(after, HashMap::new);
+            }
+        }
+        Ok(())
+    }
+
+    /// Argument columns of every aggregate (and FILTER masks) as one list.
+    fn argument_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        let mut columns = Vec::new();
+        for i in 0..self.calls.aggregates.len() {
+            columns.extend(self.calls.arguments(i, batch)?);
+            if let Some(mask) = self.calls.filter(i, batch)? {
+                columns.push(Arc::new(mask));
+            }
+        }
+        Ok(columns)
+    }
+
+    /// Current aggregate values of `groups`, one row each, evaluated without disturbing
+    /// the state.
+    fn evaluate(&mut self, groups: &[usize]) -> Result<Vec<ArrayRef>> {
+        let k = groups.len();
+        let mut fresh = self.calls.new_accumulators()?;
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                // GroupsAccumulators only evaluate destructively: take every group's
+                // partial state, put it back, and merge the changed ones into fresh ones.
+                let n = self.groups.len();
+                let all: Vec<usize> = (0..n).collect();
+                let changed = UInt32Array::from_iter_values(groups.iter().map(|&g| g as u32));
+                let local: Vec<usize> = (0..k).collect();
+                for (acc, new) in accumulators.iter_mut().zip(fresh.iter_mut()) {
+                    let state = acc.state(EmitTo::All)?;
+                    acc.merge_batch(&state, &all, n)?;
+                    let picked = state
+                        .iter()
+                        .map(|c| take(c.as_ref(), &changed, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    new.merge_batch(&picked, &local, k)?;
+                }
+            }
+            Values::Multisets { converter, rows } => {
+                let mut local = Vec::new();
+                let mut picked = converter.empty_rows(0, 0);
+                for (l, &g) in groups.iter().enumerate() {
+                    for (row, &count) in &rows[g] {
+                        for _ in 0..count.max(0) {
+                            picked.push(row.row());
+                            local.push(l);
+                        }
+                    }
+                }
+                let columns = converter.convert_rows(picked.iter())?;
+                let mut at = 0;
+                for (i, acc) in fresh.iter_mut().enumerate() {
+                    let n = self.calls.aggregates[i].expressions().len();
+                    let args = &columns[at..at + n];
+                    at += n;
+                    let filter = if self.calls.filters[i].is_some() {
+                        at += 1;
+                        Some(
+                            columns[at - 1]
+                                .as_any()
+                                .downcast_ref::<BooleanArray>()
+                                .expect("filter columns are boolean")
+                                .clone(),
+                        )
+                    } else {
+                        None
+                    };
+                    acc.update_batch(args, &local, filter.as_ref(), k)?;
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(vec![]);
+        }
+        // Groups without rows still get a value (count 0, sum NULL).
+        for (i, acc) in fresh.iter_mut().enumerate() {
+            let empty = self.calls.aggregates[i]
+                .expressions()
+                .iter()
+                .map(|e| Ok(new_empty_array(&e.data_type(&self.input)?)))
+                .collect::<Result<Vec<_>>>()?;
+            acc.update_batch(&empty, &[], Some(&no_rows()), k)?;
+        }
+        fresh.iter_mut().map(|a| a.evaluate(EmitTo::All)).collect()
+    }
+
+    /// Emits the changed groups' new results against what was emitted before.
+    fn emit(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if !self.keyed && !self.started {
+            self.started = true;
+            if self.groups.len() == 0 {
+                // A global aggregate's single group, holding no rows yet.
+                let unit: Vec<ArrayRef> = vec![Arc::new(BooleanArray::from(vec![true]))];
+                let before = self.groups.len();
+                self.groups.intern(&unit, &mut self.indices)?;
+                if self.groups.len() > before {
+                    let rows = self.key_converter.convert_columns(&unit)?;
+                    self.keys.push(rows.row(0));
+                    self.counts.push(0);
+                    self.emitted.push(None);
+                    self.touched.push(Instant::now());
+                    self.changed.push(false);
+                    if let Values::Multisets { rows, .. } = &mut self.values {
+                        rows.push(HashMap::new());
+                    }
+                    if let Values::Accumulators(accs) = &mut self.values {
+                        for (i, acc) in accs.iter_mut().enumerate() {
+                            let empty = self.calls.aggregates[i]
+                                .expressions()
+                                .iter()
+                                .map(|e| Ok(new_empty_array(&e.data_type(&self.input)?)))
+                                .collect::<Result<Vec<_>>>()?;
+                            acc.update_batch(&empty, &[], Some(&no_rows()), 1)?;
+                        }
+                    }
+                }
+                self.mark(0, Instant::now());
+            }
+        }
+        self.expire(out)?;
+        if self.changed_list.is_empty() {
+            return Ok(());
+        }
+        let mut changed = std::mem::take(&mut self.changed_list);
+        changed.sort_unstable();
+        for &g in &changed {
+            self.changed[g] = false;
+        }
+        let retracting = matches!(self.values, Values::Multisets { .. });
+        // Keys whose rows were all retracted leave (a global aggregate keeps its row).
+        let (live, gone): (Vec<usize>, Vec<usize>) = changed
+            .iter()
+            .partition(|&&g| !retracting || self.counts[g] > 0 || !self.keyed);
+        let values = self.evaluate(&live)?;
+        let new_rows = if values.is_empty() {
+            None
+        } else {
+            Some(self.value_converter.convert_columns(&values)?)
+        };
+        let new_bytes = |l: usize| -> Box<[u8]> {
+            new_rows
+                .as_ref()
+                .map_or_else(|| Box::from([]), |r| Box::from(r.row(l).as_ref()))
+        };
+        let mut old: Vec<(usize, Op)> = Vec::new();
+        let mut new: Vec<(usize, Op)> = Vec::new();
+        for (l, &g) in live.iter().enumerate() {
+            match &self.emitted[g] {
+                Some(prev) if **prev == *new_bytes(l) => {}
+                Some(_) => {
+                    old.push((g, Op::UpdateBefore));
+                    new.push((l, Op::UpdateAfter));
+                }
+                None => new.push((l, Op::Insert)),
+            }
+        }
+        for &g in &gone {
+            if self.emitted[g].is_some() {
+                old.push((g, Op::Delete));
+            }
+        }
+        let mut batches = Vec::new();
+        if !old.is_empty() {
+            let keys = self
+                .key_converter
+                .convert_rows(old.iter().map(|(g, _)| self.keys.row(*g)))?;
+            let values = if values.is_empty() {
+                vec![]
+            } else {
+                let parser = self.value_converter.parser();
+                self.value_converter
+                    .convert_rows(old.iter().map(|(g, _)| {
+                        parser.parse(self.emitted[*g].as_deref().expect("emitted"))
+                    }))?
+            };
+            batches.push((self.output(keys, values, old.len())?, ops(&old)));
+        }
+        if !new.is_empty() {
+            let keys = self
+                .key_converter
+                .convert_rows(new.iter().map(|(l, _)| self.keys.row(live[*l])))?;
+            let picked = UInt32Array::from_iter_values(new.iter().map(|(l, _)| *l as u32));
+            let values = values
+                .iter()
+                .map(|c| take(c.as_ref(), &picked, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            batches.push((self.output(keys, values, new.len())?, ops(&new)));
+        }
+        for (l, &g) in live.iter().enumerate() {
+            self.emitted[g] = Some(new_bytes(l));
+        }
+        for &g in &gone {
+            self.emitted[g] = None;
+        }
+        for (rows, ops) in batches {
+            out.push(ChangeBatch {
+                rows,
+                watermarks: None,
+                ops: Some(ops),
+            });
+        }
+        if !gone.is_empty() {
+            let gone_set: std::collections::HashSet<usize> = gone.into_iter().collect();
+            let keep: Vec<usize> = (0..self.groups.len())
+                .filter(|g| !gone_set.contains(g))
+                .collect();
+            self.compact(&keep)?;
+        }
+        Ok(())
+    }
+
+    fn output(
+        &self,
+        keys: Vec<ArrayRef>,
+        values: Vec<ArrayRef>,
+        rows: usize,
+    ) -> Result<RecordBatch> {
+        let mut columns = if self.keyed { keys } else { vec![] };
+        columns.extend(values);
+        crate::stream::batch_of(self.schema.clone(), columns, rows)
+    }
+
+    /// Forgets groups untouched for longer than the TTL, silently (Flink's state TTL).
+    fn expire(&mut self, _out: &mut [ChangeBatch]) -> Result<()> {
+        let Some(ttl) = self.ttl else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let keep: Vec<usize> = (0..self.groups.len())
+            .filter(|&g| self.changed[g] || now.duration_since(self.touched[g]) < ttl)
+            .collect();
+        if keep.len() < self.groups.len() {
+            self.compact(&keep)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps only the groups `keep` (ascending), renumbering them 0.. in that order.
+    fn compact(&mut self, keep: &[usize]) -> Result<()> {
+        let picked = UInt32Array::from_iter_values(keep.iter().map(|&g| g as u32));
+        let k = keep.len();
+        let local: Vec<usize> = (0..k).collect();
+        let key_columns = self.groups.emit(EmitTo::All)?;
+        let key_columns = key_columns
+            .iter()
+            .map(|c| take(c.as_ref(), &picked, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        self.groups = new_group_values(self.calls.key_schema.clone(), &GroupOrdering::None)?;
+        self.groups.intern(&key_columns, &mut self.indices)?;
+        debug_assert_eq!(self.indices, local);
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                for acc in accumulators.iter_mut() {
+                    let state = acc.state(EmitTo::All)?;
+                    let state = state
+                        .iter()
+                        .map(|c| take(c.as_ref(), &picked, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    acc.merge_batch(&state, &local, k)?;
+                }
+            }
+            Values::Multisets { rows, .. } => {
+                let mut old = std::mem::take(rows);
+                *rows = keep.iter().map(|&g| std::mem::take(&mut old[g])).collect();
+            }
+        }
+        let mut keys = self.key_converter.empty_rows(k, 0);
+        for &g in keep {
+            keys.push(self.keys.row(g));
+        }
+        self.keys = keys;
+        self.counts = keep.iter().map(|&g| self.counts[g]).collect();
+        self.emitted = keep.iter().map(|&g| self.emitted[g].take()).collect();
+        self.touched = keep.iter().map(|&g| self.touched[g]).collect();
+        let changed: Vec<bool> = keep.iter().map(|&g| self.changed[g]).collect();
+        self.changed = changed;
+        self.changed_list = (0..k).filter(|&g| self.changed[g]).collect();
+        Ok(())
+    }
+}
+
+/// An empty FILTER mask: sizes accumulators for groups without rows. Without a filter,
+/// DataFusion's accumulators assume every group they are sized for has seen a value.
+fn no_rows() -> BooleanArray {
+    BooleanArray::from(Vec::<bool>::new())
+}
+
+fn ops(rows: &[(usize, Op)]) -> Int8Array {
+    Int8Array::from_iter_values(rows.iter().map(|(_, op)| *op as i8))
+}
+
+impl Operator for GroupAggregate {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.intern(&batch.rows)?;
+        let now = Instant::now();
+        let total = self.groups.len();
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                for (i, acc) in accumulators.iter_mut().enumerate() {
+                    let args = self.calls.arguments(i, &batch.rows)?;
+                    let filter = self.calls.filter(i, &batch.rows)?;
+                    acc.update_batch(&args, &self.indices, filter.as_ref(), total)?;
+                }
+                for i in 0..self.indices.len() {
+                    let g = self.indices[i];
+                    self.counts[g] += 1;
+                    self.mark(g, now);
+                }
+            }
+            Values::Multisets { .. } => {
+                let columns = self.argument_columns(&batch.rows)?;
+                let Values::Multisets { converter, rows } = &mut self.values else {
+                    unreachable!()
+                };
+                let encoded = if columns.is_empty() {
+                    None
+                } else {
+                    Some(converter.convert_columns(&columns)?)
+                };
+                for i in 0..batch.num_rows() {
+                    let g = self.indices[i];
+                    let sign = if batch.retracts(i) { -1 } else { 1 };
+                    if let Some(encoded) = &encoded {
+                        let row = encoded.row(i).owned();
+                        let set = &mut rows[g];
+                        let count = set.entry(row.clone()).or_insert(0);
+                        *count += sign;
+                        if *count == 0 {
+                            set.remove(&row);
+                        }
+                    }
+                }
+                for i in 0..batch.num_rows() {
+                    let g = self.indices[i];
+                    self.counts[g] += if batch.retracts(i) { -1 } else { 1 };
+                    self.mark(g, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_barrier(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.emit(out)
+    }
+
+    fn on_end(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.emit(out)
+    }
+
+    fn state_size(&self) -> usize {
+        let values = match &self.values {
+            Values::Accumulators(accs) => accs.iter().map(|a| a.size()).sum::<usize>(),
+            Values::Multisets { rows, .. } => rows
+                .iter()
+                .map(|set| set.keys().map(|r| r.as_ref().len() + 48).sum::<usize>())
+                .sum(),
+        };
+        self.groups.size()
+            + self.keys.size()
+            + values
+            + self
+                .emitted
+                .iter()
+                .map(|r| r.as_ref().map_or(8, |r| r.len() + 24))
+                .sum::<usize>()
+            + self.counts.len() * 24
+    }
+}

@@ -38,6 +38,7 @@ use crate::stream::ops::group_agg::GroupAggregate;
 use crate::stream::ops::grouped::AggregateCalls;
 use crate::stream::ops::session_agg::SessionAggregate;
 use crate::stream::ops::stateless::{Filter, Project};
+use crate::stream::ops::topn::{SortKey, TopN};
 use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
 use crate::stream::ops::window_assign::{Assign, WindowAssign};
 use crate::stream::window::Slicing;
@@ -341,6 +342,9 @@ impl<'a> Planner<'a> {
                 self.project(&input, &p.expr, p.schema.clone())
             }
             LogicalPlan::Filter(f) => {
+                if let Some(top) = self.top_n(f)? {
+                    return Ok(top);
+                }
                 let input = self.plan_node(&f.input)?;
                 self.filter(&input, &f.predicate)
             }
@@ -352,32 +356,7 @@ impl<'a> Planner<'a> {
             LogicalPlan::Aggregate(agg) => self.plan_aggregate(plan, agg),
             LogicalPlan::Window(w) => {
                 let input = self.plan_node(&w.input)?;
-                let partitioned_by_window = input.windows.is_some_and(|cols| {
-                    w.window_expr.iter().all(|e| {
-                        let Expr::WindowFunction(f) = strip_alias(e) else {
-                            return false;
-                        };
-                        let parts: Vec<Option<usize>> = f
-                            .params
-                            .partition_by
-                            .iter()
-                            .map(|p| passthrough(p, &input.schema))
-                            .collect();
-                        parts.contains(&Some(cols.start)) && parts.contains(&Some(cols.end))
-                    })
-                });
-                if partitioned_by_window {
-                    self.insert_only(&input, "a window TopN")?;
-                    self.windowed_fragment(plan, vec![input], "WindowRank")
-                } else {
-                    self.end_fragment(
-                        plan,
-                        vec![input],
-                        "OVER (...) without PARTITION BY window_start, window_end is not supported \
-                         in a continuous query; rank rows per window (PARTITION BY window_start, \
-                         window_end, ...)",
-                    )
-                }
+                self.plan_window(plan, w, input)
             }
             LogicalPlan::Join(join) => {
                 let left = self.plan_node(&join.left)?;
@@ -441,6 +420,200 @@ impl<'a> Planner<'a> {
                 other.display()
             ))),
         }
+    }
+
+    /// OVER (...) in a query: ranks per window, or at the end of a bounded input.
+    fn plan_window(
+        &mut self,
+        plan: &LogicalPlan,
+        w: &datafusion::logical_expr::Window,
+        input: Stream,
+    ) -> Result<Stream> {
+        if partitioned_by_window(w, &input) {
+            self.insert_only(&input, "a window TopN")?;
+            return self.windowed_fragment(plan, vec![input], "WindowRank");
+        }
+        self.end_fragment(
+            plan,
+            vec![input],
+            "OVER (...) is supported in continuous queries as TopN: filter ROW_NUMBER() OVER \
+             (PARTITION BY ... ORDER BY ...) AS rn with WHERE rn <= N, or rank per window \
+             (PARTITION BY window_start, window_end, ...)",
+        )
+    }
+
+    /// `WHERE rn <= N` over `ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) AS rn`
+    /// in a continuous query: a TopN operator (N = 1 is deduplication). Projections and
+    /// aliases between the filter and the window are applied above the TopN.
+    fn top_n(&mut self, f: &datafusion::logical_expr::Filter) -> Result<Option<Stream>> {
+        if self.mode != Mode::Continuous {
+            return Ok(None);
+        }
+        let mut between = Vec::new();
+        let mut node = f.input.as_ref();
+        let w = loop {
+            match node {
+                LogicalPlan::Projection(p) => {
+                    between.push(node);
+                    node = &p.input;
+                }
+                LogicalPlan::SubqueryAlias(a) => {
+                    between.push(node);
+                    node = &a.input;
+                }
+                LogicalPlan::Window(w) => break w,
+                _ => return Ok(None),
+            }
+        };
+        let [window_expr] = w.window_expr.as_slice() else {
+            return Ok(None);
+        };
+        let Expr::WindowFunction(function) = strip_alias(window_expr) else {
+            return Ok(None);
+        };
+        if function.fun.name() != "row_number" {
+            return Ok(None);
+        }
+        // Follow the row number's column up to the filter.
+        let mut rank = Some(w.input.schema().fields().len());
+        for n in between.iter().rev() {
+            rank = match n {
+                LogicalPlan::Projection(p) => rank.and_then(|r| {
+                    p.expr
+                        .iter()
+                        .position(|e| passthrough(e, p.input.schema()) == Some(r))
+                }),
+                _ => rank,
+            };
+        }
+        let Some(rank) = rank else {
+            return Ok(None);
+        };
+        let mut limit = None;
+        let mut rest = Vec::new();
+        for conjunct in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+            match rank_bound(conjunct, f.input.schema(), rank) {
+                Some(n) if limit.is_none() => limit = Some(n),
+                _ => rest.push(conjunct.clone()),
+            }
+        }
+        let Some(limit) = limit else {
+            return Ok(None);
+        };
+        let input = self.plan_node(&w.input)?;
+        if partitioned_by_window(w, &input) {
+            let mut stream = self.plan_window(node, w, input)?;
+            stream = self.reapply(stream, &between)?;
+            return Ok(Some(self.filter(&stream, &f.predicate)?));
+        }
+        let partition_by = function
+            .params
+            .partition_by
+            .iter()
+            .map(|e| self.physical(e, &input.schema))
+            .collect::<Result<Vec<_>>>()?;
+        let order_by = function
+            .params
+            .order_by
+            .iter()
+            .map(|s| {
+                Ok(SortKey {
+                    expr: self.physical(&s.expr, &input.schema)?,
+                    options: datafusion::arrow::compute::SortOptions {
+                        descending: !s.asc,
+                        nulls_first: s.nulls_first,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let factory_order: Arc<Vec<(Arc<dyn PhysicalExpr>, _)>> =
+            Arc::new(order_by.into_iter().map(|k| (k.expr, k.options)).collect());
+        let retracting = input.changelog != ChangelogMode::InsertOnly;
+        let input_arrow: SchemaRef = Arc::new(input.schema.as_arrow().clone());
+        let arrow: SchemaRef = Arc::new(w.schema.as_arrow().clone());
+        let ttl = self.state_ttl;
+        let name = if limit == 1 { "Deduplicate" } else { "TopN" };
+        let detail = format!(
+            "first {limit} {}, order by {}",
+            if function.params.partition_by.is_empty() {
+                "overall".to_string()
+            } else {
+                format!("per {}", list(&function.params.partition_by))
+            },
+            function
+                .params
+                .order_by
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let (exchange, parallelism) = self.keyed(partition_by.clone());
+        // Partitions need a key: no PARTITION BY is one constant partition.
+        let partition_by = if partition_by.is_empty() {
+            vec![
+                Arc::new(datafusion::physical_expr::expressions::Literal::new(
+                    true.into(),
+                )) as _,
+            ]
+        } else {
+            partition_by
+        };
+        let mut out = self.operator(
+            &input,
+            exchange,
+            parallelism,
+            (
+                name,
+                detail.clone(),
+                if retracting {
+                    "every row of each partition"
+                } else {
+                    "the top rows of each partition"
+                },
+            ),
+            w.schema.clone(),
+            Arc::new(move |_| {
+                Ok(Box::new(TopN::try_new(
+                    partition_by.clone(),
+                    factory_order
+                        .iter()
+                        .map(|(expr, options)| SortKey {
+                            expr: expr.clone(),
+                            options: *options,
+                        })
+                        .collect(),
+                    limit,
+                    input_arrow.clone(),
+                    arrow.clone(),
+                    retracting,
+                    ttl,
+                )?) as _)
+            }),
+        );
+        self.set_updating(&mut out, format!("{name} ({detail})"));
+        if !function.params.partition_by.is_empty() {
+            self.unbounded_state(&format!("{name} ({detail})"));
+        }
+        let mut stream = self.reapply(out, &between)?;
+        if let Some(predicate) = datafusion::logical_expr::utils::conjunction(rest) {
+            stream = self.filter(&stream, &predicate)?;
+        }
+        Ok(Some(stream))
+    }
+
+    /// Applies the projections and aliases `between` (top first) over `stream`.
+    fn reapply(&mut self, mut stream: Stream, between: &[&LogicalPlan]) -> Result<Stream> {
+        for node in between.iter().rev() {
+            match node {
+                LogicalPlan::Projection(p) => {
+                    stream = self.project(&stream, &p.expr, p.schema.clone())?;
+                }
+                LogicalPlan::SubqueryAlias(a) => stream.schema = a.schema.clone(),
+                _ => {}
+            }
+        }
+        Ok(stream)
     }
 
     /// A subplan without stream sources, computed now.
@@ -1202,6 +1375,63 @@ fn output_windows(output: &[OutputColumn]) -> Option<WindowColumns> {
         time: find(OutputColumn::WindowTime),
         sliced: false,
     })
+}
+
+/// Whether every window function of `w` is partitioned by the input's window bounds.
+fn partitioned_by_window(w: &datafusion::logical_expr::Window, input: &Stream) -> bool {
+    input.windows.is_some_and(|cols| {
+        w.window_expr.iter().all(|e| {
+            let Expr::WindowFunction(f) = strip_alias(e) else {
+                return false;
+            };
+            let parts: Vec<Option<usize>> = f
+                .params
+                .partition_by
+                .iter()
+                .map(|p| passthrough(p, &input.schema))
+                .collect();
+            parts.contains(&Some(cols.start)) && parts.contains(&Some(cols.end))
+        })
+    })
+}
+
+/// N of a conjunct `rank <= N` (also `rank < N + 1`, `rank = 1`, `N >= rank`) on the
+/// column at index `rank` of `schema`.
+fn rank_bound(conjunct: &Expr, schema: &DFSchema, rank: usize) -> Option<usize> {
+    use datafusion::logical_expr::{BinaryExpr, Operator as BinOp};
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = conjunct else {
+        return None;
+    };
+    let (column, op, value) = match (left.as_ref(), right.as_ref()) {
+        (Expr::Column(c), Expr::Literal(v, _)) => (c, *op, v),
+        (Expr::Literal(v, _), Expr::Column(c)) => (c, op.swap()?, v),
+        _ => return None,
+    };
+    if schema.index_of_column(column).ok()? != rank {
+        return None;
+    }
+    let n = match value
+        .cast_to(&datafusion::arrow::datatypes::DataType::Int64)
+        .ok()?
+    {
+        datafusion::common::ScalarValue::Int64(Some(n)) => n,
+        _ => return None,
+    };
+    let limit = match op {
+        BinOp::LtEq => n,
+        BinOp::Lt => n - 1,
+        BinOp::Eq if n == 1 => 1,
+        _ => return None,
+    };
+    usize::try_from(limit).ok().filter(|&l| l > 0)
+}
+
+fn list(exprs: &[Expr]) -> String {
+    exprs
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// "group by ...; aggregates" for EXPLAIN.

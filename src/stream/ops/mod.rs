@@ -5,5 +5,6 @@ pub mod group_agg;
 pub mod grouped;
 pub mod session_agg;
 pub mod stateless;
+pub mod topn;
 pub mod window_agg;
 pub mod window_assign;

@@ -37,7 +37,7 @@ use crate::stream::ops::fragment::Fragment;
 use crate::stream::ops::group_agg::GroupAggregate;
 use crate::stream::ops::grouped::AggregateCalls;
 use crate::stream::ops::session_agg::SessionAggregate;
-use crate::stream::ops::stateless::{Filter, Project};
+use crate::stream::ops::stateless::{Filter, Project, Union};
 use crate::stream::ops::topn::{SortKey, TopN};
 use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
 use crate::stream::ops::window_assign::{Assign, WindowAssign};
@@ -395,11 +395,10 @@ impl<'a> Planner<'a> {
                     .iter()
                     .map(|i| self.plan_node(i))
                     .collect::<Result<Vec<_>>>()?;
-                self.end_fragment(
-                    plan,
-                    inputs,
-                    "UNION is not supported in continuous queries yet",
-                )
+                if self.mode == Mode::Continuous {
+                    return self.union(u, inputs);
+                }
+                self.end_fragment(plan, inputs, "")
             }
             LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => self.constant(plan),
             LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Distinct(_) => {
@@ -614,6 +613,63 @@ impl<'a> Planner<'a> {
             }
         }
         Ok(stream)
+    }
+
+    /// UNION ALL: every input's rows. Inputs of the union's parallelism forward their
+    /// subtasks' rows; others are spread by hashing whole rows, so a row and its
+    /// retraction take the same path.
+    fn union(&mut self, u: &datafusion::logical_expr::Union, inputs: Vec<Stream>) -> Result<Stream> {
+        let parallelism = inputs.iter().map(|i| i.parallelism).max().unwrap_or(1);
+        let edges = inputs
+            .iter()
+            .map(|i| Edge {
+                from: i.node,
+                exchange: if i.parallelism == parallelism {
+                    Exchange::Forward
+                } else {
+                    Exchange::Hash(
+                        (0..i.schema.fields().len())
+                            .map(|c| {
+                                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                                    i.schema.field(c).name(),
+                                    c,
+                                )) as Arc<dyn PhysicalExpr>
+                            })
+                            .collect(),
+                    )
+                },
+            })
+            .collect();
+        let arrow: SchemaRef = Arc::new(u.schema.as_arrow().clone());
+        let factory_arrow = arrow.clone();
+        let node = self.add(StreamNode {
+            name: "Union".into(),
+            detail: format!("{} inputs", inputs.len()),
+            state: "none".into(),
+            parallelism,
+            inputs: edges,
+            kind: NodeKind::Operator(Arc::new(move |_| {
+                Ok(Box::new(Union {
+                    schema: factory_arrow.clone(),
+                }) as _)
+            })),
+            schema: arrow,
+            changelog: ChangelogMode::InsertOnly,
+        });
+        let mut out = Stream {
+            node,
+            schema: u.schema.clone(),
+            parallelism,
+            windows: None,
+            slicing: None,
+            changelog: ChangelogMode::InsertOnly,
+            updated_by: None,
+        };
+        if let Some(updating) = inputs.iter().find(|i| i.changelog != ChangelogMode::InsertOnly) {
+            let by = updating.updated_by.clone().unwrap_or_else(|| "an input".into());
+            self.set_updating(&mut out, by);
+        }
+        Ok(out)
     }
 
     /// A subplan without stream sources, computed now.

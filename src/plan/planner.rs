@@ -618,7 +618,11 @@ impl<'a> Planner<'a> {
     /// UNION ALL: every input's rows. Inputs of the union's parallelism forward their
     /// subtasks' rows; others are spread by hashing whole rows, so a row and its
     /// retraction take the same path.
-    fn union(&mut self, u: &datafusion::logical_expr::Union, inputs: Vec<Stream>) -> Result<Stream> {
+    fn union(
+        &mut self,
+        u: &datafusion::logical_expr::Union,
+        inputs: Vec<Stream>,
+    ) -> Result<Stream> {
         let parallelism = inputs.iter().map(|i| i.parallelism).max().unwrap_or(1);
         let edges = inputs
             .iter()
@@ -665,8 +669,14 @@ impl<'a> Planner<'a> {
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
         };
-        if let Some(updating) = inputs.iter().find(|i| i.changelog != ChangelogMode::InsertOnly) {
-            let by = updating.updated_by.clone().unwrap_or_else(|| "an input".into());
+        if let Some(updating) = inputs
+            .iter()
+            .find(|i| i.changelog != ChangelogMode::InsertOnly)
+        {
+            let by = updating
+                .updated_by
+                .clone()
+                .unwrap_or_else(|| "an input".into());
             self.set_updating(&mut out, by);
         }
         Ok(out)

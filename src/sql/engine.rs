@@ -45,6 +45,18 @@ pub enum Outcome {
     End(CommandTag),
     /// `DEALLOCATE name` frees a statement prepared through the protocol; `None` is ALL.
     Deallocate(Option<String>),
+    /// Warnings sent as NOTICEs before the outcome (e.g. state that grows without bound).
+    Noticed(Vec<String>, Box<Outcome>),
+}
+
+impl Outcome {
+    pub fn noticed(notices: Vec<String>, outcome: Outcome) -> Outcome {
+        if notices.is_empty() {
+            outcome
+        } else {
+            Outcome::Noticed(notices, Box::new(outcome))
+        }
+    }
 }
 
 /// The server's one query engine: the catalog and the DataFusion context over it.

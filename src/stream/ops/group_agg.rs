@@ -542,3 +542,185 @@ impl Operator for GroupAggregate {
             + self.counts.len() * 24
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_expr::expressions::{col, Column};
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+    use crate::stream::message::Op;
+
+    /// `SELECT k, count(*), max(v) FROM t GROUP BY k` over (k, v) rows.
+    fn operator(retracting: bool, ttl: Option<Duration>) -> GroupAggregate {
+        let input: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let ctx = SessionContext::new();
+        let count = datafusion::functions_aggregate::count::count_udaf();
+        let max = datafusion::functions_aggregate::min_max::max_udaf();
+        let build = |udf: Arc<datafusion::logical_expr::AggregateUDF>, name: &str| {
+            datafusion::physical_expr::aggregate::AggregateExprBuilder::new(
+                udf,
+                vec![col("v", &input).unwrap()],
+            )
+            .schema(input.clone())
+            .alias(name)
+            .build()
+            .map(Arc::new)
+            .unwrap()
+        };
+        let _ = ctx;
+        let calls = Arc::new(AggregateCalls {
+            keys: vec![Arc::new(Column::new("k", 0))],
+            key_schema: Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false)])),
+            aggregates: vec![build(count, "n"), build(max, "top")],
+            filters: vec![None, None],
+        });
+        let output: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+            Field::new("top", DataType::Int64, true),
+        ]));
+        GroupAggregate::try_new(calls, input, output, true, retracting, ttl).unwrap()
+    }
+
+    fn batch(rows: &[(&str, i64, Op)]) -> ChangeBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let data = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            ],
+        )
+        .unwrap();
+        ChangeBatch {
+            rows: data,
+            watermarks: None,
+            ops: Some(Int8Array::from_iter_values(rows.iter().map(|r| r.2 as i8))),
+        }
+    }
+
+    /// Emitted rows as "op k n top" lines.
+    fn lines(out: &[ChangeBatch]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for b in out {
+            let k = b
+                .rows
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            let n = b
+                .rows
+                .column(1)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            let top = b
+                .rows
+                .column(2)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            for i in 0..b.num_rows() {
+                let op = match b.ops.as_ref().map_or(0, |o| o.value(i)) {
+                    0 => "+I",
+                    1 => "-U",
+                    2 => "+U",
+                    _ => "-D",
+                };
+                let top = if top.is_null(i) {
+                    "NULL".to_string()
+                } else {
+                    top.value(i).to_string()
+                };
+                lines.push(format!("{op} {} {} {top}", k.value(i), n.value(i)));
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn retractions_correct_every_aggregate_and_delete_empty_keys() {
+        let mut op = operator(true, None);
+        let mut out = Vec::new();
+        op.process(
+            0,
+            batch(&[
+                ("a", 5, Op::Insert),
+                ("a", 9, Op::Insert),
+                ("b", 1, Op::Insert),
+            ]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I a 2 9", "+I b 1 1"]);
+        out.clear();
+        // max must fall back to 5 when 9 is retracted; b loses its only row.
+        op.process(
+            0,
+            batch(&[("a", 9, Op::Delete), ("b", 1, Op::UpdateBefore)]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["-U a 2 9", "-D b 1 1", "+U a 1 5"]);
+        out.clear();
+        // A key that changes and changes back within an epoch emits nothing.
+        op.process(
+            0,
+            batch(&[("a", 7, Op::Insert), ("a", 7, Op::Delete)]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert!(out.is_empty(), "{:?}", lines(&out));
+        // b comes back as a new key.
+        op.process(0, batch(&[("b", 4, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_end(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I b 1 4"]);
+    }
+
+    #[test]
+    fn inserts_fold_into_accumulators_and_ttl_forgets_idle_keys() {
+        let mut op = operator(false, Some(Duration::from_millis(50)));
+        let mut out = Vec::new();
+        op.process(
+            0,
+            batch(&[("a", 5, Op::Insert), ("b", 2, Op::Insert)]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I a 1 5", "+I b 1 2"]);
+        out.clear();
+        op.process(0, batch(&[("a", 8, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["-U a 1 5", "+U a 2 8"]);
+        out.clear();
+        let full = op.state_size();
+        std::thread::sleep(Duration::from_millis(80));
+        op.process(0, batch(&[("a", 1, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["-U a 2 8", "+U a 3 8"]);
+        out.clear();
+        assert!(op.state_size() < full, "{} !< {full}", op.state_size());
+        // b was forgotten: it starts over, silently for its old row (Flink's TTL).
+        op.process(0, batch(&[("b", 3, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I b 1 3"]);
+    }
+}

@@ -18,12 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
-    new_empty_array, Array, ArrayRef, BooleanArray, Int8Array, RecordBatch, UInt32Array,
+    new_empty_array, Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, Int8Array,
+    RecordBatch, UInt32Array,
 };
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
-use datafusion::common::Result;
+use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
@@ -31,6 +32,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use super::grouped::AggregateCalls;
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::Operator;
+use crate::stream::snapshot;
 
 /// How a key's aggregate state is held (see the module comment).
 enum Values {
@@ -142,14 +144,13 @@ impl GroupAggregate {
         }
     }
 
-    /// Interns the keys of `batch`, registering new groups.
-    fn intern(&mut self, batch: &RecordBatch) -> Result<()> {
-        let keys = self.calls.key_columns(batch)?;
+    /// Interns `keys` (key columns), registering new groups.
+    fn intern(&mut self, keys: &[ArrayRef]) -> Result<()> {
         let before = self.groups.len();
-        self.groups.intern(&keys, &mut self.indices)?;
+        self.groups.intern(keys, &mut self.indices)?;
         let after = self.groups.len();
         if after > before {
-            let rows = self.key_converter.convert_columns(&keys)?;
+            let rows = self.key_converter.convert_columns(keys)?;
             let mut next = before;
             for (i, &g) in self.indices.iter().enumerate() {
                 if g == next {
@@ -240,14 +241,7 @@ impl GroupAggregate {
             return Ok(vec![]);
         }
         // Groups without rows still get a value (count 0, sum NULL).
-        for (i, acc) in fresh.iter_mut().enumerate() {
-            let empty = self.calls.aggregates[i]
-                .expressions()
-                .iter()
-                .map(|e| Ok(new_empty_array(&e.data_type(&self.input)?)))
-                .collect::<Result<Vec<_>>>()?;
-            acc.update_batch(&empty, &[], Some(&no_rows()), k)?;
-        }
+        size_groups(&self.calls, &self.input, &mut fresh, k)?;
         fresh.iter_mut().map(|a| a.evaluate(EmitTo::All)).collect()
     }
 
@@ -258,33 +252,14 @@ impl GroupAggregate {
             if self.groups.len() == 0 {
                 // A global aggregate's single group, holding no rows yet.
                 let unit: Vec<ArrayRef> = vec![Arc::new(BooleanArray::from(vec![true]))];
-                let before = self.groups.len();
-                self.groups.intern(&unit, &mut self.indices)?;
-                if self.groups.len() > before {
-                    let rows = self.key_converter.convert_columns(&unit)?;
-                    self.keys.push(rows.row(0));
-                    self.counts.push(0);
-                    self.emitted.push(None);
-                    self.touched.push(Instant::now());
-                    self.changed.push(false);
-                    if let Values::Multisets { rows, .. } = &mut self.values {
-                        rows.push(HashMap::new());
-                    }
-                    if let Values::Accumulators(accs) = &mut self.values {
-                        for (i, acc) in accs.iter_mut().enumerate() {
-                            let empty = self.calls.aggregates[i]
-                                .expressions()
-                                .iter()
-                                .map(|e| Ok(new_empty_array(&e.data_type(&self.input)?)))
-                                .collect::<Result<Vec<_>>>()?;
-                            acc.update_batch(&empty, &[], Some(&no_rows()), 1)?;
-                        }
-                    }
+                self.intern(&unit)?;
+                if let Values::Accumulators(accumulators) = &mut self.values {
+                    size_groups(&self.calls, &self.input, accumulators, 1)?;
                 }
                 self.mark(0, Instant::now());
             }
         }
-        self.expire(out)?;
+        self.expire()?;
         if self.changed_list.is_empty() {
             return Ok(());
         }
@@ -388,8 +363,9 @@ impl GroupAggregate {
     }
 
     /// Forgets groups untouched for longer than the TTL, silently (Flink's state TTL).
-    fn expire(&mut self, _out: &mut [ChangeBatch]) -> Result<()> {
-        let Some(ttl) = self.ttl else {
+    fn expire(&mut self) -> Result<()> {
+        // A global aggregate has a single key: nothing to bound.
+        let Some(ttl) = self.ttl.filter(|_| self.keyed) else {
             return Ok(());
         };
         let now = Instant::now();
@@ -446,10 +422,36 @@ impl GroupAggregate {
     }
 }
 
-/// An empty FILTER mask: sizes accumulators for groups without rows. Without a filter,
-/// DataFusion's accumulators assume every group they are sized for has seen a value.
-fn no_rows() -> BooleanArray {
-    BooleanArray::from(Vec::<bool>::new())
+/// Sizes `accumulators` for `groups` groups, those without rows included. The FILTER
+/// mask, empty as the rows, matters: without one DataFusion's accumulators assume every
+/// group they are sized for has seen a value.
+fn size_groups(
+    calls: &AggregateCalls,
+    input: &SchemaRef,
+    accumulators: &mut [Box<dyn GroupsAccumulator>],
+    groups: usize,
+) -> Result<()> {
+    for (i, acc) in accumulators.iter_mut().enumerate() {
+        let empty = calls.aggregates[i]
+            .expressions()
+            .iter()
+            .map(|e| Ok(new_empty_array(&e.data_type(input)?)))
+            .collect::<Result<Vec<_>>>()?;
+        acc.update_batch(
+            &empty,
+            &[],
+            Some(&BooleanArray::from(Vec::<bool>::new())),
+            groups,
+        )?;
+    }
+    Ok(())
+}
+
+fn downcast<T: 'static>(column: &ArrayRef) -> Result<&T> {
+    column
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| DataFusionError::Internal("a state column of another type".into()))
 }
 
 fn ops(rows: &[(usize, Op)]) -> Int8Array {
@@ -466,7 +468,8 @@ impl Operator for GroupAggregate {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        self.intern(&batch.rows)?;
+        let keys = self.calls.key_columns(&batch.rows)?;
+        self.intern(&keys)?;
         let now = Instant::now();
         let total = self.groups.len();
         match &mut self.values {
@@ -521,6 +524,110 @@ impl Operator for GroupAggregate {
 
     fn on_end(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.emit(out)
+    }
+
+    /// One `groups` batch (key, emitted result, row count, changed flag and, over
+    /// inserts, the accumulators' partial states) and, over retractions, an `arguments`
+    /// batch with every group's argument rows and their counts.
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let n = self.groups.len();
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(BinaryArray::from_iter_values(
+                (0..n).map(|g| self.keys.row(g).as_ref().to_vec()),
+            )),
+            Arc::new(BinaryArray::from_iter(
+                self.emitted.iter().map(|e| e.as_deref()),
+            )),
+            Arc::new(Int64Array::from(self.counts.clone())),
+            Arc::new(BooleanArray::from(self.changed.clone())),
+        ];
+        let mut arguments = None;
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                let all: Vec<usize> = (0..n).collect();
+                for acc in accumulators.iter_mut() {
+                    let state = acc.state(EmitTo::All)?;
+                    acc.merge_batch(&state, &all, n)?;
+                    columns.extend(state);
+                }
+            }
+            Values::Multisets { rows, .. } => {
+                let entries = rows
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(g, set)| set.iter().map(move |(r, c)| (g as u32, r, *c)));
+                let (mut groups, mut bytes, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+                for (g, row, count) in entries {
+                    groups.push(g);
+                    bytes.push(row.as_ref().to_vec());
+                    counts.push(count);
+                }
+                arguments = Some(snapshot::batch(
+                    "arguments",
+                    &[],
+                    vec![
+                        Arc::new(UInt32Array::from(groups)),
+                        Arc::new(BinaryArray::from_iter_values(bytes)),
+                        Arc::new(Int64Array::from(counts)),
+                    ],
+                )?);
+            }
+        }
+        let mut out = vec![snapshot::batch("groups", &[self.started as i64], columns)?];
+        out.extend(arguments);
+        Ok(out)
+    }
+
+    fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        for batch in state {
+            let (kind, _, _) = snapshot::parts(&batch, 0)?;
+            if kind == "arguments" {
+                let (_, _, columns) = snapshot::parts(&batch, 0)?;
+                let groups = downcast::<UInt32Array>(&columns[0])?;
+                let bytes = downcast::<BinaryArray>(&columns[1])?;
+                let counts = downcast::<Int64Array>(&columns[2])?;
+                let Values::Multisets { converter, rows } = &mut self.values else {
+                    return Err(DataFusionError::Internal(
+                        "argument rows for an aggregate over inserts".into(),
+                    ));
+                };
+                let parser = converter.parser();
+                for i in 0..batch.num_rows() {
+                    rows[groups.value(i) as usize]
+                        .insert(parser.parse(bytes.value(i)).owned(), counts.value(i));
+                }
+                continue;
+            }
+            let (_, head, columns) = snapshot::parts(&batch, 1)?;
+            self.started = head[0] != 0;
+            let n = batch.num_rows();
+            let keys = downcast::<BinaryArray>(&columns[0])?;
+            let parser = self.key_converter.parser();
+            let key_columns = self
+                .key_converter
+                .convert_rows((0..n).map(|i| parser.parse(keys.value(i))))?;
+            self.intern(&key_columns)?;
+            let emitted = downcast::<BinaryArray>(&columns[1])?;
+            let counts = downcast::<Int64Array>(&columns[2])?;
+            let changed = downcast::<BooleanArray>(&columns[3])?;
+            for g in 0..n {
+                self.emitted[g] = (!emitted.is_null(g)).then(|| Box::from(emitted.value(g)));
+                self.counts[g] = counts.value(g);
+                if changed.value(g) {
+                    self.mark(g, Instant::now());
+                }
+            }
+            if let Values::Accumulators(accumulators) = &mut self.values {
+                let all: Vec<usize> = (0..n).collect();
+                let mut at = 4;
+                for (i, acc) in accumulators.iter_mut().enumerate() {
+                    let width = self.calls.aggregates[i].state_fields()?.len();
+                    acc.merge_batch(&columns[at..at + width], &all, n)?;
+                    at += width;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn state_size(&self) -> usize {
@@ -722,5 +829,39 @@ mod tests {
             .unwrap();
         op.on_barrier(&mut out).unwrap();
         assert_eq!(lines(&out), ["+I b 1 3"]);
+    }
+
+    #[test]
+    fn restored_state_gives_the_same_output() {
+        for retracting in [false, true] {
+            let mut original = operator(retracting, None);
+            let mut out = Vec::new();
+            let first = [
+                ("a", 5, Op::Insert),
+                ("b", 2, Op::Insert),
+                ("a", 7, Op::Insert),
+            ];
+            original.process(0, batch(&first), &mut out).unwrap();
+            original.on_barrier(&mut out).unwrap();
+            // Unemitted changes are part of the state too.
+            original
+                .process(0, batch(&[("c", 1, Op::Insert)]), &mut out)
+                .unwrap();
+            let state = original.snapshot().unwrap();
+            let mut restored = operator(retracting, None);
+            restored.restore(state).unwrap();
+            let next = if retracting {
+                vec![("a", 7, Op::Delete), ("b", 9, Op::Insert)]
+            } else {
+                vec![("a", 1, Op::Insert), ("b", 9, Op::Insert)]
+            };
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for (op, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
+                op.process(0, batch(&next), out).unwrap();
+                op.on_barrier(out).unwrap();
+            }
+            assert_eq!(lines(&a), lines(&b), "retracting: {retracting}");
+            assert!(!a.is_empty());
+        }
     }
 }

@@ -13,16 +13,17 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{ArrayRef, Int8Array, UInt64Array};
+use datafusion::arrow::array::{ArrayRef, BinaryArray, Int64Array, Int8Array, UInt64Array};
 use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
-use datafusion::common::Result;
+use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::Operator;
+use crate::stream::snapshot;
 
 /// A sort key of the TopN: an expression and its direction.
 pub struct SortKey {
@@ -244,6 +245,99 @@ impl Operator for TopN {
         self.emit(out)
     }
 
+    /// `rows` (partition, sort key, row, count), `emitted` (partition, row, in rank
+    /// order) and `changed` (partitions with unemitted changes) batches.
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let bytes = |rows: Vec<&OwnedRow>| -> ArrayRef {
+            Arc::new(BinaryArray::from_iter_values(
+                rows.into_iter().map(|r| r.as_ref().to_vec()),
+            ))
+        };
+        let mut keys = Vec::new();
+        let mut sorts = Vec::new();
+        let mut full = Vec::new();
+        let mut counts = Vec::new();
+        let mut emitted_keys = Vec::new();
+        let mut emitted = Vec::new();
+        for (key, p) in &self.partitions {
+            for ((sort, row), count) in &p.rows {
+                keys.push(key);
+                sorts.push(sort);
+                full.push(row);
+                counts.push(*count);
+            }
+            for row in &p.emitted {
+                emitted_keys.push(key);
+                emitted.push(row);
+            }
+        }
+        Ok(vec![
+            snapshot::batch(
+                "rows",
+                &[],
+                vec![
+                    bytes(keys),
+                    bytes(sorts),
+                    bytes(full),
+                    Arc::new(Int64Array::from(counts)),
+                ],
+            )?,
+            snapshot::batch("emitted", &[], vec![bytes(emitted_keys), bytes(emitted)])?,
+            snapshot::batch("changed", &[], vec![bytes(self.changed.iter().collect())])?,
+        ])
+    }
+
+    fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        let now = Instant::now();
+        for batch in state {
+            let (kind, _, columns) = snapshot::parts(&batch, 0)?;
+            let binary = |i: usize| -> Result<&BinaryArray> {
+                columns[i]
+                    .as_any()
+                    .downcast_ref::<BinaryArray>()
+                    .ok_or_else(|| DataFusionError::Internal("a TopN state column".into()))
+            };
+            let keys = self.partition_converter.parser();
+            for i in 0..batch.num_rows() {
+                let key = keys.parse(binary(0)?.value(i)).owned();
+                match kind.as_str() {
+                    "rows" => {
+                        let sort = self
+                            .sort_converter
+                            .parser()
+                            .parse(binary(1)?.value(i))
+                            .owned();
+                        let row = self
+                            .row_converter
+                            .parser()
+                            .parse(binary(2)?.value(i))
+                            .owned();
+                        let count = columns[3]
+                            .as_any()
+                            .downcast_ref::<Int64Array>()
+                            .ok_or_else(|| DataFusionError::Internal("a TopN count".into()))?
+                            .value(i);
+                        let p = self.partitions.entry(key).or_default();
+                        p.touched = Some(now);
+                        p.rows.insert((sort, row), count);
+                    }
+                    "emitted" => {
+                        let row = self
+                            .row_converter
+                            .parser()
+                            .parse(binary(1)?.value(i))
+                            .owned();
+                        self.partitions.entry(key).or_default().emitted.push(row);
+                    }
+                    _ => {
+                        self.changed.insert(key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn state_size(&self) -> usize {
         self.partitions
             .iter()
@@ -259,5 +353,188 @@ impl Operator for TopN {
                         .sum::<usize>()
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_expr::expressions::Column;
+
+    use super::*;
+
+    /// Top 2 scores per game: rows (game, score).
+    fn operator(retracting: bool) -> TopN {
+        let input: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("game", DataType::Utf8, false),
+            Field::new("score", DataType::Int64, false),
+        ]));
+        let mut fields = input.fields().to_vec();
+        fields.push(Arc::new(Field::new("rn", DataType::UInt64, false)));
+        TopN::try_new(
+            vec![Arc::new(Column::new("game", 0))],
+            vec![SortKey {
+                expr: Arc::new(Column::new("score", 1)),
+                options: SortOptions {
+                    descending: true,
+                    nulls_first: true,
+                },
+            }],
+            2,
+            input,
+            Arc::new(Schema::new(fields)),
+            retracting,
+            None,
+        )
+        .unwrap()
+    }
+
+    fn batch(rows: &[(&str, i64, Op)]) -> ChangeBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("game", DataType::Utf8, false),
+            Field::new("score", DataType::Int64, false),
+        ]));
+        ChangeBatch {
+            rows: RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                ],
+            )
+            .unwrap(),
+            watermarks: None,
+            ops: Some(Int8Array::from_iter_values(rows.iter().map(|r| r.2 as i8))),
+        }
+    }
+
+    fn lines(out: &[ChangeBatch]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for b in out {
+            let game = b
+                .rows
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            let score = b
+                .rows
+                .column(1)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            let rank = b
+                .rows
+                .column(2)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .unwrap();
+            for i in 0..b.num_rows() {
+                let op =
+                    ["+I", "-U", "+U", "-D"][b.ops.as_ref().map_or(0, |o| o.value(i)) as usize];
+                lines.push(format!(
+                    "{op} {} {} {}",
+                    game.value(i),
+                    score.value(i),
+                    rank.value(i)
+                ));
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn ranks_move_and_retractions_pull_lower_rows_up() {
+        let mut op = operator(true);
+        let mut out = Vec::new();
+        op.process(
+            0,
+            batch(&[
+                ("go", 5, Op::Insert),
+                ("go", 9, Op::Insert),
+                ("go", 1, Op::Insert),
+            ]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I go 9 1", "+I go 5 2"]);
+        out.clear();
+        op.process(0, batch(&[("go", 9, Op::Delete)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(
+            lines(&out),
+            ["-U go 9 1", "-U go 5 2", "+U go 5 1", "+U go 1 2"]
+        );
+        out.clear();
+        op.process(
+            0,
+            batch(&[("go", 5, Op::Delete), ("go", 1, Op::Delete)]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["-D go 5 1", "-D go 1 2"]);
+        assert_eq!(op.state_size(), 0);
+    }
+
+    #[test]
+    fn over_inserts_only_the_top_rows_are_kept() {
+        let mut op = operator(false);
+        let mut out = Vec::new();
+        let rows: Vec<(&str, i64, Op)> = (0..100).map(|i| ("go", i, Op::Insert)).collect();
+        op.process(0, batch(&rows), &mut out).unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I go 99 1", "+I go 98 2"]);
+        assert_eq!(
+            op.partitions.values().map(|p| p.rows.len()).sum::<usize>(),
+            2
+        );
+    }
+
+    #[test]
+    fn restored_state_gives_the_same_output() {
+        let mut original = operator(true);
+        let mut out = Vec::new();
+        original
+            .process(
+                0,
+                batch(&[
+                    ("go", 5, Op::Insert),
+                    ("chess", 3, Op::Insert),
+                    ("go", 7, Op::Insert),
+                ]),
+                &mut out,
+            )
+            .unwrap();
+        original.on_barrier(&mut out).unwrap();
+        original
+            .process(0, batch(&[("go", 6, Op::Insert)]), &mut out)
+            .unwrap();
+        let mut restored = operator(true);
+        restored.restore(original.snapshot().unwrap()).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (op, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
+            op.process(
+                0,
+                batch(&[("go", 7, Op::Delete), ("chess", 4, Op::Insert)]),
+                out,
+            )
+            .unwrap();
+            op.on_barrier(out).unwrap();
+        }
+        assert_eq!(lines(&a), lines(&b));
+        assert_eq!(
+            lines(&a),
+            [
+                "-U chess 3 1",
+                "-U go 7 1",
+                "+U chess 4 1",
+                "+I chess 3 2",
+                "+U go 6 1"
+            ]
+        );
     }
 }

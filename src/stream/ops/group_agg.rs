@@ -249,7 +249,7 @@ impl GroupAggregate {
     fn emit(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         if !self.keyed && !self.started {
             self.started = true;
-            if self.groups.len() == 0 {
+            if self.groups.is_empty() {
                 // A global aggregate's single group, holding no rows yet.
                 let unit: Vec<ArrayRef> = vec![Arc::new(BooleanArray::from(vec![true]))];
                 self.intern(&unit)?;

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use arrow::array::{Array, ArrayRef, Int8Array};
+use arrow::array::{ArrayRef, Int8Array};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use arrow::record_batch::{RecordBatch, RecordBatchOptions};
@@ -140,7 +140,7 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
-    use arrow::array::{Int64Array, StringArray};
+    use arrow::array::{Array, Int64Array, StringArray};
 
     use super::*;
     use crate::table_def::{ColumnDef, TableId};

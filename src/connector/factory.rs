@@ -14,6 +14,7 @@ use super::io::{SinkWriter, SplitReader};
 use super::nexmark::NexmarkReader;
 use super::options::parse_duration;
 use super::print::{BlackholeSink, PrintSink};
+use crate::stream::graph::ChangelogMode;
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
 
 /// The reader for split `split` (0-based) of `splits` parallel source subtasks.
@@ -43,8 +44,21 @@ pub fn open_split(
     })
 }
 
-/// Whether the table's source ends (filesystem, datagen with a row count or sequence,
-/// nexmark with an event count).
+/// How a table's rows change when read as a stream: a table in a changelog format
+/// ('debezium-json') and a table of Weir's log with a primary key (which takes UPDATE,
+/// DELETE and upserts) retract rows; every other table only ever gains rows.
+pub fn source_changelog(def: &TableDef) -> ChangelogMode {
+    let changelog_format = ["format", "value.format"]
+        .iter()
+        .any(|k| def.options.get(*k).is_some_and(|f| f == "debezium-json"));
+    let keyed_log = def.connector().is_none() && !def.primary_key.is_empty();
+    if changelog_format || keyed_log {
+        ChangelogMode::Retract
+    } else {
+        ChangelogMode::InsertOnly
+    }
+}
+
 /// Connectors a job can write to.
 pub const SINKS: &[&str] = &["filesystem", "print", "blackhole"];
 
@@ -60,6 +74,8 @@ pub fn max_splits(def: &TableDef) -> Option<usize> {
     }
 }
 
+/// Whether the table's source ends (filesystem, datagen with a row count or sequence,
+/// nexmark with an event count).
 pub fn is_bounded(def: &TableDef) -> bool {
     match def.connector() {
         Some("filesystem") => true,

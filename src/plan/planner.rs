@@ -169,7 +169,9 @@ impl<'a> Planner<'a> {
     pub fn plan(mut self, plan: &LogicalPlan, sink: SinkKind) -> Result<StreamGraph> {
         let plan = self.state.optimize(plan)?;
         let stream = self.plan_node(&plan)?;
-        if let SinkKind::Log(def) | SinkKind::Connector(def) = &sink {
+        // A table of Weir's log with a primary key takes updates; other tables only rows.
+        let takes_updates = matches!(&sink, SinkKind::Log(def) if !def.primary_key.is_empty());
+        if let (SinkKind::Log(def) | SinkKind::Connector(def), false) = (&sink, takes_updates) {
             self.insert_only(
                 &stream,
                 &format!("table \"{}\", which takes inserts only,", def.name),
@@ -593,6 +595,9 @@ impl<'a> Planner<'a> {
             schema: Arc::new(schema.as_arrow().clone()),
             changelog: ChangelogMode::InsertOnly,
         });
+        let changelog = def.as_deref().map_or(ChangelogMode::InsertOnly, |d| {
+            crate::connector::factory::source_changelog(d)
+        });
         // A view of window results keeps its window columns for windows over windows.
         let windows = match (
             &def,
@@ -607,7 +612,7 @@ impl<'a> Planner<'a> {
             }),
             _ => None,
         };
-        Ok(Stream {
+        let mut stream = Stream {
             node,
             schema,
             parallelism,
@@ -615,7 +620,11 @@ impl<'a> Planner<'a> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
-        })
+        };
+        if changelog != ChangelogMode::InsertOnly {
+            self.set_updating(&mut stream, format!("table {name}, a changelog source"));
+        }
+        Ok(stream)
     }
 
     /// Computed columns and the watermark of a table's source.

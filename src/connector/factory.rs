@@ -63,8 +63,13 @@ pub fn source_changelog(def: &TableDef) -> ChangelogMode {
 pub const SINKS: &[&str] = &["filesystem", "print", "blackhole"];
 
 /// The most source subtasks that can have work: a filesystem source has one split per
-/// file, and a subtask without a split would hold the watermark back for nothing.
+/// file, and a subtask without a split would hold the watermark back for nothing. A
+/// changelog is read by one subtask, file after file: a later file may update a row an
+/// earlier one created, and splits read in parallel would not keep that order.
 pub fn max_splits(def: &TableDef) -> Option<usize> {
+    if def.connector().is_some() && source_changelog(def) == ChangelogMode::Retract {
+        return Some(1);
+    }
     match def.connector() {
         Some("filesystem") => {
             let path = std::path::Path::new(def.options.get("path")?);

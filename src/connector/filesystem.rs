@@ -804,6 +804,54 @@ mod tests {
         assert!(e.message.contains("b.json' at line 2"), "{}", e.message);
     }
 
+    #[tokio::test]
+    async fn debezium_files_give_changes_and_report_bad_events_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("a.json"),
+            "{\"after\": {\"id\": 1, \"name\": \"a\"}, \"op\": \"c\"}\n\n\
+             {\"before\": {\"id\": 1, \"name\": \"a\"}, \"after\": {\"id\": 1, \"name\": \"b\"}, \"op\": \"u\"}\n\
+             {\"after\": {\"id\": 2}, \"op\": \"d\"}\n\
+             {\"before\": {\"id\": 1, \"name\": \"b\"}, \"op\": \"d\"}\n",
+        )
+        .unwrap();
+        let def = |ignore: &str| {
+            table(
+                &cols(),
+                &[
+                    ("connector", "filesystem"),
+                    ("path", dir.path().to_str().unwrap()),
+                    ("format", "debezium-json"),
+                    ("debezium-json.ignore-parse-errors", ignore),
+                ],
+            )
+        };
+        let mut r = FileSource::open(&def("true"), 0, 1, 10).unwrap();
+        let c = r.next_batch().await.unwrap().unwrap();
+        assert!(r.next_batch().await.unwrap().is_none());
+        assert_eq!(r.skipped_records(), 1);
+        let ops: Vec<i8> = c.ops.unwrap().values().to_vec();
+        assert_eq!(ops, vec![0, 1, 2, 3]);
+        let names = c.rows.column(1).as_string::<i32>();
+        assert_eq!(
+            (0..4).map(|i| names.value(i)).collect::<Vec<_>>(),
+            vec!["a", "a", "b", "b"]
+        );
+        let mut r = FileSource::open(&def("false"), 0, 1, 10).unwrap();
+        let e = SqlError::from(r.next_batch().await.unwrap_err());
+        assert_eq!(e.code, sqlstate::INVALID_TEXT_REPRESENTATION);
+        assert!(
+            e.message
+                .contains("bad debezium-json record in file '")
+                && e.message.contains("a.json' at line 4: \"before\" is null"),
+            "{}",
+            e.message
+        );
+        assert!(e.hint.unwrap().contains("debezium-json.ignore-parse-errors"));
+        let e = FileSink::open(&def("false"), 0, "j").err().unwrap();
+        assert_eq!(e.code, sqlstate::FEATURE_NOT_SUPPORTED);
+    }
+
     fn sample() -> RecordBatch {
         let def = table(&cols(), &[]);
         RecordBatch::try_new(

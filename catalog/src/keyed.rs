@@ -127,7 +127,11 @@ impl KeyedRows {
     }
 }
 
-fn batch(schema: &SchemaRef, columns: Vec<ArrayRef>, rows: usize) -> Result<RecordBatch, ArrowError> {
+fn batch(
+    schema: &SchemaRef,
+    columns: Vec<ArrayRef>,
+    rows: usize,
+) -> Result<RecordBatch, ArrowError> {
     RecordBatch::try_new_with_options(
         schema.clone(),
         columns,
@@ -176,7 +180,9 @@ pub(crate) mod tests {
                 Arc::new(StringArray::from(
                     rows.iter().map(|r| r.0).collect::<Vec<_>>(),
                 )),
-                Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
             ],
         )
         .unwrap();
@@ -188,8 +194,18 @@ pub(crate) mod tests {
 
     /// (op, v, k) of each row.
     pub(crate) fn listed(c: &Changes) -> Vec<(i8, String, i64)> {
-        let v = c.rows.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-        let k = c.rows.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+        let v = c
+            .rows
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        let k = c
+            .rows
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
         (0..c.rows.num_rows())
             .map(|i| (c.op(i), v.value(i).to_string(), k.value(i)))
             .collect()
@@ -201,9 +217,12 @@ pub(crate) mod tests {
             .unwrap()
             .iter()
             .flat_map(|b| {
-                listed(&Changes { rows: b.clone(), ops: None })
-                    .into_iter()
-                    .map(|(_, v, k)| (v, k))
+                listed(&Changes {
+                    rows: b.clone(),
+                    ops: None,
+                })
+                .into_iter()
+                .map(|(_, v, k)| (v, k))
             })
             .collect()
     }
@@ -231,7 +250,12 @@ pub(crate) mod tests {
             .normalise(&changes(
                 &def,
                 &[("stale", 2), ("d", 2), ("x", 9), ("gone", 1)],
-                Some(vec![op::UPDATE_BEFORE, op::UPDATE_AFTER, op::DELETE, op::DELETE]),
+                Some(vec![
+                    op::UPDATE_BEFORE,
+                    op::UPDATE_AFTER,
+                    op::DELETE,
+                    op::DELETE,
+                ]),
             ))
             .unwrap();
         assert_eq!(

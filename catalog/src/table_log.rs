@@ -391,8 +391,13 @@ mod tests {
         // An entry written the old way (no ops), then a changelog entry.
         log.append(def.id, &[changes(&def, &[("a", 1)], None).rows])
             .unwrap();
-        let change = changes(&def, &[("a", 1), ("b", 1)], Some(vec![op::UPDATE_BEFORE, op::UPDATE_AFTER]));
-        log.append_locked(def.id, std::slice::from_ref(&change)).unwrap();
+        let change = changes(
+            &def,
+            &[("a", 1), ("b", 1)],
+            Some(vec![op::UPDATE_BEFORE, op::UPDATE_AFTER]),
+        );
+        log.append_locked(def.id, std::slice::from_ref(&change))
+            .unwrap();
         let entries = log.read_from(def.id, 0).unwrap();
         assert_eq!(entries[0].ops, None);
         assert_eq!(entries[0].batch.schema(), def.physical_schema());
@@ -461,7 +466,10 @@ mod tests {
         let mut plain = def.clone();
         plain.primary_key.clear();
         let e = log
-            .write(&plain, &[changes(&def, &[("x", 1)], Some(vec![op::DELETE]))])
+            .write(
+                &plain,
+                &[changes(&def, &[("x", 1)], Some(vec![op::DELETE]))],
+            )
             .unwrap_err();
         assert!(matches!(e, CatalogError::Unsupported(_)), "{e}");
     }

@@ -26,8 +26,8 @@ use weir_catalog::{SqlType, TableDef};
 
 use super::factory::{invalid, opt_u64, to_df, Throttle};
 use super::io::SplitReader;
-use crate::stream::message::ChangeBatch;
 use crate::sql::error::{SqlError, SqlResult};
+use crate::stream::message::ChangeBatch;
 
 const DEFAULT_ROWS_PER_SECOND: u64 = 10_000;
 const DEFAULT_STRING_LENGTH: u64 = 100;
@@ -823,7 +823,13 @@ mod tests {
         let start = std::time::Instant::now();
         let mut n = 0;
         while n < 30 {
-            n += r.next_batch().await.unwrap().map(|c| c.rows).unwrap().num_rows();
+            n += r
+                .next_batch()
+                .await
+                .unwrap()
+                .map(|c| c.rows)
+                .unwrap()
+                .num_rows();
         }
         assert!(start.elapsed() >= std::time::Duration::from_millis(200));
     }

@@ -139,7 +139,8 @@ impl Debezium {
         }
         let columns = (0..self.schema.fields().len())
             .map(|j| {
-                let sources: [&dyn Array; 2] = [before.column(j).as_ref(), after.column(j).as_ref()];
+                let sources: [&dyn Array; 2] =
+                    [before.column(j).as_ref(), after.column(j).as_ref()];
                 interleave(&sources, &picks)
             })
             .collect::<Result<Vec<ArrayRef>, _>>()?;
@@ -181,7 +182,12 @@ impl Debezium {
             .iter()
             .enumerate()
             .find(|(j, f)| !f.is_nullable() && values.column(*j).is_null(i))
-            .map(|(_, f)| format!("null value in NOT NULL column \"{}\" of \"{name}\"", f.name()))
+            .map(|(_, f)| {
+                format!(
+                    "null value in NOT NULL column \"{}\" of \"{name}\"",
+                    f.name()
+                )
+            })
     }
 }
 
@@ -203,8 +209,18 @@ mod tests {
 
     /// (op, id, name) of each row.
     fn rows(c: &ChangeBatch) -> Vec<(i8, i32, Option<String>)> {
-        let id = c.rows.column(0).as_any().downcast_ref::<Int32Array>().unwrap();
-        let name = c.rows.column(1).as_any().downcast_ref::<StringArray>().unwrap();
+        let id = c
+            .rows
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .unwrap();
+        let name = c
+            .rows
+            .column(1)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
         (0..c.num_rows())
             .map(|i| {
                 (
@@ -278,17 +294,30 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(
-            rows(&c),
-            vec![(op::INSERT, 1, None), (op::DELETE, 7, None)]
-        );
+        assert_eq!(rows(&c), vec![(op::INSERT, 1, None), (op::DELETE, 7, None)]);
         let rows: Vec<usize> = reported.iter().map(|r| r.0).collect();
         assert_eq!(rows, vec![1, 2, 3, 4, 5]);
-        assert!(reported[0].1.contains("unknown \"op\" 'x'"), "{}", reported[0].1);
+        assert!(
+            reported[0].1.contains("unknown \"op\" 'x'"),
+            "{}",
+            reported[0].1
+        );
         assert!(reported[1].1.contains("no \"op\""), "{}", reported[1].1);
-        assert!(reported[2].1.contains("\"before\" is null"), "{}", reported[2].1);
-        assert!(reported[3].1.contains("NOT NULL column \"id\""), "{}", reported[3].1);
-        assert!(reported[4].1.contains("schema-include"), "{}", reported[4].1);
+        assert!(
+            reported[2].1.contains("\"before\" is null"),
+            "{}",
+            reported[2].1
+        );
+        assert!(
+            reported[3].1.contains("NOT NULL column \"id\""),
+            "{}",
+            reported[3].1
+        );
+        assert!(
+            reported[4].1.contains("schema-include"),
+            "{}",
+            reported[4].1
+        );
         // Failing on the first bad event stops the read.
         let e = d
             .changes(&decode(&d, text), |row, m| {

@@ -14,8 +14,8 @@ use super::io::{SinkWriter, SplitReader};
 use super::nexmark::NexmarkReader;
 use super::options::parse_duration;
 use super::print::{BlackholeSink, PrintSink};
-use crate::stream::graph::ChangelogMode;
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
+use crate::stream::graph::ChangelogMode;
 
 /// The reader for split `split` (0-based) of `splits` parallel source subtasks.
 pub fn open_split(

@@ -841,13 +841,15 @@ mod tests {
         let e = SqlError::from(r.next_batch().await.unwrap_err());
         assert_eq!(e.code, sqlstate::INVALID_TEXT_REPRESENTATION);
         assert!(
-            e.message
-                .contains("bad debezium-json record in file '")
+            e.message.contains("bad debezium-json record in file '")
                 && e.message.contains("a.json' at line 4: \"before\" is null"),
             "{}",
             e.message
         );
-        assert!(e.hint.unwrap().contains("debezium-json.ignore-parse-errors"));
+        assert!(e
+            .hint
+            .unwrap()
+            .contains("debezium-json.ignore-parse-errors"));
         let e = FileSink::open(&def("false"), 0, "j").err().unwrap();
         assert_eq!(e.code, sqlstate::FEATURE_NOT_SUPPORTED);
     }

@@ -143,7 +143,12 @@ pub fn appends() -> tokio::sync::watch::Receiver<u64> {
 /// Appends inserts to a table's log durably (upserts into a keyed table), then wakes the
 /// sources that follow it.
 pub async fn append(log: &TableLog, def: &TableDef, batches: Vec<RecordBatch>) -> Result<()> {
-    write(log, def, batches.into_iter().map(Changes::inserts).collect()).await
+    write(
+        log,
+        def,
+        batches.into_iter().map(Changes::inserts).collect(),
+    )
+    .await
 }
 
 /// Appends a job's changes to a table's log: a table with a primary key takes updates
@@ -184,8 +189,9 @@ fn check_keys(def: &TableDef, rows: &RecordBatch) -> SqlResult<()> {
             continue;
         };
         if column.null_count() > 0 {
-            return Err(not_null_violation(key, &def.name)
-                .with_hint("primary key columns cannot be NULL"));
+            return Err(
+                not_null_violation(key, &def.name).with_hint("primary key columns cannot be NULL")
+            );
         }
     }
     Ok(())
@@ -288,7 +294,12 @@ fn changes_of(
                 let mask = mask
                     .as_any()
                     .downcast_ref::<BooleanArray>()
-                    .ok_or_else(|| SqlError::new(sqlstate::DATATYPE_MISMATCH, "argument of WHERE must be type boolean"))?
+                    .ok_or_else(|| {
+                        SqlError::new(
+                            sqlstate::DATATYPE_MISMATCH,
+                            "argument of WHERE must be type boolean",
+                        )
+                    })?
                     .clone();
                 filter_record_batch(&full, &mask)?
             }
@@ -353,9 +364,7 @@ fn changes_of(
 
 /// -U old row, +U new row, for each row.
 fn update_pairs(old: &RecordBatch, new: &RecordBatch) -> SqlResult<Changes> {
-    let picks: Vec<(usize, usize)> = (0..old.num_rows())
-        .flat_map(|i| [(0, i), (1, i)])
-        .collect();
+    let picks: Vec<(usize, usize)> = (0..old.num_rows()).flat_map(|i| [(0, i), (1, i)]).collect();
     let columns = (0..old.num_columns())
         .map(|j| interleave(&[old.column(j).as_ref(), new.column(j).as_ref()], &picks))
         .collect::<std::result::Result<Vec<_>, _>>()?;

@@ -22,8 +22,8 @@ use weir_catalog::TableDef;
 
 use super::factory::{invalid, opt_duration, opt_u64, to_df, Throttle};
 use super::io::SplitReader;
-use crate::stream::message::ChangeBatch;
 use crate::sql::error::{SqlError, SqlResult};
+use crate::stream::message::ChangeBatch;
 
 const PERSON_PROPORTION: u64 = 1;
 const AUCTION_PROPORTION: u64 = 3;
@@ -1072,7 +1072,13 @@ mod tests {
         let start = std::time::Instant::now();
         let mut n = 0;
         while n < 200 {
-            n += r.next_batch().await.unwrap().map(|c| c.rows).unwrap().num_rows();
+            n += r
+                .next_batch()
+                .await
+                .unwrap()
+                .map(|c| c.rows)
+                .unwrap()
+                .num_rows();
         }
         let took = start.elapsed();
         assert!(took >= std::time::Duration::from_millis(150), "{took:?}");

@@ -48,9 +48,7 @@ pub fn check(catalog: &Catalog, stmt: &ast::Statement) -> SqlResult<()> {
         }
         ast::Statement::Delete(delete) => {
             if delete.using.is_some() {
-                return Err(SqlError::not_supported(
-                    "DELETE ... USING is not supported",
-                ));
+                return Err(SqlError::not_supported("DELETE ... USING is not supported"));
             }
             if delete.returning.is_some() {
                 return Err(SqlError::not_supported(

@@ -20,6 +20,8 @@ use crate::connector::io::SplitReader;
 pub const BATCH_SIZE: usize = 8192;
 
 /// What a reader produced.
+// Rows are nearly every read; boxing them would allocate once per batch for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Read {
     /// Physical rows, with their changes when the source is a changelog.
     Rows(ChangeBatch),

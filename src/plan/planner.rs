@@ -171,14 +171,18 @@ impl<'a> Planner<'a> {
     pub fn plan(mut self, plan: &LogicalPlan, sink: SinkKind) -> Result<StreamGraph> {
         let plan = self.state.optimize(plan)?;
         let stream = self.plan_node(&plan)?;
-        if let SinkKind::Log(def) | SinkKind::Connector(def) = &sink {
-            // A blackhole takes anything; other sinks write rows as they come.
-            if def.connector() != Some("blackhole") {
-                self.insert_only(
-                    &stream,
-                    &format!("table \"{}\", which takes inserts only,", def.name),
-                )?;
-            }
+        // A blackhole takes anything, and a table of Weir's log with a primary key takes
+        // updates; other sinks write rows as they come.
+        let takes_updates = match &sink {
+            SinkKind::Log(def) => !def.primary_key.is_empty(),
+            SinkKind::Connector(def) => def.connector() == Some("blackhole"),
+            _ => true,
+        };
+        if let (SinkKind::Log(def) | SinkKind::Connector(def), false) = (&sink, takes_updates) {
+            self.insert_only(
+                &stream,
+                &format!("table \"{}\", which takes inserts only,", def.name),
+            )?;
         }
         let schema = Arc::new(stream.schema.as_arrow().clone());
         let (exchange, parallelism) = match &sink {
@@ -838,6 +842,9 @@ impl<'a> Planner<'a> {
             schema: Arc::new(schema.as_arrow().clone()),
             changelog: ChangelogMode::InsertOnly,
         });
+        let changelog = def.as_deref().map_or(ChangelogMode::InsertOnly, |d| {
+            crate::connector::factory::source_changelog(d)
+        });
         // A view of window results keeps its window columns for windows over windows.
         let windows = match (
             &def,
@@ -852,7 +859,7 @@ impl<'a> Planner<'a> {
             }),
             _ => None,
         };
-        Ok(Stream {
+        let mut stream = Stream {
             node,
             schema,
             parallelism,
@@ -860,7 +867,11 @@ impl<'a> Planner<'a> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
-        })
+        };
+        if changelog != ChangelogMode::InsertOnly {
+            self.set_updating(&mut stream, format!("table {name}, a changelog source"));
+        }
+        Ok(stream)
     }
 
     /// Computed columns and the watermark of a table's source.
@@ -926,6 +937,7 @@ impl<'a> Planner<'a> {
         }
         let input =
             self.plan_provider(&spec.table, window.input.clone(), Some(&spec.time_column))?;
+        self.insert_only(&input, "a window table function")?;
         let time_column = input
             .schema
             .index_of_column_by_name(None, &spec.time_column)

@@ -19,6 +19,7 @@ use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use weir_catalog::{Catalog, SledStore, StateStore};
 
 use super::column_names;
+use super::dml;
 use super::error::{SqlError, SqlResult};
 use super::information_schema::{InformationSchema, WeirCatalog};
 use super::insert;
@@ -142,6 +143,9 @@ impl Engine {
             ast::Statement::Insert(insert) => {
                 let def = insert::prepare(&self.catalog, insert)?;
                 insert::check_source_types(&state, insert, &def).await?;
+            }
+            ast::Statement::Update(_) | ast::Statement::Delete(_) => {
+                dml::check(&self.catalog, &stmt)?;
             }
             _ => return Ok(None),
         }
@@ -303,10 +307,21 @@ impl Engine {
                 let query = explained_view(statement).expect("checked").to_string();
                 return self.explain_view(metadata, &query).await;
             }
-            ast::Statement::Update(_) | ast::Statement::Delete(_) | ast::Statement::Truncate(_) => {
+            ast::Statement::Truncate(_) => {
                 return Err(SqlError::not_supported(
-                    "UPDATE, DELETE and TRUNCATE are not supported: tables in Weir's log are \
-                     append-only; use INSERT INTO, or DROP TABLE and create it again",
+                    "TRUNCATE is not supported: tables in Weir's log are append-only logs, or \
+                     changelogs when they have a primary key",
+                )
+                .with_hint("DELETE FROM removes the rows of a table with a primary key; DROP TABLE and create it again empties any table"))
+            }
+            ast::Statement::Explain { statement, .. }
+                if matches!(
+                    statement.as_ref(),
+                    ast::Statement::Update(_) | ast::Statement::Delete(_)
+                ) =>
+            {
+                return Err(SqlError::not_supported(
+                    "EXPLAIN of UPDATE or DELETE is not supported",
                 ))
             }
             _ => {}
@@ -324,6 +339,12 @@ impl Engine {
             Some(params) => plan.with_param_values(params)?,
             None => plan,
         };
+        if let LogicalPlan::Dml(update_or_delete) = &plan {
+            if dml::is_update_or_delete(&plan) {
+                let tag = dml::execute(&self.session_state(metadata), update_or_delete).await?;
+                return Ok(Outcome::Command(tag));
+            }
+        }
         if streaming::is_job(&plan) {
             return self.insert_job(metadata, stmt.to_string(), &plan).await;
         }

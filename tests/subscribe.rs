@@ -208,6 +208,39 @@ async fn subscribe_to_a_query_runs_a_job_that_ends_with_the_subscription() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_to_an_updating_query_streams_its_corrections() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    setup(&client).await;
+    let subscriber = server.connect().await;
+    let mut stream = Box::pin(
+        subscriber
+            .simple_query_raw(
+                "SUBSCRIBE TO (SELECT v > 1 AS big, count(*) AS n FROM t GROUP BY v > 1)",
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        next_rows(&mut stream, 2).await,
+        [row(&["+I", "f", "1"]), row(&["+I", "t", "1"])]
+    );
+    client
+        .batch_execute("INSERT INTO t VALUES (20, 20); FLUSH")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_rows(&mut stream, 2).await,
+        [row(&["+U", "t", "2"]), row(&["-U", "t", "1"])]
+    );
+    cancel(&subscriber).await;
+    assert_eq!(code(&stream_error(&mut stream).await), "57014");
+    subscription_jobs_gone(&client).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_stops_its_subscription() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;

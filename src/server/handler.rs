@@ -267,25 +267,28 @@ impl QueryHandler {
         let metadata = client.metadata().clone();
         match &parsed.statement {
             Statement::Subscribe(spec) => {
-                let subscription = self
+                let mut subscription = self
                     .engine
                     .subscribe(&metadata, spec)
                     .await
                     .map_err(to_pgwire)?;
+                send_notices(client, subscription.take_notices()).await?;
                 stream::send_subscription(client, subscription, format, simple).await
             }
             Statement::CopySubscribe(spec) => {
-                let subscription = self
+                let mut subscription = self
                     .engine
                     .subscribe(&metadata, spec)
                     .await
                     .map_err(to_pgwire)?;
+                send_notices(client, subscription.take_notices()).await?;
                 stream::send_copy(client, subscription).await
             }
             Statement::Declare(declare) => {
-                let cursor = Cursor::open(&self.engine, &metadata, declare)
+                let mut cursor = Cursor::open(&self.engine, &metadata, declare)
                     .await
                     .map_err(to_pgwire)?;
+                send_notices(client, cursor.take_notices()).await?;
                 let schema = cursor.schema();
                 cursors(client)
                     .declare(&declare.name, cursor, *in_transaction && !declare.hold)
@@ -329,6 +332,21 @@ impl QueryHandler {
             }
         }
     }
+}
+
+async fn send_notices<C>(client: &mut C, notices: Vec<String>) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    for notice in notices {
+        let info = ErrorInfo::new("NOTICE".into(), "01000".into(), notice);
+        client
+            .send(PgWireBackendMessage::NoticeResponse(info.into()))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Makes a declared cursor a portal of the protocol too, as in Postgres: psycopg asks
@@ -494,12 +512,7 @@ where
 {
     let outcome = match outcome {
         Outcome::Noticed(notices, outcome) => {
-            for notice in notices {
-                let info = ErrorInfo::new("NOTICE".into(), "01000".into(), notice);
-                client
-                    .send(PgWireBackendMessage::NoticeResponse(info.into()))
-                    .await?;
-            }
+            send_notices(client, notices).await?;
             *outcome
         }
         outcome => outcome,

@@ -20,6 +20,8 @@ use super::subscribe_syntax::{CursorQuery, Declare, Fetch};
 pub struct Cursor {
     schema: SchemaRef,
     source: Source,
+    /// Warnings about the query's plan, for the client.
+    notices: Vec<String>,
 }
 
 enum Source {
@@ -36,14 +38,20 @@ impl Cursor {
     ) -> SqlResult<Self> {
         match &declare.query {
             CursorQuery::Subscribe(spec) => {
-                let subscription = engine.subscribe(metadata, spec).await?;
+                let mut subscription = engine.subscribe(metadata, spec).await?;
                 Ok(Self {
                     schema: subscription.schema(),
+                    notices: subscription.take_notices(),
                     source: Source::Changes(subscription),
                 })
             }
             CursorQuery::Query(statement) => {
-                match engine.execute(metadata, statement, None, None).await? {
+                let (notices, outcome) =
+                    match engine.execute(metadata, statement, None, None).await? {
+                        Outcome::Noticed(notices, outcome) => (notices, *outcome),
+                        outcome => (vec![], outcome),
+                    };
+                match outcome {
                     Outcome::Rows(df, names) => {
                         let schema = column_names::rename(
                             &std::sync::Arc::new(df.schema().as_arrow().clone()),
@@ -64,6 +72,7 @@ impl Cursor {
                         Ok(Self {
                             schema,
                             source: Source::Rows(rows),
+                            notices,
                         })
                     }
                     _ => Err(SqlError::syntax(
@@ -76,6 +85,11 @@ impl Cursor {
 
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    /// Warnings to send with DECLARE's reply.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
     }
 
     /// Up to `count` rows (`None`: all there are). A changefeed cursor waits until at least

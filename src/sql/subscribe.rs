@@ -40,6 +40,8 @@ pub struct Subscription {
     ended: bool,
     /// Sticky: a subscription that failed keeps saying why.
     failed: Option<SqlError>,
+    /// Warnings about the query's plan (state without a TTL), for the client.
+    notices: Vec<String>,
     /// Stops the job of `SUBSCRIBE TO (SELECT ...)` when the subscription goes away.
     _temporary: Option<TemporaryJob>,
 }
@@ -98,6 +100,7 @@ impl Engine {
                     what: format!("materialized view \"{name}\""),
                     ended: followed.ended,
                     failed: None,
+                    notices: vec![],
                     _temporary: None,
                     schema,
                 };
@@ -128,6 +131,7 @@ impl Engine {
                 // Followed before the job starts, so its first publish is not missed.
                 let followed = state.follow();
                 let graph = self.graph(metadata, &plan, Mode::Continuous, SinkKind::View(state))?;
+                let notices = graph.notices.clone();
                 let id = new_job_id();
                 let job =
                     RunningJob::start(id.clone(), graph, self.catalog.clone()).map_err(external)?;
@@ -144,6 +148,7 @@ impl Engine {
                     what: "the subscribed query".into(),
                     ended: false,
                     failed: None,
+                    notices,
                     _temporary: Some(TemporaryJob {
                         id,
                         jobs: self.jobs.clone(),
@@ -208,6 +213,11 @@ fn op_name(code: i8) -> &'static str {
 impl Subscription {
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    /// Warnings to send before the rows.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
     }
 
     /// The next rows, waiting for changes; `None` once the changelog ended (its input
@@ -403,6 +413,7 @@ mod tests {
             what: "test".into(),
             ended: followed.ended,
             failed: None,
+            notices: vec![],
             _temporary: None,
         };
         if snapshot {

@@ -910,6 +910,15 @@ impl<'a> Planner<'a> {
             updated_by: None,
             upsert_key: None,
         };
+        let view_updates = any
+            .downcast_ref::<MvTable>()
+            .is_some_and(|v| v.state.updating && self.mode == Mode::Continuous);
+        if view_updates {
+            self.set_updating(
+                &mut stream,
+                format!("view {name}, whose rows are corrected"),
+            );
+        }
         if changelog != ChangelogMode::InsertOnly {
             self.set_updating(&mut stream, format!("table {name}, a changelog source"));
             let key = def.as_ref().map_or(vec![], |d| {

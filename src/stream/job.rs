@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use weir_catalog::Catalog;
 
 use super::exchange::{Event, Inlet, Outlet, Partitioner, Tagged, CHANNEL_CAPACITY};
-use super::graph::{Exchange, NodeKind, StreamGraph};
+use super::graph::{Exchange, NodeKind, SourceKind, StreamGraph};
 use super::message::{ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK};
 use super::operator::Operator;
 use super::sink::Sink;
@@ -116,6 +116,9 @@ pub struct RunningJob {
     committed: watch::Receiver<Epoch>,
     done: watch::Receiver<bool>,
     abort: Mutex<Option<tokio::task::AbortHandle>>,
+    /// It reads materialized views, so what it sees at a barrier depends on what other
+    /// jobs published before it.
+    pub reads_views: bool,
 }
 
 /// Chains of nodes run in one task: a node joins its input's chain when the edge between
@@ -278,6 +281,9 @@ impl Output {
 impl RunningJob {
     /// Starts every task of `graph`.
     pub fn start(id: String, graph: StreamGraph, catalog: Arc<Catalog>) -> Result<Arc<Self>> {
+        let reads_views = graph.nodes.iter().any(|n| {
+            matches!(&n.kind, NodeKind::Source(spec) if matches!(spec.kind, SourceKind::View { .. }))
+        });
         let metrics = Arc::new(JobMetrics::new());
         let chains = chains(&graph);
         let chain_of = |node: usize| {
@@ -441,6 +447,7 @@ impl RunningJob {
             committed,
             done,
             abort: Mutex::new(Some(supervisor.abort_handle())),
+            reads_views,
         }))
     }
 

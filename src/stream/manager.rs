@@ -154,6 +154,23 @@ impl Jobs {
     /// Commits a new epoch in every running job: returns once everything their sources had
     /// read or could read when it was called is published.
     pub async fn flush(&self) -> Epoch {
+        // A job reading a view sees at its barrier what the view published before it:
+        // one more epoch per job that reads views covers any chain of views over views.
+        let rounds = 1 + self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|e| e.job.reads_views && e.job.state() == JobState::Running)
+            .count();
+        let mut epoch = 0;
+        for _ in 0..rounds {
+            epoch = self.flush_once().await;
+        }
+        epoch
+    }
+
+    async fn flush_once(&self) -> Epoch {
         let (epoch, running) = {
             let _order = self.injecting.lock().unwrap_or_else(|p| p.into_inner());
             let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;

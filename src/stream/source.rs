@@ -65,6 +65,7 @@ impl Reader {
                 bounded: *bounded,
                 changes: state.subscribe(),
                 queue: Default::default(),
+                feed: None,
             }),
             SourceKind::Batches(batches) => Reader::Batches(if split == 0 {
                 batches.iter().cloned().collect()
@@ -96,7 +97,7 @@ impl Reader {
         match self {
             Reader::Log(r) => r.read_available(),
             Reader::View(r) => {
-                r.fill();
+                r.fill()?;
                 Ok(r.queue.drain(..).collect())
             }
             _ => Ok(vec![]),
@@ -176,10 +177,16 @@ pub struct ViewReader {
     bounded: bool,
     changes: watch::Receiver<u64>,
     queue: std::collections::VecDeque<Read>,
+    /// An updating view is followed through its changefeed (its rows are rebuilt, so a
+    /// batch position means nothing): its snapshot as inserts, then every publish.
+    feed: Option<tokio::sync::broadcast::Receiver<Arc<crate::stream::mv::Changes>>>,
 }
 
 impl ViewReader {
-    fn fill(&mut self) {
+    fn fill(&mut self) -> Result<()> {
+        if self.state.updating && !self.bounded {
+            return self.fill_from_feed();
+        }
         let published = self.state.read_from(self.next);
         self.next = published.next;
         self.queue.extend(
@@ -197,6 +204,60 @@ impl ViewReader {
             self.bounded = false;
             self.next = usize::MAX;
         }
+        Ok(())
+    }
+
+    fn fill_from_feed(&mut self) -> Result<()> {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let feed = match &mut self.feed {
+            Some(feed) => feed,
+            None => {
+                let followed = self.state.follow();
+                self.queue.extend(
+                    followed
+                        .snapshot
+                        .into_iter()
+                        .map(|b| Read::Rows(ChangeBatch::new(b))),
+                );
+                self.feed.insert(followed.changes)
+            }
+        };
+        let mut ended = false;
+        loop {
+            match feed.try_recv() {
+                Ok(published) => {
+                    self.queue
+                        .extend(published.changes.iter().map(|c| Read::Rows(c.clone())));
+                    ended |= published.ended;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => {
+                    ended = true;
+                    break;
+                }
+                Err(TryRecvError::Lagged(n)) => {
+                    return Err(DataFusionError::External(Box::new(
+                        crate::sql::error::SqlError::new(
+                            "53000",
+                            format!(
+                                "this query fell {n} publishes behind the view it reads and \
+                                 stopped; recreate it"
+                            ),
+                        ),
+                    )))
+                }
+            }
+        }
+        let watermark = self.state.read_from(usize::MAX).watermark;
+        if watermark > self.watermark {
+            self.watermark = watermark;
+            self.queue.push_back(Read::Watermark(watermark));
+        }
+        if ended {
+            self.queue.push_back(Read::End);
+            self.next = usize::MAX;
+        }
+        Ok(())
     }
 
     async fn next(&mut self) -> Result<Read> {
@@ -208,7 +269,7 @@ impl ViewReader {
                 std::future::pending::<()>().await;
             }
             self.changes.borrow_and_update();
-            self.fill();
+            self.fill()?;
             if self.queue.is_empty() && self.changes.changed().await.is_err() {
                 return Ok(Read::End);
             }

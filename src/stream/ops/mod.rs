@@ -2,6 +2,7 @@
 
 pub mod fragment;
 pub mod grouped;
+pub mod join;
 pub mod session_agg;
 pub mod stateless;
 pub mod window_agg;

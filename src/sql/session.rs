@@ -355,16 +355,14 @@ fn normalize(name: &str, value: &str) -> SqlResult<String> {
         "execution.checkpointing.interval"
         | "pipeline.auto-watermark-interval"
         | "table.exec.emit.allow-lateness"
-        | "table.exec.state.ttl" => {
-            match crate::connector::options::parse_duration(value) {
-                Some(d) if name != "execution.checkpointing.interval" || !d.is_zero() => {
-                    Ok(value.to_string())
-                }
-                _ => Err(invalid(
-                    "it must be a duration such as '1 s' or '500 ms'".into(),
-                )),
+        | "table.exec.state.ttl" => match crate::connector::options::parse_duration(value) {
+            Some(d) if name != "execution.checkpointing.interval" || !d.is_zero() => {
+                Ok(value.to_string())
             }
-        }
+            _ => Err(invalid(
+                "it must be a duration such as '1 s' or '500 ms'".into(),
+            )),
+        },
         "table.local-time-zone" => Tz::from_str(value)
             .map(|_| value.to_string())
             .map_err(|_| invalid("use a zone name such as 'UTC' or 'Asia/Shanghai'".into())),

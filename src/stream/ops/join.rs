@@ -60,7 +60,7 @@ impl JoinKind {
     }
 
     /// For semi and anti joins: the input whose rows are emitted, and whether it is anti.
-    fn filtering(self) -> Option<(usize, bool)> {
+    pub fn filtering(self) -> Option<(usize, bool)> {
         match self {
             JoinKind::LeftSemi => Some((0, false)),
             JoinKind::LeftAnti => Some((0, true)),
@@ -567,11 +567,7 @@ impl Operator for StreamJoin {
         let (a_outer, b_outer) = (kind.outer(a), kind.outer(b));
         let mut emitted = Emitted::default();
         let [left, right] = &mut self.sides;
-        let (own, other) = if a == 0 {
-            (left, right)
-        } else {
-            (right, left)
-        };
+        let (own, other) = if a == 0 { (left, right) } else { (right, left) };
         let mut p = 0;
         for i in 0..n {
             let start = p;
@@ -800,11 +796,8 @@ impl StreamJoin {
                 .ok_or_else(|| DataFusionError::Internal("join state without counts".into()))
         };
         let (count, matches, touched, time) = (figure(0)?, figure(1)?, figure(2)?, figure(3)?);
-        let rows = crate::stream::batch_of(
-            self.spec.inputs[s].clone(),
-            columns[..width].to_vec(),
-            n,
-        )?;
+        let rows =
+            crate::stream::batch_of(self.spec.inputs[s].clone(), columns[..width].to_vec(), n)?;
         let keys = Encoded::new(&self.keys, &self.key_columns(s, &rows)?)?;
         let full = Encoded::new(&self.rows[s], rows.columns())?;
         let chunk = self.sides[s].push_chunk(rows);

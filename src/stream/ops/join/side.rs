@@ -101,9 +101,7 @@ impl Side {
 
     /// Whether `id` names a live entry (deadline lists may name removed ones).
     pub fn is_live(&self, id: EntryId) -> bool {
-        self.entries
-            .get(id as usize)
-            .is_some_and(|e| e.is_some())
+        self.entries.get(id as usize).is_some_and(|e| e.is_some())
     }
 
     /// Ids of every live entry.
@@ -113,6 +111,7 @@ impl Side {
             .collect()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_row.len()
     }

@@ -168,7 +168,10 @@ fn inner_join_passes_updates_and_deletes_through() {
         run(&mut j, 1, change(1, Op::UpdateAfter, 1, 200)),
         ["+U 1,10,1,200"]
     );
-    assert_eq!(run(&mut j, 0, change(0, Op::Delete, 1, 10)), ["-D 1,10,1,200"]);
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,1,200"]
+    );
     // Nothing is left to match.
     assert!(run(&mut j, 1, ins(1, &[(1, 300)])).is_empty());
 }
@@ -182,15 +185,24 @@ fn left_join_replaces_the_null_padded_row_when_a_match_comes_and_goes() {
         ["-D 1,10,_,_", "+I 1,10,1,100"]
     );
     assert_eq!(run(&mut j, 1, ins(1, &[(1, 101)])), ["+I 1,10,1,101"]);
-    assert_eq!(run(&mut j, 1, change(1, Op::Delete, 1, 100)), ["-D 1,10,1,100"]);
+    assert_eq!(
+        run(&mut j, 1, change(1, Op::Delete, 1, 100)),
+        ["-D 1,10,1,100"]
+    );
     assert_eq!(
         run(&mut j, 1, change(1, Op::Delete, 1, 101)),
         ["-D 1,10,1,101", "+I 1,10,_,_"]
     );
-    assert_eq!(run(&mut j, 0, change(0, Op::Delete, 1, 10)), ["-D 1,10,_,_"]);
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,_,_"]
+    );
     // The right row alone joins nothing in a LEFT join.
     assert!(run(&mut j, 1, ins(1, &[(2, 5)])).is_empty());
-    assert_eq!(run(&mut j, 0, change(0, Op::UpdateAfter, 2, 7)), ["+I 2,7,2,5"]);
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::UpdateAfter, 2, 7)),
+        ["+I 2,7,2,5"]
+    );
 }
 
 #[test]
@@ -201,7 +213,10 @@ fn right_join_mirrors_the_left_join() {
         run(&mut j, 0, ins(0, &[(1, 10), (1, 10)])),
         ["-D _,_,1,100", "+I 1,10,1,100", "+I 1,10,1,100"]
     );
-    assert_eq!(run(&mut j, 0, change(0, Op::UpdateBefore, 1, 10)), ["-U 1,10,1,100"]);
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::UpdateBefore, 1, 10)),
+        ["-U 1,10,1,100"]
+    );
     assert_eq!(
         run(&mut j, 0, change(0, Op::Delete, 1, 10)),
         ["-D 1,10,1,100", "+I _,_,1,100"]
@@ -233,7 +248,10 @@ fn full_join_counts_duplicates_on_both_sides() {
         run(&mut j, 0, change(0, Op::Delete, 1, 10)),
         ["-D 1,10,1,100", "+I _,_,1,100"]
     );
-    assert_eq!(run(&mut j, 1, change(1, Op::Delete, 1, 100)), ["-D _,_,1,100"]);
+    assert_eq!(
+        run(&mut j, 1, change(1, Op::Delete, 1, 100)),
+        ["-D _,_,1,100"]
+    );
     assert_eq!(j.state_size(), 0);
 }
 
@@ -312,12 +330,7 @@ impl Lcg {
 }
 
 /// The join of two multisets of (k, v) rows, as output lines without ops.
-fn reference(
-    kind: JoinKind,
-    left: &[(i64, i64)],
-    right: &[(i64, i64)],
-    less: bool,
-) -> Vec<String> {
+fn reference(kind: JoinKind, left: &[(i64, i64)], right: &[(i64, i64)], less: bool) -> Vec<String> {
     let hit = |l: &(i64, i64), r: &(i64, i64)| l.0 == r.0 && (!less || l.1 < r.1);
     let row = |l: Option<&(i64, i64)>, r: Option<&(i64, i64)>| {
         let f = |x: Option<&(i64, i64)>| match x {
@@ -329,15 +342,15 @@ fn reference(
     let mut out = Vec::new();
     match kind.filtering() {
         Some((kept, anti)) => {
-            let (keep, probe) = if kept == 0 { (left, right) } else { (right, left) };
+            let (keep, probe) = if kept == 0 {
+                (left, right)
+            } else {
+                (right, left)
+            };
             for x in keep {
-                let any = probe.iter().any(|y| {
-                    if kept == 0 {
-                        hit(x, y)
-                    } else {
-                        hit(y, x)
-                    }
-                });
+                let any = probe
+                    .iter()
+                    .any(|y| if kept == 0 { hit(x, y) } else { hit(y, x) });
                 if any != anti {
                     out.push(format!("+I {},{}", x.0, x.1));
                 }
@@ -412,12 +425,20 @@ fn random_changelogs_give_the_join_of_the_current_rows() {
                     if retract {
                         let at = rng.next(rows[side].len() as u64) as usize;
                         let row = rows[side].remove(at);
-                        ops.push(if rng.next(2) == 0 { Op::Delete } else { Op::UpdateBefore });
+                        ops.push(if rng.next(2) == 0 {
+                            Op::Delete
+                        } else {
+                            Op::UpdateBefore
+                        });
                         values.push(row);
                     } else {
                         let row = (rng.next(4) as i64, rng.next(5) as i64);
                         rows[side].push(row);
-                        ops.push(if rng.next(4) == 0 { Op::UpdateAfter } else { Op::Insert });
+                        ops.push(if rng.next(4) == 0 {
+                            Op::UpdateAfter
+                        } else {
+                            Op::Insert
+                        });
                         values.push(row);
                     }
                 }
@@ -492,7 +513,8 @@ fn outer_interval_join_emits_unmatched_rows_when_they_expire() {
     let mut j = join(interval_spec(JoinKind::Full, -5, 5));
     assert!(run(&mut j, 0, ins(0, &[(1, 100), (2, 100)])).is_empty());
     let mut out = Vec::new();
-    j.process(1, ins(1, &[(1, 103), (3, 104)]), &mut out).unwrap();
+    j.process(1, ins(1, &[(1, 103), (3, 104)]), &mut out)
+        .unwrap();
     assert_eq!(lines(&out), ["+I 1,100,1,103"]);
     assert!(out.iter().all(|b| b.ops.is_none()), "inserts only");
     assert!(watermark(&mut j, 105).is_empty());

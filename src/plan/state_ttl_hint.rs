@@ -264,7 +264,7 @@ mod tests {
                    FROM orders l JOIN (SELECT * FROM items) AS r ON l.a = r.a";
         assert_eq!(
             rewritten(sql),
-            "SELECT l.a, r.b FROM (SELECT * FROM orders AS \"__weir_state_ttl__86400000\") AS l \
+            "SELECT l.a, r.b FROM (SELECT * FROM orders AS \"__weir_state_ttl__86400000\") l \
              JOIN (SELECT * FROM (SELECT * FROM items) AS \"__weir_state_ttl__43200000\") AS r \
              ON l.a = r.a"
         );

@@ -18,7 +18,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio_postgres::Client;
 
-use common::{rows, try_rows, TestServer};
+use common::{diff, render, rows, try_rows, TestServer};
 
 const DEFAULT_CASES: u64 = 10;
 const BASE_SEED: u64 = 0x5eed_d1ff;
@@ -486,33 +486,6 @@ fn cascade_view(case: &Case, t: &str, view: &str) -> String {
          GROUP BY window_start, window_end, window_time, k",
         case.tumble_s
     )
-}
-
-fn render(rows: Vec<Vec<String>>) -> Vec<String> {
-    let mut out: Vec<String> = rows.into_iter().map(|r| r.join(" | ")).collect();
-    out.sort();
-    out
-}
-
-/// What differs between two sorted multisets, for the failure message.
-fn diff(expected: &[String], actual: &[String]) -> String {
-    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-    for r in expected {
-        *counts.entry(r).or_default() += 1;
-    }
-    for r in actual {
-        *counts.entry(r).or_default() -= 1;
-    }
-    let mut out = format!("expected {} rows, got {}\n", expected.len(), actual.len());
-    for (shown, (row, n)) in counts.into_iter().filter(|(_, n)| *n != 0).enumerate() {
-        if shown == 20 {
-            out.push_str("  ...\n");
-            break;
-        }
-        let side = if n > 0 { "missing" } else { "extra  " };
-        writeln!(out, "  {side} x{}: {row}", n.abs()).unwrap();
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,8 @@ pub enum CatalogError {
         name: String,
         dependents: String,
     },
+    #[error("{0}")]
+    Unsupported(String),
     #[error("storage error: {0}")]
     Storage(String),
     #[error("corrupt catalog entry {key}: {reason}")]

@@ -5,63 +5,223 @@
 //! store batch, together with the table's next offset, and returns only after a flush:
 //! a statement is either entirely durable or absent. Readers replay entries from any
 //! offset, which is what a streaming source rewinding to a checkpoint needs.
+//!
+//! An entry may carry each row's change (+I, -U, +U, -D): the log of a table with a
+//! primary key is a changelog, normalised against the table's current rows when written
+//! (see [`crate::keyed`]). Entries without changes are inserts, as every entry written
+//! before keyed tables existed is.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use arrow::array::{Array, ArrayRef, Int8Array};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow::record_batch::RecordBatch;
 
 use crate::error::{CatalogError, Result};
+use crate::keyed::KeyedRows;
 use crate::keys;
 use crate::store::{StateStore, WriteBatch};
-use crate::table_def::TableId;
+use crate::table_def::{TableDef, TableId};
 
 /// Position of an entry in a table's log. Offsets start at 0 and have no gaps.
 pub type Offset = u64;
+
+/// The change a row makes, by the codes the streaming runtime uses (its `Op`).
+pub mod op {
+    pub const INSERT: i8 = 0;
+    pub const UPDATE_BEFORE: i8 = 1;
+    pub const UPDATE_AFTER: i8 = 2;
+    pub const DELETE: i8 = 3;
+
+    /// Whether the row is taken away (-U, -D) rather than added (+I, +U).
+    pub fn retracts(code: i8) -> bool {
+        code == UPDATE_BEFORE || code == DELETE
+    }
+}
+
+/// Rows and each row's change ([`op`] codes); `ops: None` means every row is an insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Changes {
+    pub rows: RecordBatch,
+    pub ops: Option<Int8Array>,
+}
+
+impl Changes {
+    pub fn inserts(rows: RecordBatch) -> Self {
+        Self { rows, ops: None }
+    }
+
+    pub fn op(&self, i: usize) -> i8 {
+        self.ops.as_ref().map_or(op::INSERT, |o| o.value(i))
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LogEntry {
     pub offset: Offset,
     pub batch: RecordBatch,
+    /// Each row's change; `None`: all inserts.
+    pub ops: Option<Int8Array>,
 }
+
+/// The stored batch's last column holds the ops when its schema has this metadata key.
+const OPS_METADATA: &str = "weir.ops";
+const OPS_COLUMN: &str = "__weir_op";
 
 #[derive(Debug, Clone)]
 pub struct TableLog {
     store: Arc<dyn StateStore>,
-    /// Serialises appends so offsets are handed out without gaps or reuse.
-    append_lock: Arc<Mutex<()>>,
+    /// Serialises appends so offsets are handed out without gaps or reuse, and holds the
+    /// current rows of keyed tables (built on first use, then kept up to date by writes).
+    writes: Arc<Mutex<HashMap<TableId, KeyedRows>>>,
 }
 
 impl TableLog {
     pub fn new(store: Arc<dyn StateStore>) -> Self {
         Self {
             store,
-            append_lock: Arc::new(Mutex::new(())),
+            writes: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<TableId, KeyedRows>> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Appends `batches` atomically and durably; blocks on the store's flush.
     /// Returns the offsets the batches were given.
     pub fn append(&self, table: TableId, batches: &[RecordBatch]) -> Result<Range<Offset>> {
-        let batches: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
-        let _guard = self.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let changes: Vec<Changes> = batches.iter().cloned().map(Changes::inserts).collect();
+        let _guard = self.lock();
+        self.append_locked(table, &changes)
+    }
+
+    fn append_locked(&self, table: TableId, changes: &[Changes]) -> Result<Range<Offset>> {
+        let changes: Vec<&Changes> = changes.iter().filter(|c| c.rows.num_rows() > 0).collect();
         let first = self.next_offset(table)?;
-        if batches.is_empty() {
+        if changes.is_empty() {
             return Ok(first..first);
         }
         let mut write = WriteBatch::default();
         let mut offset = first;
-        for batch in batches {
-            write.put(keys::log_entry(table, offset), encode(batch)?);
+        for c in changes {
+            write.put(keys::log_entry(table, offset), encode(c)?);
             offset += 1;
         }
         write.put(keys::log_next_offset(table), offset.to_be_bytes().to_vec());
         self.store.apply(write)?;
         self.store.flush()?;
         Ok(first..offset)
+    }
+
+    /// Writes `changes` to `def`'s log atomically and durably. A table without a primary
+    /// key only takes inserts; a keyed table's changes are normalised against its current
+    /// rows first (upserts). Returns the offsets of the appended entries.
+    pub fn write(&self, def: &TableDef, changes: &[Changes]) -> Result<Range<Offset>> {
+        let mut indexes = self.lock();
+        self.write_locked(&mut indexes, def, changes)
+    }
+
+    fn write_locked(
+        &self,
+        indexes: &mut HashMap<TableId, KeyedRows>,
+        def: &TableDef,
+        changes: &[Changes],
+    ) -> Result<Range<Offset>> {
+        if def.primary_key.is_empty() {
+            if changes.iter().any(|c| c.ops.is_some()) {
+                return Err(CatalogError::Unsupported(format!(
+                    "table \"{}\" has no primary key, so its rows cannot be updated or deleted",
+                    def.name
+                )));
+            }
+            return self.append_locked(def.id, changes);
+        }
+        let index = self.keyed(indexes, def)?;
+        let normalised = changes
+            .iter()
+            .map(|c| index.normalise(c))
+            .collect::<std::result::Result<Vec<_>, _>>();
+        let appended = normalised
+            .map_err(CatalogError::from)
+            .and_then(|n| self.append_locked(def.id, &n));
+        match appended {
+            Ok(range) => {
+                index.next = range.end;
+                Ok(range)
+            }
+            Err(e) => {
+                // The index ran ahead of the log: rebuild it from the log when next used.
+                indexes.remove(&def.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads `def`'s current rows, lets `f` decide the changes to make to them, and writes
+    /// those, with no other write to the log in between. Returns what `f` returned.
+    pub fn modify<T, E>(
+        &self,
+        def: &TableDef,
+        f: impl FnOnce(Vec<RecordBatch>) -> std::result::Result<(Vec<Changes>, T), E>,
+    ) -> std::result::Result<T, E>
+    where
+        E: From<CatalogError>,
+    {
+        let mut indexes = self.lock();
+        let current = self.current_locked(&mut indexes, def)?;
+        let (changes, out) = f(current)?;
+        self.write_locked(&mut indexes, def, &changes)?;
+        Ok(out)
+    }
+
+    /// The table's rows now: a keyed table's changelog applied, or every entry.
+    pub fn current(&self, def: &TableDef) -> Result<Vec<RecordBatch>> {
+        let mut indexes = self.lock();
+        self.current_locked(&mut indexes, def)
+    }
+
+    fn current_locked(
+        &self,
+        indexes: &mut HashMap<TableId, KeyedRows>,
+        def: &TableDef,
+    ) -> Result<Vec<RecordBatch>> {
+        if def.primary_key.is_empty() {
+            return Ok(self
+                .read_from(def.id, 0)?
+                .into_iter()
+                .map(|e| e.batch)
+                .collect());
+        }
+        Ok(self.keyed(indexes, def)?.current()?)
+    }
+
+    /// The keyed table's index, built from the log on first use and caught up with
+    /// entries appended without it.
+    fn keyed<'a>(
+        &self,
+        indexes: &'a mut HashMap<TableId, KeyedRows>,
+        def: &TableDef,
+    ) -> Result<&'a mut KeyedRows> {
+        let index = match indexes.entry(def.id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(KeyedRows::new(def)?),
+        };
+        if index.next < self.next_offset(def.id)? {
+            for entry in self.read_from(def.id, index.next)? {
+                index.replay(&Changes {
+                    rows: entry.batch,
+                    ops: entry.ops,
+                })?;
+                index.next = entry.offset + 1;
+            }
+        }
+        Ok(index)
     }
 
     /// The offset the next appended entry will get (= number of entries).
@@ -94,16 +254,15 @@ impl TableLog {
                         key: String::from_utf8_lossy(&key).into_owned(),
                         reason: "log key without offset".into(),
                     })?;
-                Ok(LogEntry {
-                    offset,
-                    batch: decode(&value)?,
-                })
+                let (batch, ops) = decode(&value)?;
+                Ok(LogEntry { offset, batch, ops })
             })
             .collect()
     }
 
     /// Adds the deletion of a table's whole log to `write` (used by DROP TABLE).
     pub fn delete_into(&self, table: TableId, write: &mut WriteBatch) -> Result<()> {
+        self.lock().remove(&table);
         for (key, _) in self.store.scan_prefix(&keys::log_prefix(table))? {
             write.delete(key);
         }
@@ -112,24 +271,73 @@ impl TableLog {
     }
 }
 
-fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
+/// One IPC stream of the rows, with the ops as an extra last column when there are any.
+fn encode(changes: &Changes) -> Result<Vec<u8>> {
+    let batch = match &changes.ops {
+        None => changes.rows.clone(),
+        Some(ops) => {
+            let rows = &changes.rows;
+            let mut fields: Vec<Field> = rows
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields.push(Field::new(OPS_COLUMN, DataType::Int8, false));
+            let mut metadata = rows.schema().metadata().clone();
+            metadata.insert(OPS_METADATA.into(), "last column".into());
+            let mut columns: Vec<ArrayRef> = rows.columns().to_vec();
+            columns.push(std::sync::Arc::new(ops.clone()));
+            RecordBatch::try_new(
+                std::sync::Arc::new(Schema::new_with_metadata(fields, metadata)),
+                columns,
+            )?
+        }
+    };
     let mut buf = Vec::new();
     let mut writer = StreamWriter::try_new(&mut buf, batch.schema_ref())?;
-    writer.write(batch)?;
+    writer.write(&batch)?;
     writer.finish()?;
     drop(writer);
     Ok(buf)
 }
 
-fn decode(bytes: &[u8]) -> Result<RecordBatch> {
+/// The rows of an entry and their ops, stripped off the stored batch.
+fn decode(bytes: &[u8]) -> Result<(RecordBatch, Option<Int8Array>)> {
     let mut reader = StreamReader::try_new(Cursor::new(bytes), None)?;
-    match reader.next() {
-        Some(batch) => Ok(batch?),
-        None => Err(CatalogError::Corrupt {
-            key: "log entry".into(),
-            reason: "no record batch in entry".into(),
-        }),
+    let batch = match reader.next() {
+        Some(batch) => batch?,
+        None => {
+            return Err(CatalogError::Corrupt {
+                key: "log entry".into(),
+                reason: "no record batch in entry".into(),
+            })
+        }
+    };
+    let schema = batch.schema();
+    if !schema.metadata().contains_key(OPS_METADATA) {
+        return Ok((batch, None));
     }
+    let last = batch.num_columns().checked_sub(1);
+    let ops = last.and_then(|i| batch.column(i).as_any().downcast_ref::<Int8Array>());
+    let (Some(last), Some(ops)) = (last, ops.cloned()) else {
+        return Err(CatalogError::Corrupt {
+            key: "log entry".into(),
+            reason: "ops column missing".into(),
+        });
+    };
+    let mut metadata = schema.metadata().clone();
+    metadata.remove(OPS_METADATA);
+    let fields: Vec<Field> = schema.fields()[..last]
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let rows = RecordBatch::try_new_with_options(
+        std::sync::Arc::new(Schema::new_with_metadata(fields, metadata)),
+        batch.columns()[..last].to_vec(),
+        &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )?;
+    Ok((rows, Some(ops)))
 }
 
 #[cfg(test)]
@@ -173,6 +381,97 @@ mod tests {
         assert_eq!(tail[0].batch, batch(&[4]));
         // Another table's log is separate.
         assert!(log.read_from(TableId(8), 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn ops_are_stored_with_entries_and_old_entries_read_as_inserts() {
+        use crate::keyed::tests::{changes, keyed_table, listed};
+        let def = keyed_table();
+        let log = TableLog::new(Arc::new(MemoryStore::default()));
+        // An entry written the old way (no ops), then a changelog entry.
+        log.append(def.id, &[changes(&def, &[("a", 1)], None).rows])
+            .unwrap();
+        let change = changes(
+            &def,
+            &[("a", 1), ("b", 1)],
+            Some(vec![op::UPDATE_BEFORE, op::UPDATE_AFTER]),
+        );
+        log.append_locked(def.id, std::slice::from_ref(&change))
+            .unwrap();
+        let entries = log.read_from(def.id, 0).unwrap();
+        assert_eq!(entries[0].ops, None);
+        assert_eq!(entries[0].batch.schema(), def.physical_schema());
+        assert_eq!(entries[1].batch, change.rows);
+        assert_eq!(entries[1].ops, change.ops);
+        assert_eq!(entries[1].batch.schema(), def.physical_schema());
+        // The index replays both.
+        let current = log.current(&def).unwrap();
+        assert_eq!(
+            listed(&Changes::inserts(current[0].clone())),
+            vec![(op::INSERT, "b".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn keyed_tables_upsert_and_their_current_rows_survive_reopen() {
+        use crate::keyed::tests::{changes, keyed_table, listed};
+        let def = keyed_table();
+        let dir = tempfile::tempdir().unwrap();
+        let rows = |log: &TableLog| -> Vec<(String, i64)> {
+            log.current(&def)
+                .unwrap()
+                .into_iter()
+                .flat_map(|b| listed(&Changes::inserts(b)))
+                .map(|(_, v, k)| (v, k))
+                .collect()
+        };
+        {
+            let log = TableLog::new(Arc::new(SledStore::open(dir.path()).unwrap()));
+            log.write(&def, &[changes(&def, &[("a", 1), ("b", 2)], None)])
+                .unwrap();
+            let range = log
+                .write(&def, &[changes(&def, &[("c", 2), ("d", 3)], None)])
+                .unwrap();
+            assert_eq!(range, 1..2);
+            assert_eq!(
+                listed(&Changes {
+                    rows: log.read_from(def.id, 1).unwrap()[0].batch.clone(),
+                    ops: log.read_from(def.id, 1).unwrap()[0].ops.clone(),
+                }),
+                vec![
+                    (op::UPDATE_BEFORE, "b".into(), 2),
+                    (op::UPDATE_AFTER, "c".into(), 2),
+                    (op::INSERT, "d".into(), 3),
+                ]
+            );
+            // modify sees the current rows and writes its changes under the same lock.
+            let seen = log
+                .modify(&def, |current| {
+                    let n: usize = current.iter().map(|b| b.num_rows()).sum();
+                    let delete = changes(&def, &[("?", 1)], Some(vec![op::DELETE]));
+                    Ok::<_, CatalogError>((vec![delete], n))
+                })
+                .unwrap();
+            assert_eq!(seen, 3);
+            assert_eq!(rows(&log), vec![("c".into(), 2), ("d".into(), 3)]);
+        }
+        // A new process rebuilds the index from the log on first use.
+        let log = TableLog::new(Arc::new(SledStore::open(dir.path()).unwrap()));
+        assert_eq!(rows(&log), vec![("c".into(), 2), ("d".into(), 3)]);
+        // Entries appended behind the index's back are caught up with.
+        log.append(def.id, &[changes(&def, &[("e", 3)], None).rows])
+            .unwrap();
+        assert_eq!(rows(&log), vec![("c".into(), 2), ("e".into(), 3)]);
+        // A table without a key takes no updates.
+        let mut plain = def.clone();
+        plain.primary_key.clear();
+        let e = log
+            .write(
+                &plain,
+                &[changes(&def, &[("x", 1)], Some(vec![op::DELETE]))],
+            )
+            .unwrap_err();
+        assert!(matches!(e, CatalogError::Unsupported(_)), "{e}");
     }
 
     #[test]

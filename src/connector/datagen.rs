@@ -27,6 +27,7 @@ use weir_catalog::{SqlType, TableDef};
 use super::factory::{invalid, opt_u64, to_df, Throttle};
 use super::io::SplitReader;
 use crate::sql::error::{SqlError, SqlResult};
+use crate::stream::message::ChangeBatch;
 
 const DEFAULT_ROWS_PER_SECOND: u64 = 10_000;
 const DEFAULT_STRING_LENGTH: u64 = 100;
@@ -609,7 +610,7 @@ fn field_gen(
 
 #[async_trait]
 impl SplitReader for DatagenReader {
-    async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+    async fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
         let left = self.remaining();
         if left == 0 {
             return Ok(None);
@@ -621,7 +622,7 @@ impl SplitReader for DatagenReader {
             .collect();
         let batch = self.batch(&rows).map_err(to_df)?;
         self.next += n;
-        Ok(Some(batch))
+        Ok(Some(ChangeBatch::new(batch)))
     }
 
     fn position(&self) -> Vec<u8> {
@@ -652,7 +653,7 @@ mod tests {
         let mut out = vec![];
         for k in 0..splits {
             let mut r = DatagenReader::open(def, k, splits, batch).unwrap();
-            while let Some(b) = r.next_batch().await.unwrap() {
+            while let Some(b) = r.next_batch().await.unwrap().map(|c| c.rows) {
                 assert_eq!(b.schema(), def.physical_schema());
                 out.push(b);
             }
@@ -806,9 +807,9 @@ mod tests {
         let mut r = DatagenReader::open(&def, 0, 1, 10).unwrap();
         r.next_batch().await.unwrap();
         let pos = r.position();
-        let b = r.next_batch().await.unwrap().unwrap();
+        let b = r.next_batch().await.unwrap().map(|c| c.rows).unwrap();
         r.restore(&pos).unwrap();
-        assert_eq!(r.next_batch().await.unwrap().unwrap(), b);
+        assert_eq!(r.next_batch().await.unwrap().map(|c| c.rows).unwrap(), b);
     }
 
     #[tokio::test]
@@ -822,7 +823,13 @@ mod tests {
         let start = std::time::Instant::now();
         let mut n = 0;
         while n < 30 {
-            n += r.next_batch().await.unwrap().unwrap().num_rows();
+            n += r
+                .next_batch()
+                .await
+                .unwrap()
+                .map(|c| c.rows)
+                .unwrap()
+                .num_rows();
         }
         assert!(start.elapsed() >= std::time::Duration::from_millis(200));
     }

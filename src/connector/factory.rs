@@ -15,6 +15,7 @@ use super::nexmark::NexmarkReader;
 use super::options::parse_duration;
 use super::print::{BlackholeSink, PrintSink};
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
+use crate::stream::graph::ChangelogMode;
 
 /// The reader for split `split` (0-based) of `splits` parallel source subtasks.
 pub fn open_split(
@@ -43,14 +44,32 @@ pub fn open_split(
     })
 }
 
-/// Whether the table's source ends (filesystem, datagen with a row count or sequence,
-/// nexmark with an event count).
+/// How a table's rows change when read as a stream: a table in a changelog format
+/// ('debezium-json') and a table of Weir's log with a primary key (which takes UPDATE,
+/// DELETE and upserts) retract rows; every other table only ever gains rows.
+pub fn source_changelog(def: &TableDef) -> ChangelogMode {
+    let changelog_format = ["format", "value.format"]
+        .iter()
+        .any(|k| def.options.get(*k).is_some_and(|f| f == "debezium-json"));
+    let keyed_log = def.connector().is_none() && !def.primary_key.is_empty();
+    if changelog_format || keyed_log {
+        ChangelogMode::Retract
+    } else {
+        ChangelogMode::InsertOnly
+    }
+}
+
 /// Connectors a job can write to.
 pub const SINKS: &[&str] = &["filesystem", "print", "blackhole"];
 
 /// The most source subtasks that can have work: a filesystem source has one split per
-/// file, and a subtask without a split would hold the watermark back for nothing.
+/// file, and a subtask without a split would hold the watermark back for nothing. A
+/// changelog is read by one subtask, file after file: a later file may update a row an
+/// earlier one created, and splits read in parallel would not keep that order.
 pub fn max_splits(def: &TableDef) -> Option<usize> {
+    if def.connector().is_some() && source_changelog(def) == ChangelogMode::Retract {
+        return Some(1);
+    }
     match def.connector() {
         Some("filesystem") => {
             let path = std::path::Path::new(def.options.get("path")?);
@@ -60,6 +79,8 @@ pub fn max_splits(def: &TableDef) -> Option<usize> {
     }
 }
 
+/// Whether the table's source ends (filesystem, datagen with a row count or sequence,
+/// nexmark with an event count).
 pub fn is_bounded(def: &TableDef) -> bool {
     match def.connector() {
         Some("filesystem") => true,

@@ -1,12 +1,12 @@
-//! The `filesystem` connector: CSV or newline-delimited JSON files.
+//! The `filesystem` connector: CSV or newline-delimited JSON files, and Debezium change
+//! events ('debezium-json', read only) that make the table a changelog.
 //!
 //! As a source, `'path'` is a file or a directory whose regular files are read in name
 //! order (names starting with `.` or `_`, such as files still being written, are
 //! skipped); file i goes to split i % splits. Bounded. A bad record fails the job with
-//! its file and line, or with `'csv.ignore-parse-errors'` / `'json.ignore-parse-errors'`
-//! is skipped and counted.
+//! its file and line, or with `'<format>.ignore-parse-errors'` is skipped and counted.
 //!
-//! As a sink, `'path'` is a directory. Sink subtask s of job j writes rows to a hidden
+//! As a sink (csv and json), `'path'` is a directory. Sink subtask s of job j writes rows to a hidden
 //! `.part-j-s-n.csv.inprogress` file; `flush` syncs it and renames it to
 //! `part-j-s-n.csv`, so readers only ever see whole files.
 
@@ -22,14 +22,17 @@ use async_trait::async_trait;
 use datafusion::common::Result;
 use weir_catalog::TableDef;
 
+use super::debezium::Debezium;
 use super::factory::{blocking, invalid, opt_bool, to_df};
 use super::io::{SinkWriter, SplitReader};
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
+use crate::stream::message::ChangeBatch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Csv,
     Json,
+    DebeziumJson,
 }
 
 impl Format {
@@ -37,8 +40,10 @@ impl Format {
         match def.options.get("format").map(String::as_str) {
             Some("csv") => Ok(Format::Csv),
             Some("json") => Ok(Format::Json),
+            Some("debezium-json") => Ok(Format::DebeziumJson),
             Some(other) => Err(SqlError::not_supported(format!(
-                "the filesystem connector reads and writes 'csv' and 'json', not '{other}'"
+                "the filesystem connector reads 'csv', 'json' and 'debezium-json' and writes \
+                 'csv' and 'json', not '{other}'"
             ))),
             None => Err(invalid("connector 'filesystem' needs option 'format'")),
         }
@@ -48,8 +53,30 @@ impl Format {
         match self {
             Format::Csv => "csv",
             Format::Json => "json",
+            Format::DebeziumJson => "debezium-json",
         }
     }
+
+    fn ignore_errors_option(self) -> &'static str {
+        match self {
+            Format::Csv => "csv.ignore-parse-errors",
+            Format::Json => "json.ignore-parse-errors",
+            Format::DebeziumJson => super::debezium::IGNORE_PARSE_ERRORS,
+        }
+    }
+}
+
+/// Refuses a filesystem sink in a format it cannot write (a changelog format).
+pub fn check_sink_format(def: &TableDef) -> SqlResult<()> {
+    if Format::from_options(def)? == Format::DebeziumJson {
+        return Err(SqlError::not_supported(format!(
+            "table \"{}\" reads Debezium change events ('debezium-json'); the filesystem \
+             connector cannot write them (neither can Flink's)",
+            def.name
+        ))
+        .with_hint("write to a filesystem table with 'format' = 'json' or 'csv'"));
+    }
+    Ok(())
 }
 
 fn delimiter(def: &TableDef) -> SqlResult<u8> {
@@ -97,6 +124,9 @@ struct SourceState {
     files: Vec<PathBuf>,
     format: Format,
     schema: SchemaRef,
+    /// What records decode into: the table's columns, or Debezium's envelope.
+    decoded: SchemaRef,
+    debezium: Option<Debezium>,
     batch_size: usize,
     delimiter: u8,
     ignore_errors: bool,
@@ -122,9 +152,9 @@ impl FileSource {
             .get("path")
             .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?;
         let format = Format::from_options(def)?;
-        let ignore_key = match format {
-            Format::Csv => "csv.ignore-parse-errors",
-            Format::Json => "json.ignore-parse-errors",
+        let debezium = match format {
+            Format::DebeziumJson => Some(Debezium::new(def)?),
+            _ => None,
         };
         let files = list_files(Path::new(path))?
             .into_iter()
@@ -137,9 +167,13 @@ impl FileSource {
                 files,
                 format,
                 schema: def.physical_schema(),
+                decoded: debezium
+                    .as_ref()
+                    .map_or_else(|| def.physical_schema(), |d| d.envelope_schema().clone()),
+                debezium,
                 batch_size,
                 delimiter: delimiter(def)?,
-                ignore_errors: opt_bool(def, ignore_key)?,
+                ignore_errors: opt_bool(def, format.ignore_errors_option())?,
                 file: 0,
                 offset: 0,
                 line: 1,
@@ -164,7 +198,7 @@ impl SourceState {
         self.reader = None;
     }
 
-    fn read_batch(&mut self) -> SqlResult<Option<RecordBatch>> {
+    fn read_batch(&mut self) -> SqlResult<Option<ChangeBatch>> {
         loop {
             if self.file >= self.files.len() {
                 return Ok(None);
@@ -217,7 +251,7 @@ impl SourceState {
                 self.line += 1;
                 self.offset += n as u64;
                 // A CSV record goes on while a quoted field is open.
-                if self.format == Format::Json {
+                if self.format != Format::Csv {
                     break;
                 }
                 quotes += buf[from..].iter().filter(|&&b| b == b'"').count();
@@ -243,20 +277,41 @@ impl SourceState {
         Ok((buf, records, eof))
     }
 
-    fn decode(&mut self, buf: &[u8], records: &[(usize, usize, u64)]) -> SqlResult<RecordBatch> {
-        if let Ok(batch) = self.decode_chunk(buf, records.len()) {
-            return Ok(batch);
-        }
-        // Something in the chunk is bad: find it record by record.
-        let mut good = Vec::new();
-        for &(start, end, line) in records {
-            match self.decode_chunk(&buf[start..end], 1) {
-                Ok(b) => good.push(b),
-                Err(_) if self.ignore_errors => self.skipped += 1,
-                Err(e) => return Err(self.bad_record(line, e)),
+    fn decode(&mut self, buf: &[u8], records: &[(usize, usize, u64)]) -> SqlResult<ChangeBatch> {
+        let (batch, lines) = match self.decode_chunk(buf, records.len()) {
+            Ok(batch) => (batch, records.iter().map(|r| r.2).collect()),
+            // Something in the chunk is bad: find it record by record.
+            Err(_) => {
+                let mut good = Vec::new();
+                let mut lines = Vec::new();
+                for &(start, end, line) in records {
+                    match self.decode_chunk(&buf[start..end], 1) {
+                        Ok(b) => {
+                            good.push(b);
+                            lines.push(line);
+                        }
+                        Err(_) if self.ignore_errors => self.skipped += 1,
+                        Err(e) => return Err(self.bad_record(line, self.explain(e))),
+                    }
+                }
+                (concat_batches(&self.decoded, &good)?, lines)
             }
-        }
-        Ok(concat_batches(&self.schema, &good)?)
+        };
+        let Some(debezium) = &self.debezium else {
+            return Ok(ChangeBatch::new(batch));
+        };
+        // Well-formed JSON may still be no change event: each is failed or skipped.
+        let mut skipped = 0;
+        let changes = debezium.changes(&batch, |row, problem| {
+            if self.ignore_errors {
+                skipped += 1;
+                Ok(())
+            } else {
+                Err(self.bad_record(lines[row], problem))
+            }
+        });
+        self.skipped += skipped;
+        changes
     }
 
     fn decode_chunk(
@@ -287,28 +342,26 @@ impl SourceState {
                 .with_delimiter(self.delimiter)
                 .with_batch_size(capacity)
                 .build_decoder()),
-            Format::Json => run!(arrow::json::ReaderBuilder::new(self.schema.clone())
-                .with_batch_size(capacity)
-                .build_decoder()?),
+            Format::Json | Format::DebeziumJson => {
+                run!(arrow::json::ReaderBuilder::new(self.decoded.clone())
+                    .with_batch_size(capacity)
+                    .build_decoder()?)
+            }
         }
         if batches.len() == 1 {
             return Ok(batches.pop().expect("one"));
         }
-        concat_batches(&self.schema, &batches)
+        concat_batches(&self.decoded, &batches)
     }
 
-    fn bad_record(&self, line: u64, e: ArrowError) -> SqlError {
-        let option = match self.format {
-            Format::Csv => "csv.ignore-parse-errors",
-            Format::Json => "json.ignore-parse-errors",
-        };
+    fn bad_record(&self, line: u64, problem: String) -> SqlError {
+        let option = self.format.ignore_errors_option();
         SqlError::new(
             sqlstate::INVALID_TEXT_REPRESENTATION,
             format!(
-                "bad {} record in file '{}' at line {line}: {}",
+                "bad {} record in file '{}' at line {line}: {problem}",
                 self.format.name(),
                 self.path().display(),
-                self.explain(e)
             ),
         )
         .with_hint(format!(
@@ -351,7 +404,7 @@ impl SourceState {
 
 #[async_trait]
 impl SplitReader for FileSource {
-    async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+    async fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
         let batch = blocking(&mut self.state, |s| s.read_batch()).await?;
         let s = self.state.as_ref().expect("restored after the read");
         self.position = (s.file as u64, s.offset, s.line);
@@ -446,6 +499,7 @@ impl FileSink {
                 .get("path")
                 .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?,
         );
+        check_sink_format(def)?;
         let format = Format::from_options(def)?;
         if dir.is_file() {
             return Err(invalid(format!(
@@ -522,6 +576,11 @@ impl SinkState {
                 w.write(batch)?;
                 w.finish()?;
             }
+            Format::DebeziumJson => {
+                return Err(SqlError::internal(
+                    "a 'debezium-json' sink is refused when it is opened",
+                ))
+            }
         }
         Ok(())
     }
@@ -586,7 +645,7 @@ mod tests {
         let mut skipped = 0;
         for k in 0..splits {
             let mut r = FileSource::open(def, k, splits, 2).unwrap();
-            while let Some(b) = r.next_batch().await.unwrap() {
+            while let Some(b) = r.next_batch().await.unwrap().map(|c| c.rows) {
                 assert_eq!(b.schema(), def.physical_schema());
                 out.push(b);
             }
@@ -697,7 +756,7 @@ mod tests {
             ],
         );
         let mut r = FileSource::open(&def, 0, 1, 2).unwrap();
-        r.next_batch().await.unwrap().unwrap();
+        r.next_batch().await.unwrap().map(|c| c.rows).unwrap();
         let e = SqlError::from(r.next_batch().await.unwrap_err());
         assert_eq!(e.code, sqlstate::INVALID_TEXT_REPRESENTATION);
         assert!(e.message.contains("a.csv' at line 3"), "{}", e.message);
@@ -743,6 +802,56 @@ mod tests {
         let mut r = FileSource::open(&json("false"), 0, 1, 10).unwrap();
         let e = SqlError::from(r.next_batch().await.unwrap_err());
         assert!(e.message.contains("b.json' at line 2"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn debezium_files_give_changes_and_report_bad_events_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("a.json"),
+            "{\"after\": {\"id\": 1, \"name\": \"a\"}, \"op\": \"c\"}\n\n\
+             {\"before\": {\"id\": 1, \"name\": \"a\"}, \"after\": {\"id\": 1, \"name\": \"b\"}, \"op\": \"u\"}\n\
+             {\"after\": {\"id\": 2}, \"op\": \"d\"}\n\
+             {\"before\": {\"id\": 1, \"name\": \"b\"}, \"op\": \"d\"}\n",
+        )
+        .unwrap();
+        let def = |ignore: &str| {
+            table(
+                &cols(),
+                &[
+                    ("connector", "filesystem"),
+                    ("path", dir.path().to_str().unwrap()),
+                    ("format", "debezium-json"),
+                    ("debezium-json.ignore-parse-errors", ignore),
+                ],
+            )
+        };
+        let mut r = FileSource::open(&def("true"), 0, 1, 10).unwrap();
+        let c = r.next_batch().await.unwrap().unwrap();
+        assert!(r.next_batch().await.unwrap().is_none());
+        assert_eq!(r.skipped_records(), 1);
+        let ops: Vec<i8> = c.ops.unwrap().values().to_vec();
+        assert_eq!(ops, vec![0, 1, 2, 3]);
+        let names = c.rows.column(1).as_string::<i32>();
+        assert_eq!(
+            (0..4).map(|i| names.value(i)).collect::<Vec<_>>(),
+            vec!["a", "a", "b", "b"]
+        );
+        let mut r = FileSource::open(&def("false"), 0, 1, 10).unwrap();
+        let e = SqlError::from(r.next_batch().await.unwrap_err());
+        assert_eq!(e.code, sqlstate::INVALID_TEXT_REPRESENTATION);
+        assert!(
+            e.message.contains("bad debezium-json record in file '")
+                && e.message.contains("a.json' at line 4: \"before\" is null"),
+            "{}",
+            e.message
+        );
+        assert!(e
+            .hint
+            .unwrap()
+            .contains("debezium-json.ignore-parse-errors"));
+        let e = FileSink::open(&def("false"), 0, "j").err().unwrap();
+        assert_eq!(e.code, sqlstate::FEATURE_NOT_SUPPORTED);
     }
 
     fn sample() -> RecordBatch {
@@ -861,7 +970,7 @@ mod tests {
                 ],
             );
             let mut gen = crate::connector::datagen::DatagenReader::open(&def, 0, 1, 100).unwrap();
-            let data = gen.next_batch().await.unwrap().unwrap();
+            let data = gen.next_batch().await.unwrap().map(|c| c.rows).unwrap();
             let sink_def = table(&cols, &[("path", path), ("format", format)]);
             let mut sink = FileSink::open(&sink_def, 3, "j").unwrap();
             sink.write(data.clone()).await.unwrap();
@@ -892,17 +1001,17 @@ mod tests {
         let mut r = FileSource::open(&def, 0, 1, 3).unwrap();
         let mut seen = vec![];
         for _ in 0..3 {
-            seen.push(r.next_batch().await.unwrap().unwrap());
+            seen.push(r.next_batch().await.unwrap().map(|c| c.rows).unwrap());
         }
         let pos = r.position();
         let mut rest = vec![];
-        while let Some(b) = r.next_batch().await.unwrap() {
+        while let Some(b) = r.next_batch().await.unwrap().map(|c| c.rows) {
             rest.push(b);
         }
         let mut again = FileSource::open(&def, 0, 1, 3).unwrap();
         again.restore(&pos).unwrap();
         let mut rest2 = vec![];
-        while let Some(b) = again.next_batch().await.unwrap() {
+        while let Some(b) = again.next_batch().await.unwrap().map(|c| c.rows) {
             rest2.push(b);
         }
         assert_eq!(rest, rest2);

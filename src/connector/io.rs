@@ -1,5 +1,6 @@
 //! What the streaming runtime asks of a connector: split readers that produce Arrow
-//! batches of a table's physical columns, and sink writers that take them.
+//! batches of a table's physical columns (with each row's change, for changelog formats),
+//! and sink writers that take them.
 //!
 //! A reader's position is opaque bytes so checkpoints can record and restore it
 //! without knowing the connector.
@@ -8,13 +9,17 @@ use async_trait::async_trait;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::Result;
 
+use crate::stream::message::ChangeBatch;
+
 /// One split (partition) of a source table, read by one source subtask.
 #[async_trait]
 pub trait SplitReader: Send {
     /// The next batch of rows — the table's physical columns in declaration order
     /// (`TableDef::physical_schema`) — waiting while an unbounded input has nothing new.
-    /// `Ok(None)` once a bounded input is exhausted.
-    async fn next_batch(&mut self) -> Result<Option<RecordBatch>>;
+    /// `ops` is `None` for inserts (every format but changelog ones such as
+    /// 'debezium-json'); watermarks are left to the source task. `Ok(None)` once a
+    /// bounded input is exhausted.
+    async fn next_batch(&mut self) -> Result<Option<ChangeBatch>>;
 
     /// Where the reader is: [`SplitReader::restore`] with it resumes right after the last
     /// batch returned.

@@ -6,6 +6,7 @@
 
 pub mod connector_table;
 pub mod datagen;
+pub mod debezium;
 pub mod factory;
 pub mod filesystem;
 pub mod io;

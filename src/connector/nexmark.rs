@@ -23,6 +23,7 @@ use weir_catalog::TableDef;
 use super::factory::{invalid, opt_duration, opt_u64, to_df, Throttle};
 use super::io::SplitReader;
 use crate::sql::error::{SqlError, SqlResult};
+use crate::stream::message::ChangeBatch;
 
 const PERSON_PROPORTION: u64 = 1;
 const AUCTION_PROPORTION: u64 = 3;
@@ -707,7 +708,7 @@ impl NexmarkReader {
 
 #[async_trait]
 impl SplitReader for NexmarkReader {
-    async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+    async fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
         // Scan enough events for about a batch of this stream's rows.
         let share = match self.config.stream {
             Stream::Person => PERSON_PROPORTION,
@@ -738,7 +739,9 @@ impl SplitReader for NexmarkReader {
         if rows == 0 {
             return Ok(None);
         }
-        self.finish(out, rows).map(Some).map_err(to_df)
+        self.finish(out, rows)
+            .map(|b| Some(ChangeBatch::new(b)))
+            .map_err(to_df)
     }
 
     fn position(&self) -> Vec<u8> {
@@ -830,7 +833,7 @@ mod tests {
         let mut out = vec![];
         for k in 0..splits {
             let mut r = NexmarkReader::open(&def, k, splits, 1000).unwrap();
-            while let Some(b) = r.next_batch().await.unwrap() {
+            while let Some(b) = r.next_batch().await.unwrap().map(|c| c.rows) {
                 assert!(b.num_rows() > 0);
                 out.push(b);
             }
@@ -1034,13 +1037,13 @@ mod tests {
             &[("nexmark.table", "bid"), ("nexmark.event.num", "1000")],
         );
         let mut r = NexmarkReader::open(&def, 0, 1, 100).unwrap();
-        let a = r.next_batch().await.unwrap().unwrap();
+        let a = r.next_batch().await.unwrap().map(|c| c.rows).unwrap();
         assert_eq!(a.num_rows(), 100);
         assert_eq!(a.schema(), def.physical_schema());
         let pos = r.position();
-        let b = r.next_batch().await.unwrap().unwrap();
+        let b = r.next_batch().await.unwrap().map(|c| c.rows).unwrap();
         r.restore(&pos).unwrap();
-        assert_eq!(r.next_batch().await.unwrap().unwrap(), b);
+        assert_eq!(r.next_batch().await.unwrap().map(|c| c.rows).unwrap(), b);
 
         let bad = table(&[("colour", SqlType::BigInt)], &[("nexmark.table", "bid")]);
         let e = NexmarkReader::open(&bad, 0, 1, 10).err().unwrap();
@@ -1069,7 +1072,13 @@ mod tests {
         let start = std::time::Instant::now();
         let mut n = 0;
         while n < 200 {
-            n += r.next_batch().await.unwrap().unwrap().num_rows();
+            n += r
+                .next_batch()
+                .await
+                .unwrap()
+                .map(|c| c.rows)
+                .unwrap()
+                .num_rows();
         }
         let took = start.elapsed();
         assert!(took >= std::time::Duration::from_millis(150), "{took:?}");
@@ -1104,7 +1113,7 @@ mod speed {
         let mut r = NexmarkReader::open(&def, 0, 1, 8192).unwrap();
         let start = std::time::Instant::now();
         let mut rows = 0;
-        while let Some(b) = r.next_batch().await.unwrap() {
+        while let Some(b) = r.next_batch().await.unwrap().map(|c| c.rows) {
             rows += b.num_rows();
         }
         let secs = start.elapsed().as_secs_f64();

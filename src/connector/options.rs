@@ -60,6 +60,12 @@ const CONNECTORS: &[ConnectorSpec] = &[
                 "json.timestamp-format.standard",
                 Kind::OneOf(&["SQL", "ISO-8601"]),
             ),
+            opt("debezium-json.schema-include", Kind::Boolean),
+            opt("debezium-json.ignore-parse-errors", Kind::Boolean),
+            opt(
+                "debezium-json.timestamp-format.standard",
+                Kind::OneOf(&["SQL", "ISO-8601"]),
+            ),
             IDLE_TIMEOUT,
         ],
         prefixes: &[],

@@ -34,9 +34,11 @@ use crate::stream::graph::{
 use crate::stream::late::LateRows;
 use crate::stream::mv::MvTable;
 use crate::stream::ops::fragment::Fragment;
+use crate::stream::ops::group_agg::GroupAggregate;
 use crate::stream::ops::grouped::AggregateCalls;
 use crate::stream::ops::session_agg::SessionAggregate;
-use crate::stream::ops::stateless::{Filter, Project};
+use crate::stream::ops::stateless::{Filter, Project, Union};
+use crate::stream::ops::topn::{SortKey, TopN};
 use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
 use crate::stream::ops::window_assign::{Assign, WindowAssign};
 use crate::stream::window::Slicing;
@@ -171,7 +173,14 @@ impl<'a> Planner<'a> {
     pub fn plan(mut self, plan: &LogicalPlan, sink: SinkKind) -> Result<StreamGraph> {
         let plan = self.state.optimize(plan)?;
         let stream = self.plan_node(&plan)?;
-        if let SinkKind::Log(def) | SinkKind::Connector(def) = &sink {
+        // A blackhole takes anything, and a table of Weir's log with a primary key takes
+        // updates; other sinks write rows as they come.
+        let takes_updates = match &sink {
+            SinkKind::Log(def) => !def.primary_key.is_empty(),
+            SinkKind::Connector(def) => def.connector() == Some("blackhole"),
+            _ => true,
+        };
+        if let (SinkKind::Log(def) | SinkKind::Connector(def), false) = (&sink, takes_updates) {
             self.insert_only(
                 &stream,
                 &format!("table \"{}\", which takes inserts only,", def.name),
@@ -339,6 +348,9 @@ impl<'a> Planner<'a> {
                 self.project(&input, &p.expr, p.schema.clone())
             }
             LogicalPlan::Filter(f) => {
+                if let Some(top) = self.top_n(f)? {
+                    return Ok(top);
+                }
                 let input = self.plan_node(&f.input)?;
                 self.filter(&input, &f.predicate)
             }
@@ -350,32 +362,7 @@ impl<'a> Planner<'a> {
             LogicalPlan::Aggregate(agg) => self.plan_aggregate(plan, agg),
             LogicalPlan::Window(w) => {
                 let input = self.plan_node(&w.input)?;
-                let partitioned_by_window = input.windows.is_some_and(|cols| {
-                    w.window_expr.iter().all(|e| {
-                        let Expr::WindowFunction(f) = strip_alias(e) else {
-                            return false;
-                        };
-                        let parts: Vec<Option<usize>> = f
-                            .params
-                            .partition_by
-                            .iter()
-                            .map(|p| passthrough(p, &input.schema))
-                            .collect();
-                        parts.contains(&Some(cols.start)) && parts.contains(&Some(cols.end))
-                    })
-                });
-                if partitioned_by_window {
-                    self.insert_only(&input, "a window TopN")?;
-                    self.windowed_fragment(plan, vec![input], "WindowRank")
-                } else {
-                    self.end_fragment(
-                        plan,
-                        vec![input],
-                        "OVER (...) without PARTITION BY window_start, window_end is not supported \
-                         in a continuous query; rank rows per window (PARTITION BY window_start, \
-                         window_end, ...)",
-                    )
-                }
+                self.plan_window(plan, w, input)
             }
             LogicalPlan::Join(join) => {
                 let left = self.plan_node(&join.left)?;
@@ -421,11 +408,10 @@ impl<'a> Planner<'a> {
                     .iter()
                     .map(|i| self.plan_node(i))
                     .collect::<Result<Vec<_>>>()?;
-                self.end_fragment(
-                    plan,
-                    inputs,
-                    "UNION is not supported in continuous queries yet",
-                )
+                if self.mode == Mode::Continuous {
+                    return self.union(u, inputs);
+                }
+                self.end_fragment(plan, inputs, "")
             }
             LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => self.constant(plan),
             LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Distinct(_) => {
@@ -446,6 +432,267 @@ impl<'a> Planner<'a> {
                 other.display()
             ))),
         }
+    }
+
+    /// OVER (...) in a query: ranks per window, or at the end of a bounded input.
+    fn plan_window(
+        &mut self,
+        plan: &LogicalPlan,
+        w: &datafusion::logical_expr::Window,
+        input: Stream,
+    ) -> Result<Stream> {
+        if partitioned_by_window(w, &input) {
+            self.insert_only(&input, "a window TopN")?;
+            return self.windowed_fragment(plan, vec![input], "WindowRank");
+        }
+        self.end_fragment(
+            plan,
+            vec![input],
+            "OVER (...) is supported in continuous queries as TopN: filter ROW_NUMBER() OVER \
+             (PARTITION BY ... ORDER BY ...) AS rn with WHERE rn <= N, or rank per window \
+             (PARTITION BY window_start, window_end, ...)",
+        )
+    }
+
+    /// `WHERE rn <= N` over `ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) AS rn`
+    /// in a continuous query: a TopN operator (N = 1 is deduplication). Projections and
+    /// aliases between the filter and the window are applied above the TopN.
+    fn top_n(&mut self, f: &datafusion::logical_expr::Filter) -> Result<Option<Stream>> {
+        if self.mode != Mode::Continuous {
+            return Ok(None);
+        }
+        let mut between = Vec::new();
+        let mut node = f.input.as_ref();
+        let w = loop {
+            match node {
+                LogicalPlan::Projection(p) => {
+                    between.push(node);
+                    node = &p.input;
+                }
+                LogicalPlan::SubqueryAlias(a) => {
+                    between.push(node);
+                    node = &a.input;
+                }
+                LogicalPlan::Window(w) => break w,
+                _ => return Ok(None),
+            }
+        };
+        let [window_expr] = w.window_expr.as_slice() else {
+            return Ok(None);
+        };
+        let Expr::WindowFunction(function) = strip_alias(window_expr) else {
+            return Ok(None);
+        };
+        if function.fun.name() != "row_number" {
+            return Ok(None);
+        }
+        // Follow the row number's column up to the filter.
+        let mut rank = Some(w.input.schema().fields().len());
+        for n in between.iter().rev() {
+            rank = match n {
+                LogicalPlan::Projection(p) => rank.and_then(|r| {
+                    p.expr
+                        .iter()
+                        .position(|e| passthrough(e, p.input.schema()) == Some(r))
+                }),
+                _ => rank,
+            };
+        }
+        let Some(rank) = rank else {
+            return Ok(None);
+        };
+        let mut limit = None;
+        let mut rest = Vec::new();
+        for conjunct in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+            match rank_bound(conjunct, f.input.schema(), rank) {
+                Some(n) if limit.is_none() => limit = Some(n),
+                _ => rest.push(conjunct.clone()),
+            }
+        }
+        let Some(limit) = limit else {
+            return Ok(None);
+        };
+        let input = self.plan_node(&w.input)?;
+        if partitioned_by_window(w, &input) {
+            let mut stream = self.plan_window(node, w, input)?;
+            stream = self.reapply(stream, &between)?;
+            return Ok(Some(self.filter(&stream, &f.predicate)?));
+        }
+        let partition_by = function
+            .params
+            .partition_by
+            .iter()
+            .map(|e| self.physical(e, &input.schema))
+            .collect::<Result<Vec<_>>>()?;
+        let order_by = function
+            .params
+            .order_by
+            .iter()
+            .map(|s| {
+                Ok(SortKey {
+                    expr: self.physical(&s.expr, &input.schema)?,
+                    options: datafusion::arrow::compute::SortOptions {
+                        descending: !s.asc,
+                        nulls_first: s.nulls_first,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let factory_order: Arc<Vec<(Arc<dyn PhysicalExpr>, _)>> =
+            Arc::new(order_by.into_iter().map(|k| (k.expr, k.options)).collect());
+        let retracting = input.changelog != ChangelogMode::InsertOnly;
+        let input_arrow: SchemaRef = Arc::new(input.schema.as_arrow().clone());
+        let arrow: SchemaRef = Arc::new(w.schema.as_arrow().clone());
+        let ttl = self.state_ttl;
+        let name = if limit == 1 { "Deduplicate" } else { "TopN" };
+        let detail = format!(
+            "first {limit} {}, order by {}",
+            if function.params.partition_by.is_empty() {
+                "overall".to_string()
+            } else {
+                format!("per {}", list(&function.params.partition_by))
+            },
+            function
+                .params
+                .order_by
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let (exchange, parallelism) = self.keyed(partition_by.clone());
+        // Partitions need a key: no PARTITION BY is one constant partition.
+        let partition_by = if partition_by.is_empty() {
+            vec![
+                Arc::new(datafusion::physical_expr::expressions::Literal::new(
+                    true.into(),
+                )) as _,
+            ]
+        } else {
+            partition_by
+        };
+        let mut out = self.operator(
+            &input,
+            exchange,
+            parallelism,
+            (
+                name,
+                detail.clone(),
+                if retracting {
+                    "every row of each partition"
+                } else {
+                    "the top rows of each partition"
+                },
+            ),
+            w.schema.clone(),
+            Arc::new(move |_| {
+                Ok(Box::new(TopN::try_new(
+                    partition_by.clone(),
+                    factory_order
+                        .iter()
+                        .map(|(expr, options)| SortKey {
+                            expr: expr.clone(),
+                            options: *options,
+                        })
+                        .collect(),
+                    limit,
+                    input_arrow.clone(),
+                    arrow.clone(),
+                    retracting,
+                    ttl,
+                )?) as _)
+            }),
+        );
+        self.set_updating(&mut out, format!("{name} ({detail})"));
+        if !function.params.partition_by.is_empty() {
+            self.unbounded_state(&format!("{name} ({detail})"));
+        }
+        let mut stream = self.reapply(out, &between)?;
+        if let Some(predicate) = datafusion::logical_expr::utils::conjunction(rest) {
+            stream = self.filter(&stream, &predicate)?;
+        }
+        Ok(Some(stream))
+    }
+
+    /// Applies the projections and aliases `between` (top first) over `stream`.
+    fn reapply(&mut self, mut stream: Stream, between: &[&LogicalPlan]) -> Result<Stream> {
+        for node in between.iter().rev() {
+            match node {
+                LogicalPlan::Projection(p) => {
+                    stream = self.project(&stream, &p.expr, p.schema.clone())?;
+                }
+                LogicalPlan::SubqueryAlias(a) => stream.schema = a.schema.clone(),
+                _ => {}
+            }
+        }
+        Ok(stream)
+    }
+
+    /// UNION ALL: every input's rows. Inputs of the union's parallelism forward their
+    /// subtasks' rows; others are spread by hashing whole rows, so a row and its
+    /// retraction take the same path.
+    fn union(
+        &mut self,
+        u: &datafusion::logical_expr::Union,
+        inputs: Vec<Stream>,
+    ) -> Result<Stream> {
+        let parallelism = inputs.iter().map(|i| i.parallelism).max().unwrap_or(1);
+        let edges = inputs
+            .iter()
+            .map(|i| Edge {
+                from: i.node,
+                exchange: if i.parallelism == parallelism {
+                    Exchange::Forward
+                } else {
+                    Exchange::Hash(
+                        (0..i.schema.fields().len())
+                            .map(|c| {
+                                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                                    i.schema.field(c).name(),
+                                    c,
+                                )) as Arc<dyn PhysicalExpr>
+                            })
+                            .collect(),
+                    )
+                },
+            })
+            .collect();
+        let arrow: SchemaRef = Arc::new(u.schema.as_arrow().clone());
+        let factory_arrow = arrow.clone();
+        let node = self.add(StreamNode {
+            name: "Union".into(),
+            detail: format!("{} inputs", inputs.len()),
+            state: "none".into(),
+            parallelism,
+            inputs: edges,
+            kind: NodeKind::Operator(Arc::new(move |_| {
+                Ok(Box::new(Union {
+                    schema: factory_arrow.clone(),
+                }) as _)
+            })),
+            schema: arrow,
+            changelog: ChangelogMode::InsertOnly,
+        });
+        let mut out = Stream {
+            node,
+            schema: u.schema.clone(),
+            parallelism,
+            windows: None,
+            slicing: None,
+            changelog: ChangelogMode::InsertOnly,
+            updated_by: None,
+        };
+        if let Some(updating) = inputs
+            .iter()
+            .find(|i| i.changelog != ChangelogMode::InsertOnly)
+        {
+            let by = updating
+                .updated_by
+                .clone()
+                .unwrap_or_else(|| "an input".into());
+            self.set_updating(&mut out, by);
+        }
+        Ok(out)
     }
 
     /// A subplan without stream sources, computed now.
@@ -604,6 +851,9 @@ impl<'a> Planner<'a> {
             schema: Arc::new(schema.as_arrow().clone()),
             changelog: ChangelogMode::InsertOnly,
         });
+        let changelog = def.as_deref().map_or(ChangelogMode::InsertOnly, |d| {
+            crate::connector::factory::source_changelog(d)
+        });
         // A view of window results keeps its window columns for windows over windows.
         let windows = match (
             &def,
@@ -618,7 +868,7 @@ impl<'a> Planner<'a> {
             }),
             _ => None,
         };
-        Ok(Stream {
+        let mut stream = Stream {
             node,
             schema,
             parallelism,
@@ -626,7 +876,11 @@ impl<'a> Planner<'a> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
-        })
+        };
+        if changelog != ChangelogMode::InsertOnly {
+            self.set_updating(&mut stream, format!("table {name}, a changelog source"));
+        }
+        Ok(stream)
     }
 
     /// Computed columns and the watermark of a table's source.
@@ -692,6 +946,7 @@ impl<'a> Planner<'a> {
         }
         let input =
             self.plan_provider(&spec.table, window.input.clone(), Some(&spec.time_column))?;
+        self.insert_only(&input, "a window table function")?;
         let time_column = input
             .schema
             .index_of_column_by_name(None, &spec.time_column)
@@ -754,19 +1009,21 @@ impl<'a> Planner<'a> {
         self.slice_next = !grouping_sets && sliceable(&agg.input, &agg.group_expr);
         let input = self.plan_node(&agg.input)?;
         self.slice_next = false;
-        if self.mode == Mode::Continuous || input.windows.is_some() {
-            self.insert_only(&input, "an aggregate")?;
-        }
-        let Some(cols) = input.windows else {
-            return self.end_fragment(
-                plan,
-                vec![input],
-                "GROUP BY without window_start and window_end of a window table function gives \
-                 results that change as rows arrive, which Weir cannot maintain yet; aggregate \
-                 per window: FROM TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), INTERVAL '1' MINUTE)) \
-                 GROUP BY window_start, window_end, ...",
-            );
+        let groups_windows = input.windows.filter(|cols| {
+            let roles: Vec<Option<usize>> = agg
+                .group_expr
+                .iter()
+                .map(|e| passthrough(e, &input.schema))
+                .collect();
+            grouping_sets || (roles.contains(&Some(cols.start)) && roles.contains(&Some(cols.end)))
+        });
+        let Some(cols) = groups_windows else {
+            if self.mode == Mode::Continuous {
+                return self.group_aggregate(agg, input);
+            }
+            return self.end_fragment(plan, vec![input], "");
         };
+        self.insert_only(&input, "a window aggregate")?;
         let group_exprs: Vec<&Expr> = match agg.group_expr.as_slice() {
             [Expr::GroupingSet(
                 GroupingSet::GroupingSets(_) | GroupingSet::Cube(_) | GroupingSet::Rollup(_),
@@ -784,13 +1041,6 @@ impl<'a> Planner<'a> {
             .iter()
             .map(|e| passthrough(e, &input.schema))
             .collect();
-        if !(roles.contains(&Some(cols.start)) && roles.contains(&Some(cols.end))) {
-            return self.end_fragment(
-                plan,
-                vec![input],
-                "a window aggregate must GROUP BY both window_start and window_end",
-            );
-        }
         let mut output = Vec::new();
         let mut keys = Vec::new();
         let mut key_fields = Vec::new();
@@ -806,41 +1056,10 @@ impl<'a> Planner<'a> {
                 }
             });
         }
-        let input_arrow = input.schema.as_arrow();
-        let mut aggregates = Vec::new();
-        let mut filters = Vec::new();
-        for (i, e) in agg.aggr_expr.iter().enumerate() {
-            #[allow(deprecated)]
-            let (aggregate, filter, _order) = create_aggregate_expr_and_maybe_filter(
-                e,
-                &input.schema,
-                input_arrow,
-                self.state.execution_props(),
-            )?;
-            aggregates.push(aggregate);
-            filters.push(filter);
+        for i in 0..agg.aggr_expr.len() {
             output.push(OutputColumn::Aggregate(i));
         }
-        // GroupValues needs a key: a global aggregate groups by one constant.
-        let (state_keys, key_fields) = if keys.is_empty() {
-            let unit: Arc<dyn PhysicalExpr> = Arc::new(
-                datafusion::physical_expr::expressions::Literal::new(true.into()),
-            );
-            let field = datafusion::arrow::datatypes::Field::new(
-                "unit",
-                datafusion::arrow::datatypes::DataType::Boolean,
-                false,
-            );
-            (vec![unit], vec![field])
-        } else {
-            (keys.clone(), key_fields)
-        };
-        let calls = Arc::new(AggregateCalls {
-            keys: state_keys,
-            key_schema: Arc::new(Schema::new(key_fields)),
-            aggregates,
-            filters,
-        });
+        let calls = Arc::new(self.aggregate_calls(agg, &input, keys.clone(), key_fields)?);
         if let Some(Slicing::Session { gap, partition_by }) = &input.slicing {
             let mut keys_named: Vec<String> = group_exprs
                 .iter()
@@ -942,6 +1161,118 @@ impl<'a> Planner<'a> {
             }),
         );
         Ok(self.window_result(out, lateness, &output))
+    }
+
+    /// The aggregate calls of `agg` over `input`, grouped by `keys`. GroupValues needs a
+    /// key: a global aggregate groups by one constant.
+    fn aggregate_calls(
+        &self,
+        agg: &datafusion::logical_expr::Aggregate,
+        input: &Stream,
+        keys: Vec<Arc<dyn PhysicalExpr>>,
+        key_fields: Vec<datafusion::arrow::datatypes::Field>,
+    ) -> Result<AggregateCalls> {
+        let input_arrow = input.schema.as_arrow();
+        let mut aggregates = Vec::new();
+        let mut filters = Vec::new();
+        for e in &agg.aggr_expr {
+            #[allow(deprecated)]
+            let (aggregate, filter, _order) = create_aggregate_expr_and_maybe_filter(
+                e,
+                &input.schema,
+                input_arrow,
+                self.state.execution_props(),
+            )?;
+            aggregates.push(aggregate);
+            filters.push(filter);
+        }
+        let (keys, key_fields) = if keys.is_empty() {
+            let unit: Arc<dyn PhysicalExpr> = Arc::new(
+                datafusion::physical_expr::expressions::Literal::new(true.into()),
+            );
+            let field = datafusion::arrow::datatypes::Field::new(
+                "unit",
+                datafusion::arrow::datatypes::DataType::Boolean,
+                false,
+            );
+            (vec![unit], vec![field])
+        } else {
+            (keys, key_fields)
+        };
+        Ok(AggregateCalls {
+            keys,
+            key_schema: Arc::new(Schema::new(key_fields)),
+            aggregates,
+            filters,
+        })
+    }
+
+    /// An unbounded GROUP BY: one row per key, corrected as rows arrive.
+    fn group_aggregate(
+        &mut self,
+        agg: &datafusion::logical_expr::Aggregate,
+        input: Stream,
+    ) -> Result<Stream> {
+        if agg
+            .group_expr
+            .iter()
+            .any(|e| matches!(e, Expr::GroupingSet(_)))
+        {
+            return Err(refuse(
+                "GROUPING SETS, CUBE and ROLLUP run per window in continuous queries: group by \
+                 window_start, window_end of a window table function as well",
+            ));
+        }
+        let keys = agg
+            .group_expr
+            .iter()
+            .map(|e| self.physical(e, &input.schema))
+            .collect::<Result<Vec<_>>>()?;
+        let key_fields = (0..keys.len())
+            .map(|i| agg.schema.field(i).as_ref().clone())
+            .collect();
+        let keyed = !keys.is_empty();
+        let calls = Arc::new(self.aggregate_calls(agg, &input, keys.clone(), key_fields)?);
+        let retracting = input.changelog != ChangelogMode::InsertOnly;
+        let (exchange, parallelism) = self.keyed(keys);
+        let schema = agg.schema.clone();
+        let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
+        let input_arrow: SchemaRef = Arc::new(input.schema.as_arrow().clone());
+        let ttl = self.state_ttl;
+        let described = describe_aggregate(agg);
+        let mut out = self.operator(
+            &input,
+            exchange,
+            parallelism,
+            (
+                "GroupAggregate",
+                described.clone(),
+                if retracting {
+                    "per key: its result and the multiset of its aggregates' argument rows"
+                } else {
+                    "per key: its result and partial aggregates"
+                },
+            ),
+            schema,
+            Arc::new(move |_| {
+                Ok(Box::new(GroupAggregate::try_new(
+                    calls.clone(),
+                    input_arrow.clone(),
+                    arrow.clone(),
+                    keyed,
+                    retracting,
+                    ttl,
+                )?) as _)
+            }),
+        );
+        // DISTINCT over inserts only ever adds rows; everything else corrects its rows.
+        if !agg.aggr_expr.is_empty() || retracting || self.state_ttl.is_some() {
+            self.set_updating(&mut out, format!("GroupAggregate ({described})"));
+        }
+        if keyed || retracting {
+            self.unbounded_state(&format!("GroupAggregate ({described})"));
+        }
+        Ok(out)
     }
 
     /// A window aggregate's output: corrected by retractions under allow-lateness, and
@@ -1131,6 +1462,63 @@ fn output_windows(output: &[OutputColumn]) -> Option<WindowColumns> {
         time: find(OutputColumn::WindowTime),
         sliced: false,
     })
+}
+
+/// Whether every window function of `w` is partitioned by the input's window bounds.
+fn partitioned_by_window(w: &datafusion::logical_expr::Window, input: &Stream) -> bool {
+    input.windows.is_some_and(|cols| {
+        w.window_expr.iter().all(|e| {
+            let Expr::WindowFunction(f) = strip_alias(e) else {
+                return false;
+            };
+            let parts: Vec<Option<usize>> = f
+                .params
+                .partition_by
+                .iter()
+                .map(|p| passthrough(p, &input.schema))
+                .collect();
+            parts.contains(&Some(cols.start)) && parts.contains(&Some(cols.end))
+        })
+    })
+}
+
+/// N of a conjunct `rank <= N` (also `rank < N + 1`, `rank = 1`, `N >= rank`) on the
+/// column at index `rank` of `schema`.
+fn rank_bound(conjunct: &Expr, schema: &DFSchema, rank: usize) -> Option<usize> {
+    use datafusion::logical_expr::{BinaryExpr, Operator as BinOp};
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = conjunct else {
+        return None;
+    };
+    let (column, op, value) = match (left.as_ref(), right.as_ref()) {
+        (Expr::Column(c), Expr::Literal(v, _)) => (c, *op, v),
+        (Expr::Literal(v, _), Expr::Column(c)) => (c, op.swap()?, v),
+        _ => return None,
+    };
+    if schema.index_of_column(column).ok()? != rank {
+        return None;
+    }
+    let n = match value
+        .cast_to(&datafusion::arrow::datatypes::DataType::Int64)
+        .ok()?
+    {
+        datafusion::common::ScalarValue::Int64(Some(n)) => n,
+        _ => return None,
+    };
+    let limit = match op {
+        BinOp::LtEq => n,
+        BinOp::Lt => n - 1,
+        BinOp::Eq if n == 1 => 1,
+        _ => return None,
+    };
+    usize::try_from(limit).ok().filter(|&l| l > 0)
+}
+
+fn list(exprs: &[Expr]) -> String {
+    exprs
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// "group by ...; aggregates" for EXPLAIN.

@@ -309,7 +309,20 @@ where
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
+    let outcome = match outcome {
+        Outcome::Noticed(notices, outcome) => {
+            for notice in notices {
+                let info = ErrorInfo::new("NOTICE".into(), "01000".into(), notice);
+                client
+                    .send(PgWireBackendMessage::NoticeResponse(info.into()))
+                    .await?;
+            }
+            *outcome
+        }
+        outcome => outcome,
+    };
     Ok(match outcome {
+        Outcome::Noticed(..) => unreachable!("notices are sent above"),
         Outcome::Rows(df, names) => {
             let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
             Response::Query(run_to_completion(df, &names, format, options).await?)

@@ -19,6 +19,7 @@ use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use weir_catalog::{Catalog, SledStore, StateStore};
 
 use super::column_names;
+use super::dml;
 use super::error::{SqlError, SqlResult};
 use super::information_schema::{InformationSchema, WeirCatalog};
 use super::insert;
@@ -45,6 +46,18 @@ pub enum Outcome {
     End(CommandTag),
     /// `DEALLOCATE name` frees a statement prepared through the protocol; `None` is ALL.
     Deallocate(Option<String>),
+    /// Warnings sent as NOTICEs before the outcome (e.g. state that grows without bound).
+    Noticed(Vec<String>, Box<Outcome>),
+}
+
+impl Outcome {
+    pub fn noticed(notices: Vec<String>, outcome: Outcome) -> Outcome {
+        if notices.is_empty() {
+            outcome
+        } else {
+            Outcome::Noticed(notices, Box::new(outcome))
+        }
+    }
 }
 
 /// The server's one query engine: the catalog and the DataFusion context over it.
@@ -123,10 +136,16 @@ impl Engine {
         tracing::debug!("planning: {stmt}");
         let state = self.session_state(metadata);
         match &mut stmt {
+            ast::Statement::Explain { statement, .. } if explained_view(statement).is_some() => {
+                return Ok(None)
+            }
             ast::Statement::Query(_) | ast::Statement::Explain { .. } => {}
             ast::Statement::Insert(insert) => {
                 let def = insert::prepare(&self.catalog, insert)?;
                 insert::check_source_types(&state, insert, &def).await?;
+            }
+            ast::Statement::Update(_) | ast::Statement::Delete(_) => {
+                dml::check(&self.catalog, &stmt)?;
             }
             _ => return Ok(None),
         }
@@ -157,6 +176,12 @@ impl Engine {
             Statement::Describe(_) => Some(show::describe_schema()),
             Statement::ShowVariable(name) => Some(show::show_variable_schema(name)?),
             Statement::ShowJobs => Some(self.show_jobs_schema()),
+            Statement::Sql(stmt)
+                if matches!(&**stmt, ast::Statement::Explain { statement, .. }
+                    if explained_view(statement).is_some()) =>
+            {
+                Some(streaming::explain_schema())
+            }
             Statement::Sql(stmt) => match plan {
                 Some(plan @ LogicalPlan::Dml(_)) if streaming::is_job(plan) => {
                     Some(streaming::job_id_schema())
@@ -278,10 +303,25 @@ impl Engine {
                 cascade,
                 ..
             } => return self.drop(*object_type, *if_exists, names, *cascade).await,
-            ast::Statement::Update(_) | ast::Statement::Delete(_) | ast::Statement::Truncate(_) => {
+            ast::Statement::Explain { statement, .. } if explained_view(statement).is_some() => {
+                let query = explained_view(statement).expect("checked").to_string();
+                return self.explain_view(metadata, &query).await;
+            }
+            ast::Statement::Truncate(_) => {
                 return Err(SqlError::not_supported(
-                    "UPDATE, DELETE and TRUNCATE are not supported: tables in Weir's log are \
-                     append-only; use INSERT INTO, or DROP TABLE and create it again",
+                    "TRUNCATE is not supported: tables in Weir's log are append-only logs, or \
+                     changelogs when they have a primary key",
+                )
+                .with_hint("DELETE FROM removes the rows of a table with a primary key; DROP TABLE and create it again empties any table"))
+            }
+            ast::Statement::Explain { statement, .. }
+                if matches!(
+                    statement.as_ref(),
+                    ast::Statement::Update(_) | ast::Statement::Delete(_)
+                ) =>
+            {
+                return Err(SqlError::not_supported(
+                    "EXPLAIN of UPDATE or DELETE is not supported",
                 ))
             }
             _ => {}
@@ -299,6 +339,12 @@ impl Engine {
             Some(params) => plan.with_param_values(params)?,
             None => plan,
         };
+        if let LogicalPlan::Dml(update_or_delete) = &plan {
+            if dml::is_update_or_delete(&plan) {
+                let tag = dml::execute(&self.session_state(metadata), update_or_delete).await?;
+                return Ok(Outcome::Command(tag));
+            }
+        }
         if streaming::is_job(&plan) {
             return self.insert_job(metadata, stmt.to_string(), &plan).await;
         }
@@ -369,4 +415,12 @@ fn statement_kind(stmt: &ast::Statement) -> String {
         .take(2)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The query of `EXPLAIN CREATE MATERIALIZED VIEW v AS query`.
+fn explained_view(statement: &ast::Statement) -> Option<&ast::Query> {
+    match statement {
+        ast::Statement::CreateView(view) if view.materialized => Some(&view.query),
+        _ => None,
+    }
 }

@@ -161,6 +161,7 @@ impl From<CatalogError> for SqlError {
             CatalogError::NotFound { .. } => sqlstate::UNDEFINED_TABLE,
             CatalogError::HasDependents { .. } => sqlstate::DEPENDENT_OBJECTS_STILL_EXIST,
             CatalogError::Storage(_) => sqlstate::IO_ERROR,
+            CatalogError::Unsupported(_) => sqlstate::FEATURE_NOT_SUPPORTED,
             CatalogError::Corrupt { .. } | CatalogError::Arrow(_) => sqlstate::INTERNAL_ERROR,
         };
         Self::new(code, e.to_string())

@@ -1,5 +1,6 @@
 //! INSERT into a table of Weir's log: which columns a statement may name, and whether
-//! the values it gives fit the column types, checked before anything is written.
+//! the values it gives fit the column types, checked before anything is written. Into a
+//! table with a primary key, an INSERT upserts: a row whose key exists replaces it.
 
 use std::sync::Arc;
 
@@ -41,6 +42,9 @@ pub fn prepare(catalog: &Catalog, insert: &mut ast::Insert) -> SqlResult<Arc<Tab
                  cannot write yet; sinks are {}",
                 crate::connector::factory::SINKS.join(", ")
             )));
+        }
+        if connector == "filesystem" {
+            crate::connector::filesystem::check_sink_format(&def)?;
         }
     }
     if insert.overwrite {

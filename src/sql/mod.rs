@@ -3,6 +3,7 @@
 mod catalog_statements;
 pub mod column_names;
 pub(crate) mod ddl;
+mod dml;
 pub mod engine;
 pub mod error;
 pub mod expr;

@@ -209,6 +209,18 @@ impl Engine {
         self.explain_rows(&graph)
     }
 
+    /// EXPLAIN CREATE MATERIALIZED VIEW: the graph the view's job would run.
+    pub(super) async fn explain_view(
+        &self,
+        metadata: &HashMap<String, String>,
+        query: &str,
+    ) -> SqlResult<Outcome> {
+        let plan = self.plan_text(metadata, query).await?;
+        let state = MvState::new(Arc::new(plan.schema().as_arrow().clone()), true);
+        let graph = self.graph(metadata, &plan, Mode::Continuous, SinkKind::View(state))?;
+        self.explain_rows(&graph)
+    }
+
     fn explain_rows(&self, graph: &StreamGraph) -> SqlResult<Outcome> {
         let text = crate::plan::explain::render(graph);
         let schema = explain_schema();
@@ -223,7 +235,7 @@ impl Engine {
         metadata: &HashMap<String, String>,
         def: ViewDef,
     ) -> SqlResult<Outcome> {
-        self.start_view(metadata, &def).await?;
+        let notices = self.start_view(metadata, &def).await?;
         let name = def.name.clone();
         if let Err(e) = self.catalog_write(move |c| c.create_view(def, false)).await {
             if let Some(id) = self.jobs.job_of_view(&name) {
@@ -232,9 +244,10 @@ impl Engine {
             self.jobs.remove_view(&name);
             return Err(e);
         }
-        Ok(Outcome::Command(CommandTag::new(
-            "CREATE MATERIALIZED VIEW",
-        )))
+        Ok(Outcome::noticed(
+            notices,
+            Outcome::Command(CommandTag::new("CREATE MATERIALIZED VIEW")),
+        ))
     }
 
     async fn plan_text(
@@ -259,7 +272,12 @@ impl Engine {
     }
 
     /// Plans and starts the job maintaining a materialized view.
-    async fn start_view(&self, metadata: &HashMap<String, String>, def: &ViewDef) -> SqlResult<()> {
+    /// Starts a view's job; returns the plan's notices.
+    async fn start_view(
+        &self,
+        metadata: &HashMap<String, String>,
+        def: &ViewDef,
+    ) -> SqlResult<Vec<String>> {
         let plan = self.plan_text(metadata, &def.query).await?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
         let (probe, _) = tokio::sync::mpsc::channel(1);
@@ -275,6 +293,7 @@ impl Engine {
             Mode::Continuous,
             SinkKind::View(state.clone()),
         )?;
+        let notices = graph.notices.clone();
         let job = RunningJob::start(new_job_id(), graph, self.catalog.clone()).map_err(external)?;
         self.jobs.add_view(&def.name, state);
         self.jobs.add(JobEntry {
@@ -282,7 +301,7 @@ impl Engine {
             statement: format!("CREATE MATERIALIZED VIEW {} AS {}", def.name, def.query),
             kind: JobKind::View(def.name.clone()),
         });
-        Ok(())
+        Ok(notices)
     }
 
     pub(super) async fn drop_materialized_view(&self, name: &str) -> SqlResult<bool> {
@@ -302,9 +321,12 @@ impl Engine {
         statement: String,
         plan: &LogicalPlan,
     ) -> SqlResult<Outcome> {
-        let id = self.start_insert_job(metadata, statement, plan).await?;
+        let (id, notices) = self.start_insert_job(metadata, statement, plan).await?;
         let ids: ArrayRef = Arc::new(StringArray::from(vec![id]));
-        self.rows(RecordBatch::try_new(job_id_schema(), vec![ids])?)
+        Ok(Outcome::noticed(
+            notices,
+            self.rows(RecordBatch::try_new(job_id_schema(), vec![ids])?)?,
+        ))
     }
 
     /// `CREATE TABLE t [WITH (...)] AS query`: the table takes the query's columns, then
@@ -391,9 +413,9 @@ impl Engine {
         metadata: &HashMap<String, String>,
         statement: String,
         plan: &LogicalPlan,
-    ) -> SqlResult<String> {
+    ) -> SqlResult<(String, Vec<String>)> {
         let id = new_job_id();
-        let (job, def) = self.start_insert(metadata, &id, &statement, plan)?;
+        let (job, def, notices) = self.start_insert(metadata, &id, &statement, plan)?;
         let depends_on = std::iter::once(def.name.clone())
             .chain(sources_of(plan))
             .collect();
@@ -413,7 +435,7 @@ impl Engine {
             self.catalog_write(move |c| c.create_job(job_def)).await?;
             forget_when_done(job, self.catalog.clone());
         }
-        Ok(id)
+        Ok((id, notices))
     }
 
     /// The graph of an INSERT job: its query into the target's physical columns.
@@ -464,8 +486,9 @@ impl Engine {
         id: &str,
         statement: &str,
         plan: &LogicalPlan,
-    ) -> SqlResult<(Arc<RunningJob>, Arc<TableDef>)> {
+    ) -> SqlResult<(Arc<RunningJob>, Arc<TableDef>, Vec<String>)> {
         let (graph, def) = self.insert_graph(metadata, plan)?;
+        let notices = graph.notices.clone();
         let job =
             RunningJob::start(id.to_string(), graph, self.catalog.clone()).map_err(external)?;
         self.jobs.add(JobEntry {
@@ -473,7 +496,7 @@ impl Engine {
             statement: statement.to_string(),
             kind: JobKind::Insert(def.name.clone()),
         });
-        Ok((job, def))
+        Ok((job, def, notices))
     }
 
     pub(super) fn show_jobs(&self) -> SqlResult<Outcome> {
@@ -600,7 +623,7 @@ impl Engine {
                 self.start_insert(&metadata, &job.id, &job.statement, &plan)
             };
             match started.await {
-                Ok((running, _)) => forget_when_done(running, self.catalog.clone()),
+                Ok((running, _, _)) => forget_when_done(running, self.catalog.clone()),
                 Err(e) => tracing::error!("job {} did not start: {}", job.id, e.message),
             }
         }

@@ -59,8 +59,8 @@ impl Sink {
         match (&self.kind, &mut self.writer) {
             (SinkKind::View(state), _) => state.publish(pending, watermark, ended)?,
             (SinkKind::Log(def), _) if !pending.is_empty() => {
-                let rows = pending.into_iter().map(|c| c.rows).collect();
-                crate::connector::log_table::append(self.catalog.table_log(), def, rows).await?
+                crate::connector::log_table::append_changes(self.catalog.table_log(), def, pending)
+                    .await?
             }
             (_, Some(writer)) => writer.flush().await?,
             _ => {}

@@ -20,8 +20,11 @@ use crate::connector::io::SplitReader;
 pub const BATCH_SIZE: usize = 8192;
 
 /// What a reader produced.
+// Rows are nearly every read; boxing them would allocate once per batch for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Read {
-    Rows(RecordBatch),
+    /// Physical rows, with their changes when the source is a changelog.
+    Rows(ChangeBatch),
     /// An upstream view published up to this watermark.
     Watermark(Millis),
     End,
@@ -80,7 +83,10 @@ impl Reader {
             }),
             Reader::Log(r) => r.next().await,
             Reader::View(r) => r.next().await,
-            Reader::Batches(q) => Ok(q.pop_front().map(Read::Rows).unwrap_or(Read::End)),
+            Reader::Batches(q) => Ok(q
+                .pop_front()
+                .map(|b| Read::Rows(ChangeBatch::new(b)))
+                .unwrap_or(Read::End)),
         }
     }
 
@@ -130,7 +136,11 @@ impl LogReader {
                 break;
             }
             self.next = entry.offset + 1;
-            out.push(Read::Rows(entry.batch));
+            out.push(Read::Rows(ChangeBatch {
+                rows: entry.batch,
+                watermarks: None,
+                ops: entry.ops,
+            }));
         }
         Ok(out)
     }
@@ -172,8 +182,12 @@ impl ViewReader {
     fn fill(&mut self) {
         let published = self.state.read_from(self.next);
         self.next = published.next;
-        self.queue
-            .extend(published.batches.into_iter().map(Read::Rows));
+        self.queue.extend(
+            published
+                .batches
+                .into_iter()
+                .map(|b| Read::Rows(ChangeBatch::new(b))),
+        );
         if published.watermark > self.watermark {
             self.watermark = published.watermark;
             self.queue.push_back(Read::Watermark(published.watermark));
@@ -273,8 +287,14 @@ impl SourceRows {
         matches!(self.time, TimeSource::Processing)
     }
 
-    /// The full rows of a physical batch, each with the watermark it meets.
-    pub fn prepare(&mut self, physical: RecordBatch) -> Result<ChangeBatch> {
+    /// The full rows of a physical batch, each with the watermark it meets and the
+    /// change it makes (inserts unless the source is a changelog).
+    pub fn prepare(&mut self, physical: ChangeBatch) -> Result<ChangeBatch> {
+        let ChangeBatch {
+            rows: physical,
+            ops,
+            ..
+        } = physical;
         let rows = if self.computed.is_empty() && physical.schema() == self.schema {
             physical
         } else {
@@ -286,6 +306,7 @@ impl SourceRows {
             super::batch_of(self.schema.clone(), columns, n)?
         };
         let mut batch = ChangeBatch::new(rows);
+        batch.ops = ops;
         match &self.time {
             TimeSource::Watermark { expr, .. } => {
                 let mut current = self.watermark;

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 
 use tokio_postgres::{Client, NoTls};
@@ -79,4 +81,32 @@ pub async fn try_rows(
             _ => None,
         })
         .collect())
+}
+
+/// Rows as sorted " | "-joined lines, to compare results as multisets.
+pub fn render(rows: Vec<Vec<String>>) -> Vec<String> {
+    let mut out: Vec<String> = rows.into_iter().map(|r| r.join(" | ")).collect();
+    out.sort();
+    out
+}
+
+/// What differs between two sorted multisets, for the failure message.
+pub fn diff(expected: &[String], actual: &[String]) -> String {
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for r in expected {
+        *counts.entry(r).or_default() += 1;
+    }
+    for r in actual {
+        *counts.entry(r).or_default() -= 1;
+    }
+    let mut out = format!("expected {} rows, got {}\n", expected.len(), actual.len());
+    for (shown, (row, n)) in counts.into_iter().filter(|(_, n)| *n != 0).enumerate() {
+        if shown == 20 {
+            out.push_str("  ...\n");
+            break;
+        }
+        let side = if n > 0 { "missing" } else { "extra  " };
+        writeln!(out, "  {side} x{}: {row}", n.abs()).unwrap();
+    }
+    out
 }

@@ -26,8 +26,16 @@ pub struct AggregateCalls {
 
 impl AggregateCalls {
     pub fn new_state(&self) -> Result<Grouped> {
-        let accumulators = self
-            .aggregates
+        Ok(Grouped {
+            groups: new_group_values(self.key_schema.clone(), &GroupOrdering::None)?,
+            accumulators: self.new_accumulators()?,
+            indices: Vec::new(),
+        })
+    }
+
+    /// One fresh accumulator per aggregate call.
+    pub fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
+        self.aggregates
             .iter()
             .map(|agg| -> Result<Box<dyn GroupsAccumulator>> {
                 if agg.groups_accumulator_supported() {
@@ -39,12 +47,33 @@ impl AggregateCalls {
                     })))
                 }
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Grouped {
-            groups: new_group_values(self.key_schema.clone(), &GroupOrdering::None)?,
-            accumulators,
-            indices: Vec::new(),
-        })
+            .collect()
+    }
+
+    /// The argument columns of aggregate `i` over `batch`.
+    pub fn arguments(&self, i: usize, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        self.aggregates[i]
+            .expressions()
+            .iter()
+            .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
+            .collect()
+    }
+
+    /// Aggregate `i`'s FILTER (WHERE ...) over `batch`, nulls counting as false.
+    pub fn filter(&self, i: usize, batch: &RecordBatch) -> Result<Option<BooleanArray>> {
+        let Some(f) = &self.filters[i] else {
+            return Ok(None);
+        };
+        let mask = f.evaluate(batch)?.into_array(batch.num_rows())?;
+        let mask = mask
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .ok_or_else(|| DataFusionError::Plan("FILTER must be boolean".into()))?;
+        Ok(Some(if mask.null_count() > 0 {
+            prep_null_mask_filter(mask)
+        } else {
+            mask.clone()
+        }))
     }
 
     /// Key columns of `batch`.
@@ -133,27 +162,8 @@ impl Grouped {
         self.groups.intern(keys, &mut self.indices)?;
         let total = self.groups.len();
         for (i, acc) in self.accumulators.iter_mut().enumerate() {
-            let agg = &calls.aggregates[i];
-            let args = agg
-                .expressions()
-                .iter()
-                .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
-                .collect::<Result<Vec<_>>>()?;
-            let filter = match &calls.filters[i] {
-                Some(f) => {
-                    let mask = f.evaluate(batch)?.into_array(batch.num_rows())?;
-                    let mask = mask
-                        .as_any()
-                        .downcast_ref::<BooleanArray>()
-                        .ok_or_else(|| DataFusionError::Plan("FILTER must be boolean".into()))?;
-                    Some(if mask.null_count() > 0 {
-                        prep_null_mask_filter(mask)
-                    } else {
-                        mask.clone()
-                    })
-                }
-                None => None,
-            };
+            let args = calls.arguments(i, batch)?;
+            let filter = calls.filter(i, batch)?;
             acc.update_batch(&args, &self.indices, filter.as_ref(), total)?;
         }
         Ok(())

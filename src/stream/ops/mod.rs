@@ -1,9 +1,11 @@
 //! Operators, one file each.
 
 pub mod fragment;
+pub mod group_agg;
 pub mod grouped;
 pub mod join;
 pub mod session_agg;
 pub mod stateless;
+pub mod topn;
 pub mod window_agg;
 pub mod window_assign;

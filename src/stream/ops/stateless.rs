@@ -72,3 +72,26 @@ impl Operator for Filter {
         Ok(())
     }
 }
+
+/// UNION ALL: rows of every input, as they come (inputs have the union's schema).
+pub struct Union {
+    pub schema: SchemaRef,
+}
+
+impl Operator for Union {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        // Inputs may name their columns differently; the union's names win.
+        let rows = RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            batch.rows.columns().to_vec(),
+            &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+        )?;
+        out.push(ChangeBatch { rows, ..batch });
+        Ok(())
+    }
+}

@@ -1,0 +1,867 @@
+//! Unbounded GROUP BY: one result row per key, corrected with -U/+U as rows arrive.
+//!
+//! Changes are folded for a whole epoch and each changed key is emitted once at the
+//! barrier (Flink's mini-batch aggregation): old result -U, new result +U, a new key +I,
+//! a key whose rows were all retracted -D. A key whose result did not change emits
+//! nothing.
+//!
+//! Two ways to hold a key's aggregate, chosen by the input's changelog:
+//! - insert-only input: DataFusion GroupsAccumulators fold rows in as they come; at the
+//!   barrier the changed keys' partial states are merged into fresh accumulators and
+//!   evaluated, so every aggregate DataFusion has works, with no retraction support.
+//! - retracting input: each key keeps the multiset of its aggregates' argument rows; a
+//!   changed key is recomputed from it. Correct for every aggregate (min, max, count
+//!   DISTINCT, string_agg ...), at a cost that grows with the key's distinct rows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{
+    new_empty_array, Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, Int8Array,
+    RecordBatch, UInt32Array,
+};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+
+use super::grouped::AggregateCalls;
+use crate::stream::message::{ChangeBatch, Op};
+use crate::stream::operator::Operator;
+use crate::stream::snapshot;
+
+/// How a key's aggregate state is held (see the module comment).
+enum Values {
+    Accumulators(Vec<Box<dyn GroupsAccumulator>>),
+    Multisets {
+        /// Argument columns of every aggregate, then a boolean per FILTER.
+        converter: RowConverter,
+        /// Per group: argument row -> how many times it is present.
+        rows: Vec<HashMap<OwnedRow, i64>>,
+    },
+}
+
+pub struct GroupAggregate {
+    calls: Arc<AggregateCalls>,
+    /// Input schema, for empty argument columns of a global aggregate with no rows.
+    input: SchemaRef,
+    schema: SchemaRef,
+    /// Whether there are GROUP BY keys in the output (a global aggregate has none).
+    keyed: bool,
+    ttl: Option<Duration>,
+    groups: Box<dyn GroupValues>,
+    indices: Vec<usize>,
+    key_converter: RowConverter,
+    /// Key of each group, by group index.
+    keys: Rows,
+    values: Values,
+    /// Rows currently counted per group (retracting input), to know when a key is gone.
+    counts: Vec<i64>,
+    /// The aggregate values last emitted per group (row bytes of `value_converter`;
+    /// empty when there are no aggregates, as for DISTINCT).
+    emitted: Vec<Option<Box<[u8]>>>,
+    value_converter: RowConverter,
+    touched: Vec<Instant>,
+    changed: Vec<bool>,
+    changed_list: Vec<usize>,
+    /// A global aggregate emits its row for empty input once, at the first barrier.
+    started: bool,
+}
+
+impl GroupAggregate {
+    /// `retracting`: whether the input carries retractions (chooses how values are held).
+    pub fn try_new(
+        calls: Arc<AggregateCalls>,
+        input: SchemaRef,
+        schema: SchemaRef,
+        keyed: bool,
+        retracting: bool,
+        ttl: Option<Duration>,
+    ) -> Result<Self> {
+        let key_converter = RowConverter::new(
+            calls
+                .key_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let values = if retracting {
+            let mut fields = Vec::new();
+            for (i, agg) in calls.aggregates.iter().enumerate() {
+                for e in agg.expressions() {
+                    fields.push(SortField::new(e.data_type(&input)?));
+                }
+                if calls.filters[i].is_some() {
+                    fields.push(SortField::new(DataType::Boolean));
+                }
+            }
+            Values::Multisets {
+                converter: RowConverter::new(fields)?,
+                rows: Vec::new(),
+            }
+        } else {
+            Values::Accumulators(calls.new_accumulators()?)
+        };
+        let n_keys = calls.key_schema.fields().len();
+        let output_keys = if keyed { n_keys } else { 0 };
+        let value_converter = RowConverter::new(
+            schema.fields()[output_keys..]
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            groups: new_group_values(calls.key_schema.clone(), &GroupOrdering::None)?,
+            keys: key_converter.empty_rows(0, 0),
+            key_converter,
+            calls,
+            input,
+            schema,
+            keyed,
+            ttl,
+            indices: Vec::new(),
+            values,
+            counts: Vec::new(),
+            emitted: Vec::new(),
+            value_converter,
+            touched: Vec::new(),
+            changed: Vec::new(),
+            changed_list: Vec::new(),
+            started: false,
+        })
+    }
+
+    fn mark(&mut self, group: usize, now: Instant) {
+        self.touched[group] = now;
+        if !self.changed[group] {
+            self.changed[group] = true;
+            self.changed_list.push(group);
+        }
+    }
+
+    /// Interns `keys` (key columns), registering new groups.
+    fn intern(&mut self, keys: &[ArrayRef]) -> Result<()> {
+        let before = self.groups.len();
+        self.groups.intern(keys, &mut self.indices)?;
+        let after = self.groups.len();
+        if after > before {
+            let rows = self.key_converter.convert_columns(keys)?;
+            let mut next = before;
+            for (i, &g) in self.indices.iter().enumerate() {
+                if g == next {
+                    self.keys.push(rows.row(i));
+                    next += 1;
+                }
+            }
+            self.counts.resize(after, 0);
+            self.emitted.resize(after, None);
+            self.touched.resize(after, Instant::now());
+            self.changed.resize(after, false);
+            if let Values::Multisets { rows, .. } = &mut self.values {
+                rows.resize_with(after, HashMap::new);
+            }
+        }
+        Ok(())
+    }
+
+    /// Argument columns of every aggregate (and FILTER masks) as one list.
+    fn argument_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        let mut columns = Vec::new();
+        for i in 0..self.calls.aggregates.len() {
+            columns.extend(self.calls.arguments(i, batch)?);
+            if let Some(mask) = self.calls.filter(i, batch)? {
+                columns.push(Arc::new(mask));
+            }
+        }
+        Ok(columns)
+    }
+
+    /// Current aggregate values of `groups`, one row each, evaluated without disturbing
+    /// the state.
+    fn evaluate(&mut self, groups: &[usize]) -> Result<Vec<ArrayRef>> {
+        let k = groups.len();
+        let mut fresh = self.calls.new_accumulators()?;
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                // GroupsAccumulators only evaluate destructively: take every group's
+                // partial state, put it back, and merge the changed ones into fresh ones.
+                let n = self.groups.len();
+                let all: Vec<usize> = (0..n).collect();
+                let changed = UInt32Array::from_iter_values(groups.iter().map(|&g| g as u32));
+                let local: Vec<usize> = (0..k).collect();
+                for (acc, new) in accumulators.iter_mut().zip(fresh.iter_mut()) {
+                    let state = acc.state(EmitTo::All)?;
+                    acc.merge_batch(&state, &all, n)?;
+                    let picked = state
+                        .iter()
+                        .map(|c| take(c.as_ref(), &changed, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    new.merge_batch(&picked, &local, k)?;
+                }
+            }
+            Values::Multisets { converter, rows } => {
+                let mut local = Vec::new();
+                let mut picked = converter.empty_rows(0, 0);
+                for (l, &g) in groups.iter().enumerate() {
+                    for (row, &count) in &rows[g] {
+                        for _ in 0..count.max(0) {
+                            picked.push(row.row());
+                            local.push(l);
+                        }
+                    }
+                }
+                let columns = converter.convert_rows(picked.iter())?;
+                let mut at = 0;
+                for (i, acc) in fresh.iter_mut().enumerate() {
+                    let n = self.calls.aggregates[i].expressions().len();
+                    let args = &columns[at..at + n];
+                    at += n;
+                    let filter = if self.calls.filters[i].is_some() {
+                        at += 1;
+                        Some(
+                            columns[at - 1]
+                                .as_any()
+                                .downcast_ref::<BooleanArray>()
+                                .expect("filter columns are boolean")
+                                .clone(),
+                        )
+                    } else {
+                        None
+                    };
+                    acc.update_batch(args, &local, filter.as_ref(), k)?;
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(vec![]);
+        }
+        // Groups without rows still get a value (count 0, sum NULL).
+        size_groups(&self.calls, &self.input, &mut fresh, k)?;
+        fresh.iter_mut().map(|a| a.evaluate(EmitTo::All)).collect()
+    }
+
+    /// Emits the changed groups' new results against what was emitted before.
+    fn emit(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if !self.keyed && !self.started {
+            self.started = true;
+            if self.groups.is_empty() {
+                // A global aggregate's single group, holding no rows yet.
+                let unit: Vec<ArrayRef> = vec![Arc::new(BooleanArray::from(vec![true]))];
+                self.intern(&unit)?;
+                if let Values::Accumulators(accumulators) = &mut self.values {
+                    size_groups(&self.calls, &self.input, accumulators, 1)?;
+                }
+                self.mark(0, Instant::now());
+            }
+        }
+        self.expire()?;
+        if self.changed_list.is_empty() {
+            return Ok(());
+        }
+        let mut changed = std::mem::take(&mut self.changed_list);
+        changed.sort_unstable();
+        for &g in &changed {
+            self.changed[g] = false;
+        }
+        let retracting = matches!(self.values, Values::Multisets { .. });
+        // Keys whose rows were all retracted leave (a global aggregate keeps its row).
+        let (live, gone): (Vec<usize>, Vec<usize>) = changed
+            .iter()
+            .partition(|&&g| !retracting || self.counts[g] > 0 || !self.keyed);
+        let values = self.evaluate(&live)?;
+        let new_rows = if values.is_empty() {
+            None
+        } else {
+            Some(self.value_converter.convert_columns(&values)?)
+        };
+        let new_bytes = |l: usize| -> Box<[u8]> {
+            new_rows
+                .as_ref()
+                .map_or_else(|| Box::from([]), |r| Box::from(r.row(l).as_ref()))
+        };
+        let mut old: Vec<(usize, Op)> = Vec::new();
+        let mut new: Vec<(usize, Op)> = Vec::new();
+        for (l, &g) in live.iter().enumerate() {
+            match &self.emitted[g] {
+                Some(prev) if **prev == *new_bytes(l) => {}
+                Some(_) => {
+                    old.push((g, Op::UpdateBefore));
+                    new.push((l, Op::UpdateAfter));
+                }
+                None => new.push((l, Op::Insert)),
+            }
+        }
+        for &g in &gone {
+            if self.emitted[g].is_some() {
+                old.push((g, Op::Delete));
+            }
+        }
+        let mut batches = Vec::new();
+        if !old.is_empty() {
+            let keys = self
+                .key_converter
+                .convert_rows(old.iter().map(|(g, _)| self.keys.row(*g)))?;
+            let values = if values.is_empty() {
+                vec![]
+            } else {
+                let parser = self.value_converter.parser();
+                self.value_converter
+                    .convert_rows(old.iter().map(|(g, _)| {
+                        parser.parse(self.emitted[*g].as_deref().expect("emitted"))
+                    }))?
+            };
+            batches.push((self.output(keys, values, old.len())?, ops(&old)));
+        }
+        if !new.is_empty() {
+            let keys = self
+                .key_converter
+                .convert_rows(new.iter().map(|(l, _)| self.keys.row(live[*l])))?;
+            let picked = UInt32Array::from_iter_values(new.iter().map(|(l, _)| *l as u32));
+            let values = values
+                .iter()
+                .map(|c| take(c.as_ref(), &picked, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            batches.push((self.output(keys, values, new.len())?, ops(&new)));
+        }
+        for (l, &g) in live.iter().enumerate() {
+            self.emitted[g] = Some(new_bytes(l));
+        }
+        for &g in &gone {
+            self.emitted[g] = None;
+        }
+        for (rows, ops) in batches {
+            out.push(ChangeBatch {
+                rows,
+                watermarks: None,
+                ops: Some(ops),
+            });
+        }
+        if !gone.is_empty() {
+            let gone_set: std::collections::HashSet<usize> = gone.into_iter().collect();
+            let keep: Vec<usize> = (0..self.groups.len())
+                .filter(|g| !gone_set.contains(g))
+                .collect();
+            self.compact(&keep)?;
+        }
+        Ok(())
+    }
+
+    fn output(
+        &self,
+        keys: Vec<ArrayRef>,
+        values: Vec<ArrayRef>,
+        rows: usize,
+    ) -> Result<RecordBatch> {
+        let mut columns = if self.keyed { keys } else { vec![] };
+        columns.extend(values);
+        crate::stream::batch_of(self.schema.clone(), columns, rows)
+    }
+
+    /// Forgets groups untouched for longer than the TTL, silently (Flink's state TTL).
+    fn expire(&mut self) -> Result<()> {
+        // A global aggregate has a single key: nothing to bound.
+        let Some(ttl) = self.ttl.filter(|_| self.keyed) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let keep: Vec<usize> = (0..self.groups.len())
+            .filter(|&g| self.changed[g] || now.duration_since(self.touched[g]) < ttl)
+            .collect();
+        if keep.len() < self.groups.len() {
+            self.compact(&keep)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps only the groups `keep` (ascending), renumbering them 0.. in that order.
+    fn compact(&mut self, keep: &[usize]) -> Result<()> {
+        let picked = UInt32Array::from_iter_values(keep.iter().map(|&g| g as u32));
+        let k = keep.len();
+        let local: Vec<usize> = (0..k).collect();
+        let key_columns = self.groups.emit(EmitTo::All)?;
+        let key_columns = key_columns
+            .iter()
+            .map(|c| take(c.as_ref(), &picked, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        self.groups = new_group_values(self.calls.key_schema.clone(), &GroupOrdering::None)?;
+        self.groups.intern(&key_columns, &mut self.indices)?;
+        debug_assert_eq!(self.indices, local);
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                for acc in accumulators.iter_mut() {
+                    let state = acc.state(EmitTo::All)?;
+                    let state = state
+                        .iter()
+                        .map(|c| take(c.as_ref(), &picked, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    acc.merge_batch(&state, &local, k)?;
+                }
+            }
+            Values::Multisets { rows, .. } => {
+                let mut old = std::mem::take(rows);
+                *rows = keep.iter().map(|&g| std::mem::take(&mut old[g])).collect();
+            }
+        }
+        let mut keys = self.key_converter.empty_rows(k, 0);
+        for &g in keep {
+            keys.push(self.keys.row(g));
+        }
+        self.keys = keys;
+        self.counts = keep.iter().map(|&g| self.counts[g]).collect();
+        self.emitted = keep.iter().map(|&g| self.emitted[g].take()).collect();
+        self.touched = keep.iter().map(|&g| self.touched[g]).collect();
+        let changed: Vec<bool> = keep.iter().map(|&g| self.changed[g]).collect();
+        self.changed = changed;
+        self.changed_list = (0..k).filter(|&g| self.changed[g]).collect();
+        Ok(())
+    }
+}
+
+/// Sizes `accumulators` for `groups` groups, those without rows included. The FILTER
+/// mask, empty as the rows, matters: without one DataFusion's accumulators assume every
+/// group they are sized for has seen a value.
+fn size_groups(
+    calls: &AggregateCalls,
+    input: &SchemaRef,
+    accumulators: &mut [Box<dyn GroupsAccumulator>],
+    groups: usize,
+) -> Result<()> {
+    for (i, acc) in accumulators.iter_mut().enumerate() {
+        let empty = calls.aggregates[i]
+            .expressions()
+            .iter()
+            .map(|e| Ok(new_empty_array(&e.data_type(input)?)))
+            .collect::<Result<Vec<_>>>()?;
+        acc.update_batch(
+            &empty,
+            &[],
+            Some(&BooleanArray::from(Vec::<bool>::new())),
+            groups,
+        )?;
+    }
+    Ok(())
+}
+
+fn downcast<T: 'static>(column: &ArrayRef) -> Result<&T> {
+    column
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| DataFusionError::Internal("a state column of another type".into()))
+}
+
+fn ops(rows: &[(usize, Op)]) -> Int8Array {
+    Int8Array::from_iter_values(rows.iter().map(|(_, op)| *op as i8))
+}
+
+impl Operator for GroupAggregate {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let keys = self.calls.key_columns(&batch.rows)?;
+        self.intern(&keys)?;
+        let now = Instant::now();
+        let total = self.groups.len();
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                for (i, acc) in accumulators.iter_mut().enumerate() {
+                    let args = self.calls.arguments(i, &batch.rows)?;
+                    let filter = self.calls.filter(i, &batch.rows)?;
+                    acc.update_batch(&args, &self.indices, filter.as_ref(), total)?;
+                }
+                for i in 0..self.indices.len() {
+                    let g = self.indices[i];
+                    self.counts[g] += 1;
+                    self.mark(g, now);
+                }
+            }
+            Values::Multisets { .. } => {
+                let columns = self.argument_columns(&batch.rows)?;
+                let Values::Multisets { converter, rows } = &mut self.values else {
+                    unreachable!()
+                };
+                let encoded = if columns.is_empty() {
+                    None
+                } else {
+                    Some(converter.convert_columns(&columns)?)
+                };
+                for i in 0..batch.num_rows() {
+                    let g = self.indices[i];
+                    let sign = if batch.retracts(i) { -1 } else { 1 };
+                    if let Some(encoded) = &encoded {
+                        let row = encoded.row(i).owned();
+                        let set = &mut rows[g];
+                        let count = set.entry(row.clone()).or_insert(0);
+                        *count += sign;
+                        if *count == 0 {
+                            set.remove(&row);
+                        }
+                    }
+                }
+                for i in 0..batch.num_rows() {
+                    let g = self.indices[i];
+                    self.counts[g] += if batch.retracts(i) { -1 } else { 1 };
+                    self.mark(g, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_barrier(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.emit(out)
+    }
+
+    fn on_end(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.emit(out)
+    }
+
+    /// One `groups` batch (key, emitted result, row count, changed flag and, over
+    /// inserts, the accumulators' partial states) and, over retractions, an `arguments`
+    /// batch with every group's argument rows and their counts.
+    fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let n = self.groups.len();
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(BinaryArray::from_iter_values(
+                (0..n).map(|g| self.keys.row(g).as_ref().to_vec()),
+            )),
+            Arc::new(BinaryArray::from_iter(
+                self.emitted.iter().map(|e| e.as_deref()),
+            )),
+            Arc::new(Int64Array::from(self.counts.clone())),
+            Arc::new(BooleanArray::from(self.changed.clone())),
+        ];
+        let mut arguments = None;
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                let all: Vec<usize> = (0..n).collect();
+                for acc in accumulators.iter_mut() {
+                    let state = acc.state(EmitTo::All)?;
+                    acc.merge_batch(&state, &all, n)?;
+                    columns.extend(state);
+                }
+            }
+            Values::Multisets { rows, .. } => {
+                let entries = rows
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(g, set)| set.iter().map(move |(r, c)| (g as u32, r, *c)));
+                let (mut groups, mut bytes, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+                for (g, row, count) in entries {
+                    groups.push(g);
+                    bytes.push(row.as_ref().to_vec());
+                    counts.push(count);
+                }
+                arguments = Some(snapshot::batch(
+                    "arguments",
+                    &[],
+                    vec![
+                        Arc::new(UInt32Array::from(groups)),
+                        Arc::new(BinaryArray::from_iter_values(bytes)),
+                        Arc::new(Int64Array::from(counts)),
+                    ],
+                )?);
+            }
+        }
+        let mut out = vec![snapshot::batch("groups", &[self.started as i64], columns)?];
+        out.extend(arguments);
+        Ok(out)
+    }
+
+    fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        for batch in state {
+            let (kind, _, _) = snapshot::parts(&batch, 0)?;
+            if kind == "arguments" {
+                let (_, _, columns) = snapshot::parts(&batch, 0)?;
+                let groups = downcast::<UInt32Array>(&columns[0])?;
+                let bytes = downcast::<BinaryArray>(&columns[1])?;
+                let counts = downcast::<Int64Array>(&columns[2])?;
+                let Values::Multisets { converter, rows } = &mut self.values else {
+                    return Err(DataFusionError::Internal(
+                        "argument rows for an aggregate over inserts".into(),
+                    ));
+                };
+                let parser = converter.parser();
+                for i in 0..batch.num_rows() {
+                    rows[groups.value(i) as usize]
+                        .insert(parser.parse(bytes.value(i)).owned(), counts.value(i));
+                }
+                continue;
+            }
+            let (_, head, columns) = snapshot::parts(&batch, 1)?;
+            self.started = head[0] != 0;
+            let n = batch.num_rows();
+            let keys = downcast::<BinaryArray>(&columns[0])?;
+            let parser = self.key_converter.parser();
+            let key_columns = self
+                .key_converter
+                .convert_rows((0..n).map(|i| parser.parse(keys.value(i))))?;
+            self.intern(&key_columns)?;
+            let emitted = downcast::<BinaryArray>(&columns[1])?;
+            let counts = downcast::<Int64Array>(&columns[2])?;
+            let changed = downcast::<BooleanArray>(&columns[3])?;
+            for g in 0..n {
+                self.emitted[g] = (!emitted.is_null(g)).then(|| Box::from(emitted.value(g)));
+                self.counts[g] = counts.value(g);
+                if changed.value(g) {
+                    self.mark(g, Instant::now());
+                }
+            }
+            if let Values::Accumulators(accumulators) = &mut self.values {
+                let all: Vec<usize> = (0..n).collect();
+                let mut at = 4;
+                for (i, acc) in accumulators.iter_mut().enumerate() {
+                    let width = self.calls.aggregates[i].state_fields()?.len();
+                    acc.merge_batch(&columns[at..at + width], &all, n)?;
+                    at += width;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn state_size(&self) -> usize {
+        let values = match &self.values {
+            Values::Accumulators(accs) => accs.iter().map(|a| a.size()).sum::<usize>(),
+            Values::Multisets { rows, .. } => rows
+                .iter()
+                .map(|set| set.keys().map(|r| r.as_ref().len() + 48).sum::<usize>())
+                .sum(),
+        };
+        self.groups.size()
+            + self.keys.size()
+            + values
+            + self
+                .emitted
+                .iter()
+                .map(|r| r.as_ref().map_or(8, |r| r.len() + 24))
+                .sum::<usize>()
+            + self.counts.len() * 24
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_expr::expressions::{col, Column};
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+    use crate::stream::message::Op;
+
+    /// `SELECT k, count(*), max(v) FROM t GROUP BY k` over (k, v) rows.
+    fn operator(retracting: bool, ttl: Option<Duration>) -> GroupAggregate {
+        let input: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let ctx = SessionContext::new();
+        let count = datafusion::functions_aggregate::count::count_udaf();
+        let max = datafusion::functions_aggregate::min_max::max_udaf();
+        let build = |udf: Arc<datafusion::logical_expr::AggregateUDF>, name: &str| {
+            datafusion::physical_expr::aggregate::AggregateExprBuilder::new(
+                udf,
+                vec![col("v", &input).unwrap()],
+            )
+            .schema(input.clone())
+            .alias(name)
+            .build()
+            .map(Arc::new)
+            .unwrap()
+        };
+        let _ = ctx;
+        let calls = Arc::new(AggregateCalls {
+            keys: vec![Arc::new(Column::new("k", 0))],
+            key_schema: Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false)])),
+            aggregates: vec![build(count, "n"), build(max, "top")],
+            filters: vec![None, None],
+        });
+        let output: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+            Field::new("top", DataType::Int64, true),
+        ]));
+        GroupAggregate::try_new(calls, input, output, true, retracting, ttl).unwrap()
+    }
+
+    fn batch(rows: &[(&str, i64, Op)]) -> ChangeBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let data = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            ],
+        )
+        .unwrap();
+        ChangeBatch {
+            rows: data,
+            watermarks: None,
+            ops: Some(Int8Array::from_iter_values(rows.iter().map(|r| r.2 as i8))),
+        }
+    }
+
+    /// Emitted rows as "op k n top" lines.
+    fn lines(out: &[ChangeBatch]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for b in out {
+            let k = b
+                .rows
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            let n = b
+                .rows
+                .column(1)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            let top = b
+                .rows
+                .column(2)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            for i in 0..b.num_rows() {
+                let op = match b.ops.as_ref().map_or(0, |o| o.value(i)) {
+                    0 => "+I",
+                    1 => "-U",
+                    2 => "+U",
+                    _ => "-D",
+                };
+                let top = if top.is_null(i) {
+                    "NULL".to_string()
+                } else {
+                    top.value(i).to_string()
+                };
+                lines.push(format!("{op} {} {} {top}", k.value(i), n.value(i)));
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn retractions_correct_every_aggregate_and_delete_empty_keys() {
+        let mut op = operator(true, None);
+        let mut out = Vec::new();
+        op.process(
+            0,
+            batch(&[
+                ("a", 5, Op::Insert),
+                ("a", 9, Op::Insert),
+                ("b", 1, Op::Insert),
+            ]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I a 2 9", "+I b 1 1"]);
+        out.clear();
+        // max must fall back to 5 when 9 is retracted; b loses its only row.
+        op.process(
+            0,
+            batch(&[("a", 9, Op::Delete), ("b", 1, Op::UpdateBefore)]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["-U a 2 9", "-D b 1 1", "+U a 1 5"]);
+        out.clear();
+        // A key that changes and changes back within an epoch emits nothing.
+        op.process(
+            0,
+            batch(&[("a", 7, Op::Insert), ("a", 7, Op::Delete)]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert!(out.is_empty(), "{:?}", lines(&out));
+        // b comes back as a new key.
+        op.process(0, batch(&[("b", 4, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_end(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I b 1 4"]);
+    }
+
+    #[test]
+    fn inserts_fold_into_accumulators_and_ttl_forgets_idle_keys() {
+        let mut op = operator(false, Some(Duration::from_millis(50)));
+        let mut out = Vec::new();
+        op.process(
+            0,
+            batch(&[("a", 5, Op::Insert), ("b", 2, Op::Insert)]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I a 1 5", "+I b 1 2"]);
+        out.clear();
+        op.process(0, batch(&[("a", 8, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["-U a 1 5", "+U a 2 8"]);
+        out.clear();
+        let full = op.state_size();
+        std::thread::sleep(Duration::from_millis(80));
+        op.process(0, batch(&[("a", 1, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["-U a 2 8", "+U a 3 8"]);
+        out.clear();
+        assert!(op.state_size() < full, "{} !< {full}", op.state_size());
+        // b was forgotten: it starts over, silently for its old row (Flink's TTL).
+        op.process(0, batch(&[("b", 3, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I b 1 3"]);
+    }
+
+    #[test]
+    fn restored_state_gives_the_same_output() {
+        for retracting in [false, true] {
+            let mut original = operator(retracting, None);
+            let mut out = Vec::new();
+            let first = [
+                ("a", 5, Op::Insert),
+                ("b", 2, Op::Insert),
+                ("a", 7, Op::Insert),
+            ];
+            original.process(0, batch(&first), &mut out).unwrap();
+            original.on_barrier(&mut out).unwrap();
+            // Unemitted changes are part of the state too.
+            original
+                .process(0, batch(&[("c", 1, Op::Insert)]), &mut out)
+                .unwrap();
+            let state = original.snapshot().unwrap();
+            let mut restored = operator(retracting, None);
+            restored.restore(state).unwrap();
+            let next = if retracting {
+                vec![("a", 7, Op::Delete), ("b", 9, Op::Insert)]
+            } else {
+                vec![("a", 1, Op::Insert), ("b", 9, Op::Insert)]
+            };
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for (op, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
+                op.process(0, batch(&next), out).unwrap();
+                op.on_barrier(out).unwrap();
+            }
+            assert_eq!(lines(&a), lines(&b), "retracting: {retracting}");
+            assert!(!a.is_empty());
+        }
+    }
+}

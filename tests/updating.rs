@@ -1,0 +1,148 @@
+//! Updating queries as a client sees them beyond what sqllogictest can check: NOTICEs
+//! about unbounded state at CREATE time, and state kept bounded by 'table.exec.state.ttl'.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{rows, TestServer};
+use futures::StreamExt;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_state_gets_a_notice_at_create_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let (client, mut connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=weir dbname=weir", server.port),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notice(notice) = message {
+                let _ = tx.send((
+                    notice.code().code().to_string(),
+                    notice.message().to_string(),
+                ));
+            }
+        }
+    });
+    client
+        .batch_execute(
+            "CREATE TABLE clicks (user_id INT, page STRING);
+             CREATE MATERIALIZED VIEW per_user AS SELECT user_id, count(*) AS n FROM clicks GROUP BY user_id",
+        )
+        .await
+        .unwrap();
+    let (code, message) = notices.recv().await.expect("a notice");
+    assert_eq!(code, "01000");
+    assert!(
+        message.starts_with(
+            "GroupAggregate (group by clicks.user_id; count(Int64(1))) keeps state for every key"
+        ),
+        "{message}"
+    );
+    assert!(message.contains("SET 'table.exec.state.ttl'"), "{message}");
+
+    // A TTL bounds the state: no notice. A global aggregate has one key: no notice.
+    client
+        .batch_execute(
+            "SET 'table.exec.state.ttl' = '1 h';
+             CREATE MATERIALIZED VIEW per_page AS SELECT page, count(*) AS n FROM clicks GROUP BY page;
+             RESET 'table.exec.state.ttl';
+             CREATE MATERIALIZED VIEW total AS SELECT count(*) AS n FROM clicks",
+        )
+        .await
+        .unwrap();
+    assert!(notices.try_recv().is_err());
+    server.stop().await;
+}
+
+/// The state of the job whose statement starts with `prefix`, from SHOW JOBS.
+async fn state_bytes(client: &tokio_postgres::Client, prefix: &str) -> i64 {
+    let jobs = rows(client, "SHOW JOBS").await;
+    let job = jobs
+        .iter()
+        .find(|j| j[1].starts_with(prefix))
+        .unwrap_or_else(|| panic!("no job {prefix}: {jobs:?}"));
+    job[7].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_ttl_bounds_state_while_new_keys_keep_arriving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "SET 'parallelism.default' = '1';
+             CREATE TABLE events (k BIGINT, v BIGINT);
+             CREATE TABLE counts_forever (k BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+             CREATE TABLE counts_expiring (k BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+             CREATE TABLE latest_expiring (k BIGINT, v BIGINT) WITH ('connector' = 'blackhole');
+             INSERT INTO counts_forever SELECT k, count(*) FROM events GROUP BY k;
+             SET 'table.exec.state.ttl' = '300 ms';
+             INSERT INTO counts_expiring SELECT k, count(*) FROM events GROUP BY k;
+             INSERT INTO latest_expiring SELECT k, v FROM (
+               SELECT k, v, ROW_NUMBER() OVER (PARTITION BY k ORDER BY v DESC) AS rn FROM events)
+             WHERE rn = 1;
+             CREATE MATERIALIZED VIEW expiring AS SELECT k, count(*) AS n FROM events GROUP BY k",
+        )
+        .await
+        .unwrap();
+    let per_round = 500;
+    let rounds = 8;
+    let mut expiring_sizes = Vec::new();
+    for round in 0..rounds {
+        let values: Vec<String> = (0..per_round)
+            .map(|i| format!("({}, {i})", round * per_round + i))
+            .collect();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO events VALUES {}; FLUSH",
+                values.join(", ")
+            ))
+            .await
+            .unwrap();
+        // Older keys pass their TTL; the next epoch forgets them.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        client.batch_execute("FLUSH").await.unwrap();
+        expiring_sizes.push(state_bytes(&client, "INSERT INTO counts_expiring").await);
+    }
+    let forever = state_bytes(&client, "INSERT INTO counts_forever").await;
+    let expiring = *expiring_sizes.last().unwrap();
+    let latest = state_bytes(&client, "INSERT INTO latest_expiring").await;
+    // Without a TTL every key stays; with one, only the keys of the last round or two.
+    assert!(
+        expiring * 4 < forever,
+        "with TTL {expiring_sizes:?}, without {forever}"
+    );
+    assert!(
+        latest * 4 < forever,
+        "TopN with TTL {latest}, without {forever}"
+    );
+    assert!(
+        expiring_sizes.iter().all(|&s| s * 4 < forever),
+        "state grows under TTL: {expiring_sizes:?}, without TTL {forever}"
+    );
+    // The views keep what was emitted: expiring state is forgotten silently (Flink's TTL).
+    assert_eq!(
+        rows(&client, "SELECT count(*) FROM expiring").await,
+        vec![vec![(per_round * rounds).to_string()]]
+    );
+    // A key seen again after its state expired starts over.
+    client
+        .batch_execute("INSERT INTO events VALUES (0, 99); FLUSH")
+        .await
+        .unwrap();
+    let expiring_rows = rows(&client, "SELECT n FROM expiring WHERE k = 0 ORDER BY n").await;
+    assert_eq!(
+        expiring_rows,
+        vec![vec!["1".to_string()], vec!["1".to_string()]]
+    );
+    server.stop().await;
+}

@@ -186,7 +186,17 @@ impl Planner<'_> {
             updated_by: None,
         };
         if changelog == ChangelogMode::Retract {
-            self.set_updating(&mut out, operator);
+            // An inner or semi join only passes on its inputs' corrections: name their
+            // origin. Outer and anti joins correct rows of their own.
+            let passes_on = matches!(
+                kind,
+                JoinKind::Inner | JoinKind::LeftSemi | JoinKind::RightSemi
+            ) && interval.is_none();
+            let by = match passes_on {
+                true => left.updated_by.clone().or(right.updated_by.clone()),
+                false => None,
+            };
+            self.set_updating(&mut out, by.unwrap_or(operator));
         }
         Ok(out)
     }

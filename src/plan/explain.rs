@@ -21,6 +21,9 @@ fn render_node(graph: &StreamGraph, id: usize, depth: usize, out: &mut String) {
         "{} [parallelism={}, changelog={}",
         node.name, node.parallelism, node.changelog
     ));
+    if let Some(key) = graph.upsert_keys.get(&id) {
+        out.push_str(&format!(" (upsert key: {key})"));
+    }
     if !node.inputs.is_empty() {
         let inputs: Vec<String> = node.inputs.iter().map(|e| e.exchange.describe()).collect();
         out.push_str(&format!(", input={}", inputs.join(" + ")));

@@ -71,6 +71,8 @@ struct Stream {
     /// The operator whose output rows change after they are emitted, for errors of
     /// consumers that cannot take updates.
     updated_by: Option<String>,
+    /// Columns that identify a row of an updating stream (its upsert key), if known.
+    upsert_key: Option<Vec<usize>>,
 }
 
 /// Reading bounded inputs to their end (a SELECT), or following them forever (a job).
@@ -160,6 +162,17 @@ impl<'a> Planner<'a> {
     fn set_updating(&mut self, stream: &mut Stream, by: String) {
         self.set_changelog(stream, ChangelogMode::Retract);
         stream.updated_by = Some(by);
+    }
+
+    /// Records that `key` (column indices) identifies a row of `stream`'s updates.
+    fn set_upsert_key(&mut self, stream: &mut Stream, key: Vec<usize>) {
+        let names = key
+            .iter()
+            .map(|&i| stream.schema.field(i).name().clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.graph.upsert_keys.insert(stream.node, names);
+        stream.upsert_key = Some(key);
     }
 
     /// Window operators append the rows they drop as late to this table.
@@ -260,6 +273,7 @@ impl<'a> Planner<'a> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
+            upsert_key: None,
         }
     }
 
@@ -316,6 +330,12 @@ impl<'a> Planner<'a> {
         out.slicing = input.slicing.clone();
         self.set_changelog(&mut out, input.changelog);
         out.updated_by = input.updated_by.clone();
+        if let Some(key) = &input.upsert_key {
+            let find = |i: &usize| passed.iter().position(|p| *p == Some(*i));
+            if let Some(key) = key.iter().map(find).collect::<Option<Vec<_>>>() {
+                self.set_upsert_key(&mut out, key);
+            }
+        }
         Ok(out)
     }
 
@@ -337,6 +357,9 @@ impl<'a> Planner<'a> {
         out.slicing = input.slicing.clone();
         self.set_changelog(&mut out, input.changelog);
         out.updated_by = input.updated_by.clone();
+        if let Some(key) = input.upsert_key.clone() {
+            self.set_upsert_key(&mut out, key);
+        }
         Ok(out)
     }
 
@@ -604,6 +627,22 @@ impl<'a> Planner<'a> {
             }),
         );
         self.set_updating(&mut out, format!("{name} ({detail})"));
+        // A row is identified by its partition and rank, or by its partition alone when
+        // each partition keeps one row.
+        let partition: Option<Vec<usize>> = function
+            .params
+            .partition_by
+            .iter()
+            .map(|e| passthrough(e, &input.schema))
+            .collect();
+        if let Some(mut key) = partition {
+            if limit > 1 {
+                key.push(input.schema.fields().len());
+            }
+            if !key.is_empty() {
+                self.set_upsert_key(&mut out, key);
+            }
+        }
         if !function.params.partition_by.is_empty() {
             self.unbounded_state(&format!("{name} ({detail})"));
         }
@@ -681,6 +720,7 @@ impl<'a> Planner<'a> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
+            upsert_key: None,
         };
         if let Some(updating) = inputs
             .iter()
@@ -730,6 +770,7 @@ impl<'a> Planner<'a> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
+            upsert_key: None,
         })
     }
 
@@ -876,9 +917,19 @@ impl<'a> Planner<'a> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
+            upsert_key: None,
         };
         if changelog != ChangelogMode::InsertOnly {
             self.set_updating(&mut stream, format!("table {name}, a changelog source"));
+            let key = def.as_ref().map_or(vec![], |d| {
+                d.primary_key
+                    .iter()
+                    .filter_map(|k| stream.schema.index_of_column_by_name(None, k))
+                    .collect()
+            });
+            if !key.is_empty() {
+                self.set_upsert_key(&mut stream, key);
+            }
         }
         Ok(stream)
     }
@@ -1268,6 +1319,9 @@ impl<'a> Planner<'a> {
         // DISTINCT over inserts only ever adds rows; everything else corrects its rows.
         if !agg.aggr_expr.is_empty() || retracting || self.state_ttl.is_some() {
             self.set_updating(&mut out, format!("GroupAggregate ({described})"));
+            if keyed {
+                self.set_upsert_key(&mut out, (0..agg.group_expr.len()).collect());
+            }
         }
         if keyed || retracting {
             self.unbounded_state(&format!("GroupAggregate ({described})"));
@@ -1434,6 +1488,7 @@ impl<'a> Planner<'a> {
             changelog,
             updated_by: (changelog == ChangelogMode::Retract)
                 .then(|| format!("{name}, because 'table.exec.emit.allow-lateness' is set")),
+            upsert_key: None,
         })
     }
 }

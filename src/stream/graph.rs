@@ -149,6 +149,8 @@ pub struct StreamGraph {
     /// Warnings for the user about the plan (state that grows without bound), sent as
     /// NOTICEs when the query is created and printed by EXPLAIN.
     pub notices: Vec<String>,
+    /// Per node: the columns identifying a row of its updates (upsert key), for EXPLAIN.
+    pub upsert_keys: std::collections::BTreeMap<usize, String>,
 }
 
 impl StreamGraph {

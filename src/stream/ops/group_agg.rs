@@ -91,7 +91,9 @@ impl GroupAggregate {
                 .collect(),
         )?;
         let values = if retracting {
-            let mut fields = Vec::new();
+            // A leading constant column: a row exists even for aggregates without
+            // arguments.
+            let mut fields = vec![SortField::new(DataType::Boolean)];
             for (i, agg) in calls.aggregates.iter().enumerate() {
                 for e in agg.expressions() {
                     fields.push(SortField::new(e.data_type(&input)?));
@@ -169,9 +171,10 @@ impl GroupAggregate {
         Ok(())
     }
 
-    /// Argument columns of every aggregate (and FILTER masks) as one list.
+    /// A constant, then the argument columns of every aggregate (and FILTER masks).
     fn argument_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
-        let mut columns = Vec::new();
+        let mut columns: Vec<ArrayRef> =
+            vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()]))];
         for i in 0..self.calls.aggregates.len() {
             columns.extend(self.calls.arguments(i, batch)?);
             if let Some(mask) = self.calls.filter(i, batch)? {
@@ -216,7 +219,7 @@ impl GroupAggregate {
                     }
                 }
                 let columns = converter.convert_rows(picked.iter())?;
-                let mut at = 0;
+                let mut at = 1;
                 for (i, acc) in fresh.iter_mut().enumerate() {
                     let n = self.calls.aggregates[i].expressions().len();
                     let args = &columns[at..at + n];
@@ -490,7 +493,8 @@ impl Operator for GroupAggregate {
                 let Values::Multisets { converter, rows } = &mut self.values else {
                     unreachable!()
                 };
-                let encoded = if columns.is_empty() {
+                // DISTINCT has nothing to aggregate: the row counts say it all.
+                let encoded = if self.calls.aggregates.is_empty() {
                     None
                 } else {
                     Some(converter.convert_columns(&columns)?)

@@ -184,6 +184,7 @@ impl Planner<'_> {
             slicing: None,
             changelog: ChangelogMode::InsertOnly,
             updated_by: None,
+            upsert_key: None,
         };
         if changelog == ChangelogMode::Retract {
             // An inner or semi join only passes on its inputs' corrections: name their
@@ -197,6 +198,28 @@ impl Planner<'_> {
                 false => None,
             };
             self.set_updating(&mut out, by.unwrap_or(operator));
+            // A row of an inner join is the pair of its input rows; semi and anti joins
+            // emit rows of one input as they are. Outer joins claim no key.
+            let key = match kind {
+                JoinKind::Inner => match (&left.upsert_key, &right.upsert_key) {
+                    (Some(l), Some(r)) => {
+                        let width = left.schema.fields().len();
+                        Some(
+                            l.iter()
+                                .copied()
+                                .chain(r.iter().map(|i| i + width))
+                                .collect(),
+                        )
+                    }
+                    _ => None,
+                },
+                JoinKind::LeftSemi | JoinKind::LeftAnti => left.upsert_key.clone(),
+                JoinKind::RightSemi | JoinKind::RightAnti => right.upsert_key.clone(),
+                _ => None,
+            };
+            if let Some(key) = key {
+                self.set_upsert_key(&mut out, key);
+            }
         }
         Ok(out)
     }

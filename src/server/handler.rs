@@ -6,7 +6,8 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{Expr, LogicalPlan};
@@ -16,20 +17,24 @@ use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
-use pgwire::api::stmt::QueryParser;
-use pgwire::api::store::PortalStore;
+use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::store::{MemPortalStore, PortalStore};
 use pgwire::api::{
     ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::response::TransactionStatus;
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::types::format::FormatOptions;
 
 use super::auth::Authenticator;
+use super::stream;
 use crate::sql::column_names;
+use crate::sql::cursor::{Cursor, Cursors};
 use crate::sql::error::{SqlError, SqlResult};
-use crate::sql::parser::{self, Parsed};
+use crate::sql::parser::{self, Parsed, Statement};
+use crate::sql::subscribe_syntax::Fetch;
 use crate::sql::{CommandTag, Engine, Outcome};
 
 pub struct Handlers {
@@ -95,13 +100,16 @@ pub struct QueryHandler {
 pub struct Prepared {
     parsed: Arc<Parsed>,
     plan: Option<LogicalPlan>,
+    /// The result columns of a statement that has no plan but returns rows (SUBSCRIBE,
+    /// FETCH), found when it was parsed.
+    columns: Option<SchemaRef>,
 }
 
 fn to_pgwire(e: SqlError) -> PgWireError {
     PgWireError::UserError(Box::new(error_info(e)))
 }
 
-fn error_info(e: SqlError) -> ErrorInfo {
+pub(super) fn error_info(e: SqlError) -> ErrorInfo {
     let mut info = ErrorInfo::new("ERROR".to_string(), e.code.to_string(), e.message);
     info.hint = e.hint;
     info.position = e.position.map(|p| p.to_string());
@@ -124,16 +132,42 @@ impl SimpleQueryHandler for QueryHandler {
         if statements.is_empty() {
             return Ok(vec![Response::EmptyQuery]);
         }
+        // Their rows are sent as they come, before the responses of the other statements
+        // would be: so they come alone.
+        if statements.len() > 1 && statements.iter().any(|p| streams(&p.statement)) {
+            return Ok(vec![Response::Error(Box::new(error_info(
+                SqlError::not_supported(
+                    "SUBSCRIBE and COPY (SUBSCRIBE ...) must be the only statement of their query \
+                     string",
+                )
+                .with_hint("send the other statements in a query of their own"),
+            )))]);
+        }
+        let mut in_transaction = client.transaction_status() != TransactionStatus::Idle;
         let mut responses = Vec::with_capacity(statements.len());
         for parsed in statements {
-            let outcome = self
-                .engine
-                .execute(client.metadata(), &parsed.statement, None, None)
-                .await;
-            let response = match outcome {
-                Ok(outcome) => respond(client, outcome, &Format::UnifiedText).await,
-                Err(e) => Err(to_pgwire(e.shifted(parsed.start))),
-            };
+            let response = self
+                .run(
+                    client,
+                    &parsed,
+                    None,
+                    None,
+                    &Format::UnifiedText,
+                    &mut in_transaction,
+                    true,
+                )
+                .await
+                .map_err(|e| match e {
+                    PgWireError::UserError(mut info) => {
+                        if let (Some(p), true) = (&info.position, parsed.start > 0) {
+                            if let Ok(p) = p.parse::<usize>() {
+                                info.position = Some((p + parsed.start).to_string());
+                            }
+                        }
+                        PgWireError::UserError(info)
+                    }
+                    other => other,
+                });
             match response {
                 Ok(response) => responses.push(response),
                 // Postgres abandons the rest of a multi-statement string at an error,
@@ -181,18 +215,170 @@ impl ExtendedQueryHandler for QueryHandler {
             }
             None => None,
         };
-        let outcome = self
-            .engine
-            .execute(
-                client.metadata(),
-                &prepared.parsed.statement,
-                prepared.plan.clone(),
-                params,
-            )
-            .await
-            .map_err(to_pgwire)?;
-        respond(client, outcome, &portal.result_column_format).await
+        let mut in_transaction = client.transaction_status() != TransactionStatus::Idle;
+        self.run(
+            client,
+            &prepared.parsed,
+            prepared.plan.clone(),
+            params,
+            &portal.result_column_format,
+            &mut in_transaction,
+            false,
+        )
+        .await
     }
+}
+
+/// Whether the statement's rows are streamed to the client as they come.
+fn streams(statement: &Statement) -> bool {
+    matches!(
+        statement,
+        Statement::Subscribe(_) | Statement::CopySubscribe(_)
+    )
+}
+
+/// The cursors of the connection `client` is.
+fn cursors<C: ClientInfo + ?Sized>(client: &C) -> Arc<Cursors> {
+    client
+        .session_extensions()
+        .get_or_insert_with(Cursors::default)
+}
+
+impl QueryHandler {
+    /// Runs one statement for either protocol. `in_transaction` follows BEGIN and
+    /// COMMIT within a simple query string; `simple` sends row descriptions with rows.
+    #[allow(clippy::too_many_arguments)]
+    async fn run<C>(
+        &self,
+        client: &mut C,
+        parsed: &Parsed,
+        plan: Option<LogicalPlan>,
+        params: Option<datafusion::common::ParamValues>,
+        format: &Format,
+        in_transaction: &mut bool,
+        simple: bool,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let metadata = client.metadata().clone();
+        match &parsed.statement {
+            Statement::Subscribe(spec) => {
+                let mut subscription = self
+                    .engine
+                    .subscribe(&metadata, spec)
+                    .await
+                    .map_err(to_pgwire)?;
+                send_notices(client, subscription.take_notices()).await?;
+                stream::send_subscription(client, subscription, format, simple).await
+            }
+            Statement::CopySubscribe(spec) => {
+                let mut subscription = self
+                    .engine
+                    .subscribe(&metadata, spec)
+                    .await
+                    .map_err(to_pgwire)?;
+                send_notices(client, subscription.take_notices()).await?;
+                stream::send_copy(client, subscription).await
+            }
+            Statement::Declare(declare) => {
+                let mut cursor = Cursor::open(&self.engine, &metadata, declare)
+                    .await
+                    .map_err(to_pgwire)?;
+                send_notices(client, cursor.take_notices()).await?;
+                let schema = cursor.schema();
+                cursors(client)
+                    .declare(&declare.name, cursor, *in_transaction && !declare.hold)
+                    .map_err(to_pgwire)?;
+                register_cursor_portal(client, &declare.name, schema);
+                Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
+            }
+            Statement::Fetch(fetch) => {
+                let all = cursors(client);
+                let (schema, batches) = stream::with_heartbeat(client, all.fetch(fetch))
+                    .await?
+                    .map_err(to_pgwire)?;
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                let mut response = rows_response(&schema, batches, format, options)?;
+                response.set_command_tag("FETCH");
+                Ok(Response::Query(response))
+            }
+            Statement::Close(name) => {
+                for closed in cursors(client).close(name.as_deref()).map_err(to_pgwire)? {
+                    client.portal_store().rm_portal(&closed);
+                }
+                Ok(Response::Execution(Tag::new("CLOSE CURSOR")))
+            }
+            statement => {
+                let outcome = self
+                    .engine
+                    .execute(&metadata, statement, plan, params)
+                    .await
+                    .map_err(to_pgwire)?;
+                match &outcome {
+                    Outcome::Begin => *in_transaction = true,
+                    Outcome::End(_) => {
+                        *in_transaction = false;
+                        for closed in cursors(client).end_transaction() {
+                            client.portal_store().rm_portal(&closed);
+                        }
+                    }
+                    _ => {}
+                }
+                respond(client, outcome, format).await
+            }
+        }
+    }
+}
+
+async fn send_notices<C>(client: &mut C, notices: Vec<String>) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    for notice in notices {
+        let info = ErrorInfo::new("NOTICE".into(), "01000".into(), notice);
+        client
+            .send(PgWireBackendMessage::NoticeResponse(info.into()))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Makes a declared cursor a portal of the protocol too, as in Postgres: psycopg asks
+/// for its columns with Describe Portal.
+fn register_cursor_portal<C>(client: &C, name: &str, schema: SchemaRef)
+where
+    C: ClientPortalStore,
+    C::PortalStore: PortalStore,
+{
+    let Some(store) = client
+        .portal_store()
+        .as_any()
+        .downcast_ref::<MemPortalStore<Prepared>>()
+    else {
+        return;
+    };
+    let fetch = Statement::Fetch(Fetch {
+        cursor: name.to_string(),
+        count: None,
+        timeout: None,
+    });
+    let prepared = Prepared {
+        parsed: Arc::new(Parsed {
+            statement: fetch,
+            text: format!("FETCH ALL FROM {}", weir_catalog::quote_ident(name)),
+            start: 0,
+        }),
+        plan: None,
+        columns: Some(schema),
+    };
+    let statement = Arc::new(StoredStatement::new(name.to_string(), prepared, vec![]));
+    store.put_portal(Arc::new(Portal::new_cursor(name.to_string(), statement)));
 }
 
 pub struct StatementParser {
@@ -226,9 +412,21 @@ impl QueryParser for StatementParser {
             .plan(client.metadata(), &parsed.statement)
             .await
             .map_err(|e| to_pgwire(e.shifted(parsed.start)))?;
+        let columns = match &parsed.statement {
+            Statement::Subscribe(spec) => Some(
+                self.engine
+                    .subscribe_schema(client.metadata(), spec)
+                    .await
+                    .map_err(to_pgwire)?,
+            ),
+            // A cursor declared later has no columns yet: Describe says NoData.
+            Statement::Fetch(fetch) => cursors(client).schema(&fetch.cursor),
+            _ => None,
+        };
         Ok(Some(Prepared {
             parsed: Arc::new(parsed),
             plan,
+            columns,
         }))
     }
 
@@ -251,10 +449,13 @@ impl QueryParser for StatementParser {
         stmt: &Prepared,
         column_format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
-        let schema = self
-            .engine
-            .result_schema(&stmt.parsed.statement, stmt.plan.as_ref())
-            .map_err(to_pgwire)?;
+        let schema = match &stmt.columns {
+            Some(columns) => Some(columns.clone()),
+            None => self
+                .engine
+                .result_schema(&stmt.parsed.statement, stmt.plan.as_ref())
+                .map_err(to_pgwire)?,
+        };
         match schema {
             None => Ok(vec![]),
             Some(schema) => arrow_pg::datatypes::arrow_schema_to_pg_fields(
@@ -311,12 +512,7 @@ where
 {
     let outcome = match outcome {
         Outcome::Noticed(notices, outcome) => {
-            for notice in notices {
-                let info = ErrorInfo::new("NOTICE".into(), "01000".into(), notice);
-                client
-                    .send(PgWireBackendMessage::NoticeResponse(info.into()))
-                    .await?;
-            }
+            send_notices(client, notices).await?;
             *outcome
         }
         outcome => outcome,
@@ -370,8 +566,18 @@ async fn run_to_completion(
 ) -> PgWireResult<QueryResponse> {
     let schema = column_names::rename(&Arc::new(df.schema().as_arrow().clone()), names);
     let batches = df.collect().await.map_err(|e| to_pgwire(e.into()))?;
+    rows_response(&schema, batches, format, options)
+}
+
+/// Rows computed already, as pgwire sends them.
+fn rows_response(
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+    format: &Format,
+    options: Arc<FormatOptions>,
+) -> PgWireResult<QueryResponse> {
     let fields = Arc::new(arrow_pg::datatypes::arrow_schema_to_pg_fields(
-        &schema,
+        schema,
         format,
         Some(options),
     )?);

@@ -4,6 +4,7 @@
 mod auth;
 mod handler;
 mod params;
+mod stream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

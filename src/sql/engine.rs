@@ -231,6 +231,13 @@ impl Engine {
             Statement::ShowJobs => self.show_jobs(),
             Statement::StopJob(id) => self.stop_job(id).await,
             Statement::Flush => self.flush().await,
+            Statement::Subscribe(_)
+            | Statement::CopySubscribe(_)
+            | Statement::Declare(_)
+            | Statement::Fetch(_)
+            | Statement::Close(_) => Err(SqlError::internal(
+                "SUBSCRIBE and cursor statements run on a connection, not through execute",
+            )),
             Statement::Sql(stmt) => {
                 self.execute_sql(metadata, statement, stmt, plan, params)
                     .await

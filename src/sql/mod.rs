@@ -2,6 +2,7 @@
 
 mod catalog_statements;
 pub mod column_names;
+pub mod cursor;
 pub(crate) mod ddl;
 mod dml;
 pub mod engine;
@@ -19,6 +20,8 @@ mod schema;
 pub mod session;
 mod show;
 mod streaming;
+pub mod subscribe;
+pub mod subscribe_syntax;
 mod types;
 
 pub use engine::{Engine, Outcome};

@@ -14,6 +14,7 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use super::ddl::{parse_create_table, CreateTable};
 use super::error::{SqlError, SqlResult};
 use super::names::{ident_name, object_name};
+use super::subscribe_syntax::{self, Declare, Fetch, Subscribe};
 use crate::plan::window_tvf;
 
 #[derive(Debug, Clone)]
@@ -36,6 +37,16 @@ pub enum Statement {
     StopJob(String),
     /// `FLUSH`: wait until everything appended so far is reflected in every view and sink.
     Flush,
+    /// `SUBSCRIBE TO v | (query)`: the changelog, streamed until cancelled.
+    Subscribe(Box<Subscribe>),
+    /// `COPY (SUBSCRIBE ...) TO STDOUT`: the same changelog as COPY text rows.
+    CopySubscribe(Box<Subscribe>),
+    /// `DECLARE c CURSOR FOR ...`.
+    Declare(Box<Declare>),
+    /// `FETCH n FROM c [WITH (timeout = ...)]`.
+    Fetch(Fetch),
+    /// `CLOSE c`; `None` is `CLOSE ALL`.
+    Close(Option<String>),
     Sql(Box<ast::Statement>),
 }
 
@@ -113,7 +124,7 @@ fn line_starts(sql: &str) -> Vec<usize> {
     starts
 }
 
-fn parse_one(text: &str) -> SqlResult<Statement> {
+pub(super) fn parse_one(text: &str) -> SqlResult<Statement> {
     let dialect = PostgreSqlDialect {};
     let mut p = Parser::new(&dialect)
         .try_with_sql(text)
@@ -151,6 +162,25 @@ fn parse_one(text: &str) -> SqlResult<Statement> {
         expect_end(&mut p).map_err(at)?;
         return Ok(Statement::StopJob(id));
     }
+    if peek_word(&mut p, "subscribe") {
+        p.next_token();
+        return subscribe_syntax::parse_subscribe(&mut p, text)
+            .map(|s| Statement::Subscribe(Box::new(s)));
+    }
+    if subscribe_syntax::at_copy_subscribe(&p) {
+        return subscribe_syntax::parse_copy_subscribe(&mut p, text)
+            .map(|s| Statement::CopySubscribe(Box::new(s)));
+    }
+    if p.parse_keyword(Keyword::DECLARE) {
+        return subscribe_syntax::parse_declare(&mut p, text)
+            .map(|d| Statement::Declare(Box::new(d)));
+    }
+    if p.parse_keyword(Keyword::FETCH) {
+        return subscribe_syntax::parse_fetch(&mut p, text).map(Statement::Fetch);
+    }
+    if p.parse_keyword(Keyword::CLOSE) {
+        return subscribe_syntax::parse_close(&mut p, text).map(Statement::Close);
+    }
     if p.parse_keyword(Keyword::RESET) {
         let name = if p.parse_keyword(Keyword::ALL) {
             "all".to_string()
@@ -165,7 +195,7 @@ fn parse_one(text: &str) -> SqlResult<Statement> {
 
 /// Anything else: datafusion-pg-catalog's parser first (it rewrites the catalog queries
 /// psql and drivers send); when that fails, plain sqlparser for a positioned error.
-fn parse_generic(text: &str) -> SqlResult<Statement> {
+pub(super) fn parse_generic(text: &str) -> SqlResult<Statement> {
     let reduced = window_tvf::reduce_flink_syntax(text);
     let text = reduced.as_deref().unwrap_or(text);
     let state_ttls = crate::plan::state_ttl_hint::hints(text)?;

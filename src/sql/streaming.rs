@@ -96,11 +96,11 @@ pub fn job_id_schema() -> SchemaRef {
     )]))
 }
 
-fn external(e: DataFusionError) -> SqlError {
+pub(super) fn external(e: DataFusionError) -> SqlError {
     SqlError::from(e)
 }
 
-fn new_job_id() -> String {
+pub(super) fn new_job_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
@@ -126,7 +126,7 @@ impl Engine {
         }
     }
 
-    fn graph(
+    pub(super) fn graph(
         &self,
         metadata: &HashMap<String, String>,
         plan: &LogicalPlan,
@@ -250,7 +250,7 @@ impl Engine {
         ))
     }
 
-    async fn plan_text(
+    pub(super) async fn plan_text(
         &self,
         metadata: &HashMap<String, String>,
         text: &str,
@@ -557,7 +557,7 @@ impl Engine {
             Arc::new(Int64Array::from_iter_values(jobs.iter().map(|j| {
                 let view = match &j.4 {
                     JobKind::View(name) => self.jobs.view(name).map(|s| s.size().1).unwrap_or(0),
-                    JobKind::Insert(_) => 0,
+                    JobKind::Insert(_) | JobKind::Subscribe => 0,
                 };
                 (j.3.metrics.state_bytes() + view) as i64
             }))),

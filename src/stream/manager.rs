@@ -15,6 +15,8 @@ use super::mv::MvState;
 pub enum JobKind {
     View(String),
     Insert(String),
+    /// Runs the query of a `SUBSCRIBE TO (SELECT ...)` while the subscription lasts.
+    Subscribe,
 }
 
 pub struct JobEntry {
@@ -114,6 +116,14 @@ impl Jobs {
             .values()
             .find(|e| matches!(&e.kind, JobKind::View(v) if v == view))
             .map(|e| e.job.id.clone())
+    }
+
+    pub fn job(&self, id: &str) -> Option<Arc<RunningJob>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|e| e.job.clone())
     }
 
     pub fn contains(&self, id: &str) -> bool {

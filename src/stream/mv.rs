@@ -1,5 +1,6 @@
 //! A materialized view's contents: rows published by its job at barriers, read as a
-//! consistent snapshot by queries and followed as a stream by views over views.
+//! consistent snapshot by queries, followed as a stream by views over views, and as a
+//! changefeed (snapshot, then every later publish) by SUBSCRIBE.
 
 use std::sync::{Arc, RwLock};
 
@@ -12,7 +13,7 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::TableType;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::message::{ChangeBatch, Millis, NO_WATERMARK};
 
@@ -25,6 +26,18 @@ struct Contents {
     ended: bool,
 }
 
+/// Publishes a changefeed subscriber may fall behind by before it is dropped: the view's
+/// job never waits for a subscriber, so a slow one cannot hold everything back.
+pub const FEED_CAPACITY: usize = 128;
+
+/// One publish, as changefeed subscribers receive it.
+#[derive(Debug)]
+pub struct Changes {
+    pub changes: Vec<ChangeBatch>,
+    /// The view's input ended with this publish: nothing follows.
+    pub ended: bool,
+}
+
 /// Contents: an insert-only view appends at every publish, so a follower's position is a
 /// batch index; an updating view is rebuilt and only read as a snapshot.
 #[derive(Debug)]
@@ -33,8 +46,20 @@ pub struct MvState {
     /// Its rows change after they are published (retractions): views over it cannot
     /// follow it as an insert-only stream.
     pub updating: bool,
+    /// False for a subscription's private state: only its changefeed is read, so
+    /// keeping (and rebuilding) the rows would cost memory and time for nothing.
+    keep_contents: bool,
     contents: RwLock<Contents>,
     version: watch::Sender<u64>,
+    feed: broadcast::Sender<Arc<Changes>>,
+}
+
+/// What a changefeed subscriber starts from: the rows as of one publish, and a receiver
+/// of exactly the publishes after it.
+pub struct Followed {
+    pub snapshot: Vec<RecordBatch>,
+    pub changes: broadcast::Receiver<Arc<Changes>>,
+    pub ended: bool,
 }
 
 /// What a follower reads past its position.
@@ -50,8 +75,22 @@ impl MvState {
         Arc::new(Self {
             schema,
             updating,
+            keep_contents: true,
             contents: RwLock::default(),
             version: watch::Sender::new(0),
+            feed: broadcast::Sender::new(FEED_CAPACITY),
+        })
+    }
+
+    /// A state that only feeds subscribers (SUBSCRIBE TO (SELECT ...)): no snapshot.
+    pub fn feed_only(schema: SchemaRef) -> Arc<Self> {
+        Arc::new(Self {
+            schema,
+            updating: true,
+            keep_contents: false,
+            contents: RwLock::default(),
+            version: watch::Sender::new(0),
+            feed: broadcast::Sender::new(FEED_CAPACITY),
         })
     }
 
@@ -66,12 +105,23 @@ impl MvState {
         watermark: Millis,
         ended: bool,
     ) -> datafusion::common::Result<()> {
+        let changes: Vec<ChangeBatch> = changes.into_iter().filter(|c| c.num_rows() > 0).collect();
         {
             let mut c = self.contents.write().unwrap_or_else(|p| p.into_inner());
-            let current = std::mem::take(&mut c.batches);
-            c.batches = super::changelog::apply(&self.schema, current, changes)?;
-            c.rows = c.batches.iter().map(|b| b.num_rows()).sum();
-            c.bytes = c.batches.iter().map(|b| b.get_array_memory_size()).sum();
+            // Sent under the lock that `follow` reads the snapshot under: a subscriber
+            // gets each publish either in its snapshot or on its receiver, never both.
+            if (!changes.is_empty() || ended) && self.feed.receiver_count() > 0 {
+                let _ = self.feed.send(Arc::new(Changes {
+                    changes: changes.clone(),
+                    ended,
+                }));
+            }
+            if self.keep_contents {
+                let current = std::mem::take(&mut c.batches);
+                c.batches = super::changelog::apply(&self.schema, current, changes)?;
+                c.rows = c.batches.iter().map(|b| b.num_rows()).sum();
+                c.bytes = c.batches.iter().map(|b| b.get_array_memory_size()).sum();
+            }
             c.watermark = Some(watermark.max(c.watermark.unwrap_or(NO_WATERMARK)));
             c.ended |= ended;
         }
@@ -110,6 +160,16 @@ impl MvState {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+
+    /// Starts following the changefeed: the current rows and every publish after them.
+    pub fn follow(&self) -> Followed {
+        let c = self.contents.read().unwrap_or_else(|p| p.into_inner());
+        Followed {
+            snapshot: c.batches.clone(),
+            changes: self.feed.subscribe(),
+            ended: c.ended,
+        }
     }
 }
 

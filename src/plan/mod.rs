@@ -2,5 +2,6 @@
 
 pub mod explain;
 pub mod planner;
+pub mod state_ttl_hint;
 pub mod window_table;
 pub mod window_tvf;

@@ -43,6 +43,8 @@ use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
 use crate::stream::ops::window_assign::{Assign, WindowAssign};
 use crate::stream::window::Slicing;
 
+mod join;
+
 /// A source's computed columns, how it generates time, and how EXPLAIN describes it.
 type SourceTime = (Vec<Arc<dyn PhysicalExpr>>, TimeSource, String);
 
@@ -406,6 +408,13 @@ impl<'a> Planner<'a> {
                     self.insert_only(&left, "a window join")?;
                     self.insert_only(&right, "a window join")?;
                     self.windowed_fragment(plan, vec![left, right], "WindowJoin")
+                } else if self.mode == Mode::Continuous
+                    || left.changelog != ChangelogMode::InsertOnly
+                    || right.changelog != ChangelogMode::InsertOnly
+                {
+                    // The end-of-input fragment is faster over bounded inserts; it takes
+                    // no retractions.
+                    self.plan_join(plan, join, left, right)
                 } else {
                     self.end_fragment(
                         plan,

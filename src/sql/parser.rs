@@ -198,10 +198,12 @@ pub(super) fn parse_one(text: &str) -> SqlResult<Statement> {
 pub(super) fn parse_generic(text: &str) -> SqlResult<Statement> {
     let reduced = window_tvf::reduce_flink_syntax(text);
     let text = reduced.as_deref().unwrap_or(text);
+    let state_ttls = crate::plan::state_ttl_hint::hints(text)?;
     match COMPAT.parse(text) {
         Ok(mut statements) if statements.len() == 1 => {
             let mut statement = statements.remove(0);
             window_tvf::rewrite_statement(&mut statement)?;
+            crate::plan::state_ttl_hint::rewrite_statement(&mut statement, &state_ttls)?;
             Ok(Statement::Sql(Box::new(statement)))
         }
         Ok(_) => Err(SqlError::syntax("expected exactly one statement")),

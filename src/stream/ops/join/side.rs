@@ -1,0 +1,401 @@
+//! The rows one input of a join keeps. Rows stay in Arrow batches ("chunks") so output is
+//! gathered from them with `interleave`; entries index them by join key (for probing) and
+//! by the whole row (a multiset: equal rows share one entry with a count, so a retraction
+//! finds the row it takes back).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use datafusion::arrow::array::UInt32Array;
+use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::Result;
+
+use crate::stream::message::Millis;
+
+pub type EntryId = u32;
+
+/// Where a stored row is: chunk id and row within the chunk.
+pub type Loc = (u64, u32);
+
+const DEAD: EntryId = EntryId::MAX;
+/// Hash map and entry bookkeeping per entry, for `state_size`.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// One distinct row of the input and how many copies of it are live.
+pub struct Entry {
+    pub loc: Loc,
+    pub count: u32,
+    /// Rows of the other input this row matches (with their counts). Kept for outer,
+    /// semi and anti joins, whose output depends on whether a row has any match.
+    pub matches: i64,
+    /// Processing time of the last write, for the state TTL.
+    pub touched: Millis,
+    /// The row's time attribute (interval joins).
+    pub time: Millis,
+    key: Arc<[u8]>,
+    full: Arc<[u8]>,
+}
+
+struct Chunk {
+    rows: RecordBatch,
+    /// The entry each row belongs to, or DEAD.
+    owners: Vec<EntryId>,
+    live: usize,
+}
+
+pub struct Side {
+    schema: SchemaRef,
+    /// Chunk ids are `first_chunk + position`; chunks die mostly oldest first.
+    chunks: VecDeque<Chunk>,
+    first_chunk: u64,
+    entries: Vec<Option<Entry>>,
+    free: Vec<EntryId>,
+    by_key: HashMap<Arc<[u8]>, Vec<EntryId>>,
+    by_row: HashMap<Arc<[u8]>, EntryId>,
+    /// Interval joins: entries by the watermark after which nothing can match them.
+    pub deadlines: BTreeMap<Millis, Vec<EntryId>>,
+    /// Chunks that lost rows since the last `settle`.
+    thinned: Vec<u64>,
+    key_bytes: usize,
+}
+
+impl Side {
+    pub fn new(schema: SchemaRef) -> Self {
+        Self {
+            schema,
+            chunks: VecDeque::new(),
+            first_chunk: 0,
+            entries: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            by_row: HashMap::new(),
+            deadlines: BTreeMap::new(),
+            thinned: Vec::new(),
+            key_bytes: 0,
+        }
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// The entries whose join key is `key`.
+    pub fn candidates(&self, key: &[u8]) -> &[EntryId] {
+        self.by_key.get(key).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
+    /// The entry holding rows equal to the encoded row `full`.
+    pub fn find(&self, full: &[u8]) -> Option<EntryId> {
+        self.by_row.get(full).copied()
+    }
+
+    pub fn entry(&self, id: EntryId) -> &Entry {
+        self.entries[id as usize].as_ref().expect("a live entry")
+    }
+
+    pub fn entry_mut(&mut self, id: EntryId) -> &mut Entry {
+        self.entries[id as usize].as_mut().expect("a live entry")
+    }
+
+    /// Whether `id` names a live entry (deadline lists may name removed ones).
+    pub fn is_live(&self, id: EntryId) -> bool {
+        self.entries.get(id as usize).is_some_and(|e| e.is_some())
+    }
+
+    /// Ids of every live entry.
+    pub fn live_ids(&self) -> Vec<EntryId> {
+        (0..self.entries.len() as EntryId)
+            .filter(|&id| self.entries[id as usize].is_some())
+            .collect()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.by_row.len()
+    }
+
+    /// Stores `rows` as a new chunk; entries are then created for some of its rows.
+    pub fn push_chunk(&mut self, rows: RecordBatch) -> u64 {
+        let n = rows.num_rows();
+        self.chunks.push_back(Chunk {
+            rows,
+            owners: vec![DEAD; n],
+            live: 0,
+        });
+        self.first_chunk + self.chunks.len() as u64 - 1
+    }
+
+    fn chunk_mut(&mut self, id: u64) -> &mut Chunk {
+        let at = (id - self.first_chunk) as usize;
+        &mut self.chunks[at]
+    }
+
+    /// The batch holding chunk `id`.
+    pub fn chunk_rows(&self, id: u64) -> &RecordBatch {
+        &self.chunks[(id - self.first_chunk) as usize].rows
+    }
+
+    /// A new entry with one copy of the row at `loc`.
+    pub fn insert(
+        &mut self,
+        key: &[u8],
+        full: &[u8],
+        loc: Loc,
+        matches: i64,
+        (touched, time): (Millis, Millis),
+    ) -> EntryId {
+        let key: Arc<[u8]> = match self.by_key.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(key),
+        };
+        let full: Arc<[u8]> = Arc::from(full);
+        let entry = Entry {
+            loc,
+            count: 1,
+            matches,
+            touched,
+            time,
+            key: key.clone(),
+            full: full.clone(),
+        };
+        self.key_bytes += key.len() + full.len();
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.entries[id as usize] = Some(entry);
+                id
+            }
+            None => {
+                self.entries.push(Some(entry));
+                (self.entries.len() - 1) as EntryId
+            }
+        };
+        let chunk = self.chunk_mut(loc.0);
+        chunk.owners[loc.1 as usize] = id;
+        chunk.live += 1;
+        self.by_key.entry(key).or_default().push(id);
+        self.by_row.insert(full, id);
+        id
+    }
+
+    /// Removes entry `id` with all its copies.
+    pub fn remove(&mut self, id: EntryId) {
+        let Some(entry) = self.entries[id as usize].take() else {
+            return;
+        };
+        self.free.push(id);
+        self.key_bytes -= entry.key.len() + entry.full.len();
+        self.by_row.remove(&entry.full);
+        if let Some(ids) = self.by_key.get_mut(&entry.key) {
+            if let Some(at) = ids.iter().position(|&i| i == id) {
+                ids.swap_remove(at);
+            }
+            if ids.is_empty() {
+                self.by_key.remove(&entry.key);
+            }
+        }
+        let (chunk_id, row) = entry.loc;
+        let chunk = self.chunk_mut(chunk_id);
+        chunk.owners[row as usize] = DEAD;
+        chunk.live -= 1;
+        self.thinned.push(chunk_id);
+    }
+
+    /// Takes one copy of entry `id` away; the entry goes with its last copy.
+    pub fn retract(&mut self, id: EntryId, now: Millis) {
+        let entry = self.entry_mut(id);
+        if entry.count > 1 {
+            entry.count -= 1;
+            entry.touched = now;
+        } else {
+            self.remove(id);
+        }
+    }
+
+    /// Frees the memory of removed rows, once a batch's changes are done and nothing
+    /// refers to chunk rows by position any more.
+    pub fn settle(&mut self) -> Result<()> {
+        let mut thinned = std::mem::take(&mut self.thinned);
+        thinned.sort_unstable();
+        thinned.dedup();
+        for id in thinned {
+            if id < self.first_chunk || id >= self.first_chunk + self.chunks.len() as u64 {
+                continue;
+            }
+            let empty = RecordBatch::new_empty(self.schema.clone());
+            let chunk = self.chunk_mut(id);
+            let rows = chunk.rows.num_rows();
+            if chunk.live == 0 {
+                // A slice would keep the buffers alive.
+                chunk.rows = empty;
+                chunk.owners = Vec::new();
+            } else if rows >= 64 && chunk.live * 4 < rows {
+                self.compact(&[id])?;
+            }
+        }
+        // Merge the newest two chunks while the newer holds at least half as many live
+        // rows as the older: each row is copied O(log n) times and few chunks stay.
+        while self.chunks.len() >= 2 {
+            let n = self.chunks.len();
+            if self.chunks[n - 1].live * 2 < self.chunks[n - 2].live {
+                break;
+            }
+            let last = self.first_chunk + n as u64 - 1;
+            self.compact(&[last - 1, last])?;
+        }
+        while self.chunks.front().is_some_and(|c| c.live == 0) {
+            self.chunks.pop_front();
+            self.first_chunk += 1;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the live rows of chunks `ids` (consecutive, oldest first) into the first.
+    fn compact(&mut self, ids: &[u64]) -> Result<()> {
+        let mut sources = Vec::new();
+        let mut picks = Vec::new();
+        let mut owners = Vec::new();
+        for (s, &id) in ids.iter().enumerate() {
+            let chunk = &self.chunks[(id - self.first_chunk) as usize];
+            sources.push(&chunk.rows);
+            for (row, &owner) in chunk.owners.iter().enumerate() {
+                if owner != DEAD {
+                    picks.push((s, row));
+                    owners.push(owner);
+                }
+            }
+        }
+        let rows = if sources.len() == 1 {
+            let indices = UInt32Array::from_iter_values(picks.iter().map(|p| p.1 as u32));
+            take_record_batch(sources[0], &indices)?
+        } else {
+            datafusion::arrow::compute::interleave_record_batch(&sources, &picks)?
+        };
+        let target = ids[0];
+        for (row, &owner) in owners.iter().enumerate() {
+            self.entries[owner as usize]
+                .as_mut()
+                .expect("an owner is live")
+                .loc = (target, row as u32);
+        }
+        let live = owners.len();
+        *self.chunk_mut(target) = Chunk { rows, owners, live };
+        for &id in ids[1..].iter().rev() {
+            // Only the newest chunks are merged, so the others are at the back.
+            debug_assert_eq!(id, self.first_chunk + self.chunks.len() as u64 - 1);
+            self.chunks.pop_back();
+        }
+        Ok(())
+    }
+
+    /// Bytes held: chunk arrays plus the entries and their encoded rows.
+    pub fn size(&self) -> usize {
+        self.chunks
+            .iter()
+            .map(|c| c.rows.get_array_memory_size() + c.owners.capacity() * 4)
+            .sum::<usize>()
+            + self.key_bytes
+            + self.by_row.len() * ENTRY_OVERHEAD
+            + self.deadlines.len() * 32
+    }
+
+    /// Every live entry's row, in the order of `ids`.
+    pub fn gather(&self, ids: &[EntryId]) -> Result<RecordBatch> {
+        let locs: Vec<Loc> = ids.iter().map(|&id| self.entry(id).loc).collect();
+        self.rows_at(&locs)
+    }
+
+    /// The rows at `locs`.
+    pub fn rows_at(&self, locs: &[Loc]) -> Result<RecordBatch> {
+        let mut slot: HashMap<u64, usize> = HashMap::new();
+        let mut sources: Vec<&RecordBatch> = Vec::new();
+        let picks: Vec<(usize, usize)> = locs
+            .iter()
+            .map(|&(chunk, row)| {
+                let s = *slot.entry(chunk).or_insert_with(|| {
+                    sources.push(self.chunk_rows(chunk));
+                    sources.len() - 1
+                });
+                (s, row as usize)
+            })
+            .collect();
+        if sources.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema.clone()));
+        }
+        Ok(datafusion::arrow::compute::interleave_record_batch(
+            &sources, &picks,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
+    }
+
+    fn values(side: &Side) -> Vec<i64> {
+        let mut ids = side.live_ids();
+        ids.sort_by_key(|&id| side.entry(id).full.to_vec());
+        let rows = side.gather(&ids).unwrap();
+        let col = rows
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        let mut v: Vec<i64> = col.values().to_vec();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn chunks_merge_and_shrink_while_entries_keep_their_rows() {
+        let mut side = Side::new(batch(&[]).schema());
+        let mut next = 0i64;
+        let mut ids = Vec::new();
+        for round in 0..40 {
+            let n = 1 + round % 7;
+            let vals: Vec<i64> = (next..next + n).collect();
+            next += n;
+            let chunk = side.push_chunk(batch(&vals));
+            for (row, v) in vals.iter().enumerate() {
+                let bytes = v.to_be_bytes();
+                ids.push(side.insert(&bytes[..1], &bytes, (chunk, row as u32), 0, (0, 0)));
+            }
+            // Remove every third row inserted so far that is still there.
+            if round % 3 == 0 {
+                for id in ids.iter().step_by(3) {
+                    if side.is_live(*id) {
+                        side.remove(*id);
+                    }
+                }
+            }
+            side.settle().unwrap();
+            assert!(side.chunks.len() <= 12, "{} chunks", side.chunks.len());
+        }
+        let expected: Vec<i64> = {
+            let mut v: Vec<i64> = side
+                .live_ids()
+                .iter()
+                .map(|&id| i64::from_be_bytes(side.entry(id).full[..].try_into().unwrap()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(values(&side), expected);
+        assert_eq!(side.len(), expected.len());
+        for id in side.live_ids() {
+            side.remove(id);
+        }
+        side.settle().unwrap();
+        assert_eq!(side.chunks.len(), 0);
+        assert_eq!(side.size(), 0);
+    }
+}

@@ -1,0 +1,621 @@
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, Int64Array, Int8Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::logical_expr::Operator as BinOp;
+use datafusion::physical_expr::expressions::{binary, lit, Column};
+use datafusion::physical_expr::PhysicalExpr;
+
+use super::*;
+use crate::stream::message::{Op, END_OF_TIME};
+
+/// Both inputs: (k, v); the output and the filter see k, v, k, v.
+fn input_schema(side: &str) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(format!("{side}k"), DataType::Int64, true),
+        Field::new(format!("{side}v"), DataType::Int64, true),
+    ]))
+}
+
+fn pair_schema() -> Schema {
+    let l = input_schema("l");
+    let r = input_schema("r");
+    Schema::new(
+        l.fields()
+            .iter()
+            .chain(r.fields().iter())
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn column(i: usize) -> Arc<dyn PhysicalExpr> {
+    let names = ["lk", "lv", "rk", "rv"];
+    Arc::new(Column::new(names[i], i))
+}
+
+/// `l.v < r.v`
+fn less_filter() -> Arc<dyn PhysicalExpr> {
+    binary(column(1), BinOp::Lt, column(3), &pair_schema()).unwrap()
+}
+
+/// `r.v >= l.v + lower AND r.v <= l.v + upper` (v is the time attribute).
+fn interval_filter(lower: i64, upper: i64) -> Arc<dyn PhysicalExpr> {
+    let schema = pair_schema();
+    let low = binary(column(1), BinOp::Plus, lit(lower), &schema).unwrap();
+    let high = binary(column(1), BinOp::Plus, lit(upper), &schema).unwrap();
+    let ge = binary(column(3), BinOp::GtEq, low, &schema).unwrap();
+    let le = binary(column(3), BinOp::LtEq, high, &schema).unwrap();
+    binary(ge, BinOp::And, le, &schema).unwrap()
+}
+
+fn spec(kind: JoinKind, filter: Option<Arc<dyn PhysicalExpr>>) -> JoinSpec {
+    let key = |i: usize| -> Arc<dyn PhysicalExpr> { Arc::new(Column::new("k", i)) };
+    let sides = kind.output_sides();
+    let output = Arc::new(Schema::new(
+        pair_schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| sides[i / 2])
+            .map(|(_, f)| f.as_ref().clone())
+            .collect::<Vec<_>>(),
+    ));
+    JoinSpec {
+        kind,
+        keys: [vec![key(0)], vec![key(0)]],
+        null_equals_null: false,
+        filter,
+        inputs: [input_schema("l"), input_schema("r")],
+        output,
+        interval: None,
+        ttl: [None, None],
+    }
+}
+
+fn join(spec: JoinSpec) -> StreamJoin {
+    StreamJoin::try_new(Arc::new(spec), system_clock()).unwrap()
+}
+
+fn batch(side: usize, rows: &[(Option<i64>, i64)], op: Op) -> ChangeBatch {
+    let schema = input_schema(if side == 0 { "l" } else { "r" });
+    let k: ArrayRef = Arc::new(Int64Array::from(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+    ));
+    let v: ArrayRef = Arc::new(Int64Array::from(
+        rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+    ));
+    ChangeBatch::with_op(RecordBatch::try_new(schema, vec![k, v]).unwrap(), op)
+}
+
+fn ins(side: usize, rows: &[(i64, i64)]) -> ChangeBatch {
+    let rows: Vec<_> = rows.iter().map(|&(k, v)| (Some(k), v)).collect();
+    batch(side, &rows, Op::Insert)
+}
+
+fn change(side: usize, op: Op, k: i64, v: i64) -> ChangeBatch {
+    batch(side, &[(Some(k), v)], op)
+}
+
+fn op_name(code: i8) -> &'static str {
+    ["+I", "-U", "+U", "-D"][code as usize]
+}
+
+/// Output rows as "op v,v,..." lines, in emission order.
+fn lines(out: &[ChangeBatch]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for b in out {
+        for i in 0..b.num_rows() {
+            let op = b.ops.as_ref().map_or(0, |o: &Int8Array| o.value(i));
+            let values: Vec<String> = b
+                .rows
+                .columns()
+                .iter()
+                .map(|c| {
+                    if c.is_null(i) {
+                        "_".to_string()
+                    } else {
+                        array_value_to_string(c, i).unwrap()
+                    }
+                })
+                .collect();
+            lines.push(format!("{} {}", op_name(op), values.join(",")));
+        }
+    }
+    lines
+}
+
+fn run(op: &mut StreamJoin, input: usize, batch: ChangeBatch) -> Vec<String> {
+    let mut out = Vec::new();
+    op.process(input, batch, &mut out).unwrap();
+    lines(&out)
+}
+
+fn watermark(op: &mut StreamJoin, w: Millis) -> Vec<String> {
+    let mut out = Vec::new();
+    op.on_watermark(w, &mut out).unwrap();
+    lines(&out)
+}
+
+#[test]
+fn inner_join_of_inserts_emits_inserts() {
+    let mut j = join(spec(JoinKind::Inner, None));
+    assert!(run(&mut j, 0, ins(0, &[(1, 10), (2, 20)])).is_empty());
+    let mut out = Vec::new();
+    j.process(1, ins(1, &[(1, 100), (3, 300), (1, 101)]), &mut out)
+        .unwrap();
+    assert!(out.iter().all(|b| b.ops.is_none()), "inserts only");
+    assert_eq!(lines(&out), ["+I 1,10,1,100", "+I 1,10,1,101"]);
+    assert_eq!(
+        run(&mut j, 0, ins(0, &[(1, 11), (3, 30)])),
+        ["+I 1,11,1,100", "+I 1,11,1,101", "+I 3,30,3,300"]
+    );
+}
+
+#[test]
+fn inner_join_passes_updates_and_deletes_through() {
+    let mut j = join(spec(JoinKind::Inner, None));
+    run(&mut j, 0, ins(0, &[(1, 10)]));
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 100)])), ["+I 1,10,1,100"]);
+    assert_eq!(
+        run(&mut j, 1, change(1, Op::UpdateBefore, 1, 100)),
+        ["-U 1,10,1,100"]
+    );
+    assert_eq!(
+        run(&mut j, 1, change(1, Op::UpdateAfter, 1, 200)),
+        ["+U 1,10,1,200"]
+    );
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,1,200"]
+    );
+    // Nothing is left to match.
+    assert!(run(&mut j, 1, ins(1, &[(1, 300)])).is_empty());
+}
+
+#[test]
+fn left_join_replaces_the_null_padded_row_when_a_match_comes_and_goes() {
+    let mut j = join(spec(JoinKind::Left, None));
+    assert_eq!(run(&mut j, 0, ins(0, &[(1, 10)])), ["+I 1,10,_,_"]);
+    assert_eq!(
+        run(&mut j, 1, ins(1, &[(1, 100)])),
+        ["-D 1,10,_,_", "+I 1,10,1,100"]
+    );
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 101)])), ["+I 1,10,1,101"]);
+    assert_eq!(
+        run(&mut j, 1, change(1, Op::Delete, 1, 100)),
+        ["-D 1,10,1,100"]
+    );
+    assert_eq!(
+        run(&mut j, 1, change(1, Op::Delete, 1, 101)),
+        ["-D 1,10,1,101", "+I 1,10,_,_"]
+    );
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,_,_"]
+    );
+    // The right row alone joins nothing in a LEFT join.
+    assert!(run(&mut j, 1, ins(1, &[(2, 5)])).is_empty());
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::UpdateAfter, 2, 7)),
+        ["+I 2,7,2,5"]
+    );
+}
+
+#[test]
+fn right_join_mirrors_the_left_join() {
+    let mut j = join(spec(JoinKind::Right, None));
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 100)])), ["+I _,_,1,100"]);
+    assert_eq!(
+        run(&mut j, 0, ins(0, &[(1, 10), (1, 10)])),
+        ["-D _,_,1,100", "+I 1,10,1,100", "+I 1,10,1,100"]
+    );
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::UpdateBefore, 1, 10)),
+        ["-U 1,10,1,100"]
+    );
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,1,100", "+I _,_,1,100"]
+    );
+}
+
+#[test]
+fn full_join_counts_duplicates_on_both_sides() {
+    let mut j = join(spec(JoinKind::Full, None));
+    assert_eq!(
+        run(&mut j, 0, ins(0, &[(1, 10), (1, 10)])),
+        ["+I 1,10,_,_", "+I 1,10,_,_"]
+    );
+    // The right row is new: both left copies lose their padding.
+    assert_eq!(
+        run(&mut j, 1, ins(1, &[(1, 100)])),
+        [
+            "-D 1,10,_,_",
+            "-D 1,10,_,_",
+            "+I 1,10,1,100",
+            "+I 1,10,1,100"
+        ]
+    );
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,1,100"]
+    );
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,1,100", "+I _,_,1,100"]
+    );
+    assert_eq!(
+        run(&mut j, 1, change(1, Op::Delete, 1, 100)),
+        ["-D _,_,1,100"]
+    );
+    assert_eq!(j.state_size(), 0);
+}
+
+#[test]
+fn null_keys_never_match_but_outer_rows_keep_them() {
+    let mut j = join(spec(JoinKind::Full, None));
+    assert_eq!(
+        run(&mut j, 0, batch(0, &[(None, 1)], Op::Insert)),
+        ["+I _,1,_,_"]
+    );
+    assert_eq!(
+        run(&mut j, 1, batch(1, &[(None, 2)], Op::Insert)),
+        ["+I _,_,_,2"]
+    );
+    assert_eq!(
+        run(&mut j, 0, batch(0, &[(None, 1)], Op::Delete)),
+        ["-D _,1,_,_"]
+    );
+    let mut s = spec(JoinKind::Inner, None);
+    s.null_equals_null = true;
+    let mut j = join(s);
+    run(&mut j, 0, batch(0, &[(None, 1)], Op::Insert));
+    assert_eq!(
+        run(&mut j, 1, batch(1, &[(None, 2)], Op::Insert)),
+        ["+I _,1,_,2"]
+    );
+}
+
+#[test]
+fn the_filter_decides_matches_of_outer_joins() {
+    let mut j = join(spec(JoinKind::Left, Some(less_filter())));
+    assert_eq!(run(&mut j, 0, ins(0, &[(1, 50)])), ["+I 1,50,_,_"]);
+    // 40 is not above 50: no match, the padded row stays.
+    assert!(run(&mut j, 1, ins(1, &[(1, 40)])).is_empty());
+    assert_eq!(
+        run(&mut j, 1, ins(1, &[(1, 60), (1, 45)])),
+        ["-D 1,50,_,_", "+I 1,50,1,60"]
+    );
+    assert_eq!(
+        run(&mut j, 0, ins(0, &[(1, 41), (1, 70)])),
+        ["+I 1,41,1,60", "+I 1,41,1,45", "+I 1,70,_,_"]
+    );
+}
+
+#[test]
+fn semi_and_anti_joins_follow_whether_a_row_has_matches() {
+    let mut semi = join(spec(JoinKind::LeftSemi, None));
+    let mut anti = join(spec(JoinKind::LeftAnti, None));
+    let both = |a: &mut StreamJoin, b: &mut StreamJoin, input: usize, batch: ChangeBatch| {
+        (run(a, input, batch.clone()), run(b, input, batch))
+    };
+    let (s, a) = both(&mut semi, &mut anti, 0, ins(0, &[(1, 10)]));
+    assert!(s.is_empty());
+    assert_eq!(a, ["+I 1,10"]);
+    let (s, a) = both(&mut semi, &mut anti, 1, ins(1, &[(1, 100), (1, 101)]));
+    assert_eq!(s, ["+I 1,10"]);
+    assert_eq!(a, ["-D 1,10"]);
+    let (s, a) = both(&mut semi, &mut anti, 1, change(1, Op::Delete, 1, 100));
+    assert!(s.is_empty() && a.is_empty());
+    let (s, a) = both(&mut semi, &mut anti, 1, change(1, Op::Delete, 1, 101));
+    assert_eq!(s, ["-D 1,10"]);
+    assert_eq!(a, ["+I 1,10"]);
+}
+
+/// A tiny deterministic generator, so failures repeat.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// The join of two multisets of (k, v) rows, as output lines without ops.
+fn reference(kind: JoinKind, left: &[(i64, i64)], right: &[(i64, i64)], less: bool) -> Vec<String> {
+    let hit = |l: &(i64, i64), r: &(i64, i64)| l.0 == r.0 && (!less || l.1 < r.1);
+    let row = |l: Option<&(i64, i64)>, r: Option<&(i64, i64)>| {
+        let f = |x: Option<&(i64, i64)>| match x {
+            Some((k, v)) => format!("{k},{v}"),
+            None => "_,_".into(),
+        };
+        format!("+I {},{}", f(l), f(r))
+    };
+    let mut out = Vec::new();
+    match kind.filtering() {
+        Some((kept, anti)) => {
+            let (keep, probe) = if kept == 0 {
+                (left, right)
+            } else {
+                (right, left)
+            };
+            for x in keep {
+                let any = probe
+                    .iter()
+                    .any(|y| if kept == 0 { hit(x, y) } else { hit(y, x) });
+                if any != anti {
+                    out.push(format!("+I {},{}", x.0, x.1));
+                }
+            }
+        }
+        None => {
+            for l in left {
+                let mut any = false;
+                for r in right.iter().filter(|r| hit(l, r)) {
+                    any = true;
+                    out.push(row(Some(l), Some(r)));
+                }
+                if !any && kind.outer(0) {
+                    out.push(row(Some(l), None));
+                }
+            }
+            for r in right {
+                if kind.outer(1) && !left.iter().any(|l| hit(l, r)) {
+                    out.push(row(None, Some(r)));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Applies output lines to a multiset of rows: +I/+U add, -U/-D remove one.
+fn apply(table: &mut Vec<String>, changes: &[String]) {
+    for line in changes {
+        let (op, row) = line.split_at(2);
+        let row = format!("+I{row}");
+        if op == "+I" || op == "+U" {
+            table.push(row);
+        } else {
+            let at = table
+                .iter()
+                .position(|r| *r == row)
+                .unwrap_or_else(|| panic!("{line} retracts a row the view does not have"));
+            table.remove(at);
+        }
+    }
+    table.sort();
+}
+
+#[test]
+fn random_changelogs_give_the_join_of_the_current_rows() {
+    let kinds = [
+        JoinKind::Inner,
+        JoinKind::Left,
+        JoinKind::Right,
+        JoinKind::Full,
+        JoinKind::LeftSemi,
+        JoinKind::LeftAnti,
+        JoinKind::RightSemi,
+        JoinKind::RightAnti,
+    ];
+    for seed in 0..12u64 {
+        for kind in kinds {
+            let less = seed % 2 == 1;
+            let mut j = join(spec(kind, less.then(less_filter)));
+            let mut rng = Lcg(seed * 7919 + 17);
+            let mut rows: [Vec<(i64, i64)>; 2] = [Vec::new(), Vec::new()];
+            let mut view = Vec::new();
+            for step in 0..120 {
+                let side = rng.next(2) as usize;
+                // A batch of a few changes, retractions of existing rows among them.
+                let mut ops = Vec::new();
+                let mut values = Vec::new();
+                for _ in 0..1 + rng.next(4) {
+                    let retract = !rows[side].is_empty() && rng.next(3) == 0;
+                    if retract {
+                        let at = rng.next(rows[side].len() as u64) as usize;
+                        let row = rows[side].remove(at);
+                        ops.push(if rng.next(2) == 0 {
+                            Op::Delete
+                        } else {
+                            Op::UpdateBefore
+                        });
+                        values.push(row);
+                    } else {
+                        let row = (rng.next(4) as i64, rng.next(5) as i64);
+                        rows[side].push(row);
+                        ops.push(if rng.next(4) == 0 {
+                            Op::UpdateAfter
+                        } else {
+                            Op::Insert
+                        });
+                        values.push(row);
+                    }
+                }
+                let schema = input_schema(if side == 0 { "l" } else { "r" });
+                let b = ChangeBatch {
+                    rows: RecordBatch::try_new(
+                        schema,
+                        vec![
+                            Arc::new(Int64Array::from_iter_values(values.iter().map(|r| r.0))),
+                            Arc::new(Int64Array::from_iter_values(values.iter().map(|r| r.1))),
+                        ],
+                    )
+                    .unwrap(),
+                    watermarks: None,
+                    ops: Some(Int8Array::from_iter_values(ops.iter().map(|o| *o as i8))),
+                };
+                apply(&mut view, &run(&mut j, side, b));
+                assert_eq!(
+                    view,
+                    reference(kind, &rows[0], &rows[1], less),
+                    "{kind:?} seed {seed} step {step}"
+                );
+            }
+        }
+    }
+}
+
+fn interval_spec(kind: JoinKind, lower: i64, upper: i64) -> JoinSpec {
+    let mut s = spec(kind, Some(interval_filter(lower, upper)));
+    s.interval = Some(Interval {
+        left_time: 1,
+        right_time: 1,
+        lower,
+        upper,
+    });
+    s
+}
+
+#[test]
+fn interval_join_drops_rows_once_nothing_on_time_can_match() {
+    // A left row at lt matches right rows with rt in [lt, lt + 10].
+    let mut j = join(interval_spec(JoinKind::Inner, 0, 10));
+    run(&mut j, 0, ins(0, &[(1, 100)]));
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 110)])), ["+I 1,100,1,110"]);
+    // At watermark 110 a right row at 110 may still arrive (late by one): kept.
+    assert!(watermark(&mut j, 110).is_empty());
+    assert_eq!(j.sides[0].len(), 1);
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 110)])), ["+I 1,100,1,110"]);
+    assert!(run(&mut j, 1, ins(1, &[(1, 115)])).is_empty());
+    // Past lt + upper the left row goes; a right row stays until the watermark passes
+    // its own time (a left row at that time could still match it).
+    watermark(&mut j, 111);
+    assert_eq!(j.sides[0].len(), 0);
+    assert_eq!(j.sides[1].len(), 1);
+    assert_eq!(run(&mut j, 0, ins(0, &[(1, 112)])), ["+I 1,112,1,115"]);
+    assert_eq!(j.sides[0].len(), 1, "an on-time left row is kept");
+    watermark(&mut j, 116);
+    assert_eq!(j.sides[1].len(), 0);
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 120)])), ["+I 1,112,1,120"]);
+    // A late left row (104 + 10 < 116) cannot match anything on time: not kept.
+    let before = j.state_size();
+    assert!(run(&mut j, 0, ins(0, &[(1, 104)])).is_empty());
+    assert_eq!(j.state_size(), before);
+    assert_eq!(j.sides[0].len(), 1);
+    watermark(&mut j, END_OF_TIME);
+    assert_eq!(j.state_size(), 0);
+}
+
+#[test]
+fn outer_interval_join_emits_unmatched_rows_when_they_expire() {
+    // Right rows at rt match left rows with rt - lt in [-5, 5].
+    let mut j = join(interval_spec(JoinKind::Full, -5, 5));
+    assert!(run(&mut j, 0, ins(0, &[(1, 100), (2, 100)])).is_empty());
+    let mut out = Vec::new();
+    j.process(1, ins(1, &[(1, 103), (3, 104)]), &mut out)
+        .unwrap();
+    assert_eq!(lines(&out), ["+I 1,100,1,103"]);
+    assert!(out.iter().all(|b| b.ops.is_none()), "inserts only");
+    assert!(watermark(&mut j, 105).is_empty());
+    // Left rows at 100 expire after 105, right rows at 103/104 after 108/109.
+    assert_eq!(watermark(&mut j, 106), ["+I 2,100,_,_"]);
+    // A late left row still probes the right rows kept, but is not kept itself.
+    assert_eq!(run(&mut j, 0, ins(0, &[(1, 100)])), ["+I 1,100,1,103"]);
+    assert_eq!(j.sides[0].len(), 0);
+    assert_eq!(watermark(&mut j, 110), ["+I _,_,3,104"]);
+    // A late, unmatched row of an outer side comes out at once.
+    assert_eq!(run(&mut j, 0, ins(0, &[(4, 90)])), ["+I 4,90,_,_"]);
+    assert_eq!(j.state_size(), 0);
+}
+
+#[test]
+fn state_ttl_forgets_rows_not_written_for_the_ttl() {
+    let now = Arc::new(AtomicI64::new(1_000));
+    let clock_now = now.clone();
+    let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+    let mut s = spec(JoinKind::Left, None);
+    s.ttl = [Some(100), Some(50)];
+    let mut j = StreamJoin::try_new(Arc::new(s), clock).unwrap();
+    assert_eq!(run(&mut j, 0, ins(0, &[(1, 10)])), ["+I 1,10,_,_"]);
+    now.store(1_040, Ordering::SeqCst);
+    assert_eq!(
+        run(&mut j, 1, ins(1, &[(1, 100)])),
+        ["-D 1,10,_,_", "+I 1,10,1,100"]
+    );
+    // The right row's TTL (50) passed at 1090; nothing is emitted for it, and it no
+    // longer matches. The left row was written at 1040 (its match count changed).
+    now.store(1_095, Ordering::SeqCst);
+    assert!(run(&mut j, 0, ins(0, &[(1, 11)])).len() == 1);
+    assert_eq!(j.sides[1].len(), 0, "expired rows are swept");
+    now.store(1_139, Ordering::SeqCst);
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 101)])).len(), 3);
+    // Everything expires without output once no row was written for the TTL.
+    now.store(1_300, Ordering::SeqCst);
+    let mut out = Vec::new();
+    j.on_barrier(&mut out).unwrap();
+    assert!(out.is_empty());
+    assert_eq!(j.state_size(), 0);
+    assert_eq!(run(&mut j, 1, ins(1, &[(1, 102)])), Vec::<String>::new());
+}
+
+#[test]
+fn a_restored_join_continues_as_if_never_stopped() {
+    let steps: Vec<(usize, ChangeBatch, Option<Millis>)> = vec![
+        (0, ins(0, &[(1, 100), (2, 100), (1, 101)]), None),
+        (1, ins(1, &[(1, 103), (3, 140)]), Some(100)),
+        (0, ins(0, &[(3, 138), (1, 102)]), None),
+        (1, ins(1, &[(2, 104), (1, 150)]), Some(107)),
+        // Restored here.
+        (0, ins(0, &[(1, 149), (3, 141)]), Some(120)),
+        (1, ins(1, &[(1, 152), (3, 139)]), Some(146)),
+        (0, ins(0, &[(1, 151)]), Some(END_OF_TIME)),
+    ];
+    let drive = |j: &mut StreamJoin, steps: &[(usize, ChangeBatch, Option<Millis>)]| {
+        let mut out = Vec::new();
+        for (side, b, w) in steps {
+            out.extend(run(j, *side, b.clone()));
+            if let Some(w) = w {
+                out.extend(watermark(j, *w));
+            }
+        }
+        out
+    };
+    for kind in [JoinKind::Full, JoinKind::Inner] {
+        for interval in [false, true] {
+            let make = || {
+                if interval {
+                    join(interval_spec(kind, -5, 5))
+                } else {
+                    join(spec(kind, Some(less_filter())))
+                }
+            };
+            let mut straight = make();
+            let expected = drive(&mut straight, &steps);
+            let mut before = make();
+            let mut got = drive(&mut before, &steps[..4]);
+            let state = before.snapshot().unwrap();
+            let mut after = make();
+            after.restore(state).unwrap();
+            assert_eq!(after.state_size() > 0, before.state_size() > 0);
+            got.extend(drive(&mut after, &steps[4..]));
+            assert_eq!(got, expected, "{kind:?}, interval {interval}");
+            assert!(!expected.is_empty());
+        }
+    }
+    // Retractions after a restore find the restored rows.
+    let mut j = join(spec(JoinKind::Left, None));
+    run(&mut j, 0, ins(0, &[(1, 10), (1, 10)]));
+    run(&mut j, 1, ins(1, &[(1, 100)]));
+    let mut restored = join(spec(JoinKind::Left, None));
+    restored.restore(j.snapshot().unwrap()).unwrap();
+    assert_eq!(
+        run(&mut restored, 1, change(1, Op::Delete, 1, 100)),
+        [
+            "-D 1,10,1,100",
+            "-D 1,10,1,100",
+            "+I 1,10,_,_",
+            "+I 1,10,_,_"
+        ]
+    );
+}

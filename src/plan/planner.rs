@@ -127,6 +127,14 @@ impl<'a> Planner<'a> {
         self
     }
 
+    /// The state TTL of an operator over `input`: a STATE_TTL hint on it, else the
+    /// session's 'table.exec.state.ttl'.
+    fn ttl_of(&self, input: &LogicalPlan) -> Option<std::time::Duration> {
+        join::hinted_ttl(input)
+            .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64))
+            .or(self.state_ttl)
+    }
+
     /// Warns (NOTICE at CREATE, a line in EXPLAIN) about `operator` keeping state for
     /// every key it ever sees when no TTL bounds it.
     fn unbounded_state(&mut self, operator: &str) {
@@ -566,7 +574,7 @@ impl<'a> Planner<'a> {
         let retracting = input.changelog != ChangelogMode::InsertOnly;
         let input_arrow: SchemaRef = Arc::new(input.schema.as_arrow().clone());
         let arrow: SchemaRef = Arc::new(w.schema.as_arrow().clone());
-        let ttl = self.state_ttl;
+        let ttl = self.ttl_of(&w.input);
         let name = if limit == 1 { "Deduplicate" } else { "TopN" };
         let detail = format!(
             "first {limit} {}, order by {}",
@@ -600,7 +608,7 @@ impl<'a> Planner<'a> {
             parallelism,
             (
                 name,
-                detail.clone(),
+                format!("{detail}{}", ttl_detail(ttl)),
                 if retracting {
                     "every row of each partition"
                 } else {
@@ -643,7 +651,7 @@ impl<'a> Planner<'a> {
                 self.set_upsert_key(&mut out, key);
             }
         }
-        if !function.params.partition_by.is_empty() {
+        if !function.params.partition_by.is_empty() && ttl.is_none() {
             self.unbounded_state(&format!("{name} ({detail})"));
         }
         let mut stream = self.reapply(out, &between)?;
@@ -1298,15 +1306,16 @@ impl<'a> Planner<'a> {
         let schema = agg.schema.clone();
         let arrow: SchemaRef = Arc::new(schema.as_arrow().clone());
         let input_arrow: SchemaRef = Arc::new(input.schema.as_arrow().clone());
-        let ttl = self.state_ttl;
+        let ttl = self.ttl_of(&agg.input);
         let described = describe_aggregate(agg);
+        let detail = format!("{described}{}", ttl_detail(ttl));
         let mut out = self.operator(
             &input,
             exchange,
             parallelism,
             (
                 "GroupAggregate",
-                described.clone(),
+                detail,
                 if retracting {
                     "per key: its result and the multiset of its aggregates' argument rows"
                 } else {
@@ -1326,13 +1335,13 @@ impl<'a> Planner<'a> {
             }),
         );
         // DISTINCT over inserts only ever adds rows; everything else corrects its rows.
-        if !agg.aggr_expr.is_empty() || retracting || self.state_ttl.is_some() {
+        if !agg.aggr_expr.is_empty() || retracting || ttl.is_some() {
             self.set_updating(&mut out, format!("GroupAggregate ({described})"));
             if keyed {
                 self.set_upsert_key(&mut out, (0..agg.group_expr.len()).collect());
             }
         }
-        if keyed || retracting {
+        if (keyed || retracting) && ttl.is_none() {
             self.unbounded_state(&format!("GroupAggregate ({described})"));
         }
         Ok(out)
@@ -1575,6 +1584,13 @@ fn rank_bound(conjunct: &Expr, schema: &DFSchema, rank: usize) -> Option<usize> 
         _ => return None,
     };
     usize::try_from(limit).ok().filter(|&l| l > 0)
+}
+
+/// ", state TTL 1h" for EXPLAIN, when there is one.
+fn ttl_detail(ttl: Option<std::time::Duration>) -> String {
+    ttl.map_or(String::new(), |t| {
+        format!(", state TTL {}", join::duration(t.as_millis() as i64))
+    })
 }
 
 fn list(exprs: &[Expr]) -> String {

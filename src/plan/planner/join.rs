@@ -226,7 +226,7 @@ impl Planner<'_> {
 }
 
 /// "15s", "1h", "250ms".
-fn duration(ms: Millis) -> String {
+pub(super) fn duration(ms: Millis) -> String {
     match ms {
         0 => "0s".into(),
         v if v % 86_400_000 == 0 => format!("{}d", v / 86_400_000),
@@ -273,7 +273,7 @@ fn readable_intervals(text: &str) -> String {
 }
 
 /// The TTL a STATE_TTL hint gave the input `plan`.
-fn hinted_ttl(plan: &LogicalPlan) -> Option<Millis> {
+pub(super) fn hinted_ttl(plan: &LogicalPlan) -> Option<Millis> {
     match plan {
         LogicalPlan::SubqueryAlias(a) => {
             ttl_of_alias(a.alias.table()).or_else(|| hinted_ttl(&a.input))

@@ -1,6 +1,7 @@
 //! Differential property test for updating queries: random changelogs (inserts, upserts,
 //! UPDATEs and DELETEs on keyed tables, with FLUSHes at random points) feed materialized
-//! views of unbounded aggregates, TopN, dedup, DISTINCT, UNION ALL and joins at
+//! views of unbounded aggregates, TopN, dedup, DISTINCT, UNION ALL and joins (inner,
+//! outer, semi, anti, over aggregates) at
 //! parallelism 1 and 4; each view must end equal to the same query run in batch by
 //! DataFusion over the tables' final rows.
 //!
@@ -66,6 +67,32 @@ const SHAPES: &[(&str, &str)] = &[
         "topn over aggregate",
         "SELECT k, c FROM (SELECT k, c, ROW_NUMBER() OVER (ORDER BY c DESC, k) AS rn \
          FROM (SELECT k, count(*) AS c FROM t GROUP BY k)) WHERE rn <= 2",
+    ),
+    (
+        "inner join",
+        "SELECT t.id AS tid, u.id AS uid, t.v, u.w FROM t JOIN u ON t.k = u.k",
+    ),
+    (
+        "left join with a filter",
+        "SELECT t.id AS tid, u.id AS uid FROM t LEFT JOIN u ON t.k = u.k AND t.v > u.w",
+    ),
+    (
+        "full join",
+        "SELECT t.id AS tid, u.id AS uid, t.k AS tk, u.k AS uk FROM t FULL JOIN u ON t.k = u.k",
+    ),
+    (
+        "semi and anti joins",
+        "SELECT id, 'with' AS side FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.k = t.k) \
+         UNION ALL SELECT id, 'without' FROM t WHERE NOT EXISTS (SELECT 1 FROM u WHERE u.k = t.k)",
+    ),
+    (
+        "aggregate over join",
+        "SELECT t.k, count(*) AS c, sum(u.w) AS s FROM t JOIN u ON t.k = u.k GROUP BY t.k",
+    ),
+    (
+        "join of aggregates",
+        "SELECT a.k, a.c AS tc, b.c AS uc FROM (SELECT k, count(*) AS c FROM t GROUP BY k) a \
+         JOIN (SELECT k, count(*) AS c FROM u GROUP BY k) b ON a.k = b.k",
     ),
     (
         "aggregate over aggregate",

@@ -18,7 +18,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio_postgres::Client;
 
-use common::{diff, render, rows, try_rows, TestServer};
+use common::{case_seeds, diff, render, rows, try_rows, TestServer};
 
 const DEFAULT_CASES: u64 = 10;
 const BASE_SEED: u64 = 0x5eed_d1ff;
@@ -494,16 +494,7 @@ async fn window_queries_match_batch() {
     let server = TestServer::start(dir.path()).await;
     let client = server.connect().await;
 
-    let seeds: Vec<u64> = match std::env::var("WEIR_DIFF_SEED") {
-        Ok(s) => vec![s.parse().expect("WEIR_DIFF_SEED is a number")],
-        Err(_) => {
-            let n = std::env::var("WEIR_DIFF_CASES")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(DEFAULT_CASES);
-            (0..n).map(|i| BASE_SEED + i).collect()
-        }
-    };
+    let seeds = case_seeds(BASE_SEED, DEFAULT_CASES);
 
     let started = Instant::now();
     let mut failures = Vec::new();

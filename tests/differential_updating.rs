@@ -17,7 +17,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio_postgres::Client;
 
-use common::{diff, render, rows, try_rows, TestServer};
+use common::{case_seeds, diff, render, rows, try_rows, TestServer};
 
 const DEFAULT_CASES: u64 = 4;
 const BASE_SEED: u64 = 0xc4a9_6e10;
@@ -187,16 +187,7 @@ async fn create_views(client: &Client, suffix: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updating_queries_match_batch() {
-    let seeds: Vec<u64> = match std::env::var("WEIR_DIFF_SEED") {
-        Ok(s) => vec![s.parse().expect("WEIR_DIFF_SEED is a number")],
-        Err(_) => {
-            let n = std::env::var("WEIR_DIFF_CASES")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(DEFAULT_CASES);
-            (0..n).map(|i| BASE_SEED + i).collect()
-        }
-    };
+    let seeds = case_seeds(BASE_SEED, DEFAULT_CASES);
     let started = Instant::now();
     let mut failures = Vec::new();
     let mut checked = 0;

@@ -200,16 +200,6 @@ fn with_op(columns: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// How Flink prints each [`Op`].
-fn op_name(code: i8) -> &'static str {
-    match code {
-        c if c == Op::UpdateBefore as i8 => "-U",
-        c if c == Op::UpdateAfter as i8 => "+U",
-        c if c == Op::Delete as i8 => "-D",
-        _ => "+I",
-    }
-}
-
 impl Subscription {
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
@@ -292,7 +282,7 @@ impl Subscription {
         }
         let ops: ArrayRef = Arc::new(match &change.ops {
             None => StringArray::from(vec!["+I"; n]),
-            Some(ops) => StringArray::from_iter_values(ops.values().iter().map(|c| op_name(*c))),
+            Some(ops) => StringArray::from_iter_values(ops.values().iter().map(|c| Op::name(*c))),
         });
         let columns = std::iter::once(ops)
             .chain(change.rows.columns().iter().cloned())

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::arrow::row::OwnedRow;
 use datafusion::common::Result;
 
 use super::message::ChangeBatch;
@@ -26,13 +26,7 @@ pub fn apply(
         );
         return Ok(current);
     }
-    let converter = RowConverter::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect(),
-    )?;
+    let converter = super::row_converter(schema.fields())?;
     let mut counts: HashMap<OwnedRow, i64> = HashMap::new();
     let mut order: Vec<OwnedRow> = Vec::new();
     let mut add = |row: OwnedRow, delta: i64| {

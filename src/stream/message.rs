@@ -43,6 +43,16 @@ pub enum Op {
 }
 
 impl Op {
+    /// How Flink prints a change: +I, -U, +U, -D.
+    pub fn name(code: i8) -> &'static str {
+        match code {
+            c if c == Op::UpdateBefore as i8 => "-U",
+            c if c == Op::UpdateAfter as i8 => "+U",
+            c if c == Op::Delete as i8 => "-D",
+            _ => "+I",
+        }
+    }
+
     /// Whether the row is taken away (-U, -D) rather than added (+I, +U).
     pub fn retracts(code: i8) -> bool {
         code == Op::UpdateBefore as i8 || code == Op::Delete as i8
@@ -159,4 +169,30 @@ pub enum Message {
     Active,
     /// The input is finished; acts as a watermark at the end of time.
     End,
+}
+
+/// Rows of `out` as "op v,v,..." lines in emission order (NULL as `_`), for tests.
+#[cfg(test)]
+pub fn change_lines(out: &[ChangeBatch]) -> Vec<String> {
+    use datafusion::arrow::util::display::array_value_to_string;
+    let mut lines = Vec::new();
+    for b in out {
+        for i in 0..b.num_rows() {
+            let op = b.ops.as_ref().map_or(0, |o| o.value(i));
+            let values: Vec<String> = b
+                .rows
+                .columns()
+                .iter()
+                .map(|c| {
+                    if c.is_null(i) {
+                        "_".to_string()
+                    } else {
+                        array_value_to_string(c, i).expect("printable")
+                    }
+                })
+                .collect();
+            lines.push(format!("{} {}", Op::name(op), values.join(",")));
+        }
+    }
+    lines
 }

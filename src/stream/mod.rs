@@ -42,3 +42,16 @@ pub fn batch_of(
         )?,
     )
 }
+
+/// A RowConverter for rows of `fields`, ordered as arrow orders them by default: for keys
+/// compared and hashed by their bytes.
+pub fn row_converter(
+    fields: &[datafusion::arrow::datatypes::FieldRef],
+) -> datafusion::common::Result<datafusion::arrow::row::RowConverter> {
+    Ok(datafusion::arrow::row::RowConverter::new(
+        fields
+            .iter()
+            .map(|f| datafusion::arrow::row::SortField::new(f.data_type().clone()))
+            .collect(),
+    )?)
+}

@@ -110,3 +110,18 @@ pub fn diff(expected: &[String], actual: &[String]) -> String {
     }
     out
 }
+
+/// Seeds of a property test's cases: `WEIR_DIFF_SEED` alone, or `WEIR_DIFF_CASES` (else
+/// `default_cases`) seeds from `base`.
+pub fn case_seeds(base: u64, default_cases: u64) -> Vec<u64> {
+    match std::env::var("WEIR_DIFF_SEED") {
+        Ok(s) => vec![s.parse().expect("WEIR_DIFF_SEED is a number")],
+        Err(_) => {
+            let n = std::env::var("WEIR_DIFF_CASES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(default_cases);
+            (0..n).map(|i| base + i).collect()
+        }
+    }
+}

@@ -82,14 +82,7 @@ impl GroupAggregate {
         retracting: bool,
         ttl: Option<Duration>,
     ) -> Result<Self> {
-        let key_converter = RowConverter::new(
-            calls
-                .key_schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let key_converter = crate::stream::row_converter(calls.key_schema.fields())?;
         let values = if retracting {
             // A leading constant column: a row exists even for aggregates without
             // arguments.
@@ -111,12 +104,7 @@ impl GroupAggregate {
         };
         let n_keys = calls.key_schema.fields().len();
         let output_keys = if keyed { n_keys } else { 0 };
-        let value_converter = RowConverter::new(
-            schema.fields()[output_keys..]
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let value_converter = crate::stream::row_converter(&schema.fields()[output_keys..])?;
         Ok(Self {
             groups: new_group_values(calls.key_schema.clone(), &GroupOrdering::None)?,
             keys: key_converter.empty_rows(0, 0),
@@ -719,44 +707,8 @@ mod tests {
         }
     }
 
-    /// Emitted rows as "op k n top" lines.
     fn lines(out: &[ChangeBatch]) -> Vec<String> {
-        let mut lines = Vec::new();
-        for b in out {
-            let k = b
-                .rows
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            let n = b
-                .rows
-                .column(1)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap();
-            let top = b
-                .rows
-                .column(2)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap();
-            for i in 0..b.num_rows() {
-                let op = match b.ops.as_ref().map_or(0, |o| o.value(i)) {
-                    0 => "+I",
-                    1 => "-U",
-                    2 => "+U",
-                    _ => "-D",
-                };
-                let top = if top.is_null(i) {
-                    "NULL".to_string()
-                } else {
-                    top.value(i).to_string()
-                };
-                lines.push(format!("{op} {} {} {top}", k.value(i), n.value(i)));
-            }
-        }
-        lines
+        crate::stream::message::change_lines(out)
     }
 
     #[test]
@@ -774,7 +726,7 @@ mod tests {
         )
         .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["+I a 2 9", "+I b 1 1"]);
+        assert_eq!(lines(&out), ["+I a,2,9", "+I b,1,1"]);
         out.clear();
         // max must fall back to 5 when 9 is retracted; b loses its only row.
         op.process(
@@ -784,7 +736,7 @@ mod tests {
         )
         .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["-U a 2 9", "-D b 1 1", "+U a 1 5"]);
+        assert_eq!(lines(&out), ["-U a,2,9", "-D b,1,1", "+U a,1,5"]);
         out.clear();
         // A key that changes and changes back within an epoch emits nothing.
         op.process(
@@ -799,7 +751,7 @@ mod tests {
         op.process(0, batch(&[("b", 4, Op::Insert)]), &mut out)
             .unwrap();
         op.on_end(&mut out).unwrap();
-        assert_eq!(lines(&out), ["+I b 1 4"]);
+        assert_eq!(lines(&out), ["+I b,1,4"]);
     }
 
     #[test]
@@ -813,26 +765,26 @@ mod tests {
         )
         .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["+I a 1 5", "+I b 1 2"]);
+        assert_eq!(lines(&out), ["+I a,1,5", "+I b,1,2"]);
         out.clear();
         op.process(0, batch(&[("a", 8, Op::Insert)]), &mut out)
             .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["-U a 1 5", "+U a 2 8"]);
+        assert_eq!(lines(&out), ["-U a,1,5", "+U a,2,8"]);
         out.clear();
         let full = op.state_size();
         std::thread::sleep(Duration::from_millis(80));
         op.process(0, batch(&[("a", 1, Op::Insert)]), &mut out)
             .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["-U a 2 8", "+U a 3 8"]);
+        assert_eq!(lines(&out), ["-U a,2,8", "+U a,3,8"]);
         out.clear();
         assert!(op.state_size() < full, "{} !< {full}", op.state_size());
         // b was forgotten: it starts over, silently for its old row (Flink's TTL).
         op.process(0, batch(&[("b", 3, Op::Insert)]), &mut out)
             .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["+I b 1 3"]);
+        assert_eq!(lines(&out), ["+I b,1,3"]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use datafusion::arrow::array::{ArrayRef, UInt32Array};
 use datafusion::arrow::compute::{concat, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::arrow::row::{OwnedRow, RowConverter};
 use datafusion::common::Result;
 
 use super::grouped::{AggregateCalls, Grouped, Partial};
@@ -67,14 +67,7 @@ impl SessionAggregate {
         output: Vec<OutputColumn>,
         schema: SchemaRef,
     ) -> Result<Self> {
-        let converter = RowConverter::new(
-            calls
-                .key_schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let converter = crate::stream::row_converter(calls.key_schema.fields())?;
         Ok(Self {
             calls,
             gap,

@@ -82,13 +82,7 @@ impl TopN {
                 })
                 .collect::<Result<Vec<_>>>()?,
         )?;
-        let row_converter = RowConverter::new(
-            input
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let row_converter = crate::stream::row_converter(input.fields())?;
         Ok(Self {
             partition_by,
             order_by,
@@ -358,7 +352,7 @@ impl Operator for TopN {
 
 #[cfg(test)]
 mod tests {
-    use datafusion::arrow::array::{Array, StringArray};
+    use datafusion::arrow::array::StringArray;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use datafusion::physical_expr::expressions::Column;
 
@@ -410,38 +404,7 @@ mod tests {
     }
 
     fn lines(out: &[ChangeBatch]) -> Vec<String> {
-        let mut lines = Vec::new();
-        for b in out {
-            let game = b
-                .rows
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            let score = b
-                .rows
-                .column(1)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap();
-            let rank = b
-                .rows
-                .column(2)
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .unwrap();
-            for i in 0..b.num_rows() {
-                let op =
-                    ["+I", "-U", "+U", "-D"][b.ops.as_ref().map_or(0, |o| o.value(i)) as usize];
-                lines.push(format!(
-                    "{op} {} {} {}",
-                    game.value(i),
-                    score.value(i),
-                    rank.value(i)
-                ));
-            }
-        }
-        lines
+        crate::stream::message::change_lines(out)
     }
 
     #[test]
@@ -459,14 +422,14 @@ mod tests {
         )
         .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["+I go 9 1", "+I go 5 2"]);
+        assert_eq!(lines(&out), ["+I go,9,1", "+I go,5,2"]);
         out.clear();
         op.process(0, batch(&[("go", 9, Op::Delete)]), &mut out)
             .unwrap();
         op.on_barrier(&mut out).unwrap();
         assert_eq!(
             lines(&out),
-            ["-U go 9 1", "-U go 5 2", "+U go 5 1", "+U go 1 2"]
+            ["-U go,9,1", "-U go,5,2", "+U go,5,1", "+U go,1,2"]
         );
         out.clear();
         op.process(
@@ -476,7 +439,7 @@ mod tests {
         )
         .unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["-D go 5 1", "-D go 1 2"]);
+        assert_eq!(lines(&out), ["-D go,5,1", "-D go,1,2"]);
         assert_eq!(op.state_size(), 0);
     }
 
@@ -487,7 +450,7 @@ mod tests {
         let rows: Vec<(&str, i64, Op)> = (0..100).map(|i| ("go", i, Op::Insert)).collect();
         op.process(0, batch(&rows), &mut out).unwrap();
         op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["+I go 99 1", "+I go 98 2"]);
+        assert_eq!(lines(&out), ["+I go,99,1", "+I go,98,2"]);
         assert_eq!(
             op.partitions.values().map(|p| p.rows.len()).sum::<usize>(),
             2
@@ -529,11 +492,11 @@ mod tests {
         assert_eq!(
             lines(&a),
             [
-                "-U chess 3 1",
-                "-U go 7 1",
-                "+U chess 4 1",
-                "+I chess 3 2",
-                "+U go 6 1"
+                "-U chess,3,1",
+                "-U go,7,1",
+                "+U chess,4,1",
+                "+I chess,3,2",
+                "+U go,6,1"
             ]
         );
     }

@@ -1,10 +1,9 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array, Int8Array};
+use datafusion::arrow::array::{ArrayRef, Int64Array, Int8Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::logical_expr::Operator as BinOp;
 use datafusion::physical_expr::expressions::{binary, lit, Column};
 use datafusion::physical_expr::PhysicalExpr;
@@ -100,32 +99,8 @@ fn change(side: usize, op: Op, k: i64, v: i64) -> ChangeBatch {
     batch(side, &[(Some(k), v)], op)
 }
 
-fn op_name(code: i8) -> &'static str {
-    ["+I", "-U", "+U", "-D"][code as usize]
-}
-
-/// Output rows as "op v,v,..." lines, in emission order.
 fn lines(out: &[ChangeBatch]) -> Vec<String> {
-    let mut lines = Vec::new();
-    for b in out {
-        for i in 0..b.num_rows() {
-            let op = b.ops.as_ref().map_or(0, |o: &Int8Array| o.value(i));
-            let values: Vec<String> = b
-                .rows
-                .columns()
-                .iter()
-                .map(|c| {
-                    if c.is_null(i) {
-                        "_".to_string()
-                    } else {
-                        array_value_to_string(c, i).unwrap()
-                    }
-                })
-                .collect();
-            lines.push(format!("{} {}", op_name(op), values.join(",")));
-        }
-    }
-    lines
+    crate::stream::message::change_lines(out)
 }
 
 fn run(op: &mut StreamJoin, input: usize, batch: ChangeBatch) -> Vec<String> {

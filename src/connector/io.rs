@@ -38,6 +38,12 @@ pub trait SplitReader: Send {
 pub trait SinkWriter: Send {
     async fn write(&mut self, batch: RecordBatch) -> Result<()>;
 
+    /// Rows with their changes. Sinks that take inserts only never see retractions (the
+    /// planner refuses updating queries for them): by default the rows are written.
+    async fn write_changes(&mut self, batch: ChangeBatch) -> Result<()> {
+        self.write(batch.rows).await
+    }
+
     /// Makes everything written so far visible to readers of the sink (called at every
     /// barrier and at the end of the input).
     async fn flush(&mut self) -> Result<()>;

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use arrow::array::Array;
+use arrow::array::{Array, Int8Array};
 use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -14,6 +14,7 @@ use weir_catalog::TableDef;
 use super::factory::{opt_bool, to_df};
 use super::io::SinkWriter;
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
+use crate::stream::message::{ChangeBatch, Op};
 
 pub struct PrintSink {
     prefix: String,
@@ -39,6 +40,15 @@ impl PrintSink {
 
     /// The batch as Flink prints rows: `+I[1, abc, 2023-11-14 09:00:00.123]`, one a line.
     pub fn format(&self, batch: &RecordBatch) -> SqlResult<String> {
+        self.format_changes(batch, None)
+    }
+
+    /// Rows with their changes: `-U[...]`, `+U[...]`, `-D[...]` as well.
+    pub fn format_changes(
+        &self,
+        batch: &RecordBatch,
+        ops: Option<&Int8Array>,
+    ) -> SqlResult<String> {
         let columns: Vec<ArrayFormatter> = batch
             .columns()
             .iter()
@@ -47,7 +57,8 @@ impl PrintSink {
         let mut out = String::new();
         for row in 0..batch.num_rows() {
             out.push_str(&self.prefix);
-            out.push_str("+I[");
+            out.push_str(Op::name(ops.map_or(0, |o| o.value(row))));
+            out.push('[');
             for (i, c) in columns.iter().enumerate() {
                 if i > 0 {
                     out.push_str(", ");
@@ -78,7 +89,13 @@ fn options(data_type: &DataType) -> FormatOptions<'static> {
 #[async_trait]
 impl SinkWriter for PrintSink {
     async fn write(&mut self, batch: RecordBatch) -> Result<()> {
-        let text = self.format(&batch).map_err(to_df)?;
+        self.write_changes(ChangeBatch::new(batch)).await
+    }
+
+    async fn write_changes(&mut self, batch: ChangeBatch) -> Result<()> {
+        let text = self
+            .format_changes(&batch.rows, batch.ops.as_ref())
+            .map_err(to_df)?;
         let written = if self.stderr {
             std::io::stderr().lock().write_all(text.as_bytes())
         } else {
@@ -159,6 +176,13 @@ mod tests {
         );
         let sink = PrintSink::open(&def, Some(1)).unwrap();
         assert!(sink.format(&batch).unwrap().starts_with("out:2> +I[1, "));
+        // Updating queries print their changes.
+        let ops = Int8Array::from(vec![Op::UpdateBefore as i8, Op::Delete as i8]);
+        let sink = PrintSink::open(&def, None).unwrap();
+        assert_eq!(
+            sink.format_changes(&batch, Some(&ops)).unwrap(),
+            "out> -U[1, abc, 2023-11-14 09:00:00.123]\nout> -D[2, NULL, 2023-11-14 09:00:00.000]\n"
+        );
         let plain = table(&cols, &[("connector", "print")]);
         let sink = PrintSink::open(&plain, None).unwrap();
         assert!(sink.format(&batch).unwrap().starts_with("+I[1, abc"));

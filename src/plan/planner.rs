@@ -194,11 +194,12 @@ impl<'a> Planner<'a> {
     pub fn plan(mut self, plan: &LogicalPlan, sink: SinkKind) -> Result<StreamGraph> {
         let plan = self.state.optimize(plan)?;
         let stream = self.plan_node(&plan)?;
-        // A blackhole takes anything, and a table of Weir's log with a primary key takes
-        // updates; other sinks write rows as they come.
+        // A blackhole takes anything, print prints changes as Flink does (-U[...]), and a
+        // table of Weir's log with a primary key takes updates; other sinks write rows
+        // as they come.
         let takes_updates = match &sink {
             SinkKind::Log(def) => !def.primary_key.is_empty(),
-            SinkKind::Connector(def) => def.connector() == Some("blackhole"),
+            SinkKind::Connector(def) => matches!(def.connector(), Some("blackhole" | "print")),
             _ => true,
         };
         if let (SinkKind::Log(def) | SinkKind::Connector(def), false) = (&sink, takes_updates) {

@@ -45,7 +45,7 @@ impl Sink {
                 .send(Ok(batch))
                 .await
                 .map_err(|_| DataFusionError::Execution("the query was cancelled".into())),
-            (_, Some(writer)) => writer.write(batch.rows).await,
+            (_, Some(writer)) => writer.write_changes(batch).await,
             _ => {
                 self.pending.push(batch);
                 Ok(())

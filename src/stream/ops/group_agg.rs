@@ -9,9 +9,10 @@
 //! - insert-only input: DataFusion GroupsAccumulators fold rows in as they come; at the
 //!   barrier the changed keys' partial states are merged into fresh accumulators and
 //!   evaluated, so every aggregate DataFusion has works, with no retraction support.
-//! - retracting input: each key keeps the multiset of its aggregates' argument rows; a
-//!   changed key is recomputed from it. Correct for every aggregate (min, max, count
-//!   DISTINCT, string_agg ...), at a cost that grows with the key's distinct rows.
+//! - retracting input: count and sum fold added and retracted rows into two accumulators
+//!   each and subtract (see `signed`); every other aggregate (min, max, count DISTINCT,
+//!   string_agg ...) keeps the multiset of its argument rows per key and a changed key is
+//!   recomputed from it, at a cost that grows with the key's distinct rows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +31,9 @@ use datafusion::physical_plan::aggregates::group_values::{new_group_values, Grou
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use super::grouped::AggregateCalls;
+use signed::Signed;
+
+mod signed;
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
@@ -38,10 +42,13 @@ use crate::stream::snapshot;
 enum Values {
     Accumulators(Vec<Box<dyn GroupsAccumulator>>),
     Multisets {
-        /// Argument columns of every aggregate, then a boolean per FILTER.
+        /// A constant, then the argument columns of every aggregate without a signed
+        /// form, with a boolean per FILTER.
         converter: RowConverter,
         /// Per group: argument row -> how many times it is present.
         rows: Vec<HashMap<OwnedRow, i64>>,
+        /// Per aggregate: its signed form (count, sum), which needs no argument rows.
+        signed: Vec<Option<Signed>>,
     },
 }
 
@@ -84,10 +91,18 @@ impl GroupAggregate {
     ) -> Result<Self> {
         let key_converter = crate::stream::row_converter(calls.key_schema.fields())?;
         let values = if retracting {
+            let signed = calls
+                .aggregates
+                .iter()
+                .map(|agg| Signed::try_new(agg, &input))
+                .collect::<Result<Vec<_>>>()?;
             // A leading constant column: a row exists even for aggregates without
             // arguments.
             let mut fields = vec![SortField::new(DataType::Boolean)];
             for (i, agg) in calls.aggregates.iter().enumerate() {
+                if signed[i].is_some() {
+                    continue;
+                }
                 for e in agg.expressions() {
                     fields.push(SortField::new(e.data_type(&input)?));
                 }
@@ -98,6 +113,7 @@ impl GroupAggregate {
             Values::Multisets {
                 converter: RowConverter::new(fields)?,
                 rows: Vec::new(),
+                signed,
             }
         } else {
             Values::Accumulators(calls.new_accumulators()?)
@@ -152,18 +168,22 @@ impl GroupAggregate {
             self.emitted.resize(after, None);
             self.touched.resize(after, Instant::now());
             self.changed.resize(after, false);
-            if let Values::Multisets { rows, .. } = &mut self.values {
+            if let Values::Multisets { rows, signed, .. } = &mut self.values {
                 rows.resize_with(after, HashMap::new);
+                for s in signed.iter_mut().flatten() {
+                    s.resize(after)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// A constant, then the argument columns of every aggregate (and FILTER masks).
-    fn argument_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+    /// A constant, then the argument columns of every aggregate kept as rows (and FILTER
+    /// masks).
+    fn argument_columns(&self, batch: &RecordBatch, signed: &[bool]) -> Result<Vec<ArrayRef>> {
         let mut columns: Vec<ArrayRef> =
             vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()]))];
-        for i in 0..self.calls.aggregates.len() {
+        for (i, _) in signed.iter().enumerate().filter(|(_, signed)| !**signed) {
             columns.extend(self.calls.arguments(i, batch)?);
             if let Some(mask) = self.calls.filter(i, batch)? {
                 columns.push(Arc::new(mask));
@@ -195,7 +215,11 @@ impl GroupAggregate {
                     new.merge_batch(&picked, &local, k)?;
                 }
             }
-            Values::Multisets { converter, rows } => {
+            Values::Multisets {
+                converter,
+                rows,
+                signed,
+            } => {
                 let mut local = Vec::new();
                 let mut picked = converter.empty_rows(0, 0);
                 for (l, &g) in groups.iter().enumerate() {
@@ -209,6 +233,9 @@ impl GroupAggregate {
                 let columns = converter.convert_rows(picked.iter())?;
                 let mut at = 1;
                 for (i, acc) in fresh.iter_mut().enumerate() {
+                    if signed[i].is_some() {
+                        continue;
+                    }
                     let n = self.calls.aggregates[i].expressions().len();
                     let args = &columns[at..at + n];
                     at += n;
@@ -233,7 +260,17 @@ impl GroupAggregate {
         }
         // Groups without rows still get a value (count 0, sum NULL).
         size_groups(&self.calls, &self.input, &mut fresh, k)?;
-        fresh.iter_mut().map(|a| a.evaluate(EmitTo::All)).collect()
+        let n = self.groups.len();
+        let mut values = Vec::with_capacity(fresh.len());
+        for (i, acc) in fresh.iter_mut().enumerate() {
+            values.push(match &mut self.values {
+                Values::Multisets { signed, .. } if signed[i].is_some() => {
+                    signed[i].as_mut().expect("signed").evaluate(groups, n)?
+                }
+                _ => acc.evaluate(EmitTo::All)?,
+            });
+        }
+        Ok(values)
     }
 
     /// Emits the changed groups' new results against what was emitted before.
@@ -374,6 +411,7 @@ impl GroupAggregate {
         let picked = UInt32Array::from_iter_values(keep.iter().map(|&g| g as u32));
         let k = keep.len();
         let local: Vec<usize> = (0..k).collect();
+        let n = self.groups.len();
         let key_columns = self.groups.emit(EmitTo::All)?;
         let key_columns = key_columns
             .iter()
@@ -393,9 +431,12 @@ impl GroupAggregate {
                     acc.merge_batch(&state, &local, k)?;
                 }
             }
-            Values::Multisets { rows, .. } => {
+            Values::Multisets { rows, signed, .. } => {
                 let mut old = std::mem::take(rows);
                 *rows = keep.iter().map(|&g| std::mem::take(&mut old[g])).collect();
+                for s in signed.iter_mut().flatten() {
+                    s.compact(&picked, n)?;
+                }
             }
         }
         let mut keys = self.key_converter.empty_rows(k, 0);
@@ -476,13 +517,40 @@ impl Operator for GroupAggregate {
                     self.mark(g, now);
                 }
             }
-            Values::Multisets { .. } => {
-                let columns = self.argument_columns(&batch.rows)?;
-                let Values::Multisets { converter, rows } = &mut self.values else {
+            Values::Multisets { signed, .. } => {
+                let is_signed: Vec<bool> = signed.iter().map(Option::is_some).collect();
+                if is_signed.iter().any(|s| *s) {
+                    let retracts = BooleanArray::from_iter(
+                        (0..batch.num_rows()).map(|i| Some(batch.retracts(i))),
+                    );
+                    for i in 0..is_signed.len() {
+                        if !is_signed[i] {
+                            continue;
+                        }
+                        let args = self.calls.arguments(i, &batch.rows)?;
+                        let filter = self.calls.filter(i, &batch.rows)?;
+                        let Values::Multisets { signed, .. } = &mut self.values else {
+                            unreachable!()
+                        };
+                        signed[i].as_mut().expect("signed").update(
+                            &args,
+                            filter.as_ref(),
+                            &retracts,
+                            &self.indices,
+                            total,
+                        )?;
+                    }
+                }
+                let columns = self.argument_columns(&batch.rows, &is_signed)?;
+                let Values::Multisets {
+                    converter, rows, ..
+                } = &mut self.values
+                else {
                     unreachable!()
                 };
-                // DISTINCT has nothing to aggregate: the row counts say it all.
-                let encoded = if self.calls.aggregates.is_empty() {
+                // Nothing to keep as rows (DISTINCT, or signed aggregates only): the row
+                // counts say it all.
+                let encoded = if is_signed.iter().all(|s| *s) {
                     None
                 } else {
                     Some(converter.convert_columns(&columns)?)
@@ -543,7 +611,10 @@ impl Operator for GroupAggregate {
                     columns.extend(state);
                 }
             }
-            Values::Multisets { rows, .. } => {
+            Values::Multisets { rows, signed, .. } => {
+                for s in signed.iter_mut().flatten() {
+                    columns.extend(s.state(n)?);
+                }
                 let entries = rows
                     .iter()
                     .enumerate()
@@ -578,7 +649,10 @@ impl Operator for GroupAggregate {
                 let groups = downcast::<UInt32Array>(&columns[0])?;
                 let bytes = downcast::<BinaryArray>(&columns[1])?;
                 let counts = downcast::<Int64Array>(&columns[2])?;
-                let Values::Multisets { converter, rows } = &mut self.values else {
+                let Values::Multisets {
+                    converter, rows, ..
+                } = &mut self.values
+                else {
                     return Err(DataFusionError::Internal(
                         "argument rows for an aggregate over inserts".into(),
                     ));
@@ -609,13 +683,21 @@ impl Operator for GroupAggregate {
                     self.mark(g, Instant::now());
                 }
             }
-            if let Values::Accumulators(accumulators) = &mut self.values {
-                let all: Vec<usize> = (0..n).collect();
-                let mut at = 4;
-                for (i, acc) in accumulators.iter_mut().enumerate() {
-                    let width = self.calls.aggregates[i].state_fields()?.len();
-                    acc.merge_batch(&columns[at..at + width], &all, n)?;
-                    at += width;
+            match &mut self.values {
+                Values::Accumulators(accumulators) => {
+                    let all: Vec<usize> = (0..n).collect();
+                    let mut at = 4;
+                    for (i, acc) in accumulators.iter_mut().enumerate() {
+                        let width = self.calls.aggregates[i].state_fields()?.len();
+                        acc.merge_batch(&columns[at..at + width], &all, n)?;
+                        at += width;
+                    }
+                }
+                Values::Multisets { signed, .. } => {
+                    let mut at = 4;
+                    for s in signed.iter_mut().flatten() {
+                        at += s.restore(&columns[at..], n)?;
+                    }
                 }
             }
         }
@@ -625,10 +707,13 @@ impl Operator for GroupAggregate {
     fn state_size(&self) -> usize {
         let values = match &self.values {
             Values::Accumulators(accs) => accs.iter().map(|a| a.size()).sum::<usize>(),
-            Values::Multisets { rows, .. } => rows
-                .iter()
-                .map(|set| set.keys().map(|r| r.as_ref().len() + 48).sum::<usize>())
-                .sum(),
+            Values::Multisets { rows, signed, .. } => {
+                signed.iter().flatten().map(Signed::size).sum::<usize>()
+                    + rows
+                        .iter()
+                        .map(|set| set.keys().map(|r| r.as_ref().len() + 48).sum::<usize>())
+                        .sum::<usize>()
+            }
         };
         self.groups.size()
             + self.keys.size()

@@ -35,19 +35,7 @@ impl AggregateCalls {
 
     /// One fresh accumulator per aggregate call.
     pub fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
-        self.aggregates
-            .iter()
-            .map(|agg| -> Result<Box<dyn GroupsAccumulator>> {
-                if agg.groups_accumulator_supported() {
-                    agg.create_groups_accumulator()
-                } else {
-                    let agg = agg.clone();
-                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
-                        agg.create_accumulator()
-                    })))
-                }
-            })
-            .collect()
+        self.aggregates.iter().map(accumulator_of).collect()
     }
 
     /// The argument columns of aggregate `i` over `batch`.
@@ -82,6 +70,19 @@ impl AggregateCalls {
             .iter()
             .map(|k| k.evaluate(batch)?.into_array(batch.num_rows()))
             .collect()
+    }
+}
+
+/// A fresh grouped accumulator of `agg` (DataFusion's row accumulators adapted when the
+/// function has no grouped one).
+pub fn accumulator_of(agg: &Arc<AggregateFunctionExpr>) -> Result<Box<dyn GroupsAccumulator>> {
+    if agg.groups_accumulator_supported() {
+        agg.create_groups_accumulator()
+    } else {
+        let agg = agg.clone();
+        Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+            agg.create_accumulator()
+        })))
     }
 }
 

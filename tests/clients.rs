@@ -1,5 +1,6 @@
 //! Real client programs against a real server: psql's meta-commands, and Python's
-//! psycopg 3 and SQLAlchemy (tests/clients/python_clients.py).
+//! psycopg 3 (with a server-side cursor following a view through SUBSCRIBE) and
+//! SQLAlchemy (tests/clients/python_clients.py).
 //!
 //! These need psql and the Python packages, which `.ci/run` installs. Where they are
 //! missing outside CI the tests say so and pass; under CI (CI=true) they fail.

@@ -1,4 +1,5 @@
-"""Weir through Python's drivers: psycopg 3 (both protocols) and SQLAlchemy's inspector.
+"""Weir through Python's drivers: psycopg 3 (both protocols, server-side cursors over
+SUBSCRIBE) and SQLAlchemy's inspector.
 
 Run by tests/clients.rs against a fresh server: python3 python_clients.py PORT
 Exits non-zero with a message on the first mismatch.
@@ -63,6 +64,37 @@ def psycopg_round_trip(dsn):
         check(conn.execute("SHOW TimeZone").fetchone(), ("UTC",), "psycopg SHOW")
 
 
+def psycopg_follows_a_view(dsn):
+    """A server-side cursor over SUBSCRIBE: how psycopg (and JDBC) follow a view."""
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        writer.execute(
+            "CREATE TABLE py_clicks (id BIGINT, item STRING, PRIMARY KEY (id) NOT ENFORCED)")
+        writer.execute(
+            "CREATE MATERIALIZED VIEW py_per_item AS "
+            "SELECT item, count(*) AS n FROM py_clicks GROUP BY item")
+        writer.execute("INSERT INTO py_clicks VALUES (1, 'tea'), (2, 'jam')")
+        writer.execute("FLUSH")
+        with psycopg.connect(dsn) as reader:
+            # A named cursor: DECLARE "feed" CURSOR FOR ..., then FETCH FORWARD n FROM "feed".
+            with reader.cursor(name="feed") as feed:
+                feed.execute("SUBSCRIBE TO py_per_item")
+                check(sorted(feed.fetchmany(10)), [("+I", "jam", 1), ("+I", "tea", 1)],
+                      "SUBSCRIBE snapshot")
+                # One statement (so one epoch): a new click, and an upsert that moves
+                # click 2 from jam to tea.
+                writer.execute("INSERT INTO py_clicks VALUES (2, 'tea'), (3, 'tea')")
+                writer.execute("FLUSH")
+                changes = []
+                while len(changes) < 3:
+                    changes += feed.fetchmany(10)
+                check(sorted(changes), [("+U", "tea", 3), ("-D", "jam", 1), ("-U", "tea", 1)],
+                      "SUBSCRIBE changes")
+                # With a timeout, FETCH returns what there is: nothing.
+                waited = reader.execute("FETCH 10 FROM feed WITH (timeout = '100ms')").fetchall()
+                check(waited, [], "FETCH with a timeout")
+            reader.rollback()
+
+
 def sqlalchemy_inspector(port):
     engine = sqlalchemy.create_engine(f"postgresql+psycopg://weir@127.0.0.1:{port}/weir")
     with engine.connect() as conn:
@@ -82,8 +114,10 @@ def sqlalchemy_inspector(port):
 
 def main():
     port = sys.argv[1]
-    psycopg_round_trip(f"host=127.0.0.1 port={port} user=weir dbname=weir")
+    dsn = f"host=127.0.0.1 port={port} user=weir dbname=weir"
+    psycopg_round_trip(dsn)
     sqlalchemy_inspector(port)
+    psycopg_follows_a_view(dsn)
     print("python clients ok")
 
 

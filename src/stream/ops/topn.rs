@@ -109,7 +109,7 @@ impl TopN {
 
     /// The partition's current top rows, a row present twice taking two ranks.
     fn top(&self, partition: &Partition) -> Vec<OwnedRow> {
-        let mut top = Vec::with_capacity(self.limit);
+        let mut top = Vec::with_capacity(self.limit.min(partition.rows.len()));
         'rows: for ((_, row), &count) in &partition.rows {
             for _ in 0..count.max(0) {
                 if top.len() == self.limit {

@@ -1,4 +1,5 @@
-//! Throughput of the Nexmark bid stream through window aggregates, end to end through a
+//! Throughput of the Nexmark bid stream through window aggregates and an unbounded GROUP BY,
+//! end to end through a
 //! Weir server started in this process.
 //!
 //! ```sh
@@ -55,6 +56,11 @@ const QUERIES: &[Query] = &[
                  FROM TABLE(HOP(TABLE bid, DESCRIPTOR(date_time), INTERVAL '2' SECOND, \
                  INTERVAL '10' SECOND)) \
                  GROUP BY window_start, window_end, auction",
+    },
+    Query {
+        name: "group",
+        sink_columns: "auction BIGINT, bids BIGINT",
+        select: "SELECT auction, count(*) AS bids FROM bid GROUP BY auction",
     },
 ];
 
@@ -198,10 +204,9 @@ fn main() {
         rows(&client, "SET 'table.dml-sync' = 'true'").await;
         let mut runs = Vec::new();
         for name in &args.queries {
-            let query = QUERIES
-                .iter()
-                .find(|q| q.name == name)
-                .unwrap_or_else(|| panic!("no query {name}; there are pass-through, tumble, hop"));
+            let query = QUERIES.iter().find(|q| q.name == name).unwrap_or_else(|| {
+                panic!("no query {name}; there are pass-through, tumble, hop, group")
+            });
             let sink = format!("sink_{}", query.name.replace('-', "_"));
             rows(
                 &client,

@@ -1,6 +1,5 @@
-//! Throughput of the Nexmark bid stream through window aggregates and an unbounded GROUP BY,
-//! end to end through a
-//! Weir server started in this process.
+//! Throughput of the Nexmark bid stream through window aggregates and an unbounded
+//! GROUP BY, end to end through a Weir server started in this process.
 //!
 //! ```sh
 //! cargo bench --bench window_throughput --no-run              # build only

@@ -3,14 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{rows, TestServer};
+use common::{rows, TestServer, WeirProcess};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_and_rows_survive_a_clean_restart() {
@@ -68,53 +66,6 @@ async fn catalog_and_rows_survive_a_clean_restart() {
         vec![vec!["0".to_string()]]
     );
     server.stop().await;
-}
-
-/// The `weir` binary as a child process.
-struct WeirProcess {
-    child: Child,
-    port: u16,
-}
-
-impl WeirProcess {
-    fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("weir starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let port = loop {
-            let line = lines
-                .next()
-                .expect("weir logs where it listens")
-                .expect("readable log");
-            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, port }
-    }
-
-    /// SIGKILL: no chance to flush or close anything.
-    fn kill_9(self) {
-        drop(self);
-    }
-}
-
-/// SIGKILL on drop, so a test that fails half-way leaves no server running.
-impl Drop for WeirProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,13 @@
 //! Runs every `sql-tests/**/*.slt` file over the real pgwire endpoint, once with the
 //! extended protocol (prepared statements, binary results) and once with the simple one.
+//! The streaming and updating files run a third time against a server process that is
+//! killed (SIGKILL) and restarted after every FLUSH, at parallelism 2: each pipeline
+//! must resume from its checkpoint and give the same rows.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use sqllogictest::{DBOutput, DefaultColumnType};
@@ -19,6 +23,38 @@ enum Protocol {
 struct Weir {
     client: Client,
     protocol: Protocol,
+    /// Kill mode: the server is killed and restarted after every FLUSH.
+    restarts: Option<Arc<Restarts>>,
+    /// The session's SET statements, replayed on the new connection after a restart.
+    settings: Vec<String>,
+}
+
+/// The server process of a kill-mode run.
+struct Restarts {
+    process: Mutex<Option<common::WeirProcess>>,
+    data_dir: PathBuf,
+}
+
+impl Restarts {
+    fn port(&self) -> u16 {
+        self.process.lock().unwrap().as_ref().expect("running").port
+    }
+
+    async fn kill_and_restart(self: &Arc<Self>) -> u16 {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut process = this.process.lock().unwrap();
+            if let Some(p) = process.take() {
+                p.kill_9();
+            }
+            let started = common::WeirProcess::start(&this.data_dir);
+            let port = started.port;
+            *process = Some(started);
+            port
+        })
+        .await
+        .unwrap()
+    }
 }
 
 #[derive(Debug)]
@@ -41,11 +77,25 @@ impl sqllogictest::AsyncDB for Weir {
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DbError> {
-        match self.protocol {
+        let out = match self.protocol {
             Protocol::Extended => self.run_extended(sql).await,
             Protocol::Simple => self.run_simple(sql).await,
         }
-        .map_err(DbError)
+        .map_err(DbError)?;
+        if let Some(restarts) = self.restarts.clone() {
+            let statement = sql.trim().trim_end_matches(';').to_ascii_uppercase();
+            if statement.starts_with("SET ") || statement.starts_with("RESET ") {
+                self.settings.push(sql.to_string());
+            }
+            if statement == "FLUSH" {
+                let port = restarts.kill_and_restart().await;
+                self.client = common::connect(port).await;
+                for set in &self.settings {
+                    self.client.simple_query(set).await.map_err(DbError)?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn shutdown(&mut self) {}
@@ -212,6 +262,8 @@ async fn run_all(protocol: Protocol) {
             Ok(Weir {
                 client: common::connect(port).await,
                 protocol,
+                restarts: None,
+                settings: vec![],
             })
         });
         runner.with_validator(validate_lines);
@@ -227,6 +279,58 @@ async fn run_all(protocol: Protocol) {
     assert!(
         failures.is_empty(),
         "{} file(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// The streaming pipelines with a final result, killed and resumed at every FLUSH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_sql_tests_survive_kill_9_at_every_flush() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql-tests");
+    let mut files = vec![];
+    slt_files(&root.join("streaming"), &mut files);
+    slt_files(&root.join("updating"), &mut files);
+    // A subscription's cursor lives in its connection: it cannot outlive the server.
+    files.retain(|f| !f.ends_with("subscribe.slt"));
+    let filter = std::env::var("SLT_FILTER").unwrap_or_default();
+    let mut failures = vec![];
+    for file in files
+        .iter()
+        .filter(|f| f.to_string_lossy().contains(&filter))
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let restarts = Arc::new(Restarts {
+            process: Mutex::new(Some(common::WeirProcess::start(dir.path()))),
+            data_dir: dir.path().to_path_buf(),
+        });
+        let shared = restarts.clone();
+        let mut runner = sqllogictest::Runner::new(move || {
+            let restarts = shared.clone();
+            async move {
+                let parallelism = "SET 'parallelism.default' = '2'".to_string();
+                let client = common::connect(restarts.port()).await;
+                client.simple_query(&parallelism).await.map_err(DbError)?;
+                Ok(Weir {
+                    client,
+                    protocol: Protocol::Simple,
+                    restarts: Some(restarts),
+                    settings: vec![parallelism],
+                })
+            }
+        });
+        runner.with_validator(validate_lines);
+        runner.add_label("simple");
+        runner.add_label("restarts");
+        if let Err(e) = runner.run_file_async(file).await {
+            failures.push(format!("{}: {}", file.display(), e.display(true)));
+        }
+        drop(runner);
+        restarts.process.lock().unwrap().take();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} file(s) failed after restarts:\n{}",
         failures.len(),
         failures.join("\n\n")
     );

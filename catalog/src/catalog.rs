@@ -59,6 +59,11 @@ impl Catalog {
         self.store.flush()
     }
 
+    /// The keyspace everything is persisted in (checkpoints live beside the catalog).
+    pub fn store(&self) -> Arc<dyn StateStore> {
+        self.store.clone()
+    }
+
     pub fn table_log(&self) -> &TableLog {
         &self.log
     }
@@ -282,6 +287,7 @@ mod tests {
                         query: "SELECT * FROM t".into(),
                         depends_on: vec!["t".into()],
                         materialized: false,
+                        settings: Default::default(),
                     },
                     false,
                 )

@@ -20,6 +20,7 @@ pub use store::{MemoryStore, SledStore, StateStore, WriteBatch};
 pub use table_def::{
     quote_ident, ColumnDef, ComputedColumn, JobDef, TableDef, TableId, ViewDef, WatermarkDef,
 };
+pub use table_log::{decode as decode_changes, encode as encode_changes};
 pub use table_log::{op, Changes, LogEntry, Offset, TableLog};
 pub use types::{
     SqlType, DEFAULT_DECIMAL_PARTS, DEFAULT_TIMESTAMP_PRECISION, DEFAULT_TIME_PRECISION,

@@ -140,6 +140,9 @@ pub struct ViewDef {
     /// A materialized view: maintained incrementally by a continuous query.
     #[serde(default)]
     pub materialized: bool,
+    /// The session settings its query was planned with, so a restart plans it alike.
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, String>,
 }
 
 /// A continuous `INSERT INTO sink SELECT ...` job.
@@ -151,6 +154,9 @@ pub struct JobDef {
     /// The sink table and the relations the query reads: none can be dropped while the
     /// job exists.
     pub depends_on: Vec<String>,
+    /// The session settings its query was planned with, so a restart plans it alike.
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, String>,
 }
 
 /// Quotes an identifier only when it would not survive unquoted (Postgres rules).

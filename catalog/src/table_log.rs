@@ -98,16 +98,24 @@ impl TableLog {
     pub fn append(&self, table: TableId, batches: &[RecordBatch]) -> Result<Range<Offset>> {
         let changes: Vec<Changes> = batches.iter().cloned().map(Changes::inserts).collect();
         let _guard = self.lock();
-        self.append_locked(table, &changes)
+        self.append_locked(table, &changes, WriteBatch::default())
     }
 
-    fn append_locked(&self, table: TableId, changes: &[Changes]) -> Result<Range<Offset>> {
+    fn append_locked(
+        &self,
+        table: TableId,
+        changes: &[Changes],
+        mut write: WriteBatch,
+    ) -> Result<Range<Offset>> {
         let changes: Vec<&Changes> = changes.iter().filter(|c| c.rows.num_rows() > 0).collect();
         let first = self.next_offset(table)?;
         if changes.is_empty() {
+            if !write.is_empty() {
+                self.store.apply(write)?;
+                self.store.flush()?;
+            }
             return Ok(first..first);
         }
-        let mut write = WriteBatch::default();
         let mut offset = first;
         for c in changes {
             write.put(keys::log_entry(table, offset), encode(c)?);
@@ -124,14 +132,16 @@ impl TableLog {
     /// rows first (upserts). Returns the offsets of the appended entries.
     pub fn write(&self, def: &TableDef, changes: &[Changes]) -> Result<Range<Offset>> {
         let mut indexes = self.lock();
-        self.write_locked(&mut indexes, def, changes)
+        self.write_with(&mut indexes, def, changes, WriteBatch::default())
     }
 
-    fn write_locked(
+    /// Writes `changes` and `extra` in one atomic batch.
+    fn write_with(
         &self,
         indexes: &mut HashMap<TableId, KeyedRows>,
         def: &TableDef,
         changes: &[Changes],
+        extra: WriteBatch,
     ) -> Result<Range<Offset>> {
         if def.primary_key.is_empty() {
             if changes.iter().any(|c| c.ops.is_some()) {
@@ -140,7 +150,7 @@ impl TableLog {
                     def.name
                 )));
             }
-            return self.append_locked(def.id, changes);
+            return self.append_locked(def.id, changes, extra);
         }
         let index = self.keyed(indexes, def)?;
         let normalised = changes
@@ -149,7 +159,7 @@ impl TableLog {
             .collect::<std::result::Result<Vec<_>, _>>();
         let appended = normalised
             .map_err(CatalogError::from)
-            .and_then(|n| self.append_locked(def.id, &n));
+            .and_then(|n| self.append_locked(def.id, &n, extra));
         match appended {
             Ok(range) => {
                 index.next = range.end;
@@ -161,6 +171,36 @@ impl TableLog {
                 Err(e)
             }
         }
+    }
+
+    /// Writes `changes` like [`TableLog::write`] unless `marker` already records `epoch` or
+    /// a later one; the marker is written in the same atomic batch as the entries. A job's
+    /// sink commits an epoch's rows through this, so redoing the commit after a crash
+    /// never appends them twice. Returns whether it wrote.
+    pub fn write_once(
+        &self,
+        def: &TableDef,
+        changes: &[Changes],
+        marker: &[u8],
+        epoch: u64,
+    ) -> Result<bool> {
+        let mut indexes = self.lock();
+        if let Some(done) = self.store.get(marker)? {
+            let done: [u8; 8] = done
+                .as_slice()
+                .try_into()
+                .map_err(|_| CatalogError::Corrupt {
+                    key: String::from_utf8_lossy(marker).into_owned(),
+                    reason: "expected 8 bytes".into(),
+                })?;
+            if u64::from_be_bytes(done) >= epoch {
+                return Ok(false);
+            }
+        }
+        let mut extra = WriteBatch::default();
+        extra.put(marker.to_vec(), epoch.to_be_bytes().to_vec());
+        self.write_with(&mut indexes, def, changes, extra)?;
+        Ok(true)
     }
 
     /// Reads `def`'s current rows, lets `f` decide the changes to make to them, and writes
@@ -176,7 +216,7 @@ impl TableLog {
         let mut indexes = self.lock();
         let current = self.current_locked(&mut indexes, def)?;
         let (changes, out) = f(current)?;
-        self.write_locked(&mut indexes, def, &changes)?;
+        self.write_with(&mut indexes, def, &changes, WriteBatch::default())?;
         Ok(out)
     }
 
@@ -272,7 +312,7 @@ impl TableLog {
 }
 
 /// One IPC stream of the rows, with the ops as an extra last column when there are any.
-fn encode(changes: &Changes) -> Result<Vec<u8>> {
+pub fn encode(changes: &Changes) -> Result<Vec<u8>> {
     let batch = match &changes.ops {
         None => changes.rows.clone(),
         Some(ops) => {
@@ -303,7 +343,7 @@ fn encode(changes: &Changes) -> Result<Vec<u8>> {
 }
 
 /// The rows of an entry and their ops, stripped off the stored batch.
-fn decode(bytes: &[u8]) -> Result<(RecordBatch, Option<Int8Array>)> {
+pub fn decode(bytes: &[u8]) -> Result<(RecordBatch, Option<Int8Array>)> {
     let mut reader = StreamReader::try_new(Cursor::new(bytes), None)?;
     let batch = match reader.next() {
         Some(batch) => batch?,
@@ -396,7 +436,7 @@ mod tests {
             &[("a", 1), ("b", 1)],
             Some(vec![op::UPDATE_BEFORE, op::UPDATE_AFTER]),
         );
-        log.append_locked(def.id, std::slice::from_ref(&change))
+        log.append_locked(def.id, std::slice::from_ref(&change), WriteBatch::default())
             .unwrap();
         let entries = log.read_from(def.id, 0).unwrap();
         assert_eq!(entries[0].ops, None);

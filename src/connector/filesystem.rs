@@ -7,8 +7,8 @@
 //! its file and line, or with `'<format>.ignore-parse-errors'` is skipped and counted.
 //!
 //! As a sink (csv and json), `'path'` is a directory. Sink subtask s of job j writes rows to a hidden
-//! `.part-j-s-n.csv.inprogress` file; `flush` syncs it and renames it to
-//! `part-j-s-n.csv`, so readers only ever see whole files.
+//! `.part-j-s-n.csv.inprogress` file; at a barrier it syncs it, and when the epoch commits
+//! it is renamed to `part-j-s-n.csv`, so readers only ever see whole, committed files.
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -26,6 +26,7 @@ use super::debezium::Debezium;
 use super::factory::{blocking, invalid, opt_bool, to_df};
 use super::io::{SinkWriter, SplitReader};
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
+use crate::stream::checkpoint::Precommit;
 use crate::stream::message::ChangeBatch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -586,8 +587,16 @@ impl SinkState {
     }
 
     fn flush(&mut self) -> SqlResult<()> {
+        let finished = self.finish()?;
+        crate::stream::checkpoint::coordinator::publish_files(&finished)
+            .map_err(|e| SqlError::new(sqlstate::IO_ERROR, e.to_string()))
+    }
+
+    /// Syncs the part being written and returns it (hidden name, visible name) without
+    /// publishing it: that happens when the epoch commits.
+    fn finish(&mut self) -> SqlResult<Vec<(PathBuf, PathBuf)>> {
         let Some(mut part) = self.current.take() else {
-            return Ok(());
+            return Ok(vec![]);
         };
         part.file
             .flush()
@@ -598,13 +607,13 @@ impl SinkState {
             .map_err(|e| io_error("write file", &part.temp, e))?
             .len();
         if len == 0 {
-            return fs::remove_file(&part.temp).map_err(|e| io_error("remove file", &part.temp, e));
+            fs::remove_file(&part.temp).map_err(|e| io_error("remove file", &part.temp, e))?;
+            return Ok(vec![]);
         }
         file.sync_all()
             .map_err(|e| io_error("write file", &part.temp, e))?;
-        fs::rename(&part.temp, &part.done).map_err(|e| io_error("rename file", &part.temp, e))?;
         self.next_part += 1;
-        Ok(())
+        Ok(vec![(part.temp, part.done)])
     }
 }
 
@@ -620,6 +629,13 @@ impl SinkWriter for FileSink {
         blocking(&mut self.state, |s| s.flush())
             .await?
             .map_err(to_df)
+    }
+
+    async fn precommit(&mut self) -> Result<Option<Precommit>> {
+        let files = blocking(&mut self.state, |s| s.finish())
+            .await?
+            .map_err(to_df)?;
+        Ok(Some(Precommit::Files(files)))
     }
 }
 

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::Result;
 
+use crate::stream::checkpoint::Precommit;
 use crate::stream::message::ChangeBatch;
 
 /// One split (partition) of a source table, read by one source subtask.
@@ -44,7 +45,14 @@ pub trait SinkWriter: Send {
         self.write(batch.rows).await
     }
 
-    /// Makes everything written so far visible to readers of the sink (called at every
-    /// barrier and at the end of the input).
+    /// Makes everything written so far visible to readers of the sink.
     async fn flush(&mut self) -> Result<()>;
+
+    /// At a barrier or the end of the input: a sink that can hold its output back until
+    /// the epoch commits returns what to publish then (two-phase commit); others flush
+    /// and return `None` (at-least-once).
+    async fn precommit(&mut self) -> Result<Option<Precommit>> {
+        self.flush().await?;
+        Ok(None)
+    }
 }

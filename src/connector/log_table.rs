@@ -168,16 +168,47 @@ pub async fn append_changes(
     write(log, def, changes).await
 }
 
+/// Appends a job's changes for `epoch` unless `marker` says that epoch was appended
+/// already (the commit is redone after a crash).
+pub async fn append_once(
+    log: &TableLog,
+    def: &TableDef,
+    changes: Vec<ChangeBatch>,
+    marker: Option<Vec<u8>>,
+    epoch: u64,
+) -> Result<()> {
+    let changes = changes
+        .into_iter()
+        .map(|c| Changes {
+            rows: c.rows,
+            ops: c.ops,
+        })
+        .collect();
+    write_marked(log, def, changes, marker.map(|m| (m, epoch))).await
+}
+
 async fn write(log: &TableLog, def: &TableDef, changes: Vec<Changes>) -> Result<()> {
+    write_marked(log, def, changes, None).await
+}
+
+async fn write_marked(
+    log: &TableLog,
+    def: &TableDef,
+    changes: Vec<Changes>,
+    marker: Option<(Vec<u8>, u64)>,
+) -> Result<()> {
     for c in &changes {
         check_keys(def, &c.rows).map_err(|e| DataFusionError::External(Box::new(e)))?;
     }
     let log = log.clone();
     let def = def.clone();
-    tokio::task::spawn_blocking(move || log.write(&def, &changes))
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))?
-        .map_err(|e| DataFusionError::External(Box::new(SqlError::from(e))))?;
+    tokio::task::spawn_blocking(move || match marker {
+        Some((marker, epoch)) => log.write_once(&def, &changes, &marker, epoch).map(|_| ()),
+        None => log.write(&def, &changes).map(|_| ()),
+    })
+    .await
+    .map_err(|e| DataFusionError::External(Box::new(e)))?
+    .map_err(|e| DataFusionError::External(Box::new(SqlError::from(e))))?;
     APPENDS.send_modify(|n| *n += 1);
     Ok(())
 }

@@ -123,6 +123,7 @@ impl Engine {
                 query,
                 depends_on,
                 materialized: true,
+                settings: super::streaming::planning_settings(metadata),
             };
             return self.create_materialized_view(metadata, def).await;
         }
@@ -138,6 +139,7 @@ impl Engine {
             query,
             depends_on,
             materialized: false,
+            settings: Default::default(),
         };
         let or_replace = view.or_replace;
         self.catalog_write(move |c| c.create_view(def, or_replace))

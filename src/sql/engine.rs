@@ -176,6 +176,7 @@ impl Engine {
             Statement::Describe(_) => Some(show::describe_schema()),
             Statement::ShowVariable(name) => Some(show::show_variable_schema(name)?),
             Statement::ShowJobs => Some(self.show_jobs_schema()),
+            Statement::ShowCheckpoints => Some(super::streaming::show_checkpoints_schema()),
             Statement::Sql(stmt)
                 if matches!(&**stmt, ast::Statement::Explain { statement, .. }
                     if explained_view(statement).is_some()) =>
@@ -229,6 +230,7 @@ impl Engine {
             }
             Statement::SetIgnored => Ok(Outcome::Command(CommandTag::new("SET"))),
             Statement::ShowJobs => self.show_jobs(),
+            Statement::ShowCheckpoints => self.show_checkpoints(),
             Statement::StopJob(id) => self.stop_job(id).await,
             Statement::Flush => self.flush().await,
             Statement::Subscribe(_)

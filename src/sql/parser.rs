@@ -33,6 +33,8 @@ pub enum Statement {
     /// A SET form with no effect in Weir (`SET SESSION CHARACTERISTICS ...`).
     SetIgnored,
     ShowJobs,
+    /// `SHOW CHECKPOINTS`: the latest checkpoints of every view and job.
+    ShowCheckpoints,
     /// `STOP JOB 'id'`.
     StopJob(String),
     /// `FLUSH`: wait until everything appended so far is reflected in every view and sink.
@@ -222,6 +224,9 @@ fn parse_show(p: &mut Parser) -> Result<Statement, ParserError> {
     let statement = if peek_word(p, "jobs") {
         p.next_token();
         Statement::ShowJobs
+    } else if peek_word(p, "checkpoints") {
+        p.next_token();
+        Statement::ShowCheckpoints
     } else if p.parse_keyword(Keyword::TABLES) {
         if p.parse_one_of_keywords(&[Keyword::FROM, Keyword::IN])
             .is_some()

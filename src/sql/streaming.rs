@@ -23,8 +23,11 @@ use super::CommandTag;
 use crate::connector::connector_table::ConnectorTable;
 use crate::plan::planner::{Mode, Planner};
 use crate::plan::window_table::WindowTvfTable;
+use crate::stream::checkpoint::coordinator::{recover, Durable};
+use crate::stream::checkpoint::store::Checkpoints;
+use crate::stream::checkpoint::{self};
 use crate::stream::graph::{SinkKind, StreamGraph};
-use crate::stream::job::{JobState, RunningJob};
+use crate::stream::job::{JobOptions, JobState, RunningJob};
 use crate::stream::late::LateRows;
 use crate::stream::manager::{JobEntry, JobKind};
 use crate::stream::message::NO_WATERMARK;
@@ -96,9 +99,55 @@ pub fn job_id_schema() -> SchemaRef {
     )]))
 }
 
+pub(super) fn show_checkpoints_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("maintains", DataType::Utf8, false),
+        Field::new("epoch", DataType::Int64, false),
+        Field::new(
+            "started",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("duration_ms", DataType::Int64, false),
+        Field::new("alignment_ms", DataType::Int64, false),
+        Field::new("bytes_written", DataType::Int64, false),
+        Field::new("operator_state_bytes", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+    ]))
+}
+
 pub(super) fn external(e: DataFusionError) -> SqlError {
     SqlError::from(e)
 }
+
+/// The session settings that change how a continuous query is planned: stored with a
+/// view or job so that a restart plans the same graph its checkpoints were taken from.
+const PLANNING_SETTINGS: &[&str] = &[
+    "parallelism.default",
+    "table.local-time-zone",
+    "table.exec.emit.allow-lateness",
+    "table.exec.state.ttl",
+    "weir.late-data-table",
+];
+
+pub(super) fn planning_settings(
+    metadata: &HashMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut settings: std::collections::BTreeMap<String, String> = PLANNING_SETTINGS
+        .iter()
+        .filter_map(|k| metadata.get(*k).map(|v| (k.to_string(), v.clone())))
+        .collect();
+    // The default depends on the machine: a restart elsewhere must not change it.
+    settings.insert(
+        "parallelism.default".into(),
+        Engine::parallelism(metadata).to_string(),
+    );
+    settings
+}
+
+/// How long a restart waits for views over views to catch up before serving clients.
+const RESUME_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub(super) fn new_job_id() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -235,7 +284,7 @@ impl Engine {
         metadata: &HashMap<String, String>,
         def: ViewDef,
     ) -> SqlResult<Outcome> {
-        let notices = self.start_view(metadata, &def).await?;
+        let notices = self.start_view(metadata, &def, false).await?;
         let name = def.name.clone();
         if let Err(e) = self.catalog_write(move |c| c.create_view(def, false)).await {
             if let Some(id) = self.jobs.job_of_view(&name) {
@@ -277,6 +326,7 @@ impl Engine {
         &self,
         metadata: &HashMap<String, String>,
         def: &ViewDef,
+        resume: bool,
     ) -> SqlResult<Vec<String>> {
         let plan = self.plan_text(metadata, &def.query).await?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
@@ -294,7 +344,24 @@ impl Engine {
             SinkKind::View(state.clone()),
         )?;
         let notices = graph.notices.clone();
-        let job = RunningJob::start(new_job_id(), graph, self.catalog.clone()).map_err(external)?;
+        let key = format!("view/{}", def.name);
+        let job = match self
+            .start_durable(new_job_id(), &key, graph.clone(), resume)
+            .await
+        {
+            Ok(job) => job,
+            // A view is derived data: when its checkpoint cannot be used it is rebuilt.
+            Err(e) if resume => {
+                tracing::warn!(
+                    "materialized view {} is rebuilt from its inputs: {}",
+                    def.name,
+                    e.message
+                );
+                state.reset();
+                self.start_durable(new_job_id(), &key, graph, false).await?
+            }
+            Err(e) => return Err(e),
+        };
         self.jobs.add_view(&def.name, state);
         self.jobs.add(JobEntry {
             job,
@@ -311,7 +378,56 @@ impl Engine {
             self.jobs.stop(&id);
         }
         self.jobs.remove_view(name);
+        self.remove_checkpoints(format!("view/{name}")).await?;
         Ok(dropped)
+    }
+
+    /// Starts a view's or job's graph checkpointing under `key`. With `resume` (a
+    /// restart) it continues from its newest checkpoint, whose commit is redone first;
+    /// otherwise checkpoints an earlier one of the same name left are removed.
+    async fn start_durable(
+        &self,
+        id: String,
+        key: &str,
+        graph: StreamGraph,
+        resume: bool,
+    ) -> SqlResult<Arc<RunningJob>> {
+        let checkpoints = Checkpoints::new(self.catalog.store(), key);
+        let fingerprint = checkpoint::fingerprint(&graph);
+        let restore = if resume && checkpoint::restorable(&graph) {
+            let committer = RunningJob::committer(&graph, &self.catalog);
+            recover(&checkpoints, &fingerprint, &committer)
+                .await
+                .map_err(|e| {
+                    SqlError::new(
+                        "55000",
+                        format!(
+                            "cannot resume from its checkpoint: {}",
+                            SqlError::from(e).message
+                        ),
+                    )
+                })?
+        } else {
+            self.remove_checkpoints(key.to_string()).await?;
+            None
+        };
+        let options = JobOptions {
+            durable: Some(Durable {
+                checkpoints,
+                fingerprint,
+            }),
+            history: self.jobs.history.clone(),
+            restore,
+        };
+        RunningJob::start_with(id, graph, self.catalog.clone(), options).map_err(external)
+    }
+
+    pub(super) async fn remove_checkpoints(&self, key: String) -> SqlResult<()> {
+        let checkpoints = Checkpoints::new(self.catalog.store(), &key);
+        tokio::task::spawn_blocking(move || checkpoints.remove())
+            .await
+            .map_err(|e| SqlError::internal(e.to_string()))?
+            .map_err(external)
     }
 
     /// Starts `INSERT INTO sink SELECT ...` as a job; with 'table.dml-sync' waits for it.
@@ -415,7 +531,9 @@ impl Engine {
         plan: &LogicalPlan,
     ) -> SqlResult<(String, Vec<String>)> {
         let id = new_job_id();
-        let (job, def, notices) = self.start_insert(metadata, &id, &statement, plan)?;
+        let (job, def, notices) = self
+            .start_insert(metadata, &id, &statement, plan, false)
+            .await?;
         let depends_on = std::iter::once(def.name.clone())
             .chain(sources_of(plan))
             .collect();
@@ -423,17 +541,19 @@ impl Engine {
             id: id.clone(),
             statement: statement.clone(),
             depends_on,
+            settings: planning_settings(metadata),
         };
         let sync = metadata.get("table.dml-sync").is_some_and(|v| v == "true");
         if sync {
             let state = job.finished().await;
             self.jobs.stop(&id);
+            self.remove_checkpoints(format!("job/{id}")).await?;
             if let JobState::Failed(code, message) = state {
                 return Err(SqlError::new(code, format!("job {id} failed: {message}")));
             }
         } else {
             self.catalog_write(move |c| c.create_job(job_def)).await?;
-            forget_when_done(job, self.catalog.clone());
+            self.forget_when_done(job);
         }
         Ok((id, notices))
     }
@@ -480,17 +600,19 @@ impl Engine {
         self.explain_rows(&graph)
     }
 
-    fn start_insert(
+    async fn start_insert(
         &self,
         metadata: &HashMap<String, String>,
         id: &str,
         statement: &str,
         plan: &LogicalPlan,
+        resume: bool,
     ) -> SqlResult<(Arc<RunningJob>, Arc<TableDef>, Vec<String>)> {
         let (graph, def) = self.insert_graph(metadata, plan)?;
         let notices = graph.notices.clone();
-        let job =
-            RunningJob::start(id.to_string(), graph, self.catalog.clone()).map_err(external)?;
+        let job = self
+            .start_durable(id.to_string(), &format!("job/{id}"), graph, resume)
+            .await?;
         self.jobs.add(JobEntry {
             job: job.clone(),
             statement: statement.to_string(),
@@ -503,6 +625,53 @@ impl Engine {
         let jobs = self.jobs.list();
         let schema = self.show_jobs_schema();
         self.show_jobs_rows(schema, jobs)
+    }
+
+    /// SHOW CHECKPOINTS: the latest checkpoints of every view and job, oldest first.
+    pub(super) fn show_checkpoints(&self) -> SqlResult<Outcome> {
+        let records = self.jobs.history.list();
+        let owner = |job: &str| {
+            self.jobs
+                .list()
+                .into_iter()
+                .find(|j| j.0 == job)
+                .map(|j| match j.4 {
+                    JobKind::View(v) => format!("materialized view {v}"),
+                    _ => format!("job {job}"),
+                })
+                .unwrap_or_else(|| format!("job {job}"))
+        };
+        let millis = |d: std::time::Duration| d.as_millis() as i64;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                records.iter().map(|r| &r.job),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                records.iter().map(|r| owner(&r.job)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                records.iter().map(|r| r.epoch as i64),
+            )),
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                records.iter().map(|r| r.started_ms),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                records.iter().map(|r| millis(r.duration)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                records.iter().map(|r| millis(r.alignment)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                records.iter().map(|r| r.bytes as i64),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                records.iter().map(|r| &r.state),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                records.iter().map(|r| &r.status),
+            )),
+        ];
+        self.rows(RecordBatch::try_new(show_checkpoints_schema(), columns)?)
     }
 
     pub(super) fn show_jobs_schema(&self) -> SchemaRef {
@@ -583,6 +752,7 @@ impl Engine {
         }
         let job = id.to_string();
         self.catalog_write(move |c| c.drop_job(&job)).await?;
+        self.remove_checkpoints(format!("job/{id}")).await?;
         Ok(Outcome::Command(CommandTag::new("STOP JOB")))
     }
 
@@ -591,10 +761,13 @@ impl Engine {
         Ok(Outcome::Command(CommandTag::new("FLUSH")))
     }
 
-    /// Starts the views and jobs in the catalog again after a restart; their sources are
-    /// replayed from the start. One that cannot start is logged and left stopped.
+    /// Starts the views and jobs in the catalog again after a restart, each from its
+    /// newest checkpoint. One that cannot start is logged and left stopped.
     pub async fn resume(&self) {
-        let metadata = HashMap::new();
+        match checkpoint::store::latest_epoch(&self.catalog.store()) {
+            Ok(epoch) => self.jobs.advance_epoch_to(epoch),
+            Err(e) => tracing::error!("checkpoints cannot be read: {e}"),
+        }
         let mut views: Vec<Arc<ViewDef>> = self
             .catalog
             .views()
@@ -609,7 +782,8 @@ impl Engine {
                     .all(|d| !views.iter().any(|w| &w.name == d))
             });
             let view = views.remove(ready.unwrap_or(0));
-            if let Err(e) = self.start_view(&metadata, &view).await {
+            let metadata: HashMap<String, String> = view.settings.clone().into_iter().collect();
+            if let Err(e) = self.start_view(&metadata, &view, true).await {
                 tracing::error!(
                     "materialized view {} did not start: {}",
                     view.name,
@@ -618,31 +792,57 @@ impl Engine {
             }
         }
         for job in self.catalog.jobs() {
+            let metadata: HashMap<String, String> = job.settings.clone().into_iter().collect();
             let started = async {
                 let plan = self.plan_text(&metadata, &job.statement).await?;
-                self.start_insert(&metadata, &job.id, &job.statement, &plan)
+                self.start_insert(&metadata, &job.id, &job.statement, &plan, true)
+                    .await
             };
             match started.await {
-                Ok((running, _, _)) => forget_when_done(running, self.catalog.clone()),
+                Ok((running, _, _)) => self.forget_when_done(running),
                 Err(e) => tracing::error!("job {} did not start: {}", job.id, e.message),
             }
         }
+        // A job over an updating view starts over from the view's rows (a changefeed
+        // cannot be rewound): let it catch up before clients read what it maintains.
+        let catching_up = self
+            .jobs
+            .list()
+            .iter()
+            .any(|j| j.3.reads_views && j.2 == JobState::Running);
+        if catching_up
+            && tokio::time::timeout(RESUME_CATCH_UP, self.jobs.flush())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "views over views had not caught up after {RESUME_CATCH_UP:?}; serving anyway"
+            );
+        }
     }
-}
 
-/// A job that finished (its inputs were bounded) or failed is not started again after a
-/// restart: its catalog entry goes; SHOW JOBS still lists it until then.
-fn forget_when_done(job: Arc<RunningJob>, catalog: Arc<weir_catalog::Catalog>) {
-    tokio::spawn(async move {
-        if job.finished().await == JobState::Stopped {
-            return;
-        }
-        let id = job.id.clone();
-        let dropped = tokio::task::spawn_blocking(move || catalog.drop_job(&id)).await;
-        if let Ok(Err(e)) = dropped {
-            tracing::error!("finished job {} stays in the catalog: {e}", job.id);
-        }
-    });
+    /// A job that finished (its inputs were bounded) or failed is not started again after
+    /// a restart: its catalog entry and checkpoints go; SHOW JOBS lists it until then.
+    fn forget_when_done(&self, job: Arc<RunningJob>) {
+        let catalog = self.catalog.clone();
+        tokio::spawn(async move {
+            if job.finished().await == JobState::Stopped {
+                return;
+            }
+            let id = job.id.clone();
+            let checkpoints = Checkpoints::new(catalog.store(), &format!("job/{id}"));
+            let dropped = tokio::task::spawn_blocking(move || {
+                catalog.drop_job(&id)?;
+                checkpoints
+                    .remove()
+                    .map_err(|e| weir_catalog::CatalogError::Unsupported(e.to_string()))
+            })
+            .await;
+            if let Ok(Err(e)) = dropped {
+                tracing::error!("finished job {} stays in the catalog: {e}", job.id);
+            }
+        });
+    }
 }
 
 /// Tables and views an INSERT's query reads.

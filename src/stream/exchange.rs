@@ -144,6 +144,9 @@ pub struct Inlet {
     /// Released after an alignment completed: delivered before new messages.
     replay: VecDeque<Tagged>,
     aligning: Option<Epoch>,
+    /// When the first barrier of the alignment in progress arrived.
+    aligning_since: Option<std::time::Instant>,
+    last_alignment: std::time::Duration,
     watermark: Millis,
     idle: bool,
     pending: VecDeque<Event>,
@@ -167,6 +170,8 @@ impl Inlet {
             held: VecDeque::new(),
             replay: VecDeque::new(),
             aligning: None,
+            aligning_since: None,
+            last_alignment: std::time::Duration::ZERO,
             watermark: NO_WATERMARK,
             idle: false,
             pending: VecDeque::new(),
@@ -175,6 +180,27 @@ impl Inlet {
 
     pub fn watermark(&self) -> Millis {
         self.watermark
+    }
+
+    /// Each channel's watermark, for a checkpoint.
+    pub fn channel_watermarks(&self) -> Vec<Millis> {
+        self.channels.iter().map(|c| c.watermark).collect()
+    }
+
+    /// Puts back the channel watermarks a checkpoint recorded.
+    pub fn restore_watermarks(&mut self, watermarks: &[Millis]) {
+        if watermarks.len() != self.channels.len() {
+            return;
+        }
+        for (c, w) in self.channels.iter_mut().zip(watermarks) {
+            c.watermark = *w;
+        }
+        self.watermark = self.live_min(None).unwrap_or(NO_WATERMARK);
+    }
+
+    /// How long the last barrier alignment held channels back.
+    pub fn last_alignment(&self) -> std::time::Duration {
+        self.last_alignment
     }
 
     /// The next event; `None` once every channel ended and everything was delivered.
@@ -253,6 +279,9 @@ impl Inlet {
                 self.update_idle();
             }
             Message::Barrier(epoch) => {
+                if self.aligning.is_none() {
+                    self.aligning_since = Some(std::time::Instant::now());
+                }
                 self.aligning = Some(epoch);
                 self.channels[c].aligned = true;
                 self.try_complete_alignment();
@@ -304,6 +333,10 @@ impl Inlet {
             c.aligned = false;
         }
         self.aligning = None;
+        self.last_alignment = self
+            .aligning_since
+            .take()
+            .map_or(std::time::Duration::ZERO, |t| t.elapsed());
         self.pending.push_back(Event::Barrier(epoch));
         let held = std::mem::take(&mut self.held);
         self.replay.extend(held);

@@ -10,8 +10,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use weir_catalog::Catalog;
 
+use super::checkpoint::coordinator::{Ack, CheckpointHistory, Committer, Coordinator, Durable};
+use super::checkpoint::{Precommit, Restored, SourcePosition, TaskSnapshot};
 use super::exchange::{Event, Inlet, Outlet, Partitioner, Tagged, CHANNEL_CAPACITY};
-use super::graph::{Exchange, NodeKind, SourceKind, StreamGraph};
+use super::graph::{Exchange, NodeKind, SinkKind, SourceKind, StreamGraph};
 use super::message::{ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK};
 use super::operator::Operator;
 use super::sink::Sink;
@@ -63,6 +65,11 @@ impl JobMetrics {
         }
     }
 
+    /// Forgets the figures of tasks that were replaced (the job restarted).
+    fn reset_tasks(&self) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     fn task(&self) -> Arc<TaskFigures> {
         let figures = Arc::new(TaskFigures::default());
         self.tasks
@@ -89,30 +96,21 @@ impl JobMetrics {
     }
 }
 
-/// Epochs every sink subtask has committed: the minimum is the job's committed epoch.
-struct Commits {
-    per_sink: Mutex<Vec<Epoch>>,
-    committed: watch::Sender<Epoch>,
-}
-
-impl Commits {
-    fn record(&self, sink: usize, epoch: Epoch) {
-        let mut per_sink = self.per_sink.lock().unwrap_or_else(|p| p.into_inner());
-        per_sink[sink] = per_sink[sink].max(epoch);
-        let min = per_sink.iter().copied().min().unwrap_or(epoch);
-        self.committed.send_if_modified(|c| {
-            let advanced = min > *c;
-            *c = (*c).max(min);
-            advanced
-        });
-    }
+/// How a job checkpoints.
+#[derive(Default)]
+pub struct JobOptions {
+    /// Where its checkpoints go (views and INSERT jobs); queries have none.
+    pub durable: Option<Durable>,
+    pub history: Arc<CheckpointHistory>,
+    /// The checkpoint it resumes from.
+    pub restore: Option<Restored>,
 }
 
 pub struct RunningJob {
     pub id: String,
     pub metrics: Arc<JobMetrics>,
     state: Arc<Mutex<JobState>>,
-    barrier_requests: Vec<mpsc::UnboundedSender<Epoch>>,
+    barrier_requests: Arc<Mutex<Vec<mpsc::UnboundedSender<Epoch>>>>,
     committed: watch::Receiver<Epoch>,
     done: watch::Receiver<bool>,
     abort: Mutex<Option<tokio::task::AbortHandle>>,
@@ -154,6 +152,7 @@ struct Chain {
 impl Chain {
     /// Runs `batch` through operators `from..`, returning what comes out of the last one.
     fn push(&mut self, from: usize, input: usize, batch: ChangeBatch) -> Result<Vec<ChangeBatch>> {
+        super::failpoint::hit(super::failpoint::at::OPERATOR);
         let mut current = vec![(input, batch)];
         for op in &mut self.operators[from..] {
             let mut next = Vec::new();
@@ -202,6 +201,11 @@ impl Chain {
         Ok(out)
     }
 
+    /// Every operator's state, in chain order.
+    fn snapshot(&mut self) -> Result<Vec<Vec<datafusion::arrow::record_batch::RecordBatch>>> {
+        self.operators.iter_mut().map(|o| o.snapshot()).collect()
+    }
+
     fn report(&self) {
         let late = self.operators.iter().map(|o| o.late_rows_dropped()).sum();
         let state = self.operators.iter().map(|o| o.state_size()).sum();
@@ -212,12 +216,36 @@ impl Chain {
 
 enum Output {
     Outlet(Outlet),
-    Sink { sink: Sink, index: usize },
+    Sink(Sink),
 }
 
 struct TaskEnd {
     metrics: Arc<JobMetrics>,
-    commits: Arc<Commits>,
+    acks: mpsc::UnboundedSender<Ack>,
+    task: usize,
+    /// Operators snapshot at barriers only when the job keeps checkpoints.
+    durable: bool,
+}
+
+impl TaskEnd {
+    fn snapshot(
+        &self,
+        chain: &mut Chain,
+    ) -> Result<Vec<Vec<datafusion::arrow::record_batch::RecordBatch>>> {
+        if self.durable {
+            chain.snapshot()
+        } else {
+            Ok(vec![])
+        }
+    }
+
+    fn ack(&self, ack: Ack) {
+        if matches!(ack, Ack::Barrier { .. }) && self.durable {
+            super::failpoint::hit(super::failpoint::at::BEFORE_ACK);
+        }
+        // The coordinator is gone only when the job is being torn down.
+        let _ = self.acks.send(ack);
+    }
 }
 
 impl Output {
@@ -225,7 +253,7 @@ impl Output {
         for batch in batches {
             match self {
                 Output::Outlet(o) => o.send(batch).await?,
-                Output::Sink { sink, .. } => {
+                Output::Sink(sink) => {
                     end.metrics
                         .rows_out
                         .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
@@ -239,7 +267,7 @@ impl Output {
     async fn watermark(&mut self, watermark: Millis, end: &TaskEnd) -> Result<()> {
         match self {
             Output::Outlet(o) => o.broadcast(Message::Watermark(watermark)).await,
-            Output::Sink { .. } => {
+            Output::Sink(_) => {
                 end.metrics
                     .watermark
                     .fetch_max(watermark, Ordering::Relaxed);
@@ -248,200 +276,96 @@ impl Output {
         }
     }
 
-    async fn barrier(&mut self, epoch: Epoch, watermark: Millis, end: &TaskEnd) -> Result<()> {
+    /// Forwards the barrier, or pre-commits what the sink took in this epoch.
+    async fn barrier(&mut self, epoch: Epoch, watermark: Millis) -> Result<Option<Precommit>> {
         match self {
-            Output::Outlet(o) => o.broadcast(Message::Barrier(epoch)).await,
-            Output::Sink { sink, index } => {
-                sink.commit(watermark, false).await?;
-                end.commits.record(*index, epoch);
-                Ok(())
+            Output::Outlet(o) => {
+                o.broadcast(Message::Barrier(epoch)).await?;
+                Ok(None)
             }
+            Output::Sink(sink) => sink.precommit(watermark, false).await,
         }
     }
 
     async fn signal(&mut self, message: Message) -> Result<()> {
         match self {
             Output::Outlet(o) => o.broadcast(message).await,
-            Output::Sink { .. } => Ok(()),
+            Output::Sink(_) => Ok(()),
         }
     }
 
-    async fn end(&mut self, end: &TaskEnd) -> Result<()> {
+    async fn end(&mut self) -> Result<Option<Precommit>> {
         match self {
-            Output::Outlet(o) => o.broadcast(Message::End).await,
-            Output::Sink { sink, index } => {
-                sink.commit(END_OF_TIME, true).await?;
-                end.commits.record(*index, Epoch::MAX);
-                Ok(())
+            Output::Outlet(o) => {
+                o.broadcast(Message::End).await?;
+                Ok(None)
             }
+            Output::Sink(sink) => sink.precommit(END_OF_TIME, true).await,
         }
     }
 }
 
+/// How a sink's output becomes visible when an epoch commits.
+fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>) -> Committer {
+    match graph.nodes.last().map(|n| &n.kind) {
+        Some(NodeKind::Sink(SinkKind::View(state))) => Committer::View(state.clone()),
+        Some(NodeKind::Sink(SinkKind::Log(def))) => Committer::Log {
+            def: def.clone(),
+            catalog: catalog.clone(),
+        },
+        Some(NodeKind::Sink(SinkKind::Connector(def))) if def.connector() == Some("filesystem") => {
+            Committer::Files
+        }
+        _ => Committer::Direct,
+    }
+}
+
 impl RunningJob {
-    /// Starts every task of `graph`.
+    /// Starts every task of `graph`, without checkpoints.
     pub fn start(id: String, graph: StreamGraph, catalog: Arc<Catalog>) -> Result<Arc<Self>> {
+        Self::start_with(id, graph, catalog, JobOptions::default())
+    }
+
+    /// How the sink of `graph` commits (for recovering its checkpoint before starting).
+    pub fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>) -> Committer {
+        committer(graph, catalog)
+    }
+
+    /// Starts every task of `graph`, checkpointing and restoring as `options` say.
+    pub fn start_with(
+        id: String,
+        graph: StreamGraph,
+        catalog: Arc<Catalog>,
+        options: JobOptions,
+    ) -> Result<Arc<Self>> {
         let reads_views = graph.nodes.iter().any(|n| {
             matches!(&n.kind, NodeKind::Source(spec) if matches!(spec.kind, SourceKind::View { .. }))
         });
-        let metrics = Arc::new(JobMetrics::new());
-        let chains = chains(&graph);
-        let chain_of = |node: usize| {
-            chains
-                .iter()
-                .position(|c| c.contains(&node))
-                .expect("every node is in a chain")
-        };
-        // One receiver per subtask of every chain whose head reads channels.
-        let mut senders: Vec<Vec<mpsc::Sender<Tagged>>> = Vec::new();
-        let mut receivers: Vec<Vec<Option<mpsc::Receiver<Tagged>>>> = Vec::new();
-        for chain in &chains {
-            let head = &graph.nodes[chain[0]];
-            let (mut tx, mut rx) = (Vec::new(), Vec::new());
-            if !matches!(head.kind, NodeKind::Source(_)) {
-                for _ in 0..head.parallelism {
-                    let (s, r) = mpsc::channel(CHANNEL_CAPACITY);
-                    tx.push(s);
-                    rx.push(Some(r));
-                }
-            }
-            senders.push(tx);
-            receivers.push(rx);
-        }
-        let sink_count: usize = chains
-            .iter()
-            .filter(|c| matches!(graph.nodes[*c.last().unwrap()].kind, NodeKind::Sink(_)))
-            .map(|c| graph.nodes[c[0]].parallelism)
-            .sum();
-        let (committed_tx, committed) = watch::channel(0);
-        let commits = Arc::new(Commits {
-            per_sink: Mutex::new(vec![0; sink_count]),
-            committed: committed_tx,
+        let restored_epoch = options.restore.as_ref().map_or(0, |r| r.epoch);
+        let (committed_tx, committed) = watch::channel(restored_epoch);
+        let plan = Arc::new(Plan {
+            id: id.clone(),
+            graph,
+            catalog,
+            durable: options.durable,
+            history: options.history,
+            metrics: Arc::new(JobMetrics::new()),
+            committed: Arc::new(committed_tx),
         });
+        let launched = launch(&plan, options.restore)?;
+        let barrier_requests = Arc::new(Mutex::new(launched.barrier_requests));
         let state = Arc::new(Mutex::new(JobState::Running));
-        let mut tasks: JoinSet<Result<()>> = JoinSet::new();
-        let mut barrier_requests = Vec::new();
-        let mut sink_index = 0;
-        for (c, chain) in chains.iter().enumerate() {
-            let head = &graph.nodes[chain[0]];
-            let tail_id = *chain.last().unwrap();
-            let tail = &graph.nodes[tail_id];
-            // Channel layout at the head: one channel per (input edge, upstream subtask),
-            // or one per input edge when it is a forward edge.
-            let mut channel_inputs = Vec::new();
-            for (input, edge) in head.inputs.iter().enumerate() {
-                let upstream = graph.nodes[edge.from].parallelism;
-                let count = if matches!(edge.exchange, Exchange::Forward) {
-                    1
-                } else {
-                    upstream
-                };
-                channel_inputs.extend(std::iter::repeat_n(input, count));
-            }
-            for subtask in 0..head.parallelism {
-                let figures = metrics.task();
-                let operators = chain
-                    .iter()
-                    .filter_map(|&n| match &graph.nodes[n].kind {
-                        NodeKind::Operator(factory) => Some(factory(subtask)),
-                        _ => None,
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let chain_ops = Chain { operators, figures };
-                let output = match &tail.kind {
-                    NodeKind::Sink(kind) => {
-                        let index = sink_index;
-                        sink_index += 1;
-                        Output::Sink {
-                            sink: Sink::open(kind, &catalog, subtask, &id)?,
-                            index,
-                        }
-                    }
-                    _ => {
-                        let (consumer, input) = graph.consumer_of(tail_id).ok_or_else(|| {
-                            DataFusionError::Internal("node without consumer".into())
-                        })?;
-                        let target = chain_of(consumer);
-                        let consumer_node = &graph.nodes[consumer];
-                        let base = {
-                            let mut base = 0;
-                            for edge in &consumer_node.inputs[..input] {
-                                let up = graph.nodes[edge.from].parallelism;
-                                base += if matches!(edge.exchange, Exchange::Forward) {
-                                    1
-                                } else {
-                                    up
-                                };
-                            }
-                            base
-                        };
-                        let exchange = &consumer_node.inputs[input].exchange;
-                        let all = senders[target].clone();
-                        let (targets, tag, partitioner) = match exchange {
-                            Exchange::Forward => {
-                                (vec![all[subtask].clone()], base, Partitioner::Single)
-                            }
-                            Exchange::Gather => {
-                                (vec![all[0].clone()], base + subtask, Partitioner::Single)
-                            }
-                            Exchange::Hash(keys) => {
-                                (all, base + subtask, Partitioner::Hash(keys.clone()))
-                            }
-                        };
-                        Output::Outlet(Outlet::new(targets, tag as u32, partitioner))
-                    }
-                };
-                let end = TaskEnd {
-                    metrics: metrics.clone(),
-                    commits: commits.clone(),
-                };
-                match &head.kind {
-                    NodeKind::Source(spec) => {
-                        let reader = Reader::open(&spec.kind, &catalog, subtask, head.parallelism)?;
-                        let rows = SourceRows::new(spec, head.schema.clone());
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        barrier_requests.push(tx);
-                        tasks.spawn(run_source(reader, rows, rx, chain_ops, output, end));
-                    }
-                    _ => {
-                        let receiver = receivers[c][subtask].take().expect("one task per receiver");
-                        let inlet = Inlet::new(receiver, channel_inputs.clone());
-                        tasks.spawn(run_task(inlet, chain_ops, output, end));
-                    }
-                }
-            }
-        }
-        drop(senders);
         let (done_tx, done) = watch::channel(false);
-        let watcher_state = state.clone();
-        let supervisor = tokio::spawn(async move {
-            while let Some(result) = tasks.join_next().await {
-                let failure = match result {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => {
-                        let e = crate::sql::error::SqlError::from(e);
-                        Some((e.code, e.message))
-                    }
-                    Err(e) if e.is_cancelled() => None,
-                    Err(e) => Some(("XX000", format!("a task panicked: {e}"))),
-                };
-                if let Some((code, message)) = failure {
-                    tracing::warn!("job failed: {message}");
-                    *watcher_state.lock().unwrap_or_else(|p| p.into_inner()) =
-                        JobState::Failed(code, message);
-                    tasks.abort_all();
-                }
-            }
-            let mut s = watcher_state.lock().unwrap_or_else(|p| p.into_inner());
-            if *s == JobState::Running {
-                *s = JobState::Finished;
-            }
-            drop(s);
-            let _ = done_tx.send(true);
-        });
+        let supervisor = tokio::spawn(supervise(
+            plan.clone(),
+            launched.tasks,
+            state.clone(),
+            barrier_requests.clone(),
+            done_tx,
+        ));
         Ok(Arc::new(Self {
             id,
-            metrics,
+            metrics: plan.metrics.clone(),
             state,
             barrier_requests,
             committed,
@@ -457,7 +381,12 @@ impl RunningJob {
 
     /// Injects a barrier for `epoch` at every source.
     pub fn request_barrier(&self, epoch: Epoch) {
-        for request in &self.barrier_requests {
+        for request in self
+            .barrier_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = request.send(epoch);
         }
     }
@@ -510,6 +439,286 @@ impl Drop for RunningJob {
     }
 }
 
+/// What a job is made of, kept so that it can be started again from its checkpoint.
+struct Plan {
+    id: String,
+    graph: StreamGraph,
+    catalog: Arc<Catalog>,
+    durable: Option<Durable>,
+    history: Arc<CheckpointHistory>,
+    metrics: Arc<JobMetrics>,
+    committed: Arc<watch::Sender<Epoch>>,
+}
+
+struct Launched {
+    tasks: JoinSet<Result<()>>,
+    barrier_requests: Vec<mpsc::UnboundedSender<Epoch>>,
+}
+
+/// Starts the tasks of `plan` (and its checkpoint coordinator), restored from `restore`.
+fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
+    let graph = &plan.graph;
+    let catalog = &plan.catalog;
+    let id = &plan.id;
+    let metrics = &plan.metrics;
+    metrics.reset_tasks();
+    let chains = chains(graph);
+    let chain_of = |node: usize| {
+        chains
+            .iter()
+            .position(|c| c.contains(&node))
+            .expect("every node is in a chain")
+    };
+    // One receiver per subtask of every chain whose head reads channels.
+    let mut senders: Vec<Vec<mpsc::Sender<Tagged>>> = Vec::new();
+    let mut receivers: Vec<Vec<Option<mpsc::Receiver<Tagged>>>> = Vec::new();
+    for chain in &chains {
+        let head = &graph.nodes[chain[0]];
+        let (mut tx, mut rx) = (Vec::new(), Vec::new());
+        if !matches!(head.kind, NodeKind::Source(_)) {
+            for _ in 0..head.parallelism {
+                let (s, r) = mpsc::channel(CHANNEL_CAPACITY);
+                tx.push(s);
+                rx.push(Some(r));
+            }
+        }
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let restored_epoch = restore.as_ref().map_or(0, |r| r.epoch);
+    let durable = plan.durable.is_some();
+    let mut restored = restore.map(|r| r.tasks.into_iter());
+    let (acks, ack_receiver) = mpsc::unbounded_channel();
+    let mut operator_names = Vec::new();
+    let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+    let mut barrier_requests = Vec::new();
+    for (c, chain) in chains.iter().enumerate() {
+        let head = &graph.nodes[chain[0]];
+        let tail_id = *chain.last().unwrap();
+        let tail = &graph.nodes[tail_id];
+        // Channel layout at the head: one channel per (input edge, upstream subtask),
+        // or one per input edge when it is a forward edge.
+        let mut channel_inputs = Vec::new();
+        for (input, edge) in head.inputs.iter().enumerate() {
+            let upstream = graph.nodes[edge.from].parallelism;
+            let count = if matches!(edge.exchange, Exchange::Forward) {
+                1
+            } else {
+                upstream
+            };
+            channel_inputs.extend(std::iter::repeat_n(input, count));
+        }
+        for subtask in 0..head.parallelism {
+            let task = operator_names.len();
+            let figures = metrics.task();
+            let mut operators = chain
+                .iter()
+                .filter_map(|&n| match &graph.nodes[n].kind {
+                    NodeKind::Operator(factory) => Some(factory(subtask)),
+                    _ => None,
+                })
+                .collect::<Result<Vec<_>>>()?;
+            operator_names.push(
+                chain
+                    .iter()
+                    .filter(|&&n| matches!(graph.nodes[n].kind, NodeKind::Operator(_)))
+                    .map(|&n| graph.nodes[n].name.clone())
+                    .collect::<Vec<_>>(),
+            );
+            let snapshot = match restored.as_mut() {
+                Some(r) => Some(r.next().ok_or_else(|| {
+                    DataFusionError::Internal("the checkpoint has fewer tasks than the job".into())
+                })?),
+                None => None,
+            };
+            if let Some(snapshot) = &snapshot {
+                for (op, state) in operators.iter_mut().zip(snapshot.operators.clone()) {
+                    op.restore(state)?;
+                }
+            }
+            let chain_ops = Chain { operators, figures };
+            let output = match &tail.kind {
+                NodeKind::Sink(kind) => Output::Sink(Sink::open(kind, subtask, id)?),
+                _ => {
+                    let (consumer, input) = graph
+                        .consumer_of(tail_id)
+                        .ok_or_else(|| DataFusionError::Internal("node without consumer".into()))?;
+                    let target = chain_of(consumer);
+                    let consumer_node = &graph.nodes[consumer];
+                    let base = {
+                        let mut base = 0;
+                        for edge in &consumer_node.inputs[..input] {
+                            let up = graph.nodes[edge.from].parallelism;
+                            base += if matches!(edge.exchange, Exchange::Forward) {
+                                1
+                            } else {
+                                up
+                            };
+                        }
+                        base
+                    };
+                    let exchange = &consumer_node.inputs[input].exchange;
+                    let all = senders[target].clone();
+                    let (targets, tag, partitioner) = match exchange {
+                        Exchange::Forward => {
+                            (vec![all[subtask].clone()], base, Partitioner::Single)
+                        }
+                        Exchange::Gather => {
+                            (vec![all[0].clone()], base + subtask, Partitioner::Single)
+                        }
+                        Exchange::Hash(keys) => {
+                            (all, base + subtask, Partitioner::Hash(keys.clone()))
+                        }
+                    };
+                    Output::Outlet(Outlet::new(targets, tag as u32, partitioner))
+                }
+            };
+            let end = TaskEnd {
+                metrics: metrics.clone(),
+                acks: acks.clone(),
+                task,
+                durable,
+            };
+            match &head.kind {
+                NodeKind::Source(spec) => {
+                    let mut reader = Reader::open(&spec.kind, catalog, subtask, head.parallelism)?;
+                    let mut rows = SourceRows::new(spec, head.schema.clone());
+                    if let Some(position) = snapshot.and_then(|s| s.source) {
+                        reader.restore(&position.position)?;
+                        rows.watermark = position.watermark;
+                    }
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    barrier_requests.push(tx);
+                    tasks.spawn(run_source(reader, rows, rx, chain_ops, output, end));
+                }
+                _ => {
+                    let receiver = receivers[c][subtask].take().expect("one task per receiver");
+                    let mut inlet = Inlet::new(receiver, channel_inputs.clone());
+                    if let Some(snapshot) = &snapshot {
+                        inlet.restore_watermarks(&snapshot.inputs);
+                    }
+                    tasks.spawn(run_task(inlet, chain_ops, output, end));
+                }
+            }
+        }
+    }
+    drop(senders);
+    drop(acks);
+    let coordinator = Coordinator {
+        job: id.clone(),
+        tasks: operator_names.len(),
+        committer: committer(graph, catalog),
+        durable: plan.durable.clone(),
+        operator_names,
+        history: plan.history.clone(),
+        committed: plan.committed.clone(),
+        restored: restored_epoch,
+    };
+    tasks.spawn(coordinator.run(ack_receiver));
+    Ok(Launched {
+        tasks,
+        barrier_requests,
+    })
+}
+
+/// Times a job whose task panicked is started again from its last checkpoint before it
+/// is declared failed.
+const MAX_RESTARTS: u32 = 3;
+
+/// Waits for a job's tasks. A panic in a job that checkpoints restarts its tasks from the
+/// last committed epoch (other jobs and the server are not touched); any other error, or
+/// too many panics, fails the job.
+async fn supervise(
+    plan: Arc<Plan>,
+    mut tasks: JoinSet<Result<()>>,
+    state: Arc<Mutex<JobState>>,
+    barrier_requests: Arc<Mutex<Vec<mpsc::UnboundedSender<Epoch>>>>,
+    done: watch::Sender<bool>,
+) {
+    let mut restarts = 0;
+    loop {
+        let failure = first_failure(&mut tasks).await;
+        let Some((code, message, panicked)) = failure else {
+            break;
+        };
+        if panicked && plan.durable.is_some() && restarts < MAX_RESTARTS {
+            restarts += 1;
+            tracing::warn!(
+                "job {} restarts from its last checkpoint ({restarts} of {MAX_RESTARTS}): {message}",
+                plan.id
+            );
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(restarts))).await;
+            match relaunch(&plan).await {
+                Ok(launched) => {
+                    *barrier_requests.lock().unwrap_or_else(|p| p.into_inner()) =
+                        launched.barrier_requests;
+                    tasks = launched.tasks;
+                    continue;
+                }
+                Err(e) => {
+                    let e = crate::sql::error::SqlError::from(e);
+                    *state.lock().unwrap_or_else(|p| p.into_inner()) = JobState::Failed(
+                        e.code,
+                        format!(
+                            "{message}; restarting from the last checkpoint failed: {}",
+                            e.message
+                        ),
+                    );
+                    break;
+                }
+            }
+        }
+        tracing::warn!("job {} failed: {message}", plan.id);
+        *state.lock().unwrap_or_else(|p| p.into_inner()) = JobState::Failed(code, message);
+        break;
+    }
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if *s == JobState::Running {
+        *s = JobState::Finished;
+    }
+    drop(s);
+    let _ = done.send(true);
+}
+
+/// Joins every task; at the first failure the others are stopped. Returns the failure's
+/// SQLSTATE, message and whether it was a panic.
+async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Option<(&'static str, String, bool)> {
+    let mut failure = None;
+    while let Some(result) = tasks.join_next().await {
+        let failed = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                let e = crate::sql::error::SqlError::from(e);
+                Some((e.code, e.message, false))
+            }
+            Err(e) if e.is_cancelled() => None,
+            Err(e) => Some(("XX000", format!("a task panicked: {e}"), true)),
+        };
+        if failure.is_none() && failed.is_some() {
+            failure = failed;
+            tasks.abort_all();
+        }
+    }
+    failure
+}
+
+/// Starts a job's tasks again from its newest checkpoint, after its commit is redone. A
+/// view's contents in memory are those of that checkpoint already: they stay.
+async fn relaunch(plan: &Plan) -> Result<Launched> {
+    let durable = plan.durable.as_ref().expect("only durable jobs restart");
+    let committer = match committer(&plan.graph, &plan.catalog) {
+        Committer::View(_) => Committer::Direct,
+        other => other,
+    };
+    let restore = super::checkpoint::coordinator::recover(
+        &durable.checkpoints,
+        &durable.fingerprint,
+        &committer,
+    )
+    .await?;
+    launch(plan, restore)
+}
+
 async fn run_task(
     mut inlet: Inlet,
     mut chain: Chain,
@@ -530,7 +739,19 @@ async fn run_task(
             Event::Barrier(epoch) => {
                 let out = chain.barrier()?;
                 output.rows(out, &end).await?;
-                output.barrier(epoch, inlet.watermark(), &end).await?
+                let sink = output.barrier(epoch, inlet.watermark()).await?;
+                let snapshot = TaskSnapshot {
+                    operators: end.snapshot(&mut chain)?,
+                    inputs: inlet.channel_watermarks(),
+                    source: None,
+                    sink,
+                };
+                end.ack(Ack::Barrier {
+                    epoch,
+                    task: end.task,
+                    snapshot,
+                    alignment: inlet.last_alignment(),
+                });
             }
             Event::Idle => output.signal(Message::Idle).await?,
             Event::Active => output.signal(Message::Active).await?,
@@ -538,7 +759,18 @@ async fn run_task(
                 let out = chain.end()?;
                 output.rows(out, &end).await?;
                 chain.report();
-                return output.end(&end).await;
+                let sink = output.end().await?;
+                let snapshot = TaskSnapshot {
+                    operators: end.snapshot(&mut chain)?,
+                    inputs: inlet.channel_watermarks(),
+                    source: None,
+                    sink,
+                };
+                end.ack(Ack::Ended {
+                    task: end.task,
+                    snapshot,
+                });
+                return Ok(());
             }
         }
         chain.report();
@@ -573,12 +805,27 @@ async fn run_source(
             Some(epoch) = barriers.recv() => {
                 for read in reader.available_now()? {
                     if handle_read(read, &mut rows, &mut chain, &mut output, &end, &mut idle).await? {
-                        return Ok(());
+                        return source_ended(&mut reader, &rows, &mut chain, &mut output, &end).await;
                     }
                 }
                 let out = chain.barrier()?;
                 output.rows(out, &end).await?;
-                output.barrier(epoch, rows.watermark, &end).await?;
+                let sink = output.barrier(epoch, rows.watermark).await?;
+                let snapshot = TaskSnapshot {
+                    operators: end.snapshot(&mut chain)?,
+                    inputs: vec![],
+                    source: Some(SourcePosition {
+                        position: reader.position()?,
+                        watermark: rows.watermark,
+                    }),
+                    sink,
+                };
+                end.ack(Ack::Barrier {
+                    epoch,
+                    task: end.task,
+                    snapshot,
+                    alignment: Duration::ZERO,
+                });
                 continue;
             }
             read = reader.next() => read?,
@@ -597,7 +844,7 @@ async fn run_source(
             }
         };
         if handle_read(read, &mut rows, &mut chain, &mut output, &end, &mut idle).await? {
-            return Ok(());
+            return source_ended(&mut reader, &rows, &mut chain, &mut output, &end).await;
         }
     }
 }
@@ -647,8 +894,33 @@ async fn handle_read(
             let out = chain.end()?;
             output.rows(out, end).await?;
             chain.report();
-            output.end(end).await?;
             Ok(true)
         }
     }
+}
+
+/// A source's input ended: the end goes downstream and its final state to the
+/// coordinator.
+async fn source_ended(
+    reader: &mut Reader,
+    rows: &SourceRows,
+    chain: &mut Chain,
+    output: &mut Output,
+    end: &TaskEnd,
+) -> Result<()> {
+    let sink = output.end().await?;
+    let snapshot = TaskSnapshot {
+        operators: end.snapshot(chain)?,
+        inputs: vec![],
+        source: Some(SourcePosition {
+            position: reader.position()?,
+            watermark: rows.watermark,
+        }),
+        sink,
+    };
+    end.ack(Ack::Ended {
+        task: end.task,
+        snapshot,
+    });
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use super::checkpoint::coordinator::CheckpointHistory;
 use super::job::{JobState, RunningJob};
 use super::message::Epoch;
 use super::mv::MvState;
@@ -32,6 +33,8 @@ pub struct Jobs {
     epoch: AtomicU64,
     /// Barriers reach every source in epoch order.
     injecting: Mutex<()>,
+    /// Every durable job's latest checkpoints, for SHOW CHECKPOINTS.
+    pub history: Arc<CheckpointHistory>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -62,6 +65,12 @@ impl Jobs {
                 jobs.flush().await;
             }
         });
+    }
+
+    /// Numbers the next epochs after `epoch` (the newest one checkpoints before a
+    /// restart committed), so epochs keep increasing across restarts.
+    pub fn advance_epoch_to(&self, epoch: Epoch) {
+        self.epoch.fetch_max(epoch, Ordering::SeqCst);
     }
 
     pub fn view(&self, name: &str) -> Option<Arc<MvState>> {

@@ -1,7 +1,9 @@
 //! The streaming runtime: messages, operators, tasks and exchanges.
 
 pub mod changelog;
+pub mod checkpoint;
 pub mod exchange;
+pub mod failpoint;
 pub mod graph;
 pub mod job;
 pub mod late;

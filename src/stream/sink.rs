@@ -1,29 +1,22 @@
-//! Sink subtasks: where a job's rows end up. Rows become visible at barriers (one epoch
-//! at a time, so readers see whole epochs) and at the end of the input.
-
-use std::sync::Arc;
+//! Sink subtasks: where a job's rows end up. A view, a log table or a filesystem sink
+//! holds an epoch's rows back until the epoch commits (readers see whole committed
+//! epochs); other connectors write at once and flush at barriers.
 
 use datafusion::common::{DataFusionError, Result};
-use weir_catalog::Catalog;
 
+use super::checkpoint::Precommit;
 use super::graph::SinkKind;
 use super::message::{ChangeBatch, Millis};
 use crate::connector::io::SinkWriter;
 
 pub struct Sink {
     kind: SinkKind,
-    catalog: Arc<Catalog>,
     pending: Vec<ChangeBatch>,
     writer: Option<Box<dyn SinkWriter>>,
 }
 
 impl Sink {
-    pub fn open(
-        kind: &SinkKind,
-        catalog: &Arc<Catalog>,
-        subtask: usize,
-        job: &str,
-    ) -> Result<Self> {
+    pub fn open(kind: &SinkKind, subtask: usize, job: &str) -> Result<Self> {
         let writer = match kind {
             SinkKind::Connector(def) => Some(
                 crate::connector::factory::open_sink(def, subtask, job)
@@ -33,7 +26,6 @@ impl Sink {
         };
         Ok(Self {
             kind: kind.clone(),
-            catalog: catalog.clone(),
             pending: Vec::new(),
             writer,
         })
@@ -53,18 +45,18 @@ impl Sink {
         }
     }
 
-    /// Publishes everything written since the last commit.
-    pub async fn commit(&mut self, watermark: Millis, ended: bool) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
+    /// What this subtask took since the last barrier, held back until the epoch commits
+    /// (the job's coordinator then publishes it).
+    pub async fn precommit(&mut self, watermark: Millis, ended: bool) -> Result<Option<Precommit>> {
+        let changes = std::mem::take(&mut self.pending);
         match (&self.kind, &mut self.writer) {
-            (SinkKind::View(state), _) => state.publish(pending, watermark, ended)?,
-            (SinkKind::Log(def), _) if !pending.is_empty() => {
-                crate::connector::log_table::append_changes(self.catalog.table_log(), def, pending)
-                    .await?
-            }
-            (_, Some(writer)) => writer.flush().await?,
-            _ => {}
+            (SinkKind::View(_) | SinkKind::Log(_), _) => Ok(Some(Precommit::Changes {
+                changes,
+                watermark,
+                ended,
+            })),
+            (_, Some(writer)) => writer.precommit().await,
+            _ => Ok(None),
         }
-        Ok(())
     }
 }

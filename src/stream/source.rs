@@ -35,7 +35,19 @@ pub enum Reader {
     Split(Box<dyn SplitReader>),
     Log(LogReader),
     View(ViewReader),
-    Batches(std::collections::VecDeque<RecordBatch>),
+    /// The batches left, and how many were taken.
+    Batches(std::collections::VecDeque<RecordBatch>, u64),
+}
+
+fn position_bytes(v: u64) -> Vec<u8> {
+    v.to_be_bytes().to_vec()
+}
+
+fn position_of(bytes: &[u8]) -> Result<u64> {
+    let b: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| DataFusionError::Internal("a stored source position is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(b))
 }
 
 impl Reader {
@@ -66,13 +78,47 @@ impl Reader {
                 changes: state.subscribe(),
                 queue: Default::default(),
                 feed: None,
+                delivered: 0,
+                skip: 0,
             }),
-            SourceKind::Batches(batches) => Reader::Batches(if split == 0 {
-                batches.iter().cloned().collect()
-            } else {
-                Default::default()
-            }),
+            SourceKind::Batches(batches) => Reader::Batches(
+                if split == 0 {
+                    batches.iter().cloned().collect()
+                } else {
+                    Default::default()
+                },
+                0,
+            ),
         })
+    }
+
+    /// Where the reader is, once everything it read was delivered: [`Reader::restore`]
+    /// with it continues right after.
+    pub fn position(&self) -> Result<Vec<u8>> {
+        Ok(match self {
+            Reader::Split(r) => r.position(),
+            Reader::Log(r) => position_bytes(r.next),
+            Reader::View(r) => position_bytes(r.delivered),
+            Reader::Batches(_, taken) => position_bytes(*taken),
+        })
+    }
+
+    pub fn restore(&mut self, position: &[u8]) -> Result<()> {
+        match self {
+            Reader::Split(r) => r.restore(position)?,
+            Reader::Log(r) => r.next = position_of(position)?,
+            Reader::View(r) => {
+                r.skip = position_of(position)?;
+                r.delivered = r.skip;
+            }
+            Reader::Batches(q, taken) => {
+                *taken = position_of(position)?;
+                for _ in 0..*taken {
+                    q.pop_front();
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Waits for the next rows.
@@ -84,10 +130,13 @@ impl Reader {
             }),
             Reader::Log(r) => r.next().await,
             Reader::View(r) => r.next().await,
-            Reader::Batches(q) => Ok(q
-                .pop_front()
-                .map(|b| Read::Rows(ChangeBatch::new(b)))
-                .unwrap_or(Read::End)),
+            Reader::Batches(q, taken) => Ok(match q.pop_front() {
+                Some(b) => {
+                    *taken += 1;
+                    Read::Rows(ChangeBatch::new(b))
+                }
+                None => Read::End,
+            }),
         }
     }
 
@@ -180,6 +229,10 @@ pub struct ViewReader {
     /// An updating view is followed through its changefeed (its rows are rebuilt, so a
     /// batch position means nothing): its snapshot as inserts, then every publish.
     feed: Option<tokio::sync::broadcast::Receiver<Arc<crate::stream::mv::Changes>>>,
+    /// Rows of an insert-only view queued so far: the position a checkpoint records.
+    delivered: u64,
+    /// Rows a restored reader already delivered before the restart.
+    skip: u64,
 }
 
 impl ViewReader {
@@ -189,12 +242,15 @@ impl ViewReader {
         }
         let published = self.state.read_from(self.next);
         self.next = published.next;
-        self.queue.extend(
-            published
-                .batches
-                .into_iter()
-                .map(|b| Read::Rows(ChangeBatch::new(b))),
-        );
+        for batch in published.batches {
+            let skipped = self.skip.min(batch.num_rows() as u64) as usize;
+            self.skip -= skipped as u64;
+            let batch = batch.slice(skipped, batch.num_rows() - skipped);
+            if batch.num_rows() > 0 {
+                self.delivered += batch.num_rows() as u64;
+                self.queue.push_back(Read::Rows(ChangeBatch::new(batch)));
+            }
+        }
         if published.watermark > self.watermark {
             self.watermark = published.watermark;
             self.queue.push_back(Read::Watermark(published.watermark));

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use tokio_postgres::{Client, NoTls};
 use weir::server::{Server, ServerConfig};
@@ -123,5 +125,58 @@ pub fn case_seeds(base: u64, default_cases: u64) -> Vec<u64> {
                 .unwrap_or(default_cases);
             (0..n).map(|i| base + i).collect()
         }
+    }
+}
+
+/// The `weir` binary as a child process.
+pub struct WeirProcess {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl WeirProcess {
+    pub fn start(data_dir: &Path) -> Self {
+        Self::start_with_env(data_dir, &[])
+    }
+
+    /// Starts it with extra environment variables (failpoints).
+    pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("weir starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("weir logs where it listens")
+                .expect("readable log");
+            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, port }
+    }
+
+    /// SIGKILL: no chance to flush or close anything.
+    pub fn kill_9(self) {
+        drop(self);
+    }
+}
+
+/// SIGKILL on drop, so a test that fails half-way leaves no server running.
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

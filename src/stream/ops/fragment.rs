@@ -304,17 +304,47 @@ impl Operator for Fragment {
                 }
             }
         }
+        // Fired windows kept for late corrections: what they emitted is retracted then.
+        for (span, batches) in &self.emitted {
+            let rows: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
+            for b in &rows {
+                out.push(snapshot::batch(
+                    "emitted",
+                    &[span.0, span.1],
+                    b.columns().to_vec(),
+                )?);
+            }
+            if rows.is_empty() {
+                out.push(snapshot::batch("fired", &[span.0, span.1], vec![])?);
+            }
+        }
         Ok(out)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         for batch in state {
-            let heads = if batch.num_columns() >= 4 { 4 } else { 2 };
-            let (kind, head, mut columns) = snapshot::parts(&batch, heads)?;
-            if kind == "progress" {
-                (self.watermark, self.late) = snapshot::read_progress(&head);
-                continue;
+            let (kind, _, _) = snapshot::parts(&batch, 0)?;
+            match kind.as_str() {
+                "progress" => {
+                    let (_, head, _) = snapshot::parts(&batch, 2)?;
+                    (self.watermark, self.late) = snapshot::read_progress(&head);
+                    continue;
+                }
+                "emitted" | "fired" => {
+                    let (_, head, columns) = snapshot::parts(&batch, 2)?;
+                    let emitted = self.emitted.entry((head[0], head[1])).or_default();
+                    if kind == "emitted" {
+                        emitted.push(crate::stream::batch_of(
+                            self.schema.clone(),
+                            columns,
+                            batch.num_rows(),
+                        )?);
+                    }
+                    continue;
+                }
+                _ => {}
             }
+            let (_, head, mut columns) = snapshot::parts(&batch, 4)?;
             let input = head[2] as usize;
             let ops = if head[3] == 1 {
                 columns.pop().and_then(|c| {

@@ -603,6 +603,14 @@ impl Operator for GroupAggregate {
         ];
         let mut arguments = None;
         match &mut self.values {
+            // Some accumulators cannot emit the state of no groups at all.
+            Values::Accumulators(_) if n == 0 => {
+                for aggregate in &self.calls.aggregates {
+                    for field in aggregate.state_fields()? {
+                        columns.push(new_empty_array(field.data_type()));
+                    }
+                }
+            }
             Values::Accumulators(accumulators) => {
                 let all: Vec<usize> = (0..n).collect();
                 for acc in accumulators.iter_mut() {
@@ -684,6 +692,7 @@ impl Operator for GroupAggregate {
                 }
             }
             match &mut self.values {
+                Values::Accumulators(_) if n == 0 => {}
                 Values::Accumulators(accumulators) => {
                     let all: Vec<usize> = (0..n).collect();
                     let mut at = 4;

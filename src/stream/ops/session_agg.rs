@@ -387,12 +387,26 @@ impl Operator for SessionAggregate {
                 &[session.start, session.end],
                 partial.columns(),
             )?);
+            // A closed session kept for late rows: what it emitted, to retract then.
+            if let Some(emitted) = &session.emitted {
+                out.push(snapshot::batch("emitted", &[], emitted.columns().to_vec())?);
+            }
         }
         Ok(out)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        let mut last = None;
         for batch in state {
+            let (kind, _, _) = snapshot::parts(&batch, 0)?;
+            if kind == "emitted" {
+                let (_, _, columns) = snapshot::parts(&batch, 0)?;
+                let rows = crate::stream::batch_of(self.schema.clone(), columns, batch.num_rows())?;
+                if let Some(session) = last.and_then(|id| self.sessions.get_mut(&id)) {
+                    session.emitted = Some(rows);
+                }
+                continue;
+            }
             let (kind, head, columns) = snapshot::parts(&batch, 2)?;
             if kind == "progress" {
                 (self.watermark, self.late) = snapshot::read_progress(&head);
@@ -406,13 +420,13 @@ impl Operator for SessionAggregate {
                 .owned();
             let mut state = self.calls.new_state()?;
             state.merge(&partial)?;
-            self.insert(Session {
+            last = Some(self.insert(Session {
                 key,
                 start: head[0],
                 end: head[1],
                 state,
                 emitted: None,
-            });
+            }));
         }
         Ok(())
     }

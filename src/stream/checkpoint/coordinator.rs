@@ -1,0 +1,478 @@
+//! A job's checkpoint coordinator: collects every task's snapshot for an epoch, writes
+//! them to the store in one atomic batch (off the tasks' path: they go on processing),
+//! then commits the sinks' pre-committed output and tells FLUSH the epoch is committed.
+//!
+//! A task that ended keeps counting for later epochs with its final snapshot, so a job
+//! whose bounded sources finished early still checkpoints; when every task ended, the
+//! coordinator commits one last epoch with everything's final output.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::common::{DataFusionError, Result};
+use tokio::sync::{mpsc, watch};
+use weir_catalog::{Catalog, TableDef};
+
+use super::store::{CheckpointMeta, Checkpoints};
+use super::{Precommit, Restored, TaskSnapshot};
+use crate::stream::message::{ChangeBatch, Epoch, Millis, END_OF_TIME};
+use crate::stream::mv::MvState;
+
+/// Epochs kept besides savepoints: the newest is restored, older ones are a margin.
+pub const RETAINED_EPOCHS: usize = 3;
+/// A view's per-epoch changes are folded into its stored base after this many.
+const VIEW_ENTRIES_BEFORE_COMPACTION: usize = 64;
+
+/// What a task tells the coordinator.
+pub enum Ack {
+    /// It snapshotted for `epoch` and forwarded the barrier.
+    Barrier {
+        epoch: Epoch,
+        task: usize,
+        snapshot: TaskSnapshot,
+        /// How long its input waited for barrier alignment.
+        alignment: Duration,
+    },
+    /// Its input ended; this is its final state and output.
+    Ended { task: usize, snapshot: TaskSnapshot },
+}
+
+/// Makes a sink's pre-committed output visible when its epoch commits.
+#[derive(Clone)]
+pub enum Committer {
+    /// The sink writes directly (at-least-once connectors, query results).
+    Direct,
+    View(Arc<MvState>),
+    Log {
+        def: Arc<TableDef>,
+        catalog: Arc<Catalog>,
+    },
+    Files,
+}
+
+/// One checkpoint as SHOW CHECKPOINTS lists it.
+#[derive(Debug, Clone)]
+pub struct CheckpointRecord {
+    pub job: String,
+    pub epoch: Epoch,
+    pub started_ms: i64,
+    pub duration: Duration,
+    pub alignment: Duration,
+    pub bytes: u64,
+    /// "operator=bytes" per operator with state.
+    pub state: String,
+    /// COMPLETED, or FAILED with the cause.
+    pub status: String,
+}
+
+/// The latest checkpoints of every job, newest last.
+#[derive(Debug, Default)]
+pub struct CheckpointHistory {
+    records: Mutex<VecDeque<CheckpointRecord>>,
+}
+
+const HISTORY: usize = 200;
+
+impl CheckpointHistory {
+    pub fn push(&self, record: CheckpointRecord) {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() == HISTORY {
+            records.pop_front();
+        }
+        records.push_back(record);
+    }
+
+    pub fn list(&self) -> Vec<CheckpointRecord> {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Where a durable job's checkpoints go.
+#[derive(Clone)]
+pub struct Durable {
+    pub checkpoints: Checkpoints,
+    pub fingerprint: String,
+}
+
+pub struct Coordinator {
+    pub job: String,
+    pub tasks: usize,
+    pub committer: Committer,
+    pub durable: Option<Durable>,
+    /// Per task, the names of its chain's operators (for per-operator state sizes).
+    pub operator_names: Vec<Vec<String>>,
+    pub history: Arc<CheckpointHistory>,
+    pub committed: Arc<watch::Sender<Epoch>>,
+    /// The epoch the job was restored from (0: none).
+    pub restored: Epoch,
+}
+
+struct Pending {
+    tasks: HashMap<usize, TaskSnapshot>,
+    started_ms: i64,
+    started: Instant,
+    alignment: Duration,
+}
+
+impl Coordinator {
+    /// Runs until every task has dropped its sender. An error (the store refused a
+    /// checkpoint, a sink could not commit) fails the job.
+    pub async fn run(mut self, mut acks: mpsc::UnboundedReceiver<Ack>) -> Result<()> {
+        let mut pending: BTreeMap<Epoch, Pending> = BTreeMap::new();
+        let mut ended: HashMap<usize, TaskSnapshot> = HashMap::new();
+        let mut last = self.restored;
+        let mut finished = false;
+        let mut view_entries = 0;
+        while let Some(ack) = acks.recv().await {
+            match ack {
+                Ack::Barrier {
+                    epoch,
+                    task,
+                    snapshot,
+                    alignment,
+                } => {
+                    let p = pending.entry(epoch).or_insert_with(|| Pending {
+                        tasks: HashMap::new(),
+                        started_ms: chrono::Utc::now().timestamp_millis(),
+                        started: Instant::now(),
+                        alignment: Duration::ZERO,
+                    });
+                    p.tasks.insert(task, snapshot);
+                    p.alignment = p.alignment.max(alignment);
+                }
+                Ack::Ended { task, snapshot } => {
+                    ended.insert(task, snapshot);
+                }
+            }
+            while let Some((&epoch, p)) = pending.first_key_value() {
+                if !(0..self.tasks).all(|t| p.tasks.contains_key(&t) || ended.contains_key(&t)) {
+                    break;
+                }
+                let p = pending.remove(&epoch).expect("present");
+                self.complete(epoch, p, &mut ended, &mut view_entries)
+                    .await?;
+                last = last.max(epoch);
+            }
+            if !finished && ended.len() == self.tasks {
+                finished = true;
+                let p = Pending {
+                    tasks: HashMap::new(),
+                    started_ms: chrono::Utc::now().timestamp_millis(),
+                    started: Instant::now(),
+                    alignment: Duration::ZERO,
+                };
+                self.complete(last + 1, p, &mut ended, &mut view_entries)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn complete(
+        &mut self,
+        epoch: Epoch,
+        mut p: Pending,
+        ended: &mut HashMap<usize, TaskSnapshot>,
+        view_entries: &mut usize,
+    ) -> Result<()> {
+        let mut snapshots = Vec::with_capacity(self.tasks);
+        for t in 0..self.tasks {
+            let snapshot = match p.tasks.remove(&t) {
+                Some(s) => s,
+                // An ended task's final output is committed once, at the first epoch
+                // after it ended.
+                None => {
+                    let s = ended.get_mut(&t).expect("every task acked or ended");
+                    let out = s.clone();
+                    s.sink = s.sink.as_ref().map(Precommit::committed);
+                    out
+                }
+            };
+            snapshots.push(snapshot);
+        }
+        let precommits: Vec<Precommit> = snapshots.iter().filter_map(|s| s.sink.clone()).collect();
+        let state = self.state_sizes(&snapshots);
+        let written = match &self.durable {
+            Some(durable) => {
+                let view = match &self.committer {
+                    Committer::View(_) => Some(merged_changes(&precommits).0),
+                    _ => None,
+                };
+                // The view's rows are stored once, in its per-epoch series.
+                if view.is_some() {
+                    for s in &mut snapshots {
+                        s.sink = s.sink.as_ref().map(Precommit::committed);
+                    }
+                }
+                let meta = CheckpointMeta {
+                    epoch,
+                    tasks: self.tasks,
+                    fingerprint: durable.fingerprint.clone(),
+                    started_ms: p.started_ms,
+                    bytes: 0,
+                    savepoint: None,
+                };
+                let checkpoints = durable.checkpoints.clone();
+                tokio::task::spawn_blocking(move || {
+                    let tasks = snapshots
+                        .iter()
+                        .map(TaskSnapshot::encode)
+                        .collect::<Result<Vec<_>>>()?;
+                    let bytes = checkpoints.write(&meta, &tasks, view.as_deref())?;
+                    checkpoints.prune(RETAINED_EPOCHS)?;
+                    Ok::<_, DataFusionError>(bytes)
+                })
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))
+                .and_then(|r| r)
+            }
+            None => Ok(0),
+        };
+        let bytes = match written {
+            Ok(b) => b,
+            Err(e) => {
+                self.record(epoch, &p, 0, state, format!("FAILED: {e}"));
+                return Err(DataFusionError::Execution(format!(
+                    "checkpoint {epoch} could not be written: {e}"
+                )));
+            }
+        };
+        if self.durable.is_some() {
+            crate::stream::failpoint::hit(crate::stream::failpoint::at::BEFORE_PUBLISH);
+        }
+        if let Err(e) = self.commit(epoch, precommits, view_entries).await {
+            self.record(epoch, &p, bytes, state, format!("FAILED: {e}"));
+            return Err(e);
+        }
+        self.record(epoch, &p, bytes, state, "COMPLETED".into());
+        self.committed.send_if_modified(|c| {
+            let advanced = epoch > *c;
+            *c = (*c).max(epoch);
+            advanced
+        });
+        Ok(())
+    }
+
+    fn state_sizes(&self, snapshots: &[TaskSnapshot]) -> String {
+        let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
+        for (t, s) in snapshots.iter().enumerate() {
+            for (i, batches) in s.operators.iter().enumerate() {
+                let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+                if bytes > 0 {
+                    let name = self.operator_names[t]
+                        .get(i)
+                        .map_or("operator", |n| n.as_str());
+                    *sizes.entry(name).or_default() += bytes;
+                }
+            }
+        }
+        sizes
+            .iter()
+            .map(|(n, b)| format!("{n}={b}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn record(&self, epoch: Epoch, p: &Pending, bytes: u64, state: String, status: String) {
+        if self.durable.is_none() {
+            return;
+        }
+        self.history.push(CheckpointRecord {
+            job: self.job.clone(),
+            epoch,
+            started_ms: p.started_ms,
+            duration: p.started.elapsed(),
+            alignment: p.alignment,
+            bytes,
+            state,
+            status,
+        });
+    }
+
+    /// Makes the epoch's pre-committed output visible.
+    async fn commit(
+        &self,
+        epoch: Epoch,
+        precommits: Vec<Precommit>,
+        view_entries: &mut usize,
+    ) -> Result<()> {
+        match &self.committer {
+            Committer::Direct => Ok(()),
+            Committer::View(state) => {
+                let (changes, watermark, ended) = merged_changes(&precommits);
+                let wrote = !changes.is_empty();
+                state.publish(changes, watermark, ended)?;
+                if let (Some(durable), true) = (&self.durable, wrote) {
+                    *view_entries += 1;
+                    if *view_entries >= VIEW_ENTRIES_BEFORE_COMPACTION {
+                        *view_entries = 0;
+                        let checkpoints = durable.checkpoints.clone();
+                        let contents = state.snapshot();
+                        blocking(move || checkpoints.compact_view(epoch, &contents)).await?;
+                    }
+                }
+                Ok(())
+            }
+            Committer::Log { def, catalog } => {
+                let (changes, _, _) = merged_changes(&precommits);
+                let marker = self.durable.as_ref().map(|d| d.checkpoints.sink_marker());
+                commit_log(catalog, def, changes, marker, epoch).await
+            }
+            Committer::Files => {
+                let files: Vec<_> = precommits
+                    .into_iter()
+                    .flat_map(|p| match p {
+                        Precommit::Files(f) => f,
+                        Precommit::Changes { .. } => vec![],
+                    })
+                    .collect();
+                blocking(move || publish_files(&files)).await
+            }
+        }
+    }
+}
+
+async fn blocking(f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
+}
+
+/// Every sink subtask's rows, the lowest watermark among them, and whether all ended.
+fn merged_changes(precommits: &[Precommit]) -> (Vec<ChangeBatch>, Millis, bool) {
+    let mut changes = Vec::new();
+    let mut watermark = END_OF_TIME;
+    let mut ended = true;
+    for p in precommits {
+        if let Precommit::Changes {
+            changes: c,
+            watermark: w,
+            ended: e,
+        } = p
+        {
+            changes.extend(c.iter().filter(|b| b.num_rows() > 0).cloned());
+            watermark = watermark.min(*w);
+            ended &= *e;
+        }
+    }
+    (changes, watermark, ended)
+}
+
+/// Appends an epoch's rows to a table's log, once: `marker` records the epochs done.
+async fn commit_log(
+    catalog: &Arc<Catalog>,
+    def: &Arc<TableDef>,
+    changes: Vec<ChangeBatch>,
+    marker: Option<Vec<u8>>,
+    epoch: Epoch,
+) -> Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    crate::connector::log_table::append_once(catalog.table_log(), def, changes, marker, epoch).await
+}
+
+/// Renames finished hidden files to their visible names; a file already renamed (the
+/// commit is being redone after a crash) is left as it is.
+pub fn publish_files(files: &[(std::path::PathBuf, std::path::PathBuf)]) -> Result<()> {
+    for (from, to) in files {
+        if from.exists() {
+            std::fs::rename(from, to).map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "could not publish {}: {e}",
+                    to.to_string_lossy()
+                ))
+            })?;
+        } else if !to.exists() {
+            return Err(DataFusionError::Execution(format!(
+                "the committed file {} is gone",
+                from.to_string_lossy()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Redoes the commit of the epoch a job is restored from (a crash may have come between
+/// its checkpoint and its commit), and puts a view's contents back.
+pub async fn redo(
+    committer: &Committer,
+    checkpoints: &Checkpoints,
+    epoch: Epoch,
+    snapshots: &[TaskSnapshot],
+) -> Result<()> {
+    let precommits: Vec<Precommit> = snapshots.iter().filter_map(|s| s.sink.clone()).collect();
+    match committer {
+        Committer::Direct => Ok(()),
+        Committer::View(state) => {
+            let (_, watermark, ended) = merged_changes(&precommits);
+            let checkpoints = checkpoints.clone();
+            let (contents, _) =
+                tokio::task::spawn_blocking(move || checkpoints.view_contents(epoch))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))??;
+            super::store::check_schema(&contents, &state.schema())?;
+            state.publish(contents, watermark, ended)
+        }
+        Committer::Log { def, catalog } => {
+            let (changes, _, _) = merged_changes(&precommits);
+            commit_log(
+                catalog,
+                def,
+                changes,
+                Some(checkpoints.sink_marker()),
+                epoch,
+            )
+            .await
+        }
+        Committer::Files => {
+            let files: Vec<_> = precommits
+                .into_iter()
+                .flat_map(|p| match p {
+                    Precommit::Files(f) => f,
+                    Precommit::Changes { .. } => vec![],
+                })
+                .collect();
+            blocking(move || publish_files(&files)).await
+        }
+    }
+}
+
+/// The newest committed checkpoint of a job, with its commit redone; `None` when it has
+/// none. A checkpoint taken from another plan is refused.
+pub async fn recover(
+    checkpoints: &Checkpoints,
+    fingerprint: &str,
+    committer: &Committer,
+) -> Result<Option<Restored>> {
+    let stored = checkpoints.clone();
+    let latest = tokio::task::spawn_blocking(move || {
+        let Some(meta) = stored.latest()? else {
+            return Ok(None);
+        };
+        let tasks = stored.load(&meta)?;
+        Ok::<_, DataFusionError>(Some((meta, tasks)))
+    })
+    .await
+    .map_err(|e| DataFusionError::External(Box::new(e)))??;
+    let Some((meta, tasks)) = latest else {
+        return Ok(None);
+    };
+    if meta.fingerprint != fingerprint {
+        return Err(DataFusionError::Plan(format!(
+            "checkpoint {} was taken from a different plan of this query (was:\n{}\nnow:\n{})",
+            meta.epoch, meta.fingerprint, fingerprint
+        )));
+    }
+    redo(committer, checkpoints, meta.epoch, &tasks).await?;
+    Ok(Some(Restored {
+        epoch: meta.epoch,
+        tasks,
+    }))
+}

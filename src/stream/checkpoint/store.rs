@@ -1,0 +1,336 @@
+//! Checkpoints in the state store, beside the catalog.
+//!
+//! Under `ckpt/<job key>\0` each committed epoch has a meta entry (`m` + epoch), which is
+//! what makes it committed, and one entry per task (`t` + epoch + task); all are written
+//! in one atomic batch, so a crash leaves an epoch either complete or absent. A
+//! materialized view's contents are an append-only series of per-epoch changes (`v` +
+//! epoch, written in the same batch) on top of a compacted base (`b`), because the view
+//! must come back whole while old epochs are pruned. `s` is the log sink's marker of the
+//! last epoch it appended.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use serde::{Deserialize, Serialize};
+use weir_catalog::{StateStore, WriteBatch};
+
+use super::frame::{FrameReader, FrameWriter};
+use super::{decode_changes, encode_changes, TaskSnapshot};
+use crate::stream::message::{ChangeBatch, Epoch};
+
+/// What is known about a committed epoch of one job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointMeta {
+    pub epoch: Epoch,
+    pub tasks: usize,
+    /// The graph the snapshots belong to: restoring into another one is refused.
+    pub fingerprint: String,
+    /// When the checkpoint's first barrier was acknowledged (ms since the Unix epoch).
+    pub started_ms: i64,
+    pub bytes: u64,
+    /// The savepoint's name when the epoch is kept as one.
+    #[serde(default)]
+    pub savepoint: Option<String>,
+}
+
+const ROOT: &[u8] = b"ckpt/";
+
+fn store_error(e: weir_catalog::CatalogError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+/// The checkpoints of one view or job.
+#[derive(Clone, Debug)]
+pub struct Checkpoints {
+    store: Arc<dyn StateStore>,
+    prefix: Vec<u8>,
+}
+
+impl Checkpoints {
+    /// `key` names the view or job (`view/<name>`, `job/<id>`).
+    pub fn new(store: Arc<dyn StateStore>, key: &str) -> Self {
+        Self {
+            store,
+            prefix: [ROOT, key.as_bytes(), b"\0"].concat(),
+        }
+    }
+
+    fn key(&self, kind: u8, parts: &[u64]) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.push(kind);
+        for p in parts {
+            k.extend_from_slice(&p.to_be_bytes());
+        }
+        k
+    }
+
+    /// The key the log sink marks the epochs it appended with.
+    pub fn sink_marker(&self) -> Vec<u8> {
+        self.key(b's', &[])
+    }
+
+    /// Writes a committed epoch: its tasks, the view changes it publishes, then its meta,
+    /// atomically and durably. Returns the bytes written.
+    pub fn write(
+        &self,
+        meta: &CheckpointMeta,
+        tasks: &[Vec<u8>],
+        view: Option<&[ChangeBatch]>,
+    ) -> Result<u64> {
+        let mut batch = WriteBatch::default();
+        let mut bytes = 0u64;
+        for (i, t) in tasks.iter().enumerate() {
+            bytes += t.len() as u64;
+            batch.put(self.key(b't', &[meta.epoch, i as u64]), t.clone());
+        }
+        if let Some(changes) = view.filter(|c| !c.is_empty()) {
+            let mut w = FrameWriter::default();
+            w.u64(changes.len() as u64);
+            for c in changes {
+                w.bytes(&encode_changes(c)?);
+            }
+            bytes += w.bytes.len() as u64;
+            batch.put(self.key(b'v', &[meta.epoch]), w.bytes);
+        }
+        let meta = CheckpointMeta {
+            bytes,
+            ..meta.clone()
+        };
+        batch.put(
+            self.key(b'm', &[meta.epoch]),
+            serde_json::to_vec(&meta).expect("meta serialises"),
+        );
+        self.store.apply(batch).map_err(store_error)?;
+        crate::stream::failpoint::hit(crate::stream::failpoint::at::DURING_WRITE);
+        self.store.flush().map_err(store_error)?;
+        Ok(bytes)
+    }
+
+    /// Every committed epoch, oldest first.
+    pub fn metas(&self) -> Result<Vec<CheckpointMeta>> {
+        self.store
+            .scan_prefix(&self.key(b'm', &[]))
+            .map_err(store_error)?
+            .into_iter()
+            .map(|(_, v)| {
+                serde_json::from_slice(&v).map_err(|e| {
+                    DataFusionError::Internal(format!("a stored checkpoint is corrupt: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    pub fn latest(&self) -> Result<Option<CheckpointMeta>> {
+        Ok(self.metas()?.pop())
+    }
+
+    /// The task snapshots of a committed epoch, in task order.
+    pub fn load(&self, meta: &CheckpointMeta) -> Result<Vec<TaskSnapshot>> {
+        (0..meta.tasks)
+            .map(|t| {
+                let bytes = self
+                    .store
+                    .get(&self.key(b't', &[meta.epoch, t as u64]))
+                    .map_err(store_error)?
+                    .ok_or_else(|| {
+                        DataFusionError::Internal(format!(
+                            "checkpoint {} lacks task {t}",
+                            meta.epoch
+                        ))
+                    })?;
+                TaskSnapshot::decode(&bytes)
+            })
+            .collect()
+    }
+
+    /// Removes all but the newest `keep` epochs, except savepoints.
+    pub fn prune(&self, keep: usize) -> Result<()> {
+        let metas = self.metas()?;
+        let old = metas.len().saturating_sub(keep);
+        let mut batch = WriteBatch::default();
+        for meta in metas.iter().take(old).filter(|m| m.savepoint.is_none()) {
+            batch.delete(self.key(b'm', &[meta.epoch]));
+            for t in 0..meta.tasks {
+                batch.delete(self.key(b't', &[meta.epoch, t as u64]));
+            }
+        }
+        if !batch.is_empty() {
+            self.store.apply(batch).map_err(store_error)?;
+        }
+        Ok(())
+    }
+
+    /// A view's contents as of `upto`: its compacted base, then each later epoch's changes.
+    /// Also returns how many per-epoch entries there were.
+    pub fn view_contents(&self, upto: Epoch) -> Result<(Vec<ChangeBatch>, usize)> {
+        let mut out = Vec::new();
+        let mut base_epoch = 0;
+        if let Some(base) = self.store.get(&self.key(b'b', &[])).map_err(store_error)? {
+            let mut r = FrameReader::new(&base);
+            base_epoch = r.u64()?;
+            for _ in 0..r.u64()? {
+                out.push(ChangeBatch::new(r.batch()?));
+            }
+        }
+        let mut entries = 0;
+        for (key, value) in self
+            .store
+            .scan_prefix(&self.key(b'v', &[]))
+            .map_err(store_error)?
+        {
+            let epoch = epoch_of(&key);
+            if epoch <= base_epoch || epoch > upto {
+                continue;
+            }
+            entries += 1;
+            let mut r = FrameReader::new(&value);
+            for _ in 0..r.u64()? {
+                out.push(decode_changes(r.bytes()?)?);
+            }
+        }
+        Ok((out, entries))
+    }
+
+    /// Replaces a view's per-epoch changes up to `epoch` by its contents as of `epoch`.
+    pub fn compact_view(&self, epoch: Epoch, contents: &[RecordBatch]) -> Result<()> {
+        let mut w = FrameWriter::default();
+        w.u64(epoch);
+        w.u64(contents.len() as u64);
+        for b in contents {
+            w.batch(b)?;
+        }
+        let mut batch = WriteBatch::default();
+        batch.put(self.key(b'b', &[]), w.bytes);
+        for (key, _) in self
+            .store
+            .scan_prefix(&self.key(b'v', &[]))
+            .map_err(store_error)?
+        {
+            if epoch_of(&key) <= epoch {
+                batch.delete(key);
+            }
+        }
+        self.store.apply(batch).map_err(store_error)?;
+        self.store.flush().map_err(store_error)
+    }
+
+    /// Forgets everything of this view or job (it was dropped).
+    pub fn remove(&self) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (key, _) in self.store.scan_prefix(&self.prefix).map_err(store_error)? {
+            batch.delete(key);
+        }
+        self.store.apply(batch).map_err(store_error)?;
+        self.store.flush().map_err(store_error)
+    }
+}
+
+fn epoch_of(key: &[u8]) -> Epoch {
+    let tail: [u8; 8] = key[key.len() - 8..].try_into().expect("8 bytes");
+    u64::from_be_bytes(tail)
+}
+
+/// The newest epoch any job committed: a restarted server numbers epochs after it.
+pub fn latest_epoch(store: &Arc<dyn StateStore>) -> Result<Epoch> {
+    let mut latest = 0;
+    for (key, value) in store.scan_prefix(ROOT).map_err(store_error)? {
+        let Some(zero) = key.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        if key.get(zero + 1) == Some(&b'm') {
+            if let Ok(meta) = serde_json::from_slice::<CheckpointMeta>(&value) {
+                latest = latest.max(meta.epoch);
+            }
+        }
+    }
+    Ok(latest)
+}
+
+/// A view's schema check: contents restored for a view must have its columns.
+pub fn check_schema(contents: &[ChangeBatch], schema: &SchemaRef) -> Result<()> {
+    match contents
+        .iter()
+        .find(|c| c.rows.schema().fields() != schema.fields())
+    {
+        Some(c) => Err(DataFusionError::Plan(format!(
+            "the stored contents have columns {:?}, the view has {:?}",
+            c.rows.schema().fields(),
+            schema.fields()
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::message::change_lines;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use weir_catalog::MemoryStore;
+
+    fn rows(v: &[i64]) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)])),
+            vec![Arc::new(Int64Array::from(v.to_vec()))],
+        )
+        .unwrap()
+    }
+
+    fn meta(epoch: Epoch) -> CheckpointMeta {
+        CheckpointMeta {
+            epoch,
+            tasks: 2,
+            fingerprint: "g".into(),
+            started_ms: 0,
+            bytes: 0,
+            savepoint: None,
+        }
+    }
+
+    #[test]
+    fn epochs_are_written_pruned_and_loaded() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let a = Checkpoints::new(store.clone(), "view/a");
+        let other = Checkpoints::new(store.clone(), "view/ab");
+        let task = TaskSnapshot::default().encode().unwrap();
+        for e in 1..=5 {
+            let mut m = meta(e);
+            if e == 2 {
+                m.savepoint = Some("sp".into());
+            }
+            a.write(&m, &[task.clone(), task.clone()], None).unwrap();
+        }
+        other.write(&meta(9), &[task.clone(), task], None).unwrap();
+        a.prune(2).unwrap();
+        let kept: Vec<Epoch> = a.metas().unwrap().iter().map(|m| m.epoch).collect();
+        assert_eq!(kept, vec![2, 4, 5]);
+        assert_eq!(a.load(&a.latest().unwrap().unwrap()).unwrap().len(), 2);
+        assert_eq!(latest_epoch(&store).unwrap(), 9);
+        a.remove().unwrap();
+        assert!(a.latest().unwrap().is_none());
+        assert_eq!(other.latest().unwrap().unwrap().epoch, 9);
+    }
+
+    #[test]
+    fn view_contents_are_base_plus_later_epochs() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let v = Checkpoints::new(store, "view/v");
+        for e in 1..=4 {
+            let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
+            v.write(&meta(e), &[], Some(&changes)).unwrap();
+        }
+        let (contents, entries) = v.view_contents(3).unwrap();
+        assert_eq!(change_lines(&contents), vec!["+I 1", "+I 2", "+I 3"]);
+        assert_eq!(entries, 3);
+        v.compact_view(2, &[rows(&[1, 2])]).unwrap();
+        let (contents, entries) = v.view_contents(4).unwrap();
+        assert_eq!(
+            change_lines(&contents),
+            vec!["+I 1", "+I 2", "+I 3", "+I 4"]
+        );
+        assert_eq!(entries, 2);
+    }
+}

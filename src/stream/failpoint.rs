@@ -1,0 +1,103 @@
+//! Failure injection for recovery tests: `WEIR_FAILPOINTS=name=action[@n],...` in the
+//! environment makes the n-th time (default: first) the server passes failpoint `name`
+//! either abort the process (`crash`, as a kill -9 at exactly that moment) or panic the
+//! task passing it (`panic`). Unset, a failpoint costs one relaxed atomic load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The places a checkpoint can be interrupted at.
+pub mod at {
+    /// A task snapshotted and is about to acknowledge the barrier.
+    pub const BEFORE_ACK: &str = "checkpoint-before-ack";
+    /// The coordinator is about to write an epoch's snapshots to the store.
+    pub const DURING_WRITE: &str = "checkpoint-during-write";
+    /// The epoch is committed in the store; the sinks have not published it yet.
+    pub const BEFORE_PUBLISH: &str = "checkpoint-before-publish";
+    /// An operator processing rows.
+    pub const OPERATOR: &str = "operator-process";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Crash,
+    Panic,
+}
+
+struct Point {
+    action: Action,
+    at: u64,
+    hits: AtomicU64,
+}
+
+static ANY: AtomicBool = AtomicBool::new(true);
+static POINTS: OnceLock<HashMap<String, Point>> = OnceLock::new();
+
+fn points() -> &'static HashMap<String, Point> {
+    POINTS.get_or_init(|| {
+        let points = parse(&std::env::var("WEIR_FAILPOINTS").unwrap_or_default());
+        ANY.store(!points.is_empty(), Ordering::Relaxed);
+        points
+    })
+}
+
+fn parse(spec: &str) -> HashMap<String, Point> {
+    spec.split(',')
+        .filter_map(|entry| {
+            let (name, rest) = entry.trim().split_once('=')?;
+            let (action, at) = match rest.split_once('@') {
+                Some((a, n)) => (a, n.parse().ok()?),
+                None => (rest, 1),
+            };
+            let action = match action {
+                "crash" => Action::Crash,
+                "panic" => Action::Panic,
+                _ => return None,
+            };
+            Some((
+                name.to_string(),
+                Point {
+                    action,
+                    at,
+                    hits: AtomicU64::new(0),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Passes failpoint `name`.
+pub fn hit(name: &str) {
+    if !ANY.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(point) = points().get(name) else {
+        return;
+    };
+    if point.hits.fetch_add(1, Ordering::SeqCst) + 1 != point.at {
+        return;
+    }
+    match point.action {
+        Action::Crash => {
+            eprintln!("failpoint {name}: crashing");
+            std::process::abort();
+        }
+        Action::Panic => panic!("failpoint {name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        let p = parse("a=crash, b=panic@3,c=nothing,d");
+        assert_eq!(p["a"].action, Action::Crash);
+        assert_eq!(p["a"].at, 1);
+        assert_eq!(p["b"].action, Action::Panic);
+        assert_eq!(p["b"].at, 3);
+        assert!(!p.contains_key("c") && !p.contains_key("d"));
+    }
+}

@@ -7,7 +7,11 @@
 //! WEIR_BENCH_EVENTS=2000000 cargo bench --bench window_throughput
 //! cargo bench --bench window_throughput -- --events 2000000 --parallelism 1 --query tumble
 //! cargo bench --bench window_throughput -- --repeat 5 --check  # --check counts results
+//! cargo bench --bench window_throughput -- --query hop --checkpoint-interval '1 h'
 //! ```
+//!
+//! The job checkpoints every `--checkpoint-interval` ('execution.checkpointing.interval',
+//! default 1 s); a long interval ('1 h') measures it without checkpoints.
 //!
 //! Each query runs as `INSERT INTO sink SELECT ...` into a blackhole sink with
 //! `'table.dml-sync' = 'true'`, so the statement returns when the bounded job finished.
@@ -71,6 +75,7 @@ struct Args {
     repeat: usize,
     /// Also counts each query's result rows (untimed), as a sanity check.
     check: bool,
+    checkpoint_interval: String,
 }
 
 fn parse_args() -> Args {
@@ -87,6 +92,7 @@ fn parse_args() -> Args {
     let mut chosen_queries = Vec::new();
     let mut check = false;
     let mut repeat = 3;
+    let mut checkpoint_interval = "1 s".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -108,6 +114,9 @@ fn parse_args() -> Args {
             }
             "--query" => chosen_queries.push(args.next().expect("--query NAME")),
             "--check" => check = true,
+            "--checkpoint-interval" => {
+                checkpoint_interval = args.next().expect("--checkpoint-interval '1 s'")
+            }
             "--repeat" => {
                 repeat = args
                     .next()
@@ -128,6 +137,7 @@ fn parse_args() -> Args {
         queries,
         repeat: repeat.max(1),
         check,
+        checkpoint_interval,
     }
 }
 
@@ -181,8 +191,9 @@ fn main() {
         .map(|n| n.get())
         .unwrap_or(1);
     eprintln!(
-        "window_throughput: {} events, parallelism {:?}, queries {:?}, {cores} cores",
-        args.events, args.parallelism, args.queries
+        "window_throughput: {} events, parallelism {:?}, queries {:?}, {cores} cores, \
+         checkpoints every {}",
+        args.events, args.parallelism, args.queries, args.checkpoint_interval
     );
     let runs = runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -201,6 +212,14 @@ fn main() {
         )
         .await;
         rows(&client, "SET 'table.dml-sync' = 'true'").await;
+        rows(
+            &client,
+            &format!(
+                "SET 'execution.checkpointing.interval' = '{}'",
+                args.checkpoint_interval
+            ),
+        )
+        .await;
         let mut runs = Vec::new();
         for name in &args.queries {
             let query = QUERIES.iter().find(|q| q.name == name).unwrap_or_else(|| {

@@ -177,6 +177,11 @@ impl Engine {
             Statement::ShowVariable(name) => Some(show::show_variable_schema(name)?),
             Statement::ShowJobs => Some(self.show_jobs_schema()),
             Statement::ShowCheckpoints => Some(super::streaming::show_checkpoints_schema()),
+            Statement::ShowSavepoints => Some(super::savepoints::show_savepoints_schema()),
+            Statement::StopJob {
+                savepoint: true, ..
+            }
+            | Statement::StopView(_) => Some(super::savepoints::savepoint_schema()),
             Statement::Sql(stmt)
                 if matches!(&**stmt, ast::Statement::Explain { statement, .. }
                     if explained_view(statement).is_some()) =>
@@ -226,12 +231,22 @@ impl Engine {
             Statement::SetVariable { name, value } => {
                 let tag = if value.is_some() { "SET" } else { "RESET" };
                 let assignment = session::assign(name, value.as_deref())?;
+                if name == "execution.checkpointing.interval" {
+                    self.jobs.set_epoch_interval(
+                        value
+                            .as_deref()
+                            .and_then(crate::connector::options::parse_duration)
+                            .unwrap_or(DEFAULT_EPOCH_INTERVAL),
+                    );
+                }
                 Ok(Outcome::Set(vec![assignment], CommandTag::new(tag)))
             }
             Statement::SetIgnored => Ok(Outcome::Command(CommandTag::new("SET"))),
             Statement::ShowJobs => self.show_jobs(),
             Statement::ShowCheckpoints => self.show_checkpoints(),
-            Statement::StopJob(id) => self.stop_job(id).await,
+            Statement::StopJob { id, savepoint } => self.stop_job(id, *savepoint).await,
+            Statement::StopView(name) => self.stop_view(name).await,
+            Statement::ShowSavepoints => self.show_savepoints().await,
             Statement::Flush => self.flush().await,
             Statement::Subscribe(_)
             | Statement::CopySubscribe(_)

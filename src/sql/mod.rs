@@ -16,6 +16,7 @@ mod insert;
 pub(crate) mod names;
 pub mod parser;
 mod rewrite;
+mod savepoints;
 mod schema;
 pub mod session;
 mod show;

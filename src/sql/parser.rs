@@ -35,8 +35,16 @@ pub enum Statement {
     ShowJobs,
     /// `SHOW CHECKPOINTS`: the latest checkpoints of every view and job.
     ShowCheckpoints,
-    /// `STOP JOB 'id'`.
-    StopJob(String),
+    /// `STOP JOB 'id' [WITH SAVEPOINT]`.
+    StopJob {
+        id: String,
+        savepoint: bool,
+    },
+    /// `STOP MATERIALIZED VIEW name WITH SAVEPOINT`: keeps the view's state as a
+    /// savepoint, then drops the view.
+    StopView(String),
+    /// `SHOW SAVEPOINTS`.
+    ShowSavepoints,
     /// `FLUSH`: wait until everything appended so far is reflected in every view and sink.
     Flush,
     /// `SUBSCRIBE TO v | (query)`: the changelog, streamed until cancelled.
@@ -154,15 +162,26 @@ pub(super) fn parse_one(text: &str) -> SqlResult<Statement> {
     }
     if peek_word(&mut p, "stop") {
         p.next_token();
+        if p.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEW]) {
+            let name = object_name(&p.parse_object_name(false).map_err(at)?)?;
+            if !p.parse_keywords(&[Keyword::WITH, Keyword::SAVEPOINT]) {
+                return Err(at(ParserError::ParserError(
+                    "expected WITH SAVEPOINT after STOP MATERIALIZED VIEW name (DROP MATERIALIZED VIEW drops it without one)".into(),
+                )));
+            }
+            expect_end(&mut p).map_err(at)?;
+            return Ok(Statement::StopView(name));
+        }
         if !peek_word(&mut p, "job") {
             return Err(at(ParserError::ParserError(
-                "expected JOB after STOP".into(),
+                "expected JOB or MATERIALIZED VIEW after STOP".into(),
             )));
         }
         p.next_token();
         let id = p.parse_literal_string().map_err(at)?;
+        let savepoint = p.parse_keywords(&[Keyword::WITH, Keyword::SAVEPOINT]);
         expect_end(&mut p).map_err(at)?;
-        return Ok(Statement::StopJob(id));
+        return Ok(Statement::StopJob { id, savepoint });
     }
     if peek_word(&mut p, "subscribe") {
         p.next_token();
@@ -227,6 +246,9 @@ fn parse_show(p: &mut Parser) -> Result<Statement, ParserError> {
     } else if peek_word(p, "checkpoints") {
         p.next_token();
         Statement::ShowCheckpoints
+    } else if peek_word(p, "savepoints") {
+        p.next_token();
+        Statement::ShowSavepoints
     } else if p.parse_keyword(Keyword::TABLES) {
         if p.parse_one_of_keywords(&[Keyword::FROM, Keyword::IN])
             .is_some()

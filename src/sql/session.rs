@@ -58,6 +58,12 @@ const VARIABLES: &[Variable] = &[
         "How often epochs commit: what materialized views and sinks publish at (Flink's key)",
     ),
     var(
+        "execution.savepoint.path",
+        "",
+        false,
+        "Savepoint new materialized views and INSERT jobs start from (SHOW SAVEPOINTS lists them; Flink's key)",
+    ),
+    var(
         "parallelism.default",
         "0",
         false,

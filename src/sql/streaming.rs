@@ -149,6 +149,30 @@ pub(super) fn planning_settings(
 /// How long a restart waits for views over views to catch up before serving clients.
 const RESUME_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Where a view or job starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start<'a> {
+    /// New: nothing to restore.
+    Fresh,
+    /// After a restart: its own newest checkpoint.
+    Resume,
+    /// A savepoint ('execution.savepoint.path').
+    Savepoint(&'a str),
+}
+
+impl<'a> Start<'a> {
+    fn of(resume: bool, metadata: &'a HashMap<String, String>) -> Self {
+        match metadata
+            .get("execution.savepoint.path")
+            .filter(|p| !p.is_empty())
+        {
+            _ if resume => Start::Resume,
+            Some(name) => Start::Savepoint(name),
+            None => Start::Fresh,
+        }
+    }
+}
+
 pub(super) fn new_job_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -346,7 +370,12 @@ impl Engine {
         let notices = graph.notices.clone();
         let key = format!("view/{}", def.name);
         let job = match self
-            .start_durable(new_job_id(), &key, graph.clone(), resume)
+            .start_durable(
+                new_job_id(),
+                &key,
+                graph.clone(),
+                Start::of(resume, metadata),
+            )
             .await
         {
             Ok(job) => job,
@@ -358,7 +387,8 @@ impl Engine {
                     e.message
                 );
                 state.reset();
-                self.start_durable(new_job_id(), &key, graph, false).await?
+                self.start_durable(new_job_id(), &key, graph, Start::Fresh)
+                    .await?
             }
             Err(e) => return Err(e),
         };
@@ -390,12 +420,31 @@ impl Engine {
         id: String,
         key: &str,
         graph: StreamGraph,
-        resume: bool,
+        start: Start<'_>,
     ) -> SqlResult<Arc<RunningJob>> {
         let checkpoints = Checkpoints::new(self.catalog.store(), key);
         let fingerprint = checkpoint::fingerprint(&graph);
-        let restore = if resume && checkpoint::restorable(&graph) {
-            let committer = RunningJob::committer(&graph, &self.catalog);
+        let committer = RunningJob::committer(&graph, &self.catalog);
+        let restore = if let Start::Savepoint(name) = start {
+            self.seed_from_savepoint(name, key).await?;
+            match recover(&checkpoints, &fingerprint, &committer).await {
+                Ok(restored) => restored,
+                Err(e) => {
+                    self.remove_checkpoints(key.to_string()).await?;
+                    return Err(SqlError::new(
+                        "55000",
+                        format!(
+                            "cannot start from savepoint '{name}': {}",
+                            SqlError::from(e).message
+                        ),
+                    )
+                    .with_hint(
+                        "a savepoint restores only the same query at the same parallelism; \
+                         RESET 'execution.savepoint.path' to start from scratch",
+                    ));
+                }
+            }
+        } else if start == Start::Resume && checkpoint::restorable(&graph) {
             recover(&checkpoints, &fingerprint, &committer)
                 .await
                 .map_err(|e| {
@@ -611,7 +660,12 @@ impl Engine {
         let (graph, def) = self.insert_graph(metadata, plan)?;
         let notices = graph.notices.clone();
         let job = self
-            .start_durable(id.to_string(), &format!("job/{id}"), graph, resume)
+            .start_durable(
+                id.to_string(),
+                &format!("job/{id}"),
+                graph,
+                Start::of(resume, metadata),
+            )
             .await?;
         self.jobs.add(JobEntry {
             job: job.clone(),
@@ -732,28 +786,6 @@ impl Engine {
             }))),
         ];
         self.rows(RecordBatch::try_new(schema, columns)?)
-    }
-
-    pub(super) async fn stop_job(&self, id: &str) -> SqlResult<Outcome> {
-        if let Some((_, _, _, _, JobKind::View(name))) =
-            self.jobs.list().into_iter().find(|j| j.0 == id)
-        {
-            return Err(SqlError::new(
-                "55000",
-                format!("job {id} maintains materialized view \"{name}\""),
-            )
-            .with_hint(format!("DROP MATERIALIZED VIEW {name}")));
-        }
-        if !self.jobs.stop(id) {
-            return Err(SqlError::new(
-                "42704",
-                format!("job '{id}' does not exist; SHOW JOBS lists the running jobs"),
-            ));
-        }
-        let job = id.to_string();
-        self.catalog_write(move |c| c.drop_job(&job)).await?;
-        self.remove_checkpoints(format!("job/{id}")).await?;
-        Ok(Outcome::Command(CommandTag::new("STOP JOB")))
     }
 
     pub(super) async fn flush(&self) -> SqlResult<Outcome> {

@@ -35,6 +35,8 @@ pub struct Jobs {
     injecting: Mutex<()>,
     /// Every durable job's latest checkpoints, for SHOW CHECKPOINTS.
     pub history: Arc<CheckpointHistory>,
+    /// 'execution.checkpointing.interval' in milliseconds (0 until set: the default).
+    interval_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -53,18 +55,33 @@ impl Jobs {
 
     /// Commits an epoch every `interval` while the server runs.
     pub fn start_epochs(self: &Arc<Self>, interval: Duration) {
+        self.set_epoch_interval(interval);
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let Some(interval) = weak.upgrade().map(|j| j.epoch_interval()) else {
+                    return;
+                };
+                tokio::time::sleep(interval).await;
                 let Some(jobs) = weak.upgrade() else {
                     return;
                 };
                 jobs.flush().await;
             }
         });
+    }
+
+    /// Sets how often epochs commit, server-wide (the last SET wins).
+    pub fn set_epoch_interval(&self, interval: Duration) {
+        let ms = interval.as_millis().clamp(1, u64::MAX as u128) as u64;
+        self.interval_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn epoch_interval(&self) -> Duration {
+        match self.interval_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_EPOCH_INTERVAL,
+            ms => Duration::from_millis(ms),
+        }
     }
 
     /// Numbers the next epochs after `epoch` (the newest one checkpoints before a

@@ -216,6 +216,61 @@ impl Checkpoints {
         self.store.flush().map_err(store_error)
     }
 
+    /// Copies the newest committed epoch (its tasks, a view's contents up to it, the log
+    /// sink's marker) over whatever `target` held, named `savepoint` when it is one.
+    /// Returns the copied epoch's meta; `None` when there is no checkpoint yet.
+    pub fn copy_latest_to(
+        &self,
+        target: &Checkpoints,
+        savepoint: Option<&str>,
+        statement: &str,
+    ) -> Result<Option<CheckpointMeta>> {
+        let Some(meta) = self.latest()? else {
+            return Ok(None);
+        };
+        let mut batch = WriteBatch::default();
+        for (key, _) in target
+            .store
+            .scan_prefix(&target.prefix)
+            .map_err(store_error)?
+        {
+            batch.delete(key);
+        }
+        for (key, value) in self.store.scan_prefix(&self.prefix).map_err(store_error)? {
+            let rest = &key[self.prefix.len()..];
+            let keep = match rest.first() {
+                Some(b't') => rest.get(1..9) == Some(&meta.epoch.to_be_bytes()[..]),
+                Some(b'v') => epoch_of(&key) <= meta.epoch,
+                Some(b'b' | b's') => true,
+                _ => false,
+            };
+            if keep {
+                batch.put([target.prefix.as_slice(), rest].concat(), value);
+            }
+        }
+        let meta = CheckpointMeta {
+            savepoint: savepoint.map(str::to_string),
+            ..meta
+        };
+        batch.put(
+            target.key(b'm', &[meta.epoch]),
+            serde_json::to_vec(&meta).expect("meta serialises"),
+        );
+        batch.put(target.key(b'q', &[]), statement.as_bytes().to_vec());
+        target.store.apply(batch).map_err(store_error)?;
+        target.store.flush().map_err(store_error)?;
+        Ok(Some(meta))
+    }
+
+    /// The statement a savepoint was taken from.
+    pub fn statement(&self) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .get(&self.key(b'q', &[]))
+            .map_err(store_error)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
     /// Forgets everything of this view or job (it was dropped).
     pub fn remove(&self) -> Result<()> {
         let mut batch = WriteBatch::default();
@@ -230,6 +285,36 @@ impl Checkpoints {
 fn epoch_of(key: &[u8]) -> Epoch {
     let tail: [u8; 8] = key[key.len() - 8..].try_into().expect("8 bytes");
     u64::from_be_bytes(tail)
+}
+
+/// Where savepoint `name` is kept.
+pub fn savepoint(store: Arc<dyn StateStore>, name: &str) -> Checkpoints {
+    Checkpoints::new(store, &format!("{SAVEPOINTS}{name}"))
+}
+
+const SAVEPOINTS: &str = "savepoint/";
+
+/// Every savepoint: its name, meta and statement.
+pub fn savepoints(store: &Arc<dyn StateStore>) -> Result<Vec<(CheckpointMeta, String)>> {
+    let prefix = [ROOT, SAVEPOINTS.as_bytes()].concat();
+    let mut out = Vec::new();
+    for (key, value) in store.scan_prefix(&prefix).map_err(store_error)? {
+        let Some(zero) = key.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        if key.get(zero + 1) != Some(&b'm') {
+            continue;
+        }
+        let Ok(meta) = serde_json::from_slice::<CheckpointMeta>(&value) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(&key[prefix.len()..zero]).into_owned();
+        let statement = savepoint(store.clone(), &name)
+            .statement()?
+            .unwrap_or_default();
+        out.push((meta, statement));
+    }
+    Ok(out)
 }
 
 /// The newest epoch any job committed: a restarted server numbers epochs after it.
@@ -312,6 +397,32 @@ mod tests {
         a.remove().unwrap();
         assert!(a.latest().unwrap().is_none());
         assert_eq!(other.latest().unwrap().unwrap().epoch, 9);
+    }
+
+    #[test]
+    fn a_savepoint_copies_the_newest_epoch_and_the_view_contents() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let v = Checkpoints::new(store.clone(), "view/v");
+        let task = TaskSnapshot::default().encode().unwrap();
+        for e in 1..=3 {
+            let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
+            v.write(&meta(e), &[task.clone(), task.clone()], Some(&changes))
+                .unwrap();
+        }
+        let sp = savepoint(store.clone(), "sp1");
+        let copied = v.copy_latest_to(&sp, Some("sp1"), "CREATE ...").unwrap();
+        assert_eq!(copied.unwrap().epoch, 3);
+        assert_eq!(sp.metas().unwrap().len(), 1);
+        assert_eq!(sp.load(&sp.latest().unwrap().unwrap()).unwrap().len(), 2);
+        let (contents, _) = sp.view_contents(3).unwrap();
+        assert_eq!(change_lines(&contents), vec!["+I 1", "+I 2", "+I 3"]);
+        let listed = savepoints(&store).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0.savepoint.as_deref(), Some("sp1"));
+        assert_eq!(listed[0].1, "CREATE ...");
+        // Pruning never removes a savepoint's epoch.
+        sp.prune(0).unwrap();
+        assert_eq!(sp.metas().unwrap().len(), 1);
     }
 
     #[test]

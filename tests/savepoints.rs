@@ -1,0 +1,182 @@
+//! Savepoints: a view or job stopped with a savepoint and started again from it counts
+//! every row once, across a restart too; a changed query is refused.
+
+mod common;
+
+use common::{rows, TestServer};
+use tokio_postgres::Client;
+
+async fn run(client: &Client, sql: &str) {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn error_code(client: &Client, sql: &str) -> (String, String) {
+    let e = client.simple_query(sql).await.expect_err(sql);
+    let db = e.as_db_error().expect("a database error");
+    (db.code().code().to_string(), db.message().to_string())
+}
+
+async fn insert_clicks(client: &Client, from: i64, to: i64) {
+    let values: Vec<String> = (from..to)
+        .map(|i| {
+            format!(
+                "({}, {i}, TIMESTAMP '2024-01-01 00:00:00' + INTERVAL '{}' SECOND)",
+                i % 3,
+                i * 2
+            )
+        })
+        .collect();
+    run(
+        client,
+        &format!("INSERT INTO clicks VALUES {}", values.join(", ")),
+    )
+    .await;
+}
+
+const VIEW: &str = "CREATE MATERIALIZED VIEW per_key AS \
+    SELECT k, count(*) AS n, sum(v) AS total FROM clicks GROUP BY k";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    run(&client, "SET 'parallelism.default' = '2'").await;
+    run(
+        &client,
+        "CREATE TABLE clicks (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts)",
+    )
+    .await;
+    run(&client, VIEW).await;
+    insert_clicks(&client, 0, 30).await;
+    run(&client, "FLUSH").await;
+    let saved = rows(&client, "STOP MATERIALIZED VIEW per_key WITH SAVEPOINT").await;
+    let name = saved[0][0].clone();
+    assert!(name.starts_with("sp-"), "{name}");
+    assert_eq!(
+        error_code(&client, "SELECT * FROM per_key").await.0,
+        "42P01"
+    );
+    let listed = rows(&client, "SHOW SAVEPOINTS").await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0][0], name);
+    assert!(listed[0][4].contains("GROUP BY k"), "{listed:?}");
+
+    // Rows that arrive while the view is stopped are read when it starts again.
+    insert_clicks(&client, 30, 45).await;
+
+    // Another query, or another parallelism, cannot start from it.
+    run(
+        &client,
+        &format!("SET 'execution.savepoint.path' = '{name}'"),
+    )
+    .await;
+    let (code, message) = error_code(
+        &client,
+        "CREATE MATERIALIZED VIEW per_key AS SELECT k, max(v) AS top FROM clicks GROUP BY k",
+    )
+    .await;
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains(&name), "{message}");
+    run(&client, "SET 'parallelism.default' = '3'").await;
+    assert_eq!(error_code(&client, VIEW).await.0, "55000");
+    run(&client, "SET 'parallelism.default' = '2'").await;
+
+    run(&client, VIEW).await;
+    run(&client, "RESET 'execution.savepoint.path'").await;
+    insert_clicks(&client, 45, 60).await;
+    run(&client, "FLUSH").await;
+    let expected = |upto: i64| -> Vec<Vec<String>> {
+        (0..3)
+            .map(|k| {
+                let vs: Vec<i64> = (0..upto).filter(|i| i % 3 == k).collect();
+                vec![
+                    k.to_string(),
+                    vs.len().to_string(),
+                    vs.iter().sum::<i64>().to_string(),
+                ]
+            })
+            .collect()
+    };
+    assert_eq!(
+        rows(&client, "SELECT * FROM per_key ORDER BY k").await,
+        expected(60)
+    );
+
+    // The savepoint outlives a restart, and so does the restored view.
+    server.stop().await;
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    assert_eq!(rows(&client, "SHOW SAVEPOINTS").await[0][0], name);
+    insert_clicks(&client, 60, 66).await;
+    run(&client, "FLUSH").await;
+    assert_eq!(
+        rows(&client, "SELECT * FROM per_key ORDER BY k").await,
+        expected(66)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_stopped_with_a_savepoint_writes_each_window_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    run(&client, "SET 'parallelism.default' = '1'").await;
+    run(
+        &client,
+        "CREATE TABLE clicks (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts)",
+    )
+    .await;
+    run(
+        &client,
+        "CREATE TABLE windows (window_start TIMESTAMP(3), n BIGINT, total BIGINT)",
+    )
+    .await;
+    let insert = "INSERT INTO windows SELECT window_start, count(*), sum(v) FROM \
+        TABLE(TUMBLE(TABLE clicks, DESCRIPTOR(ts), INTERVAL '10' SECOND)) \
+        GROUP BY window_start, window_end";
+    let id = rows(&client, insert).await[0][0].clone();
+    insert_clicks(&client, 0, 20).await;
+    run(&client, "FLUSH").await;
+    let saved = rows(&client, &format!("STOP JOB '{id}' WITH SAVEPOINT")).await;
+    let name = saved[0][0].clone();
+    assert!(rows(&client, "SHOW JOBS").await.is_empty());
+    insert_clicks(&client, 20, 40).await;
+    run(
+        &client,
+        &format!("SET 'execution.savepoint.path' = '{name}'"),
+    )
+    .await;
+    rows(&client, insert).await;
+    run(&client, "FLUSH").await;
+    // Windows of 5 rows (2 s apart); 40 rows close windows 0..7 (the watermark is 78 s).
+    let written = rows(
+        &client,
+        "SELECT window_start, n, total FROM windows ORDER BY window_start",
+    )
+    .await;
+    let expected: Vec<Vec<String>> = (0..7)
+        .map(|w| {
+            let vs: Vec<i64> = (w * 5..w * 5 + 5).collect();
+            vec![
+                format!("2024-01-01 00:{:02}:{:02}.000000", w * 10 / 60, w * 10 % 60),
+                "5".to_string(),
+                vs.iter().sum::<i64>().to_string(),
+            ]
+        })
+        .collect();
+    assert_eq!(written, expected);
+    assert_eq!(
+        error_code(&client, "STOP JOB 'nope' WITH SAVEPOINT")
+            .await
+            .0,
+        "42704"
+    );
+    run(&client, "SET 'execution.savepoint.path' = 'nope'").await;
+    assert_eq!(error_code(&client, insert).await.0, "42704");
+    server.stop().await;
+}

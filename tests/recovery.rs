@@ -54,6 +54,17 @@ async fn create_pipeline(client: &Client, sink_dir: &Path) {
     }
 }
 
+/// A data directory with the pipeline created in it (the server is gone), and the sink's.
+async fn new_pipeline() -> (tempfile::TempDir, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = tempfile::tempdir().unwrap();
+    let weir = WeirProcess::start(dir.path());
+    let client = connect(weir.port).await;
+    create_pipeline(&client, sink.path()).await;
+    weir.kill_9();
+    (dir, sink)
+}
+
 /// Batch `b` of clicks: time moves on by 2 s per batch, a few rows arrive out of order.
 fn clicks_batch(b: u64) -> String {
     let values: Vec<String> = (0..20u64)
@@ -151,14 +162,7 @@ async fn twenty_kills_lose_and_double_nothing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(7u64);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let sink = tempfile::tempdir().unwrap();
-    {
-        let weir = WeirProcess::start(dir.path());
-        let client = connect(weir.port).await;
-        create_pipeline(&client, sink.path()).await;
-        weir.kill_9();
-    }
+    let (dir, sink) = new_pipeline().await;
     let mut next_batch = 0;
     for round in 0..24 {
         // Every fourth run dies inside a checkpoint's store write instead.
@@ -208,14 +212,7 @@ async fn a_crash_at_each_checkpoint_phase_loses_and_doubles_nothing() {
         "checkpoint-before-publish",
     ] {
         let at = 4;
-        let dir = tempfile::tempdir().unwrap();
-        let sink = tempfile::tempdir().unwrap();
-        {
-            let weir = WeirProcess::start(dir.path());
-            let client = connect(weir.port).await;
-            create_pipeline(&client, sink.path()).await;
-            weir.kill_9();
-        }
+        let (dir, sink) = new_pipeline().await;
         let spec = format!("{point}=crash@{at}");
         let weir = WeirProcess::start_with_env(dir.path(), &[("WEIR_FAILPOINTS", &spec)]);
         let client = connect(weir.port).await;
@@ -243,14 +240,18 @@ async fn a_crash_at_each_checkpoint_phase_loses_and_doubles_nothing() {
     }
 }
 
-/// A panic inside one operator restarts that job from its last checkpoint; the server and
-/// the other views go on, and SHOW CHECKPOINTS reports the checkpoints.
+/// A panic inside one operator, or a checkpoint the store does not confirm, restarts that
+/// job from its last checkpoint; the server and the other views go on, and SHOW
+/// CHECKPOINTS reports the checkpoints, the failed one with its cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_operator_restarts_only_its_job() {
+async fn a_panic_or_a_failed_checkpoint_restarts_only_its_job() {
     let dir = tempfile::tempdir().unwrap();
     let weir = WeirProcess::start_with_env(
         dir.path(),
-        &[("WEIR_FAILPOINTS", "operator-process=panic@12")],
+        &[(
+            "WEIR_FAILPOINTS",
+            "operator-process=panic@12,checkpoint-during-write=error@9",
+        )],
     );
     let client = connect(weir.port).await;
     client
@@ -302,4 +303,10 @@ async fn a_panicking_operator_restarts_only_its_job() {
     assert!(checkpoints
         .iter()
         .any(|c| c[7].contains("GroupAggregate=") && c[6].parse::<i64>().unwrap() > 0));
+    assert!(
+        checkpoints
+            .iter()
+            .any(|c| c[8].starts_with("FAILED: ") && c[8].contains("did not confirm")),
+        "{checkpoints:?}"
+    );
 }

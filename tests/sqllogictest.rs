@@ -248,13 +248,8 @@ async fn run_all(protocol: Protocol) {
     let mut files = vec![];
     slt_files(&root, &mut files);
     assert!(!files.is_empty(), "no .slt files under {}", root.display());
-    // SLT_FILTER=name runs only the files whose path contains it.
-    let filter = std::env::var("SLT_FILTER").unwrap_or_default();
     let mut failures = vec![];
-    for file in files
-        .iter()
-        .filter(|f| f.to_string_lossy().contains(&filter))
-    {
+    for file in selected(&files) {
         let dir = tempfile::tempdir().unwrap();
         let server = common::TestServer::start(dir.path()).await;
         let port = server.port;
@@ -276,9 +271,22 @@ async fn run_all(protocol: Protocol) {
         }
         server.stop().await;
     }
+    assert_passed(&failures, "");
+}
+
+/// The files whose path contains SLT_FILTER (all when it is unset).
+fn selected(files: &[PathBuf]) -> Vec<&PathBuf> {
+    let filter = std::env::var("SLT_FILTER").unwrap_or_default();
+    files
+        .iter()
+        .filter(|f| f.to_string_lossy().contains(&filter))
+        .collect()
+}
+
+fn assert_passed(failures: &[String], how: &str) {
     assert!(
         failures.is_empty(),
-        "{} file(s) failed:\n{}",
+        "{} file(s) failed{how}:\n{}",
         failures.len(),
         failures.join("\n\n")
     );
@@ -293,12 +301,8 @@ async fn streaming_sql_tests_survive_kill_9_at_every_flush() {
     slt_files(&root.join("updating"), &mut files);
     // A subscription's cursor lives in its connection: it cannot outlive the server.
     files.retain(|f| !f.ends_with("subscribe.slt"));
-    let filter = std::env::var("SLT_FILTER").unwrap_or_default();
     let mut failures = vec![];
-    for file in files
-        .iter()
-        .filter(|f| f.to_string_lossy().contains(&filter))
-    {
+    for file in selected(&files) {
         let dir = tempfile::tempdir().unwrap();
         let restarts = Arc::new(Restarts {
             process: Mutex::new(Some(common::WeirProcess::start(dir.path()))),
@@ -328,12 +332,7 @@ async fn streaming_sql_tests_survive_kill_9_at_every_flush() {
         drop(runner);
         restarts.process.lock().unwrap().take();
     }
-    assert!(
-        failures.is_empty(),
-        "{} file(s) failed after restarts:\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
+    assert_passed(&failures, " after restarts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

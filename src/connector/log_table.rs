@@ -151,25 +151,9 @@ pub async fn append(log: &TableLog, def: &TableDef, batches: Vec<RecordBatch>) -
     .await
 }
 
-/// Appends a job's changes to a table's log: a table with a primary key takes updates
-/// and deletes (the planner lets only such tables take them).
-pub async fn append_changes(
-    log: &TableLog,
-    def: &TableDef,
-    changes: Vec<ChangeBatch>,
-) -> Result<()> {
-    let changes = changes
-        .into_iter()
-        .map(|c| Changes {
-            rows: c.rows,
-            ops: c.ops,
-        })
-        .collect();
-    write(log, def, changes).await
-}
-
-/// Appends a job's changes for `epoch` unless `marker` says that epoch was appended
-/// already (the commit is redone after a crash).
+/// Appends a job's changes for `epoch` (a table with a primary key takes updates and
+/// deletes: the planner lets only such tables take them) unless `marker` says that epoch
+/// was appended already (the commit is redone after a crash).
 pub async fn append_once(
     log: &TableLog,
     def: &TableDef,

@@ -1,7 +1,8 @@
 //! Failure injection for recovery tests: `WEIR_FAILPOINTS=name=action[@n],...` in the
 //! environment makes the n-th time (default: first) the server passes failpoint `name`
-//! either abort the process (`crash`, as a kill -9 at exactly that moment) or panic the
-//! task passing it (`panic`). Unset, a failpoint costs one relaxed atomic load.
+//! abort the process (`crash`, as a kill -9 at exactly that moment), panic the task
+//! passing it (`panic`), or fail what it is doing with an error (`error`, where the
+//! failpoint's caller supports it). Unset, a failpoint costs one relaxed atomic load.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,7 @@ pub mod at {
 enum Action {
     Crash,
     Panic,
+    Error,
 }
 
 struct Point {
@@ -53,6 +55,7 @@ fn parse(spec: &str) -> HashMap<String, Point> {
             let action = match action {
                 "crash" => Action::Crash,
                 "panic" => Action::Panic,
+                "error" => Action::Error,
                 _ => return None,
             };
             Some((
@@ -67,16 +70,16 @@ fn parse(spec: &str) -> HashMap<String, Point> {
         .collect()
 }
 
-/// Passes failpoint `name`.
-pub fn hit(name: &str) {
+/// Passes failpoint `name`; true when the caller is to fail with an error.
+pub fn hit(name: &str) -> bool {
     if !ANY.load(Ordering::Relaxed) {
-        return;
+        return false;
     }
     let Some(point) = points().get(name) else {
-        return;
+        return false;
     };
     if point.hits.fetch_add(1, Ordering::SeqCst) + 1 != point.at {
-        return;
+        return false;
     }
     match point.action {
         Action::Crash => {
@@ -84,6 +87,7 @@ pub fn hit(name: &str) {
             std::process::abort();
         }
         Action::Panic => panic!("failpoint {name}"),
+        Action::Error => true,
     }
 }
 
@@ -93,7 +97,9 @@ mod tests {
 
     #[test]
     fn specs_parse() {
-        let p = parse("a=crash, b=panic@3,c=nothing,d");
+        let p = parse("a=crash, b=panic@3,c=nothing,d,e=error@2");
+        assert_eq!(p["e"].action, Action::Error);
+        assert_eq!(p["e"].at, 2);
         assert_eq!(p["a"].action, Action::Crash);
         assert_eq!(p["a"].at, 1);
         assert_eq!(p["b"].action, Action::Panic);

@@ -351,6 +351,7 @@ impl RunningJob {
             history: options.history,
             metrics: Arc::new(JobMetrics::new()),
             committed: Arc::new(committed_tx),
+            published: Arc::new(AtomicU64::new(restored_epoch)),
         });
         let launched = launch(&plan, options.restore)?;
         let barrier_requests = Arc::new(Mutex::new(launched.barrier_requests));
@@ -448,6 +449,8 @@ struct Plan {
     history: Arc<CheckpointHistory>,
     metrics: Arc<JobMetrics>,
     committed: Arc<watch::Sender<Epoch>>,
+    /// The newest epoch whose output is visible.
+    published: Arc<AtomicU64>,
 }
 
 struct Launched {
@@ -613,6 +616,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         history: plan.history.clone(),
         committed: plan.committed.clone(),
         restored: restored_epoch,
+        published: plan.published.clone(),
     };
     tasks.spawn(coordinator.run(ack_receiver));
     Ok(Launched {
@@ -621,13 +625,13 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
     })
 }
 
-/// Times a job whose task panicked is started again from its last checkpoint before it
-/// is declared failed.
+/// Times a job whose task panicked, or whose checkpoint failed, is started again from
+/// its last checkpoint before it is declared failed.
 const MAX_RESTARTS: u32 = 3;
 
-/// Waits for a job's tasks. A panic in a job that checkpoints restarts its tasks from the
-/// last committed epoch (other jobs and the server are not touched); any other error, or
-/// too many panics, fails the job.
+/// Waits for a job's tasks. A panic or a failed checkpoint in a job that checkpoints
+/// restarts its tasks from the last committed epoch (other jobs and the server are not
+/// touched); any other error, or too many restarts, fails the job.
 async fn supervise(
     plan: Arc<Plan>,
     mut tasks: JoinSet<Result<()>>,
@@ -638,10 +642,10 @@ async fn supervise(
     let mut restarts = 0;
     loop {
         let failure = first_failure(&mut tasks).await;
-        let Some((code, message, panicked)) = failure else {
+        let Some((code, message, restartable)) = failure else {
             break;
         };
-        if panicked && plan.durable.is_some() && restarts < MAX_RESTARTS {
+        if restartable && plan.durable.is_some() && restarts < MAX_RESTARTS {
             restarts += 1;
             tracing::warn!(
                 "job {} restarts from its last checkpoint ({restarts} of {MAX_RESTARTS}): {message}",
@@ -681,15 +685,17 @@ async fn supervise(
 }
 
 /// Joins every task; at the first failure the others are stopped. Returns the failure's
-/// SQLSTATE, message and whether it was a panic.
+/// SQLSTATE, message and whether a restart may cure it (a panic, a failed checkpoint).
 async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Option<(&'static str, String, bool)> {
     let mut failure = None;
     while let Some(result) = tasks.join_next().await {
         let failed = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
+                let restartable = matches!(&e, DataFusionError::External(inner)
+                    if inner.is::<super::checkpoint::coordinator::CheckpointFailed>());
                 let e = crate::sql::error::SqlError::from(e);
-                Some((e.code, e.message, false))
+                Some((e.code, e.message, restartable))
             }
             Err(e) if e.is_cancelled() => None,
             Err(e) => Some(("XX000", format!("a task panicked: {e}"), true)),
@@ -703,12 +709,16 @@ async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Option<(&'static str,
 }
 
 /// Starts a job's tasks again from its newest checkpoint, after its commit is redone. A
-/// view's contents in memory are those of that checkpoint already: they stay.
+/// view keeps its rows in memory; it only gets the epochs it had not published yet.
 async fn relaunch(plan: &Plan) -> Result<Launched> {
     let durable = plan.durable.as_ref().expect("only durable jobs restart");
-    let committer = match committer(&plan.graph, &plan.catalog) {
-        Committer::View(_) => Committer::Direct,
-        other => other,
+    let view = match committer(&plan.graph, &plan.catalog) {
+        Committer::View(state) => Some(state),
+        _ => None,
+    };
+    let committer = match &view {
+        Some(_) => Committer::Direct,
+        None => committer(&plan.graph, &plan.catalog),
     };
     let restore = super::checkpoint::coordinator::recover(
         &durable.checkpoints,
@@ -716,6 +726,25 @@ async fn relaunch(plan: &Plan) -> Result<Launched> {
         &committer,
     )
     .await?;
+    let published = plan.published.load(Ordering::SeqCst);
+    if let (Some(state), Some(restored)) = (view, &restore) {
+        if restored.epoch > published {
+            let checkpoints = durable.checkpoints.clone();
+            let upto = restored.epoch;
+            let (changes, _) =
+                tokio::task::spawn_blocking(move || checkpoints.view_changes(published, upto))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))??;
+            let sinks: Vec<Precommit> = restored
+                .tasks
+                .iter()
+                .filter_map(|t| t.sink.clone())
+                .collect();
+            let (_, watermark, ended) = super::checkpoint::coordinator::merged_changes(&sinks);
+            state.publish(changes, watermark, ended)?;
+            plan.published.fetch_max(upto, Ordering::SeqCst);
+        }
+    }
     launch(plan, restore)
 }
 

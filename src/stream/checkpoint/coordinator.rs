@@ -93,6 +93,18 @@ impl CheckpointHistory {
     }
 }
 
+/// A checkpoint could not be written: the job restarts from its last committed one.
+#[derive(Debug)]
+pub struct CheckpointFailed(pub String);
+
+impl std::fmt::Display for CheckpointFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CheckpointFailed {}
+
 /// Where a durable job's checkpoints go.
 #[derive(Clone)]
 pub struct Durable {
@@ -111,6 +123,8 @@ pub struct Coordinator {
     pub committed: Arc<watch::Sender<Epoch>>,
     /// The epoch the job was restored from (0: none).
     pub restored: Epoch,
+    /// The newest epoch whose output was made visible (shared across restarts of the job).
+    pub published: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Pending {
@@ -238,9 +252,9 @@ impl Coordinator {
             Ok(b) => b,
             Err(e) => {
                 self.record(epoch, &p, 0, state, format!("FAILED: {e}"));
-                return Err(DataFusionError::Execution(format!(
-                    "checkpoint {epoch} could not be written: {e}"
-                )));
+                return Err(DataFusionError::External(Box::new(CheckpointFailed(
+                    format!("checkpoint {epoch} could not be written: {e}"),
+                ))));
             }
         };
         if self.durable.is_some() {
@@ -250,6 +264,8 @@ impl Coordinator {
             self.record(epoch, &p, bytes, state, format!("FAILED: {e}"));
             return Err(e);
         }
+        self.published
+            .fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
         self.record(epoch, &p, bytes, state, "COMPLETED".into());
         self.committed.send_if_modified(|c| {
             let advanced = epoch > *c;
@@ -325,17 +341,22 @@ impl Coordinator {
                 commit_log(catalog, def, changes, marker, epoch).await
             }
             Committer::Files => {
-                let files: Vec<_> = precommits
-                    .into_iter()
-                    .flat_map(|p| match p {
-                        Precommit::Files(f) => f,
-                        Precommit::Changes { .. } => vec![],
-                    })
-                    .collect();
+                let files = files_of(precommits);
                 blocking(move || publish_files(&files)).await
             }
         }
     }
+}
+
+/// The finished files of every sink subtask.
+fn files_of(precommits: Vec<Precommit>) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+    precommits
+        .into_iter()
+        .flat_map(|p| match p {
+            Precommit::Files(f) => f,
+            Precommit::Changes { .. } => vec![],
+        })
+        .collect()
 }
 
 async fn blocking(f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
@@ -345,7 +366,7 @@ async fn blocking(f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()>
 }
 
 /// Every sink subtask's rows, the lowest watermark among them, and whether all ended.
-fn merged_changes(precommits: &[Precommit]) -> (Vec<ChangeBatch>, Millis, bool) {
+pub fn merged_changes(precommits: &[Precommit]) -> (Vec<ChangeBatch>, Millis, bool) {
     let mut changes = Vec::new();
     let mut watermark = END_OF_TIME;
     let mut ended = true;
@@ -432,13 +453,7 @@ pub async fn redo(
             .await
         }
         Committer::Files => {
-            let files: Vec<_> = precommits
-                .into_iter()
-                .flat_map(|p| match p {
-                    Precommit::Files(f) => f,
-                    Precommit::Changes { .. } => vec![],
-                })
-                .collect();
+            let files = files_of(precommits);
             blocking(move || publish_files(&files)).await
         }
     }

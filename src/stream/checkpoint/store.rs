@@ -103,7 +103,11 @@ impl Checkpoints {
             serde_json::to_vec(&meta).expect("meta serialises"),
         );
         self.store.apply(batch).map_err(store_error)?;
-        crate::stream::failpoint::hit(crate::stream::failpoint::at::DURING_WRITE);
+        if crate::stream::failpoint::hit(crate::stream::failpoint::at::DURING_WRITE) {
+            return Err(DataFusionError::Execution(
+                "failpoint: the store did not confirm the write".into(),
+            ));
+        }
         self.store.flush().map_err(store_error)?;
         Ok(bytes)
     }
@@ -174,15 +178,22 @@ impl Checkpoints {
                 out.push(ChangeBatch::new(r.batch()?));
             }
         }
+        let (changes, entries) = self.view_changes(base_epoch, upto)?;
+        out.extend(changes);
+        Ok((out, entries))
+    }
+
+    /// A view's changes of the epochs in `(after, upto]`, and how many epochs had some.
+    pub fn view_changes(&self, after: Epoch, upto: Epoch) -> Result<(Vec<ChangeBatch>, usize)> {
+        let mut out = Vec::new();
         let mut entries = 0;
         for (key, value) in self
             .store
-            .scan_prefix(&self.key(b'v', &[]))
+            .scan_prefix_from(&self.key(b'v', &[]), &self.key(b'v', &[after + 1]))
             .map_err(store_error)?
         {
-            let epoch = epoch_of(&key);
-            if epoch <= base_epoch || epoch > upto {
-                continue;
+            if epoch_of(&key) > upto {
+                break;
             }
             entries += 1;
             let mut r = FrameReader::new(&value);

@@ -1,0 +1,113 @@
+//! What checkpoints cost as state grows, and how long a restart takes to restore it.
+//!
+//! ```sh
+//! cargo bench --bench checkpoints                              # 200,000 new keys/s for 10 s
+//! cargo bench --bench checkpoints -- --rate 500000 --seconds 20
+//! ```
+//!
+//! A materialized view counts rows per key over a `datagen` sequence, so every row is a
+//! new key: state grows at a flat rate. Every second the bench prints the view's latest
+//! checkpoint from SHOW CHECKPOINTS (duration, bytes written, operator state). Then the
+//! server is shut down and started again on the same data directory; the time until it
+//! accepts clients is the recovery time (every view is restored before it listens).
+
+use std::time::{Duration, Instant};
+
+// The integration tests' in-process server and row helpers.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{rows, TestServer};
+
+struct Args {
+    rate: u64,
+    seconds: u64,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        rate: 200_000,
+        seconds: 10,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut number = |name: &str| -> u64 {
+            it.next()
+                .and_then(|v| v.replace('_', "").parse().ok())
+                .unwrap_or_else(|| panic!("{name} takes a number"))
+        };
+        match arg.as_str() {
+            "--rate" => args.rate = number("--rate"),
+            "--seconds" => args.seconds = number("--seconds"),
+            // `cargo bench` passes --bench; a filter argument is ignored too.
+            _ => {}
+        }
+    }
+    args
+}
+
+fn main() {
+    let args = parse_args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = TestServer::start(dir.path()).await;
+        let client = server.connect().await;
+        for statement in [
+            "SET 'parallelism.default' = '1'".to_string(),
+            format!(
+                "CREATE TABLE gen (k BIGINT, v BIGINT) WITH ('connector' = 'datagen', \
+                 'rows-per-second' = '{}', 'fields.k.kind' = 'sequence', \
+                 'fields.k.start' = '0', 'fields.k.end' = '{}', 'seed' = '1')",
+                args.rate,
+                i64::MAX / 2
+            ),
+            "CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total \
+             FROM gen GROUP BY k"
+                .to_string(),
+        ] {
+            rows(&client, &statement).await;
+        }
+        println!("| second | epoch | checkpoint ms | bytes written | operator state |");
+        println!("|---:|---:|---:|---:|---|");
+        let started = Instant::now();
+        for second in 1..=args.seconds {
+            tokio::time::sleep_until(
+                tokio::time::Instant::from_std(started) + Duration::from_secs(second),
+            )
+            .await;
+            let checkpoints = rows(&client, "SHOW CHECKPOINTS").await;
+            if let Some(c) = checkpoints.iter().rev().find(|c| c[1].contains("per_key")) {
+                println!("| {second} | {} | {} | {} | {} |", c[2], c[4], c[6], c[7]);
+            }
+        }
+        rows(&client, "FLUSH").await;
+        let keys = rows(&client, "SELECT count(*) FROM per_key").await[0][0].clone();
+        let bytes = rows(&client, "SHOW CHECKPOINTS").await;
+        let last = bytes
+            .iter()
+            .rev()
+            .find(|c| c[1].contains("per_key"))
+            .map(|c| c[6].clone())
+            .unwrap_or_default();
+        drop(client);
+        server.stop().await;
+
+        let restart = Instant::now();
+        let server = TestServer::start(dir.path()).await;
+        let recovery = restart.elapsed();
+        let client = server.connect().await;
+        let restored = rows(&client, "SELECT count(*) FROM per_key").await[0][0].clone();
+        println!();
+        println!(
+            "{keys} keys, last checkpoint {last} bytes; restart to serving: {:.2} s \
+             ({restored} keys in the view right after)",
+            recovery.as_secs_f64()
+        );
+        drop(client);
+        server.stop().await;
+    });
+}

@@ -69,6 +69,7 @@ impl Server {
         let _ = self.stop.send(true);
         let _ = self.accept_loop.await;
         let engine = self.engine;
+        engine.stop_jobs().await;
         tokio::task::spawn_blocking(move || engine.close()).await??;
         Ok(())
     }

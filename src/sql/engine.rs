@@ -105,11 +105,16 @@ impl Engine {
         &self.catalog
     }
 
-    /// Makes everything durable and lets the store close once the engine is dropped:
+    /// Stops every view and job and waits until they no longer use the store.
+    pub async fn stop_jobs(&self) {
+        self.jobs.stop_all().await;
+    }
+
+    /// Makes everything durable and lets the store close once the engine is dropped (call
+    /// [`Engine::stop_jobs`] first):
     /// pg_catalog's schema refers back to the catalog list that holds it, a cycle that
     /// would otherwise keep the store (and its lock) open for the life of the process.
     pub fn close(&self) -> SqlResult<()> {
-        self.jobs.stop_all();
         if let Some(catalog) = self.ctx.catalog(names::CATALOG) {
             catalog.deregister_schema("pg_catalog", true)?;
         }

@@ -40,10 +40,9 @@ impl Engine {
     /// Commits one more epoch, stops the job (its tasks are gone when this returns), and
     /// keeps its newest checkpoint as savepoint `sp-<id>-<epoch>`.
     async fn stop_with_savepoint(&self, id: &str, key: &str, statement: &str) -> SqlResult<String> {
-        let job = self.jobs.job(id).ok_or_else(|| no_job(id))?;
+        self.jobs.job(id).ok_or_else(|| no_job(id))?;
         self.jobs.flush().await;
-        self.jobs.stop(id);
-        job.finished().await;
+        self.jobs.stop_and_wait(id).await;
         let checkpoints = Checkpoints::new(self.catalog.store(), key);
         let store = self.catalog.store();
         let statement = statement.to_string();
@@ -84,7 +83,7 @@ impl Engine {
                     .await?,
             )
         } else {
-            self.jobs.stop(id);
+            self.jobs.stop_and_wait(id).await;
             None
         };
         let job = id.to_string();

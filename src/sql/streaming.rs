@@ -405,7 +405,7 @@ impl Engine {
         let view = name.to_string();
         let dropped = self.catalog_write(move |c| c.drop_view(&view)).await?;
         if let Some(id) = self.jobs.job_of_view(name) {
-            self.jobs.stop(&id);
+            self.jobs.stop_and_wait(&id).await;
         }
         self.jobs.remove_view(name);
         self.remove_checkpoints(format!("view/{name}")).await?;
@@ -595,7 +595,7 @@ impl Engine {
         let sync = metadata.get("table.dml-sync").is_some_and(|v| v == "true");
         if sync {
             let state = job.finished().await;
-            self.jobs.stop(&id);
+            self.jobs.stop_and_wait(&id).await;
             self.remove_checkpoints(format!("job/{id}")).await?;
             if let JobState::Failed(code, message) = state {
                 return Err(SqlError::new(code, format!("job {id} failed: {message}")));

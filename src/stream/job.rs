@@ -113,6 +113,9 @@ pub struct RunningJob {
     barrier_requests: Arc<Mutex<Vec<mpsc::UnboundedSender<Epoch>>>>,
     committed: watch::Receiver<Epoch>,
     done: watch::Receiver<bool>,
+    /// Asks the supervisor to stop the tasks (and wait for them).
+    stop: watch::Sender<bool>,
+    /// Tears everything down at once when the job is dropped without being stopped.
     abort: Mutex<Option<tokio::task::AbortHandle>>,
     /// It reads materialized views, so what it sees at a barrier depends on what other
     /// jobs published before it.
@@ -354,14 +357,16 @@ impl RunningJob {
             published: Arc::new(AtomicU64::new(restored_epoch)),
         });
         let launched = launch(&plan, options.restore)?;
-        let barrier_requests = Arc::new(Mutex::new(launched.barrier_requests));
+        let barrier_requests = Arc::new(Mutex::new(launched.barrier_requests.clone()));
+        let (stop, stop_requested) = watch::channel(false);
         let state = Arc::new(Mutex::new(JobState::Running));
         let (done_tx, done) = watch::channel(false);
         let supervisor = tokio::spawn(supervise(
             plan.clone(),
-            launched.tasks,
+            launched,
             state.clone(),
             barrier_requests.clone(),
+            stop_requested,
             done_tx,
         ));
         Ok(Arc::new(Self {
@@ -371,6 +376,7 @@ impl RunningJob {
             barrier_requests,
             committed,
             done,
+            stop,
             abort: Mutex::new(Some(supervisor.abort_handle())),
             reads_views,
         }))
@@ -419,6 +425,8 @@ impl RunningJob {
         self.state()
     }
 
+    /// Stops the tasks; [`RunningJob::finished`] returns once they and the checkpoint
+    /// being written (if any) are gone.
     pub fn stop(&self) {
         {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -426,9 +434,7 @@ impl RunningJob {
                 *s = JobState::Stopped;
             }
         }
-        if let Some(abort) = self.abort.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            abort.abort();
-        }
+        let _ = self.stop.send(true);
     }
 }
 
@@ -455,6 +461,9 @@ struct Plan {
 
 struct Launched {
     tasks: JoinSet<Result<()>>,
+    /// Runs until every task is gone; never aborted, so an epoch it is writing or
+    /// committing is finished (and the store released) before the job counts as ended.
+    coordinator: tokio::task::JoinHandle<Result<()>>,
     barrier_requests: Vec<mpsc::UnboundedSender<Epoch>>,
 }
 
@@ -618,9 +627,10 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         restored: restored_epoch,
         published: plan.published.clone(),
     };
-    tasks.spawn(coordinator.run(ack_receiver));
+    let coordinator = tokio::spawn(coordinator.run(ack_receiver));
     Ok(Launched {
         tasks,
+        coordinator,
         barrier_requests,
     })
 }
@@ -634,14 +644,15 @@ const MAX_RESTARTS: u32 = 3;
 /// touched); any other error, or too many restarts, fails the job.
 async fn supervise(
     plan: Arc<Plan>,
-    mut tasks: JoinSet<Result<()>>,
+    mut launched: Launched,
     state: Arc<Mutex<JobState>>,
     barrier_requests: Arc<Mutex<Vec<mpsc::UnboundedSender<Epoch>>>>,
+    mut stop: watch::Receiver<bool>,
     done: watch::Sender<bool>,
 ) {
     let mut restarts = 0;
     loop {
-        let failure = first_failure(&mut tasks).await;
+        let failure = first_failure(&mut launched, &mut stop).await;
         let Some((code, message, restartable)) = failure else {
             break;
         };
@@ -653,10 +664,10 @@ async fn supervise(
             );
             tokio::time::sleep(Duration::from_millis(100 * u64::from(restarts))).await;
             match relaunch(&plan).await {
-                Ok(launched) => {
+                Ok(next) => {
                     *barrier_requests.lock().unwrap_or_else(|p| p.into_inner()) =
-                        launched.barrier_requests;
-                    tasks = launched.tasks;
+                        next.barrier_requests.clone();
+                    launched = next;
                     continue;
                 }
                 Err(e) => {
@@ -684,11 +695,32 @@ async fn supervise(
     let _ = done.send(true);
 }
 
-/// Joins every task; at the first failure the others are stopped. Returns the failure's
-/// SQLSTATE, message and whether a restart may cure it (a panic, a failed checkpoint).
-async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Option<(&'static str, String, bool)> {
+/// Joins every task and then the coordinator; at the first failure, or when the job is
+/// stopped, the tasks are aborted (and joined). Returns the failure's SQLSTATE, message
+/// and whether a restart may cure it (a panic, a failed checkpoint).
+async fn first_failure(
+    launched: &mut Launched,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(&'static str, String, bool)> {
     let mut failure = None;
-    while let Some(result) = tasks.join_next().await {
+    let mut stopping = false;
+    let mut coordinator_done = false;
+    loop {
+        let result = tokio::select! {
+            joined = launched.tasks.join_next() => match joined {
+                Some(result) => result,
+                None => break,
+            },
+            ended = &mut launched.coordinator, if !coordinator_done => {
+                coordinator_done = true;
+                ended
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                launched.tasks.abort_all();
+                continue;
+            }
+        };
         let failed = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
@@ -700,9 +732,19 @@ async fn first_failure(tasks: &mut JoinSet<Result<()>>) -> Option<(&'static str,
             Err(e) if e.is_cancelled() => None,
             Err(e) => Some(("XX000", format!("a task panicked: {e}"), true)),
         };
-        if failure.is_none() && failed.is_some() {
+        if failure.is_none() && failed.is_some() && !stopping {
             failure = failed;
-            tasks.abort_all();
+            launched.tasks.abort_all();
+        }
+    }
+    // Every task is gone, so its acknowledgement channel is closed: the coordinator ends
+    // once the epoch it may be writing is written.
+    if !coordinator_done {
+        if let Ok(Err(e)) = (&mut launched.coordinator).await {
+            if failure.is_none() && !stopping {
+                let e = crate::sql::error::SqlError::from(e);
+                failure = Some((e.code, e.message, false));
+            }
         }
     }
     failure

@@ -135,6 +135,17 @@ impl Jobs {
         }
     }
 
+    /// Stops a job and waits until its tasks and any checkpoint being written are gone;
+    /// false when there is none with that id.
+    pub async fn stop_and_wait(&self, id: &str) -> bool {
+        let Some(job) = self.job(id) else {
+            return false;
+        };
+        self.stop(id);
+        job.finished().await;
+        true
+    }
+
     pub fn job_of_view(&self, view: &str) -> Option<String> {
         self.jobs
             .lock()
@@ -217,11 +228,15 @@ impl Jobs {
         epoch
     }
 
-    /// Stops every job (server shutdown).
-    pub fn stop_all(&self) {
+    /// Stops every job and waits until their tasks, and checkpoints being written, are
+    /// gone (server shutdown): nothing uses the store after this returns.
+    pub async fn stop_all(&self) {
         let jobs = std::mem::take(&mut *self.jobs.lock().unwrap_or_else(|p| p.into_inner()));
         for entry in jobs.values() {
             entry.job.stop();
+        }
+        for entry in jobs.values() {
+            entry.job.finished().await;
         }
     }
 }

@@ -55,7 +55,7 @@ const VARIABLES: &[Variable] = &[
         "execution.checkpointing.interval",
         "1 s",
         false,
-        "How often epochs commit: what materialized views and sinks publish at (Flink's key)",
+        "How often epochs commit (checkpoints, and what views and sinks publish at), server-wide (Flink's key)",
     ),
     var(
         "execution.savepoint.path",

@@ -134,6 +134,18 @@ struct Pending {
     alignment: Duration,
 }
 
+impl Pending {
+    /// An epoch whose first acknowledgement arrives now.
+    fn new() -> Self {
+        Self {
+            tasks: HashMap::new(),
+            started_ms: chrono::Utc::now().timestamp_millis(),
+            started: Instant::now(),
+            alignment: Duration::ZERO,
+        }
+    }
+}
+
 impl Coordinator {
     /// Runs until every task has dropped its sender. An error (the store refused a
     /// checkpoint, a sink could not commit) fails the job.
@@ -151,12 +163,7 @@ impl Coordinator {
                     snapshot,
                     alignment,
                 } => {
-                    let p = pending.entry(epoch).or_insert_with(|| Pending {
-                        tasks: HashMap::new(),
-                        started_ms: chrono::Utc::now().timestamp_millis(),
-                        started: Instant::now(),
-                        alignment: Duration::ZERO,
-                    });
+                    let p = pending.entry(epoch).or_insert_with(Pending::new);
                     p.tasks.insert(task, snapshot);
                     p.alignment = p.alignment.max(alignment);
                 }
@@ -175,13 +182,7 @@ impl Coordinator {
             }
             if !finished && ended.len() == self.tasks {
                 finished = true;
-                let p = Pending {
-                    tasks: HashMap::new(),
-                    started_ms: chrono::Utc::now().timestamp_millis(),
-                    started: Instant::now(),
-                    alignment: Duration::ZERO,
-                };
-                self.complete(last + 1, p, &mut ended, &mut view_entries)
+                self.complete(last + 1, Pending::new(), &mut ended, &mut view_entries)
                     .await?;
             }
         }

@@ -36,20 +36,30 @@ async fn insert_clicks(client: &Client, from: i64, to: i64) {
     .await;
 }
 
-const VIEW: &str = "CREATE MATERIALIZED VIEW per_key AS \
-    SELECT k, count(*) AS n, sum(v) AS total FROM clicks GROUP BY k";
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
+/// A server with an empty `clicks` table, planning at `parallelism`.
+async fn with_clicks(parallelism: usize) -> (tempfile::TempDir, TestServer, Client) {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let client = server.connect().await;
-    run(&client, "SET 'parallelism.default' = '2'").await;
+    run(
+        &client,
+        &format!("SET 'parallelism.default' = '{parallelism}'"),
+    )
+    .await;
     run(
         &client,
         "CREATE TABLE clicks (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts)",
     )
     .await;
+    (dir, server, client)
+}
+
+const VIEW: &str = "CREATE MATERIALIZED VIEW per_key AS \
+    SELECT k, count(*) AS n, sum(v) AS total FROM clicks GROUP BY k";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
+    let (dir, server, client) = with_clicks(2).await;
     run(&client, VIEW).await;
     insert_clicks(&client, 0, 30).await;
     run(&client, "FLUSH").await;
@@ -122,15 +132,7 @@ async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_stopped_with_a_savepoint_writes_each_window_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let client = server.connect().await;
-    run(&client, "SET 'parallelism.default' = '1'").await;
-    run(
-        &client,
-        "CREATE TABLE clicks (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts)",
-    )
-    .await;
+    let (_dir, server, client) = with_clicks(1).await;
     run(
         &client,
         "CREATE TABLE windows (window_start TIMESTAMP(3), n BIGINT, total BIGINT)",

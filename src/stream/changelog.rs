@@ -10,14 +10,18 @@ use datafusion::common::Result;
 
 use super::message::ChangeBatch;
 
-/// `current` with `changes` applied. Without retractions the changes are appended as
-/// they are; otherwise the rows are rebuilt as one batch, in first-seen order.
+/// `current` with `changes` applied. Without retractions the changes' rows are appended
+/// as they are; otherwise the rows are rebuilt as one batch, in first-seen order.
 pub fn apply(
     schema: &SchemaRef,
     mut current: Vec<RecordBatch>,
     changes: Vec<ChangeBatch>,
 ) -> Result<Vec<RecordBatch>> {
-    if changes.iter().all(|c| c.ops.is_none()) {
+    // Inserts and updates-after with nothing retracted only add rows.
+    if changes
+        .iter()
+        .all(|c| (0..c.num_rows()).all(|i| !c.retracts(i)))
+    {
         current.extend(
             changes
                 .into_iter()
@@ -96,5 +100,19 @@ mod tests {
         ];
         let out = apply(&schema, current, changes).unwrap();
         assert_eq!(out[0], batch(&schema, &["a", "b", "a"], &[1, 2, 5]));
+    }
+
+    #[test]
+    fn changes_that_retract_nothing_are_appended_as_they_are() {
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let current = vec![batch(&schema, &["a"], &[1])];
+        let added = batch(&schema, &["a", "b"], &[1, 2]);
+        let mut changes = ChangeBatch::with_op(added.clone(), Op::Insert);
+        changes.ops = Some(vec![Op::Insert as i8, Op::UpdateAfter as i8].into());
+        let out = apply(&schema, current.clone(), vec![changes]).unwrap();
+        assert_eq!(out, vec![current[0].clone(), added]);
     }
 }

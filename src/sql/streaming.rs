@@ -162,11 +162,13 @@ enum Start<'a> {
 
 impl<'a> Start<'a> {
     fn of(resume: bool, metadata: &'a HashMap<String, String>) -> Self {
+        if resume {
+            return Start::Resume;
+        }
         match metadata
             .get("execution.savepoint.path")
             .filter(|p| !p.is_empty())
         {
-            _ if resume => Start::Resume,
             Some(name) => Start::Savepoint(name),
             None => Start::Fresh,
         }
@@ -424,8 +426,18 @@ impl Engine {
     ) -> SqlResult<Arc<RunningJob>> {
         let checkpoints = Checkpoints::new(self.catalog.store(), key);
         let fingerprint = checkpoint::fingerprint(&graph);
-        let committer = RunningJob::committer(&graph, &self.catalog);
+        let committer = crate::stream::job::committer(&graph, &self.catalog);
         let restore = if let Start::Savepoint(name) = start {
+            if !checkpoint::restorable(&graph) {
+                return Err(SqlError::new(
+                    "0A000",
+                    format!(
+                        "cannot start from savepoint '{name}': the query reads a view whose \
+                         rows change, and where it was in that view's changes is not recorded"
+                    ),
+                )
+                .with_hint("RESET 'execution.savepoint.path' to start from scratch"));
+            }
             self.seed_from_savepoint(name, key).await?;
             match recover(&checkpoints, &fingerprint, &committer).await {
                 Ok(restored) => restored,

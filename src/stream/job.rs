@@ -231,15 +231,25 @@ struct TaskEnd {
 }
 
 impl TaskEnd {
+    /// What the task holds now; operators snapshot only when the job keeps checkpoints.
     fn snapshot(
         &self,
         chain: &mut Chain,
-    ) -> Result<Vec<Vec<datafusion::arrow::record_batch::RecordBatch>>> {
-        if self.durable {
-            chain.snapshot()
+        inputs: Vec<Millis>,
+        source: Option<SourcePosition>,
+        sink: Option<Precommit>,
+    ) -> Result<TaskSnapshot> {
+        let operators = if self.durable {
+            chain.snapshot()?
         } else {
-            Ok(vec![])
-        }
+            vec![]
+        };
+        Ok(TaskSnapshot {
+            operators,
+            inputs,
+            source,
+            sink,
+        })
     }
 
     fn ack(&self, ack: Ack) {
@@ -309,7 +319,7 @@ impl Output {
 }
 
 /// How a sink's output becomes visible when an epoch commits.
-fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>) -> Committer {
+pub fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>) -> Committer {
     match graph.nodes.last().map(|n| &n.kind) {
         Some(NodeKind::Sink(SinkKind::View(state))) => Committer::View(state.clone()),
         Some(NodeKind::Sink(SinkKind::Log(def))) => Committer::Log {
@@ -327,11 +337,6 @@ impl RunningJob {
     /// Starts every task of `graph`, without checkpoints.
     pub fn start(id: String, graph: StreamGraph, catalog: Arc<Catalog>) -> Result<Arc<Self>> {
         Self::start_with(id, graph, catalog, JobOptions::default())
-    }
-
-    /// How the sink of `graph` commits (for recovering its checkpoint before starting).
-    pub fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>) -> Committer {
-        committer(graph, catalog)
     }
 
     /// Starts every task of `graph`, checkpointing and restoring as `options` say.
@@ -721,17 +726,7 @@ async fn first_failure(
                 continue;
             }
         };
-        let failed = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => {
-                let restartable = matches!(&e, DataFusionError::External(inner)
-                    if inner.is::<super::checkpoint::coordinator::CheckpointFailed>());
-                let e = crate::sql::error::SqlError::from(e);
-                Some((e.code, e.message, restartable))
-            }
-            Err(e) if e.is_cancelled() => None,
-            Err(e) => Some(("XX000", format!("a task panicked: {e}"), true)),
-        };
+        let failed = failure_of(result);
         if failure.is_none() && failed.is_some() && !stopping {
             failure = failed;
             launched.tasks.abort_all();
@@ -740,27 +735,38 @@ async fn first_failure(
     // Every task is gone, so its acknowledgement channel is closed: the coordinator ends
     // once the epoch it may be writing is written.
     if !coordinator_done {
-        if let Ok(Err(e)) = (&mut launched.coordinator).await {
-            if failure.is_none() && !stopping {
-                let e = crate::sql::error::SqlError::from(e);
-                failure = Some((e.code, e.message, false));
-            }
+        let ended = failure_of((&mut launched.coordinator).await);
+        if failure.is_none() && !stopping {
+            failure = ended;
         }
     }
     failure
+}
+
+/// A task's or the coordinator's failure, and whether a restart may cure it.
+fn failure_of(
+    result: std::result::Result<Result<()>, tokio::task::JoinError>,
+) -> Option<(&'static str, String, bool)> {
+    match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => {
+            let restartable = matches!(&e, DataFusionError::External(inner)
+                if inner.is::<super::checkpoint::coordinator::CheckpointFailed>());
+            let e = crate::sql::error::SqlError::from(e);
+            Some((e.code, e.message, restartable))
+        }
+        Err(e) if e.is_cancelled() => None,
+        Err(e) => Some(("XX000", format!("a task panicked: {e}"), true)),
+    }
 }
 
 /// Starts a job's tasks again from its newest checkpoint, after its commit is redone. A
 /// view keeps its rows in memory; it only gets the epochs it had not published yet.
 async fn relaunch(plan: &Plan) -> Result<Launched> {
     let durable = plan.durable.as_ref().expect("only durable jobs restart");
-    let view = match committer(&plan.graph, &plan.catalog) {
-        Committer::View(state) => Some(state),
-        _ => None,
-    };
-    let committer = match &view {
-        Some(_) => Committer::Direct,
-        None => committer(&plan.graph, &plan.catalog),
+    let (committer, view) = match committer(&plan.graph, &plan.catalog) {
+        Committer::View(state) => (Committer::Direct, Some(state)),
+        other => (other, None),
     };
     let restore = super::checkpoint::coordinator::recover(
         &durable.checkpoints,
@@ -811,12 +817,7 @@ async fn run_task(
                 let out = chain.barrier()?;
                 output.rows(out, &end).await?;
                 let sink = output.barrier(epoch, inlet.watermark()).await?;
-                let snapshot = TaskSnapshot {
-                    operators: end.snapshot(&mut chain)?,
-                    inputs: inlet.channel_watermarks(),
-                    source: None,
-                    sink,
-                };
+                let snapshot = end.snapshot(&mut chain, inlet.channel_watermarks(), None, sink)?;
                 end.ack(Ack::Barrier {
                     epoch,
                     task: end.task,
@@ -831,12 +832,7 @@ async fn run_task(
                 output.rows(out, &end).await?;
                 chain.report();
                 let sink = output.end().await?;
-                let snapshot = TaskSnapshot {
-                    operators: end.snapshot(&mut chain)?,
-                    inputs: inlet.channel_watermarks(),
-                    source: None,
-                    sink,
-                };
+                let snapshot = end.snapshot(&mut chain, inlet.channel_watermarks(), None, sink)?;
                 end.ack(Ack::Ended {
                     task: end.task,
                     snapshot,
@@ -882,15 +878,8 @@ async fn run_source(
                 let out = chain.barrier()?;
                 output.rows(out, &end).await?;
                 let sink = output.barrier(epoch, rows.watermark).await?;
-                let snapshot = TaskSnapshot {
-                    operators: end.snapshot(&mut chain)?,
-                    inputs: vec![],
-                    source: Some(SourcePosition {
-                        position: reader.position()?,
-                        watermark: rows.watermark,
-                    }),
-                    sink,
-                };
+                let position = source_position(&reader, &rows)?;
+                let snapshot = end.snapshot(&mut chain, vec![], Some(position), sink)?;
                 end.ack(Ack::Barrier {
                     epoch,
                     task: end.task,
@@ -980,18 +969,17 @@ async fn source_ended(
     end: &TaskEnd,
 ) -> Result<()> {
     let sink = output.end().await?;
-    let snapshot = TaskSnapshot {
-        operators: end.snapshot(chain)?,
-        inputs: vec![],
-        source: Some(SourcePosition {
-            position: reader.position()?,
-            watermark: rows.watermark,
-        }),
-        sink,
-    };
+    let snapshot = end.snapshot(chain, vec![], Some(source_position(reader, rows)?), sink)?;
     end.ack(Ack::Ended {
         task: end.task,
         snapshot,
     });
     Ok(())
+}
+
+fn source_position(reader: &Reader, rows: &SourceRows) -> Result<SourcePosition> {
+    Ok(SourcePosition {
+        position: reader.position()?,
+        watermark: rows.watermark,
+    })
 }

@@ -212,13 +212,14 @@ impl Coordinator {
             snapshots.push(snapshot);
         }
         let precommits: Vec<Precommit> = snapshots.iter().filter_map(|s| s.sink.clone()).collect();
+        // A view's rows of all sink subtasks, merged once: stored and then published.
+        let mut view = match &self.committer {
+            Committer::View(_) => Some(merged_changes(&precommits)),
+            _ => None,
+        };
         let state = self.state_sizes(&snapshots);
         let written = match &self.durable {
             Some(durable) => {
-                let view = match &self.committer {
-                    Committer::View(_) => Some(merged_changes(&precommits).0),
-                    _ => None,
-                };
                 // The view's rows are stored once, in its per-epoch series.
                 if view.is_some() {
                     for s in &mut snapshots {
@@ -234,18 +235,24 @@ impl Coordinator {
                     savepoint: None,
                 };
                 let checkpoints = durable.checkpoints.clone();
+                let rows = view.take();
                 tokio::task::spawn_blocking(move || {
                     let tasks = snapshots
                         .iter()
                         .map(TaskSnapshot::encode)
                         .collect::<Result<Vec<_>>>()?;
-                    let bytes = checkpoints.write(&meta, &tasks, view.as_deref())?;
+                    let changes = rows.as_ref().map(|(c, _, _)| c.as_slice());
+                    let bytes = checkpoints.write(&meta, &tasks, changes)?;
                     checkpoints.prune(RETAINED_EPOCHS)?;
-                    Ok::<_, DataFusionError>(bytes)
+                    Ok::<_, DataFusionError>((bytes, rows))
                 })
                 .await
                 .map_err(|e| DataFusionError::External(Box::new(e)))
                 .and_then(|r| r)
+                .map(|(bytes, rows)| {
+                    view = rows;
+                    bytes
+                })
             }
             None => Ok(0),
         };
@@ -261,7 +268,7 @@ impl Coordinator {
         if self.durable.is_some() {
             crate::stream::failpoint::hit(crate::stream::failpoint::at::BEFORE_PUBLISH);
         }
-        if let Err(e) = self.commit(epoch, precommits, view_entries).await {
+        if let Err(e) = self.commit(epoch, precommits, view, view_entries).await {
             self.record(epoch, &p, bytes, state, format!("FAILED: {e}"));
             return Err(e);
         }
@@ -312,17 +319,19 @@ impl Coordinator {
         });
     }
 
-    /// Makes the epoch's pre-committed output visible.
+    /// Makes the epoch's pre-committed output visible; a view's is `view`, merged.
     async fn commit(
         &self,
         epoch: Epoch,
         precommits: Vec<Precommit>,
+        view: Option<(Vec<ChangeBatch>, Millis, bool)>,
         view_entries: &mut usize,
     ) -> Result<()> {
         match &self.committer {
             Committer::Direct => Ok(()),
             Committer::View(state) => {
-                let (changes, watermark, ended) = merged_changes(&precommits);
+                let (changes, watermark, ended) =
+                    view.unwrap_or_else(|| merged_changes(&precommits));
                 let wrote = !changes.is_empty();
                 state.publish(changes, watermark, ended)?;
                 if let (Some(durable), true) = (&self.durable, wrote) {

@@ -1,5 +1,6 @@
-//! Savepoints: a view or job stopped with a savepoint and started again from it counts
-//! every row once, across a restart too; a changed query is refused.
+//! Savepoints: a view or job stopped with a savepoint and started again from it, at the
+//! same or another parallelism, counts every row once, across a restart too; a changed
+//! query is refused. ALTER ... SET PARALLELISM rescales a running view or job in place.
 
 mod common;
 
@@ -78,7 +79,7 @@ async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
     // Rows that arrive while the view is stopped are read when it starts again.
     insert_clicks(&client, 30, 45).await;
 
-    // Another query, or another parallelism, cannot start from it.
+    // Another query cannot start from it.
     run(
         &client,
         &format!("SET 'execution.savepoint.path' = '{name}'"),
@@ -91,10 +92,8 @@ async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
     .await;
     assert_eq!(code, "55000", "{message}");
     assert!(message.contains(&name), "{message}");
+    // The same query at another parallelism can: the groups move between subtasks.
     run(&client, "SET 'parallelism.default' = '3'").await;
-    assert_eq!(error_code(&client, VIEW).await.0, "55000");
-    run(&client, "SET 'parallelism.default' = '2'").await;
-
     run(&client, VIEW).await;
     run(&client, "RESET 'execution.savepoint.path'").await;
     insert_clicks(&client, 45, 60).await;
@@ -189,5 +188,69 @@ async fn a_job_stopped_with_a_savepoint_writes_each_window_once() {
     );
     run(&client, "SET 'execution.savepoint.path' = 'nope'").await;
     assert_eq!(error_code(&client, insert).await.0, "42704");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_rescaled_in_place_counts_every_row_once_across_a_restart() {
+    let (dir, server, client) = with_clicks(2).await;
+    run(&client, VIEW).await;
+    insert_clicks(&client, 0, 30).await;
+    run(&client, "FLUSH").await;
+    run(
+        &client,
+        "ALTER MATERIALIZED VIEW per_key SET PARALLELISM = 3",
+    )
+    .await;
+    insert_clicks(&client, 30, 45).await;
+    run(&client, "FLUSH").await;
+    // The rescaled job read only what came after its checkpoint.
+    let jobs = rows(&client, "SHOW JOBS").await;
+    let rows_in: Vec<&str> = jobs.iter().map(|j| j[3].as_str()).collect();
+    assert_eq!(rows_in, vec!["15"], "{jobs:?}");
+    run(
+        &client,
+        "ALTER MATERIALIZED VIEW per_key SET PARALLELISM = 1",
+    )
+    .await;
+    insert_clicks(&client, 45, 50).await;
+    run(&client, "FLUSH").await;
+    let expected = |upto: i64| -> Vec<Vec<String>> {
+        (0..3)
+            .map(|k| {
+                let vs: Vec<i64> = (0..upto).filter(|i| i % 3 == k).collect();
+                vec![
+                    k.to_string(),
+                    vs.len().to_string(),
+                    vs.iter().sum::<i64>().to_string(),
+                ]
+            })
+            .collect()
+    };
+    assert_eq!(
+        rows(&client, "SELECT * FROM per_key ORDER BY k").await,
+        expected(50)
+    );
+    // The new parallelism is kept with the view: a restart resumes at it.
+    server.stop().await;
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    insert_clicks(&client, 50, 56).await;
+    run(&client, "FLUSH").await;
+    assert_eq!(
+        rows(&client, "SELECT * FROM per_key ORDER BY k").await,
+        expected(56)
+    );
+    run(
+        &client,
+        "ALTER MATERIALIZED VIEW per_key SET PARALLELISM = 2",
+    )
+    .await;
+    insert_clicks(&client, 56, 60).await;
+    run(&client, "FLUSH").await;
+    assert_eq!(
+        rows(&client, "SELECT * FROM per_key ORDER BY k").await,
+        expected(60)
+    );
     server.stop().await;
 }

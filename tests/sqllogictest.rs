@@ -2,7 +2,9 @@
 //! extended protocol (prepared statements, binary results) and once with the simple one.
 //! The streaming and updating files run a third time against a server process that is
 //! killed (SIGKILL) and restarted after every FLUSH, at parallelism 2: each pipeline
-//! must resume from its checkpoint and give the same rows.
+//! must resume from its checkpoint and give the same rows. A fourth run rescales every
+//! running view and job after every FLUSH (parallelism 2 to 3, 3 to 2, ...): each goes on
+//! from its checkpoint with its state moved between subtasks, and gives the same rows.
 
 mod common;
 
@@ -25,6 +27,8 @@ struct Weir {
     protocol: Protocol,
     /// Kill mode: the server is killed and restarted after every FLUSH.
     restarts: Option<Arc<Restarts>>,
+    /// Rescale mode: the parallelism every running job is moved to after the next FLUSH.
+    rescale_to: Option<usize>,
     /// The session's SET statements, replayed on the new connection after a restart.
     settings: Vec<String>,
 }
@@ -82,12 +86,15 @@ impl sqllogictest::AsyncDB for Weir {
             Protocol::Simple => self.run_simple(sql).await,
         }
         .map_err(DbError)?;
+        if self.rescale_to.is_some() && is_flush(sql) {
+            self.rescale_all().await?;
+        }
         if let Some(restarts) = self.restarts.clone() {
             let statement = sql.trim().trim_end_matches(';').to_ascii_uppercase();
             if statement.starts_with("SET ") || statement.starts_with("RESET ") {
                 self.settings.push(sql.to_string());
             }
-            if statement == "FLUSH" {
+            if is_flush(sql) {
                 let port = restarts.kill_and_restart().await;
                 self.client = common::connect(port).await;
                 for set in &self.settings {
@@ -113,7 +120,40 @@ impl sqllogictest::AsyncDB for Weir {
     }
 }
 
+fn is_flush(sql: &str) -> bool {
+    sql.trim()
+        .trim_end_matches(';')
+        .eq_ignore_ascii_case("FLUSH")
+}
+
 impl Weir {
+    /// Moves every running view and job to the next parallelism (3, 2, 3, ...). One that
+    /// reads an updating view cannot move in place (0A000) and stays.
+    async fn rescale_all(&mut self) -> Result<(), DbError> {
+        let to = self.rescale_to.expect("rescale mode");
+        let jobs = self
+            .client
+            .simple_query("SHOW JOBS")
+            .await
+            .map_err(DbError)?;
+        for message in jobs {
+            let SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            let (Some(id), Some("RUNNING")) = (row.get(0), row.get(2)) else {
+                continue;
+            };
+            let alter = format!("ALTER JOB '{id}' SET PARALLELISM = {to}");
+            if let Err(e) = self.client.simple_query(&alter).await {
+                if e.code().map(|c| c.code()) != Some("0A000") {
+                    return Err(DbError(e));
+                }
+            }
+        }
+        self.rescale_to = Some(if to == 3 { 2 } else { 3 });
+        Ok(())
+    }
+
     async fn run_extended(
         &self,
         sql: &str,
@@ -258,6 +298,7 @@ async fn run_all(protocol: Protocol) {
                 client: common::connect(port).await,
                 protocol,
                 restarts: None,
+                rescale_to: None,
                 settings: vec![],
             })
         });
@@ -292,15 +333,54 @@ fn assert_passed(failures: &[String], how: &str) {
     );
 }
 
-/// The streaming pipelines with a final result, killed and resumed at every FLUSH.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streaming_sql_tests_survive_kill_9_at_every_flush() {
+/// The streaming and updating files: pipelines with a final result.
+fn pipelines_with_a_final_result() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql-tests");
     let mut files = vec![];
     slt_files(&root.join("streaming"), &mut files);
     slt_files(&root.join("updating"), &mut files);
     // A subscription's cursor lives in its connection: it cannot outlive the server.
     files.retain(|f| !f.ends_with("subscribe.slt"));
+    files
+}
+
+/// The streaming pipelines with a final result, rescaled at every FLUSH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_sql_tests_give_the_same_rows_when_rescaled_at_every_flush() {
+    let mut failures = vec![];
+    for file in selected(&pipelines_with_a_final_result()) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = common::TestServer::start(dir.path()).await;
+        let port = server.port;
+        let mut runner = sqllogictest::Runner::new(move || async move {
+            let client = common::connect(port).await;
+            client
+                .simple_query("SET 'parallelism.default' = '2'")
+                .await
+                .map_err(DbError)?;
+            Ok(Weir {
+                client,
+                protocol: Protocol::Simple,
+                restarts: None,
+                rescale_to: Some(3),
+                settings: vec![],
+            })
+        });
+        runner.with_validator(validate_lines);
+        runner.add_label("simple");
+        runner.add_label("rescales");
+        if let Err(e) = runner.run_file_async(file).await {
+            failures.push(format!("{}: {}", file.display(), e.display(true)));
+        }
+        server.stop().await;
+    }
+    assert_passed(&failures, " when rescaled");
+}
+
+/// The streaming pipelines with a final result, killed and resumed at every FLUSH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_sql_tests_survive_kill_9_at_every_flush() {
+    let files = pipelines_with_a_final_result();
     let mut failures = vec![];
     for file in selected(&files) {
         let dir = tempfile::tempdir().unwrap();
@@ -319,6 +399,7 @@ async fn streaming_sql_tests_survive_kill_9_at_every_flush() {
                     client,
                     protocol: Protocol::Simple,
                     restarts: Some(restarts),
+                    rescale_to: None,
                     settings: vec![parallelism],
                 })
             }

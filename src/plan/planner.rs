@@ -210,9 +210,11 @@ impl<'a> Planner<'a> {
             )?;
         }
         let schema = Arc::new(stream.schema.as_arrow().clone());
+        // Views and tables gather into one subtask at any parallelism, so that a job's
+        // graph has the same shape at every parallelism it can be rescaled to.
         let (exchange, parallelism) = match &sink {
             SinkKind::Connector(_) => (Exchange::Forward, stream.parallelism),
-            _ if stream.parallelism == 1 => (Exchange::Forward, 1),
+            SinkKind::Collect(_) if stream.parallelism == 1 => (Exchange::Forward, 1),
             _ => (Exchange::Gather, 1),
         };
         self.graph.add(StreamNode {

@@ -252,6 +252,10 @@ impl Engine {
             Statement::StopJob { id, savepoint } => self.stop_job(id, *savepoint).await,
             Statement::StopView(name) => self.stop_view(name).await,
             Statement::ShowSavepoints => self.show_savepoints().await,
+            Statement::AlterParallelism {
+                target,
+                parallelism,
+            } => self.alter_parallelism(target, *parallelism).await,
             Statement::Flush => self.flush().await,
             Statement::Subscribe(_)
             | Statement::CopySubscribe(_)

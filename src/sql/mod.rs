@@ -15,6 +15,7 @@ mod information_schema;
 mod insert;
 pub(crate) mod names;
 pub mod parser;
+mod rescale;
 mod rewrite;
 mod savepoints;
 mod schema;

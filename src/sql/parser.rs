@@ -45,6 +45,12 @@ pub enum Statement {
     StopView(String),
     /// `SHOW SAVEPOINTS`.
     ShowSavepoints,
+    /// `ALTER MATERIALIZED VIEW v SET PARALLELISM = n` / `ALTER JOB 'id' SET PARALLELISM = n`
+    /// (RisingWave's syntax): the job goes on from a final checkpoint at `n` subtasks.
+    AlterParallelism {
+        target: Rescaled,
+        parallelism: usize,
+    },
     /// `FLUSH`: wait until everything appended so far is reflected in every view and sink.
     Flush,
     /// `SUBSCRIBE TO v | (query)`: the changelog, streamed until cancelled.
@@ -58,6 +64,13 @@ pub enum Statement {
     /// `CLOSE c`; `None` is `CLOSE ALL`.
     Close(Option<String>),
     Sql(Box<ast::Statement>),
+}
+
+/// What `ALTER ... SET PARALLELISM` rescales.
+#[derive(Debug, Clone)]
+pub enum Rescaled {
+    View(String),
+    Job(String),
 }
 
 /// One statement of a query string.
@@ -183,6 +196,18 @@ pub(super) fn parse_one(text: &str) -> SqlResult<Statement> {
         expect_end(&mut p).map_err(at)?;
         return Ok(Statement::StopJob { id, savepoint });
     }
+    if p.parse_keywords(&[Keyword::ALTER, Keyword::MATERIALIZED, Keyword::VIEW]) {
+        let name = object_name(&p.parse_object_name(false).map_err(at)?)?;
+        return parse_set_parallelism(&mut p, Rescaled::View(name)).map_err(at);
+    }
+    if peek_word(&mut p, "alter")
+        && matches!(&p.peek_nth_token(1).token, Token::Word(w) if w.value.eq_ignore_ascii_case("job"))
+    {
+        p.next_token();
+        p.next_token();
+        let id = p.parse_literal_string().map_err(at)?;
+        return parse_set_parallelism(&mut p, Rescaled::Job(id)).map_err(at);
+    }
     if peek_word(&mut p, "subscribe") {
         p.next_token();
         return subscribe_syntax::parse_subscribe(&mut p, text)
@@ -237,6 +262,32 @@ pub(super) fn parse_generic(text: &str) -> SqlResult<Statement> {
 
 fn peek_word(p: &mut Parser, word: &str) -> bool {
     matches!(&p.peek_token().token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
+}
+
+/// `SET PARALLELISM { = | TO } n` after the object of an ALTER.
+fn parse_set_parallelism(p: &mut Parser, target: Rescaled) -> Result<Statement, ParserError> {
+    if !p.parse_keyword(Keyword::SET) || !peek_word(p, "parallelism") {
+        return Err(ParserError::ParserError(
+            "expected SET PARALLELISM = n (the only change ALTER makes to a running view or job)"
+                .into(),
+        ));
+    }
+    p.next_token();
+    if !p.consume_token(&Token::Eq) {
+        p.expect_keyword(Keyword::TO)?;
+    }
+    let parallelism = p.parse_literal_uint()?;
+    if parallelism == 0 || parallelism > crate::stream::graph::KEY_GROUPS as u64 {
+        return Err(ParserError::ParserError(format!(
+            "PARALLELISM must be between 1 and {}",
+            crate::stream::graph::KEY_GROUPS
+        )));
+    }
+    expect_end(p)?;
+    Ok(Statement::AlterParallelism {
+        target,
+        parallelism: parallelism as usize,
+    })
 }
 
 fn parse_show(p: &mut Parser) -> Result<Statement, ParserError> {

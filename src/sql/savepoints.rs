@@ -192,7 +192,7 @@ impl Engine {
     }
 }
 
-fn no_job(id: &str) -> SqlError {
+pub(super) fn no_job(id: &str) -> SqlError {
     SqlError::new(
         "42704",
         format!("job '{id}' does not exist; SHOW JOBS lists the running jobs"),

@@ -23,7 +23,7 @@ use super::CommandTag;
 use crate::connector::connector_table::ConnectorTable;
 use crate::plan::planner::{Mode, Planner};
 use crate::plan::window_table::WindowTvfTable;
-use crate::stream::checkpoint::coordinator::{recover, Durable};
+use crate::stream::checkpoint::coordinator::{recover, Committer, Durable};
 use crate::stream::checkpoint::store::Checkpoints;
 use crate::stream::checkpoint::{self};
 use crate::stream::graph::{SinkKind, StreamGraph};
@@ -151,17 +151,20 @@ const RESUME_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a view or job starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Start<'a> {
+pub(super) enum Start<'a> {
     /// New: nothing to restore.
     Fresh,
     /// After a restart: its own newest checkpoint.
     Resume,
+    /// Its own newest checkpoint, taken when it was stopped to change its parallelism: a
+    /// view's rows are still in memory and published up to it.
+    Rescale,
     /// A savepoint ('execution.savepoint.path').
     Savepoint(&'a str),
 }
 
 impl<'a> Start<'a> {
-    fn of(resume: bool, metadata: &'a HashMap<String, String>) -> Self {
+    pub(super) fn of(resume: bool, metadata: &'a HashMap<String, String>) -> Self {
         if resume {
             return Start::Resume;
         }
@@ -354,15 +357,33 @@ impl Engine {
         def: &ViewDef,
         resume: bool,
     ) -> SqlResult<Vec<String>> {
+        self.start_view_job(metadata, def, Start::of(resume, metadata), None)
+            .await
+    }
+
+    /// Starts the job of view `def`, into `rows` when the view's rows are kept (a
+    /// rescale), else into new ones.
+    pub(super) async fn start_view_job(
+        &self,
+        metadata: &HashMap<String, String>,
+        def: &ViewDef,
+        start: Start<'_>,
+        rows: Option<Arc<MvState>>,
+    ) -> SqlResult<Vec<String>> {
         let plan = self.plan_text(metadata, &def.query).await?;
-        let schema = Arc::new(plan.schema().as_arrow().clone());
-        let (probe, _) = tokio::sync::mpsc::channel(1);
-        let updating = self
-            .graph(metadata, &plan, Mode::Continuous, SinkKind::Collect(probe))?
-            .nodes
-            .iter()
-            .any(|n| n.changelog != crate::stream::graph::ChangelogMode::InsertOnly);
-        let state = MvState::new(schema, updating);
+        let state = match rows {
+            Some(rows) => rows,
+            None => {
+                let schema = Arc::new(plan.schema().as_arrow().clone());
+                let (probe, _) = tokio::sync::mpsc::channel(1);
+                let updating = self
+                    .graph(metadata, &plan, Mode::Continuous, SinkKind::Collect(probe))?
+                    .nodes
+                    .iter()
+                    .any(|n| n.changelog != crate::stream::graph::ChangelogMode::InsertOnly);
+                MvState::new(schema, updating)
+            }
+        };
         let graph = self.graph(
             metadata,
             &plan,
@@ -372,17 +393,12 @@ impl Engine {
         let notices = graph.notices.clone();
         let key = format!("view/{}", def.name);
         let job = match self
-            .start_durable(
-                new_job_id(),
-                &key,
-                graph.clone(),
-                Start::of(resume, metadata),
-            )
+            .start_durable(new_job_id(), &key, graph.clone(), start)
             .await
         {
             Ok(job) => job,
             // A view is derived data: when its checkpoint cannot be used it is rebuilt.
-            Err(e) if resume => {
+            Err(e) if start == Start::Resume => {
                 tracing::warn!(
                     "materialized view {} is rebuilt from its inputs: {}",
                     def.name,
@@ -421,12 +437,15 @@ impl Engine {
         &self,
         id: String,
         key: &str,
-        graph: StreamGraph,
+        mut graph: StreamGraph,
         start: Start<'_>,
     ) -> SqlResult<Arc<RunningJob>> {
         let checkpoints = Checkpoints::new(self.catalog.store(), key);
-        let fingerprint = checkpoint::fingerprint(&graph);
-        let committer = crate::stream::job::committer(&graph, &self.catalog);
+        let committer = match crate::stream::job::committer(&graph, &self.catalog) {
+            // Nothing to put back into rows that stayed published.
+            Committer::View(_) if start == Start::Rescale => Committer::Direct,
+            committer => committer,
+        };
         let restore = if let Start::Savepoint(name) = start {
             if !checkpoint::restorable(&graph) {
                 return Err(SqlError::new(
@@ -439,7 +458,7 @@ impl Engine {
                 .with_hint("RESET 'execution.savepoint.path' to start from scratch"));
             }
             self.seed_from_savepoint(name, key).await?;
-            match recover(&checkpoints, &fingerprint, &committer).await {
+            match restore_into(&checkpoints, &mut graph, &committer).await {
                 Ok(restored) => restored,
                 Err(e) => {
                     self.remove_checkpoints(key.to_string()).await?;
@@ -451,13 +470,14 @@ impl Engine {
                         ),
                     )
                     .with_hint(
-                        "a savepoint restores only the same query at the same parallelism; \
+                        "a savepoint restores only the same query (at any parallelism); \
                          RESET 'execution.savepoint.path' to start from scratch",
                     ));
                 }
             }
-        } else if start == Start::Resume && checkpoint::restorable(&graph) {
-            recover(&checkpoints, &fingerprint, &committer)
+        } else if matches!(start, Start::Resume | Start::Rescale) && checkpoint::restorable(&graph)
+        {
+            restore_into(&checkpoints, &mut graph, &committer)
                 .await
                 .map_err(|e| {
                     SqlError::new(
@@ -475,7 +495,8 @@ impl Engine {
         let options = JobOptions {
             durable: Some(Durable {
                 checkpoints,
-                fingerprint,
+                fingerprint: checkpoint::fingerprint(&graph),
+                parallelism: checkpoint::rescale::parallelism(&graph),
             }),
             history: self.jobs.history.clone(),
             restore,
@@ -620,7 +641,7 @@ impl Engine {
     }
 
     /// The graph of an INSERT job: its query into the target's physical columns.
-    fn insert_graph(
+    pub(super) fn insert_graph(
         &self,
         metadata: &HashMap<String, String>,
         plan: &LogicalPlan,
@@ -661,7 +682,7 @@ impl Engine {
         self.explain_rows(&graph)
     }
 
-    async fn start_insert(
+    pub(super) async fn start_insert(
         &self,
         metadata: &HashMap<String, String>,
         id: &str,
@@ -867,7 +888,7 @@ impl Engine {
 
     /// A job that finished (its inputs were bounded) or failed is not started again after
     /// a restart: its catalog entry and checkpoints go; SHOW JOBS lists it until then.
-    fn forget_when_done(&self, job: Arc<RunningJob>) {
+    pub(super) fn forget_when_done(&self, job: Arc<RunningJob>) {
         let catalog = self.catalog.clone();
         tokio::spawn(async move {
             if job.finished().await == JobState::Stopped {
@@ -908,4 +929,21 @@ fn sources_of(plan: &LogicalPlan) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// The newest checkpoint under `checkpoints`, restored into `graph`: its sources keep the
+/// parallelism they were checkpointed at, everything else is redistributed to the graph's.
+async fn restore_into(
+    checkpoints: &Checkpoints,
+    graph: &mut StreamGraph,
+    committer: &Committer,
+) -> datafusion::common::Result<Option<crate::stream::checkpoint::Restored>> {
+    let stored = checkpoints.clone();
+    let latest = tokio::task::spawn_blocking(move || stored.latest())
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))??;
+    if let Some(meta) = latest {
+        checkpoint::rescale::keep_source_parallelism(graph, &meta.parallelism);
+    }
+    recover(checkpoints, graph, committer).await
 }

@@ -31,6 +31,17 @@ pub fn subtask_of_key_group(key_group: usize, parallelism: usize) -> usize {
 
 const HASH_STATE: RandomState = RandomState::with_seed(0x5745_4952);
 
+/// The key group of each row of `keys` (a batch's key columns); `hashes` is scratch space.
+pub fn key_group_of<'a>(
+    keys: &[datafusion::arrow::array::ArrayRef],
+    hashes: &'a mut Vec<u64>,
+) -> Result<impl Iterator<Item = usize> + 'a> {
+    hashes.clear();
+    hashes.resize(keys.first().map_or(0, |k| k.len()), 0);
+    create_hashes(keys, &HASH_STATE, hashes)?;
+    Ok(hashes.iter().map(|h| (*h % KEY_GROUPS as u64) as usize))
+}
+
 pub enum Partitioner {
     /// One receiver.
     Single,
@@ -75,12 +86,8 @@ impl Outlet {
                     .iter()
                     .map(|k| k.evaluate(&batch.rows)?.into_array(rows))
                     .collect::<Result<Vec<_>>>()?;
-                self.hashes.clear();
-                self.hashes.resize(rows, 0);
-                create_hashes(&columns, &HASH_STATE, &mut self.hashes)?;
                 let mut indices: Vec<Vec<u32>> = vec![Vec::new(); parallelism];
-                for (row, hash) in self.hashes.iter().enumerate() {
-                    let group = (*hash % KEY_GROUPS as u64) as usize;
+                for (row, group) in key_group_of(&columns, &mut self.hashes)?.enumerate() {
                     indices[subtask_of_key_group(group, parallelism)].push(row as u32);
                 }
                 for (to, rows) in indices.into_iter().enumerate() {

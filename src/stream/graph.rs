@@ -168,4 +168,28 @@ impl StreamGraph {
                 .map(|input| (n, input))
         })
     }
+
+    /// Chains of nodes run in one task: a node joins its input's chain when the edge
+    /// between them is a forward edge. Tasks start chain by chain, subtask by subtask.
+    pub fn chains(&self) -> Vec<Vec<usize>> {
+        let mut chain_of = vec![usize::MAX; self.nodes.len()];
+        let mut chains: Vec<Vec<usize>> = Vec::new();
+        for (id, node) in self.nodes.iter().enumerate() {
+            let joins = match node.inputs.as_slice() {
+                [edge] if matches!(edge.exchange, Exchange::Forward) => Some(chain_of[edge.from]),
+                _ => None,
+            };
+            match joins {
+                Some(c) => {
+                    chains[c].push(id);
+                    chain_of[id] = c;
+                }
+                None => {
+                    chain_of[id] = chains.len();
+                    chains.push(vec![id]);
+                }
+            }
+        }
+        chains
+    }
 }

@@ -120,30 +120,10 @@ pub struct RunningJob {
     /// It reads materialized views, so what it sees at a barrier depends on what other
     /// jobs published before it.
     pub reads_views: bool,
-}
-
-/// Chains of nodes run in one task: a node joins its input's chain when the edge between
-/// them is a forward edge.
-fn chains(graph: &StreamGraph) -> Vec<Vec<usize>> {
-    let mut chain_of = vec![usize::MAX; graph.nodes.len()];
-    let mut chains: Vec<Vec<usize>> = Vec::new();
-    for (id, node) in graph.nodes.iter().enumerate() {
-        let joins = match node.inputs.as_slice() {
-            [edge] if matches!(edge.exchange, Exchange::Forward) => Some(chain_of[edge.from]),
-            _ => None,
-        };
-        match joins {
-            Some(c) => {
-                chains[c].push(id);
-                chain_of[id] = c;
-            }
-            None => {
-                chain_of[id] = chains.len();
-                chains.push(vec![id]);
-            }
-        }
-    }
-    chains
+    /// Its graph's shape and each node's parallelism, which a rescale must keep and
+    /// changes.
+    pub fingerprint: String,
+    pub parallelism: Vec<usize>,
 }
 
 /// What a task runs after its input: operators, then an outlet or a sink.
@@ -351,6 +331,8 @@ impl RunningJob {
         });
         let restored_epoch = options.restore.as_ref().map_or(0, |r| r.epoch);
         let (committed_tx, committed) = watch::channel(restored_epoch);
+        let fingerprint = super::checkpoint::fingerprint(&graph);
+        let parallelism = super::checkpoint::rescale::parallelism(&graph);
         let plan = Arc::new(Plan {
             id: id.clone(),
             graph,
@@ -384,6 +366,8 @@ impl RunningJob {
             stop,
             abort: Mutex::new(Some(supervisor.abort_handle())),
             reads_views,
+            fingerprint,
+            parallelism,
         }))
     }
 
@@ -479,7 +463,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
     let id = &plan.id;
     let metrics = &plan.metrics;
     metrics.reset_tasks();
-    let chains = chains(graph);
+    let chains = graph.chains();
     let chain_of = |node: usize| {
         chains
             .iter()
@@ -515,16 +499,9 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         let tail = &graph.nodes[tail_id];
         // Channel layout at the head: one channel per (input edge, upstream subtask),
         // or one per input edge when it is a forward edge.
-        let mut channel_inputs = Vec::new();
-        for (input, edge) in head.inputs.iter().enumerate() {
-            let upstream = graph.nodes[edge.from].parallelism;
-            let count = if matches!(edge.exchange, Exchange::Forward) {
-                1
-            } else {
-                upstream
-            };
-            channel_inputs.extend(std::iter::repeat_n(input, count));
-        }
+        let channel_inputs = super::checkpoint::rescale::channel_inputs(graph, chain[0], |n| {
+            graph.nodes[n].parallelism
+        });
         for subtask in 0..head.parallelism {
             let task = operator_names.len();
             let figures = metrics.task();
@@ -768,12 +745,9 @@ async fn relaunch(plan: &Plan) -> Result<Launched> {
         Committer::View(state) => (Committer::Direct, Some(state)),
         other => (other, None),
     };
-    let restore = super::checkpoint::coordinator::recover(
-        &durable.checkpoints,
-        &durable.fingerprint,
-        &committer,
-    )
-    .await?;
+    let restore =
+        super::checkpoint::coordinator::recover(&durable.checkpoints, &plan.graph, &committer)
+            .await?;
     let published = plan.published.load(Ordering::SeqCst);
     if let (Some(state), Some(restored)) = (view, &restore) {
         if restored.epoch > published {

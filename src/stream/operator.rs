@@ -1,8 +1,9 @@
 //! The operator contract: synchronous handlers over whole batches. Tasks do the I/O
 //! (channels, readers, sinks) around a chain of operators.
 
+use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::Result;
+use datafusion::common::{DataFusionError, Result};
 
 use super::message::{ChangeBatch, Millis};
 
@@ -55,7 +56,20 @@ pub trait Operator: Send {
     }
 
     /// Puts back what [`Operator::snapshot`] took, into a fresh operator of the same plan.
+    /// When a job is rescaled, a subtask restores the rows of several old subtasks' batches
+    /// (each filtered to the keys it now owns), so restoring is additive.
     fn restore(&mut self, _state: Vec<RecordBatch>) -> Result<()> {
         Ok(())
+    }
+
+    /// The key of each row of one of its state batches (other than `progress`), as the
+    /// exchange in front of the operator hashes its input rows: a rescaled job's subtasks
+    /// each restore the rows whose keys they now own. `None`: the batch is not keyed and
+    /// every subtask restores it.
+    fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let _ = batch;
+        Err(DataFusionError::NotImplemented(
+            "this operator's state cannot move between subtasks".into(),
+        ))
     }
 }

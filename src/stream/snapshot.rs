@@ -58,6 +58,11 @@ pub fn parts(batch: &RecordBatch, heads: usize) -> Result<(String, Vec<i64>, Vec
     Ok((kind, head, batch.columns()[heads..].to_vec()))
 }
 
+/// What `batch` holds.
+pub fn kind(batch: &RecordBatch) -> Result<String> {
+    parts(batch, 0).map(|(kind, ..)| kind)
+}
+
 /// An operator's watermark and late-row count.
 pub fn progress(watermark: i64, late: u64) -> Result<RecordBatch> {
     batch("progress", &[watermark, late as i64], vec![])

@@ -16,6 +16,7 @@ use weir_catalog::{Catalog, TableDef};
 
 use super::store::{CheckpointMeta, Checkpoints};
 use super::{Precommit, Restored, TaskSnapshot};
+use crate::stream::graph::StreamGraph;
 use crate::stream::message::{ChangeBatch, Epoch, Millis, END_OF_TIME};
 use crate::stream::mv::MvState;
 
@@ -110,6 +111,8 @@ impl std::error::Error for CheckpointFailed {}
 pub struct Durable {
     pub checkpoints: Checkpoints,
     pub fingerprint: String,
+    /// Each node's parallelism, recorded with every checkpoint.
+    pub parallelism: Vec<usize>,
 }
 
 pub struct Coordinator {
@@ -230,6 +233,7 @@ impl Coordinator {
                     epoch,
                     tasks: self.tasks,
                     fingerprint: durable.fingerprint.clone(),
+                    parallelism: durable.parallelism.clone(),
                     started_ms: p.started_ms,
                     bytes: 0,
                     savepoint: None,
@@ -469,11 +473,12 @@ pub async fn redo(
     }
 }
 
-/// The newest committed checkpoint of a job, with its commit redone; `None` when it has
-/// none. A checkpoint taken from another plan is refused.
+/// The newest committed checkpoint of a job, with its commit redone and its snapshots
+/// arranged for `graph`'s tasks (redistributed when it was taken at another parallelism);
+/// `None` when it has none. A checkpoint taken from another plan is refused.
 pub async fn recover(
     checkpoints: &Checkpoints,
-    fingerprint: &str,
+    graph: &StreamGraph,
     committer: &Committer,
 ) -> Result<Option<Restored>> {
     let stored = checkpoints.clone();
@@ -489,6 +494,7 @@ pub async fn recover(
     let Some((meta, tasks)) = latest else {
         return Ok(None);
     };
+    let fingerprint = super::fingerprint(graph);
     if meta.fingerprint != fingerprint {
         return Err(DataFusionError::Plan(format!(
             "checkpoint {} was taken from a different plan of this query (was:\n{}\nnow:\n{})",
@@ -496,6 +502,12 @@ pub async fn recover(
         )));
     }
     redo(committer, checkpoints, meta.epoch, &tasks).await?;
+    let now = super::rescale::parallelism(graph);
+    let tasks = if meta.parallelism.is_empty() || meta.parallelism == now {
+        tasks
+    } else {
+        super::rescale::redistribute(graph, &meta.parallelism, tasks)?
+    };
     Ok(Some(Restored {
         epoch: meta.epoch,
         tasks,

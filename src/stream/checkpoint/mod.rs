@@ -4,6 +4,7 @@
 
 pub mod coordinator;
 mod frame;
+pub mod rescale;
 pub mod store;
 
 use std::path::PathBuf;
@@ -15,8 +16,9 @@ use super::graph::{NodeKind, SourceKind, StreamGraph};
 use super::message::{ChangeBatch, Epoch, Millis};
 use frame::{FrameReader, FrameWriter};
 
-/// What a graph's checkpoints fit: its nodes, what each does, their parallelism and
-/// columns. A checkpoint is only restored into a graph with the same fingerprint.
+/// What a graph's checkpoints fit: its nodes, what each does, how they are connected and
+/// their columns. A checkpoint is only restored into a graph with the same fingerprint;
+/// parallelism is not part of it (a checkpoint is redistributed to another one).
 pub fn fingerprint(graph: &StreamGraph) -> String {
     graph
         .nodes
@@ -28,11 +30,16 @@ pub fn fingerprint(graph: &StreamGraph) -> String {
                 .iter()
                 .map(|f| format!("{} {}", f.name(), f.data_type()))
                 .collect();
+            let inputs: Vec<String> = n
+                .inputs
+                .iter()
+                .map(|e| format!("{} {}", e.from, e.exchange.describe()))
+                .collect();
             format!(
-                "{} [{}] x{} ({})",
+                "{} [{}] <- [{}] ({})",
                 n.name,
                 n.detail,
-                n.parallelism,
+                inputs.join(", "),
                 columns.join(", ")
             )
         })

@@ -27,6 +27,9 @@ pub struct CheckpointMeta {
     pub tasks: usize,
     /// The graph the snapshots belong to: restoring into another one is refused.
     pub fingerprint: String,
+    /// Each node's parallelism: restoring at another one redistributes the snapshots.
+    #[serde(default)]
+    pub parallelism: Vec<usize>,
     /// When the checkpoint's first barrier was acknowledged (ms since the Unix epoch).
     pub started_ms: i64,
     pub bytes: u64,
@@ -380,6 +383,7 @@ mod tests {
             epoch,
             tasks: 2,
             fingerprint: "g".into(),
+            parallelism: vec![1],
             started_ms: 0,
             bytes: 0,
             savepoint: None,

@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::UInt32Array;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{ArrayRef, UInt32Array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DFSchemaRef, Result};
 use datafusion::datasource::{provider_as_source, MemTable};
@@ -319,6 +320,38 @@ impl Operator for Fragment {
             }
         }
         Ok(out)
+    }
+
+    /// Fragments are keyed by window: every state batch names its window in its header.
+    fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let Some(windows) = &self.windows else {
+            return Ok(None);
+        };
+        let input = if snapshot::kind(batch)? == "rows" {
+            snapshot::parts(batch, 3)?.1[2] as usize
+        } else {
+            0
+        };
+        let (start, end) = windows[input];
+        let fields = self.inputs[input].fields();
+        let as_column = |at: usize, column: usize| -> Result<ArrayRef> {
+            let millis = cast(
+                batch.column(at),
+                &DataType::Timestamp(TimeUnit::Millisecond, None),
+            )?;
+            let ty = match fields[column].data_type() {
+                DataType::Timestamp(unit, tz) => {
+                    let tagged = cast(
+                        &millis,
+                        &DataType::Timestamp(TimeUnit::Millisecond, tz.clone()),
+                    )?;
+                    return Ok(cast(&tagged, &DataType::Timestamp(*unit, tz.clone()))?);
+                }
+                other => other.clone(),
+            };
+            Ok(cast(batch.column(at), &ty)?)
+        };
+        Ok(Some(vec![as_column(0, start)?, as_column(1, end)?]))
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {

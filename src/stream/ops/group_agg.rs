@@ -150,6 +150,15 @@ impl GroupAggregate {
         }
     }
 
+    /// Group keys from their row-encoded bytes.
+    fn decode_keys(&self, encoded: &ArrayRef) -> Result<Vec<ArrayRef>> {
+        let keys = downcast::<BinaryArray>(encoded)?;
+        let parser = self.key_converter.parser();
+        Ok(self
+            .key_converter
+            .convert_rows((0..keys.len()).map(|i| parser.parse(keys.value(i))))?)
+    }
+
     /// Interns `keys` (key columns), registering new groups.
     fn intern(&mut self, keys: &[ArrayRef]) -> Result<()> {
         let before = self.groups.len();
@@ -627,17 +636,18 @@ impl Operator for GroupAggregate {
                     .iter()
                     .enumerate()
                     .flat_map(|(g, set)| set.iter().map(move |(r, c)| (g as u32, r, *c)));
-                let (mut groups, mut bytes, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut keys, mut bytes, mut counts) = (Vec::new(), Vec::new(), Vec::new());
                 for (g, row, count) in entries {
-                    groups.push(g);
+                    keys.push(self.keys.row(g as usize).as_ref().to_vec());
                     bytes.push(row.as_ref().to_vec());
                     counts.push(count);
                 }
+                // Each argument row names its group by key, so it can move with it.
                 arguments = Some(snapshot::batch(
                     "arguments",
                     &[],
                     vec![
-                        Arc::new(UInt32Array::from(groups)),
+                        Arc::new(BinaryArray::from_iter_values(keys)),
                         Arc::new(BinaryArray::from_iter_values(bytes)),
                         Arc::new(Int64Array::from(counts)),
                     ],
@@ -651,10 +661,10 @@ impl Operator for GroupAggregate {
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         for batch in state {
-            let (kind, _, _) = snapshot::parts(&batch, 0)?;
-            if kind == "arguments" {
+            if snapshot::kind(&batch)? == "arguments" {
                 let (_, _, columns) = snapshot::parts(&batch, 0)?;
-                let groups = downcast::<UInt32Array>(&columns[0])?;
+                let key_columns = self.decode_keys(&columns[0])?;
+                self.intern(&key_columns)?;
                 let bytes = downcast::<BinaryArray>(&columns[1])?;
                 let counts = downcast::<Int64Array>(&columns[2])?;
                 let Values::Multisets {
@@ -666,51 +676,58 @@ impl Operator for GroupAggregate {
                     ));
                 };
                 let parser = converter.parser();
-                for i in 0..batch.num_rows() {
-                    rows[groups.value(i) as usize]
-                        .insert(parser.parse(bytes.value(i)).owned(), counts.value(i));
+                for (i, &g) in self.indices.iter().enumerate() {
+                    rows[g].insert(parser.parse(bytes.value(i)).owned(), counts.value(i));
                 }
                 continue;
             }
             let (_, head, columns) = snapshot::parts(&batch, 1)?;
-            self.started = head[0] != 0;
-            let n = batch.num_rows();
-            let keys = downcast::<BinaryArray>(&columns[0])?;
-            let parser = self.key_converter.parser();
-            let key_columns = self
-                .key_converter
-                .convert_rows((0..n).map(|i| parser.parse(keys.value(i))))?;
+            self.started |= head[0] != 0;
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let key_columns = self.decode_keys(&columns[0])?;
             self.intern(&key_columns)?;
+            // Restoring adds groups: a rescaled subtask gets several old subtasks' groups.
+            let groups = self.indices.clone();
+            let total = self.groups.len();
             let emitted = downcast::<BinaryArray>(&columns[1])?;
             let counts = downcast::<Int64Array>(&columns[2])?;
             let changed = downcast::<BooleanArray>(&columns[3])?;
-            for g in 0..n {
-                self.emitted[g] = (!emitted.is_null(g)).then(|| Box::from(emitted.value(g)));
-                self.counts[g] = counts.value(g);
-                if changed.value(g) {
+            for (i, &g) in groups.iter().enumerate() {
+                self.emitted[g] = (!emitted.is_null(i)).then(|| Box::from(emitted.value(i)));
+                self.counts[g] = counts.value(i);
+                if changed.value(i) {
                     self.mark(g, Instant::now());
                 }
             }
+            let mut at = 4;
             match &mut self.values {
-                Values::Accumulators(_) if n == 0 => {}
                 Values::Accumulators(accumulators) => {
-                    let all: Vec<usize> = (0..n).collect();
-                    let mut at = 4;
                     for (i, acc) in accumulators.iter_mut().enumerate() {
                         let width = self.calls.aggregates[i].state_fields()?.len();
-                        acc.merge_batch(&columns[at..at + width], &all, n)?;
+                        acc.merge_batch(&columns[at..at + width], &groups, total)?;
                         at += width;
                     }
                 }
                 Values::Multisets { signed, .. } => {
-                    let mut at = 4;
                     for s in signed.iter_mut().flatten() {
-                        at += s.restore(&columns[at..], n)?;
+                        at += s.restore(&columns[at..], &groups, total)?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let (_, _, columns) = snapshot::parts(batch, 0)?;
+        let at = if snapshot::kind(batch)? == "groups" {
+            1
+        } else {
+            0
+        };
+        self.decode_keys(&columns[at]).map(Some)
     }
 
     fn state_size(&self) -> usize {

@@ -760,6 +760,20 @@ impl Operator for StreamJoin {
         Ok(batches)
     }
 
+    fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let kind = snapshot::kind(batch)?;
+        let Some(s) = SIDE_KINDS.iter().position(|k| *k == kind) else {
+            return Ok(None);
+        };
+        let width = self.spec.inputs[s].fields().len();
+        let rows = crate::stream::batch_of(
+            self.spec.inputs[s].clone(),
+            batch.columns()[..width].to_vec(),
+            batch.num_rows(),
+        )?;
+        self.key_columns(s, &rows).map(Some)
+    }
+
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         for batch in state {
             let (kind, _, _) = snapshot::parts(&batch, 0)?;

@@ -395,6 +395,17 @@ impl Operator for SessionAggregate {
         Ok(out)
     }
 
+    fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let kind = snapshot::kind(batch)?;
+        Ok(Some(if kind == "emitted" {
+            let (_, _, columns) = snapshot::parts(batch, 0)?;
+            super::window_agg::output_keys(&self.output, &columns)
+        } else {
+            let (_, _, columns) = snapshot::parts(batch, 2)?;
+            columns[..self.calls.key_schema.fields().len()].to_vec()
+        }))
+    }
+
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         let mut last = None;
         for batch in state {

@@ -281,6 +281,18 @@ impl Operator for TopN {
         ])
     }
 
+    fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let (_, _, columns) = snapshot::parts(batch, 0)?;
+        let keys = columns[0]
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| DataFusionError::Internal("a TopN state column".into()))?;
+        let parser = self.partition_converter.parser();
+        Ok(Some(self.partition_converter.convert_rows(
+            (0..batch.num_rows()).map(|i| parser.parse(keys.value(i))),
+        )?))
+    }
+
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         let now = Instant::now();
         for batch in state {

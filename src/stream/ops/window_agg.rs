@@ -20,6 +20,20 @@ use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Slicing, Span};
 
+/// The group key columns of output rows, in key order.
+pub fn output_keys(output: &[OutputColumn], columns: &[ArrayRef]) -> Vec<ArrayRef> {
+    let mut keys: Vec<(usize, ArrayRef)> = output
+        .iter()
+        .zip(columns)
+        .filter_map(|(o, c)| match o {
+            OutputColumn::Key(k) => Some((*k, c.clone())),
+            _ => None,
+        })
+        .collect();
+    keys.sort_by_key(|(k, _)| *k);
+    keys.into_iter().map(|(_, c)| c).collect()
+}
+
 /// Where each output column comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputColumn {
@@ -316,6 +330,14 @@ impl Operator for WindowAggregate {
         Ok(out)
     }
 
+    fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let (kind, _, columns) = snapshot::parts(batch, 2)?;
+        Ok(Some(match kind.as_str() {
+            "slice" => columns[..self.calls.key_schema.fields().len()].to_vec(),
+            _ => output_keys(&self.output, &columns),
+        }))
+    }
+
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         for batch in state {
             let (kind, head, columns) = snapshot::parts(&batch, 2)?;
@@ -332,7 +354,14 @@ impl Operator for WindowAggregate {
                         .push(partial);
                 }
                 "emitted" => {
-                    let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
+                    let mut rows = RecordBatch::try_new(self.schema.clone(), columns)?;
+                    // A rescaled subtask gets a window's rows from several old subtasks.
+                    if let Some(earlier) = self.emitted.remove(&(head[0], head[1])) {
+                        rows = datafusion::arrow::compute::concat_batches(
+                            &self.schema,
+                            [&earlier, &rows],
+                        )?;
+                    }
                     self.emitted.insert((head[0], head[1]), rows);
                 }
                 other => {

@@ -158,12 +158,17 @@ impl Signed {
     }
 
     /// Takes back what [`Signed::state`] gave from `columns`; returns how many it used.
-    pub fn restore(&mut self, columns: &[ArrayRef], n: usize) -> Result<usize> {
-        let all: Vec<usize> = (0..n).collect();
+    /// Merges stored partial states of `groups` (out of `total`); returns the columns read.
+    pub fn restore(
+        &mut self,
+        columns: &[ArrayRef],
+        groups: &[usize],
+        total: usize,
+    ) -> Result<usize> {
         let mut at = 0;
         for (acc, expr) in self.accumulators.iter_mut().zip(&self.exprs) {
             let width = expr.state_fields()?.len();
-            acc.merge_batch(&columns[at..at + width], &all, n)?;
+            acc.merge_batch(&columns[at..at + width], groups, total)?;
             at += width;
         }
         Ok(at)

@@ -130,6 +130,19 @@ pub struct RunningJob {
 struct Chain {
     operators: Vec<Box<dyn Operator>>,
     figures: Arc<TaskFigures>,
+    /// Per operator: what its snapshots have cost since its last whole one.
+    snapshots: Vec<SnapshotCost>,
+}
+
+/// Bytes of an operator's last whole snapshot and of the incremental ones since.
+#[derive(Default, Clone, Copy)]
+struct SnapshotCost {
+    whole: Option<usize>,
+    changes: usize,
+}
+
+fn batch_bytes(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> usize {
+    batches.iter().map(|b| b.get_array_memory_size()).sum()
 }
 
 impl Chain {
@@ -184,9 +197,43 @@ impl Chain {
         Ok(out)
     }
 
-    /// Every operator's state, in chain order.
-    fn snapshot(&mut self) -> Result<Vec<Vec<datafusion::arrow::record_batch::RecordBatch>>> {
-        self.operators.iter_mut().map(|o| o.snapshot()).collect()
+    /// Every operator's state, in chain order, and whether each is only what changed
+    /// since its previous snapshot. An operator that can tell its changes gives them until
+    /// they add up to more than its last whole snapshot (so a restore reads at most about
+    /// twice its state), then a whole one again; `whole` asks every operator for its whole
+    /// state (a task's last snapshot, counted for every later epoch).
+    #[allow(clippy::type_complexity)]
+    fn snapshot(
+        &mut self,
+        whole: bool,
+    ) -> Result<(
+        Vec<Vec<datafusion::arrow::record_batch::RecordBatch>>,
+        Vec<bool>,
+    )> {
+        self.snapshots
+            .resize(self.operators.len(), SnapshotCost::default());
+        let mut states = Vec::with_capacity(self.operators.len());
+        let mut changes = Vec::with_capacity(self.operators.len());
+        for (op, cost) in self.operators.iter_mut().zip(&mut self.snapshots) {
+            let due = whole || cost.whole.is_none_or(|w| cost.changes > w);
+            match if due { None } else { op.snapshot_changes()? } {
+                Some(batches) => {
+                    cost.changes += batch_bytes(&batches);
+                    states.push(batches);
+                    changes.push(true);
+                }
+                None => {
+                    let batches = op.snapshot()?;
+                    *cost = SnapshotCost {
+                        whole: Some(batch_bytes(&batches)),
+                        changes: 0,
+                    };
+                    states.push(batches);
+                    changes.push(false);
+                }
+            }
+        }
+        Ok((states, changes))
     }
 
     fn report(&self) {
@@ -212,20 +259,23 @@ struct TaskEnd {
 
 impl TaskEnd {
     /// What the task holds now; operators snapshot only when the job keeps checkpoints.
+    /// `last`: the task ended, and this snapshot stands for every later epoch.
     fn snapshot(
         &self,
         chain: &mut Chain,
+        last: bool,
         inputs: Vec<Millis>,
         source: Option<SourcePosition>,
         sink: Option<Precommit>,
     ) -> Result<TaskSnapshot> {
-        let operators = if self.durable {
-            chain.snapshot()?
+        let (operators, changes) = if self.durable {
+            chain.snapshot(last)?
         } else {
-            vec![]
+            (vec![], vec![])
         };
         Ok(TaskSnapshot {
             operators,
+            changes,
             inputs,
             source,
             sink,
@@ -530,7 +580,11 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                     op.restore(state)?;
                 }
             }
-            let chain_ops = Chain { operators, figures };
+            let chain_ops = Chain {
+                operators,
+                figures,
+                snapshots: Vec::new(),
+            };
             let output = match &tail.kind {
                 NodeKind::Sink(kind) => Output::Sink(Sink::open(kind, subtask, id)?),
                 _ => {
@@ -791,7 +845,8 @@ async fn run_task(
                 let out = chain.barrier()?;
                 output.rows(out, &end).await?;
                 let sink = output.barrier(epoch, inlet.watermark()).await?;
-                let snapshot = end.snapshot(&mut chain, inlet.channel_watermarks(), None, sink)?;
+                let snapshot =
+                    end.snapshot(&mut chain, false, inlet.channel_watermarks(), None, sink)?;
                 end.ack(Ack::Barrier {
                     epoch,
                     task: end.task,
@@ -806,7 +861,8 @@ async fn run_task(
                 output.rows(out, &end).await?;
                 chain.report();
                 let sink = output.end().await?;
-                let snapshot = end.snapshot(&mut chain, inlet.channel_watermarks(), None, sink)?;
+                let snapshot =
+                    end.snapshot(&mut chain, true, inlet.channel_watermarks(), None, sink)?;
                 end.ack(Ack::Ended {
                     task: end.task,
                     snapshot,
@@ -853,7 +909,7 @@ async fn run_source(
                 output.rows(out, &end).await?;
                 let sink = output.barrier(epoch, rows.watermark).await?;
                 let position = source_position(&reader, &rows)?;
-                let snapshot = end.snapshot(&mut chain, vec![], Some(position), sink)?;
+                let snapshot = end.snapshot(&mut chain, false, vec![], Some(position), sink)?;
                 end.ack(Ack::Barrier {
                     epoch,
                     task: end.task,
@@ -943,7 +999,8 @@ async fn source_ended(
     end: &TaskEnd,
 ) -> Result<()> {
     let sink = output.end().await?;
-    let snapshot = end.snapshot(chain, vec![], Some(source_position(reader, rows)?), sink)?;
+    let position = source_position(reader, rows)?;
+    let snapshot = end.snapshot(chain, true, vec![], Some(position), sink)?;
     end.ack(Ack::Ended {
         task: end.task,
         snapshot,

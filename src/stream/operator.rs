@@ -55,6 +55,13 @@ pub trait Operator: Send {
         Ok(vec![])
     }
 
+    /// What changed in its state since its previous snapshot (whole or not), for an
+    /// incremental checkpoint; `None` when it only takes whole snapshots. Restoring gets
+    /// the last whole snapshot's batches followed by every later one's, in order.
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
+        Ok(None)
+    }
+
     /// Puts back what [`Operator::snapshot`] took, into a fresh operator of the same plan.
     /// When a job is rescaled, a subtask restores the rows of several old subtasks' batches
     /// (each filtered to the keys it now owns), so restoring is additive.

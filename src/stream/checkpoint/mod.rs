@@ -107,6 +107,9 @@ impl Precommit {
 pub struct TaskSnapshot {
     /// Per operator of the task's chain, in chain order.
     pub operators: Vec<Vec<RecordBatch>>,
+    /// Per operator: whether its batches are only what changed since this task's
+    /// snapshot of the previous epoch (an incremental snapshot), else its whole state.
+    pub changes: Vec<bool>,
     /// The watermark of each input channel, so rows after a restore meet the watermarks
     /// they would have met without the interruption.
     pub inputs: Vec<Millis>,
@@ -114,12 +117,16 @@ pub struct TaskSnapshot {
     pub sink: Option<Precommit>,
 }
 
-const FORMAT: u64 = 1;
+const FORMAT: u64 = 2;
 
 impl TaskSnapshot {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut w = FrameWriter::default();
         w.u64(FORMAT);
+        w.u64(self.changes.len() as u64);
+        for c in &self.changes {
+            w.u64(*c as u64);
+        }
         w.u64(self.operators.len() as u64);
         for batches in &self.operators {
             w.u64(batches.len() as u64);
@@ -166,13 +173,29 @@ impl TaskSnapshot {
         Ok(w.bytes)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = FrameReader::new(bytes);
+    /// Which operators' entries in encoded `bytes` are incremental, read without
+    /// decoding the state.
+    pub fn changes_of(bytes: &[u8]) -> Result<Vec<bool>> {
+        Self::read_changes(&mut FrameReader::new(bytes))
+    }
+
+    fn read_changes(r: &mut FrameReader) -> Result<Vec<bool>> {
         if r.u64()? != FORMAT {
             return Err(DataFusionError::Internal(
                 "a stored checkpoint has a format this version does not read".into(),
             ));
         }
+        (0..r.u64()?).map(|_| Ok(r.u64()? != 0)).collect()
+    }
+
+    /// Whether operator `k`'s entry holds only its changes.
+    pub fn is_changes(&self, k: usize) -> bool {
+        self.changes.get(k) == Some(&true)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = FrameReader::new(bytes);
+        let changes = Self::read_changes(&mut r)?;
         let mut operators = Vec::new();
         for _ in 0..r.u64()? {
             let mut batches = Vec::new();
@@ -216,6 +239,7 @@ impl TaskSnapshot {
         };
         Ok(Self {
             operators,
+            changes,
             inputs,
             source,
             sink,
@@ -276,6 +300,7 @@ mod tests {
                 vec![],
                 vec![state.clone(), snapshot::progress(5, 1).unwrap()],
             ],
+            changes: vec![false, true],
             inputs: vec![i64::MIN, 3],
             source: Some(SourcePosition {
                 position: vec![1, 2, 3],
@@ -289,6 +314,11 @@ mod tests {
         };
         let back = TaskSnapshot::decode(&task.encode().unwrap()).unwrap();
         assert_eq!(back.operators[0].len(), 0);
+        assert_eq!(back.changes, vec![false, true]);
+        assert_eq!(
+            TaskSnapshot::changes_of(&task.encode().unwrap()).unwrap(),
+            vec![false, true]
+        );
         assert_eq!(back.inputs, vec![i64::MIN, 3]);
         assert_eq!(back.operators[1][0], state);
         let (kind, head, _) = snapshot::parts(&back.operators[1][0], 2).unwrap();

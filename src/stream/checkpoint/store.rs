@@ -8,6 +8,7 @@
 //! must come back whole while old epochs are pruned. `s` is the log sink's marker of the
 //! last epoch it appended.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
@@ -134,28 +135,80 @@ impl Checkpoints {
     }
 
     /// The task snapshots of a committed epoch, in task order.
+    /// The task snapshots of `meta`'s epoch with each operator's state whole: an
+    /// incremental entry comes after the entries of earlier epochs, back to that
+    /// operator's last whole snapshot, and its restore applies them in order.
     pub fn load(&self, meta: &CheckpointMeta) -> Result<Vec<TaskSnapshot>> {
+        let earlier: Vec<Epoch> = self
+            .metas()?
+            .iter()
+            .map(|m| m.epoch)
+            .filter(|e| *e < meta.epoch)
+            .rev()
+            .collect();
         (0..meta.tasks)
             .map(|t| {
-                let bytes = self
-                    .store
-                    .get(&self.key(b't', &[meta.epoch, t as u64]))
-                    .map_err(store_error)?
-                    .ok_or_else(|| {
-                        DataFusionError::Internal(format!(
-                            "checkpoint {} lacks task {t}",
+                let mut task = TaskSnapshot::decode(&self.task_entry(meta.epoch, t)?)?;
+                let mut open: Vec<usize> = (0..task.operators.len())
+                    .filter(|&k| task.is_changes(k))
+                    .collect();
+                let mut epochs = earlier.iter();
+                while !open.is_empty() {
+                    let Some(&epoch) = epochs.next() else {
+                        return Err(DataFusionError::Internal(format!(
+                            "checkpoint {} builds on epochs that are gone",
                             meta.epoch
-                        ))
-                    })?;
-                TaskSnapshot::decode(&bytes)
+                        )));
+                    };
+                    let before = TaskSnapshot::decode(&self.task_entry(epoch, t)?)?;
+                    for &k in &open {
+                        let mut layers = before.operators.get(k).cloned().unwrap_or_default();
+                        layers.append(&mut task.operators[k]);
+                        task.operators[k] = layers;
+                    }
+                    open.retain(|&k| before.is_changes(k));
+                }
+                task.changes.clear();
+                Ok(task)
             })
             .collect()
     }
 
-    /// Removes all but the newest `keep` epochs, except savepoints.
+    fn task_entry(&self, epoch: Epoch, task: usize) -> Result<Vec<u8>> {
+        self.store
+            .get(&self.key(b't', &[epoch, task as u64]))
+            .map_err(store_error)?
+            .map(|v| v.to_vec())
+            .ok_or_else(|| {
+                DataFusionError::Internal(format!("checkpoint {epoch} lacks task {task}"))
+            })
+    }
+
+    /// Removes all but the newest `keep` epochs (and the epochs their incremental entries
+    /// build on), except savepoints.
     pub fn prune(&self, keep: usize) -> Result<()> {
         let metas = self.metas()?;
-        let old = metas.len().saturating_sub(keep);
+        let mut old = metas.len().saturating_sub(keep);
+        // Epochs that incremental entries of the oldest kept one still build on stay.
+        if let Some(first) = metas.get(old) {
+            let mut open: Vec<(usize, usize)> = Vec::new();
+            for t in 0..first.tasks {
+                let changes = TaskSnapshot::changes_of(&self.task_entry(first.epoch, t)?)?;
+                open.extend((0..changes.len()).filter(|&k| changes[k]).map(|k| (t, k)));
+            }
+            while !open.is_empty() && old > 0 {
+                old -= 1;
+                let mut flags: HashMap<usize, Vec<bool>> = HashMap::new();
+                for &(t, _) in &open {
+                    if let std::collections::hash_map::Entry::Vacant(e) = flags.entry(t) {
+                        e.insert(TaskSnapshot::changes_of(
+                            &self.task_entry(metas[old].epoch, t)?,
+                        )?);
+                    }
+                }
+                open.retain(|(t, k)| flags[t].get(*k) == Some(&true));
+            }
+        }
         let mut batch = WriteBatch::default();
         for meta in metas.iter().take(old).filter(|m| m.savepoint.is_none()) {
             batch.delete(self.key(b'm', &[meta.epoch]));
@@ -253,7 +306,6 @@ impl Checkpoints {
         for (key, value) in self.store.scan_prefix(&self.prefix).map_err(store_error)? {
             let rest = &key[self.prefix.len()..];
             let keep = match rest.first() {
-                Some(b't') => rest.get(1..9) == Some(&meta.epoch.to_be_bytes()[..]),
                 Some(b'v') => epoch_of(&key) <= meta.epoch,
                 Some(b'b' | b's') => true,
                 _ => false,
@@ -261,6 +313,10 @@ impl Checkpoints {
             if keep {
                 batch.put([target.prefix.as_slice(), rest].concat(), value);
             }
+        }
+        // Whole snapshots: the copy does not build on epochs it does not have.
+        for (t, task) in self.load(&meta)?.iter().enumerate() {
+            batch.put(target.key(b't', &[meta.epoch, t as u64]), task.encode()?);
         }
         let meta = CheckpointMeta {
             savepoint: savepoint.map(str::to_string),
@@ -412,6 +468,63 @@ mod tests {
         a.remove().unwrap();
         assert!(a.latest().unwrap().is_none());
         assert_eq!(other.latest().unwrap().unwrap().epoch, 9);
+    }
+
+    /// A task whose one operator holds `v`, whole or as changes.
+    fn layer(v: i64, changes: bool) -> Vec<u8> {
+        TaskSnapshot {
+            operators: vec![vec![rows(&[v])]],
+            changes: vec![changes],
+            ..Default::default()
+        }
+        .encode()
+        .unwrap()
+    }
+
+    fn values(task: &TaskSnapshot) -> Vec<i64> {
+        task.operators[0]
+            .iter()
+            .map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .value(0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incremental_epochs_load_with_the_epochs_they_build_on_which_pruning_keeps() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let c = Checkpoints::new(store.clone(), "job/j");
+        let one_task = |e| CheckpointMeta {
+            tasks: 1,
+            ..meta(e)
+        };
+        // Epoch 1 whole, 2..=4 changes, 5 whole, 6 changes.
+        for e in 1..=6u64 {
+            let changes = !matches!(e, 1 | 5);
+            c.write(&one_task(e), &[layer(e as i64, changes)], None)
+                .unwrap();
+            if e == 4 {
+                c.prune(2).unwrap();
+                let kept: Vec<Epoch> = c.metas().unwrap().iter().map(|m| m.epoch).collect();
+                assert_eq!(kept, vec![1, 2, 3, 4], "3 and 4 build on 1 and 2");
+                let loaded = c.load(&one_task(4)).unwrap();
+                assert_eq!(values(&loaded[0]), vec![1, 2, 3, 4]);
+                assert!(!loaded[0].is_changes(0));
+                // A savepoint is whole: it needs no earlier epoch.
+                let saved = savepoint(store.clone(), "sp");
+                c.copy_latest_to(&saved, Some("sp"), "q").unwrap();
+                let meta = saved.latest().unwrap().unwrap();
+                assert_eq!(values(&saved.load(&meta).unwrap()[0]), vec![1, 2, 3, 4]);
+            }
+        }
+        c.prune(2).unwrap();
+        let kept: Vec<Epoch> = c.metas().unwrap().iter().map(|m| m.epoch).collect();
+        assert_eq!(kept, vec![5, 6]);
+        assert_eq!(values(&c.load(&one_task(6)).unwrap()[0]), vec![5, 6]);
     }
 
     #[test]

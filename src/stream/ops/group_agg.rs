@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
-    new_empty_array, Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, Int8Array,
-    RecordBatch, UInt32Array,
+    new_empty_array, Array, ArrayRef, BinaryArray, BooleanArray, Int8Array, RecordBatch,
+    UInt32Array,
 };
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -33,6 +33,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use super::grouped::AggregateCalls;
 use signed::Signed;
 
+mod checkpoint;
 mod signed;
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::Operator;
@@ -75,6 +76,11 @@ pub struct GroupAggregate {
     touched: Vec<Instant>,
     changed: Vec<bool>,
     changed_list: Vec<usize>,
+    /// Groups changed since the last snapshot, for incremental checkpoints.
+    dirty: Vec<bool>,
+    dirty_list: Vec<usize>,
+    /// Keys the TTL removed since the last snapshot.
+    removed: Vec<Box<[u8]>>,
     /// A global aggregate emits its row for empty input once, at the first barrier.
     started: bool,
 }
@@ -138,12 +144,19 @@ impl GroupAggregate {
             touched: Vec::new(),
             changed: Vec::new(),
             changed_list: Vec::new(),
+            dirty: Vec::new(),
+            dirty_list: Vec::new(),
+            removed: Vec::new(),
             started: false,
         })
     }
 
     fn mark(&mut self, group: usize, now: Instant) {
         self.touched[group] = now;
+        if !self.dirty[group] {
+            self.dirty[group] = true;
+            self.dirty_list.push(group);
+        }
         if !self.changed[group] {
             self.changed[group] = true;
             self.changed_list.push(group);
@@ -177,6 +190,7 @@ impl GroupAggregate {
             self.emitted.resize(after, None);
             self.touched.resize(after, Instant::now());
             self.changed.resize(after, false);
+            self.dirty.resize(after, false);
             if let Values::Multisets { rows, signed, .. } = &mut self.values {
                 rows.resize_with(after, HashMap::new);
                 for s in signed.iter_mut().flatten() {
@@ -452,13 +466,25 @@ impl GroupAggregate {
         for &g in keep {
             keys.push(self.keys.row(g));
         }
-        self.keys = keys;
+        let old_keys = std::mem::replace(&mut self.keys, keys);
         self.counts = keep.iter().map(|&g| self.counts[g]).collect();
         self.emitted = keep.iter().map(|&g| self.emitted[g].take()).collect();
         self.touched = keep.iter().map(|&g| self.touched[g]).collect();
         let changed: Vec<bool> = keep.iter().map(|&g| self.changed[g]).collect();
         self.changed = changed;
         self.changed_list = (0..k).filter(|&g| self.changed[g]).collect();
+        let mut kept = vec![false; n];
+        for &g in keep {
+            kept[g] = true;
+        }
+        self.removed.extend(
+            (0..n)
+                .filter(|&g| !kept[g])
+                .map(|g| Box::from(old_keys.row(g).as_ref())),
+        );
+        let dirty: Vec<bool> = keep.iter().map(|&g| self.dirty[g]).collect();
+        self.dirty = dirty;
+        self.dirty_list = (0..k).filter(|&g| self.dirty[g]).collect();
         Ok(())
     }
 }
@@ -595,129 +621,16 @@ impl Operator for GroupAggregate {
         self.emit(out)
     }
 
-    /// One `groups` batch (key, emitted result, row count, changed flag and, over
-    /// inserts, the accumulators' partial states) and, over retractions, an `arguments`
-    /// batch with every group's argument rows and their counts.
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let n = self.groups.len();
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(BinaryArray::from_iter_values(
-                (0..n).map(|g| self.keys.row(g).as_ref().to_vec()),
-            )),
-            Arc::new(BinaryArray::from_iter(
-                self.emitted.iter().map(|e| e.as_deref()),
-            )),
-            Arc::new(Int64Array::from(self.counts.clone())),
-            Arc::new(BooleanArray::from(self.changed.clone())),
-        ];
-        let mut arguments = None;
-        match &mut self.values {
-            // Some accumulators cannot emit the state of no groups at all.
-            Values::Accumulators(_) if n == 0 => {
-                for aggregate in &self.calls.aggregates {
-                    for field in aggregate.state_fields()? {
-                        columns.push(new_empty_array(field.data_type()));
-                    }
-                }
-            }
-            Values::Accumulators(accumulators) => {
-                let all: Vec<usize> = (0..n).collect();
-                for acc in accumulators.iter_mut() {
-                    let state = acc.state(EmitTo::All)?;
-                    acc.merge_batch(&state, &all, n)?;
-                    columns.extend(state);
-                }
-            }
-            Values::Multisets { rows, signed, .. } => {
-                for s in signed.iter_mut().flatten() {
-                    columns.extend(s.state(n)?);
-                }
-                let entries = rows
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(g, set)| set.iter().map(move |(r, c)| (g as u32, r, *c)));
-                let (mut keys, mut bytes, mut counts) = (Vec::new(), Vec::new(), Vec::new());
-                for (g, row, count) in entries {
-                    keys.push(self.keys.row(g as usize).as_ref().to_vec());
-                    bytes.push(row.as_ref().to_vec());
-                    counts.push(count);
-                }
-                // Each argument row names its group by key, so it can move with it.
-                arguments = Some(snapshot::batch(
-                    "arguments",
-                    &[],
-                    vec![
-                        Arc::new(BinaryArray::from_iter_values(keys)),
-                        Arc::new(BinaryArray::from_iter_values(bytes)),
-                        Arc::new(Int64Array::from(counts)),
-                    ],
-                )?);
-            }
-        }
-        let mut out = vec![snapshot::batch("groups", &[self.started as i64], columns)?];
-        out.extend(arguments);
-        Ok(out)
+        self.whole_snapshot()
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
+        self.changed_snapshot().map(Some)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
-        for batch in state {
-            if snapshot::kind(&batch)? == "arguments" {
-                let (_, _, columns) = snapshot::parts(&batch, 0)?;
-                let key_columns = self.decode_keys(&columns[0])?;
-                self.intern(&key_columns)?;
-                let bytes = downcast::<BinaryArray>(&columns[1])?;
-                let counts = downcast::<Int64Array>(&columns[2])?;
-                let Values::Multisets {
-                    converter, rows, ..
-                } = &mut self.values
-                else {
-                    return Err(DataFusionError::Internal(
-                        "argument rows for an aggregate over inserts".into(),
-                    ));
-                };
-                let parser = converter.parser();
-                for (i, &g) in self.indices.iter().enumerate() {
-                    rows[g].insert(parser.parse(bytes.value(i)).owned(), counts.value(i));
-                }
-                continue;
-            }
-            let (_, head, columns) = snapshot::parts(&batch, 1)?;
-            self.started |= head[0] != 0;
-            if batch.num_rows() == 0 {
-                continue;
-            }
-            let key_columns = self.decode_keys(&columns[0])?;
-            self.intern(&key_columns)?;
-            // Restoring adds groups: a rescaled subtask gets several old subtasks' groups.
-            let groups = self.indices.clone();
-            let total = self.groups.len();
-            let emitted = downcast::<BinaryArray>(&columns[1])?;
-            let counts = downcast::<Int64Array>(&columns[2])?;
-            let changed = downcast::<BooleanArray>(&columns[3])?;
-            for (i, &g) in groups.iter().enumerate() {
-                self.emitted[g] = (!emitted.is_null(i)).then(|| Box::from(emitted.value(i)));
-                self.counts[g] = counts.value(i);
-                if changed.value(i) {
-                    self.mark(g, Instant::now());
-                }
-            }
-            let mut at = 4;
-            match &mut self.values {
-                Values::Accumulators(accumulators) => {
-                    for (i, acc) in accumulators.iter_mut().enumerate() {
-                        let width = self.calls.aggregates[i].state_fields()?.len();
-                        acc.merge_batch(&columns[at..at + width], &groups, total)?;
-                        at += width;
-                    }
-                }
-                Values::Multisets { signed, .. } => {
-                    for s in signed.iter_mut().flatten() {
-                        at += s.restore(&columns[at..], &groups, total)?;
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.restore_layers(state)
     }
 
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
@@ -929,6 +842,63 @@ mod tests {
             }
             assert_eq!(lines(&a), lines(&b), "retracting: {retracting}");
             assert!(!a.is_empty());
+        }
+    }
+
+    #[test]
+    fn incremental_snapshots_hold_only_changed_keys_and_restore_in_order() {
+        for retracting in [false, true] {
+            let ttl = Some(Duration::from_millis(50));
+            let mut original = operator(retracting, ttl);
+            let mut out = Vec::new();
+            let first: Vec<(&str, i64, Op)> = ["a", "b", "c", "d"]
+                .iter()
+                .map(|k| (*k, 1, Op::Insert))
+                .collect();
+            original.process(0, batch(&first), &mut out).unwrap();
+            original.on_barrier(&mut out).unwrap();
+            let mut layers = original.snapshot().unwrap();
+            original
+                .process(0, batch(&[("a", 4, Op::Insert)]), &mut out)
+                .unwrap();
+            original.on_barrier(&mut out).unwrap();
+            let changes = original.snapshot_changes().unwrap().unwrap();
+            assert_eq!(changes.len(), 1);
+            assert_eq!(changes[0].num_rows(), 1, "only a changed");
+            layers.extend(changes);
+            // b, c and d idle past the TTL and go; b comes back.
+            std::thread::sleep(Duration::from_millis(80));
+            original
+                .process(0, batch(&[("a", 2, Op::Insert)]), &mut out)
+                .unwrap();
+            original.on_barrier(&mut out).unwrap();
+            original
+                .process(0, batch(&[("b", 6, Op::Insert)]), &mut out)
+                .unwrap();
+            let changes = original.snapshot_changes().unwrap().unwrap();
+            let kinds: Vec<(String, usize)> = changes
+                .iter()
+                .map(|b| (snapshot::kind(b).unwrap(), b.num_rows()))
+                .collect();
+            assert_eq!(
+                kinds,
+                [("removed".to_string(), 3), ("groups".to_string(), 2)]
+            );
+            layers.extend(changes);
+            let mut restored = operator(retracting, ttl);
+            restored.restore(layers).unwrap();
+            let next = [
+                ("a", 1, Op::Insert),
+                ("b", 1, Op::Insert),
+                ("c", 1, Op::Insert),
+            ];
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for (op, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
+                op.process(0, batch(&next), out).unwrap();
+                op.on_barrier(out).unwrap();
+            }
+            assert_eq!(lines(&a), lines(&b), "retracting: {retracting}");
+            assert_eq!(lines(&a).len(), 4, "{:?}", lines(&a));
         }
     }
 }

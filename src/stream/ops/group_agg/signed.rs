@@ -157,7 +157,6 @@ impl Signed {
         Ok(columns)
     }
 
-    /// Takes back what [`Signed::state`] gave from `columns`; returns how many it used.
     /// Merges stored partial states of `groups` (out of `total`); returns the columns read.
     pub fn restore(
         &mut self,

@@ -1,0 +1,226 @@
+//! The group aggregate's checkpoints: a `groups` batch with one row per group (key,
+//! emitted result, row count, changed flag, argument rows, partial states), for every
+//! group (a whole snapshot) or only the groups changed since the previous snapshot,
+//! with a `removed` batch for keys the state TTL dropped since then (an incremental one).
+//! Restoring reads the layers in order and keeps each key's last row.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::array::{
+    new_empty_array, Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, UInt32Array,
+};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::logical_expr::EmitTo;
+
+use super::{downcast, GroupAggregate, Values};
+use crate::stream::snapshot;
+
+/// Columns of a `groups` batch before the partial states.
+const FIXED: usize = 5;
+
+impl GroupAggregate {
+    /// Every group, and what was changed or removed is now recorded.
+    pub(super) fn whole_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let all: Vec<usize> = (0..self.groups.len()).collect();
+        let groups = self.groups_batch(&all)?;
+        self.forget_changes();
+        Ok(vec![groups])
+    }
+
+    /// The groups changed and the keys removed since the previous snapshot.
+    pub(super) fn changed_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut dirty = self.dirty_list.clone();
+        dirty.sort_unstable();
+        let mut out = Vec::new();
+        // Removals first: a key removed and then seen again is in both.
+        if !self.removed.is_empty() {
+            let removed = Arc::new(BinaryArray::from_iter_values(self.removed.iter()));
+            out.push(snapshot::batch("removed", &[], vec![removed])?);
+        }
+        out.push(self.groups_batch(&dirty)?);
+        self.forget_changes();
+        Ok(out)
+    }
+
+    fn forget_changes(&mut self) {
+        for &g in &self.dirty_list {
+            self.dirty[g] = false;
+        }
+        self.dirty_list.clear();
+        self.removed.clear();
+    }
+
+    /// One row per group of `groups` (ascending group indices).
+    fn groups_batch(&mut self, groups: &[usize]) -> Result<RecordBatch> {
+        let n = self.groups.len();
+        let picked = UInt32Array::from_iter_values(groups.iter().map(|&g| g as u32));
+        let pick = |column: ArrayRef| -> Result<ArrayRef> {
+            if groups.len() == n {
+                Ok(column)
+            } else {
+                Ok(take(column.as_ref(), &picked, None)?)
+            }
+        };
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(BinaryArray::from_iter_values(
+                groups.iter().map(|&g| self.keys.row(g).as_ref().to_vec()),
+            )),
+            Arc::new(BinaryArray::from_iter(
+                groups.iter().map(|&g| self.emitted[g].as_deref()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                groups.iter().map(|&g| self.counts[g]),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                groups.iter().map(|&g| Some(self.changed[g])),
+            )),
+        ];
+        match &mut self.values {
+            // Some accumulators cannot emit the state of no groups at all.
+            Values::Accumulators(_) if n == 0 || groups.is_empty() => {
+                columns.push(Arc::new(BinaryArray::new_null(groups.len())));
+                for aggregate in &self.calls.aggregates {
+                    for field in aggregate.state_fields()? {
+                        columns.push(new_empty_array(field.data_type()));
+                    }
+                }
+            }
+            Values::Accumulators(accumulators) => {
+                columns.push(Arc::new(BinaryArray::new_null(groups.len())));
+                // Accumulators give away every group's state: it is merged back.
+                let all: Vec<usize> = (0..n).collect();
+                for acc in accumulators.iter_mut() {
+                    let state = acc.state(EmitTo::All)?;
+                    acc.merge_batch(&state, &all, n)?;
+                    for column in state {
+                        columns.push(pick(column)?);
+                    }
+                }
+            }
+            Values::Multisets { rows, signed, .. } => {
+                columns.push(Arc::new(BinaryArray::from_iter_values(
+                    groups.iter().map(|&g| encode_arguments(&rows[g])),
+                )));
+                for s in signed.iter_mut().flatten() {
+                    for column in s.state(n)? {
+                        columns.push(pick(column)?);
+                    }
+                }
+            }
+        }
+        snapshot::batch("groups", &[self.started as i64], columns)
+    }
+
+    /// Puts back the groups of whole and incremental snapshots, in order: each key as its
+    /// last row left it (a key removed since is gone). Adds to the groups there are, so a
+    /// rescaled subtask takes several old subtasks' groups.
+    pub(super) fn restore_layers(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        // Key -> the (batch, row) that last wrote it; None when it was removed since.
+        let mut last: HashMap<Vec<u8>, Option<(usize, usize)>> = HashMap::new();
+        for (b, batch) in state.iter().enumerate() {
+            let kind = snapshot::kind(batch)?;
+            let (_, head, columns) = snapshot::parts(batch, (kind == "groups") as usize)?;
+            if kind == "groups" {
+                self.started |= head[0] != 0;
+            }
+            let keys = downcast::<BinaryArray>(&columns[0])?;
+            for row in 0..batch.num_rows() {
+                let at = (kind == "groups").then_some((b, row));
+                last.insert(keys.value(row).to_vec(), at);
+            }
+        }
+        let mut winners: Vec<Vec<u32>> = vec![Vec::new(); state.len()];
+        for (b, row) in last.into_values().flatten() {
+            winners[b].push(row as u32);
+        }
+        // Groups come back in the order they were stored.
+        winners.iter_mut().for_each(|rows| rows.sort_unstable());
+        for (batch, rows) in state.iter().zip(winners) {
+            if !rows.is_empty() {
+                let (_, _, columns) = snapshot::parts(batch, 1)?;
+                let rows = UInt32Array::from(rows);
+                let columns = columns
+                    .iter()
+                    .map(|c| Ok(take(c.as_ref(), &rows, None)?))
+                    .collect::<Result<Vec<_>>>()?;
+                self.restore_groups(&columns)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the groups of a `groups` batch's columns (each key once).
+    fn restore_groups(&mut self, columns: &[ArrayRef]) -> Result<()> {
+        let key_columns = self.decode_keys(&columns[0])?;
+        self.intern(&key_columns)?;
+        let groups = self.indices.clone();
+        let total = self.groups.len();
+        let emitted = downcast::<BinaryArray>(&columns[1])?;
+        let counts = downcast::<Int64Array>(&columns[2])?;
+        let changed = downcast::<BooleanArray>(&columns[3])?;
+        let arguments = downcast::<BinaryArray>(&columns[4])?;
+        for (i, &g) in groups.iter().enumerate() {
+            self.emitted[g] = (!emitted.is_null(i)).then(|| Box::from(emitted.value(i)));
+            self.counts[g] = counts.value(i);
+            if changed.value(i) {
+                self.mark(g, Instant::now());
+            }
+        }
+        let mut at = FIXED;
+        match &mut self.values {
+            Values::Accumulators(accumulators) => {
+                for (i, acc) in accumulators.iter_mut().enumerate() {
+                    let width = self.calls.aggregates[i].state_fields()?.len();
+                    acc.merge_batch(&columns[at..at + width], &groups, total)?;
+                    at += width;
+                }
+            }
+            Values::Multisets {
+                converter,
+                rows,
+                signed,
+            } => {
+                for s in signed.iter_mut().flatten() {
+                    at += s.restore(&columns[at..], &groups, total)?;
+                }
+                let parser = converter.parser();
+                for (i, &g) in groups.iter().enumerate() {
+                    for (row, count) in decode_arguments(arguments.value(i))? {
+                        rows[g].insert(parser.parse(row).owned(), count);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A group's argument rows and their counts, as (length, row bytes, count) triples.
+fn encode_arguments(rows: &HashMap<datafusion::arrow::row::OwnedRow, i64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (row, count) in rows {
+        let bytes = row.as_ref();
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(&count.to_le_bytes());
+    }
+    out
+}
+
+fn decode_arguments(mut bytes: &[u8]) -> Result<Vec<(&[u8], i64)>> {
+    let corrupt = || DataFusionError::Internal("stored argument rows are corrupt".into());
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let len = u32::from_le_bytes(bytes.get(..4).ok_or_else(corrupt)?.try_into().unwrap());
+        let len = len as usize;
+        let row = bytes.get(4..4 + len).ok_or_else(corrupt)?;
+        let count = bytes.get(4 + len..12 + len).ok_or_else(corrupt)?;
+        out.push((row, i64::from_le_bytes(count.try_into().unwrap())));
+        bytes = &bytes[12 + len..];
+    }
+    Ok(out)
+}

@@ -13,6 +13,7 @@ mod store;
 mod table_def;
 mod table_log;
 mod types;
+mod value_files;
 
 pub use catalog::Catalog;
 pub use error::{CatalogError, Result};

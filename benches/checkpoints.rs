@@ -95,6 +95,7 @@ fn main() {
             .unwrap_or_default();
         drop(client);
         server.stop().await;
+        let on_disk = bytes_under(dir.path());
 
         let restart = Instant::now();
         let server = TestServer::start(dir.path()).await;
@@ -103,11 +104,26 @@ fn main() {
         let restored = rows(&client, "SELECT count(*) FROM per_key").await[0][0].clone();
         println!();
         println!(
-            "{keys} keys, last checkpoint {last} bytes; restart to serving: {:.2} s \
-             ({restored} keys in the view right after)",
+            "{keys} keys, last checkpoint {last} bytes, {:.0} MiB in the data directory; \
+             restart to serving: {:.2} s ({restored} keys in the view right after)",
+            on_disk as f64 / (1 << 20) as f64,
             recovery.as_secs_f64()
         );
         drop(client);
         server.stop().await;
     });
+}
+
+/// Bytes of every file under `dir`.
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&entry.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -58,6 +58,12 @@ const VARIABLES: &[Variable] = &[
         "How often epochs commit (checkpoints, and what views and sinks publish at), server-wide (Flink's key)",
     ),
     var(
+        "execution.checkpointing.unaligned",
+        "false",
+        false,
+        "Barriers of new views and jobs overtake data waiting at operators with several inputs, which goes into the checkpoint instead (Flink's key)",
+    ),
+    var(
         "execution.savepoint.path",
         "",
         false,
@@ -353,11 +359,13 @@ fn normalize(name: &str, value: &str) -> SqlResult<String> {
                 "it must be an integer from 0 (one per core) to 128".into(),
             )),
         },
-        "table.dml-sync" => match value.to_ascii_lowercase().as_str() {
-            "true" | "on" => Ok("true".into()),
-            "false" | "off" => Ok("false".into()),
-            _ => Err(invalid("it must be true or false".into())),
-        },
+        "table.dml-sync" | "execution.checkpointing.unaligned" => {
+            match value.to_ascii_lowercase().as_str() {
+                "true" | "on" => Ok("true".into()),
+                "false" | "off" => Ok("false".into()),
+                _ => Err(invalid("it must be true or false".into())),
+            }
+        }
         "execution.checkpointing.interval"
         | "pipeline.auto-watermark-interval"
         | "table.exec.emit.allow-lateness"

@@ -124,6 +124,7 @@ pub(super) fn external(e: DataFusionError) -> SqlError {
 /// The session settings that change how a continuous query is planned: stored with a
 /// view or job so that a restart plans the same graph its checkpoints were taken from.
 const PLANNING_SETTINGS: &[&str] = &[
+    "execution.checkpointing.unaligned",
     "parallelism.default",
     "table.local-time-zone",
     "table.exec.emit.allow-lateness",
@@ -227,6 +228,12 @@ impl Engine {
                     .filter(|d| !d.is_zero()),
             )
             .plan(plan, sink)
+            .map(|mut graph| {
+                graph.unaligned_checkpoints = metadata
+                    .get("execution.checkpointing.unaligned")
+                    .is_some_and(|v| v == "true");
+                graph
+            })
             .map_err(external)
     }
 
@@ -500,6 +507,7 @@ impl Engine {
             }),
             history: self.jobs.history.clone(),
             restore,
+            aligned_epochs: self.jobs.aligned_epochs.clone(),
         };
         RunningJob::start_with(id, graph, self.catalog.clone(), options).map_err(external)
     }

@@ -138,9 +138,37 @@ pub enum Event {
     Data(usize, ChangeBatch),
     Watermark(Millis),
     Barrier(Epoch),
+    /// Unaligned checkpoints: the barrier of this epoch came on every channel; these are
+    /// the messages that came after the first one on channels whose barrier had not come
+    /// yet (they belong to the epoch, and go into its checkpoint).
+    InFlight(Epoch, Vec<Tagged>),
     Idle,
     Active,
     End,
+}
+
+/// Epochs whose barriers align even when a job's checkpoints are unaligned: those FLUSH,
+/// savepoints and rescaling ask for, whose commit must hold everything read before them
+/// (an unaligned epoch's in-flight rows only reach the sinks in the next one).
+#[derive(Debug, Default)]
+pub struct AlignedEpochs(std::sync::Mutex<std::collections::BTreeSet<Epoch>>);
+
+impl AlignedEpochs {
+    pub fn insert(&self, epoch: Epoch) {
+        let mut epochs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Barriers of older epochs are long gone.
+        while epochs.len() > 1024 {
+            epochs.pop_first();
+        }
+        epochs.insert(epoch);
+    }
+
+    pub fn contains(&self, epoch: Epoch) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&epoch)
+    }
 }
 
 pub struct Inlet {
@@ -157,11 +185,25 @@ pub struct Inlet {
     watermark: Millis,
     idle: bool,
     pending: VecDeque<Event>,
+    /// Unaligned checkpoints: a barrier (but of these epochs) is passed on as soon as it
+    /// comes on one channel, and the other channels' messages until theirs come are
+    /// recorded.
+    unaligned: Option<Arc<AlignedEpochs>>,
+    /// The in-flight messages of the unaligned epoch in progress.
+    recording: Option<Vec<Tagged>>,
+    /// Unaligned: channels held back because they brought the next epoch's barrier
+    /// before the current one came on every channel.
+    holding: Vec<bool>,
 }
 
 impl Inlet {
     /// `inputs[c]` is the operator input channel `c` feeds.
-    pub fn new(receiver: mpsc::Receiver<Tagged>, inputs: Vec<usize>) -> Self {
+    pub fn new(
+        receiver: mpsc::Receiver<Tagged>,
+        inputs: Vec<usize>,
+        unaligned: Option<Arc<AlignedEpochs>>,
+    ) -> Self {
+        let channels = inputs.len();
         Self {
             receiver,
             channels: inputs
@@ -182,7 +224,27 @@ impl Inlet {
             watermark: NO_WATERMARK,
             idle: false,
             pending: VecDeque::new(),
+            unaligned,
+            recording: None,
+            holding: vec![false; channels],
         }
+    }
+
+    /// Whether a barrier passed on is still waiting for its in-flight messages (an
+    /// unaligned checkpoint): its snapshot is acknowledged at [`Event::InFlight`].
+    pub fn recording(&self) -> bool {
+        self.recording.is_some()
+    }
+
+    /// Puts back the in-flight messages of an unaligned checkpoint: they are delivered
+    /// before anything new, as if they had just come.
+    pub fn restore_in_flight(&mut self, messages: Vec<Tagged>) {
+        let valid = messages
+            .into_iter()
+            .filter(|(tag, _)| (*tag as usize) < self.channels.len());
+        let mut replay: VecDeque<Tagged> = valid.collect();
+        replay.append(&mut self.replay);
+        self.replay = replay;
     }
 
     pub fn watermark(&self) -> Millis {
@@ -224,12 +286,34 @@ impl Inlet {
                 None => self.receiver.recv().await?,
             };
             let c = tag as usize;
-            if self.channels[c].aligned && !matches!(message, Message::End) {
+            if self.held_back(c, &message) {
                 self.held.push_back((tag, message));
                 continue;
             }
+            if let Some(log) = &mut self.recording {
+                let recorded = !matches!(message, Message::Barrier(_) | Message::End);
+                if !self.channels[c].aligned && recorded {
+                    log.push((tag, message.clone()));
+                }
+            }
             self.on_message(c, message);
         }
+    }
+
+    /// Aligned, a channel whose barrier came waits for the others (its end too: nothing
+    /// it sent before may come after it); unaligned, it goes on until it brings the next
+    /// barrier first.
+    fn held_back(&mut self, c: usize, message: &Message) -> bool {
+        if !self.channels[c].aligned {
+            return false;
+        }
+        if self.recording.is_none() {
+            return true;
+        }
+        if matches!(message, Message::Barrier(_)) {
+            self.holding[c] = true;
+        }
+        self.holding[c]
     }
 
     fn live_min(&self, except: Option<usize>) -> Option<Millis> {
@@ -286,11 +370,21 @@ impl Inlet {
                 self.update_idle();
             }
             Message::Barrier(epoch) => {
-                if self.aligning.is_none() {
+                let first = self.aligning.is_none();
+                if first {
                     self.aligning_since = Some(std::time::Instant::now());
                 }
                 self.aligning = Some(epoch);
                 self.channels[c].aligned = true;
+                let unaligned = self.unaligned.as_ref().is_some_and(|a| !a.contains(epoch));
+                if first && unaligned && !self.all_aligned() {
+                    // Passed on at once; what the other channels bring until their
+                    // barrier is recorded for the checkpoint.
+                    self.last_alignment = std::time::Duration::ZERO;
+                    self.pending.push_back(Event::Barrier(epoch));
+                    self.recording = Some(Vec::new());
+                    return;
+                }
                 self.try_complete_alignment();
             }
             Message::End => {
@@ -333,19 +427,175 @@ impl Inlet {
         let Some(epoch) = self.aligning else {
             return;
         };
-        if !self.channels.iter().all(|c| c.aligned || c.ended) {
+        if !self.all_aligned() {
             return;
         }
         for c in &mut self.channels {
             c.aligned = false;
         }
+        self.holding.iter_mut().for_each(|h| *h = false);
         self.aligning = None;
-        self.last_alignment = self
-            .aligning_since
-            .take()
-            .map_or(std::time::Duration::ZERO, |t| t.elapsed());
-        self.pending.push_back(Event::Barrier(epoch));
+        let since = self.aligning_since.take();
+        match self.recording.take() {
+            Some(log) => self.pending.push_back(Event::InFlight(epoch, log)),
+            None => {
+                self.last_alignment = since.map_or(std::time::Duration::ZERO, |t| t.elapsed());
+                self.pending.push_back(Event::Barrier(epoch));
+            }
+        }
         let held = std::mem::take(&mut self.held);
         self.replay.extend(held);
+    }
+
+    fn all_aligned(&self) -> bool {
+        self.channels.iter().all(|c| c.aligned || c.ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::RecordBatch;
+
+    use super::*;
+
+    fn data(v: i64) -> Message {
+        let column: datafusion::arrow::array::ArrayRef = Arc::new(Int64Array::from(vec![v]));
+        Message::Data(ChangeBatch::new(
+            RecordBatch::try_from_iter([("v", column)]).unwrap(),
+        ))
+    }
+
+    fn value(batch: &ChangeBatch) -> i64 {
+        let column = batch.rows.column(0);
+        column
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0)
+    }
+
+    /// What the inlet delivers for `messages` (channel, message), as short strings.
+    async fn deliver(unaligned: bool, messages: Vec<Tagged>) -> Vec<String> {
+        deliver_with(unaligned, &[], messages).await
+    }
+
+    /// Also with epochs `aligned` forced to align (FLUSH).
+    async fn deliver_with(
+        unaligned: bool,
+        aligned: &[Epoch],
+        messages: Vec<Tagged>,
+    ) -> Vec<String> {
+        let (tx, rx) = mpsc::channel(64);
+        for m in messages {
+            tx.send(m).await.unwrap();
+        }
+        drop(tx);
+        let mut inlet = Inlet::new(
+            rx,
+            vec![0, 0],
+            unaligned.then(|| {
+                let epochs = AlignedEpochs::default();
+                aligned.iter().for_each(|e| epochs.insert(*e));
+                Arc::new(epochs)
+            }),
+        );
+        let mut out = Vec::new();
+        while let Some(event) = inlet.next().await {
+            out.push(match event {
+                Event::Data(_, b) => format!("data {}", value(&b)),
+                Event::Barrier(e) => format!("barrier {e} recording={}", inlet.recording()),
+                Event::InFlight(e, messages) => {
+                    let logged: Vec<String> = messages
+                        .iter()
+                        .map(|(c, m)| match m {
+                            Message::Data(b) => format!("{c}:{}", value(b)),
+                            Message::Watermark(w) => format!("{c}:wm{w}"),
+                            _ => format!("{c}:other"),
+                        })
+                        .collect();
+                    format!("in-flight {e} [{}]", logged.join(" "))
+                }
+                Event::Watermark(w) => format!("watermark {w}"),
+                Event::End => "end".into(),
+                Event::Idle | Event::Active => "idle".into(),
+            });
+        }
+        out
+    }
+
+    fn messages() -> Vec<Tagged> {
+        vec![
+            (0, Message::Barrier(1)),
+            (0, data(10)),
+            (1, data(1)),
+            (1, Message::Watermark(5)),
+            (0, Message::Barrier(2)),
+            (0, data(20)),
+            (1, Message::Barrier(1)),
+            (1, data(2)),
+            (0, Message::End),
+            (1, Message::End),
+        ]
+    }
+
+    #[tokio::test]
+    async fn aligned_barriers_hold_back_the_channel_whose_barrier_came_first() {
+        assert_eq!(
+            deliver(false, messages()).await,
+            [
+                "data 1",
+                "barrier 1 recording=false",
+                "data 10",
+                "data 2",
+                // Channel 1 ended: the alignment of epoch 2 completes without it; channel
+                // 0's row after its barrier comes before its end.
+                "barrier 2 recording=false",
+                "data 20",
+                "watermark 9223372036854775807",
+                "end",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn unaligned_barriers_pass_at_once_and_record_what_the_others_bring() {
+        assert_eq!(
+            deliver(true, messages()).await,
+            [
+                "barrier 1 recording=true",
+                "data 10",
+                "data 1",
+                // Channel 0's next barrier waits for the epoch in progress.
+                "in-flight 1 [1:1 1:wm5]",
+                "barrier 2 recording=true",
+                "data 20",
+                "data 2",
+                "watermark 5",
+                "watermark 9223372036854775807",
+                "in-flight 2 [1:2]",
+                "end",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flushed_epoch_aligns_even_when_checkpoints_are_unaligned() {
+        assert_eq!(
+            deliver_with(true, &[2], messages()).await,
+            [
+                "barrier 1 recording=true",
+                "data 10",
+                "data 1",
+                "in-flight 1 [1:1 1:wm5]",
+                // Epoch 2 aligns: channel 0 waits after its barrier.
+                "data 2",
+                "barrier 2 recording=false",
+                "data 20",
+                "watermark 9223372036854775807",
+                "end",
+            ]
+        );
     }
 }

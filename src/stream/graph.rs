@@ -151,6 +151,9 @@ pub struct StreamGraph {
     pub notices: Vec<String>,
     /// Per node: the columns identifying a row of its updates (upsert key), for EXPLAIN.
     pub upsert_keys: std::collections::BTreeMap<usize, String>,
+    /// 'execution.checkpointing.unaligned': barriers overtake the messages of channels
+    /// whose barrier has not come, which go into the checkpoint instead of being waited for.
+    pub unaligned_checkpoints: bool,
 }
 
 impl StreamGraph {

@@ -12,7 +12,7 @@ use weir_catalog::Catalog;
 
 use super::checkpoint::coordinator::{Ack, CheckpointHistory, Committer, Coordinator, Durable};
 use super::checkpoint::{Precommit, Restored, SourcePosition, TaskSnapshot};
-use super::exchange::{Event, Inlet, Outlet, Partitioner, Tagged, CHANNEL_CAPACITY};
+use super::exchange::{AlignedEpochs, Event, Inlet, Outlet, Partitioner, Tagged, CHANNEL_CAPACITY};
 use super::graph::{Exchange, NodeKind, SinkKind, SourceKind, StreamGraph};
 use super::message::{ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK};
 use super::operator::Operator;
@@ -104,6 +104,8 @@ pub struct JobOptions {
     pub history: Arc<CheckpointHistory>,
     /// The checkpoint it resumes from.
     pub restore: Option<Restored>,
+    /// Epochs that align even under unaligned checkpoints (shared by the server's jobs).
+    pub aligned_epochs: Arc<AlignedEpochs>,
 }
 
 pub struct RunningJob {
@@ -276,6 +278,7 @@ impl TaskEnd {
         Ok(TaskSnapshot {
             operators,
             changes,
+            in_flight: vec![],
             inputs,
             source,
             sink,
@@ -392,6 +395,7 @@ impl RunningJob {
             metrics: Arc::new(JobMetrics::new()),
             committed: Arc::new(committed_tx),
             published: Arc::new(AtomicU64::new(restored_epoch)),
+            aligned_epochs: options.aligned_epochs,
         });
         let launched = launch(&plan, options.restore)?;
         let barrier_requests = Arc::new(Mutex::new(launched.barrier_requests.clone()));
@@ -496,6 +500,7 @@ struct Plan {
     committed: Arc<watch::Sender<Epoch>>,
     /// The newest epoch whose output is visible.
     published: Arc<AtomicU64>,
+    aligned_epochs: Arc<AlignedEpochs>,
 }
 
 struct Launched {
@@ -641,9 +646,13 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                 }
                 _ => {
                     let receiver = receivers[c][subtask].take().expect("one task per receiver");
-                    let mut inlet = Inlet::new(receiver, channel_inputs.clone());
-                    if let Some(snapshot) = &snapshot {
+                    let unaligned = graph
+                        .unaligned_checkpoints
+                        .then(|| plan.aligned_epochs.clone());
+                    let mut inlet = Inlet::new(receiver, channel_inputs.clone(), unaligned);
+                    if let Some(snapshot) = snapshot {
                         inlet.restore_watermarks(&snapshot.inputs);
+                        inlet.restore_in_flight(snapshot.in_flight);
                     }
                     tasks.spawn(run_task(inlet, chain_ops, output, end));
                 }
@@ -830,6 +839,8 @@ async fn run_task(
     mut output: Output,
     end: TaskEnd,
 ) -> Result<()> {
+    // An unaligned checkpoint's snapshot, until its in-flight messages are known.
+    let mut unacknowledged: Option<(Epoch, TaskSnapshot)> = None;
     while let Some(event) = inlet.next().await {
         match event {
             Event::Data(input, batch) => {
@@ -847,12 +858,29 @@ async fn run_task(
                 let sink = output.barrier(epoch, inlet.watermark()).await?;
                 let snapshot =
                     end.snapshot(&mut chain, false, inlet.channel_watermarks(), None, sink)?;
-                end.ack(Ack::Barrier {
-                    epoch,
-                    task: end.task,
-                    snapshot,
-                    alignment: inlet.last_alignment(),
-                });
+                if inlet.recording() {
+                    // Unaligned: acknowledged once the in-flight messages are known.
+                    unacknowledged = Some((epoch, snapshot));
+                } else {
+                    end.ack(Ack::Barrier {
+                        epoch,
+                        task: end.task,
+                        snapshot,
+                        alignment: inlet.last_alignment(),
+                    });
+                }
+            }
+            Event::InFlight(epoch, messages) => {
+                if let Some((taken, mut snapshot)) = unacknowledged.take() {
+                    debug_assert_eq!(taken, epoch);
+                    snapshot.in_flight = messages;
+                    end.ack(Ack::Barrier {
+                        epoch,
+                        task: end.task,
+                        snapshot,
+                        alignment: Duration::ZERO,
+                    });
+                }
             }
             Event::Idle => output.signal(Message::Idle).await?,
             Event::Active => output.signal(Message::Active).await?,

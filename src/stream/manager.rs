@@ -37,6 +37,8 @@ pub struct Jobs {
     pub history: Arc<CheckpointHistory>,
     /// 'execution.checkpointing.interval' in milliseconds (0 until set: the default).
     interval_ms: AtomicU64,
+    /// Epochs FLUSH asked for: they align even where checkpoints are unaligned.
+    pub aligned_epochs: Arc<super::exchange::AlignedEpochs>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -66,7 +68,7 @@ impl Jobs {
                 let Some(jobs) = weak.upgrade() else {
                     return;
                 };
-                jobs.flush().await;
+                jobs.flush_once(false).await;
             }
         });
     }
@@ -202,15 +204,20 @@ impl Jobs {
             .count();
         let mut epoch = 0;
         for _ in 0..rounds {
-            epoch = self.flush_once().await;
+            epoch = self.flush_once(true).await;
         }
         epoch
     }
 
-    async fn flush_once(&self) -> Epoch {
+    /// Commits one epoch in every running job. `aligned`: its barriers align even in jobs
+    /// with unaligned checkpoints, so that it holds everything read before it.
+    async fn flush_once(&self, aligned: bool) -> Epoch {
         let (epoch, running) = {
             let _order = self.injecting.lock().unwrap_or_else(|p| p.into_inner());
             let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            if aligned {
+                self.aligned_epochs.insert(epoch);
+            }
             let running: Vec<Arc<RunningJob>> = self
                 .jobs
                 .lock()

@@ -8,12 +8,14 @@ pub mod rescale;
 pub mod store;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
+use super::exchange::Tagged;
 use super::graph::{NodeKind, SourceKind, StreamGraph};
-use super::message::{ChangeBatch, Epoch, Millis};
+use super::message::{ChangeBatch, Epoch, Message, Millis};
 use frame::{FrameReader, FrameWriter};
 
 /// What a graph's checkpoints fit: its nodes, what each does, how they are connected and
@@ -113,6 +115,9 @@ pub struct TaskSnapshot {
     /// The watermark of each input channel, so rows after a restore meet the watermarks
     /// they would have met without the interruption.
     pub inputs: Vec<Millis>,
+    /// Unaligned checkpoints: messages that came on channels after the barrier came on
+    /// another one and before their own (delivered again first after a restore).
+    pub in_flight: Vec<Tagged>,
     pub source: Option<SourcePosition>,
     pub sink: Option<Precommit>,
 }
@@ -137,6 +142,11 @@ impl TaskSnapshot {
         w.u64(self.inputs.len() as u64);
         for i in &self.inputs {
             w.i64(*i);
+        }
+        w.u64(self.in_flight.len() as u64);
+        for (tag, message) in &self.in_flight {
+            w.u64(*tag as u64);
+            encode_message(&mut w, message)?;
         }
         match &self.source {
             None => w.u64(0),
@@ -205,6 +215,9 @@ impl TaskSnapshot {
             operators.push(batches);
         }
         let inputs = (0..r.u64()?).map(|_| r.i64()).collect::<Result<Vec<_>>>()?;
+        let in_flight = (0..r.u64()?)
+            .map(|_| Ok((r.u64()? as u32, decode_message(&mut r)?)))
+            .collect::<Result<Vec<_>>>()?;
         let source = match r.u64()? {
             0 => None,
             _ => Some(SourcePosition {
@@ -240,11 +253,67 @@ impl TaskSnapshot {
         Ok(Self {
             operators,
             changes,
+            in_flight,
             inputs,
             source,
             sink,
         })
     }
+}
+
+/// A message of an unaligned checkpoint's in-flight data.
+fn encode_message(w: &mut FrameWriter, message: &Message) -> Result<()> {
+    match message {
+        Message::Data(batch) => {
+            w.u64(0);
+            w.bytes(&encode_changes(batch)?);
+            match &batch.watermarks {
+                Some(watermarks) => {
+                    w.u64(1);
+                    let column: datafusion::arrow::array::ArrayRef = Arc::new(watermarks.clone());
+                    w.batch(&RecordBatch::try_from_iter([("w", column)])?)?;
+                }
+                None => w.u64(0),
+            }
+        }
+        Message::Watermark(watermark) => {
+            w.u64(1);
+            w.i64(*watermark);
+        }
+        Message::Idle => w.u64(2),
+        Message::Active => w.u64(3),
+        Message::Barrier(_) | Message::End => {
+            return Err(DataFusionError::Internal(
+                "barriers and ends are not in-flight data".into(),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn decode_message(r: &mut FrameReader) -> Result<Message> {
+    Ok(match r.u64()? {
+        0 => {
+            let mut batch = decode_changes(r.bytes()?)?;
+            if r.u64()? == 1 {
+                let watermarks = r.batch()?;
+                batch.watermarks = watermarks
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                    .cloned();
+            }
+            Message::Data(batch)
+        }
+        1 => Message::Watermark(r.i64()?),
+        2 => Message::Idle,
+        3 => Message::Active,
+        other => {
+            return Err(DataFusionError::Internal(format!(
+                "a stored in-flight message of unknown kind {other}"
+            )))
+        }
+    })
 }
 
 fn catalog_error(e: weir_catalog::CatalogError) -> DataFusionError {
@@ -295,12 +364,19 @@ mod tests {
         let state = snapshot::batch("groups", &[7, -3], rows().columns().to_vec()).unwrap();
         let mut changes = ChangeBatch::with_op(rows(), Op::UpdateBefore);
         changes.ops = Some(vec![1i8, 2].into());
+        let mut with_watermarks = ChangeBatch::new(rows());
+        with_watermarks.watermarks = Some(vec![3i64, 4].into());
         let task = TaskSnapshot {
             operators: vec![
                 vec![],
                 vec![state.clone(), snapshot::progress(5, 1).unwrap()],
             ],
             changes: vec![false, true],
+            in_flight: vec![
+                (1, Message::Data(with_watermarks.clone())),
+                (0, Message::Watermark(77)),
+                (1, Message::Idle),
+            ],
             inputs: vec![i64::MIN, 3],
             source: Some(SourcePosition {
                 position: vec![1, 2, 3],
@@ -313,6 +389,29 @@ mod tests {
             }),
         };
         let back = TaskSnapshot::decode(&task.encode().unwrap()).unwrap();
+        let in_flight: Vec<String> = back
+            .in_flight
+            .iter()
+            .map(|(c, m)| match m {
+                Message::Data(b) => {
+                    format!(
+                        "{c}: {:?} {:?}",
+                        change_lines(std::slice::from_ref(b)),
+                        b.watermarks
+                    )
+                }
+                other => format!("{c}: {other:?}"),
+            })
+            .collect();
+        let expected = format!(
+            "1: {:?} {:?}",
+            change_lines(std::slice::from_ref(&with_watermarks)),
+            with_watermarks.watermarks
+        );
+        assert_eq!(
+            in_flight,
+            [expected, "0: Watermark(77)".into(), "1: Idle".into()]
+        );
         assert_eq!(back.operators[0].len(), 0);
         assert_eq!(back.changes, vec![false, true]);
         assert_eq!(

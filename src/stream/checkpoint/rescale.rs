@@ -9,15 +9,15 @@
 
 use std::collections::HashMap;
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray};
+use datafusion::arrow::array::{ArrayRef, BooleanArray, UInt32Array};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 use super::TaskSnapshot;
-use crate::stream::exchange::{key_group_of, subtask_of_key_group};
+use crate::stream::exchange::{key_group_of, subtask_of_key_group, Tagged};
 use crate::stream::graph::{Exchange, NodeKind, StreamGraph};
-use crate::stream::message::Millis;
+use crate::stream::message::{Message, Millis};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
 
@@ -92,6 +92,7 @@ pub fn redistribute(
         for subtask in 0..to {
             let mut snapshot = TaskSnapshot {
                 inputs: channel_watermarks(graph, chain[0], &watermarks),
+                in_flight: owned_in_flight(graph, old, chain[0], &previous, subtask)?,
                 ..Default::default()
             };
             for (k, op) in operators.iter().enumerate() {
@@ -147,6 +148,52 @@ fn owned_state(
     if let Some((watermark, late)) = progress {
         let late = if subtask == 0 { late } else { 0 };
         out.insert(0, snapshot::progress(watermark, late)?);
+    }
+    Ok(out)
+}
+
+/// The rows of an unaligned checkpoint's in-flight messages that `subtask` owns, each on
+/// the first channel of the input it came on (their watermarks are the restored channel
+/// watermarks, the lowest the old subtasks had).
+fn owned_in_flight(
+    graph: &StreamGraph,
+    old: &[usize],
+    head: usize,
+    previous: &[TaskSnapshot],
+    subtask: usize,
+) -> Result<Vec<Tagged>> {
+    let node = &graph.nodes[head];
+    let old_channels = channel_inputs(graph, head, |n| old[n]);
+    let new_channels = channel_inputs(graph, head, |n| graph.nodes[n].parallelism);
+    let mut out = Vec::new();
+    for (tag, message) in previous.iter().flat_map(|t| &t.in_flight) {
+        let Message::Data(batch) = message else {
+            continue;
+        };
+        let Some(&input) = old_channels.get(*tag as usize) else {
+            continue;
+        };
+        let owned = match &node.inputs[input].exchange {
+            Exchange::Hash(keys) => {
+                let columns = keys
+                    .iter()
+                    .map(|k| k.evaluate(&batch.rows)?.into_array(batch.num_rows()))
+                    .collect::<Result<Vec<_>>>()?;
+                owned_rows(&columns, subtask, node.parallelism)?
+            }
+            // One subtask reads them all.
+            _ => BooleanArray::from(vec![subtask == 0; batch.num_rows()]),
+        };
+        let rows: Vec<u32> = (0..batch.num_rows() as u32)
+            .filter(|&i| owned.value(i as usize))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let mut part = batch.take(&UInt32Array::from(rows))?;
+        part.watermarks = None;
+        let channel = new_channels.iter().position(|&i| i == input).unwrap_or(0);
+        out.push((channel as u32, Message::Data(part)));
     }
     Ok(out)
 }

@@ -55,6 +55,20 @@ async fn with_clicks(parallelism: usize) -> (tempfile::TempDir, TestServer, Clie
     (dir, server, client)
 }
 
+/// The rows of `per_key` once the clicks `0..upto` are counted.
+fn expected(upto: i64) -> Vec<Vec<String>> {
+    (0..3)
+        .map(|k| {
+            let vs: Vec<i64> = (0..upto).filter(|i| i % 3 == k).collect();
+            vec![
+                k.to_string(),
+                vs.len().to_string(),
+                vs.iter().sum::<i64>().to_string(),
+            ]
+        })
+        .collect()
+}
+
 const VIEW: &str = "CREATE MATERIALIZED VIEW per_key AS \
     SELECT k, count(*) AS n, sum(v) AS total FROM clicks GROUP BY k";
 
@@ -98,18 +112,6 @@ async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
     run(&client, "RESET 'execution.savepoint.path'").await;
     insert_clicks(&client, 45, 60).await;
     run(&client, "FLUSH").await;
-    let expected = |upto: i64| -> Vec<Vec<String>> {
-        (0..3)
-            .map(|k| {
-                let vs: Vec<i64> = (0..upto).filter(|i| i % 3 == k).collect();
-                vec![
-                    k.to_string(),
-                    vs.len().to_string(),
-                    vs.iter().sum::<i64>().to_string(),
-                ]
-            })
-            .collect()
-    };
     assert_eq!(
         rows(&client, "SELECT * FROM per_key ORDER BY k").await,
         expected(60)
@@ -215,18 +217,6 @@ async fn a_view_rescaled_in_place_counts_every_row_once_across_a_restart() {
     .await;
     insert_clicks(&client, 45, 50).await;
     run(&client, "FLUSH").await;
-    let expected = |upto: i64| -> Vec<Vec<String>> {
-        (0..3)
-            .map(|k| {
-                let vs: Vec<i64> = (0..upto).filter(|i| i % 3 == k).collect();
-                vec![
-                    k.to_string(),
-                    vs.len().to_string(),
-                    vs.iter().sum::<i64>().to_string(),
-                ]
-            })
-            .collect()
-    };
     assert_eq!(
         rows(&client, "SELECT * FROM per_key ORDER BY k").await,
         expected(50)

@@ -119,36 +119,45 @@ impl GroupAggregate {
     /// last row left it (a key removed since is gone). Adds to the groups there are, so a
     /// rescaled subtask takes several old subtasks' groups.
     pub(super) fn restore_layers(&mut self, state: Vec<RecordBatch>) -> Result<()> {
-        // Key -> the (batch, row) that last wrote it; None when it was removed since.
-        let mut last: HashMap<Vec<u8>, Option<(usize, usize)>> = HashMap::new();
-        for (b, batch) in state.iter().enumerate() {
+        let mut kinds = Vec::with_capacity(state.len());
+        for batch in &state {
             let kind = snapshot::kind(batch)?;
-            let (_, head, columns) = snapshot::parts(batch, (kind == "groups") as usize)?;
             if kind == "groups" {
+                let (_, head, _) = snapshot::parts(batch, 1)?;
                 self.started |= head[0] != 0;
             }
-            let keys = downcast::<BinaryArray>(&columns[0])?;
-            for row in 0..batch.num_rows() {
-                let at = (kind == "groups").then_some((b, row));
-                last.insert(keys.value(row).to_vec(), at);
-            }
+            kinds.push(kind == "groups");
         }
+        // A whole snapshot alone: every key once already.
+        if kinds == [true] {
+            let (_, _, columns) = snapshot::parts(&state[0], 1)?;
+            return self.restore_groups(&columns);
+        }
+        // Newest first: a key's first sighting is its last row (or its removal).
+        let mut seen: datafusion::common::HashSet<&[u8]> = Default::default();
         let mut winners: Vec<Vec<u32>> = vec![Vec::new(); state.len()];
-        for (b, row) in last.into_values().flatten() {
-            winners[b].push(row as u32);
-        }
-        // Groups come back in the order they were stored.
-        winners.iter_mut().for_each(|rows| rows.sort_unstable());
-        for (batch, rows) in state.iter().zip(winners) {
-            if !rows.is_empty() {
-                let (_, _, columns) = snapshot::parts(batch, 1)?;
-                let rows = UInt32Array::from(rows);
-                let columns = columns
-                    .iter()
-                    .map(|c| Ok(take(c.as_ref(), &rows, None)?))
-                    .collect::<Result<Vec<_>>>()?;
-                self.restore_groups(&columns)?;
+        for (b, batch) in state.iter().enumerate().rev() {
+            // The key follows the header (one column for `groups`, none for `removed`).
+            let keys = downcast::<BinaryArray>(batch.column(kinds[b] as usize))?;
+            for row in (0..batch.num_rows()).rev() {
+                if seen.insert(keys.value(row)) && kinds[b] {
+                    winners[b].push(row as u32);
+                }
             }
+        }
+        for ((batch, mut rows), groups) in state.iter().zip(winners).zip(kinds) {
+            if !groups || rows.is_empty() {
+                continue;
+            }
+            // Groups come back in the order they were stored.
+            rows.reverse();
+            let (_, _, columns) = snapshot::parts(batch, 1)?;
+            let rows = UInt32Array::from(rows);
+            let columns = columns
+                .iter()
+                .map(|c| Ok(take(c.as_ref(), &rows, None)?))
+                .collect::<Result<Vec<_>>>()?;
+            self.restore_groups(&columns)?;
         }
         Ok(())
     }

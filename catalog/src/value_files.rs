@@ -49,12 +49,14 @@ impl ValueFiles {
             else {
                 continue;
             };
-            if let Some(n) = name
+            // Only files this module named are its to judge.
+            let Some(n) = name
                 .strip_suffix(".value")
                 .and_then(|n| n.parse::<u64>().ok())
-            {
-                next = next.max(n + 1);
-            }
+            else {
+                continue;
+            };
+            next = next.max(n + 1);
             let key = read_key(&path)?;
             if !key.is_some_and(|k| points_to(&k, &name).unwrap_or(true)) {
                 fs::remove_file(&path).map_err(io)?;

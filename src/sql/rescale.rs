@@ -80,8 +80,20 @@ impl Engine {
         let stored = rescaled.clone();
         self.catalog_write(move |c| c.create_view(stored, true))
             .await?;
-        self.start_view_job(&metadata, &rescaled, Start::Rescale, Some(rows))
-            .await?;
+        let started = self
+            .start_view_job(&metadata, &rescaled, Start::Rescale, Some(rows.clone()))
+            .await;
+        if let Err(e) = started {
+            // It goes on as it was.
+            let old = (*def).clone();
+            let stored = old.clone();
+            self.catalog_write(move |c| c.create_view(stored, true))
+                .await?;
+            let settings = old.settings.clone().into_iter().collect();
+            self.start_view_job(&settings, &old, Start::Rescale, Some(rows))
+                .await?;
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -100,9 +112,24 @@ impl Engine {
         let mut rescaled = (*def).clone();
         rescaled.settings = metadata.clone().into_iter().collect();
         self.catalog_write(move |c| c.create_job(rescaled)).await?;
-        let (running, _, _) = self
+        let started = self
             .start_insert(&metadata, id, &def.statement, &plan, true)
-            .await?;
+            .await;
+        let running = match started {
+            Ok((running, _, _)) => running,
+            Err(e) => {
+                // It goes on as it was.
+                let old = (*def).clone();
+                self.catalog_write(move |c| c.create_job(old)).await?;
+                let settings = def.settings.clone().into_iter().collect();
+                let plan = self.plan_text(&settings, &def.statement).await?;
+                let (running, _, _) = self
+                    .start_insert(&settings, id, &def.statement, &plan, true)
+                    .await?;
+                self.forget_when_done(running);
+                return Err(e);
+            }
+        };
         self.forget_when_done(running);
         Ok(())
     }

@@ -128,6 +128,9 @@ struct Channel {
     ended: bool,
     /// Its barrier for the epoch being aligned has arrived.
     aligned: bool,
+    /// Unaligned: held back, because it brought the next epoch's barrier before the
+    /// current one came on every channel.
+    holding: bool,
 }
 
 /// What the receiving side hands its task.
@@ -191,9 +194,6 @@ pub struct Inlet {
     unaligned: Option<Arc<AlignedEpochs>>,
     /// The in-flight messages of the unaligned epoch in progress.
     recording: Option<Vec<Tagged>>,
-    /// Unaligned: channels held back because they brought the next epoch's barrier
-    /// before the current one came on every channel.
-    holding: Vec<bool>,
 }
 
 impl Inlet {
@@ -203,7 +203,6 @@ impl Inlet {
         inputs: Vec<usize>,
         unaligned: Option<Arc<AlignedEpochs>>,
     ) -> Self {
-        let channels = inputs.len();
         Self {
             receiver,
             channels: inputs
@@ -214,6 +213,7 @@ impl Inlet {
                     idle: false,
                     ended: false,
                     aligned: false,
+                    holding: false,
                 })
                 .collect(),
             held: VecDeque::new(),
@@ -226,7 +226,6 @@ impl Inlet {
             pending: VecDeque::new(),
             unaligned,
             recording: None,
-            holding: vec![false; channels],
         }
     }
 
@@ -310,10 +309,9 @@ impl Inlet {
         if self.recording.is_none() {
             return true;
         }
-        if matches!(message, Message::Barrier(_)) {
-            self.holding[c] = true;
-        }
-        self.holding[c]
+        let channel = &mut self.channels[c];
+        channel.holding |= matches!(message, Message::Barrier(_));
+        channel.holding
     }
 
     fn live_min(&self, except: Option<usize>) -> Option<Millis> {
@@ -432,8 +430,8 @@ impl Inlet {
         }
         for c in &mut self.channels {
             c.aligned = false;
+            c.holding = false;
         }
-        self.holding.iter_mut().for_each(|h| *h = false);
         self.aligning = None;
         let since = self.aligning_since.take();
         match self.recording.take() {

@@ -195,4 +195,20 @@ impl StreamGraph {
         }
         chains
     }
+
+    /// The input edge of each channel of a subtask of node `head`, with `parallelism`
+    /// giving each node's: one channel per upstream subtask of a keyed or gathering edge,
+    /// one for a forward edge.
+    pub fn channel_inputs(&self, head: usize, parallelism: impl Fn(usize) -> usize) -> Vec<usize> {
+        let mut channels = Vec::new();
+        for (input, edge) in self.nodes[head].inputs.iter().enumerate() {
+            let count = if matches!(edge.exchange, Exchange::Forward) {
+                1
+            } else {
+                parallelism(edge.from)
+            };
+            channels.extend(std::iter::repeat_n(input, count));
+        }
+        channels
+    }
 }

@@ -1,6 +1,7 @@
 //! A running continuous query: one tokio task per chain subtask, connected by bounded
 //! channels, with the metrics SHOW JOBS reports and the barriers FLUSH waits for.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,8 +123,8 @@ pub struct RunningJob {
     /// It reads materialized views, so what it sees at a barrier depends on what other
     /// jobs published before it.
     pub reads_views: bool,
-    /// Its graph's shape and each node's parallelism, which a rescale must keep and
-    /// changes.
+    /// A durable job's graph shape and each node's parallelism (its checkpoints'), which a
+    /// rescale must keep and changes.
     pub fingerprint: String,
     pub parallelism: Vec<usize>,
 }
@@ -384,8 +385,11 @@ impl RunningJob {
         });
         let restored_epoch = options.restore.as_ref().map_or(0, |r| r.epoch);
         let (committed_tx, committed) = watch::channel(restored_epoch);
-        let fingerprint = super::checkpoint::fingerprint(&graph);
-        let parallelism = super::checkpoint::rescale::parallelism(&graph);
+        let (fingerprint, parallelism) = options
+            .durable
+            .as_ref()
+            .map(|d| (d.fingerprint.clone(), d.parallelism.clone()))
+            .unwrap_or_default();
         let plan = Arc::new(Plan {
             id: id.clone(),
             graph,
@@ -554,9 +558,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         let tail = &graph.nodes[tail_id];
         // Channel layout at the head: one channel per (input edge, upstream subtask),
         // or one per input edge when it is a forward edge.
-        let channel_inputs = super::checkpoint::rescale::channel_inputs(graph, chain[0], |n| {
-            graph.nodes[n].parallelism
-        });
+        let channel_inputs = graph.channel_inputs(chain[0], |n| graph.nodes[n].parallelism);
         for subtask in 0..head.parallelism {
             let task = operator_names.len();
             let figures = metrics.task();
@@ -671,6 +673,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         committed: plan.committed.clone(),
         restored: restored_epoch,
         published: plan.published.clone(),
+        bases: HashMap::new(),
     };
     let coordinator = tokio::spawn(coordinator.run(ack_receiver));
     Ok(Launched {

@@ -128,6 +128,8 @@ pub struct Coordinator {
     pub restored: Epoch,
     /// The newest epoch whose output was made visible (shared across restarts of the job).
     pub published: Arc<std::sync::atomic::AtomicU64>,
+    /// Per (task, operator): the epoch of the whole snapshot its latest entry builds on.
+    pub bases: HashMap<(usize, usize), Epoch>,
 }
 
 struct Pending {
@@ -214,6 +216,7 @@ impl Coordinator {
             };
             snapshots.push(snapshot);
         }
+        let builds_on = self.builds_on(epoch, &snapshots);
         let precommits: Vec<Precommit> = snapshots.iter().filter_map(|s| s.sink.clone()).collect();
         // A view's rows of all sink subtasks, merged once: stored and then published.
         let mut view = match &self.committer {
@@ -234,6 +237,7 @@ impl Coordinator {
                     tasks: self.tasks,
                     fingerprint: durable.fingerprint.clone(),
                     parallelism: durable.parallelism.clone(),
+                    builds_on: Some(builds_on),
                     started_ms: p.started_ms,
                     bytes: 0,
                     savepoint: None,
@@ -285,6 +289,25 @@ impl Coordinator {
             advanced
         });
         Ok(())
+    }
+
+    /// The oldest epoch `epoch`'s incremental entries need (back to each one's whole
+    /// snapshot); pruning keeps it and those after.
+    fn builds_on(&mut self, epoch: Epoch, snapshots: &[TaskSnapshot]) -> Epoch {
+        let mut oldest = epoch;
+        for (t, s) in snapshots.iter().enumerate() {
+            for k in 0..s.operators.len() {
+                let base = if s.is_changes(k) {
+                    // Unknown: keep everything.
+                    self.bases.get(&(t, k)).copied().unwrap_or(0)
+                } else {
+                    epoch
+                };
+                self.bases.insert((t, k), base);
+                oldest = oldest.min(base);
+            }
+        }
+        oldest
     }
 
     fn state_sizes(&self, snapshots: &[TaskSnapshot]) -> String {

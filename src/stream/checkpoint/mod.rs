@@ -183,12 +183,6 @@ impl TaskSnapshot {
         Ok(w.bytes)
     }
 
-    /// Which operators' entries in encoded `bytes` are incremental, read without
-    /// decoding the state.
-    pub fn changes_of(bytes: &[u8]) -> Result<Vec<bool>> {
-        Self::read_changes(&mut FrameReader::new(bytes))
-    }
-
     fn read_changes(r: &mut FrameReader) -> Result<Vec<bool>> {
         if r.u64()? != FORMAT {
             return Err(DataFusionError::Internal(
@@ -414,10 +408,6 @@ mod tests {
         );
         assert_eq!(back.operators[0].len(), 0);
         assert_eq!(back.changes, vec![false, true]);
-        assert_eq!(
-            TaskSnapshot::changes_of(&task.encode().unwrap()).unwrap(),
-            vec![false, true]
-        );
         assert_eq!(back.inputs, vec![i64::MIN, 3]);
         assert_eq!(back.operators[1][0], state);
         let (kind, head, _) = snapshot::parts(&back.operators[1][0], 2).unwrap();

@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray, UInt32Array};
-use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::array::{ArrayRef, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
@@ -136,14 +136,11 @@ fn owned_state(
             continue;
         };
         let owned = owned_rows(&keys, subtask, parallelism)?;
-        if owned.true_count() == 0 {
-            continue;
+        if owned.len() == batch.num_rows() {
+            out.push(batch.clone());
+        } else if !owned.is_empty() {
+            out.push(take_record_batch(batch, &owned)?);
         }
-        out.push(if owned.true_count() == batch.num_rows() {
-            batch.clone()
-        } else {
-            filter_record_batch(batch, &owned)?
-        });
     }
     if let Some((watermark, late)) = progress {
         let late = if subtask == 0 { late } else { 0 };
@@ -163,8 +160,8 @@ fn owned_in_flight(
     subtask: usize,
 ) -> Result<Vec<Tagged>> {
     let node = &graph.nodes[head];
-    let old_channels = channel_inputs(graph, head, |n| old[n]);
-    let new_channels = channel_inputs(graph, head, |n| graph.nodes[n].parallelism);
+    let old_channels = graph.channel_inputs(head, |n| old[n]);
+    let new_channels = graph.channel_inputs(head, |n| graph.nodes[n].parallelism);
     let mut out = Vec::new();
     for (tag, message) in previous.iter().flat_map(|t| &t.in_flight) {
         let Message::Data(batch) = message else {
@@ -173,24 +170,22 @@ fn owned_in_flight(
         let Some(&input) = old_channels.get(*tag as usize) else {
             continue;
         };
-        let owned = match &node.inputs[input].exchange {
+        let mut part = match &node.inputs[input].exchange {
             Exchange::Hash(keys) => {
                 let columns = keys
                     .iter()
                     .map(|k| k.evaluate(&batch.rows)?.into_array(batch.num_rows()))
                     .collect::<Result<Vec<_>>>()?;
-                owned_rows(&columns, subtask, node.parallelism)?
+                let owned = owned_rows(&columns, subtask, node.parallelism)?;
+                if owned.is_empty() {
+                    continue;
+                }
+                batch.take(&owned)?
             }
             // One subtask reads them all.
-            _ => BooleanArray::from(vec![subtask == 0; batch.num_rows()]),
+            _ if subtask == 0 => batch.clone(),
+            _ => continue,
         };
-        let rows: Vec<u32> = (0..batch.num_rows() as u32)
-            .filter(|&i| owned.value(i as usize))
-            .collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let mut part = batch.take(&UInt32Array::from(rows))?;
         part.watermarks = None;
         let channel = new_channels.iter().position(|&i| i == input).unwrap_or(0);
         out.push((channel as u32, Message::Data(part)));
@@ -198,13 +193,15 @@ fn owned_in_flight(
     Ok(out)
 }
 
-/// Which rows have keys in the key groups of `subtask` out of `parallelism`.
-fn owned_rows(keys: &[ArrayRef], subtask: usize, parallelism: usize) -> Result<BooleanArray> {
+/// The rows whose keys are in the key groups of `subtask` out of `parallelism`.
+fn owned_rows(keys: &[ArrayRef], subtask: usize, parallelism: usize) -> Result<UInt32Array> {
     let mut hashes = Vec::new();
-    let groups = key_group_of(keys, &mut hashes)?;
-    Ok(groups
-        .map(|g| Some(subtask_of_key_group(g, parallelism) == subtask))
-        .collect())
+    let owned = key_group_of(keys, &mut hashes)?
+        .enumerate()
+        .filter(|(_, g)| subtask_of_key_group(*g, parallelism) == subtask)
+        .map(|(row, _)| row as u32)
+        .collect();
+    Ok(owned)
 }
 
 /// The lowest watermark the old subtasks had recorded per input edge of `head`.
@@ -214,7 +211,7 @@ fn input_watermarks(
     head: usize,
     previous: &[TaskSnapshot],
 ) -> HashMap<usize, Millis> {
-    let channels = channel_inputs(graph, head, |n| old[n]);
+    let channels = graph.channel_inputs(head, |n| old[n]);
     let mut lowest: HashMap<usize, Millis> = HashMap::new();
     for task in previous {
         if task.inputs.len() != channels.len() {
@@ -239,7 +236,8 @@ fn channel_watermarks(
     if watermarks.is_empty() {
         return vec![];
     }
-    channel_inputs(graph, head, |n| graph.nodes[n].parallelism)
+    graph
+        .channel_inputs(head, |n| graph.nodes[n].parallelism)
         .into_iter()
         .map(|input| {
             watermarks
@@ -248,25 +246,6 @@ fn channel_watermarks(
                 .unwrap_or(crate::stream::message::NO_WATERMARK)
         })
         .collect()
-}
-
-/// The input edge of each channel of a subtask of `head`: one channel per upstream subtask
-/// of a keyed or gathering edge, one for a forward edge.
-pub fn channel_inputs(
-    graph: &StreamGraph,
-    head: usize,
-    parallelism: impl Fn(usize) -> usize,
-) -> Vec<usize> {
-    let mut channels = Vec::new();
-    for (input, edge) in graph.nodes[head].inputs.iter().enumerate() {
-        let count = if matches!(edge.exchange, Exchange::Forward) {
-            1
-        } else {
-            parallelism(edge.from)
-        };
-        channels.extend(std::iter::repeat_n(input, count));
-    }
-    channels
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 //! must come back whole while old epochs are pruned. `s` is the log sink's marker of the
 //! last epoch it appended.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
@@ -31,6 +30,9 @@ pub struct CheckpointMeta {
     /// Each node's parallelism: restoring at another one redistributes the snapshots.
     #[serde(default)]
     pub parallelism: Vec<usize>,
+    /// The oldest epoch its incremental entries build on (its own when all are whole).
+    #[serde(default)]
+    pub builds_on: Option<Epoch>,
     /// When the checkpoint's first barrier was acknowledged (ms since the Unix epoch).
     pub started_ms: i64,
     pub bytes: u64,
@@ -188,27 +190,13 @@ impl Checkpoints {
     /// build on), except savepoints.
     pub fn prune(&self, keep: usize) -> Result<()> {
         let metas = self.metas()?;
-        let mut old = metas.len().saturating_sub(keep);
-        // Epochs that incremental entries of the oldest kept one still build on stay.
-        if let Some(first) = metas.get(old) {
-            let mut open: Vec<(usize, usize)> = Vec::new();
-            for t in 0..first.tasks {
-                let changes = TaskSnapshot::changes_of(&self.task_entry(first.epoch, t)?)?;
-                open.extend((0..changes.len()).filter(|&k| changes[k]).map(|k| (t, k)));
-            }
-            while !open.is_empty() && old > 0 {
-                old -= 1;
-                let mut flags: HashMap<usize, Vec<bool>> = HashMap::new();
-                for &(t, _) in &open {
-                    if let std::collections::hash_map::Entry::Vacant(e) = flags.entry(t) {
-                        e.insert(TaskSnapshot::changes_of(
-                            &self.task_entry(metas[old].epoch, t)?,
-                        )?);
-                    }
-                }
-                open.retain(|(t, k)| flags[t].get(*k) == Some(&true));
-            }
-        }
+        let kept = metas.len().saturating_sub(keep);
+        let floor = metas[kept..]
+            .iter()
+            .map(|m| m.builds_on.unwrap_or(m.epoch))
+            .min()
+            .unwrap_or(0);
+        let old = metas[..kept].partition_point(|m| m.epoch < floor);
         let mut batch = WriteBatch::default();
         for meta in metas.iter().take(old).filter(|m| m.savepoint.is_none()) {
             batch.delete(self.key(b'm', &[meta.epoch]));
@@ -320,6 +308,7 @@ impl Checkpoints {
         }
         let meta = CheckpointMeta {
             savepoint: savepoint.map(str::to_string),
+            builds_on: Some(meta.epoch),
             ..meta
         };
         batch.put(
@@ -440,6 +429,7 @@ mod tests {
             tasks: 2,
             fingerprint: "g".into(),
             parallelism: vec![1],
+            builds_on: None,
             started_ms: 0,
             bytes: 0,
             savepoint: None,
@@ -498,8 +488,10 @@ mod tests {
     fn incremental_epochs_load_with_the_epochs_they_build_on_which_pruning_keeps() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let c = Checkpoints::new(store.clone(), "job/j");
+        // What the coordinator records: 2..=4 build on 1, 6 on 5.
         let one_task = |e| CheckpointMeta {
             tasks: 1,
+            builds_on: Some(if e < 5 { 1 } else { 5 }),
             ..meta(e)
         };
         // Epoch 1 whole, 2..=4 changes, 5 whole, 6 changes.

@@ -1,6 +1,7 @@
 //! Opens the reader or writer a table's connector names, and what connectors share:
 //! option parsing, errors, rate limits and moving blocking file work off the async workers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::common::Result;
@@ -10,7 +11,9 @@ use weir_catalog::TableDef;
 
 use super::datagen::DatagenReader;
 use super::filesystem::{FileSink, FileSource};
-use super::io::{SinkWriter, SplitReader};
+use super::io::{EpochWriter, SinkWriter, SplitReader};
+use super::kafka::sink::{Guarantee, KafkaSink, WriteAhead};
+use super::kafka::source::KafkaSource;
 use super::nexmark::NexmarkReader;
 use super::options::parse_duration;
 use super::print::{BlackholeSink, PrintSink};
@@ -34,6 +37,7 @@ pub fn open_split(
         Some("datagen") => Box::new(DatagenReader::open(def, split, splits, batch_size)?),
         Some("nexmark") => Box::new(NexmarkReader::open(def, split, splits, batch_size)?),
         Some("filesystem") => Box::new(FileSource::open(def, split, splits, batch_size)?),
+        Some("kafka") => Box::new(KafkaSource::open(def, split, splits, batch_size)?),
         Some(other) => return Err(not_a(def, other, "source")),
         None => {
             return Err(SqlError::internal(format!(
@@ -60,7 +64,7 @@ pub fn source_changelog(def: &TableDef) -> ChangelogMode {
 }
 
 /// Connectors a job can write to.
-pub const SINKS: &[&str] = &["filesystem", "print", "blackhole"];
+pub const SINKS: &[&str] = &["filesystem", "kafka", "upsert-kafka", "print", "blackhole"];
 
 /// The most source subtasks that can have work: a filesystem source has one split per
 /// file, and a subtask without a split would hold the watermark back for nothing. A
@@ -86,6 +90,7 @@ pub fn is_bounded(def: &TableDef) -> bool {
         Some("filesystem") => true,
         Some("datagen") => DatagenReader::is_bounded(def),
         Some("nexmark") => def.options.contains_key("nexmark.event.num"),
+        Some("kafka") => super::kafka::source::is_bounded(def).unwrap_or(false),
         _ => false,
     }
 }
@@ -97,6 +102,7 @@ pub fn open_sink(def: &TableDef, subtask: usize, job_id: &str) -> SqlResult<Box<
         Some("filesystem") => Box::new(FileSink::open(def, subtask, job_id)?),
         Some("print") => Box::new(PrintSink::open(def, Some(subtask))?),
         Some("blackhole") => Box::new(BlackholeSink),
+        Some("kafka" | "upsert-kafka") => Box::new(KafkaSink::open(def, subtask)?),
         Some(other) => return Err(not_a(def, other, "sink")),
         None => {
             return Err(SqlError::internal(format!(
@@ -107,10 +113,22 @@ pub fn open_sink(def: &TableDef, subtask: usize, job_id: &str) -> SqlResult<Box<
     })
 }
 
+/// What writes a job's committed epochs when its sink cannot do that itself (a Kafka
+/// sink in 'write-ahead' or 'transactional' exactly-once mode).
+pub fn open_epoch_writer(def: &TableDef, job: &str) -> SqlResult<Option<Arc<dyn EpochWriter>>> {
+    if !matches!(def.connector(), Some("kafka" | "upsert-kafka")) {
+        return Ok(None);
+    }
+    Ok(match Guarantee::of(def)? {
+        Guarantee::WriteAhead => Some(Arc::new(WriteAhead::open(def, job)?)),
+        _ => None,
+    })
+}
+
 fn not_a(def: &TableDef, connector: &str, role: &str) -> SqlError {
     let can = match role {
-        "source" => "datagen, nexmark and filesystem",
-        _ => "filesystem, print and blackhole",
+        "source" => "datagen, nexmark, filesystem and kafka",
+        _ => "filesystem, kafka, upsert-kafka, print and blackhole",
     };
     SqlError::not_supported(format!(
         "table \"{}\" uses connector '{connector}', which this Weir version cannot use as a \

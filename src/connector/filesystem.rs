@@ -14,81 +14,32 @@ use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use arrow::compute::concat_batches;
-use arrow::datatypes::SchemaRef;
-use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::common::Result;
 use weir_catalog::TableDef;
 
-use super::debezium::Debezium;
 use super::factory::{blocking, invalid, opt_bool, to_df};
+use super::format::{Format, RecordDecoder, RecordEncoder};
 use super::io::{SinkWriter, SplitReader};
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
 use crate::stream::checkpoint::Precommit;
 use crate::stream::message::ChangeBatch;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    Csv,
-    Json,
-    DebeziumJson,
-}
-
-impl Format {
-    fn from_options(def: &TableDef) -> SqlResult<Self> {
-        match def.options.get("format").map(String::as_str) {
-            Some("csv") => Ok(Format::Csv),
-            Some("json") => Ok(Format::Json),
-            Some("debezium-json") => Ok(Format::DebeziumJson),
-            Some(other) => Err(SqlError::not_supported(format!(
-                "the filesystem connector reads 'csv', 'json' and 'debezium-json' and writes \
-                 'csv' and 'json', not '{other}'"
-            ))),
-            None => Err(invalid("connector 'filesystem' needs option 'format'")),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Format::Csv => "csv",
-            Format::Json => "json",
-            Format::DebeziumJson => "debezium-json",
-        }
-    }
-
-    fn ignore_errors_option(self) -> &'static str {
-        match self {
-            Format::Csv => "csv.ignore-parse-errors",
-            Format::Json => "json.ignore-parse-errors",
-            Format::DebeziumJson => super::debezium::IGNORE_PARSE_ERRORS,
-        }
+fn format_of(def: &TableDef) -> SqlResult<Format> {
+    match Format::named(def, "format")? {
+        Some(Format::Raw) => Err(SqlError::not_supported(
+            "the filesystem connector reads 'csv', 'json' and 'debezium-json' and writes \
+             'csv' and 'json', not 'raw'",
+        )),
+        Some(f) => Ok(f),
+        None => Err(invalid("connector 'filesystem' needs option 'format'")),
     }
 }
 
 /// Refuses a filesystem sink in a format it cannot write (a changelog format).
 pub fn check_sink_format(def: &TableDef) -> SqlResult<()> {
-    if Format::from_options(def)? == Format::DebeziumJson {
-        return Err(SqlError::not_supported(format!(
-            "table \"{}\" reads Debezium change events ('debezium-json'); the filesystem \
-             connector cannot write them (neither can Flink's)",
-            def.name
-        ))
-        .with_hint("write to a filesystem table with 'format' = 'json' or 'csv'"));
-    }
-    Ok(())
-}
-
-fn delimiter(def: &TableDef) -> SqlResult<u8> {
-    match def.options.get("csv.field-delimiter").map(String::as_str) {
-        None => Ok(b','),
-        Some("\\t") => Ok(b'\t'),
-        Some(d) if d.len() == 1 => Ok(d.as_bytes()[0]),
-        Some(d) => Err(invalid(format!(
-            "bad value '{d}' for option 'csv.field-delimiter'; expected a single character"
-        ))),
-    }
+    RecordEncoder::new(def, format_of(def)?).map(|_| ())
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> SqlError {
@@ -123,13 +74,8 @@ pub(crate) fn list_files(path: &Path) -> SqlResult<Vec<PathBuf>> {
 
 struct SourceState {
     files: Vec<PathBuf>,
-    format: Format,
-    schema: SchemaRef,
-    /// What records decode into: the table's columns, or Debezium's envelope.
-    decoded: SchemaRef,
-    debezium: Option<Debezium>,
+    decoder: RecordDecoder,
     batch_size: usize,
-    delimiter: u8,
     ignore_errors: bool,
     /// The next record: file index (into `files`), byte offset and 1-based line.
     file: usize,
@@ -152,11 +98,7 @@ impl FileSource {
             .options
             .get("path")
             .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?;
-        let format = Format::from_options(def)?;
-        let debezium = match format {
-            Format::DebeziumJson => Some(Debezium::new(def)?),
-            _ => None,
-        };
+        let format = format_of(def)?;
         let files = list_files(Path::new(path))?
             .into_iter()
             .enumerate()
@@ -166,14 +108,8 @@ impl FileSource {
         Ok(Self {
             state: Some(SourceState {
                 files,
-                format,
-                schema: def.physical_schema(),
-                decoded: debezium
-                    .as_ref()
-                    .map_or_else(|| def.physical_schema(), |d| d.envelope_schema().clone()),
-                debezium,
+                decoder: RecordDecoder::new(def, format, def.physical_schema())?,
                 batch_size,
-                delimiter: delimiter(def)?,
                 ignore_errors: opt_bool(def, format.ignore_errors_option())?,
                 file: 0,
                 offset: 0,
@@ -252,7 +188,7 @@ impl SourceState {
                 self.line += 1;
                 self.offset += n as u64;
                 // A CSV record goes on while a quoted field is open.
-                if self.format != Format::Csv {
+                if self.decoder.format() != Format::Csv {
                     break;
                 }
                 quotes += buf[from..].iter().filter(|&&b| b == b'"').count();
@@ -279,127 +215,34 @@ impl SourceState {
     }
 
     fn decode(&mut self, buf: &[u8], records: &[(usize, usize, u64)]) -> SqlResult<ChangeBatch> {
-        let (batch, lines) = match self.decode_chunk(buf, records.len()) {
-            Ok(batch) => (batch, records.iter().map(|r| r.2).collect()),
-            // Something in the chunk is bad: find it record by record.
-            Err(_) => {
-                let mut good = Vec::new();
-                let mut lines = Vec::new();
-                for &(start, end, line) in records {
-                    match self.decode_chunk(&buf[start..end], 1) {
-                        Ok(b) => {
-                            good.push(b);
-                            lines.push(line);
-                        }
-                        Err(_) if self.ignore_errors => self.skipped += 1,
-                        Err(e) => return Err(self.bad_record(line, self.explain(e))),
-                    }
-                }
-                (concat_batches(&self.decoded, &good)?, lines)
-            }
-        };
-        let Some(debezium) = &self.debezium else {
-            return Ok(ChangeBatch::new(batch));
-        };
-        // Well-formed JSON may still be no change event: each is failed or skipped.
+        let ranges: Vec<_> = records.iter().map(|&(start, end, _)| start..end).collect();
         let mut skipped = 0;
-        let changes = debezium.changes(&batch, |row, problem| {
+        let (rows, _) = self.decoder.decode(buf, &ranges, |i, problem| {
             if self.ignore_errors {
                 skipped += 1;
                 Ok(())
             } else {
-                Err(self.bad_record(lines[row], problem))
+                Err(self.bad_record(records[i].2, problem))
             }
-        });
+        })?;
         self.skipped += skipped;
-        changes
-    }
-
-    fn decode_chunk(
-        &self,
-        bytes: &[u8],
-        records: usize,
-    ) -> std::result::Result<RecordBatch, ArrowError> {
-        let capacity = records + 1;
-        let mut batches = Vec::new();
-        macro_rules! run {
-            ($decoder:expr) => {{
-                let mut d = $decoder;
-                let mut rest = bytes;
-                while !rest.is_empty() {
-                    let n = d.decode(rest)?;
-                    if n == 0 {
-                        batches.extend(d.flush()?);
-                    }
-                    rest = &rest[n..];
-                }
-                d.decode(&[])?;
-                batches.extend(d.flush()?);
-            }};
-        }
-        match self.format {
-            Format::Csv => run!(arrow::csv::ReaderBuilder::new(self.schema.clone())
-                .with_header(false)
-                .with_delimiter(self.delimiter)
-                .with_batch_size(capacity)
-                .build_decoder()),
-            Format::Json | Format::DebeziumJson => {
-                run!(arrow::json::ReaderBuilder::new(self.decoded.clone())
-                    .with_batch_size(capacity)
-                    .build_decoder()?)
-            }
-        }
-        if batches.len() == 1 {
-            return Ok(batches.pop().expect("one"));
-        }
-        concat_batches(&self.decoded, &batches)
+        Ok(rows)
     }
 
     fn bad_record(&self, line: u64, problem: String) -> SqlError {
-        let option = self.format.ignore_errors_option();
+        let format = self.decoder.format();
+        let option = format.ignore_errors_option();
         SqlError::new(
             sqlstate::INVALID_TEXT_REPRESENTATION,
             format!(
                 "bad {} record in file '{}' at line {line}: {problem}",
-                self.format.name(),
+                format.name(),
                 self.path().display(),
             ),
         )
         .with_hint(format!(
             "fix the record, or set '{option}' = 'true' to skip bad records"
         ))
-    }
-
-    /// Arrow's message without its own (chunk-relative) line numbers and with column names.
-    fn explain(&self, e: ArrowError) -> String {
-        let mut m = match e {
-            ArrowError::ParseError(m)
-            | ArrowError::CsvError(m)
-            | ArrowError::JsonError(m)
-            | ArrowError::CastError(m)
-            | ArrowError::InvalidArgumentError(m) => m,
-            other => other.to_string(),
-        };
-        for marker in [" at line ", " for line "] {
-            if let Some(at) = m.find(marker) {
-                let digits = m[at + marker.len()..]
-                    .find(|c: char| !c.is_ascii_digit())
-                    .unwrap_or(m.len() - at - marker.len());
-                m.replace_range(at..at + marker.len() + digits, "");
-            }
-        }
-        if let Some(at) = m.find("for column ") {
-            let from = at + "for column ".len();
-            let digits = m[from..]
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(m.len() - from);
-            if let Ok(i) = m[from..from + digits].parse::<usize>() {
-                if let Some(f) = self.schema.fields().get(i) {
-                    m.replace_range(from..from + digits, &format!("\"{}\"", f.name()));
-                }
-            }
-        }
-        m
     }
 }
 
@@ -448,18 +291,6 @@ impl SplitReader for FileSource {
 
 // ---- sink ----
 
-/// Flink's SQL timestamp text ('2023-11-14 09:00:00.123') or ISO-8601 ('...T09:...').
-fn timestamp_formats(def: &TableDef) -> (&'static str, &'static str) {
-    match def
-        .options
-        .get("json.timestamp-format.standard")
-        .map(String::as_str)
-    {
-        Some("ISO-8601") => ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.fZ"),
-        _ => ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.fZ"),
-    }
-}
-
 struct InProgress {
     temp: PathBuf,
     done: PathBuf,
@@ -470,9 +301,8 @@ struct SinkState {
     dir: PathBuf,
     /// `part-<job>-<subtask>-`
     prefix: String,
-    format: Format,
-    delimiter: u8,
-    formats: (&'static str, &'static str),
+    extension: &'static str,
+    encoder: RecordEncoder,
     next_part: u64,
     current: Option<InProgress>,
 }
@@ -500,8 +330,8 @@ impl FileSink {
                 .get("path")
                 .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?,
         );
-        check_sink_format(def)?;
-        let format = Format::from_options(def)?;
+        let format = format_of(def)?;
+        let encoder = RecordEncoder::new(def, format)?;
         if dir.is_file() {
             return Err(invalid(format!(
                 "sink path '{}' is a file; a filesystem sink writes files into a directory",
@@ -532,9 +362,8 @@ impl FileSink {
             state: Some(SinkState {
                 dir,
                 prefix,
-                format,
-                delimiter: delimiter(def)?,
-                formats: timestamp_formats(def),
+                extension: format.name(),
+                encoder,
                 next_part,
                 current: None,
             }),
@@ -548,7 +377,7 @@ impl SinkState {
             return Ok(());
         }
         if self.current.is_none() {
-            let name = format!("{}{}.{}", self.prefix, self.next_part, self.format.name());
+            let name = format!("{}{}.{}", self.prefix, self.next_part, self.extension);
             let temp = self.dir.join(format!(".{name}.inprogress"));
             let file = File::create(&temp).map_err(|e| io_error("create file", &temp, e))?;
             self.current = Some(InProgress {
@@ -557,32 +386,12 @@ impl SinkState {
                 file: BufWriter::with_capacity(1 << 16, file),
             });
         }
-        let (ts, ts_tz) = self.formats;
         let out = self.current.as_mut().expect("created");
-        match self.format {
-            Format::Csv => {
-                let mut w = arrow::csv::WriterBuilder::new()
-                    .with_header(false)
-                    .with_delimiter(self.delimiter)
-                    .with_timestamp_format(ts.to_string())
-                    .with_timestamp_tz_format(ts_tz.to_string())
-                    .build(&mut out.file);
-                w.write(batch)?;
-            }
-            Format::Json => {
-                let mut w = arrow::json::WriterBuilder::new()
-                    .with_timestamp_format(ts.to_string())
-                    .with_timestamp_tz_format(ts_tz.to_string())
-                    .build::<_, arrow::json::writer::LineDelimited>(&mut out.file);
-                w.write(batch)?;
-                w.finish()?;
-            }
-            Format::DebeziumJson => {
-                return Err(SqlError::internal(
-                    "a 'debezium-json' sink is refused when it is opened",
-                ))
-            }
-        }
+        let mut buf = Vec::new();
+        self.encoder.write(batch, &mut buf)?;
+        out.file
+            .write_all(&buf)
+            .map_err(|e| io_error("write file", &out.temp, e))?;
         Ok(())
     }
 
@@ -644,6 +453,7 @@ mod tests {
     use super::*;
     use crate::connector::factory::test_util::table;
     use arrow::array::{Array, AsArray, Int32Array, StringArray, TimestampMillisecondArray};
+    use arrow::compute::concat_batches;
     use arrow::datatypes::{Int32Type, TimestampMillisecondType};
     use std::sync::Arc;
     use weir_catalog::SqlType;

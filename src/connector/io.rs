@@ -11,6 +11,7 @@ use datafusion::common::Result;
 
 use crate::stream::checkpoint::Precommit;
 use crate::stream::message::ChangeBatch;
+use crate::stream::message::Epoch;
 
 /// One split (partition) of a source table, read by one source subtask.
 #[async_trait]
@@ -27,6 +28,13 @@ pub trait SplitReader: Send {
     fn position(&self) -> Vec<u8>;
 
     fn restore(&mut self, position: &[u8]) -> Result<()>;
+
+    /// For a reader of several partitions (Kafka): which of how many partitions the last
+    /// batch came from. The source then keeps a watermark per partition and moves on
+    /// with the lowest of those not idle.
+    fn lane(&self) -> crate::stream::source::LaneOf {
+        None
+    }
 
     /// Malformed records skipped so far (by a source told to ignore parse errors).
     fn skipped_records(&self) -> u64 {
@@ -55,4 +63,18 @@ pub trait SinkWriter: Send {
         self.flush().await?;
         Ok(None)
     }
+}
+
+/// Writes the rows sink subtasks kept for an epoch (`Precommit::Rows`), once the epoch
+/// committed: a sink that can only make output visible by writing it (Kafka's
+/// write-ahead mode). `redo` is set when the commit of a restored epoch is done again
+/// after a crash: what was written before it must not be written twice.
+#[async_trait]
+pub trait EpochWriter: Send + Sync {
+    async fn commit(
+        self: std::sync::Arc<Self>,
+        epoch: Epoch,
+        rows: Vec<(u32, Vec<ChangeBatch>)>,
+        redo: bool,
+    ) -> Result<()>;
 }

@@ -101,6 +101,10 @@ const CONNECTORS: &[ConnectorSpec] = &[
             opt("scan.startup.specific-offsets", Kind::Text),
             opt("scan.startup.timestamp-millis", Kind::Integer),
             opt("scan.topic-partition-discovery.interval", Kind::Duration),
+            opt(
+                "scan.bounded.mode",
+                Kind::OneOf(&["unbounded", "latest-offset"]),
+            ),
             opt("format", Kind::OneOf(FORMATS)),
             opt("value.format", Kind::OneOf(FORMATS)),
             opt("key.format", Kind::OneOf(FORMATS)),
@@ -127,6 +131,31 @@ const CONNECTORS: &[ConnectorSpec] = &[
                 Kind::OneOf(&["default", "fixed", "round-robin"]),
             ),
             IDLE_TIMEOUT,
+        ],
+        prefixes: &["properties."],
+    },
+    ConnectorSpec {
+        name: "upsert-kafka",
+        options: &[
+            required("topic", Kind::Text),
+            required("properties.bootstrap.servers", Kind::Text),
+            required("key.format", Kind::OneOf(&["json", "csv", "raw"])),
+            required("value.format", Kind::OneOf(&["json", "csv", "raw"])),
+            opt("value.fields-include", Kind::OneOf(&["ALL", "EXCEPT_KEY"])),
+            opt(
+                "json.timestamp-format.standard",
+                Kind::OneOf(&["SQL", "ISO-8601"]),
+            ),
+            opt("csv.field-delimiter", Kind::Text),
+            opt(
+                "sink.delivery-guarantee",
+                Kind::OneOf(&["none", "at-least-once", "exactly-once"]),
+            ),
+            opt(
+                "sink.exactly-once.mode",
+                Kind::OneOf(&["transactional", "write-ahead"]),
+            ),
+            opt("sink.transactional-id-prefix", Kind::Text),
         ],
         prefixes: &["properties."],
     },

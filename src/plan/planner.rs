@@ -200,7 +200,12 @@ impl<'a> Planner<'a> {
         // as they come.
         let takes_updates = match &sink {
             SinkKind::Log(def) => !def.primary_key.is_empty(),
-            SinkKind::Connector(def) => matches!(def.connector(), Some("blackhole" | "print")),
+            SinkKind::Connector(def) => {
+                matches!(
+                    def.connector(),
+                    Some("blackhole" | "print" | "upsert-kafka")
+                )
+            }
             _ => true,
         };
         if let (SinkKind::Log(def) | SinkKind::Connector(def), false) = (&sink, takes_updates) {
@@ -213,6 +218,27 @@ impl<'a> Planner<'a> {
         // Views and tables gather into one subtask at any parallelism, so that a job's
         // graph has the same shape at every parallelism it can be rescaled to.
         let (exchange, parallelism) = match &sink {
+            // An upsert sink gets each key's changes in order from one subtask.
+            SinkKind::Connector(def) if def.connector() == Some("upsert-kafka") => {
+                let keys = def
+                    .primary_key
+                    .iter()
+                    .map(|k| {
+                        let i = def
+                            .columns
+                            .iter()
+                            .position(|c| &c.name == k)
+                            .ok_or_else(|| {
+                                DataFusionError::Plan(format!("no primary key column \"{k}\""))
+                            })?;
+                        Ok(
+                            Arc::new(datafusion::physical_expr::expressions::Column::new(k, i))
+                                as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (Exchange::Hash(keys), stream.parallelism)
+            }
             SinkKind::Connector(_) => (Exchange::Forward, stream.parallelism),
             SinkKind::Collect(_) if stream.parallelism == 1 => (Exchange::Forward, 1),
             _ => (Exchange::Gather, 1),

@@ -448,7 +448,7 @@ impl Engine {
         start: Start<'_>,
     ) -> SqlResult<Arc<RunningJob>> {
         let checkpoints = Checkpoints::new(self.catalog.store(), key);
-        let committer = match crate::stream::job::committer(&graph, &self.catalog) {
+        let committer = match crate::stream::job::committer(&graph, &self.catalog, &id)? {
             // Nothing to put back into rows that stayed published.
             Committer::View(_) if start == Start::Rescale => Committer::Direct,
             committer => committer,

@@ -18,7 +18,7 @@ use super::graph::{Exchange, NodeKind, SinkKind, SourceKind, StreamGraph};
 use super::message::{ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK};
 use super::operator::Operator;
 use super::sink::Sink;
-use super::source::{Read, Reader, SourceRows};
+use super::source::{LaneOf, Read, Reader, SourceRows};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
@@ -353,8 +353,16 @@ impl Output {
 }
 
 /// How a sink's output becomes visible when an epoch commits.
-pub fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>) -> Committer {
-    match graph.nodes.last().map(|n| &n.kind) {
+/// What makes a job's epochs visible: by its sink.
+pub fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>, job: &str) -> Result<Committer> {
+    if let Some(NodeKind::Sink(SinkKind::Connector(def))) = graph.nodes.last().map(|n| &n.kind) {
+        if let Some(writer) = crate::connector::factory::open_epoch_writer(def, job)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+        {
+            return Ok(Committer::Epoch(writer));
+        }
+    }
+    Ok(match graph.nodes.last().map(|n| &n.kind) {
         Some(NodeKind::Sink(SinkKind::View(state))) => Committer::View(state.clone()),
         Some(NodeKind::Sink(SinkKind::Log(def))) => Committer::Log {
             def: def.clone(),
@@ -364,7 +372,7 @@ pub fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>) -> Committer {
             Committer::Files
         }
         _ => Committer::Direct,
-    }
+    })
 }
 
 impl RunningJob {
@@ -666,7 +674,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
     let coordinator = Coordinator {
         job: id.clone(),
         tasks: operator_names.len(),
-        committer: committer(graph, catalog),
+        committer: committer(graph, catalog, id)?,
         durable: plan.durable.clone(),
         operator_names,
         history: plan.history.clone(),
@@ -807,7 +815,7 @@ fn failure_of(
 /// view keeps its rows in memory; it only gets the epochs it had not published yet.
 async fn relaunch(plan: &Plan) -> Result<Launched> {
     let durable = plan.durable.as_ref().expect("only durable jobs restart");
-    let (committer, view) = match committer(&plan.graph, &plan.catalog) {
+    let (committer, view) = match committer(&plan.graph, &plan.catalog, &plan.id)? {
         Committer::View(state) => (Committer::Direct, Some(state)),
         other => (other, None),
     };
@@ -932,7 +940,7 @@ async fn run_source(
             biased;
             Some(epoch) = barriers.recv() => {
                 for read in reader.available_now()? {
-                    if handle_read(read, &mut rows, &mut chain, &mut output, &end, &mut idle).await? {
+                    if handle_read(read, None, &mut rows, &mut chain, &mut output, &end, &mut idle).await? {
                         return source_ended(&mut reader, &rows, &mut chain, &mut output, &end).await;
                     }
                 }
@@ -950,7 +958,7 @@ async fn run_source(
                 continue;
             }
             read = reader.next() => read?,
-            _ = tick.tick(), if rows.processing_time() => {
+            _ = tick.tick(), if rows.ticks() => {
                 if let Some(w) = rows.tick() {
                     let out = chain.watermark(w)?;
                     output.rows(out, &end).await?;
@@ -964,7 +972,18 @@ async fn run_source(
                 continue;
             }
         };
-        if handle_read(read, &mut rows, &mut chain, &mut output, &end, &mut idle).await? {
+        let lane = reader.lane();
+        if handle_read(
+            read,
+            lane,
+            &mut rows,
+            &mut chain,
+            &mut output,
+            &end,
+            &mut idle,
+        )
+        .await?
+        {
             return source_ended(&mut reader, &rows, &mut chain, &mut output, &end).await;
         }
     }
@@ -973,6 +992,7 @@ async fn run_source(
 /// Returns true at the end of the input.
 async fn handle_read(
     read: Read,
+    lane: LaneOf,
     rows: &mut SourceRows,
     chain: &mut Chain,
     output: &mut Output,
@@ -989,7 +1009,7 @@ async fn handle_read(
                 .rows_in
                 .fetch_add(physical.num_rows() as u64, Ordering::Relaxed);
             let before = rows.watermark;
-            let batch = rows.prepare(physical)?;
+            let batch = rows.prepare(physical, lane)?;
             let out = chain.push(0, 0, batch)?;
             output.rows(out, end).await?;
             if rows.watermark > before {

@@ -121,6 +121,14 @@ impl Reader {
         Ok(())
     }
 
+    /// The partition the last rows came from, for a reader of several.
+    pub fn lane(&self) -> LaneOf {
+        match self {
+            Reader::Split(r) => r.lane(),
+            _ => None,
+        }
+    }
+
     /// Waits for the next rows.
     pub async fn next(&mut self) -> Result<Read> {
         match self {
@@ -343,7 +351,18 @@ pub struct SourceRows {
     /// which dominated sources; a fixed length of time is an integer subtraction.
     minus_millis: Option<(usize, i64)>,
     pub watermark: Millis,
+    /// Per-partition watermarks of a reader of several partitions (Kafka): the source's
+    /// watermark is the lowest of the partitions that are not idle.
+    lanes: Vec<Lane>,
 }
+
+struct Lane {
+    watermark: Millis,
+    last_rows: std::time::Instant,
+}
+
+/// Which partition (lane) of how many a batch came from.
+pub type LaneOf = Option<(u32, u32)>;
 
 /// `(column, ms)` when `expr` is `column - INTERVAL` over a millisecond timestamp column
 /// of `schema`, the interval being a whole number of milliseconds without months or days
@@ -390,7 +409,23 @@ impl SourceRows {
             time: spec.time.clone(),
             minus_millis,
             watermark: NO_WATERMARK,
+            lanes: vec![],
         }
+    }
+
+    /// The lowest watermark of the lanes other than `except` that had rows within the
+    /// idle timeout (`Millis::MAX` when there are none).
+    fn active_lanes_min(&self, except: Option<usize>) -> Millis {
+        let now = std::time::Instant::now();
+        let timeout = self.idle_timeout();
+        self.lanes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != except)
+            .filter(|(_, l)| timeout.is_none_or(|t| now.duration_since(l.last_rows) < t))
+            .map(|(_, l)| l.watermark)
+            .min()
+            .unwrap_or(Millis::MAX)
     }
 
     pub fn idle_timeout(&self) -> Option<Duration> {
@@ -406,7 +441,7 @@ impl SourceRows {
 
     /// The full rows of a physical batch, each with the watermark it meets and the
     /// change it makes (inserts unless the source is a changelog).
-    pub fn prepare(&mut self, physical: ChangeBatch) -> Result<ChangeBatch> {
+    pub fn prepare(&mut self, physical: ChangeBatch, lane: LaneOf) -> Result<ChangeBatch> {
         let ChangeBatch {
             rows: physical,
             ops,
@@ -426,8 +461,34 @@ impl SourceRows {
         batch.ops = ops;
         match &self.time {
             TimeSource::Watermark { expr, .. } => {
+                // Without lanes the watermark follows the rows; with lanes, this lane's
+                // watermark does, and the source's is capped by the other active lanes.
+                let (lane, cap) = match lane {
+                    Some((lane, lanes)) => {
+                        let now = std::time::Instant::now();
+                        let count = self.lanes.len().max(lanes as usize);
+                        self.lanes.resize_with(count, || Lane {
+                            watermark: NO_WATERMARK,
+                            last_rows: now,
+                        });
+                        self.lanes[lane as usize].last_rows = now;
+                        (
+                            Some(lane as usize),
+                            self.active_lanes_min(Some(lane as usize)),
+                        )
+                    }
+                    None => (None, Millis::MAX),
+                };
                 let mut current = self.watermark;
+                let mut lane_watermark = lane.map_or(current, |l| self.lanes[l].watermark);
                 let mut meets = Vec::with_capacity(batch.num_rows());
+                let mut advance = |meets: &mut Vec<Millis>, v: Option<Millis>| {
+                    meets.push(current);
+                    if let Some(v) = v {
+                        lane_watermark = lane_watermark.max(v);
+                        current = current.max(lane_watermark.min(cap));
+                    }
+                };
                 let fast = self
                     .minus_millis
                     .map(|(column, ms)| (to_millis(batch.rows.column(column)), ms));
@@ -437,22 +498,19 @@ impl SourceRows {
                         if times.values().iter().all(|t| t.checked_sub(ms).is_some()) =>
                     {
                         for i in 0..times.len() {
-                            meets.push(current);
-                            if times.is_valid(i) {
-                                current = current.max(times.value(i) - ms);
-                            }
+                            advance(&mut meets, times.is_valid(i).then(|| times.value(i) - ms));
                         }
                     }
                     _ => {
                         let values = expr.evaluate(&batch.rows)?.into_array(batch.num_rows())?;
                         let millis = to_millis(&values)?;
                         for i in 0..millis.len() {
-                            meets.push(current);
-                            if millis.is_valid(i) {
-                                current = current.max(millis.value(i));
-                            }
+                            advance(&mut meets, millis.is_valid(i).then(|| millis.value(i)));
                         }
                     }
+                }
+                if let Some(l) = lane {
+                    self.lanes[l].watermark = lane_watermark;
                 }
                 self.watermark = current;
                 batch.watermarks = Some(Int64Array::from(meets));
@@ -467,10 +525,20 @@ impl SourceRows {
         Ok(batch)
     }
 
-    /// Processing time moves on without rows.
+    /// Whether [`SourceRows::tick`] has work: processing time, or lanes that may go idle.
+    pub fn ticks(&self) -> bool {
+        self.processing_time() || (!self.lanes.is_empty() && self.idle_timeout().is_some())
+    }
+
+    /// Processing time moves on without rows, and so does the watermark of a source
+    /// whose slowest lanes went idle.
     pub fn tick(&mut self) -> Option<Millis> {
         if !self.processing_time() {
-            return None;
+            let min = self.active_lanes_min(None);
+            return (min != Millis::MAX && min > self.watermark).then(|| {
+                self.watermark = min;
+                min
+            });
         }
         let now = chrono::Utc::now().timestamp_millis() - 1;
         (now > self.watermark).then(|| {

@@ -50,6 +50,8 @@ pub enum Committer {
         catalog: Arc<Catalog>,
     },
     Files,
+    /// Sink subtasks keep their epoch's rows; this writes them when it commits.
+    Epoch(Arc<dyn crate::connector::io::EpochWriter>),
 }
 
 /// One checkpoint as SHOW CHECKPOINTS lists it.
@@ -381,8 +383,25 @@ impl Coordinator {
                 let files = files_of(precommits);
                 blocking(move || publish_files(&files)).await
             }
+            Committer::Epoch(writer) => {
+                writer
+                    .clone()
+                    .commit(epoch, rows_of(precommits), false)
+                    .await
+            }
         }
     }
+}
+
+/// The rows every sink subtask kept, by subtask.
+fn rows_of(precommits: Vec<Precommit>) -> Vec<(u32, Vec<ChangeBatch>)> {
+    precommits
+        .into_iter()
+        .filter_map(|p| match p {
+            Precommit::Rows { subtask, rows } => Some((subtask, rows)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The finished files of every sink subtask.
@@ -391,7 +410,7 @@ fn files_of(precommits: Vec<Precommit>) -> Vec<(std::path::PathBuf, std::path::P
         .into_iter()
         .flat_map(|p| match p {
             Precommit::Files(f) => f,
-            Precommit::Changes { .. } => vec![],
+            _ => vec![],
         })
         .collect()
 }
@@ -492,6 +511,12 @@ pub async fn redo(
         Committer::Files => {
             let files = files_of(precommits);
             blocking(move || publish_files(&files)).await
+        }
+        Committer::Epoch(writer) => {
+            writer
+                .clone()
+                .commit(epoch, rows_of(precommits), true)
+                .await
         }
     }
 }

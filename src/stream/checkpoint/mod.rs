@@ -86,6 +86,11 @@ pub enum Precommit {
     },
     /// Finished hidden files, each renamed to its visible name at the commit.
     Files(Vec<(PathBuf, PathBuf)>),
+    /// Rows a sink subtask leaves to the job's [`crate::connector::io::EpochWriter`].
+    Rows {
+        subtask: u32,
+        rows: Vec<ChangeBatch>,
+    },
 }
 
 impl Precommit {
@@ -100,6 +105,10 @@ impl Precommit {
                 ended: *ended,
             },
             Precommit::Files(_) => Precommit::Files(vec![]),
+            Precommit::Rows { subtask, .. } => Precommit::Rows {
+                subtask: *subtask,
+                rows: vec![],
+            },
         }
     }
 }
@@ -179,6 +188,14 @@ impl TaskSnapshot {
                     w.bytes(to.to_string_lossy().as_bytes());
                 }
             }
+            Some(Precommit::Rows { subtask, rows }) => {
+                w.u64(3);
+                w.u64(*subtask as u64);
+                w.u64(rows.len() as u64);
+                for c in rows {
+                    w.bytes(&encode_changes(c)?);
+                }
+            }
         }
         Ok(w.bytes)
     }
@@ -233,6 +250,13 @@ impl TaskSnapshot {
                     watermark,
                     ended,
                 })
+            }
+            3 => {
+                let subtask = r.u64()? as u32;
+                let rows = (0..r.u64()?)
+                    .map(|_| decode_changes(r.bytes()?))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Precommit::Rows { subtask, rows })
             }
             _ => {
                 let mut files = Vec::new();

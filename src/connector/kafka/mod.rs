@@ -1,0 +1,169 @@
+//! The `kafka` connector (and `upsert-kafka` as a sink), on librdkafka through `rdkafka`.
+//!
+//! Options follow Flink's Kafka connector. Every `properties.*` option goes to librdkafka
+//! without its prefix. A source reads the partitions of its topics (or of the topics a
+//! pattern matches) spread over the source subtasks; its offsets live in Weir's
+//! checkpoints, so recovery rewinds exactly. A sink writes each row as a message, with
+//! the delivery guarantee the table asks for (see [`sink`]).
+
+pub mod sink;
+pub mod source;
+
+use rdkafka::ClientConfig;
+use weir_catalog::TableDef;
+
+use super::factory::invalid;
+use super::format::Format;
+use crate::sql::error::{sqlstate, SqlError, SqlResult};
+
+/// librdkafka's settings from the table's `properties.*` options, with `defaults` for
+/// those the table leaves out.
+fn client_config(def: &TableDef, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in defaults {
+        config.set(*k, *v);
+    }
+    for (key, value) in &def.options {
+        if let Some(property) = key.strip_prefix("properties.") {
+            config.set(property, value);
+        }
+    }
+    config
+}
+
+/// A librdkafka error as the client sees it.
+fn kafka_error(def: &TableDef, what: &str, e: rdkafka::error::KafkaError) -> SqlError {
+    SqlError::new(
+        sqlstate::IO_ERROR,
+        format!("kafka table \"{}\": cannot {what}: {e}", def.name),
+    )
+}
+
+/// The topics a table names: 'topic' is one or a `;`-separated list.
+fn topics(def: &TableDef) -> Vec<String> {
+    def.options
+        .get("topic")
+        .map(|t| {
+            t.split(';')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How a table's columns map to a message: the value's format and columns, and the
+/// key's when 'key.format' is set.
+#[derive(Debug, Clone)]
+struct Layout {
+    value_format: Format,
+    /// Table columns (indices) the value holds, in order.
+    value_columns: Vec<usize>,
+    key_format: Option<Format>,
+    /// Table columns the key holds ('key.fields').
+    key_columns: Vec<usize>,
+}
+
+impl Layout {
+    fn of(def: &TableDef) -> SqlResult<Self> {
+        let value_format = match (
+            Format::named(def, "format")?,
+            Format::named(def, "value.format")?,
+        ) {
+            (Some(f), None) | (None, Some(f)) => f,
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!(
+                    "kafka table \"{}\" sets both 'format' and 'value.format'; keep one",
+                    def.name
+                )))
+            }
+            (None, None) => {
+                return Err(invalid(format!(
+                    "kafka table \"{}\" needs option 'format' (or 'value.format')",
+                    def.name
+                )))
+            }
+        };
+        let key_format = Format::named(def, "key.format")?;
+        let upsert = def.connector() == Some("upsert-kafka");
+        if upsert && (def.primary_key.is_empty() || def.options.contains_key("key.fields")) {
+            return Err(invalid(format!(
+                "upsert-kafka table \"{}\" takes its key from the PRIMARY KEY; declare one \
+                 (PRIMARY KEY (...) NOT ENFORCED) and leave out 'key.fields'",
+                def.name
+            )));
+        }
+        let key_fields = match def.options.get("key.fields") {
+            _ if upsert => Some(def.primary_key.join(";")),
+            fields => fields.cloned(),
+        };
+        let key_columns = match key_fields {
+            None => vec![],
+            Some(fields) => fields
+                .split(';')
+                .map(str::trim)
+                .map(|f| {
+                    def.columns.iter().position(|c| c.name == f).ok_or_else(|| {
+                        invalid(format!(
+                            "'key.fields' names column \"{f}\", which table \"{}\" does not \
+                             have",
+                            def.name
+                        ))
+                    })
+                })
+                .collect::<SqlResult<Vec<_>>>()?,
+        };
+        if key_format.is_some() == key_columns.is_empty() {
+            return Err(invalid(format!(
+                "kafka table \"{}\": 'key.format' and 'key.fields' go together; set both or \
+                 neither",
+                def.name
+            )));
+        }
+        if key_format == Some(Format::DebeziumJson) {
+            return Err(SqlError::not_supported(
+                "'key.format' cannot be 'debezium-json'; use 'json', 'csv' or 'raw'",
+            ));
+        }
+        let except_key = match def.options.get("value.fields-include").map(String::as_str) {
+            Some("EXCEPT_KEY") => true,
+            None | Some("ALL") => false,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "bad value '{other}' for 'value.fields-include'; expected ALL or EXCEPT_KEY"
+                )))
+            }
+        };
+        let value_columns = (0..def.columns.len())
+            .filter(|i| !(except_key && key_columns.contains(i)))
+            .collect::<Vec<_>>();
+        if value_columns.is_empty() {
+            return Err(invalid(format!(
+                "kafka table \"{}\": with 'value.fields-include' = 'EXCEPT_KEY' the value \
+                 holds no column",
+                def.name
+            )));
+        }
+        if value_format == Format::DebeziumJson && key_format.is_some() {
+            return Err(SqlError::not_supported(
+                "a 'debezium-json' table reads whole rows from the value; drop 'key.format'",
+            ));
+        }
+        Ok(Self {
+            value_format,
+            value_columns,
+            key_format,
+            key_columns,
+        })
+    }
+
+    /// The table's physical schema restricted to `columns`.
+    fn schema_of(def: &TableDef, columns: &[usize]) -> arrow::datatypes::SchemaRef {
+        let physical = def.physical_schema();
+        std::sync::Arc::new(physical.project(columns).expect("columns of the table"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

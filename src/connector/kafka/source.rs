@@ -1,0 +1,729 @@
+//! The Kafka source: one reader per source subtask, over the partitions assigned to it.
+//!
+//! Partitions are assigned by hand (no consumer-group rebalancing): every partition of the
+//! table's topics, in (topic, partition) order, goes to subtask `index % subtasks`.
+//! Partitions that appear later are found every 'scan.topic-partition-discovery.interval'
+//! and read from their start. The reader's position is the next offset of each of its
+//! partitions; a checkpoint records it and a restore seeks there, so no record is read
+//! twice or skipped. With 'properties.group.id' set, the positions are also committed to
+//! the group, for monitoring only.
+//!
+//! Each batch holds records of one partition, so the source keeps a watermark per
+//! partition (see [`crate::stream::source::SourceRows`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::ArrayRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::common::Result;
+use futures::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::time::Instant;
+use weir_catalog::TableDef;
+
+use super::{client_config, kafka_error, topics, Layout};
+use crate::connector::factory::{invalid, opt_bool, opt_duration, opt_u64, to_df};
+use crate::connector::format::{Format, RecordDecoder};
+use crate::sql::error::{sqlstate, SqlError, SqlResult};
+use crate::stream::message::ChangeBatch;
+use crate::stream::source::LaneOf;
+
+/// Flink's default for 'scan.topic-partition-discovery.interval'.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(300);
+/// How long a metadata or offset lookup may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Startup {
+    Earliest,
+    Latest,
+    GroupOffsets,
+    Timestamp(i64),
+    /// Offsets by partition; partitions not named start at the earliest offset.
+    Specific(HashMap<i32, i64>),
+}
+
+impl Startup {
+    fn of(def: &TableDef) -> SqlResult<Self> {
+        Ok(
+            match def.options.get("scan.startup.mode").map(String::as_str) {
+                None | Some("group-offsets") if def.options.contains_key("properties.group.id") => {
+                    Startup::GroupOffsets
+                }
+                Some("group-offsets") => {
+                    return Err(invalid(format!(
+                        "kafka table \"{}\" starts from 'group-offsets' and needs \
+                         'properties.group.id'",
+                        def.name
+                    )))
+                }
+                None | Some("earliest-offset") => Startup::Earliest,
+                Some("latest-offset") => Startup::Latest,
+                Some("timestamp") => Startup::Timestamp(
+                    opt_u64(def, "scan.startup.timestamp-millis")?.ok_or_else(|| {
+                        invalid(
+                            "'scan.startup.mode' = 'timestamp' needs \
+                             'scan.startup.timestamp-millis'",
+                        )
+                    })? as i64,
+                ),
+                Some("specific-offsets") => {
+                    let text = def
+                        .options
+                        .get("scan.startup.specific-offsets")
+                        .ok_or_else(|| {
+                            invalid(
+                                "'scan.startup.mode' = 'specific-offsets' needs \
+                                 'scan.startup.specific-offsets', e.g. \
+                                 'partition:0,offset:42;partition:1,offset:300'",
+                            )
+                        })?;
+                    Startup::Specific(specific_offsets(text)?)
+                }
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "bad value '{other}' for 'scan.startup.mode'"
+                    )))
+                }
+            },
+        )
+    }
+
+    fn offset(&self, partition: i32) -> Offset {
+        match self {
+            Startup::Earliest | Startup::Timestamp(_) => Offset::Beginning,
+            Startup::Latest => Offset::End,
+            Startup::GroupOffsets => Offset::Stored,
+            Startup::Specific(offsets) => offsets
+                .get(&partition)
+                .map_or(Offset::Beginning, |o| Offset::Offset(*o)),
+        }
+    }
+}
+
+/// Flink's 'partition:0,offset:42;partition:1,offset:300'.
+fn specific_offsets(text: &str) -> SqlResult<HashMap<i32, i64>> {
+    let bad = || {
+        invalid(format!(
+            "bad value '{text}' for 'scan.startup.specific-offsets'; expected \
+             'partition:0,offset:42;partition:1,offset:300'"
+        ))
+    };
+    let mut out = HashMap::new();
+    for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (p, o) = entry.split_once(',').ok_or_else(bad)?;
+        let p = p.trim().strip_prefix("partition:").ok_or_else(bad)?;
+        let o = o.trim().strip_prefix("offset:").ok_or_else(bad)?;
+        out.insert(
+            p.trim().parse().map_err(|_| bad())?,
+            o.trim().parse().map_err(|_| bad())?,
+        );
+    }
+    Ok(out)
+}
+
+/// Whether the source ends: 'scan.bounded.mode' = 'latest-offset'.
+pub fn is_bounded(def: &TableDef) -> SqlResult<bool> {
+    match def.options.get("scan.bounded.mode").map(String::as_str) {
+        None | Some("unbounded") => Ok(false),
+        Some("latest-offset") => Ok(true),
+        Some(other) => Err(invalid(format!(
+            "bad value '{other}' for 'scan.bounded.mode'; Weir reads 'unbounded' or \
+             'latest-offset'"
+        ))),
+    }
+}
+
+/// Which topics the table reads.
+#[derive(Debug, Clone)]
+enum Topics {
+    Named(Vec<String>),
+    Pattern(regex::Regex),
+}
+
+impl Topics {
+    fn of(def: &TableDef) -> SqlResult<Self> {
+        match def.options.get("topic-pattern") {
+            Some(p) => Ok(Topics::Pattern(
+                regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                    invalid(format!("bad regular expression in 'topic-pattern': {e}"))
+                })?,
+            )),
+            None => Ok(Topics::Named(topics(def))),
+        }
+    }
+}
+
+/// A partition this reader reads, and where it is.
+#[derive(Debug, Clone)]
+struct Partition {
+    topic: String,
+    partition: i32,
+    /// The offset after the last record returned; `None` until a record was returned
+    /// (then the startup mode decides where reading starts).
+    next: Option<i64>,
+    /// With 'scan.bounded.mode' = 'latest-offset': where reading starts and the end
+    /// offset when the source started; the partition is done once `next` reaches it.
+    bounds: Option<(i64, i64)>,
+    /// Startup mode 'timestamp' read from the partition's start: records before this
+    /// time are skipped until the first one at or after it.
+    from_time: Option<i64>,
+}
+
+impl Partition {
+    fn done(&self) -> bool {
+        self.bounds
+            .is_some_and(|(start, end)| self.next.unwrap_or(start) >= end)
+    }
+}
+
+/// Records taken from the consumer, decoded but not yet returned.
+struct Pending {
+    lane: u32,
+    batch: ChangeBatch,
+    next: i64,
+}
+
+/// What decodes one message into a row: value, key and their columns.
+struct Decoders {
+    value: RecordDecoder,
+    value_columns: Vec<usize>,
+    key: Option<(RecordDecoder, Vec<usize>)>,
+    schema: arrow::datatypes::SchemaRef,
+}
+
+pub struct KafkaSource {
+    def: Arc<TableDef>,
+    split: usize,
+    splits: usize,
+    batch_size: usize,
+    topics: Topics,
+    startup: Startup,
+    discovery: Duration,
+    /// 'scan.bounded.mode' = 'latest-offset': the source ends at the offsets its
+    /// partitions had when it started.
+    bounded: bool,
+    ignore_errors: bool,
+    commit_to_group: bool,
+    decoders: Decoders,
+    consumer: Option<Arc<StreamConsumer>>,
+    /// The partitions assigned, in the order they were found: a partition's index is
+    /// its watermark lane.
+    partitions: Vec<Partition>,
+    restored: HashMap<(String, i32), i64>,
+    /// Partitions to start by skipping records older than the startup timestamp.
+    from_time: Vec<(String, i32)>,
+    next_discovery: Instant,
+    pending: VecDeque<Pending>,
+    last_lane: LaneOf,
+    skipped: u64,
+}
+
+impl KafkaSource {
+    pub fn open(def: &TableDef, split: usize, splits: usize, batch_size: usize) -> SqlResult<Self> {
+        let layout = Layout::of(def)?;
+        let value_schema = Layout::schema_of(def, &layout.value_columns);
+        let key = match layout.key_format {
+            Some(f) => Some((
+                RecordDecoder::new(def, f, Layout::schema_of(def, &layout.key_columns))?,
+                layout.key_columns.clone(),
+            )),
+            None => None,
+        };
+        let ignore_errors = opt_bool(def, layout.value_format.ignore_errors_option())?
+            || layout
+                .key_format
+                .is_some_and(|f| opt_bool(def, f.ignore_errors_option()).unwrap_or(false));
+        Ok(Self {
+            def: Arc::new(def.clone()),
+            split,
+            splits,
+            batch_size,
+            topics: Topics::of(def)?,
+            startup: Startup::of(def)?,
+            discovery: opt_duration(def, "scan.topic-partition-discovery.interval")?
+                .unwrap_or(DISCOVERY_INTERVAL),
+            bounded: is_bounded(def)?,
+            ignore_errors,
+            commit_to_group: def.options.contains_key("properties.group.id"),
+            decoders: Decoders {
+                value: RecordDecoder::new(def, layout.value_format, value_schema)?,
+                value_columns: layout.value_columns,
+                key,
+                schema: def.physical_schema(),
+            },
+            consumer: None,
+            partitions: vec![],
+            restored: HashMap::new(),
+            from_time: vec![],
+            next_discovery: Instant::now(),
+            pending: VecDeque::new(),
+            last_lane: None,
+            skipped: 0,
+        })
+    }
+
+    fn consumer(&mut self) -> SqlResult<Arc<StreamConsumer>> {
+        if let Some(c) = &self.consumer {
+            return Ok(c.clone());
+        }
+        let consumer: StreamConsumer = client_config(
+            &self.def,
+            &[
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("enable.partition.eof", "false"),
+                ("auto.offset.reset", "earliest"),
+                // librdkafka wants a group for any consumer; offsets are Weir's own.
+                ("group.id", "weir"),
+            ],
+        )
+        .create()
+        .map_err(|e| kafka_error(&self.def, "create a consumer", e))?;
+        let consumer = Arc::new(consumer);
+        self.consumer = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    /// The partitions of the table's topics this split owns and does not read yet, with
+    /// the offsets to start them at.
+    async fn discover(&mut self) -> SqlResult<()> {
+        let consumer = self.consumer()?;
+        let topics = self.topics.clone();
+        let def = self.def.clone();
+        let all = tokio::task::spawn_blocking(move || -> SqlResult<Vec<(String, i32)>> {
+            let metadata = consumer
+                .fetch_metadata(None, LOOKUP_TIMEOUT)
+                .map_err(|e| kafka_error(&def, "read topic metadata", e))?;
+            let mut all = vec![];
+            for t in metadata.topics() {
+                let wanted = match &topics {
+                    Topics::Named(names) => names.iter().any(|n| n == t.name()),
+                    Topics::Pattern(p) => p.is_match(t.name()),
+                };
+                if wanted && t.error().is_none() {
+                    all.extend(
+                        t.partitions()
+                            .iter()
+                            .map(|p| (t.name().to_string(), p.id())),
+                    );
+                }
+            }
+            all.sort();
+            Ok(all)
+        })
+        .await
+        .map_err(|e| SqlError::internal(format!("kafka metadata lookup failed: {e}")))??;
+        let new: Vec<(String, i32)> = all
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.splits == self.split)
+            .map(|(_, p)| p)
+            .filter(|(t, p)| {
+                !self
+                    .partitions
+                    .iter()
+                    .any(|q| &q.topic == t && q.partition == *p)
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        // Where each new partition starts: its restored offset, else the startup mode
+        // on the first discovery, else (a partition added while running) its start.
+        let first = self.partitions.is_empty() && self.restored.is_empty();
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &new {
+            let offset = match self.restored.get(&(t.clone(), *p)) {
+                Some(o) => Offset::Offset(*o),
+                None if first => self.startup.offset(*p),
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(t, *p, offset)
+                .map_err(|e| kafka_error(&self.def, "assign partitions", e))?;
+        }
+        if let (true, Startup::Timestamp(ts)) = (first, &self.startup) {
+            tpl = self.offsets_for_time(&new, *ts).await?;
+        }
+        let bounds = if self.bounded {
+            Some(self.bounds(&tpl).await?)
+        } else {
+            None
+        };
+        self.consumer()?
+            .incremental_assign(&tpl)
+            .map_err(|e| kafka_error(&self.def, "assign partitions", e))?;
+        for (i, (topic, partition)) in new.into_iter().enumerate() {
+            let next = self.restored.get(&(topic.clone(), partition)).copied();
+            let from_time = match &self.startup {
+                Startup::Timestamp(ts) if self.from_time.contains(&(topic.clone(), partition)) => {
+                    Some(*ts)
+                }
+                _ => None,
+            };
+            self.partitions.push(Partition {
+                topic,
+                partition,
+                from_time,
+                next,
+                bounds: bounds.as_ref().map(|b| b[i]),
+            });
+        }
+        Ok(())
+    }
+
+    /// (start, end) of each partition of `tpl`: where it will be read from, and its end
+    /// offset now.
+    async fn bounds(&mut self, tpl: &TopicPartitionList) -> SqlResult<Vec<(i64, i64)>> {
+        let consumer = self.consumer()?;
+        let def = self.def.clone();
+        let wanted: Vec<(String, i32, Offset)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition(), e.offset()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let committed = if wanted.iter().any(|w| w.2 == Offset::Stored) {
+                let mut query = TopicPartitionList::new();
+                for (t, p, _) in &wanted {
+                    query.add_partition(t, *p);
+                }
+                Some(
+                    consumer
+                        .committed_offsets(query, LOOKUP_TIMEOUT)
+                        .map_err(|e| kafka_error(&def, "read the group's offsets", e))?,
+                )
+            } else {
+                None
+            };
+            wanted
+                .iter()
+                .map(|(t, p, offset)| {
+                    let (low, high) = consumer
+                        .fetch_watermarks(t, *p, LOOKUP_TIMEOUT)
+                        .map_err(|e| kafka_error(&def, "read partition offsets", e))?;
+                    let offset = match (offset, &committed) {
+                        (Offset::Stored, Some(c)) => c
+                            .find_partition(t, *p)
+                            .map_or(Offset::Beginning, |e| e.offset()),
+                        (o, _) => *o,
+                    };
+                    let start = match offset {
+                        Offset::Offset(o) => o,
+                        Offset::End => high,
+                        _ => low,
+                    };
+                    Ok((start, high))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| SqlError::internal(format!("kafka offset lookup failed: {e}")))?
+    }
+
+    /// The first offset at or after `ts` in each partition, as the broker finds it. Where
+    /// it finds none, the partition is read from its start and records before `ts` are
+    /// skipped as they come ([`Partition::from_time`]): brokers that do not index times
+    /// (librdkafka's mock cluster) answer "none" for every partition.
+    async fn offsets_for_time(
+        &mut self,
+        partitions: &[(String, i32)],
+        ts: i64,
+    ) -> SqlResult<TopicPartitionList> {
+        let consumer = self.consumer()?;
+        let def = self.def.clone();
+        let mut query = TopicPartitionList::new();
+        for (t, p) in partitions {
+            query
+                .add_partition_offset(t, *p, Offset::Offset(ts))
+                .map_err(|e| kafka_error(&def, "look up offsets", e))?;
+        }
+        let mut found = tokio::task::spawn_blocking(move || {
+            consumer
+                .offsets_for_times(query, LOOKUP_TIMEOUT)
+                .map_err(|e| kafka_error(&def, "look up offsets by timestamp", e))
+        })
+        .await
+        .map_err(|e| SqlError::internal(format!("kafka offset lookup failed: {e}")))??;
+        for (t, p) in partitions {
+            let by_broker = found.find_partition(t, *p).map(|e| e.offset());
+            if !matches!(by_broker, Some(Offset::Offset(_))) {
+                found
+                    .set_partition_offset(t, *p, Offset::Beginning)
+                    .map_err(|e| kafka_error(&self.def, "look up offsets", e))?;
+                self.from_time.push((t.clone(), *p));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Takes what the consumer has (waiting only for the first message; cancelling
+    /// while waiting loses nothing) and decodes it into per-partition batches.
+    async fn fetch(&mut self, consumer: &StreamConsumer) -> SqlResult<()> {
+        let mut messages = vec![];
+        let first = tokio::select! {
+            m = consumer.recv() => m,
+            _ = tokio::time::sleep_until(self.next_discovery) => return Ok(()),
+        };
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Ok(m) => messages.push(Record {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                }),
+                // librdkafka retries what it can; what reaches here is reported and
+                // reading goes on (a partition's leader moving, a topic being created).
+                Err(e) => tracing::warn!(table = %self.def.name, "kafka: {e}"),
+            }
+            if messages.len() < self.batch_size {
+                next = consumer.recv().now_or_never();
+            }
+        }
+        let mut by_lane: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        for r in messages {
+            let Some(lane) = self
+                .partitions
+                .iter()
+                .position(|p| p.topic == r.topic && p.partition == r.partition)
+            else {
+                continue;
+            };
+            by_lane.entry(lane as u32).or_default().push(r);
+        }
+        for (lane, mut records) in by_lane {
+            // A bounded read stops at each partition's end offset.
+            if let Some((_, end)) = self.partitions[lane as usize].bounds {
+                records.retain(|r| r.offset < end);
+                if records.is_empty() {
+                    continue;
+                }
+            }
+            let next = records.last().expect("grouped").offset + 1;
+            let partition = &mut self.partitions[lane as usize];
+            if let Some(ts) = partition.from_time {
+                match records
+                    .iter()
+                    .position(|r| r.timestamp.is_some_and(|t| t >= ts))
+                {
+                    Some(first) => {
+                        records.drain(..first);
+                        partition.from_time = None;
+                    }
+                    None => records.clear(),
+                }
+            }
+            let batch = self.decode(&records)?;
+            self.pending.push_back(Pending { lane, batch, next });
+        }
+        Ok(())
+    }
+
+    /// One partition's records as rows; tombstones (no value) are not rows.
+    fn decode(&mut self, records: &[Record]) -> SqlResult<ChangeBatch> {
+        let records: Vec<&Record> = records.iter().filter(|r| r.value.is_some()).collect();
+        let d = &self.decoders;
+        let (buf, ranges) = joined(d.value.format(), records.iter().map(|r| r.value.as_deref()));
+        let ignore = self.ignore_errors;
+        let mut skipped = 0;
+        let def = &self.def;
+        let bad = |format: Format, r: &Record, problem: String, skipped: &mut u64| {
+            if ignore {
+                *skipped += 1;
+                Ok(())
+            } else {
+                Err(bad_record(def, format, r, problem))
+            }
+        };
+        let (values, mut kept) = d.value.decode(&buf, &ranges, |i, problem| {
+            bad(d.value.format(), records[i], problem, &mut skipped)
+        })?;
+        let Some((key_decoder, key_columns)) = &d.key else {
+            self.skipped += skipped;
+            if d.value_columns.len() == d.schema.fields().len() {
+                return Ok(values);
+            }
+            unreachable!("without a key the value holds every column");
+        };
+        let (kbuf, kranges) = joined(
+            key_decoder.format(),
+            kept.iter()
+                .map(|&i| records[i].key.as_deref().or(Some(b""))),
+        );
+        let (keys, key_kept) = key_decoder.decode(&kbuf, &kranges, |i, problem| {
+            bad(
+                key_decoder.format(),
+                records[kept[i]],
+                problem,
+                &mut skipped,
+            )
+        })?;
+        self.skipped += skipped;
+        // Rows whose key was bad are dropped from the values too.
+        let values = if key_kept.len() == kept.len() {
+            values.rows
+        } else {
+            let take = arrow::array::UInt32Array::from(
+                key_kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            );
+            kept = key_kept.iter().map(|&i| kept[i]).collect();
+            arrow::compute::take_record_batch(&values.rows, &take)?
+        };
+        let _ = kept;
+        let n = values.num_rows();
+        let columns: Vec<ArrayRef> = (0..d.schema.fields().len())
+            .map(|c| match d.value_columns.iter().position(|&v| v == c) {
+                Some(v) => values.column(v).clone(),
+                None => {
+                    let k = key_columns
+                        .iter()
+                        .position(|&k| k == c)
+                        .expect("key column");
+                    keys.rows.column(k).clone()
+                }
+            })
+            .collect();
+        Ok(ChangeBatch::new(RecordBatch::try_new_with_options(
+            d.schema.clone(),
+            columns,
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(n)),
+        )?))
+    }
+}
+
+struct Record {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+}
+
+/// Records in one buffer, each ending in a newline except for 'raw'.
+fn joined<'a>(
+    format: Format,
+    records: impl Iterator<Item = Option<&'a [u8]>>,
+) -> (Vec<u8>, Vec<Range<usize>>) {
+    let mut buf = vec![];
+    let mut ranges = vec![];
+    for r in records {
+        let start = buf.len();
+        buf.extend_from_slice(r.unwrap_or_default());
+        if format != Format::Raw {
+            buf.push(b'\n');
+        }
+        ranges.push(start..buf.len());
+    }
+    (buf, ranges)
+}
+
+fn bad_record(def: &TableDef, format: Format, r: &Record, problem: String) -> SqlError {
+    SqlError::new(
+        sqlstate::INVALID_TEXT_REPRESENTATION,
+        format!(
+            "bad {} record in kafka topic '{}' partition {} at offset {}: {problem}",
+            format.name(),
+            r.topic,
+            r.partition,
+            r.offset
+        ),
+    )
+    .with_hint(format!(
+        "fix the record, or set '{}' = 'true' on table \"{}\" to skip bad records",
+        format.ignore_errors_option(),
+        def.name
+    ))
+}
+
+#[async_trait]
+impl crate::connector::io::SplitReader for KafkaSource {
+    async fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
+        loop {
+            if let Some(p) = self.pending.pop_front() {
+                self.partitions[p.lane as usize].next = Some(p.next);
+                self.last_lane = Some((p.lane, self.partitions.len() as u32));
+                if p.batch.num_rows() == 0 {
+                    continue;
+                }
+                return Ok(Some(p.batch));
+            }
+            if Instant::now() >= self.next_discovery {
+                self.discover().await.map_err(to_df)?;
+                self.next_discovery = if self.bounded {
+                    // A bounded read takes the partitions there were at its start.
+                    Instant::now() + Duration::from_secs(86_400 * 365)
+                } else {
+                    Instant::now() + self.discovery
+                };
+            }
+            if self.bounded && self.partitions.iter().all(Partition::done) {
+                return Ok(None);
+            }
+            let consumer = self.consumer().map_err(to_df)?;
+            self.fetch(&consumer).await.map_err(to_df)?;
+        }
+    }
+
+    fn position(&self) -> Vec<u8> {
+        let mut positions: Vec<(String, i32, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|p| Some((p.topic.clone(), p.partition, p.next?)))
+            .collect();
+        // Partitions restored but not assigned yet keep their place.
+        for ((t, p), o) in &self.restored {
+            if !self
+                .partitions
+                .iter()
+                .any(|q| &q.topic == t && q.partition == *p)
+            {
+                positions.push((t.clone(), *p, *o));
+            }
+        }
+        positions.sort();
+        if self.commit_to_group && !positions.is_empty() {
+            if let Some(consumer) = &self.consumer {
+                let mut tpl = TopicPartitionList::new();
+                for (t, p, o) in &positions {
+                    let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+                }
+                // For monitoring only: Weir's checkpoints hold the offsets it resumes from.
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                    tracing::debug!(table = %self.def.name, "kafka offset commit: {e}");
+                }
+            }
+        }
+        serde_json::to_vec(&positions).expect("positions serialize")
+    }
+
+    fn restore(&mut self, position: &[u8]) -> Result<()> {
+        let positions: Vec<(String, i32, i64)> = serde_json::from_slice(position)
+            .map_err(|e| to_df(SqlError::internal(format!("bad kafka position: {e}"))))?;
+        if !self.partitions.is_empty() {
+            return Err(to_df(SqlError::internal(
+                "a kafka source is restored before it reads",
+            )));
+        }
+        self.restored = positions.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        Ok(())
+    }
+
+    fn skipped_records(&self) -> u64 {
+        self.skipped
+    }
+
+    fn lane(&self) -> LaneOf {
+        self.last_lane
+    }
+}

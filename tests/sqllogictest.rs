@@ -304,6 +304,9 @@ async fn run_all(protocol: Protocol) {
             })
         });
         runner.with_validator(validate_lines);
+        // A Kafka cluster of librdkafka's own (in this process) for the Kafka files.
+        let kafka = rdkafka::mocking::MockCluster::new(1).expect("mock kafka cluster");
+        runner.set_var("KAFKA_BOOTSTRAP".into(), kafka.bootstrap_servers());
         runner.add_label(match protocol {
             Protocol::Extended => "extended",
             Protocol::Simple => "simple",
@@ -312,6 +315,7 @@ async fn run_all(protocol: Protocol) {
             failures.push(format!("{}: {}", file.display(), e.display(true)));
         }
         server.stop().await;
+        drop(kafka);
     }
     assert_passed(&failures, "");
 }

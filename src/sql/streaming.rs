@@ -783,6 +783,7 @@ impl Engine {
             ),
             Field::new("late_rows_dropped", DataType::Int64, false),
             Field::new("state_bytes", DataType::Int64, false),
+            Field::new("bad_records_skipped", DataType::Int64, false),
         ]))
     }
 
@@ -825,6 +826,10 @@ impl Engine {
                 };
                 (j.3.metrics.state_bytes() + view) as i64
             }))),
+            Arc::new(Int64Array::from_iter_values(
+                jobs.iter()
+                    .map(|j| j.3.metrics.bad_records_skipped.load(Relaxed) as i64),
+            )),
         ];
         self.rows(RecordBatch::try_new(schema, columns)?)
     }

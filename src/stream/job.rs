@@ -51,6 +51,8 @@ pub struct TaskFigures {
 pub struct JobMetrics {
     pub rows_in: AtomicU64,
     pub rows_out: AtomicU64,
+    /// Malformed source records skipped (sources told to ignore parse errors).
+    pub bad_records_skipped: AtomicU64,
     /// The sink's watermark.
     pub watermark: AtomicI64,
     tasks: Mutex<Vec<Arc<TaskFigures>>>,
@@ -61,6 +63,7 @@ impl JobMetrics {
         Self {
             rows_in: AtomicU64::new(0),
             rows_out: AtomicU64::new(0),
+            bad_records_skipped: AtomicU64::new(0),
             watermark: AtomicI64::new(NO_WATERMARK),
             tasks: Mutex::new(Vec::new()),
         }
@@ -927,6 +930,7 @@ async fn run_source(
 ) -> Result<()> {
     let idle_timeout = rows.idle_timeout();
     let mut idle = false;
+    let mut skipped = 0;
     let mut tick = tokio::time::interval(PROCESSING_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -973,6 +977,13 @@ async fn run_source(
             }
         };
         let lane = reader.lane();
+        let now_skipped = reader.skipped_records();
+        if now_skipped > skipped {
+            end.metrics
+                .bad_records_skipped
+                .fetch_add(now_skipped - skipped, Ordering::Relaxed);
+            skipped = now_skipped;
+        }
         if handle_read(
             read,
             lane,

@@ -121,6 +121,14 @@ impl Reader {
         Ok(())
     }
 
+    /// Malformed records the reader skipped so far.
+    pub fn skipped_records(&self) -> u64 {
+        match self {
+            Reader::Split(r) => r.skipped_records(),
+            _ => 0,
+        }
+    }
+
     /// The partition the last rows came from, for a reader of several.
     pub fn lane(&self) -> LaneOf {
         match self {
@@ -578,6 +586,8 @@ mod tests {
     use datafusion::common::DFSchema;
     use datafusion::prelude::SessionContext;
 
+    use crate::stream::graph::{SourceKind, SourceSpec, TimeSource};
+
     fn watermark_expr(sql: &str, schema: &SchemaRef) -> Arc<dyn PhysicalExpr> {
         let state = SessionContext::new().state();
         let df_schema = DFSchema::try_from(schema.as_ref().clone()).unwrap();
@@ -623,5 +633,86 @@ mod tests {
                 assert_eq!(subtracted, generic, "{sql}");
             }
         }
+    }
+
+    /// A source over one millisecond timestamp column `ts` with `WATERMARK FOR ts AS ts`.
+    fn lanes_source(idle: Option<Duration>) -> SourceRows {
+        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            true,
+        )]));
+        let spec = SourceSpec {
+            kind: SourceKind::Batches(vec![]),
+            computed: vec![],
+            time: TimeSource::Watermark {
+                expr: watermark_expr("ts - INTERVAL '0' SECOND", &schema),
+                idle_timeout: idle,
+            },
+        };
+        SourceRows::new(&spec, schema)
+    }
+
+    fn times(ts: &[i64]) -> ChangeBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            true,
+        )]));
+        ChangeBatch::new(
+            RecordBatch::try_new(
+                schema,
+                vec![Arc::new(TimestampMillisecondArray::from(ts.to_vec()))],
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn partitions_keep_their_own_watermarks_and_the_lowest_active_one_counts() {
+        let mut rows = lanes_source(None);
+        // Partition 0 runs ahead; partitions 1 and 2 have nothing yet and hold it back.
+        let b = rows.prepare(times(&[100, 500]), Some((0, 3))).unwrap();
+        assert_eq!(
+            b.watermarks.unwrap().values().to_vec(),
+            vec![NO_WATERMARK; 2]
+        );
+        assert_eq!(rows.watermark, NO_WATERMARK);
+        rows.prepare(times(&[300]), Some((1, 3))).unwrap();
+        assert_eq!(rows.watermark, NO_WATERMARK, "partition 2 still holds it");
+        // The last partition's first row: the lowest of 500, 300 and its own rows.
+        let b = rows.prepare(times(&[200, 400]), Some((2, 3))).unwrap();
+        assert_eq!(
+            b.watermarks.unwrap().values().to_vec(),
+            vec![NO_WATERMARK, 200],
+            "each row meets the watermark before it"
+        );
+        assert_eq!(rows.watermark, 300);
+        // An old row of partition 1 does not move anything back.
+        rows.prepare(times(&[50]), Some((1, 3))).unwrap();
+        assert_eq!(rows.watermark, 300);
+        assert_eq!(rows.tick(), None, "nothing idles without a timeout");
+    }
+
+    #[test]
+    fn idle_partitions_stop_holding_the_watermark_back() {
+        let mut rows = lanes_source(Some(Duration::from_millis(50)));
+        rows.prepare(times(&[100]), Some((0, 2))).unwrap();
+        assert_eq!(
+            rows.watermark, NO_WATERMARK,
+            "partition 1 may still have rows"
+        );
+        assert!(rows.ticks());
+        std::thread::sleep(Duration::from_millis(80));
+        // Both went quiet: neither counts, nothing moves.
+        assert_eq!(rows.tick(), None);
+        rows.prepare(times(&[700]), Some((0, 2))).unwrap();
+        assert_eq!(rows.watermark, 700, "partition 1 is idle");
+        // Partition 1 comes back: it holds the watermark from its own rows on.
+        rows.prepare(times(&[650]), Some((1, 2))).unwrap();
+        assert_eq!(rows.watermark, 700, "never back");
+        std::thread::sleep(Duration::from_millis(80));
+        rows.prepare(times(&[900]), Some((1, 2))).unwrap();
+        assert_eq!(rows.watermark, 900, "partition 0 went idle in turn");
     }
 }

@@ -16,6 +16,8 @@ pub mod at {
     pub const DURING_WRITE: &str = "checkpoint-during-write";
     /// The epoch is committed in the store; the sinks have not published it yet.
     pub const BEFORE_PUBLISH: &str = "checkpoint-before-publish";
+    /// A Kafka write-ahead sink wrote half of a committed epoch's messages.
+    pub const KAFKA_COMMIT_MIDWAY: &str = "kafka-commit-midway";
     /// An operator processing rows.
     pub const OPERATOR: &str = "operator-process";
 }
@@ -68,6 +70,11 @@ fn parse(spec: &str) -> HashMap<String, Point> {
             ))
         })
         .collect()
+}
+
+/// Whether failpoint `name` is set at all (to prepare what it is to interrupt).
+pub fn armed(name: &str) -> bool {
+    ANY.load(Ordering::Relaxed) && points().contains_key(name)
 }
 
 /// Passes failpoint `name`; true when the caller is to fail with an error.

@@ -141,6 +141,12 @@ impl WeirProcess {
 
     /// Starts it with extra environment variables (failpoints).
     pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::try_start_with_env(data_dir, env).expect("weir logs where it listens")
+    }
+
+    /// Starts it; `None` when it exits before it listens (a failpoint crashed it while
+    /// it resumed its jobs).
+    pub fn try_start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Option<Self> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -154,17 +160,18 @@ impl WeirProcess {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let port = loop {
-            let line = lines
-                .next()
-                .expect("weir logs where it listens")
-                .expect("readable log");
+            let Some(line) = lines.next() else {
+                let _ = child.wait();
+                return None;
+            };
+            let line = line.expect("readable log");
             if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
                 break rest.split_whitespace().next().unwrap().parse().unwrap();
             }
         };
         // Keep draining the log so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self { child, port }
+        Some(Self { child, port })
     }
 
     /// SIGKILL: no chance to flush or close anything.

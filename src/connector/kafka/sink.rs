@@ -568,6 +568,23 @@ impl WriteAhead {
         Ok(older)
     }
 
+    /// The headers that name a message's place in the job's output.
+    fn headers(&self, epoch: Epoch, subtask: u32, seq: u64) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(4);
+        for (key, value) in [
+            (JOB, self.job.clone()),
+            (EPOCH, epoch.to_string()),
+            (SUBTASK, subtask.to_string()),
+            (SEQ, seq.to_string()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        headers
+    }
+
     /// (epoch, subtask, sequence) of a message this job wrote.
     fn stamp(&self, m: &impl Message) -> Option<(Epoch, u32, u64)> {
         let headers = m.headers()?;
@@ -601,6 +618,11 @@ impl WriteAhead {
         } else {
             HashSet::new()
         };
+        let total: usize = rows
+            .iter()
+            .flat_map(|(_, b)| b.iter().map(|b| b.num_rows()))
+            .sum();
+        let mut done = 0;
         for (subtask, batches) in rows {
             let mut seq = 0u64;
             for batch in batches {
@@ -613,23 +635,7 @@ impl WriteAhead {
                             seq,
                             partitions,
                         );
-                        let headers = OwnedHeaders::new()
-                            .insert(Header {
-                                key: JOB,
-                                value: Some(self.job.as_bytes()),
-                            })
-                            .insert(Header {
-                                key: EPOCH,
-                                value: Some(epoch.to_string().as_bytes()),
-                            })
-                            .insert(Header {
-                                key: SUBTASK,
-                                value: Some(subtask.to_string().as_bytes()),
-                            })
-                            .insert(Header {
-                                key: SEQ,
-                                value: Some(seq.to_string().as_bytes()),
-                            });
+                        let headers = self.headers(epoch, *subtask, seq);
                         send(
                             &self.producer,
                             &self.topic,
@@ -640,6 +646,13 @@ impl WriteAhead {
                         .map_err(|e| kafka_error(&self.def, "send a message", e))?;
                     }
                     seq += 1;
+                    done += 1;
+                    use crate::stream::failpoint::{armed, at, hit};
+                    if done == total / 2 && armed(at::KAFKA_COMMIT_MIDWAY) {
+                        // For recovery tests: a crash with half the epoch written.
+                        flush(&self.def, &self.producer)?;
+                        hit(at::KAFKA_COMMIT_MIDWAY);
+                    }
                 }
             }
         }

@@ -14,6 +14,7 @@ use super::filesystem::{FileSink, FileSource};
 use super::io::{EpochWriter, SinkWriter, SplitReader};
 use super::kafka::sink::{Guarantee, KafkaSink, WriteAhead};
 use super::kafka::source::KafkaSource;
+use super::kafka::transactions::Transactions;
 use super::nexmark::NexmarkReader;
 use super::options::parse_duration;
 use super::print::{BlackholeSink, PrintSink};
@@ -102,7 +103,7 @@ pub fn open_sink(def: &TableDef, subtask: usize, job_id: &str) -> SqlResult<Box<
         Some("filesystem") => Box::new(FileSink::open(def, subtask, job_id)?),
         Some("print") => Box::new(PrintSink::open(def, Some(subtask))?),
         Some("blackhole") => Box::new(BlackholeSink),
-        Some("kafka" | "upsert-kafka") => Box::new(KafkaSink::open(def, subtask)?),
+        Some("kafka" | "upsert-kafka") => Box::new(KafkaSink::open(def, subtask, job_id)?),
         Some(other) => return Err(not_a(def, other, "sink")),
         None => {
             return Err(SqlError::internal(format!(
@@ -121,6 +122,7 @@ pub fn open_epoch_writer(def: &TableDef, job: &str) -> SqlResult<Option<Arc<dyn 
     }
     Ok(match Guarantee::of(def)? {
         Guarantee::WriteAhead => Some(Arc::new(WriteAhead::open(def, job)?)),
+        Guarantee::Transactional => Some(Arc::new(Transactions::open(def, job)?)),
         _ => None,
     })
 }

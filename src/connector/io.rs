@@ -65,6 +65,38 @@ pub trait SinkWriter: Send {
     }
 }
 
+/// What a sink subtask that cannot publish its output itself leaves to its job's
+/// [`EpochWriter`] at a barrier.
+#[derive(Debug, Clone)]
+pub struct SinkRows {
+    pub subtask: u32,
+    /// The epoch's rows: written at the commit (write-ahead), or kept to write them
+    /// again if their transaction cannot be committed after a crash.
+    pub rows: Vec<ChangeBatch>,
+    /// The pre-committed Kafka transaction holding the rows ('transactional' mode).
+    pub transaction: Option<Transaction>,
+}
+
+impl SinkRows {
+    /// What is left once committed: nothing.
+    pub fn committed(&self) -> Self {
+        Self {
+            subtask: self.subtask,
+            rows: vec![],
+            transaction: None,
+        }
+    }
+}
+
+/// A pre-committed Kafka transaction: its producer's transactional id, the nonce its
+/// messages carry in a header, and the first offset it wrote in each partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub id: String,
+    pub nonce: u64,
+    pub offsets: Vec<(i32, i64)>,
+}
+
 /// Writes the rows sink subtasks kept for an epoch (`Precommit::Rows`), once the epoch
 /// committed: a sink that can only make output visible by writing it (Kafka's
 /// write-ahead mode). `redo` is set when the commit of a restored epoch is done again
@@ -74,7 +106,7 @@ pub trait EpochWriter: Send + Sync {
     async fn commit(
         self: std::sync::Arc<Self>,
         epoch: Epoch,
-        rows: Vec<(u32, Vec<ChangeBatch>)>,
+        rows: Vec<SinkRows>,
         redo: bool,
     ) -> Result<()>;
 }

@@ -675,7 +675,12 @@ impl Engine {
             .build()?;
         let sink = match def.connector() {
             None => SinkKind::Log(def.clone()),
-            Some(_) => SinkKind::Connector(def.clone()),
+            Some(connector) => {
+                if matches!(connector, "kafka" | "upsert-kafka") {
+                    crate::connector::kafka::sink::check_sink(&def, self.jobs.epoch_interval())?;
+                }
+                SinkKind::Connector(def.clone())
+            }
         };
         Ok((self.graph(metadata, &input, Mode::Continuous, sink)?, def))
     }

@@ -8,6 +8,7 @@
 
 pub mod sink;
 pub mod source;
+pub mod transactions;
 
 use rdkafka::ClientConfig;
 use weir_catalog::TableDef;

@@ -28,10 +28,11 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use weir_catalog::{op, TableDef};
 
+use super::transactions::Transactional;
 use super::{client_config, kafka_error, topics, Layout};
-use crate::connector::factory::{invalid, to_df};
+use crate::connector::factory::{blocking, invalid, to_df};
 use crate::connector::format::RecordEncoder;
-use crate::connector::io::{EpochWriter, SinkWriter};
+use crate::connector::io::{EpochWriter, SinkRows, SinkWriter};
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
 use crate::stream::checkpoint::Precommit;
 use crate::stream::message::{ChangeBatch, Epoch};
@@ -117,7 +118,7 @@ pub struct Record {
 
 /// Turns rows into messages.
 #[derive(Debug, Clone)]
-struct Encoder {
+pub(super) struct Encoder {
     value: RecordEncoder,
     value_columns: Vec<usize>,
     key: Option<(RecordEncoder, Vec<usize>)>,
@@ -146,7 +147,7 @@ impl Encoder {
         })
     }
 
-    fn records(&self, batch: &ChangeBatch) -> SqlResult<Vec<Record>> {
+    pub(super) fn records(&self, batch: &ChangeBatch) -> SqlResult<Vec<Record>> {
         let (rows, ops) = match (&batch.ops, self.upsert) {
             // -U rows are followed by their +U: only the new row is written.
             (Some(ops), true) => {
@@ -185,10 +186,19 @@ impl Encoder {
     }
 }
 
-/// Keeps the first failed delivery, reported at the next flush.
+/// Keeps the first failed delivery, reported at the next flush, and the first offset
+/// written to each partition since [`Deliveries::take_first_offsets`].
 #[derive(Default)]
 pub(super) struct Deliveries {
     failed: Mutex<Option<String>>,
+    first_offsets: Mutex<std::collections::BTreeMap<i32, i64>>,
+}
+
+impl Deliveries {
+    pub(super) fn take_first_offsets(&self) -> Vec<(i32, i64)> {
+        let mut offsets = self.first_offsets.lock().expect("not poisoned");
+        std::mem::take(&mut *offsets).into_iter().collect()
+    }
 }
 
 impl ClientContext for Deliveries {}
@@ -197,9 +207,16 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            let mut failed = self.failed.lock().expect("not poisoned");
-            failed.get_or_insert_with(|| e.to_string());
+        match result {
+            Err((e, _)) => {
+                let mut failed = self.failed.lock().expect("not poisoned");
+                failed.get_or_insert_with(|| e.to_string());
+            }
+            Ok(m) => {
+                let mut offsets = self.first_offsets.lock().expect("not poisoned");
+                let first = offsets.entry(m.partition()).or_insert(m.offset());
+                *first = (*first).min(m.offset());
+            }
         }
     }
 }
@@ -275,6 +292,41 @@ pub(super) fn flush(def: &TableDef, producer: &KafkaProducer) -> SqlResult<()> {
     Ok(())
 }
 
+/// librdkafka's default 'transaction.timeout.ms'.
+const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+
+/// What can be checked of a Kafka sink table before a job writing to it starts.
+pub fn check_sink(def: &TableDef, checkpoint_interval: Duration) -> SqlResult<()> {
+    let guarantee = Guarantee::of(def)?;
+    sink_topic(def)?;
+    Encoder::of(def)?;
+    if guarantee == Guarantee::Transactional {
+        let key = "properties.transaction.timeout.ms";
+        let timeout = match def.options.get(key) {
+            None => DEFAULT_TRANSACTION_TIMEOUT_MS,
+            Some(v) => v.trim().parse().map_err(|_| {
+                invalid(format!(
+                    "bad value '{v}' for '{key}'; expected milliseconds"
+                ))
+            })?,
+        };
+        let interval = checkpoint_interval.as_millis() as u64;
+        // A transaction is open for an epoch and then until the epoch commits.
+        if timeout < 2 * interval {
+            return Err(invalid(format!(
+                "kafka table \"{}\": '{key}' ({timeout} ms) must be at least twice the \
+                 checkpoint interval ({interval} ms), or the broker aborts transactions \
+                 before their epoch commits",
+                def.name
+            ))
+            .with_hint(format!(
+                "raise '{key}' or lower 'execution.checkpointing.interval'"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The one topic a sink writes to.
 fn sink_topic(def: &TableDef) -> SqlResult<String> {
     match topics(def).as_slice() {
@@ -318,65 +370,84 @@ fn partition_count(def: &TableDef, producer: &KafkaProducer, topic: &str) -> Sql
     Ok(n)
 }
 
-/// Which partition a message goes to (`None`: librdkafka's murmur2 hash of the key).
-fn choose(
+/// Where a sink's messages go: its topic, how rows become messages and which
+/// partition each takes.
+#[derive(Clone)]
+pub(super) struct Placement {
+    pub(super) topic: String,
+    pub(super) encoder: Encoder,
     partitioner: Partitioner,
-    record: &Record,
-    subtask: usize,
-    seq: u64,
     partitions: i32,
-) -> Option<i32> {
-    match partitioner {
-        Partitioner::Fixed => Some((subtask % partitions as usize) as i32),
-        Partitioner::Default if record.key.is_some() => None,
-        Partitioner::Default | Partitioner::RoundRobin => {
-            Some(((subtask as u64 + seq) % partitions as u64) as i32)
+}
+
+impl Placement {
+    pub(super) fn of(def: &TableDef) -> SqlResult<(Self, KafkaProducer)> {
+        let topic = sink_topic(def)?;
+        let encoder = Encoder::of(def)?;
+        let producer = producer(def, &[])?;
+        let partitions = partition_count(def, &producer, &topic)?;
+        Ok((
+            Self {
+                topic,
+                encoder,
+                partitioner: partitioner(def),
+                partitions,
+            },
+            producer,
+        ))
+    }
+
+    /// The partition of the `seq`-th message of sink subtask `subtask` (`None`:
+    /// librdkafka's murmur2 hash of the key); the same every time it is asked.
+    pub(super) fn partition(&self, record: &Record, subtask: usize, seq: u64) -> Option<i32> {
+        let n = self.partitions as u64;
+        match self.partitioner {
+            Partitioner::Fixed => Some((subtask as u64 % n) as i32),
+            Partitioner::Default if record.key.is_some() => None,
+            Partitioner::Default | Partitioner::RoundRobin => {
+                Some(((subtask as u64 + seq) % n) as i32)
+            }
         }
     }
 }
 
-/// What a sink subtask keeps: its producer (when it writes itself) or the epoch's rows.
+/// What a sink subtask keeps: its producer (when it writes itself) or its transactions.
 struct SinkState {
     def: Arc<TableDef>,
-    topic: String,
     subtask: usize,
-    encoder: Encoder,
-    partitioner: Partitioner,
+    placement: Placement,
     producer: Option<Arc<KafkaProducer>>,
-    partitions: i32,
+    transactional: Option<Transactional>,
     sent: u64,
 }
 
 pub struct KafkaSink {
     guarantee: Guarantee,
     state: Option<SinkState>,
-    /// The epoch's rows, kept for the checkpoint (write-ahead).
+    /// The epoch's rows, kept for the checkpoint (exactly-once modes).
     pending: Vec<ChangeBatch>,
 }
 
 impl KafkaSink {
-    pub fn open(def: &TableDef, subtask: usize) -> SqlResult<Self> {
+    pub fn open(def: &TableDef, subtask: usize, job: &str) -> SqlResult<Self> {
         let guarantee = Guarantee::of(def)?;
-        let topic = sink_topic(def)?;
-        let encoder = Encoder::of(def)?;
-        let (producer, partitions) = match guarantee {
-            Guarantee::None | Guarantee::AtLeastOnce => {
-                let p = producer(def, &[])?;
-                let n = partition_count(def, &p, &topic)?;
-                (Some(Arc::new(p)), n)
-            }
-            _ => (None, 0),
+        let (placement, producer) = Placement::of(def)?;
+        let (producer, transactional) = match guarantee {
+            Guarantee::None | Guarantee::AtLeastOnce => (Some(Arc::new(producer)), None),
+            Guarantee::WriteAhead => (None, None),
+            Guarantee::Transactional => (
+                None,
+                Some(Transactional::new(def, subtask, job, placement.clone())),
+            ),
         };
         Ok(Self {
             guarantee,
             state: Some(SinkState {
                 def: Arc::new(def.clone()),
-                topic,
                 subtask,
-                encoder,
-                partitioner: partitioner(def),
+                placement,
                 producer,
-                partitions,
+                transactional,
                 sent: 0,
             }),
             pending: vec![],
@@ -386,20 +457,17 @@ impl KafkaSink {
 
 impl SinkState {
     fn send_all(&mut self, batch: &ChangeBatch) -> SqlResult<()> {
+        if let Some(t) = &mut self.transactional {
+            return t.write(batch);
+        }
         let producer = self
             .producer
             .as_ref()
             .expect("a writing sink has a producer");
-        for record in self.encoder.records(batch)? {
-            let partition = choose(
-                self.partitioner,
-                &record,
-                self.subtask,
-                self.sent,
-                self.partitions,
-            );
+        for record in self.placement.encoder.records(batch)? {
+            let partition = self.placement.partition(&record, self.subtask, self.sent);
             self.sent += 1;
-            send(producer, &self.topic, &record, partition, None)
+            send(producer, &self.placement.topic, &record, partition, None)
                 .map_err(|e| kafka_error(&self.def, "send a message", e))?;
         }
         Ok(())
@@ -417,6 +485,12 @@ impl SinkWriter for KafkaSink {
             Guarantee::WriteAhead => {
                 self.pending.push(batch);
                 Ok(())
+            }
+            Guarantee::Transactional => {
+                self.pending.push(batch.clone());
+                blocking(&mut self.state, move |s| s.send_all(&batch))
+                    .await?
+                    .map_err(to_df)
             }
             _ => self
                 .state
@@ -446,10 +520,19 @@ impl SinkWriter for KafkaSink {
                 self.flush().await?;
                 Ok(None)
             }
-            Guarantee::WriteAhead | Guarantee::Transactional => Ok(Some(Precommit::Rows {
-                subtask: self.state.as_ref().expect("open").subtask as u32,
-                rows: std::mem::take(&mut self.pending),
-            })),
+            Guarantee::WriteAhead | Guarantee::Transactional => {
+                let transaction = blocking(&mut self.state, |s| match &mut s.transactional {
+                    Some(t) => t.precommit(),
+                    None => Ok(None),
+                })
+                .await?
+                .map_err(to_df)?;
+                Ok(Some(Precommit::Rows(SinkRows {
+                    subtask: self.state.as_ref().expect("open").subtask as u32,
+                    rows: std::mem::take(&mut self.pending),
+                    transaction,
+                })))
+            }
         }
     }
 }
@@ -464,9 +547,7 @@ const SEQ: &str = "weir.seq";
 pub struct WriteAhead {
     def: Arc<TableDef>,
     job: String,
-    topic: String,
-    encoder: Encoder,
-    partitioner: Partitioner,
+    placement: Placement,
     producer: Arc<KafkaProducer>,
 }
 
@@ -475,9 +556,7 @@ impl WriteAhead {
         Ok(Self {
             def: Arc::new(def.clone()),
             job: job.to_string(),
-            topic: sink_topic(def)?,
-            encoder: Encoder::of(def)?,
-            partitioner: partitioner(def),
+            placement: Placement::of(def)?.0,
             // Idempotence keeps librdkafka's own retries from writing a message twice.
             producer: Arc::new(producer(def, &[("enable.idempotence", "true")])?),
         })
@@ -500,7 +579,7 @@ impl WriteAhead {
         let mut found = HashSet::new();
         for partition in 0..partitions {
             let (low, high) = consumer
-                .fetch_watermarks(&self.topic, partition, LOOKUP_TIMEOUT)
+                .fetch_watermarks(&self.placement.topic, partition, LOOKUP_TIMEOUT)
                 .map_err(|e| kafka_error(&self.def, "read partition offsets", e))?;
             let mut end = high;
             let mut chunk = 1024;
@@ -528,7 +607,7 @@ impl WriteAhead {
         found: &mut HashSet<(u32, u64)>,
     ) -> SqlResult<bool> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(start))
+        tpl.add_partition_offset(&self.placement.topic, partition, Offset::Offset(start))
             .map_err(|e| kafka_error(&self.def, "read back the topic", e))?;
         consumer
             .assign(&tpl)
@@ -542,7 +621,7 @@ impl WriteAhead {
                     format!(
                         "kafka table \"{}\": reading back partition {partition} of '{}' \
                          timed out",
-                        self.def.name, self.topic
+                        self.def.name, self.placement.topic
                     ),
                 ));
             }
@@ -605,45 +684,33 @@ impl WriteAhead {
         ))
     }
 
-    fn write(&self, epoch: Epoch, rows: &[(u32, Vec<ChangeBatch>)], redo: bool) -> SqlResult<()> {
+    fn write(&self, epoch: Epoch, rows: &[SinkRows], redo: bool) -> SqlResult<()> {
         if rows
             .iter()
-            .all(|(_, b)| b.iter().all(|b| b.num_rows() == 0))
+            .all(|r| r.rows.iter().all(|b| b.num_rows() == 0))
         {
             return Ok(());
         }
-        let partitions = partition_count(&self.def, &self.producer, &self.topic)?;
         let written = if redo {
-            self.written(epoch, partitions)?
+            self.written(epoch, self.placement.partitions)?
         } else {
             HashSet::new()
         };
         let total: usize = rows
             .iter()
-            .flat_map(|(_, b)| b.iter().map(|b| b.num_rows()))
+            .flat_map(|r| r.rows.iter().map(|b| b.num_rows()))
             .sum();
         let mut done = 0;
-        for (subtask, batches) in rows {
+        for SinkRows { subtask, rows, .. } in rows {
             let mut seq = 0u64;
-            for batch in batches {
-                for record in self.encoder.records(batch)? {
+            for batch in rows {
+                for record in self.placement.encoder.records(batch)? {
                     if !written.contains(&(*subtask, seq)) {
-                        let partition = choose(
-                            self.partitioner,
-                            &record,
-                            *subtask as usize,
-                            seq,
-                            partitions,
-                        );
+                        let partition = self.placement.partition(&record, *subtask as usize, seq);
                         let headers = self.headers(epoch, *subtask, seq);
-                        send(
-                            &self.producer,
-                            &self.topic,
-                            &record,
-                            partition,
-                            Some(headers),
-                        )
-                        .map_err(|e| kafka_error(&self.def, "send a message", e))?;
+                        let topic = &self.placement.topic;
+                        send(&self.producer, topic, &record, partition, Some(headers))
+                            .map_err(|e| kafka_error(&self.def, "send a message", e))?;
                     }
                     seq += 1;
                     done += 1;
@@ -662,12 +729,7 @@ impl WriteAhead {
 
 #[async_trait]
 impl EpochWriter for WriteAhead {
-    async fn commit(
-        self: Arc<Self>,
-        epoch: Epoch,
-        rows: Vec<(u32, Vec<ChangeBatch>)>,
-        redo: bool,
-    ) -> Result<()> {
+    async fn commit(self: Arc<Self>, epoch: Epoch, rows: Vec<SinkRows>, redo: bool) -> Result<()> {
         tokio::task::spawn_blocking(move || self.write(epoch, &rows, redo))
             .await
             .map_err(|e| to_df(SqlError::internal(format!("kafka commit failed: {e}"))))?

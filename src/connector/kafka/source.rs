@@ -529,6 +529,26 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// A bounded read's partitions whose consumer position passed their last record:
+    /// what is left before the end offset are no records (a transaction's commit
+    /// marker takes an offset but is no message).
+    fn skip_to_positions(&mut self) {
+        let Some(Ok(positions)) = self.consumer.as_ref().map(|c| c.position()) else {
+            return;
+        };
+        for p in &mut self.partitions {
+            let Some((_, end)) = p.bounds else { continue };
+            if let Some(Offset::Offset(at)) = positions
+                .find_partition(&p.topic, p.partition)
+                .map(|e| e.offset())
+            {
+                if at >= end && !p.done() {
+                    p.next = Some(end);
+                }
+            }
+        }
+    }
+
     /// One partition's records as rows; tombstones (no value) are not rows.
     fn decode(&mut self, records: &[Record]) -> SqlResult<ChangeBatch> {
         let records: Vec<&Record> = records.iter().filter(|r| r.value.is_some()).collect();
@@ -666,6 +686,9 @@ impl crate::connector::io::SplitReader for KafkaSource {
                 } else {
                     Instant::now() + self.discovery
                 };
+            }
+            if self.bounded && !self.partitions.iter().all(Partition::done) {
+                self.skip_to_positions();
             }
             if self.bounded && self.partitions.iter().all(Partition::done) {
                 return Ok(None);

@@ -16,7 +16,7 @@ use weir_catalog::{op, SqlType, TableDef};
 use super::sink::{KafkaSink, WriteAhead};
 use super::source::KafkaSource;
 use crate::connector::factory::test_util::table;
-use crate::connector::io::{EpochWriter, SinkWriter, SplitReader};
+use crate::connector::io::{EpochWriter, SinkRows, SinkWriter, SplitReader};
 use crate::stream::checkpoint::Precommit;
 use crate::stream::message::ChangeBatch;
 
@@ -506,7 +506,7 @@ async fn at_least_once_sink_writes_rows_by_key() {
             ("value.format", "json"),
         ],
     );
-    let mut sink = KafkaSink::open(&def, 0).unwrap();
+    let mut sink = KafkaSink::open(&def, 0, "job1").unwrap();
     sink.write(batch(&[1, 2, 3], &["a", "b", "a"]))
         .await
         .unwrap();
@@ -536,33 +536,35 @@ async fn write_ahead_writes_a_committed_epoch_once_even_when_redone() {
             ("sink.exactly-once.mode", "write-ahead"),
         ],
     );
-    let mut sink = KafkaSink::open(&def, 1).unwrap();
+    let mut sink = KafkaSink::open(&def, 1, "job1").unwrap();
     sink.write(batch(&[1, 2, 3], &["a", "b", "c"]))
         .await
         .unwrap();
-    let Some(Precommit::Rows { subtask, rows }) = sink.precommit().await.unwrap() else {
+    let Some(Precommit::Rows(kept)) = sink.precommit().await.unwrap() else {
         panic!("write-ahead keeps the rows");
     };
-    assert_eq!(subtask, 1);
+    assert_eq!(kept.subtask, 1);
+    assert!(kept.transaction.is_none());
+    let rows = |batches: Vec<ChangeBatch>| {
+        vec![SinkRows {
+            subtask: 1,
+            rows: batches,
+            transaction: None,
+        }]
+    };
     assert!(
         consume_all(&bs, "wa").is_empty(),
         "nothing before the commit"
     );
     let writer = Arc::new(WriteAhead::open(&def, "job1").unwrap());
     // A crash in the middle of the commit: only the first row made it.
-    let first = vec![(1, vec![ChangeBatch::new(batch(&[1], &["a"]))])];
+    let first = rows(vec![ChangeBatch::new(batch(&[1], &["a"]))]);
     writer.clone().commit(7, first, false).await.unwrap();
     // The redo after the restart writes the rest, once, however often it runs.
-    writer
-        .clone()
-        .commit(7, vec![(1, rows.clone())], true)
-        .await
-        .unwrap();
-    writer
-        .clone()
-        .commit(7, vec![(1, rows.clone())], true)
-        .await
-        .unwrap();
+    for _ in 0..2 {
+        let all = rows(kept.rows.clone());
+        writer.clone().commit(7, all, true).await.unwrap();
+    }
     let got = consume_all(&bs, "wa");
     let mut values: Vec<String> = got.iter().filter_map(|m| m.2.clone()).collect();
     values.sort();
@@ -580,11 +582,7 @@ async fn write_ahead_writes_a_committed_epoch_once_even_when_redone() {
     // The next epoch is written in full.
     writer
         .clone()
-        .commit(
-            8,
-            vec![(1, vec![ChangeBatch::new(batch(&[4], &["d"]))])],
-            true,
-        )
+        .commit(8, rows(vec![ChangeBatch::new(batch(&[4], &["d"]))]), true)
         .await
         .unwrap();
     assert_eq!(consume_all(&bs, "wa").len(), 4);
@@ -605,7 +603,7 @@ async fn upsert_sink_writes_new_rows_and_tombstones() {
         ],
     );
     def.primary_key = vec!["id".into()];
-    let mut sink = KafkaSink::open(&def, 0).unwrap();
+    let mut sink = KafkaSink::open(&def, 0, "job1").unwrap();
     let mut changes = ChangeBatch::new(batch(&[1, 1, 1, 2, 2], &["a", "a", "b", "x", "x"]));
     changes.ops = Some(arrow::array::Int8Array::from(vec![
         op::INSERT,
@@ -643,7 +641,7 @@ fn options_are_checked_before_anything_runs() {
             ("sink.delivery-guarantee", "exactly-once"),
         ],
     );
-    let e = KafkaSink::open(&def, 0).err().unwrap();
+    let e = KafkaSink::open(&def, 0, "job1").err().unwrap();
     assert!(
         e.message.contains("sink.transactional-id-prefix"),
         "{}",
@@ -668,4 +666,136 @@ fn options_are_checked_before_anything_runs() {
     );
     let e = KafkaSource::open(&def, 0, 1, 10).err().unwrap();
     assert!(e.message.contains("partition:0,offset:42"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn transactions_precommit_at_barriers_commit_with_their_epoch_and_are_recovered() {
+    use super::transactions::{Transactions, EVENTS};
+    use crate::connector::io::Transaction;
+    let cluster = cluster(&[("tx", 1)]);
+    let bs = cluster.bootstrap_servers();
+    let def = kafka_table(
+        &bs,
+        &cols(),
+        &[
+            ("topic", "tx"),
+            ("format", "json"),
+            ("sink.delivery-guarantee", "exactly-once"),
+            ("sink.transactional-id-prefix", "tp"),
+        ],
+    );
+    // What happened to this test's transactional ids since the last look.
+    let seen = std::sync::Mutex::new(0);
+    let events = || {
+        let all: Vec<String> = EVENTS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.contains(" tp-0-"))
+            .cloned()
+            .collect();
+        let mut seen = seen.lock().unwrap();
+        let new = all[*seen..].to_vec();
+        *seen = all.len();
+        new
+    };
+    let precommitted = |p: Option<Precommit>| match p {
+        Some(Precommit::Rows(r)) => r,
+        _ => panic!("an exactly-once sink leaves its rows to the coordinator"),
+    };
+    let mut sink = KafkaSink::open(&def, 0, "job1").unwrap();
+    let committer = Arc::new(Transactions::open(&def, "job1").unwrap());
+    // Epoch 1 is written in a transaction, pre-committed at its barrier; epoch 2 goes
+    // on in the next producer while epoch 1 commits.
+    sink.write(batch(&[1, 2], &["a", "b"])).await.unwrap();
+    let e1 = precommitted(sink.precommit().await.unwrap());
+    assert_eq!(e1.transaction.as_ref().unwrap().id, "tp-0-0");
+    assert_eq!(e1.rows.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    sink.write(batch(&[3], &["c"])).await.unwrap();
+    committer
+        .clone()
+        .commit(1, vec![e1.clone()], false)
+        .await
+        .unwrap();
+    let e2 = precommitted(sink.precommit().await.unwrap());
+    assert_eq!(e2.transaction.as_ref().unwrap().id, "tp-0-1");
+    let e3 = precommitted(sink.precommit().await.unwrap());
+    assert!(
+        e3.transaction.is_none(),
+        "an epoch without rows has no transaction"
+    );
+    assert_eq!(
+        events(),
+        [
+            "init tp-0-0",
+            "init tp-0-1",
+            "init tp-0-2",
+            "init tp-0-3",
+            "begin tp-0-0",
+            "precommit tp-0-0",
+            "begin tp-0-1",
+            "commit tp-0-0",
+            "precommit tp-0-1",
+        ]
+    );
+
+    // A crash: epoch 2 never committed. The restart redoes epoch 1's commit (its id is
+    // initialized, its messages are found committed: nothing is written again), and
+    // the restarted sink initializes its pool, which aborts epoch 2's transaction.
+    drop(sink);
+    let committer = Arc::new(Transactions::open(&def, "job1").unwrap());
+    committer
+        .clone()
+        .commit(1, vec![e1.clone()], true)
+        .await
+        .unwrap();
+    assert_eq!(events(), ["init tp-0-0"]);
+    let mut sink = KafkaSink::open(&def, 0, "job1").unwrap();
+    assert!(precommitted(sink.precommit().await.unwrap())
+        .transaction
+        .is_none());
+    assert_eq!(
+        events(),
+        ["init tp-0-0", "init tp-0-1", "init tp-0-2", "init tp-0-3"]
+    );
+
+    // A committed epoch whose transaction's messages are not visible (the broker
+    // aborted it before the commit came) is written again in a new transaction under
+    // the same id and committed, once.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    let (_, end) = consumer
+        .fetch_watermarks("tx", 0, Duration::from_secs(10))
+        .unwrap();
+    let lost = SinkRows {
+        subtask: 0,
+        rows: vec![ChangeBatch::new(batch(&[9], &["z"]))],
+        transaction: Some(Transaction {
+            id: "tp-0-2".into(),
+            nonce: 42,
+            offsets: vec![(0, end)],
+        }),
+    };
+    committer
+        .clone()
+        .commit(5, vec![lost.clone()], true)
+        .await
+        .unwrap();
+    assert_eq!(events(), ["init tp-0-2", "rewrite and commit tp-0-2"]);
+    committer.clone().commit(5, vec![lost], true).await.unwrap();
+    assert_eq!(events(), ["init tp-0-2"], "found committed the second time");
+    let ids: Vec<String> = consume_all(&bs, "tx")
+        .into_iter()
+        .filter_map(|m| m.2)
+        .collect();
+    // (The mock cluster shows aborted messages too: epoch 2's row 3 is there.)
+    for (id, times) in [(1, 1), (2, 1), (9, 1)] {
+        let n = ids
+            .iter()
+            .filter(|v| v.starts_with(&format!(r#"{{"id":{id},"#)))
+            .count();
+        assert_eq!(n, times, "row {id} in {ids:?}");
+    }
 }

@@ -393,12 +393,12 @@ impl Coordinator {
     }
 }
 
-/// The rows every sink subtask kept, by subtask.
-fn rows_of(precommits: Vec<Precommit>) -> Vec<(u32, Vec<ChangeBatch>)> {
+/// What every sink subtask left to the epoch writer.
+fn rows_of(precommits: Vec<Precommit>) -> Vec<crate::connector::io::SinkRows> {
     precommits
         .into_iter()
         .filter_map(|p| match p {
-            Precommit::Rows { subtask, rows } => Some((subtask, rows)),
+            Precommit::Rows(r) => Some(r),
             _ => None,
         })
         .collect()

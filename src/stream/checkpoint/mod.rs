@@ -87,10 +87,7 @@ pub enum Precommit {
     /// Finished hidden files, each renamed to its visible name at the commit.
     Files(Vec<(PathBuf, PathBuf)>),
     /// Rows a sink subtask leaves to the job's [`crate::connector::io::EpochWriter`].
-    Rows {
-        subtask: u32,
-        rows: Vec<ChangeBatch>,
-    },
+    Rows(crate::connector::io::SinkRows),
 }
 
 impl Precommit {
@@ -105,10 +102,7 @@ impl Precommit {
                 ended: *ended,
             },
             Precommit::Files(_) => Precommit::Files(vec![]),
-            Precommit::Rows { subtask, .. } => Precommit::Rows {
-                subtask: *subtask,
-                rows: vec![],
-            },
+            Precommit::Rows(r) => Precommit::Rows(r.committed()),
         }
     }
 }
@@ -188,12 +182,25 @@ impl TaskSnapshot {
                     w.bytes(to.to_string_lossy().as_bytes());
                 }
             }
-            Some(Precommit::Rows { subtask, rows }) => {
+            Some(Precommit::Rows(r)) => {
                 w.u64(3);
-                w.u64(*subtask as u64);
-                w.u64(rows.len() as u64);
-                for c in rows {
+                w.u64(r.subtask as u64);
+                w.u64(r.rows.len() as u64);
+                for c in &r.rows {
                     w.bytes(&encode_changes(c)?);
+                }
+                match &r.transaction {
+                    None => w.u64(0),
+                    Some(t) => {
+                        w.u64(1);
+                        w.bytes(t.id.as_bytes());
+                        w.u64(t.nonce);
+                        w.u64(t.offsets.len() as u64);
+                        for (p, o) in &t.offsets {
+                            w.i64(*p as i64);
+                            w.i64(*o);
+                        }
+                    }
                 }
             }
         }
@@ -256,7 +263,21 @@ impl TaskSnapshot {
                 let rows = (0..r.u64()?)
                     .map(|_| decode_changes(r.bytes()?))
                     .collect::<Result<Vec<_>>>()?;
-                Some(Precommit::Rows { subtask, rows })
+                let transaction = match r.u64()? {
+                    0 => None,
+                    _ => Some(crate::connector::io::Transaction {
+                        id: String::from_utf8_lossy(r.bytes()?).into_owned(),
+                        nonce: r.u64()?,
+                        offsets: (0..r.u64()?)
+                            .map(|_| Ok((r.i64()? as i32, r.i64()?)))
+                            .collect::<Result<Vec<_>>>()?,
+                    }),
+                };
+                Some(Precommit::Rows(crate::connector::io::SinkRows {
+                    subtask,
+                    rows,
+                    transaction,
+                }))
             }
             _ => {
                 let mut files = Vec::new();

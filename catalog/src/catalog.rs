@@ -260,6 +260,7 @@ mod tests {
                 name: "id".into(),
                 data_type: SqlType::BigInt,
                 nullable: false,
+                metadata: None,
             }],
             computed: vec![],
             primary_key: vec![],

@@ -159,11 +159,13 @@ pub(crate) mod tests {
                     name: "v".into(),
                     data_type: SqlType::Varchar(None),
                     nullable: true,
+                    metadata: None,
                 },
                 ColumnDef {
                     name: "k".into(),
                     data_type: SqlType::BigInt,
                     nullable: false,
+                    metadata: None,
                 },
             ],
             computed: vec![],

@@ -18,6 +18,10 @@ pub struct ColumnDef {
     pub name: String,
     pub data_type: SqlType,
     pub nullable: bool,
+    /// `METADATA [FROM 'key']`: read from the record's metadata (a Kafka message's
+    /// timestamp, partition, offset, key or headers), not from its value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
 }
 
 /// `name AS expr`: a column computed from the others when the table is read.
@@ -88,7 +92,16 @@ impl TableDef {
             .iter()
             .map(|c| {
                 let not_null = if c.nullable { "" } else { " NOT NULL" };
-                format!("  {} {}{not_null}", quote_ident(&c.name), c.data_type)
+                let metadata = match &c.metadata {
+                    Some(key) if *key == c.name => " METADATA".to_string(),
+                    Some(key) => format!(" METADATA FROM '{key}'"),
+                    None => String::new(),
+                };
+                format!(
+                    "  {} {}{not_null}{metadata}",
+                    quote_ident(&c.name),
+                    c.data_type
+                )
             })
             .collect();
         lines.extend(

@@ -261,6 +261,7 @@ pub(crate) mod test_util {
                     name: n.to_string(),
                     data_type: t.clone(),
                     nullable: true,
+                    metadata: None,
                 })
                 .collect(),
             computed: vec![],

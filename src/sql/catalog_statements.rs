@@ -63,6 +63,8 @@ impl Engine {
                 expr: expr.to_string(),
             });
         }
+        // METADATA columns: only Kafka tables have them, with Kafka's keys.
+        crate::connector::kafka::metadata::columns(&def)?;
         let if_not_exists = create.if_not_exists;
         self.catalog_write(move |c| c.create_table(def, if_not_exists))
             .await?;

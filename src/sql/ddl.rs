@@ -140,6 +140,7 @@ fn parse_element(p: &mut Parser, table: &mut CreateTable) -> SqlResult<()> {
     }
     let data_type = sql_type(&p.parse_data_type().map_err(syntax)?)?;
     let mut nullable = true;
+    let mut metadata = None;
     loop {
         if p.parse_keywords(&[Keyword::NOT, Keyword::NULL]) {
             nullable = false;
@@ -150,10 +151,14 @@ fn parse_element(p: &mut Parser, table: &mut CreateTable) -> SqlResult<()> {
             set_primary_key(table, vec![name.clone()])?;
         } else if p.parse_keyword(Keyword::COMMENT) {
             p.parse_literal_string().map_err(syntax)?;
-        } else if p.peek_keyword(Keyword::METADATA) {
-            return Err(SqlError::not_supported(
-                "METADATA columns are not supported yet",
-            ));
+        } else if p.parse_keyword(Keyword::METADATA) {
+            // Flink: `METADATA [FROM 'key'] [VIRTUAL]`; Weir never writes metadata.
+            metadata = Some(if p.parse_keyword(Keyword::FROM) {
+                p.parse_literal_string().map_err(syntax)?
+            } else {
+                name.clone()
+            });
+            parse_word(p, "VIRTUAL");
         } else {
             break;
         }
@@ -162,6 +167,7 @@ fn parse_element(p: &mut Parser, table: &mut CreateTable) -> SqlResult<()> {
         name,
         data_type,
         nullable,
+        metadata,
     });
     Ok(())
 }

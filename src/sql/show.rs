@@ -120,7 +120,7 @@ pub fn describe_table(def: &TableDef) -> RecordBatch {
                 .contains(&c.name)
                 .then(|| key.clone())
                 .flatten(),
-            extras: None,
+            extras: c.metadata.as_ref().map(|m| format!("METADATA FROM '{m}'")),
             watermark: watermark_of(&c.name),
         })
         .collect();

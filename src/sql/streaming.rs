@@ -575,6 +575,7 @@ impl Engine {
                     name: f.name().clone(),
                     data_type,
                     nullable: true,
+                    metadata: None,
                 })
             })
             .collect::<SqlResult<Vec<_>>>()?;

@@ -6,6 +6,7 @@
 //! checkpoints, so recovery rewinds exactly. A sink writes each row as a message, with
 //! the delivery guarantee the table asks for (see [`sink`]).
 
+pub mod metadata;
 pub mod sink;
 pub mod source;
 pub mod transactions;
@@ -64,6 +65,8 @@ struct Layout {
     key_format: Option<Format>,
     /// Table columns the key holds ('key.fields').
     key_columns: Vec<usize>,
+    /// METADATA columns: read from the message, never written.
+    metadata: Vec<(usize, metadata::Field)>,
 }
 
 impl Layout {
@@ -136,8 +139,21 @@ impl Layout {
                 )))
             }
         };
+        let metadata = metadata::columns(def)?;
+        if let Some((i, _)) = metadata.iter().find(|(i, _)| key_columns.contains(i)) {
+            return Err(invalid(format!(
+                "'key.fields' names METADATA column \"{}\"; key fields are read from the key",
+                def.columns[*i].name
+            )));
+        }
+        if value_format == Format::DebeziumJson && !metadata.is_empty() {
+            return Err(SqlError::not_supported(
+                "METADATA columns on a 'debezium-json' kafka table are not supported",
+            ));
+        }
         let value_columns = (0..def.columns.len())
             .filter(|i| !(except_key && key_columns.contains(i)))
+            .filter(|i| !metadata.iter().any(|(m, _)| m == i))
             .collect::<Vec<_>>();
         if value_columns.is_empty() {
             return Err(invalid(format!(
@@ -156,6 +172,7 @@ impl Layout {
             value_columns,
             key_format,
             key_columns,
+            metadata,
         })
     }
 

@@ -27,6 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 use weir_catalog::TableDef;
 
+use super::metadata::{self, Metadata};
 use super::{client_config, kafka_error, topics, Layout};
 use crate::connector::factory::{invalid, opt_bool, opt_duration, opt_u64, to_df};
 use crate::connector::format::{Format, RecordDecoder};
@@ -190,11 +191,13 @@ struct Pending {
     next: i64,
 }
 
-/// What decodes one message into a row: value, key and their columns.
+/// What decodes one message into a row: value, key, metadata and their columns.
 struct Decoders {
     value: RecordDecoder,
     value_columns: Vec<usize>,
     key: Option<(RecordDecoder, Vec<usize>)>,
+    metadata: Vec<(usize, metadata::Field)>,
+    wants_headers: bool,
     schema: arrow::datatypes::SchemaRef,
 }
 
@@ -256,6 +259,11 @@ impl KafkaSource {
                 value: RecordDecoder::new(def, layout.value_format, value_schema)?,
                 value_columns: layout.value_columns,
                 key,
+                wants_headers: layout
+                    .metadata
+                    .iter()
+                    .any(|(_, f)| *f == metadata::Field::Headers),
+                metadata: layout.metadata,
                 schema: def.physical_schema(),
             },
             consumer: None,
@@ -475,11 +483,23 @@ impl KafkaSource {
         while let Some(m) = next.take() {
             match m {
                 Ok(m) => messages.push(Record {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp: m.timestamp().to_millis(),
-                    key: m.key().map(<[u8]>::to_vec),
+                    meta: Metadata {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp: m.timestamp().to_millis(),
+                        timestamp_type: match m.timestamp() {
+                            rdkafka::Timestamp::CreateTime(_) => "CreateTime",
+                            rdkafka::Timestamp::LogAppendTime(_) => "LogAppendTime",
+                            rdkafka::Timestamp::NotAvailable => "NoTimestampType",
+                        },
+                        key: m.key().map(<[u8]>::to_vec),
+                        headers: if self.decoders.wants_headers {
+                            headers_of(&m)
+                        } else {
+                            vec![]
+                        },
+                    },
                     value: m.payload().map(<[u8]>::to_vec),
                 }),
                 // librdkafka retries what it can; what reaches here is reported and
@@ -495,7 +515,7 @@ impl KafkaSource {
             let Some(lane) = self
                 .partitions
                 .iter()
-                .position(|p| p.topic == r.topic && p.partition == r.partition)
+                .position(|p| p.topic == r.meta.topic && p.partition == r.meta.partition)
             else {
                 continue;
             };
@@ -504,17 +524,17 @@ impl KafkaSource {
         for (lane, mut records) in by_lane {
             // A bounded read stops at each partition's end offset.
             if let Some((_, end)) = self.partitions[lane as usize].bounds {
-                records.retain(|r| r.offset < end);
+                records.retain(|r| r.meta.offset < end);
                 if records.is_empty() {
                     continue;
                 }
             }
-            let next = records.last().expect("grouped").offset + 1;
+            let next = records.last().expect("grouped").meta.offset + 1;
             let partition = &mut self.partitions[lane as usize];
             if let Some(ts) = partition.from_time {
                 match records
                     .iter()
-                    .position(|r| r.timestamp.is_some_and(|t| t >= ts))
+                    .position(|r| r.meta.timestamp.is_some_and(|t| t >= ts))
                 {
                     Some(first) => {
                         records.drain(..first);
@@ -568,66 +588,75 @@ impl KafkaSource {
         let (values, mut kept) = d.value.decode(&buf, &ranges, |i, problem| {
             bad(d.value.format(), records[i], problem, &mut skipped)
         })?;
-        let Some((key_decoder, key_columns)) = &d.key else {
+        if d.key.is_none() && d.metadata.is_empty() {
+            // The value holds every column.
             self.skipped += skipped;
-            if d.value_columns.len() == d.schema.fields().len() {
-                return Ok(values);
-            }
-            unreachable!("without a key the value holds every column");
-        };
-        let (kbuf, kranges) = joined(
-            key_decoder.format(),
-            kept.iter()
-                .map(|&i| records[i].key.as_deref().or(Some(b""))),
-        );
-        let (keys, key_kept) = key_decoder.decode(&kbuf, &kranges, |i, problem| {
-            bad(
+            return Ok(values);
+        }
+        let mut values = values.rows;
+        let mut keys = None;
+        if let Some((key_decoder, _)) = &d.key {
+            let (kbuf, kranges) = joined(
                 key_decoder.format(),
-                records[kept[i]],
-                problem,
-                &mut skipped,
-            )
-        })?;
-        self.skipped += skipped;
-        // Rows whose key was bad are dropped from the values too.
-        let values = if key_kept.len() == kept.len() {
-            values.rows
-        } else {
-            let take = arrow::array::UInt32Array::from(
-                key_kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                kept.iter()
+                    .map(|&i| records[i].meta.key.as_deref().or(Some(b""))),
             );
-            kept = key_kept.iter().map(|&i| kept[i]).collect();
-            arrow::compute::take_record_batch(&values.rows, &take)?
-        };
-        let _ = kept;
-        let n = values.num_rows();
-        let columns: Vec<ArrayRef> = (0..d.schema.fields().len())
-            .map(|c| match d.value_columns.iter().position(|&v| v == c) {
-                Some(v) => values.column(v).clone(),
-                None => {
-                    let k = key_columns
-                        .iter()
-                        .position(|&k| k == c)
-                        .expect("key column");
-                    keys.rows.column(k).clone()
+            let (k, key_kept) = key_decoder.decode(&kbuf, &kranges, |i, problem| {
+                bad(
+                    key_decoder.format(),
+                    records[kept[i]],
+                    problem,
+                    &mut skipped,
+                )
+            })?;
+            // Rows whose key was bad are dropped from the values too.
+            if key_kept.len() != kept.len() {
+                let take = arrow::array::UInt32Array::from(
+                    key_kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                );
+                values = arrow::compute::take_record_batch(&values, &take)?;
+                kept = key_kept.iter().map(|&i| kept[i]).collect();
+            }
+            keys = Some(k.rows);
+        }
+        self.skipped += skipped;
+        let metas: Vec<&Metadata> = kept.iter().map(|&i| &records[i].meta).collect();
+        let columns = (0..d.schema.fields().len())
+            .map(|c| {
+                if let Some(v) = d.value_columns.iter().position(|&v| v == c) {
+                    return Ok(values.column(v).clone());
                 }
+                if let Some((_, field)) = d.metadata.iter().find(|(m, _)| *m == c) {
+                    return metadata::column(*field, &metas, d.schema.field(c).data_type());
+                }
+                let (_, key_columns) = d.key.as_ref().expect("a column of the key");
+                let k = key_columns
+                    .iter()
+                    .position(|&k| k == c)
+                    .expect("key column");
+                Ok(keys.as_ref().expect("keys decoded").column(k).clone())
             })
-            .collect();
+            .collect::<SqlResult<Vec<ArrayRef>>>()?;
         Ok(ChangeBatch::new(RecordBatch::try_new_with_options(
             d.schema.clone(),
             columns,
-            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(n)),
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(kept.len())),
         )?))
     }
 }
 
 struct Record {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    timestamp: Option<i64>,
-    key: Option<Vec<u8>>,
+    meta: Metadata,
     value: Option<Vec<u8>>,
+}
+
+fn headers_of(m: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
+    use rdkafka::message::Headers;
+    m.headers().map_or_else(Vec::new, |h| {
+        h.iter()
+            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    })
 }
 
 /// Records in one buffer, each ending in a newline except for 'raw'.
@@ -654,9 +683,9 @@ fn bad_record(def: &TableDef, format: Format, r: &Record, problem: String) -> Sq
         format!(
             "bad {} record in kafka topic '{}' partition {} at offset {}: {problem}",
             format.name(),
-            r.topic,
-            r.partition,
-            r.offset
+            r.meta.topic,
+            r.meta.partition,
+            r.meta.offset
         ),
     )
     .with_hint(format!(

@@ -799,3 +799,113 @@ async fn transactions_precommit_at_barriers_commit_with_their_epoch_and_are_reco
         assert_eq!(n, times, "row {id} in {ids:?}");
     }
 }
+
+#[tokio::test]
+async fn metadata_columns_come_from_the_message() {
+    let cluster = cluster(&[("m", 2)]);
+    let bs = cluster.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    let value = json(1, "a");
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "trace",
+        value: Some("t-1"),
+    });
+    producer
+        .send(
+            BaseRecord::to("m")
+                .partition(1)
+                .key("k1")
+                .payload(&value)
+                .timestamp(1_700_000_000_123)
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let mut def = kafka_table(
+        &bs,
+        &[
+            ("id", SqlType::Int),
+            ("k", SqlType::Varchar(None)),
+            ("tt", SqlType::Varchar(None)),
+            ("ts", SqlType::TimestampLtz(3)),
+            ("h", SqlType::Varchar(None)),
+            ("p", SqlType::BigInt),
+        ],
+        &[
+            ("topic", "m"),
+            ("format", "json"),
+            ("scan.bounded.mode", "latest-offset"),
+        ],
+    );
+    for (c, key) in [
+        (1, "key"),
+        (2, "timestamp-type"),
+        (3, "timestamp"),
+        (4, "headers"),
+        (5, "partition"),
+    ] {
+        def.columns[c].metadata = Some(key.into());
+    }
+    let mut s = KafkaSource::open(&def, 0, 1, 10).unwrap();
+    let rows = read_to_end(&mut s).await;
+    let b = &rows[0].rows;
+    assert_eq!(b.num_rows(), 1);
+    assert_eq!(b.column(0).as_primitive::<Int32Type>().value(0), 1);
+    assert_eq!(b.column(1).as_string::<i32>().value(0), "k1");
+    assert_eq!(b.column(2).as_string::<i32>().value(0), "CreateTime");
+    assert_eq!(
+        b.column(3)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
+            .value(0),
+        1_700_000_000_123
+    );
+    assert_eq!(
+        b.column(4).as_string::<i32>().value(0),
+        r#"{"trace":"t-1"}"#
+    );
+    assert_eq!(
+        b.column(5)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0),
+        1,
+        "partition, cast to the column's BIGINT"
+    );
+    // Metadata columns are not part of the value (a sink does not write them), and
+    // cannot be key fields.
+    let mut with_partition = kafka_table(
+        &bs,
+        &[
+            ("id", SqlType::Int),
+            ("p", SqlType::Int),
+            ("name", SqlType::Varchar(None)),
+        ],
+        &[("topic", "m"), ("format", "json")],
+    );
+    with_partition.columns[1].metadata = Some("partition".into());
+    assert_eq!(
+        super::Layout::of(&with_partition).unwrap().value_columns,
+        vec![0, 2]
+    );
+    let out = kafka_table(
+        &bs,
+        &cols(),
+        &[
+            ("topic", "m"),
+            ("format", "json"),
+            ("key.fields", "name"),
+            ("key.format", "raw"),
+        ],
+    );
+    let mut with_meta = out.clone();
+    with_meta.columns[1].metadata = Some("topic".into());
+    let e = super::Layout::of(&with_meta).unwrap_err();
+    assert!(
+        e.message.contains("METADATA column \"name\""),
+        "{}",
+        e.message
+    );
+}

@@ -38,7 +38,9 @@ pub fn open_split(
         Some("datagen") => Box::new(DatagenReader::open(def, split, splits, batch_size)?),
         Some("nexmark") => Box::new(NexmarkReader::open(def, split, splits, batch_size)?),
         Some("filesystem") => Box::new(FileSource::open(def, split, splits, batch_size)?),
-        Some("kafka") => Box::new(KafkaSource::open(def, split, splits, batch_size)?),
+        Some("kafka" | "upsert-kafka") => {
+            Box::new(KafkaSource::open(def, split, splits, batch_size)?)
+        }
         Some(other) => return Err(not_a(def, other, "source")),
         None => {
             return Err(SqlError::internal(format!(
@@ -91,7 +93,7 @@ pub fn is_bounded(def: &TableDef) -> bool {
         Some("filesystem") => true,
         Some("datagen") => DatagenReader::is_bounded(def),
         Some("nexmark") => def.options.contains_key("nexmark.event.num"),
-        Some("kafka") => super::kafka::source::is_bounded(def).unwrap_or(false),
+        Some("kafka" | "upsert-kafka") => super::kafka::source::is_bounded(def).unwrap_or(false),
         _ => false,
     }
 }

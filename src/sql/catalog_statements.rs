@@ -22,6 +22,26 @@ impl Engine {
             return Ok(Outcome::Command(CommandTag::new("CREATE TABLE")));
         }
         crate::connector::options::validate(&create.options)?;
+        if create.options.get("connector").map(String::as_str) == Some("upsert-kafka") {
+            if create.primary_key.is_empty() {
+                return Err(SqlError::new(
+                    sqlstate::INVALID_PARAMETER_VALUE,
+                    format!(
+                        "upsert-kafka table \"{}\" needs a PRIMARY KEY (...) NOT ENFORCED: \
+                         its messages are keyed by it",
+                        create.name
+                    ),
+                ));
+            }
+            if !create.computed.is_empty() || create.watermark.is_some() {
+                return Err(SqlError::not_supported(format!(
+                    "upsert-kafka table \"{}\": computed columns and WATERMARK are not \
+                     supported on upsert-kafka tables yet",
+                    create.name
+                ))
+                .with_hint("declare a view over the table with the computed columns"));
+            }
+        }
         let mut def = TableDef {
             id: TableId(0),
             name: create.name.clone(),

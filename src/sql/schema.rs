@@ -98,10 +98,22 @@ impl SchemaProvider for WeirSchema {
             return Ok(Some(Arc::new(WindowTvfTable::try_new(spec, input)?)));
         }
         if let Some(def) = self.catalog.table(name) {
+            if def.connector() == Some("upsert-kafka") {
+                let query = crate::connector::kafka::upsert_query(&def);
+                return view_table(&self.context, name, &query).await.map(Some);
+            }
             return Ok(Some(match def.connector() {
                 None => Arc::new(LogTable::new(def, self.catalog.table_log().clone())),
                 Some(_) => Arc::new(ConnectorTable::new(def)),
             }));
+        }
+        if let Some(table) = name.strip_suffix(crate::connector::kafka::CHANGELOG_SUFFIX) {
+            if let Some(def) = self.catalog.table(table) {
+                if def.connector() == Some("upsert-kafka") {
+                    let changelog = crate::connector::kafka::changelog_table(&def);
+                    return Ok(Some(Arc::new(ConnectorTable::new(Arc::new(changelog)))));
+                }
+            }
         }
         match self.catalog.view(name) {
             Some(view) if view.materialized => match self.jobs.view(name) {

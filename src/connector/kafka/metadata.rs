@@ -24,7 +24,13 @@ pub enum Field {
     TimestampType,
     Key,
     Headers,
+    /// Whether the message is a tombstone (no value): the hidden column of an
+    /// `upsert-kafka` table's changelog.
+    Tombstone,
 }
+
+/// The metadata key of [`Field::Tombstone`], known to `upsert-kafka` tables only.
+pub const TOMBSTONE: &str = "weir.tombstone";
 
 const KEYS: &[(&str, Field)] = &[
     ("topic", Field::Topic),
@@ -46,6 +52,8 @@ pub struct Metadata {
     pub timestamp_type: &'static str,
     pub key: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// No value: a deletion in an upsert topic.
+    pub tombstone: bool,
 }
 
 /// The table's metadata columns: (column index, what it holds). Refuses keys Kafka has
@@ -54,7 +62,11 @@ pub fn columns(def: &TableDef) -> SqlResult<Vec<(usize, Field)>> {
     let mut out = vec![];
     for (i, c) in def.columns.iter().enumerate() {
         let Some(key) = &c.metadata else { continue };
-        if !matches!(def.connector(), Some("kafka")) {
+        if key == TOMBSTONE && def.connector() == Some("upsert-kafka") {
+            out.push((i, Field::Tombstone));
+            continue;
+        }
+        if !matches!(def.connector(), Some("kafka" | "upsert-kafka")) {
             return Err(SqlError::not_supported(format!(
                 "column \"{}\" of table \"{}\" is METADATA; only 'kafka' tables have metadata",
                 c.name, def.name
@@ -93,6 +105,7 @@ fn natural_type(field: Field) -> DataType {
             DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()))
         }
         Field::Key => DataType::Binary,
+        Field::Tombstone => DataType::Boolean,
     }
 }
 
@@ -124,6 +137,9 @@ pub fn column(field: Field, messages: &[&Metadata], target: &DataType) -> SqlRes
                 .map(|m| m.key.as_deref())
                 .collect::<BinaryArray>(),
         ),
+        Field::Tombstone => Arc::new(arrow::array::BooleanArray::from_iter(
+            messages.iter().map(|m| Some(m.tombstone)),
+        )),
         Field::Headers => Arc::new(StringArray::from_iter_values(messages.iter().map(|m| {
             let object: serde_json::Map<String, serde_json::Value> = m
                 .headers

@@ -18,6 +18,62 @@ use super::factory::invalid;
 use super::format::Format;
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
 
+/// The name under which an `upsert-kafka` table's changelog is read: its rows (the
+/// tombstones as rows with only the key) with each message's offset and whether it is
+/// a tombstone. The table itself reads as the latest row per key of it.
+pub const CHANGELOG_SUFFIX: &str = "$changelog";
+const OFFSET_COLUMN: &str = "$offset";
+const TOMBSTONE_COLUMN: &str = "$tombstone";
+
+/// The table an `upsert-kafka` table's changelog is read from: its columns (only the
+/// key's NOT NULL) and the two hidden ones.
+pub fn changelog_table(def: &TableDef) -> TableDef {
+    let mut changelog = def.clone();
+    changelog.name = format!("{}{CHANGELOG_SUFFIX}", def.name);
+    for c in &mut changelog.columns {
+        c.nullable |= !def.primary_key.contains(&c.name);
+    }
+    for (name, data_type, key) in [
+        (OFFSET_COLUMN, weir_catalog::SqlType::BigInt, "offset"),
+        (
+            TOMBSTONE_COLUMN,
+            weir_catalog::SqlType::Boolean,
+            metadata::TOMBSTONE,
+        ),
+    ] {
+        changelog.columns.push(weir_catalog::ColumnDef {
+            name: name.into(),
+            data_type,
+            nullable: false,
+            metadata: Some(key.into()),
+        });
+    }
+    // Computed columns and the watermark apply to the rows the table gives.
+    changelog.computed.clear();
+    changelog.watermark = None;
+    changelog
+}
+
+/// The query an `upsert-kafka` table reads as: the latest message of each key (a
+/// deduplication keeping the last row, as Flink reads such a table), unless that is a
+/// tombstone. Its changes are the changelog of the table: +I for a new key, -U/+U for a
+/// new value, a retraction for a deletion.
+pub fn upsert_query(def: &TableDef) -> String {
+    let q = weir_catalog::quote_ident;
+    let columns: Vec<String> = def.columns.iter().map(|c| q(&c.name)).collect();
+    let key: Vec<String> = def.primary_key.iter().map(|k| q(k)).collect();
+    format!(
+        "SELECT {cols} FROM (SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {key} \
+         ORDER BY {offset} DESC) AS \"$rn\" FROM {changelog}) WHERE \"$rn\" = 1) \
+         WHERE NOT {tombstone}",
+        cols = columns.join(", "),
+        key = key.join(", "),
+        offset = q(OFFSET_COLUMN),
+        changelog = q(&format!("{}{CHANGELOG_SUFFIX}", def.name)),
+        tombstone = q(TOMBSTONE_COLUMN),
+    )
+}
+
 /// librdkafka's settings from the table's `properties.*` options, with `defaults` for
 /// those the table leaves out.
 fn client_config(def: &TableDef, defaults: &[(&str, &str)]) -> ClientConfig {

@@ -212,6 +212,8 @@ pub struct KafkaSource {
     /// 'scan.bounded.mode' = 'latest-offset': the source ends at the offsets its
     /// partitions had when it started.
     bounded: bool,
+    /// An `upsert-kafka` table's changelog: tombstones are rows too.
+    upsert: bool,
     ignore_errors: bool,
     commit_to_group: bool,
     decoders: Decoders,
@@ -253,6 +255,7 @@ impl KafkaSource {
             discovery: opt_duration(def, "scan.topic-partition-discovery.interval")?
                 .unwrap_or(DISCOVERY_INTERVAL),
             bounded: is_bounded(def)?,
+            upsert: def.connector() == Some("upsert-kafka"),
             ignore_errors,
             commit_to_group: def.options.contains_key("properties.group.id"),
             decoders: Decoders {
@@ -499,6 +502,7 @@ impl KafkaSource {
                         } else {
                             vec![]
                         },
+                        tombstone: m.payload().is_none(),
                     },
                     value: m.payload().map(<[u8]>::to_vec),
                 }),
@@ -569,9 +573,70 @@ impl KafkaSource {
         }
     }
 
-    /// One partition's records as rows; tombstones (no value) are not rows.
+    /// One partition's records as rows. Tombstones (no value) are no rows, except in
+    /// an `upsert-kafka` table's changelog, where they are rows of the key alone.
     fn decode(&mut self, records: &[Record]) -> SqlResult<ChangeBatch> {
-        let records: Vec<&Record> = records.iter().filter(|r| r.value.is_some()).collect();
+        let live: Vec<&Record> = records.iter().filter(|r| r.value.is_some()).collect();
+        let rows = self.decode_values(&live)?;
+        let dead: Vec<&Record> = records.iter().filter(|r| r.value.is_none()).collect();
+        if !self.upsert || dead.is_empty() {
+            return Ok(rows);
+        }
+        let tombstones = self.tombstones(&dead)?;
+        Ok(ChangeBatch::new(arrow::compute::concat_batches(
+            &self.decoders.schema,
+            [&rows.rows, &tombstones],
+        )?))
+    }
+
+    /// Rows of tombstones: the key's columns, the metadata, nulls elsewhere.
+    fn tombstones(&mut self, records: &[&Record]) -> SqlResult<RecordBatch> {
+        let d = &self.decoders;
+        let (key_decoder, key_columns) = d.key.as_ref().expect("an upsert table has a key");
+        let (kbuf, kranges) = joined(
+            key_decoder.format(),
+            records.iter().map(|r| r.meta.key.as_deref().or(Some(b""))),
+        );
+        let mut skipped = 0;
+        let (keys, kept) = key_decoder.decode(&kbuf, &kranges, |i, problem| {
+            if self.ignore_errors {
+                skipped += 1;
+                Ok(())
+            } else {
+                Err(bad_record(
+                    &self.def,
+                    key_decoder.format(),
+                    records[i],
+                    problem,
+                ))
+            }
+        })?;
+        self.skipped += skipped;
+        let metas: Vec<&Metadata> = kept.iter().map(|&i| &records[i].meta).collect();
+        let columns = d
+            .schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(c, field)| {
+                if let Some(k) = key_columns.iter().position(|&k| k == c) {
+                    return Ok(keys.rows.column(k).clone());
+                }
+                if let Some((_, f)) = d.metadata.iter().find(|(m, _)| *m == c) {
+                    return metadata::column(*f, &metas, field.data_type());
+                }
+                Ok(arrow::array::new_null_array(field.data_type(), kept.len()))
+            })
+            .collect::<SqlResult<Vec<ArrayRef>>>()?;
+        Ok(RecordBatch::try_new_with_options(
+            d.schema.clone(),
+            columns,
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(kept.len())),
+        )?)
+    }
+
+    /// Rows of messages with a value.
+    fn decode_values(&mut self, records: &[&Record]) -> SqlResult<ChangeBatch> {
         let d = &self.decoders;
         let (buf, ranges) = joined(d.value.format(), records.iter().map(|r| r.value.as_deref()));
         let ignore = self.ignore_errors;

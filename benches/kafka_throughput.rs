@@ -134,7 +134,10 @@ fn main() {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("bids", PARTITIONS, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    eprintln!("kafka_throughput: filling 'bids' with {} messages", args.messages);
+    eprintln!(
+        "kafka_throughput: filling 'bids' with {} messages",
+        args.messages
+    );
     fill(&bootstrap, args.messages);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -168,7 +171,11 @@ fn main() {
         rows(&client, "SET 'table.dml-sync' = 'true'").await;
         let mut n = 0;
         for &parallelism in &args.parallelism {
-            rows(&client, &format!("SET 'parallelism.default' = '{parallelism}'")).await;
+            rows(
+                &client,
+                &format!("SET 'parallelism.default' = '{parallelism}'"),
+            )
+            .await;
             let (mut walls, mut cpus) = (vec![], vec![]);
             for _ in 0..args.repeat {
                 n += 1;

@@ -184,6 +184,15 @@ impl Partition {
     }
 }
 
+/// Where a partition is, as a checkpoint records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Place {
+    /// The next offset to read; `None`: from the partition's beginning.
+    next: Option<i64>,
+    /// Startup mode 'timestamp' still skipping records before this time.
+    from_time: Option<i64>,
+}
+
 /// Records taken from the consumer, decoded but not yet returned.
 struct Pending {
     lane: u32,
@@ -221,7 +230,7 @@ pub struct KafkaSource {
     /// The partitions assigned, in the order they were found: a partition's index is
     /// its watermark lane.
     partitions: Vec<Partition>,
-    restored: HashMap<(String, i32), i64>,
+    restored: HashMap<(String, i32), Place>,
     /// Partitions to start by skipping records older than the startup timestamp.
     from_time: Vec<(String, i32)>,
     next_discovery: Instant,
@@ -346,54 +355,64 @@ impl KafkaSource {
         if new.is_empty() {
             return Ok(());
         }
-        // Where each new partition starts: its restored offset, else the startup mode
-        // on the first discovery, else (a partition added while running) its start.
+        // Where each new partition starts: its restored place, else the startup mode on
+        // the first discovery, else (a partition added while running) its start.
         let first = self.partitions.is_empty() && self.restored.is_empty();
         let mut tpl = TopicPartitionList::new();
-        for (t, p) in &new {
+        let mut from_time = vec![None; new.len()];
+        for (i, (t, p)) in new.iter().enumerate() {
             let offset = match self.restored.get(&(t.clone(), *p)) {
-                Some(o) => Offset::Offset(*o),
+                Some(place) => {
+                    from_time[i] = place.from_time;
+                    place.next.map_or(Offset::Beginning, Offset::Offset)
+                }
                 None if first => self.startup.offset(*p),
                 None => Offset::Beginning,
             };
             tpl.add_partition_offset(t, *p, offset)
                 .map_err(|e| kafka_error(&self.def, "assign partitions", e))?;
         }
-        if let (true, Startup::Timestamp(ts)) = (first, &self.startup) {
-            tpl = self.offsets_for_time(&new, *ts).await?;
+        if let (true, Startup::Timestamp(ts)) = (first, self.startup.clone()) {
+            tpl = self.offsets_for_time(&new, ts).await?;
+            for (i, (t, p)) in new.iter().enumerate() {
+                if self.from_time.contains(&(t.clone(), *p)) {
+                    from_time[i] = Some(ts);
+                }
+            }
         }
-        let bounds = if self.bounded {
-            Some(self.bounds(&tpl).await?)
-        } else {
-            None
-        };
+        let (tpl, ends) = self.resolve(&tpl).await?;
         self.consumer()?
             .incremental_assign(&tpl)
             .map_err(|e| kafka_error(&self.def, "assign partitions", e))?;
-        for (i, (topic, partition)) in new.into_iter().enumerate() {
-            let next = self.restored.get(&(topic.clone(), partition)).copied();
-            let from_time = match &self.startup {
-                Startup::Timestamp(ts) if self.from_time.contains(&(topic.clone(), partition)) => {
-                    Some(*ts)
-                }
+        for (i, e) in tpl.elements().iter().enumerate() {
+            let next = match e.offset() {
+                Offset::Offset(o) => Some(o),
                 _ => None,
             };
             self.partitions.push(Partition {
-                topic,
-                partition,
-                from_time,
+                topic: e.topic().to_string(),
+                partition: e.partition(),
                 next,
-                bounds: bounds.as_ref().map(|b| b[i]),
+                bounds: ends[i],
+                from_time: from_time[i],
             });
         }
         Ok(())
     }
 
-    /// (start, end) of each partition of `tpl`: where it will be read from, and its end
-    /// offset now.
-    async fn bounds(&mut self, tpl: &TopicPartitionList) -> SqlResult<Vec<(i64, i64)>> {
+    /// `tpl` with each partition's start made concrete, so that a checkpoint taken before
+    /// a partition returned a record still names where it started: the end offset for
+    /// 'latest-offset', the group's offset for 'group-offsets' (the start when it has
+    /// none); the start of a partition stays "the beginning". With a bounded read, also
+    /// each partition's (start, end) offsets.
+    #[allow(clippy::type_complexity)]
+    async fn resolve(
+        &mut self,
+        tpl: &TopicPartitionList,
+    ) -> SqlResult<(TopicPartitionList, Vec<Option<(i64, i64)>>)> {
         let consumer = self.consumer()?;
         let def = self.def.clone();
+        let bounded = self.bounded;
         let wanted: Vec<(String, i32, Offset)> = tpl
             .elements()
             .iter()
@@ -413,26 +432,43 @@ impl KafkaSource {
             } else {
                 None
             };
-            wanted
-                .iter()
-                .map(|(t, p, offset)| {
-                    let (low, high) = consumer
-                        .fetch_watermarks(t, *p, LOOKUP_TIMEOUT)
-                        .map_err(|e| kafka_error(&def, "read partition offsets", e))?;
-                    let offset = match (offset, &committed) {
-                        (Offset::Stored, Some(c)) => c
-                            .find_partition(t, *p)
-                            .map_or(Offset::Beginning, |e| e.offset()),
-                        (o, _) => *o,
-                    };
+            let mut resolved = TopicPartitionList::new();
+            let mut ends = vec![];
+            for (t, p, offset) in &wanted {
+                let offset = match (offset, &committed) {
+                    (Offset::Stored, Some(c)) => {
+                        match c.find_partition(t, *p).map(|e| e.offset()) {
+                            Some(Offset::Offset(o)) => Offset::Offset(o),
+                            _ => Offset::Beginning,
+                        }
+                    }
+                    (o, _) => *o,
+                };
+                let watermarks = if bounded || offset == Offset::End {
+                    Some(
+                        consumer
+                            .fetch_watermarks(t, *p, LOOKUP_TIMEOUT)
+                            .map_err(|e| kafka_error(&def, "read partition offsets", e))?,
+                    )
+                } else {
+                    None
+                };
+                let offset = match (offset, watermarks) {
+                    (Offset::End, Some((_, high))) => Offset::Offset(high),
+                    (o, _) => o,
+                };
+                ends.push(watermarks.filter(|_| bounded).map(|(low, high)| {
                     let start = match offset {
                         Offset::Offset(o) => o,
-                        Offset::End => high,
                         _ => low,
                     };
-                    Ok((start, high))
-                })
-                .collect()
+                    (start, high)
+                }));
+                resolved
+                    .add_partition_offset(t, *p, offset)
+                    .map_err(|e| kafka_error(&def, "assign partitions", e))?;
+            }
+            Ok((resolved, ends))
         })
         .await
         .map_err(|e| SqlError::internal(format!("kafka offset lookup failed: {e}")))?
@@ -551,6 +587,25 @@ impl KafkaSource {
             self.pending.push_back(Pending { lane, batch, next });
         }
         Ok(())
+    }
+
+    /// Commits the positions to 'properties.group.id', for monitoring only: Weir's
+    /// checkpoints hold the offsets it resumes from.
+    fn commit_to_group(&self, places: &[(String, i32, Place)]) {
+        let Some(consumer) = &self.consumer else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, place) in places {
+            if let Some(next) = place.next {
+                let _ = tpl.add_partition_offset(t, *p, Offset::Offset(next));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(table = %self.def.name, "kafka offset commit: {e}");
+            }
+        }
     }
 
     /// A bounded read's partitions whose consumer position passed their last record:
@@ -793,46 +848,43 @@ impl crate::connector::io::SplitReader for KafkaSource {
     }
 
     fn position(&self) -> Vec<u8> {
-        let mut positions: Vec<(String, i32, i64)> = self
+        let mut places: Vec<(String, i32, Place)> = self
             .partitions
             .iter()
-            .filter_map(|p| Some((p.topic.clone(), p.partition, p.next?)))
+            .map(|p| {
+                let place = Place {
+                    next: p.next,
+                    from_time: p.from_time,
+                };
+                (p.topic.clone(), p.partition, place)
+            })
             .collect();
         // Partitions restored but not assigned yet keep their place.
-        for ((t, p), o) in &self.restored {
+        for ((t, p), place) in &self.restored {
             if !self
                 .partitions
                 .iter()
                 .any(|q| &q.topic == t && q.partition == *p)
             {
-                positions.push((t.clone(), *p, *o));
+                places.push((t.clone(), *p, *place));
             }
         }
-        positions.sort();
-        if self.commit_to_group && !positions.is_empty() {
-            if let Some(consumer) = &self.consumer {
-                let mut tpl = TopicPartitionList::new();
-                for (t, p, o) in &positions {
-                    let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
-                }
-                // For monitoring only: Weir's checkpoints hold the offsets it resumes from.
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    tracing::debug!(table = %self.def.name, "kafka offset commit: {e}");
-                }
-            }
+        places.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        if self.commit_to_group {
+            self.commit_to_group(&places);
         }
-        serde_json::to_vec(&positions).expect("positions serialize")
+        serde_json::to_vec(&places).expect("positions serialize")
     }
 
     fn restore(&mut self, position: &[u8]) -> Result<()> {
-        let positions: Vec<(String, i32, i64)> = serde_json::from_slice(position)
+        let places: Vec<(String, i32, Place)> = serde_json::from_slice(position)
             .map_err(|e| to_df(SqlError::internal(format!("bad kafka position: {e}"))))?;
         if !self.partitions.is_empty() {
             return Err(to_df(SqlError::internal(
                 "a kafka source is restored before it reads",
             )));
         }
-        self.restored = positions.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        self.restored = places.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
         Ok(())
     }
 

@@ -909,3 +909,55 @@ async fn metadata_columns_come_from_the_message() {
         e.message
     );
 }
+
+#[tokio::test]
+async fn a_restore_keeps_where_quiet_partitions_started() {
+    let cluster = cluster(&[("q", 2)]);
+    let bs = cluster.bootstrap_servers();
+    let old = [json(1, "old"), json(2, "old")];
+    produce(
+        &bs,
+        "q",
+        &[
+            (0, None, Some(old[0].as_str()), 0),
+            (1, None, Some(old[1].as_str()), 0),
+        ],
+    );
+    let def = kafka_table(
+        &bs,
+        &cols(),
+        &[
+            ("topic", "q"),
+            ("format", "json"),
+            ("scan.startup.mode", "latest-offset"),
+        ],
+    );
+    let mut first = KafkaSource::open(&def, 0, 1, 10).unwrap();
+    // A row arrives in partition 0 once the source started; partition 1 stays quiet.
+    let bootstrap = bs.clone();
+    let later = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let v = json(3, "new");
+        produce(&bootstrap, "q", &[(0, None, Some(v.as_str()), 0)]);
+    });
+    let batch = tokio::time::timeout(Duration::from_secs(20), first.next_batch())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    later.await.unwrap();
+    assert_eq!(ids(&[batch]), vec![3]);
+    let position = first.position();
+    // After the checkpoint partition 1 gets a row; the restored source reads it, and
+    // not what partition 1 held before the first start.
+    let v = json(4, "new");
+    produce(&bs, "q", &[(1, None, Some(v.as_str()), 0)]);
+    let mut second = KafkaSource::open(&def, 0, 1, 10).unwrap();
+    second.restore(&position).unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(20), second.next_batch())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&[batch]), vec![4]);
+}

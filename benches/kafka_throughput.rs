@@ -7,7 +7,7 @@
 //! cargo bench --bench kafka_throughput -- --guarantee write-ahead   # or transactional, none
 //! ```
 //!
-//! The input topic (4 partitions) is filled with JSON bids before the clock starts; the
+//! The input topic (32 partitions) is filled with JSON bids before the clock starts; the
 //! job is `INSERT INTO out SELECT ... FROM bids WHERE price >= 5000` over a bounded read
 //! ('scan.bounded.mode' = 'latest-offset') with `'table.dml-sync' = 'true'`, so the
 //! statement returns when every input message was read and the sink flushed (or, in the
@@ -26,7 +26,10 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 
-const PARTITIONS: i32 = 4;
+/// librdkafka's mock brokers keep only the last few MB of each partition (about 50,000
+/// of these messages): the input is spread wide enough to keep all of it.
+const INPUT_PARTITIONS: i32 = 32;
+const OUTPUT_PARTITIONS: i32 = 4;
 
 struct Args {
     messages: u64,
@@ -99,7 +102,7 @@ fn fill(bootstrap: &str, messages: u64) {
         );
         let mut record = BaseRecord::<(), str>::to("bids")
             .payload(&value)
-            .partition((i % PARTITIONS as u64) as i32);
+            .partition((i % INPUT_PARTITIONS as u64) as i32);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -113,13 +116,13 @@ fn fill(bootstrap: &str, messages: u64) {
     producer.flush(Duration::from_secs(120)).expect("flush");
 }
 
-/// Messages in a topic (the sum of its partitions' end offsets).
-fn count(bootstrap: &str, topic: &str) -> i64 {
+/// Messages written to a topic (the sum of its partitions' end offsets).
+fn count(bootstrap: &str, topic: &str, partitions: i32) -> i64 {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("consumer");
-    (0..PARTITIONS)
+    (0..partitions)
         .map(|p| {
             consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
@@ -132,13 +135,15 @@ fn count(bootstrap: &str, topic: &str) -> i64 {
 fn main() {
     let args = parse_args();
     let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("bids", PARTITIONS, 1).unwrap();
+    cluster.create_topic("bids", INPUT_PARTITIONS, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
     eprintln!(
         "kafka_throughput: filling 'bids' with {} messages",
         args.messages
     );
     fill(&bootstrap, args.messages);
+    let filled = count(&bootstrap, "bids", INPUT_PARTITIONS);
+    assert_eq!(filled as u64, args.messages, "the input topic holds every message");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -180,7 +185,7 @@ fn main() {
             for _ in 0..args.repeat {
                 n += 1;
                 let topic = format!("out{n}");
-                cluster.create_topic(&topic, PARTITIONS, 1).unwrap();
+                cluster.create_topic(&topic, OUTPUT_PARTITIONS, 1).unwrap();
                 rows(
                     &client,
                     &format!(
@@ -198,7 +203,7 @@ fn main() {
                 )
                 .await;
                 let (wall, cpu) = (wall0.elapsed(), cpu_time() - cpu0);
-                let written = count(&bootstrap, &topic);
+                let written = count(&bootstrap, &topic, OUTPUT_PARTITIONS);
                 eprintln!(
                     "p={parallelism}: {:.2} s wall, {:.2} s CPU, {written} messages out",
                     wall.as_secs_f64(),

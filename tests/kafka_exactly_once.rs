@@ -230,3 +230,51 @@ async fn every_closed_window_once_through_twelve_kills() {
     assert!(want.len() > 10, "only {} windows of input", want.len());
     assert_eq!(seen, want, "{rows} input rows");
 }
+
+/// A running view over a Kafka topic told to skip bad records counts them in SHOW JOBS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_bad_records_are_counted_in_show_jobs() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("mixed", 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    for value in [r#"{"id": 1}"#, "{oops", r#"{"id": "two"}"#, r#"{"id": 3}"#] {
+        producer
+            .send(BaseRecord::<str, str>::to("mixed").partition(0).payload(value))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE mixed (id BIGINT) WITH ('connector' = 'kafka', 'topic' = 'mixed', \
+             'properties.bootstrap.servers' = '{bootstrap}', 'format' = 'json', \
+             'json.ignore-parse-errors' = 'true'); \
+             CREATE MATERIALIZED VIEW ids AS SELECT id FROM mixed"
+        ))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        client.batch_execute("FLUSH").await.unwrap();
+        let ids = common::rows(&client, "SELECT id FROM ids ORDER BY id").await;
+        let jobs = common::rows(&client, "SHOW JOBS").await;
+        let skipped = jobs[0].last().cloned().unwrap();
+        if ids.len() == 2 && skipped == "2" {
+            assert_eq!(ids, vec![vec!["1".to_string()], vec!["3".to_string()]]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ids {ids:?}, skipped {skipped}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+}

@@ -961,3 +961,28 @@ async fn a_restore_keeps_where_quiet_partitions_started() {
         .unwrap();
     assert_eq!(ids(&[batch]), vec![4]);
 }
+
+#[tokio::test]
+async fn a_bounded_read_of_many_messages_reads_them_all() {
+    let cluster = cluster(&[("many", 4)]);
+    let bs = cluster.bootstrap_servers();
+    let values: Vec<String> = (0..20_000).map(|i| json(i, "n")).collect();
+    let messages: Vec<_> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((i % 4) as i32, None, Some(v.as_str()), 0))
+        .collect();
+    produce(&bs, "many", &messages);
+    let def = kafka_table(
+        &bs,
+        &cols(),
+        &[
+            ("topic", "many"),
+            ("format", "json"),
+            ("scan.bounded.mode", "latest-offset"),
+        ],
+    );
+    let mut s = KafkaSource::open(&def, 0, 1, 1000).unwrap();
+    let rows: usize = read_to_end(&mut s).await.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 20_000);
+}

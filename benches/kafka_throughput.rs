@@ -158,6 +158,9 @@ fn main() {
             .to_string(),
         other => format!(", 'sink.delivery-guarantee' = '{other}'"),
     };
+    // (Diagnosis: WEIR_BENCH_BLACKHOLE=1 reads Kafka into a blackhole sink instead.)
+    let blackhole = std::env::var("WEIR_BENCH_BLACKHOLE").is_ok();
+    let source_options = std::env::var("WEIR_BENCH_SOURCE_OPTIONS").unwrap_or_default();
     let mut table = vec![];
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -169,7 +172,7 @@ fn main() {
                 "CREATE TABLE bids (auction BIGINT, bidder BIGINT, price BIGINT, \
                  date_time TIMESTAMP(3)) WITH ('connector' = 'kafka', 'topic' = 'bids', \
                  'properties.bootstrap.servers' = '{bootstrap}', 'format' = 'json', \
-                 'scan.bounded.mode' = 'latest-offset')"
+                 'scan.bounded.mode' = 'latest-offset'{source_options})"
             ),
         )
         .await;
@@ -186,13 +189,20 @@ fn main() {
                 n += 1;
                 let topic = format!("out{n}");
                 cluster.create_topic(&topic, OUTPUT_PARTITIONS, 1).unwrap();
+                let with = if blackhole {
+                    "'connector' = 'blackhole'".to_string()
+                } else {
+                    format!(
+                        "'connector' = 'kafka', 'topic' = '{topic}', \
+                         'properties.bootstrap.servers' = '{bootstrap}', \
+                         'format' = 'json'{sink_options}"
+                    )
+                };
                 rows(
                     &client,
                     &format!(
                         "CREATE TABLE {topic} (auction BIGINT, bidder BIGINT, price BIGINT, \
-                         date_time TIMESTAMP(3)) WITH ('connector' = 'kafka', 'topic' = \
-                         '{topic}', 'properties.bootstrap.servers' = '{bootstrap}', \
-                         'format' = 'json'{sink_options})"
+                         date_time TIMESTAMP(3)) WITH ({with})"
                     ),
                 )
                 .await;
@@ -203,7 +213,11 @@ fn main() {
                 )
                 .await;
                 let (wall, cpu) = (wall0.elapsed(), cpu_time() - cpu0);
-                let written = count(&bootstrap, &topic, OUTPUT_PARTITIONS);
+                let written = if blackhole {
+                    args.messages as i64 / 2
+                } else {
+                    count(&bootstrap, &topic, OUTPUT_PARTITIONS)
+                };
                 eprintln!(
                     "p={parallelism}: {:.2} s wall, {:.2} s CPU, {written} messages out",
                     wall.as_secs_f64(),

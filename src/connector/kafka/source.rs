@@ -300,6 +300,11 @@ impl KafkaSource {
                 ("enable.auto.offset.store", "false"),
                 ("enable.partition.eof", "false"),
                 ("auto.offset.reset", "earliest"),
+                // librdkafka pauses a partition's fetching for this long whenever its
+                // prefetch queue is full (default 1 s): a consumer that empties the queue
+                // in milliseconds then sits idle. Measured: 1 M messages from the mock
+                // cluster in 6.6 s with the default, 1.0 s with 10 ms.
+                ("fetch.queue.backoff.ms", "10"),
                 // librdkafka wants a group for any consumer; offsets are Weir's own.
                 ("group.id", "weir"),
             ],

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{rows, TestServer};
+use common::{cpu_time, rows, TestServer};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -70,17 +70,6 @@ fn parse_args() -> Args {
         }
     }
     a
-}
-
-fn cpu_time() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a whole rusage into the pointer it is given.
-    let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
-        usage.assume_init()
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Fills the input topic: bid `i` has price `i % 10000`.
@@ -143,7 +132,10 @@ fn main() {
     );
     fill(&bootstrap, args.messages);
     let filled = count(&bootstrap, "bids", INPUT_PARTITIONS);
-    assert_eq!(filled as u64, args.messages, "the input topic holds every message");
+    assert_eq!(
+        filled as u64, args.messages,
+        "the input topic holds every message"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

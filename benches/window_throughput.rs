@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{rows, TestServer};
+use common::{cpu_time, rows, TestServer};
 
 const DEFAULT_EVENTS: u64 = 10_000_000;
 
@@ -139,18 +139,6 @@ fn parse_args() -> Args {
         check,
         checkpoint_interval,
     }
-}
-
-/// User + system CPU time of this process, all threads.
-fn cpu_time() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a whole rusage into the pointer it is given.
-    let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
-        usage.assume_init()
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 struct Run {

@@ -243,7 +243,11 @@ async fn skipped_bad_records_are_counted_in_show_jobs() {
         .unwrap();
     for value in [r#"{"id": 1}"#, "{oops", r#"{"id": "two"}"#, r#"{"id": 3}"#] {
         producer
-            .send(BaseRecord::<str, str>::to("mixed").partition(0).payload(value))
+            .send(
+                BaseRecord::<str, str>::to("mixed")
+                    .partition(0)
+                    .payload(value),
+            )
             .map_err(|(e, _)| e)
             .unwrap();
     }

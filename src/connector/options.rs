@@ -36,134 +36,134 @@ const fn required(key: &'static str, kind: Kind) -> OptionSpec {
     }
 }
 
-/// A connector's options: fixed keys, plus key prefixes passed through (`properties.*`).
+/// A connector's options: fixed keys (in groups connectors share), plus key prefixes
+/// passed through (`properties.*`).
 struct ConnectorSpec {
     name: &'static str,
-    options: &'static [OptionSpec],
+    options: &'static [&'static [OptionSpec]],
     prefixes: &'static [&'static str],
+}
+
+impl ConnectorSpec {
+    fn options(&self) -> impl Iterator<Item = &OptionSpec> {
+        self.options.iter().flat_map(|group| group.iter())
+    }
 }
 
 const FORMATS: &[&str] = &["json", "csv", "raw", "debezium-json"];
 const IDLE_TIMEOUT: OptionSpec = opt("scan.watermark.idle-timeout", Kind::Duration);
+const TIMESTAMP_STANDARDS: Kind = Kind::OneOf(&["SQL", "ISO-8601"]);
+
+/// How records are parsed (and bad ones treated), for connectors that read them.
+const RECORDS: &[OptionSpec] = &[
+    opt("csv.field-delimiter", Kind::Text),
+    opt("csv.ignore-parse-errors", Kind::Boolean),
+    opt("json.ignore-parse-errors", Kind::Boolean),
+    opt("json.timestamp-format.standard", TIMESTAMP_STANDARDS),
+    opt("debezium-json.schema-include", Kind::Boolean),
+    opt("debezium-json.ignore-parse-errors", Kind::Boolean),
+    opt(
+        "debezium-json.timestamp-format.standard",
+        TIMESTAMP_STANDARDS,
+    ),
+    IDLE_TIMEOUT,
+];
+
+/// Reading a Kafka topic, beyond where to start.
+const KAFKA_READ: &[OptionSpec] = &[
+    opt("scan.topic-partition-discovery.interval", Kind::Duration),
+    opt(
+        "scan.bounded.mode",
+        Kind::OneOf(&["unbounded", "latest-offset"]),
+    ),
+];
+
+/// Writing a Kafka topic.
+const KAFKA_WRITE: &[OptionSpec] = &[
+    opt(
+        "sink.delivery-guarantee",
+        Kind::OneOf(&["none", "at-least-once", "exactly-once"]),
+    ),
+    opt(
+        "sink.exactly-once.mode",
+        Kind::OneOf(&["transactional", "write-ahead"]),
+    ),
+    opt("sink.transactional-id-prefix", Kind::Text),
+];
 
 const CONNECTORS: &[ConnectorSpec] = &[
     ConnectorSpec {
         name: "filesystem",
         options: &[
-            required("path", Kind::Text),
-            required("format", Kind::OneOf(FORMATS)),
-            opt("source.monitor-interval", Kind::Duration),
-            opt("csv.field-delimiter", Kind::Text),
-            opt("csv.ignore-parse-errors", Kind::Boolean),
-            opt("json.ignore-parse-errors", Kind::Boolean),
-            opt(
-                "json.timestamp-format.standard",
-                Kind::OneOf(&["SQL", "ISO-8601"]),
-            ),
-            opt("debezium-json.schema-include", Kind::Boolean),
-            opt("debezium-json.ignore-parse-errors", Kind::Boolean),
-            opt(
-                "debezium-json.timestamp-format.standard",
-                Kind::OneOf(&["SQL", "ISO-8601"]),
-            ),
-            IDLE_TIMEOUT,
+            &[
+                required("path", Kind::Text),
+                required("format", Kind::OneOf(FORMATS)),
+                opt("source.monitor-interval", Kind::Duration),
+            ],
+            RECORDS,
         ],
         prefixes: &[],
     },
     ConnectorSpec {
         name: "datagen",
-        options: &[
+        options: &[&[
             opt("rows-per-second", Kind::Integer),
             opt("number-of-rows", Kind::Integer),
             // Undocumented: fixes the random values, for tests.
             opt("seed", Kind::Integer),
             IDLE_TIMEOUT,
-        ],
+        ]],
         prefixes: &["fields."],
     },
     ConnectorSpec {
         name: "kafka",
         options: &[
-            opt("topic", Kind::Text),
-            opt("topic-pattern", Kind::Text),
-            required("properties.bootstrap.servers", Kind::Text),
-            opt("properties.group.id", Kind::Text),
-            opt(
-                "scan.startup.mode",
-                Kind::OneOf(&[
-                    "earliest-offset",
-                    "latest-offset",
-                    "group-offsets",
-                    "timestamp",
-                    "specific-offsets",
-                ]),
-            ),
-            opt("scan.startup.specific-offsets", Kind::Text),
-            opt("scan.startup.timestamp-millis", Kind::Integer),
-            opt("scan.topic-partition-discovery.interval", Kind::Duration),
-            opt(
-                "scan.bounded.mode",
-                Kind::OneOf(&["unbounded", "latest-offset"]),
-            ),
-            opt("format", Kind::OneOf(FORMATS)),
-            opt("value.format", Kind::OneOf(FORMATS)),
-            opt("key.format", Kind::OneOf(FORMATS)),
-            opt("key.fields", Kind::Text),
-            opt("value.fields-include", Kind::OneOf(&["ALL", "EXCEPT_KEY"])),
-            opt("json.ignore-parse-errors", Kind::Boolean),
-            opt(
-                "json.timestamp-format.standard",
-                Kind::OneOf(&["SQL", "ISO-8601"]),
-            ),
-            opt("csv.ignore-parse-errors", Kind::Boolean),
-            opt("csv.field-delimiter", Kind::Text),
-            opt(
-                "sink.delivery-guarantee",
-                Kind::OneOf(&["none", "at-least-once", "exactly-once"]),
-            ),
-            opt(
-                "sink.exactly-once.mode",
-                Kind::OneOf(&["transactional", "write-ahead"]),
-            ),
-            opt("sink.transactional-id-prefix", Kind::Text),
-            opt(
-                "sink.partitioner",
-                Kind::OneOf(&["default", "fixed", "round-robin"]),
-            ),
-            IDLE_TIMEOUT,
+            &[
+                opt("topic", Kind::Text),
+                opt("topic-pattern", Kind::Text),
+                required("properties.bootstrap.servers", Kind::Text),
+                opt("properties.group.id", Kind::Text),
+                opt(
+                    "scan.startup.mode",
+                    Kind::OneOf(&[
+                        "earliest-offset",
+                        "latest-offset",
+                        "group-offsets",
+                        "timestamp",
+                        "specific-offsets",
+                    ]),
+                ),
+                opt("scan.startup.specific-offsets", Kind::Text),
+                opt("scan.startup.timestamp-millis", Kind::Integer),
+                opt("format", Kind::OneOf(FORMATS)),
+                opt("value.format", Kind::OneOf(FORMATS)),
+                opt("key.format", Kind::OneOf(FORMATS)),
+                opt("key.fields", Kind::Text),
+                opt("value.fields-include", Kind::OneOf(&["ALL", "EXCEPT_KEY"])),
+                opt(
+                    "sink.partitioner",
+                    Kind::OneOf(&["default", "fixed", "round-robin"]),
+                ),
+            ],
+            KAFKA_READ,
+            KAFKA_WRITE,
+            RECORDS,
         ],
         prefixes: &["properties."],
     },
     ConnectorSpec {
         name: "upsert-kafka",
         options: &[
-            required("topic", Kind::Text),
-            required("properties.bootstrap.servers", Kind::Text),
-            required("key.format", Kind::OneOf(&["json", "csv", "raw"])),
-            required("value.format", Kind::OneOf(&["json", "csv", "raw"])),
-            opt("value.fields-include", Kind::OneOf(&["ALL", "EXCEPT_KEY"])),
-            opt(
-                "json.timestamp-format.standard",
-                Kind::OneOf(&["SQL", "ISO-8601"]),
-            ),
-            opt("csv.field-delimiter", Kind::Text),
-            opt(
-                "sink.delivery-guarantee",
-                Kind::OneOf(&["none", "at-least-once", "exactly-once"]),
-            ),
-            opt(
-                "sink.exactly-once.mode",
-                Kind::OneOf(&["transactional", "write-ahead"]),
-            ),
-            opt("sink.transactional-id-prefix", Kind::Text),
-            opt(
-                "scan.bounded.mode",
-                Kind::OneOf(&["unbounded", "latest-offset"]),
-            ),
-            opt("scan.topic-partition-discovery.interval", Kind::Duration),
-            opt("json.ignore-parse-errors", Kind::Boolean),
-            opt("csv.ignore-parse-errors", Kind::Boolean),
-            IDLE_TIMEOUT,
+            &[
+                required("topic", Kind::Text),
+                required("properties.bootstrap.servers", Kind::Text),
+                required("key.format", Kind::OneOf(&["json", "csv", "raw"])),
+                required("value.format", Kind::OneOf(&["json", "csv", "raw"])),
+                opt("value.fields-include", Kind::OneOf(&["ALL", "EXCEPT_KEY"])),
+            ],
+            KAFKA_READ,
+            KAFKA_WRITE,
+            RECORDS,
         ],
         prefixes: &["properties."],
     },
@@ -174,15 +174,15 @@ const CONNECTORS: &[ConnectorSpec] = &[
     },
     ConnectorSpec {
         name: "print",
-        options: &[
+        options: &[&[
             opt("print-identifier", Kind::Text),
             opt("standard-error", Kind::Boolean),
-        ],
+        ]],
         prefixes: &[],
     },
     ConnectorSpec {
         name: "nexmark",
-        options: &[
+        options: &[&[
             required("nexmark.table", Kind::OneOf(&["person", "auction", "bid"])),
             opt("nexmark.event.num", Kind::Integer),
             opt("nexmark.events-per-second", Kind::Integer),
@@ -196,7 +196,7 @@ const CONNECTORS: &[ConnectorSpec] = &[
             opt("nexmark.num-active-people", Kind::Integer),
             opt("nexmark.num-in-flight-auctions", Kind::Integer),
             IDLE_TIMEOUT,
-        ],
+        ]],
         prefixes: &[],
     },
 ];
@@ -230,7 +230,7 @@ pub fn validate(options: &BTreeMap<String, String>) -> SqlResult<()> {
         ))
     })?;
     for (key, value) in options.iter().filter(|(k, _)| k.as_str() != "connector") {
-        match spec.options.iter().find(|o| o.key == key) {
+        match spec.options().find(|o| o.key == key) {
             Some(option) => check_value(spec.name, option, value)?,
             None if spec
                 .prefixes
@@ -239,7 +239,7 @@ pub fn validate(options: &BTreeMap<String, String>) -> SqlResult<()> {
             None => return Err(invalid(unknown_option(spec, key))),
         }
     }
-    for option in spec.options.iter().filter(|o| o.required) {
+    for option in spec.options().filter(|o| o.required) {
         if !options.contains_key(option.key) {
             return Err(invalid(format!(
                 "connector '{}' needs option '{}'; add it to the WITH clause",
@@ -258,11 +258,7 @@ pub fn validate(options: &BTreeMap<String, String>) -> SqlResult<()> {
 }
 
 fn unknown_option(spec: &ConnectorSpec, key: &str) -> String {
-    let mut valid: Vec<String> = spec
-        .options
-        .iter()
-        .map(|o| format!("'{}'", o.key))
-        .collect();
+    let mut valid: Vec<String> = spec.options().map(|o| format!("'{}'", o.key)).collect();
     valid.extend(spec.prefixes.iter().map(|p| format!("'{p}*'")));
     if valid.is_empty() {
         format!(

@@ -89,6 +89,19 @@ fn client_config(def: &TableDef, defaults: &[(&str, &str)]) -> ClientConfig {
     config
 }
 
+/// Message headers naming where a message comes from (job, epoch or transaction,
+/// subtask, sequence), by which a sink finds after a crash what it had written.
+fn stamp_headers(fields: [(&str, String); 4]) -> rdkafka::message::OwnedHeaders {
+    let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(fields.len());
+    for (key, value) in &fields {
+        headers = headers.insert(rdkafka::message::Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    headers
+}
+
 /// A librdkafka error as the client sees it.
 fn kafka_error(def: &TableDef, what: &str, e: rdkafka::error::KafkaError) -> SqlError {
     SqlError::new(

@@ -23,13 +23,13 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::common::Result;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use weir_catalog::{op, TableDef};
 
 use super::transactions::Transactional;
-use super::{client_config, kafka_error, topics, Layout};
+use super::{client_config, kafka_error, stamp_headers, topics, Layout};
 use crate::connector::factory::{blocking, invalid, to_df};
 use crate::connector::format::RecordEncoder;
 use crate::connector::io::{EpochWriter, SinkRows, SinkWriter};
@@ -649,19 +649,12 @@ impl WriteAhead {
 
     /// The headers that name a message's place in the job's output.
     fn headers(&self, epoch: Epoch, subtask: u32, seq: u64) -> OwnedHeaders {
-        let mut headers = OwnedHeaders::new_with_capacity(4);
-        for (key, value) in [
+        stamp_headers([
             (JOB, self.job.clone()),
             (EPOCH, epoch.to_string()),
             (SUBTASK, subtask.to_string()),
             (SEQ, seq.to_string()),
-        ] {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
-        }
-        headers
+        ])
     }
 
     /// (epoch, subtask, sequence) of a message this job wrote.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::common::Result;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 use weir_catalog::TableDef;
@@ -93,19 +93,12 @@ fn transactional_producer(def: &TableDef, id: &str) -> SqlResult<KafkaProducer> 
 }
 
 fn headers(job: &str, nonce: u64, subtask: u32, seq: u64) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(4);
-    for (key, value) in [
+    super::stamp_headers([
         (JOB, job.to_string()),
         (TXN, nonce.to_string()),
         (SUBTASK, subtask.to_string()),
         (SEQ, seq.to_string()),
-    ] {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
-    }
-    headers
+    ])
 }
 
 /// A sink subtask's side: writes rows into the open transaction, pre-commits it.

@@ -5,6 +5,9 @@
 //! cargo bench --bench kafka_throughput                          # 2 M messages, p=1 and 2
 //! cargo bench --bench kafka_throughput -- --messages 1000000 --parallelism 1
 //! cargo bench --bench kafka_throughput -- --guarantee write-ahead   # or transactional, none
+//! WEIR_BENCH_SOURCE_OPTIONS=", 'properties.fetch.queue.backoff.ms' = '1000'" \
+//!     cargo bench --bench kafka_throughput    # more WITH options for the source table
+//! WEIR_BENCH_BLACKHOLE=1 cargo bench --bench kafka_throughput    # read into a blackhole
 //! ```
 //!
 //! The input topic (32 partitions) is filled with JSON bids before the clock starts; the

@@ -1,0 +1,331 @@
+//! The Nexmark suite: queries q0–q22 (`benches/nexmark/qN.sql`, Weir's SQL) run over the
+//! built-in 'nexmark' generator into blackhole sinks, end to end through a Weir server
+//! started in this process, at each parallelism.
+//!
+//! ```sh
+//! cargo bench --bench nexmark                                   # 10 M events, p=1 and 2
+//! cargo bench --bench nexmark -- --events 2000000 --parallelism 1 --query q0,q5
+//! cargo bench --bench nexmark -- --source csv --path bids.csv   # bids from a CSV file
+//! cargo bench --bench nexmark -- --markdown results.md          # also write the table
+//! ```
+//!
+//! Each query file holds its sink's CREATE TABLE and its INSERT; the runner creates the
+//! person, auction and bid tables (and the side input of q13), runs the INSERT with
+//! `'table.dml-sync' = 'true'` (it returns when the bounded input is done) and reports
+//! events/s (events generated, over all three streams, divided by wall time), events per
+//! CPU-second (getrusage: every Weir thread), and peak RSS. Each query and parallelism
+//! runs in a fresh process (this program run again with `--child`), so the peak RSS
+//! (`/proc/self/status` VmHWM) is that query's alone. A query Weir cannot run is listed
+//! with the error it gave.
+//! With `--source csv` the bid table reads the given file (columns auction, bidder,
+//! price, channel, url, date_time, extra; the first line is data) through the filesystem
+//! connector, so parsing is part of the figure and engines can be compared on identical
+//! input; queries over person or auction then fail and are listed so.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{cpu_time, try_rows, TestServer};
+
+struct Args {
+    events: u64,
+    parallelism: Vec<usize>,
+    queries: Vec<String>,
+    csv: Option<PathBuf>,
+    markdown: Option<PathBuf>,
+    /// Run one query at one parallelism and print its figures (the parent's child).
+    child: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        events: 10_000_000,
+        parallelism: vec![1, 2],
+        queries: (0..=22).map(|i| format!("q{i}")).collect(),
+        csv: None,
+        markdown: None,
+        child: false,
+    };
+    let mut source = "nexmark".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--events" => a.events = value().replace('_', "").parse().expect("a number"),
+            "--parallelism" => {
+                a.parallelism = value()
+                    .split(',')
+                    .map(|p| p.trim().parse().expect("numbers"))
+                    .collect()
+            }
+            "--query" => a.queries = value().split(',').map(|q| q.trim().into()).collect(),
+            "--source" => source = value(),
+            "--path" => a.csv = Some(value().into()),
+            "--markdown" => a.markdown = Some(value().into()),
+            "--child" => a.child = true,
+            _ => {}
+        }
+    }
+    match source.as_str() {
+        "nexmark" => a.csv = None,
+        "csv" => assert!(a.csv.is_some(), "--source csv needs --path FILE"),
+        other => panic!("--source is nexmark or csv, not {other}"),
+    }
+    a
+}
+
+/// The peak resident set size since the last reset, in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The tables the queries read: Nexmark's three streams, and q13's side input.
+fn source_tables(args: &Args, side_input: &std::path::Path) -> Vec<String> {
+    let n = args.events;
+    let watermark = "WATERMARK FOR date_time AS date_time - INTERVAL '4' SECOND";
+    let nexmark = |table: &str| {
+        format!("'connector' = 'nexmark', 'nexmark.table' = '{table}', 'nexmark.event.num' = '{n}'")
+    };
+    let bid = match &args.csv {
+        Some(path) => format!(
+            "'connector' = 'filesystem', 'path' = '{}', 'format' = 'csv'",
+            path.display()
+        ),
+        None => nexmark("bid"),
+    };
+    vec![
+        format!(
+            "CREATE TABLE person (id BIGINT, name STRING, email_address STRING, \
+             credit_card STRING, city STRING, state STRING, date_time TIMESTAMP(3), \
+             extra STRING, {watermark}) WITH ({})",
+            nexmark("person")
+        ),
+        format!(
+            "CREATE TABLE auction (id BIGINT, item_name STRING, description STRING, \
+             initial_bid BIGINT, reserve BIGINT, date_time TIMESTAMP(3), expires TIMESTAMP(3), \
+             seller BIGINT, category BIGINT, extra STRING, {watermark}) WITH ({})",
+            nexmark("auction")
+        ),
+        format!(
+            "CREATE TABLE bid (auction BIGINT, bidder BIGINT, price BIGINT, channel STRING, \
+             url STRING, date_time TIMESTAMP(3), extra STRING, p_time AS PROCTIME(), \
+             {watermark}) WITH ({bid})"
+        ),
+        format!(
+            "CREATE TABLE side_input (key BIGINT, value STRING) WITH ('connector' = \
+             'filesystem', 'path' = '{}', 'format' = 'csv')",
+            side_input.display()
+        ),
+    ]
+}
+
+/// What one query did at one parallelism.
+enum Outcome {
+    Ran {
+        wall: Duration,
+        cpu: Duration,
+        peak_rss: Option<u64>,
+    },
+    Failed(String),
+}
+
+/// Runs a statement; an error as its SQLSTATE and message.
+async fn run(client: &tokio_postgres::Client, sql: &str) -> Result<(), String> {
+    try_rows(client, sql)
+        .await
+        .map(|_| ())
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        })
+}
+
+fn statements(text: &str) -> Vec<String> {
+    let without_comments: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn per_second(count: u64, time: Duration) -> String {
+    format!("{:.2} M", count as f64 / time.as_secs_f64() / 1e6)
+}
+
+fn main() {
+    let args = parse_args();
+    if args.child {
+        let (query, parallelism) = (&args.queries[0], args.parallelism[0]);
+        match run_query(&args, query, parallelism) {
+            Outcome::Ran {
+                wall,
+                cpu,
+                peak_rss,
+            } => println!(
+                "RAN {} {} {}",
+                wall.as_secs_f64(),
+                cpu.as_secs_f64(),
+                peak_rss.unwrap_or(0)
+            ),
+            Outcome::Failed(e) => println!("FAILED {}", e.replace('\n', " ")),
+        }
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "nexmark: {} events, parallelism {:?}, {cores} cores, source {}",
+        args.events,
+        args.parallelism,
+        args.csv
+            .as_ref()
+            .map_or("nexmark".to_string(), |p| format!("csv {}", p.display()))
+    );
+    let mut results: Vec<(String, usize, Outcome)> = vec![];
+    for query in &args.queries {
+        for &parallelism in &args.parallelism {
+            let outcome = in_child(&args, query, parallelism);
+            match &outcome {
+                Outcome::Ran { wall, cpu, .. } => eprintln!(
+                    "{query} p={parallelism}: {:.2} s wall, {:.2} s CPU",
+                    wall.as_secs_f64(),
+                    cpu.as_secs_f64()
+                ),
+                Outcome::Failed(e) => eprintln!("{query} p={parallelism}: {e}"),
+            }
+            results.push((query.clone(), parallelism, outcome));
+        }
+    }
+    let mut table = String::from(
+        "| query | parallelism | events/s | events/s per core | peak RSS | wall |\n|---|---|---|---|---|---|\n",
+    );
+    for (query, parallelism, outcome) in &results {
+        table.push_str(&match outcome {
+            Outcome::Ran {
+                wall,
+                cpu,
+                peak_rss,
+            } => format!(
+                "| {query} | {parallelism} | {} | {} | {} | {:.2} s |\n",
+                per_second(args.events, *wall),
+                per_second(args.events, *cpu),
+                peak_rss.map_or("?".into(), mib),
+                wall.as_secs_f64()
+            ),
+            Outcome::Failed(e) => format!(
+                "| {query} | {parallelism} | not run: {} | | | |\n",
+                e.replace('|', "/")
+            ),
+        });
+    }
+    println!("\n{table}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &table).expect("markdown file");
+    }
+}
+
+/// Runs one query at one parallelism in a fresh process of this program.
+fn in_child(args: &Args, query: &str, parallelism: usize) -> Outcome {
+    let mut command = std::process::Command::new(std::env::current_exe().expect("this program"));
+    command.args([
+        "--child",
+        "--events",
+        &args.events.to_string(),
+        "--query",
+        query,
+        "--parallelism",
+        &parallelism.to_string(),
+    ]);
+    if let Some(path) = &args.csv {
+        command.arg("--source").arg("csv").arg("--path").arg(path);
+    }
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("the child runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for line in stdout.lines() {
+        if let Some(figures) = line.strip_prefix("RAN ") {
+            let f: Vec<f64> = figures
+                .split_whitespace()
+                .map(|v| v.parse().expect("a figure"))
+                .collect();
+            return Outcome::Ran {
+                wall: Duration::from_secs_f64(f[0]),
+                cpu: Duration::from_secs_f64(f[1]),
+                peak_rss: (f[2] > 0.0).then_some(f[2] as u64),
+            };
+        }
+        if let Some(e) = line.strip_prefix("FAILED ") {
+            return Outcome::Failed(e.to_string());
+        }
+    }
+    Outcome::Failed(format!(
+        "the run ended without a result ({})",
+        output.status
+    ))
+}
+
+/// This process's part: a server, the source tables, one query.
+fn run_query(args: &Args, query: &str, parallelism: usize) -> Outcome {
+    let queries_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/nexmark");
+    let text = match std::fs::read_to_string(queries_dir.join(format!("{query}.sql"))) {
+        Ok(text) => text,
+        Err(e) => return Outcome::Failed(format!("{query}.sql: {e}")),
+    };
+    let statements = statements(&text);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let side_input = dir.path().join("side_input.csv");
+        let rows: String = (0..10_000).map(|k| format!("{k},value-{k}\n")).collect();
+        std::fs::write(&side_input, rows).expect("side input");
+        let server = TestServer::start(&dir.path().join("data")).await;
+        let client = server.connect().await;
+        for sql in source_tables(args, &side_input) {
+            run(&client, &sql).await.expect("source tables");
+        }
+        run(&client, "SET 'table.dml-sync' = 'true'").await.unwrap();
+        run(
+            &client,
+            &format!("SET 'parallelism.default' = '{parallelism}'"),
+        )
+        .await
+        .unwrap();
+        let (setup, insert) = statements.split_at(statements.len() - 1);
+        for sql in setup {
+            if let Err(e) = run(&client, sql).await {
+                return Outcome::Failed(e);
+            }
+        }
+        let (wall0, cpu0) = (Instant::now(), cpu_time());
+        let outcome = match run(&client, &insert[0]).await {
+            Ok(()) => Outcome::Ran {
+                wall: wall0.elapsed(),
+                cpu: cpu_time() - cpu0,
+                peak_rss: peak_rss(),
+            },
+            Err(e) => Outcome::Failed(e),
+        };
+        server.stop().await;
+        outcome
+    })
+}

@@ -1,0 +1,14 @@
+-- Query 7: highest bid. The bids with the highest price of each 10-second window.
+CREATE TABLE nexmark_q7 (auction BIGINT, price BIGINT, bidder BIGINT, date_time TIMESTAMP(3), extra STRING)
+WITH ('connector' = 'blackhole');
+
+INSERT INTO nexmark_q7
+SELECT b.auction, b.price, b.bidder, b.date_time, b.extra
+FROM bid AS b
+JOIN (
+  SELECT max(price) AS maxprice, window_end AS date_time
+  FROM TABLE(TUMBLE(TABLE bid, DESCRIPTOR(date_time), INTERVAL '10' SECOND))
+  GROUP BY window_start, window_end
+) AS m
+ON b.price = m.maxprice
+WHERE b.date_time BETWEEN m.date_time - INTERVAL '10' SECOND AND m.date_time;

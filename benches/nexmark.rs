@@ -201,10 +201,15 @@ fn main() {
         for &parallelism in &args.parallelism {
             let outcome = in_child(&args, query, parallelism);
             match &outcome {
-                Outcome::Ran { wall, cpu, .. } => eprintln!(
-                    "{query} p={parallelism}: {:.2} s wall, {:.2} s CPU",
+                Outcome::Ran {
+                    wall,
+                    cpu,
+                    peak_rss,
+                } => eprintln!(
+                    "{query} p={parallelism}: {:.2} s wall, {:.2} s CPU, peak RSS {}",
                     wall.as_secs_f64(),
-                    cpu.as_secs_f64()
+                    cpu.as_secs_f64(),
+                    peak_rss.map_or("?".into(), mib)
                 ),
                 Outcome::Failed(e) => eprintln!("{query} p={parallelism}: {e}"),
             }

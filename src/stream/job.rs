@@ -356,7 +356,6 @@ impl Output {
 }
 
 /// How a sink's output becomes visible when an epoch commits.
-/// What makes a job's epochs visible: by its sink.
 pub fn committer(graph: &StreamGraph, catalog: &Arc<Catalog>, job: &str) -> Result<Committer> {
     if let Some(NodeKind::Sink(SinkKind::Connector(def))) = graph.nodes.last().map(|n| &n.kind) {
         if let Some(writer) = crate::connector::factory::open_epoch_writer(def, job)

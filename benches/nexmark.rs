@@ -7,6 +7,7 @@
 //! cargo bench --bench nexmark -- --events 2000000 --parallelism 1 --query q0,q5
 //! cargo bench --bench nexmark -- --source csv --path bids.csv   # bids from a CSV file
 //! cargo bench --bench nexmark -- --markdown results.md          # also write the table
+//! cargo bench --bench nexmark -- --timeout 300                  # stop runs after 300 s
 //! ```
 //!
 //! Each query file holds its sink's CREATE TABLE and its INSERT; the runner creates the
@@ -38,6 +39,8 @@ struct Args {
     markdown: Option<PathBuf>,
     /// Run one query at one parallelism and print its figures (the parent's child).
     child: bool,
+    /// A run still going after this long is stopped and reported so.
+    timeout: Duration,
 }
 
 fn parse_args() -> Args {
@@ -48,6 +51,7 @@ fn parse_args() -> Args {
         csv: None,
         markdown: None,
         child: false,
+        timeout: Duration::from_secs(600),
     };
     let mut source = "nexmark".to_string();
     let mut args = std::env::args().skip(1);
@@ -66,6 +70,9 @@ fn parse_args() -> Args {
             "--path" => a.csv = Some(value().into()),
             "--markdown" => a.markdown = Some(value().into()),
             "--child" => a.child = true,
+            "--timeout" => {
+                a.timeout = Duration::from_secs(value().parse().expect("seconds"));
+            }
             _ => {}
         }
     }
@@ -259,11 +266,34 @@ fn in_child(args: &Args, query: &str, parallelism: usize) -> Outcome {
     if let Some(path) = &args.csv {
         command.arg("--source").arg("csv").arg("--path").arg(path);
     }
-    let output = command
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
-        .output()
+        .spawn()
         .expect("the child runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the child's status") {
+            break status;
+        }
+        if started.elapsed() > args.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Outcome::Failed(format!(
+                "did not finish within {} s",
+                args.timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    use std::io::Read as _;
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)
+        .expect("the child's output");
     for line in stdout.lines() {
         if let Some(figures) = line.strip_prefix("RAN ") {
             let f: Vec<f64> = figures
@@ -280,10 +310,7 @@ fn in_child(args: &Args, query: &str, parallelism: usize) -> Outcome {
             return Outcome::Failed(e.to_string());
         }
     }
-    Outcome::Failed(format!(
-        "the run ended without a result ({})",
-        output.status
-    ))
+    Outcome::Failed(format!("the run ended without a result ({status})"))
 }
 
 /// This process's part: a server, the source tables, one query.

@@ -45,7 +45,7 @@ const KEYS: &[(&str, Field)] = &[
 /// The metadata of one message.
 #[derive(Debug, Clone)]
 pub struct Metadata {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     pub timestamp: Option<i64>,
@@ -113,7 +113,7 @@ fn natural_type(field: Field) -> DataType {
 pub fn column(field: Field, messages: &[&Metadata], target: &DataType) -> SqlResult<ArrayRef> {
     let natural: ArrayRef = match field {
         Field::Topic => Arc::new(StringArray::from_iter_values(
-            messages.iter().map(|m| m.topic.as_str()),
+            messages.iter().map(|m| &*m.topic),
         )),
         Field::Partition => Arc::new(Int32Array::from_iter_values(
             messages.iter().map(|m| m.partition),

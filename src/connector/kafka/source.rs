@@ -164,7 +164,8 @@ impl Topics {
 /// A partition this reader reads, and where it is.
 #[derive(Debug, Clone)]
 struct Partition {
-    topic: String,
+    /// Shared with the metadata of every record read from it.
+    topic: Arc<str>,
     partition: i32,
     /// The offset after the last record returned; `None` until a record was returned
     /// (then the startup mode decides where reading starts).
@@ -354,7 +355,7 @@ impl KafkaSource {
                 !self
                     .partitions
                     .iter()
-                    .any(|q| &q.topic == t && q.partition == *p)
+                    .any(|q| *q.topic == **t && q.partition == *p)
             })
             .collect();
         if new.is_empty() {
@@ -395,7 +396,7 @@ impl KafkaSource {
                 _ => None,
             };
             self.partitions.push(Partition {
-                topic: e.topic().to_string(),
+                topic: e.topic().into(),
                 partition: e.partition(),
                 next,
                 bounds: ends[i],
@@ -518,7 +519,8 @@ impl KafkaSource {
     /// Takes what the consumer has (waiting only for the first message; cancelling
     /// while waiting loses nothing) and decodes it into per-partition batches.
     async fn fetch(&mut self, consumer: &StreamConsumer) -> SqlResult<()> {
-        let mut messages = vec![];
+        let mut by_lane: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        let mut taken = 0;
         let first = tokio::select! {
             m = consumer.recv() => m,
             _ = tokio::time::sleep_until(self.next_discovery) => return Ok(()),
@@ -526,45 +528,45 @@ impl KafkaSource {
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
-                Ok(m) => messages.push(Record {
-                    meta: Metadata {
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        timestamp: m.timestamp().to_millis(),
-                        timestamp_type: match m.timestamp() {
-                            rdkafka::Timestamp::CreateTime(_) => "CreateTime",
-                            rdkafka::Timestamp::LogAppendTime(_) => "LogAppendTime",
-                            rdkafka::Timestamp::NotAvailable => "NoTimestampType",
-                        },
-                        key: m.key().map(<[u8]>::to_vec),
-                        headers: if self.decoders.wants_headers {
-                            headers_of(&m)
-                        } else {
-                            vec![]
-                        },
-                        tombstone: m.payload().is_none(),
-                    },
-                    value: m.payload().map(<[u8]>::to_vec),
-                }),
+                Ok(m) => {
+                    // Only assigned partitions deliver records.
+                    let lane = self
+                        .partitions
+                        .iter()
+                        .position(|p| p.partition == m.partition() && *p.topic == *m.topic());
+                    if let Some(lane) = lane {
+                        let record = Record {
+                            meta: Metadata {
+                                topic: self.partitions[lane].topic.clone(),
+                                partition: m.partition(),
+                                offset: m.offset(),
+                                timestamp: m.timestamp().to_millis(),
+                                timestamp_type: match m.timestamp() {
+                                    rdkafka::Timestamp::CreateTime(_) => "CreateTime",
+                                    rdkafka::Timestamp::LogAppendTime(_) => "LogAppendTime",
+                                    rdkafka::Timestamp::NotAvailable => "NoTimestampType",
+                                },
+                                key: m.key().map(<[u8]>::to_vec),
+                                headers: if self.decoders.wants_headers {
+                                    headers_of(&m)
+                                } else {
+                                    vec![]
+                                },
+                                tombstone: m.payload().is_none(),
+                            },
+                            value: m.payload().map(<[u8]>::to_vec),
+                        };
+                        by_lane.entry(lane as u32).or_default().push(record);
+                        taken += 1;
+                    }
+                }
                 // librdkafka retries what it can; what reaches here is reported and
                 // reading goes on (a partition's leader moving, a topic being created).
                 Err(e) => tracing::warn!(table = %self.def.name, "kafka: {e}"),
             }
-            if messages.len() < self.batch_size {
+            if taken < self.batch_size {
                 next = consumer.recv().now_or_never();
             }
-        }
-        let mut by_lane: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
-        for r in messages {
-            let Some(lane) = self
-                .partitions
-                .iter()
-                .position(|p| p.topic == r.meta.topic && p.partition == r.meta.partition)
-            else {
-                continue;
-            };
-            by_lane.entry(lane as u32).or_default().push(r);
         }
         for (lane, mut records) in by_lane {
             // A bounded read stops at each partition's end offset.
@@ -861,7 +863,7 @@ impl crate::connector::io::SplitReader for KafkaSource {
                     next: p.next,
                     from_time: p.from_time,
                 };
-                (p.topic.clone(), p.partition, place)
+                (p.topic.to_string(), p.partition, place)
             })
             .collect();
         // Partitions restored but not assigned yet keep their place.
@@ -869,7 +871,7 @@ impl crate::connector::io::SplitReader for KafkaSource {
             if !self
                 .partitions
                 .iter()
-                .any(|q| &q.topic == t && q.partition == *p)
+                .any(|q| *q.topic == **t && q.partition == *p)
             {
                 places.push((t.clone(), *p, *place));
             }

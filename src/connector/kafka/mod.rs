@@ -102,6 +102,61 @@ fn stamp_headers(fields: [(&str, String); 4]) -> rdkafka::message::OwnedHeaders 
     headers
 }
 
+/// How long reading back a partition (after a crash) may take.
+const READ_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads partition `partition` of `topic` from offset `from` on, giving each message to
+/// `each` until it returns true or the partition's end is reached: how exactly-once sinks
+/// find after a crash what they had written. `read_committed` hides messages of aborted
+/// and open transactions (on a real broker).
+fn read_back(
+    def: &TableDef,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    read_committed: bool,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> bool,
+) -> SqlResult<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let isolation = if read_committed {
+        "read_committed"
+    } else {
+        "read_uncommitted"
+    };
+    let consumer: BaseConsumer = client_config(
+        def,
+        &[
+            ("group.id", "weir-read-back"),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+            ("isolation.level", isolation),
+        ],
+    )
+    .create()
+    .map_err(|e| kafka_error(def, "create a consumer", e))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(from))
+        .and_then(|()| consumer.assign(&tpl))
+        .map_err(|e| kafka_error(def, "read back the topic", e))?;
+    let deadline = std::time::Instant::now() + READ_BACK_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(std::time::Duration::from_millis(100)) {
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(()),
+            Some(Err(e)) => return Err(kafka_error(def, "read back the topic", e)),
+            Some(Ok(m)) if each(&m) => return Ok(()),
+            Some(Ok(_)) => {}
+        }
+    }
+    Err(SqlError::new(
+        sqlstate::IO_ERROR,
+        format!(
+            "kafka table \"{}\": reading back partition {partition} of '{topic}' timed out",
+            def.name
+        ),
+    ))
+}
+
 /// A librdkafka error as the client sees it.
 fn kafka_error(def: &TableDef, what: &str, e: rdkafka::error::KafkaError) -> SqlError {
     SqlError::new(

@@ -25,11 +25,11 @@ use datafusion::common::Result;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::ClientContext;
 use weir_catalog::{op, TableDef};
 
 use super::transactions::Transactional;
-use super::{client_config, kafka_error, stamp_headers, topics, Layout};
+use super::{client_config, kafka_error, read_back, stamp_headers, topics, Layout};
 use crate::connector::factory::{blocking, invalid, to_df};
 use crate::connector::format::RecordEncoder;
 use crate::connector::io::{EpochWriter, SinkRows, SinkWriter};
@@ -565,27 +565,33 @@ impl WriteAhead {
     /// The (subtask, sequence) numbers of epoch `epoch` already in the topic: read back
     /// from the end of each partition until a message of an earlier epoch of this job.
     fn written(&self, epoch: Epoch, partitions: i32) -> SqlResult<HashSet<(u32, u64)>> {
-        let consumer: BaseConsumer = client_config(
-            &self.def,
-            &[
-                ("group.id", "weir-write-ahead"),
-                ("enable.auto.commit", "false"),
-                ("enable.partition.eof", "true"),
-                ("isolation.level", "read_uncommitted"),
-            ],
-        )
-        .create()
-        .map_err(|e| kafka_error(&self.def, "create a consumer", e))?;
+        let consumer: BaseConsumer = client_config(&self.def, &[("group.id", "weir-read-back")])
+            .create()
+            .map_err(|e| kafka_error(&self.def, "create a consumer", e))?;
+        let topic = &self.placement.topic;
         let mut found = HashSet::new();
         for partition in 0..partitions {
             let (low, high) = consumer
-                .fetch_watermarks(&self.placement.topic, partition, LOOKUP_TIMEOUT)
+                .fetch_watermarks(topic, partition, LOOKUP_TIMEOUT)
                 .map_err(|e| kafka_error(&self.def, "read partition offsets", e))?;
             let mut end = high;
             let mut chunk = 1024;
             while end > low {
                 let start = (end - chunk).max(low);
-                if self.scan(&consumer, partition, start, end, epoch, &mut found)? {
+                // Offsets start..end: this job's messages of `epoch`, and whether one of
+                // an earlier epoch shows that the epoch's messages all came after it.
+                let mut older = false;
+                read_back(&self.def, topic, partition, start, false, |m| {
+                    match self.stamp(m) {
+                        Some((e, subtask, seq)) if e == epoch => {
+                            found.insert((subtask, seq));
+                        }
+                        Some((e, ..)) if e < epoch => older = true,
+                        _ => {}
+                    }
+                    m.offset() + 1 >= end
+                })?;
+                if older {
                     break;
                 }
                 end = start;
@@ -593,58 +599,6 @@ impl WriteAhead {
             }
         }
         Ok(found)
-    }
-
-    /// Reads offsets `start..end` of a partition, adding this job's messages of `epoch`
-    /// to `found`; returns whether one of an earlier epoch was seen.
-    fn scan(
-        &self,
-        consumer: &BaseConsumer,
-        partition: i32,
-        start: i64,
-        end: i64,
-        epoch: Epoch,
-        found: &mut HashSet<(u32, u64)>,
-    ) -> SqlResult<bool> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.placement.topic, partition, Offset::Offset(start))
-            .map_err(|e| kafka_error(&self.def, "read back the topic", e))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| kafka_error(&self.def, "read back the topic", e))?;
-        let mut older = false;
-        let deadline = std::time::Instant::now() + LOOKUP_TIMEOUT;
-        loop {
-            if std::time::Instant::now() > deadline {
-                return Err(SqlError::new(
-                    sqlstate::IO_ERROR,
-                    format!(
-                        "kafka table \"{}\": reading back partition {partition} of '{}' \
-                         timed out",
-                        self.def.name, self.placement.topic
-                    ),
-                ));
-            }
-            let Some(m) = consumer.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let m = match m {
-                Ok(m) => m,
-                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
-                Err(e) => return Err(kafka_error(&self.def, "read back the topic", e)),
-            };
-            if let Some((e, subtask, seq)) = self.stamp(&m) {
-                if e == epoch {
-                    found.insert((subtask, seq));
-                } else if e < epoch {
-                    older = true;
-                }
-            }
-            if m.offset() + 1 >= end {
-                break;
-            }
-        }
-        Ok(older)
     }
 
     /// The headers that name a message's place in the job's output.

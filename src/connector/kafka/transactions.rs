@@ -21,13 +21,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use datafusion::common::Result;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedHeaders};
 use rdkafka::producer::Producer;
-use rdkafka::{Offset, TopicPartitionList};
 use weir_catalog::TableDef;
 
-use super::client_config;
 use super::kafka_error;
 use super::sink::{flush, producer, send, KafkaProducer, Placement};
 use crate::connector::factory::to_df;
@@ -302,50 +299,19 @@ impl Transactions {
         let Some(&(partition, first)) = t.offsets.first() else {
             return Ok(true);
         };
-        let consumer: BaseConsumer = client_config(
-            &self.def,
-            &[
-                ("group.id", "weir-transactions"),
-                ("enable.auto.commit", "false"),
-                ("enable.partition.eof", "true"),
-                ("isolation.level", "read_committed"),
-            ],
-        )
-        .create()
-        .map_err(|e| kafka_error(&self.def, "create a consumer", e))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.placement.topic, partition, Offset::Offset(first))
-            .map_err(|e| kafka_error(&self.def, "read back the topic", e))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| kafka_error(&self.def, "read back the topic", e))?;
         let nonce = t.nonce.to_string();
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        while std::time::Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(100)) {
-                None => {}
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(false),
-                Some(Err(e)) => return Err(kafka_error(&self.def, "read back the topic", e)),
-                Some(Ok(m)) => {
-                    let ours = m.headers().is_some_and(|h| {
-                        h.iter()
-                            .any(|h| h.key == TXN && h.value == Some(nonce.as_bytes()))
-                            && h.iter()
-                                .any(|h| h.key == JOB && h.value == Some(self.job.as_bytes()))
-                    });
-                    if ours {
-                        return Ok(true);
-                    }
-                }
-            }
-        }
-        Err(SqlError::new(
-            sqlstate::IO_ERROR,
-            format!(
-                "kafka table \"{}\": reading back partition {partition} of '{}' timed out",
-                self.def.name, self.placement.topic
-            ),
-        ))
+        let mut ours = false;
+        let topic = &self.placement.topic;
+        super::read_back(&self.def, topic, partition, first, true, |m| {
+            ours = m.headers().is_some_and(|h| {
+                h.iter()
+                    .any(|h| h.key == TXN && h.value == Some(nonce.as_bytes()))
+                    && h.iter()
+                        .any(|h| h.key == JOB && h.value == Some(self.job.as_bytes()))
+            });
+            ours
+        })?;
+        Ok(ours)
     }
 }
 

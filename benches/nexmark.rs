@@ -8,6 +8,7 @@
 //! cargo bench --bench nexmark -- --source csv --path bids.csv   # bids from a CSV file
 //! cargo bench --bench nexmark -- --markdown results.md          # also write the table
 //! cargo bench --bench nexmark -- --timeout 300                  # stop runs after 300 s
+//! cargo bench --bench nexmark -- --checkpoint-interval '1 h'    # default: the server's 1 s
 //! ```
 //!
 //! Each query file holds its sink's CREATE TABLE and its INSERT; the runner creates the
@@ -41,6 +42,8 @@ struct Args {
     child: bool,
     /// A run still going after this long is stopped and reported so.
     timeout: Duration,
+    /// 'execution.checkpointing.interval' of the jobs, when not the server's default.
+    checkpoint_interval: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +55,7 @@ fn parse_args() -> Args {
         markdown: None,
         child: false,
         timeout: Duration::from_secs(600),
+        checkpoint_interval: None,
     };
     let mut source = "nexmark".to_string();
     let mut args = std::env::args().skip(1);
@@ -70,6 +74,7 @@ fn parse_args() -> Args {
             "--path" => a.csv = Some(value().into()),
             "--markdown" => a.markdown = Some(value().into()),
             "--child" => a.child = true,
+            "--checkpoint-interval" => a.checkpoint_interval = Some(value()),
             "--timeout" => {
                 a.timeout = Duration::from_secs(value().parse().expect("seconds"));
             }
@@ -263,6 +268,9 @@ fn in_child(args: &Args, query: &str, parallelism: usize) -> Outcome {
         "--parallelism",
         &parallelism.to_string(),
     ]);
+    if let Some(interval) = &args.checkpoint_interval {
+        command.arg("--checkpoint-interval").arg(interval);
+    }
     if let Some(path) = &args.csv {
         command.arg("--source").arg("csv").arg("--path").arg(path);
     }
@@ -336,6 +344,10 @@ fn run_query(args: &Args, query: &str, parallelism: usize) -> Outcome {
             run(&client, &sql).await.expect("source tables");
         }
         run(&client, "SET 'table.dml-sync' = 'true'").await.unwrap();
+        if let Some(interval) = &args.checkpoint_interval {
+            let set = format!("SET 'execution.checkpointing.interval' = '{interval}'");
+            run(&client, &set).await.unwrap();
+        }
         run(
             &client,
             &format!("SET 'parallelism.default' = '{parallelism}'"),

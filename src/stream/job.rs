@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{mpsc, watch};
@@ -138,7 +138,13 @@ struct Chain {
     figures: Arc<TaskFigures>,
     /// Per operator: what its snapshots have cost since its last whole one.
     snapshots: Vec<SnapshotCost>,
+    /// When the state size was last measured for `SHOW JOBS`.
+    reported: Option<Instant>,
 }
+
+/// How stale `SHOW JOBS`' state size may be between barriers: measuring it walks some
+/// operators' whole state, too costly after every batch.
+const REPORT_EVERY: Duration = Duration::from_millis(250);
 
 /// Bytes of an operator's last whole snapshot and of the incremental ones since.
 #[derive(Default, Clone, Copy)]
@@ -242,7 +248,18 @@ impl Chain {
         Ok((states, changes))
     }
 
-    fn report(&self) {
+    /// Publishes the figures of `SHOW JOBS`; between barriers at most every
+    /// [`REPORT_EVERY`] unless `now`.
+    fn report(&mut self, now: bool) {
+        let at = Instant::now();
+        if !now
+            && self
+                .reported
+                .is_some_and(|r| at.duration_since(r) < REPORT_EVERY)
+        {
+            return;
+        }
+        self.reported = Some(at);
         let late = self.operators.iter().map(|o| o.late_rows_dropped()).sum();
         let state = self.operators.iter().map(|o| o.state_size()).sum();
         self.figures.late_rows.store(late, Ordering::Relaxed);
@@ -601,6 +618,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                 operators,
                 figures,
                 snapshots: Vec::new(),
+                reported: None,
             };
             let output = match &tail.kind {
                 NodeKind::Sink(kind) => Output::Sink(Sink::open(kind, subtask, id)?),
@@ -868,6 +886,7 @@ async fn run_task(
             Event::Barrier(epoch) => {
                 let out = chain.barrier()?;
                 output.rows(out, &end).await?;
+                chain.report(true);
                 let sink = output.barrier(epoch, inlet.watermark()).await?;
                 let snapshot =
                     end.snapshot(&mut chain, false, inlet.channel_watermarks(), None, sink)?;
@@ -900,7 +919,7 @@ async fn run_task(
             Event::End => {
                 let out = chain.end()?;
                 output.rows(out, &end).await?;
-                chain.report();
+                chain.report(true);
                 let sink = output.end().await?;
                 let snapshot =
                     end.snapshot(&mut chain, true, inlet.channel_watermarks(), None, sink)?;
@@ -911,7 +930,7 @@ async fn run_task(
                 return Ok(());
             }
         }
-        chain.report();
+        chain.report(false);
     }
     Ok(())
 }
@@ -949,6 +968,7 @@ async fn run_source(
                 }
                 let out = chain.barrier()?;
                 output.rows(out, &end).await?;
+                chain.report(true);
                 let sink = output.barrier(epoch, rows.watermark).await?;
                 let position = source_position(&reader, &rows)?;
                 let snapshot = end.snapshot(&mut chain, false, vec![], Some(position), sink)?;
@@ -1027,7 +1047,7 @@ async fn handle_read(
                 output.rows(out, end).await?;
                 output.watermark(rows.watermark, end).await?;
             }
-            chain.report();
+            chain.report(false);
             Ok(false)
         }
         Read::Watermark(w) => {
@@ -1044,7 +1064,7 @@ async fn handle_read(
             output.rows(out, end).await?;
             let out = chain.end()?;
             output.rows(out, end).await?;
-            chain.report();
+            chain.report(true);
             Ok(true)
         }
     }

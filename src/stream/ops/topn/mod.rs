@@ -9,21 +9,24 @@
 //! epoch and each changed partition emits, per rank, the row that left it (-U/-D) and
 //! the row that took it (+U/+I) at the barrier.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{ArrayRef, BinaryArray, Int64Array, Int8Array, UInt64Array};
+use datafusion::arrow::array::{ArrayRef, Int8Array, UInt64Array};
 use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
-use datafusion::common::{DataFusionError, Result};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{HashMap, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::Operator;
-use crate::stream::snapshot;
+
+mod checkpoint;
+mod ranked;
+
+use ranked::Ranked;
 
 /// A sort key of the TopN: an expression and its direction.
 pub struct SortKey {
@@ -33,12 +36,20 @@ pub struct SortKey {
 
 #[derive(Default)]
 struct Partition {
-    /// (sort key, row) -> how many times the row is present.
-    rows: BTreeMap<(OwnedRow, OwnedRow), i64>,
-    /// The rows last emitted, by rank - 1.
-    emitted: Vec<OwnedRow>,
+    rows: Ranked,
+    /// How many rows are present (the sum of the counts in `rows`).
+    present: i64,
+    /// The rows last emitted (row bytes), by rank - 1.
+    emitted: Vec<Box<[u8]>>,
     touched: Option<Instant>,
+    /// Listed in `TopN::changed`: it has changes not emitted yet.
+    changed: bool,
+    /// Listed in `TopN::dirty`: changed since the previous snapshot.
+    dirty: bool,
 }
+
+/// A partition's own fields and its map slot, beside its key and rows.
+const PARTITION_OVERHEAD: usize = 96;
 
 pub struct TopN {
     partition_by: Vec<Arc<dyn PhysicalExpr>>,
@@ -51,8 +62,13 @@ pub struct TopN {
     partition_converter: RowConverter,
     sort_converter: RowConverter,
     row_converter: RowConverter,
-    partitions: HashMap<OwnedRow, Partition>,
-    changed: HashSet<OwnedRow>,
+    partitions: HashMap<Box<[u8]>, Partition>,
+    /// Partitions with changes not emitted yet.
+    changed: Vec<Box<[u8]>>,
+    /// Partitions changed (or gone) since the previous snapshot, possibly repeated.
+    dirty: Vec<Box<[u8]>>,
+    /// Bytes of state held, kept as rows come and go.
+    bytes: usize,
 }
 
 impl TopN {
@@ -93,8 +109,10 @@ impl TopN {
             partition_converter,
             sort_converter,
             row_converter,
-            partitions: HashMap::new(),
-            changed: HashSet::new(),
+            partitions: HashMap::default(),
+            changed: Vec::new(),
+            dirty: Vec::new(),
+            bytes: 0,
         })
     }
 
@@ -108,64 +126,102 @@ impl TopN {
     }
 
     /// The partition's current top rows, a row present twice taking two ranks.
-    fn top(&self, partition: &Partition) -> Vec<OwnedRow> {
-        let mut top = Vec::with_capacity(self.limit.min(partition.rows.len()));
-        'rows: for ((_, row), &count) in &partition.rows {
+    fn top(limit: usize, partition: &Partition) -> Vec<&[u8]> {
+        let mut top = Vec::with_capacity(limit.min(partition.present.max(0) as usize));
+        'rows: for (entry, count) in partition.rows.iter() {
             for _ in 0..count.max(0) {
-                if top.len() == self.limit {
+                if top.len() == limit {
                     break 'rows;
                 }
-                top.push(row.clone());
+                top.push(entry.row());
             }
         }
         top
     }
 
-    fn emit(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
-        if let Some(ttl) = self.ttl {
-            let now = Instant::now();
-            let changed = &self.changed;
-            self.partitions.retain(|key, p| {
-                changed.contains(key) || p.touched.is_some_and(|t| now.duration_since(t) < ttl)
-            });
+    /// Lists `key` among the partitions changed since the previous snapshot.
+    fn mark_dirty(dirty: &mut Vec<Box<[u8]>>, key: &[u8], partition: &mut Partition) {
+        if !partition.dirty {
+            partition.dirty = true;
+            dirty.push(key.into());
         }
-        let mut old: Vec<(OwnedRow, u64, Op)> = Vec::new();
-        let mut new: Vec<(OwnedRow, u64, Op)> = Vec::new();
-        let mut changed: Vec<OwnedRow> = self.changed.drain().collect();
-        changed.sort();
+    }
+
+    /// Drops partitions untouched for the state TTL.
+    fn expire(&mut self) {
+        let Some(ttl) = self.ttl else {
+            return;
+        };
+        let now = Instant::now();
+        let (dirty, bytes) = (&mut self.dirty, &mut self.bytes);
+        self.partitions.retain(|key, p| {
+            let keep = p.changed || p.touched.is_some_and(|t| now.duration_since(t) < ttl);
+            if !keep {
+                *bytes -= Self::partition_size(key, p);
+                dirty.push(key.clone());
+            }
+            keep
+        });
+    }
+
+    fn partition_size(key: &[u8], p: &Partition) -> usize {
+        key.len()
+            + PARTITION_OVERHEAD
+            + p.rows.iter().map(|(e, _)| e.size()).sum::<usize>()
+            + p.emitted.iter().map(|r| r.len() + 16).sum::<usize>()
+    }
+
+    fn emit(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.expire();
+        let mut old: Vec<(Box<[u8]>, u64, Op)> = Vec::new();
+        let mut new: Vec<(Box<[u8]>, u64, Op)> = Vec::new();
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.sort_unstable();
         for key in changed {
-            let Some(partition) = self.partitions.get(&key) else {
+            let Some(partition) = self.partitions.get_mut(&key) else {
                 continue;
             };
-            let top = self.top(partition);
+            partition.changed = false;
+            let top = Self::top(self.limit, partition);
             let before = &partition.emitted;
+            let mut same = top.len() == before.len();
             for rank in 0..top.len().max(before.len()) {
                 let number = rank as u64 + 1;
                 match (before.get(rank), top.get(rank)) {
-                    (Some(a), Some(b)) if a == b => {}
+                    (Some(a), Some(b)) if **a == **b => {}
                     (Some(a), Some(b)) => {
+                        same = false;
                         old.push((a.clone(), number, Op::UpdateBefore));
-                        new.push((b.clone(), number, Op::UpdateAfter));
+                        new.push((Box::from(*b), number, Op::UpdateAfter));
                     }
                     (Some(a), None) => old.push((a.clone(), number, Op::Delete)),
-                    (None, Some(b)) => new.push((b.clone(), number, Op::Insert)),
+                    (None, Some(b)) => new.push((Box::from(*b), number, Op::Insert)),
                     (None, None) => {}
                 }
             }
-            let partition = self.partitions.get_mut(&key).expect("present");
             if partition.rows.is_empty() {
-                self.partitions.remove(&key);
-            } else {
+                let gone = self.partitions.remove(&key).expect("present");
+                self.bytes -= Self::partition_size(&key, &gone);
+                if !gone.dirty {
+                    self.dirty.push(key);
+                }
+            } else if !same {
+                let before: usize = partition.emitted.iter().map(|r| r.len() + 16).sum();
+                let top: Vec<Box<[u8]>> = top.into_iter().map(Box::from).collect();
+                let after: usize = top.iter().map(|r| r.len() + 16).sum();
                 partition.emitted = top;
+                self.bytes = self.bytes + after - before;
+                Self::mark_dirty(&mut self.dirty, &key, partition);
             }
         }
+        let parser = self.row_converter.parser();
         for rows in [old, new] {
             if rows.is_empty() {
                 continue;
             }
             let mut columns = self
                 .row_converter
-                .convert_rows(rows.iter().map(|(r, _, _)| r.row()))?;
+                .convert_rows(rows.iter().map(|(r, _, _)| parser.parse(r)))?;
             columns.push(Arc::new(UInt64Array::from_iter_values(
                 rows.iter().map(|(_, n, _)| *n),
             )));
@@ -200,33 +256,43 @@ impl Operator for TopN {
             rows,
         )?)?;
         let full = self.row_converter.convert_columns(rows.columns())?;
-        let now = Instant::now();
+        let now = self.ttl.map(|_| Instant::now());
+        let limit = self.limit as i64;
         for i in 0..rows.num_rows() {
-            let key = keys.row(i).owned();
-            let partition = self.partitions.entry(key.clone()).or_default();
-            partition.touched = Some(now);
-            let entry = (sorts.row(i).owned(), full.row(i).owned());
+            let key = keys.row(i);
+            let (sort, row) = (sorts.row(i), full.row(i));
+            let partition = match self.partitions.get_mut(key.as_ref()) {
+                Some(p) => p,
+                None => {
+                    self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
+                    self.partitions.entry(Box::from(key.as_ref())).or_default()
+                }
+            };
             let sign = if batch.retracts(i) { -1 } else { 1 };
-            let count = partition.rows.entry(entry.clone()).or_insert(0);
-            *count += sign;
-            if *count == 0 {
-                partition.rows.remove(&entry);
+            // Over inserts only, rows below the top N never rise again: a row that would
+            // rank after a full partition's last changes nothing.
+            if !self.retracting
+                && partition.present >= limit
+                && !partition.rows.before_last(sort.as_ref(), row.as_ref())
+            {
+                continue;
             }
+            partition.touched = now;
+            let added = partition.rows.add(sort.as_ref(), row.as_ref(), sign);
+            self.bytes = (self.bytes as isize + added) as usize;
+            partition.present += sign;
             if !self.retracting {
-                // Over inserts only, rows below the top N never rise again.
-                let mut present: i64 = partition.rows.values().sum();
-                while present > self.limit as i64 {
-                    let mut last = partition.rows.last_entry().expect("rows present");
-                    let count = last.get_mut();
-                    let excess = (present - self.limit as i64).min(*count);
-                    *count -= excess;
-                    present -= excess;
-                    if *count == 0 {
-                        last.remove();
-                    }
+                while partition.present > limit {
+                    let (removed, freed) = partition.rows.drop_last(partition.present - limit);
+                    partition.present -= removed;
+                    self.bytes -= freed;
                 }
             }
-            self.changed.insert(key);
+            if !partition.changed {
+                partition.changed = true;
+                self.changed.push(key.as_ref().into());
+            }
+            Self::mark_dirty(&mut self.dirty, key.as_ref(), partition);
         }
         Ok(())
     }
@@ -239,136 +305,35 @@ impl Operator for TopN {
         self.emit(out)
     }
 
-    /// `rows` (partition, sort key, row, count), `emitted` (partition, row, in rank
-    /// order) and `changed` (partitions with unemitted changes) batches.
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let bytes = |rows: Vec<&OwnedRow>| -> ArrayRef {
-            Arc::new(BinaryArray::from_iter_values(
-                rows.into_iter().map(|r| r.as_ref().to_vec()),
-            ))
-        };
-        let mut keys = Vec::new();
-        let mut sorts = Vec::new();
-        let mut full = Vec::new();
-        let mut counts = Vec::new();
-        let mut emitted_keys = Vec::new();
-        let mut emitted = Vec::new();
-        for (key, p) in &self.partitions {
-            for ((sort, row), count) in &p.rows {
-                keys.push(key);
-                sorts.push(sort);
-                full.push(row);
-                counts.push(*count);
-            }
-            for row in &p.emitted {
-                emitted_keys.push(key);
-                emitted.push(row);
-            }
-        }
-        Ok(vec![
-            snapshot::batch(
-                "rows",
-                &[],
-                vec![
-                    bytes(keys),
-                    bytes(sorts),
-                    bytes(full),
-                    Arc::new(Int64Array::from(counts)),
-                ],
-            )?,
-            snapshot::batch("emitted", &[], vec![bytes(emitted_keys), bytes(emitted)])?,
-            snapshot::batch("changed", &[], vec![bytes(self.changed.iter().collect())])?,
-        ])
+        self.whole_snapshot()
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
+        self.changed_snapshot().map(Some)
     }
 
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
-        let (_, _, columns) = snapshot::parts(batch, 0)?;
-        let keys = columns[0]
-            .as_any()
-            .downcast_ref::<BinaryArray>()
-            .ok_or_else(|| DataFusionError::Internal("a TopN state column".into()))?;
-        let parser = self.partition_converter.parser();
-        Ok(Some(self.partition_converter.convert_rows(
-            (0..batch.num_rows()).map(|i| parser.parse(keys.value(i))),
-        )?))
+        self.partition_keys(batch).map(Some)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
-        let now = Instant::now();
-        for batch in state {
-            let (kind, _, columns) = snapshot::parts(&batch, 0)?;
-            let binary = |i: usize| -> Result<&BinaryArray> {
-                columns[i]
-                    .as_any()
-                    .downcast_ref::<BinaryArray>()
-                    .ok_or_else(|| DataFusionError::Internal("a TopN state column".into()))
-            };
-            let keys = self.partition_converter.parser();
-            for i in 0..batch.num_rows() {
-                let key = keys.parse(binary(0)?.value(i)).owned();
-                match kind.as_str() {
-                    "rows" => {
-                        let sort = self
-                            .sort_converter
-                            .parser()
-                            .parse(binary(1)?.value(i))
-                            .owned();
-                        let row = self
-                            .row_converter
-                            .parser()
-                            .parse(binary(2)?.value(i))
-                            .owned();
-                        let count = columns[3]
-                            .as_any()
-                            .downcast_ref::<Int64Array>()
-                            .ok_or_else(|| DataFusionError::Internal("a TopN count".into()))?
-                            .value(i);
-                        let p = self.partitions.entry(key).or_default();
-                        p.touched = Some(now);
-                        p.rows.insert((sort, row), count);
-                    }
-                    "emitted" => {
-                        let row = self
-                            .row_converter
-                            .parser()
-                            .parse(binary(1)?.value(i))
-                            .owned();
-                        self.partitions.entry(key).or_default().emitted.push(row);
-                    }
-                    _ => {
-                        self.changed.insert(key);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.restore_layers(state)
     }
 
     fn state_size(&self) -> usize {
-        self.partitions
-            .iter()
-            .map(|(k, p)| {
-                k.as_ref().len()
-                    + p.rows
-                        .keys()
-                        .map(|(s, r)| s.as_ref().len() + r.as_ref().len() + 64)
-                        .sum::<usize>()
-                    + p.emitted
-                        .iter()
-                        .map(|r| r.as_ref().len() + 32)
-                        .sum::<usize>()
-            })
-            .sum()
+        self.bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::array::{Int64Array, StringArray};
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use datafusion::physical_expr::expressions::Column;
 
     use super::*;
+    use crate::stream::snapshot;
 
     /// Top 2 scores per game: rows (game, score).
     fn operator(retracting: bool) -> TopN {
@@ -464,7 +429,10 @@ mod tests {
         op.on_barrier(&mut out).unwrap();
         assert_eq!(lines(&out), ["+I go,99,1", "+I go,98,2"]);
         assert_eq!(
-            op.partitions.values().map(|p| p.rows.len()).sum::<usize>(),
+            op.partitions
+                .values()
+                .map(|p| p.rows.iter().count())
+                .sum::<usize>(),
             2
         );
     }
@@ -509,6 +477,81 @@ mod tests {
                 "+U chess,4,1",
                 "+I chess,3,2",
                 "+U go,6,1"
+            ]
+        );
+    }
+
+    #[test]
+    fn incremental_snapshots_hold_only_changed_partitions_and_restore_in_layers() {
+        let mut original = operator(true);
+        let mut out = Vec::new();
+        let mut layers = Vec::new();
+        original
+            .process(
+                0,
+                batch(&[
+                    ("go", 5, Op::Insert),
+                    ("chess", 3, Op::Insert),
+                    ("poker", 1, Op::Insert),
+                ]),
+                &mut out,
+            )
+            .unwrap();
+        original.on_barrier(&mut out).unwrap();
+        layers.extend(original.snapshot().unwrap());
+        // Epoch 2 touches go (and chess leaves); poker is not written again.
+        original
+            .process(
+                0,
+                batch(&[("go", 8, Op::Insert), ("chess", 3, Op::Delete)]),
+                &mut out,
+            )
+            .unwrap();
+        original.on_barrier(&mut out).unwrap();
+        let changes = original.snapshot_changes().unwrap().unwrap();
+        let kinds: Vec<(String, usize)> = changes
+            .iter()
+            .map(|b| (snapshot::kind(b).unwrap(), b.num_rows()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("reset".to_string(), 2),
+                ("rows".into(), 2),
+                ("emitted".into(), 2),
+                ("changed".into(), 0)
+            ]
+        );
+        layers.extend(changes);
+        // Epoch 3: chess comes back, changes left unemitted at the snapshot.
+        original
+            .process(0, batch(&[("chess", 9, Op::Insert)]), &mut out)
+            .unwrap();
+        layers.extend(original.snapshot_changes().unwrap().unwrap());
+        let mut restored = operator(true);
+        restored.restore(layers).unwrap();
+        assert_eq!(restored.state_size(), original.state_size());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (op, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
+            op.process(
+                0,
+                batch(&[("go", 8, Op::Delete), ("poker", 2, Op::Insert)]),
+                out,
+            )
+            .unwrap();
+            op.on_barrier(out).unwrap();
+        }
+        assert_eq!(lines(&a), lines(&b));
+        assert_eq!(
+            lines(&a),
+            [
+                "-U go,8,1",
+                "-D go,5,2",
+                "-U poker,1,1",
+                "+I chess,9,1",
+                "+U go,5,1",
+                "+U poker,2,1",
+                "+I poker,1,2",
             ]
         );
     }

@@ -1,0 +1,175 @@
+//! The TopN's checkpoints: `rows` (partition, sort key, row, count), `emitted`
+//! (partition, row, in rank order) and `changed` (partitions with changes not emitted)
+//! batches, for every partition (a whole snapshot) or only for the partitions changed
+//! since the previous snapshot, after a `reset` batch naming them all (an incremental
+//! one). Restoring reads the batches in order: a `reset` drops what earlier layers said
+//! of its partitions, so each partition comes back as its last layer left it.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, Int64Array};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+
+use super::{Partition, TopN};
+use crate::stream::snapshot;
+
+fn binary(rows: Vec<&[u8]>) -> ArrayRef {
+    Arc::new(BinaryArray::from_iter_values(rows))
+}
+
+fn column<T: 'static>(columns: &[ArrayRef], i: usize) -> Result<&T> {
+    columns
+        .get(i)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| DataFusionError::Internal("a TopN state column".into()))
+}
+
+impl TopN {
+    /// Every partition; what changed is now recorded.
+    pub(super) fn whole_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut keys: Vec<&[u8]> = self.partitions.keys().map(|k| &**k).collect();
+        keys.sort_unstable();
+        let batches = self.partitions_batches(&keys)?;
+        self.forget_dirty();
+        Ok(batches)
+    }
+
+    /// The partitions changed or gone since the previous snapshot.
+    pub(super) fn changed_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let reset = snapshot::batch(
+            "reset",
+            &[],
+            vec![binary(dirty.iter().map(|k| &**k).collect())],
+        )?;
+        let present: Vec<&[u8]> = dirty
+            .iter()
+            .map(|k| &**k)
+            .filter(|k| self.partitions.contains_key(*k))
+            .collect();
+        let mut batches = vec![reset];
+        batches.extend(self.partitions_batches(&present)?);
+        self.forget_dirty();
+        Ok(batches)
+    }
+
+    fn forget_dirty(&mut self) {
+        for key in std::mem::take(&mut self.dirty) {
+            if let Some(p) = self.partitions.get_mut(&key) {
+                p.dirty = false;
+            }
+        }
+    }
+
+    /// `rows`, `emitted` and `changed` batches of the partitions `keys`.
+    fn partitions_batches(&self, keys: &[&[u8]]) -> Result<Vec<RecordBatch>> {
+        let (mut row_keys, mut sorts, mut rows, mut counts) = (vec![], vec![], vec![], vec![]);
+        let (mut emitted_keys, mut emitted) = (vec![], vec![]);
+        for &key in keys {
+            let p = &self.partitions[key];
+            for (entry, count) in p.rows.iter() {
+                row_keys.push(key);
+                sorts.push(entry.sort());
+                rows.push(entry.row());
+                counts.push(count);
+            }
+            for row in &p.emitted {
+                emitted_keys.push(key);
+                emitted.push(&**row);
+            }
+        }
+        let mut changed: Vec<&[u8]> = self.changed.iter().map(|k| &**k).collect();
+        changed.sort_unstable();
+        changed.dedup();
+        Ok(vec![
+            snapshot::batch(
+                "rows",
+                &[],
+                vec![
+                    binary(row_keys),
+                    binary(sorts),
+                    binary(rows),
+                    Arc::new(Int64Array::from(counts)),
+                ],
+            )?,
+            snapshot::batch("emitted", &[], vec![binary(emitted_keys), binary(emitted)])?,
+            snapshot::batch("changed", &[], vec![binary(changed)])?,
+        ])
+    }
+
+    /// The partition key of each row of a state batch (its first column).
+    pub(super) fn partition_keys(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        let (_, _, columns) = snapshot::parts(batch, 0)?;
+        let keys = column::<BinaryArray>(&columns, 0)?;
+        let parser = self.partition_converter.parser();
+        Ok(self
+            .partition_converter
+            .convert_rows((0..batch.num_rows()).map(|i| parser.parse(keys.value(i))))?)
+    }
+
+    /// Puts back whole and incremental snapshots, in order. Adds to the partitions there
+    /// are, so a rescaled subtask takes several old subtasks' partitions.
+    pub(super) fn restore_layers(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        let now = self.ttl.map(|_| std::time::Instant::now());
+        for batch in state {
+            let (kind, _, columns) = snapshot::parts(&batch, 0)?;
+            let keys = column::<BinaryArray>(&columns, 0)?;
+            match kind.as_str() {
+                "reset" => {
+                    for key in keys.iter().flatten() {
+                        self.partitions.remove(key);
+                    }
+                }
+                "rows" => {
+                    let sorts = column::<BinaryArray>(&columns, 1)?;
+                    let rows = column::<BinaryArray>(&columns, 2)?;
+                    let counts = column::<Int64Array>(&columns, 3)?;
+                    for i in 0..batch.num_rows() {
+                        let p = self.partition(keys.value(i));
+                        p.touched = now;
+                        p.rows.add(sorts.value(i), rows.value(i), counts.value(i));
+                        p.present += counts.value(i);
+                    }
+                }
+                "emitted" => {
+                    let rows = column::<BinaryArray>(&columns, 1)?;
+                    for i in 0..batch.num_rows() {
+                        let p = self.partition(keys.value(i));
+                        p.emitted.push(rows.value(i).into());
+                    }
+                }
+                "changed" => {
+                    for key in keys.iter().flatten() {
+                        if let Some(p) = self.partitions.get_mut(key) {
+                            if !p.changed {
+                                p.changed = true;
+                                self.changed.push(key.into());
+                            }
+                        }
+                    }
+                }
+                other => {
+                    return Err(DataFusionError::Internal(format!(
+                        "a TopN state batch of unknown kind {other}"
+                    )))
+                }
+            }
+        }
+        self.bytes = self
+            .partitions
+            .iter()
+            .map(|(k, p)| Self::partition_size(k, p))
+            .sum();
+        Ok(())
+    }
+
+    fn partition(&mut self, key: &[u8]) -> &mut Partition {
+        if !self.partitions.contains_key(key) {
+            self.partitions.insert(key.into(), Partition::default());
+        }
+        self.partitions.get_mut(key).expect("inserted")
+    }
+}

@@ -1,0 +1,196 @@
+//! The rows of one TopN partition in rank order, each with how often it is present.
+//!
+//! A row is stored as its sort key followed by the whole row, both in arrow's row format.
+//! That format is prefix-free, so comparing the concatenated bytes orders rows by sort
+//! key and breaks ties by the row itself, whatever order they arrived in. Partitions
+//! hold few rows (at most N + 1 over inserts only), kept in a sorted vector; a partition
+//! of a retracting input that grows past [`FEW`] rows moves into a B-tree.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+/// A partition's row: sort key bytes, then row bytes.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Entry {
+    bytes: Box<[u8]>,
+    sort_len: u32,
+}
+
+impl Entry {
+    pub fn new(sort: &[u8], row: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(sort.len() + row.len());
+        bytes.extend_from_slice(sort);
+        bytes.extend_from_slice(row);
+        Self {
+            bytes: bytes.into_boxed_slice(),
+            sort_len: sort.len() as u32,
+        }
+    }
+
+    pub fn sort(&self) -> &[u8] {
+        &self.bytes[..self.sort_len as usize]
+    }
+
+    pub fn row(&self) -> &[u8] {
+        &self.bytes[self.sort_len as usize..]
+    }
+
+    /// Heap and inline bytes, for `SHOW JOBS`.
+    pub fn size(&self) -> usize {
+        self.bytes.len() + ENTRY_OVERHEAD
+    }
+
+    /// How this entry ranks against the row `(sort, row)`.
+    fn cmp_parts(&self, sort: &[u8], row: &[u8]) -> Ordering {
+        self.sort().cmp(sort).then_with(|| self.row().cmp(row))
+    }
+}
+
+/// An entry's own fields and its count, beside its bytes.
+const ENTRY_OVERHEAD: usize = 32;
+
+/// Rows past which a partition moves from a sorted vector into a B-tree.
+const FEW: usize = 32;
+
+pub enum Ranked {
+    Few(Vec<(Entry, i64)>),
+    Many(BTreeMap<Entry, i64>),
+}
+
+impl Default for Ranked {
+    fn default() -> Self {
+        Ranked::Few(Vec::new())
+    }
+}
+
+impl Ranked {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Ranked::Few(v) => v.is_empty(),
+            Ranked::Many(m) => m.is_empty(),
+        }
+    }
+
+    /// Adds `count` copies of the row (a negative count removes them); returns how many
+    /// bytes of state that added (negative when an entry went away).
+    pub fn add(&mut self, sort: &[u8], row: &[u8], count: i64) -> isize {
+        match self {
+            Ranked::Few(v) => match v.binary_search_by(|(e, _)| e.cmp_parts(sort, row)) {
+                Ok(at) => {
+                    v[at].1 += count;
+                    if v[at].1 == 0 {
+                        let (gone, _) = v.remove(at);
+                        return -(gone.size() as isize);
+                    }
+                    0
+                }
+                Err(at) => {
+                    let entry = Entry::new(sort, row);
+                    let size = entry.size() as isize;
+                    v.insert(at, (entry, count));
+                    if v.len() > FEW {
+                        *self = Ranked::Many(std::mem::take(v).into_iter().collect());
+                    }
+                    size
+                }
+            },
+            Ranked::Many(m) => {
+                let entry = Entry::new(sort, row);
+                let size = entry.size() as isize;
+                match m.entry(entry) {
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        *o.get_mut() += count;
+                        if *o.get() == 0 {
+                            o.remove();
+                            return -size;
+                        }
+                        0
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(count);
+                        size
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the row `(sort, row)` ranks before the last row.
+    pub fn before_last(&self, sort: &[u8], row: &[u8]) -> bool {
+        let last = match self {
+            Ranked::Few(v) => v.last().map(|(e, _)| e),
+            Ranked::Many(m) => m.last_key_value().map(|(e, _)| e),
+        };
+        last.is_none_or(|e| e.cmp_parts(sort, row) == Ordering::Greater)
+    }
+
+    /// Removes up to `n` copies of the last row; returns how many were removed and the
+    /// bytes of state that freed.
+    pub fn drop_last(&mut self, n: i64) -> (i64, usize) {
+        let last = match self {
+            Ranked::Few(v) => v.last_mut().map(|(_, c)| c),
+            Ranked::Many(m) => m.values_mut().next_back(),
+        };
+        let Some(count) = last else {
+            return (0, 0);
+        };
+        let removed = n.min(*count);
+        *count -= removed;
+        if *count > 0 {
+            return (removed, 0);
+        }
+        let gone = match self {
+            Ranked::Few(v) => v.pop().map(|(e, _)| e),
+            Ranked::Many(m) => m.pop_last().map(|(e, _)| e),
+        };
+        (removed, gone.map_or(0, |e| e.size()))
+    }
+
+    /// Entries in rank order with their counts.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (&Entry, i64)> + '_> {
+        match self {
+            Ranked::Few(v) => Box::new(v.iter().map(|(e, c)| (e, *c))),
+            Ranked::Many(m) => Box::new(m.iter().map(|(e, c)| (e, *c))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(r: &Ranked) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
+        r.iter()
+            .map(|(e, c)| (e.sort().to_vec(), e.row().to_vec(), c))
+            .collect()
+    }
+
+    #[test]
+    fn rows_rank_by_sort_key_then_row_in_both_shapes() {
+        for n in [3u8, 40] {
+            let mut r = Ranked::default();
+            let mut bytes = 0isize;
+            // Arrival order is reversed; ties on the sort key rank by the row.
+            for i in (0..n).rev() {
+                bytes += r.add(&[i / 2], &[i], 1);
+            }
+            assert_eq!(matches!(r, Ranked::Many(_)), n as usize > FEW);
+            let got = rows(&r);
+            assert_eq!(got.len(), n as usize);
+            assert!(got
+                .windows(2)
+                .all(|w| (&w[0].0, &w[0].1) < (&w[1].0, &w[1].1)));
+            assert!(r.before_last(&[0], &[0]));
+            assert!(!r.before_last(&[(n - 1) / 2], &[n - 1]));
+            // A second copy counts; removing both frees the entry.
+            assert_eq!(r.add(&[0], &[0], 1), 0);
+            assert_eq!(r.add(&[0], &[0], -2), -((2 + ENTRY_OVERHEAD) as isize));
+            bytes -= (2 + ENTRY_OVERHEAD) as isize;
+            let (removed, freed) = r.drop_last(5);
+            assert_eq!((removed, freed), (1, 2 + ENTRY_OVERHEAD));
+            bytes -= freed as isize;
+            let left: usize = r.iter().map(|(e, _)| e.size()).sum();
+            assert_eq!(left as isize, bytes);
+        }
+    }
+}

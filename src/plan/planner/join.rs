@@ -19,6 +19,7 @@ use super::{refuse, strip_alias, Planner, Stream};
 use crate::connector::connector_table::ConnectorTable;
 use crate::connector::log_table::LogTable;
 use crate::plan::state_ttl_hint::ttl_of_alias;
+use crate::plan::window_table::{WindowTvfTable, WINDOW_TIME};
 use crate::stream::graph::{ChangelogMode, Edge, NodeKind, StreamNode};
 use crate::stream::message::Millis;
 use crate::stream::ops::join::{system_clock, Interval, JoinKind, JoinSpec, StreamJoin};
@@ -455,9 +456,19 @@ fn interval_millis(e: &Expr) -> Option<Millis> {
 }
 
 /// Whether column `column` of `plan` is a source's watermarked time attribute, passed on
-/// unchanged (so the watermarks the join receives bound it).
+/// unchanged (so the watermarks the join receives bound it), or the `window_time` of a
+/// window table function, also through a window aggregate grouped by it (as Flink: the
+/// rows of a window come out when the watermark passes its end, and later windows end
+/// later).
 fn time_attribute(plan: &LogicalPlan, column: usize) -> bool {
     match plan {
+        LogicalPlan::Aggregate(a) => a
+            .group_expr
+            .get(column)
+            .and_then(|e| super::passthrough(e, a.input.schema()))
+            .is_some_and(|i| {
+                a.input.schema().field(i).name() == WINDOW_TIME && time_attribute(&a.input, i)
+            }),
         LogicalPlan::SubqueryAlias(a) => time_attribute(&a.input, column),
         LogicalPlan::Filter(f) => time_attribute(&f.input, column),
         LogicalPlan::Projection(p) => p
@@ -482,6 +493,8 @@ fn scanned_time_attribute(scan: &TableScan, column: usize) -> bool {
         log.def().clone()
     } else if let Some(table) = any.downcast_ref::<ConnectorTable>() {
         table.def().clone()
+    } else if any.downcast_ref::<WindowTvfTable>().is_some() {
+        return field.name() == WINDOW_TIME;
     } else if let Some(view) = any.downcast_ref::<ViewTable>() {
         let plan = view.logical_plan();
         return plan

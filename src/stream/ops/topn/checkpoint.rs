@@ -11,7 +11,7 @@ use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, Int64Array};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
-use super::{Partition, TopN};
+use super::{Entry, Partition, TopN};
 use crate::stream::snapshot;
 
 fn binary(rows: Vec<&[u8]>) -> ArrayRef {
@@ -78,7 +78,7 @@ impl TopN {
             }
             for row in &p.emitted {
                 emitted_keys.push(key);
-                emitted.push(&**row);
+                emitted.push(row.row());
             }
         }
         let mut changed: Vec<&[u8]> = self.changed.iter().map(|k| &**k).collect();
@@ -135,10 +135,11 @@ impl TopN {
                     }
                 }
                 "emitted" => {
+                    // Emitted rows only compare and emit their row bytes.
                     let rows = column::<BinaryArray>(&columns, 1)?;
                     for i in 0..batch.num_rows() {
                         let p = self.partition(keys.value(i));
-                        p.emitted.push(rows.value(i).into());
+                        p.emitted.push(Entry::new(&[], rows.value(i)));
                     }
                 }
                 "changed" => {

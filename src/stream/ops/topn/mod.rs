@@ -26,7 +26,7 @@ use crate::stream::operator::Operator;
 mod checkpoint;
 mod ranked;
 
-use ranked::Ranked;
+use ranked::{Entry, Ranked};
 
 /// A sort key of the TopN: an expression and its direction.
 pub struct SortKey {
@@ -39,8 +39,8 @@ struct Partition {
     rows: Ranked,
     /// How many rows are present (the sum of the counts in `rows`).
     present: i64,
-    /// The rows last emitted (row bytes), by rank - 1.
-    emitted: Vec<Box<[u8]>>,
+    /// The rows last emitted, by rank - 1 (shared with `rows` while they are there).
+    emitted: Vec<Entry>,
     touched: Option<Instant>,
     /// Listed in `TopN::changed`: it has changes not emitted yet.
     changed: bool,
@@ -50,6 +50,9 @@ struct Partition {
 
 /// A partition's own fields and its map slot, beside its key and rows.
 const PARTITION_OVERHEAD: usize = 96;
+
+/// An emitted row's slot (its bytes are shared with, and counted by, its entry).
+const EMITTED_SLOT: usize = 16;
 
 pub struct TopN {
     partition_by: Vec<Arc<dyn PhysicalExpr>>,
@@ -126,14 +129,14 @@ impl TopN {
     }
 
     /// The partition's current top rows, a row present twice taking two ranks.
-    fn top(limit: usize, partition: &Partition) -> Vec<&[u8]> {
+    fn top(limit: usize, partition: &Partition) -> Vec<Entry> {
         let mut top = Vec::with_capacity(limit.min(partition.present.max(0) as usize));
         'rows: for (entry, count) in partition.rows.iter() {
             for _ in 0..count.max(0) {
                 if top.len() == limit {
                     break 'rows;
                 }
-                top.push(entry.row());
+                top.push(entry.clone());
             }
         }
         top
@@ -168,13 +171,13 @@ impl TopN {
         key.len()
             + PARTITION_OVERHEAD
             + p.rows.iter().map(|(e, _)| e.size()).sum::<usize>()
-            + p.emitted.iter().map(|r| r.len() + 16).sum::<usize>()
+            + p.emitted.len() * EMITTED_SLOT
     }
 
     fn emit(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.expire();
-        let mut old: Vec<(Box<[u8]>, u64, Op)> = Vec::new();
-        let mut new: Vec<(Box<[u8]>, u64, Op)> = Vec::new();
+        let mut old: Vec<(Entry, u64, Op)> = Vec::new();
+        let mut new: Vec<(Entry, u64, Op)> = Vec::new();
         let mut changed = std::mem::take(&mut self.changed);
         changed.sort_unstable();
         for key in changed {
@@ -188,14 +191,14 @@ impl TopN {
             for rank in 0..top.len().max(before.len()) {
                 let number = rank as u64 + 1;
                 match (before.get(rank), top.get(rank)) {
-                    (Some(a), Some(b)) if **a == **b => {}
+                    (Some(a), Some(b)) if a.row() == b.row() => {}
                     (Some(a), Some(b)) => {
                         same = false;
                         old.push((a.clone(), number, Op::UpdateBefore));
-                        new.push((Box::from(*b), number, Op::UpdateAfter));
+                        new.push((b.clone(), number, Op::UpdateAfter));
                     }
                     (Some(a), None) => old.push((a.clone(), number, Op::Delete)),
-                    (None, Some(b)) => new.push((Box::from(*b), number, Op::Insert)),
+                    (None, Some(b)) => new.push((b.clone(), number, Op::Insert)),
                     (None, None) => {}
                 }
             }
@@ -206,11 +209,9 @@ impl TopN {
                     self.dirty.push(key);
                 }
             } else if !same {
-                let before: usize = partition.emitted.iter().map(|r| r.len() + 16).sum();
-                let top: Vec<Box<[u8]>> = top.into_iter().map(Box::from).collect();
-                let after: usize = top.iter().map(|r| r.len() + 16).sum();
+                self.bytes = self.bytes + top.len() * EMITTED_SLOT
+                    - partition.emitted.len() * EMITTED_SLOT;
                 partition.emitted = top;
-                self.bytes = self.bytes + after - before;
                 Self::mark_dirty(&mut self.dirty, &key, partition);
             }
         }
@@ -221,7 +222,7 @@ impl TopN {
             }
             let mut columns = self
                 .row_converter
-                .convert_rows(rows.iter().map(|(r, _, _)| parser.parse(r)))?;
+                .convert_rows(rows.iter().map(|(r, _, _)| parser.parse(r.row())))?;
             columns.push(Arc::new(UInt64Array::from_iter_values(
                 rows.iter().map(|(_, n, _)| *n),
             )));

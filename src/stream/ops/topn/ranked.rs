@@ -8,21 +8,20 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-/// A partition's row: sort key bytes, then row bytes.
+/// A partition's row: sort key bytes, then row bytes. Shared (not copied) by the
+/// partition's emitted rows.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
-    bytes: Box<[u8]>,
+    bytes: Arc<[u8]>,
     sort_len: u32,
 }
 
 impl Entry {
     pub fn new(sort: &[u8], row: &[u8]) -> Self {
-        let mut bytes = Vec::with_capacity(sort.len() + row.len());
-        bytes.extend_from_slice(sort);
-        bytes.extend_from_slice(row);
         Self {
-            bytes: bytes.into_boxed_slice(),
+            bytes: sort.iter().chain(row).copied().collect(),
             sort_len: sort.len() as u32,
         }
     }
@@ -46,8 +45,8 @@ impl Entry {
     }
 }
 
-/// An entry's own fields and its count, beside its bytes.
-const ENTRY_OVERHEAD: usize = 32;
+/// An entry's own fields, its count and its shared allocation's counts, beside its bytes.
+const ENTRY_OVERHEAD: usize = 48;
 
 /// Rows past which a partition moves from a sorted vector into a B-tree.
 const FEW: usize = 32;

@@ -143,6 +143,10 @@ impl Planner<'_> {
             } else {
                 ttl
             },
+            insert_only: [
+                left.changelog == ChangelogMode::InsertOnly,
+                right.changelog == ChangelogMode::InsertOnly,
+            ],
         });
         // Inserts stay inserts when no row is ever taken back: an inner or semi join of
         // insert-only inputs, or an interval join (which pads rows only once they expire).

@@ -138,6 +138,17 @@ pub struct JoinSpec {
     pub interval: Option<Interval>,
     /// Per input: how long a row is kept after it was last written (processing time).
     pub ttl: [Option<Millis>; 2],
+    /// Per input: whether it only ever inserts rows.
+    pub insert_only: [bool; 2],
+}
+
+impl JoinSpec {
+    /// Whether input `s`'s rows are found again by their whole encoding: to take one back,
+    /// or to refresh its state TTL when it comes again. Insert-only inputs without a TTL
+    /// keep each row as its own entry and never encode whole rows.
+    fn finds_rows(&self, s: usize) -> bool {
+        !self.insert_only[s] || self.ttl[s].is_some()
+    }
 }
 
 /// Processing time in milliseconds; tests substitute their own.
@@ -239,10 +250,13 @@ impl StreamJoin {
         ));
         Ok(Self {
             keys: converter(key_types)?,
-            rows: [converter(row_types(0))?, converter(row_types(1))?],
+            rows: [
+                Self::row_converter(&spec, 0, row_types(0))?,
+                Self::row_converter(&spec, 1, row_types(1))?,
+            ],
             sides: [
-                Side::new(spec.inputs[0].clone()),
-                Side::new(spec.inputs[1].clone()),
+                Side::new(spec.inputs[0].clone(), spec.finds_rows(0)),
+                Side::new(spec.inputs[1].clone(), spec.finds_rows(1)),
             ],
             spec,
             pairs,
@@ -250,6 +264,19 @@ impl StreamJoin {
             clock,
             last_sweep: NO_WATERMARK,
         })
+    }
+
+    /// The encoder of input `s`'s whole rows, if its side finds rows by them.
+    fn row_converter(
+        spec: &JoinSpec,
+        s: usize,
+        types: Vec<datafusion::arrow::datatypes::DataType>,
+    ) -> Result<Option<RowConverter>> {
+        if spec.finds_rows(s) {
+            converter(types)
+        } else {
+            Ok(None)
+        }
     }
 
     fn now(&self) -> Millis {

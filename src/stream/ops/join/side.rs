@@ -3,14 +3,14 @@
 //! by the whole row (a multiset: equal rows share one entry with a count, so a retraction
 //! finds the row it takes back).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use datafusion::arrow::array::UInt32Array;
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::Result;
+use datafusion::common::{HashMap, Result};
 
 use crate::stream::message::Millis;
 
@@ -35,7 +35,8 @@ pub struct Entry {
     /// The row's time attribute (interval joins).
     pub time: Millis,
     key: Arc<[u8]>,
-    full: Arc<[u8]>,
+    /// The encoded row, when the side finds rows by it.
+    full: Option<Arc<[u8]>>,
 }
 
 struct Chunk {
@@ -53,7 +54,12 @@ pub struct Side {
     entries: Vec<Option<Entry>>,
     free: Vec<EntryId>,
     by_key: HashMap<Arc<[u8]>, Vec<EntryId>>,
-    by_row: HashMap<Arc<[u8]>, EntryId>,
+    /// Entries by their encoded row, for sides whose rows can be taken back (or whose
+    /// rows' state TTL a repeated row refreshes); `None` for insert-only sides, whose
+    /// equal rows are then separate entries.
+    by_row: Option<HashMap<Arc<[u8]>, EntryId>>,
+    /// Live entries.
+    live: usize,
     /// Interval joins: entries by the watermark after which nothing can match them.
     pub deadlines: BTreeMap<Millis, Vec<EntryId>>,
     /// Chunks that lost rows since the last `settle`.
@@ -62,15 +68,17 @@ pub struct Side {
 }
 
 impl Side {
-    pub fn new(schema: SchemaRef) -> Self {
+    /// A side that finds rows by their whole encoding when `find_rows`.
+    pub fn new(schema: SchemaRef, find_rows: bool) -> Self {
         Self {
             schema,
             chunks: VecDeque::new(),
             first_chunk: 0,
             entries: Vec::new(),
             free: Vec::new(),
-            by_key: HashMap::new(),
-            by_row: HashMap::new(),
+            by_key: HashMap::default(),
+            by_row: find_rows.then(HashMap::default),
+            live: 0,
             deadlines: BTreeMap::new(),
             thinned: Vec::new(),
             key_bytes: 0,
@@ -86,9 +94,14 @@ impl Side {
         self.by_key.get(key).map(|v| v.as_slice()).unwrap_or(&[])
     }
 
+    /// Whether rows are found by their encoding (else `find` finds nothing).
+    pub fn finds_rows(&self) -> bool {
+        self.by_row.is_some()
+    }
+
     /// The entry holding rows equal to the encoded row `full`.
     pub fn find(&self, full: &[u8]) -> Option<EntryId> {
-        self.by_row.get(full).copied()
+        self.by_row.as_ref()?.get(full).copied()
     }
 
     pub fn entry(&self, id: EntryId) -> &Entry {
@@ -113,7 +126,7 @@ impl Side {
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.by_row.len()
+        self.live
     }
 
     /// Stores `rows` as a new chunk; entries are then created for some of its rows.
@@ -150,7 +163,7 @@ impl Side {
             Some((k, _)) => k.clone(),
             None => Arc::from(key),
         };
-        let full: Arc<[u8]> = Arc::from(full);
+        let full: Option<Arc<[u8]>> = self.by_row.is_some().then(|| Arc::from(full));
         let entry = Entry {
             loc,
             count: 1,
@@ -160,7 +173,8 @@ impl Side {
             key: key.clone(),
             full: full.clone(),
         };
-        self.key_bytes += key.len() + full.len();
+        self.key_bytes += key.len() + full.as_ref().map_or(0, |f| f.len());
+        self.live += 1;
         let id = match self.free.pop() {
             Some(id) => {
                 self.entries[id as usize] = Some(entry);
@@ -175,7 +189,9 @@ impl Side {
         chunk.owners[loc.1 as usize] = id;
         chunk.live += 1;
         self.by_key.entry(key).or_default().push(id);
-        self.by_row.insert(full, id);
+        if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), full) {
+            by_row.insert(full, id);
+        }
         id
     }
 
@@ -185,11 +201,17 @@ impl Side {
             return;
         };
         self.free.push(id);
-        self.key_bytes -= entry.key.len() + entry.full.len();
-        self.by_row.remove(&entry.full);
+        self.live -= 1;
+        self.key_bytes -= entry.key.len();
+        if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), &entry.full) {
+            self.key_bytes -= full.len();
+            by_row.remove(full);
+        }
         if let Some(ids) = self.by_key.get_mut(&entry.key) {
+            // Ids stay in arrival order: rows mostly go oldest first (expiry), so the
+            // search ends near the front.
             if let Some(at) = ids.iter().position(|&i| i == id) {
-                ids.swap_remove(at);
+                ids.remove(at);
             }
             if ids.is_empty() {
                 self.by_key.remove(&entry.key);
@@ -296,7 +318,7 @@ impl Side {
             .map(|c| c.rows.get_array_memory_size() + c.owners.capacity() * 4)
             .sum::<usize>()
             + self.key_bytes
-            + self.by_row.len() * ENTRY_OVERHEAD
+            + self.live * ENTRY_OVERHEAD
             + self.deadlines.len() * 32
     }
 
@@ -343,7 +365,7 @@ mod tests {
 
     fn values(side: &Side) -> Vec<i64> {
         let mut ids = side.live_ids();
-        ids.sort_by_key(|&id| side.entry(id).full.to_vec());
+        ids.sort_by_key(|&id| side.entry(id).full.as_deref().map(<[u8]>::to_vec));
         let rows = side.gather(&ids).unwrap();
         let col = rows
             .column(0)
@@ -357,7 +379,7 @@ mod tests {
 
     #[test]
     fn chunks_merge_and_shrink_while_entries_keep_their_rows() {
-        let mut side = Side::new(batch(&[]).schema());
+        let mut side = Side::new(batch(&[]).schema(), true);
         let mut next = 0i64;
         let mut ids = Vec::new();
         for round in 0..40 {
@@ -384,7 +406,7 @@ mod tests {
             let mut v: Vec<i64> = side
                 .live_ids()
                 .iter()
-                .map(|&id| i64::from_be_bytes(side.entry(id).full[..].try_into().unwrap()))
+                .map(|&id| i64::from_be_bytes(side.entry(id).full.as_deref().unwrap().try_into().unwrap()))
                 .collect();
             v.sort();
             v

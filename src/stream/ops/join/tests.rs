@@ -72,6 +72,7 @@ fn spec(kind: JoinKind, filter: Option<Arc<dyn PhysicalExpr>>) -> JoinSpec {
         output,
         interval: None,
         ttl: [None, None],
+        insert_only: [false, false],
     }
 }
 
@@ -449,6 +450,8 @@ fn interval_spec(kind: JoinKind, lower: i64, upper: i64) -> JoinSpec {
         lower,
         upper,
     });
+    // Interval joins take inserts only: rows are kept without finding them again.
+    s.insert_only = [true, true];
     s
 }
 

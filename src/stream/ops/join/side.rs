@@ -20,6 +20,8 @@ pub type EntryId = u32;
 pub type Loc = (u64, u32);
 
 const DEAD: EntryId = EntryId::MAX;
+/// Live rows up to which the newest chunks are merged.
+const MERGED_ROWS: usize = 8192;
 /// Hash map and entry bookkeeping per entry, for `state_size`.
 const ENTRY_OVERHEAD: usize = 96;
 
@@ -257,10 +259,12 @@ impl Side {
             }
         }
         // Merge the newest two chunks while the newer holds at least half as many live
-        // rows as the older: each row is copied O(log n) times and few chunks stay.
+        // rows as the older, up to MERGED_ROWS: small batches do not each stay a chunk,
+        // and each row is copied a few times at most, never again once in a full chunk.
         while self.chunks.len() >= 2 {
             let n = self.chunks.len();
-            if self.chunks[n - 1].live * 2 < self.chunks[n - 2].live {
+            let (older, newer) = (self.chunks[n - 2].live, self.chunks[n - 1].live);
+            if newer * 2 < older || older + newer > MERGED_ROWS {
                 break;
             }
             let last = self.first_chunk + n as u64 - 1;

@@ -609,6 +609,9 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                 })?),
                 None => None,
             };
+            for op in operators.iter_mut() {
+                op.started_from(restored_epoch, subtask);
+            }
             if let Some(snapshot) = &snapshot {
                 for (op, state) in operators.iter_mut().zip(snapshot.operators.clone()) {
                     op.restore(state)?;

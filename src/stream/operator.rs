@@ -62,6 +62,14 @@ pub trait Operator: Send {
         Ok(None)
     }
 
+    /// The job starts from the checkpoint of `epoch` (0: from nothing), called before
+    /// `restore`. Epochs go on across restarts, so `(epoch, subtask)` names this run
+    /// apart from every run whose state a checkpoint can hold: operators that give their
+    /// state rows identities for incremental snapshots make them unique with it.
+    fn started_from(&mut self, epoch: u64, subtask: usize) {
+        let _ = (epoch, subtask);
+    }
+
     /// Puts back what [`Operator::snapshot`] took, into a fresh operator of the same plan.
     /// When a job is rescaled, a subtask restores the rows of several old subtasks' batches
     /// (each filtered to the keys it now owns), so restoring is additive.

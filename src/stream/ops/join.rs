@@ -15,6 +15,7 @@
 //! input can match it; an unmatched row of an outer side is emitted null-padded then, so
 //! insert-only inputs give insert-only output.
 
+mod checkpoint;
 mod side;
 #[cfg(test)]
 mod tests;
@@ -23,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    new_null_array, Array, ArrayRef, BooleanArray, Int64Array, Int8Array, UInt32Array,
+    new_null_array, Array, ArrayRef, BooleanArray, Int8Array, UInt32Array,
 };
 use datafusion::arrow::compute::{interleave, take_record_batch};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
@@ -35,7 +36,6 @@ use datafusion::physical_expr::PhysicalExpr;
 use self::side::{EntryId, Loc, Side};
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
-use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -685,11 +685,10 @@ impl Operator for StreamJoin {
                 // longer be matched (here for late rows, otherwise when it expires).
                 if accumulate {
                     for &e in matched {
-                        let entry = other.entry_mut(e);
                         if b_outer {
-                            entry.matches += 1;
+                            other.entry_mut(e).matches += 1;
                         }
-                        let copies = entry.count;
+                        let copies = other.entry(e).count;
                         emitted.push(a, Op::Insert, me, stored(e, other), copies);
                     }
                     if !storable[i] && a_outer && assoc == 0 {
@@ -768,97 +767,24 @@ impl Operator for StreamJoin {
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut batches = vec![snapshot::progress(self.watermark, 0)?];
-        for (s, side) in self.sides.iter().enumerate() {
-            let ids = side.live_ids();
-            let rows = side.gather(&ids)?;
-            let mut columns = rows.columns().to_vec();
-            let figure = |f: &dyn Fn(&side::Entry) -> i64| -> ArrayRef {
-                Arc::new(Int64Array::from_iter_values(
-                    ids.iter().map(|&id| f(side.entry(id))),
-                ))
-            };
-            columns.push(figure(&|e| e.count as i64));
-            columns.push(figure(&|e| e.matches));
-            columns.push(figure(&|e| e.touched));
-            columns.push(figure(&|e| e.time));
-            batches.push(snapshot::batch(SIDE_KINDS[s], &[], columns)?);
-        }
-        Ok(batches)
+        self.whole_snapshot()
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
+        self.changed_snapshot().map(Some)
     }
 
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
-        let kind = snapshot::kind(batch)?;
-        let Some(s) = SIDE_KINDS.iter().position(|k| *k == kind) else {
-            return Ok(None);
-        };
-        let width = self.spec.inputs[s].fields().len();
-        let rows = crate::stream::batch_of(
-            self.spec.inputs[s].clone(),
-            batch.columns()[..width].to_vec(),
-            batch.num_rows(),
-        )?;
-        self.key_columns(s, &rows).map(Some)
+        self.state_row_keys(batch)
+    }
+
+    fn started_from(&mut self, epoch: u64, subtask: usize) {
+        for side in &mut self.sides {
+            side.set_origin(side::origin(epoch, subtask));
+        }
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
-        for batch in state {
-            let (kind, _, _) = snapshot::parts(&batch, 0)?;
-            if kind == "progress" {
-                let (_, head, _) = snapshot::parts(&batch, 2)?;
-                self.watermark = snapshot::read_progress(&head).0;
-                continue;
-            }
-            let Some(s) = SIDE_KINDS.iter().position(|k| *k == kind) else {
-                return Err(DataFusionError::Internal(format!(
-                    "a join cannot restore {kind} state"
-                )));
-            };
-            self.restore_side(s, &batch)?;
-        }
-        Ok(())
-    }
-}
-
-const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
-
-impl StreamJoin {
-    fn restore_side(&mut self, s: usize, batch: &RecordBatch) -> Result<()> {
-        let width = self.spec.inputs[s].fields().len();
-        let columns = batch.columns();
-        let n = batch.num_rows();
-        if n == 0 {
-            return Ok(());
-        }
-        let figure = |k: usize| -> Result<&Int64Array> {
-            columns[width + k]
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .ok_or_else(|| DataFusionError::Internal("join state without counts".into()))
-        };
-        let (count, matches, touched, time) = (figure(0)?, figure(1)?, figure(2)?, figure(3)?);
-        let rows =
-            crate::stream::batch_of(self.spec.inputs[s].clone(), columns[..width].to_vec(), n)?;
-        let keys = Encoded::new(&self.keys, &self.key_columns(s, &rows)?)?;
-        let full = Encoded::new(&self.rows[s], rows.columns())?;
-        let chunk = self.sides[s].push_chunk(rows);
-        for i in 0..n {
-            let side = &mut self.sides[s];
-            let id = side.insert(
-                keys.get(i),
-                full.get(i),
-                (chunk, i as u32),
-                matches.value(i),
-                (touched.value(i), time.value(i)),
-            );
-            side.entry_mut(id).count = count.value(i) as u32;
-            if let Some(iv) = &self.spec.interval {
-                side.deadlines
-                    .entry(iv.deadline(s, time.value(i)))
-                    .or_default()
-                    .push(id);
-            }
-        }
-        self.sides[s].settle()
+        self.restore_layers(state)
     }
 }

@@ -2,6 +2,11 @@
 //! gathered from them with `interleave`; entries index them by join key (for probing) and
 //! by the whole row (a multiset: equal rows share one entry with a count, so a retraction
 //! finds the row it takes back).
+//!
+//! Every entry has a serial that no other entry of any run of the job has: the run's
+//! origin (the epoch the job started from, and the subtask) and a counter. Incremental
+//! snapshots name the entries removed since the previous snapshot by serial, and write
+//! the entries added or changed since then again; restoring replaces an entry by serial.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -39,7 +44,25 @@ pub struct Entry {
     key: Arc<[u8]>,
     /// The encoded row, when the side finds rows by it.
     full: Option<Arc<[u8]>>,
+    /// Index into the side's origins (high 16 bits) and counter (low 48 bits).
+    serial: u64,
+    /// Added or changed since the previous snapshot (listed in `Side::dirty`).
+    dirty: bool,
+    /// In a snapshot already: its removal must be recorded.
+    persisted: bool,
 }
+
+/// A run of the job: the epoch it started from and its subtask, as one number.
+pub type Origin = u64;
+
+pub fn origin(epoch: u64, subtask: usize) -> Origin {
+    (epoch << 16) | subtask as u64
+}
+
+/// An entry's serial as stored in snapshots: its origin and counter.
+pub type Serial = (Origin, u64);
+
+const COUNTER_BITS: u32 = 48;
 
 struct Chunk {
     rows: RecordBatch,
@@ -67,6 +90,15 @@ pub struct Side {
     /// Chunks that lost rows since the last `settle`.
     thinned: Vec<u64>,
     key_bytes: usize,
+    /// Origins of the entries' serials; this run's is `origins[0]`.
+    origins: Vec<Origin>,
+    next_serial: u64,
+    /// Entries added or changed since the previous snapshot (possibly repeated or gone).
+    dirty: Vec<EntryId>,
+    /// Serials of snapshotted entries removed since the previous snapshot.
+    removed: Vec<Serial>,
+    /// Entries by serial, while restoring.
+    by_serial: HashMap<Serial, EntryId>,
 }
 
 impl Side {
@@ -84,7 +116,95 @@ impl Side {
             deadlines: BTreeMap::new(),
             thinned: Vec::new(),
             key_bytes: 0,
+            origins: vec![origin(0, 0)],
+            next_serial: 0,
+            dirty: Vec::new(),
+            removed: Vec::new(),
+            by_serial: HashMap::default(),
         }
+    }
+
+    /// New entries' serials name this run.
+    pub fn set_origin(&mut self, origin: Origin) {
+        self.origins[0] = origin;
+    }
+
+    /// The stored form of an entry's serial.
+    pub fn serial(&self, id: EntryId) -> Serial {
+        self.stored_serial(self.entry(id).serial)
+    }
+
+    fn stored_serial(&self, serial: u64) -> Serial {
+        (
+            self.origins[(serial >> COUNTER_BITS) as usize],
+            serial & ((1 << COUNTER_BITS) - 1),
+        )
+    }
+
+    fn mark_dirty(&mut self, id: EntryId) {
+        let entry = self.entries[id as usize].as_mut().expect("a live entry");
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// The live entries added or changed since the previous snapshot, and the serials
+    /// of those removed; what is returned counts as snapshotted.
+    pub fn take_changes(&mut self) -> (Vec<EntryId>, Vec<Serial>) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        dirty.retain(|&id| self.entries[id as usize].as_ref().is_some_and(|e| e.dirty));
+        for &id in &dirty {
+            let e = self.entries[id as usize].as_mut().expect("live");
+            e.dirty = false;
+            e.persisted = true;
+        }
+        (dirty, std::mem::take(&mut self.removed))
+    }
+
+    /// Every entry counts as snapshotted, with no changes since.
+    pub fn forget_changes(&mut self) {
+        for e in self.entries.iter_mut().flatten() {
+            e.dirty = false;
+            e.persisted = true;
+        }
+        self.dirty.clear();
+        self.removed.clear();
+    }
+
+    /// Gives entry `id` the stored serial `serial` (restoring; an entry that had it was
+    /// removed first with [`Side::remove_serial`]).
+    pub fn adopt_serial(&mut self, id: EntryId, serial: Serial) {
+        self.by_serial.insert(serial, id);
+        let index = match self.origins.iter().position(|&o| o == serial.0) {
+            Some(i) => i,
+            None => {
+                self.origins.push(serial.0);
+                self.origins.len() - 1
+            }
+        };
+        self.entries[id as usize]
+            .as_mut()
+            .expect("a live entry")
+            .serial = ((index as u64) << COUNTER_BITS) | serial.1;
+    }
+
+    /// Removes the entry with the stored serial `serial`, if there is one (restoring).
+    pub fn remove_serial(&mut self, serial: Serial) {
+        if let Some(id) = self.by_serial.remove(&serial) {
+            if self.is_live(id) {
+                self.remove(id);
+            }
+        }
+    }
+
+    /// Restoring is over: every entry is in the checkpoint, and the serial index is no
+    /// longer needed.
+    pub fn restored(&mut self) {
+        self.by_serial = HashMap::default();
+        self.forget_changes();
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -96,11 +216,6 @@ impl Side {
         self.by_key.get(key).map(|v| v.as_slice()).unwrap_or(&[])
     }
 
-    /// Whether rows are found by their encoding (else `find` finds nothing).
-    pub fn finds_rows(&self) -> bool {
-        self.by_row.is_some()
-    }
-
     /// The entry holding rows equal to the encoded row `full`.
     pub fn find(&self, full: &[u8]) -> Option<EntryId> {
         self.by_row.as_ref()?.get(full).copied()
@@ -110,7 +225,9 @@ impl Side {
         self.entries[id as usize].as_ref().expect("a live entry")
     }
 
+    /// The entry, to change: it counts as changed for the next snapshot.
     pub fn entry_mut(&mut self, id: EntryId) -> &mut Entry {
+        self.mark_dirty(id);
         self.entries[id as usize].as_mut().expect("a live entry")
     }
 
@@ -174,7 +291,11 @@ impl Side {
             time,
             key: key.clone(),
             full: full.clone(),
+            serial: self.next_serial,
+            dirty: false,
+            persisted: false,
         };
+        self.next_serial += 1;
         self.key_bytes += key.len() + full.as_ref().map_or(0, |f| f.len());
         self.live += 1;
         let id = match self.free.pop() {
@@ -194,6 +315,7 @@ impl Side {
         if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), full) {
             by_row.insert(full, id);
         }
+        self.mark_dirty(id);
         id
     }
 
@@ -202,6 +324,10 @@ impl Side {
         let Some(entry) = self.entries[id as usize].take() else {
             return;
         };
+        if entry.persisted {
+            let serial = self.stored_serial(entry.serial);
+            self.removed.push(serial);
+        }
         self.free.push(id);
         self.live -= 1;
         self.key_bytes -= entry.key.len();
@@ -410,7 +536,9 @@ mod tests {
             let mut v: Vec<i64> = side
                 .live_ids()
                 .iter()
-                .map(|&id| i64::from_be_bytes(side.entry(id).full.as_deref().unwrap().try_into().unwrap()))
+                .map(|&id| {
+                    i64::from_be_bytes(side.entry(id).full.as_deref().unwrap().try_into().unwrap())
+                })
                 .collect();
             v.sort();
             v

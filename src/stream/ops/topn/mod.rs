@@ -209,8 +209,8 @@ impl TopN {
                     self.dirty.push(key);
                 }
             } else if !same {
-                self.bytes = self.bytes + top.len() * EMITTED_SLOT
-                    - partition.emitted.len() * EMITTED_SLOT;
+                self.bytes =
+                    self.bytes + top.len() * EMITTED_SLOT - partition.emitted.len() * EMITTED_SLOT;
                 partition.emitted = top;
                 Self::mark_dirty(&mut self.dirty, &key, partition);
             }

@@ -1,0 +1,170 @@
+//! The join's checkpoints: a `progress` batch (the watermark), and per input a batch of
+//! its entries (the row's columns, then count, matches, touched, time, and the serial's
+//! origin and counter). A whole snapshot holds every entry; an incremental one the
+//! serials removed since the previous snapshot (a `-removed` batch per input) and the
+//! entries added or changed since. Restoring replaces entries by serial, so the layers
+//! of a chain apply in order.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, Int64Array};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+
+use super::side::{self, EntryId};
+use super::{Encoded, StreamJoin};
+use crate::stream::snapshot;
+
+const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
+const REMOVED_KINDS: [&str; 2] = ["join-left-removed", "join-right-removed"];
+/// Columns after a row's own: count, matches, touched, time, origin, counter.
+const FIGURES: usize = 6;
+
+fn int64(columns: &[ArrayRef], i: usize) -> Result<&Int64Array> {
+    columns
+        .get(i)
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+        .ok_or_else(|| DataFusionError::Internal("a join state column".into()))
+}
+
+impl StreamJoin {
+    /// Every entry of both inputs; what changed is now recorded.
+    pub(super) fn whole_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut batches = vec![snapshot::progress(self.watermark, 0)?];
+        for s in 0..2 {
+            let ids = self.sides[s].live_ids();
+            batches.push(self.side_batch(s, &ids)?);
+            self.sides[s].forget_changes();
+        }
+        Ok(batches)
+    }
+
+    /// The entries removed, added or changed since the previous snapshot.
+    pub(super) fn changed_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut batches = vec![snapshot::progress(self.watermark, 0)?];
+        for s in 0..2 {
+            let (ids, removed) = self.sides[s].take_changes();
+            let column = |f: fn(&side::Serial) -> u64| -> ArrayRef {
+                Arc::new(Int64Array::from_iter_values(
+                    removed.iter().map(|r| f(r) as i64),
+                ))
+            };
+            batches.push(snapshot::batch(
+                REMOVED_KINDS[s],
+                &[],
+                vec![column(|r| r.0), column(|r| r.1)],
+            )?);
+            batches.push(self.side_batch(s, &ids)?);
+        }
+        Ok(batches)
+    }
+
+    /// The entries `ids` of input `s`, rows and figures.
+    fn side_batch(&self, s: usize, ids: &[EntryId]) -> Result<RecordBatch> {
+        let side = &self.sides[s];
+        let rows = side.gather(ids)?;
+        let mut columns = rows.columns().to_vec();
+        let figure = |f: &dyn Fn(EntryId) -> i64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(ids.iter().map(|&id| f(id))))
+        };
+        columns.push(figure(&|id| side.entry(id).count as i64));
+        columns.push(figure(&|id| side.entry(id).matches));
+        columns.push(figure(&|id| side.entry(id).touched));
+        columns.push(figure(&|id| side.entry(id).time));
+        columns.push(figure(&|id| side.serial(id).0 as i64));
+        columns.push(figure(&|id| side.serial(id).1 as i64));
+        snapshot::batch(SIDE_KINDS[s], &[], columns)
+    }
+
+    /// The join key of each entry of a state batch; removed serials go to every subtask
+    /// (a serial names one entry wherever it is).
+    pub(super) fn state_row_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
+        let kind = snapshot::kind(batch)?;
+        let Some(s) = SIDE_KINDS.iter().position(|k| *k == kind) else {
+            return Ok(None);
+        };
+        let width = self.spec.inputs[s].fields().len();
+        let rows = crate::stream::batch_of(
+            self.spec.inputs[s].clone(),
+            batch.columns()[..width].to_vec(),
+            batch.num_rows(),
+        )?;
+        self.key_columns(s, &rows).map(Some)
+    }
+
+    /// Puts back whole and incremental snapshots, in order; adds to the entries there
+    /// are, so a rescaled subtask takes several old subtasks' entries.
+    pub(super) fn restore_layers(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        for batch in state {
+            let (kind, _, columns) = snapshot::parts(&batch, 0)?;
+            if kind == "progress" {
+                let (_, head, _) = snapshot::parts(&batch, 2)?;
+                self.watermark = snapshot::read_progress(&head).0;
+            } else if let Some(s) = REMOVED_KINDS.iter().position(|k| *k == kind) {
+                let (origins, counters) = (int64(&columns, 0)?, int64(&columns, 1)?);
+                for i in 0..batch.num_rows() {
+                    let serial = (origins.value(i) as u64, counters.value(i) as u64);
+                    self.sides[s].remove_serial(serial);
+                }
+            } else if let Some(s) = SIDE_KINDS.iter().position(|k| *k == kind) {
+                self.restore_side(s, &batch)?;
+            } else {
+                return Err(DataFusionError::Internal(format!(
+                    "a join cannot restore {kind} state"
+                )));
+            }
+        }
+        for side in &mut self.sides {
+            side.restored();
+        }
+        Ok(())
+    }
+
+    fn restore_side(&mut self, s: usize, batch: &RecordBatch) -> Result<()> {
+        let width = self.spec.inputs[s].fields().len();
+        let columns = batch.columns();
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let figure = |k: usize| int64(columns, width + k);
+        let (count, matches, touched, time) = (figure(0)?, figure(1)?, figure(2)?, figure(3)?);
+        // Snapshots from before serials: the entries get new ones of this run.
+        let serials = if columns.len() >= width + FIGURES {
+            Some((figure(4)?, figure(5)?))
+        } else {
+            None
+        };
+        let rows =
+            crate::stream::batch_of(self.spec.inputs[s].clone(), columns[..width].to_vec(), n)?;
+        let keys = Encoded::new(&self.keys, &self.key_columns(s, &rows)?)?;
+        let full = Encoded::new(&self.rows[s], rows.columns())?;
+        let chunk = self.sides[s].push_chunk(rows);
+        for i in 0..n {
+            let side = &mut self.sides[s];
+            let serial = serials.map(|(o, c)| (o.value(i) as u64, c.value(i) as u64));
+            if let Some(serial) = serial {
+                // A later layer's entry replaces the earlier one.
+                side.remove_serial(serial);
+            }
+            let id = side.insert(
+                keys.get(i),
+                full.get(i),
+                (chunk, i as u32),
+                matches.value(i),
+                (touched.value(i), time.value(i)),
+            );
+            side.entry_mut(id).count = count.value(i) as u32;
+            if let Some(serial) = serial {
+                side.adopt_serial(id, serial);
+            }
+            if let Some(iv) = &self.spec.interval {
+                side.deadlines
+                    .entry(iv.deadline(s, time.value(i)))
+                    .or_default()
+                    .push(id);
+            }
+        }
+        self.sides[s].settle()
+    }
+}

@@ -42,7 +42,7 @@ impl StreamJoin {
     /// The entries removed, added or changed since the previous snapshot.
     pub(super) fn changed_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
         let mut batches = vec![snapshot::progress(self.watermark, 0)?];
-        for s in 0..2 {
+        for (s, kind) in REMOVED_KINDS.iter().enumerate() {
             let (ids, removed) = self.sides[s].take_changes();
             let column = |f: fn(&side::Serial) -> u64| -> ArrayRef {
                 Arc::new(Int64Array::from_iter_values(
@@ -50,7 +50,7 @@ impl StreamJoin {
                 ))
             };
             batches.push(snapshot::batch(
-                REMOVED_KINDS[s],
+                kind,
                 &[],
                 vec![column(|r| r.0), column(|r| r.1)],
             )?);

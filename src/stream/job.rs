@@ -212,12 +212,10 @@ impl Chain {
     /// Every operator's state, in chain order, and whether each is only what changed
     /// since its previous snapshot. An operator that can tell its changes gives them until
     /// they add up to more than its last whole snapshot (so a restore reads at most about
-    /// twice its state), then a whole one again; `whole` asks every operator for its whole
-    /// state (a task's last snapshot, counted for every later epoch).
+    /// twice its state), then a whole one again.
     #[allow(clippy::type_complexity)]
     fn snapshot(
         &mut self,
-        whole: bool,
     ) -> Result<(
         Vec<Vec<datafusion::arrow::record_batch::RecordBatch>>,
         Vec<bool>,
@@ -227,7 +225,7 @@ impl Chain {
         let mut states = Vec::with_capacity(self.operators.len());
         let mut changes = Vec::with_capacity(self.operators.len());
         for (op, cost) in self.operators.iter_mut().zip(&mut self.snapshots) {
-            let due = whole || cost.whole.is_none_or(|w| cost.changes > w);
+            let due = cost.whole.is_none_or(|w| cost.changes > w);
             match if due { None } else { op.snapshot_changes()? } {
                 Some(batches) => {
                     cost.changes += batch_bytes(&batches);
@@ -282,7 +280,10 @@ struct TaskEnd {
 
 impl TaskEnd {
     /// What the task holds now; operators snapshot only when the job keeps checkpoints.
-    /// `last`: the task ended, and this snapshot stands for every later epoch.
+    /// `last`: the task ended, and this snapshot stands for every later epoch. An ended
+    /// task's operators have emitted all they will and take no more input, so their
+    /// state is left out (as Flink's finished operators): a restored ended task ends
+    /// again at once with nothing to emit, whatever state it had.
     fn snapshot(
         &self,
         chain: &mut Chain,
@@ -291,8 +292,8 @@ impl TaskEnd {
         source: Option<SourcePosition>,
         sink: Option<Precommit>,
     ) -> Result<TaskSnapshot> {
-        let (operators, changes) = if self.durable {
-            chain.snapshot(last)?
+        let (operators, changes) = if self.durable && !last {
+            chain.snapshot()?
         } else {
             (vec![], vec![])
         };

@@ -660,7 +660,11 @@ fn incremental_snapshots_restore_in_layers_and_hold_only_changes() {
             let mut after = make();
             after.started_from(7, 0);
             after.restore(layers).unwrap();
-            assert_eq!(after.state_size(), before.state_size(), "{kind:?} {interval}");
+            assert_eq!(
+                after.state_size(),
+                before.state_size(),
+                "{kind:?} {interval}"
+            );
             got.extend(drive(&mut after, &steps[3]));
             assert_eq!(got, expected, "{kind:?}, interval {interval}");
         }

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
+use chrono::format::{Fixed, Item, Numeric};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Offset, TimeZone};
 use datafusion::arrow::array::timezone::Tz;
 use datafusion::arrow::array::{
@@ -124,15 +125,73 @@ impl<'a> Formats<'a> {
 }
 
 /// Appends `t` (µs since the epoch) as seen in `zone`, formatted.
-fn append_formatted(out: &mut StringBuilder, t: i64, zone: &Tz, format: &Format) -> Result<()> {
-    let time = DateTime::from_timestamp_micros(t)
-        .ok_or_else(|| invalid_argument("timestamp out of range"))?
-        .with_timezone(zone);
-    write!(out, "{}", time.format_with_items(format.iter())).map_err(|_| {
-        invalid_argument("date format has a field this value lacks (a time zone for a TIMESTAMP?)")
-    })?;
-    out.append_value("");
-    Ok(())
+/// Formats times into a column, remembering the last text: rows in time order share
+/// their second, and a format without fractions of a second gives one text per second.
+struct Formatter<'a> {
+    out: StringBuilder,
+    zone: &'a Tz,
+    last: Option<(i64, *const Item<'static>)>,
+    text: String,
+}
+
+impl<'a> Formatter<'a> {
+    fn new(rows: usize, zone: &'a Tz) -> Self {
+        Self {
+            out: StringBuilder::with_capacity(rows, rows * 20),
+            zone,
+            last: None,
+            text: String::new(),
+        }
+    }
+
+    /// Appends `t` (microseconds) formatted by `format`.
+    fn append(&mut self, t: i64, format: &Format) -> Result<()> {
+        let key = if varies_within_second(format) {
+            t
+        } else {
+            t.div_euclid(1_000_000)
+        };
+        let key = (key, format.as_ptr());
+        if self.last != Some(key) {
+            let time = DateTime::from_timestamp_micros(t)
+                .ok_or_else(|| invalid_argument("timestamp out of range"))?
+                .with_timezone(self.zone);
+            self.text.clear();
+            write!(self.text, "{}", time.format_with_items(format.iter())).map_err(|_| {
+                invalid_argument(
+                    "date format has a field this value lacks (a time zone for a TIMESTAMP?)",
+                )
+            })?;
+            self.last = Some(key);
+        }
+        self.out.append_value(&self.text);
+        Ok(())
+    }
+
+    fn append_null(&mut self) {
+        self.out.append_null();
+    }
+
+    fn finish(mut self) -> datafusion::arrow::array::StringArray {
+        self.out.finish()
+    }
+}
+
+/// Whether `format` shows fractions of a second.
+fn varies_within_second(format: &Format) -> bool {
+    format.iter().any(|item| {
+        matches!(
+            item,
+            Item::Numeric(Numeric::Nanosecond, _)
+                | Item::Fixed(
+                    Fixed::Nanosecond
+                        | Fixed::Nanosecond3
+                        | Fixed::Nanosecond6
+                        | Fixed::Nanosecond9
+                        | Fixed::Internal(_)
+                )
+        )
+    })
 }
 
 /// `DATE_FORMAT(ts, format)`: a TIMESTAMP as it reads, a TIMESTAMP_LTZ in the session time
@@ -145,7 +204,7 @@ fn date_format(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
         DataType::Timestamp(_, Some(_)) => session_time_zone(args)?,
         _ => utc(),
     };
-    let mut out = StringBuilder::with_capacity(inputs.rows, inputs.rows * 20);
+    let mut out = Formatter::new(inputs.rows, &zone);
     if let DataType::Utf8 = value.data_type() {
         let text = as_string_array(value)?;
         for row in 0..inputs.rows {
@@ -153,9 +212,7 @@ fn date_format(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
                 .then(|| parse_default_timestamp(text.value(row)))
                 .flatten();
             match (time, formats.get(row)?) {
-                (Some(t), Some(f)) => {
-                    append_formatted(&mut out, t.and_utc().timestamp_micros(), &zone, f)?
-                }
+                (Some(t), Some(f)) => out.append(t.and_utc().timestamp_micros(), f)?,
                 _ => out.append_null(),
             }
         }
@@ -163,7 +220,7 @@ fn date_format(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
         let ts = as_timestamp_microsecond_array(value)?;
         for row in 0..inputs.rows {
             match formats.get(row)? {
-                Some(f) if !ts.is_null(row) => append_formatted(&mut out, ts.value(row), &zone, f)?,
+                Some(f) if !ts.is_null(row) => out.append(ts.value(row), f)?,
                 _ => out.append_null(),
             }
         }
@@ -294,7 +351,7 @@ fn from_unixtime(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let seconds = cast(&inputs.arrays[0], &DataType::Int64)?;
     let seconds = as_int64_array(&seconds)?;
     let mut formats = Formats::new(&inputs, 1, DEFAULT_FORMAT)?;
-    let mut out = StringBuilder::with_capacity(inputs.rows, inputs.rows * 19);
+    let mut out = Formatter::new(inputs.rows, &zone);
     for row in 0..inputs.rows {
         let format = formats.get(row)?;
         match (format, seconds.is_null(row)) {
@@ -303,7 +360,7 @@ fn from_unixtime(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
                     .value(row)
                     .checked_mul(1_000_000)
                     .ok_or_else(|| invalid_argument("FROM_UNIXTIME: seconds out of range"))?;
-                append_formatted(&mut out, micros, &zone, f)?;
+                out.append(micros, f)?;
             }
             _ => out.append_null(),
         }

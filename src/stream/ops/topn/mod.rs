@@ -9,6 +9,7 @@
 //! epoch and each changed partition emits, per rank, the row that left it (-U/-D) and
 //! the row that took it (+U/+I) at the barrier.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,11 +66,12 @@ pub struct TopN {
     partition_converter: RowConverter,
     sort_converter: RowConverter,
     row_converter: RowConverter,
-    partitions: HashMap<Box<[u8]>, Partition>,
+    /// Keys shared with the `changed` and `dirty` lists.
+    partitions: HashMap<Arc<[u8]>, Partition>,
     /// Partitions with changes not emitted yet.
-    changed: Vec<Box<[u8]>>,
+    changed: Vec<Arc<[u8]>>,
     /// Partitions changed (or gone) since the previous snapshot, possibly repeated.
-    dirty: Vec<Box<[u8]>>,
+    dirty: Vec<Arc<[u8]>>,
     /// Bytes of state held, kept as rows come and go.
     bytes: usize,
 }
@@ -143,10 +145,10 @@ impl TopN {
     }
 
     /// Lists `key` among the partitions changed since the previous snapshot.
-    fn mark_dirty(dirty: &mut Vec<Box<[u8]>>, key: &[u8], partition: &mut Partition) {
+    fn mark_dirty(dirty: &mut Vec<Arc<[u8]>>, key: &Arc<[u8]>, partition: &mut Partition) {
         if !partition.dirty {
             partition.dirty = true;
-            dirty.push(key.into());
+            dirty.push(key.clone());
         }
     }
 
@@ -178,9 +180,18 @@ impl TopN {
         self.expire();
         let mut old: Vec<(Entry, u64, Op)> = Vec::new();
         let mut new: Vec<(Entry, u64, Op)> = Vec::new();
-        let mut changed = std::mem::take(&mut self.changed);
+        // Partitions emit in an order that does not depend on arrival: by a fixed hash
+        // of their key (cheaper to sort by than the keys), then the key.
+        let mut changed: Vec<(u64, Arc<[u8]>)> = std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|key| {
+                let mut h = std::hash::DefaultHasher::new();
+                key.hash(&mut h);
+                (h.finish(), key)
+            })
+            .collect();
         changed.sort_unstable();
-        for key in changed {
+        for (_, key) in changed {
             let Some(partition) = self.partitions.get_mut(&key) else {
                 continue;
             };
@@ -191,7 +202,7 @@ impl TopN {
             for rank in 0..top.len().max(before.len()) {
                 let number = rank as u64 + 1;
                 match (before.get(rank), top.get(rank)) {
-                    (Some(a), Some(b)) if a.row() == b.row() => {}
+                    (Some(a), Some(b)) if a.same_row(b) => {}
                     (Some(a), Some(b)) => {
                         same = false;
                         old.push((a.clone(), number, Op::UpdateBefore));
@@ -262,13 +273,15 @@ impl Operator for TopN {
         for i in 0..rows.num_rows() {
             let key = keys.row(i);
             let (sort, row) = (sorts.row(i), full.row(i));
-            let partition = match self.partitions.get_mut(key.as_ref()) {
-                Some(p) => p,
-                None => {
-                    self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
-                    self.partitions.entry(Box::from(key.as_ref())).or_default()
-                }
-            };
+            if !self.partitions.contains_key(key.as_ref()) {
+                self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
+                self.partitions
+                    .insert(Arc::from(key.as_ref()), Partition::default());
+            }
+            let (key, partition) = self
+                .partitions
+                .get_key_value_mut(key.as_ref())
+                .expect("present");
             let sign = if batch.retracts(i) { -1 } else { 1 };
             // Over inserts only, rows below the top N never rise again: a row that would
             // rank after a full partition's last changes nothing.
@@ -291,9 +304,9 @@ impl Operator for TopN {
             }
             if !partition.changed {
                 partition.changed = true;
-                self.changed.push(key.as_ref().into());
+                self.changed.push(key.clone());
             }
-            Self::mark_dirty(&mut self.dirty, key.as_ref(), partition);
+            Self::mark_dirty(&mut self.dirty, key, partition);
         }
         Ok(())
     }
@@ -473,11 +486,11 @@ mod tests {
         assert_eq!(
             lines(&a),
             [
-                "-U chess,3,1",
                 "-U go,7,1",
+                "-U chess,3,1",
+                "+U go,6,1",
                 "+U chess,4,1",
-                "+I chess,3,2",
-                "+U go,6,1"
+                "+I chess,3,2"
             ]
         );
     }
@@ -549,8 +562,8 @@ mod tests {
                 "-U go,8,1",
                 "-D go,5,2",
                 "-U poker,1,1",
-                "+I chess,9,1",
                 "+U go,5,1",
+                "+I chess,9,1",
                 "+U poker,2,1",
                 "+I poker,1,2",
             ]

@@ -20,10 +20,18 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(sort: &[u8], row: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(sort.len() + row.len());
+        bytes.extend_from_slice(sort);
+        bytes.extend_from_slice(row);
         Self {
-            bytes: sort.iter().chain(row).copied().collect(),
+            bytes: Arc::from(bytes),
             sort_len: sort.len() as u32,
         }
+    }
+
+    /// Whether both are the same row (often the very same bytes, shared).
+    pub fn same_row(&self, other: &Entry) -> bool {
+        Arc::ptr_eq(&self.bytes, &other.bytes) || self.row() == other.row()
     }
 
     pub fn sort(&self) -> &[u8] {

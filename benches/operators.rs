@@ -1,0 +1,225 @@
+//! Criterion micro benchmarks of the operators' hot paths that the Nexmark profiles
+//! pointed at (issue 7): TopN and deduplication applying inserts and emitting their
+//! changelog at barriers, an interval join storing, probing and expiring rows, and the
+//! key hashing every keyed exchange and rescale uses.
+//!
+//! ```sh
+//! cargo bench --bench operators
+//! cargo bench --bench operators -- topn     # one group
+//! ```
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray};
+use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::logical_expr::Operator as BinOp;
+use datafusion::physical_expr::expressions::{BinaryExpr, Column};
+use datafusion::physical_expr::PhysicalExpr;
+use weir::stream::exchange::key_group_of;
+use weir::stream::message::ChangeBatch;
+use weir::stream::operator::Operator;
+use weir::stream::ops::join::{system_clock, Interval, JoinKind, JoinSpec, StreamJoin};
+use weir::stream::ops::topn::{SortKey, TopN};
+
+const ROWS: usize = 8192;
+
+/// A deterministic stream of numbers (xorshift).
+struct Numbers(u64);
+
+impl Numbers {
+    fn below(&mut self, n: u64) -> i64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n) as i64
+    }
+}
+
+/// Bids: (auction, price, time, extra), `auctions` keys, time rising from `start`.
+fn bids_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("auction", DataType::Int64, false),
+        Field::new("price", DataType::Int64, false),
+        Field::new("time", DataType::Int64, false),
+        Field::new("extra", DataType::Utf8, false),
+    ]))
+}
+
+fn bids(numbers: &mut Numbers, auctions: u64, start: i64) -> ChangeBatch {
+    let extra = "x".repeat(80);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            (0..ROWS).map(|_| numbers.below(auctions)),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            (0..ROWS).map(|_| numbers.below(1_000_000)),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            (0..ROWS as i64).map(|i| start + i),
+        )),
+        Arc::new(StringArray::from_iter_values((0..ROWS).map(|_| &extra))),
+    ];
+    ChangeBatch {
+        rows: RecordBatch::try_new(bids_schema(), columns).unwrap(),
+        watermarks: None,
+        ops: None,
+    }
+}
+
+fn column(name: &str, i: usize) -> Arc<dyn PhysicalExpr> {
+    Arc::new(Column::new(name, i))
+}
+
+/// Top `limit` rows per auction by `order` (descending), over inserts only.
+fn topn(limit: usize, order: usize) -> TopN {
+    let input = bids_schema();
+    let mut fields = input.fields().to_vec();
+    fields.push(Arc::new(Field::new("rn", DataType::UInt64, false)));
+    TopN::try_new(
+        vec![column("auction", 0)],
+        vec![SortKey {
+            expr: column(input.field(order).name(), order),
+            options: SortOptions {
+                descending: true,
+                nulls_first: false,
+            },
+        }],
+        limit,
+        input,
+        Arc::new(Schema::new(fields)),
+        false,
+        None,
+    )
+    .unwrap()
+}
+
+fn topn_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("topn");
+    group.throughput(Throughput::Elements(ROWS as u64 * 8));
+    // Top 10 bids per auction (Nexmark q19's shape): most rows cannot enter.
+    let mut numbers = Numbers(7);
+    let batches: Vec<ChangeBatch> = (0..8)
+        .map(|i| bids(&mut numbers, 10_000, i * ROWS as i64))
+        .collect();
+    let mut op = topn(10, 1);
+    group.bench_function("top10_per_key_8_batches_and_barrier", |b| {
+        b.iter(|| {
+            let mut out = Vec::new();
+            for batch in &batches {
+                op.process(0, batch.clone(), &mut out).unwrap();
+            }
+            op.on_barrier(&mut out).unwrap();
+            out
+        })
+    });
+    // Keep the latest row per key (Nexmark q18's shape): every row replaces one.
+    let mut start = 0;
+    let mut op = topn(1, 2);
+    group.bench_function("dedup_keep_last_8_batches_and_barrier", |b| {
+        b.iter_batched(
+            || {
+                let batches: Vec<ChangeBatch> = (0..8)
+                    .map(|_| {
+                        start += ROWS as i64;
+                        bids(&mut numbers, 100_000, start)
+                    })
+                    .collect();
+                batches
+            },
+            |batches| {
+                let mut out = Vec::new();
+                for batch in batches {
+                    op.process(0, batch, &mut out).unwrap();
+                }
+                op.on_barrier(&mut out).unwrap();
+                out
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// An interval join of bids with bids of the same auction up to 100 ms later.
+fn interval_join() -> StreamJoin {
+    let input = bids_schema();
+    let mut fields: Vec<Field> = Vec::new();
+    for side in ["l", "r"] {
+        for f in input.fields() {
+            fields.push(Field::new(
+                format!("{side}_{}", f.name()),
+                f.data_type().clone(),
+                true,
+            ));
+        }
+    }
+    let filter: Arc<dyn PhysicalExpr> = Arc::new(BinaryExpr::new(
+        column("r_time", 6),
+        BinOp::GtEq,
+        column("l_time", 2),
+    ));
+    let spec = JoinSpec {
+        kind: JoinKind::Inner,
+        keys: [vec![column("auction", 0)], vec![column("auction", 0)]],
+        null_equals_null: false,
+        filter: Some(filter),
+        inputs: [input.clone(), input],
+        output: Arc::new(Schema::new(fields)),
+        interval: Some(Interval {
+            left_time: 2,
+            right_time: 2,
+            lower: 0,
+            upper: 100,
+        }),
+        ttl: [None, None],
+        insert_only: [true, true],
+    };
+    StreamJoin::try_new(Arc::new(spec), system_clock()).unwrap()
+}
+
+fn join_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("join");
+    group.throughput(Throughput::Elements(ROWS as u64 * 2));
+    let mut numbers = Numbers(11);
+    let mut join = interval_join();
+    let start = std::cell::Cell::new(0i64);
+    group.bench_function("interval_store_probe_expire", |b| {
+        b.iter_batched(
+            || {
+                start.set(start.get() + ROWS as i64);
+                (
+                    bids(&mut numbers, 5_000, start.get()),
+                    bids(&mut numbers, 5_000, start.get()),
+                )
+            },
+            |(left, right)| {
+                let mut out = Vec::new();
+                join.process(0, left, &mut out).unwrap();
+                join.process(1, right, &mut out).unwrap();
+                // Rows older than this batch can no longer match: state stays bounded.
+                join.on_watermark(start.get(), &mut out).unwrap();
+                out
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn exchange_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("exchange");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    let batch = bids(&mut Numbers(3), 1_000_000, 0);
+    let keys = vec![batch.rows.column(0).clone(), batch.rows.column(3).clone()];
+    let mut hashes = Vec::new();
+    group.bench_function("key_groups_of_bigint_and_string_keys", |b| {
+        b.iter(|| key_group_of(&keys, &mut hashes).unwrap().sum::<usize>())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, topn_benches, join_benches, exchange_benches);
+criterion_main!(benches);

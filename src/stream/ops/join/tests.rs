@@ -537,6 +537,31 @@ fn state_ttl_forgets_rows_not_written_for_the_ttl() {
     assert_eq!(run(&mut j, 1, ins(1, &[(1, 102)])), Vec::<String>::new());
 }
 
+/// Runs steps (input, rows, then a watermark) through `j`; interval joins take inserts
+/// only, so they skip the steps that take rows back.
+fn drive(j: &mut StreamJoin, steps: &[(usize, ChangeBatch, Option<Millis>)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (side, b, w) in steps {
+        let retracts = matches!(b.ops.as_ref(), Some(o) if o.value(0) != 0);
+        if !(j.spec.interval.is_some() && retracts) {
+            out.extend(run(j, *side, b.clone()));
+        }
+        if let Some(w) = w {
+            out.extend(watermark(j, *w));
+        }
+    }
+    out
+}
+
+/// A join of `kind`, interval (5 on each side) or regular with a filter.
+fn restorable_join(kind: JoinKind, interval: bool) -> StreamJoin {
+    if interval {
+        join(interval_spec(kind, -5, 5))
+    } else {
+        join(spec(kind, Some(less_filter())))
+    }
+}
+
 #[test]
 fn a_restored_join_continues_as_if_never_stopped() {
     let steps: Vec<(usize, ChangeBatch, Option<Millis>)> = vec![
@@ -549,25 +574,9 @@ fn a_restored_join_continues_as_if_never_stopped() {
         (1, ins(1, &[(1, 152), (3, 139)]), Some(146)),
         (0, ins(0, &[(1, 151)]), Some(END_OF_TIME)),
     ];
-    let drive = |j: &mut StreamJoin, steps: &[(usize, ChangeBatch, Option<Millis>)]| {
-        let mut out = Vec::new();
-        for (side, b, w) in steps {
-            out.extend(run(j, *side, b.clone()));
-            if let Some(w) = w {
-                out.extend(watermark(j, *w));
-            }
-        }
-        out
-    };
     for kind in [JoinKind::Full, JoinKind::Inner] {
         for interval in [false, true] {
-            let make = || {
-                if interval {
-                    join(interval_spec(kind, -5, 5))
-                } else {
-                    join(spec(kind, Some(less_filter())))
-                }
-            };
+            let make = || restorable_join(kind, interval);
             let mut straight = make();
             let expected = drive(&mut straight, &steps);
             let mut before = make();
@@ -618,28 +627,9 @@ fn incremental_snapshots_restore_in_layers_and_hold_only_changes() {
             (0, ins(0, &[(2, 110)]), Some(END_OF_TIME)),
         ],
     ];
-    let drive = |j: &mut StreamJoin, steps: &[(usize, ChangeBatch, Option<Millis>)]| {
-        let mut out = Vec::new();
-        for (side, b, w) in steps {
-            if !(j.spec.interval.is_some() && matches!(b.ops.as_ref(), Some(o) if o.value(0) != 0))
-            {
-                out.extend(run(j, *side, b.clone()));
-            }
-            if let Some(w) = w {
-                out.extend(watermark(j, *w));
-            }
-        }
-        out
-    };
     for kind in [JoinKind::Full, JoinKind::Inner] {
         for interval in [false, true] {
-            let make = || {
-                if interval {
-                    join(interval_spec(kind, -5, 5))
-                } else {
-                    join(spec(kind, Some(less_filter())))
-                }
-            };
+            let make = || restorable_join(kind, interval);
             let mut straight = make();
             let mut expected = Vec::new();
             for step in &steps {

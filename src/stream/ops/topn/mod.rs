@@ -398,6 +398,17 @@ mod tests {
         crate::stream::message::change_lines(out)
     }
 
+    /// What both operators emit for `rows` and a barrier, which must be the same.
+    fn same_output(a: &mut TopN, b: &mut TopN, rows: &[(&str, i64, Op)]) -> Vec<String> {
+        let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+        for (op, out) in [(a, &mut out_a), (b, &mut out_b)] {
+            op.process(0, batch(rows), out).unwrap();
+            op.on_barrier(out).unwrap();
+        }
+        assert_eq!(lines(&out_a), lines(&out_b));
+        lines(&out_a)
+    }
+
     #[test]
     fn ranks_move_and_retractions_pull_lower_rows_up() {
         let mut op = operator(true);
@@ -472,19 +483,12 @@ mod tests {
             .unwrap();
         let mut restored = operator(true);
         restored.restore(original.snapshot().unwrap()).unwrap();
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for (op, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
-            op.process(
-                0,
-                batch(&[("go", 7, Op::Delete), ("chess", 4, Op::Insert)]),
-                out,
-            )
-            .unwrap();
-            op.on_barrier(out).unwrap();
-        }
-        assert_eq!(lines(&a), lines(&b));
         assert_eq!(
-            lines(&a),
+            same_output(
+                &mut original,
+                &mut restored,
+                &[("go", 7, Op::Delete), ("chess", 4, Op::Insert)]
+            ),
             [
                 "-U go,7,1",
                 "-U chess,3,1",
@@ -545,19 +549,12 @@ mod tests {
         let mut restored = operator(true);
         restored.restore(layers).unwrap();
         assert_eq!(restored.state_size(), original.state_size());
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for (op, out) in [(&mut original, &mut a), (&mut restored, &mut b)] {
-            op.process(
-                0,
-                batch(&[("go", 8, Op::Delete), ("poker", 2, Op::Insert)]),
-                out,
-            )
-            .unwrap();
-            op.on_barrier(out).unwrap();
-        }
-        assert_eq!(lines(&a), lines(&b));
         assert_eq!(
-            lines(&a),
+            same_output(
+                &mut original,
+                &mut restored,
+                &[("go", 8, Op::Delete), ("poker", 2, Op::Insert)]
+            ),
             [
                 "-U go,8,1",
                 "-D go,5,2",

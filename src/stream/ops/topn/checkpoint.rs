@@ -31,7 +31,8 @@ impl TopN {
         let mut keys: Vec<&[u8]> = self.partitions.keys().map(|k| &**k).collect();
         keys.sort_unstable();
         let batches = self.partitions_batches(&keys)?;
-        self.forget_dirty();
+        let dirty = std::mem::take(&mut self.dirty);
+        self.forget_dirty(&dirty);
         Ok(batches)
     }
 
@@ -52,13 +53,15 @@ impl TopN {
             .collect();
         let mut batches = vec![reset];
         batches.extend(self.partitions_batches(&present)?);
-        self.forget_dirty();
+        self.forget_dirty(&dirty);
         Ok(batches)
     }
 
-    fn forget_dirty(&mut self) {
-        for key in std::mem::take(&mut self.dirty) {
-            if let Some(p) = self.partitions.get_mut(&key) {
+    /// The partitions `keys` (the dirty list just taken) are snapshotted: later changes
+    /// list them again.
+    fn forget_dirty(&mut self, keys: &[std::sync::Arc<[u8]>]) {
+        for key in keys {
+            if let Some(p) = self.partitions.get_mut(key) {
                 p.dirty = false;
             }
         }

@@ -541,9 +541,14 @@ mod tests {
             ]
         );
         layers.extend(changes);
-        // Epoch 3: chess comes back, changes left unemitted at the snapshot.
+        // Epoch 3: chess comes back, and go (in the previous layer too) changes again;
+        // the changes are left unemitted at the snapshot.
         original
-            .process(0, batch(&[("chess", 9, Op::Insert)]), &mut out)
+            .process(
+                0,
+                batch(&[("chess", 9, Op::Insert), ("go", 6, Op::Insert)]),
+                &mut out,
+            )
             .unwrap();
         layers.extend(original.snapshot_changes().unwrap().unwrap());
         let mut restored = operator(true);
@@ -557,9 +562,8 @@ mod tests {
             ),
             [
                 "-U go,8,1",
-                "-D go,5,2",
                 "-U poker,1,1",
-                "+U go,5,1",
+                "+U go,6,1",
                 "+I chess,9,1",
                 "+U poker,2,1",
                 "+I poker,1,2",

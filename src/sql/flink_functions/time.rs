@@ -130,7 +130,9 @@ impl<'a> Formats<'a> {
 struct Formatter<'a> {
     out: StringBuilder,
     zone: &'a Tz,
-    last: Option<(i64, *const Item<'static>)>,
+    /// The second (or microsecond) and format of `text`; holding the format keeps it
+    /// from being freed and another taking its address.
+    last: Option<(i64, Format)>,
     text: String,
 }
 
@@ -151,8 +153,11 @@ impl<'a> Formatter<'a> {
         } else {
             t.div_euclid(1_000_000)
         };
-        let key = (key, format.as_ptr());
-        if self.last != Some(key) {
+        let same = self
+            .last
+            .as_ref()
+            .is_some_and(|(k, f)| *k == key && Arc::ptr_eq(f, format));
+        if !same {
             let time = DateTime::from_timestamp_micros(t)
                 .ok_or_else(|| invalid_argument("timestamp out of range"))?
                 .with_timezone(self.zone);
@@ -162,7 +167,7 @@ impl<'a> Formatter<'a> {
                     "date format has a field this value lacks (a time zone for a TIMESTAMP?)",
                 )
             })?;
-            self.last = Some(key);
+            self.last = Some((key, format.clone()));
         }
         self.out.append_value(&self.text);
         Ok(())

@@ -63,6 +63,23 @@ pub fn kind(batch: &RecordBatch) -> Result<String> {
     parts(batch, 0).map(|(kind, ..)| kind)
 }
 
+/// A state column as the array type it was written as.
+pub fn downcast<T: 'static>(column: &ArrayRef) -> Result<&T> {
+    column
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| DataFusionError::Internal("a state column of another type".into()))
+}
+
+/// Column `i` of a state batch's columns, as the array type it was written as.
+pub fn column<T: 'static>(columns: &[ArrayRef], i: usize) -> Result<&T> {
+    downcast(
+        columns
+            .get(i)
+            .ok_or_else(|| DataFusionError::Internal("a state batch lacks a column".into()))?,
+    )
+}
+
 /// An operator's watermark and late-row count.
 pub fn progress(watermark: i64, late: u64) -> Result<RecordBatch> {
     batch("progress", &[watermark, late as i64], vec![])

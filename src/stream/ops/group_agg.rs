@@ -25,7 +25,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::Result;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
@@ -165,7 +165,7 @@ impl GroupAggregate {
 
     /// Group keys from their row-encoded bytes.
     fn decode_keys(&self, encoded: &ArrayRef) -> Result<Vec<ArrayRef>> {
-        let keys = downcast::<BinaryArray>(encoded)?;
+        let keys = snapshot::downcast::<BinaryArray>(encoded)?;
         let parser = self.key_converter.parser();
         Ok(self
             .key_converter
@@ -512,13 +512,6 @@ fn size_groups(
         )?;
     }
     Ok(())
-}
-
-fn downcast<T: 'static>(column: &ArrayRef) -> Result<&T> {
-    column
-        .as_any()
-        .downcast_ref::<T>()
-        .ok_or_else(|| DataFusionError::Internal("a state column of another type".into()))
 }
 
 fn ops(rows: &[(usize, Op)]) -> Int8Array {

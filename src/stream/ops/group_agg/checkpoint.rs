@@ -16,8 +16,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::EmitTo;
 
-use super::{downcast, GroupAggregate, Values};
-use crate::stream::snapshot;
+use super::{GroupAggregate, Values};
+use crate::stream::snapshot::{self, downcast};
 
 /// Columns of a `groups` batch before the partial states.
 const FIXED: usize = 5;

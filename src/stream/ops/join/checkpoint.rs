@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array};
+use datafusion::arrow::array::{ArrayRef, Int64Array};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
@@ -21,10 +21,7 @@ const REMOVED_KINDS: [&str; 2] = ["join-left-removed", "join-right-removed"];
 const FIGURES: usize = 6;
 
 fn int64(columns: &[ArrayRef], i: usize) -> Result<&Int64Array> {
-    columns
-        .get(i)
-        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
-        .ok_or_else(|| DataFusionError::Internal("a join state column".into()))
+    snapshot::column(columns, i)
 }
 
 impl StreamJoin {

@@ -7,22 +7,15 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, Int64Array};
+use datafusion::arrow::array::{ArrayRef, BinaryArray, Int64Array};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 use super::{Entry, Partition, TopN};
-use crate::stream::snapshot;
+use crate::stream::snapshot::{self, column};
 
 fn binary(rows: Vec<&[u8]>) -> ArrayRef {
     Arc::new(BinaryArray::from_iter_values(rows))
-}
-
-fn column<T: 'static>(columns: &[ArrayRef], i: usize) -> Result<&T> {
-    columns
-        .get(i)
-        .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| DataFusionError::Internal("a TopN state column".into()))
 }
 
 impl TopN {

@@ -9,6 +9,8 @@
 //! cargo bench --bench nexmark -- --markdown results.md          # also write the table
 //! cargo bench --bench nexmark -- --timeout 300                  # stop runs after 300 s
 //! cargo bench --bench nexmark -- --checkpoint-interval '1 h'    # default: the server's 1 s
+//! cargo bench --bench nexmark -- --latency                      # q1, q5, q7 at 200 k events/s
+//! cargo bench --bench nexmark -- --latency --rate 500000 --seconds 60 --query q1
 //! ```
 //!
 //! Each query file holds its sink's CREATE TABLE and its INSERT; the runner creates the
@@ -23,6 +25,17 @@
 //! price, channel, url, date_time, extra; the first line is data) through the filesystem
 //! connector, so parsing is part of the figure and engines can be compared on identical
 //! input; queries over person or auction then fail and are listed so.
+//!
+//! `--latency` runs each query at a fixed input rate instead (`--rate` events/s over all
+//! three streams, for `--seconds`; default q1, q5 and q7): the generator paces itself from
+//! a base time two seconds ahead, with event times following the wall clock, so an event
+//! comes out at its own event time. The input is unbounded (the end of a bounded one
+//! would close every open window at once, early); the job is stopped after the run. The
+//! query's blackhole names its time column (`'latency.column'`); each row reaching it
+//! counts the wall clock minus that time, and the runner reports the 50th and 99th
+//! percentiles SHOW JOBS gives at the end of the run:
+//! event ingestion to sink, including what windows wait for (q5's rows are timed by their
+//! window's end, the newest event they can depend on; q7's by the winning bid's time).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -44,6 +57,11 @@ struct Args {
     timeout: Duration,
     /// 'execution.checkpointing.interval' of the jobs, when not the server's default.
     checkpoint_interval: Option<String>,
+    /// Latency mode: the input rate in events per second (all streams) and how long the
+    /// query runs (the input is unbounded; a bounded one's end would close every window
+    /// at once, early).
+    latency_rate: Option<u64>,
+    latency_seconds: u64,
 }
 
 fn parse_args() -> Args {
@@ -56,7 +74,10 @@ fn parse_args() -> Args {
         child: false,
         timeout: Duration::from_secs(600),
         checkpoint_interval: None,
+        latency_rate: None,
+        latency_seconds: 0,
     };
+    let (mut latency, mut rate, mut seconds, mut queries_given) = (false, 200_000, 60, false);
     let mut source = "nexmark".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -69,7 +90,13 @@ fn parse_args() -> Args {
                     .map(|p| p.trim().parse().expect("numbers"))
                     .collect()
             }
-            "--query" => a.queries = value().split(',').map(|q| q.trim().into()).collect(),
+            "--query" => {
+                a.queries = value().split(',').map(|q| q.trim().into()).collect();
+                queries_given = true;
+            }
+            "--latency" => latency = true,
+            "--rate" => rate = value().replace('_', "").parse().expect("events per second"),
+            "--seconds" => seconds = value().parse().expect("seconds"),
             "--source" => source = value(),
             "--path" => a.csv = Some(value().into()),
             "--markdown" => a.markdown = Some(value().into()),
@@ -86,6 +113,18 @@ fn parse_args() -> Args {
         "csv" => assert!(a.csv.is_some(), "--source csv needs --path FILE"),
         other => panic!("--source is nexmark or csv, not {other}"),
     }
+    if latency {
+        assert!(
+            a.csv.is_none(),
+            "--latency paces the nexmark source; not with --source csv"
+        );
+        a.latency_rate = Some(rate);
+        a.latency_seconds = seconds;
+        a.events = rate * seconds;
+        if !queries_given {
+            a.queries = vec!["q1".into(), "q5".into(), "q7".into()];
+        }
+    }
     a
 }
 
@@ -99,11 +138,29 @@ fn peak_rss() -> Option<u64> {
 
 /// The tables the queries read: Nexmark's three streams, and q13's side input.
 fn source_tables(args: &Args, side_input: &std::path::Path) -> Vec<String> {
-    let n = args.events;
-    let watermark = "WATERMARK FOR date_time AS date_time - INTERVAL '4' SECOND";
-    let nexmark = |table: &str| {
-        format!("'connector' = 'nexmark', 'nexmark.table' = '{table}', 'nexmark.event.num' = '{n}'")
+    let bound = match args.latency_rate {
+        Some(_) => String::new(),
+        None => format!(", 'nexmark.event.num' = '{}'", args.events),
     };
+    let watermark = "WATERMARK FOR date_time AS date_time - INTERVAL '4' SECOND";
+    // Latency mode: paced, event time following the wall clock from two seconds ahead
+    // (the job is running by then).
+    let pace = match args.latency_rate {
+        Some(rate) => {
+            let base = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("a clock after 1970")
+                .as_millis()
+                + 2000;
+            format!(
+                ", 'nexmark.events-per-second' = '{rate}', 'nexmark.first-event-rate' = \
+                 '{rate}', 'nexmark.base-time' = '{base}'"
+            )
+        }
+        None => String::new(),
+    };
+    let nexmark =
+        |table: &str| format!("'connector' = 'nexmark', 'nexmark.table' = '{table}'{bound}{pace}");
     let bid = match &args.csv {
         Some(path) => format!(
             "'connector' = 'filesystem', 'path' = '{}', 'format' = 'csv'",
@@ -143,6 +200,8 @@ enum Outcome {
         wall: Duration,
         cpu: Duration,
         peak_rss: Option<u64>,
+        /// Latency mode: the 50th and 99th percentile, milliseconds.
+        latency: Option<(u64, u64)>,
     },
     Failed(String),
 }
@@ -189,12 +248,16 @@ fn main() {
                 wall,
                 cpu,
                 peak_rss,
-            } => println!(
-                "RAN {} {} {}",
-                wall.as_secs_f64(),
-                cpu.as_secs_f64(),
-                peak_rss.unwrap_or(0)
-            ),
+                latency,
+            } => {
+                let (p50, p99) = latency.map_or((-1, -1), |(a, b)| (a as i64, b as i64));
+                println!(
+                    "RAN {} {} {} {p50} {p99}",
+                    wall.as_secs_f64(),
+                    cpu.as_secs_f64(),
+                    peak_rss.unwrap_or(0)
+                )
+            }
             Outcome::Failed(e) => println!("FAILED {}", e.replace('\n', " ")),
         }
         return;
@@ -217,43 +280,88 @@ fn main() {
                     wall,
                     cpu,
                     peak_rss,
+                    latency,
                 } => eprintln!(
-                    "{query} p={parallelism}: {:.2} s wall, {:.2} s CPU, peak RSS {}",
+                    "{query} p={parallelism}: {:.2} s wall, {:.2} s CPU, peak RSS {}{}",
                     wall.as_secs_f64(),
                     cpu.as_secs_f64(),
-                    peak_rss.map_or("?".into(), mib)
+                    peak_rss.map_or("?".into(), mib),
+                    latency.map_or(String::new(), |(p50, p99)| format!(
+                        ", latency p50 {p50} ms, p99 {p99} ms"
+                    ))
                 ),
                 Outcome::Failed(e) => eprintln!("{query} p={parallelism}: {e}"),
             }
             results.push((query.clone(), parallelism, outcome));
         }
     }
+    let table = match args.latency_rate {
+        Some(rate) => latency_table(&results, rate),
+        None => throughput_table(&results, args.events),
+    };
+    println!("\n{table}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &table).expect("markdown file");
+    }
+}
+
+fn throughput_table(results: &[(String, usize, Outcome)], events: u64) -> String {
     let mut table = String::from(
         "| query | parallelism | events/s | events/s per core | peak RSS | wall |\n|---|---|---|---|---|---|\n",
     );
-    for (query, parallelism, outcome) in &results {
+    for (query, parallelism, outcome) in results {
         table.push_str(&match outcome {
             Outcome::Ran {
                 wall,
                 cpu,
                 peak_rss,
+                ..
             } => format!(
                 "| {query} | {parallelism} | {} | {} | {} | {:.2} s |\n",
-                per_second(args.events, *wall),
-                per_second(args.events, *cpu),
+                per_second(events, *wall),
+                per_second(events, *cpu),
                 peak_rss.map_or("?".into(), mib),
                 wall.as_secs_f64()
             ),
-            Outcome::Failed(e) => format!(
-                "| {query} | {parallelism} | not run: {} | | | |\n",
-                e.replace('|', "/")
-            ),
+            Outcome::Failed(e) => not_run(query, *parallelism, e, 4),
         });
     }
-    println!("\n{table}");
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, &table).expect("markdown file");
+    table
+}
+
+fn latency_table(results: &[(String, usize, Outcome)], rate: u64) -> String {
+    let mut table = String::from(
+        "| query | parallelism | input events/s | latency p50 | latency p99 | CPU | peak RSS |\n|---|---|---|---|---|---|---|\n",
+    );
+    for (query, parallelism, outcome) in results {
+        table.push_str(&match outcome {
+            Outcome::Ran {
+                wall,
+                cpu,
+                peak_rss,
+                latency,
+            } => {
+                let (p50, p99) = latency.map_or(("?".into(), "?".into()), |(a, b)| {
+                    (format!("{a} ms"), format!("{b} ms"))
+                });
+                format!(
+                    "| {query} | {parallelism} | {rate} | {p50} | {p99} | {:.0} % of a core | {} |\n",
+                    100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
+                    peak_rss.map_or("?".into(), mib),
+                )
+            }
+            Outcome::Failed(e) => not_run(query, *parallelism, e, 5),
+        });
     }
+    table
+}
+
+fn not_run(query: &str, parallelism: usize, error: &str, empty_cells: usize) -> String {
+    format!(
+        "| {query} | {parallelism} | not run: {} |{}\n",
+        error.replace('|', "/"),
+        " |".repeat(empty_cells)
+    )
 }
 
 /// Runs one query at one parallelism in a fresh process of this program.
@@ -273,6 +381,10 @@ fn in_child(args: &Args, query: &str, parallelism: usize) -> Outcome {
     }
     if let Some(path) = &args.csv {
         command.arg("--source").arg("csv").arg("--path").arg(path);
+    }
+    if let Some(rate) = args.latency_rate {
+        command.args(["--latency", "--rate", &rate.to_string()]);
+        command.args(["--seconds", &args.latency_seconds.to_string()]);
     }
     let mut child = command
         .stdout(std::process::Stdio::piped())
@@ -312,6 +424,7 @@ fn in_child(args: &Args, query: &str, parallelism: usize) -> Outcome {
                 wall: Duration::from_secs_f64(f[0]),
                 cpu: Duration::from_secs_f64(f[1]),
                 peak_rss: (f[2] > 0.0).then_some(f[2] as u64),
+                latency: (f[3] >= 0.0).then_some((f[3] as u64, f[4] as u64)),
             };
         }
         if let Some(e) = line.strip_prefix("FAILED ") {
@@ -343,7 +456,11 @@ fn run_query(args: &Args, query: &str, parallelism: usize) -> Outcome {
         for sql in source_tables(args, &side_input) {
             run(&client, &sql).await.expect("source tables");
         }
-        run(&client, "SET 'table.dml-sync' = 'true'").await.unwrap();
+        // Latency mode reads the ended job's figures from SHOW JOBS, which forgets a
+        // job the INSERT waited for.
+        if args.latency_rate.is_none() {
+            run(&client, "SET 'table.dml-sync' = 'true'").await.unwrap();
+        }
         if let Some(interval) = &args.checkpoint_interval {
             let set = format!("SET 'execution.checkpointing.interval' = '{interval}'");
             run(&client, &set).await.unwrap();
@@ -361,15 +478,48 @@ fn run_query(args: &Args, query: &str, parallelism: usize) -> Outcome {
             }
         }
         let (wall0, cpu0) = (Instant::now(), cpu_time());
-        let outcome = match run(&client, &insert[0]).await {
-            Ok(()) => Outcome::Ran {
+        let mut ran = run(&client, &insert[0]).await.map(|()| None);
+        if let (Ok(_), Some(_)) = (&ran, args.latency_rate) {
+            // Two seconds until the first events are due, then the run.
+            tokio::time::sleep(Duration::from_secs(2 + args.latency_seconds)).await;
+            ran = running_job_latency(&client).await.map(Some);
+        }
+        let outcome = match ran {
+            Ok(latency) => Outcome::Ran {
                 wall: wall0.elapsed(),
                 cpu: cpu_time() - cpu0,
                 peak_rss: peak_rss(),
+                latency,
             },
             Err(e) => Outcome::Failed(e),
         };
         server.stop().await;
         outcome
     })
+}
+
+/// The only job's latency percentiles from SHOW JOBS; the job is stopped.
+async fn running_job_latency(client: &tokio_postgres::Client) -> Result<(u64, u64), String> {
+    let rows = client
+        .simple_query("SHOW JOBS")
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(job) = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    }) else {
+        return Err("the job is gone from SHOW JOBS".into());
+    };
+    if job.get("state") != Some("RUNNING") {
+        return Err(format!("the job is {:?}", job.get("state")));
+    }
+    let percentile = |column: &str| {
+        job.get(column)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {column}: does the sink name its 'latency.column'?"))
+    };
+    let latency = (percentile("latency_p50_ms")?, percentile("latency_p99_ms")?);
+    let stop = format!("STOP JOB '{}'", job.get("job_id").unwrap_or_default());
+    run(client, &stop).await?;
+    Ok(latency)
 }

@@ -215,3 +215,97 @@ async fn a_finished_job_is_listed_but_not_run_again_after_restart() {
     );
     server.stop().await;
 }
+
+/// Waits for the only job to finish and gives its SHOW JOBS row.
+async fn finished_job(client: &tokio_postgres::Client) -> Vec<String> {
+    for _ in 0..200 {
+        let jobs = rows(client, "SHOW JOBS").await;
+        if jobs[0][2] == "FINISHED" {
+            return jobs[0].clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the job did not finish: {:?}",
+        rows(client, "SHOW JOBS").await
+    );
+}
+
+/// A blackhole naming its time column counts each row's latency from that time to its
+/// arrival; SHOW JOBS gives the 50th and 99th percentiles (NULL when nothing was counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_jobs_reports_sink_latency_from_the_named_time_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE gen (id BIGINT) WITH ('connector' = 'datagen', 'number-of-rows' = '100',
+               'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '100');
+             CREATE TABLE hole (id BIGINT, ts TIMESTAMP(3))
+               WITH ('connector' = 'blackhole', 'latency.column' = 'ts');
+             CREATE TABLE plain_hole (id BIGINT, ts TIMESTAMP(3)) WITH ('connector' = 'blackhole');",
+        )
+        .await
+        .unwrap();
+    // Rows timed in the future arrive with no latency; NULL times are not counted.
+    rows(
+        &client,
+        "INSERT INTO hole SELECT id, CASE WHEN id % 2 = 0 THEN TIMESTAMP '2200-01-01 00:00:00' END FROM gen",
+    )
+    .await;
+    let job = finished_job(&client).await;
+    assert_eq!(job[4], "100", "rows_out");
+    assert_eq!(job[9..], ["0".to_string(), "0".into()], "{job:?}");
+    rows(&client, &format!("STOP JOB '{}'", job[0])).await;
+
+    // Rows from the year 2000 are decades late.
+    rows(
+        &client,
+        "INSERT INTO hole SELECT id, TIMESTAMP '2000-01-01 00:00:00' FROM gen",
+    )
+    .await;
+    let job = finished_job(&client).await;
+    let decades_ms = 20 * 365 * 24 * 3600 * 1000_i64;
+    for p in &job[9..] {
+        assert!(p.parse::<i64>().unwrap() > decades_ms, "{job:?}");
+    }
+    rows(&client, &format!("STOP JOB '{}'", job[0])).await;
+
+    // Without the option nothing is measured.
+    rows(&client, "INSERT INTO plain_hole SELECT id, NULL FROM gen").await;
+    let job = finished_job(&client).await;
+    assert_eq!(job[9..], ["NULL".to_string(), "NULL".into()], "{job:?}");
+    server.stop().await;
+}
+
+/// The nexmark generator paced from a base time of now emits bids at their event time, so
+/// a pass-through's latency is the engine's own: well under a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_pass_through_reaches_the_sink_within_milliseconds_of_event_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE bid (auction BIGINT, price BIGINT, date_time TIMESTAMP(3)) WITH (
+               'connector' = 'nexmark', 'nexmark.table' = 'bid', 'nexmark.event.num' = '10000',
+               'nexmark.events-per-second' = '10000', 'nexmark.first-event-rate' = '10000',
+               'nexmark.base-time' = '{now_ms}');
+             CREATE TABLE hole (auction BIGINT, price BIGINT, date_time TIMESTAMP(3))
+               WITH ('connector' = 'blackhole', 'latency.column' = 'date_time');
+             INSERT INTO hole SELECT auction, price, date_time FROM bid;"
+        ))
+        .await
+        .unwrap();
+    let job = finished_job(&client).await;
+    assert_eq!(job[4], "9200", "rows_out");
+    let p50: i64 = job[9].parse().unwrap();
+    let p99: i64 = job[10].parse().unwrap();
+    assert!(p50 <= p99 && p99 < 1000, "{job:?}");
+    server.stop().await;
+}

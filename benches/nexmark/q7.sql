@@ -2,7 +2,7 @@
 -- As Nexmark's Flink definition, the window's time is its rowtime (TUMBLE_ROWTIME there,
 -- window_time here), so the join of bids with window maxima is an interval join.
 CREATE TABLE nexmark_q7 (auction BIGINT, price BIGINT, bidder BIGINT, date_time TIMESTAMP(3), extra STRING)
-WITH ('connector' = 'blackhole');
+WITH ('connector' = 'blackhole', 'latency.column' = 'date_time');
 
 INSERT INTO nexmark_q7
 SELECT b.auction, b.price, b.bidder, b.date_time, b.extra

@@ -637,7 +637,7 @@ impl SplitReader for DatagenReader {
             )))
         })?;
         self.next = u64::from_le_bytes(bytes);
-        self.throttle.reset();
+        self.throttle.resume(self.next);
         Ok(())
     }
 }

@@ -189,11 +189,14 @@ pub(crate) fn opt_duration(def: &TableDef, key: &str) -> SqlResult<Option<Durati
 }
 
 /// Paces a reader at `rate` units per second: `wait(n)` returns when the `n` units after
-/// those already allowed are due.
+/// those already allowed are due. Unit 0 is due when pacing starts, or, for a throttle
+/// that follows the wall clock, at a given time.
 #[derive(Debug)]
 pub(crate) struct Throttle {
     rate: f64,
     start: Option<Instant>,
+    /// Milliseconds since 1970 at which unit 0 is due, when pacing follows the clock.
+    origin_ms: Option<i64>,
     allowed: u64,
 }
 
@@ -202,26 +205,57 @@ impl Throttle {
         Self {
             rate,
             start: None,
+            origin_ms: None,
             allowed: 0,
         }
     }
 
-    /// How many units a step should take so steps come about twenty times a second.
+    /// Unit `k` is due at `origin_ms + k / rate` on the wall clock; units already due
+    /// come at once.
+    pub(crate) fn from_wall_clock(rate: f64, origin_ms: i64) -> Self {
+        Self {
+            origin_ms: Some(origin_ms),
+            ..Self::new(rate)
+        }
+    }
+
+    /// How many units a step should take so steps come about twenty times a second, or,
+    /// following the wall clock, every millisecond (a unit's time then means something:
+    /// the nexmark generator's event time, so it comes out within a millisecond of it).
     pub(crate) fn step(&self) -> u64 {
-        ((self.rate / 20.0) as u64).max(1)
+        let steps_per_second = if self.origin_ms.is_some() {
+            1000.0
+        } else {
+            20.0
+        };
+        ((self.rate / steps_per_second) as u64).max(1)
     }
 
+    /// Cancel-safe: the units count as allowed only once they are due (readers wait in
+    /// a `select!` that a barrier can win).
     pub(crate) async fn wait(&mut self, n: u64) {
-        let start = *self.start.get_or_insert_with(Instant::now);
-        let due = start + Duration::from_secs_f64(self.allowed as f64 / self.rate);
+        let ahead = self.allowed as f64 / self.rate;
+        match self.origin_ms {
+            Some(origin) => {
+                let due_ms = origin as f64 + ahead * 1000.0;
+                let now_ms = crate::stream::message::wall_clock_ms() as f64;
+                if due_ms > now_ms {
+                    tokio::time::sleep(Duration::from_secs_f64((due_ms - now_ms) / 1000.0)).await;
+                }
+            }
+            None => {
+                let start = *self.start.get_or_insert_with(Instant::now);
+                tokio::time::sleep_until(start + Duration::from_secs_f64(ahead)).await;
+            }
+        }
         self.allowed += n;
-        tokio::time::sleep_until(due).await;
     }
 
-    /// Starts pacing afresh (after a restore).
-    pub(crate) fn reset(&mut self) {
+    /// Pacing after a restore that resumes after `done` units: a throttle following the
+    /// wall clock goes on from there, another starts afresh.
+    pub(crate) fn resume(&mut self, done: u64) {
         self.start = None;
-        self.allowed = 0;
+        self.allowed = if self.origin_ms.is_some() { done } else { 0 };
     }
 }
 

@@ -8,6 +8,12 @@
 //! are the same however many splits read it: split k of n reads events k, k+n, k+2n, ...
 //! `'nexmark.max-out-of-orderness'` shuffles event numbers within groups (Nexmark's
 //! out-of-order group size) so event time goes back by at most that much.
+//!
+//! `'nexmark.events-per-second'` paces the generator from the moment it starts; with
+//! `'nexmark.base-time'` too, from that time on the wall clock: event n comes out when the
+//! clock reaches base time + n / events-per-second (events already due come at once). With
+//! `'nexmark.first-event-rate'` equal to the pace, an event then comes out at its own event
+//! time, as a live stream's would (what end-to-end latency is measured against).
 
 use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
@@ -131,6 +137,9 @@ pub struct NexmarkConfig {
     pub inter_event_delay_us: f64,
     pub out_of_order_group_size: u64,
     pub base_time_ms: i64,
+    /// Paced with a base time given: event n comes out when the wall clock reaches
+    /// base time + n / events-per-second, rather than that long after the read starts.
+    pub paced_from_base_time: bool,
     pub hot_auction_ratio: u64,
     pub hot_seller_ratio: u64,
     pub hot_bidder_ratio: u64,
@@ -191,16 +200,15 @@ impl NexmarkConfig {
         if out_of_order_group_size.is_multiple_of(953) {
             out_of_order_group_size -= 1;
         }
+        let base_time = opt_u64(def, "nexmark.base-time")?;
         Ok(Self {
             stream,
             max_events: opt_u64(def, "nexmark.event.num")?,
             events_per_second,
             inter_event_delay_us,
             out_of_order_group_size,
-            base_time_ms: match opt_u64(def, "nexmark.base-time")? {
-                Some(t) => t as i64,
-                None => DEFAULT_BASE_TIME_MS,
-            },
+            base_time_ms: base_time.map_or(DEFAULT_BASE_TIME_MS, |t| t as i64),
+            paced_from_base_time: base_time.is_some() && events_per_second.is_some(),
             hot_auction_ratio: positive("nexmark.hot-auction-ratio", 2)?,
             hot_seller_ratio: positive("nexmark.hot-seller-ratio", 4)?,
             hot_bidder_ratio: positive("nexmark.hot-bidder-ratio", 4)?,
@@ -483,9 +491,14 @@ impl NexmarkReader {
                 declared: f.data_type().clone(),
             });
         }
-        let throttle = config
-            .events_per_second
-            .map(|eps| Throttle::new(eps as f64 / splits as f64));
+        // Each split paces its share: event k of the split is event split + k * splits.
+        let throttle = config.events_per_second.map(|eps| {
+            let rate = eps as f64 / splits as f64;
+            match config.paced_from_base_time {
+                true => Throttle::from_wall_clock(rate, config.base_time_ms),
+                false => Throttle::new(rate),
+            }
+        });
         Ok(Self {
             config,
             schema,
@@ -757,7 +770,7 @@ impl SplitReader for NexmarkReader {
         })?;
         self.next = u64::from_le_bytes(bytes);
         if let Some(t) = &mut self.throttle {
-            t.reset();
+            t.resume(self.next);
         }
         Ok(())
     }
@@ -1083,6 +1096,55 @@ mod tests {
         let took = start.elapsed();
         assert!(took >= std::time::Duration::from_millis(150), "{took:?}");
         assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    }
+}
+
+#[cfg(test)]
+mod wall_clock {
+    use super::*;
+    use crate::connector::factory::test_util::table;
+    use crate::stream::message::wall_clock_ms;
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::TimestampMillisecondType;
+    use weir_catalog::SqlType;
+
+    /// Paced from a base time, each bid comes out within a few milliseconds after its
+    /// event time; events already due come at once.
+    #[tokio::test]
+    async fn paced_from_base_time_events_come_at_their_event_time() {
+        let base = wall_clock_ms() - 500;
+        let def = table(
+            &[("date_time", SqlType::Timestamp(3))],
+            &[
+                ("nexmark.table", "bid"),
+                ("nexmark.events-per-second", "2000"),
+                ("nexmark.first-event-rate", "2000"),
+                ("nexmark.base-time", &base.to_string()),
+            ],
+        );
+        let mut r = NexmarkReader::open(&def, 0, 1, 1000).unwrap();
+        let (mut rows, mut newest) = (0, 0);
+        while rows < 2000 {
+            let batch = r.next_batch().await.unwrap().unwrap().rows;
+            let arrived = wall_clock_ms();
+            let times = batch.column(0).as_primitive::<TimestampMillisecondType>();
+            for t in times.values() {
+                // Never ahead of the clock by more than a step (1 ms) and rounding.
+                assert!(*t <= arrived + 2, "event time {t} came out at {arrived}");
+                newest = newest.max(*t);
+            }
+            rows += batch.num_rows();
+        }
+        // 2000 bids are ~2170 events: ~1.09 s of event time from the base, the first
+        // 0.5 s of them due at once.
+        let now = wall_clock_ms();
+        assert!(newest >= base + 1000, "{newest} vs base {base}");
+        assert!(
+            now - newest < 500,
+            "the newest event is {} ms old",
+            now - newest
+        );
+        assert!(now - base >= 1000, "came out too fast: {} ms", now - base);
     }
 }
 

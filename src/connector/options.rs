@@ -169,7 +169,7 @@ const CONNECTORS: &[ConnectorSpec] = &[
     },
     ConnectorSpec {
         name: "blackhole",
-        options: &[],
+        options: &[&[opt("latency.column", Kind::Text)]],
         prefixes: &[],
     },
     ConnectorSpec {

@@ -85,6 +85,7 @@ impl Engine {
         }
         // METADATA columns: only Kafka tables have them, with Kafka's keys.
         crate::connector::kafka::metadata::columns(&def)?;
+        crate::stream::latency::LatencyColumn::of(&def)?;
         let if_not_exists = create.if_not_exists;
         self.catalog_write(move |c| c.create_table(def, if_not_exists))
             .await?;

@@ -790,6 +790,8 @@ impl Engine {
             Field::new("late_rows_dropped", DataType::Int64, false),
             Field::new("state_bytes", DataType::Int64, false),
             Field::new("bad_records_skipped", DataType::Int64, false),
+            Field::new("latency_p50_ms", DataType::Int64, true),
+            Field::new("latency_p99_ms", DataType::Int64, true),
         ]))
     }
 
@@ -802,6 +804,11 @@ impl Engine {
         let watermark = |j: &RunningJob| {
             let w = j.metrics.watermark.load(Relaxed);
             (w != NO_WATERMARK && w != i64::MAX).then_some(w)
+        };
+        let latency = |q: f64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter(jobs.iter().map(|j| {
+                crate::stream::latency::quantile(&j.3.metrics.latency, q).map(|ms| ms as i64)
+            })))
         };
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(jobs.iter().map(|j| &j.0))),
@@ -836,6 +843,8 @@ impl Engine {
                 jobs.iter()
                     .map(|j| j.3.metrics.bad_records_skipped.load(Relaxed) as i64),
             )),
+            latency(0.5),
+            latency(0.99),
         ];
         self.rows(RecordBatch::try_new(schema, columns)?)
     }

@@ -15,7 +15,9 @@ use super::checkpoint::coordinator::{Ack, CheckpointHistory, Committer, Coordina
 use super::checkpoint::{Precommit, Restored, SourcePosition, TaskSnapshot};
 use super::exchange::{AlignedEpochs, Event, Inlet, Outlet, Partitioner, Tagged, CHANNEL_CAPACITY};
 use super::graph::{Exchange, NodeKind, SinkKind, SourceKind, StreamGraph};
-use super::message::{ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK};
+use super::message::{
+    wall_clock_ms, ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK,
+};
 use super::operator::Operator;
 use super::sink::Sink;
 use super::source::{LaneOf, Read, Reader, SourceRows};
@@ -55,6 +57,9 @@ pub struct JobMetrics {
     pub bad_records_skipped: AtomicU64,
     /// The sink's watermark.
     pub watermark: AtomicI64,
+    /// Milliseconds from a row's time to its arrival at the sink, when the sink table
+    /// names its time column (`'latency.column'`).
+    pub latency: Mutex<hdrhistogram::Histogram<u64>>,
     tasks: Mutex<Vec<Arc<TaskFigures>>>,
 }
 
@@ -65,6 +70,7 @@ impl JobMetrics {
             rows_out: AtomicU64::new(0),
             bad_records_skipped: AtomicU64::new(0),
             watermark: AtomicI64::new(NO_WATERMARK),
+            latency: Mutex::new(super::latency::histogram()),
             tasks: Mutex::new(Vec::new()),
         }
     }
@@ -325,6 +331,9 @@ impl Output {
                     end.metrics
                         .rows_out
                         .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                    if let Some(column) = sink.latency_column() {
+                        column.record(&batch, wall_clock_ms(), &end.metrics.latency)?;
+                    }
                     sink.write(batch).await?
                 }
             }

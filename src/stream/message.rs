@@ -9,6 +9,13 @@ use datafusion::common::Result;
 /// Event time and watermarks: milliseconds since the Unix epoch, as Flink keeps them.
 pub type Millis = i64;
 
+/// The wall clock, in milliseconds since 1970 (processing time).
+pub fn wall_clock_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
 /// A watermark no row can be older than: the end of a bounded input.
 pub const END_OF_TIME: Millis = Millis::MAX;
 /// The watermark before any has been seen.

@@ -7,6 +7,7 @@ pub mod failpoint;
 pub mod graph;
 pub mod job;
 pub mod late;
+pub mod latency;
 pub mod manager;
 pub mod message;
 pub mod mv;

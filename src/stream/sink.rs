@@ -6,6 +6,7 @@ use datafusion::common::{DataFusionError, Result};
 
 use super::checkpoint::Precommit;
 use super::graph::SinkKind;
+use super::latency::LatencyColumn;
 use super::message::{ChangeBatch, Millis};
 use crate::connector::io::SinkWriter;
 
@@ -13,22 +14,33 @@ pub struct Sink {
     kind: SinkKind,
     pending: Vec<ChangeBatch>,
     writer: Option<Box<dyn SinkWriter>>,
+    latency: Option<LatencyColumn>,
 }
 
 impl Sink {
     pub fn open(kind: &SinkKind, subtask: usize, job: &str) -> Result<Self> {
+        let to_df = |e| DataFusionError::External(Box::new(e));
+        let latency = match kind {
+            SinkKind::Connector(def) => LatencyColumn::of(def).map_err(to_df)?,
+            _ => None,
+        };
         let writer = match kind {
-            SinkKind::Connector(def) => Some(
-                crate::connector::factory::open_sink(def, subtask, job)
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?,
-            ),
+            SinkKind::Connector(def) => {
+                Some(crate::connector::factory::open_sink(def, subtask, job).map_err(to_df)?)
+            }
             _ => None,
         };
         Ok(Self {
             kind: kind.clone(),
             pending: Vec::new(),
             writer,
+            latency,
         })
+    }
+
+    /// The column whose time the rows' latency is measured from, if the table names one.
+    pub fn latency_column(&self) -> Option<LatencyColumn> {
+        self.latency
     }
 
     pub async fn write(&mut self, batch: ChangeBatch) -> Result<()> {

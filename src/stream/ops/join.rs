@@ -155,11 +155,7 @@ impl JoinSpec {
 pub type Clock = Arc<dyn Fn() -> Millis + Send + Sync>;
 
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as Millis)
-    })
+    Arc::new(crate::stream::message::wall_clock_ms)
 }
 
 /// Where one side of an output row comes from.

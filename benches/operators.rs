@@ -1,7 +1,8 @@
 //! Criterion micro benchmarks of the operators' hot paths that the Nexmark profiles
 //! pointed at (issue 7): TopN and deduplication applying inserts and emitting their
-//! changelog at barriers, an interval join storing, probing and expiring rows, and the
-//! key hashing every keyed exchange and rescale uses.
+//! changelog at barriers, an interval join storing, probing and expiring rows, the key
+//! hashing every keyed exchange and rescale uses, a sliding window's slice aggregation
+//! and firing, and applying an updating changelog to a view's rows.
 //!
 //! ```sh
 //! cargo bench --bench operators
@@ -11,18 +12,27 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray};
+use datafusion::arrow::array::{
+    ArrayRef, Int64Array, Int8Array, StringArray, TimestampMillisecondArray,
+};
 use datafusion::arrow::compute::SortOptions;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::min_max::max_udaf;
 use datafusion::logical_expr::Operator as BinOp;
+use datafusion::physical_expr::aggregate::AggregateExprBuilder;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column};
 use datafusion::physical_expr::PhysicalExpr;
+use weir::plan::window_tvf::WindowKind;
 use weir::stream::exchange::key_group_of;
-use weir::stream::message::ChangeBatch;
+use weir::stream::message::{ChangeBatch, Op};
 use weir::stream::operator::Operator;
+use weir::stream::ops::grouped::AggregateCalls;
 use weir::stream::ops::join::{system_clock, Interval, JoinKind, JoinSpec, StreamJoin};
 use weir::stream::ops::topn::{SortKey, TopN};
+use weir::stream::ops::window_agg::{OutputColumn, WindowAggregate};
+use weir::stream::window::Slicing;
 
 const ROWS: usize = 8192;
 
@@ -221,5 +231,172 @@ fn exchange_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, topn_benches, join_benches, exchange_benches);
+/// Rows of event time per 2 s slice in the window benchmark.
+const ROWS_PER_SLICE: i64 = 8 * ROWS as i64;
+
+/// Bids numbered from `first_row`, `ROWS_PER_SLICE` of them every 2 s of event time, with
+/// the bounds of the 2 s slice each falls in, as the window assigner gives them.
+fn sliced_bids(numbers: &mut Numbers, auctions: u64, first_row: i64) -> ChangeBatch {
+    let bids = bids(numbers, auctions, 0);
+    let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+    let mut fields = bids_schema().fields().to_vec();
+    fields.push(Arc::new(Field::new("slice_start", ts.clone(), false)));
+    fields.push(Arc::new(Field::new("slice_end", ts, false)));
+    let slice = |i: i64| {
+        let t = (first_row + i) * 2_000 / ROWS_PER_SLICE;
+        t - t.rem_euclid(2_000)
+    };
+    let mut columns = bids.rows.columns().to_vec();
+    columns.push(Arc::new(TimestampMillisecondArray::from_iter_values(
+        (0..ROWS as i64).map(slice),
+    )));
+    columns.push(Arc::new(TimestampMillisecondArray::from_iter_values(
+        (0..ROWS as i64).map(|i| slice(i) + 2_000),
+    )));
+    ChangeBatch::new(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap())
+}
+
+/// count(*) and max(price) per auction over 10 s windows sliding by 2 s (Nexmark q5's
+/// shape): rows go into their 2 s slice; a window fires by merging its five slices.
+fn hop_window_aggregate(input: SchemaRef) -> WindowAggregate {
+    let auction = column("auction", 0);
+    let build = |udaf, args: Vec<Arc<dyn PhysicalExpr>>, name: &str| {
+        Arc::new(
+            AggregateExprBuilder::new(udaf, args)
+                .schema(input.clone())
+                .alias(name)
+                .build()
+                .unwrap(),
+        )
+    };
+    let calls = Arc::new(AggregateCalls {
+        keys: vec![auction],
+        key_schema: Arc::new(Schema::new(vec![Field::new(
+            "auction",
+            DataType::Int64,
+            false,
+        )])),
+        aggregates: vec![
+            build(count_udaf(), vec![column("price", 1)], "num"),
+            build(max_udaf(), vec![column("price", 1)], "max_price"),
+        ],
+        filters: vec![None, None],
+    });
+    let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+    let output = Arc::new(Schema::new(vec![
+        Field::new("window_end", ts, false),
+        Field::new("auction", DataType::Int64, false),
+        Field::new("num", DataType::Int64, false),
+        Field::new("max_price", DataType::Int64, true),
+    ]));
+    WindowAggregate::new(
+        calls,
+        Slicing::new(&WindowKind::Hop {
+            slide: 2_000,
+            size: 10_000,
+            offset: 0,
+        }),
+        (4, 5),
+        vec![
+            OutputColumn::WindowEnd,
+            OutputColumn::Key(0),
+            OutputColumn::Aggregate(0),
+            OutputColumn::Aggregate(1),
+        ],
+        output,
+    )
+}
+
+fn window_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("window");
+    group.throughput(Throughput::Elements(ROWS as u64 * 8));
+    let mut numbers = Numbers(5);
+    // 8 batches span 2 s of event time (one slice); the watermark then fires the window
+    // ending there, which merges five slices of about 10 k auctions each.
+    let mut next_row = 0;
+    let schema = sliced_bids(&mut numbers, 1, 0).rows.schema();
+    let mut op = hop_window_aggregate(schema);
+    group.bench_function("hop_count_max_8_batches_and_fire", |b| {
+        b.iter_batched(
+            || {
+                let batches: Vec<ChangeBatch> = (0..8)
+                    .map(|_| {
+                        let batch = sliced_bids(&mut numbers, 10_000, next_row);
+                        next_row += ROWS as i64;
+                        batch
+                    })
+                    .collect();
+                (batches, next_row * 2_000 / ROWS_PER_SLICE)
+            },
+            |(batches, watermark)| {
+                let mut out = Vec::new();
+                for batch in batches {
+                    op.process(0, batch, &mut out).unwrap();
+                }
+                op.on_watermark(watermark, &mut out).unwrap();
+                out
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// A view's rows and an updating changelog for them: each change replaces one row
+/// (-U of its old value, +U of the new), as a GROUP BY's results change.
+fn changelog_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("changelog");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("auction", DataType::Int64, false),
+        Field::new("num", DataType::Int64, false),
+    ]));
+    let keys = 100_000i64;
+    let current = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..keys)),
+            Arc::new(Int64Array::from_iter_values((0..keys).map(|_| 1))),
+        ],
+    )
+    .unwrap();
+    // 8192 keys change: -U (k, 1), +U (k, 2).
+    let changed: Vec<i64> = (0..ROWS as i64).map(|i| i * 7 % keys).collect();
+    let changes = ChangeBatch {
+        rows: RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(
+                    changed.iter().flat_map(|&k| [k, k]),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    changed.iter().flat_map(|_| [1, 2]),
+                )),
+            ],
+        )
+        .unwrap(),
+        watermarks: None,
+        ops: Some(Int8Array::from_iter_values(
+            changed
+                .iter()
+                .flat_map(|_| [Op::UpdateBefore as i8, Op::UpdateAfter as i8]),
+        )),
+    };
+    group.throughput(Throughput::Elements(keys as u64 + 2 * ROWS as u64));
+    group.bench_function("apply_8k_updates_to_100k_rows", |b| {
+        b.iter(|| {
+            weir::stream::changelog::apply(&schema, vec![current.clone()], vec![changes.clone()])
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    topn_benches,
+    join_benches,
+    exchange_benches,
+    window_benches,
+    changelog_benches
+);
 criterion_main!(benches);

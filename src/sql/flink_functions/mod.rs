@@ -17,7 +17,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use datafusion::arrow::array::timezone::Tz;
-use datafusion::arrow::array::{Array, ArrayRef};
+use datafusion::arrow::array::{Array, ArrayRef, ArrowPrimitiveType, PrimitiveArray, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, TimeUnit};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::{
@@ -235,12 +235,75 @@ fn invalid_argument(message: impl Into<String>) -> DataFusionError {
     external(SqlError::new(sqlstate::INVALID_PARAMETER_VALUE, message))
 }
 
-/// The arguments as arrays: one row when every argument is a scalar (the answer is then
-/// a scalar too), else the batch's rows.
+/// The arguments of a call: one row when every argument is a scalar (the answer is then
+/// a scalar too), else the batch's rows, where an argument given as one value (a literal
+/// pattern, format or index) stays one value rather than being copied to every row.
 struct Inputs {
-    arrays: Vec<ArrayRef>,
+    inputs: Vec<Input>,
     rows: usize,
     scalar: bool,
+}
+
+/// One argument: a column, or a one-row array whose value every row reads.
+struct Input {
+    array: ArrayRef,
+    /// 1 for a column, 0 for one value: row `r` is at `r * step`.
+    step: usize,
+}
+
+impl Input {
+    /// Where row `row`'s value is in `array`.
+    fn at(&self, row: usize) -> usize {
+        row * self.step
+    }
+
+    /// The argument as an `A` (a StringArray, an Int64Array, ...), read by row.
+    fn arg<A: Array + 'static>(&self) -> Result<Arg<'_, A>> {
+        let array = self.array.as_any().downcast_ref::<A>().ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "a Flink function's argument is {}, not {}",
+                self.array.data_type(),
+                std::any::type_name::<A>()
+            ))
+        })?;
+        Ok(Arg {
+            array,
+            step: self.step,
+        })
+    }
+}
+
+/// An argument's values by row.
+struct Arg<'a, A> {
+    array: &'a A,
+    step: usize,
+}
+
+// Not derived: that would ask `A: Copy`, and only the reference is copied.
+impl<A> Clone for Arg<'_, A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for Arg<'_, A> {}
+
+impl<A: Array> Arg<'_, A> {
+    fn is_null(&self, row: usize) -> bool {
+        self.array.is_null(row * self.step)
+    }
+}
+
+impl<'a> Arg<'a, StringArray> {
+    fn value(&self, row: usize) -> &'a str {
+        self.array.value(row * self.step)
+    }
+}
+
+impl<T: ArrowPrimitiveType> Arg<'_, PrimitiveArray<T>> {
+    fn value(&self, row: usize) -> T::Native {
+        self.array.value(row * self.step)
+    }
 }
 
 impl Inputs {
@@ -250,15 +313,54 @@ impl Inputs {
             .iter()
             .all(|a| matches!(a, ColumnarValue::Scalar(_)));
         let rows = if scalar { 1 } else { args.number_rows };
-        let arrays = args
+        let inputs = args
             .args
             .iter()
-            .map(|a| a.to_array(rows))
+            .map(|a| {
+                Ok(match a {
+                    ColumnarValue::Array(array) => Input {
+                        array: array.clone(),
+                        step: 1,
+                    },
+                    ColumnarValue::Scalar(value) => Input {
+                        array: value.to_array_of_size(1)?,
+                        step: 0,
+                    },
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            arrays,
+            inputs,
             rows,
             scalar,
+        })
+    }
+
+    /// How many arguments the call has.
+    fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    fn input(&self, i: usize) -> &Input {
+        &self.inputs[i]
+    }
+
+    /// Argument `i` as an `A`, read by row.
+    fn arg<A: Array + 'static>(&self, i: usize) -> Result<Arg<'_, A>> {
+        self.inputs[i].arg()
+    }
+
+    /// Argument `i` as an `A`, if the call has it.
+    fn optional<A: Array + 'static>(&self, i: usize) -> Result<Option<Arg<'_, A>>> {
+        self.inputs.get(i).map(Input::arg).transpose()
+    }
+
+    /// Argument `i` cast to `ty` (one value stays one value).
+    fn cast(&self, i: usize, ty: &DataType) -> Result<Input> {
+        let input = &self.inputs[i];
+        Ok(Input {
+            array: datafusion::arrow::compute::cast(&input.array, ty)?,
+            step: input.step,
         })
     }
 
@@ -313,11 +415,11 @@ impl<T> Memo<T> {
         Self { last: None }
     }
 
-    fn get(&mut self, pattern: &str, compile: impl FnOnce(&str) -> Result<T>) -> Result<&T> {
+    fn get(&mut self, pattern: &str, compile: impl FnOnce(&str) -> Result<T>) -> Result<&mut T> {
         if self.last.as_ref().is_none_or(|(p, _)| p != pattern) {
             self.last = Some((pattern.to_string(), compile(pattern)?));
         }
-        Ok(&self.last.as_ref().expect("just set").1)
+        Ok(&mut self.last.as_mut().expect("just set").1)
     }
 }
 

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, Int32Array, StringArray, StringBuilder,
+    Array, BooleanArray, Int32Array, Int64Array, StringArray, StringBuilder,
 };
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::cast::{as_binary_array, as_int64_array, as_string_array};
+use datafusion::common::cast::{as_binary_array, as_string_array};
 use datafusion::common::Result;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 use regex::Regex;
@@ -130,13 +130,9 @@ fn last_line(s: &str) -> &str {
 /// first match, NULL when nothing matches or the group does not exist or took no part.
 fn regexp_extract(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
-    let pattern = as_string_array(&inputs.arrays[1])?;
-    let group = inputs
-        .arrays
-        .get(2)
-        .map(|a| as_int64_array(a))
-        .transpose()?;
+    let text = inputs.arg::<StringArray>(0)?;
+    let pattern = inputs.arg::<StringArray>(1)?;
+    let group = inputs.optional::<Int64Array>(2)?;
     let mut regexes = Memo::new();
     let mut out = StringBuilder::with_capacity(inputs.rows, 0);
     for row in 0..inputs.rows {
@@ -149,13 +145,22 @@ fn regexp_extract(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
             out.append_null();
             continue;
         }
-        let regex = regexes.get(pattern.value(row), compile_regex("REGEXP_EXTRACT"))?;
-        let found = usize::try_from(group.unwrap_or(-1)).ok().and_then(|g| {
-            regex
-                .captures(text.value(row))
-                .and_then(|c| c.get(g))
-                .map(|m| m.as_str())
-        });
+        let (regex, locations) = regexes.get(pattern.value(row), |p| {
+            let regex = compile_regex("REGEXP_EXTRACT")(p)?;
+            let locations = regex.capture_locations();
+            Ok((regex, locations))
+        })?;
+        let text = text.value(row);
+        // The whole match needs no groups resolved; a group is read into locations
+        // kept from row to row rather than a Captures allocated for each.
+        let found = match usize::try_from(group.unwrap_or(-1)) {
+            Ok(0) => regex.find(text).map(|m| m.as_str()),
+            Ok(g) => regex
+                .captures_read(locations, text)
+                .and_then(|_| locations.get(g))
+                .map(|(start, end)| &text[start..end]),
+            Err(_) => None,
+        };
         out.append_option(found);
     }
     inputs.output(Arc::new(out.finish()))
@@ -164,8 +169,8 @@ fn regexp_extract(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
 /// `REGEXP(str, regex)`: whether any substring matches; an empty regex matches nothing.
 fn regexp(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
-    let pattern = as_string_array(&inputs.arrays[1])?;
+    let text = inputs.arg::<StringArray>(0)?;
+    let pattern = inputs.arg::<StringArray>(1)?;
     let mut regexes = Memo::new();
     let out = (0..inputs.rows)
         .map(|row| {
@@ -186,9 +191,9 @@ fn regexp(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
 /// included; NULL when there is no such piece. An empty separator splits at whitespace.
 fn split_index(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
-    let separator = as_string_array(&inputs.arrays[1])?;
-    let index = as_int64_array(&inputs.arrays[2])?;
+    let text = inputs.arg::<StringArray>(0)?;
+    let separator = inputs.arg::<StringArray>(1)?;
+    let index = inputs.arg::<Int64Array>(2)?;
     let mut out = StringBuilder::with_capacity(inputs.rows, 0);
     for row in 0..inputs.rows {
         if text.is_null(row) || separator.is_null(row) || index.is_null(row) {
@@ -215,13 +220,9 @@ fn split_index(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
 /// occurrence of needle at or after character `from` (default 1), 0 when there is none.
 fn locate(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let needle = as_string_array(&inputs.arrays[0])?;
-    let haystack = as_string_array(&inputs.arrays[1])?;
-    let from = inputs
-        .arrays
-        .get(2)
-        .map(|a| as_int64_array(a))
-        .transpose()?;
+    let needle = inputs.arg::<StringArray>(0)?;
+    let haystack = inputs.arg::<StringArray>(1)?;
+    let from = inputs.optional::<Int64Array>(2)?;
     let out: Int32Array = (0..inputs.rows)
         .map(|row| {
             if needle.is_null(row) || haystack.is_null(row) || from.is_some_and(|f| f.is_null(row))
@@ -251,14 +252,16 @@ fn position(needle: &str, haystack: &str, from: i64) -> i32 {
 
 fn to_base64(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let array = &inputs.arrays[0];
+    let input = inputs.input(0);
+    let array = &input.array;
     let mut out = StringBuilder::with_capacity(inputs.rows, 0);
     let mut encoded = String::new();
     for row in 0..inputs.rows {
+        let at = input.at(row);
         let bytes = match array.data_type() {
-            _ if array.is_null(row) => None,
-            DataType::Binary => Some(as_binary_array(array)?.value(row)),
-            _ => Some(as_string_array(array)?.value(row).as_bytes()),
+            _ if array.is_null(at) => None,
+            DataType::Binary => Some(as_binary_array(array)?.value(at)),
+            _ => Some(as_string_array(array)?.value(at).as_bytes()),
         };
         match bytes {
             Some(bytes) => {
@@ -276,7 +279,7 @@ fn to_base64(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
 /// as Java's `new String(bytes)` does).
 fn from_base64(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
+    let text = inputs.arg::<StringArray>(0)?;
     let mut out = StringBuilder::with_capacity(inputs.rows, 0);
     let mut bytes = vec![];
     for row in 0..inputs.rows {
@@ -337,7 +340,7 @@ fn base64_decode(text: &str, out: &mut Vec<u8>) -> Option<()> {
 /// `HASH_CODE(str)`: |Java's String.hashCode()|; Integer.MIN_VALUE for NULL.
 fn hash_code(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
+    let text = inputs.arg::<StringArray>(0)?;
     let out: Int32Array = (0..inputs.rows)
         .map(|row| {
             Some(if text.is_null(row) {
@@ -363,10 +366,10 @@ fn classify(
     of_type: fn(&DataType) -> bool,
 ) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let array: &ArrayRef = &inputs.arrays[0];
-    let out: BooleanArray = match array.data_type() {
+    let input = inputs.input(0);
+    let out: BooleanArray = match input.array.data_type() {
         DataType::Utf8 => {
-            let text: &StringArray = as_string_array(array)?;
+            let text = input.arg::<StringArray>()?;
             (0..inputs.rows)
                 .map(|row| Some(!text.is_null(row) && test(text.value(row))))
                 .collect()
@@ -374,7 +377,7 @@ fn classify(
         ty => {
             let answer = of_type(ty);
             (0..inputs.rows)
-                .map(|row| Some(answer && !array.is_null(row)))
+                .map(|row| Some(answer && !input.array.is_null(input.at(row))))
                 .collect()
         }
     };

@@ -8,19 +8,18 @@ use chrono::format::{Fixed, Item, Numeric};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Offset, TimeZone};
 use datafusion::arrow::array::timezone::Tz;
 use datafusion::arrow::array::{
-    Array, Date32Array, Int64Array, StringBuilder, TimestampMillisecondArray,
+    Array, Date32Array, Float64Array, Int64Array, StringArray, StringBuilder,
+    TimestampMicrosecondArray, TimestampMillisecondArray,
 };
-use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
-use datafusion::common::cast::{
-    as_float64_array, as_int64_array, as_string_array, as_timestamp_microsecond_array,
-};
 use datafusion::common::Result;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 use datafusion::scalar::ScalarValue;
 
 use super::java_format::{self, parse_default_timestamp, Format};
-use super::{invalid_argument, literal_int, session_time_zone, FlinkFunction, Inputs, Memo, Param};
+use super::{
+    invalid_argument, literal_int, session_time_zone, Arg, FlinkFunction, Inputs, Memo, Param,
+};
 
 /// Flink's TIMESTAMP_LTZ(3), the type of PROCTIME() too.
 fn timestamp_ltz() -> DataType {
@@ -95,7 +94,7 @@ fn utc() -> Tz {
 
 /// The format of row `row`: the call's pattern argument at `i`, or `default`.
 struct Formats<'a> {
-    patterns: Option<&'a datafusion::arrow::array::StringArray>,
+    patterns: Option<Arg<'a, StringArray>>,
     default: &'static str,
     memo: Memo<Format>,
 }
@@ -103,11 +102,7 @@ struct Formats<'a> {
 impl<'a> Formats<'a> {
     fn new(inputs: &'a Inputs, i: usize, default: &'static str) -> Result<Self> {
         Ok(Self {
-            patterns: inputs
-                .arrays
-                .get(i)
-                .map(|a| as_string_array(a))
-                .transpose()?,
+            patterns: inputs.optional::<StringArray>(i)?,
             default,
             memo: Memo::new(),
         })
@@ -120,7 +115,9 @@ impl<'a> Formats<'a> {
             Some(p) => p.value(row),
             None => self.default,
         };
-        self.memo.get(pattern, java_format::compile).map(Some)
+        self.memo
+            .get(pattern, java_format::compile)
+            .map(|format| Some(&*format))
     }
 }
 
@@ -204,14 +201,14 @@ fn varies_within_second(format: &Format) -> bool {
 fn date_format(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
     let mut formats = Formats::new(&inputs, 1, DEFAULT_FORMAT)?;
-    let value = &inputs.arrays[0];
-    let zone = match value.data_type() {
+    let value = inputs.input(0);
+    let zone = match value.array.data_type() {
         DataType::Timestamp(_, Some(_)) => session_time_zone(args)?,
         _ => utc(),
     };
     let mut out = Formatter::new(inputs.rows, &zone);
-    if let DataType::Utf8 = value.data_type() {
-        let text = as_string_array(value)?;
+    if let DataType::Utf8 = value.array.data_type() {
+        let text = value.arg::<StringArray>()?;
         for row in 0..inputs.rows {
             let time = (!text.is_null(row))
                 .then(|| parse_default_timestamp(text.value(row)))
@@ -222,7 +219,7 @@ fn date_format(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
             }
         }
     } else {
-        let ts = as_timestamp_microsecond_array(value)?;
+        let ts = value.arg::<TimestampMicrosecondArray>()?;
         for row in 0..inputs.rows {
             match formats.get(row)? {
                 Some(f) if !ts.is_null(row) => out.append(ts.value(row), f)?,
@@ -237,8 +234,8 @@ fn date_format(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
 /// Like Flink, text that does not fit the format is tried as 'yyyy-MM-dd HH:mm:ss[.f]'.
 fn to_timestamp(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
-    let has_format = inputs.arrays.len() > 1;
+    let text = inputs.arg::<StringArray>(0)?;
+    let has_format = inputs.len() > 1;
     let mut formats = Formats::new(&inputs, 1, DEFAULT_FORMAT)?;
     let out = (0..inputs.rows)
         .map(|row| {
@@ -281,25 +278,21 @@ fn precision_scale(precision: i64) -> Result<i64> {
 /// default) as TIMESTAMP_LTZ(3); NULL outside years 0000 to 9999.
 fn to_timestamp_ltz(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let precision = inputs
-        .arrays
-        .get(1)
-        .map(|a| as_int64_array(a))
-        .transpose()?;
-    let epoch = &inputs.arrays[0];
-    let integer = matches!(epoch.data_type(), DataType::Int64);
+    let precision = inputs.optional::<Int64Array>(1)?;
+    let epoch = inputs.input(0);
+    let integer = matches!(epoch.array.data_type(), DataType::Int64);
     let millis = |row: usize, scale: i64| -> Result<Option<i64>> {
         let ms = if integer {
-            as_int64_array(epoch)?.value(row).checked_mul(scale)
+            epoch.arg::<Int64Array>()?.value(row).checked_mul(scale)
         } else {
-            let ms = as_float64_array(epoch)?.value(row) * scale as f64;
+            let ms = epoch.arg::<Float64Array>()?.value(row) * scale as f64;
             ms.is_finite().then_some(ms as i64)
         };
         Ok(ms.filter(|ms| (MIN_MILLIS..=MAX_MILLIS).contains(ms)))
     };
     let out = (0..inputs.rows)
         .map(|row| {
-            if epoch.is_null(row) || precision.is_some_and(|p| p.is_null(row)) {
+            if epoch.array.is_null(epoch.at(row)) || precision.is_some_and(|p| p.is_null(row)) {
                 return Ok(None);
             }
             let scale = precision_scale(precision.map_or(3, |p| p.value(row)))?;
@@ -321,7 +314,7 @@ fn unix_timestamp(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     }
     let inputs = Inputs::new(args)?;
     let zone = session_time_zone(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
+    let text = inputs.arg::<StringArray>(0)?;
     let mut formats = Formats::new(&inputs, 1, DEFAULT_FORMAT)?;
     let out = (0..inputs.rows)
         .map(|row| {
@@ -353,8 +346,8 @@ fn local_to_utc(zone: &Tz, local: NaiveDateTime) -> NaiveDateTime {
 fn from_unixtime(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
     let zone = session_time_zone(args)?;
-    let seconds = cast(&inputs.arrays[0], &DataType::Int64)?;
-    let seconds = as_int64_array(&seconds)?;
+    let seconds = inputs.cast(0, &DataType::Int64)?;
+    let seconds = seconds.arg::<Int64Array>()?;
     let mut formats = Formats::new(&inputs, 1, DEFAULT_FORMAT)?;
     let mut out = Formatter::new(inputs.rows, &zone);
     for row in 0..inputs.rows {
@@ -377,8 +370,8 @@ fn from_unixtime(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
 /// format the text is 'yyyy-MM-dd' (a time after it is ignored).
 fn to_date(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
-    let text = as_string_array(&inputs.arrays[0])?;
-    let has_format = inputs.arrays.len() > 1;
+    let text = inputs.arg::<StringArray>(0)?;
+    let has_format = inputs.len() > 1;
     let mut formats = Formats::new(&inputs, 1, DEFAULT_FORMAT)?;
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid");
     let out = (0..inputs.rows)

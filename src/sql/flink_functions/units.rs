@@ -5,10 +5,9 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, NaiveDateTime, Offset, TimeZone};
-use datafusion::arrow::array::{Array, Int32Array, TimestampMicrosecondArray};
+use datafusion::arrow::array::{Array, Int32Array, Int64Array, TimestampMicrosecondArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
-use datafusion::common::cast::{as_int64_array, as_timestamp_microsecond_array};
 use datafusion::common::Result;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 use datafusion::scalar::ScalarValue;
@@ -246,10 +245,10 @@ pub fn ceil(unit: Unit, t: i64) -> Option<i64> {
 fn timestampadd(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let unit = unit_argument("TIMESTAMPADD", args)?;
     let inputs = Inputs::new(args)?;
-    let n = as_int64_array(&inputs.arrays[1])?;
-    let ty = micros_type(inputs.arrays[2].data_type());
-    let ts = cast(&inputs.arrays[2], &ty)?;
-    let ts = as_timestamp_microsecond_array(&ts)?;
+    let n = inputs.arg::<Int64Array>(1)?;
+    let ty = micros_type(inputs.input(2).array.data_type());
+    let ts = inputs.cast(2, &ty)?;
+    let ts = ts.arg::<TimestampMicrosecondArray>()?;
     let out = (0..inputs.rows)
         .map(|row| {
             if n.is_null(row) || ts.is_null(row) {
@@ -284,14 +283,11 @@ fn timestamps_as(
 fn timestampdiff(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let unit = unit_argument("TIMESTAMPDIFF", args)?;
     let inputs = Inputs::new(args)?;
-    let micros = |i: usize| {
-        let a = &inputs.arrays[i];
-        cast(a, &micros_type(a.data_type()))
-    };
+    let micros = |i: usize| inputs.cast(i, &micros_type(inputs.input(i).array.data_type()));
     let (from, to) = (micros(1)?, micros(2)?);
     let (from, to) = (
-        as_timestamp_microsecond_array(&from)?,
-        as_timestamp_microsecond_array(&to)?,
+        from.arg::<TimestampMicrosecondArray>()?,
+        to.arg::<TimestampMicrosecondArray>()?,
     );
     let out = (0..inputs.rows)
         .map(|row| {
@@ -320,11 +316,11 @@ fn round(
 ) -> Result<ColumnarValue> {
     let unit = unit_argument(name, args)?;
     let inputs = Inputs::new(args)?;
-    let ty = micros_type(inputs.arrays[1].data_type());
+    let ty = micros_type(inputs.input(1).array.data_type());
     let local = matches!(&ty, DataType::Timestamp(_, Some(_)));
     let zone = session_time_zone(args)?;
-    let ts = cast(&inputs.arrays[1], &ty)?;
-    let ts = as_timestamp_microsecond_array(&ts)?;
+    let ts = inputs.cast(1, &ty)?;
+    let ts = ts.arg::<TimestampMicrosecondArray>()?;
     let out = (0..inputs.rows)
         .map(|row| {
             if ts.is_null(row) {

@@ -34,14 +34,16 @@ use super::grouped::AggregateCalls;
 use signed::Signed;
 
 mod checkpoint;
+mod distinct;
 mod signed;
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
+use distinct::DistinctCount;
 
 /// How a key's aggregate state is held (see the module comment).
 enum Values {
-    Accumulators(Vec<Box<dyn GroupsAccumulator>>),
+    Accumulators(Vec<Aggregate>),
     Multisets {
         /// A constant, then the argument columns of every aggregate without a signed
         /// form, with a boolean per FILTER.
@@ -51,6 +53,37 @@ enum Values {
         /// Per aggregate: its signed form (count, sum), which needs no argument rows.
         signed: Vec<Option<Signed>>,
     },
+}
+
+/// One aggregate's state over inserts: DataFusion's grouped accumulator, or, for a
+/// distinct count, sets that are read group by group (see `distinct`).
+enum Aggregate {
+    Groups(Box<dyn GroupsAccumulator>),
+    DistinctCount(DistinctCount),
+}
+
+impl Aggregate {
+    fn new(calls: &AggregateCalls, i: usize, input: &SchemaRef) -> Result<Self> {
+        let agg = &calls.aggregates[i];
+        Ok(match DistinctCount::of(agg, input)? {
+            Some(distinct) => Aggregate::DistinctCount(distinct),
+            None => Aggregate::Groups(super::grouped::accumulator_of(agg)?),
+        })
+    }
+
+    fn groups(&mut self) -> &mut dyn GroupsAccumulator {
+        match self {
+            Aggregate::Groups(acc) => acc.as_mut(),
+            Aggregate::DistinctCount(distinct) => distinct,
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Aggregate::Groups(acc) => acc.size(),
+            Aggregate::DistinctCount(distinct) => distinct.size(),
+        }
+    }
 }
 
 pub struct GroupAggregate {
@@ -122,7 +155,11 @@ impl GroupAggregate {
                 signed,
             }
         } else {
-            Values::Accumulators(calls.new_accumulators()?)
+            Values::Accumulators(
+                (0..calls.aggregates.len())
+                    .map(|i| Aggregate::new(&calls, i, &input))
+                    .collect::<Result<_>>()?,
+            )
         };
         let n_keys = calls.key_schema.fields().len();
         let output_keys = if keyed { n_keys } else { 0 };
@@ -224,11 +261,15 @@ impl GroupAggregate {
             Values::Accumulators(accumulators) => {
                 // GroupsAccumulators only evaluate destructively: take every group's
                 // partial state, put it back, and merge the changed ones into fresh ones.
+                // (Distinct counts are read group by group, below.)
                 let n = self.groups.len();
                 let all: Vec<usize> = (0..n).collect();
                 let changed = UInt32Array::from_iter_values(groups.iter().map(|&g| g as u32));
                 let local: Vec<usize> = (0..k).collect();
                 for (acc, new) in accumulators.iter_mut().zip(fresh.iter_mut()) {
+                    let Aggregate::Groups(acc) = acc else {
+                        continue;
+                    };
                     let state = acc.state(EmitTo::All)?;
                     acc.merge_batch(&state, &all, n)?;
                     let picked = state
@@ -282,7 +323,12 @@ impl GroupAggregate {
             return Ok(vec![]);
         }
         // Groups without rows still get a value (count 0, sum NULL).
-        size_groups(&self.calls, &self.input, &mut fresh, k)?;
+        size_groups(
+            &self.calls,
+            &self.input,
+            fresh.iter_mut().map(|a| a.as_mut()),
+            k,
+        )?;
         let n = self.groups.len();
         let mut values = Vec::with_capacity(fresh.len());
         for (i, acc) in fresh.iter_mut().enumerate() {
@@ -290,6 +336,10 @@ impl GroupAggregate {
                 Values::Multisets { signed, .. } if signed[i].is_some() => {
                     signed[i].as_mut().expect("signed").evaluate(groups, n)?
                 }
+                Values::Accumulators(aggregates) => match &aggregates[i] {
+                    Aggregate::DistinctCount(distinct) => distinct.counts_of(groups),
+                    Aggregate::Groups(_) => acc.evaluate(EmitTo::All)?,
+                },
                 _ => acc.evaluate(EmitTo::All)?,
             });
         }
@@ -304,8 +354,13 @@ impl GroupAggregate {
                 // A global aggregate's single group, holding no rows yet.
                 let unit: Vec<ArrayRef> = vec![Arc::new(BooleanArray::from(vec![true]))];
                 self.intern(&unit)?;
-                if let Values::Accumulators(accumulators) = &mut self.values {
-                    size_groups(&self.calls, &self.input, accumulators, 1)?;
+                if let Values::Accumulators(aggregates) = &mut self.values {
+                    size_groups(
+                        &self.calls,
+                        &self.input,
+                        aggregates.iter_mut().map(Aggregate::groups),
+                        1,
+                    )?;
                 }
                 self.mark(0, Instant::now());
             }
@@ -444,8 +499,8 @@ impl GroupAggregate {
         self.groups.intern(&key_columns, &mut self.indices)?;
         debug_assert_eq!(self.indices, local);
         match &mut self.values {
-            Values::Accumulators(accumulators) => {
-                for acc in accumulators.iter_mut() {
+            Values::Accumulators(aggregates) => {
+                for acc in aggregates.iter_mut().map(Aggregate::groups) {
                     let state = acc.state(EmitTo::All)?;
                     let state = state
                         .iter()
@@ -492,13 +547,13 @@ impl GroupAggregate {
 /// Sizes `accumulators` for `groups` groups, those without rows included. The FILTER
 /// mask, empty as the rows, matters: without one DataFusion's accumulators assume every
 /// group they are sized for has seen a value.
-fn size_groups(
+fn size_groups<'a>(
     calls: &AggregateCalls,
     input: &SchemaRef,
-    accumulators: &mut [Box<dyn GroupsAccumulator>],
+    accumulators: impl Iterator<Item = &'a mut dyn GroupsAccumulator>,
     groups: usize,
 ) -> Result<()> {
-    for (i, acc) in accumulators.iter_mut().enumerate() {
+    for (i, acc) in accumulators.enumerate() {
         let empty = calls.aggregates[i]
             .expressions()
             .iter()
@@ -533,8 +588,8 @@ impl Operator for GroupAggregate {
         let now = Instant::now();
         let total = self.groups.len();
         match &mut self.values {
-            Values::Accumulators(accumulators) => {
-                for (i, acc) in accumulators.iter_mut().enumerate() {
+            Values::Accumulators(aggregates) => {
+                for (i, acc) in aggregates.iter_mut().map(Aggregate::groups).enumerate() {
                     let args = self.calls.arguments(i, &batch.rows)?;
                     let filter = self.calls.filter(i, &batch.rows)?;
                     acc.update_batch(&args, &self.indices, filter.as_ref(), total)?;
@@ -638,7 +693,9 @@ impl Operator for GroupAggregate {
 
     fn state_size(&self) -> usize {
         let values = match &self.values {
-            Values::Accumulators(accs) => accs.iter().map(|a| a.size()).sum::<usize>(),
+            Values::Accumulators(aggregates) => {
+                aggregates.iter().map(Aggregate::size).sum::<usize>()
+            }
             Values::Multisets { rows, signed, .. } => {
                 signed.iter().flatten().map(Signed::size).sum::<usize>()
                     + rows

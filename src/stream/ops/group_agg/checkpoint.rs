@@ -16,7 +16,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::EmitTo;
 
-use super::{GroupAggregate, Values};
+use super::{Aggregate, GroupAggregate, Values};
 use crate::stream::snapshot::{self, downcast};
 
 /// Columns of a `groups` batch before the partial states.
@@ -89,15 +89,23 @@ impl GroupAggregate {
                     }
                 }
             }
-            Values::Accumulators(accumulators) => {
+            Values::Accumulators(aggregates) => {
                 columns.push(Arc::new(BinaryArray::new_null(groups.len())));
-                // Accumulators give away every group's state: it is merged back.
                 let all: Vec<usize> = (0..n).collect();
-                for acc in accumulators.iter_mut() {
-                    let state = acc.state(EmitTo::All)?;
-                    acc.merge_batch(&state, &all, n)?;
-                    for column in state {
-                        columns.push(pick(column)?);
+                for aggregate in aggregates.iter_mut() {
+                    match aggregate {
+                        // Distinct counts give the groups asked for.
+                        Aggregate::DistinctCount(distinct) => {
+                            columns.extend(distinct.state_of(groups)?);
+                        }
+                        // Accumulators give away every group's state: it is merged back.
+                        Aggregate::Groups(acc) => {
+                            let state = acc.state(EmitTo::All)?;
+                            acc.merge_batch(&state, &all, n)?;
+                            for column in state {
+                                columns.push(pick(column)?);
+                            }
+                        }
                     }
                 }
             }
@@ -181,8 +189,8 @@ impl GroupAggregate {
         }
         let mut at = FIXED;
         match &mut self.values {
-            Values::Accumulators(accumulators) => {
-                for (i, acc) in accumulators.iter_mut().enumerate() {
+            Values::Accumulators(aggregates) => {
+                for (i, acc) in aggregates.iter_mut().map(Aggregate::groups).enumerate() {
                     let width = self.calls.aggregates[i].state_fields()?.len();
                     acc.merge_batch(&columns[at..at + width], &groups, total)?;
                     at += width;

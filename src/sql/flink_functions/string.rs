@@ -205,10 +205,11 @@ fn split_index(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
             .ok()
             .filter(|_| !text.is_empty())
             .and_then(|i| {
-                if separator.is_empty() {
-                    text.split(char::is_whitespace).nth(i)
-                } else {
-                    text.split(separator).nth(i)
+                match separator.as_bytes() {
+                    [] => text.split(char::is_whitespace).nth(i),
+                    // One ASCII character: a byte search, not a substring search.
+                    &[byte] if byte.is_ascii() => text.split(byte as char).nth(i),
+                    _ => text.split(separator).nth(i),
                 }
             });
         out.append_option(piece);

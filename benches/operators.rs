@@ -32,6 +32,7 @@ use weir::stream::ops::grouped::AggregateCalls;
 use weir::stream::ops::join::{system_clock, Interval, JoinKind, JoinSpec, StreamJoin};
 use weir::stream::ops::topn::{SortKey, TopN};
 use weir::stream::ops::window_agg::{OutputColumn, WindowAggregate};
+use weir::stream::view_rows::UpdatingRows;
 use weir::stream::window::Slicing;
 
 const ROWS: usize = 8192;
@@ -359,9 +360,9 @@ fn changelog_benches(c: &mut Criterion) {
         ],
     )
     .unwrap();
-    // 8192 keys change: -U (k, 1), +U (k, 2).
+    // 8192 keys change: -U (k, from), +U (k, to).
     let changed: Vec<i64> = (0..ROWS as i64).map(|i| i * 7 % keys).collect();
-    let changes = ChangeBatch {
+    let updates = |from: i64, to: i64| ChangeBatch {
         rows: RecordBatch::try_new(
             schema.clone(),
             vec![
@@ -369,7 +370,7 @@ fn changelog_benches(c: &mut Criterion) {
                     changed.iter().flat_map(|&k| [k, k]),
                 )),
                 Arc::new(Int64Array::from_iter_values(
-                    changed.iter().flat_map(|_| [1, 2]),
+                    changed.iter().flat_map(|_| [from, to]),
                 )),
             ],
         )
@@ -381,11 +382,24 @@ fn changelog_benches(c: &mut Criterion) {
                 .flat_map(|_| [Op::UpdateBefore as i8, Op::UpdateAfter as i8]),
         )),
     };
+    let (forth, back) = (updates(1, 2), updates(2, 1));
+    // Query results and window fragments: the rows rebuilt with the changes.
     group.throughput(Throughput::Elements(keys as u64 + 2 * ROWS as u64));
-    group.bench_function("apply_8k_updates_to_100k_rows", |b| {
+    group.bench_function("rebuild_100k_rows_with_8k_updates", |b| {
         b.iter(|| {
-            weir::stream::changelog::apply(&schema, vec![current.clone()], vec![changes.clone()])
+            weir::stream::changelog::apply(&schema, vec![current.clone()], vec![forth.clone()])
                 .unwrap()
+        })
+    });
+    // An updating view's rows: the changes applied in place, back and forth.
+    group.throughput(Throughput::Elements(4 * ROWS as u64));
+    let mut view = UpdatingRows::new(&schema).unwrap();
+    view.apply(&[ChangeBatch::new(current.clone())]).unwrap();
+    group.bench_function("view_applies_8k_updates_to_100k_rows_in_place", |b| {
+        b.iter(|| {
+            view.apply(std::slice::from_ref(&forth)).unwrap();
+            view.apply(std::slice::from_ref(&back)).unwrap();
+            view.rows()
         })
     });
     group.finish();

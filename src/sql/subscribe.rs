@@ -87,7 +87,7 @@ impl Engine {
         match &spec.target {
             SubscribeTarget::View(name) => {
                 let state = self.subscribed_view(name)?;
-                let followed = state.follow();
+                let followed = state.follow().map_err(external)?;
                 let job = self
                     .jobs
                     .job_of_view(name)
@@ -129,7 +129,7 @@ impl Engine {
                 );
                 let state = MvState::feed_only(Arc::new(plan.schema().as_arrow().clone()));
                 // Followed before the job starts, so its first publish is not missed.
-                let followed = state.follow();
+                let followed = state.follow().map_err(external)?;
                 let graph = self.graph(metadata, &plan, Mode::Continuous, SinkKind::View(state))?;
                 let notices = graph.notices.clone();
                 let id = new_job_id();
@@ -394,7 +394,7 @@ mod tests {
     }
 
     fn following(state: &Arc<MvState>, snapshot: bool) -> Subscription {
-        let followed = state.follow();
+        let followed = state.follow().unwrap();
         let mut s = Subscription {
             schema: with_op(&state.schema()),
             pending: VecDeque::new(),

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
+pub mod view_rows;
 pub mod window;
 
 /// Runs DataFusion work from inside a synchronous operator. On the multi-threaded runtime

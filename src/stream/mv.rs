@@ -16,10 +16,14 @@ use datafusion::physical_plan::ExecutionPlan;
 use tokio::sync::{broadcast, watch};
 
 use super::message::{ChangeBatch, Millis, NO_WATERMARK};
+use super::view_rows::UpdatingRows;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Contents {
+    /// An insert-only view's batches as published (followers read them by index).
     batches: Vec<RecordBatch>,
+    /// An updating view's rows, changed in place by each publish.
+    updating: Option<UpdatingRows>,
     rows: usize,
     bytes: usize,
     watermark: Option<Millis>,
@@ -39,8 +43,7 @@ pub struct Changes {
 }
 
 /// Contents: an insert-only view appends at every publish, so a follower's position is a
-/// batch index; an updating view is rebuilt and only read as a snapshot.
-#[derive(Debug)]
+/// batch index; an updating view changes its rows in place and is read as a snapshot.
 pub struct MvState {
     schema: SchemaRef,
     /// Its rows change after they are published (retractions): views over it cannot
@@ -116,7 +119,14 @@ impl MvState {
                     ended,
                 }));
             }
-            if self.keep_contents {
+            if self.keep_contents && self.updating {
+                let rows = match &mut c.updating {
+                    Some(rows) => rows,
+                    None => c.updating.insert(UpdatingRows::new(&self.schema)?),
+                };
+                rows.apply(&changes)?;
+                (c.rows, c.bytes) = (rows.rows(), rows.bytes());
+            } else if self.keep_contents {
                 let current = std::mem::take(&mut c.batches);
                 c.batches = super::changelog::apply(&self.schema, current, changes)?;
                 c.rows = c.batches.iter().map(|b| b.num_rows()).sum();
@@ -135,12 +145,9 @@ impl MvState {
         self.version.send_modify(|v| *v += 1);
     }
 
-    pub fn snapshot(&self) -> Vec<RecordBatch> {
-        self.contents
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .batches
-            .clone()
+    pub fn snapshot(&self) -> Result<Vec<RecordBatch>> {
+        let mut c = self.contents.write().unwrap_or_else(|p| p.into_inner());
+        c.rows()
     }
 
     pub fn size(&self) -> (usize, usize) {
@@ -163,13 +170,32 @@ impl MvState {
     }
 
     /// Starts following the changefeed: the current rows and every publish after them.
-    pub fn follow(&self) -> Followed {
-        let c = self.contents.read().unwrap_or_else(|p| p.into_inner());
-        Followed {
-            snapshot: c.batches.clone(),
+    pub fn follow(&self) -> Result<Followed> {
+        let mut c = self.contents.write().unwrap_or_else(|p| p.into_inner());
+        Ok(Followed {
+            snapshot: c.rows()?,
             changes: self.feed.subscribe(),
             ended: c.ended,
+        })
+    }
+}
+
+impl Contents {
+    /// The view's rows as batches.
+    fn rows(&mut self) -> Result<Vec<RecordBatch>> {
+        match &mut self.updating {
+            Some(rows) => rows.batches(),
+            None => Ok(self.batches.clone()),
         }
+    }
+}
+
+impl std::fmt::Debug for MvState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MvState")
+            .field("schema", &self.schema)
+            .field("updating", &self.updating)
+            .finish_non_exhaustive()
     }
 }
 
@@ -197,7 +223,7 @@ impl TableProvider for MvTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         Ok(MemorySourceConfig::try_new_exec(
-            &[self.state.snapshot()],
+            &[self.state.snapshot()?],
             self.state.schema(),
             projection.cloned(),
         )?)

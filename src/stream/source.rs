@@ -284,7 +284,7 @@ impl ViewReader {
         let feed = match &mut self.feed {
             Some(feed) => feed,
             None => {
-                let followed = self.state.follow();
+                let followed = self.state.follow()?;
                 self.queue.extend(
                     followed
                         .snapshot

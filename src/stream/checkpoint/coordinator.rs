@@ -368,7 +368,7 @@ impl Coordinator {
                     if *view_entries >= VIEW_ENTRIES_BEFORE_COMPACTION {
                         *view_entries = 0;
                         let checkpoints = durable.checkpoints.clone();
-                        let contents = state.snapshot();
+                        let contents = state.snapshot()?;
                         blocking(move || checkpoints.compact_view(epoch, &contents)).await?;
                     }
                 }

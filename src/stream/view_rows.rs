@@ -2,7 +2,9 @@
 //! the cost of the changes rather than of the view, turned into batches when read.
 //!
 //! Rows keep the order they were first seen in (a row retracted to nothing and added
-//! again later goes last), as rebuilding the rows at every publish gave them.
+//! again later goes last), as rebuilding the rows at every publish gave them. Rows added
+//! while nothing is retracted are kept as their batches and counted only when a
+//! retraction comes, so a view that only grows costs what it appends.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +31,8 @@ pub struct UpdatingRows {
     next: u64,
     rows: usize,
     bytes: usize,
+    /// Rows added since the last retraction, not counted yet (they follow the others).
+    appended: Vec<RecordBatch>,
     /// The rows as batches, until they change.
     batches: Option<Vec<RecordBatch>>,
 }
@@ -43,6 +47,7 @@ impl UpdatingRows {
             next: 0,
             rows: 0,
             bytes: 0,
+            appended: Vec::new(),
             batches: Some(vec![]),
         })
     }
@@ -50,27 +55,29 @@ impl UpdatingRows {
     /// Inserts add a row, retractions take an equal one away. Within one call they
     /// cancel in any order; a row retracted more often than it is present is gone.
     pub fn apply(&mut self, changes: &[ChangeBatch]) -> Result<()> {
+        if changes
+            .iter()
+            .all(|c| (0..c.num_rows()).all(|i| !c.retracts(i)))
+        {
+            for change in changes {
+                self.rows += change.num_rows();
+                self.bytes += change.rows.get_array_memory_size();
+                self.appended.push(change.rows.clone());
+                if let Some(batches) = &mut self.batches {
+                    batches.push(change.rows.clone());
+                }
+            }
+            return Ok(());
+        }
+        for batch in std::mem::take(&mut self.appended) {
+            self.bytes -= batch.get_array_memory_size();
+            self.rows -= batch.num_rows();
+            self.count(&ChangeBatch::new(batch), &mut vec![])?;
+        }
         // Rows a retraction may have left at nothing or less: looked at once all is in.
         let mut retracted: Vec<Arc<[u8]>> = Vec::new();
         for change in changes {
-            let rows = self.converter.convert_columns(change.rows.columns())?;
-            for (i, row) in rows.iter().enumerate() {
-                let delta = if change.retracts(i) { -1 } else { 1 };
-                if !self.counts.contains_key(row.as_ref()) {
-                    let bytes: Arc<[u8]> = row.as_ref().into();
-                    self.bytes += bytes.len() + ENTRY_BYTES;
-                    self.order.insert(self.next, bytes.clone());
-                    self.counts.insert(bytes, (self.next, 0));
-                    self.next += 1;
-                }
-                let (_, count) = self.counts.get_mut(row.as_ref()).expect("just added");
-                let before = (*count).max(0);
-                *count += delta;
-                self.rows = self.rows + (*count).max(0) as usize - before as usize;
-                if delta < 0 {
-                    retracted.push(row.as_ref().into());
-                }
-            }
+            self.count(change, &mut retracted)?;
         }
         for bytes in retracted {
             if let Some(&(at, count)) = self.counts.get(&bytes) {
@@ -81,8 +88,29 @@ impl UpdatingRows {
                 }
             }
         }
-        if !changes.is_empty() {
-            self.batches = None;
+        self.batches = None;
+        Ok(())
+    }
+
+    /// Counts the rows of `change` in, noting those it retracts.
+    fn count(&mut self, change: &ChangeBatch, retracted: &mut Vec<Arc<[u8]>>) -> Result<()> {
+        let rows = self.converter.convert_columns(change.rows.columns())?;
+        for (i, row) in rows.iter().enumerate() {
+            let delta = if change.retracts(i) { -1 } else { 1 };
+            if !self.counts.contains_key(row.as_ref()) {
+                let bytes: Arc<[u8]> = row.as_ref().into();
+                self.bytes += bytes.len() + ENTRY_BYTES;
+                self.order.insert(self.next, bytes.clone());
+                self.counts.insert(bytes, (self.next, 0));
+                self.next += 1;
+            }
+            let (_, count) = self.counts.get_mut(row.as_ref()).expect("just added");
+            let before = (*count).max(0) as usize;
+            *count += delta;
+            self.rows = self.rows + (*count).max(0) as usize - before;
+            if delta < 0 {
+                retracted.push(row.as_ref().into());
+            }
         }
         Ok(())
     }
@@ -123,6 +151,7 @@ impl UpdatingRows {
             }
         }
         flush(&mut rows)?;
+        batches.extend(self.appended.iter().cloned());
         self.batches = Some(batches.clone());
         Ok(batches)
     }

@@ -209,6 +209,22 @@ impl GroupAggregate {
             .convert_rows((0..keys.len()).map(|i| parser.parse(keys.value(i))))?)
     }
 
+    /// Room for `more` groups in the per-group vectors at once (a restore adds millions:
+    /// growing them by doubling copied every one of them again and again).
+    fn reserve_groups(&mut self, more: usize, key_bytes: usize) {
+        if self.keys.num_rows() == 0 {
+            self.keys = self.key_converter.empty_rows(more, key_bytes);
+        }
+        self.counts.reserve_exact(more);
+        self.emitted.reserve_exact(more);
+        self.touched.reserve_exact(more);
+        self.changed.reserve_exact(more);
+        self.dirty.reserve_exact(more);
+        if let Values::Multisets { rows, .. } = &mut self.values {
+            rows.reserve_exact(more);
+        }
+    }
+
     /// Interns `keys` (key columns), registering new groups.
     fn intern(&mut self, keys: &[ArrayRef]) -> Result<()> {
         let before = self.groups.len();

@@ -139,6 +139,7 @@ impl GroupAggregate {
         // A whole snapshot alone: every key once already.
         if kinds == [true] {
             let (_, _, columns) = snapshot::parts(&state[0], 1)?;
+            self.reserve_groups(state[0].num_rows(), key_bytes(&columns[0]));
             return self.restore_groups(&columns);
         }
         // Newest first: a key's first sighting is its last row (or its removal).
@@ -153,6 +154,13 @@ impl GroupAggregate {
                 }
             }
         }
+        let mut bytes = 0;
+        for (batch, groups) in state.iter().zip(&kinds) {
+            if *groups {
+                bytes += key_bytes(&snapshot::parts(batch, 1)?.2[0]);
+            }
+        }
+        self.reserve_groups(winners.iter().map(Vec::len).sum(), bytes);
         for ((batch, mut rows), groups) in state.iter().zip(winners).zip(kinds) {
             if !groups || rows.is_empty() {
                 continue;
@@ -240,4 +248,11 @@ fn decode_arguments(mut bytes: &[u8]) -> Result<Vec<(&[u8], i64)>> {
         bytes = &bytes[12 + len..];
     }
     Ok(out)
+}
+
+/// The bytes of a `groups` batch's encoded keys.
+fn key_bytes(keys: &ArrayRef) -> usize {
+    keys.as_any()
+        .downcast_ref::<BinaryArray>()
+        .map_or(0, |k| k.value_data().len())
 }

@@ -120,7 +120,6 @@ fn parse_args() -> Args {
         );
         a.latency_rate = Some(rate);
         a.latency_seconds = seconds;
-        a.events = rate * seconds;
         if !queries_given {
             a.queries = vec!["q1".into(), "q5".into(), "q7".into()];
         }
@@ -263,9 +262,12 @@ fn main() {
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let input = match args.latency_rate {
+        Some(rate) => format!("{rate} events/s for {} s", args.latency_seconds),
+        None => format!("{} events", args.events),
+    };
     eprintln!(
-        "nexmark: {} events, parallelism {:?}, {cores} cores, source {}",
-        args.events,
+        "nexmark: {input}, parallelism {:?}, {cores} cores, source {}",
         args.parallelism,
         args.csv
             .as_ref()

@@ -4,12 +4,23 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array};
+use datafusion::arrow::array::{Array, ArrayRef, BinaryBuilder, Int64Array};
 use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 const KIND: &str = "weir.state";
+
+/// Byte strings (keys, encoded rows) as one column, its buffers sized at once: a big
+/// snapshot's column grown by doubling is copied again and again into fresh pages.
+pub fn binary<'a>(rows: impl Iterator<Item = &'a [u8]> + Clone) -> ArrayRef {
+    let (count, bytes) = rows.clone().fold((0, 0), |(n, b), r| (n + 1, b + r.len()));
+    let mut column = BinaryBuilder::with_capacity(count, bytes);
+    for row in rows {
+        column.append_value(row);
+    }
+    Arc::new(column.finish())
+}
 
 /// A batch of `kind` whose leading columns are the integers `head` (repeated on every row)
 /// followed by `columns`.

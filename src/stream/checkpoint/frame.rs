@@ -27,13 +27,24 @@ impl FrameWriter {
         self.bytes.extend_from_slice(b);
     }
 
+    /// Room for `more` bytes at once (a snapshot of big state otherwise grows by
+    /// doubling, each time a fresh copy the kernel has to zero).
+    pub fn reserve(&mut self, more: usize) {
+        self.bytes.reserve(more);
+    }
+
+    /// The batch as an IPC stream, written in place after its length (which is filled
+    /// in once the stream is written).
     pub fn batch(&mut self, batch: &RecordBatch) -> Result<()> {
-        let mut buf = Vec::new();
-        let mut writer = StreamWriter::try_new(&mut buf, batch.schema_ref())?;
+        let at = self.bytes.len();
+        self.u64(0);
+        self.bytes.reserve(batch.get_array_memory_size() + 1024);
+        let mut writer = StreamWriter::try_new(&mut self.bytes, batch.schema_ref())?;
         writer.write(batch)?;
         writer.finish()?;
         drop(writer);
-        self.bytes(&buf);
+        let len = (self.bytes.len() - at - 8) as u64;
+        self.bytes[at..at + 8].copy_from_slice(&len.to_be_bytes());
         Ok(())
     }
 }

@@ -130,6 +130,13 @@ const FORMAT: u64 = 2;
 impl TaskSnapshot {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut w = FrameWriter::default();
+        w.reserve(
+            self.operators
+                .iter()
+                .flatten()
+                .map(|b| b.get_array_memory_size() + 1024)
+                .sum(),
+        );
         w.u64(FORMAT);
         w.u64(self.changes.len() as u64);
         for c in &self.changes {

@@ -66,9 +66,7 @@ impl GroupAggregate {
             }
         };
         let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(BinaryArray::from_iter_values(
-                groups.iter().map(|&g| self.keys.row(g).as_ref().to_vec()),
-            )),
+            snapshot::binary(groups.iter().map(|&g| self.keys.row(g).data())),
             Arc::new(BinaryArray::from_iter(
                 groups.iter().map(|&g| self.emitted[g].as_deref()),
             )),

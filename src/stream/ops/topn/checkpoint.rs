@@ -15,7 +15,7 @@ use super::{Entry, Partition, TopN};
 use crate::stream::snapshot::{self, column};
 
 fn binary(rows: Vec<&[u8]>) -> ArrayRef {
-    Arc::new(BinaryArray::from_iter_values(rows))
+    snapshot::binary(rows.into_iter())
 }
 
 impl TopN {

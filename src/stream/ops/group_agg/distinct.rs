@@ -74,9 +74,13 @@ impl DistinctCount {
             | DataType::UInt8
             | DataType::UInt16
             | DataType::UInt32 => Sets::Ints(Vec::new()),
-            _ => Sets::Rows {
-                converter: RowConverter::new(vec![SortField::new(argument.clone())])?,
-                sets: Vec::new(),
+            // A type the row format cannot hold stays with DataFusion's accumulator.
+            _ => match RowConverter::new(vec![SortField::new(argument.clone())]) {
+                Ok(converter) => Sets::Rows {
+                    converter,
+                    sets: Vec::new(),
+                },
+                Err(_) => return Ok(None),
             },
         };
         Ok(Some(Self {

@@ -307,63 +307,82 @@ fn main() {
     }
 }
 
-fn throughput_table(results: &[(String, usize, Outcome)], events: u64) -> String {
-    let mut table = String::from(
-        "| query | parallelism | events/s | events/s per core | peak RSS | wall |\n|---|---|---|---|---|---|\n",
+/// A markdown table: query and parallelism, then `cells` of each run (a failed run
+/// says why across them).
+fn markdown_table(
+    header: &[&str],
+    results: &[(String, usize, Outcome)],
+    cells: impl Fn(&Outcome) -> Vec<String>,
+) -> String {
+    let mut table = format!(
+        "| query | parallelism | {} |\n|---|---|{}\n",
+        header.join(" | "),
+        "---|".repeat(header.len())
     );
     for (query, parallelism, outcome) in results {
-        table.push_str(&match outcome {
-            Outcome::Ran {
-                wall,
-                cpu,
-                peak_rss,
-                ..
-            } => format!(
-                "| {query} | {parallelism} | {} | {} | {} | {:.2} s |\n",
-                per_second(events, *wall),
-                per_second(events, *cpu),
-                peak_rss.map_or("?".into(), mib),
-                wall.as_secs_f64()
-            ),
-            Outcome::Failed(e) => not_run(query, *parallelism, e, 4),
-        });
+        let row = match outcome {
+            Outcome::Failed(e) => {
+                let mut row = vec![format!("not run: {}", e.replace('|', "/"))];
+                row.resize(header.len(), String::new());
+                row
+            }
+            ran => cells(ran),
+        };
+        table.push_str(&format!(
+            "| {query} | {parallelism} | {} |\n",
+            row.join(" | ")
+        ));
     }
     table
+}
+
+fn throughput_table(results: &[(String, usize, Outcome)], events: u64) -> String {
+    let header = ["events/s", "events/s per core", "peak RSS", "wall"];
+    markdown_table(&header, results, |outcome| match outcome {
+        Outcome::Ran {
+            wall,
+            cpu,
+            peak_rss,
+            ..
+        } => vec![
+            per_second(events, *wall),
+            per_second(events, *cpu),
+            peak_rss.map_or("?".into(), mib),
+            format!("{:.2} s", wall.as_secs_f64()),
+        ],
+        Outcome::Failed(_) => vec![],
+    })
 }
 
 fn latency_table(results: &[(String, usize, Outcome)], rate: u64) -> String {
-    let mut table = String::from(
-        "| query | parallelism | input events/s | latency p50 | latency p99 | CPU | peak RSS |\n|---|---|---|---|---|---|---|\n",
-    );
-    for (query, parallelism, outcome) in results {
-        table.push_str(&match outcome {
-            Outcome::Ran {
-                wall,
-                cpu,
-                peak_rss,
-                latency,
-            } => {
-                let (p50, p99) = latency.map_or(("?".into(), "?".into()), |(a, b)| {
-                    (format!("{a} ms"), format!("{b} ms"))
-                });
+    let header = [
+        "input events/s",
+        "latency p50",
+        "latency p99",
+        "CPU",
+        "peak RSS",
+    ];
+    markdown_table(&header, results, |outcome| match outcome {
+        Outcome::Ran {
+            wall,
+            cpu,
+            peak_rss,
+            latency,
+        } => {
+            let ms = |v: Option<u64>| v.map_or("?".into(), |v| format!("{v} ms"));
+            vec![
+                rate.to_string(),
+                ms(latency.map(|l| l.0)),
+                ms(latency.map(|l| l.1)),
                 format!(
-                    "| {query} | {parallelism} | {rate} | {p50} | {p99} | {:.0} % of a core | {} |\n",
-                    100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
-                    peak_rss.map_or("?".into(), mib),
-                )
-            }
-            Outcome::Failed(e) => not_run(query, *parallelism, e, 5),
-        });
-    }
-    table
-}
-
-fn not_run(query: &str, parallelism: usize, error: &str, empty_cells: usize) -> String {
-    format!(
-        "| {query} | {parallelism} | not run: {} |{}\n",
-        error.replace('|', "/"),
-        " |".repeat(empty_cells)
-    )
+                    "{:.0} % of a core",
+                    100.0 * cpu.as_secs_f64() / wall.as_secs_f64()
+                ),
+                peak_rss.map_or("?".into(), mib),
+            ]
+        }
+        Outcome::Failed(_) => vec![],
+    })
 }
 
 /// Runs one query at one parallelism in a fresh process of this program.

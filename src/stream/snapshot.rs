@@ -13,7 +13,8 @@ const KIND: &str = "weir.state";
 
 /// Byte strings (keys, encoded rows) as one column, its buffers sized at once: a big
 /// snapshot's column grown by doubling is copied again and again into fresh pages.
-pub fn binary<'a>(rows: impl Iterator<Item = &'a [u8]> + Clone) -> ArrayRef {
+pub fn binary<'a>(rows: impl IntoIterator<Item = &'a [u8], IntoIter: Clone>) -> ArrayRef {
+    let rows = rows.into_iter();
     let (count, bytes) = rows.clone().fold((0, 0), |(n, b), r| (n + 1, b + r.len()));
     let mut column = BinaryBuilder::with_capacity(count, bytes);
     for row in rows {

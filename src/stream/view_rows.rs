@@ -12,6 +12,7 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::RowConverter;
+use datafusion::common::hash_map::EntryRef;
 use datafusion::common::{HashMap, Result};
 
 use super::message::ChangeBatch;
@@ -97,20 +98,24 @@ impl UpdatingRows {
         let rows = self.converter.convert_columns(change.rows.columns())?;
         for (i, row) in rows.iter().enumerate() {
             let delta = if change.retracts(i) { -1 } else { 1 };
-            if !self.counts.contains_key(row.as_ref()) {
-                let bytes: Arc<[u8]> = row.as_ref().into();
-                self.bytes += bytes.len() + ENTRY_BYTES;
-                self.order.insert(self.next, bytes.clone());
-                self.counts.insert(bytes, (self.next, 0));
-                self.next += 1;
+            let entry = match self.counts.entry_ref(row.as_ref()) {
+                EntryRef::Occupied(entry) => entry,
+                EntryRef::Vacant(entry) => {
+                    let bytes: Arc<[u8]> = row.as_ref().into();
+                    self.bytes += bytes.len() + ENTRY_BYTES;
+                    self.order.insert(self.next, bytes.clone());
+                    let entry = entry.insert_entry_with_key(bytes, (self.next, 0));
+                    self.next += 1;
+                    entry
+                }
+            };
+            if delta < 0 {
+                retracted.push(entry.key().clone());
             }
-            let (_, count) = self.counts.get_mut(row.as_ref()).expect("just added");
+            let (_, count) = entry.into_mut();
             let before = (*count).max(0) as usize;
             *count += delta;
             self.rows = self.rows + (*count).max(0) as usize - before;
-            if delta < 0 {
-                retracted.push(row.as_ref().into());
-            }
         }
         Ok(())
     }
@@ -123,6 +128,11 @@ impl UpdatingRows {
     /// Bytes held, roughly.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The rows as batches, if they were built since they last changed.
+    pub fn built(&self) -> Option<Vec<RecordBatch>> {
+        self.batches.clone()
     }
 
     /// The rows, in order, as batches.

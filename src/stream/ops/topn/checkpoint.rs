@@ -14,10 +14,6 @@ use datafusion::common::{DataFusionError, Result};
 use super::{Entry, Partition, TopN};
 use crate::stream::snapshot::{self, column};
 
-fn binary(rows: Vec<&[u8]>) -> ArrayRef {
-    snapshot::binary(rows.into_iter())
-}
-
 impl TopN {
     /// Every partition; what changed is now recorded.
     pub(super) fn whole_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
@@ -37,7 +33,7 @@ impl TopN {
         let reset = snapshot::batch(
             "reset",
             &[],
-            vec![binary(dirty.iter().map(|k| &**k).collect())],
+            vec![snapshot::binary(dirty.iter().map(|k| &**k))],
         )?;
         let present: Vec<&[u8]> = dirty
             .iter()
@@ -85,14 +81,18 @@ impl TopN {
                 "rows",
                 &[],
                 vec![
-                    binary(row_keys),
-                    binary(sorts),
-                    binary(rows),
+                    snapshot::binary(row_keys),
+                    snapshot::binary(sorts),
+                    snapshot::binary(rows),
                     Arc::new(Int64Array::from(counts)),
                 ],
             )?,
-            snapshot::batch("emitted", &[], vec![binary(emitted_keys), binary(emitted)])?,
-            snapshot::batch("changed", &[], vec![binary(changed)])?,
+            snapshot::batch(
+                "emitted",
+                &[],
+                vec![snapshot::binary(emitted_keys), snapshot::binary(emitted)],
+            )?,
+            snapshot::batch("changed", &[], vec![snapshot::binary(changed)])?,
         ])
     }
 

@@ -18,6 +18,7 @@ use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::hash_map::EntryRef;
 use datafusion::common::{HashMap, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -273,15 +274,17 @@ impl Operator for TopN {
         for i in 0..rows.num_rows() {
             let key = keys.row(i);
             let (sort, row) = (sorts.row(i), full.row(i));
-            if !self.partitions.contains_key(key.as_ref()) {
-                self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
-                self.partitions
-                    .insert(Arc::from(key.as_ref()), Partition::default());
-            }
-            let (key, partition) = self
-                .partitions
-                .get_key_value_mut(key.as_ref())
-                .expect("present");
+            // One lookup a row; the stored key is cloned only to list the partition.
+            let entry = match self.partitions.entry_ref(key.as_ref()) {
+                EntryRef::Occupied(entry) => entry,
+                EntryRef::Vacant(entry) => {
+                    self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
+                    entry.insert_entry_with_key(Arc::from(key.as_ref()), Partition::default())
+                }
+            };
+            let unlisted = !entry.get().changed || !entry.get().dirty;
+            let key = unlisted.then(|| entry.key().clone());
+            let partition = entry.into_mut();
             let sign = if batch.retracts(i) { -1 } else { 1 };
             // Over inserts only, rows below the top N never rise again: a row that would
             // rank after a full partition's last changes nothing.
@@ -302,11 +305,13 @@ impl Operator for TopN {
                     self.bytes -= freed;
                 }
             }
-            if !partition.changed {
-                partition.changed = true;
-                self.changed.push(key.clone());
+            if let Some(key) = key {
+                if !partition.changed {
+                    partition.changed = true;
+                    self.changed.push(key.clone());
+                }
+                Self::mark_dirty(&mut self.dirty, &key, partition);
             }
-            Self::mark_dirty(&mut self.dirty, key, partition);
         }
         Ok(())
     }

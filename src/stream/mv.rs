@@ -146,8 +146,17 @@ impl MvState {
     }
 
     pub fn snapshot(&self) -> Result<Vec<RecordBatch>> {
-        let mut c = self.contents.write().unwrap_or_else(|p| p.into_inner());
-        c.rows()
+        // Readers share the lock unless an updating view's rows must be turned into
+        // batches first.
+        let c = self.contents.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(rows) = c.ready_rows() {
+            return Ok(rows);
+        }
+        drop(c);
+        self.contents
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .rows()
     }
 
     pub fn size(&self) -> (usize, usize) {
@@ -181,6 +190,14 @@ impl MvState {
 }
 
 impl Contents {
+    /// The view's rows as batches, if they need no building.
+    fn ready_rows(&self) -> Option<Vec<RecordBatch>> {
+        match &self.updating {
+            Some(rows) => rows.built(),
+            None => Some(self.batches.clone()),
+        }
+    }
+
     /// The view's rows as batches.
     fn rows(&mut self) -> Result<Vec<RecordBatch>> {
         match &mut self.updating {

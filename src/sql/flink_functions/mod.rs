@@ -17,7 +17,10 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use datafusion::arrow::array::timezone::Tz;
-use datafusion::arrow::array::{Array, ArrayRef, ArrowPrimitiveType, PrimitiveArray, StringArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, ArrowPrimitiveType, GenericByteArray, PrimitiveArray,
+};
+use datafusion::arrow::datatypes::ByteArrayType;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, TimeUnit};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::{
@@ -252,9 +255,8 @@ struct Input {
 }
 
 impl Input {
-    /// Where row `row`'s value is in `array`.
-    fn at(&self, row: usize) -> usize {
-        row * self.step
+    fn is_null(&self, row: usize) -> bool {
+        self.array.is_null(row * self.step)
     }
 
     /// The argument as an `A` (a StringArray, an Int64Array, ...), read by row.
@@ -294,8 +296,8 @@ impl<A: Array> Arg<'_, A> {
     }
 }
 
-impl<'a> Arg<'a, StringArray> {
-    fn value(&self, row: usize) -> &'a str {
+impl<'a, T: ByteArrayType> Arg<'a, GenericByteArray<T>> {
+    fn value(&self, row: usize) -> &'a T::Native {
         self.array.value(row * self.step)
     }
 }

@@ -4,10 +4,9 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, BooleanArray, Int32Array, Int64Array, StringArray, StringBuilder,
+    Array, BinaryArray, BooleanArray, Int32Array, Int64Array, StringArray, StringBuilder,
 };
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::cast::{as_binary_array, as_string_array};
 use datafusion::common::Result;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 use regex::Regex;
@@ -254,15 +253,18 @@ fn position(needle: &str, haystack: &str, from: i64) -> i32 {
 fn to_base64(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
     let input = inputs.input(0);
-    let array = &input.array;
+    let (binary, text) = match input.array.data_type() {
+        DataType::Binary => (Some(input.arg::<BinaryArray>()?), None),
+        _ => (None, Some(input.arg::<StringArray>()?)),
+    };
     let mut out = StringBuilder::with_capacity(inputs.rows, 0);
     let mut encoded = String::new();
     for row in 0..inputs.rows {
-        let at = input.at(row);
-        let bytes = match array.data_type() {
-            _ if array.is_null(at) => None,
-            DataType::Binary => Some(as_binary_array(array)?.value(at)),
-            _ => Some(as_string_array(array)?.value(at).as_bytes()),
+        let bytes = match (binary, text) {
+            _ if input.is_null(row) => None,
+            (Some(binary), _) => Some(binary.value(row)),
+            (_, Some(text)) => Some(text.value(row).as_bytes()),
+            (None, None) => None,
         };
         match bytes {
             Some(bytes) => {
@@ -378,7 +380,7 @@ fn classify(
         ty => {
             let answer = of_type(ty);
             (0..inputs.rows)
-                .map(|row| Some(answer && !input.array.is_null(input.at(row))))
+                .map(|row| Some(answer && !input.is_null(row)))
                 .collect()
         }
     };

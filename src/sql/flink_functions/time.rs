@@ -121,7 +121,6 @@ impl<'a> Formats<'a> {
     }
 }
 
-/// Appends `t` (µs since the epoch) as seen in `zone`, formatted.
 /// Formats times into a column, remembering the last text: rows in time order share
 /// their second, and a format without fractions of a second gives one text per second.
 struct Formatter<'a> {
@@ -280,23 +279,28 @@ fn to_timestamp_ltz(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
     let inputs = Inputs::new(args)?;
     let precision = inputs.optional::<Int64Array>(1)?;
     let epoch = inputs.input(0);
-    let integer = matches!(epoch.array.data_type(), DataType::Int64);
-    let millis = |row: usize, scale: i64| -> Result<Option<i64>> {
-        let ms = if integer {
-            epoch.arg::<Int64Array>()?.value(row).checked_mul(scale)
-        } else {
-            let ms = epoch.arg::<Float64Array>()?.value(row) * scale as f64;
-            ms.is_finite().then_some(ms as i64)
+    let (integers, numbers) = match epoch.array.data_type() {
+        DataType::Int64 => (Some(epoch.arg::<Int64Array>()?), None),
+        _ => (None, Some(epoch.arg::<Float64Array>()?)),
+    };
+    let millis = |row: usize, scale: i64| -> Option<i64> {
+        let ms = match (integers, numbers) {
+            (Some(integers), _) => integers.value(row).checked_mul(scale),
+            (_, Some(numbers)) => {
+                let ms = numbers.value(row) * scale as f64;
+                ms.is_finite().then_some(ms as i64)
+            }
+            (None, None) => None,
         };
-        Ok(ms.filter(|ms| (MIN_MILLIS..=MAX_MILLIS).contains(ms)))
+        ms.filter(|ms| (MIN_MILLIS..=MAX_MILLIS).contains(ms))
     };
     let out = (0..inputs.rows)
         .map(|row| {
-            if epoch.array.is_null(epoch.at(row)) || precision.is_some_and(|p| p.is_null(row)) {
+            if epoch.is_null(row) || precision.is_some_and(|p| p.is_null(row)) {
                 return Ok(None);
             }
             let scale = precision_scale(precision.map_or(3, |p| p.value(row)))?;
-            millis(row, scale)
+            Ok(millis(row, scale))
         })
         .collect::<Result<TimestampMillisecondArray>>()?
         .with_timezone("UTC");

@@ -15,7 +15,8 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, ListArray, UInt32Array,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
-use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::compute::kernels::boolean::{and, is_not_null};
+use datafusion::arrow::compute::{cast, filter, prep_null_mask_filter, take};
 use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{DataFusionError, HashSet, Result};
@@ -111,8 +112,8 @@ impl DistinctCount {
         groups: &[usize],
         filter: Option<&BooleanArray>,
     ) -> Result<()> {
-        let kept =
-            |i: usize| filter.is_none_or(|f| f.is_valid(i) && f.value(i)) && values.is_valid(i);
+        let kept = counted(values, filter)?;
+        let kept = |i: usize| kept.value(i);
         match &mut self.sets {
             Sets::Ints(sets) => {
                 let ints = cast(values, &DataType::Int64)?;
@@ -201,6 +202,16 @@ impl DistinctCount {
     }
 }
 
+/// Which rows count: a non-null value that the FILTER (NULL meaning no) lets through.
+fn counted(values: &ArrayRef, filter: Option<&BooleanArray>) -> Result<BooleanArray> {
+    let present = is_not_null(values)?;
+    Ok(match filter {
+        Some(f) if f.null_count() > 0 => and(&present, &prep_null_mask_filter(f))?,
+        Some(f) => and(&present, f)?,
+        None => present,
+    })
+}
+
 impl GroupsAccumulator for DistinctCount {
     fn update_batch(
         &mut self,
@@ -259,17 +270,15 @@ impl GroupsAccumulator for DistinctCount {
         opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
         let values = &values[0];
-        let kept =
-            |i: usize| opt_filter.is_none_or(|f| f.is_valid(i) && f.value(i)) && values.is_valid(i);
-        let mut offsets = vec![0i32];
-        let mut positions = Vec::new();
-        for i in 0..values.len() {
-            if kept(i) {
-                positions.push(i as u32);
-            }
-            offsets.push(positions.len() as i32);
+        let kept = counted(values, opt_filter)?;
+        let mut offsets = Vec::with_capacity(values.len() + 1);
+        offsets.push(0i32);
+        let mut n = 0;
+        for present in kept.values() {
+            n += present as i32;
+            offsets.push(n);
         }
-        let items = take(values.as_ref(), &UInt32Array::from(positions), None)?;
+        let items = filter(values.as_ref(), &kept)?;
         let list = ListArray::try_new(
             self.item.clone(),
             OffsetBuffer::new(offsets.into()),
@@ -347,7 +356,15 @@ mod tests {
             let (agg, schema) = count_distinct(ty);
             let mut acc = DistinctCount::of(&agg, &schema).unwrap().unwrap();
             // Group 0 gets 1, 1, 2 and NULL; group 1 gets 3 (and 1, filtered out).
-            let filter = BooleanArray::from(vec![true, true, true, true, true, false]);
+            // A NULL in the FILTER means no (that row's value is NULL too).
+            let filter = BooleanArray::from(vec![
+                Some(true),
+                Some(true),
+                Some(true),
+                None,
+                Some(true),
+                Some(false),
+            ]);
             acc.update_batch(&[values], &[0, 0, 0, 0, 1, 1], Some(&filter), 3)
                 .unwrap();
             assert_eq!(counts(&acc, &[0, 1, 2]), [2, 1, 0]);

@@ -189,15 +189,7 @@ async fn a_finished_job_is_listed_but_not_run_again_after_restart() {
         .await
         .unwrap();
     rows(&client, "INSERT INTO out SELECT id FROM gen").await;
-    let mut state = String::new();
-    for _ in 0..100 {
-        state = rows(&client, "SHOW JOBS").await[0][2].clone();
-        if state == "FINISHED" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(state, "FINISHED");
+    assert_eq!(finished_job(&client).await[2], "FINISHED");
     assert_eq!(
         rows(&client, "SELECT count(*) FROM out").await,
         vec![vec!["10".to_string()]]

@@ -175,12 +175,13 @@ impl DistinctCount {
                     .ok_or_else(|| DataFusionError::Internal("no distinct values column".into()))?
             }
         };
-        let list = ListArray::try_new(
-            self.item.clone(),
-            OffsetBuffer::new(offsets.into()),
-            values,
-            None,
-        )?;
+        self.lists(offsets, values)
+    }
+
+    /// The state: each group's values, `offsets` apart in `values`.
+    fn lists(&self, offsets: Vec<i32>, values: ArrayRef) -> Result<Vec<ArrayRef>> {
+        let offsets = OffsetBuffer::new(offsets.into());
+        let list = ListArray::try_new(self.item.clone(), offsets, values, None)?;
         Ok(vec![Arc::new(list)])
     }
 
@@ -279,13 +280,7 @@ impl GroupsAccumulator for DistinctCount {
             offsets.push(n);
         }
         let items = filter(values.as_ref(), &kept)?;
-        let list = ListArray::try_new(
-            self.item.clone(),
-            OffsetBuffer::new(offsets.into()),
-            items,
-            None,
-        )?;
-        Ok(vec![Arc::new(list)])
+        self.lists(offsets, items)
     }
 
     fn size(&self) -> usize {

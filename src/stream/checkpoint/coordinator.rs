@@ -248,11 +248,11 @@ impl Coordinator {
                 let rows = view.take();
                 tokio::task::spawn_blocking(move || {
                     let tasks = snapshots
-                        .iter()
-                        .map(TaskSnapshot::encode)
+                        .into_iter()
+                        .map(TaskSnapshot::into_bytes)
                         .collect::<Result<Vec<_>>>()?;
                     let changes = rows.as_ref().map(|(c, _, _)| c.as_slice());
-                    let bytes = checkpoints.write(&meta, &tasks, changes)?;
+                    let bytes = checkpoints.write(&meta, tasks, changes)?;
                     checkpoints.prune(RETAINED_EPOCHS)?;
                     Ok::<_, DataFusionError>((bytes, rows))
                 })

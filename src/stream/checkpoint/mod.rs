@@ -129,6 +129,13 @@ const FORMAT: u64 = 2;
 
 impl TaskSnapshot {
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.clone().into_bytes()
+    }
+
+    /// Encodes the snapshot, freeing each operator batch once it is written: the state
+    /// copy and its encoding are not both whole in memory at once (a big state's
+    /// checkpoint otherwise needed twice its size).
+    pub fn into_bytes(mut self) -> Result<Vec<u8>> {
         let mut w = FrameWriter::default();
         w.reserve(
             self.operators
@@ -142,11 +149,12 @@ impl TaskSnapshot {
         for c in &self.changes {
             w.u64(*c as u64);
         }
-        w.u64(self.operators.len() as u64);
-        for batches in &self.operators {
+        let operators = std::mem::take(&mut self.operators);
+        w.u64(operators.len() as u64);
+        for batches in operators {
             w.u64(batches.len() as u64);
             for b in batches {
-                w.batch(b)?;
+                w.batch(&b)?;
             }
         }
         w.u64(self.inputs.len() as u64);

@@ -82,14 +82,14 @@ impl Checkpoints {
     pub fn write(
         &self,
         meta: &CheckpointMeta,
-        tasks: &[Vec<u8>],
+        tasks: Vec<Vec<u8>>,
         view: Option<&[ChangeBatch]>,
     ) -> Result<u64> {
         let mut batch = WriteBatch::default();
         let mut bytes = 0u64;
-        for (i, t) in tasks.iter().enumerate() {
+        for (i, t) in tasks.into_iter().enumerate() {
             bytes += t.len() as u64;
-            batch.put(self.key(b't', &[meta.epoch, i as u64]), t.clone());
+            batch.put(self.key(b't', &[meta.epoch, i as u64]), t);
         }
         if let Some(changes) = view.filter(|c| !c.is_empty()) {
             let mut w = FrameWriter::default();
@@ -447,9 +447,11 @@ mod tests {
             if e == 2 {
                 m.savepoint = Some("sp".into());
             }
-            a.write(&m, &[task.clone(), task.clone()], None).unwrap();
+            a.write(&m, vec![task.clone(), task.clone()], None).unwrap();
         }
-        other.write(&meta(9), &[task.clone(), task], None).unwrap();
+        other
+            .write(&meta(9), vec![task.clone(), task], None)
+            .unwrap();
         a.prune(2).unwrap();
         let kept: Vec<Epoch> = a.metas().unwrap().iter().map(|m| m.epoch).collect();
         assert_eq!(kept, vec![2, 4, 5]);
@@ -497,7 +499,7 @@ mod tests {
         // Epoch 1 whole, 2..=4 changes, 5 whole, 6 changes.
         for e in 1..=6u64 {
             let changes = !matches!(e, 1 | 5);
-            c.write(&one_task(e), &[layer(e as i64, changes)], None)
+            c.write(&one_task(e), vec![layer(e as i64, changes)], None)
                 .unwrap();
             if e == 4 {
                 c.prune(2).unwrap();
@@ -526,7 +528,7 @@ mod tests {
         let task = TaskSnapshot::default().encode().unwrap();
         for e in 1..=3 {
             let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
-            v.write(&meta(e), &[task.clone(), task.clone()], Some(&changes))
+            v.write(&meta(e), vec![task.clone(), task.clone()], Some(&changes))
                 .unwrap();
         }
         let sp = savepoint(store.clone(), "sp1");
@@ -551,7 +553,7 @@ mod tests {
         let v = Checkpoints::new(store, "view/v");
         for e in 1..=4 {
             let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
-            v.write(&meta(e), &[], Some(&changes)).unwrap();
+            v.write(&meta(e), vec![], Some(&changes)).unwrap();
         }
         let (contents, entries) = v.view_contents(3).unwrap();
         assert_eq!(change_lines(&contents), vec!["+I 1", "+I 2", "+I 3"]);

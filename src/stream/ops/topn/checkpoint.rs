@@ -1,5 +1,7 @@
 //! The TopN's checkpoints: `rows` (partition, sort key, row, count), `emitted`
-//! (partition, row, in rank order) and `changed` (partitions with changes not emitted)
+//! (partition, row, in rank order), `emitted_top` (partitions whose emitted rows are
+//! their current top N, named instead of written again: after a barrier, every partition
+//! but those changed since) and `changed` (partitions with changes not emitted)
 //! batches, for every partition (a whole snapshot) or only for the partitions changed
 //! since the previous snapshot, after a `reset` batch naming them all (an incremental
 //! one). Restoring reads the batches in order: a `reset` drops what earlier layers said
@@ -59,7 +61,7 @@ impl TopN {
     /// `rows`, `emitted` and `changed` batches of the partitions `keys`.
     fn partitions_batches(&self, keys: &[&[u8]]) -> Result<Vec<RecordBatch>> {
         let (mut row_keys, mut sorts, mut rows, mut counts) = (vec![], vec![], vec![], vec![]);
-        let (mut emitted_keys, mut emitted) = (vec![], vec![]);
+        let (mut emitted_keys, mut emitted, mut emitted_top) = (vec![], vec![], vec![]);
         for &key in keys {
             let p = &self.partitions[key];
             for (entry, count) in p.rows.iter() {
@@ -67,6 +69,10 @@ impl TopN {
                 sorts.push(entry.sort());
                 rows.push(entry.row());
                 counts.push(count);
+            }
+            if !p.emitted.is_empty() && Self::top(self.limit, p) == p.emitted {
+                emitted_top.push(key);
+                continue;
             }
             for row in &p.emitted {
                 emitted_keys.push(key);
@@ -92,6 +98,7 @@ impl TopN {
                 &[],
                 vec![snapshot::binary(emitted_keys), snapshot::binary(emitted)],
             )?,
+            snapshot::batch("emitted_top", &[], vec![snapshot::binary(emitted_top)])?,
             snapshot::batch("changed", &[], vec![snapshot::binary(changed)])?,
         ])
     }
@@ -136,6 +143,14 @@ impl TopN {
                     for i in 0..batch.num_rows() {
                         let p = self.partition(keys.value(i));
                         p.emitted.push(Entry::new(&[], rows.value(i)));
+                    }
+                }
+                "emitted_top" => {
+                    // After this layer's rows: the emitted rows share their entries.
+                    let limit = self.limit;
+                    for key in keys.iter().flatten() {
+                        let p = self.partition(key);
+                        p.emitted = Self::top(limit, p);
                     }
                 }
                 "changed" => {

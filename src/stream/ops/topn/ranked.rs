@@ -10,6 +10,8 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 /// A partition's row: sort key bytes, then row bytes. Shared (not copied) by the
 /// partition's emitted rows.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,14 +61,18 @@ const ENTRY_OVERHEAD: usize = 48;
 /// Rows past which a partition moves from a sorted vector into a B-tree.
 const FEW: usize = 32;
 
+/// A partition's rows while few: one of them inline (a dedup's partition holds one row,
+/// and most partitions of a TopN over many keys hold a handful), the rest on the heap.
+type FewRows = SmallVec<[(Entry, i64); 1]>;
+
 pub enum Ranked {
-    Few(Vec<(Entry, i64)>),
+    Few(FewRows),
     Many(BTreeMap<Entry, i64>),
 }
 
 impl Default for Ranked {
     fn default() -> Self {
-        Ranked::Few(Vec::new())
+        Ranked::Few(FewRows::new())
     }
 }
 

@@ -27,6 +27,7 @@ pub fn open_split(
     split: usize,
     splits: usize,
     batch_size: usize,
+    read: Option<&[bool]>,
 ) -> SqlResult<Box<dyn SplitReader>> {
     if splits == 0 || split >= splits {
         return Err(SqlError::internal(format!(
@@ -36,7 +37,9 @@ pub fn open_split(
     let batch_size = batch_size.max(1);
     Ok(match def.connector() {
         Some("datagen") => Box::new(DatagenReader::open(def, split, splits, batch_size)?),
-        Some("nexmark") => Box::new(NexmarkReader::open(def, split, splits, batch_size)?),
+        Some("nexmark") => Box::new(NexmarkReader::open_reading(
+            def, split, splits, batch_size, read,
+        )?),
         Some("filesystem") => Box::new(FileSource::open(def, split, splits, batch_size)?),
         Some("kafka" | "upsert-kafka") => {
             Box::new(KafkaSource::open(def, split, splits, batch_size)?)

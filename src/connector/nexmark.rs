@@ -19,7 +19,9 @@ use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, Int64Array, StringBuilder, TimestampMillisecondArray};
+use datafusion::arrow::array::{
+    new_null_array, ArrayRef, Int64Array, StringBuilder, TimestampMillisecondArray,
+};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -427,6 +429,8 @@ struct Column {
     field: usize,
     natural: Natural,
     declared: DataType,
+    /// Generated; otherwise the query does not read it and it is left NULL.
+    produced: bool,
 }
 
 pub struct NexmarkReader {
@@ -446,12 +450,24 @@ pub struct NexmarkReader {
 
 impl NexmarkReader {
     pub fn open(def: &TableDef, split: usize, splits: usize, batch_size: usize) -> SqlResult<Self> {
+        Self::open_reading(def, split, splits, batch_size, None)
+    }
+
+    /// A reader producing only the columns `read` marks (all when `None`); the others,
+    /// which the query does not use, are NULL (a column declared NOT NULL is produced).
+    pub fn open_reading(
+        def: &TableDef,
+        split: usize,
+        splits: usize,
+        batch_size: usize,
+        read: Option<&[bool]>,
+    ) -> SqlResult<Self> {
         let config = NexmarkConfig::from_options(def)?;
         let fields = config.stream.fields();
         let schema = def.physical_schema();
         let mut columns = Vec::new();
         let mut wanted = vec![false; fields.len()];
-        for f in schema.fields() {
+        for (i, f) in schema.fields().iter().enumerate() {
             let Some(idx) = fields
                 .iter()
                 .position(|(n, _)| n.eq_ignore_ascii_case(f.name()))
@@ -484,11 +500,14 @@ impl NexmarkReader {
                     ),
                 ));
             }
-            wanted[idx] = true;
+            let produced =
+                !f.is_nullable() || read.is_none_or(|r| r.get(i).copied().unwrap_or(true));
+            wanted[idx] |= produced;
             columns.push(Column {
                 field: idx,
                 natural,
                 declared: f.data_type().clone(),
+                produced,
             });
         }
         // Each split paces its share: event k of the split is event split + k * splits.
@@ -686,6 +705,10 @@ impl NexmarkReader {
         let mut bufs: Vec<Option<Buf>> = out.bufs.into_iter().map(Some).collect();
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
         for col in &self.columns {
+            if !col.produced {
+                arrays.push(new_null_array(&col.declared, rows));
+                continue;
+            }
             // A column declared twice (different case) reuses the first one's values.
             let array: ArrayRef = match bufs[col.field].take() {
                 Some(Buf::Int(v)) => match col.natural {
@@ -697,7 +720,7 @@ impl NexmarkReader {
                     let first = self
                         .columns
                         .iter()
-                        .position(|c| c.field == col.field)
+                        .position(|c| c.field == col.field && c.produced)
                         .expect("declared");
                     arrays[first].clone()
                 }
@@ -1070,6 +1093,33 @@ mod tests {
             &[("nexmark.table", "bid")],
         );
         assert!(NexmarkReader::open(&bad, 0, 1, 10).is_err());
+    }
+
+    #[tokio::test]
+    async fn columns_the_query_does_not_read_are_null_and_the_rest_unchanged() {
+        let mut def = table(
+            &bid_columns(),
+            &[("nexmark.table", "bid"), ("nexmark.event.num", "2000")],
+        );
+        def.columns[6].nullable = false;
+        let whole = {
+            let mut r = NexmarkReader::open(&def, 0, 1, 500).unwrap();
+            r.next_batch().await.unwrap().unwrap().rows
+        };
+        // The query reads auction and date_time; extra, NOT NULL, is produced anyway.
+        let read = [true, false, false, false, false, true, false];
+        let mut r = NexmarkReader::open_reading(&def, 0, 1, 500, Some(&read)).unwrap();
+        let part = r.next_batch().await.unwrap().unwrap().rows;
+        assert_eq!(part.schema(), whole.schema());
+        assert_eq!(part.num_rows(), whole.num_rows());
+        for (i, name) in ["auction", "date_time", "extra"].iter().enumerate() {
+            let k = [0, 5, 6][i];
+            assert_eq!(part.column(k), whole.column(k), "{name}");
+        }
+        for k in [1, 2, 3, 4] {
+            assert_eq!(part.column(k).null_count(), part.num_rows(), "column {k}");
+            assert_eq!(whole.column(k).null_count(), 0, "column {k}");
+        }
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use datafusion::datasource::source_as_provider;
 use datafusion::datasource::ViewTable;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::{Expr, GroupingSet, LogicalPlan, TableScan};
+use datafusion::physical_expr::utils::collect_columns;
 use datafusion::physical_expr::PhysicalExpr;
 // The one-call form of DataFusion's aggregate lowering; its builder replacement plans
 // whole aggregate nodes, not single calls against a given input.
@@ -558,6 +559,9 @@ impl<'a> Planner<'a> {
         let provider = source_as_provider(&scan.source)?;
         let name = scan.table_name.table().to_string();
         let full = self.plan_provider(&name, provider, None)?;
+        if let (Some(projection), true) = (&scan.projection, scan.filters.is_empty()) {
+            self.read_only(full.node, projection);
+        }
         let mut stream = full;
         let qualified = DFSchema::try_from_qualified_schema(
             scan.table_name.clone(),
@@ -577,6 +581,38 @@ impl<'a> Planner<'a> {
             stream = self.filter(&stream, filter)?;
         }
         Ok(stream)
+    }
+
+    /// Tells a connector source which physical columns the plan reads: the projected ones
+    /// and those its computed columns and watermark use (Flink's projection push-down,
+    /// keeping the source's schema: a reader may leave the others NULL).
+    fn read_only(&mut self, node: usize, projection: &[usize]) {
+        let NodeKind::Source(spec) = &mut self.graph.nodes[node].kind else {
+            return;
+        };
+        let SourceKind::Connector { def, .. } = &spec.kind else {
+            return;
+        };
+        let mut read = vec![false; def.physical_schema().fields().len()];
+        let watermark = match &spec.time {
+            TimeSource::Watermark { expr, .. } => Some(expr),
+            _ => None,
+        };
+        let used = spec
+            .computed
+            .iter()
+            .chain(watermark)
+            .flat_map(collect_columns)
+            .map(|c| c.index())
+            .chain(projection.iter().copied());
+        for i in used {
+            if let Some(r) = read.get_mut(i) {
+                *r = true;
+            }
+        }
+        if let SourceKind::Connector { read: r, .. } = &mut spec.kind {
+            *r = Some(read.into());
+        }
     }
 
     /// A source reading `provider` (every column, unqualified). `time` names the column
@@ -635,7 +671,10 @@ impl<'a> Planner<'a> {
             let parallelism = crate::connector::factory::max_splits(&def)
                 .map_or(self.parallelism, |n| n.min(self.parallelism));
             (
-                SourceKind::Connector { def: def.clone() },
+                SourceKind::Connector {
+                    def: def.clone(),
+                    read: None,
+                },
                 Some(def),
                 parallelism,
             )

@@ -75,8 +75,12 @@ pub enum SourceKind {
         def: Arc<TableDef>,
         until: Option<u64>,
     },
-    /// A table read through a connector.
-    Connector { def: Arc<TableDef> },
+    /// A table read through a connector. `read`: which physical columns the plan uses
+    /// (`None`: all of them); a reader may leave the others NULL instead of producing them.
+    Connector {
+        def: Arc<TableDef>,
+        read: Option<Arc<[bool]>>,
+    },
     /// A materialized view's rows, as they are published.
     View { state: Arc<MvState>, bounded: bool },
     /// Constant rows (VALUES, or a snapshot taken at planning time).

@@ -66,9 +66,15 @@ impl Reader {
                 appends: crate::connector::log_table::appends(),
                 queue: Default::default(),
             }),
-            SourceKind::Connector { def } => Reader::Split(
-                crate::connector::factory::open_split(def, split, splits, BATCH_SIZE)
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?,
+            SourceKind::Connector { def, read } => Reader::Split(
+                crate::connector::factory::open_split(
+                    def,
+                    split,
+                    splits,
+                    BATCH_SIZE,
+                    read.as_deref(),
+                )
+                .map_err(|e| DataFusionError::External(Box::new(e)))?,
             ),
             SourceKind::View { state, bounded } => Reader::View(ViewReader {
                 state: state.clone(),

@@ -1112,8 +1112,7 @@ mod tests {
         let part = r.next_batch().await.unwrap().unwrap().rows;
         assert_eq!(part.schema(), whole.schema());
         assert_eq!(part.num_rows(), whole.num_rows());
-        for (i, name) in ["auction", "date_time", "extra"].iter().enumerate() {
-            let k = [0, 5, 6][i];
+        for (k, name) in [(0, "auction"), (5, "date_time"), (6, "extra")] {
             assert_eq!(part.column(k), whole.column(k), "{name}");
         }
         for k in [1, 2, 3, 4] {

@@ -558,9 +558,30 @@ impl<'a> Planner<'a> {
     fn plan_scan(&mut self, scan: &TableScan) -> Result<Stream> {
         let provider = source_as_provider(&scan.source)?;
         let name = scan.table_name.table().to_string();
-        let full = self.plan_provider(&name, provider, None)?;
+        let full = self.plan_provider(&name, provider.clone(), None)?;
         if let (Some(projection), true) = (&scan.projection, scan.filters.is_empty()) {
-            self.read_only(full.node, projection);
+            let any: &dyn std::any::Any = provider.as_ref();
+            match any.downcast_ref::<WindowTvfTable>() {
+                // A window table function's columns are its input's, then the window's;
+                // its input (the window assigner's) reads the time column too.
+                Some(window) => {
+                    let columns = window.input.schema().fields().len();
+                    let time = window
+                        .input
+                        .schema()
+                        .index_of(&window.spec.time_column)
+                        .ok();
+                    let read: Vec<usize> = projection
+                        .iter()
+                        .copied()
+                        .filter(|&i| i < columns)
+                        .chain(time)
+                        .collect();
+                    let input = self.graph.nodes[full.node].inputs[0].from;
+                    self.read_only(input, &read);
+                }
+                None => self.read_only(full.node, projection),
+            }
         }
         let mut stream = full;
         let qualified = DFSchema::try_from_qualified_schema(

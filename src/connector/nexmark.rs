@@ -618,7 +618,6 @@ impl NexmarkReader {
         } else {
             rng.below(CHANNELS_NUMBER as u64) as usize
         };
-        let extra = extra(&mut rng, 32, AVG_BID_BYTES);
         out.int(0, auction as i64 + FIRST_AUCTION_ID);
         out.int(1, bidder as i64 + FIRST_PERSON_ID);
         out.int(2, price);
@@ -628,7 +627,10 @@ impl NexmarkReader {
             out.str(4, url);
         }
         out.int(5, self.config.timestamp(id));
-        out.str(6, extra);
+        // The event's last draws: skipped when the column is not read.
+        if out.on(6) {
+            out.str(6, extra(&mut rng, 32, AVG_BID_BYTES));
+        }
     }
 
     fn auction(&mut self, out: &mut Out, id: u64) {

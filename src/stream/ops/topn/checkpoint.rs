@@ -16,6 +16,9 @@ use datafusion::common::{DataFusionError, Result};
 use super::{Entry, Partition, TopN};
 use crate::stream::snapshot::{self, column};
 
+/// Partitions per chunk of a snapshot's batches.
+const CHUNK_PARTITIONS: usize = 1 << 16;
+
 impl TopN {
     /// Every partition; what changed is now recorded.
     pub(super) fn whole_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
@@ -58,8 +61,26 @@ impl TopN {
         }
     }
 
-    /// `rows`, `emitted` and `changed` batches of the partitions `keys`.
+    /// `rows`, `emitted` and `emitted_top` batches of the partitions `keys`, in chunks of
+    /// [`CHUNK_PARTITIONS`] (an encoded chunk is freed before the next is encoded, so a
+    /// big snapshot is not whole twice in memory), then the `changed` batch.
     fn partitions_batches(&self, keys: &[&[u8]]) -> Result<Vec<RecordBatch>> {
+        let mut batches = Vec::new();
+        for chunk in keys.chunks(CHUNK_PARTITIONS) {
+            batches.extend(self.chunk_batches(chunk)?);
+        }
+        let mut changed: Vec<&[u8]> = self.changed.iter().map(|k| &**k).collect();
+        changed.sort_unstable();
+        changed.dedup();
+        batches.push(snapshot::batch(
+            "changed",
+            &[],
+            vec![snapshot::binary(changed)],
+        )?);
+        Ok(batches)
+    }
+
+    fn chunk_batches(&self, keys: &[&[u8]]) -> Result<[RecordBatch; 3]> {
         let (mut row_keys, mut sorts, mut rows, mut counts) = (vec![], vec![], vec![], vec![]);
         let (mut emitted_keys, mut emitted, mut emitted_top) = (vec![], vec![], vec![]);
         for &key in keys {
@@ -79,10 +100,7 @@ impl TopN {
                 emitted.push(row.row());
             }
         }
-        let mut changed: Vec<&[u8]> = self.changed.iter().map(|k| &**k).collect();
-        changed.sort_unstable();
-        changed.dedup();
-        Ok(vec![
+        Ok([
             snapshot::batch(
                 "rows",
                 &[],
@@ -99,7 +117,6 @@ impl TopN {
                 vec![snapshot::binary(emitted_keys), snapshot::binary(emitted)],
             )?,
             snapshot::batch("emitted_top", &[], vec![snapshot::binary(emitted_top)])?,
-            snapshot::batch("changed", &[], vec![snapshot::binary(changed)])?,
         ])
     }
 

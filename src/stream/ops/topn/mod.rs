@@ -509,6 +509,43 @@ mod tests {
     }
 
     #[test]
+    fn a_big_snapshot_comes_in_chunks_that_restore_as_one() {
+        let games: Vec<String> = (0..70_000).map(|i| format!("g{i}")).collect();
+        let rows: Vec<(&str, i64, Op)> = games
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.as_str(), i as i64, Op::Insert))
+            .collect();
+        let mut original = operator(false);
+        let mut out = Vec::new();
+        original.process(0, batch(&rows), &mut out).unwrap();
+        original.on_barrier(&mut out).unwrap();
+        let state = original.snapshot().unwrap();
+        let sizes = |kind: &str| -> Vec<usize> {
+            state
+                .iter()
+                .filter(|b| snapshot::kind(b).unwrap() == kind)
+                .map(|b| b.num_rows())
+                .collect()
+        };
+        assert_eq!(sizes("rows"), [65_536, 4_464]);
+        assert_eq!(sizes("emitted"), [0, 0]);
+        assert_eq!(sizes("emitted_top"), [65_536, 4_464]);
+        assert_eq!(sizes("changed"), [0]);
+        let mut restored = operator(false);
+        restored.restore(state).unwrap();
+        assert_eq!(restored.state_size(), original.state_size());
+        assert_eq!(
+            same_output(
+                &mut original,
+                &mut restored,
+                &[("g7", 100, Op::Insert), ("g69999", 1, Op::Insert)]
+            ),
+            ["-U g7,7,1", "+I g69999,1,2", "+U g7,100,1", "+I g7,7,2"]
+        );
+    }
+
+    #[test]
     fn incremental_snapshots_hold_only_changed_partitions_and_restore_in_layers() {
         let mut original = operator(true);
         let mut out = Vec::new();

@@ -403,6 +403,15 @@ mod tests {
         }
     }
 
+    /// The row counts of a snapshot's batches of one kind, in order.
+    fn rows_of(state: &[RecordBatch], kind: &str) -> Vec<usize> {
+        state
+            .iter()
+            .filter(|b| snapshot::kind(b).unwrap() == kind)
+            .map(|b| b.num_rows())
+            .collect()
+    }
+
     fn lines(out: &[ChangeBatch]) -> Vec<String> {
         crate::stream::message::change_lines(out)
     }
@@ -521,17 +530,10 @@ mod tests {
         original.process(0, batch(&rows), &mut out).unwrap();
         original.on_barrier(&mut out).unwrap();
         let state = original.snapshot().unwrap();
-        let sizes = |kind: &str| -> Vec<usize> {
-            state
-                .iter()
-                .filter(|b| snapshot::kind(b).unwrap() == kind)
-                .map(|b| b.num_rows())
-                .collect()
-        };
-        assert_eq!(sizes("rows"), [65_536, 4_464]);
-        assert_eq!(sizes("emitted"), [0, 0]);
-        assert_eq!(sizes("emitted_top"), [65_536, 4_464]);
-        assert_eq!(sizes("changed"), [0]);
+        assert_eq!(rows_of(&state, "rows"), [65_536, 4_464]);
+        assert_eq!(rows_of(&state, "emitted"), [0, 0]);
+        assert_eq!(rows_of(&state, "emitted_top"), [65_536, 4_464]);
+        assert_eq!(rows_of(&state, "changed"), [0]);
         let mut restored = operator(false);
         restored.restore(state).unwrap();
         assert_eq!(restored.state_size(), original.state_size());
@@ -600,12 +602,8 @@ mod tests {
             )
             .unwrap();
         let changes = original.snapshot_changes().unwrap().unwrap();
-        let emitted: Vec<usize> = changes
-            .iter()
-            .filter(|b| snapshot::kind(b).unwrap().starts_with("emitted"))
-            .map(|b| b.num_rows())
-            .collect();
-        assert_eq!(emitted, [2, 0]);
+        assert_eq!(rows_of(&changes, "emitted"), [2]);
+        assert_eq!(rows_of(&changes, "emitted_top"), [0]);
         layers.extend(changes);
         let mut restored = operator(true);
         restored.restore(layers).unwrap();

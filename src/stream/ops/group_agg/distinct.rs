@@ -334,6 +334,7 @@ mod tests {
                     None,
                     Some(3),
                     Some(1),
+                    Some(9),
                 ])) as ArrayRef,
             ),
             (
@@ -345,24 +346,32 @@ mod tests {
                     None,
                     Some("c"),
                     Some("a"),
+                    Some("z"),
                 ])),
             ),
         ] {
             let (agg, schema) = count_distinct(ty);
             let mut acc = DistinctCount::of(&agg, &schema).unwrap().unwrap();
-            // Group 0 gets 1, 1, 2 and NULL; group 1 gets 3 (and 1, filtered out).
-            // A NULL in the FILTER means no (that row's value is NULL too).
+            // Group 0 gets 1, 1, 2 and NULL (and 9, whose FILTER is NULL: no); group 1
+            // gets 3 (and 1, filtered out).
             let filter = BooleanArray::from(vec![
                 Some(true),
                 Some(true),
                 Some(true),
-                None,
+                Some(true),
                 Some(true),
                 Some(false),
+                None,
             ]);
-            acc.update_batch(&[values], &[0, 0, 0, 0, 1, 1], Some(&filter), 3)
+            let groups = [0, 0, 0, 0, 1, 1, 0];
+            acc.update_batch(&[values.clone()], &groups, Some(&filter), 3)
                 .unwrap();
             assert_eq!(counts(&acc, &[0, 1, 2]), [2, 1, 0]);
+            // The same rows as per-row states, merged: the same counts.
+            let rows = acc.convert_to_state(&[values], Some(&filter)).unwrap();
+            let mut merged = DistinctCount::of(&agg, &schema).unwrap().unwrap();
+            merged.merge_batch(&rows, &groups, 3).unwrap();
+            assert_eq!(counts(&merged, &[0, 1, 2]), [2, 1, 0]);
             assert_eq!(
                 counts(&acc, &[1, 0]),
                 [1, 2],

@@ -18,10 +18,7 @@ pub fn apply(
     changes: Vec<ChangeBatch>,
 ) -> Result<Vec<RecordBatch>> {
     // Inserts and updates-after with nothing retracted only add rows.
-    if changes
-        .iter()
-        .all(|c| (0..c.num_rows()).all(|i| !c.retracts(i)))
-    {
+    if !changes.iter().any(ChangeBatch::retracts_any) {
         current.extend(
             changes
                 .into_iter()

@@ -90,6 +90,13 @@ impl ChangeBatch {
         self.ops.as_ref().is_some_and(|o| Op::retracts(o.value(i)))
     }
 
+    /// Whether any row retracts (a batch of inserts and updates-after only adds rows).
+    pub fn retracts_any(&self) -> bool {
+        self.ops
+            .as_ref()
+            .is_some_and(|o| o.values().iter().any(|&op| Op::retracts(op)))
+    }
+
     pub fn num_rows(&self) -> usize {
         self.rows.num_rows()
     }

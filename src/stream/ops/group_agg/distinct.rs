@@ -364,7 +364,7 @@ mod tests {
                 None,
             ]);
             let groups = [0, 0, 0, 0, 1, 1, 0];
-            acc.update_batch(&[values.clone()], &groups, Some(&filter), 3)
+            acc.update_batch(std::slice::from_ref(&values), &groups, Some(&filter), 3)
                 .unwrap();
             assert_eq!(counts(&acc, &[0, 1, 2]), [2, 1, 0]);
             // The same rows as per-row states, merged: the same counts.

@@ -9,6 +9,7 @@
 //! cargo bench --bench nexmark -- --markdown results.md          # also write the table
 //! cargo bench --bench nexmark -- --timeout 300                  # stop runs after 300 s
 //! cargo bench --bench nexmark -- --checkpoint-interval '1 h'    # default: the server's 1 s
+//! cargo bench --bench nexmark -- --set state.backend=sled       # any session setting
 //! cargo bench --bench nexmark -- --latency                      # q1, q5, q7 at 200 k events/s
 //! cargo bench --bench nexmark -- --latency --rate 500000 --seconds 60 --query q1
 //! ```
@@ -57,6 +58,8 @@ struct Args {
     timeout: Duration,
     /// 'execution.checkpointing.interval' of the jobs, when not the server's default.
     checkpoint_interval: Option<String>,
+    /// Session settings (`--set key=value`) the queries run with.
+    settings: Vec<(String, String)>,
     /// Latency mode: the input rate in events per second (all streams) and how long the
     /// query runs (the input is unbounded; a bounded one's end would close every window
     /// at once, early).
@@ -74,6 +77,7 @@ fn parse_args() -> Args {
         child: false,
         timeout: Duration::from_secs(600),
         checkpoint_interval: None,
+        settings: Vec::new(),
         latency_rate: None,
         latency_seconds: 0,
     };
@@ -102,6 +106,11 @@ fn parse_args() -> Args {
             "--markdown" => a.markdown = Some(value().into()),
             "--child" => a.child = true,
             "--checkpoint-interval" => a.checkpoint_interval = Some(value()),
+            "--set" => {
+                let setting = value();
+                let (key, value) = setting.split_once('=').expect("--set takes key=value");
+                a.settings.push((key.trim().into(), value.trim().into()));
+            }
             "--timeout" => {
                 a.timeout = Duration::from_secs(value().parse().expect("seconds"));
             }
@@ -403,6 +412,9 @@ fn in_child(args: &Args, query: &str, parallelism: usize) -> Outcome {
     if let Some(path) = &args.csv {
         command.arg("--source").arg("csv").arg("--path").arg(path);
     }
+    for (key, value) in &args.settings {
+        command.arg("--set").arg(format!("{key}={value}"));
+    }
     if let Some(rate) = args.latency_rate {
         command.args(["--latency", "--rate", &rate.to_string()]);
         command.args(["--seconds", &args.latency_seconds.to_string()]);
@@ -485,6 +497,11 @@ fn run_query(args: &Args, query: &str, parallelism: usize) -> Outcome {
         if let Some(interval) = &args.checkpoint_interval {
             let set = format!("SET 'execution.checkpointing.interval' = '{interval}'");
             run(&client, &set).await.unwrap();
+        }
+        for (key, value) in &args.settings {
+            if let Err(e) = run(&client, &format!("SET '{key}' = '{value}'")).await {
+                return Outcome::Failed(e);
+            }
         }
         run(
             &client,

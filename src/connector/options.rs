@@ -317,6 +317,25 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+/// Parses Flink's memory size syntax: a number and an optional unit (`64 mb`, `1g`,
+/// `512kb`; bytes without one).
+pub fn parse_memory_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: usize = number.parse().ok()?;
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" | "bytes" => 1,
+        "k" | "kb" | "kib" | "kibibytes" => 1 << 10,
+        "m" | "mb" | "mib" | "mebibytes" => 1 << 20,
+        "g" | "gb" | "gib" | "gibibytes" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(scale)
+}
+
 fn invalid(message: impl Into<String>) -> SqlError {
     SqlError::new(sqlstate::INVALID_PARAMETER_VALUE, message)
 }
@@ -397,5 +416,17 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2 min"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("soon"), None);
+    }
+
+    #[test]
+    fn memory_sizes_parse_like_flink() {
+        assert_eq!(parse_memory_size("64 mb"), Some(64 << 20));
+        assert_eq!(parse_memory_size("1g"), Some(1 << 30));
+        assert_eq!(parse_memory_size("512KB"), Some(512 << 10));
+        assert_eq!(parse_memory_size("100"), Some(100));
+        assert_eq!(parse_memory_size("0"), Some(0));
+        assert_eq!(parse_memory_size("lots"), None);
+        assert_eq!(parse_memory_size("5 tb"), None);
+        assert_eq!(parse_memory_size("99999999999999999999 gb"), None);
     }
 }

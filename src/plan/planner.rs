@@ -6,6 +6,7 @@
 //! end of a bounded input (a SELECT over bounded sources) and is refused for continuous
 //! queries with a message that says what to write instead.
 
+use crate::stream::state_backend::SledBackend;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
@@ -97,6 +98,8 @@ pub struct Planner<'a> {
     lateness: i64,
     /// 'table.exec.state.ttl' of unbounded operators; `None` keeps state forever.
     state_ttl: Option<std::time::Duration>,
+    /// 'state.backend' = 'sled': where operators keep state beyond their memory budget.
+    backend: Option<SledBackend>,
 }
 
 fn refuse(message: impl Into<String>) -> DataFusionError {
@@ -120,7 +123,14 @@ impl<'a> Planner<'a> {
             late_rows: None,
             lateness: 0,
             state_ttl: None,
+            backend: None,
         }
+    }
+
+    /// Operators that support it keep state beyond `backend`'s memory budget in sled.
+    pub fn with_state_backend(mut self, backend: Option<SledBackend>) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// Unbounded operators forget a key's state this long after it was last touched.

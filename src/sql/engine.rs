@@ -2,7 +2,7 @@
 //! DataFusion over the catalog's tables, session statements against the session.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
@@ -65,6 +65,8 @@ pub struct Engine {
     pub(super) catalog: Arc<Catalog>,
     pub(super) ctx: Arc<SessionContext>,
     pub(super) jobs: Arc<Jobs>,
+    /// Where operators under the sled state backend open their scratch databases.
+    pub(super) spill_root: PathBuf,
 }
 
 impl Engine {
@@ -72,10 +74,25 @@ impl Engine {
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data_dir)?;
         let store: Arc<dyn StateStore> = Arc::new(SledStore::open(&data_dir.join("store"))?);
-        Self::with_store(store)
+        // Scratch state of a server that was killed: checkpoints rebuild it.
+        let spill_root = data_dir.join("spill");
+        if spill_root.exists() {
+            std::fs::remove_dir_all(&spill_root)?;
+        }
+        Self::with_store_and_spill(store, spill_root)
     }
 
+    /// An engine over `store`, with scratch state in the system's temporary directory.
     pub fn with_store(store: Arc<dyn StateStore>) -> anyhow::Result<Arc<Self>> {
+        let spill_root =
+            std::env::temp_dir().join(format!("weir-spill-{:016x}", rand::random::<u64>()));
+        Self::with_store_and_spill(store, spill_root)
+    }
+
+    fn with_store_and_spill(
+        store: Arc<dyn StateStore>,
+        spill_root: PathBuf,
+    ) -> anyhow::Result<Arc<Self>> {
         let catalog = Arc::new(Catalog::open(store)?);
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(names::CATALOG, names::SCHEMA)
@@ -98,7 +115,12 @@ impl Engine {
         for udf in functions::all() {
             ctx.register_udf(udf);
         }
-        Ok(Arc::new(Self { catalog, ctx, jobs }))
+        Ok(Arc::new(Self {
+            catalog,
+            ctx,
+            jobs,
+            spill_root,
+        }))
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {

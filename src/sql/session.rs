@@ -82,6 +82,18 @@ const VARIABLES: &[Variable] = &[
         "Accepted for Flink compatibility: Weir decides lateness as if a watermark followed every row",
     ),
     var(
+        "state.backend",
+        "memory",
+        false,
+        "Where joins of new queries keep rows: memory, or sled (on disk beyond 'state.backend.sled.memory' per input)",
+    ),
+    var(
+        "state.backend.sled.memory",
+        "64 mb",
+        false,
+        "Memory each join input subtask of new queries keeps under the sled state backend before moving rows to disk",
+    ),
+    var(
         "table.dml-sync",
         "false",
         false,
@@ -375,6 +387,20 @@ fn normalize(name: &str, value: &str) -> SqlResult<String> {
             }
             _ => Err(invalid(
                 "it must be a duration such as '1 s' or '500 ms'".into(),
+            )),
+        },
+        "state.backend" => match value.trim().to_ascii_lowercase().as_str() {
+            "memory" | "hashmap" => Ok("memory".into()),
+            "sled" => Ok("sled".into()),
+            _ => Err(invalid(
+                "it must be 'memory' (the default) or 'sled' (keyed state beyond memory on disk)"
+                    .into(),
+            )),
+        },
+        "state.backend.sled.memory" => match crate::connector::options::parse_memory_size(value) {
+            Some(_) => Ok(value.to_string()),
+            None => Err(invalid(
+                "it must be a memory size such as '64 mb', '512 kb' or '1 gb'".into(),
             )),
         },
         "table.local-time-zone" => Tz::from_str(value)

@@ -2,6 +2,10 @@
 //! INSERT INTO ... SELECT jobs, SHOW JOBS, STOP JOB, FLUSH, SELECT over bounded
 //! connector inputs, and EXPLAIN of streaming plans.
 
+use crate::stream::state_backend::SledBackend;
+
+/// 'state.backend.sled.memory' when not set.
+const DEFAULT_SLED_MEMORY: usize = 64 << 20;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -126,6 +130,8 @@ pub(super) fn external(e: DataFusionError) -> SqlError {
 const PLANNING_SETTINGS: &[&str] = &[
     "execution.checkpointing.unaligned",
     "parallelism.default",
+    "state.backend",
+    "state.backend.sled.memory",
     "table.local-time-zone",
     "table.exec.emit.allow-lateness",
     "table.exec.state.ttl",
@@ -227,6 +233,7 @@ impl Engine {
                     .and_then(|d| crate::connector::options::parse_duration(d))
                     .filter(|d| !d.is_zero()),
             )
+            .with_state_backend(self.state_backend(metadata))
             .plan(plan, sink)
             .map(|mut graph| {
                 graph.unaligned_checkpoints = metadata
@@ -235,6 +242,21 @@ impl Engine {
                 graph
             })
             .map_err(external)
+    }
+
+    /// 'state.backend' = 'sled': operators' scratch databases go under the engine's
+    /// spill directory.
+    fn state_backend(&self, metadata: &HashMap<String, String>) -> Option<SledBackend> {
+        if metadata.get("state.backend").map(String::as_str) != Some("sled") {
+            return None;
+        }
+        Some(SledBackend {
+            root: self.spill_root.clone(),
+            memory: metadata
+                .get("state.backend.sled.memory")
+                .and_then(|m| crate::connector::options::parse_memory_size(m))
+                .unwrap_or(DEFAULT_SLED_MEMORY),
+        })
     }
 
     /// The late-data table the session named, if any.

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
+pub mod state_backend;
 pub mod view_rows;
 pub mod window;
 

@@ -115,13 +115,13 @@ impl Planner<'_> {
                 _ => {}
             }
         }
-        let state = if interval.is_some() {
-            "rows of both inputs until the watermark passes their time bounds"
+        let mut state = if interval.is_some() {
+            "rows of both inputs until the watermark passes their time bounds".to_string()
         } else if ttl.iter().all(|t| t.is_some()) {
-            "rows of both inputs per join key, until the state TTL"
+            "rows of both inputs per join key, until the state TTL".to_string()
         } else {
             self.unbounded_state(&operator);
-            "rows of both inputs per join key"
+            "rows of both inputs per join key".to_string()
         };
 
         let (left_exchange, parallelism) = self.keyed(keys[0].clone());
@@ -148,6 +148,10 @@ impl Planner<'_> {
                 right.changelog == ChangelogMode::InsertOnly,
             ],
         });
+        let backend = self.backend.clone().filter(|_| spec.can_spill());
+        if let Some(b) = &backend {
+            state.push_str(&format!(", {}", b.describe()));
+        }
         // Inserts stay inserts when no row is ever taken back: an inner or semi join of
         // insert-only inputs, or an interval join (which pads rows only once they expire).
         let changelog = if insert_only
@@ -163,7 +167,7 @@ impl Planner<'_> {
         let node = self.add(StreamNode {
             name: name.into(),
             detail,
-            state: state.into(),
+            state,
             parallelism,
             inputs: vec![
                 Edge {
@@ -176,7 +180,10 @@ impl Planner<'_> {
                 },
             ],
             kind: NodeKind::Operator(Arc::new(move |_| {
-                Ok(Box::new(StreamJoin::try_new(spec.clone(), system_clock())?) as _)
+                Ok(Box::new(
+                    StreamJoin::try_new(spec.clone(), system_clock())?
+                        .with_backend(backend.as_ref())?,
+                ) as _)
             })),
             schema: output,
             changelog: ChangelogMode::InsertOnly,

@@ -17,6 +17,7 @@
 
 mod checkpoint;
 mod side;
+mod spill;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +38,7 @@ use self::side::{EntryId, Loc, Side};
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::source::to_millis;
+use crate::stream::state_backend::SledBackend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinKind {
@@ -149,6 +151,13 @@ impl JoinSpec {
     fn finds_rows(&self, s: usize) -> bool {
         !self.insert_only[s] || self.ttl[s].is_some()
     }
+
+    /// Whether the sled state backend can keep the rows beyond memory: those of a join
+    /// with keys (records are per key) and without time bounds (an interval join's rows
+    /// leave with the watermark).
+    pub fn can_spill(&self) -> bool {
+        !self.keys[0].is_empty() && self.interval.is_none()
+    }
 }
 
 /// Processing time in milliseconds; tests substitute their own.
@@ -222,6 +231,8 @@ pub struct StreamJoin {
     watermark: Millis,
     clock: Clock,
     last_sweep: Millis,
+    /// Under the sled state backend: where rows beyond the memory budget go.
+    spill: Option<spill::Spill>,
 }
 
 impl StreamJoin {
@@ -259,7 +270,16 @@ impl StreamJoin {
             watermark: NO_WATERMARK,
             clock,
             last_sweep: NO_WATERMARK,
+            spill: None,
         })
+    }
+
+    /// Keeps rows beyond `backend`'s memory budget in sled, if [`JoinSpec::can_spill`].
+    pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
+        if let Some(backend) = backend.filter(|_| self.spec.can_spill()) {
+            self.spill = spill::Spill::open(backend, &self.spec.inputs)?;
+        }
+        Ok(self)
     }
 
     /// The encoder of input `s`'s whole rows, if its side finds rows by them.
@@ -461,6 +481,7 @@ impl StreamJoin {
                 }
             }
             side.settle()?;
+            self.sweep_spilled(s, now.saturating_sub(ttl))?;
         }
         Ok(())
     }
@@ -528,6 +549,9 @@ impl Operator for StreamJoin {
         let key_columns = self.key_columns(a, rows)?;
         let keys = Encoded::new(&self.keys, &key_columns)?;
         let full = Encoded::new(&self.rows[a], rows.columns())?;
+        // Under the sled backend, the keys this batch probes or changes come back first.
+        self.bring_back_rows(b, &keys, n)?;
+        self.bring_back_rows(a, &keys, n)?;
 
         // Rows that can match at all: no NULL key (unless NULL equals NULL), a time.
         let mut matchable = vec![true; n];
@@ -745,7 +769,8 @@ impl Operator for StreamJoin {
         }
         self.emit(a, Some(rows), emitted, out)?;
         self.sides[a].settle()?;
-        Ok(())
+        self.shed(a)?;
+        self.shed(b)
     }
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -759,7 +784,8 @@ impl Operator for StreamJoin {
     }
 
     fn state_size(&self) -> usize {
-        self.sides.iter().map(|s| s.size()).sum()
+        self.sides.iter().map(|s| s.size()).sum::<usize>()
+            + self.spill.as_ref().map_or(0, |s| s.bytes())
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {

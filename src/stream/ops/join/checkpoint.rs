@@ -15,7 +15,7 @@ use super::side::{self, EntryId};
 use super::{Encoded, StreamJoin};
 use crate::stream::snapshot;
 
-const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
+pub(super) const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
 const REMOVED_KINDS: [&str; 2] = ["join-left-removed", "join-right-removed"];
 /// Columns after a row's own: count, matches, touched, time, origin, counter.
 const FIGURES: usize = 6;
@@ -31,6 +31,7 @@ impl StreamJoin {
         for s in 0..2 {
             let ids = self.sides[s].live_ids();
             batches.push(self.side_batch(s, &ids)?);
+            batches.extend(self.spilled_batches(s)?);
             self.sides[s].forget_changes();
         }
         Ok(batches)
@@ -40,6 +41,7 @@ impl StreamJoin {
     pub(super) fn changed_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
         let mut batches = vec![snapshot::progress(self.watermark, 0)?];
         for (s, kind) in REMOVED_KINDS.iter().enumerate() {
+            self.bring_back_changed(s)?;
             let (ids, removed) = self.sides[s].take_changes();
             let column = |f: fn(&side::Serial) -> u64| -> ArrayRef {
                 Arc::new(Int64Array::from_iter_values(
@@ -52,6 +54,7 @@ impl StreamJoin {
                 vec![column(|r| r.0), column(|r| r.1)],
             )?);
             batches.push(self.side_batch(s, &ids)?);
+            self.shed(s)?;
         }
         Ok(batches)
     }
@@ -114,7 +117,8 @@ impl StreamJoin {
         for side in &mut self.sides {
             side.restored();
         }
-        Ok(())
+        self.shed(0)?;
+        self.shed(1)
     }
 
     fn restore_side(&mut self, s: usize, batch: &RecordBatch) -> Result<()> {

@@ -30,6 +30,17 @@ const MERGED_ROWS: usize = 8192;
 /// Hash map and entry bookkeeping per entry, for `state_size`.
 const ENTRY_OVERHEAD: usize = 96;
 
+/// An entry coming back into memory: where its row is now, and its figures.
+pub struct LoadedRow<'a> {
+    pub key: &'a [u8],
+    pub full: &'a [u8],
+    pub loc: Loc,
+    pub count: u32,
+    pub matches: i64,
+    /// Touched and time.
+    pub times: (Millis, Millis),
+}
+
 /// One distinct row of the input and how many copies of it are live.
 pub struct Entry {
     pub loc: Loc,
@@ -64,6 +75,14 @@ pub type Serial = (Origin, u64);
 
 const COUNTER_BITS: u32 = 48;
 
+/// The entries of one join key, and whether the key was used since the sled backend
+/// last looked for keys to move out of memory.
+#[derive(Default)]
+struct Keyed {
+    ids: Vec<EntryId>,
+    used: bool,
+}
+
 struct Chunk {
     rows: RecordBatch,
     /// The entry each row belongs to, or DEAD.
@@ -78,7 +97,7 @@ pub struct Side {
     first_chunk: u64,
     entries: Vec<Option<Entry>>,
     free: Vec<EntryId>,
-    by_key: HashMap<Arc<[u8]>, Vec<EntryId>>,
+    by_key: HashMap<Arc<[u8]>, Keyed>,
     /// Entries by their encoded row, for sides whose rows can be taken back (or whose
     /// rows' state TTL a repeated row refreshes); `None` for insert-only sides, whose
     /// equal rows are then separate entries.
@@ -178,6 +197,10 @@ impl Side {
     /// removed first with [`Side::remove_serial`]).
     pub fn adopt_serial(&mut self, id: EntryId, serial: Serial) {
         self.by_serial.insert(serial, id);
+        self.set_serial(id, serial);
+    }
+
+    fn set_serial(&mut self, id: EntryId, serial: Serial) {
         let index = match self.origins.iter().position(|&o| o == serial.0) {
             Some(i) => i,
             None => {
@@ -189,6 +212,56 @@ impl Side {
             .as_mut()
             .expect("a live entry")
             .serial = ((index as u64) << COUNTER_BITS) | serial.1;
+    }
+
+    /// Puts back an entry the sled backend had moved out of memory, as it was: serial,
+    /// and whether it changed since the previous snapshot. It counts as snapshotted, so
+    /// its removal is recorded (harmless if it never was).
+    pub fn insert_loaded(&mut self, row: LoadedRow, serial: Serial, dirty: bool) -> EntryId {
+        let id = self.insert(row.key, row.full, row.loc, row.matches, row.times);
+        self.set_serial(id, serial);
+        let entry = self.entries[id as usize].as_mut().expect("just inserted");
+        entry.count = row.count;
+        entry.persisted = true;
+        // `insert` listed it as changed; a clean entry drops out of that list when the
+        // next snapshot takes the changes.
+        entry.dirty = dirty;
+        id
+    }
+
+    /// Whether entry `id` changed since the previous snapshot.
+    pub fn is_dirty(&self, id: EntryId) -> bool {
+        self.entry(id).dirty
+    }
+
+    /// Whether rows of `key` are in memory; marks the key as used.
+    pub fn use_key(&mut self, key: &[u8]) -> bool {
+        match self.by_key.get_mut(key) {
+            Some(keyed) => {
+                keyed.used = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The keys in memory not used since the previous call (all of them when `all`);
+    /// every key counts as unused afterwards.
+    pub fn keys_to_move(&mut self, all: bool) -> Vec<Arc<[u8]>> {
+        let mut keys = Vec::new();
+        for (key, keyed) in self.by_key.iter_mut() {
+            if all || !keyed.used {
+                keys.push(key.clone());
+            }
+            keyed.used = false;
+        }
+        keys
+    }
+
+    /// Takes entry `id` out of memory because the sled backend keeps it now: unlike
+    /// [`Side::remove`], this is no removal a snapshot records.
+    pub fn move_out(&mut self, id: EntryId) {
+        self.drop_entry(id, false);
     }
 
     /// Removes the entry with the stored serial `serial`, if there is one (restoring).
@@ -213,7 +286,10 @@ impl Side {
 
     /// The entries whose join key is `key`.
     pub fn candidates(&self, key: &[u8]) -> &[EntryId] {
-        self.by_key.get(key).map(|v| v.as_slice()).unwrap_or(&[])
+        self.by_key
+            .get(key)
+            .map(|k| k.ids.as_slice())
+            .unwrap_or(&[])
     }
 
     /// The entry holding rows equal to the encoded row `full`.
@@ -311,7 +387,9 @@ impl Side {
         let chunk = self.chunk_mut(loc.0);
         chunk.owners[loc.1 as usize] = id;
         chunk.live += 1;
-        self.by_key.entry(key).or_default().push(id);
+        let keyed = self.by_key.entry(key).or_default();
+        keyed.ids.push(id);
+        keyed.used = true;
         if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), full) {
             by_row.insert(full, id);
         }
@@ -321,10 +399,15 @@ impl Side {
 
     /// Removes entry `id` with all its copies.
     pub fn remove(&mut self, id: EntryId) {
+        self.drop_entry(id, true);
+    }
+
+    /// Takes entry `id` out of memory; a removal the next snapshot records when `removal`.
+    fn drop_entry(&mut self, id: EntryId, removal: bool) {
         let Some(entry) = self.entries[id as usize].take() else {
             return;
         };
-        if entry.persisted {
+        if removal && entry.persisted {
             let serial = self.stored_serial(entry.serial);
             self.removed.push(serial);
         }
@@ -335,13 +418,13 @@ impl Side {
             self.key_bytes -= full.len();
             by_row.remove(full);
         }
-        if let Some(ids) = self.by_key.get_mut(&entry.key) {
+        if let Some(keyed) = self.by_key.get_mut(&entry.key) {
             // Ids stay in arrival order: rows mostly go oldest first (expiry), so the
             // search ends near the front.
-            if let Some(at) = ids.iter().position(|&i| i == id) {
-                ids.remove(at);
+            if let Some(at) = keyed.ids.iter().position(|&i| i == id) {
+                keyed.ids.remove(at);
             }
-            if ids.is_empty() {
+            if keyed.ids.is_empty() {
                 self.by_key.remove(&entry.key);
             }
         }

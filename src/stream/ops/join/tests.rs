@@ -77,8 +77,24 @@ fn spec(kind: JoinKind, filter: Option<Arc<dyn PhysicalExpr>>) -> JoinSpec {
 }
 
 fn join(spec: JoinSpec) -> StreamJoin {
-    StreamJoin::try_new(Arc::new(spec), system_clock()).unwrap()
+    join_in(spec, None)
 }
+
+/// A join under the sled state backend when `memory` (bytes per input) is given.
+fn join_in(spec: JoinSpec, memory: Option<usize>) -> StreamJoin {
+    let backend = memory.map(|memory| SledBackend {
+        root: std::env::temp_dir().join("weir-join-tests"),
+        memory,
+    });
+    StreamJoin::try_new(Arc::new(spec), system_clock())
+        .unwrap()
+        .with_backend(backend.as_ref())
+        .unwrap()
+}
+
+/// Memory budgets the tests run with: no sled backend, everything in sled after each
+/// batch, and a few rows in memory.
+const MEMORIES: [Option<usize>; 3] = [None, Some(0), Some(400)];
 
 fn batch(side: usize, rows: &[(Option<i64>, i64)], op: Op) -> ChangeBatch {
     let schema = input_schema(if side == 0 { "l" } else { "r" });
@@ -384,10 +400,10 @@ fn random_changelogs_give_the_join_of_the_current_rows() {
         JoinKind::RightSemi,
         JoinKind::RightAnti,
     ];
-    for seed in 0..12u64 {
+    for (seed, memory) in (0..12u64).flat_map(|seed| MEMORIES.map(|m| (seed, m))) {
         for kind in kinds {
             let less = seed % 2 == 1;
-            let mut j = join(spec(kind, less.then(less_filter)));
+            let mut j = join_in(spec(kind, less.then(less_filter)), memory);
             let mut rng = Lcg(seed * 7919 + 17);
             let mut rows: [Vec<(i64, i64)>; 2] = [Vec::new(), Vec::new()];
             let mut view = Vec::new();
@@ -435,8 +451,11 @@ fn random_changelogs_give_the_join_of_the_current_rows() {
                 assert_eq!(
                     view,
                     reference(kind, &rows[0], &rows[1], less),
-                    "{kind:?} seed {seed} step {step}"
+                    "{kind:?} seed {seed} step {step} memory {memory:?}"
                 );
+                if memory == Some(0) {
+                    assert_eq!(j.sides[0].len() + j.sides[1].len(), 0, "all in sled");
+                }
             }
         }
     }
@@ -509,32 +528,69 @@ fn outer_interval_join_emits_unmatched_rows_when_they_expire() {
 
 #[test]
 fn state_ttl_forgets_rows_not_written_for_the_ttl() {
-    let now = Arc::new(AtomicI64::new(1_000));
-    let clock_now = now.clone();
-    let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
-    let mut s = spec(JoinKind::Left, None);
-    s.ttl = [Some(100), Some(50)];
-    let mut j = StreamJoin::try_new(Arc::new(s), clock).unwrap();
-    assert_eq!(run(&mut j, 0, ins(0, &[(1, 10)])), ["+I 1,10,_,_"]);
-    now.store(1_040, Ordering::SeqCst);
+    for memory in MEMORIES {
+        let now = Arc::new(AtomicI64::new(1_000));
+        let clock_now = now.clone();
+        let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+        let mut s = spec(JoinKind::Left, None);
+        s.ttl = [Some(100), Some(50)];
+        let backend = memory.map(|memory| SledBackend {
+            root: std::env::temp_dir().join("weir-join-tests"),
+            memory,
+        });
+        let mut j = StreamJoin::try_new(Arc::new(s), clock)
+            .unwrap()
+            .with_backend(backend.as_ref())
+            .unwrap();
+        assert_eq!(run(&mut j, 0, ins(0, &[(1, 10)])), ["+I 1,10,_,_"]);
+        now.store(1_040, Ordering::SeqCst);
+        assert_eq!(
+            run(&mut j, 1, ins(1, &[(1, 100)])),
+            ["-D 1,10,_,_", "+I 1,10,1,100"]
+        );
+        // The right row's TTL (50) passed at 1090; nothing is emitted for it, and it no
+        // longer matches. The left row was written at 1040 (its match count changed).
+        now.store(1_095, Ordering::SeqCst);
+        assert!(run(&mut j, 0, ins(0, &[(1, 11)])).len() == 1);
+        if memory.is_none() {
+            assert_eq!(j.sides[1].len(), 0, "expired rows are swept");
+        }
+        now.store(1_139, Ordering::SeqCst);
+        assert_eq!(run(&mut j, 1, ins(1, &[(1, 101)])).len(), 3);
+        // Everything expires without output once no row was written for the TTL, in
+        // memory and in sled.
+        now.store(1_300, Ordering::SeqCst);
+        let mut out = Vec::new();
+        j.on_barrier(&mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(j.state_size(), 0, "memory {memory:?}");
+        assert_eq!(run(&mut j, 1, ins(1, &[(1, 102)])), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn the_sled_backend_keeps_rows_beyond_memory_in_sled_and_brings_them_back() {
+    let mut j = join_in(spec(JoinKind::Inner, None), Some(0));
+    run(&mut j, 0, ins(0, &[(1, 10), (2, 20), (1, 11)]));
+    assert_eq!(j.sides[0].len(), 0);
+    let spilled = j.state_size();
+    assert!(spilled > 0);
+    // Key 1 comes back to be probed, and goes again.
     assert_eq!(
         run(&mut j, 1, ins(1, &[(1, 100)])),
-        ["-D 1,10,_,_", "+I 1,10,1,100"]
+        ["+I 1,10,1,100", "+I 1,11,1,100"]
     );
-    // The right row's TTL (50) passed at 1090; nothing is emitted for it, and it no
-    // longer matches. The left row was written at 1040 (its match count changed).
-    now.store(1_095, Ordering::SeqCst);
-    assert!(run(&mut j, 0, ins(0, &[(1, 11)])).len() == 1);
-    assert_eq!(j.sides[1].len(), 0, "expired rows are swept");
-    now.store(1_139, Ordering::SeqCst);
-    assert_eq!(run(&mut j, 1, ins(1, &[(1, 101)])).len(), 3);
-    // Everything expires without output once no row was written for the TTL.
-    now.store(1_300, Ordering::SeqCst);
-    let mut out = Vec::new();
-    j.on_barrier(&mut out).unwrap();
-    assert!(out.is_empty());
-    assert_eq!(j.state_size(), 0);
-    assert_eq!(run(&mut j, 1, ins(1, &[(1, 102)])), Vec::<String>::new());
+    assert_eq!(j.sides[0].len() + j.sides[1].len(), 0);
+    // Retracting a spilled row finds it.
+    assert_eq!(
+        run(&mut j, 0, change(0, Op::Delete, 1, 10)),
+        ["-D 1,10,1,100"]
+    );
+    // With room for everything, nothing goes to sled.
+    let mut roomy = join_in(spec(JoinKind::Inner, None), Some(1 << 20));
+    run(&mut roomy, 0, ins(0, &[(1, 10), (2, 20), (1, 11)]));
+    assert_eq!(roomy.sides[0].len(), 3);
+    assert_eq!(roomy.spill.as_ref().unwrap().bytes(), 0);
 }
 
 /// Runs steps (input, rows, then a watermark) through `j`; interval joins take inserts
@@ -553,14 +609,24 @@ fn drive(j: &mut StreamJoin, steps: &[(usize, ChangeBatch, Option<Millis>)]) -> 
     out
 }
 
-/// A join of `kind`, interval (5 on each side) or regular with a filter.
-fn restorable_join(kind: JoinKind, interval: bool) -> StreamJoin {
+/// A join of `kind`, interval (5 on each side) or regular with a filter, under the sled
+/// backend with `memory` bytes per input when given.
+fn restorable_join(kind: JoinKind, interval: bool, memory: Option<usize>) -> StreamJoin {
     if interval {
-        join(interval_spec(kind, -5, 5))
+        join_in(interval_spec(kind, -5, 5), memory)
     } else {
-        join(spec(kind, Some(less_filter())))
+        join_in(spec(kind, Some(less_filter())), memory)
     }
 }
+
+/// Memory budgets of the run that snapshots and of the run that restores: snapshots
+/// carry over between the backends.
+const RESTORE_MEMORIES: [(Option<usize>, Option<usize>); 4] = [
+    (None, None),
+    (Some(0), Some(0)),
+    (Some(0), None),
+    (None, Some(100)),
+];
 
 #[test]
 fn a_restored_join_continues_as_if_never_stopped() {
@@ -574,19 +640,24 @@ fn a_restored_join_continues_as_if_never_stopped() {
         (1, ins(1, &[(1, 152), (3, 139)]), Some(146)),
         (0, ins(0, &[(1, 151)]), Some(END_OF_TIME)),
     ];
-    for kind in [JoinKind::Full, JoinKind::Inner] {
+    for (kind, (memory, restored_memory)) in [JoinKind::Full, JoinKind::Inner]
+        .into_iter()
+        .flat_map(|k| RESTORE_MEMORIES.map(|m| (k, m)))
+    {
         for interval in [false, true] {
-            let make = || restorable_join(kind, interval);
-            let mut straight = make();
+            let mut straight = restorable_join(kind, interval, None);
             let expected = drive(&mut straight, &steps);
-            let mut before = make();
+            let mut before = restorable_join(kind, interval, memory);
             let mut got = drive(&mut before, &steps[..4]);
             let state = before.snapshot().unwrap();
-            let mut after = make();
+            let mut after = restorable_join(kind, interval, restored_memory);
             after.restore(state).unwrap();
             assert_eq!(after.state_size() > 0, before.state_size() > 0);
             got.extend(drive(&mut after, &steps[4..]));
-            assert_eq!(got, expected, "{kind:?}, interval {interval}");
+            assert_eq!(
+                got, expected,
+                "{kind:?}, interval {interval}, memory {memory:?} then {restored_memory:?}"
+            );
             assert!(!expected.is_empty());
         }
     }
@@ -627,15 +698,17 @@ fn incremental_snapshots_restore_in_layers_and_hold_only_changes() {
             (0, ins(0, &[(2, 110)]), Some(END_OF_TIME)),
         ],
     ];
-    for kind in [JoinKind::Full, JoinKind::Inner] {
+    for (kind, (memory, restored_memory)) in [JoinKind::Full, JoinKind::Inner]
+        .into_iter()
+        .flat_map(|k| RESTORE_MEMORIES.map(|m| (k, m)))
+    {
         for interval in [false, true] {
-            let make = || restorable_join(kind, interval);
-            let mut straight = make();
+            let mut straight = restorable_join(kind, interval, None);
             let mut expected = Vec::new();
             for step in &steps {
                 expected.extend(drive(&mut straight, step));
             }
-            let mut before = make();
+            let mut before = restorable_join(kind, interval, memory);
             before.started_from(0, 0);
             let mut got = drive(&mut before, &steps[0]);
             let mut layers = before.snapshot().unwrap();
@@ -652,16 +725,21 @@ fn incremental_snapshots_restore_in_layers_and_hold_only_changes() {
                 assert!(rows <= 1 + 4, "{rows} rows for one step's changes");
                 layers.extend(changes);
             }
-            let mut after = make();
+            let mut after = restorable_join(kind, interval, restored_memory);
             after.started_from(7, 0);
             after.restore(layers).unwrap();
-            assert_eq!(
-                after.state_size(),
-                before.state_size(),
-                "{kind:?} {interval}"
-            );
+            if memory == restored_memory {
+                assert_eq!(
+                    after.state_size(),
+                    before.state_size(),
+                    "{kind:?} {interval} {memory:?}"
+                );
+            }
             got.extend(drive(&mut after, &steps[3]));
-            assert_eq!(got, expected, "{kind:?}, interval {interval}");
+            assert_eq!(
+                got, expected,
+                "{kind:?}, interval {interval}, memory {memory:?} then {restored_memory:?}"
+            );
         }
     }
 }

@@ -1,0 +1,64 @@
+//! `SET 'state.backend' = 'sled'`: operators keep a bounded amount of keyed state in
+//! memory and the rest in a scratch sled database of their own. The scratch data is only
+//! a working copy: checkpoints still hold the state, and a restart rebuilds it from them,
+//! so nothing in it needs to survive the process (it is deleted with the operator, and a
+//! restarted server clears what a killed one left).
+
+use std::path::PathBuf;
+
+use datafusion::common::{DataFusionError, Result};
+
+/// Where operators keep the keyed state that does not stay in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SledBackend {
+    /// The directory under which each operator instance opens its own database.
+    pub root: PathBuf,
+    /// Bytes of state each stateful input of an operator subtask keeps in memory.
+    pub memory: usize,
+}
+
+/// sled's own page cache per scratch database: the operator's memory budget is what
+/// keeps state in memory, so sled caches little beside it.
+const SCRATCH_CACHE_BYTES: u64 = 8 << 20;
+
+impl SledBackend {
+    /// A new scratch database, deleted when dropped.
+    pub fn open_scratch(&self) -> Result<sled::Db> {
+        let dir = self.root.join(format!("{:016x}", rand::random::<u64>()));
+        sled::Config::new()
+            .path(&dir)
+            .temporary(true)
+            .cache_capacity(SCRATCH_CACHE_BYTES)
+            // Never flushed on purpose: a crash loses it anyway.
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| {
+                DataFusionError::External(
+                    format!("opening the sled state backend in {}: {e}", dir.display()).into(),
+                )
+            })
+    }
+
+    /// What EXPLAIN says about where state beyond memory goes.
+    pub fn describe(&self) -> String {
+        format!("in sled beyond {} per input", human_bytes(self.memory))
+    }
+}
+
+fn human_bytes(bytes: usize) -> String {
+    const MIB: usize = 1 << 20;
+    const KIB: usize = 1 << 10;
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else if bytes >= KIB && bytes.is_multiple_of(KIB) {
+        format!("{} KiB", bytes / KIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// A sled error as a DataFusion one.
+pub fn sled_error(e: sled::Error) -> DataFusionError {
+    DataFusionError::External(format!("sled state backend: {e}").into())
+}

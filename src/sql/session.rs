@@ -85,7 +85,7 @@ const VARIABLES: &[Variable] = &[
         "state.backend",
         "memory",
         false,
-        "Where joins of new queries keep rows: memory, or sled (on disk beyond 'state.backend.sled.memory' per input)",
+        "Where joins of new queries keep rows: memory, or sled (experimental: on disk beyond 'state.backend.sled.memory' per input)",
     ),
     var(
         "state.backend.sled.memory",

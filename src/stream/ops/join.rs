@@ -549,9 +549,12 @@ impl Operator for StreamJoin {
         let key_columns = self.key_columns(a, rows)?;
         let keys = Encoded::new(&self.keys, &key_columns)?;
         let full = Encoded::new(&self.rows[a], rows.columns())?;
-        // Under the sled backend, the keys this batch probes or changes come back first.
+        // Under the sled backend, the keys this batch probes come back first, and those
+        // it may find its own rows under (an insert-only input without a TTL only adds).
         self.bring_back_rows(b, &keys, n)?;
-        self.bring_back_rows(a, &keys, n)?;
+        if spec.finds_rows(a) {
+            self.bring_back_rows(a, &keys, n)?;
+        }
 
         // Rows that can match at all: no NULL key (unless NULL equals NULL), a time.
         let mut matchable = vec![true; n];

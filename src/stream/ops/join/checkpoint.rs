@@ -41,7 +41,6 @@ impl StreamJoin {
     pub(super) fn changed_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
         let mut batches = vec![snapshot::progress(self.watermark, 0)?];
         for (s, kind) in REMOVED_KINDS.iter().enumerate() {
-            self.bring_back_changed(s)?;
             let (ids, removed) = self.sides[s].take_changes();
             let column = |f: fn(&side::Serial) -> u64| -> ArrayRef {
                 Arc::new(Int64Array::from_iter_values(
@@ -54,7 +53,7 @@ impl StreamJoin {
                 vec![column(|r| r.0), column(|r| r.1)],
             )?);
             batches.push(self.side_batch(s, &ids)?);
-            self.shed(s)?;
+            batches.extend(self.changed_spilled_batches(s)?);
         }
         Ok(batches)
     }

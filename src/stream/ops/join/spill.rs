@@ -1,12 +1,14 @@
 //! A join's rows under the sled state backend. Each input keeps up to its memory budget
-//! of entries in its [`Side`]; beyond it, keys not used since the previous look go to a
-//! sled tree (all keys, when that is not enough), one record per join key holding every
-//! entry of the key. A batch brings back the keys it probes or changes before it runs,
-//! so the join itself only ever sees entries in memory, and a key is never in both.
+//! of entries in its [`Side`](super::side::Side); beyond it, the entries of keys not used
+//! since the previous look go to a sled tree (of all keys, when that is not enough), one
+//! record per entry under its join key and serial. Before a batch runs, the entries of
+//! the keys it probes, and of those whose rows it may find again, come back, so the join
+//! itself only ever sees entries in memory. An insert-only input that never looks for its
+//! own rows adds to a key without bringing the key's spilled entries back.
 //!
-//! A record keeps what snapshots need: an entry's figures, serial and whether it changed
-//! since the previous snapshot. Incremental snapshots bring changed keys back first;
-//! whole snapshots read the spilled keys straight from sled.
+//! A record keeps what snapshots need (an entry's row, figures and serial), so snapshots
+//! read spilled entries straight from sled: incremental ones those listed as changed
+//! since the previous snapshot when they were moved, whole ones all.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use crate::stream::state_backend::{sled_error, SledBackend};
 
 /// Keys moved or read per group, so no group of rows gets big.
 const GROUP_KEYS: usize = 4096;
-/// Entries per batch of a whole snapshot's spilled part.
+/// Entries per batch of a snapshot's spilled part.
 const SNAPSHOT_ROWS: usize = 8192;
 
 pub(super) struct Spill {
@@ -35,63 +37,75 @@ pub(super) struct Spill {
     memory: usize,
     /// Whole rows of each input, as stored in records.
     rows: [RowConverter; 2],
-    /// Spilled keys with entries changed since the previous snapshot.
+    /// Record keys of spilled entries changed since the previous snapshot (sled only
+    /// holds what does not change until an entry comes back).
     changed: [HashSet<Vec<u8>>; 2],
     /// Bytes of records in each tree.
     bytes: [usize; 2],
 }
 
-/// One entry of a record.
+/// The record key of an entry: its join key's length and bytes (so that one key's
+/// entries are a prefix range no other key shares), then its serial.
+fn record_key(key: &[u8], serial: Serial) -> Vec<u8> {
+    let mut out = key_prefix(key);
+    out.extend_from_slice(&serial.0.to_be_bytes());
+    out.extend_from_slice(&serial.1.to_be_bytes());
+    out
+}
+
+fn key_prefix(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len() + 16);
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// One spilled entry.
 struct Record<'a> {
+    key: &'a [u8],
+    serial: Serial,
     count: u32,
     matches: i64,
     touched: Millis,
     time: Millis,
-    serial: Serial,
-    dirty: bool,
     row: &'a [u8],
 }
 
-const FIXED: usize = 4 + 8 * 5 + 1 + 4;
+/// Count, matches, touched, time; the row follows.
+const FIGURES: usize = 4 + 8 * 3;
 
-impl Record<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
+fn corrupt() -> DataFusionError {
+    DataFusionError::Internal("a corrupt sled state backend record".into())
+}
+
+impl<'a> Record<'a> {
+    fn value(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(FIGURES + self.row.len());
         out.extend_from_slice(&self.count.to_le_bytes());
         for v in [self.matches, self.touched, self.time] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&self.serial.0.to_le_bytes());
-        out.extend_from_slice(&self.serial.1.to_le_bytes());
-        out.push(self.dirty as u8);
-        out.extend_from_slice(&(self.row.len() as u32).to_le_bytes());
         out.extend_from_slice(self.row);
+        out
     }
 
-    /// The entries of a record value.
-    fn parse_all(mut value: &[u8]) -> Result<Vec<Record<'_>>> {
-        let corrupt = || DataFusionError::Internal("a corrupt sled state backend record".into());
-        let mut records = Vec::new();
-        while !value.is_empty() {
-            if value.len() < FIXED {
-                return Err(corrupt());
-            }
-            let u64_at = |at: usize| u64::from_le_bytes(value[at..at + 8].try_into().unwrap());
-            let len = u32::from_le_bytes(value[FIXED - 4..FIXED].try_into().unwrap()) as usize;
-            if value.len() < FIXED + len {
-                return Err(corrupt());
-            }
-            records.push(Record {
-                count: u32::from_le_bytes(value[..4].try_into().unwrap()),
-                matches: u64_at(4) as i64,
-                touched: u64_at(12) as i64,
-                time: u64_at(20) as i64,
-                serial: (u64_at(28), u64_at(36)),
-                dirty: value[44] != 0,
-                row: &value[FIXED..FIXED + len],
-            });
-            value = &value[FIXED + len..];
+    fn parse(record_key: &'a [u8], value: &'a [u8]) -> Result<Self> {
+        let len = u32::from_be_bytes(record_key.get(..4).ok_or_else(corrupt)?.try_into().unwrap())
+            as usize;
+        if record_key.len() != 4 + len + 16 || value.len() < FIGURES {
+            return Err(corrupt());
         }
-        Ok(records)
+        let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let serial_at = |at: usize| u64::from_be_bytes(record_key[at..at + 8].try_into().unwrap());
+        Ok(Record {
+            key: &record_key[4..4 + len],
+            serial: (serial_at(4 + len), serial_at(12 + len)),
+            count: u32::from_le_bytes(value[..4].try_into().unwrap()),
+            matches: u64_at(value, 4) as i64,
+            touched: u64_at(value, 12) as i64,
+            time: u64_at(value, 20) as i64,
+            row: &value[FIGURES..],
+        })
     }
 }
 
@@ -121,27 +135,23 @@ impl Spill {
         }))
     }
 
-    /// The entries of the records `group` of input `s` as a snapshot batch; records
-    /// with entries marked as changed are written again without the marks.
-    fn snapshot_batch(
-        &mut self,
-        s: usize,
-        group: &[(sled::IVec, sled::IVec)],
-    ) -> Result<RecordBatch> {
-        let mut records = Vec::new();
-        let mut rewritten = sled::Batch::default();
-        for (key, value) in group {
-            let parsed = Record::parse_all(value)?;
-            if parsed.iter().any(|r| r.dirty) {
-                let mut clean = Vec::with_capacity(value.len());
-                for mut r in Record::parse_all(value)? {
-                    r.dirty = false;
-                    r.write(&mut clean);
-                }
-                rewritten.insert(key, clean);
-            }
-            records.extend(parsed);
-        }
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes[0] + self.bytes[1]
+    }
+
+    /// Entries of each input in sled.
+    #[cfg(test)]
+    pub(super) fn records(&self) -> [usize; 2] {
+        [self.trees[0].len(), self.trees[1].len()]
+    }
+
+    /// The spilled records `group` of input `s` as a snapshot batch: rows, then the
+    /// figures of [`StreamJoin::side_batch`].
+    fn snapshot_batch(&self, s: usize, group: &[(sled::IVec, sled::IVec)]) -> Result<RecordBatch> {
+        let records = group
+            .iter()
+            .map(|(key, value)| Record::parse(key, value))
+            .collect::<Result<Vec<_>>>()?;
         let parser = self.rows[s].parser();
         let mut columns = self.rows[s].convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
         let figure = |f: &dyn Fn(&Record) -> i64| -> ArrayRef {
@@ -153,19 +163,12 @@ impl Spill {
         columns.push(figure(&|r| r.time));
         columns.push(figure(&|r| r.serial.0 as i64));
         columns.push(figure(&|r| r.serial.1 as i64));
-        let batch = crate::stream::snapshot::batch(super::checkpoint::SIDE_KINDS[s], &[], columns)?;
-        // Written while the tree is read: sled's iterator goes on past rewritten keys.
-        self.trees[s].apply_batch(rewritten).map_err(sled_error)?;
-        Ok(batch)
-    }
-
-    pub(super) fn bytes(&self) -> usize {
-        self.bytes[0] + self.bytes[1]
+        crate::stream::snapshot::batch(super::checkpoint::SIDE_KINDS[s], &[], columns)
     }
 }
 
 impl StreamJoin {
-    /// Brings input `s`'s spilled entries of the keys of `rows` back into memory.
+    /// Brings back input `s`'s spilled entries of the keys of `keys`' `n` rows.
     pub(super) fn bring_back_rows(&mut self, s: usize, keys: &Encoded, n: usize) -> Result<()> {
         if self.spill.is_none() {
             return Ok(());
@@ -175,53 +178,51 @@ impl StreamJoin {
             .map(|i| keys.get(i))
             .filter(|k| seen.insert(k))
             .collect();
-        self.bring_back(s, wanted)
+        self.bring_back(s, &wanted)
     }
 
     /// Brings input `s`'s spilled entries of `keys` (distinct) back into memory.
-    fn bring_back<K: AsRef<[u8]>>(&mut self, s: usize, keys: Vec<K>) -> Result<()> {
+    fn bring_back<K: AsRef<[u8]>>(&mut self, s: usize, keys: &[K]) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
         };
         let side = &mut self.sides[s];
-        let mut values = Vec::new();
-        for key in &keys {
+        let mut found = Vec::new();
+        for key in keys {
             let key = key.as_ref();
-            if side.use_key(key) {
-                continue;
-            }
-            if let Some(value) = spill.trees[s].remove(key).map_err(sled_error)? {
-                spill.bytes[s] -= value.len();
-                spill.changed[s].remove(key);
-                values.push((key.to_vec(), value));
+            side.use_key(key);
+            for item in spill.trees[s].scan_prefix(key_prefix(key)) {
+                found.push(item.map_err(sled_error)?);
             }
         }
-        if values.is_empty() {
+        if found.is_empty() {
             return Ok(());
         }
-        let mut records = Vec::new();
-        for (key, value) in &values {
-            for record in Record::parse_all(value)? {
-                records.push((key.as_slice(), record));
-            }
+        let mut taken = sled::Batch::default();
+        let mut records = Vec::with_capacity(found.len());
+        let mut changed = Vec::with_capacity(found.len());
+        for (key, value) in &found {
+            spill.bytes[s] -= key.len() + value.len();
+            changed.push(spill.changed[s].remove(key.as_ref()));
+            taken.remove(key);
+            records.push(Record::parse(key, value)?);
         }
+        spill.trees[s].apply_batch(taken).map_err(sled_error)?;
         let parser = spill.rows[s].parser();
-        let columns =
-            spill.rows[s].convert_rows(records.iter().map(|(_, r)| parser.parse(r.row)))?;
+        let columns = spill.rows[s].convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
         let rows = crate::stream::batch_of(self.spec.inputs[s].clone(), columns, records.len())?;
         let full = Encoded::new(&self.rows[s], rows.columns())?;
-        let side = &mut self.sides[s];
         let chunk = side.push_chunk(rows);
-        for (i, (key, r)) in records.iter().enumerate() {
+        for (i, r) in records.iter().enumerate() {
             let row = LoadedRow {
-                key,
+                key: r.key,
                 full: full.get(i),
                 loc: (chunk, i as u32),
                 count: r.count,
                 matches: r.matches,
                 times: (r.touched, r.time),
             };
-            side.insert_loaded(row, r.serial, r.dirty);
+            side.insert_loaded(row, r.serial, changed[i]);
         }
         side.settle()
     }
@@ -240,30 +241,24 @@ impl StreamJoin {
             let rows = side.gather(&ids)?;
             let encoded = spill.rows[s].convert_columns(rows.columns())?;
             let mut batch = sled::Batch::default();
-            let mut at = 0;
-            for key in group {
-                let mut value = Vec::new();
-                let mut changed = false;
-                for &id in side.candidates(key) {
-                    let e = side.entry(id);
-                    changed |= side.is_dirty(id);
-                    Record {
-                        count: e.count,
-                        matches: e.matches,
-                        touched: e.touched,
-                        time: e.time,
-                        serial: side.serial(id),
-                        dirty: side.is_dirty(id),
-                        row: encoded.row(at).data(),
-                    }
-                    .write(&mut value);
-                    at += 1;
+            for (at, &id) in ids.iter().enumerate() {
+                let e = side.entry(id);
+                let record = Record {
+                    key: e.key(),
+                    serial: side.serial(id),
+                    count: e.count,
+                    matches: e.matches,
+                    touched: e.touched,
+                    time: e.time,
+                    row: encoded.row(at).data(),
+                };
+                let key = record_key(record.key, record.serial);
+                let value = record.value();
+                spill.bytes[s] += key.len() + value.len();
+                if side.is_dirty(id) {
+                    spill.changed[s].insert(key.clone());
                 }
-                if changed {
-                    spill.changed[s].insert(key.to_vec());
-                }
-                spill.bytes[s] += value.len();
-                batch.insert(&key[..], value);
+                batch.insert(key, value);
             }
             spill.trees[s].apply_batch(batch).map_err(sled_error)?;
             for id in ids {
@@ -291,46 +286,49 @@ impl StreamJoin {
         Ok(())
     }
 
-    /// Brings back the spilled keys of input `s` with entries changed since the previous
-    /// snapshot, so that the snapshot finds them in memory.
-    pub(super) fn bring_back_changed(&mut self, s: usize) -> Result<()> {
+    /// The spilled entries of input `s` changed since the previous snapshot, as snapshot
+    /// batches read from sled; they count as snapshotted afterwards.
+    pub(super) fn changed_spilled_batches(&mut self, s: usize) -> Result<Vec<RecordBatch>> {
         let Some(spill) = self.spill.as_mut() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let keys: Vec<Vec<u8>> = spill.changed[s].drain().collect();
-        self.bring_back(s, keys)
+        let mut batches = Vec::new();
+        for group in keys.chunks(SNAPSHOT_ROWS) {
+            let mut records = Vec::with_capacity(group.len());
+            for key in group {
+                if let Some(value) = spill.trees[s].get(key).map_err(sled_error)? {
+                    records.push((sled::IVec::from(key.as_slice()), value));
+                }
+            }
+            batches.push(spill.snapshot_batch(s, &records)?);
+        }
+        Ok(batches)
     }
 
-    /// Input `s`'s spilled entries as snapshot batches (rows, then the figures of
-    /// [`StreamJoin::side_batch`]); they all count as snapshotted afterwards.
+    /// Every spilled entry of input `s` as snapshot batches; they all count as
+    /// snapshotted afterwards.
     pub(super) fn spilled_batches(&mut self, s: usize) -> Result<Vec<RecordBatch>> {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(Vec::new());
         };
         spill.changed[s].clear();
         let mut batches = Vec::new();
-        let mut group: Vec<(sled::IVec, sled::IVec)> = Vec::new();
-        let mut entries = 0;
-        let mut iter = spill.trees[s].iter();
-        loop {
-            let item = iter.next().transpose().map_err(sled_error)?;
-            let done = item.is_none();
-            if let Some((key, value)) = item {
-                entries += Record::parse_all(&value)?.len();
-                group.push((key, value));
-            }
-            if entries >= SNAPSHOT_ROWS || (done && !group.is_empty()) {
+        let mut group = Vec::with_capacity(SNAPSHOT_ROWS);
+        for item in spill.trees[s].iter() {
+            group.push(item.map_err(sled_error)?);
+            if group.len() == SNAPSHOT_ROWS {
                 batches.push(spill.snapshot_batch(s, &group)?);
                 group.clear();
-                entries = 0;
-            }
-            if done {
-                return Ok(batches);
             }
         }
+        if !group.is_empty() {
+            batches.push(spill.snapshot_batch(s, &group)?);
+        }
+        Ok(batches)
     }
 
-    /// The state TTL's sweep over input `s`'s spilled keys: those with an entry not
+    /// The state TTL's sweep over input `s`'s spilled entries: the keys of those not
     /// written since `deadline` come back a group at a time, lose their expired entries
     /// and go back when memory is short.
     pub(super) fn sweep_spilled(&mut self, s: usize, deadline: Millis) -> Result<()> {
@@ -340,15 +338,13 @@ impl StreamJoin {
         let mut keys = Vec::new();
         for item in spill.trees[s].iter() {
             let (key, value) = item.map_err(sled_error)?;
-            if Record::parse_all(&value)?
-                .iter()
-                .any(|r| r.touched <= deadline)
-            {
-                keys.push(key.to_vec());
+            let record = Record::parse(&key, &value)?;
+            if record.touched <= deadline && keys.last().is_none_or(|k: &Vec<u8>| k != record.key) {
+                keys.push(record.key.to_vec());
             }
         }
         for group in keys.chunks(GROUP_KEYS) {
-            self.bring_back(s, group.to_vec())?;
+            self.bring_back(s, group)?;
             let side = &mut self.sides[s];
             for key in group {
                 let expired: Vec<EntryId> = side

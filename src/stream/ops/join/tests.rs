@@ -586,6 +586,18 @@ fn the_sled_backend_keeps_rows_beyond_memory_in_sled_and_brings_them_back() {
         run(&mut j, 0, change(0, Op::Delete, 1, 10)),
         ["-D 1,10,1,100"]
     );
+    // An insert-only input adds rows to a spilled key without bringing it back; a probe
+    // finds the rows of both visits.
+    let mut s = spec(JoinKind::Inner, None);
+    s.insert_only = [true, true];
+    let mut j = join_in(s, Some(0));
+    run(&mut j, 0, ins(0, &[(1, 10), (2, 20)]));
+    run(&mut j, 0, ins(0, &[(1, 11)]));
+    assert_eq!(j.spill.as_ref().unwrap().records(), [3, 0]);
+    assert_eq!(
+        run(&mut j, 1, ins(1, &[(1, 100)])),
+        ["+I 1,10,1,100", "+I 1,11,1,100"]
+    );
     // With room for everything, nothing goes to sled.
     let mut roomy = join_in(spec(JoinKind::Inner, None), Some(1 << 20));
     run(&mut roomy, 0, ins(0, &[(1, 10), (2, 20), (1, 11)]));

@@ -63,13 +63,6 @@ pub struct Entry {
     persisted: bool,
 }
 
-impl Entry {
-    /// The encoded join key.
-    pub fn key(&self) -> &[u8] {
-        &self.key
-    }
-}
-
 /// A run of the job: the epoch it started from and its subtask, as one number.
 pub type Origin = u64;
 

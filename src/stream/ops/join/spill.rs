@@ -1,14 +1,16 @@
 //! A join's rows under the sled state backend. Each input keeps up to its memory budget
 //! of entries in its [`Side`](super::side::Side); beyond it, the entries of keys not used
-//! since the previous look go to a sled tree (of all keys, when that is not enough), one
-//! record per entry under its join key and serial. Before a batch runs, the entries of
+//! since the previous look go to a sled tree (of all keys, when that is not enough): each
+//! move writes one record per key (a run of its entries) under the join key and a
+//! sequence number, so sled holds few, larger records. Before a batch runs, the entries of
 //! the keys it probes, and of those whose rows it may find again, come back, so the join
 //! itself only ever sees entries in memory. An insert-only input that never looks for its
 //! own rows adds to a key without bringing the key's spilled entries back.
 //!
-//! A record keeps what snapshots need (an entry's row, figures and serial), so snapshots
-//! read spilled entries straight from sled: incremental ones those listed as changed
-//! since the previous snapshot when they were moved, whole ones all.
+//! A run keeps what snapshots need (each entry's row, figures and serial, and whether it
+//! had changed since the previous snapshot when it moved), so snapshots read spilled
+//! entries straight from sled: incremental ones those of the runs moved with changes
+//! since, whole ones all.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -26,8 +28,8 @@ use crate::stream::state_backend::{sled_error, SledBackend};
 
 /// Keys moved or read per group, so no group of rows gets big.
 const GROUP_KEYS: usize = 4096;
-/// Entries per batch of a snapshot's spilled part.
-const SNAPSHOT_ROWS: usize = 8192;
+/// Bytes of runs per batch of a whole snapshot's spilled part.
+const SNAPSHOT_BYTES: usize = 4 << 20;
 
 pub(super) struct Spill {
     /// Holds the database open (and deletes it when the join goes).
@@ -37,75 +39,90 @@ pub(super) struct Spill {
     memory: usize,
     /// Whole rows of each input, as stored in records.
     rows: [RowConverter; 2],
-    /// Record keys of spilled entries changed since the previous snapshot (sled only
-    /// holds what does not change until an entry comes back).
+    /// Runs holding entries changed since the previous snapshot; an entry's mark in a
+    /// run not listed here is stale (a snapshot took it since).
     changed: [HashSet<Vec<u8>>; 2],
+    /// The next run's sequence number.
+    next_run: u64,
     /// Bytes of records in each tree.
     bytes: [usize; 2],
 }
 
-/// The record key of an entry: its join key's length and bytes (so that one key's
-/// entries are a prefix range no other key shares), then its serial.
-fn record_key(key: &[u8], serial: Serial) -> Vec<u8> {
+/// The record key of a run: its join key's length and bytes (so that one key's runs are
+/// a prefix range no other key shares), then the run's sequence number.
+fn run_key(key: &[u8], run: u64) -> Vec<u8> {
     let mut out = key_prefix(key);
-    out.extend_from_slice(&serial.0.to_be_bytes());
-    out.extend_from_slice(&serial.1.to_be_bytes());
+    out.extend_from_slice(&run.to_be_bytes());
     out
 }
 
+/// The join key of a run's record key.
+fn key_of(run_key: &[u8]) -> Result<&[u8]> {
+    let len = u32::from_be_bytes(run_key.get(..4).ok_or_else(corrupt)?.try_into().unwrap());
+    run_key.get(4..4 + len as usize).ok_or_else(corrupt)
+}
+
 fn key_prefix(key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + key.len() + 16);
+    let mut out = Vec::with_capacity(4 + key.len() + 8);
     out.extend_from_slice(&(key.len() as u32).to_be_bytes());
     out.extend_from_slice(key);
     out
 }
 
-/// One spilled entry.
+/// One entry of a run.
 struct Record<'a> {
-    key: &'a [u8],
     serial: Serial,
     count: u32,
     matches: i64,
     touched: Millis,
     time: Millis,
+    /// Changed since the previous snapshot when it moved.
+    dirty: bool,
     row: &'a [u8],
 }
 
-/// Count, matches, touched, time; the row follows.
-const FIGURES: usize = 4 + 8 * 3;
+/// Serial, count, matches, touched, time, dirty and the row's length; the row follows.
+const FIXED: usize = 16 + 4 + 8 * 3 + 1 + 4;
 
 fn corrupt() -> DataFusionError {
     DataFusionError::Internal("a corrupt sled state backend record".into())
 }
 
 impl<'a> Record<'a> {
-    fn value(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(FIGURES + self.row.len());
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.serial.0.to_le_bytes());
+        out.extend_from_slice(&self.serial.1.to_le_bytes());
         out.extend_from_slice(&self.count.to_le_bytes());
         for v in [self.matches, self.touched, self.time] {
             out.extend_from_slice(&v.to_le_bytes());
         }
+        out.push(self.dirty as u8);
+        out.extend_from_slice(&(self.row.len() as u32).to_le_bytes());
         out.extend_from_slice(self.row);
-        out
     }
 
-    fn parse(record_key: &'a [u8], value: &'a [u8]) -> Result<Self> {
-        let len = u32::from_be_bytes(record_key.get(..4).ok_or_else(corrupt)?.try_into().unwrap())
-            as usize;
-        if record_key.len() != 4 + len + 16 || value.len() < FIGURES {
-            return Err(corrupt());
+    /// The entries of a run.
+    fn parse_run(mut value: &'a [u8]) -> Result<Vec<Self>> {
+        let mut records = Vec::new();
+        while !value.is_empty() {
+            if value.len() < FIXED {
+                return Err(corrupt());
+            }
+            let u64_at = |at: usize| u64::from_le_bytes(value[at..at + 8].try_into().unwrap());
+            let len = u32::from_le_bytes(value[FIXED - 4..FIXED].try_into().unwrap()) as usize;
+            let row = value.get(FIXED..FIXED + len).ok_or_else(corrupt)?;
+            records.push(Record {
+                serial: (u64_at(0), u64_at(8)),
+                count: u32::from_le_bytes(value[16..20].try_into().unwrap()),
+                matches: u64_at(20) as i64,
+                touched: u64_at(28) as i64,
+                time: u64_at(36) as i64,
+                dirty: value[44] != 0,
+                row,
+            });
+            value = &value[FIXED + len..];
         }
-        let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-        let serial_at = |at: usize| u64::from_be_bytes(record_key[at..at + 8].try_into().unwrap());
-        Ok(Record {
-            key: &record_key[4..4 + len],
-            serial: (serial_at(4 + len), serial_at(12 + len)),
-            count: u32::from_le_bytes(value[..4].try_into().unwrap()),
-            matches: u64_at(value, 4) as i64,
-            touched: u64_at(value, 12) as i64,
-            time: u64_at(value, 20) as i64,
-            row: &value[FIGURES..],
-        })
+        Ok(records)
     }
 }
 
@@ -131,6 +148,7 @@ impl Spill {
             memory: backend.memory,
             rows: [converter(&inputs[0])?, converter(&inputs[1])?],
             changed: [HashSet::new(), HashSet::new()],
+            next_run: 0,
             bytes: [0, 0],
         }))
     }
@@ -145,13 +163,20 @@ impl Spill {
         [self.trees[0].len(), self.trees[1].len()]
     }
 
-    /// The spilled records `group` of input `s` as a snapshot batch: rows, then the
-    /// figures of [`StreamJoin::side_batch`].
-    fn snapshot_batch(&self, s: usize, group: &[(sled::IVec, sled::IVec)]) -> Result<RecordBatch> {
-        let records = group
-            .iter()
-            .map(|(key, value)| Record::parse(key, value))
-            .collect::<Result<Vec<_>>>()?;
+    /// The entries of the runs `group` of input `s` (with `changed_only`, those that
+    /// had changed when they moved) as a snapshot batch: rows, then the figures of
+    /// [`StreamJoin::side_batch`].
+    fn snapshot_batch(
+        &self,
+        s: usize,
+        group: &[sled::IVec],
+        changed_only: bool,
+    ) -> Result<RecordBatch> {
+        let mut records = Vec::new();
+        for value in group {
+            let run = Record::parse_run(value)?;
+            records.extend(run.into_iter().filter(|r| r.dirty || !changed_only));
+        }
         let parser = self.rows[s].parser();
         let mut columns = self.rows[s].convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
         let figure = |f: &dyn Fn(&Record) -> i64| -> ArrayRef {
@@ -187,47 +212,51 @@ impl StreamJoin {
             return Ok(());
         };
         let side = &mut self.sides[s];
-        let mut found = Vec::new();
+        let mut runs = Vec::new();
         for key in keys {
             let key = key.as_ref();
             side.use_key(key);
             for item in spill.trees[s].scan_prefix(key_prefix(key)) {
-                found.push(item.map_err(sled_error)?);
+                runs.push(item.map_err(sled_error)?);
             }
         }
-        if found.is_empty() {
+        if runs.is_empty() {
             return Ok(());
         }
         let mut taken = sled::Batch::default();
-        let mut records = Vec::with_capacity(found.len());
-        let mut changed = Vec::with_capacity(found.len());
-        for (key, value) in &found {
-            spill.bytes[s] -= key.len() + value.len();
-            changed.push(spill.changed[s].remove(key.as_ref()));
-            taken.remove(key);
-            records.push(Record::parse(key, value)?);
+        let mut records = Vec::new();
+        for (run_key, value) in &runs {
+            spill.bytes[s] -= run_key.len() + value.len();
+            let current = spill.changed[s].remove(run_key.as_ref());
+            taken.remove(run_key);
+            let key = key_of(run_key)?;
+            for mut record in Record::parse_run(value)? {
+                record.dirty &= current;
+                records.push((key, record));
+            }
         }
         spill.trees[s].apply_batch(taken).map_err(sled_error)?;
         let parser = spill.rows[s].parser();
-        let columns = spill.rows[s].convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
+        let columns =
+            spill.rows[s].convert_rows(records.iter().map(|(_, r)| parser.parse(r.row)))?;
         let rows = crate::stream::batch_of(self.spec.inputs[s].clone(), columns, records.len())?;
         let full = Encoded::new(&self.rows[s], rows.columns())?;
         let chunk = side.push_chunk(rows);
-        for (i, r) in records.iter().enumerate() {
+        for (i, (key, r)) in records.iter().enumerate() {
             let row = LoadedRow {
-                key: r.key,
+                key,
                 full: full.get(i),
                 loc: (chunk, i as u32),
                 count: r.count,
                 matches: r.matches,
                 times: (r.touched, r.time),
             };
-            side.insert_loaded(row, r.serial, changed[i]);
+            side.insert_loaded(row, r.serial, r.dirty);
         }
         side.settle()
     }
 
-    /// Moves input `s`'s entries of `keys` from memory to sled.
+    /// Moves input `s`'s entries of `keys` from memory to sled, a run per key.
     fn move_to_sled(&mut self, s: usize, keys: Vec<Arc<[u8]>>) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
@@ -241,24 +270,33 @@ impl StreamJoin {
             let rows = side.gather(&ids)?;
             let encoded = spill.rows[s].convert_columns(rows.columns())?;
             let mut batch = sled::Batch::default();
-            for (at, &id) in ids.iter().enumerate() {
-                let e = side.entry(id);
-                let record = Record {
-                    key: e.key(),
-                    serial: side.serial(id),
-                    count: e.count,
-                    matches: e.matches,
-                    touched: e.touched,
-                    time: e.time,
-                    row: encoded.row(at).data(),
-                };
-                let key = record_key(record.key, record.serial);
-                let value = record.value();
-                spill.bytes[s] += key.len() + value.len();
-                if side.is_dirty(id) {
-                    spill.changed[s].insert(key.clone());
+            let mut at = 0;
+            for key in group {
+                let mut value = Vec::new();
+                let mut changed = false;
+                for &id in side.candidates(key) {
+                    let e = side.entry(id);
+                    let dirty = side.is_dirty(id);
+                    changed |= dirty;
+                    Record {
+                        serial: side.serial(id),
+                        count: e.count,
+                        matches: e.matches,
+                        touched: e.touched,
+                        time: e.time,
+                        dirty,
+                        row: encoded.row(at).data(),
+                    }
+                    .write(&mut value);
+                    at += 1;
                 }
-                batch.insert(key, value);
+                let run_key = run_key(key, spill.next_run);
+                spill.next_run += 1;
+                spill.bytes[s] += run_key.len() + value.len();
+                if changed {
+                    spill.changed[s].insert(run_key.clone());
+                }
+                batch.insert(run_key, value);
             }
             spill.trees[s].apply_batch(batch).map_err(sled_error)?;
             for id in ids {
@@ -292,16 +330,16 @@ impl StreamJoin {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(Vec::new());
         };
-        let keys: Vec<Vec<u8>> = spill.changed[s].drain().collect();
+        let changed: Vec<Vec<u8>> = spill.changed[s].drain().collect();
         let mut batches = Vec::new();
-        for group in keys.chunks(SNAPSHOT_ROWS) {
-            let mut records = Vec::with_capacity(group.len());
-            for key in group {
-                if let Some(value) = spill.trees[s].get(key).map_err(sled_error)? {
-                    records.push((sled::IVec::from(key.as_slice()), value));
+        for group in changed.chunks(GROUP_KEYS) {
+            let mut runs = Vec::with_capacity(group.len());
+            for run_key in group {
+                if let Some(value) = spill.trees[s].get(run_key).map_err(sled_error)? {
+                    runs.push(value);
                 }
             }
-            batches.push(spill.snapshot_batch(s, &records)?);
+            batches.push(spill.snapshot_batch(s, &runs, true)?);
         }
         Ok(batches)
     }
@@ -314,16 +352,20 @@ impl StreamJoin {
         };
         spill.changed[s].clear();
         let mut batches = Vec::new();
-        let mut group = Vec::with_capacity(SNAPSHOT_ROWS);
+        let mut group = Vec::new();
+        let mut bytes = 0;
         for item in spill.trees[s].iter() {
-            group.push(item.map_err(sled_error)?);
-            if group.len() == SNAPSHOT_ROWS {
-                batches.push(spill.snapshot_batch(s, &group)?);
+            let (_, value) = item.map_err(sled_error)?;
+            bytes += value.len();
+            group.push(value);
+            if bytes >= SNAPSHOT_BYTES {
+                batches.push(spill.snapshot_batch(s, &group, false)?);
                 group.clear();
+                bytes = 0;
             }
         }
         if !group.is_empty() {
-            batches.push(spill.snapshot_batch(s, &group)?);
+            batches.push(spill.snapshot_batch(s, &group, false)?);
         }
         Ok(batches)
     }
@@ -335,12 +377,16 @@ impl StreamJoin {
         let Some(spill) = self.spill.as_ref() else {
             return Ok(());
         };
-        let mut keys = Vec::new();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
         for item in spill.trees[s].iter() {
-            let (key, value) = item.map_err(sled_error)?;
-            let record = Record::parse(&key, &value)?;
-            if record.touched <= deadline && keys.last().is_none_or(|k: &Vec<u8>| k != record.key) {
-                keys.push(record.key.to_vec());
+            let (run_key, value) = item.map_err(sled_error)?;
+            let key = key_of(&run_key)?;
+            let expired = Record::parse_run(&value)?
+                .iter()
+                .any(|r| r.touched <= deadline);
+            // A key's runs are next to each other.
+            if expired && keys.last().is_none_or(|k| k.as_slice() != key) {
+                keys.push(key.to_vec());
             }
         }
         for group in keys.chunks(GROUP_KEYS) {

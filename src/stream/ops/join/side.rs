@@ -234,14 +234,10 @@ impl Side {
         self.entry(id).dirty
     }
 
-    /// Whether rows of `key` are in memory; marks the key as used.
-    pub fn use_key(&mut self, key: &[u8]) -> bool {
-        match self.by_key.get_mut(key) {
-            Some(keyed) => {
-                keyed.used = true;
-                true
-            }
-            None => false,
+    /// Marks `key` as used, so the sled backend keeps its rows in memory a while longer.
+    pub fn use_key(&mut self, key: &[u8]) {
+        if let Some(keyed) = self.by_key.get_mut(key) {
+            keyed.used = true;
         }
     }
 
@@ -256,12 +252,6 @@ impl Side {
             keyed.used = false;
         }
         keys
-    }
-
-    /// Takes entry `id` out of memory because the sled backend keeps it now: unlike
-    /// [`Side::remove`], this is no removal a snapshot records.
-    pub fn move_out(&mut self, id: EntryId) {
-        self.drop_entry(id, false);
     }
 
     /// Removes the entry with the stored serial `serial`, if there is one (restoring).
@@ -399,24 +389,12 @@ impl Side {
 
     /// Removes entry `id` with all its copies.
     pub fn remove(&mut self, id: EntryId) {
-        self.drop_entry(id, true);
-    }
-
-    /// Takes entry `id` out of memory; a removal the next snapshot records when `removal`.
-    fn drop_entry(&mut self, id: EntryId, removal: bool) {
-        let Some(entry) = self.entries[id as usize].take() else {
+        let Some(entry) = self.drop_entry(id) else {
             return;
         };
-        if removal && entry.persisted {
+        if entry.persisted {
             let serial = self.stored_serial(entry.serial);
             self.removed.push(serial);
-        }
-        self.free.push(id);
-        self.live -= 1;
-        self.key_bytes -= entry.key.len();
-        if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), &entry.full) {
-            self.key_bytes -= full.len();
-            by_row.remove(full);
         }
         if let Some(keyed) = self.by_key.get_mut(&entry.key) {
             // Ids stay in arrival order: rows mostly go oldest first (expiry), so the
@@ -428,11 +406,35 @@ impl Side {
                 self.by_key.remove(&entry.key);
             }
         }
+    }
+
+    /// Takes every entry of `key` out of memory because the sled backend keeps them now:
+    /// unlike [`Side::remove`], no removal a snapshot records.
+    pub fn move_out_key(&mut self, key: &[u8]) {
+        if let Some(keyed) = self.by_key.remove(key) {
+            for id in keyed.ids {
+                self.drop_entry(id);
+            }
+        }
+    }
+
+    /// Takes entry `id` out of the entries, the row index and its chunk (not out of
+    /// `by_key`).
+    fn drop_entry(&mut self, id: EntryId) -> Option<Entry> {
+        let entry = self.entries[id as usize].take()?;
+        self.free.push(id);
+        self.live -= 1;
+        self.key_bytes -= entry.key.len();
+        if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), &entry.full) {
+            self.key_bytes -= full.len();
+            by_row.remove(full);
+        }
         let (chunk_id, row) = entry.loc;
         let chunk = self.chunk_mut(chunk_id);
         chunk.owners[row as usize] = DEAD;
         chunk.live -= 1;
         self.thinned.push(chunk_id);
+        Some(entry)
     }
 
     /// Takes one copy of entry `id` away; the entry goes with its last copy.

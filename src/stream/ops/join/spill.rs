@@ -299,8 +299,8 @@ impl StreamJoin {
                 batch.insert(run_key, value);
             }
             spill.trees[s].apply_batch(batch).map_err(sled_error)?;
-            for id in ids {
-                side.move_out(id);
+            for key in group {
+                side.move_out_key(key);
             }
         }
         side.settle()

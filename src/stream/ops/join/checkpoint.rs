@@ -15,10 +15,31 @@ use super::side::{self, EntryId};
 use super::{Encoded, StreamJoin};
 use crate::stream::snapshot;
 
-pub(super) const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
+const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
 const REMOVED_KINDS: [&str; 2] = ["join-left-removed", "join-right-removed"];
 /// Columns after a row's own: count, matches, touched, time, origin, counter.
 const FIGURES: usize = 6;
+
+/// A batch of input `s`'s entries: their rows' `columns`, then each entry's figures
+/// (count, matches, touched, time, and the serial's origin and counter).
+pub(super) fn side_state(
+    s: usize,
+    mut columns: Vec<ArrayRef>,
+    figures: impl Iterator<Item = [i64; FIGURES]>,
+) -> Result<RecordBatch> {
+    let mut values: [Vec<i64>; FIGURES] = Default::default();
+    for entry in figures {
+        for (column, value) in values.iter_mut().zip(entry) {
+            column.push(value);
+        }
+    }
+    columns.extend(
+        values
+            .into_iter()
+            .map(|v| Arc::new(Int64Array::from(v)) as ArrayRef),
+    );
+    snapshot::batch(SIDE_KINDS[s], &[], columns)
+}
 
 fn int64(columns: &[ArrayRef], i: usize) -> Result<&Int64Array> {
     snapshot::column(columns, i)
@@ -62,17 +83,18 @@ impl StreamJoin {
     fn side_batch(&self, s: usize, ids: &[EntryId]) -> Result<RecordBatch> {
         let side = &self.sides[s];
         let rows = side.gather(ids)?;
-        let mut columns = rows.columns().to_vec();
-        let figure = |f: &dyn Fn(EntryId) -> i64| -> ArrayRef {
-            Arc::new(Int64Array::from_iter_values(ids.iter().map(|&id| f(id))))
-        };
-        columns.push(figure(&|id| side.entry(id).count as i64));
-        columns.push(figure(&|id| side.entry(id).matches));
-        columns.push(figure(&|id| side.entry(id).touched));
-        columns.push(figure(&|id| side.entry(id).time));
-        columns.push(figure(&|id| side.serial(id).0 as i64));
-        columns.push(figure(&|id| side.serial(id).1 as i64));
-        snapshot::batch(SIDE_KINDS[s], &[], columns)
+        let figures = ids.iter().map(|&id| {
+            let (e, serial) = (side.entry(id), side.serial(id));
+            [
+                e.count as i64,
+                e.matches,
+                e.touched,
+                e.time,
+                serial.0 as i64,
+                serial.1 as i64,
+            ]
+        });
+        side_state(s, rows.columns().to_vec(), figures)
     }
 
     /// The join key of each entry of a state batch; removed serials go to every subtask

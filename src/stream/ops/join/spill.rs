@@ -15,7 +15,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, Int64Array};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -157,15 +156,14 @@ impl Spill {
         self.bytes[0] + self.bytes[1]
     }
 
-    /// Entries of each input in sled.
+    /// Runs of each input in sled.
     #[cfg(test)]
     pub(super) fn records(&self) -> [usize; 2] {
         [self.trees[0].len(), self.trees[1].len()]
     }
 
     /// The entries of the runs `group` of input `s` (with `changed_only`, those that
-    /// had changed when they moved) as a snapshot batch: rows, then the figures of
-    /// [`StreamJoin::side_batch`].
+    /// had changed when they moved) as a snapshot batch.
     fn snapshot_batch(
         &self,
         s: usize,
@@ -178,17 +176,19 @@ impl Spill {
             records.extend(run.into_iter().filter(|r| r.dirty || !changed_only));
         }
         let parser = self.rows[s].parser();
-        let mut columns = self.rows[s].convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
-        let figure = |f: &dyn Fn(&Record) -> i64| -> ArrayRef {
-            Arc::new(Int64Array::from_iter_values(records.iter().map(f)))
-        };
-        columns.push(figure(&|r| r.count as i64));
-        columns.push(figure(&|r| r.matches));
-        columns.push(figure(&|r| r.touched));
-        columns.push(figure(&|r| r.time));
-        columns.push(figure(&|r| r.serial.0 as i64));
-        columns.push(figure(&|r| r.serial.1 as i64));
-        crate::stream::snapshot::batch(super::checkpoint::SIDE_KINDS[s], &[], columns)
+        let columns = self.rows[s].convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
+        let figures = records.iter().map(|r| {
+            let serial = (r.serial.0 as i64, r.serial.1 as i64);
+            [
+                r.count as i64,
+                r.matches,
+                r.touched,
+                r.time,
+                serial.0,
+                serial.1,
+            ]
+        });
+        super::checkpoint::side_state(s, columns, figures)
     }
 }
 

@@ -298,15 +298,20 @@ fn check_value(connector: &str, option: &OptionSpec, value: &str) -> SqlResult<(
     )))
 }
 
-/// Parses Flink's duration syntax: a number and an optional unit (`5 s`, `100ms`, `1 min`).
-pub fn parse_duration(text: &str) -> Option<Duration> {
+/// A leading whole number and the rest in lower case, trimmed (`"5 s"` -> 5, "s").
+fn number_and_unit(text: &str) -> Option<(u64, String)> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    let ms = match unit.trim().to_ascii_lowercase().as_str() {
+    Some((number.parse().ok()?, unit.trim().to_ascii_lowercase()))
+}
+
+/// Parses Flink's duration syntax: a number and an optional unit (`5 s`, `100ms`, `1 min`).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let (n, unit) = number_and_unit(text)?;
+    let ms = match unit.as_str() {
         "" | "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => n,
         "s" | "sec" | "secs" | "second" | "seconds" => n.checked_mul(1_000)?,
         "min" | "mins" | "minute" | "minutes" => n.checked_mul(60_000)?,
@@ -320,13 +325,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 /// Parses Flink's memory size syntax: a number and an optional unit (`64 mb`, `1g`,
 /// `512kb`; bytes without one).
 pub fn parse_memory_size(text: &str) -> Option<usize> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: usize = number.parse().ok()?;
-    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+    let (n, unit) = number_and_unit(text)?;
+    let n = usize::try_from(n).ok()?;
+    let scale: usize = match unit.as_str() {
         "" | "b" | "bytes" => 1,
         "k" | "kb" | "kib" | "kibibytes" => 1 << 10,
         "m" | "mb" | "mib" | "mebibytes" => 1 << 20,

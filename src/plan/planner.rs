@@ -6,7 +6,6 @@
 //! end of a bounded input (a SELECT over bounded sources) and is refused for continuous
 //! queries with a message that says what to write instead.
 
-use crate::stream::state_backend::SledBackend;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
@@ -43,6 +42,7 @@ use crate::stream::ops::stateless::{Filter, Project, Union};
 use crate::stream::ops::topn::{SortKey, TopN};
 use crate::stream::ops::window_agg::{OutputColumn, WindowAggregate};
 use crate::stream::ops::window_assign::{Assign, WindowAssign};
+use crate::stream::state_backend::SledBackend;
 use crate::stream::window::Slicing;
 
 mod join;

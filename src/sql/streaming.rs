@@ -2,10 +2,6 @@
 //! INSERT INTO ... SELECT jobs, SHOW JOBS, STOP JOB, FLUSH, SELECT over bounded
 //! connector inputs, and EXPLAIN of streaming plans.
 
-use crate::stream::state_backend::SledBackend;
-
-/// 'state.backend.sled.memory' when not set.
-const DEFAULT_SLED_MEMORY: usize = 64 << 20;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -36,6 +32,7 @@ use crate::stream::late::LateRows;
 use crate::stream::manager::{JobEntry, JobKind};
 use crate::stream::message::NO_WATERMARK;
 use crate::stream::mv::MvState;
+use crate::stream::state_backend::SledBackend;
 
 /// Whether `plan` reads something only the streaming engine can read: a connector
 /// table or a window table function (through views too).
@@ -124,6 +121,9 @@ pub(super) fn show_checkpoints_schema() -> SchemaRef {
 pub(super) fn external(e: DataFusionError) -> SqlError {
     SqlError::from(e)
 }
+
+/// 'state.backend.sled.memory' when not set (the variable's default, '64 mb').
+const DEFAULT_SLED_MEMORY: usize = 64 << 20;
 
 /// The session settings that change how a continuous query is planned: stored with a
 /// view or job so that a restart plans the same graph its checkpoints were taken from.

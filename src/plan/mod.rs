@@ -2,6 +2,7 @@
 
 pub mod explain;
 pub mod planner;
+pub mod shared_subexpressions;
 pub mod state_ttl_hint;
 pub mod window_table;
 pub mod window_tvf;

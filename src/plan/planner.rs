@@ -416,6 +416,9 @@ impl<'a> Planner<'a> {
         match plan {
             LogicalPlan::TableScan(scan) => self.plan_scan(scan),
             LogicalPlan::Projection(p) => {
+                if let Some(shared) = crate::plan::shared_subexpressions::share_with_filter(p)? {
+                    return self.plan_node(&shared);
+                }
                 let input = self.plan_node(&p.input)?;
                 self.project(&input, &p.expr, p.schema.clone())
             }

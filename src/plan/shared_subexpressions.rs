@@ -1,0 +1,220 @@
+//! Function calls that a filter and the projections above it both evaluate are computed
+//! once, before the filter. DataFusion's common subexpression elimination works within
+//! one plan node, so `SELECT CASE ... ELSE f(x) END FROM t WHERE f(x) IS NOT NULL`
+//! evaluated `f(x)` for every row in the filter and again for the rows it kept (Nexmark
+//! q21: REGEXP_EXTRACT twice). Here a projection under the filter adds each shared call
+//! as a column, and the filter and the projections read that column instead.
+
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, Result};
+use datafusion::logical_expr::{Expr, Filter, LogicalPlan, Operator, Projection};
+
+/// The name of the column holding shared call `i`.
+fn column_name(i: usize) -> String {
+    format!("__filter_shared_{i}")
+}
+
+/// `projection` (over more projections, over a filter) with the function calls of the
+/// filter's predicate that a projection also evaluates computed once below the filter;
+/// `None` when there are none. The result has `projection`'s schema.
+pub fn share_with_filter(projection: &Projection) -> Result<Option<LogicalPlan>> {
+    // The projections down to the filter, top first.
+    let mut chain = vec![projection];
+    let mut below = projection.input.as_ref();
+    let filter = loop {
+        match below {
+            LogicalPlan::Projection(p) => {
+                chain.push(p);
+                below = p.input.as_ref();
+            }
+            LogicalPlan::Filter(f) => break f,
+            _ => return Ok(None),
+        }
+    };
+    if matches!(filter.input.as_ref(), LogicalPlan::Window(_)) {
+        // A filter on ROW_NUMBER() is planned as TopN, with its projection.
+        return Ok(None);
+    }
+    let shared = shared_calls(&filter.predicate, &chain)?;
+    if shared.is_empty() {
+        return Ok(None);
+    }
+    let columns: Vec<Expr> = (0..shared.len())
+        .map(|i| Expr::Column(Column::new_unqualified(column_name(i))))
+        .collect();
+    let replace = |expr: &Expr| -> Result<Expr> {
+        expr.clone()
+            .transform_down(|e| {
+                Ok(match shared.iter().position(|s| *s == e) {
+                    Some(i) => Transformed::yes(columns[i].clone()),
+                    None => Transformed::no(e),
+                })
+            })
+            .map(|t| t.data)
+    };
+    let mut computed: Vec<Expr> = filter
+        .input
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    computed.extend(
+        shared
+            .iter()
+            .enumerate()
+            .map(|(i, call)| call.clone().alias(column_name(i))),
+    );
+    let computed = LogicalPlan::Projection(Projection::try_new(computed, filter.input.clone())?);
+    let mut plan = LogicalPlan::Filter(Filter::try_new(
+        replace(&filter.predicate)?,
+        Arc::new(computed),
+    )?);
+    for (depth, p) in chain.iter().enumerate().rev() {
+        let mut exprs = p.expr.iter().map(replace).collect::<Result<Vec<_>>>()?;
+        plan = if depth == 0 {
+            LogicalPlan::Projection(Projection::try_new_with_schema(
+                exprs,
+                Arc::new(plan),
+                p.schema.clone(),
+            )?)
+        } else {
+            // Projections between pass the shared columns on.
+            exprs.extend(columns.iter().cloned());
+            LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan))?)
+        };
+    }
+    Ok(Some(plan))
+}
+
+/// The outermost deterministic function calls of `predicate` that an expression of
+/// `chain` also holds, among those the filter evaluates for every row: computing one
+/// for every row before the filter must not evaluate what the filter would have skipped
+/// (the right side of AND and OR, CASE branches, the arguments of lazy functions such
+/// as coalesce), which could fail where the query does not.
+fn shared_calls(predicate: &Expr, chain: &[&Projection]) -> Result<Vec<Expr>> {
+    let mut shared = Vec::new();
+    collect(predicate, chain, &mut shared)?;
+    Ok(shared)
+}
+
+fn collect(e: &Expr, chain: &[&Projection], shared: &mut Vec<Expr>) -> Result<()> {
+    if let Expr::ScalarFunction(call) = e {
+        if !e.is_volatile() && used_in(e, chain)? {
+            if !shared.contains(e) {
+                shared.push(e.clone());
+            }
+            return Ok(());
+        }
+        if call.func.short_circuits() {
+            return Ok(());
+        }
+    }
+    match e {
+        Expr::BinaryExpr(b) if matches!(b.op, Operator::And | Operator::Or) => {
+            collect(&b.left, chain, shared)
+        }
+        Expr::Case(case) => match (&case.expr, case.when_then_expr.first()) {
+            (Some(base), _) => collect(base, chain, shared),
+            (None, Some((when, _))) => collect(when, chain, shared),
+            (None, None) => Ok(()),
+        },
+        _ => e
+            .apply_children(|child| {
+                collect(child, chain, shared)?;
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map(|_| ()),
+    }
+}
+
+/// Whether an expression of `chain` holds `call`.
+fn used_in(call: &Expr, chain: &[&Projection]) -> Result<bool> {
+    let mut used = false;
+    for expr in chain.iter().flat_map(|p| p.expr.iter()) {
+        expr.apply(|x| {
+            used |= x == call;
+            Ok(if used {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        })?;
+        if used {
+            break;
+        }
+    }
+    Ok(used)
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::functions::expr_fn::{lower, upper};
+    use datafusion::logical_expr::{col, lit, table_scan};
+
+    use super::*;
+
+    fn over_filter(predicate: Expr, select: Vec<Expr>) -> Projection {
+        let schema = Schema::new(vec![
+            Field::new("a", DataType::Utf8, true),
+            Field::new("b", DataType::Utf8, true),
+        ]);
+        let plan = table_scan(Some("t"), &schema, None)
+            .unwrap()
+            .filter(predicate)
+            .unwrap()
+            .project(select)
+            .unwrap()
+            .build()
+            .unwrap();
+        match plan {
+            LogicalPlan::Projection(p) => p,
+            other => panic!("a projection, not {other}"),
+        }
+    }
+
+    /// The rewritten plan, one node per line.
+    fn lines(plan: &LogicalPlan) -> Vec<String> {
+        plan.display_indent()
+            .to_string()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_call_of_the_filter_and_the_projection_is_computed_once_below_the_filter() {
+        let p = over_filter(
+            upper(col("a"))
+                .eq(lit("X"))
+                .or(lower(col("b")).eq(lit("y"))),
+            vec![upper(col("a")).alias("up"), lower(col("b"))],
+        );
+        let plan = share_with_filter(&p).unwrap().expect("a shared call");
+        assert_eq!(plan.schema(), &p.schema, "the projection's schema stays");
+        assert_eq!(
+            lines(&plan),
+            [
+                "Projection: __filter_shared_0 AS up, lower(t.b)",
+                "Filter: __filter_shared_0 = Utf8(\"X\") OR lower(t.b) = Utf8(\"y\")",
+                "Projection: t.a, t.b, upper(t.a) AS __filter_shared_0",
+                "TableScan: t",
+            ]
+        );
+    }
+
+    #[test]
+    fn calls_the_filter_may_skip_or_the_projection_lacks_stay() {
+        // lower(b) is on the right of AND; upper(b) is not projected.
+        let p = over_filter(
+            upper(col("b"))
+                .eq(lit("X"))
+                .and(lower(col("b")).eq(lit("y"))),
+            vec![lower(col("b")), col("a")],
+        );
+        assert!(share_with_filter(&p).unwrap().is_none());
+    }
+}

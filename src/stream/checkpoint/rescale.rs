@@ -111,8 +111,9 @@ pub fn redistribute(
 }
 
 /// The state rows of one operator, from every old subtask, that subtask `subtask` of
-/// `parallelism` owns. Progress (watermark, late rows) is merged: the lowest watermark,
-/// and the late-row count kept once, by subtask 0.
+/// `parallelism` owns. Progress (watermark, late rows) is merged: each old subtask's
+/// newest (its state may be a whole snapshot and the changes after it, each with its
+/// progress), then the lowest watermark, and the late-row count kept once, by subtask 0.
 fn owned_state(
     op: &dyn Operator,
     state: &[&[RecordBatch]],
@@ -120,15 +121,24 @@ fn owned_state(
     parallelism: usize,
 ) -> Result<Vec<RecordBatch>> {
     let mut progress: Option<(Millis, u64)> = None;
-    let mut out = Vec::new();
-    for batch in state.iter().flat_map(|s| s.iter()) {
-        if snapshot::kind(batch)? == "progress" {
-            let (_, head, _) = snapshot::parts(batch, 2)?;
-            let (watermark, late) = snapshot::read_progress(&head);
+    for old in state {
+        let mut newest = None;
+        for batch in old.iter() {
+            if snapshot::kind(batch)? == "progress" {
+                let (_, head, _) = snapshot::parts(batch, 2)?;
+                newest = Some(snapshot::read_progress(&head));
+            }
+        }
+        if let Some((watermark, late)) = newest {
             progress = Some(match progress {
                 None => (watermark, late),
                 Some((w, l)) => (w.min(watermark), l + late),
             });
+        }
+    }
+    let mut out = Vec::new();
+    for batch in state.iter().flat_map(|s| s.iter()) {
+        if snapshot::kind(batch)? == "progress" {
             continue;
         }
         let Some(keys) = op.state_keys(batch)? else {
@@ -293,8 +303,15 @@ mod tests {
 
     #[test]
     fn every_key_moves_to_exactly_one_subtask_and_progress_is_merged() {
+        // Old subtask 0's state is a whole snapshot and the changes after it, each with
+        // its progress: only the newest counts.
         let old: Vec<Vec<RecordBatch>> = vec![
-            vec![snapshot::progress(50, 2).unwrap(), rows(0..500)],
+            vec![
+                snapshot::progress(20, 1).unwrap(),
+                rows(0..250),
+                snapshot::progress(50, 2).unwrap(),
+                rows(250..500),
+            ],
             vec![
                 snapshot::progress(40, 3).unwrap(),
                 rows(500..1000),

@@ -33,8 +33,12 @@ pub fn share_with_filter(projection: &Projection) -> Result<Option<LogicalPlan>>
             _ => return Ok(None),
         }
     };
-    if matches!(filter.input.as_ref(), LogicalPlan::Window(_)) {
-        // A filter on ROW_NUMBER() is planned as TopN, with its projection.
+    // A filter on ROW_NUMBER() (over projections of the window) is planned as TopN.
+    let mut under = filter.input.as_ref();
+    while let LogicalPlan::Projection(p) = under {
+        under = p.input.as_ref();
+    }
+    if matches!(under, LogicalPlan::Window(_)) {
         return Ok(None);
     }
     let shared = shared_calls(&filter.predicate, &chain)?;

@@ -48,12 +48,14 @@ pub fn share_with_filter(projection: &Projection) -> Result<Option<LogicalPlan>>
     let columns: Vec<Expr> = (0..shared.len())
         .map(|i| Expr::Column(Column::new_unqualified(column_name(i))))
         .collect();
-    let replace = |expr: &Expr| -> Result<Expr> {
+    // Shared calls are replaced in the predicate, and at each projection whose input
+    // still has the columns they read as the filter had them.
+    let replace = |expr: &Expr, below: &[&Projection]| -> Result<Expr> {
         expr.clone()
             .transform_down(|e| {
                 Ok(match shared.iter().position(|s| *s == e) {
-                    Some(i) => Transformed::yes(columns[i].clone()),
-                    None => Transformed::no(e),
+                    Some(i) if passes_columns(&e, below) => Transformed::yes(columns[i].clone()),
+                    _ => Transformed::no(e),
                 })
             })
             .map(|t| t.data)
@@ -73,11 +75,16 @@ pub fn share_with_filter(projection: &Projection) -> Result<Option<LogicalPlan>>
     );
     let computed = LogicalPlan::Projection(Projection::try_new(computed, filter.input.clone())?);
     let mut plan = LogicalPlan::Filter(Filter::try_new(
-        replace(&filter.predicate)?,
+        replace(&filter.predicate, &[])?,
         Arc::new(computed),
     )?);
     for (depth, p) in chain.iter().enumerate().rev() {
-        let mut exprs = p.expr.iter().map(replace).collect::<Result<Vec<_>>>()?;
+        let below = &chain[depth + 1..];
+        let mut exprs = p
+            .expr
+            .iter()
+            .map(|e| replace(e, below))
+            .collect::<Result<Vec<_>>>()?;
         plan = if depth == 0 {
             LogicalPlan::Projection(Projection::try_new_with_schema(
                 exprs,
@@ -134,10 +141,16 @@ fn collect(e: &Expr, chain: &[&Projection], shared: &mut Vec<Expr>) -> Result<()
     }
 }
 
-/// Whether an expression of `chain` holds `call`.
+/// Whether an expression of `chain` (top first) holds `call` reading the columns the
+/// filter has.
 fn used_in(call: &Expr, chain: &[&Projection]) -> Result<bool> {
     let mut used = false;
-    for expr in chain.iter().flat_map(|p| p.expr.iter()) {
+    let exprs = chain
+        .iter()
+        .enumerate()
+        .filter(|(depth, _)| passes_columns(call, &chain[depth + 1..]))
+        .flat_map(|(_, p)| p.expr.iter());
+    for expr in exprs {
         expr.apply(|x| {
             used |= x == call;
             Ok(if used {
@@ -151,6 +164,18 @@ fn used_in(call: &Expr, chain: &[&Projection]) -> Result<bool> {
         }
     }
     Ok(used)
+}
+
+/// Whether each of `projections` passes on the columns `call` reads unchanged (so that
+/// above them the columns are those below).
+fn passes_columns(call: &Expr, projections: &[&Projection]) -> bool {
+    call.column_refs().iter().all(|&c| {
+        projections.iter().all(|p| {
+            p.expr
+                .iter()
+                .any(|e| matches!(e, Expr::Column(x) if x == c))
+        })
+    })
 }
 
 #[cfg(test)]
@@ -208,6 +233,23 @@ mod tests {
                 "TableScan: t",
             ]
         );
+    }
+
+    #[test]
+    fn a_call_over_a_column_a_projection_between_redefines_stays() {
+        // The projection between names upper(t.b) t.a: above it, lower(t.a) reads that.
+        let p = over_filter(lower(col("t.a")).eq(lit("x")), vec![col("t.b")]);
+        let between = Projection::try_new(
+            vec![upper(col("t.b")).alias_qualified(Some("t"), "a")],
+            Arc::new(LogicalPlan::Projection(p)),
+        )
+        .unwrap();
+        let top = Projection::try_new(
+            vec![lower(col("t.a"))],
+            Arc::new(LogicalPlan::Projection(between)),
+        )
+        .unwrap();
+        assert!(share_with_filter(&top).unwrap().is_none());
     }
 
     #[test]

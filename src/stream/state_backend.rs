@@ -1,5 +1,6 @@
-//! `SET 'state.backend' = 'sled'`: operators keep a bounded amount of keyed state in
-//! memory and the rest in a scratch sled database of their own. The scratch data is only
+//! `SET 'state.backend' = 'sled'`: operators that support it (regular joins, so far) keep
+//! a bounded amount of keyed state in memory and the rest in a scratch sled database of
+//! their own. The scratch data is only
 //! a working copy: checkpoints still hold the state, and a restart rebuilds it from them,
 //! so nothing in it needs to survive the process (it is deleted with the operator, and a
 //! restarted server clears what a killed one left).

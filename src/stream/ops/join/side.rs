@@ -229,6 +229,11 @@ impl Side {
         id
     }
 
+    /// Entry `id`'s encoded row, when the side finds rows by it.
+    pub fn full(&self, id: EntryId) -> Option<&[u8]> {
+        self.entry(id).full.as_deref()
+    }
+
     /// Whether entry `id` changed since the previous snapshot.
     pub fn is_dirty(&self, id: EntryId) -> bool {
         self.entry(id).dirty

@@ -216,6 +216,10 @@ impl StreamJoin {
         for key in keys {
             let key = key.as_ref();
             side.use_key(key);
+            // Nothing spilled yet: no lookups.
+            if spill.bytes[s] == 0 {
+                continue;
+            }
             for item in spill.trees[s].scan_prefix(key_prefix(key)) {
                 runs.push(item.map_err(sled_error)?);
             }
@@ -240,12 +244,14 @@ impl StreamJoin {
         let columns =
             spill.rows[s].convert_rows(records.iter().map(|(_, r)| parser.parse(r.row)))?;
         let rows = crate::stream::batch_of(self.spec.inputs[s].clone(), columns, records.len())?;
-        let full = Encoded::new(&self.rows[s], rows.columns())?;
+        // A side that finds rows by their encoding has it in the record already (its
+        // encoder and the record's have the same fields).
+        let finds_rows = self.rows[s].is_some();
         let chunk = side.push_chunk(rows);
         for (i, (key, r)) in records.iter().enumerate() {
             let row = LoadedRow {
                 key,
-                full: full.get(i),
+                full: if finds_rows { r.row } else { &[] },
                 loc: (chunk, i as u32),
                 count: r.count,
                 matches: r.matches,
@@ -267,8 +273,11 @@ impl StreamJoin {
                 .iter()
                 .flat_map(|k| side.candidates(k).iter().copied())
                 .collect();
-            let rows = side.gather(&ids)?;
-            let encoded = spill.rows[s].convert_columns(rows.columns())?;
+            // Entries that keep their encoded row are not encoded again.
+            let encoded = match ids.first().map(|&id| side.full(id).is_some()) {
+                Some(false) => Some(spill.rows[s].convert_columns(side.gather(&ids)?.columns())?),
+                _ => None,
+            };
             let mut batch = sled::Batch::default();
             let mut at = 0;
             for key in group {
@@ -285,7 +294,10 @@ impl StreamJoin {
                         touched: e.touched,
                         time: e.time,
                         dirty,
-                        row: encoded.row(at).data(),
+                        row: match &encoded {
+                            Some(rows) => rows.row(at).data(),
+                            None => side.full(id).expect("an encoded row"),
+                        },
                     }
                     .write(&mut value);
                     at += 1;

@@ -1,5 +1,6 @@
 //! Updating queries as a client sees them beyond what sqllogictest can check: NOTICEs
-//! about unbounded state at CREATE time, and state kept bounded by 'table.exec.state.ttl'.
+//! about unbounded state at CREATE time, state kept bounded by 'table.exec.state.ttl', and
+//! the scratch databases of 'state.backend' = 'sled'.
 
 mod common;
 
@@ -144,5 +145,54 @@ async fn state_ttl_bounds_state_while_new_keys_keep_arriving() {
         expiring_rows,
         vec![vec!["1".to_string()], vec!["1".to_string()]]
     );
+    server.stop().await;
+}
+
+/// Under 'state.backend' = 'sled' each join subtask has a scratch database in the data
+/// directory while its view runs, gone with the view; the rows are those of memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sled_backend_keeps_join_rows_in_scratch_databases_of_the_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    let values = |f: &dyn Fn(i64) -> String| (0..2000).map(f).collect::<Vec<_>>().join(", ");
+    client
+        .batch_execute(&format!(
+            "SET 'parallelism.default' = '2';
+             SET 'state.backend' = 'sled';
+             SET 'state.backend.sled.memory' = '0';
+             CREATE TABLE orders (id BIGINT, customer BIGINT);
+             CREATE TABLE customers (id BIGINT, name STRING);
+             CREATE MATERIALIZED VIEW named AS
+               SELECT o.id, c.name FROM orders o JOIN customers c ON o.customer = c.id;
+             INSERT INTO orders VALUES {};
+             INSERT INTO customers VALUES {};
+             FLUSH",
+            values(&|i| format!("({i}, {})", i % 100)),
+            values(&|i| format!("({i}, 'c{i}')")),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, "SELECT count(*), count(DISTINCT name) FROM named").await,
+        vec![vec!["2000".to_string(), "100".to_string()]]
+    );
+    let scratch = || -> usize {
+        std::fs::read_dir(dir.path().join("spill"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(scratch(), 2, "one scratch database per join subtask");
+    client
+        .batch_execute("DROP MATERIALIZED VIEW named")
+        .await
+        .unwrap();
+    // The job stops a little after the statement returns.
+    let mut waited = 0;
+    while scratch() > 0 && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert_eq!(scratch(), 0, "the scratch databases go with the view");
     server.stop().await;
 }

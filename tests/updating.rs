@@ -149,7 +149,8 @@ async fn state_ttl_bounds_state_while_new_keys_keep_arriving() {
 }
 
 /// Under 'state.backend' = 'sled' each join subtask has a scratch database in the data
-/// directory while its view runs, gone with the view; the rows are those of memory.
+/// directory while its view runs, gone with the view; the rows are those of memory, also
+/// after a restart restored the join from the chunks its checkpoints stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sled_backend_keeps_join_rows_in_scratch_databases_of_the_view() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,6 +184,28 @@ async fn the_sled_backend_keeps_join_rows_in_scratch_databases_of_the_view() {
             .unwrap_or(0)
     };
     assert_eq!(scratch(), 2, "one scratch database per join subtask");
+    // Its checkpoints hold the rows in sled as chunks the subtasks wrote while they took
+    // their snapshots, and a restart restores the join from them.
+    server.stop().await;
+    {
+        let store = weir_catalog::SledStore::open(&dir.path().join("store")).unwrap();
+        let chunks = weir_catalog::StateStore::scan_keys(&store, b"ckpt/view/named\0c").unwrap();
+        assert!(!chunks.is_empty(), "no state stored as chunks");
+    }
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute("INSERT INTO orders VALUES (5000, 7), (5001, 7); FLUSH")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, "SELECT count(*), count(DISTINCT name) FROM named").await,
+        vec![vec!["2002".to_string(), "100".to_string()]]
+    );
+    assert_eq!(
+        rows(&client, "SELECT name FROM named WHERE id >= 5000").await,
+        vec![vec!["c7".to_string()], vec!["c7".to_string()]]
+    );
     client
         .batch_execute("DROP MATERIALIZED VIEW named")
         .await

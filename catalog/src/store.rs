@@ -42,6 +42,16 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.scan_prefix_from(prefix, prefix)
     }
+
+    /// The keys starting with `prefix`, in order, without reading their values (which
+    /// may be large).
+    fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .scan_prefix(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
 }
 
 /// The durable store: one sled tree, with large values in files beside it (see
@@ -112,6 +122,14 @@ impl StateStore for SledStore {
             out.push((k.to_vec(), self.values.resolve(v.to_vec())?));
         }
         Ok(out)
+    }
+
+    fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.db
+            .scan_prefix(prefix)
+            .keys()
+            .map(|k| Ok(k?.to_vec()))
+            .collect()
     }
 
     fn apply(&self, batch: WriteBatch) -> Result<()> {
@@ -222,6 +240,7 @@ mod tests {
         let scanned = store.scan_prefix(b"a/").unwrap();
         assert_eq!(scanned, vec![(b"a/2".to_vec(), b"y".to_vec())]);
         assert_eq!(store.scan_prefix_from(b"a/", b"a/3").unwrap(), vec![]);
+        assert_eq!(store.scan_keys(b"a/").unwrap(), vec![b"a/2".to_vec()]);
         store.delete(b"b/1").unwrap();
         assert_eq!(store.get(b"b/1").unwrap(), None);
     }

@@ -11,8 +11,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use weir_catalog::Catalog;
 
+use super::checkpoint::chunks::{restore_parts, ChunkWriter};
 use super::checkpoint::coordinator::{Ack, CheckpointHistory, Committer, Coordinator, Durable};
-use super::checkpoint::{Precommit, Restored, SourcePosition, TaskSnapshot};
+use super::checkpoint::store::Checkpoints;
+use super::checkpoint::{Precommit, Restored, SourcePosition, StatePart, TaskSnapshot};
 use super::exchange::{AlignedEpochs, Event, Inlet, Outlet, Partitioner, Tagged, CHANNEL_CAPACITY};
 use super::graph::{Exchange, NodeKind, SinkKind, SourceKind, StreamGraph};
 use super::message::{
@@ -159,10 +161,6 @@ struct SnapshotCost {
     changes: usize,
 }
 
-fn batch_bytes(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> usize {
-    batches.iter().map(|b| b.get_array_memory_size()).sum()
-}
-
 impl Chain {
     /// Runs `batch` through operators `from..`, returning what comes out of the last one.
     fn push(&mut self, from: usize, input: usize, batch: ChangeBatch) -> Result<Vec<ChangeBatch>> {
@@ -218,36 +216,44 @@ impl Chain {
     /// Every operator's state, in chain order, and whether each is only what changed
     /// since its previous snapshot. An operator that can tell its changes gives them until
     /// they add up to more than its last whole snapshot (so a restore reads at most about
-    /// twice its state), then a whole one again.
-    #[allow(clippy::type_complexity)]
+    /// twice its state), then a whole one again. What an operator keeps beyond memory goes
+    /// to `chunks` (the job's checkpoints) as it is read, as epoch `epoch`'s, task `task`'s.
     fn snapshot(
         &mut self,
-    ) -> Result<(
-        Vec<Vec<datafusion::arrow::record_batch::RecordBatch>>,
-        Vec<bool>,
-    )> {
+        chunks: Option<&Checkpoints>,
+        epoch: Epoch,
+        task: usize,
+    ) -> Result<(Vec<Vec<StatePart>>, Vec<bool>)> {
         self.snapshots
             .resize(self.operators.len(), SnapshotCost::default());
         let mut states = Vec::with_capacity(self.operators.len());
         let mut changes = Vec::with_capacity(self.operators.len());
-        for (op, cost) in self.operators.iter_mut().zip(&mut self.snapshots) {
+        for (k, (op, cost)) in self
+            .operators
+            .iter_mut()
+            .zip(&mut self.snapshots)
+            .enumerate()
+        {
             let due = cost.whole.is_none_or(|w| cost.changes > w);
-            match if due { None } else { op.snapshot_changes()? } {
-                Some(batches) => {
-                    cost.changes += batch_bytes(&batches);
-                    states.push(batches);
-                    changes.push(true);
-                }
-                None => {
-                    let batches = op.snapshot()?;
-                    *cost = SnapshotCost {
-                        whole: Some(batch_bytes(&batches)),
-                        changes: 0,
-                    };
-                    states.push(batches);
-                    changes.push(false);
-                }
+            let (batches, whole) = match if due { None } else { op.snapshot_changes()? } {
+                Some(batches) => (batches, false),
+                None => (op.snapshot()?, true),
+            };
+            let mut parts: Vec<StatePart> = batches.into_iter().map(StatePart::Batch).collect();
+            let mut writer = ChunkWriter::new(chunks.cloned(), epoch, task, k);
+            op.snapshot_beyond_memory(whole, &mut |b| writer.push(b))?;
+            parts.extend(writer.finish()?);
+            let bytes = parts.iter().map(StatePart::bytes).sum();
+            if whole {
+                *cost = SnapshotCost {
+                    whole: Some(bytes),
+                    changes: 0,
+                };
+            } else {
+                cost.changes += bytes;
             }
+            states.push(parts);
+            changes.push(!whole);
         }
         Ok((states, changes))
     }
@@ -282,6 +288,8 @@ struct TaskEnd {
     task: usize,
     /// Operators snapshot at barriers only when the job keeps checkpoints.
     durable: bool,
+    /// Where the job's checkpoints are, for state its operators keep beyond memory.
+    chunks: Option<Checkpoints>,
 }
 
 impl TaskEnd {
@@ -290,16 +298,18 @@ impl TaskEnd {
     /// task's operators have emitted all they will and take no more input, so their
     /// state is left out (as Flink's finished operators): a restored ended task ends
     /// again at once with nothing to emit, whatever state it had.
+    #[allow(clippy::too_many_arguments)]
     fn snapshot(
         &self,
         chain: &mut Chain,
+        epoch: Epoch,
         last: bool,
         inputs: Vec<Millis>,
         source: Option<SourcePosition>,
         sink: Option<Precommit>,
     ) -> Result<TaskSnapshot> {
         let (operators, changes) = if self.durable && !last {
-            chain.snapshot()?
+            chain.snapshot(self.chunks.as_ref(), epoch, self.task)?
         } else {
             (vec![], vec![])
         };
@@ -623,8 +633,8 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                 op.started_from(restored_epoch, subtask);
             }
             if let Some(snapshot) = &snapshot {
-                for (op, state) in operators.iter_mut().zip(snapshot.operators.clone()) {
-                    op.restore(state)?;
+                for (op, parts) in operators.iter_mut().zip(&snapshot.operators) {
+                    restore_parts(op.as_mut(), parts)?;
                 }
             }
             let chain_ops = Chain {
@@ -674,6 +684,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                 acks: acks.clone(),
                 task,
                 durable,
+                chunks: plan.durable.as_ref().map(|d| d.checkpoints.clone()),
             };
             match &head.kind {
                 NodeKind::Source(spec) => {
@@ -901,8 +912,14 @@ async fn run_task(
                 output.rows(out, &end).await?;
                 chain.report(true);
                 let sink = output.barrier(epoch, inlet.watermark()).await?;
-                let snapshot =
-                    end.snapshot(&mut chain, false, inlet.channel_watermarks(), None, sink)?;
+                let snapshot = end.snapshot(
+                    &mut chain,
+                    epoch,
+                    false,
+                    inlet.channel_watermarks(),
+                    None,
+                    sink,
+                )?;
                 if inlet.recording() {
                     // Unaligned: acknowledged once the in-flight messages are known.
                     unacknowledged = Some((epoch, snapshot));
@@ -935,7 +952,7 @@ async fn run_task(
                 chain.report(true);
                 let sink = output.end().await?;
                 let snapshot =
-                    end.snapshot(&mut chain, true, inlet.channel_watermarks(), None, sink)?;
+                    end.snapshot(&mut chain, 0, true, inlet.channel_watermarks(), None, sink)?;
                 end.ack(Ack::Ended {
                     task: end.task,
                     snapshot,
@@ -984,7 +1001,7 @@ async fn run_source(
                 chain.report(true);
                 let sink = output.barrier(epoch, rows.watermark).await?;
                 let position = source_position(&reader, &rows)?;
-                let snapshot = end.snapshot(&mut chain, false, vec![], Some(position), sink)?;
+                let snapshot = end.snapshot(&mut chain, epoch, false, vec![], Some(position), sink)?;
                 end.ack(Ack::Barrier {
                     epoch,
                     task: end.task,
@@ -1094,7 +1111,7 @@ async fn source_ended(
 ) -> Result<()> {
     let sink = output.end().await?;
     let position = source_position(reader, rows)?;
-    let snapshot = end.snapshot(chain, true, vec![], Some(position), sink)?;
+    let snapshot = end.snapshot(chain, 0, true, vec![], Some(position), sink)?;
     end.ack(Ack::Ended {
         task: end.task,
         snapshot,

@@ -62,6 +62,20 @@ pub trait Operator: Send {
         Ok(None)
     }
 
+    /// The part of the snapshot just taken (by `snapshot` when `whole`, else by
+    /// `snapshot_changes`) that the operator keeps beyond memory, handed to `out` a batch
+    /// at a time: a checkpoint writes it to the store as it comes instead of holding it.
+    /// A restore gets these batches after the other ones of the same snapshot, maybe over
+    /// several `restore` calls.
+    fn snapshot_beyond_memory(
+        &mut self,
+        whole: bool,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        let _ = (whole, out);
+        Ok(())
+    }
+
     /// The job starts from the checkpoint of `epoch` (0: from nothing), called before
     /// `restore`. Epochs go on across restarts, so `(epoch, subtask)` names this run
     /// apart from every run whose state a checkpoint can hold: operators that give their
@@ -72,8 +86,15 @@ pub trait Operator: Send {
 
     /// Puts back what [`Operator::snapshot`] took, into a fresh operator of the same plan.
     /// When a job is rescaled, a subtask restores the rows of several old subtasks' batches
-    /// (each filtered to the keys it now owns), so restoring is additive.
+    /// (each filtered to the keys it now owns), so restoring is additive. State kept
+    /// beyond memory comes back in more calls, in order; [`Operator::restored`] follows
+    /// the last.
     fn restore(&mut self, _state: Vec<RecordBatch>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Every batch of the snapshot was restored.
+    fn restored(&mut self) -> Result<()> {
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use weir_catalog::{Catalog, TableDef};
 
 use super::store::{CheckpointMeta, Checkpoints};
-use super::{Precommit, Restored, TaskSnapshot};
+use super::{Precommit, Restored, StatePart, TaskSnapshot};
 use crate::stream::graph::StreamGraph;
 use crate::stream::message::{ChangeBatch, Epoch, Millis, END_OF_TIME};
 use crate::stream::mv::MvState;
@@ -246,13 +246,21 @@ impl Coordinator {
                 };
                 let checkpoints = durable.checkpoints.clone();
                 let rows = view.take();
+                let chunk_bytes = snapshots
+                    .iter()
+                    .flat_map(|s| s.operators.iter().flatten())
+                    .map(|p| match p {
+                        StatePart::Stored(c) => c.bytes,
+                        StatePart::Batch(_) => 0,
+                    })
+                    .sum();
                 tokio::task::spawn_blocking(move || {
                     let tasks = snapshots
                         .into_iter()
                         .map(TaskSnapshot::into_bytes)
                         .collect::<Result<Vec<_>>>()?;
                     let changes = rows.as_ref().map(|(c, _, _)| c.as_slice());
-                    let bytes = checkpoints.write(&meta, tasks, changes)?;
+                    let bytes = checkpoints.write(&meta, tasks, changes, chunk_bytes)?;
                     checkpoints.prune(RETAINED_EPOCHS)?;
                     Ok::<_, DataFusionError>((bytes, rows))
                 })
@@ -315,8 +323,8 @@ impl Coordinator {
     fn state_sizes(&self, snapshots: &[TaskSnapshot]) -> String {
         let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
         for (t, s) in snapshots.iter().enumerate() {
-            for (i, batches) in s.operators.iter().enumerate() {
-                let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+            for (i, parts) in s.operators.iter().enumerate() {
+                let bytes: usize = parts.iter().map(StatePart::bytes).sum();
                 if bytes > 0 {
                     let name = self.operator_names[t]
                         .get(i)
@@ -531,6 +539,7 @@ pub async fn recover(
 ) -> Result<Option<Restored>> {
     let stored = checkpoints.clone();
     let latest = tokio::task::spawn_blocking(move || {
+        stored.discard_uncommitted()?;
         let Some(meta) = stored.latest()? else {
             return Ok(None);
         };

@@ -2,6 +2,7 @@
 //! state, a source's position, a sink's output waiting for the epoch to commit), how that
 //! is stored, and how a restarted job gets it back.
 
+pub mod chunks;
 pub mod coordinator;
 mod frame;
 pub mod rescale;
@@ -16,6 +17,7 @@ use datafusion::common::{DataFusionError, Result};
 use super::exchange::Tagged;
 use super::graph::{NodeKind, SourceKind, StreamGraph};
 use super::message::{ChangeBatch, Epoch, Message, Millis};
+pub use chunks::StatePart;
 use frame::{FrameReader, FrameWriter};
 
 /// What a graph's checkpoints fit: its nodes, what each does, how they are connected and
@@ -111,7 +113,7 @@ impl Precommit {
 #[derive(Debug, Clone, Default)]
 pub struct TaskSnapshot {
     /// Per operator of the task's chain, in chain order.
-    pub operators: Vec<Vec<RecordBatch>>,
+    pub operators: Vec<Vec<StatePart>>,
     /// Per operator: whether its batches are only what changed since this task's
     /// snapshot of the previous epoch (an incremental snapshot), else its whole state.
     pub changes: Vec<bool>,
@@ -125,7 +127,9 @@ pub struct TaskSnapshot {
     pub sink: Option<Precommit>,
 }
 
-const FORMAT: u64 = 2;
+/// Format 3 has state parts (a batch, or a stored chunk); 2 had batches only.
+const FORMAT: u64 = 3;
+const BATCHES_ONLY: u64 = 2;
 
 impl TaskSnapshot {
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -141,7 +145,7 @@ impl TaskSnapshot {
             self.operators
                 .iter()
                 .flatten()
-                .map(|b| b.get_array_memory_size() + 1024)
+                .map(|p| p.batch().map_or(0, |b| b.get_array_memory_size()) + 1024)
                 .sum(),
         );
         w.u64(FORMAT);
@@ -151,10 +155,24 @@ impl TaskSnapshot {
         }
         let operators = std::mem::take(&mut self.operators);
         w.u64(operators.len() as u64);
-        for batches in operators {
-            w.u64(batches.len() as u64);
-            for b in batches {
-                w.batch(&b)?;
+        for parts in operators {
+            w.u64(parts.len() as u64);
+            for part in parts {
+                match part {
+                    StatePart::Batch(b) => {
+                        w.u64(0);
+                        w.batch(&b)?;
+                    }
+                    StatePart::Stored(chunk) => {
+                        if chunk.owned.is_some() {
+                            return Err(DataFusionError::Internal(
+                                "a chunk cut for a rescale is not stored again".into(),
+                            ));
+                        }
+                        w.u64(1);
+                        chunk.encode(&mut w);
+                    }
+                }
             }
         }
         w.u64(self.inputs.len() as u64);
@@ -222,13 +240,18 @@ impl TaskSnapshot {
         Ok(w.bytes)
     }
 
-    fn read_changes(r: &mut FrameReader) -> Result<Vec<bool>> {
-        if r.u64()? != FORMAT {
+    /// The format and the operators' change marks.
+    fn read_changes(r: &mut FrameReader) -> Result<(u64, Vec<bool>)> {
+        let format = r.u64()?;
+        if format != FORMAT && format != BATCHES_ONLY {
             return Err(DataFusionError::Internal(
                 "a stored checkpoint has a format this version does not read".into(),
             ));
         }
-        (0..r.u64()?).map(|_| Ok(r.u64()? != 0)).collect()
+        let changes = (0..r.u64()?)
+            .map(|_| Ok(r.u64()? != 0))
+            .collect::<Result<_>>()?;
+        Ok((format, changes))
     }
 
     /// Whether operator `k`'s entry holds only its changes.
@@ -236,16 +259,27 @@ impl TaskSnapshot {
         self.changes.get(k) == Some(&true)
     }
 
+    /// A snapshot that names no stored chunks.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        Self::decode_at(bytes, None)
+    }
+
+    /// A snapshot stored among `at`, where its chunks are.
+    pub fn decode_at(bytes: &[u8], at: Option<&store::Checkpoints>) -> Result<Self> {
         let mut r = FrameReader::new(bytes);
-        let changes = Self::read_changes(&mut r)?;
+        let (format, changes) = Self::read_changes(&mut r)?;
         let mut operators = Vec::new();
         for _ in 0..r.u64()? {
-            let mut batches = Vec::new();
+            let mut parts = Vec::new();
             for _ in 0..r.u64()? {
-                batches.push(r.batch()?);
+                let stored = format == FORMAT && r.u64()? == 1;
+                parts.push(if stored {
+                    StatePart::Stored(chunks::StoredChunk::decode(&mut r, at)?)
+                } else {
+                    StatePart::Batch(r.batch()?)
+                });
             }
-            operators.push(batches);
+            operators.push(parts);
         }
         let inputs = (0..r.u64()?).map(|_| r.i64()).collect::<Result<Vec<_>>>()?;
         let in_flight = (0..r.u64()?)
@@ -423,7 +457,10 @@ mod tests {
         let task = TaskSnapshot {
             operators: vec![
                 vec![],
-                vec![state.clone(), snapshot::progress(5, 1).unwrap()],
+                vec![
+                    StatePart::Batch(state.clone()),
+                    StatePart::Batch(snapshot::progress(5, 1).unwrap()),
+                ],
             ],
             changes: vec![false, true],
             in_flight: vec![
@@ -469,8 +506,8 @@ mod tests {
         assert_eq!(back.operators[0].len(), 0);
         assert_eq!(back.changes, vec![false, true]);
         assert_eq!(back.inputs, vec![i64::MIN, 3]);
-        assert_eq!(back.operators[1][0], state);
-        let (kind, head, _) = snapshot::parts(&back.operators[1][0], 2).unwrap();
+        assert_eq!(back.operators[1][0].batch(), Some(&state));
+        let (kind, head, _) = snapshot::parts(back.operators[1][0].batch().unwrap(), 2).unwrap();
         assert_eq!((kind.as_str(), head), ("groups", vec![7, -3]));
         assert_eq!(back.source.as_ref().unwrap().position, vec![1, 2, 3]);
         assert_eq!(back.source.as_ref().unwrap().watermark, -9);

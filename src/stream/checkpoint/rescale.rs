@@ -14,7 +14,7 @@ use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
-use super::TaskSnapshot;
+use super::{StatePart, TaskSnapshot};
 use crate::stream::exchange::{key_group_of, subtask_of_key_group, Tagged};
 use crate::stream::graph::{Exchange, NodeKind, StreamGraph};
 use crate::stream::message::{Message, Millis};
@@ -96,7 +96,7 @@ pub fn redistribute(
                 ..Default::default()
             };
             for (k, op) in operators.iter().enumerate() {
-                let state: Vec<&[RecordBatch]> = previous
+                let state: Vec<&[StatePart]> = previous
                     .iter()
                     .map(|t| t.operators.get(k).map_or(&[][..], Vec::as_slice))
                     .collect();
@@ -114,16 +114,17 @@ pub fn redistribute(
 /// `parallelism` owns. Progress (watermark, late rows) is merged: each old subtask's
 /// newest (its state may be a whole snapshot and the changes after it, each with its
 /// progress), then the lowest watermark, and the late-row count kept once, by subtask 0.
+/// Stored chunks are cut when they are read.
 fn owned_state(
     op: &dyn Operator,
-    state: &[&[RecordBatch]],
+    state: &[&[StatePart]],
     subtask: usize,
     parallelism: usize,
-) -> Result<Vec<RecordBatch>> {
+) -> Result<Vec<StatePart>> {
     let mut progress: Option<(Millis, u64)> = None;
     for old in state {
         let mut newest = None;
-        for batch in old.iter() {
+        for batch in old.iter().filter_map(StatePart::batch) {
             if snapshot::kind(batch)? == "progress" {
                 let (_, head, _) = snapshot::parts(batch, 2)?;
                 newest = Some(snapshot::read_progress(&head));
@@ -137,26 +138,54 @@ fn owned_state(
         }
     }
     let mut out = Vec::new();
-    for batch in state.iter().flat_map(|s| s.iter()) {
-        if snapshot::kind(batch)? == "progress" {
-            continue;
-        }
-        let Some(keys) = op.state_keys(batch)? else {
-            out.push(batch.clone());
-            continue;
-        };
-        let owned = owned_rows(&keys, subtask, parallelism)?;
-        if owned.len() == batch.num_rows() {
-            out.push(batch.clone());
-        } else if !owned.is_empty() {
-            out.push(take_record_batch(batch, &owned)?);
+    for part in state.iter().flat_map(|s| s.iter()) {
+        match part {
+            StatePart::Batch(batch) => {
+                if snapshot::kind(batch)? == "progress" {
+                    continue;
+                }
+                out.extend(
+                    owned_part(op, batch.clone(), subtask, parallelism)?.map(StatePart::Batch),
+                );
+            }
+            StatePart::Stored(chunk) => {
+                if chunk.owned.is_some() {
+                    return Err(DataFusionError::Internal(
+                        "a chunk was cut for a rescale twice".into(),
+                    ));
+                }
+                let mut chunk = chunk.clone();
+                chunk.owned = Some((subtask, parallelism));
+                out.push(StatePart::Stored(chunk));
+            }
         }
     }
     if let Some((watermark, late)) = progress {
         let late = if subtask == 0 { late } else { 0 };
-        out.insert(0, snapshot::progress(watermark, late)?);
+        out.insert(0, StatePart::Batch(snapshot::progress(watermark, late)?));
     }
     Ok(out)
+}
+
+/// The rows of a state batch (not progress) that subtask `subtask` of `parallelism` owns;
+/// `None` when it owns none.
+pub fn owned_part(
+    op: &dyn Operator,
+    batch: RecordBatch,
+    subtask: usize,
+    parallelism: usize,
+) -> Result<Option<RecordBatch>> {
+    let Some(keys) = op.state_keys(&batch)? else {
+        return Ok(Some(batch));
+    };
+    let owned = owned_rows(&keys, subtask, parallelism)?;
+    Ok(if owned.len() == batch.num_rows() {
+        Some(batch)
+    } else if owned.is_empty() {
+        None
+    } else {
+        Some(take_record_batch(&batch, &owned)?)
+    })
 }
 
 /// The rows of an unaligned checkpoint's in-flight messages that `subtask` owns, each on
@@ -265,6 +294,7 @@ mod tests {
     use datafusion::arrow::array::{Array, Int64Array};
 
     use super::*;
+    use crate::stream::checkpoint::chunks::ChunkWriter;
     use crate::stream::message::ChangeBatch;
 
     /// State keyed by its first column.
@@ -304,24 +334,43 @@ mod tests {
     #[test]
     fn every_key_moves_to_exactly_one_subtask_and_progress_is_merged() {
         // Old subtask 0's state is a whole snapshot and the changes after it, each with
-        // its progress: only the newest counts.
-        let old: Vec<Vec<RecordBatch>> = vec![
-            vec![
+        // its progress: only the newest counts. Old subtask 1 wrote some rows to the
+        // store as a chunk (state beyond memory).
+        let store = crate::stream::checkpoint::store::Checkpoints::new(
+            Arc::new(weir_catalog::MemoryStore::default()),
+            "job/x",
+        );
+        let mut writer = ChunkWriter::new(Some(store), 4, 1, 0);
+        writer.push(rows(700..1000)).unwrap();
+        let chunk = writer.finish().unwrap();
+        assert!(matches!(chunk[..], [StatePart::Stored(_)]));
+        let batches = |b: Vec<RecordBatch>| b.into_iter().map(StatePart::Batch);
+        let old: Vec<Vec<StatePart>> = vec![
+            batches(vec![
                 snapshot::progress(20, 1).unwrap(),
                 rows(0..250),
                 snapshot::progress(50, 2).unwrap(),
                 rows(250..500),
-            ],
-            vec![
-                snapshot::progress(40, 3).unwrap(),
-                rows(500..1000),
-                snapshot::batch("marker", &[7], vec![]).unwrap(),
-            ],
+            ])
+            .collect(),
+            batches(vec![snapshot::progress(40, 3).unwrap(), rows(500..700)])
+                .chain(chunk)
+                .chain(batches(vec![
+                    snapshot::batch("marker", &[7], vec![]).unwrap()
+                ]))
+                .collect(),
         ];
-        let state: Vec<&[RecordBatch]> = old.iter().map(Vec::as_slice).collect();
+        let state: Vec<&[StatePart]> = old.iter().map(Vec::as_slice).collect();
         let mut all = Vec::new();
         for subtask in 0..3 {
-            let owned = owned_state(&Keyed, &state, subtask, 3).unwrap();
+            let owned: Vec<RecordBatch> = owned_state(&Keyed, &state, subtask, 3)
+                .unwrap()
+                .into_iter()
+                .flat_map(|p| match p {
+                    StatePart::Batch(b) => vec![b],
+                    StatePart::Stored(c) => c.load(&Keyed).unwrap(),
+                })
+                .collect();
             let (kind, head, _) = snapshot::parts(&owned[0], 2).unwrap();
             assert_eq!(kind, "progress");
             let late = if subtask == 0 { 5 } else { 0 };

@@ -6,7 +6,9 @@
 //! materialized view's contents are an append-only series of per-epoch changes (`v` +
 //! epoch, written in the same batch) on top of a compacted base (`b`), because the view
 //! must come back whole while old epochs are pruned. `s` is the log sink's marker of the
-//! last epoch it appended.
+//! last epoch it appended. `c` + epoch + task + operator + sequence holds a chunk of state
+//! a task wrote while it took its snapshot (see [`super::chunks`]); its epoch's meta is
+//! what makes it part of a checkpoint.
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use serde::{Deserialize, Serialize};
 use weir_catalog::{StateStore, WriteBatch};
 
+use super::chunks::{ChunkId, StatePart};
 use super::frame::{FrameReader, FrameWriter};
 use super::{decode_changes, encode_changes, TaskSnapshot};
 use crate::stream::message::{ChangeBatch, Epoch};
@@ -72,21 +75,68 @@ impl Checkpoints {
         k
     }
 
+    fn chunk_key(&self, id: ChunkId) -> Vec<u8> {
+        self.key(b'c', &[id.epoch, id.task, id.operator, id.seq])
+    }
+
+    /// Stores a chunk of a snapshot being taken (durable with the epoch's write).
+    pub fn put_chunk(&self, id: ChunkId, bytes: &[u8]) -> Result<()> {
+        self.store
+            .put(&self.chunk_key(id), bytes)
+            .map_err(store_error)
+    }
+
+    pub fn chunk(&self, id: ChunkId) -> Result<Vec<u8>> {
+        self.store
+            .get(&self.chunk_key(id))
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                DataFusionError::Internal(format!(
+                    "checkpoint {} lacks a chunk of task {}'s state",
+                    id.epoch, id.task
+                ))
+            })
+    }
+
+    /// Removes the chunks of epochs that never committed (a crash or a failed checkpoint
+    /// came between a task's snapshot and its epoch's write).
+    pub fn discard_uncommitted(&self) -> Result<()> {
+        let committed: std::collections::HashSet<Epoch> =
+            self.metas()?.iter().map(|m| m.epoch).collect();
+        let prefix = self.key(b'c', &[]);
+        let mut batch = WriteBatch::default();
+        for key in self.store.scan_keys(&prefix).map_err(store_error)? {
+            if !committed.contains(&chunk_epoch(&key[prefix.len()..])) {
+                batch.delete(key);
+            }
+        }
+        if !batch.is_empty() {
+            self.store.apply(batch).map_err(store_error)?;
+        }
+        Ok(())
+    }
+
     /// The key the log sink marks the epochs it appended with.
     pub fn sink_marker(&self) -> Vec<u8> {
         self.key(b's', &[])
     }
 
     /// Writes a committed epoch: its tasks, the view changes it publishes, then its meta,
-    /// atomically and durably. Returns the bytes written.
+    /// atomically and durably. `chunk_bytes`: what its tasks stored as chunks while they
+    /// took their snapshots, made durable first. Returns the bytes written.
     pub fn write(
         &self,
         meta: &CheckpointMeta,
         tasks: Vec<Vec<u8>>,
         view: Option<&[ChangeBatch]>,
+        chunk_bytes: u64,
     ) -> Result<u64> {
+        if chunk_bytes > 0 {
+            // The meta never gets to disk before the chunks it commits.
+            self.store.flush().map_err(store_error)?;
+        }
         let mut batch = WriteBatch::default();
-        let mut bytes = 0u64;
+        let mut bytes = chunk_bytes;
         for (i, t) in tasks.into_iter().enumerate() {
             bytes += t.len() as u64;
             batch.put(self.key(b't', &[meta.epoch, i as u64]), t);
@@ -150,7 +200,8 @@ impl Checkpoints {
             .collect();
         (0..meta.tasks)
             .map(|t| {
-                let mut task = TaskSnapshot::decode(&self.task_entry(meta.epoch, t)?)?;
+                let mut task =
+                    TaskSnapshot::decode_at(&self.task_entry(meta.epoch, t)?, Some(self))?;
                 let mut open: Vec<usize> = (0..task.operators.len())
                     .filter(|&k| task.is_changes(k))
                     .collect();
@@ -162,7 +213,7 @@ impl Checkpoints {
                             meta.epoch
                         )));
                     };
-                    let before = TaskSnapshot::decode(&self.task_entry(epoch, t)?)?;
+                    let before = TaskSnapshot::decode_at(&self.task_entry(epoch, t)?, Some(self))?;
                     for &k in &open {
                         let mut layers = before.operators.get(k).cloned().unwrap_or_default();
                         layers.append(&mut task.operators[k]);
@@ -202,6 +253,13 @@ impl Checkpoints {
             batch.delete(self.key(b'm', &[meta.epoch]));
             for t in 0..meta.tasks {
                 batch.delete(self.key(b't', &[meta.epoch, t as u64]));
+            }
+            for key in self
+                .store
+                .scan_keys(&self.key(b'c', &[meta.epoch]))
+                .map_err(store_error)?
+            {
+                batch.delete(key);
             }
         }
         if !batch.is_empty() {
@@ -284,14 +342,16 @@ impl Checkpoints {
             return Ok(None);
         };
         let mut batch = WriteBatch::default();
-        for (key, _) in target
+        for key in target
             .store
-            .scan_prefix(&target.prefix)
+            .scan_keys(&target.prefix)
             .map_err(store_error)?
         {
             batch.delete(key);
         }
-        for (key, value) in self.store.scan_prefix(&self.prefix).map_err(store_error)? {
+        target.store.apply(batch).map_err(store_error)?;
+        let mut batch = WriteBatch::default();
+        for key in self.store.scan_keys(&self.prefix).map_err(store_error)? {
             let rest = &key[self.prefix.len()..];
             let keep = match rest.first() {
                 Some(b'v') => epoch_of(&key) <= meta.epoch,
@@ -299,12 +359,35 @@ impl Checkpoints {
                 _ => false,
             };
             if keep {
-                batch.put([target.prefix.as_slice(), rest].concat(), value);
+                if let Some(value) = self.store.get(&key).map_err(store_error)? {
+                    batch.put([target.prefix.as_slice(), rest].concat(), value);
+                }
             }
         }
-        // Whole snapshots: the copy does not build on epochs it does not have.
-        for (t, task) in self.load(&meta)?.iter().enumerate() {
-            batch.put(target.key(b't', &[meta.epoch, t as u64]), task.encode()?);
+        // Whole snapshots: the copy does not build on epochs it does not have. Chunks are
+        // copied one at a time, renamed as the copied epoch's.
+        for (t, mut task) in self.load(&meta)?.into_iter().enumerate() {
+            for (k, parts) in task.operators.iter_mut().enumerate() {
+                let mut seq = 0;
+                for part in parts.iter_mut() {
+                    if let StatePart::Stored(chunk) = part {
+                        let id = ChunkId {
+                            epoch: meta.epoch,
+                            task: t as u64,
+                            operator: k as u64,
+                            seq,
+                        };
+                        seq += 1;
+                        target.put_chunk(id, &chunk.at.chunk(chunk.id)?)?;
+                        chunk.id = id;
+                        chunk.at = target.clone();
+                    }
+                }
+            }
+            batch.put(
+                target.key(b't', &[meta.epoch, t as u64]),
+                task.into_bytes()?,
+            );
         }
         let meta = CheckpointMeta {
             savepoint: savepoint.map(str::to_string),
@@ -333,12 +416,18 @@ impl Checkpoints {
     /// Forgets everything of this view or job (it was dropped).
     pub fn remove(&self) -> Result<()> {
         let mut batch = WriteBatch::default();
-        for (key, _) in self.store.scan_prefix(&self.prefix).map_err(store_error)? {
+        for key in self.store.scan_keys(&self.prefix).map_err(store_error)? {
             batch.delete(key);
         }
         self.store.apply(batch).map_err(store_error)?;
         self.store.flush().map_err(store_error)
     }
+}
+
+/// The epoch of a chunk key after its kind's prefix.
+fn chunk_epoch(rest: &[u8]) -> Epoch {
+    rest.get(..8)
+        .map_or(0, |e| Epoch::from_be_bytes(e.try_into().expect("8 bytes")))
 }
 
 fn epoch_of(key: &[u8]) -> Epoch {
@@ -415,6 +504,8 @@ mod tests {
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use weir_catalog::MemoryStore;
 
+    use crate::stream::checkpoint::chunks::ChunkWriter;
+
     fn rows(v: &[i64]) -> RecordBatch {
         RecordBatch::try_new(
             Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)])),
@@ -447,10 +538,11 @@ mod tests {
             if e == 2 {
                 m.savepoint = Some("sp".into());
             }
-            a.write(&m, vec![task.clone(), task.clone()], None).unwrap();
+            a.write(&m, vec![task.clone(), task.clone()], None, 0)
+                .unwrap();
         }
         other
-            .write(&meta(9), vec![task.clone(), task], None)
+            .write(&meta(9), vec![task.clone(), task], None, 0)
             .unwrap();
         a.prune(2).unwrap();
         let kept: Vec<Epoch> = a.metas().unwrap().iter().map(|m| m.epoch).collect();
@@ -462,20 +554,41 @@ mod tests {
         assert_eq!(other.latest().unwrap().unwrap().epoch, 9);
     }
 
-    /// A task whose one operator holds `v`, whole or as changes.
-    fn layer(v: i64, changes: bool) -> Vec<u8> {
+    /// A task whose one operator holds `v`, whole or as changes; in a chunk stored
+    /// among `c` as epoch `v`'s when `stored` (state beyond memory).
+    fn layer(c: &Checkpoints, v: i64, changes: bool, stored: bool) -> Vec<u8> {
+        let state = if stored {
+            let mut writer = ChunkWriter::new(Some(c.clone()), v as Epoch, 0, 0);
+            writer.push(rows(&[v])).unwrap();
+            writer.finish().unwrap()
+        } else {
+            vec![StatePart::Batch(rows(&[v]))]
+        };
         TaskSnapshot {
-            operators: vec![vec![rows(&[v])]],
+            operators: vec![state],
             changes: vec![changes],
             ..Default::default()
         }
-        .encode()
+        .into_bytes()
         .unwrap()
+    }
+
+    /// An operator whose state has no keys.
+    struct Unkeyed;
+
+    impl crate::stream::operator::Operator for Unkeyed {
+        fn process(&mut self, _: usize, _: ChangeBatch, _: &mut Vec<ChangeBatch>) -> Result<()> {
+            Ok(())
+        }
     }
 
     fn values(task: &TaskSnapshot) -> Vec<i64> {
         task.operators[0]
             .iter()
+            .flat_map(|p| match p {
+                StatePart::Batch(b) => vec![b.clone()],
+                StatePart::Stored(c) => c.load(&Unkeyed).unwrap(),
+            })
             .map(|b| {
                 b.column(0)
                     .as_any()
@@ -483,6 +596,17 @@ mod tests {
                     .unwrap()
                     .value(0)
             })
+            .collect()
+    }
+
+    /// The epochs of the chunks stored among `c`.
+    fn chunk_epochs(c: &Checkpoints) -> Vec<Epoch> {
+        let prefix = c.key(b'c', &[]);
+        c.store
+            .scan_keys(&prefix)
+            .unwrap()
+            .iter()
+            .map(|k| chunk_epoch(&k[prefix.len()..]))
             .collect()
     }
 
@@ -496,11 +620,12 @@ mod tests {
             builds_on: Some(if e < 5 { 1 } else { 5 }),
             ..meta(e)
         };
-        // Epoch 1 whole, 2..=4 changes, 5 whole, 6 changes.
+        // Epoch 1 whole, 2..=4 changes, 5 whole, 6 changes; epochs 2, 4 and 6 stored
+        // their state as chunks.
         for e in 1..=6u64 {
             let changes = !matches!(e, 1 | 5);
-            c.write(&one_task(e), vec![layer(e as i64, changes)], None)
-                .unwrap();
+            let task = layer(&c, e as i64, changes, e % 2 == 0);
+            c.write(&one_task(e), vec![task], None, 0).unwrap();
             if e == 4 {
                 c.prune(2).unwrap();
                 let kept: Vec<Epoch> = c.metas().unwrap().iter().map(|m| m.epoch).collect();
@@ -513,12 +638,28 @@ mod tests {
                 c.copy_latest_to(&saved, Some("sp"), "q").unwrap();
                 let meta = saved.latest().unwrap().unwrap();
                 assert_eq!(values(&saved.load(&meta).unwrap()[0]), vec![1, 2, 3, 4]);
+                // Its chunks are its own copies, under its one epoch.
+                assert_eq!(chunk_epochs(&saved), vec![4, 4]);
             }
         }
+        // A snapshot's chunk whose epoch never committed.
+        let _ = layer(&c, 7, true, true);
+        assert_eq!(chunk_epochs(&c), vec![2, 4, 6, 7]);
+        c.discard_uncommitted().unwrap();
+        assert_eq!(chunk_epochs(&c), vec![2, 4, 6]);
         c.prune(2).unwrap();
         let kept: Vec<Epoch> = c.metas().unwrap().iter().map(|m| m.epoch).collect();
         assert_eq!(kept, vec![5, 6]);
+        assert_eq!(chunk_epochs(&c), vec![6], "pruned with their epochs");
         assert_eq!(values(&c.load(&one_task(6)).unwrap()[0]), vec![5, 6]);
+        // The savepoint does not depend on the epochs it was copied from.
+        let saved = savepoint(store.clone(), "sp");
+        assert_eq!(
+            values(&saved.load(&saved.latest().unwrap().unwrap()).unwrap()[0]),
+            vec![1, 2, 3, 4]
+        );
+        c.remove().unwrap();
+        assert!(chunk_epochs(&c).is_empty());
     }
 
     #[test]
@@ -528,8 +669,13 @@ mod tests {
         let task = TaskSnapshot::default().encode().unwrap();
         for e in 1..=3 {
             let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
-            v.write(&meta(e), vec![task.clone(), task.clone()], Some(&changes))
-                .unwrap();
+            v.write(
+                &meta(e),
+                vec![task.clone(), task.clone()],
+                Some(&changes),
+                0,
+            )
+            .unwrap();
         }
         let sp = savepoint(store.clone(), "sp1");
         let copied = v.copy_latest_to(&sp, Some("sp1"), "CREATE ...").unwrap();
@@ -553,7 +699,7 @@ mod tests {
         let v = Checkpoints::new(store, "view/v");
         for e in 1..=4 {
             let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
-            v.write(&meta(e), vec![], Some(&changes)).unwrap();
+            v.write(&meta(e), vec![], Some(&changes), 0).unwrap();
         }
         let (contents, entries) = v.view_contents(3).unwrap();
         assert_eq!(change_lines(&contents), vec!["+I 1", "+I 2", "+I 3"]);

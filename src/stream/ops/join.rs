@@ -809,7 +809,19 @@ impl Operator for StreamJoin {
         }
     }
 
+    fn snapshot_beyond_memory(
+        &mut self,
+        whole: bool,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        self.spilled_snapshot(whole, out)
+    }
+
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         self.restore_layers(state)
+    }
+
+    fn restored(&mut self) -> Result<()> {
+        self.finish_restore()
     }
 }

@@ -52,7 +52,6 @@ impl StreamJoin {
         for s in 0..2 {
             let ids = self.sides[s].live_ids();
             batches.push(self.side_batch(s, &ids)?);
-            batches.extend(self.spilled_batches(s)?);
             self.sides[s].forget_changes();
         }
         Ok(batches)
@@ -74,9 +73,25 @@ impl StreamJoin {
                 vec![column(|r| r.0), column(|r| r.1)],
             )?);
             batches.push(self.side_batch(s, &ids)?);
-            batches.extend(self.changed_spilled_batches(s)?);
         }
         Ok(batches)
+    }
+
+    /// The entries in sled: all of them (`whole`), or those changed since the previous
+    /// snapshot; taken right after [`Self::whole_snapshot`] or [`Self::changed_snapshot`].
+    pub(super) fn spilled_snapshot(
+        &mut self,
+        whole: bool,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        for s in 0..2 {
+            if whole {
+                self.spilled_batches(s, out)?;
+            } else {
+                self.changed_spilled_batches(s, out)?;
+            }
+        }
+        Ok(())
     }
 
     /// The entries `ids` of input `s`, rows and figures.
@@ -123,8 +138,13 @@ impl StreamJoin {
                 self.watermark = snapshot::read_progress(&head).0;
             } else if let Some(s) = REMOVED_KINDS.iter().position(|k| *k == kind) {
                 let (origins, counters) = (int64(&columns, 0)?, int64(&columns, 1)?);
-                for i in 0..batch.num_rows() {
-                    let serial = (origins.value(i) as u64, counters.value(i) as u64);
+                let serials: Vec<side::Serial> = (0..batch.num_rows())
+                    .map(|i| (origins.value(i) as u64, counters.value(i) as u64))
+                    .collect();
+                if self.spill.is_some() {
+                    self.unstage_removed(s, &serials)?;
+                }
+                for serial in serials {
                     self.sides[s].remove_serial(serial);
                 }
             } else if let Some(s) = SIDE_KINDS.iter().position(|k| *k == kind) {
@@ -135,6 +155,13 @@ impl StreamJoin {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// After the last [`Self::restore_layers`]: staged entries become runs in sled, and
+    /// whatever is in memory beyond the budget goes there too.
+    pub(super) fn finish_restore(&mut self) -> Result<()> {
+        self.runs_of_restored()?;
         for side in &mut self.sides {
             side.restored();
         }
@@ -157,6 +184,9 @@ impl StreamJoin {
         } else {
             None
         };
+        if let (Some(serials), true) = (serials, self.spill.is_some()) {
+            return self.stage_restored(s, batch, serials, [count, matches, touched, time]);
+        }
         let rows =
             crate::stream::batch_of(self.spec.inputs[s].clone(), columns[..width].to_vec(), n)?;
         let keys = Encoded::new(&self.keys, &self.key_columns(s, &rows)?)?;

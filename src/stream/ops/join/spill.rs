@@ -9,12 +9,15 @@
 //!
 //! A run keeps what snapshots need (each entry's row, figures and serial, and whether it
 //! had changed since the previous snapshot when it moved), so snapshots read spilled
-//! entries straight from sled: incremental ones those of the runs moved with changes
-//! since, whole ones all.
+//! entries straight from sled, a group at a time, and hand them on to be stored as they
+//! go: incremental ones those of the runs moved with changes since, whole ones all. A
+//! restore stages entries in sled by serial (layers replace and remove entries by it),
+//! then makes runs of them; the join starts with everything in sled.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use datafusion::arrow::array::Int64Array;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -32,7 +35,7 @@ const SNAPSHOT_BYTES: usize = 4 << 20;
 
 pub(super) struct Spill {
     /// Holds the database open (and deletes it when the join goes).
-    _db: sled::Db,
+    db: sled::Db,
     trees: [sled::Tree; 2],
     /// Bytes each input keeps in memory.
     memory: usize,
@@ -45,6 +48,8 @@ pub(super) struct Spill {
     next_run: u64,
     /// Bytes of records in each tree.
     bytes: [usize; 2],
+    /// While restoring: each input's entries by serial.
+    pub(super) staged: [Option<sled::Tree>; 2],
 }
 
 /// The record key of a run: its join key's length and bytes (so that one key's runs are
@@ -59,6 +64,14 @@ fn run_key(key: &[u8], run: u64) -> Vec<u8> {
 fn key_of(run_key: &[u8]) -> Result<&[u8]> {
     let len = u32::from_be_bytes(run_key.get(..4).ok_or_else(corrupt)?.try_into().unwrap());
     run_key.get(4..4 + len as usize).ok_or_else(corrupt)
+}
+
+/// A staged entry's record key: its serial, in order.
+fn serial_key(serial: Serial) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&serial.0.to_be_bytes());
+    out[8..].copy_from_slice(&serial.1.to_be_bytes());
+    out
 }
 
 fn key_prefix(key: &[u8]) -> Vec<u8> {
@@ -143,13 +156,38 @@ impl Spill {
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
         Ok(Some(Self {
             trees: [tree("left")?, tree("right")?],
-            _db: db,
+            db,
             memory: backend.memory,
             rows: [converter(&inputs[0])?, converter(&inputs[1])?],
             changed: [HashSet::new(), HashSet::new()],
             next_run: 0,
             bytes: [0, 0],
+            staged: [None, None],
         }))
+    }
+
+    /// The tree input `s`'s entries are staged in while restoring.
+    fn staging(&mut self, s: usize) -> Result<&sled::Tree> {
+        if self.staged[s].is_none() {
+            let tree = self
+                .db
+                .open_tree(["restore-left", "restore-right"][s])
+                .map_err(sled_error)?;
+            self.staged[s] = Some(tree);
+        }
+        Ok(self.staged[s].as_ref().expect("opened"))
+    }
+
+    /// Writes a run per key of `runs` (each its entries' records) to input `s`'s tree.
+    fn write_runs(&mut self, s: usize, runs: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in runs {
+            let run_key = run_key(&key, self.next_run);
+            self.next_run += 1;
+            self.bytes[s] += run_key.len() + value.len();
+            batch.insert(run_key, value);
+        }
+        self.trees[s].apply_batch(batch).map_err(sled_error)
     }
 
     pub(super) fn bytes(&self) -> usize {
@@ -337,13 +375,17 @@ impl StreamJoin {
     }
 
     /// The spilled entries of input `s` changed since the previous snapshot, as snapshot
-    /// batches read from sled; they count as snapshotted afterwards.
-    pub(super) fn changed_spilled_batches(&mut self, s: usize) -> Result<Vec<RecordBatch>> {
+    /// batches read from sled and handed to `out` one at a time; they count as
+    /// snapshotted afterwards.
+    pub(super) fn changed_spilled_batches(
+        &mut self,
+        s: usize,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let changed: Vec<Vec<u8>> = spill.changed[s].drain().collect();
-        let mut batches = Vec::new();
         for group in changed.chunks(GROUP_KEYS) {
             let mut runs = Vec::with_capacity(group.len());
             for run_key in group {
@@ -351,19 +393,22 @@ impl StreamJoin {
                     runs.push(value);
                 }
             }
-            batches.push(spill.snapshot_batch(s, &runs, true)?);
+            out(spill.snapshot_batch(s, &runs, true)?)?;
         }
-        Ok(batches)
+        Ok(())
     }
 
-    /// Every spilled entry of input `s` as snapshot batches; they all count as
-    /// snapshotted afterwards.
-    pub(super) fn spilled_batches(&mut self, s: usize) -> Result<Vec<RecordBatch>> {
+    /// Every spilled entry of input `s` as snapshot batches handed to `out` one at a
+    /// time; they all count as snapshotted afterwards.
+    pub(super) fn spilled_batches(
+        &mut self,
+        s: usize,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         spill.changed[s].clear();
-        let mut batches = Vec::new();
         let mut group = Vec::new();
         let mut bytes = 0;
         for item in spill.trees[s].iter() {
@@ -371,15 +416,98 @@ impl StreamJoin {
             bytes += value.len();
             group.push(value);
             if bytes >= SNAPSHOT_BYTES {
-                batches.push(spill.snapshot_batch(s, &group, false)?);
+                out(spill.snapshot_batch(s, &group, false)?)?;
                 group.clear();
                 bytes = 0;
             }
         }
         if !group.is_empty() {
-            batches.push(spill.snapshot_batch(s, &group, false)?);
+            out(spill.snapshot_batch(s, &group, false)?)?;
         }
-        Ok(batches)
+        Ok(())
+    }
+
+    /// Restoring under the backend: input `s`'s entries of a snapshot batch go to a
+    /// sled tree by serial, where a later layer's entry replaces the earlier one as in
+    /// memory; [`StreamJoin::runs_of_restored`] makes them runs once all are there. So a
+    /// restore holds one batch in memory, not the state.
+    pub(super) fn stage_restored(
+        &mut self,
+        s: usize,
+        batch: &RecordBatch,
+        serials: (&Int64Array, &Int64Array),
+        figures: [&Int64Array; 4],
+    ) -> Result<()> {
+        let width = self.spec.inputs[s].fields().len();
+        let n = batch.num_rows();
+        let rows = crate::stream::batch_of(
+            self.spec.inputs[s].clone(),
+            batch.columns()[..width].to_vec(),
+            n,
+        )?;
+        let keys = Encoded::new(&self.keys, &self.key_columns(s, &rows)?)?;
+        let spill = self.spill.as_mut().expect("staging needs the backend");
+        let encoded = spill.rows[s].convert_columns(rows.columns())?;
+        let [count, matches, touched, time] = figures;
+        let mut staged = sled::Batch::default();
+        for i in 0..n {
+            let serial = (serials.0.value(i) as u64, serials.1.value(i) as u64);
+            let key = keys.get(i);
+            let mut value = key_prefix(key);
+            Record {
+                serial,
+                count: count.value(i) as u32,
+                matches: matches.value(i),
+                touched: touched.value(i),
+                time: time.value(i),
+                dirty: false,
+                row: encoded.row(i).data(),
+            }
+            .write(&mut value);
+            staged.insert(serial_key(serial).to_vec(), value);
+        }
+        spill.staging(s)?.apply_batch(staged).map_err(sled_error)
+    }
+
+    /// Restoring under the backend: a later layer removed these entries of input `s`.
+    pub(super) fn unstage_removed(&mut self, s: usize, serials: &[Serial]) -> Result<()> {
+        let spill = self.spill.as_mut().expect("staging needs the backend");
+        let mut removed = sled::Batch::default();
+        for &serial in serials {
+            removed.remove(serial_key(serial).to_vec());
+        }
+        spill.staging(s)?.apply_batch(removed).map_err(sled_error)
+    }
+
+    /// The staged entries of a restore become runs: a group of entries at a time, a run
+    /// per key in the group.
+    pub(super) fn runs_of_restored(&mut self) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        for s in 0..2 {
+            let Some(staged) = spill.staged[s].take() else {
+                continue;
+            };
+            let mut runs: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut bytes = 0;
+            for item in staged.iter() {
+                let (_, value) = item.map_err(sled_error)?;
+                let key = key_of(&value)?;
+                let record = &value[4 + key.len()..];
+                bytes += record.len();
+                runs.entry(key.to_vec())
+                    .or_default()
+                    .extend_from_slice(record);
+                if bytes >= SNAPSHOT_BYTES {
+                    spill.write_runs(s, std::mem::take(&mut runs))?;
+                    bytes = 0;
+                }
+            }
+            spill.write_runs(s, runs)?;
+            spill.db.drop_tree(staged.name()).map_err(sled_error)?;
+        }
+        Ok(())
     }
 
     /// The state TTL's sweep over input `s`'s spilled entries: the keys of those not

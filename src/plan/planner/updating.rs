@@ -300,30 +300,35 @@ impl Planner<'_> {
         let ttl = self.ttl_of(&agg.input);
         let described = describe_aggregate(agg);
         let detail = format!("{described}{}", ttl_detail(ttl));
+        let new = move || {
+            GroupAggregate::try_new(
+                calls.clone(),
+                input_arrow.clone(),
+                arrow.clone(),
+                keyed,
+                retracting,
+                ttl,
+            )
+        };
+        let backend = match self.backend.clone() {
+            Some(b) if new()?.can_spill()? => Some(b),
+            _ => None,
+        };
+        let mut state = if retracting {
+            "per key: its result and the multiset of its aggregates' argument rows".to_string()
+        } else {
+            "per key: its result and partial aggregates".to_string()
+        };
+        if let Some(b) = &backend {
+            state.push_str(&format!(", {}", b.describe()));
+        }
         let mut out = self.operator(
             &input,
             exchange,
             parallelism,
-            (
-                "GroupAggregate",
-                detail,
-                if retracting {
-                    "per key: its result and the multiset of its aggregates' argument rows"
-                } else {
-                    "per key: its result and partial aggregates"
-                },
-            ),
+            ("GroupAggregate", detail, &state),
             schema,
-            Arc::new(move |_| {
-                Ok(Box::new(GroupAggregate::try_new(
-                    calls.clone(),
-                    input_arrow.clone(),
-                    arrow.clone(),
-                    keyed,
-                    retracting,
-                    ttl,
-                )?) as _)
-            }),
+            Arc::new(move |_| Ok(Box::new(new()?.with_backend(backend.as_ref())?) as _)),
         );
         // DISTINCT over inserts only ever adds rows; everything else corrects its rows.
         if !agg.aggr_expr.is_empty() || retracting || ttl.is_some() {

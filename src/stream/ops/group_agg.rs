@@ -36,9 +36,11 @@ use signed::Signed;
 mod checkpoint;
 mod distinct;
 mod signed;
+mod spill;
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
+use crate::stream::state_backend::SledBackend;
 use distinct::DistinctCount;
 
 /// How a key's aggregate state is held (see the module comment).
@@ -116,6 +118,11 @@ pub struct GroupAggregate {
     removed: Vec<Box<[u8]>>,
     /// A global aggregate emits its row for empty input once, at the first barrier.
     started: bool,
+    /// Under the sled state backend: where groups beyond the memory budget go.
+    spill: Option<spill::Spill>,
+    /// Restored batches held until the last one came (layers replace keys, and
+    /// accumulators only merge).
+    restoring: Vec<RecordBatch>,
 }
 
 impl GroupAggregate {
@@ -185,18 +192,39 @@ impl GroupAggregate {
             dirty_list: Vec::new(),
             removed: Vec::new(),
             started: false,
+            spill: None,
+            restoring: Vec::new(),
         })
+    }
+
+    /// Keeps groups beyond `backend`'s memory budget in sled, if
+    /// [`GroupAggregate::can_spill`].
+    pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
+        if let Some(backend) = backend {
+            self.open_spill(backend)?;
+        }
+        Ok(self)
+    }
+
+    /// Whether the sled backend can keep its groups (see [`GroupAggregate::spill_rows`]).
+    pub fn can_spill(&mut self) -> Result<bool> {
+        Ok(self.spill_rows()?.is_some())
     }
 
     fn mark(&mut self, group: usize, now: Instant) {
         self.touched[group] = now;
-        if !self.dirty[group] {
-            self.dirty[group] = true;
-            self.dirty_list.push(group);
-        }
+        self.mark_dirty(group);
         if !self.changed[group] {
             self.changed[group] = true;
             self.changed_list.push(group);
+        }
+    }
+
+    /// Changed since the previous snapshot.
+    fn mark_dirty(&mut self, group: usize) {
+        if !self.dirty[group] {
+            self.dirty[group] = true;
+            self.dirty_list.push(group);
         }
     }
 
@@ -600,6 +628,7 @@ impl Operator for GroupAggregate {
             return Ok(());
         }
         let keys = self.calls.key_columns(&batch.rows)?;
+        self.bring_back(&keys)?;
         self.intern(&keys)?;
         let now = Instant::now();
         let total = self.groups.len();
@@ -678,7 +707,8 @@ impl Operator for GroupAggregate {
     }
 
     fn on_barrier(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
-        self.emit(out)
+        self.emit(out)?;
+        self.shed()
     }
 
     fn on_end(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -693,7 +723,30 @@ impl Operator for GroupAggregate {
         self.changed_snapshot().map(Some)
     }
 
+    fn snapshot_beyond_memory(
+        &mut self,
+        whole: bool,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        self.spilled_snapshot(whole, out)
+    }
+
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        if self.spill.is_some() {
+            for batch in &state {
+                self.restore_to_sled(batch)?;
+            }
+        } else {
+            self.restoring.extend(state);
+        }
+        Ok(())
+    }
+
+    fn restored(&mut self) -> Result<()> {
+        let state = std::mem::take(&mut self.restoring);
+        if state.is_empty() {
+            return Ok(());
+        }
         self.restore_layers(state)
     }
 
@@ -708,6 +761,13 @@ impl Operator for GroupAggregate {
     }
 
     fn state_size(&self) -> usize {
+        self.memory_size() + self.spill.as_ref().map_or(0, spill::Spill::bytes)
+    }
+}
+
+impl GroupAggregate {
+    /// Bytes of the groups in memory.
+    fn memory_size(&self) -> usize {
         let values = match &self.values {
             Values::Accumulators(aggregates) => {
                 aggregates.iter().map(Aggregate::size).sum::<usize>()
@@ -896,6 +956,7 @@ mod tests {
             let state = original.snapshot().unwrap();
             let mut restored = operator(retracting, None);
             restored.restore(state).unwrap();
+            restored.restored().unwrap();
             let next = if retracting {
                 vec![("a", 7, Op::Delete), ("b", 9, Op::Insert)]
             } else {
@@ -953,6 +1014,7 @@ mod tests {
             layers.extend(changes);
             let mut restored = operator(retracting, ttl);
             restored.restore(layers).unwrap();
+            restored.restored().unwrap();
             let next = [
                 ("a", 1, Op::Insert),
                 ("b", 1, Op::Insert),
@@ -965,6 +1027,133 @@ mod tests {
             }
             assert_eq!(lines(&a), lines(&b), "retracting: {retracting}");
             assert_eq!(lines(&a).len(), 4, "{:?}", lines(&a));
+        }
+    }
+
+    /// `operator`, under the sled state backend when `memory` (bytes) is given.
+    fn operator_in(retracting: bool, memory: Option<usize>) -> GroupAggregate {
+        let backend = memory.map(|memory| SledBackend {
+            root: std::env::temp_dir().join("weir-group-agg-tests"),
+            memory,
+        });
+        operator(retracting, None)
+            .with_backend(backend.as_ref())
+            .unwrap()
+    }
+
+    /// Epochs of rows: inserts, and (retracting) deletes of rows inserted before; key b
+    /// loses all its rows.
+    fn epochs(retracting: bool) -> Vec<Vec<(&'static str, i64, Op)>> {
+        use Op::{Delete as D, Insert as I};
+        let mut epochs = vec![
+            vec![("a", 1, I), ("b", 2, I), ("c", 3, I), ("d", 4, I)],
+            vec![("a", 5, I), ("e", 6, I)],
+            vec![("b", 7, I), ("f", 8, I)],
+            vec![("c", 9, I), ("a", 10, I), ("g", 1, I)],
+        ];
+        if retracting {
+            epochs[2].push(("a", 5, D));
+            epochs[3].extend([("b", 2, D), ("b", 7, D)]);
+        }
+        epochs
+    }
+
+    /// The epoch's changes, sorted: keys come out in the order of their groups, which
+    /// groups coming back from sled change.
+    fn run_epoch(op: &mut GroupAggregate, rows: &[(&str, i64, Op)]) -> Vec<String> {
+        let mut out = Vec::new();
+        op.process(0, batch(rows), &mut out).unwrap();
+        op.on_barrier(&mut out).unwrap();
+        let mut lines = lines(&out);
+        lines.sort();
+        lines
+    }
+
+    /// A whole snapshot (or the changes since the previous one) with the groups in sled,
+    /// as a checkpoint takes it.
+    fn snapshot_of(op: &mut GroupAggregate, whole: bool) -> Vec<RecordBatch> {
+        let mut batches = if whole {
+            op.snapshot().unwrap()
+        } else {
+            op.snapshot_changes().unwrap().unwrap()
+        };
+        op.snapshot_beyond_memory(whole, &mut |b| {
+            batches.push(b);
+            Ok(())
+        })
+        .unwrap();
+        batches
+    }
+
+    fn group_rows(batches: &[RecordBatch]) -> usize {
+        batches
+            .iter()
+            .filter(|b| snapshot::kind(b).unwrap() == "groups")
+            .map(|b| b.num_rows())
+            .sum()
+    }
+
+    #[test]
+    fn the_sled_backend_keeps_groups_beyond_memory_in_sled_and_brings_them_back() {
+        for retracting in [false, true] {
+            let mut plain = operator_in(retracting, None);
+            let expected: Vec<Vec<String>> = epochs(retracting)
+                .iter()
+                .map(|e| run_epoch(&mut plain, e))
+                .collect();
+            for memory in [0, 150] {
+                let mut op = operator_in(retracting, Some(memory));
+                for (e, rows) in epochs(retracting).iter().enumerate() {
+                    assert_eq!(
+                        run_epoch(&mut op, rows),
+                        expected[e],
+                        "{retracting} {memory}"
+                    );
+                    let spill = op.spill.as_ref().unwrap();
+                    if memory == 0 {
+                        // After a barrier every group is in sled.
+                        assert_eq!(op.groups.len(), 0);
+                        assert!(spill.bytes() > 0);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots_under_the_sled_backend_restore_in_layers_into_either_backend() {
+        for retracting in [false, true] {
+            for (memory, restored_memory) in [
+                (Some(0), Some(0)),
+                (Some(0), None),
+                (None, Some(0)),
+                (Some(150), Some(150)),
+            ] {
+                let epochs = epochs(retracting);
+                let mut original = operator_in(retracting, memory);
+                run_epoch(&mut original, &epochs[0]);
+                let mut layers = vec![snapshot_of(&mut original, true)];
+                for rows in &epochs[1..3] {
+                    run_epoch(&mut original, rows);
+                    let changes = snapshot_of(&mut original, false);
+                    // Only the keys the epoch touched, wherever they are.
+                    let keys: std::collections::HashSet<&str> = rows.iter().map(|r| r.0).collect();
+                    assert_eq!(group_rows(&changes), keys.len(), "{memory:?}");
+                    layers.push(changes);
+                }
+                let mut restored = operator_in(retracting, restored_memory);
+                for layer in layers {
+                    restored.restore(layer).unwrap();
+                }
+                restored.restored().unwrap();
+                let got = run_epoch(&mut restored, &epochs[3]);
+                assert_eq!(
+                    got,
+                    run_epoch(&mut original, &epochs[3]),
+                    "retracting {retracting}, {memory:?} then {restored_memory:?}"
+                );
+                assert!(!got.is_empty());
+            }
         }
     }
 }

@@ -55,7 +55,7 @@ impl GroupAggregate {
     }
 
     /// One row per group of `groups` (ascending group indices).
-    fn groups_batch(&mut self, groups: &[usize]) -> Result<RecordBatch> {
+    pub(super) fn groups_batch(&mut self, groups: &[usize]) -> Result<RecordBatch> {
         let n = self.groups.len();
         let picked = UInt32Array::from_iter_values(groups.iter().map(|&g| g as u32));
         let pick = |column: ArrayRef| -> Result<ArrayRef> {
@@ -177,7 +177,7 @@ impl GroupAggregate {
     }
 
     /// Adds the groups of a `groups` batch's columns (each key once).
-    fn restore_groups(&mut self, columns: &[ArrayRef]) -> Result<()> {
+    pub(super) fn restore_groups(&mut self, columns: &[ArrayRef]) -> Result<()> {
         let key_columns = self.decode_keys(&columns[0])?;
         self.intern(&key_columns)?;
         let groups = self.indices.clone();

@@ -1,0 +1,272 @@
+//! A group aggregate's groups under the sled state backend. Up to its memory budget of
+//! groups stay in DataFusion's structures; at a barrier, once the results are emitted,
+//! the groups not touched since the previous barrier go to a sled tree (all of them when
+//! that leaves more than three quarters of the budget), one record per key: the group's
+//! row of a snapshot's `groups` batch, row-encoded. A batch brings the groups of its keys
+//! back first (merged into fresh accumulator groups), so aggregation only ever sees
+//! groups in memory.
+//!
+//! Snapshots read groups in sled straight from the tree: incremental ones those moved
+//! with changes since the previous snapshot (listed in memory), whole ones all. A restore
+//! writes each key's newest row to the tree (a later layer's row replaces, a removal
+//! deletes), so nothing is gathered in memory and every group starts in sled.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::Result;
+
+use super::GroupAggregate;
+use crate::stream::snapshot::{self, downcast};
+use crate::stream::state_backend::{sled_error, SledBackend};
+
+/// Groups per batch of a snapshot's part in sled.
+const SNAPSHOT_GROUPS: usize = 8192;
+
+pub(super) struct Spill {
+    /// Holds the database open (and deletes it when the operator goes).
+    _db: sled::Db,
+    /// Group key -> the group's row.
+    tree: sled::Tree,
+    /// Bytes of groups kept in memory.
+    memory: usize,
+    /// Rows of the columns of a `groups` batch.
+    rows: RowConverter,
+    /// Keys in sled whose groups changed since the previous snapshot.
+    changed: HashSet<Vec<u8>>,
+    /// Bytes of records in the tree.
+    bytes: usize,
+    /// When groups last went to sled: those not touched since go next.
+    last_shed: Instant,
+}
+
+impl Spill {
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl GroupAggregate {
+    /// The row encoding of a `groups` batch's columns, when the sled backend can keep
+    /// this operator's groups: keyed, without a state TTL (whose clock is not kept in
+    /// sled), and with partial states arrow's row format encodes.
+    pub(super) fn spill_rows(&mut self) -> Result<Option<RowConverter>> {
+        if !self.keyed || self.ttl.is_some() {
+            return Ok(None);
+        }
+        let empty = self.groups_batch(&[])?;
+        let (_, _, columns) = snapshot::parts(&empty, 1)?;
+        let fields: Vec<SortField> = columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect();
+        if !RowConverter::supports_fields(&fields) {
+            return Ok(None);
+        }
+        Ok(Some(RowConverter::new(fields)?))
+    }
+
+    pub(super) fn open_spill(&mut self, backend: &SledBackend) -> Result<()> {
+        let Some(rows) = self.spill_rows()? else {
+            return Ok(());
+        };
+        let db = backend.open_scratch()?;
+        let tree = db.open_tree("groups").map_err(sled_error)?;
+        self.spill = Some(Spill {
+            _db: db,
+            tree,
+            memory: backend.memory,
+            rows,
+            changed: HashSet::new(),
+            bytes: 0,
+            last_shed: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Brings the groups in sled of the keys of `keys` (key columns) back into memory.
+    pub(super) fn bring_back(&mut self, keys: &[ArrayRef]) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        if spill.bytes == 0 {
+            return Ok(());
+        }
+        let encoded = self.key_converter.convert_columns(keys)?;
+        let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut found = Vec::new();
+        let mut taken = sled::Batch::default();
+        for i in 0..encoded.num_rows() {
+            let key = encoded.row(i).data();
+            if !seen.insert(key) {
+                continue;
+            }
+            if let Some(value) = spill.tree.get(key).map_err(sled_error)? {
+                spill.bytes -= key.len() + value.len();
+                taken.remove(key);
+                found.push((key.to_vec(), value));
+            }
+        }
+        if found.is_empty() {
+            return Ok(());
+        }
+        spill.tree.apply_batch(taken).map_err(sled_error)?;
+        let parser = spill.rows.parser();
+        let columns = spill
+            .rows
+            .convert_rows(found.iter().map(|(_, v)| parser.parse(v)))?;
+        let dirty: Vec<bool> = found
+            .iter()
+            .map(|(key, _)| spill.changed.remove(key))
+            .collect();
+        self.restore_groups(&columns)?;
+        let groups = self.indices.clone();
+        for (g, dirty) in groups.into_iter().zip(dirty) {
+            if dirty {
+                self.mark_dirty(g);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the groups within the memory budget, after a barrier's results went out:
+    /// the groups not touched since the previous look go to sled, then all of them if
+    /// that leaves more than three quarters of the budget.
+    pub(super) fn shed(&mut self) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        let (memory, since) = (spill.memory, spill.last_shed);
+        spill.last_shed = Instant::now();
+        if self.memory_size() <= memory {
+            return Ok(());
+        }
+        let n = self.groups.len();
+        let cold: Vec<usize> = (0..n).filter(|&g| self.touched[g] < since).collect();
+        self.move_to_sled(&cold)?;
+        if self.memory_size() > memory / 4 * 3 {
+            let all: Vec<usize> = (0..self.groups.len()).collect();
+            self.move_to_sled(&all)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the groups `groups` (ascending, none with results still to emit) to sled.
+    fn move_to_sled(&mut self, groups: &[usize]) -> Result<()> {
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let batch = self.groups_batch(groups)?;
+        let (_, _, columns) = snapshot::parts(&batch, 1)?;
+        let spill = self.spill.as_mut().expect("moving needs the backend");
+        let rows = spill.rows.convert_columns(&columns)?;
+        let keys = downcast::<BinaryArray>(&columns[0])?;
+        let mut moved = sled::Batch::default();
+        for (i, &g) in groups.iter().enumerate() {
+            let key = keys.value(i);
+            let row = rows.row(i);
+            spill.bytes += key.len() + row.as_ref().len();
+            if self.dirty[g] {
+                spill.changed.insert(key.to_vec());
+            }
+            moved.insert(key, row.as_ref());
+        }
+        spill.tree.apply_batch(moved).map_err(sled_error)?;
+        let mut gone = vec![false; self.groups.len()];
+        for &g in groups {
+            gone[g] = true;
+        }
+        let keep: Vec<usize> = (0..self.groups.len()).filter(|&g| !gone[g]).collect();
+        // Compacting records the keys it drops as removed: these are not.
+        let removed = self.removed.len();
+        self.compact(&keep)?;
+        self.removed.truncate(removed);
+        Ok(())
+    }
+
+    /// The groups in sled as `groups` batches handed to `out` one at a time (all of
+    /// them when `whole`, else those changed since the previous snapshot); they count as
+    /// snapshotted afterwards.
+    pub(super) fn spilled_snapshot(
+        &mut self,
+        whole: bool,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        let started = self.started as i64;
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        let emit = |spill: &Spill,
+                    group: &[sled::IVec],
+                    out: &mut dyn FnMut(RecordBatch) -> Result<()>| {
+            let parser = spill.rows.parser();
+            let columns = spill
+                .rows
+                .convert_rows(group.iter().map(|v| parser.parse(v)))?;
+            out(snapshot::batch("groups", &[started], columns)?)
+        };
+        let mut group = Vec::new();
+        if whole {
+            spill.changed.clear();
+            for item in spill.tree.iter() {
+                group.push(item.map_err(sled_error)?.1);
+                if group.len() == SNAPSHOT_GROUPS {
+                    emit(spill, &group, out)?;
+                    group.clear();
+                }
+            }
+        } else {
+            let changed: Vec<Vec<u8>> = spill.changed.drain().collect();
+            for key in changed {
+                group.extend(spill.tree.get(&key).map_err(sled_error)?);
+                if group.len() == SNAPSHOT_GROUPS {
+                    emit(spill, &group, out)?;
+                    group.clear();
+                }
+            }
+        }
+        if !group.is_empty() {
+            emit(spill, &group, out)?;
+        }
+        Ok(())
+    }
+
+    /// Restoring under the backend: each key of a snapshot batch gets its row in sled
+    /// (a later layer's replaces an earlier one's; a removed key goes).
+    pub(super) fn restore_to_sled(&mut self, batch: &RecordBatch) -> Result<()> {
+        let kind = snapshot::kind(batch)?;
+        let spill = self
+            .spill
+            .as_mut()
+            .expect("restoring to sled needs the backend");
+        let mut written = sled::Batch::default();
+        let mut replaced = Vec::new();
+        if kind == "groups" {
+            let (_, head, columns) = snapshot::parts(batch, 1)?;
+            self.started |= head[0] != 0;
+            let rows = spill.rows.convert_columns(&columns)?;
+            let keys = downcast::<BinaryArray>(&columns[0])?;
+            for i in 0..keys.len() {
+                let (key, row) = (keys.value(i), rows.row(i));
+                replaced.push(key.to_vec());
+                spill.bytes += key.len() + row.as_ref().len();
+                written.insert(key, row.as_ref());
+            }
+        } else {
+            let (_, _, columns) = snapshot::parts(batch, 0)?;
+            let keys = downcast::<BinaryArray>(&columns[0])?;
+            for i in 0..keys.len() {
+                replaced.push(keys.value(i).to_vec());
+                written.remove(keys.value(i));
+            }
+        }
+        for key in replaced {
+            if let Some(old) = spill.tree.get(&key).map_err(sled_error)? {
+                spill.bytes -= key.len() + old.len();
+            }
+        }
+        spill.tree.apply_batch(written).map_err(sled_error)
+    }
+}

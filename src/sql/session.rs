@@ -85,13 +85,13 @@ const VARIABLES: &[Variable] = &[
         "state.backend",
         "memory",
         false,
-        "Where joins of new queries keep rows: memory, or sled (experimental: on disk beyond 'state.backend.sled.memory' per input)",
+        "Where joins and unbounded GROUP BY of new queries keep state: memory, or sled (experimental: on disk beyond 'state.backend.sled.memory' per input)",
     ),
     var(
         "state.backend.sled.memory",
-        "64 mb",
+        "1 mb",
         false,
-        "Memory each join input subtask of new queries keeps under the sled state backend before moving rows to disk",
+        "Memory each join input or GROUP BY subtask of new queries keeps under the sled state backend before moving state to disk",
     ),
     var(
         "table.dml-sync",

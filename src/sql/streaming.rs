@@ -122,8 +122,10 @@ pub(super) fn external(e: DataFusionError) -> SqlError {
     SqlError::from(e)
 }
 
-/// 'state.backend.sled.memory' when not set (the variable's default, '64 mb').
-const DEFAULT_SLED_MEMORY: usize = 64 << 20;
+/// 'state.backend.sled.memory' when not set (the variable's default, '1 mb'): larger
+/// budgets made sled itself hold more memory than they kept out of it, and ran slower
+/// (benches/README.md, "State on disk").
+const DEFAULT_SLED_MEMORY: usize = 1 << 20;
 
 /// The session settings that change how a continuous query is planned: stored with a
 /// view or job so that a restart plans the same graph its checkpoints were taken from.

@@ -109,3 +109,25 @@ pub trait Operator: Send {
         ))
     }
 }
+
+/// What operator tests share.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// A whole snapshot (or the changes since the previous one) with what the operator
+    /// keeps beyond memory, as a checkpoint takes it.
+    pub fn snapshot_of(op: &mut dyn Operator, whole: bool) -> Vec<RecordBatch> {
+        let mut batches = if whole {
+            op.snapshot().unwrap()
+        } else {
+            op.snapshot_changes().unwrap().unwrap()
+        };
+        op.snapshot_beyond_memory(whole, &mut |b| {
+            batches.push(b);
+            Ok(())
+        })
+        .unwrap();
+        batches
+    }
+}

@@ -801,6 +801,7 @@ mod tests {
 
     use super::*;
     use crate::stream::message::Op;
+    use crate::stream::operator::testing::snapshot_of;
 
     /// `SELECT k, count(*), max(v) FROM t GROUP BY k` over (k, v) rows.
     fn operator(retracting: bool, ttl: Option<Duration>) -> GroupAggregate {
@@ -1067,22 +1068,6 @@ mod tests {
         let mut lines = lines(&out);
         lines.sort();
         lines
-    }
-
-    /// A whole snapshot (or the changes since the previous one) with the groups in sled,
-    /// as a checkpoint takes it.
-    fn snapshot_of(op: &mut GroupAggregate, whole: bool) -> Vec<RecordBatch> {
-        let mut batches = if whole {
-            op.snapshot().unwrap()
-        } else {
-            op.snapshot_changes().unwrap().unwrap()
-        };
-        op.snapshot_beyond_memory(whole, &mut |b| {
-            batches.push(b);
-            Ok(())
-        })
-        .unwrap();
-        batches
     }
 
     fn group_rows(batches: &[RecordBatch]) -> usize {

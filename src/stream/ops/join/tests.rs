@@ -10,6 +10,7 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use super::*;
 use crate::stream::message::{Op, END_OF_TIME};
+use crate::stream::operator::testing::snapshot_of;
 
 /// Both inputs: (k, v); the output and the filter see k, v, k, v.
 fn input_schema(side: &str) -> SchemaRef {
@@ -659,22 +660,6 @@ fn restorable_join(kind: JoinKind, interval: bool, memory: Option<usize>) -> Str
     } else {
         join_in(spec(kind, Some(less_filter())), memory)
     }
-}
-
-/// A whole snapshot (or the changes since the previous one), with what the join keeps
-/// beyond memory, as a checkpoint takes it.
-fn snapshot_of(j: &mut StreamJoin, whole: bool) -> Vec<RecordBatch> {
-    let mut batches = if whole {
-        j.snapshot().unwrap()
-    } else {
-        j.snapshot_changes().unwrap().unwrap()
-    };
-    j.snapshot_beyond_memory(whole, &mut |b| {
-        batches.push(b);
-        Ok(())
-    })
-    .unwrap();
-    batches
 }
 
 /// Restores snapshots as a job does: one `restore` call each, then `restored`.

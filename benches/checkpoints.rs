@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo bench --bench checkpoints                              # 200,000 new keys/s for 10 s
 //! cargo bench --bench checkpoints -- --rate 500000 --seconds 20
+//! cargo bench --bench checkpoints -- --set state.backend=sled   # any session setting
 //! ```
 //!
 //! A materialized view counts rows per key over a `datagen` sequence, so every row is a
@@ -22,12 +23,15 @@ use common::{rows, TestServer};
 struct Args {
     rate: u64,
     seconds: u64,
+    /// Session settings for the view (`--set key=value`).
+    settings: Vec<(String, String)>,
 }
 
 fn parse_args() -> Args {
     let mut args = Args {
         rate: 200_000,
         seconds: 10,
+        settings: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -39,6 +43,11 @@ fn parse_args() -> Args {
         match arg.as_str() {
             "--rate" => args.rate = number("--rate"),
             "--seconds" => args.seconds = number("--seconds"),
+            "--set" => {
+                let setting = it.next().expect("--set takes key=value");
+                let (key, value) = setting.split_once('=').expect("--set takes key=value");
+                args.settings.push((key.into(), value.into()));
+            }
             // `cargo bench` passes --bench; a filter argument is ignored too.
             _ => {}
         }
@@ -56,7 +65,11 @@ fn main() {
         let dir = tempfile::tempdir().expect("temp dir");
         let server = TestServer::start(dir.path()).await;
         let client = server.connect().await;
-        for statement in [
+        let settings = args
+            .settings
+            .iter()
+            .map(|(k, v)| format!("SET '{k}' = '{v}'"));
+        for statement in settings.chain([
             "SET 'parallelism.default' = '1'".to_string(),
             format!(
                 "CREATE TABLE gen (k BIGINT, v BIGINT) WITH ('connector' = 'datagen', \
@@ -68,7 +81,7 @@ fn main() {
             "CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total \
              FROM gen GROUP BY k"
                 .to_string(),
-        ] {
+        ]) {
             rows(&client, &statement).await;
         }
         println!("| second | epoch | checkpoint ms | bytes written | operator state |");

@@ -143,11 +143,16 @@ impl GroupAggregate {
         if self.memory_size() <= memory {
             return Ok(());
         }
-        let n = self.groups.len();
-        let cold: Vec<usize> = (0..n).filter(|&g| self.touched[g] < since).collect();
+        // Groups with results still to emit stay (none, right after a barrier's).
+        let movable = |op: &Self, g: usize| !op.changed[g];
+        let cold: Vec<usize> = (0..self.groups.len())
+            .filter(|&g| movable(self, g) && self.touched[g] < since)
+            .collect();
         self.move_to_sled(&cold)?;
         if self.memory_size() > memory / 4 * 3 {
-            let all: Vec<usize> = (0..self.groups.len()).collect();
+            let all: Vec<usize> = (0..self.groups.len())
+                .filter(|&g| movable(self, g))
+                .collect();
             self.move_to_sled(&all)?;
         }
         Ok(())

@@ -1141,4 +1141,29 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_key_removed_twice_in_one_layer_goes_once_under_the_sled_backend() {
+        let mut original = operator_in(true, Some(0));
+        run_epoch(&mut original, &[("a", 5, Op::Insert), ("b", 1, Op::Insert)]);
+        let whole = snapshot_of(&mut original, true);
+        let mut restored = operator_in(true, Some(0));
+        let keys: ArrayRef = Arc::new(StringArray::from(vec!["a"]));
+        let encoded = restored.key_converter.convert_columns(&[keys]).unwrap();
+        let a = encoded.row(0).as_ref().to_vec();
+        let removed = snapshot::batch(
+            "removed",
+            &[],
+            vec![Arc::new(BinaryArray::from_iter_values([&a, &a]))],
+        )
+        .unwrap();
+        restored.restore(whole).unwrap();
+        restored.restore(vec![removed]).unwrap();
+        restored.restored().unwrap();
+        assert!(restored.state_size() < 1 << 20, "{}", restored.state_size());
+        assert_eq!(
+            run_epoch(&mut restored, &[("a", 2, Op::Insert), ("b", 3, Op::Insert)]),
+            ["+I a,1,2", "+U b,2,3", "-U b,1,1"]
+        );
+    }
 }

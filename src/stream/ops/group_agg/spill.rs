@@ -11,7 +11,7 @@
 //! writes each key's newest row to the tree (a later layer's row replaces, a removal
 //! deletes), so nothing is gathered in memory and every group starts in sled.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
@@ -239,37 +239,41 @@ impl GroupAggregate {
     }
 
     /// Restoring under the backend: each key of a snapshot batch gets its row in sled
-    /// (a later layer's replaces an earlier one's; a removed key goes).
+    /// (a later layer's replaces an earlier one's; a removed key goes). A key named
+    /// twice (removed twice in one epoch) counts once.
     pub(super) fn restore_to_sled(&mut self, batch: &RecordBatch) -> Result<()> {
         let kind = snapshot::kind(batch)?;
         let spill = self
             .spill
             .as_mut()
             .expect("restoring to sled needs the backend");
-        let mut written = sled::Batch::default();
-        let mut replaced = Vec::new();
+        let mut updates: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         if kind == "groups" {
             let (_, head, columns) = snapshot::parts(batch, 1)?;
             self.started |= head[0] != 0;
             let rows = spill.rows.convert_columns(&columns)?;
             let keys = downcast::<BinaryArray>(&columns[0])?;
             for i in 0..keys.len() {
-                let (key, row) = (keys.value(i), rows.row(i));
-                replaced.push(key.to_vec());
-                spill.bytes += key.len() + row.as_ref().len();
-                written.insert(key, row.as_ref());
+                updates.insert(keys.value(i).to_vec(), Some(rows.row(i).as_ref().to_vec()));
             }
         } else {
             let (_, _, columns) = snapshot::parts(batch, 0)?;
             let keys = downcast::<BinaryArray>(&columns[0])?;
             for i in 0..keys.len() {
-                replaced.push(keys.value(i).to_vec());
-                written.remove(keys.value(i));
+                updates.insert(keys.value(i).to_vec(), None);
             }
         }
-        for key in replaced {
+        let mut written = sled::Batch::default();
+        for (key, row) in updates {
             if let Some(old) = spill.tree.get(&key).map_err(sled_error)? {
                 spill.bytes -= key.len() + old.len();
+            }
+            match row {
+                Some(row) => {
+                    spill.bytes += key.len() + row.len();
+                    written.insert(key, row);
+                }
+                None => written.remove(key),
             }
         }
         spill.tree.apply_batch(written).map_err(sled_error)

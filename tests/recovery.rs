@@ -13,9 +13,10 @@ use tokio_postgres::Client;
 
 /// Views and a filesystem sink over the built-in table log and the Nexmark generator: a
 /// HOP window aggregate, an unbounded GROUP BY, a join and a windowed INSERT job; the
-/// window aggregate and the join checkpoint unaligned.
-async fn create_pipeline(client: &Client, sink_dir: &Path) {
-    let statements = [
+/// window aggregate and the join checkpoint unaligned. `settings` are SET first.
+async fn create_pipeline(client: &Client, sink_dir: &Path, settings: &[&str]) {
+    let settings = settings.iter().map(|s| s.to_string());
+    let statements = settings.chain([
         "SET 'parallelism.default' = '2'".to_string(),
         "CREATE TABLE clicks (batch BIGINT, user_id BIGINT, amount BIGINT, ts TIMESTAMP(3), \
          WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)"
@@ -50,7 +51,7 @@ async fn create_pipeline(client: &Client, sink_dir: &Path) {
          TABLE(TUMBLE(TABLE clicks, DESCRIPTOR(ts), INTERVAL '10' SECOND)) \
          GROUP BY window_start, window_end"
             .to_string(),
-    ];
+    ]);
     for s in statements {
         client
             .simple_query(&s)
@@ -60,12 +61,12 @@ async fn create_pipeline(client: &Client, sink_dir: &Path) {
 }
 
 /// A data directory with the pipeline created in it (the server is gone), and the sink's.
-async fn new_pipeline() -> (tempfile::TempDir, tempfile::TempDir) {
+async fn new_pipeline(settings: &[&str]) -> (tempfile::TempDir, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let sink = tempfile::tempdir().unwrap();
     let weir = WeirProcess::start(dir.path());
     let client = connect(weir.port).await;
-    create_pipeline(&client, sink.path()).await;
+    create_pipeline(&client, sink.path(), settings).await;
     weir.kill_9();
     (dir, sink)
 }
@@ -152,7 +153,7 @@ async fn uninterrupted(batches: &[u64]) -> Vec<(String, Vec<String>)> {
     let sink = tempfile::tempdir().unwrap();
     let weir = WeirProcess::start(dir.path());
     let client = connect(weir.port).await;
-    create_pipeline(&client, sink.path()).await;
+    create_pipeline(&client, sink.path(), &[]).await;
     for b in batches {
         client.simple_query(&clicks_batch(*b)).await.unwrap();
     }
@@ -167,7 +168,7 @@ async fn twenty_kills_lose_and_double_nothing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(7u64);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let (dir, sink) = new_pipeline().await;
+    let (dir, sink) = new_pipeline(&[]).await;
     let mut next_batch = 0;
     for round in 0..24 {
         // Every fourth run dies inside a checkpoint's store write instead.
@@ -210,13 +211,29 @@ async fn twenty_kills_lose_and_double_nothing() {
 /// inside the store write, and after the commit before the sinks publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_at_each_checkpoint_phase_loses_and_doubles_nothing() {
+    crash_at_each_checkpoint_phase(&[]).await;
+}
+
+/// The same with the GROUP BYs and the join keeping their state in sled (none of it in
+/// memory after a batch or a barrier): their checkpoints are chunks in the store, and a
+/// restore reads them back into sled. The rows must be those of memory state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_each_checkpoint_phase_with_state_in_sled_loses_and_doubles_nothing() {
+    crash_at_each_checkpoint_phase(&[
+        "SET 'state.backend' = 'sled'",
+        "SET 'state.backend.sled.memory' = '0'",
+    ])
+    .await;
+}
+
+async fn crash_at_each_checkpoint_phase(settings: &[&str]) {
     for point in [
         "checkpoint-before-ack",
         "checkpoint-during-write",
         "checkpoint-before-publish",
     ] {
         let at = 4;
-        let (dir, sink) = new_pipeline().await;
+        let (dir, sink) = new_pipeline(settings).await;
         let spec = format!("{point}=crash@{at}");
         let weir = WeirProcess::start_with_env(dir.path(), &[("WEIR_FAILPOINTS", &spec)]);
         let client = connect(weir.port).await;

@@ -11,7 +11,7 @@
 //! writes each key's newest row to the tree (a later layer's row replaces, a removal
 //! deletes), so nothing is gathered in memory and every group starts in sled.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Instant;
 
 use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
@@ -247,31 +247,31 @@ impl GroupAggregate {
             .spill
             .as_mut()
             .expect("restoring to sled needs the backend");
-        let mut updates: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-        if kind == "groups" {
-            let (_, head, columns) = snapshot::parts(batch, 1)?;
+        let groups = kind == "groups";
+        let (_, head, columns) = snapshot::parts(batch, groups as usize)?;
+        let keys = downcast::<BinaryArray>(&columns[0])?;
+        let rows = if groups {
             self.started |= head[0] != 0;
-            let rows = spill.rows.convert_columns(&columns)?;
-            let keys = downcast::<BinaryArray>(&columns[0])?;
-            for i in 0..keys.len() {
-                updates.insert(keys.value(i).to_vec(), Some(rows.row(i).as_ref().to_vec()));
-            }
+            Some(spill.rows.convert_columns(&columns)?)
         } else {
-            let (_, _, columns) = snapshot::parts(batch, 0)?;
-            let keys = downcast::<BinaryArray>(&columns[0])?;
-            for i in 0..keys.len() {
-                updates.insert(keys.value(i).to_vec(), None);
-            }
-        }
+            None
+        };
         let mut written = sled::Batch::default();
-        for (key, row) in updates {
-            if let Some(old) = spill.tree.get(&key).map_err(sled_error)? {
+        // Newest first: a key's last row in the batch is the one kept.
+        let mut seen: HashSet<&[u8]> = HashSet::new();
+        for i in (0..keys.len()).rev() {
+            let key = keys.value(i);
+            if !seen.insert(key) {
+                continue;
+            }
+            if let Some(old) = spill.tree.get(key).map_err(sled_error)? {
                 spill.bytes -= key.len() + old.len();
             }
-            match row {
-                Some(row) => {
-                    spill.bytes += key.len() + row.len();
-                    written.insert(key, row);
+            match &rows {
+                Some(rows) => {
+                    let row = rows.row(i);
+                    spill.bytes += key.len() + row.as_ref().len();
+                    written.insert(key, row.as_ref());
                 }
                 None => written.remove(key),
             }

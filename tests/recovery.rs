@@ -248,6 +248,11 @@ async fn crash_at_each_checkpoint_phase(settings: &[&str]) {
         }
         assert!(crashed, "{spec} never fired");
         drop(weir);
+        if !settings.is_empty() {
+            // The killed server's scratch databases: the state was in sled.
+            let scratch = std::fs::read_dir(dir.path().join("spill")).map_or(0, |d| d.count());
+            assert!(scratch >= 2, "{spec}: {scratch} scratch databases");
+        }
         let weir = WeirProcess::start(dir.path());
         let client = connect(weir.port).await;
         let batches = landed_batches(&client).await;

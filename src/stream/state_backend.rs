@@ -1,5 +1,5 @@
 //! `SET 'state.backend' = 'sled'`: operators that support it (regular joins, unbounded
-//! GROUP BY without a state TTL) keep
+//! GROUP BY, TopN, the last two without a state TTL) keep
 //! a bounded amount of keyed state in memory and the rest in a scratch sled database of
 //! their own. The scratch data is only
 //! a working copy: checkpoints still hold the state, and a restart rebuilds it from them,

@@ -121,37 +121,42 @@ impl Planner<'_> {
         } else {
             partition_by
         };
+        let new = move || {
+            TopN::try_new(
+                partition_by.clone(),
+                factory_order
+                    .iter()
+                    .map(|(expr, options)| SortKey {
+                        expr: expr.clone(),
+                        options: *options,
+                    })
+                    .collect(),
+                limit,
+                input_arrow.clone(),
+                arrow.clone(),
+                retracting,
+                ttl,
+            )
+        };
+        let backend = match self.backend.clone() {
+            Some(b) if new()?.can_spill() => Some(b),
+            _ => None,
+        };
+        let mut state = if retracting {
+            "every row of each partition".to_string()
+        } else {
+            "the top rows of each partition".to_string()
+        };
+        if let Some(b) = &backend {
+            state.push_str(&format!(", {}", b.describe()));
+        }
         let mut out = self.operator(
             &input,
             exchange,
             parallelism,
-            (
-                name,
-                format!("{detail}{}", ttl_detail(ttl)),
-                if retracting {
-                    "every row of each partition"
-                } else {
-                    "the top rows of each partition"
-                },
-            ),
+            (name, format!("{detail}{}", ttl_detail(ttl)), &state),
             w.schema.clone(),
-            Arc::new(move |_| {
-                Ok(Box::new(TopN::try_new(
-                    partition_by.clone(),
-                    factory_order
-                        .iter()
-                        .map(|(expr, options)| SortKey {
-                            expr: expr.clone(),
-                            options: *options,
-                        })
-                        .collect(),
-                    limit,
-                    input_arrow.clone(),
-                    arrow.clone(),
-                    retracting,
-                    ttl,
-                )?) as _)
-            }),
+            Arc::new(move |_| Ok(Box::new(new()?.with_backend(backend.as_ref())?) as _)),
         );
         self.set_updating(&mut out, format!("{name} ({detail})"));
         // A row is identified by its partition and rank, or by its partition alone when

@@ -67,7 +67,9 @@ impl TopN {
     fn partitions_batches(&self, keys: &[&[u8]]) -> Result<Vec<RecordBatch>> {
         let mut batches = Vec::new();
         for chunk in keys.chunks(CHUNK_PARTITIONS) {
-            batches.extend(self.chunk_batches(chunk)?);
+            let partitions: Vec<(&[u8], &Partition)> =
+                chunk.iter().map(|&k| (k, &self.partitions[k])).collect();
+            batches.extend(Self::chunk_batches(self.limit, &partitions)?);
         }
         let mut changed: Vec<&[u8]> = self.changed.iter().map(|k| &**k).collect();
         changed.sort_unstable();
@@ -80,18 +82,21 @@ impl TopN {
         Ok(batches)
     }
 
-    fn chunk_batches(&self, keys: &[&[u8]]) -> Result<[RecordBatch; 3]> {
+    /// `rows`, `emitted` and `emitted_top` batches of the partitions.
+    pub(super) fn chunk_batches(
+        limit: usize,
+        partitions: &[(&[u8], &Partition)],
+    ) -> Result<[RecordBatch; 3]> {
         let (mut row_keys, mut sorts, mut rows, mut counts) = (vec![], vec![], vec![], vec![]);
         let (mut emitted_keys, mut emitted, mut emitted_top) = (vec![], vec![], vec![]);
-        for &key in keys {
-            let p = &self.partitions[key];
+        for &(key, p) in partitions {
             for (entry, count) in p.rows.iter() {
                 row_keys.push(key);
                 sorts.push(entry.sort());
                 rows.push(entry.row());
                 counts.push(count);
             }
-            if !p.emitted.is_empty() && Self::top(self.limit, p) == p.emitted {
+            if !p.emitted.is_empty() && Self::top(limit, p) == p.emitted {
                 emitted_top.push(key);
                 continue;
             }
@@ -141,6 +146,9 @@ impl TopN {
                 "reset" => {
                     for key in keys.iter().flatten() {
                         self.partitions.remove(key);
+                        if let Some(spill) = self.spill.as_mut() {
+                            spill.delete(key)?;
+                        }
                     }
                 }
                 "rows" => {
@@ -148,7 +156,7 @@ impl TopN {
                     let rows = column::<BinaryArray>(&columns, 2)?;
                     let counts = column::<Int64Array>(&columns, 3)?;
                     for i in 0..batch.num_rows() {
-                        let p = self.partition(keys.value(i));
+                        let p = self.partition(keys.value(i))?;
                         p.touched = now;
                         p.rows.add(sorts.value(i), rows.value(i), counts.value(i));
                         p.present += counts.value(i);
@@ -158,7 +166,7 @@ impl TopN {
                     // Emitted rows only compare and emit their row bytes.
                     let rows = column::<BinaryArray>(&columns, 1)?;
                     for i in 0..batch.num_rows() {
-                        let p = self.partition(keys.value(i));
+                        let p = self.partition(keys.value(i))?;
                         p.emitted.push(Entry::new(&[], rows.value(i)));
                     }
                 }
@@ -166,12 +174,13 @@ impl TopN {
                     // After this layer's rows: the emitted rows share their entries.
                     let limit = self.limit;
                     for key in keys.iter().flatten() {
-                        let p = self.partition(key);
+                        let p = self.partition(key)?;
                         p.emitted = Self::top(limit, p);
                     }
                 }
                 "changed" => {
                     for key in keys.iter().flatten() {
+                        self.bring_back(key)?;
                         if let Some(p) = self.partitions.get_mut(key) {
                             if !p.changed {
                                 p.changed = true;
@@ -195,10 +204,11 @@ impl TopN {
         Ok(())
     }
 
-    fn partition(&mut self, key: &[u8]) -> &mut Partition {
-        if !self.partitions.contains_key(key) {
+    /// The partition `key`, brought back from sled or new.
+    fn partition(&mut self, key: &[u8]) -> Result<&mut Partition> {
+        if !self.partitions.contains_key(key) && !self.bring_back(key)? {
             self.partitions.insert(key.into(), Partition::default());
         }
-        self.partitions.get_mut(key).expect("inserted")
+        Ok(self.partitions.get_mut(key).expect("inserted"))
     }
 }

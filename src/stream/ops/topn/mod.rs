@@ -28,6 +28,7 @@ use crate::stream::operator::Operator;
 
 mod checkpoint;
 mod ranked;
+mod spill;
 
 use ranked::{Entry, Ranked};
 
@@ -52,6 +53,8 @@ struct Partition {
     changed: bool,
     /// Listed in `TopN::dirty`: changed since the previous snapshot.
     dirty: bool,
+    /// Had rows since the sled backend last looked for partitions to move out.
+    used: bool,
 }
 
 /// A partition's own fields and its map slot, beside its key and rows.
@@ -77,8 +80,10 @@ pub struct TopN {
     changed: Vec<Arc<[u8]>>,
     /// Partitions changed (or gone) since the previous snapshot, possibly repeated.
     dirty: Vec<Arc<[u8]>>,
-    /// Bytes of state held, kept as rows come and go.
+    /// Bytes of state held in memory, kept as rows come and go.
     bytes: usize,
+    /// Partitions beyond the memory budget, under the sled backend.
+    spill: Option<spill::Spill>,
 }
 
 impl TopN {
@@ -123,6 +128,7 @@ impl TopN {
             changed: Vec::new(),
             dirty: Vec::new(),
             bytes: 0,
+            spill: None,
         })
     }
 
@@ -278,6 +284,9 @@ impl Operator for TopN {
         for i in 0..rows.num_rows() {
             let key = keys.row(i);
             let (sort, row) = (sorts.row(i), full.row(i));
+            if self.spill.is_some() && !self.partitions.contains_key(key.as_ref()) {
+                self.bring_back(key.as_ref())?;
+            }
             // One lookup a row; the stored key is cloned only to list the partition.
             let entry = match self.partitions.entry_ref(key.as_ref()) {
                 EntryRef::Occupied(entry) => entry,
@@ -289,6 +298,7 @@ impl Operator for TopN {
             let unlisted = !entry.get().changed || !entry.get().dirty;
             let key = unlisted.then(|| entry.key().clone());
             let partition = entry.into_mut();
+            partition.used = true;
             let sign = if batch.retracts(i) { -1 } else { 1 };
             // Over inserts only, rows below the top N never rise again: a row that would
             // rank after a full partition's last changes nothing.
@@ -321,7 +331,8 @@ impl Operator for TopN {
     }
 
     fn on_barrier(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
-        self.emit(out)
+        self.emit(out)?;
+        self.shed()
     }
 
     fn on_end(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -340,12 +351,25 @@ impl Operator for TopN {
         self.partition_keys(batch).map(Some)
     }
 
+    fn snapshot_beyond_memory(
+        &mut self,
+        whole: bool,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        self.spilled_snapshot(whole, out)
+    }
+
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
-        self.restore_layers(state)
+        self.restore_layers(state)?;
+        // Beyond the budget, each restored part goes to sled before the next is read.
+        if self.spill.as_ref().is_some_and(|s| self.bytes > s.memory()) {
+            self.move_all_to_sled()?;
+        }
+        Ok(())
     }
 
     fn state_size(&self) -> usize {
-        self.bytes
+        self.bytes + self.spill.as_ref().map_or(0, spill::Spill::bytes)
     }
 }
 
@@ -622,6 +646,150 @@ mod tests {
                 "+U poker,2,1",
                 "+I poker,1,2",
             ]
+        );
+    }
+
+    fn operator_in(retracting: bool, memory: Option<usize>) -> TopN {
+        let backend = memory.map(|memory| crate::stream::state_backend::SledBackend {
+            root: std::env::temp_dir().join("weir-topn-tests"),
+            memory,
+        });
+        operator(retracting).with_backend(backend.as_ref()).unwrap()
+    }
+
+    /// Epochs of (game, score) rows: inserts, and (retracting) deletes of rows inserted
+    /// before; game b loses all its rows.
+    fn epochs(retracting: bool) -> Vec<Vec<(&'static str, i64, Op)>> {
+        use Op::{Delete as D, Insert as I};
+        let mut epochs = vec![
+            vec![
+                ("a", 1, I),
+                ("b", 2, I),
+                ("c", 3, I),
+                ("a", 4, I),
+                ("a", 5, I),
+            ],
+            vec![("a", 6, I), ("d", 1, I), ("b", 1, I)],
+            vec![("b", 9, I), ("e", 2, I), ("c", 8, I)],
+            vec![("c", 9, I), ("a", 0, I), ("f", 1, I), ("a", 7, I)],
+        ];
+        if retracting {
+            epochs[2].push(("a", 6, D));
+            epochs[3].extend([("b", 2, D), ("b", 9, D), ("b", 1, D), ("c", 9, D)]);
+        }
+        epochs
+    }
+
+    fn run_epoch(op: &mut TopN, rows: &[(&str, i64, Op)]) -> Vec<String> {
+        let mut out = Vec::new();
+        op.process(0, batch(rows), &mut out).unwrap();
+        op.on_barrier(&mut out).unwrap();
+        lines(&out)
+    }
+
+    #[test]
+    fn the_sled_backend_keeps_partitions_beyond_memory_in_sled_and_brings_them_back() {
+        for retracting in [false, true] {
+            let mut plain = operator_in(retracting, None);
+            let expected: Vec<Vec<String>> = epochs(retracting)
+                .iter()
+                .map(|e| run_epoch(&mut plain, e))
+                .collect();
+            for memory in [0, 300] {
+                let mut op = operator_in(retracting, Some(memory));
+                for (e, rows) in epochs(retracting).iter().enumerate() {
+                    assert_eq!(
+                        run_epoch(&mut op, rows),
+                        expected[e],
+                        "{retracting} {memory}"
+                    );
+                    let in_sled = op.spill.as_ref().unwrap().bytes();
+                    if memory == 0 {
+                        // After a barrier every partition is in sled.
+                        assert_eq!(op.partitions.len(), 0);
+                        assert!(in_sled > 0);
+                    } else {
+                        assert!(op.bytes <= memory, "{}", op.bytes);
+                    }
+                    assert_eq!(op.state_size(), op.bytes + in_sled);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots_under_the_sled_backend_restore_in_layers_into_either_backend() {
+        use crate::stream::operator::testing::snapshot_of;
+        for retracting in [false, true] {
+            for (memory, restored_memory) in [
+                (Some(0), Some(0)),
+                (Some(0), None),
+                (None, Some(0)),
+                (Some(300), Some(300)),
+            ] {
+                let epochs = epochs(retracting);
+                let mut original = operator_in(retracting, memory);
+                run_epoch(&mut original, &epochs[0]);
+                let mut layers = vec![snapshot_of(&mut original, true)];
+                for rows in &epochs[1..3] {
+                    run_epoch(&mut original, rows);
+                    let changes = snapshot_of(&mut original, false);
+                    // Only the partitions the epoch touched, wherever they are.
+                    let reset: std::collections::HashSet<Vec<u8>> = changes
+                        .iter()
+                        .filter(|b| snapshot::kind(b).unwrap() == "reset")
+                        .flat_map(|b| {
+                            let (_, _, columns) = snapshot::parts(b, 0).unwrap();
+                            let keys = snapshot::column::<datafusion::arrow::array::BinaryArray>(
+                                &columns, 0,
+                            )
+                            .unwrap()
+                            .clone();
+                            keys.iter().map(|k| k.unwrap().to_vec()).collect::<Vec<_>>()
+                        })
+                        .collect();
+                    let games: std::collections::HashSet<&str> = rows.iter().map(|r| r.0).collect();
+                    assert_eq!(reset.len(), games.len(), "{memory:?}");
+                    layers.push(changes);
+                }
+                let mut restored = operator_in(retracting, restored_memory);
+                for layer in layers {
+                    restored.restore(layer).unwrap();
+                }
+                restored.restored().unwrap();
+                if restored_memory == Some(0) {
+                    assert_eq!(restored.partitions.len(), 0);
+                }
+                assert_eq!(restored.state_size() > 0, original.state_size() > 0);
+                assert_eq!(
+                    run_epoch(&mut restored, &epochs[3]),
+                    run_epoch(&mut original, &epochs[3]),
+                    "retracting {retracting}, {memory:?} then {restored_memory:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_changed_partition_that_goes_to_sled_twice_between_snapshots_is_in_the_next_one() {
+        use crate::stream::operator::testing::snapshot_of;
+        use Op::Insert as I;
+        let mut original = operator_in(false, Some(0));
+        run_epoch(&mut original, &[("k", 5, I), ("k", 6, I)]);
+        let whole = snapshot_of(&mut original, true);
+        // k changes and goes to sled; then comes back for a row below its top, which
+        // changes nothing, and goes again.
+        run_epoch(&mut original, &[("k", 8, I)]);
+        run_epoch(&mut original, &[("k", 1, I)]);
+        let changes = snapshot_of(&mut original, false);
+        assert_eq!(rows_of(&changes, "rows"), [2]);
+        let mut restored = operator_in(false, Some(0));
+        restored.restore(whole).unwrap();
+        restored.restore(changes).unwrap();
+        restored.restored().unwrap();
+        assert_eq!(
+            run_epoch(&mut restored, &[("k", 7, I)]),
+            run_epoch(&mut original, &[("k", 7, I)]),
         );
     }
 }

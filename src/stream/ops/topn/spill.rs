@@ -1,0 +1,307 @@
+//! A TopN's partitions under the sled state backend. Up to its memory budget of
+//! partitions stay in memory; at a barrier, once the results are emitted, the partitions
+//! not used since the previous barrier go to a sled tree (all of them when that leaves
+//! more than three quarters of the budget), one record per partition key. A row whose
+//! partition is not in memory brings it back first, so ranking only ever sees partitions
+//! in memory.
+//!
+//! Snapshots read partitions in sled straight from the tree: incremental ones those moved
+//! with changes since the previous snapshot, whole ones all. (The in-memory part's
+//! `reset` names them: a partition that moves keeps its place in the dirty list.) A restore builds partitions in memory as layers name them (bringing
+//! back those in sled) and moves them to sled after each restored part, so memory holds
+//! at most a part and the budget.
+
+use std::collections::HashSet;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+
+use super::ranked::Entry;
+use super::{Partition, TopN};
+use crate::stream::state_backend::{sled_error, SledBackend};
+
+/// Partitions per group of a snapshot's part in sled.
+const SNAPSHOT_PARTITIONS: usize = 8192;
+
+/// In a record, the emitted count that says "the emitted rows are the current top".
+const EMITTED_TOP: u32 = u32::MAX;
+
+pub(super) struct Spill {
+    /// Holds the database open (and deletes it when the operator goes).
+    _db: sled::Db,
+    /// Partition key -> the encoded partition.
+    tree: sled::Tree,
+    /// Bytes of partitions kept in memory.
+    memory: usize,
+    /// Keys in sled whose partitions changed since the previous snapshot.
+    changed: HashSet<Vec<u8>>,
+    /// Bytes of records in the tree.
+    bytes: usize,
+}
+
+impl Spill {
+    pub(super) fn open(backend: &SledBackend) -> Result<Self> {
+        let db = backend.open_scratch()?;
+        let tree = db.open_tree("partitions").map_err(sled_error)?;
+        Ok(Self {
+            _db: db,
+            tree,
+            memory: backend.memory,
+            changed: HashSet::new(),
+            bytes: 0,
+        })
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(super) fn memory(&self) -> usize {
+        self.memory
+    }
+
+    /// Takes the partition `key` out of sled, with whether it changed since the previous
+    /// snapshot.
+    pub(super) fn take(&mut self, key: &[u8], limit: usize) -> Result<Option<(Partition, bool)>> {
+        if self.bytes == 0 {
+            return Ok(None);
+        }
+        let Some(record) = self.tree.remove(key).map_err(sled_error)? else {
+            return Ok(None);
+        };
+        self.bytes -= key.len() + record.len();
+        let partition = decode(&record, limit)?;
+        Ok(Some((partition, self.changed.remove(key))))
+    }
+
+    /// Deletes the partition `key` from sled, if there.
+    pub(super) fn delete(&mut self, key: &[u8]) -> Result<()> {
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        if let Some(record) = self.tree.remove(key).map_err(sled_error)? {
+            self.bytes -= key.len() + record.len();
+            self.changed.remove(key);
+        }
+        Ok(())
+    }
+}
+
+/// A partition's record: its rows (sort key, row, count) in rank order, then its emitted
+/// rows ([`EMITTED_TOP`] when they are its current top, which need not be written).
+fn encode(p: &Partition, emitted_top: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let rows: Vec<(&Entry, i64)> = p.rows.iter().collect();
+    out.extend_from_slice(&(rows.len() as u32).to_le_bytes());
+    for (entry, count) in rows {
+        out.extend_from_slice(&(entry.sort().len() as u32).to_le_bytes());
+        out.extend_from_slice(&(entry.row().len() as u32).to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(entry.sort());
+        out.extend_from_slice(entry.row());
+    }
+    if emitted_top {
+        out.extend_from_slice(&EMITTED_TOP.to_le_bytes());
+    } else {
+        out.extend_from_slice(&(p.emitted.len() as u32).to_le_bytes());
+        for e in &p.emitted {
+            out.extend_from_slice(&(e.row().len() as u32).to_le_bytes());
+            out.extend_from_slice(e.row());
+        }
+    }
+    out
+}
+
+/// Reads what [`encode`] wrote.
+fn decode(record: &[u8], limit: usize) -> Result<Partition> {
+    let mut r = Reader(record);
+    let mut p = Partition::default();
+    for _ in 0..r.u32()? {
+        let (sort_len, row_len) = (r.u32()? as usize, r.u32()? as usize);
+        let count = i64::from_le_bytes(r.bytes(8)?.try_into().expect("8 bytes"));
+        let (sort, row) = (r.bytes(sort_len)?, r.bytes(row_len)?);
+        p.rows.add(sort, row, count);
+        p.present += count;
+    }
+    match r.u32()? {
+        EMITTED_TOP => p.emitted = TopN::top(limit, &p),
+        n => {
+            for _ in 0..n {
+                let len = r.u32()? as usize;
+                p.emitted.push(Entry::new(&[], r.bytes(len)?));
+            }
+        }
+    }
+    Ok(p)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(DataFusionError::Internal(
+                "a TopN partition in sled is cut short".into(),
+            ));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+}
+
+impl TopN {
+    /// Keeps partitions beyond `backend`'s memory budget in sled, if
+    /// [`TopN::can_spill`].
+    pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
+        if let Some(backend) = backend.filter(|_| self.can_spill()) {
+            self.spill = Some(Spill::open(backend)?);
+        }
+        Ok(self)
+    }
+
+    /// Whether the sled backend can keep its partitions: not with a state TTL, whose
+    /// clock is not kept in sled.
+    pub fn can_spill(&self) -> bool {
+        self.ttl.is_none()
+    }
+
+    /// Keeps the partitions within the memory budget, after a barrier's results went
+    /// out: those not used since the previous look go to sled, then all of them if that
+    /// leaves more than three quarters of the budget.
+    pub(super) fn shed(&mut self) -> Result<()> {
+        let Some(memory) = self.spill.as_ref().map(Spill::memory) else {
+            return Ok(());
+        };
+        if self.bytes <= memory {
+            for p in self.partitions.values_mut() {
+                p.used = false;
+            }
+            return Ok(());
+        }
+        // Partitions with results still to emit stay (none, right after a barrier's).
+        let cold: Vec<std::sync::Arc<[u8]>> = self
+            .partitions
+            .iter_mut()
+            .filter_map(|(k, p)| {
+                let cold = !p.changed && !p.used;
+                p.used = false;
+                cold.then(|| k.clone())
+            })
+            .collect();
+        self.move_to_sled(cold)?;
+        if self.bytes > memory / 4 * 3 {
+            self.move_all_to_sled()?;
+        }
+        Ok(())
+    }
+
+    /// Moves every partition without results still to emit to sled.
+    pub(super) fn move_all_to_sled(&mut self) -> Result<()> {
+        let movable: Vec<std::sync::Arc<[u8]>> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| !p.changed)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.move_to_sled(movable)
+    }
+
+    fn move_to_sled(&mut self, keys: Vec<std::sync::Arc<[u8]>>) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let spill = self.spill.as_mut().expect("moving needs the backend");
+        let mut moved = sled::Batch::default();
+        for key in keys {
+            let p = self.partitions.remove(&key).expect("listed");
+            self.bytes -= Self::partition_size(&key, &p);
+            let top = !p.emitted.is_empty() && Self::top(self.limit, &p) == p.emitted;
+            let record = encode(&p, top);
+            spill.bytes += key.len() + record.len();
+            if p.dirty {
+                spill.changed.insert(key.to_vec());
+            }
+            moved.insert(&*key, record);
+        }
+        spill.tree.apply_batch(moved).map_err(sled_error)
+    }
+
+    /// The partition `key` back from sled into memory, if it is there; listed as changed
+    /// since the previous snapshot when it was.
+    pub(super) fn bring_back(&mut self, key: &[u8]) -> Result<bool> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(false);
+        };
+        let Some((mut p, dirty)) = spill.take(key, self.limit)? else {
+            return Ok(false);
+        };
+        let key: std::sync::Arc<[u8]> = key.into();
+        self.bytes += Self::partition_size(&key, &p);
+        if dirty {
+            Self::mark_dirty(&mut self.dirty, &key, &mut p);
+        }
+        self.partitions.insert(key, p);
+        Ok(true)
+    }
+
+    /// The partitions in sled as `rows`, `emitted` and `emitted_top` batches handed to `out` a group at a time: all of them when
+    /// `whole`, else those changed since the previous snapshot. They count as
+    /// snapshotted afterwards.
+    pub(super) fn spilled_snapshot(
+        &mut self,
+        whole: bool,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        let limit = self.limit;
+        let emit = |group: &mut Vec<(sled::IVec, sled::IVec)>,
+                    out: &mut dyn FnMut(RecordBatch) -> Result<()>|
+         -> Result<()> {
+            let decoded = group
+                .iter()
+                .map(|(k, v)| Ok((&**k, decode(v, limit)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let partitions: Vec<(&[u8], &Partition)> =
+                decoded.iter().map(|(k, p)| (*k, p)).collect();
+            for batch in Self::chunk_batches(limit, &partitions)? {
+                out(batch)?;
+            }
+            group.clear();
+            Ok(())
+        };
+        let mut group = Vec::new();
+        if whole {
+            spill.changed.clear();
+            for item in spill.tree.iter() {
+                group.push(item.map_err(sled_error)?);
+                if group.len() == SNAPSHOT_PARTITIONS {
+                    emit(&mut group, out)?;
+                }
+            }
+        } else {
+            let mut changed: Vec<Vec<u8>> = spill.changed.drain().collect();
+            changed.sort_unstable();
+            for key in changed {
+                if let Some(record) = spill.tree.get(&key).map_err(sled_error)? {
+                    group.push((key.into(), record));
+                }
+                if group.len() == SNAPSHOT_PARTITIONS {
+                    emit(&mut group, out)?;
+                }
+            }
+        }
+        if !group.is_empty() {
+            emit(&mut group, out)?;
+        }
+        Ok(())
+    }
+}

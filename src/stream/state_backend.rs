@@ -6,6 +6,8 @@
 //! so nothing in it needs to survive the process (it is deleted with the operator, and a
 //! restarted server clears what a killed one left).
 
+pub mod runs;
+
 use std::path::PathBuf;
 
 use datafusion::common::{DataFusionError, Result};

@@ -1,14 +1,14 @@
 //! A group aggregate's groups under the sled state backend. Up to its memory budget of
 //! groups stay in DataFusion's structures; at a barrier, once the results are emitted,
-//! the groups not touched since the previous barrier go to a sled tree (all of them when
-//! that leaves more than three quarters of the budget), one record per key: the group's
-//! row of a snapshot's `groups` batch, row-encoded. A batch brings the groups of its keys
-//! back first (merged into fresh accumulator groups), so aggregation only ever sees
-//! groups in memory.
+//! the groups not touched since the previous barrier go to sled (all of them when that
+//! leaves more than three quarters of the budget), an entry per key in a [`RunStore`]:
+//! the group's row of a snapshot's `groups` batch, row-encoded. A batch brings the groups
+//! of its keys back first (merged into fresh accumulator groups), so aggregation only
+//! ever sees groups in memory.
 //!
-//! Snapshots read groups in sled straight from the tree: incremental ones those moved
+//! Snapshots read groups in sled straight from the store: incremental ones those moved
 //! with changes since the previous snapshot (listed in memory), whole ones all. A restore
-//! writes each key's newest row to the tree (a later layer's row replaces, a removal
+//! writes each key's newest row to the store (a later layer's row replaces, a removal
 //! deletes), so nothing is gathered in memory and every group starts in sled.
 
 use std::collections::HashSet;
@@ -20,6 +20,7 @@ use datafusion::common::Result;
 
 use super::GroupAggregate;
 use crate::stream::snapshot::{self, downcast};
+use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{sled_error, SledBackend};
 
 /// Groups per batch of a snapshot's part in sled.
@@ -29,22 +30,20 @@ pub(super) struct Spill {
     /// Holds the database open (and deletes it when the operator goes).
     _db: sled::Db,
     /// Group key -> the group's row.
-    tree: sled::Tree,
+    store: RunStore,
     /// Bytes of groups kept in memory.
     memory: usize,
     /// Rows of the columns of a `groups` batch.
     rows: RowConverter,
     /// Keys in sled whose groups changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
-    /// Bytes of records in the tree.
-    bytes: usize,
     /// When groups last went to sled: those not touched since go next.
     last_shed: Instant,
 }
 
 impl Spill {
     pub(super) fn bytes(&self) -> usize {
-        self.bytes
+        self.store.bytes()
     }
 }
 
@@ -76,11 +75,10 @@ impl GroupAggregate {
         let tree = db.open_tree("groups").map_err(sled_error)?;
         self.spill = Some(Spill {
             _db: db,
-            tree,
+            store: RunStore::new(tree),
             memory: backend.memory,
             rows,
             changed: HashSet::new(),
-            bytes: 0,
             last_shed: Instant::now(),
         });
         Ok(())
@@ -91,28 +89,24 @@ impl GroupAggregate {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
         };
-        if spill.bytes == 0 {
+        if spill.store.is_empty() {
             return Ok(());
         }
         let encoded = self.key_converter.convert_columns(keys)?;
         let mut seen: HashSet<&[u8]> = HashSet::new();
         let mut found = Vec::new();
-        let mut taken = sled::Batch::default();
         for i in 0..encoded.num_rows() {
             let key = encoded.row(i).data();
             if !seen.insert(key) {
                 continue;
             }
-            if let Some(value) = spill.tree.get(key).map_err(sled_error)? {
-                spill.bytes -= key.len() + value.len();
-                taken.remove(key);
+            if let Some(value) = spill.store.take(key)? {
                 found.push((key.to_vec(), value));
             }
         }
         if found.is_empty() {
             return Ok(());
         }
-        spill.tree.apply_batch(taken).map_err(sled_error)?;
         let parser = spill.rows.parser();
         let columns = spill
             .rows
@@ -168,17 +162,14 @@ impl GroupAggregate {
         let spill = self.spill.as_mut().expect("moving needs the backend");
         let rows = spill.rows.convert_columns(&columns)?;
         let keys = downcast::<BinaryArray>(&columns[0])?;
-        let mut moved = sled::Batch::default();
         for (i, &g) in groups.iter().enumerate() {
-            let key = keys.value(i);
-            let row = rows.row(i);
-            spill.bytes += key.len() + row.as_ref().len();
             if self.dirty[g] {
-                spill.changed.insert(key.to_vec());
+                spill.changed.insert(keys.value(i).to_vec());
             }
-            moved.insert(key, row.as_ref());
         }
-        spill.tree.apply_batch(moved).map_err(sled_error)?;
+        spill
+            .store
+            .put_all((0..groups.len()).map(|i| (keys.value(i), rows.row(i).data())))?;
         let mut gone = vec![false; self.groups.len()];
         for &g in groups {
             gone[g] = true;
@@ -203,37 +194,33 @@ impl GroupAggregate {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
         };
-        let emit = |spill: &Spill,
-                    group: &[sled::IVec],
-                    out: &mut dyn FnMut(RecordBatch) -> Result<()>| {
-            let parser = spill.rows.parser();
-            let columns = spill
-                .rows
-                .convert_rows(group.iter().map(|v| parser.parse(v)))?;
+        let rows = &spill.rows;
+        let mut group: Vec<Vec<u8>> = Vec::new();
+        let emit = |group: &mut Vec<Vec<u8>>,
+                    out: &mut dyn FnMut(RecordBatch) -> Result<()>|
+         -> Result<()> {
+            let parser = rows.parser();
+            let columns = rows.convert_rows(group.iter().map(|v| parser.parse(v)))?;
+            group.clear();
             out(snapshot::batch("groups", &[started], columns)?)
         };
-        let mut group = Vec::new();
+        let mut add = |_: &[u8], value: &[u8]| -> Result<()> {
+            group.push(value.to_vec());
+            if group.len() == SNAPSHOT_GROUPS {
+                emit(&mut group, out)?;
+            }
+            Ok(())
+        };
         if whole {
             spill.changed.clear();
-            for item in spill.tree.iter() {
-                group.push(item.map_err(sled_error)?.1);
-                if group.len() == SNAPSHOT_GROUPS {
-                    emit(spill, &group, out)?;
-                    group.clear();
-                }
-            }
+            spill.store.for_each(&mut add)?;
         } else {
             let changed: Vec<Vec<u8>> = spill.changed.drain().collect();
-            for key in changed {
-                group.extend(spill.tree.get(&key).map_err(sled_error)?);
-                if group.len() == SNAPSHOT_GROUPS {
-                    emit(spill, &group, out)?;
-                    group.clear();
-                }
-            }
+            let keys: Vec<&[u8]> = changed.iter().map(Vec::as_slice).collect();
+            spill.store.read(&keys, &mut add)?;
         }
         if !group.is_empty() {
-            emit(spill, &group, out)?;
+            emit(&mut group, out)?;
         }
         Ok(())
     }
@@ -256,26 +243,23 @@ impl GroupAggregate {
         } else {
             None
         };
-        let mut written = sled::Batch::default();
         // Newest first: a key's last row in the batch is the one kept.
         let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut written = Vec::new();
         for i in (0..keys.len()).rev() {
             let key = keys.value(i);
             if !seen.insert(key) {
                 continue;
             }
-            if let Some(old) = spill.tree.get(key).map_err(sled_error)? {
-                spill.bytes -= key.len() + old.len();
-            }
             match &rows {
-                Some(rows) => {
-                    let row = rows.row(i);
-                    spill.bytes += key.len() + row.as_ref().len();
-                    written.insert(key, row.as_ref());
+                Some(rows) => written.push((key, rows.row(i))),
+                None => {
+                    spill.store.remove(key)?;
                 }
-                None => written.remove(key),
             }
         }
-        spill.tree.apply_batch(written).map_err(sled_error)
+        spill
+            .store
+            .put_all(written.iter().map(|(k, r)| (*k, r.data())))
     }
 }

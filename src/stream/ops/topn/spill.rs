@@ -1,15 +1,16 @@
 //! A TopN's partitions under the sled state backend. Up to its memory budget of
 //! partitions stay in memory; at a barrier, once the results are emitted, the partitions
-//! not used since the previous barrier go to a sled tree (all of them when that leaves
-//! more than three quarters of the budget), one record per partition key. A row whose
+//! not used since the previous barrier go to sled (all of them when that leaves more than
+//! three quarters of the budget), an entry per partition in a [`RunStore`]. A row whose
 //! partition is not in memory brings it back first, so ranking only ever sees partitions
 //! in memory.
 //!
-//! Snapshots read partitions in sled straight from the tree: incremental ones those moved
-//! with changes since the previous snapshot, whole ones all. (The in-memory part's
-//! `reset` names them: a partition that moves keeps its place in the dirty list.) A restore builds partitions in memory as layers name them (bringing
-//! back those in sled) and moves them to sled after each restored part, so memory holds
-//! at most a part and the budget.
+//! Snapshots read partitions in sled straight from the store: incremental ones those
+//! moved with changes since the previous snapshot, whole ones all. (The in-memory part's
+//! `reset` names them: a partition that moves keeps its place in the dirty list.) A
+//! restore builds partitions in memory as layers name them (bringing back those in sled)
+//! and moves them to sled after each restored part, so memory holds at most a part and
+//! the budget.
 
 use std::collections::HashSet;
 
@@ -18,6 +19,7 @@ use datafusion::common::{DataFusionError, Result};
 
 use super::ranked::Entry;
 use super::{Partition, TopN};
+use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{sled_error, SledBackend};
 
 /// Partitions per group of a snapshot's part in sled.
@@ -30,13 +32,11 @@ pub(super) struct Spill {
     /// Holds the database open (and deletes it when the operator goes).
     _db: sled::Db,
     /// Partition key -> the encoded partition.
-    tree: sled::Tree,
+    store: RunStore,
     /// Bytes of partitions kept in memory.
     memory: usize,
     /// Keys in sled whose partitions changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
-    /// Bytes of records in the tree.
-    bytes: usize,
 }
 
 impl Spill {
@@ -45,15 +45,14 @@ impl Spill {
         let tree = db.open_tree("partitions").map_err(sled_error)?;
         Ok(Self {
             _db: db,
-            tree,
+            store: RunStore::new(tree),
             memory: backend.memory,
             changed: HashSet::new(),
-            bytes: 0,
         })
     }
 
     pub(super) fn bytes(&self) -> usize {
-        self.bytes
+        self.store.bytes()
     }
 
     pub(super) fn memory(&self) -> usize {
@@ -63,24 +62,16 @@ impl Spill {
     /// Takes the partition `key` out of sled, with whether it changed since the previous
     /// snapshot.
     pub(super) fn take(&mut self, key: &[u8], limit: usize) -> Result<Option<(Partition, bool)>> {
-        if self.bytes == 0 {
-            return Ok(None);
-        }
-        let Some(record) = self.tree.remove(key).map_err(sled_error)? else {
+        let Some(record) = self.store.take(key)? else {
             return Ok(None);
         };
-        self.bytes -= key.len() + record.len();
         let partition = decode(&record, limit)?;
         Ok(Some((partition, self.changed.remove(key))))
     }
 
     /// Deletes the partition `key` from sled, if there.
     pub(super) fn delete(&mut self, key: &[u8]) -> Result<()> {
-        if self.bytes == 0 {
-            return Ok(());
-        }
-        if let Some(record) = self.tree.remove(key).map_err(sled_error)? {
-            self.bytes -= key.len() + record.len();
+        if self.store.remove(key)? {
             self.changed.remove(key);
         }
         Ok(())
@@ -218,19 +209,19 @@ impl TopN {
             return Ok(());
         }
         let spill = self.spill.as_mut().expect("moving needs the backend");
-        let mut moved = sled::Batch::default();
+        let mut records = Vec::with_capacity(keys.len());
         for key in keys {
             let p = self.partitions.remove(&key).expect("listed");
             self.bytes -= Self::partition_size(&key, &p);
             let top = !p.emitted.is_empty() && Self::top(self.limit, &p) == p.emitted;
-            let record = encode(&p, top);
-            spill.bytes += key.len() + record.len();
             if p.dirty {
                 spill.changed.insert(key.to_vec());
             }
-            moved.insert(&*key, record);
+            records.push((key, encode(&p, top)));
         }
-        spill.tree.apply_batch(moved).map_err(sled_error)
+        spill
+            .store
+            .put_all(records.iter().map(|(k, r)| (&**k, r.as_slice())))
     }
 
     /// The partition `key` back from sled into memory, if it is there; listed as changed
@@ -263,44 +254,34 @@ impl TopN {
             return Ok(());
         };
         let limit = self.limit;
-        let emit = |group: &mut Vec<(sled::IVec, sled::IVec)>,
-                    out: &mut dyn FnMut(RecordBatch) -> Result<()>|
-         -> Result<()> {
-            let decoded = group
-                .iter()
-                .map(|(k, v)| Ok((&**k, decode(v, limit)?)))
-                .collect::<Result<Vec<_>>>()?;
+        let mut group: Vec<(Vec<u8>, Partition)> = Vec::new();
+        let mut emit = |group: &mut Vec<(Vec<u8>, Partition)>| -> Result<()> {
             let partitions: Vec<(&[u8], &Partition)> =
-                decoded.iter().map(|(k, p)| (*k, p)).collect();
+                group.iter().map(|(k, p)| (k.as_slice(), p)).collect();
             for batch in Self::chunk_batches(limit, &partitions)? {
                 out(batch)?;
             }
             group.clear();
             Ok(())
         };
-        let mut group = Vec::new();
+        let mut add = |key: &[u8], record: &[u8]| -> Result<()> {
+            group.push((key.to_vec(), decode(record, limit)?));
+            if group.len() == SNAPSHOT_PARTITIONS {
+                emit(&mut group)?;
+            }
+            Ok(())
+        };
         if whole {
             spill.changed.clear();
-            for item in spill.tree.iter() {
-                group.push(item.map_err(sled_error)?);
-                if group.len() == SNAPSHOT_PARTITIONS {
-                    emit(&mut group, out)?;
-                }
-            }
+            spill.store.for_each(&mut add)?;
         } else {
             let mut changed: Vec<Vec<u8>> = spill.changed.drain().collect();
             changed.sort_unstable();
-            for key in changed {
-                if let Some(record) = spill.tree.get(&key).map_err(sled_error)? {
-                    group.push((key.into(), record));
-                }
-                if group.len() == SNAPSHOT_PARTITIONS {
-                    emit(&mut group, out)?;
-                }
-            }
+            let keys: Vec<&[u8]> = changed.iter().map(Vec::as_slice).collect();
+            spill.store.read(&keys, &mut add)?;
         }
         if !group.is_empty() {
-            emit(&mut group, out)?;
+            emit(&mut group)?;
         }
         Ok(())
     }

@@ -1,0 +1,377 @@
+//! Many small records by key, kept in sled as few large ones. sled's memory grows with
+//! the number of records it holds (hundreds of bytes each, spacejam/sled#1093), so a
+//! record per group or partition made millions of small ones cost more memory than the
+//! state they held. Here the records moved together are packed into runs of about
+//! [`RUN_BYTES`], one sled value each, and an index in memory says which run holds a key
+//! and where: finding that a key is not in sled costs no read at all, and taking one
+//! back reads one run.
+//!
+//! A run is a sequence of (key length, key, value length, value). The index is the truth:
+//! an entry of a run whose key the index places elsewhere (or nowhere) is dead. A run
+//! whose last live entry goes is deleted; one that falls below half live when an entry is
+//! taken has its live entries written again as a new run, so dead bytes stay below the
+//! bytes taken.
+
+use datafusion::common::{DataFusionError, HashMap, Result};
+
+use super::sled_error;
+
+/// Bytes of entries packed into one run.
+const RUN_BYTES: usize = 16 << 10;
+
+/// What reads hand each key and value to.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
+/// Where a key's value is: its run and the value's place in it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    run: u64,
+    offset: u32,
+    len: u32,
+}
+
+#[derive(Default)]
+struct Run {
+    /// Bytes of the run's entries.
+    total: usize,
+    /// Bytes of its entries the index still points at.
+    live: usize,
+}
+
+pub struct RunStore {
+    tree: sled::Tree,
+    index: HashMap<Box<[u8]>, Slot>,
+    runs: HashMap<u64, Run>,
+    next_run: u64,
+    /// Bytes of live keys and values.
+    bytes: usize,
+}
+
+/// The bytes an entry takes in a run, beside its key and value.
+const ENTRY_HEADER: usize = 8;
+
+fn entry_size(key: &[u8], value_len: usize) -> usize {
+    ENTRY_HEADER + key.len() + value_len
+}
+
+impl RunStore {
+    pub fn new(tree: sled::Tree) -> Self {
+        Self {
+            tree,
+            index: HashMap::default(),
+            runs: HashMap::default(),
+            next_run: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes of the live keys and values.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// Writes the records, replacing those of the same keys; a key given twice keeps
+    /// its last value.
+    pub fn put_all<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut run: Vec<u8> = Vec::new();
+        let mut slots: Vec<(Box<[u8]>, Slot)> = Vec::new();
+        for (key, value) in records {
+            if run.len() >= RUN_BYTES {
+                self.seal(&mut batch, &mut run, &mut slots);
+            }
+            let offset = run.len() + ENTRY_HEADER + key.len();
+            run.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            run.extend_from_slice(key);
+            run.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            run.extend_from_slice(value);
+            let slot = Slot {
+                run: self.next_run,
+                offset: offset as u32,
+                len: value.len() as u32,
+            };
+            slots.push((key.into(), slot));
+        }
+        if !run.is_empty() {
+            self.seal(&mut batch, &mut run, &mut slots);
+        }
+        self.tree.apply_batch(batch).map_err(sled_error)
+    }
+
+    /// Ends the run being built: indexes its entries (releasing the slots they replace)
+    /// and adds it to `batch`.
+    fn seal(
+        &mut self,
+        batch: &mut sled::Batch,
+        run: &mut Vec<u8>,
+        slots: &mut Vec<(Box<[u8]>, Slot)>,
+    ) {
+        let id = self.next_run;
+        self.next_run += 1;
+        let mut info = Run {
+            total: run.len(),
+            live: 0,
+        };
+        for (key, slot) in slots.drain(..) {
+            let size = entry_size(&key, slot.len as usize);
+            let key_len = key.len();
+            if let Some(old) = self.index.insert(key, slot) {
+                let old_size = ENTRY_HEADER + key_len + old.len as usize;
+                if old.run == id {
+                    // Replaced within this same run: the earlier entry is dead.
+                    info.live -= old_size;
+                    self.bytes -= old_size - ENTRY_HEADER;
+                } else {
+                    self.release(old, old_size, batch);
+                }
+            }
+            info.live += size;
+            self.bytes += size - ENTRY_HEADER;
+        }
+        self.runs.insert(id, info);
+        batch.insert(&id.to_be_bytes(), std::mem::take(run));
+    }
+
+    /// A slot is no longer pointed at: its run loses `size` live bytes and goes when
+    /// nothing in it is live.
+    fn release(&mut self, slot: Slot, size: usize, batch: &mut sled::Batch) {
+        self.bytes -= size - ENTRY_HEADER;
+        let run = self.runs.get_mut(&slot.run).expect("a run of the index");
+        run.live -= size;
+        if run.live == 0 {
+            self.runs.remove(&slot.run);
+            batch.remove(&slot.run.to_be_bytes());
+        }
+    }
+
+    /// Takes the value of `key` out of the store.
+    pub fn take(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some(slot) = self.index.remove(key) else {
+            return Ok(None);
+        };
+        let value = value_at(&self.read_run(slot.run)?, slot)?.to_vec();
+        self.release_and_compact(key, slot)?;
+        Ok(Some(value))
+    }
+
+    /// Deletes `key`'s value; whether there was one.
+    pub fn remove(&mut self, key: &[u8]) -> Result<bool> {
+        let Some(slot) = self.index.remove(key) else {
+            return Ok(false);
+        };
+        self.release_and_compact(key, slot)?;
+        Ok(true)
+    }
+
+    /// `key`'s entry at `slot` (out of the index already) is dead; a run that falls below
+    /// half live has what is left written again as a new run.
+    fn release_and_compact(&mut self, key: &[u8], slot: Slot) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        self.release(slot, entry_size(key, slot.len as usize), &mut batch);
+        let sparse = self
+            .runs
+            .get(&slot.run)
+            .is_some_and(|run| run.live * 2 < run.total);
+        if !sparse {
+            return self.tree.apply_batch(batch).map_err(sled_error);
+        }
+        let record = self.read_run(slot.run)?;
+        let live = live_entries(&record, slot.run, &self.index)?;
+        self.runs.remove(&slot.run);
+        batch.remove(&slot.run.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(sled_error)?;
+        for (k, v) in &live {
+            self.bytes -= k.len() + v.len();
+            self.index.remove(*k);
+        }
+        self.put_all(live)
+    }
+
+    /// The values of `keys` (those in the store), each run read once, handed to `f`.
+    pub fn read(&self, keys: &[&[u8]], f: &mut Visit) -> Result<()> {
+        let mut slots: Vec<(Slot, &[u8])> = keys
+            .iter()
+            .filter_map(|k| self.index.get(*k).map(|s| (*s, *k)))
+            .collect();
+        slots.sort_unstable_by_key(|(s, _)| (s.run, s.offset));
+        let mut current: Option<(u64, sled::IVec)> = None;
+        for (slot, key) in slots {
+            if current.as_ref().is_none_or(|(run, _)| *run != slot.run) {
+                current = Some((slot.run, self.read_run(slot.run)?));
+            }
+            let (_, record) = current.as_ref().expect("read");
+            f(key, value_at(record, slot)?)?;
+        }
+        Ok(())
+    }
+
+    /// Every live key and value, a run at a time.
+    pub fn for_each(&self, f: &mut Visit) -> Result<()> {
+        for item in self.tree.iter() {
+            let (id, record) = item.map_err(sled_error)?;
+            let id = u64::from_be_bytes(id.as_ref().try_into().map_err(|_| corrupt())?);
+            for (key, value) in live_entries(&record, id, &self.index)? {
+                f(key, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_run(&self, run: u64) -> Result<sled::IVec> {
+        self.tree
+            .get(run.to_be_bytes())
+            .map_err(sled_error)?
+            .ok_or_else(corrupt)
+    }
+}
+
+fn corrupt() -> DataFusionError {
+    DataFusionError::Internal("the sled state backend lost a run of records".into())
+}
+
+fn value_at(record: &[u8], slot: Slot) -> Result<&[u8]> {
+    let (start, end) = (
+        slot.offset as usize,
+        slot.offset as usize + slot.len as usize,
+    );
+    record.get(start..end).ok_or_else(corrupt)
+}
+
+/// The entries of run `id` the index still points at.
+fn live_entries<'a>(
+    record: &'a [u8],
+    id: u64,
+    index: &HashMap<Box<[u8]>, Slot>,
+) -> Result<Vec<(&'a [u8], &'a [u8])>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    let u32_at = |at: usize| -> Result<usize> {
+        let bytes = record.get(at..at + 4).ok_or_else(corrupt)?;
+        Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")) as usize)
+    };
+    while at < record.len() {
+        let key_len = u32_at(at)?;
+        let key = record.get(at + 4..at + 4 + key_len).ok_or_else(corrupt)?;
+        let value_len = u32_at(at + 4 + key_len)?;
+        let offset = at + ENTRY_HEADER + key_len;
+        let value = record.get(offset..offset + value_len).ok_or_else(corrupt)?;
+        let here = Slot {
+            run: id,
+            offset: offset as u32,
+            len: value_len as u32,
+        };
+        if index.get(key) == Some(&here) {
+            out.push((key, value));
+        }
+        at = offset + value_len;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (sled::Db, RunStore) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        (db, RunStore::new(tree))
+    }
+
+    fn all(s: &RunStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        s.for_each(&mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        out.sort();
+        out
+    }
+
+    fn key(i: u32) -> Vec<u8> {
+        format!("key{i}").into_bytes()
+    }
+
+    #[test]
+    fn records_come_back_replaced_and_removed_and_dead_runs_go() {
+        let (_db, mut s) = store();
+        let value = vec![7u8; 1000];
+        // 100 entries of about 1 KB: several runs.
+        let keys: Vec<Vec<u8>> = (0..100).map(key).collect();
+        s.put_all(keys.iter().map(|k| (k.as_slice(), value.as_slice())))
+            .unwrap();
+        assert!(s.tree.len() > 4, "{}", s.tree.len());
+        assert_eq!(s.len(), 100);
+        assert_eq!(s.bytes(), 100 * (5 + 1000) - 10);
+        assert!(!s.contains(b"nope"));
+        assert_eq!(s.take(b"nope").unwrap(), None);
+        // Replacing a key (twice in one call: the last wins).
+        s.put_all([
+            (key(3).as_slice(), &b"new"[..]),
+            (key(3).as_slice(), &b"newer"[..]),
+        ])
+        .unwrap();
+        assert_eq!(s.take(&key(3)).unwrap().as_deref(), Some(&b"newer"[..]));
+        assert!(!s.contains(&key(3)));
+        assert!(s.remove(&key(4)).unwrap());
+        assert!(!s.remove(&key(4)).unwrap());
+        let mut expected: Vec<(Vec<u8>, Vec<u8>)> = keys
+            .iter()
+            .filter(|k| **k != key(3) && **k != key(4))
+            .map(|k| (k.clone(), value.clone()))
+            .collect();
+        expected.sort();
+        assert_eq!(all(&s), expected);
+        let mut read = Vec::new();
+        s.read(&[&key(9), &key(3), &key(50)], &mut |k, v| {
+            read.push((k.to_vec(), v.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(read, [(key(9), 1000), (key(50), 1000)]);
+        // Taking everything deletes every run.
+        for k in &keys {
+            s.take(k).unwrap();
+        }
+        assert_eq!(
+            (s.len(), s.bytes(), s.tree.len(), s.runs.len()),
+            (0, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_run_below_half_live_is_written_again() {
+        let (_db, mut s) = store();
+        let value = vec![1u8; 100];
+        let keys: Vec<Vec<u8>> = (0..100).map(key).collect();
+        // One run of about 10 KB.
+        s.put_all(keys.iter().map(|k| (k.as_slice(), value.as_slice())))
+            .unwrap();
+        assert_eq!(s.tree.len(), 1);
+        for k in &keys[..51] {
+            assert_eq!(s.take(k).unwrap().as_deref(), Some(value.as_slice()));
+        }
+        // The 49 left moved to a new, fully live run.
+        assert_eq!(s.tree.len(), 1);
+        let run = s.runs.values().next().unwrap();
+        assert_eq!(run.live, run.total);
+        assert_eq!(all(&s).len(), 49);
+        assert_eq!(s.bytes(), 49 * (value.len() + 5));
+    }
+}

@@ -183,12 +183,12 @@ impl RunStore {
     fn release_and_compact(&mut self, key: &[u8], slot: Slot) -> Result<()> {
         let mut batch = sled::Batch::default();
         self.release(slot, entry_size(key, slot.len as usize), &mut batch);
-        let sparse = self
-            .runs
-            .get(&slot.run)
-            .is_some_and(|run| run.live * 2 < run.total);
-        if !sparse {
+        let Some(run) = self.runs.get(&slot.run) else {
+            // Its last live entry: the run goes.
             return self.tree.apply_batch(batch).map_err(sled_error);
+        };
+        if run.live * 2 >= run.total {
+            return Ok(());
         }
         let record = self.read_run(slot.run)?;
         let live = live_entries(&record, slot.run, &self.index)?;

@@ -242,9 +242,9 @@ impl TopN {
         Ok(true)
     }
 
-    /// The partitions in sled as `rows`, `emitted` and `emitted_top` batches handed to `out` a group at a time: all of them when
-    /// `whole`, else those changed since the previous snapshot. They count as
-    /// snapshotted afterwards.
+    /// The partitions in sled as `rows`, `emitted` and `emitted_top` batches, handed to
+    /// `out` a group at a time: all of them when `whole`, else those changed since the
+    /// previous snapshot. They count as snapshotted afterwards.
     pub(super) fn spilled_snapshot(
         &mut self,
         whole: bool,

@@ -210,3 +210,21 @@ pub fn change_lines(out: &[ChangeBatch]) -> Vec<String> {
     }
     lines
 }
+
+/// The rows a changelog of [`change_lines`] leaves, sorted: however its changes were
+/// folded, the same rows remain.
+#[cfg(test)]
+pub fn rows_left(lines: &[String]) -> Vec<String> {
+    let mut rows: Vec<String> = Vec::new();
+    for line in lines {
+        let (op, row) = line.split_once(' ').expect("op and row");
+        if op.starts_with('+') {
+            rows.push(row.to_string());
+        } else {
+            let at = rows.iter().position(|r| r == row);
+            rows.swap_remove(at.unwrap_or_else(|| panic!("{line} takes back a row not there")));
+        }
+    }
+    rows.sort();
+    rows
+}

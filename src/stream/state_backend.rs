@@ -21,6 +21,12 @@ pub struct SledBackend {
     pub memory: usize,
 }
 
+/// State changed since the last barrier that an operator which emits at barriers (GROUP
+/// BY, TopN) may hold in memory beyond its budget: past it, the operator emits its
+/// results early and moves its state to sled, as Flink's mini-batches flush when full.
+/// Without this, memory grew with what one checkpoint interval changes.
+pub const EARLY_EMIT_SLACK: usize = 32 << 20;
+
 /// sled's own page cache per scratch database: the operator's memory budget is what
 /// keeps state in memory, so sled caches little beside it.
 const SCRATCH_CACHE_BYTES: u64 = 8 << 20;

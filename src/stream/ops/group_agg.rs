@@ -617,16 +617,9 @@ fn ops(rows: &[(usize, Op)]) -> Int8Array {
     Int8Array::from_iter_values(rows.iter().map(|(_, op)| *op as i8))
 }
 
-impl Operator for GroupAggregate {
-    fn process(
-        &mut self,
-        _input: usize,
-        batch: ChangeBatch,
-        _out: &mut Vec<ChangeBatch>,
-    ) -> Result<()> {
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
+impl GroupAggregate {
+    /// Folds a batch into its groups' accumulators or multisets.
+    fn aggregate(&mut self, batch: &ChangeBatch) -> Result<()> {
         let keys = self.calls.key_columns(&batch.rows)?;
         self.bring_back(&keys)?;
         self.intern(&keys)?;
@@ -702,6 +695,24 @@ impl Operator for GroupAggregate {
                     self.mark(g, now);
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Operator for GroupAggregate {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.aggregate(&batch)?;
+        if self.over_budget(batch.num_rows()) {
+            self.shed_early(out)?;
         }
         Ok(())
     }
@@ -1101,6 +1112,36 @@ mod tests {
                         assert!(spill.bytes() > 0);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn groups_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_sled() {
+        for retracting in [false, true] {
+            let mut plain = operator_in(retracting, None);
+            let mut early = operator_in(retracting, Some(0));
+            let spill = early.spill.as_mut().unwrap();
+            // Past what stayed in memory at all, measured after every row.
+            (spill.emit_early_past, spill.early_emit_slack) = (0, 0);
+            spill.measure_every_rows = 1;
+            let (mut expected, mut got) = (Vec::new(), Vec::new());
+            for rows in epochs(retracting) {
+                expected.extend(run_epoch(&mut plain, &rows));
+                for row in &rows {
+                    let mut out = Vec::new();
+                    early.process(0, batch(&[*row]), &mut out).unwrap();
+                    // Results go out before the barrier, and groups the row did not
+                    // touch to sled: only the row's stays.
+                    assert!(early.groups.len() <= 1, "{}", early.groups.len());
+                    got.extend(lines(&out));
+                }
+                got.extend(run_epoch(&mut early, &[]));
+                assert_eq!(
+                    crate::stream::message::rows_left(&got),
+                    crate::stream::message::rows_left(&expected),
+                    "retracting {retracting}"
+                );
             }
         }
     }

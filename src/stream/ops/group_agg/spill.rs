@@ -2,9 +2,10 @@
 //! groups stay in DataFusion's structures; at a barrier, once the results are emitted,
 //! the groups not touched since the previous barrier go to sled (all of them when that
 //! leaves more than three quarters of the budget), an entry per key in a [`RunStore`]:
-//! the group's row of a snapshot's `groups` batch, row-encoded. A batch brings the groups
-//! of its keys back first (merged into fresh accumulator groups), so aggregation only
-//! ever sees groups in memory.
+//! the group's row of a snapshot's `groups` batch, row-encoded. When the groups in
+//! memory outgrow that by [`EARLY_EMIT_SLACK`] between barriers, results go out early
+//! and the untouched groups to sled then. A batch brings the groups of its keys back first (merged into fresh
+//! accumulator groups), so aggregation only ever sees groups in memory.
 //!
 //! Snapshots read groups in sled straight from the store: incremental ones those moved
 //! with changes since the previous snapshot (listed in memory), whole ones all. A restore
@@ -18,10 +19,12 @@ use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::Result;
 
+use crate::stream::message::ChangeBatch;
+
 use super::GroupAggregate;
 use crate::stream::snapshot::{self, downcast};
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{sled_error, SledBackend};
+use crate::stream::state_backend::{sled_error, SledBackend, EARLY_EMIT_SLACK};
 
 /// Groups per batch of a snapshot's part in sled.
 const SNAPSHOT_GROUPS: usize = 8192;
@@ -39,7 +42,19 @@ pub(super) struct Spill {
     changed: HashSet<Vec<u8>>,
     /// When groups last went to sled: those not touched since go next.
     last_shed: Instant,
+    /// Input rows since the memory held was last measured, and how many between two
+    /// measures (a measure walks every group).
+    unmeasured_rows: usize,
+    pub(super) measure_every_rows: usize,
+    /// Bytes in memory past which results go out before the barrier and groups to sled:
+    /// what stayed in memory at the previous look (at least the budget) and
+    /// [`EARLY_EMIT_SLACK`].
+    pub(super) emit_early_past: usize,
+    pub(super) early_emit_slack: usize,
 }
+
+/// Input rows between two measures of the memory held.
+const MEASURE_EVERY_ROWS: usize = 65_536;
 
 impl Spill {
     pub(super) fn bytes(&self) -> usize {
@@ -80,6 +95,10 @@ impl GroupAggregate {
             rows,
             changed: HashSet::new(),
             last_shed: Instant::now(),
+            unmeasured_rows: 0,
+            measure_every_rows: MEASURE_EVERY_ROWS,
+            emit_early_past: backend.memory.saturating_add(EARLY_EMIT_SLACK),
+            early_emit_slack: EARLY_EMIT_SLACK,
         });
         Ok(())
     }
@@ -125,31 +144,74 @@ impl GroupAggregate {
         Ok(())
     }
 
+    /// Whether the groups in memory, after `rows` more input rows, outgrew what stayed at
+    /// the previous look by [`EARLY_EMIT_SLACK`]: time for [`GroupAggregate::shed_early`].
+    pub(super) fn over_budget(&mut self, rows: usize) -> bool {
+        let Some(spill) = self.spill.as_mut() else {
+            return false;
+        };
+        spill.unmeasured_rows += rows;
+        if spill.unmeasured_rows < spill.measure_every_rows {
+            return false;
+        }
+        spill.unmeasured_rows = 0;
+        let limit = spill.emit_early_past;
+        self.memory_size() > limit
+    }
+
     /// Keeps the groups within the memory budget, after a barrier's results went out:
     /// the groups not touched since the previous look go to sled, then all of them if
     /// that leaves more than three quarters of the budget.
     pub(super) fn shed(&mut self) -> Result<()> {
-        let Some(spill) = self.spill.as_mut() else {
+        let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
-        let (memory, since) = (spill.memory, spill.last_shed);
-        spill.last_shed = Instant::now();
         if self.memory_size() <= memory {
-            return Ok(());
+            self.spill.as_mut().expect("present").last_shed = Instant::now();
+        } else {
+            self.move_cold()?;
+            if self.memory_size() > memory / 4 * 3 {
+                // Groups with results still to emit stay (none, right after a barrier's).
+                let all: Vec<usize> = (0..self.groups.len())
+                    .filter(|&g| !self.changed[g])
+                    .collect();
+                self.move_to_sled(&all)?;
+            }
         }
-        // Groups with results still to emit stay (none, right after a barrier's).
-        let movable = |op: &Self, g: usize| !op.changed[g];
-        let cold: Vec<usize> = (0..self.groups.len())
-            .filter(|&g| movable(self, g) && self.touched[g] < since)
-            .collect();
-        self.move_to_sled(&cold)?;
-        if self.memory_size() > memory / 4 * 3 {
-            let all: Vec<usize> = (0..self.groups.len())
-                .filter(|&g| movable(self, g))
-                .collect();
-            self.move_to_sled(&all)?;
-        }
+        self.set_early_emit_mark();
         Ok(())
+    }
+
+    /// Between barriers, the groups in memory outgrew the budget by [`EARLY_EMIT_SLACK`]:
+    /// their results go out now and those not touched since the previous look go to
+    /// sled. Not all of them: a few large groups in constant use (count DISTINCT per
+    /// day) would go to sled and come back at every batch. The next time is when what
+    /// stays grew by the slack again.
+    pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.emit(out)?;
+        self.move_cold()?;
+        self.set_early_emit_mark();
+        Ok(())
+    }
+
+    fn set_early_emit_mark(&mut self) {
+        let size = self.memory_size();
+        if let Some(spill) = self.spill.as_mut() {
+            spill.emit_early_past = size
+                .max(spill.memory)
+                .saturating_add(spill.early_emit_slack);
+        }
+    }
+
+    /// Moves the groups not touched since the previous look (and without results still
+    /// to emit) to sled.
+    fn move_cold(&mut self) -> Result<()> {
+        let spill = self.spill.as_mut().expect("moving needs the backend");
+        let since = std::mem::replace(&mut spill.last_shed, Instant::now());
+        let cold: Vec<usize> = (0..self.groups.len())
+            .filter(|&g| !self.changed[g] && self.touched[g] < since)
+            .collect();
+        self.move_to_sled(&cold)
     }
 
     /// Moves the groups `groups` (ascending, none with results still to emit) to sled.

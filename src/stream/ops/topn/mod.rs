@@ -265,7 +265,7 @@ impl Operator for TopN {
         &mut self,
         _input: usize,
         batch: ChangeBatch,
-        _out: &mut Vec<ChangeBatch>,
+        out: &mut Vec<ChangeBatch>,
     ) -> Result<()> {
         let rows = &batch.rows;
         if rows.num_rows() == 0 {
@@ -326,6 +326,13 @@ impl Operator for TopN {
                 }
                 Self::mark_dirty(&mut self.dirty, &key, partition);
             }
+        }
+        if self
+            .spill
+            .as_ref()
+            .is_some_and(|s| self.bytes > s.emit_early_past)
+        {
+            self.shed_early(out)?;
         }
         Ok(())
     }
@@ -713,6 +720,35 @@ mod tests {
                     }
                     assert_eq!(op.state_size(), op.bytes + in_sled);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn partitions_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_sled() {
+        for retracting in [false, true] {
+            let mut plain = operator_in(retracting, None);
+            let mut early = operator_in(retracting, Some(0));
+            // Past what stayed in memory at all.
+            let spill = early.spill.as_mut().unwrap();
+            (spill.early_emit_slack, spill.emit_early_past) = (0, 0);
+            let (mut expected, mut got) = (Vec::new(), Vec::new());
+            for rows in epochs(retracting) {
+                expected.extend(run_epoch(&mut plain, &rows));
+                for row in &rows {
+                    let mut out = Vec::new();
+                    early.process(0, batch(&[*row]), &mut out).unwrap();
+                    // Changes go out before the barrier, and partitions the row did
+                    // not use to sled: only the row's stays.
+                    assert!(early.partitions.len() <= 1, "{}", early.partitions.len());
+                    got.extend(lines(&out));
+                }
+                got.extend(run_epoch(&mut early, &[]));
+                assert_eq!(
+                    crate::stream::message::rows_left(&got),
+                    crate::stream::message::rows_left(&expected),
+                    "retracting {retracting}"
+                );
             }
         }
     }

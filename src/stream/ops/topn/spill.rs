@@ -1,7 +1,9 @@
 //! A TopN's partitions under the sled state backend. Up to its memory budget of
 //! partitions stay in memory; at a barrier, once the results are emitted, the partitions
 //! not used since the previous barrier go to sled (all of them when that leaves more than
-//! three quarters of the budget), an entry per partition in a [`RunStore`]. A row whose
+//! three quarters of the budget), an entry per partition in a [`RunStore`]. When the
+//! partitions in memory outgrow that by [`EARLY_EMIT_SLACK`] between barriers, results
+//! go out early and the unused partitions to sled then. A row whose
 //! partition is not in memory brings it back first, so ranking only ever sees partitions
 //! in memory.
 //!
@@ -19,8 +21,9 @@ use datafusion::common::{DataFusionError, Result};
 
 use super::ranked::Entry;
 use super::{Partition, TopN};
+use crate::stream::message::ChangeBatch;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{sled_error, SledBackend};
+use crate::stream::state_backend::{sled_error, SledBackend, EARLY_EMIT_SLACK};
 
 /// Partitions per group of a snapshot's part in sled.
 const SNAPSHOT_PARTITIONS: usize = 8192;
@@ -37,6 +40,11 @@ pub(super) struct Spill {
     memory: usize,
     /// Keys in sled whose partitions changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
+    /// Bytes in memory past which results go out before the barrier and partitions to
+    /// sled: what stayed in memory at the previous look (at least the budget) and
+    /// [`EARLY_EMIT_SLACK`].
+    pub(super) emit_early_past: usize,
+    pub(super) early_emit_slack: usize,
 }
 
 impl Spill {
@@ -48,6 +56,8 @@ impl Spill {
             store: RunStore::new(tree),
             memory: backend.memory,
             changed: HashSet::new(),
+            emit_early_past: backend.memory.saturating_add(EARLY_EMIT_SLACK),
+            early_emit_slack: EARLY_EMIT_SLACK,
         })
     }
 
@@ -174,9 +184,40 @@ impl TopN {
             for p in self.partitions.values_mut() {
                 p.used = false;
             }
-            return Ok(());
+        } else {
+            self.move_cold()?;
+            if self.bytes > memory / 4 * 3 {
+                self.move_all_to_sled()?;
+            }
         }
-        // Partitions with results still to emit stay (none, right after a barrier's).
+        self.set_early_emit_mark();
+        Ok(())
+    }
+
+    /// Between barriers, partitions in memory outgrew the budget by [`EARLY_EMIT_SLACK`]:
+    /// their results go out now and those not used since the previous look go to sled.
+    /// Not all of them: a few large partitions in constant use would go to sled and come
+    /// back at every batch. The next time is when what stays grew by the slack again.
+    pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        self.emit(out)?;
+        self.move_cold()?;
+        self.set_early_emit_mark();
+        Ok(())
+    }
+
+    fn set_early_emit_mark(&mut self) {
+        let bytes = self.bytes;
+        if let Some(spill) = self.spill.as_mut() {
+            spill.emit_early_past = bytes
+                .max(spill.memory)
+                .saturating_add(spill.early_emit_slack);
+        }
+    }
+
+    /// Moves the partitions not used since the previous look (and without results still
+    /// to emit: none, right after an emit) to sled; every partition counts as unused
+    /// afterwards.
+    fn move_cold(&mut self) -> Result<()> {
         let cold: Vec<std::sync::Arc<[u8]>> = self
             .partitions
             .iter_mut()
@@ -186,11 +227,7 @@ impl TopN {
                 cold.then(|| k.clone())
             })
             .collect();
-        self.move_to_sled(cold)?;
-        if self.bytes > memory / 4 * 3 {
-            self.move_all_to_sled()?;
-        }
-        Ok(())
+        self.move_to_sled(cold)
     }
 
     /// Moves every partition without results still to emit to sled.

@@ -130,4 +130,30 @@ pub mod testing {
         .unwrap();
         batches
     }
+
+    /// Runs each epoch's batches through `plain` then a barrier, and through `early` a
+    /// batch at a time with `after_batch` looking at it after each, then a barrier; after
+    /// every epoch both changelogs must leave the same rows, however they were folded.
+    pub fn leave_the_same_rows<O: Operator>(
+        plain: &mut O,
+        early: &mut O,
+        epochs: Vec<Vec<ChangeBatch>>,
+        mut after_batch: impl FnMut(&O),
+    ) {
+        use crate::stream::message::{change_lines, rows_left};
+        let (mut expected, mut got) = (Vec::new(), Vec::new());
+        for batches in epochs {
+            for batch in batches {
+                plain.process(0, batch.clone(), &mut expected).unwrap();
+                early.process(0, batch, &mut got).unwrap();
+                after_batch(early);
+            }
+            plain.on_barrier(&mut expected).unwrap();
+            early.on_barrier(&mut got).unwrap();
+            assert_eq!(
+                rows_left(&change_lines(&got)),
+                rows_left(&change_lines(&expected))
+            );
+        }
+    }
 }

@@ -4,8 +4,9 @@
 //! leaves more than three quarters of the budget), an entry per key in a [`RunStore`]:
 //! the group's row of a snapshot's `groups` batch, row-encoded. When the groups in
 //! memory outgrow that by [`EARLY_EMIT_SLACK`] between barriers, results go out early
-//! and the untouched groups to sled then. A batch brings the groups of its keys back first (merged into fresh
-//! accumulator groups), so aggregation only ever sees groups in memory.
+//! and the untouched groups to sled then. A batch brings the groups of its keys back
+//! first (merged into fresh accumulator groups), so aggregation only ever sees groups in
+//! memory.
 //!
 //! Snapshots read groups in sled straight from the store: incremental ones those moved
 //! with changes since the previous snapshot (listed in memory), whole ones all. A restore
@@ -19,9 +20,8 @@ use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::Result;
 
-use crate::stream::message::ChangeBatch;
-
 use super::GroupAggregate;
+use crate::stream::message::ChangeBatch;
 use crate::stream::snapshot::{self, downcast};
 use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{sled_error, SledBackend, EARLY_EMIT_SLACK};

@@ -3,9 +3,8 @@
 //! not used since the previous barrier go to sled (all of them when that leaves more than
 //! three quarters of the budget), an entry per partition in a [`RunStore`]. When the
 //! partitions in memory outgrow that by [`EARLY_EMIT_SLACK`] between barriers, results
-//! go out early and the unused partitions to sled then. A row whose
-//! partition is not in memory brings it back first, so ranking only ever sees partitions
-//! in memory.
+//! go out early and the unused partitions to sled then. A row whose partition is not in
+//! memory brings it back first, so ranking only ever sees partitions in memory.
 //!
 //! Snapshots read partitions in sled straight from the store: incremental ones those
 //! moved with changes since the previous snapshot, whole ones all. (The in-memory part's

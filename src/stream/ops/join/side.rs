@@ -15,6 +15,7 @@ use datafusion::arrow::array::UInt32Array;
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::hash_map::EntryRef;
 use datafusion::common::{HashMap, Result};
 
 use crate::stream::message::Millis;
@@ -349,10 +350,21 @@ impl Side {
         matches: i64,
         (touched, time): (Millis, Millis),
     ) -> EntryId {
-        let key: Arc<[u8]> = match self.by_key.get_key_value(key) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(key),
+        // One hash lookup finds or makes the key's list (it took two: for the stored
+        // key, then for the list).
+        let keyed = match self.by_key.entry_ref(key) {
+            EntryRef::Occupied(o) => o,
+            EntryRef::Vacant(v) => v.insert_entry_with_key(Arc::from(key), Keyed::default()),
         };
+        let key = keyed.key().clone();
+        let keyed = keyed.into_mut();
+        let id = self
+            .free
+            .last()
+            .copied()
+            .unwrap_or(self.entries.len() as EntryId);
+        keyed.ids.push(id);
+        keyed.used = true;
         let full: Option<Arc<[u8]>> = self.by_row.is_some().then(|| Arc::from(full));
         let entry = Entry {
             loc,
@@ -360,31 +372,22 @@ impl Side {
             matches,
             touched,
             time,
-            key: key.clone(),
+            key,
             full: full.clone(),
             serial: self.next_serial,
             dirty: false,
             persisted: false,
         };
         self.next_serial += 1;
-        self.key_bytes += key.len() + full.as_ref().map_or(0, |f| f.len());
+        self.key_bytes += entry.key.len() + full.as_ref().map_or(0, |f| f.len());
         self.live += 1;
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.entries[id as usize] = Some(entry);
-                id
-            }
-            None => {
-                self.entries.push(Some(entry));
-                (self.entries.len() - 1) as EntryId
-            }
-        };
+        match self.free.pop() {
+            Some(free) => self.entries[free as usize] = Some(entry),
+            None => self.entries.push(Some(entry)),
+        }
         let chunk = self.chunk_mut(loc.0);
         chunk.owners[loc.1 as usize] = id;
         chunk.live += 1;
-        let keyed = self.by_key.entry(key).or_default();
-        keyed.ids.push(id);
-        keyed.used = true;
         if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), full) {
             by_row.insert(full, id);
         }
@@ -401,14 +404,15 @@ impl Side {
             let serial = self.stored_serial(entry.serial);
             self.removed.push(serial);
         }
-        if let Some(keyed) = self.by_key.get_mut(&entry.key) {
+        if let EntryRef::Occupied(mut keyed) = self.by_key.entry_ref(&*entry.key) {
             // Ids stay in arrival order: rows mostly go oldest first (expiry), so the
             // search ends near the front.
-            if let Some(at) = keyed.ids.iter().position(|&i| i == id) {
-                keyed.ids.remove(at);
+            let ids = &mut keyed.get_mut().ids;
+            if let Some(at) = ids.iter().position(|&i| i == id) {
+                ids.remove(at);
             }
-            if keyed.ids.is_empty() {
-                self.by_key.remove(&entry.key);
+            if ids.is_empty() {
+                keyed.remove();
             }
         }
     }

@@ -27,6 +27,39 @@ pub struct SledBackend {
 /// Without this, memory grew with what one checkpoint interval changes.
 pub const EARLY_EMIT_SLACK: usize = 32 << 20;
 
+/// When such an operator moves state out before the barrier: once the bytes it holds in
+/// memory pass what stayed after its previous move (at least the budget) by a slack.
+#[derive(Debug, Clone, Copy)]
+pub struct EarlyEmitMark {
+    budget: usize,
+    slack: usize,
+    past: usize,
+}
+
+impl EarlyEmitMark {
+    /// The mark of a memory budget, with [`EARLY_EMIT_SLACK`].
+    pub fn new(budget: usize) -> Self {
+        Self::with_slack(budget, EARLY_EMIT_SLACK)
+    }
+
+    pub fn with_slack(budget: usize, slack: usize) -> Self {
+        Self {
+            budget,
+            slack,
+            past: budget.saturating_add(slack),
+        }
+    }
+
+    pub fn is_passed(&self, bytes: usize) -> bool {
+        bytes > self.past
+    }
+
+    /// After a move, `stayed` bytes are left in memory.
+    pub fn moved(&mut self, stayed: usize) {
+        self.past = stayed.max(self.budget).saturating_add(self.slack);
+    }
+}
+
 /// sled's own page cache per scratch database: the operator's memory budget is what
 /// keeps state in memory, so sled caches little beside it.
 const SCRATCH_CACHE_BYTES: u64 = 8 << 20;

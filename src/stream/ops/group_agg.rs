@@ -1119,12 +1119,13 @@ mod tests {
     #[test]
     fn groups_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_sled() {
         use crate::stream::operator::testing::leave_the_same_rows;
+        use crate::stream::state_backend::EarlyEmitMark;
         for retracting in [false, true] {
             let mut plain = operator_in(retracting, None);
             let mut early = operator_in(retracting, Some(0));
             let spill = early.spill.as_mut().unwrap();
             // Past what stayed in memory at all, measured after every row.
-            (spill.emit_early_past, spill.early_emit_slack) = (0, 0);
+            spill.early_emit = EarlyEmitMark::with_slack(0, 0);
             spill.measure_every_rows = 1;
             // Results go out before the barrier, and groups a row did not touch to
             // sled: only its group stays.

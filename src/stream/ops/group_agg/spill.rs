@@ -3,7 +3,7 @@
 //! the groups not touched since the previous barrier go to sled (all of them when that
 //! leaves more than three quarters of the budget), an entry per key in a [`RunStore`]:
 //! the group's row of a snapshot's `groups` batch, row-encoded. When the groups in
-//! memory outgrow that by [`EARLY_EMIT_SLACK`] between barriers, results go out early
+//! memory outgrow that by 32 MiB ([`EarlyEmitMark`]) between barriers, results go out early
 //! and the untouched groups to sled then. A batch brings the groups of its keys back
 //! first (merged into fresh accumulator groups), so aggregation only ever sees groups in
 //! memory.
@@ -24,7 +24,7 @@ use super::GroupAggregate;
 use crate::stream::message::ChangeBatch;
 use crate::stream::snapshot::{self, downcast};
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{sled_error, SledBackend, EARLY_EMIT_SLACK};
+use crate::stream::state_backend::{sled_error, EarlyEmitMark, SledBackend};
 
 /// Groups per batch of a snapshot's part in sled.
 const SNAPSHOT_GROUPS: usize = 8192;
@@ -46,11 +46,8 @@ pub(super) struct Spill {
     /// measures (a measure walks every group).
     unmeasured_rows: usize,
     pub(super) measure_every_rows: usize,
-    /// Bytes in memory past which results go out before the barrier and groups to sled:
-    /// what stayed in memory at the previous look (at least the budget) and
-    /// [`EARLY_EMIT_SLACK`].
-    pub(super) emit_early_past: usize,
-    pub(super) early_emit_slack: usize,
+    /// When results go out before the barrier and unused state to sled.
+    pub(super) early_emit: EarlyEmitMark,
 }
 
 /// Input rows between two measures of the memory held.
@@ -97,8 +94,7 @@ impl GroupAggregate {
             last_shed: Instant::now(),
             unmeasured_rows: 0,
             measure_every_rows: MEASURE_EVERY_ROWS,
-            emit_early_past: backend.memory.saturating_add(EARLY_EMIT_SLACK),
-            early_emit_slack: EARLY_EMIT_SLACK,
+            early_emit: EarlyEmitMark::new(backend.memory),
         });
         Ok(())
     }
@@ -145,7 +141,8 @@ impl GroupAggregate {
     }
 
     /// Whether the groups in memory, after `rows` more input rows, outgrew what stayed at
-    /// the previous look by [`EARLY_EMIT_SLACK`]: time for [`GroupAggregate::shed_early`].
+    /// the previous look by 32 MiB ([`EarlyEmitMark`]): time for
+    /// [`GroupAggregate::shed_early`].
     pub(super) fn over_budget(&mut self, rows: usize) -> bool {
         let Some(spill) = self.spill.as_mut() else {
             return false;
@@ -155,8 +152,8 @@ impl GroupAggregate {
             return false;
         }
         spill.unmeasured_rows = 0;
-        let limit = spill.emit_early_past;
-        self.memory_size() > limit
+        let mark = spill.early_emit;
+        mark.is_passed(self.memory_size())
     }
 
     /// Keeps the groups within the memory budget, after a barrier's results went out:
@@ -178,28 +175,26 @@ impl GroupAggregate {
                 self.move_to_sled(&all)?;
             }
         }
-        self.set_early_emit_mark();
+        self.early_emit_mark_moved();
         Ok(())
     }
 
-    /// Between barriers, the groups in memory outgrew the budget by [`EARLY_EMIT_SLACK`]:
-    /// their results go out now and those not touched since the previous look go to
-    /// sled. Not all of them: a few large groups in constant use (count DISTINCT per
-    /// day) would go to sled and come back at every batch. The next time is when what
-    /// stays grew by the slack again.
+    /// Between barriers, the groups in memory outgrew the budget by 32 MiB
+    /// ([`EarlyEmitMark`]): their results go out now and those not touched since the
+    /// previous look go to sled. Not all of them: a few large groups in constant use (count
+    /// DISTINCT per day) would go to sled and come back at every batch. The next time is
+    /// when what stays grew by the slack again.
     pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.emit(out)?;
         self.move_cold()?;
-        self.set_early_emit_mark();
+        self.early_emit_mark_moved();
         Ok(())
     }
 
-    fn set_early_emit_mark(&mut self) {
-        let size = self.memory_size();
+    fn early_emit_mark_moved(&mut self) {
+        let stayed = self.memory_size();
         if let Some(spill) = self.spill.as_mut() {
-            spill.emit_early_past = size
-                .max(spill.memory)
-                .saturating_add(spill.early_emit_slack);
+            spill.early_emit.moved(stayed);
         }
     }
 

@@ -330,7 +330,7 @@ impl Operator for TopN {
         if self
             .spill
             .as_ref()
-            .is_some_and(|s| self.bytes > s.emit_early_past)
+            .is_some_and(|s| s.early_emit.is_passed(self.bytes))
         {
             self.shed_early(out)?;
         }
@@ -727,12 +727,12 @@ mod tests {
     #[test]
     fn partitions_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_sled() {
         use crate::stream::operator::testing::leave_the_same_rows;
+        use crate::stream::state_backend::EarlyEmitMark;
         for retracting in [false, true] {
             let mut plain = operator_in(retracting, None);
             let mut early = operator_in(retracting, Some(0));
             // Past what stayed in memory at all.
-            let spill = early.spill.as_mut().unwrap();
-            (spill.early_emit_slack, spill.emit_early_past) = (0, 0);
+            early.spill.as_mut().unwrap().early_emit = EarlyEmitMark::with_slack(0, 0);
             // Changes go out before the barrier, and partitions a row did not use to
             // sled: only its partition stays.
             let row_by_row = epochs(retracting)

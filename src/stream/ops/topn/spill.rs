@@ -1,10 +1,10 @@
-//! A TopN's partitions under the sled state backend. Up to its memory budget of
-//! partitions stay in memory; at a barrier, once the results are emitted, the partitions
-//! not used since the previous barrier go to sled (all of them when that leaves more than
-//! three quarters of the budget), an entry per partition in a [`RunStore`]. When the
-//! partitions in memory outgrow that by [`EARLY_EMIT_SLACK`] between barriers, results
-//! go out early and the unused partitions to sled then. A row whose partition is not in
-//! memory brings it back first, so ranking only ever sees partitions in memory.
+//! A TopN's partitions under the sled state backend. Up to its memory budget of partitions
+//! stay in memory; at a barrier, once the results are emitted, the partitions not used
+//! since the previous barrier go to sled (all of them when that leaves more than three
+//! quarters of the budget), an entry per partition in a [`RunStore`]. When the partitions
+//! in memory outgrow that by 32 MiB ([`EarlyEmitMark`]) between barriers, results go out
+//! early and the unused partitions to sled then. A row whose partition is not in memory
+//! brings it back first, so ranking only ever sees partitions in memory.
 //!
 //! Snapshots read partitions in sled straight from the store: incremental ones those
 //! moved with changes since the previous snapshot, whole ones all. (The in-memory part's
@@ -22,7 +22,7 @@ use super::ranked::Entry;
 use super::{Partition, TopN};
 use crate::stream::message::ChangeBatch;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{sled_error, SledBackend, EARLY_EMIT_SLACK};
+use crate::stream::state_backend::{sled_error, EarlyEmitMark, SledBackend};
 
 /// Partitions per group of a snapshot's part in sled.
 const SNAPSHOT_PARTITIONS: usize = 8192;
@@ -39,11 +39,8 @@ pub(super) struct Spill {
     memory: usize,
     /// Keys in sled whose partitions changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
-    /// Bytes in memory past which results go out before the barrier and partitions to
-    /// sled: what stayed in memory at the previous look (at least the budget) and
-    /// [`EARLY_EMIT_SLACK`].
-    pub(super) emit_early_past: usize,
-    pub(super) early_emit_slack: usize,
+    /// When results go out before the barrier and unused state to sled.
+    pub(super) early_emit: EarlyEmitMark,
 }
 
 impl Spill {
@@ -55,8 +52,7 @@ impl Spill {
             store: RunStore::new(tree),
             memory: backend.memory,
             changed: HashSet::new(),
-            emit_early_past: backend.memory.saturating_add(EARLY_EMIT_SLACK),
-            early_emit_slack: EARLY_EMIT_SLACK,
+            early_emit: EarlyEmitMark::new(backend.memory),
         })
     }
 
@@ -189,27 +185,26 @@ impl TopN {
                 self.move_all_to_sled()?;
             }
         }
-        self.set_early_emit_mark();
+        self.early_emit_mark_moved();
         Ok(())
     }
 
-    /// Between barriers, partitions in memory outgrew the budget by [`EARLY_EMIT_SLACK`]:
-    /// their results go out now and those not used since the previous look go to sled.
-    /// Not all of them: a few large partitions in constant use would go to sled and come
-    /// back at every batch. The next time is when what stays grew by the slack again.
+    /// Between barriers, partitions in memory outgrew the budget by 32 MiB
+    /// ([`EarlyEmitMark`]): their results go out now and those not used since the previous
+    /// look go to sled. Not all of them: a few large partitions in constant use would go to
+    /// sled and come back at every batch. The next time is when what stays grew by the
+    /// slack again.
     pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.emit(out)?;
         self.move_cold()?;
-        self.set_early_emit_mark();
+        self.early_emit_mark_moved();
         Ok(())
     }
 
-    fn set_early_emit_mark(&mut self) {
-        let bytes = self.bytes;
+    fn early_emit_mark_moved(&mut self) {
+        let stayed = self.bytes;
         if let Some(spill) = self.spill.as_mut() {
-            spill.emit_early_past = bytes
-                .max(spill.memory)
-                .saturating_add(spill.early_emit_slack);
+            spill.early_emit.moved(stayed);
         }
     }
 

@@ -31,6 +31,9 @@ type RunEntry<'a> = (&'a [u8], &'a [u8], Slot);
 /// What reads hand each key and value to.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 
+/// What [`RunStore::visit`] hands each key found to: its position, slot and value.
+type VisitSlot<'a> = dyn FnMut(usize, Slot, &[u8]) -> Result<()> + 'a;
+
 /// Where a key's value is: its run and the value's place in it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Slot {
@@ -127,17 +130,14 @@ impl RunStore {
         hash
     }
 
-    /// Where `key`'s value is, confirmed against the key stored there, and its run (read
-    /// for that).
-    fn find(&self, key: &[u8]) -> Result<Option<(Slot, RunBytes<'_>)>> {
-        if let Some(slot) = self.collided.get(key) {
-            return Ok(Some((*slot, self.read_run(slot.run)?)));
-        }
-        let Some(slot) = self.index.get(&self.hash(key)) else {
-            return Ok(None);
-        };
-        let run = self.read_run(slot.run)?;
-        Ok((key_at(&run, *slot)? == key).then_some((*slot, run)))
+    /// Where `key`'s value is, confirmed against the key stored there.
+    fn find(&self, key: &[u8]) -> Result<Option<Slot>> {
+        let mut found = None;
+        self.visit(&[key], &mut |_, slot, _| {
+            found = Some(slot);
+            Ok(())
+        })?;
+        Ok(found)
     }
 
     /// Takes `key` (stored at `slot`, as [`RunStore::find`] says) out of the indexes.
@@ -204,7 +204,7 @@ impl RunStore {
             live: 0,
         };
         for (key, slot) in slots.drain(..) {
-            if let Some(old) = self.find(key)?.map(|(old, _)| old) {
+            if let Some(old) = self.find(key)? {
                 self.unindex(key, old);
                 self.release(old, entry_size(key, old.len as usize), batch);
             }
@@ -224,60 +224,77 @@ impl RunStore {
     }
 
     /// A slot is no longer pointed at: its run loses `size` live bytes and goes when
-    /// nothing in it is live.
-    fn release(&mut self, slot: Slot, size: usize, batch: &mut sled::Batch) {
+    /// nothing in it is live (whether it went).
+    fn release(&mut self, slot: Slot, size: usize, batch: &mut sled::Batch) -> bool {
         self.bytes -= size - ENTRY_HEADER;
         let run = self.runs.get_mut(&slot.run).expect("a run of the index");
         run.live -= size;
-        if run.live == 0 {
-            self.runs.remove(&slot.run);
-            batch.remove(&slot.run.to_be_bytes());
+        if run.live > 0 {
+            return false;
         }
+        self.runs.remove(&slot.run);
+        batch.remove(&slot.run.to_be_bytes());
+        true
     }
 
     /// Takes the value of `key` out of the store.
     pub fn take(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some((slot, run)) = self.find(key)? else {
-            return Ok(None);
-        };
-        let value = value_at(&run, slot)?.to_vec();
-        self.unindex(key, slot);
-        self.release_and_compact(key, slot)?;
-        Ok(Some(value))
+        Ok(self.take_all(&[key])?.pop().map(|(_, value)| value))
     }
 
     /// Deletes `key`'s value; whether there was one.
     pub fn remove(&mut self, key: &[u8]) -> Result<bool> {
-        let Some(slot) = self.find(key)?.map(|(slot, _)| slot) else {
-            return Ok(false);
-        };
-        self.unindex(key, slot);
-        self.release_and_compact(key, slot)?;
-        Ok(true)
+        Ok(!self.take_all(&[key])?.is_empty())
     }
 
-    /// `key`'s entry at `slot` (out of the index already) is dead; a run that falls below
-    /// half live has what is left written again as a new run.
-    fn release_and_compact(&mut self, key: &[u8], slot: Slot) -> Result<()> {
+    /// Takes the values of `keys` (distinct) out of the store, each run read once: the
+    /// position in `keys` and the value of each key found. Runs that fall below half
+    /// live have what is left written again as new runs.
+    pub fn take_all(&mut self, keys: &[&[u8]]) -> Result<Vec<(usize, Vec<u8>)>> {
+        let mut found: Vec<(usize, Slot, Vec<u8>)> = Vec::new();
+        self.visit(keys, &mut |i, slot, value| {
+            found.push((i, slot, value.to_vec()));
+            Ok(())
+        })?;
+        // Every entry is released before any run is rewritten: a rewrite moves the
+        // entries of its run still indexed.
         let mut batch = sled::Batch::default();
-        self.release(slot, entry_size(key, slot.len as usize), &mut batch);
-        let Some(run) = self.runs.get(&slot.run) else {
-            // Its last live entry: the run goes.
-            return self.tree.apply_batch(batch).map_err(sled_error);
-        };
-        if run.live * 2 >= run.total {
+        let mut gone = false;
+        for (i, slot, _) in &found {
+            self.unindex(keys[*i], *slot);
+            gone |= self.release(*slot, entry_size(keys[*i], slot.len as usize), &mut batch);
+        }
+        if gone {
+            self.tree.apply_batch(batch).map_err(sled_error)?;
+        }
+        let mut runs: Vec<u64> = found.iter().map(|(_, slot, _)| slot.run).collect();
+        runs.sort_unstable();
+        runs.dedup();
+        for run in runs {
+            self.compact_if_sparse(run)?;
+        }
+        Ok(found.into_iter().map(|(i, _, value)| (i, value)).collect())
+    }
+
+    /// Writes the live entries of run `id` again as a new run when less than half of it
+    /// is live.
+    fn compact_if_sparse(&mut self, id: u64) -> Result<()> {
+        if self
+            .runs
+            .get(&id)
+            .is_none_or(|run| run.live * 2 >= run.total)
+        {
             return Ok(());
         }
         // Runs are pending only within `put_all`: this one is in sled.
         let record = self
             .tree
-            .get(slot.run.to_be_bytes())
+            .get(id.to_be_bytes())
             .map_err(sled_error)?
             .ok_or_else(corrupt)?;
-        let live = self.live_entries(&record, slot.run)?;
-        self.runs.remove(&slot.run);
-        batch.remove(&slot.run.to_be_bytes());
-        self.tree.apply_batch(batch).map_err(sled_error)?;
+        let live = self.live_entries(&record, id)?;
+        self.runs.remove(&id);
+        self.tree.remove(id.to_be_bytes()).map_err(sled_error)?;
         for (k, v, at) in &live {
             self.bytes -= k.len() + v.len();
             self.unindex(k, *at);
@@ -287,26 +304,36 @@ impl RunStore {
 
     /// The values of `keys` (those in the store), each run read once, handed to `f`.
     pub fn read(&self, keys: &[&[u8]], f: &mut Visit) -> Result<()> {
+        self.visit(keys, &mut |i, _, value| f(keys[i], value))
+    }
+
+    /// Hands each of `keys` in the store to `f` with its position in `keys`, its slot
+    /// and its value, reading each run once.
+    fn visit(&self, keys: &[&[u8]], f: &mut VisitSlot) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
         // Candidates by hash, confirmed when their run is read.
-        let mut slots: Vec<(Slot, &[u8])> = keys
+        let mut slots: Vec<(Slot, usize)> = keys
             .iter()
-            .filter_map(|k| {
+            .enumerate()
+            .filter_map(|(i, k)| {
                 let slot = self
                     .collided
                     .get(*k)
                     .or_else(|| self.index.get(&self.hash(k)));
-                slot.map(|s| (*s, *k))
+                slot.map(|s| (*s, i))
             })
             .collect();
         slots.sort_unstable_by_key(|(s, _)| (s.run, s.offset));
         let mut current: Option<(u64, RunBytes)> = None;
-        for (slot, key) in slots {
+        for (slot, i) in slots {
             if current.as_ref().is_none_or(|(run, _)| *run != slot.run) {
                 current = Some((slot.run, self.read_run(slot.run)?));
             }
             let (_, record) = current.as_ref().expect("read");
-            if key_at(record, slot)? == key {
-                f(key, value_at(record, slot)?)?;
+            if key_at(record, slot)? == keys[i] {
+                f(i, slot, value_at(record, slot)?)?;
             }
         }
         Ok(())
@@ -485,10 +512,18 @@ mod tests {
         })
         .unwrap();
         assert_eq!(read, [(key(9), 1000), (key(50), 1000)]);
+        // Taking many at once: those there, by position.
+        let (k60, k3, k10) = (key(60), key(3), key(10));
+        let some: Vec<&[u8]> = vec![b"nope", &k60, &k3, &k10];
+        let taken = s.take_all(&some).unwrap();
+        let mut positions: Vec<usize> = taken.iter().map(|(i, _)| *i).collect();
+        positions.sort();
+        assert_eq!(positions, [1, 3]);
+        assert!(taken.iter().all(|(_, v)| *v == value));
+        assert_eq!(s.len(), 96);
         // Taking everything deletes every run.
-        for k in &keys {
-            s.take(k).unwrap();
-        }
+        let all_keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        assert_eq!(s.take_all(&all_keys).unwrap().len(), 96);
         assert_eq!(
             (s.len(), s.bytes(), s.tree.len(), s.runs.len()),
             (0, 0, 0, 0)

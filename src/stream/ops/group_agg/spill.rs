@@ -109,16 +109,17 @@ impl GroupAggregate {
         }
         let encoded = self.key_converter.convert_columns(keys)?;
         let mut seen: HashSet<&[u8]> = HashSet::new();
-        let mut found = Vec::new();
-        for i in 0..encoded.num_rows() {
-            let key = encoded.row(i).data();
-            if !seen.insert(key) {
-                continue;
-            }
-            if let Some(value) = spill.store.take(key)? {
-                found.push((key.to_vec(), value));
-            }
-        }
+        let distinct: Vec<&[u8]> = (0..encoded.num_rows())
+            .map(|i| encoded.row(i).data())
+            .filter(|key| seen.insert(key))
+            .collect();
+        // The batch's keys at once: each run holding some is read once.
+        let found: Vec<(&[u8], Vec<u8>)> = spill
+            .store
+            .take_all(&distinct)?
+            .into_iter()
+            .map(|(i, value)| (distinct[i], value))
+            .collect();
         if found.is_empty() {
             return Ok(());
         }
@@ -128,7 +129,7 @@ impl GroupAggregate {
             .convert_rows(found.iter().map(|(_, v)| parser.parse(v)))?;
         let dirty: Vec<bool> = found
             .iter()
-            .map(|(key, _)| spill.changed.remove(key))
+            .map(|(key, _)| spill.changed.remove(*key))
             .collect();
         self.restore_groups(&columns)?;
         let groups = self.indices.clone();

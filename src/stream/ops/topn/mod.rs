@@ -281,12 +281,18 @@ impl Operator for TopN {
         let full = self.row_converter.convert_columns(rows.columns())?;
         let now = self.ttl.map(|_| Instant::now());
         let limit = self.limit as i64;
+        if self.spill.is_some() {
+            // The batch's partitions in sled come back at once, each run read once.
+            let mut seen = std::collections::HashSet::new();
+            let missing: Vec<&[u8]> = (0..rows.num_rows())
+                .map(|i| keys.row(i).data())
+                .filter(|k| !self.partitions.contains_key(*k) && seen.insert(*k))
+                .collect();
+            self.bring_back_all(&missing)?;
+        }
         for i in 0..rows.num_rows() {
             let key = keys.row(i);
             let (sort, row) = (sorts.row(i), full.row(i));
-            if self.spill.is_some() && !self.partitions.contains_key(key.as_ref()) {
-                self.bring_back(key.as_ref())?;
-            }
             // One lookup a row; the stored key is cloned only to list the partition.
             let entry = match self.partitions.entry_ref(key.as_ref()) {
                 EntryRef::Occupied(entry) => entry,

@@ -64,14 +64,18 @@ impl Spill {
         self.memory
     }
 
-    /// Takes the partition `key` out of sled, with whether it changed since the previous
-    /// snapshot.
-    pub(super) fn take(&mut self, key: &[u8], limit: usize) -> Result<Option<(Partition, bool)>> {
-        let Some(record) = self.store.take(key)? else {
-            return Ok(None);
-        };
-        let partition = decode(&record, limit)?;
-        Ok(Some((partition, self.changed.remove(key))))
+    /// Takes the partitions of `keys` (distinct) that are in sled out of it, each with
+    /// its key's position in `keys` and whether it changed since the previous snapshot.
+    pub(super) fn take_all(
+        &mut self,
+        keys: &[&[u8]],
+        limit: usize,
+    ) -> Result<Vec<(usize, Partition, bool)>> {
+        let mut taken = Vec::new();
+        for (i, record) in self.store.take_all(keys)? {
+            taken.push((i, decode(&record, limit)?, self.changed.remove(keys[i])));
+        }
+        Ok(taken)
     }
 
     /// Deletes the partition `key` from sled, if there.
@@ -258,19 +262,26 @@ impl TopN {
     /// The partition `key` back from sled into memory, if it is there; listed as changed
     /// since the previous snapshot when it was.
     pub(super) fn bring_back(&mut self, key: &[u8]) -> Result<bool> {
+        Ok(self.bring_back_all(&[key])? > 0)
+    }
+
+    /// The partitions of `keys` (distinct, none in memory) back from sled, reading each
+    /// run once; how many were there.
+    pub(super) fn bring_back_all(&mut self, keys: &[&[u8]]) -> Result<usize> {
         let Some(spill) = self.spill.as_mut() else {
-            return Ok(false);
+            return Ok(0);
         };
-        let Some((mut p, dirty)) = spill.take(key, self.limit)? else {
-            return Ok(false);
-        };
-        let key: std::sync::Arc<[u8]> = key.into();
-        self.bytes += Self::partition_size(&key, &p);
-        if dirty {
-            Self::mark_dirty(&mut self.dirty, &key, &mut p);
+        let taken = spill.take_all(keys, self.limit)?;
+        let n = taken.len();
+        for (i, mut p, dirty) in taken {
+            let key: std::sync::Arc<[u8]> = keys[i].into();
+            self.bytes += Self::partition_size(&key, &p);
+            if dirty {
+                Self::mark_dirty(&mut self.dirty, &key, &mut p);
+            }
+            self.partitions.insert(key, p);
         }
-        self.partitions.insert(key, p);
-        Ok(true)
+        Ok(n)
     }
 
     /// The partitions in sled as `rows`, `emitted` and `emitted_top` batches, handed to

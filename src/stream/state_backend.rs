@@ -6,11 +6,14 @@
 //! so nothing in it needs to survive the process (it is deleted with the operator, and a
 //! restarted server clears what a killed one left).
 
+pub mod files;
 pub mod runs;
 
 use std::path::PathBuf;
 
 use datafusion::common::{DataFusionError, Result};
+
+use files::RunFiles;
 
 /// Where operators keep the keyed state that does not stay in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,9 +86,14 @@ impl SledBackend {
             })
     }
 
+    /// Scratch files for runs of records, gone when dropped.
+    pub fn run_files(&self) -> RunFiles {
+        RunFiles::new(&self.root)
+    }
+
     /// What EXPLAIN says about where state beyond memory goes.
     pub fn describe(&self) -> String {
-        format!("in sled beyond {} per input", human_bytes(self.memory))
+        format!("on disk beyond {} per input", human_bytes(self.memory))
     }
 }
 

@@ -1,10 +1,10 @@
-//! Many small records by key, kept in sled as few large ones. sled's memory grows with
-//! the number of records it holds (hundreds of bytes each, spacejam/sled#1093), so a
-//! record per group or partition made millions of small ones cost more memory than the
-//! state they held. Here the records moved together are packed into runs of about
-//! [`RUN_BYTES`], one sled value each, and an index in memory says which run holds a key
-//! and where: finding that a key is not in sled costs no read at all, and taking one
-//! back reads one run.
+//! Many small records by key, kept on disk as few large ones. A record per group or
+//! partition in sled made millions of small ones cost more memory than the state they
+//! held (sled's memory grows with the number of records, spacejam/sled#1093). Here the
+//! records moved together are packed into runs of about [`RUN_BYTES`], kept in scratch
+//! files ([`RunFiles`]), and an index in memory says which run holds a key and where:
+//! finding that a key is not on disk costs no read at all, and taking one back reads one
+//! run.
 //!
 //! The index holds a 64-bit hash of each key, not the key (a boxed key cost as much
 //! again as its slot: about 80 bytes a key in all, 40 now), so a hit is confirmed
@@ -20,7 +20,7 @@ use std::hash::{BuildHasher, RandomState};
 
 use datafusion::common::{DataFusionError, HashMap, HashSet, Result};
 
-use super::sled_error;
+use super::files::RunFiles;
 
 /// Bytes of entries packed into one run.
 const RUN_BYTES: usize = 16 << 10;
@@ -51,7 +51,7 @@ struct Run {
 }
 
 pub struct RunStore {
-    tree: sled::Tree,
+    files: RunFiles,
     /// Hash of a key -> its slot, for the first stored key of each hash.
     index: HashMap<u64, Slot>,
     /// Keys whose hash another stored key holds in `index`.
@@ -62,8 +62,6 @@ pub struct RunStore {
     few_hashes: bool,
     runs: HashMap<u64, Run>,
     next_run: u64,
-    /// Runs built by the `put_all` in progress, not in sled yet.
-    pending: HashMap<u64, Vec<u8>>,
     /// Bytes of live keys and values.
     bytes: usize,
 }
@@ -75,27 +73,10 @@ fn entry_size(key: &[u8], value_len: usize) -> usize {
     ENTRY_HEADER + key.len() + value_len
 }
 
-/// A run's bytes, from sled or still pending.
-enum RunBytes<'a> {
-    Stored(sled::IVec),
-    Pending(&'a [u8]),
-}
-
-impl std::ops::Deref for RunBytes<'_> {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            RunBytes::Stored(v) => v,
-            RunBytes::Pending(v) => v,
-        }
-    }
-}
-
 impl RunStore {
-    pub fn new(tree: sled::Tree) -> Self {
+    pub fn new(files: RunFiles) -> Self {
         Self {
-            tree,
+            files,
             index: HashMap::default(),
             collided: HashMap::default(),
             hasher: RandomState::new(),
@@ -103,7 +84,6 @@ impl RunStore {
             few_hashes: false,
             runs: HashMap::default(),
             next_run: 0,
-            pending: HashMap::default(),
             bytes: 0,
         }
     }
@@ -162,12 +142,11 @@ impl RunStore {
         for (i, (key, _)) in records.iter().enumerate().rev() {
             last[i] = seen.insert(*key);
         }
-        let mut batch = sled::Batch::default();
         let mut run: Vec<u8> = Vec::new();
         let mut slots: Vec<(&[u8], Slot)> = Vec::new();
         for (&(key, value), _) in records.iter().zip(&last).filter(|(_, last)| **last) {
             if run.len() >= RUN_BYTES {
-                self.seal(&mut batch, &mut run, &mut slots)?;
+                self.seal(&mut run, &mut slots)?;
             }
             let offset = run.len() + ENTRY_HEADER + key.len();
             run.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -182,31 +161,26 @@ impl RunStore {
             slots.push((key, slot));
         }
         if !run.is_empty() {
-            self.seal(&mut batch, &mut run, &mut slots)?;
+            self.seal(&mut run, &mut slots)?;
         }
-        self.pending.clear();
-        self.tree.apply_batch(batch).map_err(sled_error)
+        Ok(())
     }
 
     /// Ends the run being built: indexes its entries (releasing the slots they replace)
-    /// and adds it to `batch`; it stays readable as pending until the batch is applied.
-    fn seal(
-        &mut self,
-        batch: &mut sled::Batch,
-        run: &mut Vec<u8>,
-        slots: &mut Vec<(&[u8], Slot)>,
-    ) -> Result<()> {
+    /// and writes it.
+    fn seal(&mut self, run: &mut Vec<u8>, slots: &mut Vec<(&[u8], Slot)>) -> Result<()> {
         let id = self.next_run;
         self.next_run += 1;
-        self.pending.insert(id, std::mem::take(run));
+        self.files.put(id, run)?;
         let mut info = Run {
-            total: self.pending[&id].len(),
+            total: run.len(),
             live: 0,
         };
+        run.clear();
         for (key, slot) in slots.drain(..) {
             if let Some(old) = self.find(key)? {
                 self.unindex(key, old);
-                self.release(old, entry_size(key, old.len as usize), batch);
+                self.release(old, entry_size(key, old.len as usize))?;
             }
             let hash = self.hash(key);
             if self.index.contains_key(&hash) {
@@ -219,22 +193,20 @@ impl RunStore {
             self.bytes += size - ENTRY_HEADER;
         }
         self.runs.insert(id, info);
-        batch.insert(&id.to_be_bytes(), self.pending[&id].as_slice());
         Ok(())
     }
 
     /// A slot is no longer pointed at: its run loses `size` live bytes and goes when
     /// nothing in it is live (whether it went).
-    fn release(&mut self, slot: Slot, size: usize, batch: &mut sled::Batch) -> bool {
+    fn release(&mut self, slot: Slot, size: usize) -> Result<()> {
         self.bytes -= size - ENTRY_HEADER;
         let run = self.runs.get_mut(&slot.run).expect("a run of the index");
         run.live -= size;
-        if run.live > 0 {
-            return false;
+        if run.live == 0 {
+            self.runs.remove(&slot.run);
+            self.files.remove(slot.run)?;
         }
-        self.runs.remove(&slot.run);
-        batch.remove(&slot.run.to_be_bytes());
-        true
+        Ok(())
     }
 
     /// Takes the value of `key` out of the store.
@@ -258,14 +230,9 @@ impl RunStore {
         })?;
         // Every entry is released before any run is rewritten: a rewrite moves the
         // entries of its run still indexed.
-        let mut batch = sled::Batch::default();
-        let mut gone = false;
         for (i, slot, _) in &found {
             self.unindex(keys[*i], *slot);
-            gone |= self.release(*slot, entry_size(keys[*i], slot.len as usize), &mut batch);
-        }
-        if gone {
-            self.tree.apply_batch(batch).map_err(sled_error)?;
+            self.release(*slot, entry_size(keys[*i], slot.len as usize))?;
         }
         let mut runs: Vec<u64> = found.iter().map(|(_, slot, _)| slot.run).collect();
         runs.sort_unstable();
@@ -286,15 +253,10 @@ impl RunStore {
         {
             return Ok(());
         }
-        // Runs are pending only within `put_all`: this one is in sled.
-        let record = self
-            .tree
-            .get(id.to_be_bytes())
-            .map_err(sled_error)?
-            .ok_or_else(corrupt)?;
+        let record = self.read_run(id)?;
         let live = self.live_entries(&record, id)?;
         self.runs.remove(&id);
-        self.tree.remove(id.to_be_bytes()).map_err(sled_error)?;
+        self.files.remove(id)?;
         for (k, v, at) in &live {
             self.bytes -= k.len() + v.len();
             self.unindex(k, *at);
@@ -326,7 +288,7 @@ impl RunStore {
             })
             .collect();
         slots.sort_unstable_by_key(|(s, _)| (s.run, s.offset));
-        let mut current: Option<(u64, RunBytes)> = None;
+        let mut current: Option<(u64, Vec<u8>)> = None;
         for (slot, i) in slots {
             if current.as_ref().is_none_or(|(run, _)| *run != slot.run) {
                 current = Some((slot.run, self.read_run(slot.run)?));
@@ -341,9 +303,8 @@ impl RunStore {
 
     /// Every live key and value, a run at a time.
     pub fn for_each(&self, f: &mut Visit) -> Result<()> {
-        for item in self.tree.iter() {
-            let (id, record) = item.map_err(sled_error)?;
-            let id = u64::from_be_bytes(id.as_ref().try_into().map_err(|_| corrupt())?);
+        for id in self.files.ids() {
+            let record = self.read_run(id)?;
             for (key, value, _) in self.live_entries(&record, id)? {
                 f(key, value)?;
             }
@@ -351,15 +312,8 @@ impl RunStore {
         Ok(())
     }
 
-    fn read_run(&self, run: u64) -> Result<RunBytes<'_>> {
-        if let Some(pending) = self.pending.get(&run) {
-            return Ok(RunBytes::Pending(pending));
-        }
-        self.tree
-            .get(run.to_be_bytes())
-            .map_err(sled_error)?
-            .map(RunBytes::Stored)
-            .ok_or_else(corrupt)
+    fn read_run(&self, run: u64) -> Result<Vec<u8>> {
+        self.files.get(run)?.ok_or_else(corrupt)
     }
 
     /// The entries of run `id` the indexes still point at, with their slots.
@@ -379,7 +333,7 @@ impl RunStore {
 }
 
 fn corrupt() -> DataFusionError {
-    DataFusionError::Internal("the sled state backend lost a run of records".into())
+    DataFusionError::Internal("the state backend lost a run of records".into())
 }
 
 fn value_at(record: &[u8], slot: Slot) -> Result<&[u8]> {
@@ -443,10 +397,10 @@ fn entry_at(record: &[u8], at: usize, id: u64) -> Result<RunEntry<'_>> {
 mod tests {
     use super::*;
 
-    fn store() -> (sled::Db, RunStore) {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("t").unwrap();
-        (db, RunStore::new(tree))
+    fn store() -> (tempfile::TempDir, RunStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = RunFiles::new(dir.path());
+        (dir, RunStore::new(files))
     }
 
     fn all(s: &RunStore) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -481,7 +435,7 @@ mod tests {
         let keys: Vec<Vec<u8>> = (0..100).map(key).collect();
         s.put_all(keys.iter().map(|k| (k.as_slice(), value.as_slice())))
             .unwrap();
-        assert!(s.tree.len() > 4, "{}", s.tree.len());
+        assert!(s.files.len() > 4, "{}", s.files.len());
         assert_eq!(s.len(), 100);
         assert_eq!(s.bytes(), 100 * (5 + 1000) - 10);
         assert_eq!(s.take(b"nope").unwrap(), None);
@@ -525,7 +479,7 @@ mod tests {
         let all_keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         assert_eq!(s.take_all(&all_keys).unwrap().len(), 96);
         assert_eq!(
-            (s.len(), s.bytes(), s.tree.len(), s.runs.len()),
+            (s.len(), s.bytes(), s.files.len(), s.runs.len()),
             (0, 0, 0, 0)
         );
     }
@@ -545,12 +499,12 @@ mod tests {
         // One run of about 10 KB.
         s.put_all(keys.iter().map(|k| (k.as_slice(), value.as_slice())))
             .unwrap();
-        assert_eq!(s.tree.len(), 1);
+        assert_eq!(s.files.len(), 1);
         for k in &keys[..51] {
             assert_eq!(s.take(k).unwrap().as_deref(), Some(value.as_slice()));
         }
         // The 49 left moved to a new, fully live run.
-        assert_eq!(s.tree.len(), 1);
+        assert_eq!(s.files.len(), 1);
         let run = s.runs.values().next().unwrap();
         assert_eq!(run.live, run.total);
         assert_eq!(all(s).len(), 49);

@@ -24,14 +24,12 @@ use super::GroupAggregate;
 use crate::stream::message::ChangeBatch;
 use crate::stream::snapshot::{self, downcast};
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{sled_error, EarlyEmitMark, SledBackend};
+use crate::stream::state_backend::{EarlyEmitMark, SledBackend};
 
 /// Groups per batch of a snapshot's part in sled.
 const SNAPSHOT_GROUPS: usize = 8192;
 
 pub(super) struct Spill {
-    /// Holds the database open (and deletes it when the operator goes).
-    _db: sled::Db,
     /// Group key -> the group's row.
     store: RunStore,
     /// Bytes of groups kept in memory.
@@ -83,11 +81,8 @@ impl GroupAggregate {
         let Some(rows) = self.spill_rows()? else {
             return Ok(());
         };
-        let db = backend.open_scratch()?;
-        let tree = db.open_tree("groups").map_err(sled_error)?;
         self.spill = Some(Spill {
-            _db: db,
-            store: RunStore::new(tree),
+            store: RunStore::new(backend.run_files()),
             memory: backend.memory,
             rows,
             changed: HashSet::new(),

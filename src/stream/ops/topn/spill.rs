@@ -22,7 +22,7 @@ use super::ranked::Entry;
 use super::{Partition, TopN};
 use crate::stream::message::ChangeBatch;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{sled_error, EarlyEmitMark, SledBackend};
+use crate::stream::state_backend::{EarlyEmitMark, SledBackend};
 
 /// Partitions per group of a snapshot's part in sled.
 const SNAPSHOT_PARTITIONS: usize = 8192;
@@ -31,8 +31,6 @@ const SNAPSHOT_PARTITIONS: usize = 8192;
 const EMITTED_TOP: u32 = u32::MAX;
 
 pub(super) struct Spill {
-    /// Holds the database open (and deletes it when the operator goes).
-    _db: sled::Db,
     /// Partition key -> the encoded partition.
     store: RunStore,
     /// Bytes of partitions kept in memory.
@@ -45,11 +43,8 @@ pub(super) struct Spill {
 
 impl Spill {
     pub(super) fn open(backend: &SledBackend) -> Result<Self> {
-        let db = backend.open_scratch()?;
-        let tree = db.open_tree("partitions").map_err(sled_error)?;
         Ok(Self {
-            _db: db,
-            store: RunStore::new(tree),
+            store: RunStore::new(backend.run_files()),
             memory: backend.memory,
             changed: HashSet::new(),
             early_emit: EarlyEmitMark::new(backend.memory),

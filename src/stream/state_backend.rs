@@ -10,6 +10,7 @@ pub mod files;
 pub mod runs;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use datafusion::common::{DataFusionError, Result};
 
@@ -60,6 +61,38 @@ impl EarlyEmitMark {
     /// After a move, `stayed` bytes are left in memory.
     pub fn moved(&mut self, stayed: usize) {
         self.past = stayed.max(self.budget).saturating_add(self.slack);
+    }
+}
+
+/// How long state must have gone unused before it counts as cold: early emits can
+/// come a fraction of a second apart, and state used every second (count DISTINCT of
+/// a channel) would go to disk and come back at each.
+pub const MIN_IDLE: Duration = Duration::from_millis(500);
+
+/// When an operator last looked for cold state (unused since the previous look, which
+/// is at least a minimum idle time ago).
+#[derive(Debug, Clone, Copy)]
+pub struct IdleClock {
+    last: Instant,
+    min_idle: Duration,
+}
+
+impl IdleClock {
+    pub fn new(min_idle: Duration) -> Self {
+        Self {
+            last: Instant::now(),
+            min_idle,
+        }
+    }
+
+    /// A new look, unless the previous one is more recent than the minimum idle time:
+    /// when the previous one was (state unused since is cold).
+    pub fn look(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        if now.duration_since(self.last) < self.min_idle {
+            return None;
+        }
+        Some(std::mem::replace(&mut self.last, now))
     }
 }
 

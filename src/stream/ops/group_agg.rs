@@ -109,6 +109,9 @@ pub struct GroupAggregate {
     emitted: Vec<Option<Box<[u8]>>>,
     value_converter: RowConverter,
     touched: Vec<Instant>,
+    /// Under the sled backend: created since the previous move out (not brought back
+    /// from disk), so unproven: such groups go out first.
+    fresh: Vec<bool>,
     changed: Vec<bool>,
     changed_list: Vec<usize>,
     /// Groups changed since the last snapshot, for incremental checkpoints.
@@ -186,6 +189,7 @@ impl GroupAggregate {
             emitted: Vec::new(),
             value_converter,
             touched: Vec::new(),
+            fresh: Vec::new(),
             changed: Vec::new(),
             changed_list: Vec::new(),
             dirty: Vec::new(),
@@ -246,6 +250,7 @@ impl GroupAggregate {
         self.counts.reserve_exact(more);
         self.emitted.reserve_exact(more);
         self.touched.reserve_exact(more);
+        self.fresh.reserve_exact(more);
         self.changed.reserve_exact(more);
         self.dirty.reserve_exact(more);
         if let Values::Multisets { rows, .. } = &mut self.values {
@@ -270,6 +275,7 @@ impl GroupAggregate {
             self.counts.resize(after, 0);
             self.emitted.resize(after, None);
             self.touched.resize(after, Instant::now());
+            self.fresh.resize(after, true);
             self.changed.resize(after, false);
             self.dirty.resize(after, false);
             if let Values::Multisets { rows, signed, .. } = &mut self.values {
@@ -569,6 +575,7 @@ impl GroupAggregate {
         self.counts = keep.iter().map(|&g| self.counts[g]).collect();
         self.emitted = keep.iter().map(|&g| self.emitted[g].take()).collect();
         self.touched = keep.iter().map(|&g| self.touched[g]).collect();
+        self.fresh = keep.iter().map(|&g| self.fresh[g]).collect();
         let changed: Vec<bool> = keep.iter().map(|&g| self.changed[g]).collect();
         self.changed = changed;
         self.changed_list = (0..k).filter(|&g| self.changed[g]).collect();
@@ -1042,15 +1049,20 @@ mod tests {
         }
     }
 
-    /// `operator`, under the sled state backend when `memory` (bytes) is given.
+    /// `operator`, under the sled state backend when `memory` (bytes) is given, where
+    /// every look for unused groups counts (no minimum idle time).
     fn operator_in(retracting: bool, memory: Option<usize>) -> GroupAggregate {
         let backend = memory.map(|memory| SledBackend {
             root: std::env::temp_dir().join("weir-group-agg-tests"),
             memory,
         });
-        operator(retracting, None)
+        let mut op = operator(retracting, None)
             .with_backend(backend.as_ref())
-            .unwrap()
+            .unwrap();
+        if let Some(spill) = op.spill.as_mut() {
+            spill.idle = crate::stream::state_backend::IdleClock::new(Duration::ZERO);
+        }
+        op
     }
 
     /// Epochs of rows: inserts, and (retracting) deletes of rows inserted before; key b
@@ -1099,6 +1111,7 @@ mod tests {
                 .collect();
             for memory in [0, 150] {
                 let mut op = operator_in(retracting, Some(memory));
+                let mut seen = std::collections::HashSet::new();
                 for (e, rows) in epochs(retracting).iter().enumerate() {
                     assert_eq!(
                         run_epoch(&mut op, rows),
@@ -1106,14 +1119,49 @@ mod tests {
                         "{retracting} {memory}"
                     );
                     let spill = op.spill.as_ref().unwrap();
+                    // Keys of earlier epochs: brought back from sled, used again.
+                    let returned: std::collections::HashSet<&str> = rows
+                        .iter()
+                        .map(|r| r.0)
+                        .filter(|k| seen.contains(k))
+                        .collect();
+                    seen.extend(rows.iter().map(|r| r.0));
                     if memory == 0 {
-                        // After a barrier every group is in sled.
-                        assert_eq!(op.groups.len(), 0);
+                        // After a barrier only groups brought back stay in memory.
+                        assert!(op.groups.len() <= returned.len(), "{}", op.groups.len());
                         assert!(spill.bytes() > 0);
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn groups_brought_back_from_sled_stay_while_in_use() {
+        use Op::Insert as I;
+        let mut op = operator_in(false, Some(0));
+        let in_sled = |op: &GroupAggregate| op.spill.as_ref().unwrap().store_len();
+        // New groups go to sled at the barrier.
+        run_epoch(&mut op, &[("a", 1, I), ("b", 2, I)]);
+        assert_eq!((op.groups.len(), in_sled(&op)), (0, 2));
+        // One brought back stays while each epoch uses it: it is not moved again.
+        for v in 3..6 {
+            assert_eq!(run_epoch(&mut op, &[("a", v, I)]).len(), 2);
+            assert_eq!((op.groups.len(), in_sled(&op)), (1, 1));
+        }
+        // Unused for an epoch, it goes.
+        run_epoch(&mut op, &[("c", 9, I)]);
+        assert_eq!((op.groups.len(), in_sled(&op)), (0, 3));
+    }
+
+    #[test]
+    fn the_idle_clock_counts_a_look_only_after_the_minimum_idle_time() {
+        use crate::stream::state_backend::IdleClock;
+        let mut clock = IdleClock::new(Duration::from_secs(3600));
+        assert_eq!(clock.look(), None);
+        let mut clock = IdleClock::new(Duration::ZERO);
+        let first = clock.look().unwrap();
+        assert!(clock.look().unwrap() >= first);
     }
 
     #[test]

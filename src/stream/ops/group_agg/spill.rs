@@ -1,12 +1,13 @@
 //! A group aggregate's groups under the sled state backend. Up to its memory budget of
 //! groups stay in DataFusion's structures; at a barrier, once the results are emitted,
-//! the groups not touched since the previous barrier go to sled (all of them when that
-//! leaves more than three quarters of the budget), an entry per key in a [`RunStore`]:
-//! the group's row of a snapshot's `groups` batch, row-encoded. When the groups in
-//! memory outgrow that by 32 MiB ([`EarlyEmitMark`]) between barriers, results go out early
-//! and the untouched groups to sled then. A batch brings the groups of its keys back
-//! first (merged into fresh accumulator groups), so aggregation only ever sees groups in
-//! memory.
+//! the groups not touched since the previous look (at least [`MIN_IDLE`] ago) go to
+//! disk, then, when more than three quarters of the budget stays, those created since
+//! the previous barrier: an entry per key in a [`RunStore`], the group's row of a
+//! snapshot's `groups` batch, row-encoded. Groups brought back stay while in use. When
+//! the groups in memory outgrow what stayed by 32 MiB ([`EarlyEmitMark`]) between
+//! barriers, results go out early and groups to disk then. A batch brings the groups of
+//! its keys back first (merged into fresh accumulator groups), so aggregation only ever
+//! sees groups in memory.
 //!
 //! Snapshots read groups in sled straight from the store: incremental ones those moved
 //! with changes since the previous snapshot (listed in memory), whole ones all. A restore
@@ -14,7 +15,6 @@
 //! deletes), so nothing is gathered in memory and every group starts in sled.
 
 use std::collections::HashSet;
-use std::time::Instant;
 
 use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -24,7 +24,7 @@ use super::GroupAggregate;
 use crate::stream::message::ChangeBatch;
 use crate::stream::snapshot::{self, downcast};
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{EarlyEmitMark, SledBackend};
+use crate::stream::state_backend::{EarlyEmitMark, IdleClock, SledBackend, MIN_IDLE};
 
 /// Groups per batch of a snapshot's part in sled.
 const SNAPSHOT_GROUPS: usize = 8192;
@@ -38,8 +38,8 @@ pub(super) struct Spill {
     rows: RowConverter,
     /// Keys in sled whose groups changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
-    /// When groups last went to sled: those not touched since go next.
-    last_shed: Instant,
+    /// When groups were last looked at: those not touched since go out next.
+    pub(super) idle: IdleClock,
     /// Input rows since the memory held was last measured, and how many between two
     /// measures (a measure walks every group).
     unmeasured_rows: usize,
@@ -54,6 +54,12 @@ const MEASURE_EVERY_ROWS: usize = 65_536;
 impl Spill {
     pub(super) fn bytes(&self) -> usize {
         self.store.bytes()
+    }
+
+    /// How many keys are in sled.
+    #[cfg(test)]
+    pub(super) fn store_len(&self) -> usize {
+        self.store.len()
     }
 }
 
@@ -86,7 +92,7 @@ impl GroupAggregate {
             memory: backend.memory,
             rows,
             changed: HashSet::new(),
-            last_shed: Instant::now(),
+            idle: IdleClock::new(MIN_IDLE),
             unmeasured_rows: 0,
             measure_every_rows: MEASURE_EVERY_ROWS,
             early_emit: EarlyEmitMark::new(backend.memory),
@@ -129,6 +135,7 @@ impl GroupAggregate {
         self.restore_groups(&columns)?;
         let groups = self.indices.clone();
         for (g, dirty) in groups.into_iter().zip(dirty) {
+            self.fresh[g] = false;
             if dirty {
                 self.mark_dirty(g);
             }
@@ -152,38 +159,48 @@ impl GroupAggregate {
         mark.is_passed(self.memory_size())
     }
 
-    /// Keeps the groups within the memory budget, after a barrier's results went out:
-    /// the groups not touched since the previous look go to sled, then all of them if
-    /// that leaves more than three quarters of the budget.
+    /// Keeps the groups within the memory budget, after a barrier's results went out
+    /// ([`GroupAggregate::move_out`]).
     pub(super) fn shed(&mut self) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
         if self.memory_size() <= memory {
-            self.spill.as_mut().expect("present").last_shed = Instant::now();
+            self.spill.as_mut().expect("present").idle.look();
         } else {
-            self.move_cold()?;
-            if self.memory_size() > memory / 4 * 3 {
-                // Groups with results still to emit stay (none, right after a barrier's).
-                let all: Vec<usize> = (0..self.groups.len())
-                    .filter(|&g| !self.changed[g])
-                    .collect();
-                self.move_to_sled(&all)?;
-            }
+            self.move_out(memory)?;
         }
+        self.fresh.fill(false);
         self.early_emit_mark_moved();
         Ok(())
     }
 
     /// Between barriers, the groups in memory outgrew the budget by 32 MiB
-    /// ([`EarlyEmitMark`]): their results go out now and those not touched since the
-    /// previous look go to sled. Not all of them: a few large groups in constant use (count
-    /// DISTINCT per day) would go to sled and come back at every batch. The next time is
-    /// when what stays grew by the slack again.
+    /// ([`EarlyEmitMark`]): their results go out now and groups to sled as at a barrier.
+    /// The next time is when what stays grew by the slack again.
     pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.emit(out)?;
-        self.move_cold()?;
+        let memory = self.spill.as_ref().expect("present").memory;
+        self.move_out(memory)?;
+        self.fresh.fill(false);
         self.early_emit_mark_moved();
+        Ok(())
+    }
+
+    /// Moves to sled the groups not touched since the previous look (when that is at
+    /// least [`MIN_IDLE`] ago), then, if more than three quarters of the budget stays,
+    /// those created since the previous shed. Groups brought back from sled since stay
+    /// until they are cold: moving every group at each barrier made a few large groups
+    /// in constant use (count DISTINCT per channel and day) go and come back every time.
+    fn move_out(&mut self, memory: usize) -> Result<()> {
+        self.move_cold()?;
+        if self.memory_size() > memory / 4 * 3 {
+            // Groups with results still to emit stay (none, right after an emit).
+            let fresh: Vec<usize> = (0..self.groups.len())
+                .filter(|&g| self.fresh[g] && !self.changed[g])
+                .collect();
+            self.move_to_sled(&fresh)?;
+        }
         Ok(())
     }
 
@@ -195,10 +212,12 @@ impl GroupAggregate {
     }
 
     /// Moves the groups not touched since the previous look (and without results still
-    /// to emit) to sled.
+    /// to emit) to sled, when that look is at least [`MIN_IDLE`] ago.
     fn move_cold(&mut self) -> Result<()> {
         let spill = self.spill.as_mut().expect("moving needs the backend");
-        let since = std::mem::replace(&mut spill.last_shed, Instant::now());
+        let Some(since) = spill.idle.look() else {
+            return Ok(());
+        };
         let cold: Vec<usize> = (0..self.groups.len())
             .filter(|&g| !self.changed[g] && self.touched[g] < since)
             .collect();

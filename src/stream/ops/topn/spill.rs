@@ -1,10 +1,11 @@
 //! A TopN's partitions under the sled state backend. Up to its memory budget of partitions
 //! stay in memory; at a barrier, once the results are emitted, the partitions not used
-//! since the previous barrier go to sled (all of them when that leaves more than three
-//! quarters of the budget), an entry per partition in a [`RunStore`]. When the partitions
-//! in memory outgrow that by 32 MiB ([`EarlyEmitMark`]) between barriers, results go out
-//! early and the unused partitions to sled then. A row whose partition is not in memory
-//! brings it back first, so ranking only ever sees partitions in memory.
+//! since the previous look (at least [`MIN_IDLE`] ago) go to disk, then, when more than
+//! three quarters of the budget stays, those created since the previous barrier: an
+//! entry per partition in a [`RunStore`]. Partitions brought back stay while in use. When
+//! the partitions in memory outgrow what stayed by 32 MiB ([`EarlyEmitMark`]) between
+//! barriers, results go out early and partitions to disk then. A row whose partition is
+//! not in memory brings it back first, so ranking only ever sees partitions in memory.
 //!
 //! Snapshots read partitions in sled straight from the store: incremental ones those
 //! moved with changes since the previous snapshot, whole ones all. (The in-memory part's
@@ -22,7 +23,7 @@ use super::ranked::Entry;
 use super::{Partition, TopN};
 use crate::stream::message::ChangeBatch;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{EarlyEmitMark, SledBackend};
+use crate::stream::state_backend::{EarlyEmitMark, IdleClock, SledBackend, MIN_IDLE};
 
 /// Partitions per group of a snapshot's part in sled.
 const SNAPSHOT_PARTITIONS: usize = 8192;
@@ -39,6 +40,8 @@ pub(super) struct Spill {
     changed: HashSet<Vec<u8>>,
     /// When results go out before the barrier and unused state to sled.
     pub(super) early_emit: EarlyEmitMark,
+    /// When partitions were last looked at: those not used since go out next.
+    pub(super) idle: IdleClock,
 }
 
 impl Spill {
@@ -48,11 +51,18 @@ impl Spill {
             memory: backend.memory,
             changed: HashSet::new(),
             early_emit: EarlyEmitMark::new(backend.memory),
+            idle: IdleClock::new(MIN_IDLE),
         })
     }
 
     pub(super) fn bytes(&self) -> usize {
         self.store.bytes()
+    }
+
+    /// How many keys are in sled.
+    #[cfg(test)]
+    pub(super) fn store_len(&self) -> usize {
+        self.store.len()
     }
 
     pub(super) fn memory(&self) -> usize {
@@ -168,35 +178,58 @@ impl TopN {
     }
 
     /// Keeps the partitions within the memory budget, after a barrier's results went
-    /// out: those not used since the previous look go to sled, then all of them if that
-    /// leaves more than three quarters of the budget.
+    /// out ([`TopN::move_out`]).
     pub(super) fn shed(&mut self) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(Spill::memory) else {
             return Ok(());
         };
         if self.bytes <= memory {
-            for p in self.partitions.values_mut() {
-                p.used = false;
+            if self.spill.as_mut().expect("present").idle.look().is_some() {
+                for p in self.partitions.values_mut() {
+                    p.used = false;
+                }
             }
         } else {
-            self.move_cold()?;
-            if self.bytes > memory / 4 * 3 {
-                self.move_all_to_sled()?;
-            }
+            self.move_out(memory)?;
+        }
+        for p in self.partitions.values_mut() {
+            p.fresh = false;
         }
         self.early_emit_mark_moved();
         Ok(())
     }
 
     /// Between barriers, partitions in memory outgrew the budget by 32 MiB
-    /// ([`EarlyEmitMark`]): their results go out now and those not used since the previous
-    /// look go to sled. Not all of them: a few large partitions in constant use would go to
-    /// sled and come back at every batch. The next time is when what stays grew by the
-    /// slack again.
+    /// ([`EarlyEmitMark`]): their results go out now and partitions to sled as at a
+    /// barrier. The next time is when what stays grew by the slack again.
     pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.emit(out)?;
-        self.move_cold()?;
+        let memory = self.spill.as_ref().map_or(0, Spill::memory);
+        self.move_out(memory)?;
+        for p in self.partitions.values_mut() {
+            p.fresh = false;
+        }
         self.early_emit_mark_moved();
+        Ok(())
+    }
+
+    /// Moves to sled the partitions not used since the previous look (when that is at
+    /// least [`MIN_IDLE`] ago), then, if more than three quarters of the budget stays,
+    /// those created since the previous shed. Partitions brought back from sled since
+    /// stay until they are cold: a few large ones in constant use would otherwise go
+    /// and come back at every barrier.
+    fn move_out(&mut self, memory: usize) -> Result<()> {
+        self.move_cold()?;
+        if self.bytes > memory / 4 * 3 {
+            // Partitions with results still to emit stay (none, right after an emit).
+            let fresh: Vec<std::sync::Arc<[u8]>> = self
+                .partitions
+                .iter()
+                .filter(|(_, p)| p.fresh && !p.changed)
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.move_to_sled(fresh)?;
+        }
         Ok(())
     }
 
@@ -208,9 +241,13 @@ impl TopN {
     }
 
     /// Moves the partitions not used since the previous look (and without results still
-    /// to emit: none, right after an emit) to sled; every partition counts as unused
-    /// afterwards.
+    /// to emit: none, right after an emit) to sled, when that look is at least
+    /// [`MIN_IDLE`] ago; every partition counts as unused afterwards.
     fn move_cold(&mut self) -> Result<()> {
+        let spill = self.spill.as_mut().expect("moving needs the backend");
+        if spill.idle.look().is_none() {
+            return Ok(());
+        }
         let cold: Vec<std::sync::Arc<[u8]>> = self
             .partitions
             .iter_mut()

@@ -1,18 +1,18 @@
 //! `SET 'state.backend' = 'sled'`: operators that support it (regular joins, unbounded
-//! GROUP BY, TopN, the last two without a state TTL) keep
-//! a bounded amount of keyed state in memory and the rest in a scratch sled database of
-//! their own. The scratch data is only
-//! a working copy: checkpoints still hold the state, and a restart rebuilds it from them,
-//! so nothing in it needs to survive the process (it is deleted with the operator, and a
-//! restarted server clears what a killed one left).
+//! GROUP BY, TopN, the last two without a state TTL) keep a bounded amount of keyed
+//! state in memory and the rest on disk, in unnamed scratch files of their own
+//! ([`files::RunFiles`]). The name is the setting Weir started with, when this state went
+//! to a scratch sled database: sled keeps a copy of every value it holds in memory, so
+//! it lowered memory without bounding it. The scratch data is only a working copy:
+//! checkpoints (in the sled store) still hold the state, and a restart rebuilds it from
+//! them, so nothing in it needs to survive the process (the files are unlinked from the
+//! start, so they go with the operator or a killed process).
 
 pub mod files;
 pub mod runs;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-use datafusion::common::{DataFusionError, Result};
 
 use files::RunFiles;
 
@@ -96,29 +96,7 @@ impl IdleClock {
     }
 }
 
-/// sled's own page cache per scratch database: the operator's memory budget is what
-/// keeps state in memory, so sled caches little beside it.
-const SCRATCH_CACHE_BYTES: u64 = 8 << 20;
-
 impl SledBackend {
-    /// A new scratch database, deleted when dropped.
-    pub fn open_scratch(&self) -> Result<sled::Db> {
-        let dir = self.root.join(format!("{:016x}", rand::random::<u64>()));
-        sled::Config::new()
-            .path(&dir)
-            .temporary(true)
-            .cache_capacity(SCRATCH_CACHE_BYTES)
-            // Never flushed on purpose: a crash loses it anyway.
-            .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| {
-                DataFusionError::External(
-                    format!("opening the sled state backend in {}: {e}", dir.display()).into(),
-                )
-            })
-    }
-
     /// Scratch files for runs of records, gone when dropped.
     pub fn run_files(&self) -> RunFiles {
         RunFiles::new(&self.root)
@@ -140,9 +118,4 @@ fn human_bytes(bytes: usize) -> String {
     } else {
         format!("{bytes} bytes")
     }
-}
-
-/// A sled error as a DataFusion one.
-pub fn sled_error(e: sled::Error) -> DataFusionError {
-    DataFusionError::External(format!("sled state backend: {e}").into())
 }

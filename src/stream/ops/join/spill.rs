@@ -1,8 +1,9 @@
 //! A join's rows under the sled state backend. Each input keeps up to its memory budget
 //! of entries in its [`Side`](super::side::Side); beyond it, the entries of keys not used
-//! since the previous look go to a sled tree (of all keys, when that is not enough): each
-//! move writes one record per key (a run of its entries) under the join key and a
-//! sequence number, so sled holds few, larger records. Before a batch runs, the entries of
+//! since the previous look go to disk, to a [`RunStore`] (of all keys, when that is not
+//! enough): each move writes one record per key (a run of its entries) under the join
+//! key and a sequence number, and a map in memory lists each key's sequence numbers (by
+//! hash of the key: a record is confirmed by its own key). Before a batch runs, the entries of
 //! the keys it probes, and of those whose rows it may find again, come back, so the join
 //! itself only ever sees entries in memory. An insert-only input that never looks for its
 //! own rows adds to a key without bringing the key's spilled entries back.
@@ -11,22 +12,25 @@
 //! had changed since the previous snapshot when it moved), so snapshots read spilled
 //! entries straight from sled, a group at a time, and hand them on to be stored as they
 //! go: incremental ones those of the runs moved with changes since, whole ones all. A
-//! restore stages entries in sled by serial (layers replace and remove entries by it),
-//! then makes runs of them; the join starts with everything in sled.
+//! restore stages entries on disk by serial (layers replace and remove entries by it),
+//! then makes runs of them; the join starts with everything on disk.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use datafusion::arrow::array::Int64Array;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{DataFusionError, HashMap, Result};
+use smallvec::SmallVec;
 
 use super::side::{EntryId, LoadedRow, Serial};
 use super::{Encoded, StreamJoin};
 use crate::stream::message::Millis;
-use crate::stream::state_backend::{sled_error, SledBackend};
+use crate::stream::state_backend::runs::RunStore;
+use crate::stream::state_backend::SledBackend;
 
 /// Keys moved or read per group, so no group of rows gets big.
 const GROUP_KEYS: usize = 4096;
@@ -34,9 +38,15 @@ const GROUP_KEYS: usize = 4096;
 const SNAPSHOT_BYTES: usize = 4 << 20;
 
 pub(super) struct Spill {
-    /// Holds the database open (and deletes it when the join goes).
-    db: sled::Db,
-    trees: [sled::Tree; 2],
+    backend: SledBackend,
+    /// Each input's runs, by record key ([`run_key`]).
+    stores: [RunStore; 2],
+    /// Each input's sequence numbers of runs, by hash of the join key.
+    pieces: [HashMap<u64, SmallVec<[u64; 2]>>; 2],
+    hasher: RandomState,
+    /// Tests: hashes cut to a few values, so that keys share lists.
+    #[cfg(test)]
+    pub(super) few_hashes: bool,
     /// Bytes each input keeps in memory.
     memory: usize,
     /// Whole rows of each input, as stored in records.
@@ -46,10 +56,10 @@ pub(super) struct Spill {
     changed: [HashSet<Vec<u8>>; 2],
     /// The next run's sequence number.
     next_run: u64,
-    /// Bytes of records in each tree.
+    /// Bytes of records of each input.
     bytes: [usize; 2],
     /// While restoring: each input's entries by serial.
-    pub(super) staged: [Option<sled::Tree>; 2],
+    pub(super) staged: [Option<RunStore>; 2],
 }
 
 /// The record key of a run: its join key's length and bytes (so that one key's runs are
@@ -152,11 +162,16 @@ impl Spill {
                     .collect(),
             )
         };
-        let db = backend.open_scratch()?;
-        let tree = |name: &str| db.open_tree(name).map_err(sled_error);
         Ok(Some(Self {
-            trees: [tree("left")?, tree("right")?],
-            db,
+            stores: [
+                RunStore::new(backend.run_files()),
+                RunStore::new(backend.run_files()),
+            ],
+            pieces: [HashMap::default(), HashMap::default()],
+            hasher: RandomState::new(),
+            #[cfg(test)]
+            few_hashes: false,
+            backend: backend.clone(),
             memory: backend.memory,
             rows: [converter(&inputs[0])?, converter(&inputs[1])?],
             changed: [HashSet::new(), HashSet::new()],
@@ -166,38 +181,71 @@ impl Spill {
         }))
     }
 
-    /// The tree input `s`'s entries are staged in while restoring.
-    fn staging(&mut self, s: usize) -> Result<&sled::Tree> {
-        if self.staged[s].is_none() {
-            let tree = self
-                .db
-                .open_tree(["restore-left", "restore-right"][s])
-                .map_err(sled_error)?;
-            self.staged[s] = Some(tree);
-        }
-        Ok(self.staged[s].as_ref().expect("opened"))
+    /// The store input `s`'s entries are staged in while restoring.
+    fn staging(&mut self, s: usize) -> &mut RunStore {
+        let backend = &self.backend;
+        self.staged[s].get_or_insert_with(|| RunStore::new(backend.run_files()))
     }
 
-    /// Writes a run per key of `runs` (each its entries' records) to input `s`'s tree.
+    /// Writes a run per key of `runs` (each its entries' records) for input `s`.
     fn write_runs(&mut self, s: usize, runs: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in runs {
-            let run_key = run_key(&key, self.next_run);
-            self.next_run += 1;
-            self.bytes[s] += run_key.len() + value.len();
-            batch.insert(run_key, value);
+        let records: Vec<(Vec<u8>, Vec<u8>)> = runs
+            .into_iter()
+            .map(|(key, value)| (self.new_run(s, &key, value.len()), value))
+            .collect();
+        self.stores[s].put_all(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+    }
+
+    /// The record key of a new run of `key` of `len` bytes, listed as one of the key's.
+    fn new_run(&mut self, s: usize, key: &[u8], len: usize) -> Vec<u8> {
+        let seq = self.next_run;
+        self.next_run += 1;
+        let run_key = run_key(key, seq);
+        self.bytes[s] += run_key.len() + len;
+        let hash = self.key_hash(key);
+        self.pieces[s].entry(hash).or_default().push(seq);
+        run_key
+    }
+
+    fn key_hash(&self, key: &[u8]) -> u64 {
+        let hash = self.hasher.hash_one(key);
+        #[cfg(test)]
+        if self.few_hashes {
+            return hash % 2;
         }
-        self.trees[s].apply_batch(batch).map_err(sled_error)
+        hash
+    }
+
+    /// The record keys of the runs of `key` that input `s` may have (its hash's).
+    fn runs_of(&self, s: usize, key: &[u8]) -> Vec<Vec<u8>> {
+        match self.pieces[s].get(&self.key_hash(key)) {
+            Some(seqs) => seqs.iter().map(|&seq| run_key(key, seq)).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Run `run_key` of input `s` is no longer on disk.
+    fn forget_run(&mut self, s: usize, run_key: &[u8]) -> Result<()> {
+        let key = key_of(run_key)?;
+        let seq = u64::from_be_bytes(run_key[run_key.len() - 8..].try_into().expect("8 bytes"));
+        let hash = self.key_hash(key);
+        if let Some(seqs) = self.pieces[s].get_mut(&hash) {
+            seqs.retain(|q| *q != seq);
+            if seqs.is_empty() {
+                self.pieces[s].remove(&hash);
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn bytes(&self) -> usize {
         self.bytes[0] + self.bytes[1]
     }
 
-    /// Runs of each input in sled.
+    /// Runs of each input on disk.
     #[cfg(test)]
     pub(super) fn records(&self) -> [usize; 2] {
-        [self.trees[0].len(), self.trees[1].len()]
+        [self.stores[0].len(), self.stores[1].len()]
     }
 
     /// The entries of the runs `group` of input `s` (with `changed_only`, those that
@@ -205,7 +253,7 @@ impl Spill {
     fn snapshot_batch(
         &self,
         s: usize,
-        group: &[sled::IVec],
+        group: &[Vec<u8>],
         changed_only: bool,
     ) -> Result<RecordBatch> {
         let mut records = Vec::new();
@@ -250,34 +298,32 @@ impl StreamJoin {
             return Ok(());
         };
         let side = &mut self.sides[s];
-        let mut runs = Vec::new();
+        let mut run_keys = Vec::new();
         for key in keys {
             let key = key.as_ref();
             side.use_key(key);
-            // Nothing spilled yet: no lookups.
-            if spill.bytes[s] == 0 {
-                continue;
-            }
-            for item in spill.trees[s].scan_prefix(key_prefix(key)) {
-                runs.push(item.map_err(sled_error)?);
-            }
+            run_keys.extend(spill.runs_of(s, key));
         }
-        if runs.is_empty() {
+        if run_keys.is_empty() {
             return Ok(());
         }
-        let mut taken = sled::Batch::default();
+        let wanted: Vec<&[u8]> = run_keys.iter().map(Vec::as_slice).collect();
+        let runs: Vec<(&[u8], Vec<u8>)> = spill.stores[s]
+            .take_all(&wanted)?
+            .into_iter()
+            .map(|(i, value)| (wanted[i], value))
+            .collect();
         let mut records = Vec::new();
         for (run_key, value) in &runs {
             spill.bytes[s] -= run_key.len() + value.len();
-            let current = spill.changed[s].remove(run_key.as_ref());
-            taken.remove(run_key);
+            spill.forget_run(s, run_key)?;
+            let current = spill.changed[s].remove(*run_key);
             let key = key_of(run_key)?;
             for mut record in Record::parse_run(value)? {
                 record.dirty &= current;
                 records.push((key, record));
             }
         }
-        spill.trees[s].apply_batch(taken).map_err(sled_error)?;
         let parser = spill.rows[s].parser();
         let columns =
             spill.rows[s].convert_rows(records.iter().map(|(_, r)| parser.parse(r.row)))?;
@@ -316,7 +362,7 @@ impl StreamJoin {
                 Some(false) => Some(spill.rows[s].convert_columns(side.gather(&ids)?.columns())?),
                 _ => None,
             };
-            let mut batch = sled::Batch::default();
+            let mut moved = Vec::with_capacity(group.len());
             let mut at = 0;
             for key in group {
                 let mut value = Vec::new();
@@ -340,15 +386,13 @@ impl StreamJoin {
                     .write(&mut value);
                     at += 1;
                 }
-                let run_key = run_key(key, spill.next_run);
-                spill.next_run += 1;
-                spill.bytes[s] += run_key.len() + value.len();
+                let run_key = spill.new_run(s, key, value.len());
                 if changed {
                     spill.changed[s].insert(run_key.clone());
                 }
-                batch.insert(run_key, value);
+                moved.push((run_key, value));
             }
-            spill.trees[s].apply_batch(batch).map_err(sled_error)?;
+            spill.stores[s].put_all(moved.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))?;
             for key in group {
                 side.move_out_key(key);
             }
@@ -388,11 +432,11 @@ impl StreamJoin {
         let changed: Vec<Vec<u8>> = spill.changed[s].drain().collect();
         for group in changed.chunks(GROUP_KEYS) {
             let mut runs = Vec::with_capacity(group.len());
-            for run_key in group {
-                if let Some(value) = spill.trees[s].get(run_key).map_err(sled_error)? {
-                    runs.push(value);
-                }
-            }
+            let keys: Vec<&[u8]> = group.iter().map(Vec::as_slice).collect();
+            spill.stores[s].read(&keys, &mut |_, value| {
+                runs.push(value.to_vec());
+                Ok(())
+            })?;
             out(spill.snapshot_batch(s, &runs, true)?)?;
         }
         Ok(())
@@ -411,16 +455,17 @@ impl StreamJoin {
         spill.changed[s].clear();
         let mut group = Vec::new();
         let mut bytes = 0;
-        for item in spill.trees[s].iter() {
-            let (_, value) = item.map_err(sled_error)?;
+        let spill = &*spill;
+        spill.stores[s].for_each(&mut |_, value| {
             bytes += value.len();
-            group.push(value);
+            group.push(value.to_vec());
             if bytes >= SNAPSHOT_BYTES {
                 out(spill.snapshot_batch(s, &group, false)?)?;
                 group.clear();
                 bytes = 0;
             }
-        }
+            Ok(())
+        })?;
         if !group.is_empty() {
             out(spill.snapshot_batch(s, &group, false)?)?;
         }
@@ -428,7 +473,7 @@ impl StreamJoin {
     }
 
     /// Restoring under the backend: input `s`'s entries of a snapshot batch go to a
-    /// sled tree by serial, where a later layer's entry replaces the earlier one as in
+    /// store by serial, where a later layer's entry replaces the earlier one as in
     /// memory; [`StreamJoin::runs_of_restored`] makes them runs once all are there. So a
     /// restore holds one batch in memory, not the state.
     pub(super) fn stage_restored(
@@ -449,7 +494,7 @@ impl StreamJoin {
         let spill = self.spill.as_mut().expect("staging needs the backend");
         let encoded = spill.rows[s].convert_columns(rows.columns())?;
         let [count, matches, touched, time] = figures;
-        let mut staged = sled::Batch::default();
+        let mut staged = Vec::with_capacity(n);
         for i in 0..n {
             let serial = (serials.0.value(i) as u64, serials.1.value(i) as u64);
             let key = keys.get(i);
@@ -464,19 +509,20 @@ impl StreamJoin {
                 row: encoded.row(i).data(),
             }
             .write(&mut value);
-            staged.insert(serial_key(serial).to_vec(), value);
+            staged.push((serial_key(serial), value));
         }
-        spill.staging(s)?.apply_batch(staged).map_err(sled_error)
+        spill
+            .staging(s)
+            .put_all(staged.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
     }
 
     /// Restoring under the backend: a later layer removed these entries of input `s`.
     pub(super) fn unstage_removed(&mut self, s: usize, serials: &[Serial]) -> Result<()> {
         let spill = self.spill.as_mut().expect("staging needs the backend");
-        let mut removed = sled::Batch::default();
-        for &serial in serials {
-            removed.remove(serial_key(serial).to_vec());
-        }
-        spill.staging(s)?.apply_batch(removed).map_err(sled_error)
+        let removed: Vec<[u8; 16]> = serials.iter().map(|&serial| serial_key(serial)).collect();
+        let removed: Vec<&[u8]> = removed.iter().map(|k| k.as_slice()).collect();
+        spill.staging(s).take_all(&removed)?;
+        Ok(())
     }
 
     /// The staged entries of a restore become runs: a group of entries at a time, a run
@@ -491,9 +537,8 @@ impl StreamJoin {
             };
             let mut runs: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
             let mut bytes = 0;
-            for item in staged.iter() {
-                let (_, value) = item.map_err(sled_error)?;
-                let key = key_of(&value)?;
+            staged.for_each(&mut |_, value| {
+                let key = key_of(value)?;
                 let record = &value[4 + key.len()..];
                 bytes += record.len();
                 runs.entry(key.to_vec())
@@ -503,9 +548,9 @@ impl StreamJoin {
                     spill.write_runs(s, std::mem::take(&mut runs))?;
                     bytes = 0;
                 }
-            }
+                Ok(())
+            })?;
             spill.write_runs(s, runs)?;
-            spill.db.drop_tree(staged.name()).map_err(sled_error)?;
         }
         Ok(())
     }
@@ -518,17 +563,17 @@ impl StreamJoin {
             return Ok(());
         };
         let mut keys: Vec<Vec<u8>> = Vec::new();
-        for item in spill.trees[s].iter() {
-            let (run_key, value) = item.map_err(sled_error)?;
-            let key = key_of(&run_key)?;
-            let expired = Record::parse_run(&value)?
+        let mut listed: HashSet<Vec<u8>> = HashSet::new();
+        spill.stores[s].for_each(&mut |run_key, value| {
+            let key = key_of(run_key)?;
+            let expired = Record::parse_run(value)?
                 .iter()
                 .any(|r| r.touched <= deadline);
-            // A key's runs are next to each other.
-            if expired && keys.last().is_none_or(|k| k.as_slice() != key) {
+            if expired && listed.insert(key.to_vec()) {
                 keys.push(key.to_vec());
             }
-        }
+            Ok(())
+        })?;
         for group in keys.chunks(GROUP_KEYS) {
             self.bring_back(s, group)?;
             let side = &mut self.sides[s];

@@ -127,7 +127,7 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Operators that support it keep state beyond `backend`'s memory budget in sled.
+    /// Operators that support it keep state beyond `backend`'s memory budget on disk.
     pub fn with_state_backend(mut self, backend: Option<SledBackend>) -> Self {
         self.backend = backend;
         self

@@ -27,7 +27,7 @@ pub struct SledBackend {
 
 /// State changed since the last barrier that an operator which emits at barriers (GROUP
 /// BY, TopN) may hold in memory beyond its budget: past it, the operator emits its
-/// results early and moves its state to sled, as Flink's mini-batches flush when full.
+/// results early and moves its state to disk, as Flink's mini-batches flush when full.
 /// Without this, memory grew with what one checkpoint interval changes.
 pub const EARLY_EMIT_SLACK: usize = 32 << 20;
 

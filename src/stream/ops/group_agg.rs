@@ -201,7 +201,7 @@ impl GroupAggregate {
         })
     }
 
-    /// Keeps groups beyond `backend`'s memory budget in sled, if
+    /// Keeps groups beyond `backend`'s memory budget on disk, if
     /// [`GroupAggregate::can_spill`].
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         if let Some(backend) = backend {
@@ -752,7 +752,7 @@ impl Operator for GroupAggregate {
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         if self.spill.is_some() {
             for batch in &state {
-                self.restore_to_sled(batch)?;
+                self.restore_to_disk(batch)?;
             }
         } else {
             self.restoring.extend(state);
@@ -1083,7 +1083,7 @@ mod tests {
     }
 
     /// The epoch's changes, sorted: keys come out in the order of their groups, which
-    /// groups coming back from sled change.
+    /// groups coming back from disk change.
     fn run_epoch(op: &mut GroupAggregate, rows: &[(&str, i64, Op)]) -> Vec<String> {
         let mut out = Vec::new();
         op.process(0, batch(rows), &mut out).unwrap();
@@ -1102,7 +1102,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sled_backend_keeps_groups_beyond_memory_in_sled_and_brings_them_back() {
+    fn the_sled_backend_keeps_groups_beyond_memory_on_disk_and_brings_them_back() {
         for retracting in [false, true] {
             let mut plain = operator_in(retracting, None);
             let expected: Vec<Vec<String>> = epochs(retracting)
@@ -1119,7 +1119,7 @@ mod tests {
                         "{retracting} {memory}"
                     );
                     let spill = op.spill.as_ref().unwrap();
-                    // Keys of earlier epochs: brought back from sled, used again.
+                    // Keys of earlier epochs: brought back from disk, used again.
                     let returned: std::collections::HashSet<&str> = rows
                         .iter()
                         .map(|r| r.0)
@@ -1137,21 +1137,21 @@ mod tests {
     }
 
     #[test]
-    fn groups_brought_back_from_sled_stay_while_in_use() {
+    fn groups_brought_back_from_disk_stay_while_in_use() {
         use Op::Insert as I;
         let mut op = operator_in(false, Some(0));
-        let in_sled = |op: &GroupAggregate| op.spill.as_ref().unwrap().store_len();
-        // New groups go to sled at the barrier.
+        let on_disk = |op: &GroupAggregate| op.spill.as_ref().unwrap().store_len();
+        // New groups go to disk at the barrier.
         run_epoch(&mut op, &[("a", 1, I), ("b", 2, I)]);
-        assert_eq!((op.groups.len(), in_sled(&op)), (0, 2));
+        assert_eq!((op.groups.len(), on_disk(&op)), (0, 2));
         // One brought back stays while each epoch uses it: it is not moved again.
         for v in 3..6 {
             assert_eq!(run_epoch(&mut op, &[("a", v, I)]).len(), 2);
-            assert_eq!((op.groups.len(), in_sled(&op)), (1, 1));
+            assert_eq!((op.groups.len(), on_disk(&op)), (1, 1));
         }
         // Unused for an epoch, it goes.
         run_epoch(&mut op, &[("c", 9, I)]);
-        assert_eq!((op.groups.len(), in_sled(&op)), (0, 3));
+        assert_eq!((op.groups.len(), on_disk(&op)), (0, 3));
     }
 
     #[test]
@@ -1165,7 +1165,7 @@ mod tests {
     }
 
     #[test]
-    fn groups_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_sled() {
+    fn groups_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_disk() {
         use crate::stream::operator::testing::leave_the_same_rows;
         use crate::stream::state_backend::EarlyEmitMark;
         for retracting in [false, true] {
@@ -1176,7 +1176,7 @@ mod tests {
             spill.early_emit = EarlyEmitMark::with_slack(0, 0);
             spill.measure_every_rows = 1;
             // Results go out before the barrier, and groups a row did not touch to
-            // sled: only its group stays.
+            // disk: only its group stays.
             let row_by_row = epochs(retracting)
                 .iter()
                 .map(|rows| rows.iter().map(|row| batch(&[*row])).collect())

@@ -274,7 +274,7 @@ impl StreamJoin {
         })
     }
 
-    /// Keeps rows beyond `backend`'s memory budget in sled, if [`JoinSpec::can_spill`].
+    /// Keeps rows beyond `backend`'s memory budget on disk, if [`JoinSpec::can_spill`].
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         if let Some(backend) = backend.filter(|_| self.spec.can_spill()) {
             self.spill = spill::Spill::open(backend, &self.spec.inputs)?;

@@ -9,10 +9,10 @@
 //! its keys back first (merged into fresh accumulator groups), so aggregation only ever
 //! sees groups in memory.
 //!
-//! Snapshots read groups in sled straight from the store: incremental ones those moved
+//! Snapshots read groups on disk straight from the store: incremental ones those moved
 //! with changes since the previous snapshot (listed in memory), whole ones all. A restore
 //! writes each key's newest row to the store (a later layer's row replaces, a removal
-//! deletes), so nothing is gathered in memory and every group starts in sled.
+//! deletes), so nothing is gathered in memory and every group starts on disk.
 
 use std::collections::HashSet;
 
@@ -26,7 +26,7 @@ use crate::stream::snapshot::{self, downcast};
 use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{EarlyEmitMark, IdleClock, SledBackend, MIN_IDLE};
 
-/// Groups per batch of a snapshot's part in sled.
+/// Groups per batch of a snapshot's part on disk.
 const SNAPSHOT_GROUPS: usize = 8192;
 
 pub(super) struct Spill {
@@ -36,7 +36,7 @@ pub(super) struct Spill {
     memory: usize,
     /// Rows of the columns of a `groups` batch.
     rows: RowConverter,
-    /// Keys in sled whose groups changed since the previous snapshot.
+    /// Keys on disk whose groups changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
     /// When groups were last looked at: those not touched since go out next.
     pub(super) idle: IdleClock,
@@ -44,7 +44,7 @@ pub(super) struct Spill {
     /// measures (a measure walks every group).
     unmeasured_rows: usize,
     pub(super) measure_every_rows: usize,
-    /// When results go out before the barrier and unused state to sled.
+    /// When results go out before the barrier and unused state to disk.
     pub(super) early_emit: EarlyEmitMark,
 }
 
@@ -56,7 +56,7 @@ impl Spill {
         self.store.bytes()
     }
 
-    /// How many keys are in sled.
+    /// How many keys are on disk.
     #[cfg(test)]
     pub(super) fn store_len(&self) -> usize {
         self.store.len()
@@ -65,8 +65,8 @@ impl Spill {
 
 impl GroupAggregate {
     /// The row encoding of a `groups` batch's columns, when the sled backend can keep
-    /// this operator's groups: keyed, without a state TTL (whose clock is not kept in
-    /// sled), and with partial states arrow's row format encodes.
+    /// this operator's groups: keyed, without a state TTL (whose clock is not kept on
+    /// disk), and with partial states arrow's row format encodes.
     pub(super) fn spill_rows(&mut self) -> Result<Option<RowConverter>> {
         if !self.keyed || self.ttl.is_some() {
             return Ok(None);
@@ -100,7 +100,7 @@ impl GroupAggregate {
         Ok(())
     }
 
-    /// Brings the groups in sled of the keys of `keys` (key columns) back into memory.
+    /// Brings the groups on disk of the keys of `keys` (key columns) back into memory.
     pub(super) fn bring_back(&mut self, keys: &[ArrayRef]) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
@@ -176,7 +176,7 @@ impl GroupAggregate {
     }
 
     /// Between barriers, the groups in memory outgrew the budget by 32 MiB
-    /// ([`EarlyEmitMark`]): their results go out now and groups to sled as at a barrier.
+    /// ([`EarlyEmitMark`]): their results go out now and groups to disk as at a barrier.
     /// The next time is when what stays grew by the slack again.
     pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.emit(out)?;
@@ -187,9 +187,9 @@ impl GroupAggregate {
         Ok(())
     }
 
-    /// Moves to sled the groups not touched since the previous look (when that is at
+    /// Moves to disk the groups not touched since the previous look (when that is at
     /// least [`MIN_IDLE`] ago), then, if more than three quarters of the budget stays,
-    /// those created since the previous shed. Groups brought back from sled since stay
+    /// those created since the previous shed. Groups brought back from disk since stay
     /// until they are cold: moving every group at each barrier made a few large groups
     /// in constant use (count DISTINCT per channel and day) go and come back every time.
     fn move_out(&mut self, memory: usize) -> Result<()> {
@@ -199,7 +199,7 @@ impl GroupAggregate {
             let fresh: Vec<usize> = (0..self.groups.len())
                 .filter(|&g| self.fresh[g] && !self.changed[g])
                 .collect();
-            self.move_to_sled(&fresh)?;
+            self.move_to_disk(&fresh)?;
         }
         Ok(())
     }
@@ -212,7 +212,7 @@ impl GroupAggregate {
     }
 
     /// Moves the groups not touched since the previous look (and without results still
-    /// to emit) to sled, when that look is at least [`MIN_IDLE`] ago.
+    /// to emit) to disk, when that look is at least [`MIN_IDLE`] ago.
     fn move_cold(&mut self) -> Result<()> {
         let spill = self.spill.as_mut().expect("moving needs the backend");
         let Some(since) = spill.idle.look() else {
@@ -221,11 +221,11 @@ impl GroupAggregate {
         let cold: Vec<usize> = (0..self.groups.len())
             .filter(|&g| !self.changed[g] && self.touched[g] < since)
             .collect();
-        self.move_to_sled(&cold)
+        self.move_to_disk(&cold)
     }
 
-    /// Moves the groups `groups` (ascending, none with results still to emit) to sled.
-    fn move_to_sled(&mut self, groups: &[usize]) -> Result<()> {
+    /// Moves the groups `groups` (ascending, none with results still to emit) to disk.
+    fn move_to_disk(&mut self, groups: &[usize]) -> Result<()> {
         if groups.is_empty() {
             return Ok(());
         }
@@ -254,7 +254,7 @@ impl GroupAggregate {
         Ok(())
     }
 
-    /// The groups in sled as `groups` batches handed to `out` one at a time (all of
+    /// The groups on disk as `groups` batches handed to `out` one at a time (all of
     /// them when `whole`, else those changed since the previous snapshot); they count as
     /// snapshotted afterwards.
     pub(super) fn spilled_snapshot(
@@ -297,15 +297,15 @@ impl GroupAggregate {
         Ok(())
     }
 
-    /// Restoring under the backend: each key of a snapshot batch gets its row in sled
+    /// Restoring under the backend: each key of a snapshot batch gets its row on disk
     /// (a later layer's replaces an earlier one's; a removed key goes). A key named
     /// twice (removed twice in one epoch) counts once.
-    pub(super) fn restore_to_sled(&mut self, batch: &RecordBatch) -> Result<()> {
+    pub(super) fn restore_to_disk(&mut self, batch: &RecordBatch) -> Result<()> {
         let kind = snapshot::kind(batch)?;
         let spill = self
             .spill
             .as_mut()
-            .expect("restoring to sled needs the backend");
+            .expect("restoring to disk needs the backend");
         let groups = kind == "groups";
         let (_, head, columns) = snapshot::parts(batch, groups as usize)?;
         let keys = downcast::<BinaryArray>(&columns[0])?;

@@ -77,7 +77,7 @@ impl StreamJoin {
         Ok(batches)
     }
 
-    /// The entries in sled: all of them (`whole`), or those changed since the previous
+    /// The entries on disk: all of them (`whole`), or those changed since the previous
     /// snapshot; taken right after [`Self::whole_snapshot`] or [`Self::changed_snapshot`].
     pub(super) fn spilled_snapshot(
         &mut self,
@@ -158,7 +158,7 @@ impl StreamJoin {
         Ok(())
     }
 
-    /// After the last [`Self::restore_layers`]: staged entries become runs in sled, and
+    /// After the last [`Self::restore_layers`]: staged entries become runs on disk, and
     /// whatever is in memory beyond the budget goes there too.
     pub(super) fn finish_restore(&mut self) -> Result<()> {
         self.runs_of_restored()?;

@@ -10,7 +10,7 @@
 //!
 //! A run keeps what snapshots need (each entry's row, figures and serial, and whether it
 //! had changed since the previous snapshot when it moved), so snapshots read spilled
-//! entries straight from sled, a group at a time, and hand them on to be stored as they
+//! entries straight from disk, a group at a time, and hand them on to be stored as they
 //! go: incremental ones those of the runs moved with changes since, whole ones all. A
 //! restore stages entries on disk by serial (layers replace and remove entries by it),
 //! then makes runs of them; the join starts with everything on disk.
@@ -346,8 +346,8 @@ impl StreamJoin {
         side.settle()
     }
 
-    /// Moves input `s`'s entries of `keys` from memory to sled, a run per key.
-    fn move_to_sled(&mut self, s: usize, keys: Vec<Arc<[u8]>>) -> Result<()> {
+    /// Moves input `s`'s entries of `keys` from memory to disk, a run per key.
+    fn move_to_disk(&mut self, s: usize, keys: Vec<Arc<[u8]>>) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
         };
@@ -401,7 +401,7 @@ impl StreamJoin {
     }
 
     /// Keeps input `s` within its memory: first the keys not used since the previous
-    /// look go to sled, then all of them if that leaves more than three quarters.
+    /// look go to disk, then all of them if that leaves more than three quarters.
     pub(super) fn shed(&mut self, s: usize) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|spill| spill.memory) else {
             return Ok(());
@@ -410,16 +410,16 @@ impl StreamJoin {
             return Ok(());
         }
         let unused = self.sides[s].keys_to_move(false);
-        self.move_to_sled(s, unused)?;
+        self.move_to_disk(s, unused)?;
         if self.sides[s].size() > memory / 4 * 3 {
             let all = self.sides[s].keys_to_move(true);
-            self.move_to_sled(s, all)?;
+            self.move_to_disk(s, all)?;
         }
         Ok(())
     }
 
     /// The spilled entries of input `s` changed since the previous snapshot, as snapshot
-    /// batches read from sled and handed to `out` one at a time; they count as
+    /// batches read from disk and handed to `out` one at a time; they count as
     /// snapshotted afterwards.
     pub(super) fn changed_spilled_batches(
         &mut self,

@@ -93,7 +93,7 @@ fn join_in(spec: JoinSpec, memory: Option<usize>) -> StreamJoin {
         .unwrap()
 }
 
-/// Memory budgets the tests run with: no sled backend, everything in sled after each
+/// Memory budgets the tests run with: no sled backend, everything on disk after each
 /// batch, and a few rows in memory.
 const MEMORIES: [Option<usize>; 3] = [None, Some(0), Some(400)];
 
@@ -459,7 +459,7 @@ fn random_changelogs_give_the_join_of_the_current_rows() {
                     "{kind:?} seed {seed} step {step} memory {memory:?}"
                 );
                 if memory == Some(0) {
-                    assert_eq!(j.sides[0].len() + j.sides[1].len(), 0, "all in sled");
+                    assert_eq!(j.sides[0].len() + j.sides[1].len(), 0, "all on disk");
                 }
             }
         }
@@ -563,7 +563,7 @@ fn state_ttl_forgets_rows_not_written_for_the_ttl() {
         now.store(1_139, Ordering::SeqCst);
         assert_eq!(run(&mut j, 1, ins(1, &[(1, 101)])).len(), 3);
         // Everything expires without output once no row was written for the TTL, in
-        // memory and in sled.
+        // memory and on disk.
         now.store(1_300, Ordering::SeqCst);
         let mut out = Vec::new();
         j.on_barrier(&mut out).unwrap();
@@ -574,7 +574,7 @@ fn state_ttl_forgets_rows_not_written_for_the_ttl() {
 }
 
 #[test]
-fn the_sled_backend_keeps_rows_beyond_memory_in_sled_and_brings_them_back() {
+fn the_sled_backend_keeps_rows_beyond_memory_on_disk_and_brings_them_back() {
     let mut j = join_in(spec(JoinKind::Inner, None), Some(0));
     run(&mut j, 0, ins(0, &[(1, 10), (2, 20), (1, 11)]));
     assert_eq!(j.sides[0].len(), 0);
@@ -603,8 +603,8 @@ fn the_sled_backend_keeps_rows_beyond_memory_in_sled_and_brings_them_back() {
         run(&mut j, 1, ins(1, &[(1, 100)])),
         ["+I 1,10,1,100", "+I 1,11,1,100"]
     );
-    // A snapshot hands over what is in sled apart (a checkpoint stores it in chunks as
-    // it comes); a restore stages the entries in sled and leaves them there, a run per
+    // A snapshot hands over what is on disk apart (a checkpoint stores it in chunks as
+    // it comes); a restore stages the entries on disk and leaves them there, a run per
     // key, with nothing left staged.
     let mut j = join_in(spec(JoinKind::Inner, None), Some(0));
     run(&mut j, 0, ins(0, &[(1, 10), (2, 20), (1, 11)]));
@@ -633,7 +633,7 @@ fn the_sled_backend_keeps_rows_beyond_memory_in_sled_and_brings_them_back() {
         run(&mut restored, 1, ins(1, &[(1, 100)])),
         ["+I 1,10,1,100", "+I 1,11,1,100"]
     );
-    // With room for everything, nothing goes to sled.
+    // With room for everything, nothing goes to disk.
     let mut roomy = join_in(spec(JoinKind::Inner, None), Some(1 << 20));
     run(&mut roomy, 0, ins(0, &[(1, 10), (2, 20), (1, 11)]));
     assert_eq!(roomy.sides[0].len(), 3);
@@ -784,7 +784,7 @@ fn incremental_snapshots_restore_in_layers_and_hold_only_changes() {
             let mut after = restorable_join(kind, interval, restored_memory);
             after.started_from(7, 0);
             restore_snapshots(&mut after, layers);
-            // Under the backend a restore leaves every entry in sled, in new runs.
+            // Under the backend a restore leaves every entry on disk, in new runs.
             if memory == restored_memory && memory.is_none() {
                 assert_eq!(
                     after.state_size(),

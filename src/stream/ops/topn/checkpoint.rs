@@ -204,7 +204,7 @@ impl TopN {
         Ok(())
     }
 
-    /// The partition `key`, brought back from sled or new.
+    /// The partition `key`, brought back from disk or new.
     fn partition(&mut self, key: &[u8]) -> Result<&mut Partition> {
         if !self.partitions.contains_key(key) && !self.bring_back(key)? {
             self.partitions.insert(key.into(), Partition::default());

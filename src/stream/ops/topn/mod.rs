@@ -285,7 +285,7 @@ impl Operator for TopN {
         let now = self.ttl.map(|_| Instant::now());
         let limit = self.limit as i64;
         if self.spill.is_some() {
-            // The batch's partitions in sled come back at once, each run read once.
+            // The batch's partitions on disk come back at once, each run read once.
             let mut seen = std::collections::HashSet::new();
             let missing: Vec<&[u8]> = (0..rows.num_rows())
                 .map(|i| keys.row(i).data())
@@ -381,9 +381,9 @@ impl Operator for TopN {
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         self.restore_layers(state)?;
-        // Beyond the budget, each restored part goes to sled before the next is read.
+        // Beyond the budget, each restored part goes to disk before the next is read.
         if self.spill.as_ref().is_some_and(|s| self.bytes > s.memory()) {
-            self.move_all_to_sled()?;
+            self.move_all_to_disk()?;
         }
         Ok(())
     }
@@ -714,7 +714,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sled_backend_keeps_partitions_beyond_memory_in_sled_and_brings_them_back() {
+    fn the_sled_backend_keeps_partitions_beyond_memory_on_disk_and_brings_them_back() {
         for retracting in [false, true] {
             let mut plain = operator_in(retracting, None);
             let expected: Vec<Vec<String>> = epochs(retracting)
@@ -730,8 +730,8 @@ mod tests {
                         expected[e],
                         "{retracting} {memory}"
                     );
-                    let in_sled = op.spill.as_ref().unwrap().bytes();
-                    // Partitions of earlier epochs: brought back from sled, used again.
+                    let on_disk = op.spill.as_ref().unwrap().bytes();
+                    // Partitions of earlier epochs: brought back from disk, used again.
                     let returned: std::collections::HashSet<&str> = rows
                         .iter()
                         .map(|r| r.0)
@@ -741,36 +741,36 @@ mod tests {
                     // After a barrier only partitions brought back stay beyond the budget.
                     if memory == 0 {
                         assert!(op.partitions.len() <= returned.len());
-                        assert!(in_sled > 0);
+                        assert!(on_disk > 0);
                     } else if returned.is_empty() {
                         assert!(op.bytes <= memory, "{}", op.bytes);
                     }
-                    assert_eq!(op.state_size(), op.bytes + in_sled);
+                    assert_eq!(op.state_size(), op.bytes + on_disk);
                 }
             }
         }
     }
 
     #[test]
-    fn partitions_brought_back_from_sled_stay_while_in_use() {
+    fn partitions_brought_back_from_disk_stay_while_in_use() {
         use Op::Insert as I;
         let mut op = operator_in(false, Some(0));
-        let in_sled = |op: &TopN| op.spill.as_ref().unwrap().store_len();
-        // New partitions go to sled at the barrier.
+        let on_disk = |op: &TopN| op.spill.as_ref().unwrap().store_len();
+        // New partitions go to disk at the barrier.
         run_epoch(&mut op, &[("go", 1, I), ("chess", 2, I)]);
-        assert_eq!((op.partitions.len(), in_sled(&op)), (0, 2));
+        assert_eq!((op.partitions.len(), on_disk(&op)), (0, 2));
         // One brought back stays while each epoch uses it: it is not moved again.
         for score in 3..6 {
             assert!(!run_epoch(&mut op, &[("go", score, I)]).is_empty());
-            assert_eq!((op.partitions.len(), in_sled(&op)), (1, 1));
+            assert_eq!((op.partitions.len(), on_disk(&op)), (1, 1));
         }
         // Unused for an epoch, it goes.
         run_epoch(&mut op, &[("poker", 9, I)]);
-        assert_eq!((op.partitions.len(), in_sled(&op)), (0, 3));
+        assert_eq!((op.partitions.len(), on_disk(&op)), (0, 3));
     }
 
     #[test]
-    fn partitions_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_sled() {
+    fn partitions_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_disk() {
         use crate::stream::operator::testing::leave_the_same_rows;
         use crate::stream::state_backend::EarlyEmitMark;
         for retracting in [false, true] {
@@ -779,7 +779,7 @@ mod tests {
             // Past what stayed in memory at all.
             early.spill.as_mut().unwrap().early_emit = EarlyEmitMark::with_slack(0, 0);
             // Changes go out before the barrier, and partitions a row did not use to
-            // sled: only its partition stays.
+            // disk: only its partition stays.
             let row_by_row = epochs(retracting)
                 .iter()
                 .map(|rows| rows.iter().map(|row| batch(&[*row])).collect())
@@ -844,13 +844,13 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_partition_that_goes_to_sled_twice_between_snapshots_is_in_the_next_one() {
+    fn a_changed_partition_that_goes_to_disk_twice_between_snapshots_is_in_the_next_one() {
         use crate::stream::operator::testing::snapshot_of;
         use Op::Insert as I;
         let mut original = operator_in(false, Some(0));
         run_epoch(&mut original, &[("k", 5, I), ("k", 6, I)]);
         let whole = snapshot_of(&mut original, true);
-        // k changes and goes to sled; then comes back for a row below its top, which
+        // k changes and goes to disk; then comes back for a row below its top, which
         // changes nothing, and goes again.
         run_epoch(&mut original, &[("k", 8, I)]);
         run_epoch(&mut original, &[("k", 1, I)]);

@@ -7,11 +7,11 @@
 //! barriers, results go out early and partitions to disk then. A row whose partition is
 //! not in memory brings it back first, so ranking only ever sees partitions in memory.
 //!
-//! Snapshots read partitions in sled straight from the store: incremental ones those
+//! Snapshots read partitions on disk straight from the store: incremental ones those
 //! moved with changes since the previous snapshot, whole ones all. (The in-memory part's
 //! `reset` names them: a partition that moves keeps its place in the dirty list.) A
-//! restore builds partitions in memory as layers name them (bringing back those in sled)
-//! and moves them to sled after each restored part, so memory holds at most a part and
+//! restore builds partitions in memory as layers name them (bringing back those on disk)
+//! and moves them to disk after each restored part, so memory holds at most a part and
 //! the budget.
 
 use std::collections::HashSet;
@@ -25,7 +25,7 @@ use crate::stream::message::ChangeBatch;
 use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{EarlyEmitMark, IdleClock, SledBackend, MIN_IDLE};
 
-/// Partitions per group of a snapshot's part in sled.
+/// Partitions per group of a snapshot's part on disk.
 const SNAPSHOT_PARTITIONS: usize = 8192;
 
 /// In a record, the emitted count that says "the emitted rows are the current top".
@@ -36,9 +36,9 @@ pub(super) struct Spill {
     store: RunStore,
     /// Bytes of partitions kept in memory.
     memory: usize,
-    /// Keys in sled whose partitions changed since the previous snapshot.
+    /// Keys on disk whose partitions changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
-    /// When results go out before the barrier and unused state to sled.
+    /// When results go out before the barrier and unused state to disk.
     pub(super) early_emit: EarlyEmitMark,
     /// When partitions were last looked at: those not used since go out next.
     pub(super) idle: IdleClock,
@@ -59,7 +59,7 @@ impl Spill {
         self.store.bytes()
     }
 
-    /// How many keys are in sled.
+    /// How many keys are on disk.
     #[cfg(test)]
     pub(super) fn store_len(&self) -> usize {
         self.store.len()
@@ -69,7 +69,7 @@ impl Spill {
         self.memory
     }
 
-    /// Takes the partitions of `keys` (distinct) that are in sled out of it, each with
+    /// Takes the partitions of `keys` (distinct) that are on disk out of it, each with
     /// its key's position in `keys` and whether it changed since the previous snapshot.
     pub(super) fn take_all(
         &mut self,
@@ -83,7 +83,7 @@ impl Spill {
         Ok(taken)
     }
 
-    /// Deletes the partition `key` from sled, if there.
+    /// Deletes the partition `key` from disk, if there.
     pub(super) fn delete(&mut self, key: &[u8]) -> Result<()> {
         if self.store.remove(key)? {
             self.changed.remove(key);
@@ -146,7 +146,7 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.0.len() < n {
             return Err(DataFusionError::Internal(
-                "a TopN partition in sled is cut short".into(),
+                "a TopN partition on disk is cut short".into(),
             ));
         }
         let (head, rest) = self.0.split_at(n);
@@ -162,7 +162,7 @@ impl<'a> Reader<'a> {
 }
 
 impl TopN {
-    /// Keeps partitions beyond `backend`'s memory budget in sled, if
+    /// Keeps partitions beyond `backend`'s memory budget on disk, if
     /// [`TopN::can_spill`].
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         if let Some(backend) = backend.filter(|_| self.can_spill()) {
@@ -172,7 +172,7 @@ impl TopN {
     }
 
     /// Whether the sled backend can keep its partitions: not with a state TTL, whose
-    /// clock is not kept in sled.
+    /// clock is not kept on disk.
     pub fn can_spill(&self) -> bool {
         self.ttl.is_none()
     }
@@ -200,7 +200,7 @@ impl TopN {
     }
 
     /// Between barriers, partitions in memory outgrew the budget by 32 MiB
-    /// ([`EarlyEmitMark`]): their results go out now and partitions to sled as at a
+    /// ([`EarlyEmitMark`]): their results go out now and partitions to disk as at a
     /// barrier. The next time is when what stays grew by the slack again.
     pub(super) fn shed_early(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.emit(out)?;
@@ -213,9 +213,9 @@ impl TopN {
         Ok(())
     }
 
-    /// Moves to sled the partitions not used since the previous look (when that is at
+    /// Moves to disk the partitions not used since the previous look (when that is at
     /// least [`MIN_IDLE`] ago), then, if more than three quarters of the budget stays,
-    /// those created since the previous shed. Partitions brought back from sled since
+    /// those created since the previous shed. Partitions brought back from disk since
     /// stay until they are cold: a few large ones in constant use would otherwise go
     /// and come back at every barrier.
     fn move_out(&mut self, memory: usize) -> Result<()> {
@@ -228,7 +228,7 @@ impl TopN {
                 .filter(|(_, p)| p.fresh && !p.changed)
                 .map(|(k, _)| k.clone())
                 .collect();
-            self.move_to_sled(fresh)?;
+            self.move_to_disk(fresh)?;
         }
         Ok(())
     }
@@ -241,7 +241,7 @@ impl TopN {
     }
 
     /// Moves the partitions not used since the previous look (and without results still
-    /// to emit: none, right after an emit) to sled, when that look is at least
+    /// to emit: none, right after an emit) to disk, when that look is at least
     /// [`MIN_IDLE`] ago; every partition counts as unused afterwards.
     fn move_cold(&mut self) -> Result<()> {
         let spill = self.spill.as_mut().expect("moving needs the backend");
@@ -257,21 +257,21 @@ impl TopN {
                 cold.then(|| k.clone())
             })
             .collect();
-        self.move_to_sled(cold)
+        self.move_to_disk(cold)
     }
 
-    /// Moves every partition without results still to emit to sled.
-    pub(super) fn move_all_to_sled(&mut self) -> Result<()> {
+    /// Moves every partition without results still to emit to disk.
+    pub(super) fn move_all_to_disk(&mut self) -> Result<()> {
         let movable: Vec<std::sync::Arc<[u8]>> = self
             .partitions
             .iter()
             .filter(|(_, p)| !p.changed)
             .map(|(k, _)| k.clone())
             .collect();
-        self.move_to_sled(movable)
+        self.move_to_disk(movable)
     }
 
-    fn move_to_sled(&mut self, keys: Vec<std::sync::Arc<[u8]>>) -> Result<()> {
+    fn move_to_disk(&mut self, keys: Vec<std::sync::Arc<[u8]>>) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -291,13 +291,13 @@ impl TopN {
             .put_all(records.iter().map(|(k, r)| (&**k, r.as_slice())))
     }
 
-    /// The partition `key` back from sled into memory, if it is there; listed as changed
+    /// The partition `key` back from disk into memory, if it is there; listed as changed
     /// since the previous snapshot when it was.
     pub(super) fn bring_back(&mut self, key: &[u8]) -> Result<bool> {
         Ok(self.bring_back_all(&[key])? > 0)
     }
 
-    /// The partitions of `keys` (distinct, none in memory) back from sled, reading each
+    /// The partitions of `keys` (distinct, none in memory) back from disk, reading each
     /// run once; how many were there.
     pub(super) fn bring_back_all(&mut self, keys: &[&[u8]]) -> Result<usize> {
         let Some(spill) = self.spill.as_mut() else {
@@ -316,7 +316,7 @@ impl TopN {
         Ok(n)
     }
 
-    /// The partitions in sled as `rows`, `emitted` and `emitted_top` batches, handed to
+    /// The partitions on disk as `rows`, `emitted` and `emitted_top` batches, handed to
     /// `out` a group at a time: all of them when `whole`, else those changed since the
     /// previous snapshot. They count as snapshotted afterwards.
     pub(super) fn spilled_snapshot(

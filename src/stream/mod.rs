@@ -4,6 +4,7 @@ pub mod changelog;
 pub mod checkpoint;
 pub mod exchange;
 pub mod failpoint;
+pub mod flat_rows;
 pub mod graph;
 pub mod job;
 pub mod late;

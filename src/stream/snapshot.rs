@@ -70,6 +70,16 @@ pub fn parts(batch: &RecordBatch, heads: usize) -> Result<(String, Vec<i64>, Vec
     Ok((kind, head, batch.columns()[heads..].to_vec()))
 }
 
+/// How many leading integers `batch` has (the columns [`batch`] names `h0`, `h1`...).
+pub fn heads(batch: &RecordBatch) -> usize {
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .take_while(|f| f.name().starts_with('h'))
+        .count()
+}
+
 /// What `batch` holds.
 pub fn kind(batch: &RecordBatch) -> Result<String> {
     parts(batch, 0).map(|(kind, ..)| kind)

@@ -6,6 +6,10 @@
 //! since the previous snapshot, after a `reset` batch naming them all (an incremental
 //! one). Restoring reads the batches in order: a `reset` drops what earlier layers said
 //! of its partitions, so each partition comes back as its last layer left it.
+//!
+//! `rows` and `emitted` hold rows as the operator encodes them, and say how in their
+//! header ([`ROWS_FLAT`] or [`ROWS_ARROW`]; none: arrow's row format, as before the flat
+//! encoding): a restore re-encodes rows written the other way.
 
 use std::sync::Arc;
 
@@ -14,7 +18,13 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 use super::{Entry, Partition, TopN};
+use crate::stream::flat_rows::{EncodedRows, FlatRows, RowCodec};
 use crate::stream::snapshot::{self, column};
+
+/// How the rows of `rows` and `emitted` batches are encoded: [`RowCodec`]'s flat layout
+/// or arrow's row format.
+const ROWS_FLAT: i64 = 1;
+const ROWS_ARROW: i64 = 0;
 
 /// Partitions per chunk of a snapshot's batches.
 const CHUNK_PARTITIONS: usize = 1 << 16;
@@ -69,7 +79,11 @@ impl TopN {
         for chunk in keys.chunks(CHUNK_PARTITIONS) {
             let partitions: Vec<(&[u8], &Partition)> =
                 chunk.iter().map(|&k| (k, &self.partitions[k])).collect();
-            batches.extend(Self::chunk_batches(self.limit, &partitions)?);
+            batches.extend(Self::chunk_batches(
+                self.limit,
+                self.rows_codec.is_flat(),
+                &partitions,
+            )?);
         }
         let mut changed: Vec<&[u8]> = self.changed.iter().map(|k| &**k).collect();
         changed.sort_unstable();
@@ -82,11 +96,14 @@ impl TopN {
         Ok(batches)
     }
 
-    /// `rows`, `emitted` and `emitted_top` batches of the partitions.
+    /// `rows`, `emitted` and `emitted_top` batches of the partitions, whose rows are
+    /// `flat`-encoded or not.
     pub(super) fn chunk_batches(
         limit: usize,
+        flat: bool,
         partitions: &[(&[u8], &Partition)],
     ) -> Result<[RecordBatch; 3]> {
+        let codec = if flat { ROWS_FLAT } else { ROWS_ARROW };
         let (mut row_keys, mut sorts, mut rows, mut counts) = (vec![], vec![], vec![], vec![]);
         let (mut emitted_keys, mut emitted, mut emitted_top) = (vec![], vec![], vec![]);
         for &(key, p) in partitions {
@@ -108,7 +125,7 @@ impl TopN {
         Ok([
             snapshot::batch(
                 "rows",
-                &[],
+                &[codec],
                 vec![
                     snapshot::binary(row_keys),
                     snapshot::binary(sorts),
@@ -118,16 +135,16 @@ impl TopN {
             )?,
             snapshot::batch(
                 "emitted",
-                &[],
+                &[codec],
                 vec![snapshot::binary(emitted_keys), snapshot::binary(emitted)],
             )?,
             snapshot::batch("emitted_top", &[], vec![snapshot::binary(emitted_top)])?,
         ])
     }
 
-    /// The partition key of each row of a state batch (its first column).
+    /// The partition key of each row of a state batch (its first column after the header).
     pub(super) fn partition_keys(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
-        let (_, _, columns) = snapshot::parts(batch, 0)?;
+        let (_, _, columns) = snapshot::parts(batch, snapshot::heads(batch))?;
         let keys = column::<BinaryArray>(&columns, 0)?;
         let parser = self.partition_converter.parser();
         Ok(self
@@ -140,8 +157,9 @@ impl TopN {
     pub(super) fn restore_layers(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         let now = self.ttl.map(|_| std::time::Instant::now());
         for batch in state {
-            let (kind, _, columns) = snapshot::parts(&batch, 0)?;
+            let (kind, head, columns) = snapshot::parts(&batch, snapshot::heads(&batch))?;
             let keys = column::<BinaryArray>(&columns, 0)?;
+            let flat = head.first() == Some(&ROWS_FLAT);
             match kind.as_str() {
                 "reset" => {
                     for key in keys.iter().flatten() {
@@ -153,21 +171,21 @@ impl TopN {
                 }
                 "rows" => {
                     let sorts = column::<BinaryArray>(&columns, 1)?;
-                    let rows = column::<BinaryArray>(&columns, 2)?;
+                    let rows = self.rows_as_encoded(column::<BinaryArray>(&columns, 2)?, flat)?;
                     let counts = column::<Int64Array>(&columns, 3)?;
                     for i in 0..batch.num_rows() {
                         let p = self.partition(keys.value(i))?;
                         p.touched = now;
-                        p.rows.add(sorts.value(i), rows.value(i), counts.value(i));
+                        p.rows.add(sorts.value(i), rows.row(i), counts.value(i));
                         p.present += counts.value(i);
                     }
                 }
                 "emitted" => {
                     // Emitted rows only compare and emit their row bytes.
-                    let rows = column::<BinaryArray>(&columns, 1)?;
+                    let rows = self.rows_as_encoded(column::<BinaryArray>(&columns, 1)?, flat)?;
                     for i in 0..batch.num_rows() {
                         let p = self.partition(keys.value(i))?;
-                        p.emitted.push(Entry::new(&[], rows.value(i)));
+                        p.emitted.push(Entry::new(&[], rows.row(i)));
                     }
                 }
                 "emitted_top" => {
@@ -204,11 +222,45 @@ impl TopN {
         Ok(())
     }
 
+    /// Rows of a state batch (`flat`-encoded or in arrow's row format) as this operator
+    /// encodes them.
+    fn rows_as_encoded(&self, rows: &BinaryArray, flat: bool) -> Result<StoredRows> {
+        if flat == self.rows_codec.is_flat() {
+            return Ok(StoredRows::AsStored(rows.clone()));
+        }
+        let fields = &self.schema.fields()[..self.schema.fields().len() - 1];
+        let written = if flat {
+            let flat = FlatRows::new(fields).ok_or_else(|| {
+                DataFusionError::Internal("flat TopN rows of a type without a flat layout".into())
+            })?;
+            RowCodec::Flat(flat)
+        } else {
+            RowCodec::Arrow(crate::stream::row_converter(fields)?)
+        };
+        let columns = written.decode(rows.iter().map(|r| r.unwrap_or_default()))?;
+        Ok(StoredRows::Encoded(self.rows_codec.encode(&columns)?))
+    }
+
     /// The partition `key`, brought back from disk or new.
     fn partition(&mut self, key: &[u8]) -> Result<&mut Partition> {
         if !self.partitions.contains_key(key) && !self.bring_back(key)? {
             self.partitions.insert(key.into(), Partition::default());
         }
         Ok(self.partitions.get_mut(key).expect("inserted"))
+    }
+}
+
+/// Rows of a state batch, as stored or encoded again.
+enum StoredRows {
+    AsStored(BinaryArray),
+    Encoded(EncodedRows),
+}
+
+impl StoredRows {
+    fn row(&self, i: usize) -> &[u8] {
+        match self {
+            StoredRows::AsStored(rows) => rows.value(i),
+            StoredRows::Encoded(rows) => rows.row(i),
+        }
     }
 }

@@ -30,6 +30,7 @@ mod checkpoint;
 mod ranked;
 mod spill;
 
+use crate::stream::flat_rows::RowCodec;
 use ranked::{Entry, Ranked};
 
 /// A sort key of the TopN: an expression and its direction.
@@ -76,7 +77,8 @@ pub struct TopN {
     ttl: Option<Duration>,
     partition_converter: RowConverter,
     sort_converter: RowConverter,
-    row_converter: RowConverter,
+    /// Whole rows, as entries hold them.
+    rows_codec: RowCodec,
     /// Keys shared with the `changed` and `dirty` lists.
     partitions: HashMap<Arc<[u8]>, Partition>,
     /// Partitions with changes not emitted yet.
@@ -116,7 +118,7 @@ impl TopN {
                 })
                 .collect::<Result<Vec<_>>>()?,
         )?;
-        let row_converter = crate::stream::row_converter(input.fields())?;
+        let rows_codec = RowCodec::new(input.fields())?;
         Ok(Self {
             partition_by,
             order_by,
@@ -126,7 +128,7 @@ impl TopN {
             ttl,
             partition_converter,
             sort_converter,
-            row_converter,
+            rows_codec,
             partitions: HashMap::default(),
             changed: Vec::new(),
             dirty: Vec::new(),
@@ -240,14 +242,13 @@ impl TopN {
                 Self::mark_dirty(&mut self.dirty, &key, partition);
             }
         }
-        let parser = self.row_converter.parser();
         for rows in [old, new] {
             if rows.is_empty() {
                 continue;
             }
             let mut columns = self
-                .row_converter
-                .convert_rows(rows.iter().map(|(r, _, _)| parser.parse(r.row())))?;
+                .rows_codec
+                .decode(rows.iter().map(|(r, _, _)| r.row()))?;
             columns.push(Arc::new(UInt64Array::from_iter_values(
                 rows.iter().map(|(_, n, _)| *n),
             )));
@@ -281,7 +282,7 @@ impl Operator for TopN {
             self.order_by.iter().map(|k| k.expr.clone()),
             rows,
         )?)?;
-        let full = self.row_converter.convert_columns(rows.columns())?;
+        let full = self.rows_codec.encode(rows.columns())?;
         let now = self.ttl.map(|_| Instant::now());
         let limit = self.limit as i64;
         if self.spill.is_some() {
@@ -395,7 +396,7 @@ impl Operator for TopN {
 
 #[cfg(test)]
 mod tests {
-    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::array::{Array, BinaryArray, Int64Array, StringArray};
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use datafusion::physical_expr::expressions::Column;
 
@@ -558,6 +559,63 @@ mod tests {
                 "+U chess,4,1",
                 "+I chess,3,2"
             ]
+        );
+    }
+
+    /// `batch` as written before rows were flat: `rows` and `emitted` without a header,
+    /// their rows in arrow's row format.
+    fn with_arrow_rows(op: &TopN, batch: &RecordBatch) -> RecordBatch {
+        let kind = snapshot::kind(batch).unwrap();
+        let row_column = match kind.as_str() {
+            "rows" => 2,
+            "emitted" => 1,
+            _ => return batch.clone(),
+        };
+        let (_, head, mut columns) = snapshot::parts(batch, 1).unwrap();
+        assert_eq!(head, [1], "flat rows say so");
+        let rows = snapshot::column::<BinaryArray>(&columns, row_column).unwrap();
+        let decoded = op
+            .rows_codec
+            .decode(rows.iter().map(Option::unwrap))
+            .unwrap();
+        let fields = &op.schema.fields()[..op.schema.fields().len() - 1];
+        let arrow = RowCodec::Arrow(crate::stream::row_converter(fields).unwrap());
+        let encoded = arrow.encode(&decoded).unwrap();
+        columns[row_column] = snapshot::binary((0..rows.len()).map(|i| encoded.row(i)));
+        snapshot::batch(&kind, &[], columns).unwrap()
+    }
+
+    #[test]
+    fn snapshots_with_rows_in_arrows_row_format_restore_into_flat_rows() {
+        let mut original = operator(true);
+        assert!(original.rows_codec.is_flat());
+        let mut out = Vec::new();
+        let rows = [
+            ("go", 5, Op::Insert),
+            ("chess", 3, Op::Insert),
+            ("go", 7, Op::Insert),
+        ];
+        original.process(0, batch(&rows), &mut out).unwrap();
+        original.on_barrier(&mut out).unwrap();
+        original
+            .process(0, batch(&[("go", 6, Op::Insert)]), &mut out)
+            .unwrap();
+        let old: Vec<RecordBatch> = original
+            .snapshot()
+            .unwrap()
+            .iter()
+            .map(|b| with_arrow_rows(&original, b))
+            .collect();
+        let mut restored = operator(true);
+        restored.restore(old).unwrap();
+        // Retracting a restored row finds it: its bytes are encoded as the operator's.
+        assert_eq!(
+            same_output(
+                &mut original,
+                &mut restored,
+                &[("go", 7, Op::Delete), ("chess", 3, Op::Delete)]
+            ),
+            ["-U go,7,1", "-D chess,3,1", "+U go,6,1"]
         );
     }
 

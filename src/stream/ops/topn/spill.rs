@@ -327,12 +327,12 @@ impl TopN {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
         };
-        let limit = self.limit;
+        let (limit, flat) = (self.limit, self.rows_codec.is_flat());
         let mut group: Vec<(Vec<u8>, Partition)> = Vec::new();
         let mut emit = |group: &mut Vec<(Vec<u8>, Partition)>| -> Result<()> {
             let partitions: Vec<(&[u8], &Partition)> =
                 group.iter().map(|(k, p)| (k.as_slice(), p)).collect();
-            for batch in Self::chunk_batches(limit, &partitions)? {
+            for batch in Self::chunk_batches(limit, flat, &partitions)? {
                 out(batch)?;
             }
             group.clear();

@@ -214,9 +214,9 @@ async fn a_crash_at_each_checkpoint_phase_loses_and_doubles_nothing() {
     crash_at_each_checkpoint_phase(&[]).await;
 }
 
-/// The same with the GROUP BYs and the join keeping their state in sled (none of it in
+/// The same with the GROUP BYs and the join keeping their state on disk (none of it in
 /// memory after a batch or a barrier): their checkpoints are chunks in the store, and a
-/// restore reads them back into sled. The rows must be those of memory state.
+/// restore writes them back to disk. The rows must be those of memory state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_at_each_checkpoint_phase_with_state_in_sled_loses_and_doubles_nothing() {
     crash_at_each_checkpoint_phase(&[
@@ -249,9 +249,12 @@ async fn crash_at_each_checkpoint_phase(settings: &[&str]) {
         assert!(crashed, "{spec} never fired");
         drop(weir);
         if !settings.is_empty() {
-            // The killed server's scratch databases: the state was in sled.
-            let scratch = std::fs::read_dir(dir.path().join("spill")).map_or(0, |d| d.count());
-            assert!(scratch >= 2, "{spec}: {scratch} scratch databases");
+            // The killed server's scratch directories: the state was on disk.
+            let (scratch, bytes) = common::scratch_dirs(dir.path());
+            assert!(
+                scratch >= 2 && bytes > 0,
+                "{spec}: {scratch} scratch directories, {bytes} bytes"
+            );
         }
         let weir = WeirProcess::start(dir.path());
         let client = connect(weir.port).await;

@@ -1,6 +1,6 @@
 //! Updating queries as a client sees them beyond what sqllogictest can check: NOTICEs
 //! about unbounded state at CREATE time, state kept bounded by 'table.exec.state.ttl', and
-//! the scratch databases of 'state.backend' = 'sled'.
+//! the scratch directories of 'state.backend' = 'sled'.
 
 mod common;
 
@@ -148,11 +148,11 @@ async fn state_ttl_bounds_state_while_new_keys_keep_arriving() {
     server.stop().await;
 }
 
-/// Under 'state.backend' = 'sled' each join subtask has a scratch database in the data
-/// directory while its view runs, gone with the view; the rows are those of memory, also
+/// Under 'state.backend' = 'sled' each join subtask has a scratch directory in the data
+/// directory while its view runs, with its rows in files there, gone with the view; the rows are those of memory, also
 /// after a restart restored the join from the chunks its checkpoints stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sled_backend_keeps_join_rows_in_scratch_databases_of_the_view() {
+async fn the_sled_backend_keeps_join_rows_in_scratch_directories_of_the_view() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let client = server.connect().await;
@@ -178,12 +178,12 @@ async fn the_sled_backend_keeps_join_rows_in_scratch_databases_of_the_view() {
         rows(&client, "SELECT count(*), count(DISTINCT name) FROM named").await,
         vec![vec!["2000".to_string(), "100".to_string()]]
     );
-    let scratch = || -> usize {
-        std::fs::read_dir(dir.path().join("spill"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    };
-    assert_eq!(scratch(), 2, "one scratch database per join subtask");
+    let scratch = || common::scratch_dirs(dir.path()).0;
+    assert_eq!(scratch(), 2, "one scratch directory per join subtask");
+    assert!(
+        common::scratch_dirs(dir.path()).1 > 0,
+        "rows in files on disk"
+    );
     // Its checkpoints hold the rows in sled as chunks the subtasks wrote while they took
     // their snapshots, and a restart restores the join from them.
     server.stop().await;
@@ -216,6 +216,6 @@ async fn the_sled_backend_keeps_join_rows_in_scratch_databases_of_the_view() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         waited += 1;
     }
-    assert_eq!(scratch(), 0, "the scratch databases go with the view");
+    assert_eq!(scratch(), 0, "the scratch directories go with the view");
     server.stop().await;
 }

@@ -1,20 +1,25 @@
 //! `SET 'state.backend' = 'sled'`: operators that support it (regular joins, unbounded
 //! GROUP BY, TopN, the last two without a state TTL) keep a bounded amount of keyed
-//! state in memory and the rest on disk, in unnamed scratch files of their own
-//! ([`files::RunFiles`]). The name is the setting Weir started with, when this state went
+//! state in memory and the rest on disk, in scratch files of their own
+//! ([`files::RunFiles`]), in a directory per operator subtask under the data directory's
+//! `spill`. The name is the setting Weir started with, when this state went
 //! to a scratch sled database: sled keeps a copy of every value it holds in memory, so
 //! it lowered memory without bounding it. The scratch data is only a working copy:
 //! checkpoints (in the sled store) still hold the state, and a restart rebuilds it from
-//! them, so nothing in it needs to survive the process (the files are unlinked from the
-//! start, so they go with the operator or a killed process).
+//! them, so nothing in it needs to survive the process (the directory goes with the
+//! operator, and a restarted server clears what a killed one left).
 
 pub mod files;
 pub mod runs;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use files::RunFiles;
+use datafusion::common::{DataFusionError, Result};
+
+/// An operator subtask's directory of scratch files, removed when its last user goes.
+pub type ScratchDir = Arc<tempfile::TempDir>;
 
 /// Where operators keep the keyed state that does not stay in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,9 +102,24 @@ impl IdleClock {
 }
 
 impl SledBackend {
-    /// Scratch files for runs of records, gone when dropped.
-    pub fn run_files(&self) -> RunFiles {
-        RunFiles::new(&self.root)
+    /// A new scratch directory for an operator subtask.
+    pub fn scratch_dir(&self) -> Result<ScratchDir> {
+        std::fs::create_dir_all(&self.root)
+            .and_then(|_| {
+                tempfile::Builder::new()
+                    .prefix("op-")
+                    .tempdir_in(&self.root)
+            })
+            .map(Arc::new)
+            .map_err(|e| {
+                DataFusionError::External(
+                    format!(
+                        "state backend: creating a scratch directory in {}: {e}",
+                        self.root.display()
+                    )
+                    .into(),
+                )
+            })
     }
 
     /// What EXPLAIN says about where state beyond memory goes.

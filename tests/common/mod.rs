@@ -199,3 +199,25 @@ pub fn cpu_time() -> std::time::Duration {
     let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
+
+/// The scratch directories of 'state.backend' = 'sled' under a data directory (one per
+/// operator subtask that keeps state on disk), and the bytes of the files in them.
+#[allow(dead_code)]
+pub fn scratch_dirs(data_dir: &std::path::Path) -> (usize, u64) {
+    let Ok(dirs) = std::fs::read_dir(data_dir.join("spill")) else {
+        return (0, 0);
+    };
+    let mut count = 0;
+    let mut bytes = 0;
+    for dir in dirs.flatten() {
+        count += 1;
+        for file in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            bytes += file.metadata().map_or(0, |m| m.len());
+        }
+    }
+    (count, bytes)
+}

@@ -111,7 +111,7 @@ pub struct GroupAggregate {
     touched: Vec<Instant>,
     /// Under the sled backend: created since the previous move out (not brought back
     /// from disk), so unproven: such groups go out first.
-    fresh: Vec<bool>,
+    created_since_shed: Vec<bool>,
     changed: Vec<bool>,
     changed_list: Vec<usize>,
     /// Groups changed since the last snapshot, for incremental checkpoints.
@@ -189,7 +189,7 @@ impl GroupAggregate {
             emitted: Vec::new(),
             value_converter,
             touched: Vec::new(),
-            fresh: Vec::new(),
+            created_since_shed: Vec::new(),
             changed: Vec::new(),
             changed_list: Vec::new(),
             dirty: Vec::new(),
@@ -250,7 +250,7 @@ impl GroupAggregate {
         self.counts.reserve_exact(more);
         self.emitted.reserve_exact(more);
         self.touched.reserve_exact(more);
-        self.fresh.reserve_exact(more);
+        self.created_since_shed.reserve_exact(more);
         self.changed.reserve_exact(more);
         self.dirty.reserve_exact(more);
         if let Values::Multisets { rows, .. } = &mut self.values {
@@ -275,7 +275,7 @@ impl GroupAggregate {
             self.counts.resize(after, 0);
             self.emitted.resize(after, None);
             self.touched.resize(after, Instant::now());
-            self.fresh.resize(after, true);
+            self.created_since_shed.resize(after, true);
             self.changed.resize(after, false);
             self.dirty.resize(after, false);
             if let Values::Multisets { rows, signed, .. } = &mut self.values {
@@ -575,7 +575,7 @@ impl GroupAggregate {
         self.counts = keep.iter().map(|&g| self.counts[g]).collect();
         self.emitted = keep.iter().map(|&g| self.emitted[g].take()).collect();
         self.touched = keep.iter().map(|&g| self.touched[g]).collect();
-        self.fresh = keep.iter().map(|&g| self.fresh[g]).collect();
+        self.created_since_shed = keep.iter().map(|&g| self.created_since_shed[g]).collect();
         let changed: Vec<bool> = keep.iter().map(|&g| self.changed[g]).collect();
         self.changed = changed;
         self.changed_list = (0..k).filter(|&g| self.changed[g]).collect();

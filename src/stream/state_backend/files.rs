@@ -6,17 +6,18 @@
 //! lives in the kernel's page cache, which gives way under memory pressure, not in the
 //! process.
 //!
-//! Space is reclaimed a segment at a time: a segment whose runs are all gone is dropped,
+//! Space is reclaimed a segment at a time: a segment whose runs are all gone is deleted,
 //! and one that falls below half live (and is not the one being written) has its live
 //! runs written again at the end, so the files hold at most about twice the live bytes
-//! plus one segment. The files are unnamed (unlinked at creation), so a killed process
-//! leaves nothing behind; they are scratch, as checkpoints hold the state.
+//! plus one segment. They are scratch, as checkpoints hold the state: a segment's file
+//! is deleted with it, and a restarted server clears what a killed one left.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 
 use datafusion::common::{DataFusionError, HashMap, Result};
+use tempfile::NamedTempFile;
+
+use super::ScratchDir;
 
 /// Bytes written to a segment before the next run starts a new one.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -30,7 +31,8 @@ struct Place {
 }
 
 struct Segment {
-    file: File,
+    /// Deleted when dropped.
+    file: NamedTempFile,
     /// Bytes written.
     len: u64,
     /// Bytes of its runs not removed.
@@ -41,7 +43,7 @@ struct Segment {
 
 pub struct RunFiles {
     /// Where segment files are created.
-    dir: PathBuf,
+    dir: ScratchDir,
     segments: HashMap<u64, Segment>,
     /// The segment runs are appended to.
     current: Option<u64>,
@@ -52,10 +54,10 @@ pub struct RunFiles {
 }
 
 impl RunFiles {
-    /// Runs in files under `dir`, created if missing.
-    pub fn new(dir: &Path) -> Self {
+    /// Runs in files in `dir`.
+    pub fn new(dir: ScratchDir) -> Self {
         Self {
-            dir: dir.to_path_buf(),
+            dir,
             segments: HashMap::default(),
             current: None,
             next_segment: 0,
@@ -65,7 +67,7 @@ impl RunFiles {
     }
 
     #[cfg(test)]
-    fn with_segment_bytes(dir: &Path, segment_bytes: u64) -> Self {
+    fn with_segment_bytes(dir: ScratchDir, segment_bytes: u64) -> Self {
         Self {
             segment_bytes,
             ..Self::new(dir)
@@ -90,6 +92,7 @@ impl RunFiles {
             .get_mut(&segment)
             .expect("the current segment");
         s.file
+            .as_file()
             .write_all_at(bytes, s.len)
             .map_err(|e| io_error("writing", &self.dir, e))?;
         let place = Place {
@@ -116,11 +119,10 @@ impl RunFiles {
             self.current = None;
             self.reclaim(current)?;
         }
-        let file = tempfile::tempfile_in(&self.dir).or_else(|_| {
-            std::fs::create_dir_all(&self.dir)?;
-            tempfile::tempfile_in(&self.dir)
-        });
-        let file = file.map_err(|e| io_error("creating a file in", &self.dir, e))?;
+        let file = tempfile::Builder::new()
+            .prefix("runs-")
+            .tempfile_in(self.dir.path())
+            .map_err(|e| io_error("creating", &self.dir, e))?;
         let id = self.next_segment;
         self.next_segment += 1;
         self.segments.insert(
@@ -144,6 +146,7 @@ impl RunFiles {
         let mut bytes = vec![0; place.len as usize];
         self.segments[&place.segment]
             .file
+            .as_file()
             .read_exact_at(&mut bytes, place.offset)
             .map_err(|e| io_error("reading", &self.dir, e))?;
         Ok(Some(bytes))
@@ -184,6 +187,7 @@ impl RunFiles {
             let mut bytes = vec![0; place.len as usize];
             segment
                 .file
+                .as_file()
                 .read_exact_at(&mut bytes, place.offset)
                 .map_err(|e| io_error("reading", &self.dir, e))?;
             self.places.remove(&run);
@@ -206,11 +210,11 @@ impl RunFiles {
     }
 }
 
-fn io_error(doing: &str, dir: &Path, e: std::io::Error) -> DataFusionError {
+fn io_error(doing: &str, dir: &ScratchDir, e: std::io::Error) -> DataFusionError {
     DataFusionError::External(
         format!(
             "state backend: {doing} a scratch file in {}: {e}",
-            dir.display()
+            dir.path().display()
         )
         .into(),
     )
@@ -220,15 +224,27 @@ fn io_error(doing: &str, dir: &Path, e: std::io::Error) -> DataFusionError {
 mod tests {
     use super::*;
 
+    fn scratch() -> ScratchDir {
+        std::sync::Arc::new(tempfile::tempdir().unwrap())
+    }
+
+    /// Files in the directory, and their bytes.
+    fn on_disk(dir: &ScratchDir) -> (usize, u64) {
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|f| f.unwrap().metadata().unwrap().len())
+            .collect();
+        (files.len(), files.iter().sum())
+    }
+
     fn run(id: u64) -> Vec<u8> {
         vec![id as u8; 100 + id as usize]
     }
 
     #[test]
     fn runs_come_back_and_go() {
-        let dir = tempfile::tempdir().unwrap();
-        // Created when the first run is written.
-        let mut files = RunFiles::new(&dir.path().join("scratch"));
+        let dir = scratch();
+        let mut files = RunFiles::new(dir.clone());
         assert_eq!(files.get(1).unwrap(), None);
         for id in 0..10 {
             files.put(id, &run(id)).unwrap();
@@ -239,20 +255,23 @@ mod tests {
         files.remove(7).unwrap();
         assert_eq!(files.get(7).unwrap(), None);
         assert_eq!(files.ids(), [0, 1, 2, 3, 4, 5, 6, 8, 9]);
-        // The files are unnamed: nothing is left in the directory.
-        let names = std::fs::read_dir(dir.path().join("scratch")).unwrap();
-        assert_eq!(names.count(), 0);
+        let written: u64 = (0..10).map(|id| run(id).len() as u64).sum();
+        assert_eq!(on_disk(&dir), (1, written));
+        // The files go with the store.
+        drop(files);
+        assert_eq!(on_disk(&dir), (0, 0));
     }
 
     #[test]
     fn segments_below_half_live_are_written_again_and_empty_ones_dropped() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         // About 1 KB a segment: a segment of 10 runs of 100..110 bytes.
-        let mut files = RunFiles::with_segment_bytes(dir.path(), 1000);
+        let mut files = RunFiles::with_segment_bytes(dir.clone(), 1000);
         for id in 0..100 {
             files.put(id, &run(id % 10)).unwrap();
         }
         assert_eq!(files.segments.len(), 10);
+        assert_eq!(on_disk(&dir).0, 10);
         // Taking 6 runs of each full segment: each is written again in a new one.
         let removed: Vec<u64> = (0..100).filter(|id| id % 10 < 6).collect();
         for id in &removed {
@@ -269,6 +288,7 @@ mod tests {
             "{}",
             files.file_bytes()
         );
+        assert_eq!(on_disk(&dir).1, files.file_bytes());
         // Removing everything leaves only the segment being written, empty.
         for id in files.ids() {
             files.remove(id).unwrap();
@@ -276,5 +296,6 @@ mod tests {
         assert!(files.is_empty());
         assert!(files.segments.len() <= 1);
         assert!(files.segments.values().all(|s| s.live == 0));
+        assert!(on_disk(&dir).0 <= 1);
     }
 }

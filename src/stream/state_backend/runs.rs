@@ -397,10 +397,9 @@ fn entry_at(record: &[u8], at: usize, id: u64) -> Result<RunEntry<'_>> {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, RunStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let files = RunFiles::new(dir.path());
-        (dir, RunStore::new(files))
+    fn store() -> RunStore {
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        RunStore::new(RunFiles::new(dir))
     }
 
     fn all(s: &RunStore) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -421,7 +420,7 @@ mod tests {
     #[test]
     fn records_come_back_replaced_and_removed_and_dead_runs_go() {
         for few_hashes in [false, true] {
-            let (_db, mut s) = store();
+            let mut s = store();
             // Keys of the same hash go to the exact index.
             s.few_hashes = few_hashes;
             come_back_replaced_and_removed(&mut s);
@@ -487,7 +486,7 @@ mod tests {
     #[test]
     fn a_run_below_half_live_is_written_again() {
         for few_hashes in [false, true] {
-            let (_db, mut s) = store();
+            let mut s = store();
             s.few_hashes = few_hashes;
             written_again(&mut s);
         }

@@ -23,6 +23,7 @@ use datafusion::common::Result;
 use super::GroupAggregate;
 use crate::stream::message::ChangeBatch;
 use crate::stream::snapshot::{self, downcast};
+use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{EarlyEmitMark, IdleClock, SledBackend, MIN_IDLE};
 
@@ -88,7 +89,7 @@ impl GroupAggregate {
             return Ok(());
         };
         self.spill = Some(Spill {
-            store: RunStore::new(backend.run_files()),
+            store: RunStore::new(RunFiles::new(backend.scratch_dir()?)),
             memory: backend.memory,
             rows,
             changed: HashSet::new(),
@@ -135,7 +136,7 @@ impl GroupAggregate {
         self.restore_groups(&columns)?;
         let groups = self.indices.clone();
         for (g, dirty) in groups.into_iter().zip(dirty) {
-            self.fresh[g] = false;
+            self.created_since_shed[g] = false;
             if dirty {
                 self.mark_dirty(g);
             }
@@ -170,7 +171,7 @@ impl GroupAggregate {
         } else {
             self.move_out(memory)?;
         }
-        self.fresh.fill(false);
+        self.created_since_shed.fill(false);
         self.early_emit_mark_moved();
         Ok(())
     }
@@ -182,7 +183,7 @@ impl GroupAggregate {
         self.emit(out)?;
         let memory = self.spill.as_ref().expect("present").memory;
         self.move_out(memory)?;
-        self.fresh.fill(false);
+        self.created_since_shed.fill(false);
         self.early_emit_mark_moved();
         Ok(())
     }
@@ -196,10 +197,10 @@ impl GroupAggregate {
         self.move_cold()?;
         if self.memory_size() > memory / 4 * 3 {
             // Groups with results still to emit stay (none, right after an emit).
-            let fresh: Vec<usize> = (0..self.groups.len())
-                .filter(|&g| self.fresh[g] && !self.changed[g])
+            let created: Vec<usize> = (0..self.groups.len())
+                .filter(|&g| self.created_since_shed[g] && !self.changed[g])
                 .collect();
-            self.move_to_disk(&fresh)?;
+            self.move_to_disk(&created)?;
         }
         Ok(())
     }

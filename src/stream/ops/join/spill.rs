@@ -29,8 +29,9 @@ use smallvec::SmallVec;
 use super::side::{EntryId, LoadedRow, Serial};
 use super::{Encoded, StreamJoin};
 use crate::stream::message::Millis;
+use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::SledBackend;
+use crate::stream::state_backend::{ScratchDir, SledBackend};
 
 /// Keys moved or read per group, so no group of rows gets big.
 const GROUP_KEYS: usize = 4096;
@@ -38,7 +39,8 @@ const GROUP_KEYS: usize = 4096;
 const SNAPSHOT_BYTES: usize = 4 << 20;
 
 pub(super) struct Spill {
-    backend: SledBackend,
+    /// Where the stores keep their files.
+    dir: ScratchDir,
     /// Each input's runs, by record key ([`run_key`]).
     stores: [RunStore; 2],
     /// Each input's sequence numbers of runs, by hash of the join key.
@@ -162,16 +164,17 @@ impl Spill {
                     .collect(),
             )
         };
+        let dir = backend.scratch_dir()?;
         Ok(Some(Self {
             stores: [
-                RunStore::new(backend.run_files()),
-                RunStore::new(backend.run_files()),
+                RunStore::new(RunFiles::new(dir.clone())),
+                RunStore::new(RunFiles::new(dir.clone())),
             ],
             pieces: [HashMap::default(), HashMap::default()],
             hasher: RandomState::new(),
             #[cfg(test)]
             few_hashes: false,
-            backend: backend.clone(),
+            dir,
             memory: backend.memory,
             rows: [converter(&inputs[0])?, converter(&inputs[1])?],
             changed: [HashSet::new(), HashSet::new()],
@@ -183,8 +186,8 @@ impl Spill {
 
     /// The store input `s`'s entries are staged in while restoring.
     fn staging(&mut self, s: usize) -> &mut RunStore {
-        let backend = &self.backend;
-        self.staged[s].get_or_insert_with(|| RunStore::new(backend.run_files()))
+        let dir = &self.dir;
+        self.staged[s].get_or_insert_with(|| RunStore::new(RunFiles::new(dir.clone())))
     }
 
     /// Writes a run per key of `runs` (each its entries' records) for input `s`.

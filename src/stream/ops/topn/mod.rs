@@ -58,7 +58,7 @@ struct Partition {
     used: bool,
     /// Under the sled backend: created since the previous move out (not brought back
     /// from disk), so unproven: such partitions go out first.
-    fresh: bool,
+    created_since_shed: bool,
 }
 
 /// A partition's own fields and its map slot, beside its key and rows.
@@ -302,11 +302,11 @@ impl Operator for TopN {
                 EntryRef::Occupied(entry) => entry,
                 EntryRef::Vacant(entry) => {
                     self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
-                    let fresh = Partition {
-                        fresh: true,
+                    let new = Partition {
+                        created_since_shed: true,
                         ..Partition::default()
                     };
-                    entry.insert_entry_with_key(Arc::from(key.as_ref()), fresh)
+                    entry.insert_entry_with_key(Arc::from(key.as_ref()), new)
                 }
             };
             let unlisted = !entry.get().changed || !entry.get().dirty;

@@ -22,6 +22,7 @@ use datafusion::common::{DataFusionError, Result};
 use super::ranked::Entry;
 use super::{Partition, TopN};
 use crate::stream::message::ChangeBatch;
+use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{EarlyEmitMark, IdleClock, SledBackend, MIN_IDLE};
 
@@ -47,7 +48,7 @@ pub(super) struct Spill {
 impl Spill {
     pub(super) fn open(backend: &SledBackend) -> Result<Self> {
         Ok(Self {
-            store: RunStore::new(backend.run_files()),
+            store: RunStore::new(RunFiles::new(backend.scratch_dir()?)),
             memory: backend.memory,
             changed: HashSet::new(),
             early_emit: EarlyEmitMark::new(backend.memory),
@@ -193,7 +194,7 @@ impl TopN {
             self.move_out(memory)?;
         }
         for p in self.partitions.values_mut() {
-            p.fresh = false;
+            p.created_since_shed = false;
         }
         self.early_emit_mark_moved();
         Ok(())
@@ -207,7 +208,7 @@ impl TopN {
         let memory = self.spill.as_ref().map_or(0, Spill::memory);
         self.move_out(memory)?;
         for p in self.partitions.values_mut() {
-            p.fresh = false;
+            p.created_since_shed = false;
         }
         self.early_emit_mark_moved();
         Ok(())
@@ -222,13 +223,13 @@ impl TopN {
         self.move_cold()?;
         if self.bytes > memory / 4 * 3 {
             // Partitions with results still to emit stay (none, right after an emit).
-            let fresh: Vec<std::sync::Arc<[u8]>> = self
+            let created: Vec<std::sync::Arc<[u8]>> = self
                 .partitions
                 .iter()
-                .filter(|(_, p)| p.fresh && !p.changed)
+                .filter(|(_, p)| p.created_since_shed && !p.changed)
                 .map(|(k, _)| k.clone())
                 .collect();
-            self.move_to_disk(fresh)?;
+            self.move_to_disk(created)?;
         }
         Ok(())
     }

@@ -141,7 +141,8 @@ impl FlatRows {
             .zip(&self.layouts)
             .map(|(d, layout)| ColumnIn::new(d, *layout))
             .collect();
-        let mut bytes = Vec::with_capacity(n * 16 * columns.len().max(1));
+        let size: usize = inputs.iter().map(|c| c.size(n)).sum();
+        let mut bytes = Vec::with_capacity(size);
         let mut ends = Vec::with_capacity(n);
         for i in 0..n {
             for column in &inputs {
@@ -156,16 +157,35 @@ impl FlatRows {
         &self,
         rows: impl ExactSizeIterator<Item = &'a [u8]>,
     ) -> Result<Vec<ArrayRef>> {
+        let rows: Vec<&[u8]> = rows.collect();
         let n = rows.len();
+        // Each column's buffer sized once (growing them by doubling was most of a decode).
+        let mut sizes = vec![0; self.layouts.len()];
+        for row in &rows {
+            let mut at = 0;
+            for (layout, size) in self.layouts.iter().zip(&mut sizes) {
+                let (next, bytes) = value_extent(*layout, row, at)?;
+                *size += bytes;
+                at = next;
+            }
+        }
         let mut out: Vec<ColumnOut> = self
             .layouts
             .iter()
-            .map(|&layout| ColumnOut {
+            .zip(sizes)
+            .map(|(&layout, size)| ColumnOut {
                 layout,
                 nulls: Vec::with_capacity(n),
-                values: Vec::new(),
-                ends: Vec::new(),
-                bools: Vec::new(),
+                values: Vec::with_capacity(match layout {
+                    Layout::Fixed(width) => n * width,
+                    _ => size,
+                }),
+                ends: Vec::with_capacity(if matches!(layout, Layout::Bytes { .. }) {
+                    n
+                } else {
+                    0
+                }),
+                bools: Vec::with_capacity(if matches!(layout, Layout::Bool) { n } else { 0 }),
             })
             .collect();
         for row in rows {
@@ -234,6 +254,16 @@ impl<'a> ColumnIn<'a> {
         }
     }
 
+    /// The bytes `n` rows of this column take at most.
+    fn size(&self, n: usize) -> usize {
+        n + match &self.values {
+            Values::Fixed { width, .. } => n * width,
+            Values::Bool(_) => 0,
+            Values::Bytes32 { offsets, .. } => 4 * n + (offsets[n] - offsets[0]) as usize,
+            Values::Bytes64 { offsets, .. } => 4 * n + (offsets[n] - offsets[0]) as usize,
+        }
+    }
+
     /// Appends row `i`'s value.
     fn write(&self, i: usize, out: &mut Vec<u8>) {
         if self.nulls.is_some_and(|n| n.is_null(i)) {
@@ -261,6 +291,22 @@ impl<'a> ColumnIn<'a> {
         out.extend_from_slice(&(value.len() as u32).to_le_bytes());
         out.extend_from_slice(value);
     }
+}
+
+/// Where the value of a column of `layout` at `at` in `row` ends, and its bytes.
+fn value_extent(layout: Layout, row: &[u8], at: usize) -> Result<(usize, usize)> {
+    let flag = *row.get(at).ok_or_else(corrupt)?;
+    let at = at + 1;
+    Ok(match layout {
+        _ if flag == NULL => (at, 0),
+        Layout::Fixed(width) => (at + width, width),
+        Layout::Bool => (at, 0),
+        Layout::Bytes { .. } => {
+            let len = row.get(at..at + 4).ok_or_else(corrupt)?;
+            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+            (at + 4 + len, len)
+        }
+    })
 }
 
 fn corrupt() -> DataFusionError {

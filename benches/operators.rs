@@ -2,7 +2,8 @@
 //! pointed at (issue 7): TopN and deduplication applying inserts and emitting their
 //! changelog at barriers, an interval join storing, probing and expiring rows, the key
 //! hashing every keyed exchange and rescale uses, a sliding window's slice aggregation
-//! and firing, and applying an updating changelog to a view's rows.
+//! and firing, applying an updating changelog to a view's rows, and the encodings of
+//! whole rows that TopN keeps (flat, against arrow's row format).
 //!
 //! ```sh
 //! cargo bench --bench operators
@@ -26,6 +27,7 @@ use datafusion::physical_expr::expressions::{BinaryExpr, Column};
 use datafusion::physical_expr::PhysicalExpr;
 use weir::plan::window_tvf::WindowKind;
 use weir::stream::exchange::key_group_of;
+use weir::stream::flat_rows::{FlatRows, RowCodec};
 use weir::stream::message::{ChangeBatch, Op};
 use weir::stream::operator::Operator;
 use weir::stream::ops::grouped::AggregateCalls;
@@ -405,8 +407,33 @@ fn changelog_benches(c: &mut Criterion) {
     group.finish();
 }
 
+/// Whole bid rows encoded and decoded again, flat and in arrow's row format.
+fn row_encoding_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rows");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    let batch = bids(&mut Numbers(3), 10_000, 0).rows;
+    let fields = batch.schema().fields().to_vec();
+    let codecs = [
+        ("flat", RowCodec::Flat(FlatRows::new(&fields).unwrap())),
+        (
+            "arrow",
+            RowCodec::Arrow(weir::stream::row_converter(&fields).unwrap()),
+        ),
+    ];
+    for (name, codec) in &codecs {
+        group.bench_function(format!("{name}_encode_and_decode_bids"), |b| {
+            b.iter(|| {
+                let rows = codec.encode(batch.columns()).unwrap();
+                codec.decode((0..ROWS).map(|i| rows.row(i))).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    row_encoding_benches,
     topn_benches,
     join_benches,
     exchange_benches,

@@ -131,6 +131,25 @@ pub mod testing {
         batches
     }
 
+    /// Under the sled backend with no memory budget and no minimum idle time: new keys go
+    /// to disk at a barrier, a key brought back stays in memory while every epoch uses it,
+    /// and goes once an epoch does not. `epoch` runs rows (key, value) and a barrier and
+    /// checks what came out; `counts` says how many keys are in memory and on disk.
+    pub fn brought_back_state_stays_while_in_use<O>(
+        op: &mut O,
+        epoch: impl Fn(&mut O, &[(&'static str, i64)]),
+        counts: impl Fn(&O) -> (usize, usize),
+    ) {
+        epoch(op, &[("a", 1), ("b", 2)]);
+        assert_eq!(counts(op), (0, 2), "new keys go at the barrier");
+        for v in 3..6 {
+            epoch(op, &[("a", v)]);
+            assert_eq!(counts(op), (1, 1), "a key in use stays");
+        }
+        epoch(op, &[("c", 9)]);
+        assert_eq!(counts(op), (0, 3), "a key unused for an epoch goes");
+    }
+
     /// Runs each epoch's batches through `plain` then a barrier, and through `early` a
     /// batch at a time with `after_batch` looking at it after each, then a barrier; after
     /// every epoch both changelogs must leave the same rows, however they were folded.

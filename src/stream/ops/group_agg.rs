@@ -1138,20 +1138,16 @@ mod tests {
 
     #[test]
     fn groups_brought_back_from_disk_stay_while_in_use() {
-        use Op::Insert as I;
-        let mut op = operator_in(false, Some(0));
-        let on_disk = |op: &GroupAggregate| op.spill.as_ref().unwrap().store_len();
-        // New groups go to disk at the barrier.
-        run_epoch(&mut op, &[("a", 1, I), ("b", 2, I)]);
-        assert_eq!((op.groups.len(), on_disk(&op)), (0, 2));
-        // One brought back stays while each epoch uses it: it is not moved again.
-        for v in 3..6 {
-            assert_eq!(run_epoch(&mut op, &[("a", v, I)]).len(), 2);
-            assert_eq!((op.groups.len(), on_disk(&op)), (1, 1));
-        }
-        // Unused for an epoch, it goes.
-        run_epoch(&mut op, &[("c", 9, I)]);
-        assert_eq!((op.groups.len(), on_disk(&op)), (0, 3));
+        use crate::stream::operator::testing::brought_back_state_stays_while_in_use;
+        brought_back_state_stays_while_in_use(
+            &mut operator_in(false, Some(0)),
+            |op, rows| {
+                let rows: Vec<_> = rows.iter().map(|&(k, v)| (k, v, Op::Insert)).collect();
+                // A new result per key, an update (two rows) for a key seen before.
+                assert!(!run_epoch(op, &rows).is_empty());
+            },
+            |op| (op.groups.len(), op.spill.as_ref().unwrap().store_len()),
+        );
     }
 
     #[test]

@@ -811,20 +811,16 @@ mod tests {
 
     #[test]
     fn partitions_brought_back_from_disk_stay_while_in_use() {
-        use Op::Insert as I;
-        let mut op = operator_in(false, Some(0));
-        let on_disk = |op: &TopN| op.spill.as_ref().unwrap().store_len();
-        // New partitions go to disk at the barrier.
-        run_epoch(&mut op, &[("go", 1, I), ("chess", 2, I)]);
-        assert_eq!((op.partitions.len(), on_disk(&op)), (0, 2));
-        // One brought back stays while each epoch uses it: it is not moved again.
-        for score in 3..6 {
-            assert!(!run_epoch(&mut op, &[("go", score, I)]).is_empty());
-            assert_eq!((op.partitions.len(), on_disk(&op)), (1, 1));
-        }
-        // Unused for an epoch, it goes.
-        run_epoch(&mut op, &[("poker", 9, I)]);
-        assert_eq!((op.partitions.len(), on_disk(&op)), (0, 3));
+        use crate::stream::operator::testing::brought_back_state_stays_while_in_use;
+        brought_back_state_stays_while_in_use(
+            &mut operator_in(false, Some(0)),
+            |op, rows| {
+                let rows: Vec<_> = rows.iter().map(|&(k, v)| (k, v, Op::Insert)).collect();
+                // Rising scores: each row enters its partition's top.
+                assert!(!run_epoch(op, &rows).is_empty());
+            },
+            |op| (op.partitions.len(), op.spill.as_ref().unwrap().store_len()),
+        );
     }
 
     #[test]

@@ -9,8 +9,7 @@
 //! Schemas with other column types (lists, structs, dictionaries, views) use arrow's row
 //! format ([`RowCodec::Arrow`]).
 
-use datafusion::arrow::array::BooleanBufferBuilder;
-use datafusion::arrow::array::{make_array, Array, ArrayData, ArrayRef};
+use datafusion::arrow::array::{make_array, Array, ArrayData, ArrayRef, BooleanBufferBuilder};
 use datafusion::arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
 use datafusion::arrow::datatypes::{DataType, FieldRef};
 use datafusion::arrow::row::{RowConverter, Rows};

@@ -110,17 +110,7 @@ impl RunStore {
         hash
     }
 
-    /// Where `key`'s value is, confirmed against the key stored there.
-    fn find(&self, key: &[u8]) -> Result<Option<Slot>> {
-        let mut found = None;
-        self.visit(&[key], &mut |_, slot, _| {
-            found = Some(slot);
-            Ok(())
-        })?;
-        Ok(found)
-    }
-
-    /// Takes `key` (stored at `slot`, as [`RunStore::find`] says) out of the indexes.
+    /// Takes `key` (stored at `slot`, as [`RunStore::visit`] found) out of the indexes.
     fn unindex(&mut self, key: &[u8], slot: Slot) {
         if self.collided.remove(key).is_none() {
             let removed = self.index.remove(&self.hash(key));
@@ -142,9 +132,23 @@ impl RunStore {
         for (i, (key, _)) in records.iter().enumerate().rev() {
             last[i] = seen.insert(*key);
         }
+        let kept: Vec<(&[u8], &[u8])> = records
+            .iter()
+            .zip(&last)
+            .filter(|(_, last)| **last)
+            .map(|(record, _)| *record)
+            .collect();
+        // The slots the keys replace, all found at once: each run holding some is read
+        // once (a lookup per key read a run per key).
+        let keys: Vec<&[u8]> = kept.iter().map(|(key, _)| *key).collect();
+        let mut replaced: Vec<Option<Slot>> = vec![None; kept.len()];
+        self.visit(&keys, &mut |i, slot, _| {
+            replaced[i] = Some(slot);
+            Ok(())
+        })?;
         let mut run: Vec<u8> = Vec::new();
-        let mut slots: Vec<(&[u8], Slot)> = Vec::new();
-        for (&(key, value), _) in records.iter().zip(&last).filter(|(_, last)| **last) {
+        let mut slots: Vec<(&[u8], Slot, Option<Slot>)> = Vec::new();
+        for (&(key, value), old) in kept.iter().zip(replaced) {
             if run.len() >= RUN_BYTES {
                 self.seal(&mut run, &mut slots)?;
             }
@@ -158,7 +162,7 @@ impl RunStore {
                 offset: offset as u32,
                 len: value.len() as u32,
             };
-            slots.push((key, slot));
+            slots.push((key, slot, old));
         }
         if !run.is_empty() {
             self.seal(&mut run, &mut slots)?;
@@ -166,9 +170,13 @@ impl RunStore {
         Ok(())
     }
 
-    /// Ends the run being built: indexes its entries (releasing the slots they replace)
-    /// and writes it.
-    fn seal(&mut self, run: &mut Vec<u8>, slots: &mut Vec<(&[u8], Slot)>) -> Result<()> {
+    /// Ends the run being built: indexes its entries (releasing the slots they replace,
+    /// given with them) and writes it.
+    fn seal(
+        &mut self,
+        run: &mut Vec<u8>,
+        slots: &mut Vec<(&[u8], Slot, Option<Slot>)>,
+    ) -> Result<()> {
         let id = self.next_run;
         self.next_run += 1;
         self.files.put(id, run)?;
@@ -177,8 +185,8 @@ impl RunStore {
             live: 0,
         };
         run.clear();
-        for (key, slot) in slots.drain(..) {
-            if let Some(old) = self.find(key)? {
+        for (key, slot, old) in slots.drain(..) {
+            if let Some(old) = old {
                 self.unindex(key, old);
                 self.release(old, entry_size(key, old.len as usize))?;
             }

@@ -12,6 +12,7 @@
 pub mod files;
 pub mod runs;
 
+use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,27 @@ use datafusion::common::{DataFusionError, Result};
 
 /// An operator subtask's directory of scratch files, removed when its last user goes.
 pub type ScratchDir = Arc<tempfile::TempDir>;
+
+/// 64-bit hashes of keys, for the in-memory indexes of state on disk (a hit is confirmed
+/// against the key stored with the value). Tests cut them to a few values, so that keys
+/// collide.
+#[derive(Default)]
+pub struct KeyHasher {
+    state: RandomState,
+    #[cfg(test)]
+    pub few: Option<u64>,
+}
+
+impl KeyHasher {
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        let hash = self.state.hash_one(key);
+        #[cfg(test)]
+        if let Some(few) = self.few {
+            return hash % few;
+        }
+        hash
+    }
+}
 
 /// Where operators keep the keyed state that does not stay in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,11 +16,10 @@
 //! goes is deleted; one that falls below half live when an entry is taken has its live
 //! entries written again as a new run, so dead bytes stay below the bytes taken.
 
-use std::hash::{BuildHasher, RandomState};
-
 use datafusion::common::{DataFusionError, HashMap, HashSet, Result};
 
 use super::files::RunFiles;
+use super::KeyHasher;
 
 /// Bytes of entries packed into one run.
 const RUN_BYTES: usize = 16 << 10;
@@ -56,10 +55,7 @@ pub struct RunStore {
     index: HashMap<u64, Slot>,
     /// Keys whose hash another stored key holds in `index`.
     collided: HashMap<Box<[u8]>, Slot>,
-    hasher: RandomState,
-    /// Tests: hashes cut to a few values, so that keys collide.
-    #[cfg(test)]
-    few_hashes: bool,
+    hasher: KeyHasher,
     runs: HashMap<u64, Run>,
     next_run: u64,
     /// Bytes of live keys and values.
@@ -79,9 +75,7 @@ impl RunStore {
             files,
             index: HashMap::default(),
             collided: HashMap::default(),
-            hasher: RandomState::new(),
-            #[cfg(test)]
-            few_hashes: false,
+            hasher: KeyHasher::default(),
             runs: HashMap::default(),
             next_run: 0,
             bytes: 0,
@@ -102,12 +96,7 @@ impl RunStore {
     }
 
     fn hash(&self, key: &[u8]) -> u64 {
-        let hash = self.hasher.hash_one(key);
-        #[cfg(test)]
-        if self.few_hashes {
-            return hash % 3;
-        }
-        hash
+        self.hasher.hash(key)
     }
 
     /// Takes `key` (stored at `slot`, as [`RunStore::visit`] found) out of the indexes.
@@ -430,7 +419,7 @@ mod tests {
         for few_hashes in [false, true] {
             let mut s = store();
             // Keys of the same hash go to the exact index.
-            s.few_hashes = few_hashes;
+            s.hasher.few = few_hashes.then_some(3);
             come_back_replaced_and_removed(&mut s);
             assert_eq!(s.collided.len(), 0);
         }
@@ -446,7 +435,7 @@ mod tests {
         assert_eq!(s.len(), 100);
         assert_eq!(s.bytes(), 100 * (5 + 1000) - 10);
         assert_eq!(s.take(b"nope").unwrap(), None);
-        if s.few_hashes {
+        if s.hasher.few.is_some() {
             assert_eq!(s.collided.len(), 97);
         }
         // Replacing a key (twice in one call: the last wins).
@@ -495,7 +484,7 @@ mod tests {
     fn a_run_below_half_live_is_written_again() {
         for few_hashes in [false, true] {
             let mut s = store();
-            s.few_hashes = few_hashes;
+            s.hasher.few = few_hashes.then_some(3);
             written_again(&mut s);
         }
     }

@@ -16,7 +16,6 @@
 //! then makes runs of them; the join starts with everything on disk.
 
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use datafusion::arrow::array::Int64Array;
@@ -31,7 +30,7 @@ use super::{Encoded, StreamJoin};
 use crate::stream::message::Millis;
 use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{ScratchDir, SledBackend};
+use crate::stream::state_backend::{KeyHasher, ScratchDir, SledBackend};
 
 /// Keys moved or read per group, so no group of rows gets big.
 const GROUP_KEYS: usize = 4096;
@@ -45,10 +44,7 @@ pub(super) struct Spill {
     stores: [RunStore; 2],
     /// Each input's sequence numbers of runs, by hash of the join key.
     pieces: [HashMap<u64, SmallVec<[u64; 2]>>; 2],
-    hasher: RandomState,
-    /// Tests: hashes cut to a few values, so that keys share lists.
-    #[cfg(test)]
-    pub(super) few_hashes: bool,
+    pub(super) hasher: KeyHasher,
     /// Bytes each input keeps in memory.
     memory: usize,
     /// Whole rows of each input, as stored in records.
@@ -171,9 +167,7 @@ impl Spill {
                 RunStore::new(RunFiles::new(dir.clone())),
             ],
             pieces: [HashMap::default(), HashMap::default()],
-            hasher: RandomState::new(),
-            #[cfg(test)]
-            few_hashes: false,
+            hasher: KeyHasher::default(),
             dir,
             memory: backend.memory,
             rows: [converter(&inputs[0])?, converter(&inputs[1])?],
@@ -205,23 +199,14 @@ impl Spill {
         self.next_run += 1;
         let run_key = run_key(key, seq);
         self.bytes[s] += run_key.len() + len;
-        let hash = self.key_hash(key);
+        let hash = self.hasher.hash(key);
         self.pieces[s].entry(hash).or_default().push(seq);
         run_key
     }
 
-    fn key_hash(&self, key: &[u8]) -> u64 {
-        let hash = self.hasher.hash_one(key);
-        #[cfg(test)]
-        if self.few_hashes {
-            return hash % 2;
-        }
-        hash
-    }
-
     /// The record keys of the runs of `key` that input `s` may have (its hash's).
     fn runs_of(&self, s: usize, key: &[u8]) -> Vec<Vec<u8>> {
-        match self.pieces[s].get(&self.key_hash(key)) {
+        match self.pieces[s].get(&self.hasher.hash(key)) {
             Some(seqs) => seqs.iter().map(|&seq| run_key(key, seq)).collect(),
             None => Vec::new(),
         }
@@ -231,7 +216,7 @@ impl Spill {
     fn forget_run(&mut self, s: usize, run_key: &[u8]) -> Result<()> {
         let key = key_of(run_key)?;
         let seq = u64::from_be_bytes(run_key[run_key.len() - 8..].try_into().expect("8 bytes"));
-        let hash = self.key_hash(key);
+        let hash = self.hasher.hash(key);
         if let Some(seqs) = self.pieces[s].get_mut(&hash) {
             seqs.retain(|q| *q != seq);
             if seqs.is_empty() {

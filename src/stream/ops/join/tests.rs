@@ -407,7 +407,7 @@ fn random_changelogs_give_the_join_of_the_current_rows() {
             let mut j = join_in(spec(kind, less.then(less_filter)), memory);
             if let Some(spill) = j.spill.as_mut() {
                 // Keys whose hashes are the same share a list of runs.
-                spill.few_hashes = seed % 3 == 0;
+                spill.hasher.few = (seed % 3 == 0).then_some(2);
             }
             let mut rng = Lcg(seed * 7919 + 17);
             let mut rows: [Vec<(i64, i64)>; 2] = [Vec::new(), Vec::new()];

@@ -171,8 +171,7 @@ impl GroupAggregate {
         } else {
             self.move_out(memory)?;
         }
-        self.created_since_shed.fill(false);
-        self.early_emit_mark_moved();
+        self.shed_done();
         Ok(())
     }
 
@@ -183,8 +182,7 @@ impl GroupAggregate {
         self.emit(out)?;
         let memory = self.spill.as_ref().expect("present").memory;
         self.move_out(memory)?;
-        self.created_since_shed.fill(false);
-        self.early_emit_mark_moved();
+        self.shed_done();
         Ok(())
     }
 
@@ -205,7 +203,10 @@ impl GroupAggregate {
         Ok(())
     }
 
-    fn early_emit_mark_moved(&mut self) {
+    /// After a shed: the groups in memory count as not created since, and the next
+    /// early emit is when they outgrow what stayed.
+    fn shed_done(&mut self) {
+        self.created_since_shed.fill(false);
         let stayed = self.memory_size();
         if let Some(spill) = self.spill.as_mut() {
             spill.early_emit.moved(stayed);

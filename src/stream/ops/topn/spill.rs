@@ -193,10 +193,7 @@ impl TopN {
         } else {
             self.move_out(memory)?;
         }
-        for p in self.partitions.values_mut() {
-            p.created_since_shed = false;
-        }
-        self.early_emit_mark_moved();
+        self.shed_done();
         Ok(())
     }
 
@@ -207,10 +204,7 @@ impl TopN {
         self.emit(out)?;
         let memory = self.spill.as_ref().map_or(0, Spill::memory);
         self.move_out(memory)?;
-        for p in self.partitions.values_mut() {
-            p.created_since_shed = false;
-        }
-        self.early_emit_mark_moved();
+        self.shed_done();
         Ok(())
     }
 
@@ -234,7 +228,12 @@ impl TopN {
         Ok(())
     }
 
-    fn early_emit_mark_moved(&mut self) {
+    /// After a shed: the partitions in memory count as not created since, and the next
+    /// early emit is when they outgrow what stayed.
+    fn shed_done(&mut self) {
+        for p in self.partitions.values_mut() {
+            p.created_since_shed = false;
+        }
         let stayed = self.bytes;
         if let Some(spill) = self.spill.as_mut() {
             spill.early_emit.moved(stayed);

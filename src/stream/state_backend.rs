@@ -161,3 +161,17 @@ fn human_bytes(bytes: usize) -> String {
         format!("{bytes} bytes")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_clock_counts_a_look_only_after_the_minimum_idle_time() {
+        let mut clock = IdleClock::new(Duration::from_secs(3600));
+        assert_eq!(clock.look(), None);
+        let mut clock = IdleClock::new(Duration::ZERO);
+        let first = clock.look().unwrap();
+        assert!(clock.look().unwrap() >= first);
+    }
+}

@@ -1151,16 +1151,6 @@ mod tests {
     }
 
     #[test]
-    fn the_idle_clock_counts_a_look_only_after_the_minimum_idle_time() {
-        use crate::stream::state_backend::IdleClock;
-        let mut clock = IdleClock::new(Duration::from_secs(3600));
-        assert_eq!(clock.look(), None);
-        let mut clock = IdleClock::new(Duration::ZERO);
-        let first = clock.look().unwrap();
-        assert!(clock.look().unwrap() >= first);
-    }
-
-    #[test]
     fn groups_that_outgrow_the_budget_between_barriers_emit_early_and_go_to_disk() {
         use crate::stream::operator::testing::leave_the_same_rows;
         use crate::stream::state_backend::EarlyEmitMark;

@@ -78,7 +78,7 @@ impl TopN {
         let mut batches = Vec::new();
         for chunk in keys.chunks(CHUNK_PARTITIONS) {
             let partitions: Vec<(&[u8], &Partition)> =
-                chunk.iter().map(|&k| (k, &self.partitions[k])).collect();
+                chunk.iter().map(|&k| (k, &*self.partitions[k])).collect();
             batches.extend(Self::chunk_batches(
                 self.limit,
                 self.rows_codec.is_flat(),
@@ -244,7 +244,7 @@ impl TopN {
     /// The partition `key`, brought back from disk or new.
     fn partition(&mut self, key: &[u8]) -> Result<&mut Partition> {
         if !self.partitions.contains_key(key) && !self.bring_back(key)? {
-            self.partitions.insert(key.into(), Partition::default());
+            self.partitions.insert(key.into(), Box::default());
         }
         Ok(self.partitions.get_mut(key).expect("inserted"))
     }

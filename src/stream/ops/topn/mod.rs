@@ -61,8 +61,9 @@ struct Partition {
     created_since_shed: bool,
 }
 
-/// A partition's own fields and its map slot, beside its key and rows.
-const PARTITION_OVERHEAD: usize = 96;
+/// A partition's own fields (boxed) and its map slot, beside its key and rows.
+const PARTITION_OVERHEAD: usize =
+    std::mem::size_of::<Partition>() + std::mem::size_of::<(Arc<[u8]>, Box<Partition>)>();
 
 /// An emitted row's slot (its bytes are shared with, and counted by, its entry).
 const EMITTED_SLOT: usize = 16;
@@ -79,8 +80,10 @@ pub struct TopN {
     sort_converter: RowConverter,
     /// Whole rows, as entries hold them.
     rows_codec: RowCodec,
-    /// Keys shared with the `changed` and `dirty` lists.
-    partitions: HashMap<Arc<[u8]>, Partition>,
+    /// Keys shared with the `changed` and `dirty` lists. Partitions are boxed so the
+    /// map's slots stay small: it grows by doubling, copying every slot, and over many
+    /// keys its slots were most of the memory.
+    partitions: HashMap<Arc<[u8]>, Box<Partition>>,
     /// Partitions with changes not emitted yet.
     changed: Vec<Arc<[u8]>>,
     /// Partitions changed (or gone) since the previous snapshot, possibly repeated.
@@ -302,10 +305,10 @@ impl Operator for TopN {
                 EntryRef::Occupied(entry) => entry,
                 EntryRef::Vacant(entry) => {
                     self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
-                    let new = Partition {
+                    let new = Box::new(Partition {
                         created_since_shed: true,
                         ..Partition::default()
-                    };
+                    });
                     entry.insert_entry_with_key(Arc::from(key.as_ref()), new)
                 }
             };

@@ -311,7 +311,7 @@ impl TopN {
             if dirty {
                 Self::mark_dirty(&mut self.dirty, &key, &mut p);
             }
-            self.partitions.insert(key, p);
+            self.partitions.insert(key, Box::new(p));
         }
         Ok(n)
     }

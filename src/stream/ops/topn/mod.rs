@@ -31,6 +31,7 @@ mod ranked;
 mod spill;
 
 use crate::stream::flat_rows::RowCodec;
+use crate::stream::source::BATCH_SIZE;
 use ranked::{Entry, Ranked};
 
 /// A sort key of the TopN: an expression and its direction.
@@ -245,10 +246,9 @@ impl TopN {
                 Self::mark_dirty(&mut self.dirty, &key, partition);
             }
         }
-        for rows in [old, new] {
-            if rows.is_empty() {
-                continue;
-            }
+        // In source-sized batches: one batch of a million changed rows would be
+        // hundreds of MiB allocated fresh (zeroed by the kernel) at every barrier.
+        for rows in old.chunks(BATCH_SIZE).chain(new.chunks(BATCH_SIZE)) {
             let mut columns = self
                 .rows_codec
                 .decode(rows.iter().map(|(r, _, _)| r.row()))?;
@@ -509,6 +509,35 @@ mod tests {
         op.on_barrier(&mut out).unwrap();
         assert_eq!(lines(&out), ["-D go,5,1", "-D go,1,2"]);
         assert_eq!(op.state_size(), 0);
+    }
+
+    #[test]
+    fn many_changed_partitions_emit_in_source_sized_batches() {
+        let mut op = operator(true);
+        let mut out = Vec::new();
+        let games: Vec<String> = (0..BATCH_SIZE + 10).map(|i| format!("g{i}")).collect();
+        let rows = |op: Op| -> Vec<(&str, i64, Op)> {
+            games.iter().map(|g| (g.as_str(), 1, op)).collect()
+        };
+        op.process(0, batch(&rows(Op::Insert)), &mut out).unwrap();
+        op.on_barrier(&mut out).unwrap();
+        let sizes: Vec<usize> = out.iter().map(|b| b.rows.num_rows()).collect();
+        assert_eq!(sizes, [BATCH_SIZE, 10]);
+        out.clear();
+        // Retractions first, every partition's, then the rows that replace them.
+        let mut changes = rows(Op::Delete);
+        changes.extend(games.iter().map(|g| (g.as_str(), 2, Op::Insert)));
+        op.process(0, batch(&changes), &mut out).unwrap();
+        op.on_barrier(&mut out).unwrap();
+        let sizes: Vec<usize> = out.iter().map(|b| b.rows.num_rows()).collect();
+        assert_eq!(sizes, [BATCH_SIZE, 10, BATCH_SIZE, 10]);
+        let lines = lines(&out);
+        assert!(lines[..BATCH_SIZE + 10]
+            .iter()
+            .all(|l| l.starts_with("-U ") && l.ends_with(",1,1")));
+        assert!(lines[BATCH_SIZE + 10..]
+            .iter()
+            .all(|l| l.starts_with("+U ") && l.ends_with(",2,1")));
     }
 
     #[test]

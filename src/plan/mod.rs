@@ -1,5 +1,6 @@
 //! From DataFusion's LogicalPlan to a streaming operator graph.
 
+pub mod case_lookup;
 pub mod explain;
 pub mod planner;
 pub mod shared_subexpressions;

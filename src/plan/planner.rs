@@ -284,7 +284,8 @@ impl<'a> Planner<'a> {
     }
 
     fn physical(&self, expr: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
-        self.state.create_physical_expr(expr.clone(), schema)
+        let expr = crate::plan::case_lookup::rewrite(expr.clone())?;
+        self.state.create_physical_expr(expr, schema)
     }
 
     fn add(&mut self, node: StreamNode) -> usize {

@@ -303,8 +303,10 @@ impl Rng {
     }
 }
 
+/// Nexmark's `10^(6u) * 100` for a uniform `u`, as `e^(6u ln 10)`: `exp` costs about half
+/// of `powf` (5 % of a stateless query's profile).
 fn next_price(rng: &mut Rng) -> i64 {
-    (10f64.powf(rng.unit() * 6.0) * 100.0).round() as i64
+    ((rng.unit() * 6.0 * std::f64::consts::LN_10).exp() * 100.0).round() as i64
 }
 
 /// Random lowercase letters, sliced for `extra` strings instead of drawing each letter.

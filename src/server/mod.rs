@@ -37,6 +37,7 @@ pub struct Server {
 impl Server {
     /// Opens the data directory, binds the address and starts accepting connections.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        crate::without_transparent_huge_pages();
         let engine = Engine::open(&config.data_dir)?;
         engine.resume().await;
         let listener = TcpListener::bind(&config.listen)

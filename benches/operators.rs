@@ -2,8 +2,9 @@
 //! pointed at (issue 7): TopN and deduplication applying inserts and emitting their
 //! changelog at barriers, an interval join storing, probing and expiring rows, the key
 //! hashing every keyed exchange and rescale uses, a sliding window's slice aggregation
-//! and firing, applying an updating changelog to a view's rows, and the encodings of
-//! whole rows that TopN keeps (flat, against arrow's row format).
+//! and firing, applying an updating changelog to a view's rows, the encodings of whole
+//! rows that TopN keeps (flat, against arrow's row format), and a CASE of literal
+//! branches as DataFusion evaluates it and as a lookup.
 //!
 //! ```sh
 //! cargo bench --bench operators
@@ -432,8 +433,61 @@ fn row_encoding_benches(c: &mut Criterion) {
     group.finish();
 }
 
+/// q21's CASE over 8192 rows (half of them one of four channel names, the rest another
+/// name and a url for ELSE), as DataFusion plans it and as Weir's CASE lookup does.
+fn case_benches(c: &mut Criterion) {
+    use datafusion::common::DFSchema;
+    use datafusion::functions::string::expr_fn::{lower, upper};
+    use datafusion::logical_expr::{col, lit, when};
+    use datafusion::prelude::SessionContext;
+    let mut group = c.benchmark_group("case");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    let mut numbers = Numbers(5);
+    let names = ["Apple", "Google", "Facebook", "Baidu"];
+    let channels: Vec<String> = (0..ROWS)
+        .map(|_| match numbers.below(8) as usize {
+            n if n < 4 => names[n].to_string(),
+            _ => format!("channel-{}", numbers.below(10_000)),
+        })
+        .collect();
+    let urls: Vec<String> = (0..ROWS)
+        .map(|i| format!("https://www.nexmark.com/item.htm?query=1&channel_id={i}"))
+        .collect();
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("channel", DataType::Utf8, false),
+            Field::new("url", DataType::Utf8, false),
+        ])),
+        vec![
+            Arc::new(StringArray::from_iter_values(&channels)),
+            Arc::new(StringArray::from_iter_values(&urls)),
+        ],
+    )
+    .unwrap();
+    let schema = DFSchema::try_from(batch.schema().as_ref().clone()).unwrap();
+    let expr = when(lower(col("channel")).eq(lit("apple")), lit("0"))
+        .when(lower(col("channel")).eq(lit("google")), lit("1"))
+        .when(lower(col("channel")).eq(lit("facebook")), lit("2"))
+        .when(lower(col("channel")).eq(lit("baidu")), lit("3"))
+        .otherwise(upper(col("url")))
+        .unwrap();
+    let state = SessionContext::new().state();
+    let plans = [
+        ("branch_by_branch", expr.clone()),
+        ("lookup", weir::plan::case_lookup::rewrite(expr).unwrap()),
+    ];
+    for (name, expr) in plans {
+        let physical = state.create_physical_expr(expr, &schema).unwrap();
+        group.bench_function(format!("q21_channel_ids_{name}"), |b| {
+            b.iter(|| physical.evaluate(&batch).unwrap())
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    case_benches,
     row_encoding_benches,
     topn_benches,
     join_benches,

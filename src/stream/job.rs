@@ -13,6 +13,7 @@ use weir_catalog::Catalog;
 
 use super::checkpoint::chunks::{restore_parts, ChunkWriter};
 use super::checkpoint::coordinator::{Ack, CheckpointHistory, Committer, Coordinator, Durable};
+use super::checkpoint::snapshot_cost::SnapshotCost;
 use super::checkpoint::store::Checkpoints;
 use super::checkpoint::{Precommit, Restored, SourcePosition, StatePart, TaskSnapshot};
 use super::exchange::{AlignedEpochs, Event, Inlet, Outlet, Partitioner, Tagged, CHANNEL_CAPACITY};
@@ -154,13 +155,6 @@ struct Chain {
 /// operators' whole state, too costly after every batch.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
 
-/// Bytes of an operator's last whole snapshot and of the incremental ones since.
-#[derive(Default, Clone, Copy)]
-struct SnapshotCost {
-    whole: Option<usize>,
-    changes: usize,
-}
-
 impl Chain {
     /// Runs `batch` through operators `from..`, returning what comes out of the last one.
     fn push(&mut self, from: usize, input: usize, batch: ChangeBatch) -> Result<Vec<ChangeBatch>> {
@@ -215,8 +209,8 @@ impl Chain {
 
     /// Every operator's state, in chain order, and whether each is only what changed
     /// since its previous snapshot. An operator that can tell its changes gives them until
-    /// they add up to more than its last whole snapshot (so a restore reads at most about
-    /// twice its state), then a whole one again. What an operator keeps beyond memory goes
+    /// a restore would read more than about twice its state ([`SnapshotCost`]), then a
+    /// whole one again. What an operator keeps beyond memory goes
     /// to `chunks` (the job's checkpoints) as it is read, as epoch `epoch`'s, task `task`'s.
     fn snapshot(
         &mut self,
@@ -234,7 +228,8 @@ impl Chain {
             .zip(&mut self.snapshots)
             .enumerate()
         {
-            let due = cost.whole.is_none_or(|w| cost.changes > w);
+            let state_size = op.state_size();
+            let due = cost.whole_due(state_size);
             let (batches, whole) = match if due { None } else { op.snapshot_changes()? } {
                 Some(batches) => (batches, false),
                 None => (op.snapshot()?, true),
@@ -244,14 +239,7 @@ impl Chain {
             op.snapshot_beyond_memory(whole, &mut |b| writer.push(b))?;
             parts.extend(writer.finish()?);
             let bytes = parts.iter().map(StatePart::bytes).sum();
-            if whole {
-                *cost = SnapshotCost {
-                    whole: Some(bytes),
-                    changes: 0,
-                };
-            } else {
-                cost.changes += bytes;
-            }
+            cost.record(whole, bytes, state_size);
             states.push(parts);
             changes.push(!whole);
         }

@@ -6,6 +6,7 @@ pub mod chunks;
 pub mod coordinator;
 mod frame;
 pub mod rescale;
+pub mod snapshot_cost;
 pub mod store;
 
 use std::path::PathBuf;

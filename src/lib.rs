@@ -13,8 +13,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Turns transparent huge pages off for this process (Linux; elsewhere nothing to do).
 /// mimalloc asks for them, and each first touch of a 2 MiB page has the kernel zero all of
-/// it: state that grows and snapshots that come and go spent twice the system time (Nexmark
-/// q18: 4-6 s against 2-3 s) and more memory (q0's peak 164 -> 117 MiB) for a few percent
+/// it: state that grows and snapshots that come and go spent 3-4 times the system time (Nexmark
+/// q18: 4-5 s against 1.3 s) and more memory (q0's peak 159 -> 124 MiB) for a few percent
 /// fewer TLB misses. Databases commonly ask for the same (Redis, MongoDB, TiKV).
 pub fn without_transparent_huge_pages() {
     #[cfg(target_os = "linux")]

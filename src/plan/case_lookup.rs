@@ -9,14 +9,54 @@
 //! once. Both give the same value for every row: a NULL `x` matches neither `x = lit` nor
 //! `x IN (...)`, the first of repeated literals wins in both, `x` is evaluated for every row
 //! by the first WHEN either way, and the remaining branches see the same rows.
+//!
+//! [`CaseLookup`] is an optimizer rule of the engine's session, so queries, views and jobs
+//! all get it, and EXPLAIN shows it.
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::Result;
 use datafusion::logical_expr::expr::{Case, InList};
-use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
+use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
+
+/// The rewrite for every expression of a plan; rewritten expressions keep their names, so
+/// the plan's schemas do not change.
+#[derive(Debug, Default)]
+pub struct CaseLookup;
+
+impl OptimizerRule for CaseLookup {
+    fn name(&self) -> &str {
+        "case_lookup"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::BottomUp)
+    }
+
+    fn supports_rewrite(&self) -> bool {
+        true
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        let names = NamePreserver::new(&plan);
+        plan.map_expressions(|expr| {
+            let name = names.save(&expr);
+            Ok(rewrite_cases(expr)?.update_data(|e| name.restore(e)))
+        })
+    }
+}
 
 /// `expr` with each CASE of that shape (at least two such branches) rewritten.
 pub fn rewrite(expr: Expr) -> Result<Expr> {
+    rewrite_cases(expr).map(|t| t.data)
+}
+
+fn rewrite_cases(expr: Expr) -> Result<Transformed<Expr>> {
     expr.transform_up(|e| match e {
         Expr::Case(case) => Ok(match lookup(&case) {
             Some(rewritten) => Transformed::yes(rewritten),
@@ -24,7 +64,6 @@ pub fn rewrite(expr: Expr) -> Result<Expr> {
         }),
         other => Ok(Transformed::no(other)),
     })
-    .map(|t| t.data)
 }
 
 /// `(x, literal)` of a `x = literal` or `literal = x` condition with a non-NULL literal.

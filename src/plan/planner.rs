@@ -284,8 +284,7 @@ impl<'a> Planner<'a> {
     }
 
     fn physical(&self, expr: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
-        let expr = crate::plan::case_lookup::rewrite(expr.clone())?;
-        self.state.create_physical_expr(expr, schema)
+        self.state.create_physical_expr(expr.clone(), schema)
     }
 
     fn add(&mut self, node: StreamNode) -> usize {

@@ -98,7 +98,9 @@ impl Engine {
             .with_default_catalog_and_schema(names::CATALOG, names::SCHEMA)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(false);
-        let ctx = Arc::new(SessionContext::new_with_config(config));
+        let ctx = SessionContext::new_with_config(config);
+        ctx.add_optimizer_rule(Arc::new(crate::plan::case_lookup::CaseLookup));
+        let ctx = Arc::new(ctx);
         let jobs = Jobs::new();
         if tokio::runtime::Handle::try_current().is_ok() {
             jobs.start_epochs(DEFAULT_EPOCH_INTERVAL);

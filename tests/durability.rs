@@ -241,3 +241,15 @@ async fn growing_state_is_written_once_and_restored_from_its_increments() {
     );
     server.stop().await;
 }
+
+/// The server turns transparent huge pages off for its process (README, "Set-up").
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    // SAFETY: PR_GET_THP_DISABLE takes no arguments and returns the process's flag.
+    let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+    assert_eq!(disabled, 1);
+    server.stop().await;
+}

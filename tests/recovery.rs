@@ -227,11 +227,16 @@ async fn a_crash_at_each_checkpoint_phase_with_state_in_sled_loses_and_doubles_n
 }
 
 async fn crash_at_each_checkpoint_phase(settings: &[&str]) {
-    for point in [
+    let mut points = vec![
         "checkpoint-before-ack",
         "checkpoint-during-write",
         "checkpoint-before-publish",
-    ] {
+    ];
+    if !settings.is_empty() {
+        // While the state on disk is read and stored, off the task.
+        points.push("checkpoint-storing-beyond-memory");
+    }
+    for point in points {
         let at = 4;
         let (dir, sink) = new_pipeline(settings).await;
         let spec = format!("{point}=crash@{at}");
@@ -274,15 +279,31 @@ async fn crash_at_each_checkpoint_phase(settings: &[&str]) {
 /// CHECKPOINTS reports the checkpoints, the failed one with its cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_or_a_failed_checkpoint_restarts_only_its_job() {
+    restarts_only_its_job(
+        "operator-process=panic@12,checkpoint-during-write=error@9",
+        "",
+        "did not confirm",
+    )
+    .await;
+}
+
+/// The same when a task cannot store the state its GROUP BY keeps on disk (read off the
+/// task, after the barrier): the checkpoint fails with that cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_whose_state_on_disk_cannot_be_stored_restarts_only_its_job() {
+    restarts_only_its_job(
+        "checkpoint-storing-beyond-memory=error@1",
+        "SET 'state.backend' = 'sled'; SET 'state.backend.sled.memory' = '0';",
+        "could not store its state: Execution error: failpoint checkpoint-storing-beyond-memory",
+    )
+    .await;
+}
+
+async fn restarts_only_its_job(failpoints: &str, settings: &str, cause: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let weir = WeirProcess::start_with_env(
-        dir.path(),
-        &[(
-            "WEIR_FAILPOINTS",
-            "operator-process=panic@12,checkpoint-during-write=error@9",
-        )],
-    );
+    let weir = WeirProcess::start_with_env(dir.path(), &[("WEIR_FAILPOINTS", failpoints)]);
     let client = connect(weir.port).await;
+    client.batch_execute(settings).await.unwrap();
     client
         .batch_execute(
             "SET 'parallelism.default' = '1';
@@ -335,7 +356,7 @@ async fn a_panic_or_a_failed_checkpoint_restarts_only_its_job() {
     assert!(
         checkpoints
             .iter()
-            .any(|c| c[8].starts_with("FAILED: ") && c[8].contains("did not confirm")),
+            .any(|c| c[8].starts_with("FAILED: ") && c[8].contains(cause)),
         "{checkpoints:?}"
     );
 }

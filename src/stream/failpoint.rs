@@ -12,6 +12,9 @@ use std::sync::OnceLock;
 pub mod at {
     /// A task snapshotted and is about to acknowledge the barrier.
     pub const BEFORE_ACK: &str = "checkpoint-before-ack";
+    /// A task's thread storing the state its operators keep beyond memory read some of
+    /// it and has not acknowledged the barrier.
+    pub const STORING_BEYOND_MEMORY: &str = "checkpoint-storing-beyond-memory";
     /// The coordinator is about to write an epoch's snapshots to the store.
     pub const DURING_WRITE: &str = "checkpoint-during-write";
     /// The epoch is committed in the store; the sinks have not published it yet.

@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use weir_catalog::Catalog;
 
-use super::checkpoint::chunks::{restore_parts, ChunkWriter};
+use super::checkpoint::beyond_memory::{self, StoringSnapshot};
+use super::checkpoint::chunks::restore_parts;
 use super::checkpoint::coordinator::{Ack, CheckpointHistory, Committer, Coordinator, Durable};
 use super::checkpoint::snapshot_cost::SnapshotCost;
 use super::checkpoint::store::Checkpoints;
@@ -21,7 +22,7 @@ use super::graph::{Exchange, NodeKind, SinkKind, SourceKind, StreamGraph};
 use super::message::{
     wall_clock_ms, ChangeBatch, Epoch, Message, Millis, END_OF_TIME, NO_WATERMARK,
 };
-use super::operator::Operator;
+use super::operator::{Operator, StateReader};
 use super::sink::Sink;
 use super::source::{LaneOf, Read, Reader, SourceRows};
 
@@ -207,21 +208,18 @@ impl Chain {
         Ok(out)
     }
 
-    /// Every operator's state, in chain order, and whether each is only what changed
-    /// since its previous snapshot. An operator that can tell its changes gives them until
-    /// a restore would read more than about twice its state ([`SnapshotCost`]), then a
-    /// whole one again. What an operator keeps beyond memory goes
-    /// to `chunks` (the job's checkpoints) as it is read, as epoch `epoch`'s, task `task`'s.
-    fn snapshot(
-        &mut self,
-        chunks: Option<&Checkpoints>,
-        epoch: Epoch,
-        task: usize,
-    ) -> Result<(Vec<Vec<StatePart>>, Vec<bool>)> {
+    /// Every operator's state in memory, in chain order, whether each is only what
+    /// changed since its previous snapshot, and the readers of what operators keep beyond
+    /// memory, as of now (with their positions in the chain). An operator that can tell
+    /// its changes gives them until a restore would read more than about twice its state
+    /// ([`SnapshotCost`]), then a whole one again.
+    #[allow(clippy::type_complexity)]
+    fn snapshot(&mut self) -> Result<(Vec<Vec<StatePart>>, Vec<bool>, Vec<(usize, StateReader)>)> {
         self.snapshots
             .resize(self.operators.len(), SnapshotCost::default());
         let mut states = Vec::with_capacity(self.operators.len());
         let mut changes = Vec::with_capacity(self.operators.len());
+        let mut readers = Vec::new();
         for (k, (op, cost)) in self
             .operators
             .iter_mut()
@@ -234,16 +232,22 @@ impl Chain {
                 Some(batches) => (batches, false),
                 None => (op.snapshot()?, true),
             };
-            let mut parts: Vec<StatePart> = batches.into_iter().map(StatePart::Batch).collect();
-            let mut writer = ChunkWriter::new(chunks.cloned(), epoch, task, k);
-            op.snapshot_beyond_memory(whole, &mut |b| writer.push(b))?;
-            parts.extend(writer.finish()?);
+            let parts: Vec<StatePart> = batches.into_iter().map(StatePart::Batch).collect();
+            readers.extend(op.snapshot_beyond_memory(whole)?.map(|r| (k, r)));
             let bytes = parts.iter().map(StatePart::bytes).sum();
             cost.record(whole, bytes, state_size);
             states.push(parts);
             changes.push(!whole);
         }
-        Ok((states, changes))
+        Ok((states, changes, readers))
+    }
+
+    /// The snapshot before this one was stored: what its operators' parts beyond memory
+    /// took (by position) counts in their snapshots' cost.
+    fn stored(&mut self, written: Vec<(usize, usize)>) {
+        for (k, bytes) in written {
+            self.snapshots[k].add_stored(bytes);
+        }
     }
 
     /// Publishes the figures of `SHOW JOBS`; between barriers at most every
@@ -270,6 +274,10 @@ enum Output {
     Sink(Sink),
 }
 
+/// A task's snapshot, the readers of what its operators keep beyond memory, and when it
+/// was taken.
+type Taken = (TaskSnapshot, Vec<(usize, StateReader)>, Instant);
+
 struct TaskEnd {
     metrics: Arc<JobMetrics>,
     acks: mpsc::UnboundedSender<Ack>,
@@ -281,43 +289,103 @@ struct TaskEnd {
 }
 
 impl TaskEnd {
-    /// What the task holds now; operators snapshot only when the job keeps checkpoints.
+    /// What the task holds now, and the readers of what its operators keep beyond
+    /// memory; operators snapshot only when the job keeps checkpoints.
     /// `last`: the task ended, and this snapshot stands for every later epoch. An ended
     /// task's operators have emitted all they will and take no more input, so their
     /// state is left out (as Flink's finished operators): a restored ended task ends
     /// again at once with nothing to emit, whatever state it had.
-    #[allow(clippy::too_many_arguments)]
     fn snapshot(
         &self,
         chain: &mut Chain,
-        epoch: Epoch,
         last: bool,
         inputs: Vec<Millis>,
         source: Option<SourcePosition>,
         sink: Option<Precommit>,
-    ) -> Result<TaskSnapshot> {
-        let (operators, changes) = if self.durable && !last {
-            chain.snapshot(self.chunks.as_ref(), epoch, self.task)?
+    ) -> Result<Taken> {
+        let taken = Instant::now();
+        let (operators, changes, readers) = if self.durable && !last {
+            chain.snapshot()?
         } else {
-            (vec![], vec![])
+            (vec![], vec![], vec![])
         };
-        Ok(TaskSnapshot {
+        let snapshot = TaskSnapshot {
             operators,
             changes,
             in_flight: vec![],
             inputs,
             source,
             sink,
-        })
+        };
+        Ok((snapshot, readers, taken))
+    }
+
+    /// Acknowledges barrier `epoch` with `snapshot`: at once when its operators keep
+    /// nothing beyond memory (`readers`), else from the thread that stores that, once
+    /// stored (or reporting why it could not be).
+    fn acknowledge(
+        &self,
+        epoch: Epoch,
+        (snapshot, readers, taken): Taken,
+        alignment: Duration,
+    ) -> Option<StoringSnapshot> {
+        let task = self.task;
+        if readers.is_empty() {
+            self.ack(Ack::Barrier {
+                epoch,
+                task,
+                snapshot,
+                alignment,
+                taken,
+            });
+            return None;
+        }
+        let (acks, durable) = (self.acks.clone(), self.durable);
+        Some(beyond_memory::store(
+            readers,
+            self.chunks.clone(),
+            epoch,
+            task,
+            snapshot,
+            move |stored| {
+                let ack = match stored {
+                    Ok(snapshot) => Ack::Barrier {
+                        epoch,
+                        task,
+                        snapshot,
+                        alignment,
+                        taken,
+                    },
+                    Err(e) => Ack::Failed {
+                        epoch,
+                        task,
+                        cause: e.to_string(),
+                    },
+                };
+                send_ack(&acks, durable, ack);
+            },
+        ))
     }
 
     fn ack(&self, ack: Ack) {
-        if matches!(ack, Ack::Barrier { .. }) && self.durable {
-            super::failpoint::hit(super::failpoint::at::BEFORE_ACK);
-        }
-        // The coordinator is gone only when the job is being torn down.
-        let _ = self.acks.send(ack);
+        send_ack(&self.acks, self.durable, ack);
     }
+}
+
+fn send_ack(acks: &mpsc::UnboundedSender<Ack>, durable: bool, ack: Ack) {
+    if matches!(ack, Ack::Barrier { .. }) && durable {
+        super::failpoint::hit(super::failpoint::at::BEFORE_ACK);
+    }
+    // The coordinator is gone only when the job is being torn down.
+    let _ = acks.send(ack);
+}
+
+/// Waits for the task's previous snapshot to be stored, if it still is being.
+async fn stored(storing: &mut Option<StoringSnapshot>, chain: &mut Chain) -> Result<()> {
+    if let Some(storing) = storing.take() {
+        chain.stored(storing.finished().await?);
+    }
+    Ok(())
 }
 
 impl Output {
@@ -883,7 +951,8 @@ async fn run_task(
     end: TaskEnd,
 ) -> Result<()> {
     // An unaligned checkpoint's snapshot, until its in-flight messages are known.
-    let mut unacknowledged: Option<(Epoch, TaskSnapshot)> = None;
+    let mut unacknowledged: Option<(Epoch, Taken)> = None;
+    let mut storing: Option<StoringSnapshot> = None;
     while let Some(event) = inlet.next().await {
         match event {
             Event::Data(input, batch) => {
@@ -900,36 +969,21 @@ async fn run_task(
                 output.rows(out, &end).await?;
                 chain.report(true);
                 let sink = output.barrier(epoch, inlet.watermark()).await?;
-                let snapshot = end.snapshot(
-                    &mut chain,
-                    epoch,
-                    false,
-                    inlet.channel_watermarks(),
-                    None,
-                    sink,
-                )?;
+                stored(&mut storing, &mut chain).await?;
+                let taken =
+                    end.snapshot(&mut chain, false, inlet.channel_watermarks(), None, sink)?;
                 if inlet.recording() {
                     // Unaligned: acknowledged once the in-flight messages are known.
-                    unacknowledged = Some((epoch, snapshot));
+                    unacknowledged = Some((epoch, taken));
                 } else {
-                    end.ack(Ack::Barrier {
-                        epoch,
-                        task: end.task,
-                        snapshot,
-                        alignment: inlet.last_alignment(),
-                    });
+                    storing = end.acknowledge(epoch, taken, inlet.last_alignment());
                 }
             }
             Event::InFlight(epoch, messages) => {
-                if let Some((taken, mut snapshot)) = unacknowledged.take() {
-                    debug_assert_eq!(taken, epoch);
-                    snapshot.in_flight = messages;
-                    end.ack(Ack::Barrier {
-                        epoch,
-                        task: end.task,
-                        snapshot,
-                        alignment: Duration::ZERO,
-                    });
+                if let Some((at, mut taken)) = unacknowledged.take() {
+                    debug_assert_eq!(at, epoch);
+                    taken.0.in_flight = messages;
+                    storing = end.acknowledge(epoch, taken, Duration::ZERO);
                 }
             }
             Event::Idle => output.signal(Message::Idle).await?,
@@ -939,8 +993,9 @@ async fn run_task(
                 output.rows(out, &end).await?;
                 chain.report(true);
                 let sink = output.end().await?;
-                let snapshot =
-                    end.snapshot(&mut chain, 0, true, inlet.channel_watermarks(), None, sink)?;
+                stored(&mut storing, &mut chain).await?;
+                let (snapshot, _, _) =
+                    end.snapshot(&mut chain, true, inlet.channel_watermarks(), None, sink)?;
                 end.ack(Ack::Ended {
                     task: end.task,
                     snapshot,
@@ -972,6 +1027,7 @@ async fn run_source(
     let mut skipped = 0;
     let mut tick = tokio::time::interval(PROCESSING_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut storing: Option<StoringSnapshot> = None;
     loop {
         let timeout = async {
             match idle_timeout {
@@ -984,6 +1040,7 @@ async fn run_source(
             Some(epoch) = barriers.recv() => {
                 for read in reader.available_now()? {
                     if handle_read(read, None, &mut rows, &mut chain, &mut output, &end, &mut idle).await? {
+                        stored(&mut storing, &mut chain).await?;
                         return source_ended(&mut reader, &rows, &mut chain, &mut output, &end).await;
                     }
                 }
@@ -992,13 +1049,9 @@ async fn run_source(
                 chain.report(true);
                 let sink = output.barrier(epoch, rows.watermark).await?;
                 let position = source_position(&reader, &rows)?;
-                let snapshot = end.snapshot(&mut chain, epoch, false, vec![], Some(position), sink)?;
-                end.ack(Ack::Barrier {
-                    epoch,
-                    task: end.task,
-                    snapshot,
-                    alignment: Duration::ZERO,
-                });
+                stored(&mut storing, &mut chain).await?;
+                let taken = end.snapshot(&mut chain, false, vec![], Some(position), sink)?;
+                storing = end.acknowledge(epoch, taken, Duration::ZERO);
                 continue;
             }
             read = reader.next() => read?,
@@ -1035,6 +1088,7 @@ async fn run_source(
         )
         .await?
         {
+            stored(&mut storing, &mut chain).await?;
             return source_ended(&mut reader, &rows, &mut chain, &mut output, &end).await;
         }
     }
@@ -1102,7 +1156,7 @@ async fn source_ended(
 ) -> Result<()> {
     let sink = output.end().await?;
     let position = source_position(reader, rows)?;
-    let snapshot = end.snapshot(chain, 0, true, vec![], Some(position), sink)?;
+    let (snapshot, _, _) = end.snapshot(chain, true, vec![], Some(position), sink)?;
     end.ack(Ack::Ended {
         task: end.task,
         snapshot,

@@ -7,6 +7,11 @@ use datafusion::common::{DataFusionError, Result};
 
 use super::message::{ChangeBatch, Millis};
 
+/// Reads the state an operator keeps beyond memory as a snapshot froze it, handing its
+/// batches to `out` one at a time ([`Operator::snapshot_beyond_memory`]).
+pub type StateReader =
+    Box<dyn FnOnce(&mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> + Send>;
+
 /// One stage of a continuous query, owned by one subtask.
 ///
 /// An operator sees batches, then the watermark (the minimum over its inputs) each time it
@@ -63,17 +68,15 @@ pub trait Operator: Send {
     }
 
     /// The part of the snapshot just taken (by `snapshot` when `whole`, else by
-    /// `snapshot_changes`) that the operator keeps beyond memory, handed to `out` a batch
-    /// at a time: a checkpoint writes it to the store as it comes instead of holding it.
-    /// A restore gets these batches after the other ones of the same snapshot, maybe over
-    /// several `restore` calls.
-    fn snapshot_beyond_memory(
-        &mut self,
-        whole: bool,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
-        let _ = (whole, out);
-        Ok(())
+    /// `snapshot_changes`) that the operator keeps beyond memory, as it is now: read
+    /// later, off the operator's task, while the operator goes on, into batches handed
+    /// to the reader's `out` one at a time, which a checkpoint writes to the store as
+    /// they come instead of holding them. `None`: nothing beyond memory. A restore gets
+    /// these batches after the other ones of the same snapshot, maybe over several
+    /// `restore` calls.
+    fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        let _ = whole;
+        Ok(None)
     }
 
     /// The job starts from the checkpoint of `epoch` (0: from nothing), called before
@@ -123,11 +126,13 @@ pub mod testing {
         } else {
             op.snapshot_changes().unwrap().unwrap()
         };
-        op.snapshot_beyond_memory(whole, &mut |b| {
-            batches.push(b);
-            Ok(())
-        })
-        .unwrap();
+        if let Some(read) = op.snapshot_beyond_memory(whole).unwrap() {
+            read(&mut |b| {
+                batches.push(b);
+                Ok(())
+            })
+            .unwrap();
+        }
         batches
     }
 

@@ -34,9 +34,18 @@ pub enum Ack {
         snapshot: TaskSnapshot,
         /// How long its input waited for barrier alignment.
         alignment: Duration,
+        /// When it took the snapshot: the checkpoint's duration counts from the first.
+        taken: Instant,
     },
     /// Its input ended; this is its final state and output.
     Ended { task: usize, snapshot: TaskSnapshot },
+    /// Its snapshot for `epoch` could not be stored: the checkpoint fails, and the job
+    /// restarts from its last committed one.
+    Failed {
+        epoch: Epoch,
+        task: usize,
+        cause: String,
+    },
 }
 
 /// Makes a sink's pre-committed output visible when its epoch commits.
@@ -151,6 +160,15 @@ impl Pending {
             alignment: Duration::ZERO,
         }
     }
+
+    /// A task took its snapshot at `taken`: the epoch started then if not earlier.
+    fn started_at(&mut self, taken: Instant) {
+        if taken < self.started {
+            let earlier = self.started.duration_since(taken);
+            self.started = taken;
+            self.started_ms -= earlier.as_millis() as i64;
+        }
+    }
 }
 
 impl Coordinator {
@@ -169,13 +187,23 @@ impl Coordinator {
                     task,
                     snapshot,
                     alignment,
+                    taken,
                 } => {
                     let p = pending.entry(epoch).or_insert_with(Pending::new);
+                    p.started_at(taken);
                     p.tasks.insert(task, snapshot);
                     p.alignment = p.alignment.max(alignment);
                 }
                 Ack::Ended { task, snapshot } => {
                     ended.insert(task, snapshot);
+                }
+                Ack::Failed { epoch, task, cause } => {
+                    let p = pending.remove(&epoch).unwrap_or_else(Pending::new);
+                    let cause = format!("task {task} could not store its state: {cause}");
+                    self.record(epoch, &p, 0, String::new(), format!("FAILED: {cause}"));
+                    return Err(DataFusionError::External(Box::new(CheckpointFailed(
+                        format!("checkpoint {epoch}: {cause}"),
+                    ))));
                 }
             }
             while let Some((&epoch, p)) = pending.first_key_value() {

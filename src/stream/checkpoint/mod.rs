@@ -2,6 +2,7 @@
 //! state, a source's position, a sink's output waiting for the epoch to commit), how that
 //! is stored, and how a restarted job gets it back.
 
+pub mod beyond_memory;
 pub mod chunks;
 pub mod coordinator;
 mod frame;

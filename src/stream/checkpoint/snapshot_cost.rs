@@ -28,6 +28,8 @@ pub struct SnapshotCost {
     layers: usize,
     /// Snapshot bytes per byte of the operator's state size, at the last whole snapshot.
     ratio: Option<f64>,
+    /// The operator's state size at its last whole snapshot.
+    whole_state: usize,
 }
 
 impl SnapshotCost {
@@ -54,12 +56,35 @@ impl SnapshotCost {
                 whole: Some(bytes),
                 changes: 0,
                 layers: 0,
-                ratio: (state_size >= MIN_MEASURED_STATE).then(|| bytes as f64 / state_size as f64),
+                ratio: None,
+                whole_state: state_size,
             };
+            self.measure_ratio();
         } else {
             self.changes += bytes;
             self.layers += 1;
         }
+    }
+
+    /// The latest snapshot took `bytes` more, stored after it was counted (what the
+    /// operator keeps beyond memory).
+    pub fn add_stored(&mut self, bytes: usize) {
+        match &mut self.whole {
+            Some(whole) if self.layers == 0 => {
+                *whole += bytes;
+                self.measure_ratio();
+            }
+            _ => self.changes += bytes,
+        }
+    }
+
+    fn measure_ratio(&mut self) {
+        self.ratio = match self.whole {
+            Some(whole) if self.whole_state >= MIN_MEASURED_STATE => {
+                Some(whole as f64 / self.whole_state as f64)
+            }
+            _ => None,
+        };
     }
 }
 
@@ -72,16 +97,36 @@ mod tests {
     /// Snapshots taken over `epochs`, each epoch's (changes in bytes, state size after):
     /// which were whole.
     fn wholes(epochs: &[(usize, usize)]) -> Vec<bool> {
+        wholes_stored(epochs, 0.0)
+    }
+
+    /// The same, with a share `later` of each snapshot's bytes stored after it was
+    /// counted (state beyond memory).
+    fn wholes_stored(epochs: &[(usize, usize)], later: f64) -> Vec<bool> {
         let mut cost = SnapshotCost::default();
         epochs
             .iter()
             .map(|&(changes, state)| {
                 let whole = cost.whole_due(state);
                 // A whole snapshot writes the state (1 byte a byte here).
-                cost.record(whole, if whole { state } else { changes }, state);
+                let bytes = if whole { state } else { changes };
+                let stored = (bytes as f64 * later) as usize;
+                cost.record(whole, bytes - stored, state);
+                cost.add_stored(stored);
                 whole
             })
             .collect()
+    }
+
+    #[test]
+    fn bytes_stored_after_a_snapshot_count_as_its_own() {
+        let epochs: Vec<(usize, usize)> =
+            (1..=30).map(|e| (30 * MB, 100 * MB + 5 * MB * e)).collect();
+        let at_once = wholes(&epochs);
+        assert!(at_once[1..].contains(&true), "{at_once:?}");
+        for later in [0.5, 1.0] {
+            assert_eq!(wholes_stored(&epochs, later), at_once, "{later}");
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ mod distinct;
 mod signed;
 mod spill;
 use crate::stream::message::{ChangeBatch, Op};
-use crate::stream::operator::Operator;
+use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::state_backend::SledBackend;
 use distinct::DistinctCount;
@@ -741,12 +741,8 @@ impl Operator for GroupAggregate {
         self.changed_snapshot().map(Some)
     }
 
-    fn snapshot_beyond_memory(
-        &mut self,
-        whole: bool,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
-        self.spilled_snapshot(whole, out)
+    fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        self.spilled_snapshot(whole)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {

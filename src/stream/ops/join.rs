@@ -36,7 +36,7 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use self::side::{EntryId, Loc, Side};
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
-use crate::stream::operator::Operator;
+use crate::stream::operator::{Operator, StateReader};
 use crate::stream::source::to_millis;
 use crate::stream::state_backend::SledBackend;
 
@@ -809,12 +809,8 @@ impl Operator for StreamJoin {
         }
     }
 
-    fn snapshot_beyond_memory(
-        &mut self,
-        whole: bool,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
-        self.spilled_snapshot(whole, out)
+    fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        self.spilled_snapshot(whole)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {

@@ -13,6 +13,8 @@
 //! is deleted with it, and a restarted server clears what a killed one left.
 
 use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
 
 use datafusion::common::{DataFusionError, HashMap, Result};
 use tempfile::NamedTempFile;
@@ -31,8 +33,9 @@ struct Place {
 }
 
 struct Segment {
-    /// Deleted when dropped.
-    file: NamedTempFile,
+    /// Deleted when the last holder drops it: the segment, or a [`RunPlace`] of a
+    /// snapshot still reading it.
+    file: Arc<NamedTempFile>,
     /// Bytes written.
     len: u64,
     /// Bytes of its runs not removed.
@@ -67,7 +70,7 @@ impl RunFiles {
     }
 
     #[cfg(test)]
-    fn with_segment_bytes(dir: ScratchDir, segment_bytes: u64) -> Self {
+    pub(super) fn with_segment_bytes(dir: ScratchDir, segment_bytes: u64) -> Self {
         Self {
             segment_bytes,
             ..Self::new(dir)
@@ -94,7 +97,7 @@ impl RunFiles {
         s.file
             .as_file()
             .write_all_at(bytes, s.len)
-            .map_err(|e| io_error("writing", &self.dir, e))?;
+            .map_err(|e| io_error("writing", self.dir.path(), e))?;
         let place = Place {
             segment,
             offset: s.len,
@@ -122,13 +125,13 @@ impl RunFiles {
         let file = tempfile::Builder::new()
             .prefix("runs-")
             .tempfile_in(self.dir.path())
-            .map_err(|e| io_error("creating", &self.dir, e))?;
+            .map_err(|e| io_error("creating", self.dir.path(), e))?;
         let id = self.next_segment;
         self.next_segment += 1;
         self.segments.insert(
             id,
             Segment {
-                file,
+                file: Arc::new(file),
                 len: 0,
                 live: 0,
                 runs: Vec::new(),
@@ -148,8 +151,18 @@ impl RunFiles {
             .file
             .as_file()
             .read_exact_at(&mut bytes, place.offset)
-            .map_err(|e| io_error("reading", &self.dir, e))?;
+            .map_err(|e| io_error("reading", self.dir.path(), e))?;
         Ok(Some(bytes))
+    }
+
+    /// Where run `id` is, to read it later whatever happens to it here meanwhile.
+    pub fn place(&self, id: u64) -> Option<RunPlace> {
+        let place = self.places.get(&id)?;
+        Some(RunPlace {
+            file: self.segments[&place.segment].file.clone(),
+            offset: place.offset,
+            len: place.len,
+        })
     }
 
     /// Removes run `id`, reclaiming its segment's space when that falls below half live.
@@ -189,7 +202,7 @@ impl RunFiles {
                 .file
                 .as_file()
                 .read_exact_at(&mut bytes, place.offset)
-                .map_err(|e| io_error("reading", &self.dir, e))?;
+                .map_err(|e| io_error("reading", self.dir.path(), e))?;
             self.places.remove(&run);
             self.put(run, &bytes)?;
         }
@@ -210,11 +223,34 @@ impl RunFiles {
     }
 }
 
-fn io_error(doing: &str, dir: &ScratchDir, e: std::io::Error) -> DataFusionError {
+/// A run's bytes as written. Runs are written once, at the end of a segment, and
+/// segments are never written over, so they stay what they were; the segment's file stays
+/// while this is held (open, even once deleted), after the run moved or went.
+pub struct RunPlace {
+    file: Arc<NamedTempFile>,
+    offset: u64,
+    len: u32,
+}
+
+impl RunPlace {
+    pub fn read(&self) -> Result<Vec<u8>> {
+        let mut bytes = vec![0; self.len as usize];
+        self.file
+            .as_file()
+            .read_exact_at(&mut bytes, self.offset)
+            .map_err(|e| {
+                let path = self.file.path();
+                io_error("reading", path.parent().unwrap_or(path), e)
+            })?;
+        Ok(bytes)
+    }
+}
+
+fn io_error(doing: &str, dir: &Path, e: std::io::Error) -> DataFusionError {
     DataFusionError::External(
         format!(
             "state backend: {doing} a scratch file in {}: {e}",
-            dir.path().display()
+            dir.display()
         )
         .into(),
     )

@@ -18,7 +18,7 @@
 
 use datafusion::common::{DataFusionError, HashMap, HashSet, Result};
 
-use super::files::RunFiles;
+use super::files::{RunFiles, RunPlace};
 use super::KeyHasher;
 
 /// Bytes of entries packed into one run.
@@ -309,6 +309,49 @@ impl RunStore {
         Ok(())
     }
 
+    /// The entries of `keys` (every entry, when `None`) as they are now, to be read
+    /// later, off the operator's task, while the store goes on changing.
+    pub fn freeze(&self, keys: Option<Vec<Vec<u8>>>) -> Result<FrozenEntries> {
+        // The index is the truth: the slots it points at are the live entries.
+        let mut slots: Vec<(Slot, Option<usize>)> = match &keys {
+            None => self
+                .index
+                .values()
+                .chain(self.collided.values())
+                .map(|s| (*s, None))
+                .collect(),
+            // Candidates by hash, confirmed against their keys when read.
+            Some(keys) => keys
+                .iter()
+                .enumerate()
+                .filter_map(|(i, k)| {
+                    let slot = self
+                        .collided
+                        .get(k.as_slice())
+                        .or_else(|| self.index.get(&self.hash(k)));
+                    slot.map(|s| (*s, Some(i)))
+                })
+                .collect(),
+        };
+        slots.sort_unstable_by_key(|(s, _)| (s.run, s.offset));
+        let mut runs: Vec<FrozenRun> = Vec::new();
+        for (slot, key) in slots {
+            if runs.last().is_none_or(|r| r.id != slot.run) {
+                runs.push(FrozenRun {
+                    id: slot.run,
+                    place: self.files.place(slot.run).ok_or_else(corrupt)?,
+                    wanted: Vec::new(),
+                });
+            }
+            let run = runs.last_mut().expect("pushed");
+            run.wanted.push((slot.offset, key));
+        }
+        Ok(FrozenEntries {
+            runs,
+            keys: keys.unwrap_or_default(),
+        })
+    }
+
     fn read_run(&self, run: u64) -> Result<Vec<u8>> {
         self.files.get(run)?.ok_or_else(corrupt)
     }
@@ -326,6 +369,61 @@ impl RunStore {
             }
         }
         Ok(out)
+    }
+}
+
+/// Entries of a [`RunStore`] as they were when frozen: where their runs are, and which
+/// of their entries were live. It takes about 4 bytes an entry, as the values stay on
+/// disk until read.
+pub struct FrozenEntries {
+    /// In run order.
+    runs: Vec<FrozenRun>,
+    /// The keys asked for, when not every entry was.
+    keys: Vec<Vec<u8>>,
+}
+
+struct FrozenRun {
+    id: u64,
+    place: RunPlace,
+    /// The offsets of the wanted values in the run, ascending, each with the position
+    /// in `keys` of the key it must have (`None`: any, the index pointed at it).
+    wanted: Vec<(u32, Option<usize>)>,
+}
+
+impl FrozenEntries {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Each entry, as [`RunStore::for_each`] or [`RunStore::read`] would have handed it
+    /// out when frozen, reading each run once.
+    pub fn for_each(&self, f: &mut Visit) -> Result<()> {
+        for run in &self.runs {
+            let record = run.place.read()?;
+            let mut wanted = run.wanted.iter().peekable();
+            for entry in entries(&record, run.id) {
+                let Some(&&(offset, _)) = wanted.peek() else {
+                    break;
+                };
+                let (key, value, here) = entry?;
+                if here.offset < offset {
+                    continue;
+                }
+                if here.offset > offset {
+                    return Err(corrupt());
+                }
+                // Keys of one hash may be candidates for the same slot.
+                while let Some((_, expected)) = wanted.next_if(|(o, _)| *o == offset) {
+                    if expected.is_none_or(|i| self.keys[i] == key) {
+                        f(key, value)?;
+                    }
+                }
+            }
+            if wanted.peek().is_some() {
+                return Err(corrupt());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -478,6 +576,64 @@ mod tests {
             (s.len(), s.bytes(), s.files.len(), s.runs.len()),
             (0, 0, 0, 0)
         );
+    }
+
+    fn frozen(f: &FrozenEntries) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        f.for_each(&mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn frozen_entries_read_as_they_were_while_the_store_changes() {
+        for few_hashes in [false, true] {
+            let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+            let mut s = RunStore::new(RunFiles::with_segment_bytes(dir.clone(), 50_000));
+            s.hasher.few = few_hashes.then_some(3);
+            let keys: Vec<Vec<u8>> = (0..200).map(key).collect();
+            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let values = |version: u8| -> Vec<Vec<u8>> {
+                (0..200).map(|i| vec![version; 500 + i]).collect()
+            };
+            let first = values(1);
+            s.put_all(refs.iter().zip(&first).map(|(k, v)| (*k, v.as_slice())))
+                .unwrap();
+            s.remove(&key(7)).unwrap();
+            let before = all(&s);
+            let mut read_before = Vec::new();
+            let asked = vec![key(9), key(7), key(150), b"nope".to_vec()];
+            let asked_refs: Vec<&[u8]> = asked.iter().map(Vec::as_slice).collect();
+            s.read(&asked_refs, &mut |k, v| {
+                read_before.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+            let every = s.freeze(None).unwrap();
+            let some = s.freeze(Some(asked.clone())).unwrap();
+            // Everything taken, rewritten and replaced: runs and segments go.
+            s.take_all(&refs[..150]).unwrap();
+            let newer = values(2);
+            s.put_all(refs.iter().zip(&newer).map(|(k, v)| (*k, v.as_slice())))
+                .unwrap();
+            let mut whole = frozen(&every);
+            whole.sort();
+            assert_eq!(whole, before);
+            let mut read = frozen(&some);
+            read.sort();
+            read_before.sort();
+            assert_eq!(read, read_before);
+            assert_eq!(read.len(), 2);
+            // The files of runs gone are deleted once the frozen entries go.
+            let files = || std::fs::read_dir(dir.path()).unwrap().count();
+            let held = files();
+            drop((every, some));
+            assert!(files() < held, "{} files held, {} after", held, files());
+            assert_eq!(all(&s).len(), 200);
+        }
     }
 
     #[test]

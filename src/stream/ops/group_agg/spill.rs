@@ -9,12 +9,14 @@
 //! its keys back first (merged into fresh accumulator groups), so aggregation only ever
 //! sees groups in memory.
 //!
-//! Snapshots read groups on disk straight from the store: incremental ones those moved
-//! with changes since the previous snapshot (listed in memory), whole ones all. A restore
+//! Snapshots read groups on disk straight from the store's files, as the snapshot froze
+//! them, off the operator's task: incremental ones those moved with changes since the
+//! previous snapshot (listed in memory), whole ones all. A restore
 //! writes each key's newest row to the store (a later layer's row replaces, a removal
 //! deletes), so nothing is gathered in memory and every group starts on disk.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -22,6 +24,7 @@ use datafusion::common::Result;
 
 use super::GroupAggregate;
 use crate::stream::message::ChangeBatch;
+use crate::stream::operator::StateReader;
 use crate::stream::snapshot::{self, downcast};
 use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::RunStore;
@@ -35,8 +38,8 @@ pub(super) struct Spill {
     store: RunStore,
     /// Bytes of groups kept in memory.
     memory: usize,
-    /// Rows of the columns of a `groups` batch.
-    rows: RowConverter,
+    /// Rows of the columns of a `groups` batch (shared with snapshots being read).
+    rows: Arc<RowConverter>,
     /// Keys on disk whose groups changed since the previous snapshot.
     changed: HashSet<Vec<u8>>,
     /// When groups were last looked at: those not touched since go out next.
@@ -91,7 +94,7 @@ impl GroupAggregate {
         self.spill = Some(Spill {
             store: RunStore::new(RunFiles::new(backend.scratch_dir()?)),
             memory: backend.memory,
-            rows,
+            rows: Arc::new(rows),
             changed: HashSet::new(),
             idle: IdleClock::new(MIN_IDLE),
             unmeasured_rows: 0,
@@ -256,47 +259,47 @@ impl GroupAggregate {
         Ok(())
     }
 
-    /// The groups on disk as `groups` batches handed to `out` one at a time (all of
-    /// them when `whole`, else those changed since the previous snapshot); they count as
-    /// snapshotted afterwards.
-    pub(super) fn spilled_snapshot(
-        &mut self,
-        whole: bool,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
+    /// The groups on disk as they are now (all of them when `whole`, else those changed
+    /// since the previous snapshot), read later as `groups` batches; they count as
+    /// snapshotted.
+    pub(super) fn spilled_snapshot(&mut self, whole: bool) -> Result<Option<StateReader>> {
         let started = self.started as i64;
         let Some(spill) = self.spill.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
-        let rows = &spill.rows;
-        let mut group: Vec<Vec<u8>> = Vec::new();
-        let emit = |group: &mut Vec<Vec<u8>>,
-                    out: &mut dyn FnMut(RecordBatch) -> Result<()>|
-         -> Result<()> {
-            let parser = rows.parser();
-            let columns = rows.convert_rows(group.iter().map(|v| parser.parse(v)))?;
-            group.clear();
-            out(snapshot::batch("groups", &[started], columns)?)
+        let keys = if whole {
+            spill.changed.clear();
+            None
+        } else {
+            Some(spill.changed.drain().collect())
         };
-        let mut add = |_: &[u8], value: &[u8]| -> Result<()> {
-            group.push(value.to_vec());
-            if group.len() == SNAPSHOT_GROUPS {
+        let entries = spill.store.freeze(keys)?;
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        let rows = spill.rows.clone();
+        Ok(Some(Box::new(move |out| {
+            let mut group: Vec<Vec<u8>> = Vec::new();
+            let emit = |group: &mut Vec<Vec<u8>>,
+                        out: &mut dyn FnMut(RecordBatch) -> Result<()>|
+             -> Result<()> {
+                let parser = rows.parser();
+                let columns = rows.convert_rows(group.iter().map(|v| parser.parse(v)))?;
+                group.clear();
+                out(snapshot::batch("groups", &[started], columns)?)
+            };
+            entries.for_each(&mut |_, value| {
+                group.push(value.to_vec());
+                if group.len() == SNAPSHOT_GROUPS {
+                    emit(&mut group, out)?;
+                }
+                Ok(())
+            })?;
+            if !group.is_empty() {
                 emit(&mut group, out)?;
             }
             Ok(())
-        };
-        if whole {
-            spill.changed.clear();
-            spill.store.for_each(&mut add)?;
-        } else {
-            let changed: Vec<Vec<u8>> = spill.changed.drain().collect();
-            let keys: Vec<&[u8]> = changed.iter().map(Vec::as_slice).collect();
-            spill.store.read(&keys, &mut add)?;
-        }
-        if !group.is_empty() {
-            emit(&mut group, out)?;
-        }
-        Ok(())
+        })))
     }
 
     /// Restoring under the backend: each key of a snapshot batch gets its row on disk

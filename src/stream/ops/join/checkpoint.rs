@@ -12,7 +12,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 use super::side::{self, EntryId};
+use super::spill::{read_frozen, FrozenSide};
 use super::{Encoded, StreamJoin};
+use crate::stream::operator::StateReader;
 use crate::stream::snapshot;
 
 const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
@@ -77,21 +79,22 @@ impl StreamJoin {
         Ok(batches)
     }
 
-    /// The entries on disk: all of them (`whole`), or those changed since the previous
-    /// snapshot; taken right after [`Self::whole_snapshot`] or [`Self::changed_snapshot`].
-    pub(super) fn spilled_snapshot(
-        &mut self,
-        whole: bool,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
-        for s in 0..2 {
-            if whole {
-                self.spilled_batches(s, out)?;
-            } else {
-                self.changed_spilled_batches(s, out)?;
-            }
+    /// The entries on disk as they are now: all of them (`whole`), or those changed since
+    /// the previous snapshot; taken right after [`Self::whole_snapshot`] or
+    /// [`Self::changed_snapshot`].
+    pub(super) fn spilled_snapshot(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        let sides: Vec<FrozenSide> = (0..2)
+            .map(|s| self.freeze_spilled(s, whole))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        if sides.is_empty() {
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(Box::new(move |out| {
+            sides.iter().try_for_each(|side| read_frozen(side, out))
+        })))
     }
 
     /// The entries `ids` of input `s`, rows and figures.

@@ -10,8 +10,9 @@
 //!
 //! A run keeps what snapshots need (each entry's row, figures and serial, and whether it
 //! had changed since the previous snapshot when it moved), so snapshots read spilled
-//! entries straight from disk, a group at a time, and hand them on to be stored as they
-//! go: incremental ones those of the runs moved with changes since, whole ones all. A
+//! entries straight from the store's files as the snapshot froze them, off the join's
+//! task, a group at a time, and hand them on to be stored as they go: incremental ones
+//! those of the runs moved with changes since, whole ones all. A
 //! restore stages entries on disk by serial (layers replace and remove entries by it),
 //! then makes runs of them; the join starts with everything on disk.
 
@@ -29,7 +30,7 @@ use super::side::{EntryId, LoadedRow, Serial};
 use super::{Encoded, StreamJoin};
 use crate::stream::message::Millis;
 use crate::stream::state_backend::files::RunFiles;
-use crate::stream::state_backend::runs::RunStore;
+use crate::stream::state_backend::runs::{FrozenEntries, RunStore};
 use crate::stream::state_backend::{KeyHasher, ScratchDir, SledBackend};
 
 /// Keys moved or read per group, so no group of rows gets big.
@@ -47,8 +48,8 @@ pub(super) struct Spill {
     pub(super) hasher: KeyHasher,
     /// Bytes each input keeps in memory.
     memory: usize,
-    /// Whole rows of each input, as stored in records.
-    rows: [RowConverter; 2],
+    /// Whole rows of each input, as stored in records (shared with snapshots being read).
+    rows: [Arc<RowConverter>; 2],
     /// Runs holding entries changed since the previous snapshot; an entry's mark in a
     /// run not listed here is stale (a snapshot took it since).
     changed: [HashSet<Vec<u8>>; 2],
@@ -58,6 +59,64 @@ pub(super) struct Spill {
     bytes: [usize; 2],
     /// While restoring: each input's entries by serial.
     pub(super) staged: [Option<RunStore>; 2],
+}
+
+/// One input's entries on disk as a snapshot froze them.
+pub(super) struct FrozenSide {
+    side: usize,
+    entries: FrozenEntries,
+    rows: Arc<RowConverter>,
+    /// Only the entries that had changed when their runs moved.
+    changed_only: bool,
+}
+
+/// The entries of `frozen` as snapshot batches of a few MiB, handed to `out` one at a
+/// time.
+pub(super) fn read_frozen(
+    frozen: &FrozenSide,
+    out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let mut group = Vec::new();
+    let mut bytes = 0;
+    frozen.entries.for_each(&mut |_, value| {
+        bytes += value.len();
+        group.push(value.to_vec());
+        if bytes >= SNAPSHOT_BYTES || group.len() == GROUP_KEYS {
+            out(snapshot_batch(frozen, &group)?)?;
+            group.clear();
+            bytes = 0;
+        }
+        Ok(())
+    })?;
+    if !group.is_empty() {
+        out(snapshot_batch(frozen, &group)?)?;
+    }
+    Ok(())
+}
+
+/// The entries of the runs `group` of `frozen`'s input (only those that had changed,
+/// when it holds changes) as a snapshot batch.
+fn snapshot_batch(frozen: &FrozenSide, group: &[Vec<u8>]) -> Result<RecordBatch> {
+    let mut records = Vec::new();
+    for value in group {
+        let run = Record::parse_run(value)?;
+        records.extend(run.into_iter().filter(|r| r.dirty || !frozen.changed_only));
+    }
+    let rows = &frozen.rows;
+    let parser = rows.parser();
+    let columns = rows.convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
+    let figures = records.iter().map(|r| {
+        let serial = (r.serial.0 as i64, r.serial.1 as i64);
+        [
+            r.count as i64,
+            r.matches,
+            r.touched,
+            r.time,
+            serial.0,
+            serial.1,
+        ]
+    });
+    super::checkpoint::side_state(frozen.side, columns, figures)
 }
 
 /// The record key of a run: its join key's length and bytes (so that one key's runs are
@@ -170,7 +229,10 @@ impl Spill {
             hasher: KeyHasher::default(),
             dir,
             memory: backend.memory,
-            rows: [converter(&inputs[0])?, converter(&inputs[1])?],
+            rows: [
+                Arc::new(converter(&inputs[0])?),
+                Arc::new(converter(&inputs[1])?),
+            ],
             changed: [HashSet::new(), HashSet::new()],
             next_run: 0,
             bytes: [0, 0],
@@ -234,35 +296,6 @@ impl Spill {
     #[cfg(test)]
     pub(super) fn records(&self) -> [usize; 2] {
         [self.stores[0].len(), self.stores[1].len()]
-    }
-
-    /// The entries of the runs `group` of input `s` (with `changed_only`, those that
-    /// had changed when they moved) as a snapshot batch.
-    fn snapshot_batch(
-        &self,
-        s: usize,
-        group: &[Vec<u8>],
-        changed_only: bool,
-    ) -> Result<RecordBatch> {
-        let mut records = Vec::new();
-        for value in group {
-            let run = Record::parse_run(value)?;
-            records.extend(run.into_iter().filter(|r| r.dirty || !changed_only));
-        }
-        let parser = self.rows[s].parser();
-        let columns = self.rows[s].convert_rows(records.iter().map(|r| parser.parse(r.row)))?;
-        let figures = records.iter().map(|r| {
-            let serial = (r.serial.0 as i64, r.serial.1 as i64);
-            [
-                r.count as i64,
-                r.matches,
-                r.touched,
-                r.time,
-                serial.0,
-                serial.1,
-            ]
-        });
-        super::checkpoint::side_state(s, columns, figures)
     }
 }
 
@@ -406,58 +439,26 @@ impl StreamJoin {
         Ok(())
     }
 
-    /// The spilled entries of input `s` changed since the previous snapshot, as snapshot
-    /// batches read from disk and handed to `out` one at a time; they count as
-    /// snapshotted afterwards.
-    pub(super) fn changed_spilled_batches(
-        &mut self,
-        s: usize,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
+    /// Input `s`'s spilled entries as they are now (all, when `whole`, else those changed
+    /// since the previous snapshot), read later as snapshot batches by [`read_frozen`];
+    /// they count as snapshotted.
+    pub(super) fn freeze_spilled(&mut self, s: usize, whole: bool) -> Result<Option<FrozenSide>> {
         let Some(spill) = self.spill.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
-        let changed: Vec<Vec<u8>> = spill.changed[s].drain().collect();
-        for group in changed.chunks(GROUP_KEYS) {
-            let mut runs = Vec::with_capacity(group.len());
-            let keys: Vec<&[u8]> = group.iter().map(Vec::as_slice).collect();
-            spill.stores[s].read(&keys, &mut |_, value| {
-                runs.push(value.to_vec());
-                Ok(())
-            })?;
-            out(spill.snapshot_batch(s, &runs, true)?)?;
-        }
-        Ok(())
-    }
-
-    /// Every spilled entry of input `s` as snapshot batches handed to `out` one at a
-    /// time; they all count as snapshotted afterwards.
-    pub(super) fn spilled_batches(
-        &mut self,
-        s: usize,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
-        let Some(spill) = self.spill.as_mut() else {
-            return Ok(());
+        let runs = if whole {
+            spill.changed[s].clear();
+            None
+        } else {
+            Some(spill.changed[s].drain().collect())
         };
-        spill.changed[s].clear();
-        let mut group = Vec::new();
-        let mut bytes = 0;
-        let spill = &*spill;
-        spill.stores[s].for_each(&mut |_, value| {
-            bytes += value.len();
-            group.push(value.to_vec());
-            if bytes >= SNAPSHOT_BYTES {
-                out(spill.snapshot_batch(s, &group, false)?)?;
-                group.clear();
-                bytes = 0;
-            }
-            Ok(())
-        })?;
-        if !group.is_empty() {
-            out(spill.snapshot_batch(s, &group, false)?)?;
-        }
-        Ok(())
+        let entries = spill.stores[s].freeze(runs)?;
+        Ok((!entries.is_empty()).then(|| FrozenSide {
+            side: s,
+            entries,
+            rows: spill.rows[s].clone(),
+            changed_only: !whole,
+        }))
     }
 
     /// Restoring under the backend: input `s`'s entries of a snapshot batch go to a

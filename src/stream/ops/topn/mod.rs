@@ -24,7 +24,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use smallvec::SmallVec;
 
 use crate::stream::message::{ChangeBatch, Op};
-use crate::stream::operator::Operator;
+use crate::stream::operator::{Operator, StateReader};
 
 mod checkpoint;
 mod ranked;
@@ -375,12 +375,8 @@ impl Operator for TopN {
         self.partition_keys(batch).map(Some)
     }
 
-    fn snapshot_beyond_memory(
-        &mut self,
-        whole: bool,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
-        self.spilled_snapshot(whole, out)
+    fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        self.spilled_snapshot(whole)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {

@@ -16,12 +16,12 @@
 
 use std::collections::HashSet;
 
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 use super::ranked::Entry;
 use super::{Partition, TopN};
 use crate::stream::message::ChangeBatch;
+use crate::stream::operator::StateReader;
 use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{EarlyEmitMark, IdleClock, SledBackend, MIN_IDLE};
@@ -316,47 +316,46 @@ impl TopN {
         Ok(n)
     }
 
-    /// The partitions on disk as `rows`, `emitted` and `emitted_top` batches, handed to
-    /// `out` a group at a time: all of them when `whole`, else those changed since the
-    /// previous snapshot. They count as snapshotted afterwards.
-    pub(super) fn spilled_snapshot(
-        &mut self,
-        whole: bool,
-        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<()> {
+    /// The partitions on disk as they are now (all of them when `whole`, else those
+    /// changed since the previous snapshot), read later as `rows`, `emitted` and
+    /// `emitted_top` batches a group at a time. They count as snapshotted.
+    pub(super) fn spilled_snapshot(&mut self, whole: bool) -> Result<Option<StateReader>> {
         let Some(spill) = self.spill.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
+        let keys = if whole {
+            spill.changed.clear();
+            None
+        } else {
+            Some(spill.changed.drain().collect())
+        };
+        let entries = spill.store.freeze(keys)?;
+        if entries.is_empty() {
+            return Ok(None);
+        }
         let (limit, flat) = (self.limit, self.rows_codec.is_flat());
-        let mut group: Vec<(Vec<u8>, Partition)> = Vec::new();
-        let mut emit = |group: &mut Vec<(Vec<u8>, Partition)>| -> Result<()> {
-            let partitions: Vec<(&[u8], &Partition)> =
-                group.iter().map(|(k, p)| (k.as_slice(), p)).collect();
-            for batch in Self::chunk_batches(limit, flat, &partitions)? {
-                out(batch)?;
-            }
-            group.clear();
-            Ok(())
-        };
-        let mut add = |key: &[u8], record: &[u8]| -> Result<()> {
-            group.push((key.to_vec(), decode(record, limit)?));
-            if group.len() == SNAPSHOT_PARTITIONS {
+        Ok(Some(Box::new(move |out| {
+            let mut group: Vec<(Vec<u8>, Partition)> = Vec::new();
+            let mut emit = |group: &mut Vec<(Vec<u8>, Partition)>| -> Result<()> {
+                let partitions: Vec<(&[u8], &Partition)> =
+                    group.iter().map(|(k, p)| (k.as_slice(), p)).collect();
+                for batch in Self::chunk_batches(limit, flat, &partitions)? {
+                    out(batch)?;
+                }
+                group.clear();
+                Ok(())
+            };
+            entries.for_each(&mut |key, record| {
+                group.push((key.to_vec(), decode(record, limit)?));
+                if group.len() == SNAPSHOT_PARTITIONS {
+                    emit(&mut group)?;
+                }
+                Ok(())
+            })?;
+            if !group.is_empty() {
                 emit(&mut group)?;
             }
             Ok(())
-        };
-        if whole {
-            spill.changed.clear();
-            spill.store.for_each(&mut add)?;
-        } else {
-            let mut changed: Vec<Vec<u8>> = spill.changed.drain().collect();
-            changed.sort_unstable();
-            let keys: Vec<&[u8]> = changed.iter().map(Vec::as_slice).collect();
-            spill.store.read(&keys, &mut add)?;
-        }
-        if !group.is_empty() {
-            emit(&mut group)?;
-        }
-        Ok(())
+        })))
     }
 }

@@ -531,9 +531,28 @@ fn run_query(args: &Args, query: &str, parallelism: usize) -> Outcome {
             },
             Err(e) => Outcome::Failed(e),
         };
+        if let Ok((checkpoints, bytes)) = checkpoint_totals(&client).await {
+            eprintln!("{query}: {checkpoints} checkpoints of {bytes} bytes in all");
+        }
         server.stop().await;
         outcome
     })
+}
+
+/// How many checkpoints SHOW CHECKPOINTS lists, and the bytes they wrote.
+async fn checkpoint_totals(client: &tokio_postgres::Client) -> Result<(usize, u64), String> {
+    let messages = client
+        .simple_query("SHOW CHECKPOINTS")
+        .await
+        .map_err(|e| e.to_string())?;
+    let bytes: Vec<u64> = messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(6).and_then(|b| b.parse().ok()),
+            _ => None,
+        })
+        .collect();
+    Ok((bytes.len(), bytes.iter().sum()))
 }
 
 /// The only job's latency percentiles from SHOW JOBS; the job is stopped.

@@ -151,6 +151,16 @@ struct Run {
 
 /// Bid rows among the first `events` Nexmark events: of every 50 event numbers, those
 /// from 4 on are bids (one person, three auctions first).
+/// Checkpoints SHOW CHECKPOINTS lists, and the bytes they wrote.
+async fn checkpoint_totals(client: &tokio_postgres::Client) -> (usize, u64) {
+    let listed = rows(client, "SHOW CHECKPOINTS").await;
+    let bytes = listed
+        .iter()
+        .map(|c| c[6].parse::<u64>().unwrap_or(0))
+        .sum();
+    (listed.len(), bytes)
+}
+
 fn bids(events: u64) -> u64 {
     events / 50 * 46 + (events % 50).saturating_sub(4)
 }
@@ -231,14 +241,18 @@ fn main() {
                 let statement = format!("INSERT INTO {sink} {}", query.select);
                 let (mut walls, mut cpus) = (Vec::new(), Vec::new());
                 for _ in 0..args.repeat {
+                    let before = checkpoint_totals(&client).await;
                     let (wall0, cpu0) = (Instant::now(), cpu_time());
                     rows(&client, &statement).await;
                     let (wall, cpu) = (wall0.elapsed(), cpu_time() - cpu0);
+                    let after = checkpoint_totals(&client).await;
                     eprintln!(
-                        "{} p={parallelism}: {:.2} s wall, {:.2} s CPU",
+                        "{} p={parallelism}: {:.2} s wall, {:.2} s CPU, {} checkpoints of {} bytes",
                         query.name,
                         wall.as_secs_f64(),
                         cpu.as_secs_f64(),
+                        after.0 - before.0,
+                        after.1 - before.1,
                     );
                     walls.push(wall);
                     cpus.push(cpu);

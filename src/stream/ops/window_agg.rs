@@ -2,13 +2,14 @@
 //! given by upstream window_start/window_end columns. Emits one insert-only row per window
 //! and key when the watermark reaches window_end - 1.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, UInt32Array};
-use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::array::{ArrayRef, BooleanArray, UInt32Array};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{Row, RowConverter, SortField};
 use datafusion::common::Result;
 
 use super::grouped::{AggregateCalls, Grouped, Partial};
@@ -47,7 +48,10 @@ pub enum OutputColumn {
 #[derive(Default)]
 struct Slice {
     live: Option<Grouped>,
+    /// Frozen states, never changed once made: a snapshot of changes holds those after
+    /// the first `snapshotted`.
     partials: Vec<Partial>,
+    snapshotted: usize,
 }
 
 impl Slice {
@@ -75,6 +79,8 @@ pub struct WindowAggregate {
     emitted: BTreeMap<Span, RecordBatch>,
     /// Fired windows that late rows changed since the last watermark.
     dirty: BTreeSet<Span>,
+    /// Windows whose emitted rows changed since the previous snapshot.
+    emitted_changed: BTreeSet<Span>,
     /// Where dropped rows go, if the session named a late-data table.
     pub late_rows: Option<Arc<LateRows>>,
 }
@@ -101,6 +107,7 @@ impl WindowAggregate {
             lateness: 0,
             emitted: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            emitted_changed: BTreeSet::new(),
         }
     }
 
@@ -179,6 +186,7 @@ impl WindowAggregate {
             out.push(ChangeBatch::new(rows));
             return Ok(());
         }
+        self.emitted_changed.insert(window);
         match self.emitted.insert(window, rows.clone()) {
             Some(old) => {
                 out.push(ChangeBatch::with_op(old, Op::UpdateBefore));
@@ -187,6 +195,72 @@ impl WindowAggregate {
             None => out.push(ChangeBatch::new(rows)),
         }
         Ok(())
+    }
+
+    /// Drops the slices no window open at `watermark` needs and the emitted rows of
+    /// windows past their lateness.
+    fn drop_passed(&mut self, watermark: Millis) {
+        let (slicing, lateness) = (&self.slicing, self.lateness);
+        self.slices
+            .retain(|slice, _| !fired(slicing.last_end(*slice) + lateness, watermark));
+        self.emitted
+            .retain(|window, _| !fired(window.1 + lateness, watermark));
+        let emitted = &self.emitted;
+        self.emitted_changed.retain(|w| emitted.contains_key(w));
+    }
+
+    /// The state, whole or as what changed since the previous snapshot: the partial
+    /// states frozen since (a slice's live state is frozen first), and the emitted rows
+    /// of windows that fired or were corrected since. Slices and windows dropped since
+    /// are not named: a restore drops them again by its watermark ([`Operator::restored`]).
+    fn snapshot_of(&mut self, whole: bool) -> Result<Vec<RecordBatch>> {
+        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
+        for (slice, entry) in &mut self.slices {
+            if let Some(mut live) = entry.live.take() {
+                if !live.is_empty() {
+                    entry.partials.push(live.freeze()?);
+                }
+            }
+            let from = if whole { 0 } else { entry.snapshotted };
+            for partial in &entry.partials[from..] {
+                out.push(snapshot::batch(
+                    "slice",
+                    &[slice.0, slice.1],
+                    partial.columns(),
+                )?);
+            }
+            entry.snapshotted = entry.partials.len();
+        }
+        let changed = std::mem::take(&mut self.emitted_changed);
+        for (window, rows) in &self.emitted {
+            if whole || changed.contains(window) {
+                out.push(snapshot::batch(
+                    "emitted",
+                    &[window.0, window.1],
+                    rows.columns().to_vec(),
+                )?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A window's emitted rows `earlier` with those of `newer` in place of the rows of
+    /// the same keys: a later snapshot's rows of a window replace its earlier ones, and
+    /// a rescaled subtask gets a window's rows of other keys from other old subtasks.
+    fn upsert(&self, earlier: &RecordBatch, newer: RecordBatch) -> Result<RecordBatch> {
+        let keys_of = |b: &RecordBatch| output_keys(&self.output, b.columns());
+        let (old_keys, new_keys) = (keys_of(earlier), keys_of(&newer));
+        let fields = new_keys
+            .iter()
+            .map(|k| SortField::new(k.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields)?;
+        let replaced = converter.convert_columns(&new_keys)?;
+        let replaced: HashSet<Row> = replaced.iter().collect();
+        let old = converter.convert_columns(&old_keys)?;
+        let kept = BooleanArray::from_iter(old.iter().map(|k| Some(!replaced.contains(&k))));
+        let kept = filter_record_batch(earlier, &kept)?;
+        Ok(concat_batches(&self.schema, [&kept, &newer])?)
     }
 
     fn add_rows(&mut self, batch: ChangeBatch) -> Result<()> {
@@ -282,11 +356,7 @@ impl Operator for WindowAggregate {
         for window in std::mem::take(&mut self.dirty) {
             self.fire(window, out)?;
         }
-        let (slicing, lateness) = (&self.slicing, self.lateness);
-        self.slices
-            .retain(|slice, _| !fired(slicing.last_end(*slice) + lateness, watermark));
-        self.emitted
-            .retain(|window, _| !fired(window.1 + lateness, watermark));
+        self.drop_passed(watermark);
         self.watermark = watermark;
         Ok(())
     }
@@ -305,29 +375,11 @@ impl Operator for WindowAggregate {
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
-        for (slice, entry) in &mut self.slices {
-            if let Some(mut live) = entry.live.take() {
-                if !live.is_empty() {
-                    entry.partials.push(live.freeze()?);
-                }
-            }
-            for partial in &entry.partials {
-                out.push(snapshot::batch(
-                    "slice",
-                    &[slice.0, slice.1],
-                    partial.columns(),
-                )?);
-            }
-        }
-        for (window, rows) in &self.emitted {
-            out.push(snapshot::batch(
-                "emitted",
-                &[window.0, window.1],
-                rows.columns().to_vec(),
-            )?);
-        }
-        Ok(out)
+        self.snapshot_of(true)
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
+        self.snapshot_of(false).map(Some)
     }
 
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
@@ -354,15 +406,13 @@ impl Operator for WindowAggregate {
                         .push(partial);
                 }
                 "emitted" => {
-                    let mut rows = RecordBatch::try_new(self.schema.clone(), columns)?;
-                    // A rescaled subtask gets a window's rows from several old subtasks.
-                    if let Some(earlier) = self.emitted.remove(&(head[0], head[1])) {
-                        rows = datafusion::arrow::compute::concat_batches(
-                            &self.schema,
-                            [&earlier, &rows],
-                        )?;
-                    }
-                    self.emitted.insert((head[0], head[1]), rows);
+                    let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
+                    let window = (head[0], head[1]);
+                    let rows = match self.emitted.remove(&window) {
+                        Some(earlier) => self.upsert(&earlier, rows)?,
+                        None => rows,
+                    };
+                    self.emitted.insert(window, rows);
                 }
                 other => {
                     return Err(datafusion::common::DataFusionError::Internal(format!(
@@ -371,6 +421,13 @@ impl Operator for WindowAggregate {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The slices and emitted windows of a whole snapshot and the changes after it that
+    /// the restored watermark had dropped go, as they went then.
+    fn restored(&mut self) -> Result<()> {
+        self.drop_passed(self.watermark);
         Ok(())
     }
 }
@@ -513,5 +570,122 @@ mod tests {
             expected.contains(&"1970-01-01T00:00:00,1,19,2".to_string()),
             "{expected:?}"
         );
+    }
+
+    /// Steps of input and watermark: out-of-order rows, windows firing and slices
+    /// dropped, and rows later than the watermark (late within the lateness, or dropped).
+    fn steps() -> Vec<(Vec<ChangeBatch>, Millis)> {
+        vec![
+            (vec![rows(&[(1, 5, 1), (2, 7, 12), (1, 5, 25)])], 5),
+            (vec![rows(&[(1, 9, 14), (3, 1, 8)])], 15),
+            (vec![rows(&[(2, 2, 33), (1, 1, 31)])], 29),
+            (vec![rows(&[(1, 4, 27), (2, 3, 41)])], 40),
+            (vec![rows(&[(3, 6, 2), (2, 8, 45)])], 52),
+            (vec![rows(&[(1, 2, 55), (1, 3, 38)])], 70),
+            (vec![rows(&[(2, 1, 75)])], 200),
+        ]
+    }
+
+    fn rows_in(batches: &[RecordBatch]) -> usize {
+        batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    #[test]
+    fn incremental_snapshots_restore_what_a_whole_one_would() {
+        for lateness in [0, 25] {
+            let fresh = || {
+                let mut op = operator();
+                op.lateness = lateness;
+                op
+            };
+            let steps = steps();
+            let mut smaller = false;
+            let mut straight = fresh();
+            let expected: Vec<Vec<String>> = steps
+                .iter()
+                .map(|(batches, w)| run(&mut straight, batches, *w))
+                .collect();
+            // A whole snapshot after the first step, changes after each later one; a
+            // restart after step `k` restores them and runs the remaining steps.
+            for k in 1..steps.len() {
+                let mut before = fresh();
+                let mut layers = Vec::new();
+                for (i, (batches, w)) in steps[..k].iter().enumerate() {
+                    assert_eq!(run(&mut before, batches, *w), expected[i]);
+                    layers.push(if i == 0 {
+                        before.snapshot().unwrap()
+                    } else {
+                        before.snapshot_changes().unwrap().unwrap()
+                    });
+                }
+                if k > 1 {
+                    let whole = rows_in(&before.snapshot().unwrap());
+                    let last = rows_in(layers.last().unwrap());
+                    assert!(
+                        last <= whole,
+                        "step {k}: changes {last} rows, whole {whole}"
+                    );
+                    smaller |= last < whole;
+                }
+                let mut after = fresh();
+                for layer in layers {
+                    after.restore(layer).unwrap();
+                }
+                after.restored().unwrap();
+                for (i, (batches, w)) in steps.iter().enumerate().skip(k) {
+                    assert_eq!(
+                        run(&mut after, batches, *w),
+                        expected[i],
+                        "lateness {lateness}, restored after step {k}, step {i}"
+                    );
+                }
+                assert_eq!(after.slices.len(), straight.slices.len());
+                assert_eq!(after.emitted.len(), straight.emitted.len());
+            }
+            assert!(
+                smaller,
+                "no snapshot of changes was smaller than a whole one"
+            );
+        }
+    }
+
+    #[test]
+    fn a_windows_emitted_rows_of_a_later_snapshot_replace_those_of_its_keys() {
+        let mut op = operator();
+        op.lateness = 100;
+        run(&mut op, &[rows(&[(1, 5, 1), (2, 7, 2)])], 40);
+        let whole = op.snapshot().unwrap();
+        // A late row corrects key 1's row of the windows holding slice 0.
+        run(&mut op, &[rows(&[(1, 1, 3)])], 40);
+        let changes = op.snapshot_changes().unwrap().unwrap();
+        let mut restored = operator();
+        restored.lateness = 100;
+        restored.restore(whole).unwrap();
+        restored.restore(changes).unwrap();
+        restored.restored().unwrap();
+        for (window, rows) in &op.emitted {
+            let got = &restored.emitted[window];
+            let lines = |b: &RecordBatch| {
+                let mut l: Vec<String> = (0..b.num_rows())
+                    .map(|i| {
+                        (0..b.num_columns())
+                            .map(|c| {
+                                datafusion::arrow::util::display::array_value_to_string(
+                                    b.column(c),
+                                    i,
+                                )
+                                .unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .collect();
+                l.sort();
+                l
+            };
+            assert_eq!(lines(got), lines(rows), "window {window:?}");
+            assert_eq!(got.num_rows(), 2);
+        }
+        assert_eq!(restored.emitted.len(), 3);
     }
 }

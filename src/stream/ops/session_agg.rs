@@ -11,7 +11,7 @@ use datafusion::arrow::compute::{concat, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter};
-use datafusion::common::{HashMap, Result};
+use datafusion::common::{HashMap, HashSet, Result};
 
 use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_agg::OutputColumn;
@@ -22,6 +22,10 @@ use crate::stream::operator::Operator;
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::fired;
+
+/// The kind of state batch holding a session of a snapshot of changes (its start, end
+/// and the snapshot's number, then its partial state).
+const CHANGED_SESSION: &str = "session-changed";
 
 struct Session {
     key: OwnedRow,
@@ -58,6 +62,15 @@ pub struct SessionAggregate {
     retract: Vec<RecordBatch>,
     /// Closed sessions that late rows changed.
     dirty: BTreeSet<usize>,
+    /// Sessions that changed since the previous snapshot (new, grown, emitted): a
+    /// snapshot of changes holds their keys' sessions, each key's replacing those of
+    /// earlier snapshots. Sessions that went without a new one of their key (closed,
+    /// expired) are not named: a restore drops them again by its watermark.
+    changed: HashSet<usize>,
+    /// Snapshots taken, numbering them within a chain of snapshots.
+    snapshots: i64,
+    /// While restoring: the snapshot each key's sessions came from.
+    restored_from: HashMap<OwnedRow, i64>,
 }
 
 impl SessionAggregate {
@@ -86,6 +99,9 @@ impl SessionAggregate {
             lateness: 0,
             retract: Vec::new(),
             dirty: BTreeSet::new(),
+            changed: HashSet::default(),
+            snapshots: 0,
+            restored_from: HashMap::default(),
         })
     }
 
@@ -99,11 +115,13 @@ impl SessionAggregate {
         self.by_end.insert((session.end, id));
         self.by_key.entry(session.key.clone()).or_default().push(id);
         self.sessions.insert(id, session);
+        self.changed.insert(id);
         id
     }
 
     fn remove(&mut self, id: usize) -> Session {
         let session = self.sessions.remove(&id).expect("live session");
+        self.changed.remove(&id);
         self.by_end.remove(&(session.end, id));
         if let Some(ids) = self.by_key.get_mut(&session.key) {
             ids.retain(|i| *i != id);
@@ -212,6 +230,43 @@ impl SessionAggregate {
             .unwrap_or_else(|| RecordBatch::new_empty(self.schema.clone())))
     }
 
+    /// The sessions, all of them or those of the keys whose sessions changed since the
+    /// previous snapshot (every session of such a key, numbered with this snapshot).
+    fn snapshot_of(&mut self, whole: bool) -> Result<Vec<RecordBatch>> {
+        self.snapshots += 1;
+        let changed = std::mem::take(&mut self.changed);
+        let ids: Vec<usize> = if whole {
+            self.sessions.keys().copied().collect()
+        } else {
+            let keys: HashSet<&OwnedRow> =
+                changed.iter().map(|id| &self.sessions[id].key).collect();
+            keys.into_iter()
+                .flat_map(|key| self.by_key[key].iter().copied())
+                .collect()
+        };
+        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
+        for id in ids {
+            let session = self.sessions.get_mut(&id).expect("live session");
+            let partial = session.state.freeze()?;
+            session.state = self.calls.new_state()?;
+            session.state.merge(&partial)?;
+            out.push(if whole {
+                snapshot::batch("session", &[session.start, session.end], partial.columns())?
+            } else {
+                snapshot::batch(
+                    CHANGED_SESSION,
+                    &[session.start, session.end, self.snapshots],
+                    partial.columns(),
+                )?
+            });
+            // A closed session kept for late rows: what it emitted, to retract then.
+            if let Some(emitted) = &session.emitted {
+                out.push(snapshot::batch("emitted", &[], emitted.columns().to_vec())?);
+            }
+        }
+        Ok(out)
+    }
+
     fn emit(&mut self, sessions: Vec<Session>, out: &mut Vec<ChangeBatch>) -> Result<()> {
         if sessions.is_empty() {
             return Ok(());
@@ -316,6 +371,7 @@ impl Operator for SessionAggregate {
             let calls = self.calls.clone();
             let session = self.sessions.get_mut(&id).expect("live session");
             session.state.update(&calls, &part_keys, &part)?;
+            self.changed.insert(id);
         }
         for rows in std::mem::take(&mut self.retract) {
             out.push(ChangeBatch::with_op(rows, Op::UpdateBefore));
@@ -331,6 +387,7 @@ impl Operator for SessionAggregate {
                 let rows = self.rows_of(id)?;
                 out.push(ChangeBatch::with_op(rows.clone(), Op::UpdateAfter));
                 self.sessions.get_mut(&id).expect("live session").emitted = Some(rows);
+                self.changed.insert(id);
             }
         }
         Ok(())
@@ -353,6 +410,7 @@ impl Operator for SessionAggregate {
             let rows = self.rows_of(id)?;
             out.push(ChangeBatch::new(rows.clone()));
             self.sessions.get_mut(&id).expect("live session").emitted = Some(rows);
+            self.changed.insert(id);
         }
         let expired: Vec<usize> = self
             .by_end
@@ -378,33 +436,27 @@ impl Operator for SessionAggregate {
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
-        for session in self.sessions.values_mut() {
-            let partial = session.state.freeze()?;
-            session.state = self.calls.new_state()?;
-            session.state.merge(&partial)?;
-            out.push(snapshot::batch(
-                "session",
-                &[session.start, session.end],
-                partial.columns(),
-            )?);
-            // A closed session kept for late rows: what it emitted, to retract then.
-            if let Some(emitted) = &session.emitted {
-                out.push(snapshot::batch("emitted", &[], emitted.columns().to_vec())?);
-            }
-        }
-        Ok(out)
+        self.snapshot_of(true)
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
+        self.snapshot_of(false).map(Some)
     }
 
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
         let kind = snapshot::kind(batch)?;
-        Ok(Some(if kind == "emitted" {
-            let (_, _, columns) = snapshot::parts(batch, 0)?;
-            super::window_agg::output_keys(&self.output, &columns)
-        } else {
-            let (_, _, columns) = snapshot::parts(batch, 2)?;
-            columns[..self.calls.key_schema.fields().len()].to_vec()
-        }))
+        let heads = match kind.as_str() {
+            "emitted" => {
+                let (_, _, columns) = snapshot::parts(batch, 0)?;
+                return Ok(Some(super::window_agg::output_keys(&self.output, &columns)));
+            }
+            CHANGED_SESSION => 3,
+            _ => 2,
+        };
+        let (_, _, columns) = snapshot::parts(batch, heads)?;
+        Ok(Some(
+            columns[..self.calls.key_schema.fields().len()].to_vec(),
+        ))
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
@@ -419,7 +471,8 @@ impl Operator for SessionAggregate {
                 }
                 continue;
             }
-            let (kind, head, columns) = snapshot::parts(&batch, 2)?;
+            let heads = if kind == CHANGED_SESSION { 3 } else { 2 };
+            let (kind, head, columns) = snapshot::parts(&batch, heads)?;
             if kind == "progress" {
                 (self.watermark, self.late) = snapshot::read_progress(&head);
                 continue;
@@ -430,6 +483,16 @@ impl Operator for SessionAggregate {
                 .convert_columns(&partial.keys)?
                 .row(0)
                 .owned();
+            if kind == CHANGED_SESSION {
+                // A later snapshot's sessions of a key replace the earlier ones'.
+                let from = head[2];
+                if self.restored_from.get(&key) != Some(&from) {
+                    self.restored_from.insert(key.clone(), from);
+                    for id in self.by_key.get(&key).cloned().unwrap_or_default() {
+                        self.remove(id);
+                    }
+                }
+            }
             let mut state = self.calls.new_state()?;
             state.merge(&partial)?;
             last = Some(self.insert(Session {
@@ -441,5 +504,174 @@ impl Operator for SessionAggregate {
             }));
         }
         Ok(())
+    }
+
+    /// The sessions of a whole snapshot and the changes after it that the restored
+    /// watermark had closed (and, with a lateness, expired) go, as they went then.
+    fn restored(&mut self) -> Result<()> {
+        self.restored_from.clear();
+        let passed: Vec<usize> = self
+            .by_end
+            .iter()
+            .take_while(|(end, _)| fired(*end + self.lateness, self.watermark))
+            .map(|(_, id)| *id)
+            .collect();
+        for id in passed {
+            self.remove(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_expr::expressions::col;
+
+    use super::*;
+
+    fn input_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+            Field::new("t", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        ]))
+    }
+
+    /// SUM(v) per k over SESSION windows with a gap of 10.
+    fn operator(lateness: Millis) -> SessionAggregate {
+        let schema = input_schema();
+        let sum = AggregateExprBuilder::new(sum_udaf(), vec![col("v", &schema).unwrap()])
+            .schema(schema.clone())
+            .alias("sum")
+            .build()
+            .unwrap();
+        let calls = Arc::new(AggregateCalls {
+            keys: vec![col("k", &schema).unwrap()],
+            key_schema: Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)])),
+            aggregates: vec![Arc::new(sum)],
+            filters: vec![None],
+        });
+        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+        let output = Arc::new(Schema::new(vec![
+            Field::new("window_start", ts.clone(), false),
+            Field::new("window_end", ts, false),
+            Field::new("k", DataType::Int64, false),
+            Field::new("sum", DataType::Int64, true),
+        ]));
+        let mut op = SessionAggregate::try_new(
+            calls,
+            10,
+            2,
+            vec![
+                OutputColumn::WindowStart,
+                OutputColumn::WindowEnd,
+                OutputColumn::Key(0),
+                OutputColumn::Aggregate(0),
+            ],
+            output,
+        )
+        .unwrap();
+        op.lateness = lateness;
+        op
+    }
+
+    fn rows(rows: &[(i64, i64, i64)]) -> ChangeBatch {
+        ChangeBatch::new(
+            RecordBatch::try_new(
+                input_schema(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| r.2),
+                    )),
+                ],
+            )
+            .unwrap(),
+        )
+    }
+
+    fn run(op: &mut SessionAggregate, batch: &ChangeBatch, watermark: Millis) -> Vec<String> {
+        let mut out = Vec::new();
+        op.process(0, batch.clone(), &mut out).unwrap();
+        op.on_watermark(watermark, &mut out).unwrap();
+        let mut lines = crate::stream::message::change_lines(&out);
+        lines.sort();
+        lines
+    }
+
+    /// Sessions opening, merging (5 and 18 joined by 12), closing, and rows late for a
+    /// closed session (within a lateness, or dropped).
+    fn steps() -> Vec<(ChangeBatch, Millis)> {
+        vec![
+            (rows(&[(1, 1, 5), (2, 2, 6), (1, 4, 18)]), 4),
+            (rows(&[(1, 8, 12), (3, 1, 30)]), 10),
+            (rows(&[(2, 3, 40), (3, 5, 33)]), 29),
+            (rows(&[(1, 2, 20), (2, 7, 44)]), 45),
+            (rows(&[(3, 6, 41), (4, 1, 60)]), 58),
+            (rows(&[(4, 2, 65), (2, 1, 49)]), 200),
+        ]
+    }
+
+    #[test]
+    fn incremental_snapshots_restore_what_a_whole_one_would() {
+        for lateness in [0, 20] {
+            let steps = steps();
+            let mut straight = operator(lateness);
+            let expected: Vec<Vec<String>> = steps
+                .iter()
+                .map(|(batch, w)| run(&mut straight, batch, *w))
+                .collect();
+            assert!(
+                expected.concat().iter().any(|l| l.starts_with("+U")) == (lateness > 0),
+                "{expected:?}"
+            );
+            let mut smaller = false;
+            for k in 1..steps.len() {
+                let mut before = operator(lateness);
+                let mut layers = Vec::new();
+                for (i, (batch, w)) in steps[..k].iter().enumerate() {
+                    assert_eq!(run(&mut before, batch, *w), expected[i]);
+                    layers.push(if i == 0 {
+                        before.snapshot().unwrap()
+                    } else {
+                        before.snapshot_changes().unwrap().unwrap()
+                    });
+                }
+                let last: usize = layers.last().unwrap().iter().map(|b| b.num_rows()).sum();
+                let whole: usize = before
+                    .snapshot()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.num_rows())
+                    .sum();
+                smaller |= last < whole;
+                let mut after = operator(lateness);
+                for layer in layers {
+                    after.restore(layer).unwrap();
+                }
+                after.restored().unwrap();
+                assert_eq!(
+                    after.sessions.len(),
+                    before.sessions.len(),
+                    "after step {k}"
+                );
+                for (i, (batch, w)) in steps.iter().enumerate().skip(k) {
+                    assert_eq!(
+                        run(&mut after, batch, *w),
+                        expected[i],
+                        "lateness {lateness}, restored after step {k}, step {i}"
+                    );
+                }
+            }
+            assert!(
+                smaller,
+                "no snapshot of changes was smaller than a whole one"
+            );
+        }
     }
 }

@@ -180,4 +180,59 @@ pub mod testing {
             );
         }
     }
+
+    /// One input batch and the watermark after it.
+    pub type Step = (ChangeBatch, Millis);
+
+    /// Runs `batch` through `op`, then `watermark`: its output's change lines, sorted.
+    pub fn run_step(op: &mut dyn Operator, (batch, watermark): &Step) -> Vec<String> {
+        let mut out = Vec::new();
+        op.process(0, batch.clone(), &mut out).unwrap();
+        op.on_watermark(*watermark, &mut out).unwrap();
+        let mut lines = crate::stream::message::change_lines(&out);
+        lines.sort();
+        lines
+    }
+
+    /// An operator snapshotted whole after the first of `steps` and incrementally after
+    /// each later one, then restored from those snapshots after step `k` (for every k),
+    /// must run the remaining steps as one that never stopped, and hold as much state
+    /// by `size` (compared right after the restore); some snapshot of changes must be
+    /// smaller than a whole one would have been then.
+    pub fn restores_from_incremental_snapshots<O: Operator, S: PartialEq + std::fmt::Debug>(
+        fresh: impl Fn() -> O,
+        steps: &[Step],
+        size: impl Fn(&O) -> S,
+    ) {
+        let rows = |b: &[RecordBatch]| b.iter().map(RecordBatch::num_rows).sum::<usize>();
+        let mut straight = fresh();
+        let expected: Vec<Vec<String>> = steps.iter().map(|s| run_step(&mut straight, s)).collect();
+        let mut smaller = false;
+        for k in 1..steps.len() {
+            let mut before = fresh();
+            let mut layers = Vec::new();
+            for (i, step) in steps[..k].iter().enumerate() {
+                assert_eq!(run_step(&mut before, step), expected[i]);
+                layers.push(snapshot_of(&mut before, i == 0));
+            }
+            smaller |= rows(layers.last().expect("a layer")) < rows(&before.snapshot().unwrap());
+            let mut after = fresh();
+            for layer in layers {
+                after.restore(layer).unwrap();
+            }
+            after.restored().unwrap();
+            assert_eq!(size(&after), size(&before), "restored after step {k}");
+            for (i, step) in steps.iter().enumerate().skip(k) {
+                assert_eq!(
+                    run_step(&mut after, step),
+                    expected[i],
+                    "restored after step {k}, step {i}"
+                );
+            }
+        }
+        assert!(
+            smaller,
+            "no snapshot of changes was smaller than a whole one"
+        );
+    }
 }

@@ -46,7 +46,22 @@ pub struct Fragment {
     emitted: BTreeMap<Span, Vec<RecordBatch>>,
     /// Fired windows that late rows changed.
     dirty: std::collections::BTreeSet<Span>,
+    /// Per window and input, how many buffered batches a snapshot holds already: a
+    /// snapshot of changes holds those after.
+    snapshotted: BTreeMap<Span, Vec<usize>>,
+    /// Windows whose emitted rows changed since the previous snapshot.
+    emitted_changed: std::collections::BTreeSet<Span>,
+    /// Snapshots taken, numbering them within a chain of snapshots.
+    snapshots: i64,
+    /// While restoring: the snapshot each window's emitted rows came from.
+    restored_from: BTreeMap<Span, i64>,
 }
+
+/// Kinds of state batches of a snapshot of changes: a window's emitted rows (or that it
+/// fired and emitted none), each with the snapshot's number, replacing what earlier
+/// snapshots held for the window.
+const EMITTED_CHANGED: &str = "emitted-changed";
+const FIRED_CHANGED: &str = "fired-changed";
 
 impl Fragment {
     pub fn new(
@@ -72,6 +87,10 @@ impl Fragment {
             lateness: 0,
             emitted: BTreeMap::new(),
             dirty: Default::default(),
+            snapshotted: BTreeMap::new(),
+            emitted_changed: Default::default(),
+            snapshots: 0,
+            restored_from: BTreeMap::new(),
         }
     }
 
@@ -181,7 +200,71 @@ impl Fragment {
             }
             None => out.extend(new.into_iter().map(ChangeBatch::new)),
         }
+        self.emitted_changed.insert(span);
         Ok(())
+    }
+
+    /// Drops the windows whose lateness the watermark passed: their rows (fired windows
+    /// without a lateness went when they fired) and what they emitted.
+    fn drop_passed(&mut self, watermark: Millis) {
+        let lateness = self.lateness;
+        let passed = |s: &Span| fired(s.1 + lateness, watermark);
+        self.buffers.retain(|s, _| !passed(s));
+        self.emitted.retain(|s, _| !passed(s));
+    }
+
+    /// The buffered rows and emitted windows, whole or as what changed since the
+    /// previous snapshot: the batches buffered since, and the emitted rows of windows
+    /// fired or corrected since (numbered with this snapshot). Windows gone since are
+    /// not named: a restore drops them again by its watermark ([`Operator::restored`]).
+    fn snapshot_of(&mut self, whole: bool) -> Result<Vec<RecordBatch>> {
+        self.snapshots += 1;
+        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
+        let buffers = &self.buffers;
+        self.snapshotted
+            .retain(|span, _| buffers.contains_key(span));
+        for (span, inputs) in &self.buffers {
+            let taken = self
+                .snapshotted
+                .entry(*span)
+                .or_insert_with(|| vec![0; inputs.len()]);
+            for (input, changes) in inputs.iter().enumerate() {
+                let from = if whole { 0 } else { taken[input] };
+                for change in &changes[from..] {
+                    let mut columns = change.rows.columns().to_vec();
+                    if let Some(ops) = &change.ops {
+                        columns.push(Arc::new(ops.clone()));
+                    }
+                    let head = [span.0, span.1, input as i64, change.ops.is_some() as i64];
+                    out.push(snapshot::batch("rows", &head, columns)?);
+                }
+                taken[input] = changes.len();
+            }
+        }
+        // Fired windows kept for late corrections: what they emitted is retracted then.
+        let changed = std::mem::take(&mut self.emitted_changed);
+        for (span, batches) in &self.emitted {
+            if !whole && !changed.contains(span) {
+                continue;
+            }
+            let (emitted, fired, head) = if whole {
+                ("emitted", "fired", vec![span.0, span.1])
+            } else {
+                (
+                    EMITTED_CHANGED,
+                    FIRED_CHANGED,
+                    vec![span.0, span.1, self.snapshots],
+                )
+            };
+            let rows: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
+            for b in &rows {
+                out.push(snapshot::batch(emitted, &head, b.columns().to_vec())?);
+            }
+            if rows.is_empty() {
+                out.push(snapshot::batch(fired, &head, vec![])?);
+            }
+        }
+        Ok(out)
     }
 
     fn add_rows(&mut self, input: usize, batch: ChangeBatch) -> Result<()> {
@@ -252,11 +335,7 @@ impl Operator for Fragment {
         for span in due {
             self.fire(span, out)?;
         }
-        let lateness = self.lateness;
-        self.buffers
-            .retain(|s, _| !fired(s.1 + lateness, watermark));
-        self.emitted
-            .retain(|s, _| !fired(s.1 + lateness, watermark));
+        self.drop_passed(watermark);
         Ok(())
     }
 
@@ -292,34 +371,11 @@ impl Operator for Fragment {
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut out = vec![snapshot::progress(self.watermark, self.late)?];
-        for (span, inputs) in &self.buffers {
-            for (input, changes) in inputs.iter().enumerate() {
-                for change in changes {
-                    let mut columns = change.rows.columns().to_vec();
-                    if let Some(ops) = &change.ops {
-                        columns.push(Arc::new(ops.clone()));
-                    }
-                    let head = [span.0, span.1, input as i64, change.ops.is_some() as i64];
-                    out.push(snapshot::batch("rows", &head, columns)?);
-                }
-            }
-        }
-        // Fired windows kept for late corrections: what they emitted is retracted then.
-        for (span, batches) in &self.emitted {
-            let rows: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
-            for b in &rows {
-                out.push(snapshot::batch(
-                    "emitted",
-                    &[span.0, span.1],
-                    b.columns().to_vec(),
-                )?);
-            }
-            if rows.is_empty() {
-                out.push(snapshot::batch("fired", &[span.0, span.1], vec![])?);
-            }
-        }
-        Ok(out)
+        self.snapshot_of(true)
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
+        self.snapshot_of(false).map(Some)
     }
 
     /// Fragments are keyed by window: every state batch names its window in its header.
@@ -363,10 +419,17 @@ impl Operator for Fragment {
                     (self.watermark, self.late) = snapshot::read_progress(&head);
                     continue;
                 }
-                "emitted" | "fired" => {
-                    let (_, head, columns) = snapshot::parts(&batch, 2)?;
-                    let emitted = self.emitted.entry((head[0], head[1])).or_default();
-                    if kind == "emitted" {
+                "emitted" | "fired" | EMITTED_CHANGED | FIRED_CHANGED => {
+                    let changed = kind == EMITTED_CHANGED || kind == FIRED_CHANGED;
+                    let (_, head, columns) = snapshot::parts(&batch, 2 + changed as usize)?;
+                    let window = (head[0], head[1]);
+                    // A later snapshot's rows of a window replace the earlier ones'.
+                    if changed && self.restored_from.get(&window) != Some(&head[2]) {
+                        self.restored_from.insert(window, head[2]);
+                        self.emitted.remove(&window);
+                    }
+                    let emitted = self.emitted.entry(window).or_default();
+                    if kind == "emitted" || kind == EMITTED_CHANGED {
                         emitted.push(crate::stream::batch_of(
                             self.schema.clone(),
                             columns,
@@ -401,5 +464,115 @@ impl Operator for Fragment {
             );
         }
         Ok(())
+    }
+
+    /// The windows of a whole snapshot and the changes after it that the restored
+    /// watermark had fired or dropped go, as they went then.
+    fn restored(&mut self) -> Result<()> {
+        self.restored_from.clear();
+        if self.windows.is_some() {
+            self.drop_passed(self.watermark);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::functions_aggregate::expr_fn::sum;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+    use crate::stream::operator::testing::{restores_from_incremental_snapshots, run_step, Step};
+
+    fn input_schema() -> SchemaRef {
+        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+            Field::new("window_start", ts.clone(), false),
+            Field::new("window_end", ts, false),
+        ]))
+    }
+
+    /// SUM(v) per window and k, run by DataFusion when a window closes.
+    fn fragment(lateness: Millis) -> Fragment {
+        let node = datafusion::logical_expr::table_scan(Some("t"), &input_schema(), None)
+            .unwrap()
+            .aggregate(
+                vec![col("window_start"), col("window_end"), col("k")],
+                vec![sum(col("v"))],
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+        let schema = Arc::new(node.schema().as_arrow().clone());
+        let mut f = Fragment::new(
+            SessionContext::new().state(),
+            node,
+            Some(vec![(2, 3)]),
+            schema,
+        );
+        f.lateness = lateness;
+        f
+    }
+
+    /// Rows (k, v, t) in tumbling windows of 10.
+    fn rows(rows: &[(i64, i64, i64)]) -> ChangeBatch {
+        let start = |t: i64| t - t.rem_euclid(10);
+        ChangeBatch::new(
+            RecordBatch::try_new(
+                input_schema(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| start(r.2)),
+                    )),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| start(r.2) + 10),
+                    )),
+                ],
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Windows filling in several steps, firing, and rows late for a fired window
+    /// (within a lateness, or dropped): window [0, 10) fires at watermark 12, and late
+    /// rows correct it in the next two steps (with a lateness of 50).
+    fn steps() -> Vec<Step> {
+        vec![
+            (rows(&[(1, 1, 5), (2, 2, 6), (1, 4, 18)]), 4),
+            (rows(&[(1, 8, 2), (3, 1, 25)]), 12),
+            (rows(&[(2, 3, 7), (3, 5, 28)]), 29),
+            (rows(&[(1, 2, 21), (2, 7, 44), (1, 5, 3)]), 45),
+            (rows(&[(3, 6, 41), (4, 1, 60)]), 58),
+            (rows(&[(4, 2, 65), (2, 1, 49)]), 200),
+        ]
+    }
+
+    #[test]
+    fn incremental_snapshots_restore_what_a_whole_one_would() {
+        for lateness in [0, 50] {
+            let steps = steps();
+            let mut straight = fragment(lateness);
+            let lines: Vec<String> = steps
+                .iter()
+                .flat_map(|s| run_step(&mut straight, s))
+                .collect();
+            assert_eq!(
+                lines.iter().any(|l| l.starts_with("+U")),
+                lateness > 0,
+                "{lines:?}"
+            );
+            restores_from_incremental_snapshots(
+                || fragment(lateness),
+                &steps,
+                |f| (f.buffers.len(), f.emitted.len()),
+            );
+        }
     }
 }

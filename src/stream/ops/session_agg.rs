@@ -532,6 +532,7 @@ mod tests {
     use datafusion::physical_expr::expressions::col;
 
     use super::*;
+    use crate::stream::operator::testing::{restores_from_incremental_snapshots, run_step, Step};
 
     fn input_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -595,18 +596,9 @@ mod tests {
         )
     }
 
-    fn run(op: &mut SessionAggregate, batch: &ChangeBatch, watermark: Millis) -> Vec<String> {
-        let mut out = Vec::new();
-        op.process(0, batch.clone(), &mut out).unwrap();
-        op.on_watermark(watermark, &mut out).unwrap();
-        let mut lines = crate::stream::message::change_lines(&out);
-        lines.sort();
-        lines
-    }
-
     /// Sessions opening, merging (5 and 18 joined by 12), closing, and rows late for a
     /// closed session (within a lateness, or dropped).
-    fn steps() -> Vec<(ChangeBatch, Millis)> {
+    fn steps() -> Vec<Step> {
         vec![
             (rows(&[(1, 1, 5), (2, 2, 6), (1, 4, 18)]), 4),
             (rows(&[(1, 8, 12), (3, 1, 30)]), 10),
@@ -622,55 +614,19 @@ mod tests {
         for lateness in [0, 20] {
             let steps = steps();
             let mut straight = operator(lateness);
-            let expected: Vec<Vec<String>> = steps
+            let lines: Vec<String> = steps
                 .iter()
-                .map(|(batch, w)| run(&mut straight, batch, *w))
+                .flat_map(|s| run_step(&mut straight, s))
                 .collect();
-            assert!(
-                expected.concat().iter().any(|l| l.starts_with("+U")) == (lateness > 0),
-                "{expected:?}"
+            assert_eq!(
+                lines.iter().any(|l| l.starts_with("+U")),
+                lateness > 0,
+                "{lines:?}"
             );
-            let mut smaller = false;
-            for k in 1..steps.len() {
-                let mut before = operator(lateness);
-                let mut layers = Vec::new();
-                for (i, (batch, w)) in steps[..k].iter().enumerate() {
-                    assert_eq!(run(&mut before, batch, *w), expected[i]);
-                    layers.push(if i == 0 {
-                        before.snapshot().unwrap()
-                    } else {
-                        before.snapshot_changes().unwrap().unwrap()
-                    });
-                }
-                let last: usize = layers.last().unwrap().iter().map(|b| b.num_rows()).sum();
-                let whole: usize = before
-                    .snapshot()
-                    .unwrap()
-                    .iter()
-                    .map(|b| b.num_rows())
-                    .sum();
-                smaller |= last < whole;
-                let mut after = operator(lateness);
-                for layer in layers {
-                    after.restore(layer).unwrap();
-                }
-                after.restored().unwrap();
-                assert_eq!(
-                    after.sessions.len(),
-                    before.sessions.len(),
-                    "after step {k}"
-                );
-                for (i, (batch, w)) in steps.iter().enumerate().skip(k) {
-                    assert_eq!(
-                        run(&mut after, batch, *w),
-                        expected[i],
-                        "lateness {lateness}, restored after step {k}, step {i}"
-                    );
-                }
-            }
-            assert!(
-                smaller,
-                "no snapshot of changes was smaller than a whole one"
+            restores_from_incremental_snapshots(
+                || operator(lateness),
+                &steps,
+                |op| op.sessions.len(),
             );
         }
     }

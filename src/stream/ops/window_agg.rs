@@ -443,6 +443,7 @@ mod tests {
 
     use super::*;
     use crate::plan::window_tvf::WindowKind;
+    use crate::stream::operator::testing::{restores_from_incremental_snapshots, Step};
 
     fn input_schema() -> SchemaRef {
         let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
@@ -574,20 +575,16 @@ mod tests {
 
     /// Steps of input and watermark: out-of-order rows, windows firing and slices
     /// dropped, and rows later than the watermark (late within the lateness, or dropped).
-    fn steps() -> Vec<(Vec<ChangeBatch>, Millis)> {
+    fn steps() -> Vec<Step> {
         vec![
-            (vec![rows(&[(1, 5, 1), (2, 7, 12), (1, 5, 25)])], 5),
-            (vec![rows(&[(1, 9, 14), (3, 1, 8)])], 15),
-            (vec![rows(&[(2, 2, 33), (1, 1, 31)])], 29),
-            (vec![rows(&[(1, 4, 27), (2, 3, 41)])], 40),
-            (vec![rows(&[(3, 6, 2), (2, 8, 45)])], 52),
-            (vec![rows(&[(1, 2, 55), (1, 3, 38)])], 70),
-            (vec![rows(&[(2, 1, 75)])], 200),
+            (rows(&[(1, 5, 1), (2, 7, 12), (1, 5, 25)]), 5),
+            (rows(&[(1, 9, 14), (3, 1, 8)]), 15),
+            (rows(&[(2, 2, 33), (1, 1, 31)]), 29),
+            (rows(&[(1, 4, 27), (2, 3, 41)]), 40),
+            (rows(&[(3, 6, 2), (2, 8, 45)]), 52),
+            (rows(&[(1, 2, 55), (1, 3, 38)]), 70),
+            (rows(&[(2, 1, 75)]), 200),
         ]
-    }
-
-    fn rows_in(batches: &[RecordBatch]) -> usize {
-        batches.iter().map(RecordBatch::num_rows).sum()
     }
 
     #[test]
@@ -598,54 +595,9 @@ mod tests {
                 op.lateness = lateness;
                 op
             };
-            let steps = steps();
-            let mut smaller = false;
-            let mut straight = fresh();
-            let expected: Vec<Vec<String>> = steps
-                .iter()
-                .map(|(batches, w)| run(&mut straight, batches, *w))
-                .collect();
-            // A whole snapshot after the first step, changes after each later one; a
-            // restart after step `k` restores them and runs the remaining steps.
-            for k in 1..steps.len() {
-                let mut before = fresh();
-                let mut layers = Vec::new();
-                for (i, (batches, w)) in steps[..k].iter().enumerate() {
-                    assert_eq!(run(&mut before, batches, *w), expected[i]);
-                    layers.push(if i == 0 {
-                        before.snapshot().unwrap()
-                    } else {
-                        before.snapshot_changes().unwrap().unwrap()
-                    });
-                }
-                if k > 1 {
-                    let whole = rows_in(&before.snapshot().unwrap());
-                    let last = rows_in(layers.last().unwrap());
-                    assert!(
-                        last <= whole,
-                        "step {k}: changes {last} rows, whole {whole}"
-                    );
-                    smaller |= last < whole;
-                }
-                let mut after = fresh();
-                for layer in layers {
-                    after.restore(layer).unwrap();
-                }
-                after.restored().unwrap();
-                for (i, (batches, w)) in steps.iter().enumerate().skip(k) {
-                    assert_eq!(
-                        run(&mut after, batches, *w),
-                        expected[i],
-                        "lateness {lateness}, restored after step {k}, step {i}"
-                    );
-                }
-                assert_eq!(after.slices.len(), straight.slices.len());
-                assert_eq!(after.emitted.len(), straight.emitted.len());
-            }
-            assert!(
-                smaller,
-                "no snapshot of changes was smaller than a whole one"
-            );
+            restores_from_incremental_snapshots(fresh, &steps(), |op| {
+                (op.slices.len(), op.emitted.len())
+            });
         }
     }
 

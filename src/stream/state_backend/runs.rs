@@ -352,6 +352,24 @@ impl RunStore {
         })
     }
 
+    /// What a snapshot holds on disk, as it is now: every entry when `whole`, else the
+    /// entries of `changed` (the keys changed since the previous snapshot), which is
+    /// emptied either way as they count as snapshotted; `None` when that is nothing.
+    pub fn freeze_snapshot(
+        &self,
+        changed: &mut std::collections::HashSet<Vec<u8>>,
+        whole: bool,
+    ) -> Result<Option<FrozenEntries>> {
+        let keys = if whole {
+            changed.clear();
+            None
+        } else {
+            Some(changed.drain().collect())
+        };
+        let entries = self.freeze(keys)?;
+        Ok((!entries.is_empty()).then_some(entries))
+    }
+
     fn read_run(&self, run: u64) -> Result<Vec<u8>> {
         self.files.get(run)?.ok_or_else(corrupt)
     }

@@ -267,16 +267,9 @@ impl GroupAggregate {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(None);
         };
-        let keys = if whole {
-            spill.changed.clear();
-            None
-        } else {
-            Some(spill.changed.drain().collect())
-        };
-        let entries = spill.store.freeze(keys)?;
-        if entries.is_empty() {
+        let Some(entries) = spill.store.freeze_snapshot(&mut spill.changed, whole)? else {
             return Ok(None);
-        }
+        };
         let rows = spill.rows.clone();
         Ok(Some(Box::new(move |out| {
             let mut group: Vec<Vec<u8>> = Vec::new();

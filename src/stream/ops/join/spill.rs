@@ -446,14 +446,8 @@ impl StreamJoin {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(None);
         };
-        let runs = if whole {
-            spill.changed[s].clear();
-            None
-        } else {
-            Some(spill.changed[s].drain().collect())
-        };
-        let entries = spill.stores[s].freeze(runs)?;
-        Ok((!entries.is_empty()).then(|| FrozenSide {
+        let entries = spill.stores[s].freeze_snapshot(&mut spill.changed[s], whole)?;
+        Ok(entries.map(|entries| FrozenSide {
             side: s,
             entries,
             rows: spill.rows[s].clone(),

@@ -639,5 +639,12 @@ mod tests {
             assert_eq!(got.num_rows(), 2);
         }
         assert_eq!(restored.emitted.len(), 3);
+        // Rescaled: another old subtask's rows of the same windows (other keys) join them.
+        let mut other = operator();
+        other.lateness = 100;
+        run(&mut other, &[rows(&[(3, 4, 5)])], 40);
+        restored.restore(other.snapshot().unwrap()).unwrap();
+        restored.restored().unwrap();
+        assert!(restored.emitted.values().all(|rows| rows.num_rows() == 3));
     }
 }

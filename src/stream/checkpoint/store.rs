@@ -238,9 +238,22 @@ impl Checkpoints {
     }
 
     /// Removes all but the newest `keep` epochs (and the epochs their incremental entries
-    /// build on), except savepoints.
+    /// build on), except savepoints, and the chunks of epochs older than the newest that
+    /// never committed: epochs commit in order, so those were abandoned (a task still
+    /// storing its state when its job failed and restarted may write one after the
+    /// restart discarded the uncommitted ones).
     pub fn prune(&self, keep: usize) -> Result<()> {
         let metas = self.metas()?;
+        let newest = metas.last().map_or(0, |m| m.epoch);
+        let committed: std::collections::HashSet<Epoch> = metas.iter().map(|m| m.epoch).collect();
+        let mut batch = WriteBatch::default();
+        let chunks = self.key(b'c', &[]);
+        for key in self.store.scan_keys(&chunks).map_err(store_error)? {
+            let epoch = chunk_epoch(&key[chunks.len()..]);
+            if epoch < newest && !committed.contains(&epoch) {
+                batch.delete(key);
+            }
+        }
         let kept = metas.len().saturating_sub(keep);
         let floor = metas[kept..]
             .iter()
@@ -248,7 +261,6 @@ impl Checkpoints {
             .min()
             .unwrap_or(0);
         let old = metas[..kept].partition_point(|m| m.epoch < floor);
-        let mut batch = WriteBatch::default();
         for meta in metas.iter().take(old).filter(|m| m.savepoint.is_none()) {
             batch.delete(self.key(b'm', &[meta.epoch]));
             for t in 0..meta.tasks {
@@ -658,6 +670,16 @@ mod tests {
             values(&saved.load(&saved.latest().unwrap().unwrap()).unwrap()[0]),
             vec![1, 2, 3, 4]
         );
+        // A chunk written after the discard (by a task of a run that failed, still
+        // storing): pruning once a later epoch committed removes it; the chunk of an
+        // epoch being taken stays.
+        let _ = layer(&c, 7, true, true);
+        let _ = layer(&c, 9, true, true);
+        let task = layer(&c, 8, true, true);
+        c.write(&one_task(8), vec![task], None, 0).unwrap();
+        assert_eq!(chunk_epochs(&c), vec![6, 7, 8, 9]);
+        c.prune(3).unwrap();
+        assert_eq!(chunk_epochs(&c), vec![6, 8, 9]);
         c.remove().unwrap();
         assert!(chunk_epochs(&c).is_empty());
     }

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{cpu_time, try_rows, TestServer};
+use common::{checkpoint_totals, cpu_time, try_rows, TestServer};
 
 struct Args {
     events: u64,
@@ -537,22 +537,6 @@ fn run_query(args: &Args, query: &str, parallelism: usize) -> Outcome {
         server.stop().await;
         outcome
     })
-}
-
-/// How many checkpoints SHOW CHECKPOINTS lists, and the bytes they wrote.
-async fn checkpoint_totals(client: &tokio_postgres::Client) -> Result<(usize, u64), String> {
-    let messages = client
-        .simple_query("SHOW CHECKPOINTS")
-        .await
-        .map_err(|e| e.to_string())?;
-    let bytes: Vec<u64> = messages
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(6).and_then(|b| b.parse().ok()),
-            _ => None,
-        })
-        .collect();
-    Ok((bytes.len(), bytes.iter().sum()))
 }
 
 /// The only job's latency percentiles from SHOW JOBS; the job is stopped.

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{cpu_time, rows, TestServer};
+use common::{checkpoint_totals, cpu_time, rows, TestServer};
 
 const DEFAULT_EVENTS: u64 = 10_000_000;
 
@@ -151,16 +151,6 @@ struct Run {
 
 /// Bid rows among the first `events` Nexmark events: of every 50 event numbers, those
 /// from 4 on are bids (one person, three auctions first).
-/// Checkpoints SHOW CHECKPOINTS lists, and the bytes they wrote.
-async fn checkpoint_totals(client: &tokio_postgres::Client) -> (usize, u64) {
-    let listed = rows(client, "SHOW CHECKPOINTS").await;
-    let bytes = listed
-        .iter()
-        .map(|c| c[6].parse::<u64>().unwrap_or(0))
-        .sum();
-    (listed.len(), bytes)
-}
-
 fn bids(events: u64) -> u64 {
     events / 50 * 46 + (events % 50).saturating_sub(4)
 }
@@ -241,11 +231,11 @@ fn main() {
                 let statement = format!("INSERT INTO {sink} {}", query.select);
                 let (mut walls, mut cpus) = (Vec::new(), Vec::new());
                 for _ in 0..args.repeat {
-                    let before = checkpoint_totals(&client).await;
+                    let before = checkpoint_totals(&client).await.expect("SHOW CHECKPOINTS");
                     let (wall0, cpu0) = (Instant::now(), cpu_time());
                     rows(&client, &statement).await;
                     let (wall, cpu) = (wall0.elapsed(), cpu_time() - cpu0);
-                    let after = checkpoint_totals(&client).await;
+                    let after = checkpoint_totals(&client).await.expect("SHOW CHECKPOINTS");
                     eprintln!(
                         "{} p={parallelism}: {:.2} s wall, {:.2} s CPU, {} checkpoints of {} bytes",
                         query.name,

@@ -198,15 +198,19 @@ pub mod testing {
     /// each later one, then restored from those snapshots after step `k` (for every k),
     /// must run the remaining steps as one that never stopped, and hold as much state
     /// by `size` (compared right after the restore); some snapshot of changes must be
-    /// smaller than a whole one would have been then.
+    /// smaller than a whole one would have been then. `corrections`: whether the steps
+    /// make the operator correct rows it emitted (late rows within a lateness).
     pub fn restores_from_incremental_snapshots<O: Operator, S: PartialEq + std::fmt::Debug>(
         fresh: impl Fn() -> O,
         steps: &[Step],
+        corrections: bool,
         size: impl Fn(&O) -> S,
     ) {
         let rows = |b: &[RecordBatch]| b.iter().map(RecordBatch::num_rows).sum::<usize>();
         let mut straight = fresh();
         let expected: Vec<Vec<String>> = steps.iter().map(|s| run_step(&mut straight, s)).collect();
+        let corrected = expected.concat().iter().any(|l| l.starts_with("+U"));
+        assert_eq!(corrected, corrections, "{expected:?}");
         let mut smaller = false;
         for k in 1..steps.len() {
             let mut before = fresh();

@@ -66,6 +66,13 @@ pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
 }
 
 /// Like [`rows`], with a query error as a result.
+/// How many checkpoints SHOW CHECKPOINTS lists, and the bytes they wrote in all.
+pub async fn checkpoint_totals(client: &Client) -> Result<(usize, u64), tokio_postgres::Error> {
+    let listed = try_rows(client, "SHOW CHECKPOINTS").await?;
+    let bytes = listed.iter().filter_map(|c| c[6].parse::<u64>().ok()).sum();
+    Ok((listed.len(), bytes))
+}
+
 pub async fn try_rows(
     client: &Client,
     sql: &str,

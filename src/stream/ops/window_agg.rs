@@ -433,7 +433,7 @@ impl Operator for WindowAggregate {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
     use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use datafusion::functions_aggregate::count::count_udaf;
@@ -445,7 +445,8 @@ mod tests {
     use crate::plan::window_tvf::WindowKind;
     use crate::stream::operator::testing::{restores_from_incremental_snapshots, Step};
 
-    fn input_schema() -> SchemaRef {
+    /// Rows (k, v, window_start, window_end).
+    pub(crate) fn input_schema() -> SchemaRef {
         let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
         Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, false),
@@ -501,8 +502,8 @@ mod tests {
         )
     }
 
-    /// Rows (k, v, t) as the slice-carrying input of the aggregate.
-    fn rows(rows: &[(i64, i64, i64)]) -> ChangeBatch {
+    /// Rows (k, v, t) in windows (slices) of 10: the input of a window operator.
+    pub(crate) fn rows(rows: &[(i64, i64, i64)]) -> ChangeBatch {
         let slice = |t: i64| t - t.rem_euclid(10);
         ChangeBatch::new(
             RecordBatch::try_new(
@@ -595,7 +596,7 @@ mod tests {
                 op.lateness = lateness;
                 op
             };
-            restores_from_incremental_snapshots(fresh, &steps(), |op| {
+            restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |op| {
                 (op.slices.len(), op.emitted.len())
             });
         }

@@ -143,16 +143,7 @@ impl RunFiles {
 
     /// Run `id`'s bytes, if there is such a run.
     pub fn get(&self, id: u64) -> Result<Option<Vec<u8>>> {
-        let Some(place) = self.places.get(&id) else {
-            return Ok(None);
-        };
-        let mut bytes = vec![0; place.len as usize];
-        self.segments[&place.segment]
-            .file
-            .as_file()
-            .read_exact_at(&mut bytes, place.offset)
-            .map_err(|e| io_error("reading", self.dir.path(), e))?;
-        Ok(Some(bytes))
+        self.place(id).map(|place| place.read()).transpose()
     }
 
     /// Where run `id` is, to read it later whatever happens to it here meanwhile.

@@ -4,10 +4,12 @@
 //! cargo bench --bench checkpoints                              # 200,000 new keys/s for 10 s
 //! cargo bench --bench checkpoints -- --rate 500000 --seconds 20
 //! cargo bench --bench checkpoints -- --set state.backend=sled   # any session setting
+//! cargo bench --bench checkpoints -- --rate 500000 --keys 4000000  # random keys of 4 M
 //! ```
 //!
 //! A materialized view counts rows per key over a `datagen` sequence, so every row is a
-//! new key: state grows at a flat rate. Every second the bench prints the view's latest
+//! new key: state grows at a flat rate. With `--keys N` the keys are random among N
+//! instead: state grows to N keys, then only changes (at most the rate's keys an epoch). Every second the bench prints the view's latest
 //! checkpoint from SHOW CHECKPOINTS (duration, bytes written, operator state). Then the
 //! server is shut down and started again on the same data directory; the time until it
 //! accepts clients is the recovery time (every view is restored before it listens).
@@ -23,6 +25,8 @@ use common::{rows, TestServer};
 struct Args {
     rate: u64,
     seconds: u64,
+    /// Random keys among this many, instead of a new key per row.
+    keys: Option<u64>,
     /// Session settings for the view (`--set key=value`).
     settings: Vec<(String, String)>,
 }
@@ -31,6 +35,7 @@ fn parse_args() -> Args {
     let mut args = Args {
         rate: 200_000,
         seconds: 10,
+        keys: None,
         settings: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -43,6 +48,7 @@ fn parse_args() -> Args {
         match arg.as_str() {
             "--rate" => args.rate = number("--rate"),
             "--seconds" => args.seconds = number("--seconds"),
+            "--keys" => args.keys = Some(number("--keys")),
             "--set" => {
                 let setting = it.next().expect("--set takes key=value");
                 let (key, value) = setting.split_once('=').expect("--set takes key=value");
@@ -73,10 +79,20 @@ fn main() {
             "SET 'parallelism.default' = '1'".to_string(),
             format!(
                 "CREATE TABLE gen (k BIGINT, v BIGINT) WITH ('connector' = 'datagen', \
-                 'rows-per-second' = '{}', 'fields.k.kind' = 'sequence', \
-                 'fields.k.start' = '0', 'fields.k.end' = '{}', 'seed' = '1')",
+                 'rows-per-second' = '{}', {}, 'seed' = '1')",
                 args.rate,
-                i64::MAX / 2
+                match args.keys {
+                    Some(n) => format!(
+                        "'fields.k.kind' = 'random', 'fields.k.min' = '0', \
+                         'fields.k.max' = '{}'",
+                        n.max(1) - 1
+                    ),
+                    None => format!(
+                        "'fields.k.kind' = 'sequence', 'fields.k.start' = '0', \
+                         'fields.k.end' = '{}'",
+                        i64::MAX / 2
+                    ),
+                }
             ),
             "CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total \
              FROM gen GROUP BY k"

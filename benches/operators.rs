@@ -2,7 +2,7 @@
 //! pointed at (issue 7): TopN and deduplication applying inserts and emitting their
 //! changelog at barriers, an interval join storing, probing and expiring rows, the key
 //! hashing every keyed exchange and rescale uses, a sliding window's slice aggregation
-//! and firing, applying an updating changelog to a view's rows, the encodings of whole
+//! and firing, an unbounded GROUP BY's barrier and incremental snapshot among many keys, applying an updating changelog to a view's rows, the encodings of whole
 //! rows that TopN keeps (flat, against arrow's row format), and a CASE of literal
 //! branches as DataFusion evaluates it and as a lookup.
 //!
@@ -31,6 +31,7 @@ use weir::stream::exchange::key_group_of;
 use weir::stream::flat_rows::{FlatRows, RowCodec};
 use weir::stream::message::{ChangeBatch, Op};
 use weir::stream::operator::Operator;
+use weir::stream::ops::group_agg::GroupAggregate;
 use weir::stream::ops::grouped::AggregateCalls;
 use weir::stream::ops::join::{system_clock, Interval, JoinKind, JoinSpec, StreamJoin};
 use weir::stream::ops::topn::{SortKey, TopN};
@@ -154,6 +155,74 @@ fn topn_benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    group.finish();
+}
+
+/// `SELECT auction, count(price), max(price) FROM bids GROUP BY auction`, over inserts.
+fn group_aggregate() -> GroupAggregate {
+    let input = bids_schema();
+    let build = |udaf, name: &str| {
+        Arc::new(
+            AggregateExprBuilder::new(udaf, vec![column("price", 1)])
+                .schema(input.clone())
+                .alias(name)
+                .build()
+                .unwrap(),
+        )
+    };
+    let calls = Arc::new(AggregateCalls {
+        keys: vec![column("auction", 0)],
+        key_schema: Arc::new(Schema::new(vec![Field::new(
+            "auction",
+            DataType::Int64,
+            false,
+        )])),
+        aggregates: vec![build(count_udaf(), "num"), build(max_udaf(), "top")],
+        filters: vec![None, None],
+    });
+    let output = Arc::new(Schema::new(vec![
+        Field::new("auction", DataType::Int64, false),
+        Field::new("num", DataType::Int64, false),
+        Field::new("top", DataType::Int64, true),
+    ]));
+    GroupAggregate::try_new(calls, input, output, true, false, None).unwrap()
+}
+
+fn group_aggregate_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("group_aggregate");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    // An epoch changing 8 k keys among 256 k or 4 M: the barrier's results and the
+    // snapshot of the changed keys should cost the 8 k, not every key.
+    for keys in [1 << 18, 1 << 22] {
+        let mut numbers = Numbers(11);
+        let mut op = group_aggregate();
+        let mut out = Vec::new();
+        for i in 0..keys / ROWS as i64 {
+            let batch = bids(&mut numbers, 1, 0).rows;
+            let mut columns = batch.columns().to_vec();
+            columns[0] = Arc::new(Int64Array::from_iter_values(
+                (0..ROWS as i64).map(|k| i * ROWS as i64 + k),
+            ));
+            let batch = RecordBatch::try_new(batch.schema(), columns).unwrap();
+            op.process(0, ChangeBatch::new(batch), &mut out).unwrap();
+        }
+        op.on_barrier(&mut out).unwrap();
+        op.snapshot().unwrap();
+        drop(out);
+        let name = format!("one_batch_of_{}k_keys_barrier_and_snapshot", keys >> 10);
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || bids(&mut numbers, keys as u64, 0),
+                |batch| {
+                    let mut out = Vec::new();
+                    op.process(0, batch, &mut out).unwrap();
+                    op.on_barrier(&mut out).unwrap();
+                    (out, op.snapshot_changes().unwrap())
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 
@@ -490,6 +559,7 @@ criterion_group!(
     case_benches,
     row_encoding_benches,
     topn_benches,
+    group_aggregate_benches,
     join_benches,
     exchange_benches,
     window_benches,

@@ -6,27 +6,29 @@
 //! nothing.
 //!
 //! Two ways to hold a key's aggregate, chosen by the input's changelog:
-//! - insert-only input: DataFusion GroupsAccumulators fold rows in as they come; at the
-//!   barrier the changed keys' partial states are merged into fresh accumulators and
-//!   evaluated, so every aggregate DataFusion has works, with no retraction support.
+//! - insert-only input: DataFusion GroupsAccumulators fold rows in as they come, over the
+//!   keys changed in the epoch only; at the barrier their partial states are merged into
+//!   each key's settled one (see `states`) and evaluated, so every aggregate DataFusion
+//!   has works, with no retraction support.
 //! - retracting input: count and sum fold added and retracted rows into two accumulators
 //!   each and subtract (see `signed`); every other aggregate (min, max, count DISTINCT,
 //!   string_agg ...) keeps the multiset of its argument rows per key and a changed key is
 //!   recomputed from it, at a cost that grows with the key's distinct rows.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
-    new_empty_array, Array, ArrayRef, BinaryArray, BooleanArray, Int8Array, RecordBatch,
-    UInt32Array,
+    Array, ArrayRef, BinaryArray, BooleanArray, Int8Array, RecordBatch, UInt32Array,
 };
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use datafusion::common::Result;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
@@ -37,11 +39,13 @@ mod checkpoint;
 mod distinct;
 mod signed;
 mod spill;
+mod states;
 use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::state_backend::SledBackend;
 use distinct::DistinctCount;
+use states::GroupStates;
 
 /// How a key's aggregate state is held (see the module comment).
 enum Values {
@@ -52,37 +56,42 @@ enum Values {
         converter: RowConverter,
         /// Per group: argument row -> how many times it is present.
         rows: Vec<HashMap<OwnedRow, i64>>,
+        /// Bytes of the rows held, as [`row_bytes`] counts them.
+        rows_bytes: usize,
         /// Per aggregate: its signed form (count, sum), which needs no argument rows.
         signed: Vec<Option<Signed>>,
     },
 }
 
-/// One aggregate's state over inserts: DataFusion's grouped accumulator, or, for a
-/// distinct count, sets that are read group by group (see `distinct`).
+/// One aggregate's state over inserts: DataFusion's grouped accumulator states, kept in
+/// the operator's [`GroupStates`] at an index, or, for a distinct count, sets that are read
+/// group by group (see `distinct`).
 enum Aggregate {
-    Groups(Box<dyn GroupsAccumulator>),
+    Groups(usize),
     DistinctCount(DistinctCount),
 }
 
 impl Aggregate {
-    fn new(calls: &AggregateCalls, i: usize, input: &SchemaRef) -> Result<Self> {
+    /// Aggregate `i` of `calls`; one held in [`GroupStates`] joins `exprs`.
+    fn new(
+        calls: &AggregateCalls,
+        i: usize,
+        input: &SchemaRef,
+        exprs: &mut Vec<Arc<AggregateFunctionExpr>>,
+    ) -> Result<Self> {
         let agg = &calls.aggregates[i];
         Ok(match DistinctCount::of(agg, input)? {
             Some(distinct) => Aggregate::DistinctCount(distinct),
-            None => Aggregate::Groups(super::grouped::accumulator_of(agg)?),
+            None => {
+                exprs.push(agg.clone());
+                Aggregate::Groups(exprs.len() - 1)
+            }
         })
-    }
-
-    fn groups(&mut self) -> &mut dyn GroupsAccumulator {
-        match self {
-            Aggregate::Groups(acc) => acc.as_mut(),
-            Aggregate::DistinctCount(distinct) => distinct,
-        }
     }
 
     fn size(&self) -> usize {
         match self {
-            Aggregate::Groups(acc) => acc.size(),
+            Aggregate::Groups(_) => 0,
             Aggregate::DistinctCount(distinct) => distinct.size(),
         }
     }
@@ -102,11 +111,17 @@ pub struct GroupAggregate {
     /// Key of each group, by group index.
     keys: Rows,
     values: Values,
+    /// The partial states of the aggregates DataFusion's accumulators compute (over
+    /// inserts), or of the signed aggregates' calls (over a retracting input).
+    states: GroupStates,
     /// Rows currently counted per group (retracting input), to know when a key is gone.
     counts: Vec<i64>,
     /// The aggregate values last emitted per group (row bytes of `value_converter`;
     /// empty when there are no aggregates, as for DISTINCT).
     emitted: Vec<Option<Box<[u8]>>>,
+    /// Bytes of the emitted values (kept up to date: summing them walked every group at
+    /// every checkpoint).
+    emitted_bytes: usize,
     value_converter: RowConverter,
     touched: Vec<Instant>,
     /// Under the sled backend: created since the previous move out (not brought back
@@ -139,11 +154,12 @@ impl GroupAggregate {
         ttl: Option<Duration>,
     ) -> Result<Self> {
         let key_converter = crate::stream::row_converter(calls.key_schema.fields())?;
+        let mut exprs = Vec::new();
         let values = if retracting {
             let signed = calls
                 .aggregates
                 .iter()
-                .map(|agg| Signed::try_new(agg, &input))
+                .map(|agg| Signed::try_new(agg, &input, &mut exprs))
                 .collect::<Result<Vec<_>>>()?;
             // A leading constant column: a row exists even for aggregates without
             // arguments.
@@ -162,18 +178,20 @@ impl GroupAggregate {
             Values::Multisets {
                 converter: RowConverter::new(fields)?,
                 rows: Vec::new(),
+                rows_bytes: 0,
                 signed,
             }
         } else {
             Values::Accumulators(
                 (0..calls.aggregates.len())
-                    .map(|i| Aggregate::new(&calls, i, &input))
+                    .map(|i| Aggregate::new(&calls, i, &input, &mut exprs))
                     .collect::<Result<_>>()?,
             )
         };
         let n_keys = calls.key_schema.fields().len();
         let output_keys = if keyed { n_keys } else { 0 };
         let value_converter = crate::stream::row_converter(&schema.fields()[output_keys..])?;
+        let states = GroupStates::try_new(exprs, &input)?;
         Ok(Self {
             groups: new_group_values(calls.key_schema.clone(), &GroupOrdering::None)?,
             keys: key_converter.empty_rows(0, 0),
@@ -185,8 +203,10 @@ impl GroupAggregate {
             ttl,
             indices: Vec::new(),
             values,
+            states,
             counts: Vec::new(),
             emitted: Vec::new(),
+            emitted_bytes: 0,
             value_converter,
             touched: Vec::new(),
             created_since_shed: Vec::new(),
@@ -278,11 +298,9 @@ impl GroupAggregate {
             self.created_since_shed.resize(after, true);
             self.changed.resize(after, false);
             self.dirty.resize(after, false);
-            if let Values::Multisets { rows, signed, .. } = &mut self.values {
+            self.states.resize(after);
+            if let Values::Multisets { rows, .. } = &mut self.values {
                 rows.resize_with(after, HashMap::new);
-                for s in signed.iter_mut().flatten() {
-                    s.resize(after)?;
-                }
             }
         }
         Ok(())
@@ -305,95 +323,78 @@ impl GroupAggregate {
     /// Current aggregate values of `groups`, one row each, evaluated without disturbing
     /// the state.
     fn evaluate(&mut self, groups: &[usize]) -> Result<Vec<ArrayRef>> {
+        if self.calls.aggregates.is_empty() {
+            return Ok(vec![]);
+        }
         let k = groups.len();
-        let mut fresh = self.calls.new_accumulators()?;
-        match &mut self.values {
-            Values::Accumulators(accumulators) => {
-                // GroupsAccumulators only evaluate destructively: take every group's
-                // partial state, put it back, and merge the changed ones into fresh ones.
-                // (Distinct counts are read group by group, below.)
-                let n = self.groups.len();
-                let all: Vec<usize> = (0..n).collect();
-                let changed = UInt32Array::from_iter_values(groups.iter().map(|&g| g as u32));
-                let local: Vec<usize> = (0..k).collect();
-                for (acc, new) in accumulators.iter_mut().zip(fresh.iter_mut()) {
-                    let Aggregate::Groups(acc) = acc else {
-                        continue;
-                    };
-                    let state = acc.state(EmitTo::All)?;
-                    acc.merge_batch(&state, &all, n)?;
-                    let picked = state
-                        .iter()
-                        .map(|c| take(c.as_ref(), &changed, None))
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
-                    new.merge_batch(&picked, &local, k)?;
-                }
+        let held = self.states.evaluate(groups)?;
+        let (converter, rows, signed) = match &mut self.values {
+            Values::Accumulators(aggregates) => {
+                return Ok(aggregates
+                    .iter()
+                    .map(|aggregate| match aggregate {
+                        Aggregate::Groups(j) => held[*j].clone(),
+                        Aggregate::DistinctCount(distinct) => distinct.counts_of(groups),
+                    })
+                    .collect());
             }
             Values::Multisets {
                 converter,
                 rows,
                 signed,
-            } => {
-                let mut local = Vec::new();
-                let mut picked = converter.empty_rows(0, 0);
-                for (l, &g) in groups.iter().enumerate() {
-                    for (row, &count) in &rows[g] {
-                        for _ in 0..count.max(0) {
-                            picked.push(row.row());
-                            local.push(l);
-                        }
-                    }
-                }
-                let columns = converter.convert_rows(picked.iter())?;
-                let mut at = 1;
-                for (i, acc) in fresh.iter_mut().enumerate() {
-                    if signed[i].is_some() {
-                        continue;
-                    }
-                    let n = self.calls.aggregates[i].expressions().len();
-                    let args = &columns[at..at + n];
-                    at += n;
-                    let filter = if self.calls.filters[i].is_some() {
-                        at += 1;
-                        Some(
-                            columns[at - 1]
-                                .as_any()
-                                .downcast_ref::<BooleanArray>()
-                                .expect("filter columns are boolean")
-                                .clone(),
-                        )
-                    } else {
-                        None
-                    };
-                    acc.update_batch(args, &local, filter.as_ref(), k)?;
+                ..
+            } => (converter, rows, signed),
+        };
+        // Aggregates without a signed form: recomputed from the groups' argument rows.
+        let mut fresh = self.calls.new_accumulators()?;
+        let mut local = Vec::new();
+        let mut picked = converter.empty_rows(0, 0);
+        for (l, &g) in groups.iter().enumerate() {
+            for (row, &count) in &rows[g] {
+                for _ in 0..count.max(0) {
+                    picked.push(row.row());
+                    local.push(l);
                 }
             }
         }
-        if fresh.is_empty() {
-            return Ok(vec![]);
+        let columns = converter.convert_rows(picked.iter())?;
+        let mut at = 1;
+        for (i, acc) in fresh.iter_mut().enumerate() {
+            if signed[i].is_some() {
+                continue;
+            }
+            let n = self.calls.aggregates[i].expressions().len();
+            let args = &columns[at..at + n];
+            at += n;
+            let filter = if self.calls.filters[i].is_some() {
+                at += 1;
+                Some(
+                    columns[at - 1]
+                        .as_any()
+                        .downcast_ref::<BooleanArray>()
+                        .expect("filter columns are boolean")
+                        .clone(),
+                )
+            } else {
+                None
+            };
+            acc.update_batch(args, &local, filter.as_ref(), k)?;
         }
         // Groups without rows still get a value (count 0, sum NULL).
         size_groups(
             &self.calls,
             &self.input,
-            fresh.iter_mut().map(|a| a.as_mut()),
+            fresh.iter_mut().map(|a| a.as_mut()).enumerate(),
             k,
         )?;
-        let n = self.groups.len();
-        let mut values = Vec::with_capacity(fresh.len());
-        for (i, acc) in fresh.iter_mut().enumerate() {
-            values.push(match &mut self.values {
-                Values::Multisets { signed, .. } if signed[i].is_some() => {
-                    signed[i].as_mut().expect("signed").evaluate(groups, n)?
-                }
-                Values::Accumulators(aggregates) => match &aggregates[i] {
-                    Aggregate::DistinctCount(distinct) => distinct.counts_of(groups),
-                    Aggregate::Groups(_) => acc.evaluate(EmitTo::All)?,
-                },
-                _ => acc.evaluate(EmitTo::All)?,
-            });
-        }
-        Ok(values)
+        fresh
+            .iter_mut()
+            .zip(signed.iter())
+            .map(|(acc, signed)| match signed {
+                Some(signed) => signed.evaluate(&held),
+                None => acc.evaluate(EmitTo::All),
+            })
+            .collect()
     }
 
     /// Emits the changed groups' new results against what was emitted before.
@@ -404,13 +405,9 @@ impl GroupAggregate {
                 // A global aggregate's single group, holding no rows yet.
                 let unit: Vec<ArrayRef> = vec![Arc::new(BooleanArray::from(vec![true]))];
                 self.intern(&unit)?;
+                // Distinct counts need their group; other states start empty.
                 if let Values::Accumulators(aggregates) = &mut self.values {
-                    size_groups(
-                        &self.calls,
-                        &self.input,
-                        aggregates.iter_mut().map(Aggregate::groups),
-                        1,
-                    )?;
+                    size_groups(&self.calls, &self.input, distinct_counts(aggregates), 1)?;
                 }
                 self.mark(0, Instant::now());
             }
@@ -485,10 +482,10 @@ impl GroupAggregate {
             batches.push((self.output(keys, values, new.len())?, ops(&new)));
         }
         for (l, &g) in live.iter().enumerate() {
-            self.emitted[g] = Some(new_bytes(l));
+            self.set_emitted(g, Some(new_bytes(l)));
         }
         for &g in &gone {
-            self.emitted[g] = None;
+            self.set_emitted(g, None);
         }
         for (rows, ops) in batches {
             out.push(ChangeBatch {
@@ -548,9 +545,10 @@ impl GroupAggregate {
         self.groups = new_group_values(self.calls.key_schema.clone(), &GroupOrdering::None)?;
         self.groups.intern(&key_columns, &mut self.indices)?;
         debug_assert_eq!(self.indices, local);
+        self.states.compact(keep)?;
         match &mut self.values {
             Values::Accumulators(aggregates) => {
-                for acc in aggregates.iter_mut().map(Aggregate::groups) {
+                for (_, acc) in distinct_counts(aggregates) {
                     let state = acc.state(EmitTo::All)?;
                     let state = state
                         .iter()
@@ -559,12 +557,12 @@ impl GroupAggregate {
                     acc.merge_batch(&state, &local, k)?;
                 }
             }
-            Values::Multisets { rows, signed, .. } => {
+            Values::Multisets {
+                rows, rows_bytes, ..
+            } => {
                 let mut old = std::mem::take(rows);
                 *rows = keep.iter().map(|&g| std::mem::take(&mut old[g])).collect();
-                for s in signed.iter_mut().flatten() {
-                    s.compact(&picked, n)?;
-                }
+                *rows_bytes = rows.iter().flat_map(|set| set.keys()).map(row_bytes).sum();
             }
         }
         let mut keys = self.key_converter.empty_rows(k, 0);
@@ -574,6 +572,7 @@ impl GroupAggregate {
         let old_keys = std::mem::replace(&mut self.keys, keys);
         self.counts = keep.iter().map(|&g| self.counts[g]).collect();
         self.emitted = keep.iter().map(|&g| self.emitted[g].take()).collect();
+        self.emitted_bytes = self.emitted.iter().flatten().map(|e| e.len()).sum();
         self.touched = keep.iter().map(|&g| self.touched[g]).collect();
         self.created_since_shed = keep.iter().map(|&g| self.created_since_shed[g]).collect();
         let changed: Vec<bool> = keep.iter().map(|&g| self.changed[g]).collect();
@@ -595,29 +594,41 @@ impl GroupAggregate {
     }
 }
 
-/// Sizes `accumulators` for `groups` groups, those without rows included. The FILTER
-/// mask, empty as the rows, matters: without one DataFusion's accumulators assume every
-/// group they are sized for has seen a value.
+/// Sizes `accumulators` (each with the index of its aggregate call) for `groups`
+/// groups, those without rows included.
 fn size_groups<'a>(
     calls: &AggregateCalls,
     input: &SchemaRef,
-    accumulators: impl Iterator<Item = &'a mut dyn GroupsAccumulator>,
+    accumulators: impl Iterator<Item = (usize, &'a mut dyn GroupsAccumulator)>,
     groups: usize,
 ) -> Result<()> {
-    for (i, acc) in accumulators.enumerate() {
-        let empty = calls.aggregates[i]
+    for (i, acc) in accumulators {
+        let arguments = calls.aggregates[i]
             .expressions()
             .iter()
-            .map(|e| Ok(new_empty_array(&e.data_type(input)?)))
+            .map(|e| e.data_type(input))
             .collect::<Result<Vec<_>>>()?;
-        acc.update_batch(
-            &empty,
-            &[],
-            Some(&BooleanArray::from(Vec::<bool>::new())),
-            groups,
-        )?;
+        states::size(acc, &arguments, groups)?;
     }
     Ok(())
+}
+
+/// The distinct counts among `aggregates`, with their indices.
+fn distinct_counts(
+    aggregates: &mut [Aggregate],
+) -> impl Iterator<Item = (usize, &mut dyn GroupsAccumulator)> {
+    aggregates
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, aggregate)| match aggregate {
+            Aggregate::DistinctCount(distinct) => Some((i, distinct as &mut dyn GroupsAccumulator)),
+            Aggregate::Groups(_) => None,
+        })
+}
+
+/// What an argument row held costs in memory (its bytes and the hash map's entry).
+fn row_bytes(row: &OwnedRow) -> usize {
+    row.as_ref().len() + 48
 }
 
 fn ops(rows: &[(usize, Op)]) -> Int8Array {
@@ -632,12 +643,18 @@ impl GroupAggregate {
         self.intern(&keys)?;
         let now = Instant::now();
         let total = self.groups.len();
+        self.states.stage(&self.indices);
         match &mut self.values {
             Values::Accumulators(aggregates) => {
-                for (i, acc) in aggregates.iter_mut().map(Aggregate::groups).enumerate() {
+                for (i, aggregate) in aggregates.iter_mut().enumerate() {
                     let args = self.calls.arguments(i, &batch.rows)?;
                     let filter = self.calls.filter(i, &batch.rows)?;
-                    acc.update_batch(&args, &self.indices, filter.as_ref(), total)?;
+                    match aggregate {
+                        Aggregate::Groups(j) => self.states.update(*j, &args, filter.as_ref())?,
+                        Aggregate::DistinctCount(distinct) => {
+                            distinct.update_batch(&args, &self.indices, filter.as_ref(), total)?
+                        }
+                    }
                 }
                 for i in 0..self.indices.len() {
                     let g = self.indices[i];
@@ -657,21 +674,23 @@ impl GroupAggregate {
                         }
                         let args = self.calls.arguments(i, &batch.rows)?;
                         let filter = self.calls.filter(i, &batch.rows)?;
-                        let Values::Multisets { signed, .. } = &mut self.values else {
+                        let Values::Multisets { signed, .. } = &self.values else {
                             unreachable!()
                         };
-                        signed[i].as_mut().expect("signed").update(
+                        signed[i].as_ref().expect("signed").update(
+                            &mut self.states,
                             &args,
                             filter.as_ref(),
                             &retracts,
-                            &self.indices,
-                            total,
                         )?;
                     }
                 }
                 let columns = self.argument_columns(&batch.rows, &is_signed)?;
                 let Values::Multisets {
-                    converter, rows, ..
+                    converter,
+                    rows,
+                    rows_bytes,
+                    ..
                 } = &mut self.values
                 else {
                     unreachable!()
@@ -687,12 +706,18 @@ impl GroupAggregate {
                     let g = self.indices[i];
                     let sign = if batch.retracts(i) { -1 } else { 1 };
                     if let Some(encoded) = &encoded {
-                        let row = encoded.row(i).owned();
-                        let set = &mut rows[g];
-                        let count = set.entry(row.clone()).or_insert(0);
-                        *count += sign;
-                        if *count == 0 {
-                            set.remove(&row);
+                        match rows[g].entry(encoded.row(i).owned()) {
+                            Entry::Occupied(mut held) => {
+                                *held.get_mut() += sign;
+                                if *held.get() == 0 {
+                                    *rows_bytes -= row_bytes(held.key());
+                                    held.remove();
+                                }
+                            }
+                            Entry::Vacant(new) => {
+                                *rows_bytes += row_bytes(new.key());
+                                new.insert(sign);
+                            }
                         }
                     }
                 }
@@ -786,23 +811,22 @@ impl GroupAggregate {
             Values::Accumulators(aggregates) => {
                 aggregates.iter().map(Aggregate::size).sum::<usize>()
             }
-            Values::Multisets { rows, signed, .. } => {
-                signed.iter().flatten().map(Signed::size).sum::<usize>()
-                    + rows
-                        .iter()
-                        .map(|set| set.keys().map(|r| r.as_ref().len() + 48).sum::<usize>())
-                        .sum::<usize>()
-            }
+            Values::Multisets { rows_bytes, .. } => *rows_bytes,
         };
         self.groups.size()
             + self.keys.size()
             + values
-            + self
-                .emitted
-                .iter()
-                .map(|r| r.as_ref().map_or(8, |r| r.len() + 24))
-                .sum::<usize>()
+            + self.states.size()
+            + self.emitted_bytes
+            + self.emitted.len() * 16
             + self.counts.len() * 24
+    }
+
+    /// Sets the value last emitted for `group`.
+    fn set_emitted(&mut self, group: usize, value: Option<Box<[u8]>>) {
+        let new = value.as_ref().map_or(0, |v| v.len());
+        let old = std::mem::replace(&mut self.emitted[group], value);
+        self.emitted_bytes = self.emitted_bytes + new - old.map_or(0, |v| v.len());
     }
 }
 
@@ -1042,7 +1066,24 @@ mod tests {
             }
             assert_eq!(lines(&a), lines(&b), "retracting: {retracting}");
             assert_eq!(lines(&a).len(), 4, "{:?}", lines(&a));
+            // Through TTL expiry, restores and retractions, the bytes counted as they
+            // change are those held.
+            for op in [&original, &restored] {
+                assert_eq!(op.emitted_bytes, recounted_emitted(op));
+                if let Values::Multisets {
+                    rows, rows_bytes, ..
+                } = &op.values
+                {
+                    let held: usize = rows.iter().flat_map(|s| s.keys()).map(row_bytes).sum();
+                    assert_eq!(*rows_bytes, held);
+                    assert!(held > 0);
+                }
+            }
         }
+    }
+
+    fn recounted_emitted(op: &GroupAggregate) -> usize {
+        op.emitted.iter().flatten().map(|e| e.len()).sum()
     }
 
     /// `operator`, under the sled state backend when `memory` (bytes) is given, where

@@ -14,7 +14,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::take;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
-use datafusion::logical_expr::EmitTo;
+use datafusion::logical_expr::GroupsAccumulator;
 
 use super::{Aggregate, GroupAggregate, Values};
 use crate::stream::snapshot::{self, downcast};
@@ -57,14 +57,6 @@ impl GroupAggregate {
     /// One row per group of `groups` (ascending group indices).
     pub(super) fn groups_batch(&mut self, groups: &[usize]) -> Result<RecordBatch> {
         let n = self.groups.len();
-        let picked = UInt32Array::from_iter_values(groups.iter().map(|&g| g as u32));
-        let pick = |column: ArrayRef| -> Result<ArrayRef> {
-            if groups.len() == n {
-                Ok(column)
-            } else {
-                Ok(take(column.as_ref(), &picked, None)?)
-            }
-        };
         let mut columns: Vec<ArrayRef> = vec![
             snapshot::binary(groups.iter().map(|&g| self.keys.row(g).data())),
             Arc::new(BinaryArray::from_iter(
@@ -89,33 +81,21 @@ impl GroupAggregate {
             }
             Values::Accumulators(aggregates) => {
                 columns.push(Arc::new(BinaryArray::new_null(groups.len())));
-                let all: Vec<usize> = (0..n).collect();
-                for aggregate in aggregates.iter_mut() {
+                let mut held = self.states.states(groups)?;
+                for aggregate in aggregates.iter() {
                     match aggregate {
-                        // Distinct counts give the groups asked for.
                         Aggregate::DistinctCount(distinct) => {
                             columns.extend(distinct.state_of(groups)?);
                         }
-                        // Accumulators give away every group's state: it is merged back.
-                        Aggregate::Groups(acc) => {
-                            let state = acc.state(EmitTo::All)?;
-                            acc.merge_batch(&state, &all, n)?;
-                            for column in state {
-                                columns.push(pick(column)?);
-                            }
-                        }
+                        Aggregate::Groups(j) => columns.append(&mut held[*j]),
                     }
                 }
             }
-            Values::Multisets { rows, signed, .. } => {
+            Values::Multisets { rows, .. } => {
                 columns.push(Arc::new(BinaryArray::from_iter_values(
                     groups.iter().map(|&g| encode_arguments(&rows[g])),
                 )));
-                for s in signed.iter_mut().flatten() {
-                    for column in s.state(n)? {
-                        columns.push(pick(column)?);
-                    }
-                }
+                columns.extend(self.states.states(groups)?.into_iter().flatten());
             }
         }
         snapshot::batch("groups", &[self.started as i64], columns)
@@ -187,33 +167,49 @@ impl GroupAggregate {
         let changed = downcast::<BooleanArray>(&columns[3])?;
         let arguments = downcast::<BinaryArray>(&columns[4])?;
         for (i, &g) in groups.iter().enumerate() {
-            self.emitted[g] = (!emitted.is_null(i)).then(|| Box::from(emitted.value(i)));
+            self.set_emitted(
+                g,
+                (!emitted.is_null(i)).then(|| Box::from(emitted.value(i))),
+            );
             self.counts[g] = counts.value(i);
             if changed.value(i) {
                 self.mark(g, Instant::now());
             }
         }
         let mut at = FIXED;
+        self.states.stage(&groups);
         match &mut self.values {
             Values::Accumulators(aggregates) => {
-                for (i, acc) in aggregates.iter_mut().map(Aggregate::groups).enumerate() {
+                for (i, aggregate) in aggregates.iter_mut().enumerate() {
                     let width = self.calls.aggregates[i].state_fields()?.len();
-                    acc.merge_batch(&columns[at..at + width], &groups, total)?;
+                    let state = &columns[at..at + width];
+                    match aggregate {
+                        Aggregate::Groups(j) => self.states.merge(*j, state)?,
+                        Aggregate::DistinctCount(distinct) => {
+                            distinct.merge_batch(state, &groups, total)?
+                        }
+                    }
                     at += width;
                 }
             }
             Values::Multisets {
                 converter,
                 rows,
-                signed,
+                rows_bytes,
+                ..
             } => {
-                for s in signed.iter_mut().flatten() {
-                    at += s.restore(&columns[at..], &groups, total)?;
+                for (j, width) in self.states.widths().into_iter().enumerate() {
+                    self.states.merge(j, &columns[at..at + width])?;
+                    at += width;
                 }
                 let parser = converter.parser();
                 for (i, &g) in groups.iter().enumerate() {
                     for (row, count) in decode_arguments(arguments.value(i))? {
-                        rows[g].insert(parser.parse(row).owned(), count);
+                        let row = parser.parse(row).owned();
+                        let bytes = super::row_bytes(&row);
+                        if rows[g].insert(row, count).is_none() {
+                            *rows_bytes += bytes;
+                        }
                     }
                 }
             }

@@ -24,6 +24,36 @@ use crate::stream::mv::MvState;
 pub const RETAINED_EPOCHS: usize = 3;
 /// A view's per-epoch changes are folded into its stored base after this many.
 const VIEW_ENTRIES_BEFORE_COMPACTION: usize = 64;
+/// Changed rows a view's stored changes may hold beyond its rows before they are folded
+/// into its base.
+const VIEW_CHANGED_ROWS_SLACK: usize = 1 << 16;
+
+/// What a view's stored per-epoch changes since its base hold. A restart reads the base
+/// and replays them, so they are folded into a new base after
+/// [`VIEW_ENTRIES_BEFORE_COMPACTION`] epochs, or once they hold more rows than the view
+/// (an updating view's -U/+U pairs for the same keys epoch after epoch): a restart then
+/// replays at most about twice the view, and each fold writes the view once for at
+/// least as many changed rows. A view that only grows never outgrows itself.
+#[derive(Debug, Default)]
+struct ViewLog {
+    entries: usize,
+    rows: usize,
+}
+
+impl ViewLog {
+    /// Counts an epoch's changes in; whether it is time to fold them into the base, for
+    /// a view of `view_rows` rows.
+    fn add(&mut self, changed_rows: usize, view_rows: usize) -> bool {
+        self.entries += 1;
+        self.rows += changed_rows;
+        let due = self.entries >= VIEW_ENTRIES_BEFORE_COMPACTION
+            || self.rows > view_rows + VIEW_CHANGED_ROWS_SLACK;
+        if due {
+            *self = Self::default();
+        }
+        due
+    }
+}
 
 /// What a task tells the coordinator.
 pub enum Ack {
@@ -179,7 +209,7 @@ impl Coordinator {
         let mut ended: HashMap<usize, TaskSnapshot> = HashMap::new();
         let mut last = self.restored;
         let mut finished = false;
-        let mut view_entries = 0;
+        let mut view_log = ViewLog::default();
         while let Some(ack) = acks.recv().await {
             match ack {
                 Ack::Barrier {
@@ -211,13 +241,13 @@ impl Coordinator {
                     break;
                 }
                 let p = pending.remove(&epoch).expect("present");
-                self.complete(epoch, p, &mut ended, &mut view_entries)
+                self.complete(epoch, p, &mut ended, &mut view_log)
                     .await?;
                 last = last.max(epoch);
             }
             if !finished && ended.len() == self.tasks {
                 finished = true;
-                self.complete(last + 1, Pending::new(), &mut ended, &mut view_entries)
+                self.complete(last + 1, Pending::new(), &mut ended, &mut view_log)
                     .await?;
             }
         }
@@ -229,7 +259,7 @@ impl Coordinator {
         epoch: Epoch,
         mut p: Pending,
         ended: &mut HashMap<usize, TaskSnapshot>,
-        view_entries: &mut usize,
+        view_log: &mut ViewLog,
     ) -> Result<()> {
         let mut snapshots = Vec::with_capacity(self.tasks);
         for t in 0..self.tasks {
@@ -314,7 +344,7 @@ impl Coordinator {
         if self.durable.is_some() {
             crate::stream::failpoint::hit(crate::stream::failpoint::at::BEFORE_PUBLISH);
         }
-        if let Err(e) = self.commit(epoch, precommits, view, view_entries).await {
+        if let Err(e) = self.commit(epoch, precommits, view, view_log).await {
             self.record(epoch, &p, bytes, state, format!("FAILED: {e}"));
             return Err(e);
         }
@@ -390,19 +420,17 @@ impl Coordinator {
         epoch: Epoch,
         precommits: Vec<Precommit>,
         view: Option<(Vec<ChangeBatch>, Millis, bool)>,
-        view_entries: &mut usize,
+        view_log: &mut ViewLog,
     ) -> Result<()> {
         match &self.committer {
             Committer::Direct => Ok(()),
             Committer::View(state) => {
                 let (changes, watermark, ended) =
                     view.unwrap_or_else(|| merged_changes(&precommits));
-                let wrote = !changes.is_empty();
+                let changed_rows: usize = changes.iter().map(ChangeBatch::num_rows).sum();
                 state.publish(changes, watermark, ended)?;
-                if let (Some(durable), true) = (&self.durable, wrote) {
-                    *view_entries += 1;
-                    if *view_entries >= VIEW_ENTRIES_BEFORE_COMPACTION {
-                        *view_entries = 0;
+                if let (Some(durable), true) = (&self.durable, changed_rows > 0) {
+                    if view_log.add(changed_rows, state.size().0) {
                         let checkpoints = durable.checkpoints.clone();
                         let contents = state.snapshot()?;
                         blocking(move || checkpoints.compact_view(epoch, &contents)).await?;
@@ -597,4 +625,34 @@ pub async fn recover(
         epoch: meta.epoch,
         tasks,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_views_changes_fold_into_its_base_once_they_outgrow_it_or_pile_up() {
+        // An updating view of 100 k rows whose keys all change every epoch (-U and +U):
+        // its changes outgrow it in the first epoch past the slack.
+        let mut log = ViewLog::default();
+        let folds: Vec<usize> = (1..=10)
+            .filter(|_| log.add(200_000, 100_000))
+            .collect();
+        assert_eq!(folds, (1..=10).collect::<Vec<_>>());
+        // A tenth of its keys an epoch: every few epochs.
+        let mut log = ViewLog::default();
+        let folds: Vec<usize> = (1..=20).filter(|_| log.add(20_000, 100_000)).collect();
+        assert_eq!(folds, [9, 18]);
+        // A view that only grows never outgrows itself: the count of epochs decides.
+        let mut log = ViewLog::default();
+        let mut rows = 0;
+        let folds: Vec<usize> = (1..=130)
+            .filter(|_| {
+                rows += 1_000_000;
+                log.add(1_000_000, rows)
+            })
+            .collect();
+        assert_eq!(folds, [64, 128]);
+    }
 }

@@ -242,6 +242,46 @@ async fn growing_state_is_written_once_and_restored_from_its_increments() {
     server.stop().await;
 }
 
+/// An updating view whose every key changes at every epoch: its stored changes outgrow
+/// it within two epochs and fold into its base; a restart reads that base and the
+/// epochs after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_updating_views_folded_changes_restore_its_rows() {
+    const KEYS: i64 = 40_000;
+    const ROUNDS: usize = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "SET 'execution.checkpointing.interval' = '1 h';
+             CREATE TABLE t (k BIGINT);
+             CREATE MATERIALIZED VIEW counts AS SELECT k, count(*) AS n FROM t GROUP BY k",
+        )
+        .await
+        .unwrap();
+    let values: Vec<String> = (0..KEYS).map(|k| format!("({k})")).collect();
+    let insert = format!("INSERT INTO t VALUES {}; FLUSH", values.join(", "));
+    for _ in 0..ROUNDS {
+        // Every key: -U and +U, twice the view's rows an epoch after the first.
+        client.batch_execute(&insert).await.unwrap();
+    }
+    let expected = vec![vec![
+        KEYS.to_string(),
+        (KEYS * ROUNDS as i64).to_string(),
+        ROUNDS.to_string(),
+        ROUNDS.to_string(),
+    ]];
+    let summary = "SELECT count(*), sum(n), min(n), max(n) FROM counts";
+    assert_eq!(rows(&client, summary).await, expected);
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    assert_eq!(rows(&client, summary).await, expected);
+    server.stop().await;
+}
+
 /// The server turns transparent huge pages off for its process (README, "Set-up").
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,30 +6,43 @@
 //! while nothing is retracted are kept as their batches and counted only when a
 //! retraction comes, so a view that only grows costs what it appends.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::hash::BuildHasher;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::RowConverter;
-use datafusion::common::hash_map::EntryRef;
-use datafusion::common::{HashMap, Result};
+use datafusion::common::Result;
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::message::ChangeBatch;
 
 /// Rows in a batch when the view is read.
 const BATCH_ROWS: usize = 8192;
 
-/// What a row costs besides its bytes: its map and order entries.
-const ENTRY_BYTES: usize = 64;
+/// What a row costs besides its bytes: its slot and index entry.
+const ENTRY_BYTES: usize = 40;
+
+/// Slots of gone rows tolerated before the slots are compacted (and at most as many as
+/// there are rows).
+const GONE_SLACK: usize = 4096;
+
+/// A row held, and how many times it is present.
+struct Slot {
+    bytes: Box<[u8]>,
+    count: i64,
+}
 
 pub struct UpdatingRows {
     schema: SchemaRef,
     converter: RowConverter,
-    /// Row bytes -> (place in the order, how many times the row is present).
-    counts: HashMap<Arc<[u8]>, (u64, i64)>,
-    order: BTreeMap<u64, Arc<[u8]>>,
-    next: u64,
+    /// Rows in the order they were first seen; a row gone leaves `None` until the slots
+    /// are compacted (a map ordered by arrival number cost a tree walk per row).
+    slots: Vec<Option<Slot>>,
+    /// The slot of every row held, found by the row's bytes.
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    /// Slots left `None`.
+    gone: usize,
     rows: usize,
     bytes: usize,
     /// Rows added since the last retraction, not counted yet (they follow the others).
@@ -43,9 +56,10 @@ impl UpdatingRows {
         Ok(Self {
             schema: schema.clone(),
             converter: super::row_converter(schema.fields())?,
-            counts: HashMap::default(),
-            order: BTreeMap::new(),
-            next: 0,
+            slots: Vec::new(),
+            index: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            gone: 0,
             rows: 0,
             bytes: 0,
             appended: Vec::new(),
@@ -73,48 +87,88 @@ impl UpdatingRows {
             self.count(&ChangeBatch::new(batch), &mut vec![])?;
         }
         // Rows a retraction may have left at nothing or less: looked at once all is in.
-        let mut retracted: Vec<Arc<[u8]>> = Vec::new();
+        let mut retracted: Vec<u32> = Vec::new();
         for change in changes {
             self.count(change, &mut retracted)?;
         }
-        for bytes in retracted {
-            if let Some(&(at, count)) = self.counts.get(&bytes) {
-                if count <= 0 {
-                    self.counts.remove(&bytes);
-                    self.order.remove(&at);
-                    self.bytes -= bytes.len() + ENTRY_BYTES;
+        for slot in retracted {
+            let Some(held) = &self.slots[slot as usize] else {
+                continue;
+            };
+            if held.count <= 0 {
+                let hash = self.hasher.hash_one(&held.bytes);
+                if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
+                    entry.remove();
                 }
+                self.bytes -= held.bytes.len() + ENTRY_BYTES;
+                self.slots[slot as usize] = None;
+                self.gone += 1;
             }
+        }
+        if self.gone > GONE_SLACK && self.gone > self.slots.len() - self.gone {
+            self.compact_slots();
         }
         self.batches = None;
         Ok(())
     }
 
-    /// Counts the rows of `change` in, noting those it retracts.
-    fn count(&mut self, change: &ChangeBatch, retracted: &mut Vec<Arc<[u8]>>) -> Result<()> {
+    /// Counts the rows of `change` in, noting the slots of those it retracts.
+    fn count(&mut self, change: &ChangeBatch, retracted: &mut Vec<u32>) -> Result<()> {
         let rows = self.converter.convert_columns(change.rows.columns())?;
         for (i, row) in rows.iter().enumerate() {
-            let delta = if change.retracts(i) { -1 } else { 1 };
-            let entry = match self.counts.entry_ref(row.as_ref()) {
-                EntryRef::Occupied(entry) => entry,
-                EntryRef::Vacant(entry) => {
-                    let bytes: Arc<[u8]> = row.as_ref().into();
+            let bytes = row.as_ref();
+            let hash = self.hasher.hash_one(bytes);
+            let slots = &mut self.slots;
+            let found = self.index.find(hash, |&s| {
+                slots[s as usize]
+                    .as_ref()
+                    .is_some_and(|held| *held.bytes == *bytes)
+            });
+            let slot = match found {
+                Some(&slot) => slot,
+                None => {
+                    let slot = slots.len() as u32;
+                    slots.push(Some(Slot {
+                        bytes: bytes.into(),
+                        count: 0,
+                    }));
                     self.bytes += bytes.len() + ENTRY_BYTES;
-                    self.order.insert(self.next, bytes.clone());
-                    let entry = entry.insert_entry_with_key(bytes, (self.next, 0));
-                    self.next += 1;
-                    entry
+                    let hasher = &self.hasher;
+                    self.index.insert_unique(hash, slot, |&s| {
+                        hasher.hash_one(&slots[s as usize].as_ref().expect("indexed").bytes)
+                    });
+                    slot
                 }
             };
-            if delta < 0 {
-                retracted.push(entry.key().clone());
-            }
-            let (_, count) = entry.into_mut();
-            let before = (*count).max(0) as usize;
-            *count += delta;
-            self.rows = self.rows + (*count).max(0) as usize - before;
+            let delta = if change.retracts(i) {
+                retracted.push(slot);
+                -1
+            } else {
+                1
+            };
+            let held = slots[slot as usize].as_mut().expect("indexed");
+            let before = held.count.max(0) as usize;
+            held.count += delta;
+            self.rows = self.rows + held.count.max(0) as usize - before;
         }
         Ok(())
+    }
+
+    /// Drops the slots of gone rows, keeping the others' order.
+    fn compact_slots(&mut self) {
+        let mut moved = vec![u32::MAX; self.slots.len()];
+        let mut kept = Vec::with_capacity(self.slots.len() - self.gone);
+        for (old, slot) in std::mem::take(&mut self.slots).into_iter().enumerate() {
+            if let Some(slot) = slot {
+                moved[old] = kept.len() as u32;
+                kept.push(Some(slot));
+            }
+        }
+        for slot in self.index.iter_mut() {
+            *slot = moved[*slot as usize];
+        }
+        self.slots = kept;
+        self.gone = 0;
     }
 
     /// Rows present, counted as often as they are.
@@ -148,10 +202,9 @@ impl UpdatingRows {
             }
             Ok(())
         };
-        for bytes in self.order.values() {
-            let count = self.counts[bytes].1;
-            for _ in 0..count {
-                rows.push(parser.parse(bytes));
+        for held in self.slots.iter().flatten() {
+            for _ in 0..held.count {
+                rows.push(parser.parse(&held.bytes));
                 if rows.len() == BATCH_ROWS {
                     flush(&mut rows)?;
                 }
@@ -166,6 +219,8 @@ impl UpdatingRows {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::stream::message::Op;
     use datafusion::arrow::array::{Int64Array, StringArray};
@@ -255,5 +310,62 @@ mod tests {
             .unwrap();
         assert_eq!((rows.rows(), rows.bytes()), (0, 0));
         assert!(lines(&mut rows).is_empty());
+    }
+
+    /// Enough rows go that their slots are compacted, twice: the rows and their order
+    /// stay those of a rebuild, and rows found through the index after a compaction are
+    /// the right ones.
+    #[test]
+    fn gone_rows_free_their_slots_in_order() {
+        use Op::*;
+        let keys: Vec<String> = (0..12_000).map(|k| format!("k{k}")).collect();
+        let key = |k: usize| keys[k].as_str();
+        let mut publishes = vec![vec![change(
+            &(0..12_000).map(|k| (key(k), 0, Insert)).collect::<Vec<_>>(),
+        )]];
+        for round in 1..=6 {
+            // Every other key's value changes; every third key goes and comes back last.
+            let mut rows: Vec<(&str, i64, Op)> = Vec::new();
+            for k in (0..12_000).filter(|k| k % 2 == 0) {
+                rows.push((key(k), round - 1, UpdateBefore));
+                rows.push((key(k), round, UpdateAfter));
+            }
+            publishes.push(vec![change(&rows)]);
+        }
+        publishes.push(vec![change(
+            &(0..12_000)
+                .filter(|k| k % 3 == 0)
+                .map(|k| (key(k), if k % 2 == 0 { 6 } else { 0 }, Delete))
+                .collect::<Vec<_>>(),
+        )]);
+        publishes.push(vec![change(
+            &(0..12_000)
+                .filter(|k| k % 3 == 0)
+                .map(|k| (key(k), 9, Insert))
+                .collect::<Vec<_>>(),
+        )]);
+        let schema = schema();
+        let mut rows = UpdatingRows::new(&schema).unwrap();
+        let mut rebuilt: Vec<RecordBatch> = vec![];
+        let mut compactions = 0;
+        for publish in publishes {
+            let slots = rows.slots.len();
+            rows.apply(&publish).unwrap();
+            compactions += (rows.slots.len() < slots) as usize;
+            rebuilt = crate::stream::changelog::apply(&schema, rebuilt, publish).unwrap();
+            let expected = crate::stream::message::change_lines(
+                &rebuilt
+                    .iter()
+                    .cloned()
+                    .map(ChangeBatch::new)
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(lines(&mut rows), expected);
+            assert_eq!(rows.rows(), expected.len());
+        }
+        assert!(compactions >= 2, "{compactions} compactions");
+        // The last publish only inserts: its rows wait as batches, uncounted.
+        let held = (rows.slots.len(), rows.gone, rows.index.len());
+        assert_eq!(held, (12_000, 4_000, 8_000));
     }
 }

@@ -241,8 +241,7 @@ impl Coordinator {
                     break;
                 }
                 let p = pending.remove(&epoch).expect("present");
-                self.complete(epoch, p, &mut ended, &mut view_log)
-                    .await?;
+                self.complete(epoch, p, &mut ended, &mut view_log).await?;
                 last = last.max(epoch);
             }
             if !finished && ended.len() == self.tasks {
@@ -636,9 +635,7 @@ mod tests {
         // An updating view of 100 k rows whose keys all change every epoch (-U and +U):
         // its changes outgrow it in the first epoch past the slack.
         let mut log = ViewLog::default();
-        let folds: Vec<usize> = (1..=10)
-            .filter(|_| log.add(200_000, 100_000))
-            .collect();
+        let folds: Vec<usize> = (1..=10).filter(|_| log.add(200_000, 100_000)).collect();
         assert_eq!(folds, (1..=10).collect::<Vec<_>>());
         // A tenth of its keys an epoch: every few epochs.
         let mut log = ViewLog::default();

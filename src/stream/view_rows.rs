@@ -261,6 +261,27 @@ mod tests {
         )
     }
 
+    /// Applies `publish` to `rows` and to `rebuilt` (the rows rebuilt from the changelog
+    /// at each publish), and checks both hold the same rows in the same order.
+    fn apply_as_a_rebuild_would(
+        rows: &mut UpdatingRows,
+        rebuilt: &mut Vec<RecordBatch>,
+        publish: Vec<ChangeBatch>,
+    ) {
+        rows.apply(&publish).unwrap();
+        let before = std::mem::take(rebuilt);
+        *rebuilt = crate::stream::changelog::apply(&schema(), before, publish).unwrap();
+        let expected = crate::stream::message::change_lines(
+            &rebuilt
+                .iter()
+                .cloned()
+                .map(ChangeBatch::new)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(lines(rows), expected);
+        assert_eq!(rows.rows(), expected.len());
+    }
+
     /// The same rows, in the same order, as applying the whole changelog to the rows
     /// from scratch gives.
     #[test]
@@ -288,21 +309,10 @@ mod tests {
             ],
             vec![change(&[("a", 2, Insert)])],
         ];
-        let schema = schema();
-        let mut rows = UpdatingRows::new(&schema).unwrap();
+        let mut rows = UpdatingRows::new(&schema()).unwrap();
         let mut rebuilt: Vec<RecordBatch> = vec![];
         for publish in publishes {
-            rows.apply(&publish).unwrap();
-            rebuilt = crate::stream::changelog::apply(&schema, rebuilt, publish).unwrap();
-            let expected = crate::stream::message::change_lines(
-                &rebuilt
-                    .iter()
-                    .cloned()
-                    .map(ChangeBatch::new)
-                    .collect::<Vec<_>>(),
-            );
-            assert_eq!(lines(&mut rows), expected);
-            assert_eq!(rows.rows(), expected.len());
+            apply_as_a_rebuild_would(&mut rows, &mut rebuilt, publish);
         }
         assert_eq!(lines(&mut rows), ["+I b,1", "+I a,2"]);
         assert!(rows.bytes() > 0);
@@ -344,24 +354,13 @@ mod tests {
                 .map(|k| (key(k), 9, Insert))
                 .collect::<Vec<_>>(),
         )]);
-        let schema = schema();
-        let mut rows = UpdatingRows::new(&schema).unwrap();
+        let mut rows = UpdatingRows::new(&schema()).unwrap();
         let mut rebuilt: Vec<RecordBatch> = vec![];
         let mut compactions = 0;
         for publish in publishes {
             let slots = rows.slots.len();
-            rows.apply(&publish).unwrap();
+            apply_as_a_rebuild_would(&mut rows, &mut rebuilt, publish);
             compactions += (rows.slots.len() < slots) as usize;
-            rebuilt = crate::stream::changelog::apply(&schema, rebuilt, publish).unwrap();
-            let expected = crate::stream::message::change_lines(
-                &rebuilt
-                    .iter()
-                    .cloned()
-                    .map(ChangeBatch::new)
-                    .collect::<Vec<_>>(),
-            );
-            assert_eq!(lines(&mut rows), expected);
-            assert_eq!(rows.rows(), expected.len());
         }
         assert!(compactions >= 2, "{compactions} compactions");
         // The last publish only inserts: its rows wait as batches, uncounted.

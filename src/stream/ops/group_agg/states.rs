@@ -200,22 +200,10 @@ impl GroupStates {
         self.settle()?;
         self.places = keep.iter().map(|&g| self.places[g]).collect();
         self.local = vec![NOT_PENDING; keep.len()];
-        for segment in self.segments.iter_mut().flatten() {
-            segment.live = 0;
-        }
-        for place in &self.places {
-            if let Place::At { segment, .. } = place {
-                if let Some(s) = self.segments[*segment as usize].as_mut() {
-                    s.live += 1;
-                }
-            }
-        }
-        for segment in &mut self.segments {
-            if segment.as_ref().is_some_and(|s| s.live == 0) {
-                self.rows_held -= segment.take().map_or(0, |s| s.columns[0].len());
-            }
-        }
-        self.rewrite_if_wasteful()
+        // The operator's compaction costs every group anyway (it re-interns their keys):
+        // the kept states are rewritten now, so that the memory of the others goes with
+        // them (the sled backend measures it right after moving groups out).
+        self.rewrite()
     }
 
     pub fn size(&self) -> usize {
@@ -321,6 +309,11 @@ impl GroupStates {
         if self.rows_held <= 2 * live + self.slack && segments < MAX_SEGMENTS {
             return Ok(());
         }
+        self.rewrite()
+    }
+
+    /// Every live row in one segment.
+    fn rewrite(&mut self) -> Result<()> {
         let stated: Vec<usize> = (0..self.places.len())
             .filter(|&g| self.places[g] != Place::None)
             .collect();

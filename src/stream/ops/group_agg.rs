@@ -273,6 +273,7 @@ impl GroupAggregate {
         self.created_since_shed.reserve_exact(more);
         self.changed.reserve_exact(more);
         self.dirty.reserve_exact(more);
+        self.states.reserve(more);
         if let Values::Multisets { rows, .. } = &mut self.values {
             rows.reserve_exact(more);
         }

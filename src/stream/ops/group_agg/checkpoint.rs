@@ -16,6 +16,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::GroupsAccumulator;
 
+use datafusion::physical_plan::aggregates::group_values::new_group_values;
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+
 use super::{Aggregate, GroupAggregate, Values};
 use crate::stream::snapshot::{self, downcast};
 
@@ -120,18 +123,26 @@ impl GroupAggregate {
             self.reserve_groups(state[0].num_rows(), key_bytes(&columns[0]));
             return self.restore_groups(&columns);
         }
-        // Newest first: a key's first sighting is its last row (or its removal).
-        let mut seen: datafusion::common::HashSet<&[u8]> = Default::default();
+        // Newest first: a key's first sighting is its last row (or its removal). Keys are
+        // told apart by interning them, decoded, in a scratch GroupValues: hashing typed
+        // keys as the operator does cost less than hashing their encoded bytes.
+        let mut seen = new_group_values(self.calls.key_schema.clone(), &GroupOrdering::None)?;
+        let mut indices = Vec::new();
         let mut winners: Vec<Vec<u32>> = vec![Vec::new(); state.len()];
         for (b, batch) in state.iter().enumerate().rev() {
             // The key follows the header (one column for `groups`, none for `removed`).
-            let keys = downcast::<BinaryArray>(batch.column(kinds[b] as usize))?;
+            let keys = self.decode_keys(batch.column(kinds[b] as usize))?;
+            let before = seen.len();
+            seen.intern(&keys, &mut indices)?;
+            let mut sighted = vec![false; seen.len() - before];
             for row in (0..batch.num_rows()).rev() {
-                if seen.insert(keys.value(row)) && kinds[b] {
+                let new = indices[row].checked_sub(before);
+                if new.is_some_and(|n| !std::mem::replace(&mut sighted[n], true)) && kinds[b] {
                     winners[b].push(row as u32);
                 }
             }
         }
+        drop(seen);
         let mut bytes = 0;
         for (batch, groups) in state.iter().zip(&kinds) {
             if *groups {
@@ -177,20 +188,22 @@ impl GroupAggregate {
             }
         }
         let mut at = FIXED;
-        self.states.stage(&groups);
+        // Each held aggregate's stored state columns, in the order `states` holds them.
+        let mut held: Vec<&[ArrayRef]> = Vec::new();
         match &mut self.values {
             Values::Accumulators(aggregates) => {
                 for (i, aggregate) in aggregates.iter_mut().enumerate() {
                     let width = self.calls.aggregates[i].state_fields()?.len();
                     let state = &columns[at..at + width];
                     match aggregate {
-                        Aggregate::Groups(j) => self.states.merge(*j, state)?,
+                        Aggregate::Groups(_) => held.push(state),
                         Aggregate::DistinctCount(distinct) => {
                             distinct.merge_batch(state, &groups, total)?
                         }
                     }
                     at += width;
                 }
+                self.states.restore(&groups, &held)?;
             }
             Values::Multisets {
                 converter,
@@ -198,10 +211,11 @@ impl GroupAggregate {
                 rows_bytes,
                 ..
             } => {
-                for (j, width) in self.states.widths().into_iter().enumerate() {
-                    self.states.merge(j, &columns[at..at + width])?;
+                for width in self.states.widths() {
+                    held.push(&columns[at..at + width]);
                     at += width;
                 }
+                self.states.restore(&groups, &held)?;
                 let parser = converter.parser();
                 for (i, &g) in groups.iter().enumerate() {
                     for (row, count) in decode_arguments(arguments.value(i))? {

@@ -133,6 +133,68 @@ impl GroupStates {
         self.local.resize(groups, NOT_PENDING);
     }
 
+    /// Room for `more` groups at once (a restore adds millions).
+    pub fn reserve(&mut self, more: usize) {
+        self.places.reserve_exact(more);
+        self.local.reserve_exact(more);
+    }
+
+    /// Puts back stored partial states of `groups` (each once), `states[i]` aggregate
+    /// `i`'s columns. Groups that hold nothing yet (as after a restore's interning) take
+    /// the columns as they are, as a segment of their own; others merge them in.
+    pub fn restore(&mut self, groups: &[usize], states: &[&[ArrayRef]]) -> Result<()> {
+        if self.exprs.is_empty() || groups.is_empty() {
+            return Ok(());
+        }
+        let mut fresh = true;
+        for (n, &g) in groups.iter().enumerate() {
+            // Marked pending (with a number no pending group has) while looking, so a
+            // group named twice is seen.
+            if self.places[g] != Place::None || self.local[g] != NOT_PENDING {
+                fresh = false;
+                for &marked in &groups[..n] {
+                    self.local[marked] = NOT_PENDING;
+                }
+                break;
+            }
+            self.local[g] = NOT_PENDING - 1;
+        }
+        let columns: Vec<ArrayRef> = states.iter().flat_map(|s| s.iter().cloned()).collect();
+        // Columns of another type (a checkpoint of another version) cannot be gathered
+        // with the others: merged, they take the accumulators' types.
+        let fitting = columns.len() == self.empty.len()
+            && columns
+                .iter()
+                .zip(&self.empty)
+                .all(|(c, e)| c.len() == groups.len() && c.data_type() == e.data_type());
+        if fresh && !fitting {
+            for &g in groups {
+                self.local[g] = NOT_PENDING;
+            }
+        }
+        if !fresh || !fitting {
+            self.stage(groups);
+            for (i, state) in states.iter().enumerate() {
+                self.merge(i, state)?;
+            }
+            return Ok(());
+        }
+        let segment = self.segments.len() as u32;
+        for (row, &g) in groups.iter().enumerate() {
+            self.local[g] = NOT_PENDING;
+            self.places[g] = Place::At {
+                segment,
+                row: row as u32,
+            };
+        }
+        self.segments.push(Some(Segment {
+            columns,
+            live: groups.len(),
+        }));
+        self.rows_held += groups.len();
+        self.rewrite_if_wasteful()
+    }
+
     /// The groups of the rows that [`GroupStates::update`] and [`GroupStates::merge`]
     /// fold in next.
     pub fn stage(&mut self, groups: &[usize]) {
@@ -552,15 +614,23 @@ mod tests {
         }
         let values = states.evaluate(&[0, 1]).unwrap();
         assert_eq!(text(&values, 2), ["0    ", "1 4 4 4 [4]"]);
-        // A state read for a snapshot merges back into fresh groups unchanged.
+        // A state read for a snapshot comes back into groups holding nothing as it was,
+        // kept as read (a segment of its own).
         let saved = states.states(&[1, 0]).unwrap();
+        let saved: Vec<&[ArrayRef]> = saved.iter().map(Vec::as_slice).collect();
         let mut restored = GroupStates::try_new(calls(&input), &input).unwrap();
-        restored.resize(2);
-        restored.stage(&[0, 1]);
-        for (i, state) in saved.iter().enumerate() {
-            restored.merge(i, state).unwrap();
-        }
+        restored.resize(3);
+        restored.restore(&[0, 1], &saved).unwrap();
+        assert_eq!(restored.segments.len(), 1);
         let values = restored.evaluate(&[1, 0]).unwrap();
         assert_eq!(text(&values, 2), ["0    ", "1 4 4 4 [4]"]);
+        // Into groups holding something, or naming a group twice, states merge.
+        restored.restore(&[0, 2], &saved).unwrap();
+        let values = restored.evaluate(&[0, 1, 2]).unwrap();
+        assert_eq!(text(&values, 3), ["2 8 4 4 [4, 4]", "0    ", "0    "]);
+        restored.restore(&[2, 2], &saved).unwrap();
+        let values = restored.evaluate(&[2]).unwrap();
+        assert_eq!(text(&values, 1), ["1 4 4 4 [4]"]);
+        assert!(restored.local.iter().all(|&l| l == NOT_PENDING));
     }
 }

@@ -15,7 +15,6 @@ use datafusion::arrow::compute::take;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::GroupsAccumulator;
-
 use datafusion::physical_plan::aggregates::group_values::new_group_values;
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
@@ -142,6 +141,7 @@ impl GroupAggregate {
                 }
             }
         }
+        // Its table is as large as the groups about to be reserved: gone first.
         drop(seen);
         let mut bytes = 0;
         for (batch, groups) in state.iter().zip(&kinds) {

@@ -173,6 +173,12 @@ async fn sigterm_shuts_down_cleanly() {
 /// State that only grows is checkpointed incrementally for good (each change written
 /// once, no whole state rewritten as it doubles), and a restart restores it from the
 /// first whole snapshot and every incremental one since.
+/// A table of keys and a view counting rows per key, committed only by FLUSH (and the
+/// periodic epoch already waiting).
+const COUNTS_PER_KEY: &str = "SET 'execution.checkpointing.interval' = '1 h';
+     CREATE TABLE t (k BIGINT);
+     CREATE MATERIALIZED VIEW counts AS SELECT k, count(*) AS n FROM t GROUP BY k";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn growing_state_is_written_once_and_restored_from_its_increments() {
     const BATCHES: i64 = 12;
@@ -180,14 +186,7 @@ async fn growing_state_is_written_once_and_restored_from_its_increments() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let client = server.connect().await;
-    client
-        .batch_execute(
-            "SET 'execution.checkpointing.interval' = '1 h';
-             CREATE TABLE t (k BIGINT);
-             CREATE MATERIALIZED VIEW counts AS SELECT k, count(*) AS n FROM t GROUP BY k",
-        )
-        .await
-        .unwrap();
+    client.batch_execute(COUNTS_PER_KEY).await.unwrap();
     // The periodic epoch already waiting comes first; after it, only FLUSH commits.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for b in 0..BATCHES {
@@ -252,14 +251,7 @@ async fn an_updating_views_folded_changes_restore_its_rows() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let client = server.connect().await;
-    client
-        .batch_execute(
-            "SET 'execution.checkpointing.interval' = '1 h';
-             CREATE TABLE t (k BIGINT);
-             CREATE MATERIALIZED VIEW counts AS SELECT k, count(*) AS n FROM t GROUP BY k",
-        )
-        .await
-        .unwrap();
+    client.batch_execute(COUNTS_PER_KEY).await.unwrap();
     let values: Vec<String> = (0..KEYS).map(|k| format!("({k})")).collect();
     let insert = format!("INSERT INTO t VALUES {}; FLUSH", values.join(", "));
     for _ in 0..ROUNDS {

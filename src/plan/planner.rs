@@ -1050,15 +1050,18 @@ impl<'a> Planner<'a> {
         let factory_output = output.clone();
         let late_rows = self.late_rows.clone();
         let lateness = self.lateness;
+        let backend = self.backend.clone();
+        let mut state =
+            "partial aggregates per slice and key, until the last window of the slice fires"
+                .to_string();
+        if let Some(b) = &backend {
+            state.push_str(&format!(" (frozen ones {})", b.describe()));
+        }
         let out = self.operator(
             &input,
             exchange,
             parallelism,
-            (
-                "WindowAggregate",
-                detail,
-                "partial aggregates per slice and key, until the last window of the slice fires",
-            ),
+            ("WindowAggregate", detail, &state),
             schema,
             Arc::new(move |_| {
                 let mut op = WindowAggregate::new(
@@ -1070,7 +1073,7 @@ impl<'a> Planner<'a> {
                 );
                 op.late_rows = late_rows.clone();
                 op.lateness = lateness;
-                Ok(Box::new(op) as _)
+                Ok(Box::new(op.with_backend(backend.as_ref())?) as _)
             }),
         );
         Ok(self.window_result(out, lateness, &output))

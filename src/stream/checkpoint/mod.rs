@@ -5,7 +5,7 @@
 pub mod beyond_memory;
 pub mod chunks;
 pub mod coordinator;
-mod frame;
+pub(crate) mod frame;
 pub mod rescale;
 pub mod snapshot_cost;
 pub mod store;

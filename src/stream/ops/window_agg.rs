@@ -16,10 +16,13 @@ use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_assign::millis_column;
 use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
-use crate::stream::operator::Operator;
+use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Slicing, Span};
+use spill::{Held, Spill};
+
+mod spill;
 
 /// The group key columns of output rows, in key order.
 pub fn output_keys(output: &[OutputColumn], columns: &[ArrayRef]) -> Vec<ArrayRef> {
@@ -49,15 +52,16 @@ pub enum OutputColumn {
 struct Slice {
     live: Option<Grouped>,
     /// Frozen states, never changed once made: a snapshot of changes holds those after
-    /// the first `snapshotted`.
-    partials: Vec<Partial>,
+    /// the first `snapshotted` (under the sled backend, some of those before may be on
+    /// disk).
+    partials: Vec<Held>,
     snapshotted: usize,
 }
 
 impl Slice {
     fn size(&self) -> usize {
         self.live.as_ref().map(|g| g.size()).unwrap_or(0)
-            + self.partials.iter().map(|p| p.size()).sum::<usize>()
+            + self.partials.iter().map(Held::memory_size).sum::<usize>()
     }
 }
 
@@ -83,6 +87,8 @@ pub struct WindowAggregate {
     emitted_changed: BTreeSet<Span>,
     /// Where dropped rows go, if the session named a late-data table.
     pub late_rows: Option<Arc<LateRows>>,
+    /// Under the sled backend: where frozen slice states beyond the budget go.
+    spill: Option<Spill>,
 }
 
 impl WindowAggregate {
@@ -108,6 +114,7 @@ impl WindowAggregate {
             emitted: BTreeMap::new(),
             dirty: BTreeSet::new(),
             emitted_changed: BTreeSet::new(),
+            spill: None,
         }
     }
 
@@ -138,15 +145,21 @@ impl WindowAggregate {
             }
             if let Some(mut live) = entry.live.take() {
                 if !live.is_empty() {
-                    entry.partials.push(live.freeze()?);
+                    entry.partials.push(Held::Memory(live.freeze()?));
                 }
             }
             let target = match &mut state {
                 Some(s) => s,
                 None => state.insert(self.calls.new_state()?),
             };
-            for partial in &entry.partials {
-                target.merge(partial)?;
+            for held in &entry.partials {
+                match held {
+                    Held::Memory(partial) => target.merge(partial)?,
+                    Held::Disk { id, .. } => {
+                        let spill = self.spill.as_ref().expect("on disk under the backend");
+                        target.merge(&spill.read(&self.calls, *id)?)?;
+                    }
+                }
             }
         }
         let Some(mut state) = state else {
@@ -199,14 +212,25 @@ impl WindowAggregate {
 
     /// Drops the slices no window open at `watermark` needs and the emitted rows of
     /// windows past their lateness.
-    fn drop_passed(&mut self, watermark: Millis) {
+    fn drop_passed(&mut self, watermark: Millis) -> Result<()> {
         let (slicing, lateness) = (&self.slicing, self.lateness);
-        self.slices
-            .retain(|slice, _| !fired(slicing.last_end(*slice) + lateness, watermark));
+        let passed: Vec<Span> = self
+            .slices
+            .keys()
+            .filter(|slice| fired(slicing.last_end(**slice) + lateness, watermark))
+            .copied()
+            .collect();
+        for slice in passed {
+            let gone = self.slices.remove(&slice).expect("listed");
+            if let Some(spill) = self.spill.as_mut() {
+                spill.remove(&gone.partials)?;
+            }
+        }
         self.emitted
             .retain(|window, _| !fired(window.1 + lateness, watermark));
         let emitted = &self.emitted;
         self.emitted_changed.retain(|w| emitted.contains_key(w));
+        Ok(())
     }
 
     /// The state, whole or as what changed since the previous snapshot: the partial
@@ -218,16 +242,19 @@ impl WindowAggregate {
         for (slice, entry) in &mut self.slices {
             if let Some(mut live) = entry.live.take() {
                 if !live.is_empty() {
-                    entry.partials.push(live.freeze()?);
+                    entry.partials.push(Held::Memory(live.freeze()?));
                 }
             }
             let from = if whole { 0 } else { entry.snapshotted };
-            for partial in &entry.partials[from..] {
-                out.push(snapshot::batch(
-                    "slice",
-                    &[slice.0, slice.1],
-                    partial.columns(),
-                )?);
+            // Those on disk are read off the task (`spilled_snapshot`).
+            for held in &entry.partials[from..] {
+                if let Held::Memory(partial) = held {
+                    out.push(snapshot::batch(
+                        "slice",
+                        &[slice.0, slice.1],
+                        partial.columns(),
+                    )?);
+                }
             }
             entry.snapshotted = entry.partials.len();
         }
@@ -356,13 +383,14 @@ impl Operator for WindowAggregate {
         for window in std::mem::take(&mut self.dirty) {
             self.fire(window, out)?;
         }
-        self.drop_passed(watermark);
+        self.drop_passed(watermark)?;
         self.watermark = watermark;
         Ok(())
     }
 
     fn state_size(&self) -> usize {
-        self.slices.values().map(Slice::size).sum::<usize>()
+        self.spill.as_ref().map_or(0, |s| s.disk_bytes)
+            + self.slices.values().map(Slice::size).sum::<usize>()
             + self
                 .emitted
                 .values()
@@ -380,6 +408,10 @@ impl Operator for WindowAggregate {
 
     fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
         self.snapshot_of(false).map(Some)
+    }
+
+    fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        self.spilled_snapshot(whole)
     }
 
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
@@ -403,7 +435,7 @@ impl Operator for WindowAggregate {
                         .entry((head[0], head[1]))
                         .or_default()
                         .partials
-                        .push(partial);
+                        .push(Held::Memory(partial));
                 }
                 "emitted" => {
                     let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
@@ -427,8 +459,7 @@ impl Operator for WindowAggregate {
     /// The slices and emitted windows of a whole snapshot and the changes after it that
     /// the restored watermark had dropped go, as they went then.
     fn restored(&mut self) -> Result<()> {
-        self.drop_passed(self.watermark);
-        Ok(())
+        self.drop_passed(self.watermark)
     }
 }
 
@@ -444,6 +475,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::plan::window_tvf::WindowKind;
     use crate::stream::operator::testing::{restores_from_incremental_snapshots, Step};
+    use crate::stream::state_backend::SledBackend;
 
     /// Rows (k, v, window_start, window_end).
     pub(crate) fn input_schema() -> SchemaRef {
@@ -598,6 +630,47 @@ pub(crate) mod tests {
             };
             restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |op| {
                 (op.slices.len(), op.emitted.len())
+            });
+        }
+    }
+
+    /// Under the sled backend with no memory for them, every snapshot moves the frozen
+    /// slice states out: windows read them back when they fire, whole snapshots read
+    /// them off the task, and what is dropped leaves the disk. Output and restores are
+    /// those of the operator in memory.
+    #[test]
+    fn frozen_slice_states_on_disk_give_the_same_windows_and_restores() {
+        use crate::stream::operator::testing::{run_step, snapshot_of};
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend {
+            root: dir.path().to_path_buf(),
+            memory: 0,
+        };
+        for lateness in [0, 25] {
+            let fresh = || {
+                let mut op = operator().with_backend(Some(&backend)).unwrap();
+                op.lateness = lateness;
+                op
+            };
+            let mut memory = operator();
+            memory.lateness = lateness;
+            let mut disk = fresh();
+            let mut went = 0;
+            for (i, step) in steps().iter().enumerate() {
+                assert_eq!(run_step(&mut disk, step), run_step(&mut memory, step));
+                let whole = snapshot_of(&mut disk, i == 0);
+                if i == 0 {
+                    assert_eq!(whole.len(), snapshot_of(&mut memory, true).len());
+                }
+                let on_disk = disk.spill.as_ref().expect("backend").disk_bytes;
+                went += (on_disk > 0) as usize;
+                assert_eq!(disk.state_size() > 0, memory.state_size() > 0, "step {i}");
+            }
+            assert!(went >= 3, "state went to disk after {went} steps");
+            assert_eq!(disk.spill.as_ref().unwrap().disk_bytes, 0, "all dropped");
+            restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |op| {
+                let partials = op.slices.values().map(|s| s.partials.len()).sum::<usize>();
+                (op.slices.len(), op.emitted.len(), partials)
             });
         }
     }

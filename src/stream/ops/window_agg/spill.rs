@@ -11,7 +11,7 @@
 //! fires; emitted rows kept for a lateness stay in memory too.
 
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::Result;
+use datafusion::common::{DataFusionError, Result};
 
 use super::{Slice, WindowAggregate};
 use crate::stream::checkpoint::frame::{FrameReader, FrameWriter};
@@ -58,11 +58,7 @@ impl Spill {
 
     /// A slice's partial state from disk.
     pub(super) fn read(&self, calls: &AggregateCalls, id: u64) -> Result<Partial> {
-        let bytes = self.files.get(id)?.ok_or_else(|| {
-            datafusion::common::DataFusionError::Internal(format!(
-                "a window slice's state {id} is not on disk"
-            ))
-        })?;
+        let bytes = self.files.get(id)?.ok_or_else(|| missing(id))?;
         let batch = FrameReader::new(&bytes).batch()?;
         let (_, _, columns) = snapshot::parts(&batch, 2)?;
         Partial::from_columns(calls, &columns)
@@ -78,6 +74,10 @@ impl Spill {
         }
         Ok(())
     }
+}
+
+fn missing(id: u64) -> DataFusionError {
+    DataFusionError::Internal(format!("a window slice's state {id} is not on disk"))
 }
 
 impl WindowAggregate {
@@ -105,15 +105,15 @@ impl WindowAggregate {
         let Some(spill) = self.spill.as_ref() else {
             return Ok(None);
         };
-        let on_disk: Vec<_> = self
+        let on_disk = self
             .slices
             .values()
             .flat_map(|s| &s.partials)
             .filter_map(|held| match held {
-                Held::Disk { id, .. } => spill.files.place(*id),
+                Held::Disk { id, .. } => Some(spill.files.place(*id).ok_or_else(|| missing(*id))),
                 Held::Memory(_) => None,
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let reader: Option<StateReader> = (whole && !on_disk.is_empty()).then(|| {
             Box::new(
                 move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {

@@ -133,9 +133,9 @@ fn zero_nulls(values: ArrayRef) -> Result<ArrayRef> {
 #[cfg(test)]
 mod tests {
     use datafusion::arrow::datatypes::{Field, Schema};
-    use datafusion::physical_expr::expressions::col;
 
     use super::*;
+    use crate::stream::ops::group_agg::states::tests::over_v;
 
     fn call(name: &str, input: &SchemaRef) -> Arc<AggregateFunctionExpr> {
         let udf = match name {
@@ -143,13 +143,7 @@ mod tests {
             "count" => datafusion::functions_aggregate::count::count_udaf(),
             _ => datafusion::functions_aggregate::min_max::max_udaf(),
         };
-        Arc::new(
-            AggregateExprBuilder::new(udf, vec![col("v", input).unwrap()])
-                .schema(input.clone())
-                .alias(name)
-                .build()
-                .unwrap(),
-        )
+        over_v(udf, name, input)
     }
 
     #[test]

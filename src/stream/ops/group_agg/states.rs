@@ -441,7 +441,7 @@ pub fn size(acc: &mut dyn GroupsAccumulator, arguments: &[DataType], groups: usi
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use datafusion::arrow::array::{Int64Array, UInt32Array};
     use datafusion::arrow::compute::take;
     use datafusion::arrow::datatypes::{Field, Schema};
@@ -452,16 +452,23 @@ mod tests {
 
     use super::*;
 
+    /// `udf(v)` named `name`, over `input`'s column v.
+    pub(in crate::stream::ops::group_agg) fn over_v(
+        udf: Arc<AggregateUDF>,
+        name: &str,
+        input: &SchemaRef,
+    ) -> Arc<AggregateFunctionExpr> {
+        Arc::new(
+            AggregateExprBuilder::new(udf, vec![col("v", input).unwrap()])
+                .schema(input.clone())
+                .alias(name)
+                .build()
+                .unwrap(),
+        )
+    }
+
     fn calls(input: &SchemaRef) -> Vec<Arc<AggregateFunctionExpr>> {
-        let build = |udf: Arc<AggregateUDF>, name: &str| {
-            Arc::new(
-                AggregateExprBuilder::new(udf, vec![col("v", input).unwrap()])
-                    .schema(input.clone())
-                    .alias(name)
-                    .build()
-                    .unwrap(),
-            )
-        };
+        let build = |udf: Arc<AggregateUDF>, name: &str| over_v(udf, name, input);
         use datafusion::functions_aggregate as f;
         vec![
             build(f::count::count_udaf(), "n"),

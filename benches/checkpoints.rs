@@ -5,11 +5,15 @@
 //! cargo bench --bench checkpoints -- --rate 500000 --seconds 20
 //! cargo bench --bench checkpoints -- --set state.backend=sled   # any session setting
 //! cargo bench --bench checkpoints -- --rate 500000 --keys 4000000  # random keys of 4 M
+//! cargo bench --bench checkpoints -- --window --keys 2000000  # per 1-hour TUMBLE window
 //! ```
 //!
 //! A materialized view counts rows per key over a `datagen` sequence, so every row is a
 //! new key: state grows at a flat rate. With `--keys N` the keys are random among N
-//! instead: state grows to N keys, then only changes (at most the rate's keys an epoch). Every second the bench prints the view's latest
+//! instead: state grows to N keys, then only changes (at most the rate's keys an epoch).
+//! With `--window` the view counts per key and 1-hour TUMBLE window of the rows' time
+//! (the wall clock): no window fires during the run, so its slice states only grow. The
+//! process's peak RSS is printed at the end of the run (before the restart). Every second the bench prints the view's latest
 //! checkpoint from SHOW CHECKPOINTS (duration, bytes written, operator state). Then the
 //! server is shut down and started again on the same data directory; the time until it
 //! accepts clients is the recovery time (every view is restored before it listens).
@@ -27,6 +31,8 @@ struct Args {
     seconds: u64,
     /// Random keys among this many, instead of a new key per row.
     keys: Option<u64>,
+    /// Count per key and 1-hour TUMBLE window instead of per key.
+    window: bool,
     /// Session settings for the view (`--set key=value`).
     settings: Vec<(String, String)>,
 }
@@ -36,6 +42,7 @@ fn parse_args() -> Args {
         rate: 200_000,
         seconds: 10,
         keys: None,
+        window: false,
         settings: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -49,6 +56,7 @@ fn parse_args() -> Args {
             "--rate" => args.rate = number("--rate"),
             "--seconds" => args.seconds = number("--seconds"),
             "--keys" => args.keys = Some(number("--keys")),
+            "--window" => args.window = true,
             "--set" => {
                 let setting = it.next().expect("--set takes key=value");
                 let (key, value) = setting.split_once('=').expect("--set takes key=value");
@@ -77,26 +85,16 @@ fn main() {
             .map(|(k, v)| format!("SET '{k}' = '{v}'"));
         for statement in settings.chain([
             "SET 'parallelism.default' = '1'".to_string(),
-            format!(
-                "CREATE TABLE gen (k BIGINT, v BIGINT) WITH ('connector' = 'datagen', \
-                 'rows-per-second' = '{}', {}, 'seed' = '1')",
-                args.rate,
-                match args.keys {
-                    Some(n) => format!(
-                        "'fields.k.kind' = 'random', 'fields.k.min' = '0', \
-                         'fields.k.max' = '{}'",
-                        n.max(1) - 1
-                    ),
-                    None => format!(
-                        "'fields.k.kind' = 'sequence', 'fields.k.start' = '0', \
-                         'fields.k.end' = '{}'",
-                        i64::MAX / 2
-                    ),
-                }
-            ),
-            "CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total \
-             FROM gen GROUP BY k"
-                .to_string(),
+            create_table(&args),
+            if args.window {
+                "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
+                 sum(v) AS total FROM TABLE(TUMBLE(TABLE gen, DESCRIPTOR(ts), INTERVAL '1' HOUR)) \
+                 GROUP BY window_start, window_end, k"
+            } else {
+                "CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total \
+                 FROM gen GROUP BY k"
+            }
+            .to_string(),
         ]) {
             rows(&client, &statement).await;
         }
@@ -122,6 +120,7 @@ fn main() {
             .find(|c| c[1].contains("per_key"))
             .map(|c| c[6].clone())
             .unwrap_or_default();
+        let peak = common::peak_rss().unwrap_or(0);
         drop(client);
         server.stop().await;
         let on_disk = bytes_under(dir.path());
@@ -133,9 +132,11 @@ fn main() {
         let restored = rows(&client, "SELECT count(*) FROM per_key").await[0][0].clone();
         println!();
         println!(
-            "{keys} keys, last checkpoint {last} bytes, {:.0} MiB in the data directory; \
-             restart to serving: {:.2} s ({restored} keys in the view right after)",
+            "{keys} keys, last checkpoint {last} bytes, {:.0} MiB in the data directory, \
+             peak RSS {:.0} MiB; restart to serving: {:.2} s ({restored} keys in the view \
+             right after)",
             on_disk as f64 / (1 << 20) as f64,
+            peak as f64 / (1 << 20) as f64,
             recovery.as_secs_f64()
         );
         drop(client);
@@ -155,4 +156,29 @@ fn bytes_under(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// The datagen table the view reads: a new key per row, or random keys among
+/// `--keys`; with `--window`, a time column of the wall clock's time.
+fn create_table(args: &Args) -> String {
+    let mut options = vec![format!("'rows-per-second' = '{}'", args.rate)];
+    options.push(match args.keys {
+        Some(n) => format!(
+            "'fields.k.kind' = 'random', 'fields.k.min' = '0', 'fields.k.max' = '{}'",
+            n.max(1) - 1
+        ),
+        None => format!(
+            "'fields.k.kind' = 'sequence', 'fields.k.start' = '0', 'fields.k.end' = '{}'",
+            i64::MAX / 2
+        ),
+    });
+    let mut columns = "k BIGINT, v BIGINT".to_string();
+    if args.window {
+        columns.push_str(", ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '5' SECOND");
+        options.push("'fields.ts.max-past' = '0'".into());
+    }
+    format!(
+        "CREATE TABLE gen ({columns}) WITH ('connector' = 'datagen', {}, 'seed' = '1')",
+        options.join(", ")
+    )
 }

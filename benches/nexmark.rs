@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{checkpoint_totals, cpu_time, try_rows, TestServer};
+use common::{checkpoint_totals, cpu_time, peak_rss, try_rows, TestServer};
 
 struct Args {
     events: u64,
@@ -134,14 +134,6 @@ fn parse_args() -> Args {
         }
     }
     a
-}
-
-/// The peak resident set size since the last reset, in bytes.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// The tables the queries read: Nexmark's three streams, and q13's side input.

@@ -228,3 +228,11 @@ pub fn scratch_dirs(data_dir: &std::path::Path) -> (usize, u64) {
     }
     (count, bytes)
 }
+
+/// The process's peak resident set size so far (VmHWM), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

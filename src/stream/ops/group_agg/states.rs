@@ -275,7 +275,7 @@ impl GroupStates {
                 .iter()
                 .flatten()
                 .flat_map(|s| &s.columns)
-                .map(|c| c.get_array_memory_size())
+                .map(|c| column_bytes(c.as_ref()))
                 .sum::<usize>()
             + self.places.capacity() * std::mem::size_of::<Place>()
             + self.local.capacity() * 4
@@ -425,6 +425,15 @@ impl GroupStates {
             })
             .collect()
     }
+}
+
+/// The bytes `column` refers to. Restored columns share the buffer of the checkpoint
+/// message they were read from, which each would count whole.
+fn column_bytes(column: &dyn Array) -> usize {
+    column
+        .to_data()
+        .get_slice_memory_size()
+        .unwrap_or_else(|_| column.get_array_memory_size())
 }
 
 /// Sizes `acc` for `groups` groups, those without rows included. The FILTER mask, empty
@@ -639,5 +648,48 @@ pub(super) mod tests {
         let values = restored.evaluate(&[2]).unwrap();
         assert_eq!(text(&values, 1), ["1 4 4 4 [4]"]);
         assert!(restored.local.iter().all(|&l| l == NOT_PENDING));
+    }
+
+    /// States read back from a checkpoint share its message's buffer: they count what
+    /// they hold, not that buffer once per column.
+    #[test]
+    fn restored_states_count_their_own_bytes() {
+        use crate::stream::checkpoint::frame::{FrameReader, FrameWriter};
+        let input: SchemaRef = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        use datafusion::functions_aggregate as f;
+        let exprs = vec![
+            over_v(f::count::count_udaf(), "n", &input),
+            over_v(f::sum::sum_udaf(), "total", &input),
+            over_v(f::min_max::max_udaf(), "top", &input),
+        ];
+        let groups: Vec<usize> = (0..10_000).collect();
+        let mut states = GroupStates::try_new(exprs.clone(), &input).unwrap();
+        states.resize(groups.len());
+        states.stage(&groups);
+        let values: ArrayRef = Arc::new(Int64Array::from_iter_values(0..10_000));
+        for i in 0..exprs.len() {
+            states
+                .update(i, std::slice::from_ref(&values), None)
+                .unwrap();
+        }
+        let columns: Vec<ArrayRef> = states.states(&groups).unwrap().concat();
+        let held = states.size();
+        let mut w = FrameWriter::default();
+        w.batch(&crate::stream::snapshot::batch("states", &[], columns).unwrap())
+            .unwrap();
+        let read = FrameReader::new(&w.bytes).batch().unwrap();
+        let (_, _, columns) = crate::stream::snapshot::parts(&read, 0).unwrap();
+        let mut restored = GroupStates::try_new(exprs, &input).unwrap();
+        restored.resize(groups.len());
+        let per_call: Vec<&[ArrayRef]> = columns.chunks(1).collect();
+        restored.restore(&groups, &per_call).unwrap();
+        assert_eq!(restored.segments.len(), 1, "taken as read");
+        assert!(
+            restored.size() < held * 3 / 2,
+            "{} against {held}",
+            restored.size()
+        );
+        let values = restored.evaluate(&[9_999]).unwrap();
+        assert_eq!(text(&values, 1), ["1 9999 9999"]);
     }
 }

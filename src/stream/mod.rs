@@ -49,6 +49,15 @@ pub fn batch_of(
     )
 }
 
+/// The bytes `column` refers to. Columns read back from a checkpoint share the buffer of
+/// the message they were decoded from, which each would count whole.
+pub fn column_bytes(column: &dyn datafusion::arrow::array::Array) -> usize {
+    column
+        .to_data()
+        .get_slice_memory_size()
+        .unwrap_or_else(|_| column.get_array_memory_size())
+}
+
 /// A RowConverter for rows of `fields`, ordered as arrow orders them by default: for keys
 /// compared and hashed by their bytes.
 pub fn row_converter(

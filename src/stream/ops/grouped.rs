@@ -124,17 +124,14 @@ impl Partial {
         })
     }
 
+    /// Bytes held (a partial read back from a checkpoint counts its own, not the
+    /// message buffer it shares).
     pub fn size(&self) -> usize {
         self.keys
             .iter()
-            .map(|a| a.get_array_memory_size())
-            .sum::<usize>()
-            + self
-                .states
-                .iter()
-                .flatten()
-                .map(|a| a.get_array_memory_size())
-                .sum::<usize>()
+            .chain(self.states.iter().flatten())
+            .map(|a| crate::stream::column_bytes(a.as_ref()))
+            .sum()
     }
 }
 

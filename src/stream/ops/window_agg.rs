@@ -634,6 +634,31 @@ pub(crate) mod tests {
         }
     }
 
+    /// Slice states read back from a checkpoint share its messages' buffers: they count
+    /// what they hold, as before the checkpoint.
+    #[test]
+    fn restored_slice_states_count_their_own_bytes() {
+        use crate::stream::checkpoint::frame::{FrameReader, FrameWriter};
+        let mut op = operator();
+        let many: Vec<(i64, i64, i64)> = (0..5_000).map(|k| (k, k, 1)).collect();
+        run(&mut op, &[rows(&many)], 0);
+        let state = op.snapshot().unwrap();
+        let before = op.state_size();
+        let read: Vec<RecordBatch> = state
+            .iter()
+            .map(|b| {
+                let mut w = FrameWriter::default();
+                w.batch(b).unwrap();
+                FrameReader::new(&w.bytes).batch().unwrap()
+            })
+            .collect();
+        let mut restored = operator();
+        restored.restore(read).unwrap();
+        restored.restored().unwrap();
+        let after = restored.state_size();
+        assert!(after <= before * 5 / 4, "{after} against {before}");
+    }
+
     /// Under the sled backend with no memory for them, every snapshot moves the frozen
     /// slice states out: windows read them back when they fire, whole snapshots read
     /// them off the task, and what is dropped leaves the disk. Output and restores are

@@ -275,7 +275,7 @@ impl GroupStates {
                 .iter()
                 .flatten()
                 .flat_map(|s| &s.columns)
-                .map(|c| column_bytes(c.as_ref()))
+                .map(|c| crate::stream::column_bytes(c.as_ref()))
                 .sum::<usize>()
             + self.places.capacity() * std::mem::size_of::<Place>()
             + self.local.capacity() * 4
@@ -425,15 +425,6 @@ impl GroupStates {
             })
             .collect()
     }
-}
-
-/// The bytes `column` refers to. Restored columns share the buffer of the checkpoint
-/// message they were read from, which each would count whole.
-fn column_bytes(column: &dyn Array) -> usize {
-    column
-        .to_data()
-        .get_slice_memory_size()
-        .unwrap_or_else(|_| column.get_array_memory_size())
 }
 
 /// Sizes `acc` for `groups` groups, those without rows included. The FILTER mask, empty

@@ -211,7 +211,7 @@ impl GroupAggregate {
                 rows_bytes,
                 ..
             } => {
-                for width in self.states.widths() {
+                for &width in self.states.widths() {
                     held.push(&columns[at..at + width]);
                     at += width;
                 }

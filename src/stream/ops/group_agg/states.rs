@@ -117,8 +117,8 @@ impl GroupStates {
     }
 
     /// How many state columns each aggregate has.
-    pub fn widths(&self) -> Vec<usize> {
-        self.widths.clone()
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
     }
 
     /// State columns of aggregate `i` in a row of all of them.
@@ -146,19 +146,6 @@ impl GroupStates {
         if self.exprs.is_empty() || groups.is_empty() {
             return Ok(());
         }
-        let mut fresh = true;
-        for (n, &g) in groups.iter().enumerate() {
-            // Marked pending (with a number no pending group has) while looking, so a
-            // group named twice is seen.
-            if self.places[g] != Place::None || self.local[g] != NOT_PENDING {
-                fresh = false;
-                for &marked in &groups[..n] {
-                    self.local[marked] = NOT_PENDING;
-                }
-                break;
-            }
-            self.local[g] = NOT_PENDING - 1;
-        }
         let columns: Vec<ArrayRef> = states.iter().flat_map(|s| s.iter().cloned()).collect();
         // Columns of another type (a checkpoint of another version) cannot be gathered
         // with the others: merged, they take the accumulators' types.
@@ -167,12 +154,7 @@ impl GroupStates {
                 .iter()
                 .zip(&self.empty)
                 .all(|(c, e)| c.len() == groups.len() && c.data_type() == e.data_type());
-        if fresh && !fitting {
-            for &g in groups {
-                self.local[g] = NOT_PENDING;
-            }
-        }
-        if !fresh || !fitting {
+        if !fitting || !self.hold_nothing(groups) {
             self.stage(groups);
             for (i, state) in states.iter().enumerate() {
                 self.merge(i, state)?;
@@ -181,7 +163,6 @@ impl GroupStates {
         }
         let segment = self.segments.len() as u32;
         for (row, &g) in groups.iter().enumerate() {
-            self.local[g] = NOT_PENDING;
             self.places[g] = Place::At {
                 segment,
                 row: row as u32,
@@ -193,6 +174,23 @@ impl GroupStates {
         }));
         self.rows_held += groups.len();
         self.rewrite_if_wasteful()
+    }
+
+    /// Whether none of `groups` holds a state or is pending, and none is named twice.
+    fn hold_nothing(&mut self, groups: &[usize]) -> bool {
+        // A group looked at is marked with a local index no pending group has.
+        let mut marked = 0;
+        for &g in groups {
+            if self.places[g] != Place::None || self.local[g] != NOT_PENDING {
+                break;
+            }
+            self.local[g] = NOT_PENDING - 1;
+            marked += 1;
+        }
+        for &g in &groups[..marked] {
+            self.local[g] = NOT_PENDING;
+        }
+        marked == groups.len()
     }
 
     /// The groups of the rows that [`GroupStates::update`] and [`GroupStates::merge`]

@@ -105,25 +105,33 @@ impl WindowAggregate {
         let Some(spill) = self.spill.as_ref() else {
             return Ok(None);
         };
-        let on_disk = self
-            .slices
-            .values()
-            .flat_map(|s| &s.partials)
-            .filter_map(|held| match held {
-                Held::Disk { id, .. } => Some(spill.files.place(*id).ok_or_else(|| missing(*id))),
-                Held::Memory(_) => None,
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let reader: Option<StateReader> = (whole && !on_disk.is_empty()).then(|| {
-            Box::new(
-                move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {
-                    for place in on_disk {
-                        out(FrameReader::new(&place.read()?).batch()?)?;
+        // Only a whole snapshot needs what is on disk (an incremental one wrote it before
+        // it went).
+        let reader = if whole {
+            let on_disk = self
+                .slices
+                .values()
+                .flat_map(|s| &s.partials)
+                .filter_map(|held| match held {
+                    Held::Disk { id, .. } => {
+                        Some(spill.files.place(*id).ok_or_else(|| missing(*id)))
                     }
-                    Ok(())
-                },
-            ) as StateReader
-        });
+                    Held::Memory(_) => None,
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (!on_disk.is_empty()).then(|| {
+                Box::new(
+                    move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {
+                        for place in on_disk {
+                            out(FrameReader::new(&place.read()?).batch()?)?;
+                        }
+                        Ok(())
+                    },
+                ) as StateReader
+            })
+        } else {
+            None
+        };
         self.move_out()?;
         Ok(reader)
     }

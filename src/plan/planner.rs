@@ -32,7 +32,7 @@ use crate::stream::graph::{
     ChangelogMode, Edge, Exchange, NodeKind, SinkKind, SourceKind, SourceSpec, StreamGraph,
     StreamNode, TimeSource,
 };
-use crate::stream::late::LateRows;
+use crate::stream::late::{LateRecorder, LateRows};
 use crate::stream::mv::MvTable;
 use crate::stream::ops::fragment::Fragment;
 use crate::stream::ops::group_agg::GroupAggregate;
@@ -1004,6 +1004,7 @@ impl<'a> Planner<'a> {
             let factory_output = output.clone();
             let time_column = cols.start;
             let late_rows = self.late_rows.clone();
+            self.graph.late_rows = self.graph.late_rows.take().or(late_rows.clone());
             let lateness = self.lateness;
             let detail = format!("gap {gap} ms, {}", describe_aggregate(agg));
             let out = self.operator(
@@ -1024,7 +1025,7 @@ impl<'a> Planner<'a> {
                         factory_output.clone(),
                         arrow.clone(),
                     )?;
-                    op.late_rows = late_rows.clone();
+                    op.late_rows = late_rows.clone().map(LateRecorder::new);
                     op.lateness = lateness;
                     Ok(Box::new(op) as _)
                 }),
@@ -1049,6 +1050,7 @@ impl<'a> Planner<'a> {
         );
         let factory_output = output.clone();
         let late_rows = self.late_rows.clone();
+        self.graph.late_rows = self.graph.late_rows.take().or(late_rows.clone());
         let lateness = self.lateness;
         let backend = self.backend.clone();
         let mut state =
@@ -1071,7 +1073,7 @@ impl<'a> Planner<'a> {
                     factory_output.clone(),
                     arrow.clone(),
                 );
-                op.late_rows = late_rows.clone();
+                op.late_rows = late_rows.clone().map(LateRecorder::new);
                 op.lateness = lateness;
                 Ok(Box::new(op.with_backend(backend.as_ref())?) as _)
             }),
@@ -1245,6 +1247,7 @@ impl<'a> Planner<'a> {
         let session = self.state.clone();
         let factory_arrow = arrow.clone();
         let late_rows = self.late_rows.clone();
+        self.graph.late_rows = self.graph.late_rows.take().or(late_rows.clone());
         // Only windows can be corrected; an end-of-input fragment runs once.
         let lateness = if windows.is_some() { self.lateness } else { 0 };
         let changelog = if lateness > 0 {
@@ -1266,7 +1269,7 @@ impl<'a> Planner<'a> {
                     windows.clone(),
                     factory_arrow.clone(),
                 );
-                op.late_rows = late_rows.clone();
+                op.late_rows = late_rows.clone().map(LateRecorder::new);
                 op.lateness = lateness;
                 Ok(Box::new(op) as _)
             })),

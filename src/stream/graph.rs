@@ -158,6 +158,9 @@ pub struct StreamGraph {
     /// 'execution.checkpointing.unaligned': barriers overtake the messages of channels
     /// whose barrier has not come, which go into the checkpoint instead of being waited for.
     pub unaligned_checkpoints: bool,
+    /// The late-data table its window operators keep the rows they drop in, appended to
+    /// as epochs commit.
+    pub late_rows: Option<Arc<crate::stream::late::LateRows>>,
 }
 
 impl StreamGraph {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -242,6 +243,14 @@ impl Chain {
         Ok((states, changes, readers))
     }
 
+    /// The rows its operators dropped as late since the previous barrier.
+    fn take_late_rows(&mut self) -> Vec<RecordBatch> {
+        self.operators
+            .iter_mut()
+            .flat_map(|op| op.take_late_rows())
+            .collect()
+    }
+
     /// The snapshot before this one was stored: what its operators' parts beyond memory
     /// took (by position) counts in their snapshots' cost.
     fn stored(&mut self, written: Vec<(usize, usize)>) {
@@ -316,6 +325,7 @@ impl TaskEnd {
             inputs,
             source,
             sink,
+            late: chain.take_late_rows(),
         };
         Ok((snapshot, readers, taken))
     }
@@ -782,6 +792,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         restored: restored_epoch,
         published: plan.published.clone(),
         bases: HashMap::new(),
+        late_rows: graph.late_rows.clone(),
     };
     let coordinator = tokio::spawn(coordinator.run(ack_receiver));
     Ok(Launched {

@@ -2,6 +2,10 @@
 //! user names with `SET 'weir.late-data-table' = 't'`, so they can be queried and replayed.
 //! Columns are matched by name; `late_watermark` receives the watermark the row met and
 //! `late_operator` the operator that dropped it; other columns are NULL.
+//!
+//! An operator subtask holds the rows it drops until its next barrier; they go with its
+//! snapshot and reach the table when that epoch commits, marked with the epoch, so rows
+//! dropped again when a restarted job replays its input are not written twice.
 
 use std::sync::Arc;
 
@@ -12,6 +16,8 @@ use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::Result;
 use weir_catalog::{Catalog, TableDef};
+
+use super::message::ChangeBatch;
 
 pub struct LateRows {
     def: Arc<TableDef>,
@@ -30,17 +36,15 @@ impl LateRows {
         Arc::new(Self { def, catalog })
     }
 
-    /// Records rows `indices` of `rows`, which met `watermarks`, as dropped by `operator`.
-    pub fn record(
+    /// Rows `indices` of `rows`, which met `watermarks`, as the table's rows of rows
+    /// dropped by `operator`.
+    fn table_rows(
         &self,
         operator: &str,
         rows: &RecordBatch,
         indices: Vec<u32>,
         watermarks: Vec<i64>,
-    ) -> Result<()> {
-        if indices.is_empty() {
-            return Ok(());
-        }
+    ) -> Result<RecordBatch> {
         let n = indices.len();
         let indices = UInt32Array::from(indices);
         let schema = self.def.physical_schema();
@@ -69,13 +73,64 @@ impl LateRows {
                 Ok(array)
             })
             .collect::<Result<Vec<_>>>()?;
-        let batch = crate::stream::batch_of(schema, columns, n)?;
-        // Written before the operator goes on, so the epoch that follows (and FLUSH) covers
-        // them; late rows are few, so waiting for the log here costs little.
-        crate::stream::block_on(crate::connector::log_table::append(
+        crate::stream::batch_of(schema, columns, n)
+    }
+
+    /// Appends the rows dropped in `epoch`, unless `marker` (the job's, in the log's
+    /// store) says that epoch's were appended already (its commit is being redone).
+    pub async fn commit(
+        &self,
+        rows: Vec<RecordBatch>,
+        marker: Option<Vec<u8>>,
+        epoch: u64,
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let changes = rows.into_iter().map(ChangeBatch::new).collect();
+        crate::connector::log_table::append_once(
             self.catalog.table_log(),
             &self.def,
-            vec![batch],
-        ))
+            changes,
+            marker,
+            epoch,
+        )
+        .await
+    }
+}
+
+/// One operator subtask's rows dropped as late since its last barrier.
+#[derive(Debug)]
+pub struct LateRecorder {
+    table: Arc<LateRows>,
+    held: Vec<RecordBatch>,
+}
+
+impl LateRecorder {
+    pub fn new(table: Arc<LateRows>) -> Self {
+        Self {
+            table,
+            held: Vec::new(),
+        }
+    }
+
+    /// Keeps rows `indices` of `rows`, which met `watermarks`, as dropped by `operator`.
+    pub fn record(
+        &mut self,
+        operator: &str,
+        rows: &RecordBatch,
+        indices: Vec<u32>,
+        watermarks: Vec<i64>,
+    ) -> Result<()> {
+        if !indices.is_empty() {
+            let rows = self.table.table_rows(operator, rows, indices, watermarks)?;
+            self.held.push(rows);
+        }
+        Ok(())
+    }
+
+    /// The rows kept since the last call, for the barrier's snapshot.
+    pub fn take(&mut self) -> Vec<RecordBatch> {
+        std::mem::take(&mut self.held)
     }
 }

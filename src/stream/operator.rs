@@ -54,6 +54,12 @@ pub trait Operator: Send {
         0
     }
 
+    /// The rows it dropped as late since the previous call (made at each barrier), as
+    /// rows of the late-data table, which they reach when the epoch commits.
+    fn take_late_rows(&mut self) -> Vec<RecordBatch> {
+        vec![]
+    }
+
     /// The operator's state as Arrow batches, for a checkpoint. Taking it may reorganise
     /// the state (live accumulators become partial states) but never changes results.
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{mpsc, watch};
 use weir_catalog::{Catalog, TableDef};
@@ -17,6 +18,7 @@ use weir_catalog::{Catalog, TableDef};
 use super::store::{CheckpointMeta, Checkpoints};
 use super::{Precommit, Restored, StatePart, TaskSnapshot};
 use crate::stream::graph::StreamGraph;
+use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Epoch, Millis, END_OF_TIME};
 use crate::stream::mv::MvState;
 
@@ -171,6 +173,8 @@ pub struct Coordinator {
     pub published: Arc<std::sync::atomic::AtomicU64>,
     /// Per (task, operator): the epoch of the whole snapshot its latest entry builds on.
     pub bases: HashMap<(usize, usize), Epoch>,
+    /// The late-data table the job's window operators keep dropped rows in.
+    pub late_rows: Option<Arc<LateRows>>,
 }
 
 struct Pending {
@@ -270,6 +274,7 @@ impl Coordinator {
                     let s = ended.get_mut(&t).expect("every task acked or ended");
                     let out = s.clone();
                     s.sink = s.sink.as_ref().map(Precommit::committed);
+                    s.late.clear();
                     out
                 }
             };
@@ -277,6 +282,7 @@ impl Coordinator {
         }
         let builds_on = self.builds_on(epoch, &snapshots);
         let precommits: Vec<Precommit> = snapshots.iter().filter_map(|s| s.sink.clone()).collect();
+        let late = late_rows_of(&snapshots);
         // A view's rows of all sink subtasks, merged once: stored and then published.
         let mut view = match &self.committer {
             Committer::View(_) => Some(merged_changes(&precommits)),
@@ -343,7 +349,7 @@ impl Coordinator {
         if self.durable.is_some() {
             crate::stream::failpoint::hit(crate::stream::failpoint::at::BEFORE_PUBLISH);
         }
-        if let Err(e) = self.commit(epoch, precommits, view, view_log).await {
+        if let Err(e) = self.commit(epoch, precommits, view, view_log, late).await {
             self.record(epoch, &p, bytes, state, format!("FAILED: {e}"));
             return Err(e);
         }
@@ -413,8 +419,25 @@ impl Coordinator {
         });
     }
 
-    /// Makes the epoch's pre-committed output visible; a view's is `view`, merged.
+    /// Makes the epoch's pre-committed output visible (a view's is `view`, merged), then
+    /// appends its `late` rows to the late-data table.
     async fn commit(
+        &self,
+        epoch: Epoch,
+        precommits: Vec<Precommit>,
+        view: Option<(Vec<ChangeBatch>, Millis, bool)>,
+        view_log: &mut ViewLog,
+        late: Vec<RecordBatch>,
+    ) -> Result<()> {
+        self.commit_sink(epoch, precommits, view, view_log).await?;
+        if let Some(table) = &self.late_rows {
+            let marker = self.durable.as_ref().map(|d| d.checkpoints.late_marker());
+            table.commit(late, marker, epoch).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit_sink(
         &self,
         epoch: Epoch,
         precommits: Vec<Precommit>,
@@ -454,6 +477,14 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// The rows every task's operators dropped as late in the epoch.
+fn late_rows_of(snapshots: &[TaskSnapshot]) -> Vec<RecordBatch> {
+    snapshots
+        .iter()
+        .flat_map(|s| s.late.iter().cloned())
+        .collect()
 }
 
 /// What every sink subtask left to the epoch writer.
@@ -543,6 +574,25 @@ pub fn publish_files(files: &[(std::path::PathBuf, std::path::PathBuf)]) -> Resu
 /// its checkpoint and its commit), and puts a view's contents back.
 pub async fn redo(
     committer: &Committer,
+    late_rows: Option<&LateRows>,
+    checkpoints: &Checkpoints,
+    epoch: Epoch,
+    snapshots: &[TaskSnapshot],
+) -> Result<()> {
+    redo_sink(committer, checkpoints, epoch, snapshots).await?;
+    match late_rows {
+        Some(table) => {
+            let late = late_rows_of(snapshots);
+            table
+                .commit(late, Some(checkpoints.late_marker()), epoch)
+                .await
+        }
+        None => Ok(()),
+    }
+}
+
+async fn redo_sink(
+    committer: &Committer,
     checkpoints: &Checkpoints,
     epoch: Epoch,
     snapshots: &[TaskSnapshot],
@@ -613,7 +663,8 @@ pub async fn recover(
             meta.epoch, meta.fingerprint, fingerprint
         )));
     }
-    redo(committer, checkpoints, meta.epoch, &tasks).await?;
+    let late_rows = graph.late_rows.as_deref();
+    redo(committer, late_rows, checkpoints, meta.epoch, &tasks).await?;
     let now = super::rescale::parallelism(graph);
     let tasks = if meta.parallelism.is_empty() || meta.parallelism == now {
         tasks

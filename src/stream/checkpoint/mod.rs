@@ -127,10 +127,14 @@ pub struct TaskSnapshot {
     pub in_flight: Vec<Tagged>,
     pub source: Option<SourcePosition>,
     pub sink: Option<Precommit>,
+    /// Rows its operators dropped as late in this epoch, for the late-data table.
+    pub late: Vec<RecordBatch>,
 }
 
-/// Format 3 has state parts (a batch, or a stored chunk); 2 had batches only.
-const FORMAT: u64 = 3;
+/// Format 4 adds the late rows; 3 has state parts (a batch, or a stored chunk); 2 had
+/// batches only.
+const FORMAT: u64 = 4;
+const WITHOUT_LATE_ROWS: u64 = 3;
 const BATCHES_ONLY: u64 = 2;
 
 impl TaskSnapshot {
@@ -239,13 +243,17 @@ impl TaskSnapshot {
                 }
             }
         }
+        w.u64(self.late.len() as u64);
+        for rows in &self.late {
+            w.batch(rows)?;
+        }
         Ok(w.bytes)
     }
 
     /// The format and the operators' change marks.
     fn read_changes(r: &mut FrameReader) -> Result<(u64, Vec<bool>)> {
         let format = r.u64()?;
-        if format != FORMAT && format != BATCHES_ONLY {
+        if ![FORMAT, WITHOUT_LATE_ROWS, BATCHES_ONLY].contains(&format) {
             return Err(DataFusionError::Internal(
                 "a stored checkpoint has a format this version does not read".into(),
             ));
@@ -274,7 +282,7 @@ impl TaskSnapshot {
         for _ in 0..r.u64()? {
             let mut parts = Vec::new();
             for _ in 0..r.u64()? {
-                let stored = format == FORMAT && r.u64()? == 1;
+                let stored = format != BATCHES_ONLY && r.u64()? == 1;
                 parts.push(if stored {
                     StatePart::Stored(chunks::StoredChunk::decode(&mut r, at)?)
                 } else {
@@ -340,6 +348,12 @@ impl TaskSnapshot {
                 Some(Precommit::Files(files))
             }
         };
+        let late = match format {
+            FORMAT => (0..r.u64()?)
+                .map(|_| r.batch())
+                .collect::<Result<Vec<_>>>()?,
+            _ => vec![],
+        };
         Ok(Self {
             operators,
             changes,
@@ -347,6 +361,7 @@ impl TaskSnapshot {
             inputs,
             source,
             sink,
+            late,
         })
     }
 }
@@ -480,8 +495,10 @@ mod tests {
                 watermark: 42,
                 ended: true,
             }),
+            late: vec![rows()],
         };
         let back = TaskSnapshot::decode(&task.encode().unwrap()).unwrap();
+        assert_eq!(back.late, vec![rows()]);
         let in_flight: Vec<String> = back
             .in_flight
             .iter()
@@ -535,5 +552,13 @@ mod tests {
             matches!(back.sink, Some(Precommit::Files(f)) if f == vec![(PathBuf::from(".a.inprogress"), PathBuf::from("a"))])
         );
         assert!(TaskSnapshot::decode(&files.encode().unwrap()[..9]).is_err());
+
+        // A snapshot of the format before late rows (no count at the end) still reads.
+        let mut older = files.encode().unwrap();
+        older.truncate(older.len() - 8);
+        older[..8].copy_from_slice(&WITHOUT_LATE_ROWS.to_be_bytes());
+        let back = TaskSnapshot::decode(&older).unwrap();
+        assert!(matches!(back.sink, Some(Precommit::Files(f)) if f.len() == 1));
+        assert!(back.late.is_empty());
     }
 }

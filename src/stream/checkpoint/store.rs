@@ -116,6 +116,11 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// The key the late-data table's appends mark the job's epochs with.
+    pub fn late_marker(&self) -> Vec<u8> {
+        self.key(b'l', &[])
+    }
+
     /// The key the log sink marks the epochs it appended with.
     pub fn sink_marker(&self) -> Vec<u8> {
         self.key(b's', &[])

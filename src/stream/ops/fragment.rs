@@ -17,7 +17,7 @@ use datafusion::logical_expr::{col, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::collect;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 
-use crate::stream::late::LateRows;
+use crate::stream::late::LateRecorder;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
@@ -39,7 +39,7 @@ pub struct Fragment {
     watermark: Millis,
     late: u64,
     /// Where dropped rows go, if the session named a late-data table.
-    pub late_rows: Option<Arc<LateRows>>,
+    pub late_rows: Option<LateRecorder>,
     /// 'table.exec.emit.allow-lateness': how long fired windows are kept for corrections.
     pub lateness: Millis,
     /// What fired windows emitted, while they can still be corrected.
@@ -293,7 +293,7 @@ impl Fragment {
             }
             by_window.entry(span).or_default().push(i as u32);
         }
-        if let Some(sink) = &self.late_rows {
+        if let Some(sink) = &mut self.late_rows {
             sink.record("WindowOperator", &batch.rows, late, late_watermarks)?;
         }
         for (span, rows) in by_window {
@@ -370,6 +370,13 @@ impl Operator for Fragment {
 
     fn late_rows_dropped(&self) -> u64 {
         self.late
+    }
+
+    fn take_late_rows(&mut self) -> Vec<RecordBatch> {
+        self.late_rows
+            .as_mut()
+            .map(LateRecorder::take)
+            .unwrap_or_default()
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {

@@ -16,7 +16,7 @@ use datafusion::common::{HashMap, HashSet, Result};
 use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_agg::OutputColumn;
 use super::window_assign::millis_column;
-use crate::stream::late::LateRows;
+use crate::stream::late::LateRecorder;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
@@ -54,7 +54,7 @@ pub struct SessionAggregate {
     watermark: Millis,
     late: u64,
     /// Where dropped rows go, if the session named a late-data table.
-    pub late_rows: Option<Arc<LateRows>>,
+    pub late_rows: Option<LateRecorder>,
     /// 'table.exec.emit.allow-lateness': closed sessions stay this long; a late row that
     /// merges into one retracts what it emitted and emits the corrected session.
     pub lateness: Millis,
@@ -352,7 +352,7 @@ impl Operator for SessionAggregate {
                 }
             }
         }
-        if let Some(sink) = &self.late_rows {
+        if let Some(sink) = &mut self.late_rows {
             sink.record("SessionAggregate", &batch.rows, late, late_watermarks)?;
         }
         let resolve = |mut id: usize| {
@@ -433,6 +433,13 @@ impl Operator for SessionAggregate {
 
     fn late_rows_dropped(&self) -> u64 {
         self.late
+    }
+
+    fn take_late_rows(&mut self) -> Vec<RecordBatch> {
+        self.late_rows
+            .as_mut()
+            .map(LateRecorder::take)
+            .unwrap_or_default()
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {

@@ -14,7 +14,7 @@ use datafusion::common::Result;
 
 use super::grouped::{AggregateCalls, Grouped, Partial};
 use super::window_assign::millis_column;
-use crate::stream::late::LateRows;
+use crate::stream::late::LateRecorder;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
@@ -86,7 +86,7 @@ pub struct WindowAggregate {
     /// Windows whose emitted rows changed since the previous snapshot.
     emitted_changed: BTreeSet<Span>,
     /// Where dropped rows go, if the session named a late-data table.
-    pub late_rows: Option<Arc<LateRows>>,
+    pub late_rows: Option<LateRecorder>,
     /// Under the sled backend: where frozen slice states beyond the budget go.
     spill: Option<Spill>,
 }
@@ -328,7 +328,7 @@ impl WindowAggregate {
             }
             by_slice[last].1.push(i as u32);
         }
-        if let Some(sink) = &self.late_rows {
+        if let Some(sink) = &mut self.late_rows {
             sink.record("WindowAggregate", &batch.rows, late, late_watermarks)?;
         }
         if kept == batch.num_rows() && by_slice.len() == 1 {
@@ -400,6 +400,13 @@ impl Operator for WindowAggregate {
 
     fn late_rows_dropped(&self) -> u64 {
         self.late
+    }
+
+    fn take_late_rows(&mut self) -> Vec<RecordBatch> {
+        self.late_rows
+            .as_mut()
+            .map(LateRecorder::take)
+            .unwrap_or_default()
     }
 
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {

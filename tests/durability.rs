@@ -243,47 +243,58 @@ async fn growing_state_is_written_once_and_restored_from_its_increments() {
 
 /// An updating view whose every key changes at every epoch: its stored changes outgrow
 /// it within two epochs and fold into its base; a restart reads that base and the
-/// epochs after it.
+/// epochs after it, and goes on counting from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_updating_views_folded_changes_restore_its_rows() {
     const KEYS: i64 = 40_000;
-    const ROUNDS: usize = 7;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let client = server.connect().await;
     client.batch_execute(COUNTS_PER_KEY).await.unwrap();
     let values: Vec<String> = (0..KEYS).map(|k| format!("({k})")).collect();
     let insert = format!("INSERT INTO t VALUES {}; FLUSH", values.join(", "));
-    for _ in 0..ROUNDS {
-        // Every key: -U and +U, twice the view's rows an epoch after the first.
+    let summary = "SELECT count(*), sum(n), min(n), max(n) FROM counts";
+    let expected = |rounds: i64| {
+        vec![vec![
+            KEYS.to_string(),
+            (KEYS * rounds).to_string(),
+            rounds.to_string(),
+            rounds.to_string(),
+        ]]
+    };
+    // The changes fold when they pass the view's rows by 64 Ki: 40 k inserts, then
+    // 80 k -U/+U an epoch: folds after rounds 2, 4 and 6, and round 7's stay.
+    for _ in 0..7 {
         client.batch_execute(&insert).await.unwrap();
     }
-    let expected = vec![vec![
-        KEYS.to_string(),
-        (KEYS * ROUNDS as i64).to_string(),
-        ROUNDS.to_string(),
-        ROUNDS.to_string(),
-    ]];
-    let summary = "SELECT count(*), sum(n), min(n), max(n) FROM counts";
-    assert_eq!(rows(&client, summary).await, expected);
+    assert_eq!(rows(&client, summary).await, expected(7));
     server.stop().await;
-    {
-        // Folded by size: a restart replays at most the epochs since the last fold (the
-        // 64-epoch rule alone would leave every one of them).
-        let store = weir_catalog::SledStore::open(&dir.path().join("store")).unwrap();
-        let view =
-            weir::stream::checkpoint::store::Checkpoints::new(Arc::new(store), "view/counts");
-        let (_, entries) = view.view_contents(u64::MAX).unwrap();
-        assert!(
-            entries <= 2,
-            "{entries} epochs of changes since the last fold"
-        );
-    }
+    assert_eq!(view_entries_since_base(dir.path()), 1);
+
+    // Round 8 after a restart: with round 7's, past the fold size.
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    assert_eq!(rows(&client, summary).await, expected(7));
+    client.batch_execute(&insert).await.unwrap();
+    server.stop().await;
+    assert_eq!(
+        view_entries_since_base(dir.path()),
+        0,
+        "the restarted view did not count the changes stored before the restart"
+    );
 
     let server = TestServer::start(dir.path()).await;
     let client = server.connect().await;
-    assert_eq!(rows(&client, summary).await, expected);
+    assert_eq!(rows(&client, summary).await, expected(8));
     server.stop().await;
+}
+
+/// The epochs of changes view `counts` has stored since its base, read from a stopped
+/// server's store.
+fn view_entries_since_base(data_dir: &std::path::Path) -> usize {
+    let store = weir_catalog::SledStore::open(&data_dir.join("store")).unwrap();
+    let view = weir::stream::checkpoint::store::Checkpoints::new(Arc::new(store), "view/counts");
+    view.view_contents(u64::MAX).unwrap().entries
 }
 
 /// The server turns transparent huge pages off for its process (README, "Set-up").

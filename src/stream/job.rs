@@ -14,7 +14,9 @@ use weir_catalog::Catalog;
 
 use super::checkpoint::beyond_memory::{self, StoringSnapshot};
 use super::checkpoint::chunks::restore_parts;
-use super::checkpoint::coordinator::{Ack, CheckpointHistory, Committer, Coordinator, Durable};
+use super::checkpoint::coordinator::{
+    Ack, CheckpointHistory, Committer, Coordinator, Durable, ViewLog,
+};
 use super::checkpoint::snapshot_cost::SnapshotCost;
 use super::checkpoint::store::Checkpoints;
 use super::checkpoint::{Precommit, Restored, SourcePosition, StatePart, TaskSnapshot};
@@ -497,6 +499,7 @@ impl RunningJob {
             matches!(&n.kind, NodeKind::Source(spec) if matches!(spec.kind, SourceKind::View { .. }))
         });
         let restored_epoch = options.restore.as_ref().map_or(0, |r| r.epoch);
+        let view_log = options.restore.as_ref().map(|r| r.view_log);
         let (committed_tx, committed) = watch::channel(restored_epoch);
         let (fingerprint, parallelism) = options
             .durable
@@ -513,6 +516,7 @@ impl RunningJob {
             committed: Arc::new(committed_tx),
             published: Arc::new(AtomicU64::new(restored_epoch)),
             aligned_epochs: options.aligned_epochs,
+            view_log: Arc::new(Mutex::new(view_log.unwrap_or_default())),
         });
         let launched = launch(&plan, options.restore)?;
         let barrier_requests = Arc::new(Mutex::new(launched.barrier_requests.clone()));
@@ -618,6 +622,8 @@ struct Plan {
     /// The newest epoch whose output is visible.
     published: Arc<AtomicU64>,
     aligned_epochs: Arc<AlignedEpochs>,
+    /// A view's changes stored since its base.
+    view_log: Arc<Mutex<ViewLog>>,
 }
 
 struct Launched {
@@ -793,6 +799,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         published: plan.published.clone(),
         bases: HashMap::new(),
         late_rows: graph.late_rows.clone(),
+        view_log: plan.view_log.clone(),
     };
     let coordinator = tokio::spawn(coordinator.run(ack_receiver));
     Ok(Launched {

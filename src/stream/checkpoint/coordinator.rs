@@ -15,7 +15,7 @@ use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{mpsc, watch};
 use weir_catalog::{Catalog, TableDef};
 
-use super::store::{CheckpointMeta, Checkpoints};
+use super::store::{CheckpointMeta, Checkpoints, ViewContents};
 use super::{Precommit, Restored, StatePart, TaskSnapshot};
 use crate::stream::graph::StreamGraph;
 use crate::stream::late::LateRows;
@@ -35,14 +35,28 @@ const VIEW_CHANGED_ROWS_SLACK: usize = 1 << 16;
 /// [`VIEW_ENTRIES_BEFORE_COMPACTION`] epochs, or once they hold more rows than the view
 /// (an updating view's -U/+U pairs for the same keys epoch after epoch): a restart then
 /// replays at most about twice the view, and each fold writes the view once for at
-/// least as many changed rows. A view that only grows never outgrows itself.
-#[derive(Debug, Default)]
-struct ViewLog {
+/// least as many changed rows. A view that only grows never outgrows itself. The count
+/// goes on across restarts: a restored view starts from what its store holds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ViewLog {
     entries: usize,
     rows: usize,
 }
 
+/// Locks `m`; a panic while it was held left a count, still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl ViewLog {
+    /// What a view's store holds since its base.
+    pub fn stored(contents: &ViewContents) -> Self {
+        Self {
+            entries: contents.entries,
+            rows: contents.changed_rows,
+        }
+    }
+
     /// Counts an epoch's changes in; whether it is time to fold them into the base, for
     /// a view of `view_rows` rows.
     fn add(&mut self, changed_rows: usize, view_rows: usize) -> bool {
@@ -120,7 +134,7 @@ const HISTORY: usize = 200;
 
 impl CheckpointHistory {
     pub fn push(&self, record: CheckpointRecord) {
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = lock(&self.records);
         if records.len() == HISTORY {
             records.pop_front();
         }
@@ -128,12 +142,7 @@ impl CheckpointHistory {
     }
 
     pub fn list(&self) -> Vec<CheckpointRecord> {
-        self.records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        lock(&self.records).iter().cloned().collect()
     }
 }
 
@@ -175,6 +184,8 @@ pub struct Coordinator {
     pub bases: HashMap<(usize, usize), Epoch>,
     /// The late-data table the job's window operators keep dropped rows in.
     pub late_rows: Option<Arc<LateRows>>,
+    /// A view's changes stored since its base (shared across restarts of the job).
+    pub view_log: Arc<Mutex<ViewLog>>,
 }
 
 struct Pending {
@@ -213,7 +224,6 @@ impl Coordinator {
         let mut ended: HashMap<usize, TaskSnapshot> = HashMap::new();
         let mut last = self.restored;
         let mut finished = false;
-        let mut view_log = ViewLog::default();
         while let Some(ack) = acks.recv().await {
             match ack {
                 Ack::Barrier {
@@ -245,13 +255,12 @@ impl Coordinator {
                     break;
                 }
                 let p = pending.remove(&epoch).expect("present");
-                self.complete(epoch, p, &mut ended, &mut view_log).await?;
+                self.complete(epoch, p, &mut ended).await?;
                 last = last.max(epoch);
             }
             if !finished && ended.len() == self.tasks {
                 finished = true;
-                self.complete(last + 1, Pending::new(), &mut ended, &mut view_log)
-                    .await?;
+                self.complete(last + 1, Pending::new(), &mut ended).await?;
             }
         }
         Ok(())
@@ -262,7 +271,6 @@ impl Coordinator {
         epoch: Epoch,
         mut p: Pending,
         ended: &mut HashMap<usize, TaskSnapshot>,
-        view_log: &mut ViewLog,
     ) -> Result<()> {
         let mut snapshots = Vec::with_capacity(self.tasks);
         for t in 0..self.tasks {
@@ -349,7 +357,7 @@ impl Coordinator {
         if self.durable.is_some() {
             crate::stream::failpoint::hit(crate::stream::failpoint::at::BEFORE_PUBLISH);
         }
-        if let Err(e) = self.commit(epoch, precommits, view, view_log, late).await {
+        if let Err(e) = self.commit(epoch, precommits, view, late).await {
             self.record(epoch, &p, bytes, state, format!("FAILED: {e}"));
             return Err(e);
         }
@@ -426,10 +434,9 @@ impl Coordinator {
         epoch: Epoch,
         precommits: Vec<Precommit>,
         view: Option<(Vec<ChangeBatch>, Millis, bool)>,
-        view_log: &mut ViewLog,
         late: Vec<RecordBatch>,
     ) -> Result<()> {
-        self.commit_sink(epoch, precommits, view, view_log).await?;
+        self.commit_sink(epoch, precommits, view).await?;
         if let Some(table) = &self.late_rows {
             let marker = self.durable.as_ref().map(|d| d.checkpoints.late_marker());
             table.commit(late, marker, epoch).await?;
@@ -442,7 +449,6 @@ impl Coordinator {
         epoch: Epoch,
         precommits: Vec<Precommit>,
         view: Option<(Vec<ChangeBatch>, Millis, bool)>,
-        view_log: &mut ViewLog,
     ) -> Result<()> {
         match &self.committer {
             Committer::Direct => Ok(()),
@@ -452,7 +458,8 @@ impl Coordinator {
                 let changed_rows: usize = changes.iter().map(ChangeBatch::num_rows).sum();
                 state.publish(changes, watermark, ended)?;
                 if let (Some(durable), true) = (&self.durable, changed_rows > 0) {
-                    if view_log.add(changed_rows, state.size().0) {
+                    let fold = lock(&self.view_log).add(changed_rows, state.size().0);
+                    if fold {
                         let checkpoints = durable.checkpoints.clone();
                         let contents = state.snapshot()?;
                         blocking(move || checkpoints.compact_view(epoch, &contents)).await?;
@@ -571,24 +578,23 @@ pub fn publish_files(files: &[(std::path::PathBuf, std::path::PathBuf)]) -> Resu
 }
 
 /// Redoes the commit of the epoch a job is restored from (a crash may have come between
-/// its checkpoint and its commit), and puts a view's contents back.
-pub async fn redo(
+/// its checkpoint and its commit), and puts a view's contents back. Returns what the
+/// view's store holds since its base.
+async fn redo(
     committer: &Committer,
     late_rows: Option<&LateRows>,
     checkpoints: &Checkpoints,
     epoch: Epoch,
     snapshots: &[TaskSnapshot],
-) -> Result<()> {
-    redo_sink(committer, checkpoints, epoch, snapshots).await?;
-    match late_rows {
-        Some(table) => {
-            let late = late_rows_of(snapshots);
-            table
-                .commit(late, Some(checkpoints.late_marker()), epoch)
-                .await
-        }
-        None => Ok(()),
+) -> Result<ViewLog> {
+    let view_log = redo_sink(committer, checkpoints, epoch, snapshots).await?;
+    if let Some(table) = late_rows {
+        let late = late_rows_of(snapshots);
+        table
+            .commit(late, Some(checkpoints.late_marker()), epoch)
+            .await?;
     }
+    Ok(view_log)
 }
 
 async fn redo_sink(
@@ -596,40 +602,36 @@ async fn redo_sink(
     checkpoints: &Checkpoints,
     epoch: Epoch,
     snapshots: &[TaskSnapshot],
-) -> Result<()> {
+) -> Result<ViewLog> {
     let precommits: Vec<Precommit> = snapshots.iter().filter_map(|s| s.sink.clone()).collect();
     match committer {
-        Committer::Direct => Ok(()),
+        Committer::Direct => Ok(ViewLog::default()),
         Committer::View(state) => {
             let (_, watermark, ended) = merged_changes(&precommits);
             let checkpoints = checkpoints.clone();
-            let (contents, _) =
-                tokio::task::spawn_blocking(move || checkpoints.view_contents(epoch))
-                    .await
-                    .map_err(|e| DataFusionError::External(Box::new(e)))??;
-            super::store::check_schema(&contents, &state.schema())?;
-            state.publish(contents, watermark, ended)
+            let contents = tokio::task::spawn_blocking(move || checkpoints.view_contents(epoch))
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))??;
+            let view_log = ViewLog::stored(&contents);
+            super::store::check_schema(&contents.rows, &state.schema())?;
+            state.publish(contents.rows, watermark, ended)?;
+            Ok(view_log)
         }
         Committer::Log { def, catalog } => {
             let (changes, _, _) = merged_changes(&precommits);
-            commit_log(
-                catalog,
-                def,
-                changes,
-                Some(checkpoints.sink_marker()),
-                epoch,
-            )
-            .await
+            let marker = Some(checkpoints.sink_marker());
+            commit_log(catalog, def, changes, marker, epoch).await?;
+            Ok(ViewLog::default())
         }
         Committer::Files => {
             let files = files_of(precommits);
-            blocking(move || publish_files(&files)).await
+            blocking(move || publish_files(&files)).await?;
+            Ok(ViewLog::default())
         }
         Committer::Epoch(writer) => {
-            writer
-                .clone()
-                .commit(epoch, rows_of(precommits), true)
-                .await
+            let rows = rows_of(precommits);
+            writer.clone().commit(epoch, rows, true).await?;
+            Ok(ViewLog::default())
         }
     }
 }
@@ -664,7 +666,7 @@ pub async fn recover(
         )));
     }
     let late_rows = graph.late_rows.as_deref();
-    redo(committer, late_rows, checkpoints, meta.epoch, &tasks).await?;
+    let view_log = redo(committer, late_rows, checkpoints, meta.epoch, &tasks).await?;
     let now = super::rescale::parallelism(graph);
     let tasks = if meta.parallelism.is_empty() || meta.parallelism == now {
         tasks
@@ -674,6 +676,7 @@ pub async fn recover(
     Ok(Some(Restored {
         epoch: meta.epoch,
         tasks,
+        view_log,
     }))
 }
 

@@ -68,6 +68,8 @@ pub struct Restored {
     pub epoch: Epoch,
     /// In task order.
     pub tasks: Vec<TaskSnapshot>,
+    /// A view's changes stored since its base.
+    pub view_log: coordinator::ViewLog,
 }
 
 /// Where a source subtask was at a barrier.

@@ -57,6 +57,15 @@ pub struct Checkpoints {
     prefix: Vec<u8>,
 }
 
+/// A view's stored rows: its base and the changes of the epochs since.
+pub struct ViewContents {
+    pub rows: Vec<ChangeBatch>,
+    /// Epochs with changes since the base.
+    pub entries: usize,
+    /// Rows those changes have.
+    pub changed_rows: usize,
+}
+
 impl Checkpoints {
     /// `key` names the view or job (`view/<name>`, `job/<id>`).
     pub fn new(store: Arc<dyn StateStore>, key: &str) -> Self {
@@ -286,8 +295,7 @@ impl Checkpoints {
     }
 
     /// A view's contents as of `upto`: its compacted base, then each later epoch's changes.
-    /// Also returns how many per-epoch entries there were.
-    pub fn view_contents(&self, upto: Epoch) -> Result<(Vec<ChangeBatch>, usize)> {
+    pub fn view_contents(&self, upto: Epoch) -> Result<ViewContents> {
         let mut out = Vec::new();
         let mut base_epoch = 0;
         if let Some(base) = self.store.get(&self.key(b'b', &[])).map_err(store_error)? {
@@ -298,8 +306,13 @@ impl Checkpoints {
             }
         }
         let (changes, entries) = self.view_changes(base_epoch, upto)?;
+        let changed_rows = changes.iter().map(ChangeBatch::num_rows).sum();
         out.extend(changes);
-        Ok((out, entries))
+        Ok(ViewContents {
+            rows: out,
+            entries,
+            changed_rows,
+        })
     }
 
     /// A view's changes of the epochs in `(after, upto]`, and how many epochs had some.
@@ -709,7 +722,7 @@ mod tests {
         assert_eq!(copied.unwrap().epoch, 3);
         assert_eq!(sp.metas().unwrap().len(), 1);
         assert_eq!(sp.load(&sp.latest().unwrap().unwrap()).unwrap().len(), 2);
-        let (contents, _) = sp.view_contents(3).unwrap();
+        let contents = sp.view_contents(3).unwrap().rows;
         assert_eq!(change_lines(&contents), vec!["+I 1", "+I 2", "+I 3"]);
         let listed = savepoints(&store).unwrap();
         assert_eq!(listed.len(), 1);
@@ -728,15 +741,15 @@ mod tests {
             let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
             v.write(&meta(e), vec![], Some(&changes), 0).unwrap();
         }
-        let (contents, entries) = v.view_contents(3).unwrap();
-        assert_eq!(change_lines(&contents), vec!["+I 1", "+I 2", "+I 3"]);
-        assert_eq!(entries, 3);
+        let contents = v.view_contents(3).unwrap();
+        assert_eq!(change_lines(&contents.rows), vec!["+I 1", "+I 2", "+I 3"]);
+        assert_eq!((contents.entries, contents.changed_rows), (3, 3));
         v.compact_view(2, &[rows(&[1, 2])]).unwrap();
-        let (contents, entries) = v.view_contents(4).unwrap();
+        let contents = v.view_contents(4).unwrap();
         assert_eq!(
-            change_lines(&contents),
+            change_lines(&contents.rows),
             vec!["+I 1", "+I 2", "+I 3", "+I 4"]
         );
-        assert_eq!(entries, 2);
+        assert_eq!((contents.entries, contents.changed_rows), (2, 2));
     }
 }

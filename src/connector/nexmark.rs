@@ -448,6 +448,9 @@ pub struct NexmarkReader {
     next: u64,
     throttle: Option<Throttle>,
     scratch: String,
+    /// Field index -> the string bytes its previous batch held: the next batch reserves
+    /// that much, so its buffer does not grow (and copy itself) on the way.
+    str_bytes: Vec<usize>,
 }
 
 impl NexmarkReader {
@@ -531,6 +534,7 @@ impl NexmarkReader {
             next: 0,
             throttle,
             scratch: String::new(),
+            str_bytes: vec![0; fields.len()],
         })
     }
 
@@ -540,11 +544,12 @@ impl NexmarkReader {
             bufs: fields
                 .iter()
                 .zip(&self.wanted)
-                .map(|((_, natural), wanted)| match (wanted, natural) {
+                .zip(&self.str_bytes)
+                .map(|(((_, natural), wanted), bytes)| match (wanted, natural) {
                     (false, _) => Buf::Off,
                     (true, Natural::Str) => Buf::Str(StringBuilder::with_capacity(
                         self.batch_size,
-                        self.batch_size * 16,
+                        (self.batch_size * 16).max(bytes + bytes / 8),
                     )),
                     (true, _) => Buf::Int(Vec::with_capacity(self.batch_size)),
                 })
@@ -705,7 +710,12 @@ impl NexmarkReader {
         out.str(7, extra);
     }
 
-    fn finish(&self, out: Out, rows: usize) -> SqlResult<RecordBatch> {
+    fn finish(&mut self, out: Out, rows: usize) -> SqlResult<RecordBatch> {
+        for (field, buf) in out.bufs.iter().enumerate() {
+            if let Buf::Str(b) = buf {
+                self.str_bytes[field] = b.values_slice().len();
+            }
+        }
         let mut bufs: Vec<Option<Buf>> = out.bufs.into_iter().map(Some).collect();
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
         for col in &self.columns {

@@ -407,9 +407,11 @@ impl<T: Clone> Compiled<T> {
 }
 
 /// The last pattern a batch used and what it compiled to, so that a column processed
-/// with one literal pattern looks it up once per batch, not once per row.
+/// with one literal pattern looks it up once per batch, not once per row. Lives for one
+/// call, while the arguments' buffers do: a literal's rows are the same bytes at the
+/// same address, found equal without comparing them.
 struct Memo<T> {
-    last: Option<(String, T)>,
+    last: Option<(String, *const u8, T)>,
 }
 
 impl<T> Memo<T> {
@@ -418,10 +420,14 @@ impl<T> Memo<T> {
     }
 
     fn get(&mut self, pattern: &str, compile: impl FnOnce(&str) -> Result<T>) -> Result<&mut T> {
-        if self.last.as_ref().is_none_or(|(p, _)| p != pattern) {
-            self.last = Some((pattern.to_string(), compile(pattern)?));
+        let same = self.last.as_ref().is_some_and(|(p, at, _)| {
+            (*at == pattern.as_ptr() && p.len() == pattern.len()) || p == pattern
+        });
+        if !same {
+            let compiled = compile(pattern)?;
+            self.last = Some((pattern.to_string(), pattern.as_ptr(), compiled));
         }
-        Ok(&mut self.last.as_mut().expect("just set").1)
+        Ok(&mut self.last.as_mut().expect("just set").2)
     }
 }
 

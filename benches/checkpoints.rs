@@ -6,13 +6,15 @@
 //! cargo bench --bench checkpoints -- --set state.backend=sled   # any session setting
 //! cargo bench --bench checkpoints -- --rate 500000 --keys 4000000  # random keys of 4 M
 //! cargo bench --bench checkpoints -- --window --keys 2000000  # per 1-hour TUMBLE window
+//! cargo bench --bench checkpoints -- --session --keys 2000000  # per 1-hour SESSION
 //! ```
 //!
 //! A materialized view counts rows per key over a `datagen` sequence, so every row is a
 //! new key: state grows at a flat rate. With `--keys N` the keys are random among N
 //! instead: state grows to N keys, then only changes (at most the rate's keys an epoch).
 //! With `--window` the view counts per key and 1-hour TUMBLE window of the rows' time
-//! (the wall clock): no window fires during the run, so its slice states only grow. The
+//! (the wall clock): no window fires during the run, so its slice states only grow; with
+//! `--session`, per key and SESSION window with a gap of 1 hour: no session closes. The
 //! process's peak RSS is printed at the end of the run (before the restart). Every second the bench prints the view's latest
 //! checkpoint from SHOW CHECKPOINTS (duration, bytes written, operator state). Then the
 //! server is shut down and started again on the same data directory; the time until it
@@ -33,6 +35,8 @@ struct Args {
     keys: Option<u64>,
     /// Count per key and 1-hour TUMBLE window instead of per key.
     window: bool,
+    /// Count per key and SESSION window with a gap of 1 hour instead of per key.
+    session: bool,
     /// Session settings for the view (`--set key=value`).
     settings: Vec<(String, String)>,
 }
@@ -43,6 +47,7 @@ fn parse_args() -> Args {
         seconds: 10,
         keys: None,
         window: false,
+        session: false,
         settings: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -57,6 +62,7 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = number("--seconds"),
             "--keys" => args.keys = Some(number("--keys")),
             "--window" => args.window = true,
+            "--session" => args.session = true,
             "--set" => {
                 let setting = it.next().expect("--set takes key=value");
                 let (key, value) = setting.split_once('=').expect("--set takes key=value");
@@ -90,6 +96,10 @@ fn main() {
                 "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
                  sum(v) AS total FROM TABLE(TUMBLE(TABLE gen, DESCRIPTOR(ts), INTERVAL '1' HOUR)) \
                  GROUP BY window_start, window_end, k"
+            } else if args.session {
+                "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
+                 sum(v) AS total FROM TABLE(SESSION(TABLE gen PARTITION BY k, DESCRIPTOR(ts), \
+                 INTERVAL '1' HOUR)) GROUP BY window_start, window_end, k"
             } else {
                 "CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total \
                  FROM gen GROUP BY k"
@@ -159,7 +169,7 @@ fn bytes_under(dir: &std::path::Path) -> u64 {
 }
 
 /// The datagen table the view reads: a new key per row, or random keys among
-/// `--keys`; with `--window`, a time column of the wall clock's time.
+/// `--keys`; with `--window` or `--session`, a time column of the wall clock's time.
 fn create_table(args: &Args) -> String {
     let mut options = vec![format!("'rows-per-second' = '{}'", args.rate)];
     options.push(match args.keys {
@@ -173,7 +183,7 @@ fn create_table(args: &Args) -> String {
         ),
     });
     let mut columns = "k BIGINT, v BIGINT".to_string();
-    if args.window {
+    if args.window || args.session {
         columns.push_str(", ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '5' SECOND");
         options.push("'fields.ts.max-past' = '0'".into());
     }

@@ -1007,15 +1007,16 @@ impl<'a> Planner<'a> {
             self.graph.late_rows = self.graph.late_rows.take().or(late_rows.clone());
             let lateness = self.lateness;
             let detail = format!("gap {gap} ms, {}", describe_aggregate(agg));
+            let backend = self.backend.clone();
+            let mut state = "open sessions per key with their partial aggregates".to_string();
+            if let Some(b) = &backend {
+                state.push_str(&format!(" (the aggregates {})", b.describe()));
+            }
             let out = self.operator(
                 &input,
                 exchange,
                 parallelism,
-                (
-                    "SessionAggregate",
-                    detail,
-                    "open sessions per key with their partial aggregates",
-                ),
+                ("SessionAggregate", detail, &state),
                 schema,
                 Arc::new(move |_| {
                     let mut op = SessionAggregate::try_new(
@@ -1027,7 +1028,7 @@ impl<'a> Planner<'a> {
                     )?;
                     op.late_rows = late_rows.clone().map(LateRecorder::new);
                     op.lateness = lateness;
-                    Ok(Box::new(op) as _)
+                    Ok(Box::new(op.with_backend(backend.as_ref())?) as _)
                 }),
             );
             return Ok(self.window_result(out, lateness, &output));

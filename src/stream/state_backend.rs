@@ -1,6 +1,7 @@
 //! `SET 'state.backend' = 'sled'`: operators that support it (regular joins, unbounded
-//! GROUP BY, TopN, the last two without a state TTL) keep a bounded amount of keyed
-//! state in memory and the rest on disk, in scratch files of their own
+//! GROUP BY, TopN, the last two without a state TTL; window and session aggregates for
+//! their partial states) keep a bounded amount of keyed state in memory and the rest on
+//! disk, in scratch files of their own
 //! ([`files::RunFiles`]), in a directory per operator subtask under the data directory's
 //! `spill`. The name is the setting Weir started with, when this state went
 //! to a scratch sled database: sled keeps a copy of every value it holds in memory, so

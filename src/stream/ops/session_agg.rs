@@ -13,15 +13,18 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter};
 use datafusion::common::{HashMap, HashSet, Result};
 
-use super::grouped::{AggregateCalls, Grouped, Partial};
+use super::grouped::{AggregateCalls, Partial};
 use super::window_agg::OutputColumn;
 use super::window_assign::millis_column;
 use crate::stream::late::LateRecorder;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
-use crate::stream::operator::Operator;
+use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::fired;
+use spill::{emitted_batch, into_live, Held, Spill};
+
+mod spill;
 
 /// The kind of state batch holding a session of a snapshot of changes (its start, end
 /// and the snapshot's number, then its partial state).
@@ -31,7 +34,7 @@ struct Session {
     key: OwnedRow,
     start: Millis,
     end: Millis,
-    state: Grouped,
+    state: Held,
     /// What the session emitted when it closed, kept while it can still be corrected.
     emitted: Option<RecordBatch>,
 }
@@ -71,6 +74,12 @@ pub struct SessionAggregate {
     snapshots: i64,
     /// While restoring: the snapshot each key's sessions came from.
     restored_from: HashMap<OwnedRow, i64>,
+    /// While restoring: the session restored last, whose emitted rows may follow.
+    restored_last: Option<usize>,
+    /// The sessions changed since the snapshot before the last one.
+    snapshotted_changes: HashSet<usize>,
+    /// Under the sled backend: where session states beyond the budget go.
+    spill: Option<Spill>,
 }
 
 impl SessionAggregate {
@@ -102,6 +111,9 @@ impl SessionAggregate {
             changed: HashSet::default(),
             snapshots: 0,
             restored_from: HashMap::default(),
+            restored_last: None,
+            snapshotted_changes: HashSet::default(),
+            spill: None,
         })
     }
 
@@ -117,6 +129,15 @@ impl SessionAggregate {
         self.sessions.insert(id, session);
         self.changed.insert(id);
         id
+    }
+
+    /// Removes session `id` for good, with its state on disk.
+    fn discard(&mut self, id: usize) -> Result<()> {
+        let session = self.remove(id);
+        match self.spill.as_mut() {
+            Some(spill) => spill.remove(&session.state),
+            None => Ok(()),
+        }
     }
 
     fn remove(&mut self, id: usize) -> Session {
@@ -186,15 +207,16 @@ impl SessionAggregate {
         let mut corrected = false;
         for id in touching {
             corrected |= self.dirty.remove(&id);
-            let mut merged = self.remove(id);
-            state.merge(&merged.state.freeze()?)?;
+            let merged = self.remove(id);
+            let mut merged = into_live(self.spill.as_mut(), &self.calls, merged.state)?;
+            state.merge(&merged.freeze()?)?;
             merged_away.push(id);
         }
         let id = self.insert(Session {
             key: key.clone(),
             start,
             end,
-            state,
+            state: Held::Memory(state),
             emitted: None,
         });
         if corrected {
@@ -206,12 +228,13 @@ impl SessionAggregate {
     /// The rows session `id` emits now, leaving its state as it was.
     fn rows_of(&mut self, id: usize) -> Result<RecordBatch> {
         let calls = self.calls.clone();
-        let session = self.sessions.get_mut(&id).expect("live session");
-        let partial = session.state.freeze()?;
-        session.state = calls.new_state()?;
-        session.state.merge(&partial)?;
+        let state = self.live_state(id)?;
+        let partial = state.freeze()?;
+        *state = calls.new_state()?;
+        state.merge(&partial)?;
         let mut copy = calls.new_state()?;
         copy.merge(&partial)?;
+        let session = &self.sessions[&id];
         let (key, start, end) = (session.key.clone(), session.start, session.end);
         let mut batches = Vec::new();
         self.emit(
@@ -219,7 +242,7 @@ impl SessionAggregate {
                 key,
                 start,
                 end,
-                state: copy,
+                state: Held::Memory(copy),
                 emitted: None,
             }],
             &mut batches,
@@ -247,9 +270,20 @@ impl SessionAggregate {
         let mut out = vec![snapshot::progress(self.watermark, self.late)?];
         for id in ids {
             let session = self.sessions.get_mut(&id).expect("live session");
-            let partial = session.state.freeze()?;
-            session.state = self.calls.new_state()?;
-            session.state.merge(&partial)?;
+            let partial = match &mut session.state {
+                Held::Memory(state) => {
+                    let partial = state.freeze()?;
+                    *state = self.calls.new_state()?;
+                    state.merge(&partial)?;
+                    partial
+                }
+                // Read off the task, with its emitted rows (`spilled_snapshot`).
+                Held::Disk { .. } if whole => continue,
+                Held::Disk { id, .. } => {
+                    let spill = self.spill.as_ref().expect("on disk under the backend");
+                    spill.read(&self.calls, *id)?
+                }
+            };
             out.push(if whole {
                 snapshot::batch("session", &[session.start, session.end], partial.columns())?
             } else {
@@ -261,9 +295,10 @@ impl SessionAggregate {
             });
             // A closed session kept for late rows: what it emitted, to retract then.
             if let Some(emitted) = &session.emitted {
-                out.push(snapshot::batch("emitted", &[], emitted.columns().to_vec())?);
+                out.push(emitted_batch(emitted)?);
             }
         }
+        self.snapshotted_changes = changed;
         Ok(out)
     }
 
@@ -275,8 +310,8 @@ impl SessionAggregate {
         let mut ends = Vec::new();
         let mut keys: Vec<Vec<ArrayRef>> = Vec::new();
         let mut values: Vec<Vec<ArrayRef>> = Vec::new();
-        for mut s in sessions {
-            let (k, v) = s.state.evaluate()?;
+        for s in sessions {
+            let (k, v) = into_live(self.spill.as_mut(), &self.calls, s.state)?.evaluate()?;
             let rows = k.first().map(|a| a.len()).unwrap_or(0);
             starts.extend(std::iter::repeat_n(s.start, rows));
             ends.extend(std::iter::repeat_n(s.end, rows));
@@ -369,8 +404,7 @@ impl Operator for SessionAggregate {
             let part: RecordBatch = take_record_batch(&batch.rows, &UInt32Array::from(rows))?;
             let part_keys = self.calls.key_columns(&part)?;
             let calls = self.calls.clone();
-            let session = self.sessions.get_mut(&id).expect("live session");
-            session.state.update(&calls, &part_keys, &part)?;
+            self.live_state(id)?.update(&calls, &part_keys, &part)?;
             self.changed.insert(id);
         }
         for rows in std::mem::take(&mut self.retract) {
@@ -419,16 +453,18 @@ impl Operator for SessionAggregate {
             .map(|(_, id)| *id)
             .collect();
         for id in expired {
-            self.remove(id);
+            self.discard(id)?;
         }
         Ok(())
     }
 
     fn state_size(&self) -> usize {
-        self.sessions
-            .values()
-            .map(|s| s.state.size() + s.key.as_ref().len())
-            .sum()
+        self.spill.as_ref().map_or(0, |s| s.disk_bytes)
+            + self
+                .sessions
+                .values()
+                .map(|s| s.state.memory_size() + s.key.as_ref().len())
+                .sum::<usize>()
     }
 
     fn late_rows_dropped(&self) -> u64 {
@@ -450,6 +486,11 @@ impl Operator for SessionAggregate {
         self.snapshot_of(false).map(Some)
     }
 
+    fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        let changed = std::mem::take(&mut self.snapshotted_changes);
+        self.spilled_snapshot(whole, &changed)
+    }
+
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
         let kind = snapshot::kind(batch)?;
         let heads = match kind.as_str() {
@@ -467,13 +508,13 @@ impl Operator for SessionAggregate {
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
-        let mut last = None;
         for batch in state {
             let (kind, _, _) = snapshot::parts(&batch, 0)?;
             if kind == "emitted" {
                 let (_, _, columns) = snapshot::parts(&batch, 0)?;
                 let rows = crate::stream::batch_of(self.schema.clone(), columns, batch.num_rows())?;
-                if let Some(session) = last.and_then(|id| self.sessions.get_mut(&id)) {
+                if let Some(session) = self.restored_last.and_then(|id| self.sessions.get_mut(&id))
+                {
                     session.emitted = Some(rows);
                 }
                 continue;
@@ -496,17 +537,17 @@ impl Operator for SessionAggregate {
                 if self.restored_from.get(&key) != Some(&from) {
                     self.restored_from.insert(key.clone(), from);
                     for id in self.by_key.get(&key).cloned().unwrap_or_default() {
-                        self.remove(id);
+                        self.discard(id)?;
                     }
                 }
             }
             let mut state = self.calls.new_state()?;
             state.merge(&partial)?;
-            last = Some(self.insert(Session {
+            self.restored_last = Some(self.insert(Session {
                 key,
                 start: head[0],
                 end: head[1],
-                state,
+                state: Held::Memory(state),
                 emitted: None,
             }));
         }
@@ -517,6 +558,7 @@ impl Operator for SessionAggregate {
     /// watermark had closed (and, with a lateness, expired) go, as they went then.
     fn restored(&mut self) -> Result<()> {
         self.restored_from.clear();
+        self.restored_last = None;
         let passed: Vec<usize> = self
             .by_end
             .iter()
@@ -524,9 +566,14 @@ impl Operator for SessionAggregate {
             .map(|(_, id)| *id)
             .collect();
         for id in passed {
-            self.remove(id);
+            self.discard(id)?;
         }
-        Ok(())
+        // What the checkpoint holds counts as unchanged: beyond the budget, to disk.
+        self.snapshotted_changes.clear();
+        let changed = std::mem::take(&mut self.changed);
+        let moved = self.spilled_snapshot(false, &HashSet::default());
+        self.changed = changed;
+        moved.map(|_| ())
     }
 }
 
@@ -613,6 +660,66 @@ mod tests {
             (rows(&[(1, 2, 20), (2, 7, 44)]), 45),
             (rows(&[(3, 6, 41), (4, 1, 60)]), 58),
             (rows(&[(4, 2, 65), (2, 1, 49)]), 200),
+        ]
+    }
+
+    /// Under the sled backend with no memory for them, every snapshot moves the session
+    /// states out: rows joining a session and the watermark closing it read its state
+    /// back, snapshots read it from disk, and what closes or expires leaves the disk.
+    /// Output and restores are those of the operator in memory.
+    #[test]
+    fn session_states_on_disk_give_the_same_sessions_and_restores() {
+        use crate::stream::operator::testing::{run_step, snapshot_of};
+        use crate::stream::state_backend::SledBackend;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend {
+            root: dir.path().to_path_buf(),
+            memory: 0,
+        };
+        for lateness in [0, 20] {
+            let fresh = || operator(lateness).with_backend(Some(&backend)).unwrap();
+            let mut memory = operator(lateness);
+            let mut disk = fresh();
+            let mut went = 0;
+            for (i, step) in disk_steps().iter().enumerate() {
+                assert_eq!(run_step(&mut disk, step), run_step(&mut memory, step));
+                // Whole and incremental snapshots alike hold what memory's would.
+                let whole = i % 2 == 0;
+                let lines = |b: Vec<RecordBatch>| {
+                    let mut l: Vec<String> =
+                        b.iter().map(|b| format!("{:?}", b.columns())).collect();
+                    l.sort();
+                    l
+                };
+                assert_eq!(
+                    lines(snapshot_of(&mut disk, whole)),
+                    lines(snapshot_of(&mut memory, whole)),
+                    "step {i}"
+                );
+                let on_disk = disk.spill.as_ref().expect("backend").disk_bytes;
+                went += (on_disk > 0) as usize;
+                let in_memory: usize = disk.sessions.values().map(|s| s.state.memory_size()).sum();
+                assert_eq!(in_memory, 0, "step {i}: every state went");
+            }
+            assert!(went >= 3, "state went to disk after {went} steps");
+            assert_eq!(disk.spill.as_ref().unwrap().disk_bytes, 0, "all dropped");
+            restores_from_incremental_snapshots(fresh, &disk_steps(), lateness > 0, |op| {
+                (op.sessions.len(), op.spill.as_ref().unwrap().disk_bytes > 0)
+            });
+        }
+    }
+
+    /// For states on disk: key 1's second session comes while its first is on disk (an
+    /// incremental snapshot of key 1 reads that one back), and closed sessions kept for a
+    /// lateness are on disk with their emitted rows at a whole snapshot, then one is
+    /// corrected by a late row.
+    fn disk_steps() -> Vec<Step> {
+        vec![
+            (rows(&[(1, 1, 5), (2, 2, 6)]), 4),
+            (rows(&[(1, 2, 40), (3, 1, 20)]), 18),
+            (rows(&[(4, 1, 25)]), 22),
+            (rows(&[(1, 5, 10)]), 30),
+            (rows(&[(5, 1, 100)]), 200),
         ]
     }
 

@@ -1,0 +1,225 @@
+//! A session aggregate's session states under the sled state backend. After each
+//! snapshot, the partial states beyond the memory budget go to the backend's scratch
+//! files as the `session` batches whole snapshots hold: first those of sessions no row
+//! changed since the previous snapshot, then the others, each group those ending last
+//! first (the next sessions to close keep theirs). A session's key, bounds and emitted
+//! rows stay in memory. A row that joins a session on disk, or the watermark closing it,
+//! brings its state back; incremental snapshots read the states on disk of the keys they
+//! write; a whole snapshot reads them off the task, as they are then.
+
+use datafusion::common::HashSet;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+
+use super::SessionAggregate;
+use crate::stream::checkpoint::frame::{FrameReader, FrameWriter};
+use crate::stream::operator::StateReader;
+use crate::stream::ops::grouped::{AggregateCalls, Grouped, Partial};
+use crate::stream::snapshot;
+use crate::stream::state_backend::files::RunFiles;
+use crate::stream::state_backend::SledBackend;
+
+/// A session's partial state: live in memory, or frozen in the scratch files.
+pub(super) enum Held {
+    Memory(Grouped),
+    Disk { id: u64, bytes: usize },
+}
+
+impl Held {
+    pub(super) fn memory_size(&self) -> usize {
+        match self {
+            Held::Memory(state) => state.size(),
+            Held::Disk { .. } => 0,
+        }
+    }
+}
+
+pub(super) struct Spill {
+    files: RunFiles,
+    /// Bytes of session states kept in memory.
+    memory: usize,
+    next_id: u64,
+    /// Bytes of the session states on disk.
+    pub(super) disk_bytes: usize,
+}
+
+impl Spill {
+    fn new(backend: &SledBackend) -> Result<Self> {
+        Ok(Self {
+            files: RunFiles::new(backend.scratch_dir()?),
+            memory: backend.memory,
+            next_id: 0,
+            disk_bytes: 0,
+        })
+    }
+
+    /// A session's `session` batch from disk.
+    fn batch(&self, id: u64) -> Result<RecordBatch> {
+        let bytes = self.files.get(id)?.ok_or_else(|| missing(id))?;
+        FrameReader::new(&bytes).batch()
+    }
+
+    /// A session's partial state from disk.
+    pub(super) fn read(&self, calls: &AggregateCalls, id: u64) -> Result<Partial> {
+        let (_, _, columns) = snapshot::parts(&self.batch(id)?, 2)?;
+        Partial::from_columns(calls, &columns)
+    }
+
+    /// Writes a session's `session` batch; returns where it went.
+    fn put(&mut self, batch: &RecordBatch) -> Result<Held> {
+        let mut w = FrameWriter::default();
+        w.batch(batch)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.files.put(id, &w.bytes)?;
+        self.disk_bytes += w.bytes.len();
+        Ok(Held::Disk {
+            id,
+            bytes: w.bytes.len(),
+        })
+    }
+
+    /// Forgets what `held` kept on disk.
+    pub(super) fn remove(&mut self, held: &Held) -> Result<()> {
+        if let Held::Disk { id, bytes } = held {
+            self.files.remove(*id)?;
+            self.disk_bytes -= bytes;
+        }
+        Ok(())
+    }
+}
+
+fn missing(id: u64) -> DataFusionError {
+    DataFusionError::Internal(format!("a session's state {id} is not on disk"))
+}
+
+/// `held` as a live state, read back from disk (and removed there) if it went.
+pub(super) fn into_live(
+    spill: Option<&mut Spill>,
+    calls: &AggregateCalls,
+    held: Held,
+) -> Result<Grouped> {
+    match held {
+        Held::Memory(state) => Ok(state),
+        Held::Disk { id, .. } => {
+            let spill = spill.ok_or_else(|| missing(id))?;
+            let mut state = calls.new_state()?;
+            state.merge(&spill.read(calls, id)?)?;
+            spill.remove(&held)?;
+            Ok(state)
+        }
+    }
+}
+
+impl SessionAggregate {
+    /// Keeps session states beyond `backend`'s memory budget on disk.
+    pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
+        if let Some(backend) = backend {
+            self.spill = Some(Spill::new(backend)?);
+        }
+        Ok(self)
+    }
+
+    /// Session `id`'s live state, brought back from disk if it went there.
+    pub(super) fn live_state(&mut self, id: usize) -> Result<&mut Grouped> {
+        let session = self.sessions.get_mut(&id).expect("live session");
+        if let Held::Disk { id, bytes } = session.state {
+            let held = Held::Disk { id, bytes };
+            session.state = Held::Memory(into_live(self.spill.as_mut(), &self.calls, held)?);
+        }
+        match &mut session.state {
+            Held::Memory(state) => Ok(state),
+            Held::Disk { .. } => unreachable!("brought back"),
+        }
+    }
+
+    /// After a snapshot: what is on disk as it is now, for a whole one (read later, off
+    /// the task, each session's state followed by its emitted rows as the snapshot
+    /// holds them); then the states beyond the budget go to disk. `changed`: the
+    /// sessions rows changed since the snapshot before.
+    pub(super) fn spilled_snapshot(
+        &mut self,
+        whole: bool,
+        changed: &HashSet<usize>,
+    ) -> Result<Option<StateReader>> {
+        let Some(spill) = self.spill.as_ref() else {
+            return Ok(None);
+        };
+        // Only a whole snapshot needs what is on disk (an incremental one read the
+        // states of the keys it wrote).
+        let reader = if whole {
+            let on_disk = self
+                .sessions
+                .values()
+                .filter_map(|s| match &s.state {
+                    Held::Disk { id, .. } => Some(
+                        spill
+                            .files
+                            .place(*id)
+                            .ok_or_else(|| missing(*id))
+                            .map(|place| (place, s.emitted.clone())),
+                    ),
+                    Held::Memory(_) => None,
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (!on_disk.is_empty()).then(|| {
+                Box::new(
+                    move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {
+                        for (place, emitted) in on_disk {
+                            out(FrameReader::new(&place.read()?).batch()?)?;
+                            if let Some(rows) = emitted {
+                                out(emitted_batch(&rows)?)?;
+                            }
+                        }
+                        Ok(())
+                    },
+                ) as StateReader
+            })
+        } else {
+            None
+        };
+        self.move_out(changed)?;
+        Ok(reader)
+    }
+
+    /// Moves session states to disk until those in memory fit the budget: unchanged
+    /// sessions first, then changed ones, those ending last first.
+    fn move_out(&mut self, changed: &HashSet<usize>) -> Result<()> {
+        let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
+            return Ok(());
+        };
+        let mut held: usize = self.sessions.values().map(|s| s.state.memory_size()).sum();
+        if held <= memory {
+            return Ok(());
+        }
+        let mut order: Vec<(bool, i64, usize)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| matches!(s.state, Held::Memory(_)))
+            .map(|(id, s)| (changed.contains(id), -s.end, *id))
+            .collect();
+        order.sort_unstable();
+        let spill = self.spill.as_mut().expect("checked");
+        for (_, _, id) in order {
+            if held <= memory {
+                break;
+            }
+            let session = self.sessions.get_mut(&id).expect("listed");
+            let Held::Memory(state) = &mut session.state else {
+                continue;
+            };
+            held -= state.size();
+            let partial = state.freeze()?;
+            let batch =
+                snapshot::batch("session", &[session.start, session.end], partial.columns())?;
+            session.state = spill.put(&batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// The snapshot batch of a session's emitted rows.
+pub(super) fn emitted_batch(rows: &RecordBatch) -> Result<RecordBatch> {
+    snapshot::batch("emitted", &[], rows.columns().to_vec())
+}

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, UInt32Array};
+use datafusion::arrow::array::{Array, ArrayRef, Int64Array, UInt32Array};
 use datafusion::arrow::compute::{concat, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -29,6 +29,11 @@ mod spill;
 /// The kind of state batch holding a session of a snapshot of changes (its start, end
 /// and the snapshot's number, then its partial state).
 const CHANGED_SESSION: &str = "session-changed";
+/// Kinds of state batch holding many sessions, one a row: columns start, end (and for
+/// changes the snapshot's number), then the partial state. Sessions with emitted rows
+/// are written one a batch (`session`, `session-changed`), each followed by its rows.
+const SESSIONS: &str = "sessions";
+const CHANGED_SESSIONS: &str = "sessions-changed";
 
 struct Session {
     key: OwnedRow,
@@ -129,6 +134,41 @@ impl SessionAggregate {
         self.sessions.insert(id, session);
         self.changed.insert(id);
         id
+    }
+
+    /// Puts back a session of a snapshot: `bounds` (start, end), the number of the
+    /// snapshot of changes it came from (whose sessions of a key replace those of
+    /// earlier ones), and its partial state's columns.
+    fn restore_session(
+        &mut self,
+        (start, end): (Millis, Millis),
+        from: Option<i64>,
+        columns: &[ArrayRef],
+    ) -> Result<()> {
+        let partial = Partial::from_columns(&self.calls, columns)?;
+        let key = self
+            .converter
+            .convert_columns(&partial.keys)?
+            .row(0)
+            .owned();
+        if let Some(from) = from {
+            if self.restored_from.get(&key) != Some(&from) {
+                self.restored_from.insert(key.clone(), from);
+                for id in self.by_key.get(&key).cloned().unwrap_or_default() {
+                    self.discard(id)?;
+                }
+            }
+        }
+        let mut state = self.calls.new_state()?;
+        state.merge(&partial)?;
+        self.restored_last = Some(self.insert(Session {
+            key,
+            start,
+            end,
+            state: Held::Memory(state),
+            emitted: None,
+        }));
+        Ok(())
     }
 
     /// Removes session `id` for good, with its state on disk.
@@ -268,6 +308,7 @@ impl SessionAggregate {
                 .collect()
         };
         let mut out = vec![snapshot::progress(self.watermark, self.late)?];
+        let mut rows = SessionRows::default();
         for id in ids {
             let session = self.sessions.get_mut(&id).expect("live session");
             let partial = match &mut session.state {
@@ -284,6 +325,10 @@ impl SessionAggregate {
                     spill.read(&self.calls, *id)?
                 }
             };
+            if session.emitted.is_none() && partial.keys.first().is_some_and(|k| k.len() == 1) {
+                rows.push(session.start, session.end, partial.columns());
+                continue;
+            }
             out.push(if whole {
                 snapshot::batch("session", &[session.start, session.end], partial.columns())?
             } else {
@@ -297,6 +342,9 @@ impl SessionAggregate {
             if let Some(emitted) = &session.emitted {
                 out.push(emitted_batch(emitted)?);
             }
+        }
+        if let Some(batch) = rows.batch((!whole).then_some(self.snapshots))? {
+            out.push(batch);
         }
         self.snapshotted_changes = changed;
         Ok(out)
@@ -498,7 +546,7 @@ impl Operator for SessionAggregate {
                 let (_, _, columns) = snapshot::parts(batch, 0)?;
                 return Ok(Some(super::window_agg::output_keys(&self.output, &columns)));
             }
-            CHANGED_SESSION => 3,
+            CHANGED_SESSION | CHANGED_SESSIONS => 3,
             _ => 2,
         };
         let (_, _, columns) = snapshot::parts(batch, heads)?;
@@ -519,37 +567,29 @@ impl Operator for SessionAggregate {
                 }
                 continue;
             }
+            if kind == SESSIONS || kind == CHANGED_SESSIONS {
+                let changed = kind == CHANGED_SESSIONS;
+                let (_, _, columns) = snapshot::parts(&batch, 0)?;
+                let heads = 2 + changed as usize;
+                let figure = |c: usize| -> Result<&Int64Array> { snapshot::column(&columns, c) };
+                let (starts, ends) = (figure(0)?, figure(1)?);
+                let from = if changed { Some(figure(2)?) } else { None };
+                for row in 0..batch.num_rows() {
+                    let partial: Vec<ArrayRef> =
+                        columns[heads..].iter().map(|c| c.slice(row, 1)).collect();
+                    let bounds = (starts.value(row), ends.value(row));
+                    self.restore_session(bounds, from.map(|f| f.value(row)), &partial)?;
+                }
+                continue;
+            }
             let heads = if kind == CHANGED_SESSION { 3 } else { 2 };
             let (kind, head, columns) = snapshot::parts(&batch, heads)?;
             if kind == "progress" {
                 (self.watermark, self.late) = snapshot::read_progress(&head);
                 continue;
             }
-            let partial = Partial::from_columns(&self.calls, &columns)?;
-            let key = self
-                .converter
-                .convert_columns(&partial.keys)?
-                .row(0)
-                .owned();
-            if kind == CHANGED_SESSION {
-                // A later snapshot's sessions of a key replace the earlier ones'.
-                let from = head[2];
-                if self.restored_from.get(&key) != Some(&from) {
-                    self.restored_from.insert(key.clone(), from);
-                    for id in self.by_key.get(&key).cloned().unwrap_or_default() {
-                        self.discard(id)?;
-                    }
-                }
-            }
-            let mut state = self.calls.new_state()?;
-            state.merge(&partial)?;
-            self.restored_last = Some(self.insert(Session {
-                key,
-                start: head[0],
-                end: head[1],
-                state: Held::Memory(state),
-                emitted: None,
-            }));
+            let from = (kind == CHANGED_SESSION).then(|| head[2]);
+            self.restore_session((head[0], head[1]), from, &columns)?;
         }
         Ok(())
     }
@@ -574,6 +614,48 @@ impl Operator for SessionAggregate {
         let moved = self.spilled_snapshot(false, &HashSet::default());
         self.changed = changed;
         moved.map(|_| ())
+    }
+}
+
+/// Sessions of a snapshot gathered into one batch, a session a row.
+#[derive(Default)]
+struct SessionRows {
+    starts: Vec<Millis>,
+    ends: Vec<Millis>,
+    /// Per session, its partial state's one-row columns.
+    partials: Vec<Vec<ArrayRef>>,
+}
+
+impl SessionRows {
+    fn push(&mut self, start: Millis, end: Millis, partial: Vec<ArrayRef>) {
+        self.starts.push(start);
+        self.ends.push(end);
+        self.partials.push(partial);
+    }
+
+    /// A `sessions` batch, or `sessions-changed` with the number of the snapshot of
+    /// changes `changes`; `None` without sessions.
+    fn batch(self, changes: Option<i64>) -> Result<Option<RecordBatch>> {
+        let Some(first) = self.partials.first() else {
+            return Ok(None);
+        };
+        let n = self.starts.len();
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(self.starts)),
+            Arc::new(Int64Array::from(self.ends)),
+        ];
+        let kind = match changes {
+            Some(number) => {
+                columns.push(Arc::new(Int64Array::from(vec![number; n])));
+                CHANGED_SESSIONS
+            }
+            None => SESSIONS,
+        };
+        for c in 0..first.len() {
+            let parts: Vec<&dyn Array> = self.partials.iter().map(|p| p[c].as_ref()).collect();
+            columns.push(concat(&parts)?);
+        }
+        snapshot::batch(kind, &[], columns).map(Some)
     }
 }
 
@@ -685,15 +767,9 @@ mod tests {
                 assert_eq!(run_step(&mut disk, step), run_step(&mut memory, step));
                 // Whole and incremental snapshots alike hold what memory's would.
                 let whole = i % 2 == 0;
-                let lines = |b: Vec<RecordBatch>| {
-                    let mut l: Vec<String> =
-                        b.iter().map(|b| format!("{:?}", b.columns())).collect();
-                    l.sort();
-                    l
-                };
                 assert_eq!(
-                    lines(snapshot_of(&mut disk, whole)),
-                    lines(snapshot_of(&mut memory, whole)),
+                    session_lines(&snapshot_of(&mut disk, whole)),
+                    session_lines(&snapshot_of(&mut memory, whole)),
                     "step {i}"
                 );
                 let on_disk = disk.spill.as_ref().expect("backend").disk_bytes;
@@ -707,6 +783,25 @@ mod tests {
                 (op.sessions.len(), op.spill.as_ref().unwrap().disk_bytes > 0)
             });
         }
+    }
+
+    /// A snapshot's sessions, a line each whether a batch holds one or many, and its
+    /// other batches, sorted.
+    fn session_lines(batches: &[RecordBatch]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for b in batches {
+            let kind = match snapshot::kind(b).unwrap().as_str() {
+                "session" | SESSIONS => "whole".to_string(),
+                CHANGED_SESSION | CHANGED_SESSIONS => "changed".to_string(),
+                other => other.to_string(),
+            };
+            for row in 0..b.num_rows() {
+                let values: Vec<ArrayRef> = b.columns().iter().map(|c| c.slice(row, 1)).collect();
+                lines.push(format!("{kind} {values:?}"));
+            }
+        }
+        lines.sort();
+        lines
     }
 
     /// For states on disk: key 1's second session comes while its first is on disk (an

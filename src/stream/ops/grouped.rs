@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray};
-use datafusion::arrow::compute::prep_null_mask_filter;
+use datafusion::arrow::compute::{filter, prep_null_mask_filter};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::{DataFusionError, Result};
-use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::logical_expr::{Accumulator, EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
@@ -30,6 +30,17 @@ impl AggregateCalls {
             groups: new_group_values(self.key_schema.clone(), &GroupOrdering::None)?,
             accumulators: self.new_accumulators()?,
             indices: Vec::new(),
+        })
+    }
+
+    /// A fresh state of one group.
+    pub fn new_one_group(&self) -> Result<OneGroup> {
+        Ok(OneGroup {
+            accumulators: self
+                .aggregates
+                .iter()
+                .map(|a| a.create_accumulator())
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -196,5 +207,60 @@ impl Grouped {
             .map(|a| a.evaluate(EmitTo::All))
             .collect::<Result<Vec<_>>>()?;
         Ok((keys, values))
+    }
+}
+
+/// The aggregate state of one group (a session's) on DataFusion's row accumulators: a
+/// [`Grouped`] (hash table, vectors per call sized for many groups) took kilobytes for
+/// one. Its states are those of the grouped accumulators, so the two merge each other's.
+pub struct OneGroup {
+    accumulators: Vec<Box<dyn Accumulator>>,
+}
+
+impl OneGroup {
+    pub fn size(&self) -> usize {
+        self.accumulators.iter().map(|a| a.size()).sum()
+    }
+
+    /// Folds every row of `batch` in.
+    pub fn update(&mut self, calls: &AggregateCalls, batch: &RecordBatch) -> Result<()> {
+        for (i, acc) in self.accumulators.iter_mut().enumerate() {
+            let mut args = calls.arguments(i, batch)?;
+            if let Some(mask) = calls.filter(i, batch)? {
+                args = args
+                    .iter()
+                    .map(|a| filter(a, &mask))
+                    .collect::<std::result::Result<_, _>>()?;
+            }
+            acc.update_batch(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Merges partial states: each call's state columns.
+    pub fn merge(&mut self, states: &[Vec<ArrayRef>]) -> Result<()> {
+        for (acc, state) in self.accumulators.iter_mut().zip(states) {
+            acc.merge_batch(state)?;
+        }
+        Ok(())
+    }
+
+    /// Each call's state columns, one row. The accumulators may be spent: go on with a
+    /// new state that merges these.
+    pub fn freeze(&mut self) -> Result<Vec<Vec<ArrayRef>>> {
+        self.accumulators
+            .iter_mut()
+            .map(|a| {
+                a.state()?
+                    .into_iter()
+                    .map(|v| v.to_array())
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect()
+    }
+
+    /// Each call's final value; the accumulators may be spent.
+    pub fn evaluate(&mut self) -> Result<Vec<ScalarValue>> {
+        self.accumulators.iter_mut().map(|a| a.evaluate()).collect()
     }
 }

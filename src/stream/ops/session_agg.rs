@@ -11,7 +11,7 @@ use datafusion::arrow::compute::{concat, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter};
-use datafusion::common::{HashMap, HashSet, Result};
+use datafusion::common::{HashMap, HashSet, Result, ScalarValue};
 
 use super::grouped::{AggregateCalls, Partial};
 use super::window_agg::OutputColumn;
@@ -159,8 +159,8 @@ impl SessionAggregate {
                 }
             }
         }
-        let mut state = self.calls.new_state()?;
-        state.merge(&partial)?;
+        let mut state = self.calls.new_one_group()?;
+        state.merge(&partial.states)?;
         self.restored_last = Some(self.insert(Session {
             key,
             start,
@@ -243,7 +243,7 @@ impl SessionAggregate {
             }
             return Ok(Some(id));
         }
-        let mut state = self.calls.new_state()?;
+        let mut state = self.calls.new_one_group()?;
         let mut corrected = false;
         for id in touching {
             corrected |= self.dirty.remove(&id);
@@ -269,11 +269,11 @@ impl SessionAggregate {
     fn rows_of(&mut self, id: usize) -> Result<RecordBatch> {
         let calls = self.calls.clone();
         let state = self.live_state(id)?;
-        let partial = state.freeze()?;
-        *state = calls.new_state()?;
-        state.merge(&partial)?;
-        let mut copy = calls.new_state()?;
-        copy.merge(&partial)?;
+        let states = state.freeze()?;
+        *state = calls.new_one_group()?;
+        state.merge(&states)?;
+        let mut copy = calls.new_one_group()?;
+        copy.merge(&states)?;
         let session = &self.sessions[&id];
         let (key, start, end) = (session.key.clone(), session.start, session.end);
         let mut batches = Vec::new();
@@ -311,31 +311,32 @@ impl SessionAggregate {
         let mut rows = SessionRows::default();
         for id in ids {
             let session = self.sessions.get_mut(&id).expect("live session");
-            let partial = match &mut session.state {
+            let states = match &mut session.state {
                 Held::Memory(state) => {
-                    let partial = state.freeze()?;
-                    *state = self.calls.new_state()?;
-                    state.merge(&partial)?;
-                    partial
+                    let states = state.freeze()?;
+                    *state = self.calls.new_one_group()?;
+                    state.merge(&states)?;
+                    states
                 }
                 // Read off the task, with its emitted rows (`spilled_snapshot`).
                 Held::Disk { .. } if whole => continue,
                 Held::Disk { id, .. } => {
                     let spill = self.spill.as_ref().expect("on disk under the backend");
-                    spill.read(&self.calls, *id)?
+                    spill.read(&self.calls, *id)?.states
                 }
             };
-            if session.emitted.is_none() && partial.keys.first().is_some_and(|k| k.len() == 1) {
-                rows.push(session.start, session.end, partial.columns());
+            if session.emitted.is_none() {
+                rows.push(session.start, session.end, session.key.clone(), states);
                 continue;
             }
+            let columns = partial_columns(&self.converter, &session.key, states)?;
             out.push(if whole {
-                snapshot::batch("session", &[session.start, session.end], partial.columns())?
+                snapshot::batch("session", &[session.start, session.end], columns)?
             } else {
                 snapshot::batch(
                     CHANGED_SESSION,
                     &[session.start, session.end, self.snapshots],
-                    partial.columns(),
+                    columns,
                 )?
             });
             // A closed session kept for late rows: what it emitted, to retract then.
@@ -343,7 +344,7 @@ impl SessionAggregate {
                 out.push(emitted_batch(emitted)?);
             }
         }
-        if let Some(batch) = rows.batch((!whole).then_some(self.snapshots))? {
+        if let Some(batch) = rows.batch(&self.converter, (!whole).then_some(self.snapshots))? {
             out.push(batch);
         }
         self.snapshotted_changes = changed;
@@ -354,24 +355,28 @@ impl SessionAggregate {
         if sessions.is_empty() {
             return Ok(());
         }
-        let mut starts = Vec::new();
-        let mut ends = Vec::new();
-        let mut keys: Vec<Vec<ArrayRef>> = Vec::new();
-        let mut values: Vec<Vec<ArrayRef>> = Vec::new();
+        // A row a session: its key, bounds and each call's value.
+        let rows = sessions.len();
+        let keys = self
+            .converter
+            .convert_rows(sessions.iter().map(|s| s.key.row()))?;
+        let mut starts = Vec::with_capacity(rows);
+        let mut ends = Vec::with_capacity(rows);
+        let mut values: Vec<Vec<ScalarValue>> =
+            vec![Vec::with_capacity(rows); self.calls.aggregates.len()];
         for s in sessions {
-            let (k, v) = into_live(self.spill.as_mut(), &self.calls, s.state)?.evaluate()?;
-            let rows = k.first().map(|a| a.len()).unwrap_or(0);
-            starts.extend(std::iter::repeat_n(s.start, rows));
-            ends.extend(std::iter::repeat_n(s.end, rows));
-            keys.push(k);
-            values.push(v);
+            starts.push(s.start);
+            ends.push(s.end);
+            let session_values =
+                into_live(self.spill.as_mut(), &self.calls, s.state)?.evaluate()?;
+            for (column, v) in values.iter_mut().zip(session_values) {
+                column.push(v);
+            }
         }
-        let column = |parts: &[Vec<ArrayRef>], i: usize| -> Result<ArrayRef> {
-            let arrays: Vec<&dyn datafusion::arrow::array::Array> =
-                parts.iter().map(|p| p[i].as_ref()).collect();
-            Ok(concat(&arrays)?)
-        };
-        let rows = starts.len();
+        let values = values
+            .into_iter()
+            .map(ScalarValue::iter_to_array)
+            .collect::<Result<Vec<_>>>()?;
         let times: Vec<Millis> = ends.iter().map(|e| e - 1).collect();
         let columns = self
             .output
@@ -382,8 +387,8 @@ impl SessionAggregate {
                     OutputColumn::WindowStart => millis_column(starts.clone(), &self.schema, i)?,
                     OutputColumn::WindowEnd => millis_column(ends.clone(), &self.schema, i)?,
                     OutputColumn::WindowTime => millis_column(times.clone(), &self.schema, i)?,
-                    OutputColumn::Key(k) => column(&keys, k)?,
-                    OutputColumn::Aggregate(a) => column(&values, a)?,
+                    OutputColumn::Key(k) => keys[k].clone(),
+                    OutputColumn::Aggregate(a) => values[a].clone(),
                 };
                 let ty = self.schema.field(i).data_type();
                 Ok(if array.data_type() == ty {
@@ -450,9 +455,8 @@ impl Operator for SessionAggregate {
         }
         for (id, rows) in rows_of {
             let part: RecordBatch = take_record_batch(&batch.rows, &UInt32Array::from(rows))?;
-            let part_keys = self.calls.key_columns(&part)?;
             let calls = self.calls.clone();
-            self.live_state(id)?.update(&calls, &part_keys, &part)?;
+            self.live_state(id)?.update(&calls, &part)?;
             self.changed.insert(id);
         }
         for rows in std::mem::take(&mut self.retract) {
@@ -622,21 +626,23 @@ impl Operator for SessionAggregate {
 struct SessionRows {
     starts: Vec<Millis>,
     ends: Vec<Millis>,
-    /// Per session, its partial state's one-row columns.
-    partials: Vec<Vec<ArrayRef>>,
+    keys: Vec<OwnedRow>,
+    /// Per session, each call's one-row state columns.
+    states: Vec<Vec<Vec<ArrayRef>>>,
 }
 
 impl SessionRows {
-    fn push(&mut self, start: Millis, end: Millis, partial: Vec<ArrayRef>) {
+    fn push(&mut self, start: Millis, end: Millis, key: OwnedRow, states: Vec<Vec<ArrayRef>>) {
         self.starts.push(start);
         self.ends.push(end);
-        self.partials.push(partial);
+        self.keys.push(key);
+        self.states.push(states);
     }
 
     /// A `sessions` batch, or `sessions-changed` with the number of the snapshot of
     /// changes `changes`; `None` without sessions.
-    fn batch(self, changes: Option<i64>) -> Result<Option<RecordBatch>> {
-        let Some(first) = self.partials.first() else {
+    fn batch(self, converter: &RowConverter, changes: Option<i64>) -> Result<Option<RecordBatch>> {
+        let Some(first) = self.states.first() else {
             return Ok(None);
         };
         let n = self.starts.len();
@@ -651,12 +657,27 @@ impl SessionRows {
             }
             None => SESSIONS,
         };
-        for c in 0..first.len() {
-            let parts: Vec<&dyn Array> = self.partials.iter().map(|p| p[c].as_ref()).collect();
-            columns.push(concat(&parts)?);
+        columns.extend(converter.convert_rows(self.keys.iter().map(|k| k.row()))?);
+        for (call, call_states) in first.iter().enumerate() {
+            for c in 0..call_states.len() {
+                let parts: Vec<&dyn Array> =
+                    self.states.iter().map(|s| s[call][c].as_ref()).collect();
+                columns.push(concat(&parts)?);
+            }
         }
         snapshot::batch(kind, &[], columns).map(Some)
     }
+}
+
+/// A session's partial state as snapshot columns: its key's, then each call's state.
+fn partial_columns(
+    converter: &RowConverter,
+    key: &OwnedRow,
+    states: Vec<Vec<ArrayRef>>,
+) -> Result<Vec<ArrayRef>> {
+    let mut columns = converter.convert_rows(std::iter::once(key.row()))?;
+    columns.extend(states.into_iter().flatten());
+    Ok(columns)
 }
 
 #[cfg(test)]

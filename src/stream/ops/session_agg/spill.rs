@@ -12,17 +12,17 @@ use datafusion::common::HashSet;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
-use super::SessionAggregate;
+use super::{partial_columns, SessionAggregate};
 use crate::stream::checkpoint::frame::{FrameReader, FrameWriter};
 use crate::stream::operator::StateReader;
-use crate::stream::ops::grouped::{AggregateCalls, Grouped, Partial};
+use crate::stream::ops::grouped::{AggregateCalls, OneGroup, Partial};
 use crate::stream::snapshot;
 use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::SledBackend;
 
 /// A session's partial state: live in memory, or frozen in the scratch files.
 pub(super) enum Held {
-    Memory(Grouped),
+    Memory(OneGroup),
     Disk { id: u64, bytes: usize },
 }
 
@@ -99,13 +99,13 @@ pub(super) fn into_live(
     spill: Option<&mut Spill>,
     calls: &AggregateCalls,
     held: Held,
-) -> Result<Grouped> {
+) -> Result<OneGroup> {
     match held {
         Held::Memory(state) => Ok(state),
         Held::Disk { id, .. } => {
             let spill = spill.ok_or_else(|| missing(id))?;
-            let mut state = calls.new_state()?;
-            state.merge(&spill.read(calls, id)?)?;
+            let mut state = calls.new_one_group()?;
+            state.merge(&spill.read(calls, id)?.states)?;
             spill.remove(&held)?;
             Ok(state)
         }
@@ -122,7 +122,7 @@ impl SessionAggregate {
     }
 
     /// Session `id`'s live state, brought back from disk if it went there.
-    pub(super) fn live_state(&mut self, id: usize) -> Result<&mut Grouped> {
+    pub(super) fn live_state(&mut self, id: usize) -> Result<&mut OneGroup> {
         let session = self.sessions.get_mut(&id).expect("live session");
         if let Held::Disk { id, bytes } = session.state {
             let held = Held::Disk { id, bytes };
@@ -210,9 +210,8 @@ impl SessionAggregate {
                 continue;
             };
             held -= state.size();
-            let partial = state.freeze()?;
-            let batch =
-                snapshot::batch("session", &[session.start, session.end], partial.columns())?;
+            let columns = partial_columns(&self.converter, &session.key, state.freeze()?)?;
+            let batch = snapshot::batch("session", &[session.start, session.end], columns)?;
             session.state = spill.put(&batch)?;
         }
         Ok(())

@@ -264,3 +264,134 @@ impl OneGroup {
         self.accumulators.iter_mut().map(|a| a.evaluate()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, RecordBatch};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::util::display::array_value_to_string;
+    use datafusion::functions_aggregate as f;
+    use datafusion::logical_expr::{AggregateUDF, Operator};
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_expr::expressions::{binary, cast, col, lit};
+
+    use super::*;
+
+    /// count, sum, avg, max, count DISTINCT and a FILTERed sum of v, grouped by k.
+    fn calls() -> (AggregateCalls, SchemaRef) {
+        let input: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let build = |udf: Arc<AggregateUDF>, name: &str, distinct: bool| {
+            let mut b = AggregateExprBuilder::new(udf, vec![col("v", &input).unwrap()])
+                .schema(input.clone())
+                .alias(name);
+            if distinct {
+                b = b.distinct();
+            }
+            Arc::new(b.build().unwrap())
+        };
+        let above_two = binary(col("v", &input).unwrap(), Operator::Gt, lit(2i64), &input).unwrap();
+        let calls = AggregateCalls {
+            keys: vec![col("k", &input).unwrap()],
+            key_schema: Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)])),
+            aggregates: vec![
+                build(f::count::count_udaf(), "n", false),
+                build(f::sum::sum_udaf(), "total", false),
+                // As planned: avg's argument is cast to a float first.
+                Arc::new(
+                    AggregateExprBuilder::new(
+                        f::average::avg_udaf(),
+                        vec![cast(col("v", &input).unwrap(), &input, DataType::Float64).unwrap()],
+                    )
+                    .schema(input.clone())
+                    .alias("mean")
+                    .build()
+                    .unwrap(),
+                ),
+                build(f::min_max::max_udaf(), "top", false),
+                build(f::count::count_udaf(), "distinct", true),
+                build(f::sum::sum_udaf(), "above", false),
+            ],
+            filters: vec![None, None, None, None, None, Some(above_two)],
+        };
+        (calls, input)
+    }
+
+    fn rows(input: &SchemaRef, values: &[Option<i64>]) -> RecordBatch {
+        RecordBatch::try_new(
+            input.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1; values.len()])),
+                Arc::new(Int64Array::from(values.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn grouped_values(state: &mut Grouped) -> Vec<String> {
+        let (_, values) = state.evaluate().unwrap();
+        values
+            .iter()
+            .map(|v| array_value_to_string(v, 0).unwrap())
+            .collect()
+    }
+
+    fn one_values(state: &mut OneGroup) -> Vec<String> {
+        state
+            .evaluate()
+            .unwrap()
+            .iter()
+            .map(|v| array_value_to_string(&v.to_array().unwrap(), 0).unwrap())
+            .collect()
+    }
+
+    /// One group's states and a Grouped's are the same columns: each merges the other's
+    /// (sessions restore checkpoints taken when they were Grouped) with the values one
+    /// state fed every row has.
+    #[test]
+    fn one_group_and_grouped_states_merge_each_other() {
+        let (calls, input) = calls();
+        let (first, second) = (
+            rows(&input, &[Some(1), Some(2), Some(2)]),
+            rows(&input, &[None, Some(5), Some(2)]),
+        );
+        let mut reference = calls.new_state().unwrap();
+        for batch in [&first, &second] {
+            let keys = calls.key_columns(batch).unwrap();
+            reference.update(&calls, &keys, batch).unwrap();
+        }
+        let expected = grouped_values(&mut reference);
+        assert_eq!(expected, ["5", "12", "2.4", "5", "3", "5"]);
+
+        // Grouped, then one group.
+        let mut grouped = calls.new_state().unwrap();
+        grouped
+            .update(&calls, &calls.key_columns(&first).unwrap(), &first)
+            .unwrap();
+        let mut one = calls.new_one_group().unwrap();
+        one.merge(&grouped.freeze().unwrap().states).unwrap();
+        one.update(&calls, &second).unwrap();
+        assert_eq!(one_values(&mut one), expected);
+
+        // One group, then Grouped.
+        let mut one = calls.new_one_group().unwrap();
+        one.update(&calls, &first).unwrap();
+        let partial = Partial {
+            keys: calls
+                .key_columns(&first)
+                .unwrap()
+                .iter()
+                .map(|k| k.slice(0, 1))
+                .collect(),
+            states: one.freeze().unwrap(),
+        };
+        let mut grouped = calls.new_state().unwrap();
+        grouped.merge(&partial).unwrap();
+        grouped
+            .update(&calls, &calls.key_columns(&second).unwrap(), &second)
+            .unwrap();
+        assert_eq!(grouped_values(&mut grouped), expected);
+    }
+}

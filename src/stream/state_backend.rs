@@ -10,6 +10,7 @@
 //! them, so nothing in it needs to survive the process (the directory goes with the
 //! operator, and a restarted server clears what a killed one left).
 
+pub mod batches;
 pub mod files;
 pub mod runs;
 

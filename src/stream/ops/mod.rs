@@ -4,6 +4,7 @@ pub mod fragment;
 pub mod group_agg;
 pub mod grouped;
 pub mod join;
+pub mod partial_spill;
 pub mod session_agg;
 pub mod stateless;
 pub mod topn;

@@ -175,7 +175,7 @@ impl SessionAggregate {
     fn discard(&mut self, id: usize) -> Result<()> {
         let session = self.remove(id);
         match self.spill.as_mut() {
-            Some(spill) => spill.remove(&session.state),
+            Some(spill) => spill::remove(spill, &session.state),
             None => Ok(()),
         }
     }
@@ -320,9 +320,9 @@ impl SessionAggregate {
                 }
                 // Read off the task, with its emitted rows (`spilled_snapshot`).
                 Held::Disk { .. } if whole => continue,
-                Held::Disk { id, .. } => {
+                Held::Disk(stored) => {
                     let spill = self.spill.as_ref().expect("on disk under the backend");
-                    spill.read(&self.calls, *id)?.states
+                    spill.read(&self.calls, *stored)?.states
                 }
             };
             if session.emitted.is_none() {
@@ -511,7 +511,7 @@ impl Operator for SessionAggregate {
     }
 
     fn state_size(&self) -> usize {
-        self.spill.as_ref().map_or(0, |s| s.disk_bytes)
+        self.spill.as_ref().map_or(0, |s| s.files.bytes())
             + self
                 .sessions
                 .values()
@@ -793,15 +793,18 @@ mod tests {
                     session_lines(&snapshot_of(&mut memory, whole)),
                     "step {i}"
                 );
-                let on_disk = disk.spill.as_ref().expect("backend").disk_bytes;
+                let on_disk = disk.spill.as_ref().expect("backend").files.bytes();
                 went += (on_disk > 0) as usize;
                 let in_memory: usize = disk.sessions.values().map(|s| s.state.memory_size()).sum();
                 assert_eq!(in_memory, 0, "step {i}: every state went");
             }
             assert!(went >= 3, "state went to disk after {went} steps");
-            assert_eq!(disk.spill.as_ref().unwrap().disk_bytes, 0, "all dropped");
+            assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
             restores_from_incremental_snapshots(fresh, &disk_steps(), lateness > 0, |op| {
-                (op.sessions.len(), op.spill.as_ref().unwrap().disk_bytes > 0)
+                (
+                    op.sessions.len(),
+                    op.spill.as_ref().unwrap().files.bytes() > 0,
+                )
             });
         }
     }

@@ -155,9 +155,9 @@ impl WindowAggregate {
             for held in &entry.partials {
                 match held {
                     Held::Memory(partial) => target.merge(partial)?,
-                    Held::Disk { id, .. } => {
+                    Held::Disk(stored) => {
                         let spill = self.spill.as_ref().expect("on disk under the backend");
-                        target.merge(&spill.read(&self.calls, *id)?)?;
+                        target.merge(&spill.read(&self.calls, *stored)?)?;
                     }
                 }
             }
@@ -223,7 +223,7 @@ impl WindowAggregate {
         for slice in passed {
             let gone = self.slices.remove(&slice).expect("listed");
             if let Some(spill) = self.spill.as_mut() {
-                spill.remove(&gone.partials)?;
+                spill::remove(spill, &gone.partials)?;
             }
         }
         self.emitted
@@ -389,7 +389,7 @@ impl Operator for WindowAggregate {
     }
 
     fn state_size(&self) -> usize {
-        self.spill.as_ref().map_or(0, |s| s.disk_bytes)
+        self.spill.as_ref().map_or(0, |s| s.files.bytes())
             + self.slices.values().map(Slice::size).sum::<usize>()
             + self
                 .emitted
@@ -694,12 +694,12 @@ pub(crate) mod tests {
                 if i == 0 {
                     assert_eq!(whole.len(), snapshot_of(&mut memory, true).len());
                 }
-                let on_disk = disk.spill.as_ref().expect("backend").disk_bytes;
+                let on_disk = disk.spill.as_ref().expect("backend").files.bytes();
                 went += (on_disk > 0) as usize;
                 assert_eq!(disk.state_size() > 0, memory.state_size() > 0, "step {i}");
             }
             assert!(went >= 3, "state went to disk after {went} steps");
-            assert_eq!(disk.spill.as_ref().unwrap().disk_bytes, 0, "all dropped");
+            assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
             restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |op| {
                 let partials = op.slices.values().map(|s| s.partials.len()).sum::<usize>();
                 (op.slices.len(), op.emitted.len(), partials)

@@ -13,85 +13,36 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 use super::{partial_columns, SessionAggregate};
-use crate::stream::checkpoint::frame::{FrameReader, FrameWriter};
 use crate::stream::operator::StateReader;
-use crate::stream::ops::grouped::{AggregateCalls, OneGroup, Partial};
+use crate::stream::ops::grouped::{AggregateCalls, OneGroup};
+use crate::stream::ops::partial_spill::PartialSpill;
 use crate::stream::snapshot;
-use crate::stream::state_backend::files::RunFiles;
+use crate::stream::state_backend::batches::Stored;
 use crate::stream::state_backend::SledBackend;
 
 /// A session's partial state: live in memory, or frozen in the scratch files.
 pub(super) enum Held {
     Memory(OneGroup),
-    Disk { id: u64, bytes: usize },
+    Disk(Stored),
 }
 
 impl Held {
     pub(super) fn memory_size(&self) -> usize {
         match self {
             Held::Memory(state) => state.size(),
-            Held::Disk { .. } => 0,
+            Held::Disk(_) => 0,
         }
     }
 }
 
-pub(super) struct Spill {
-    files: RunFiles,
-    /// Bytes of session states kept in memory.
-    memory: usize,
-    next_id: u64,
-    /// Bytes of the session states on disk.
-    pub(super) disk_bytes: usize,
-}
+pub(super) type Spill = PartialSpill;
 
-impl Spill {
-    fn new(backend: &SledBackend) -> Result<Self> {
-        Ok(Self {
-            files: RunFiles::new(backend.scratch_dir()?),
-            memory: backend.memory,
-            next_id: 0,
-            disk_bytes: 0,
-        })
+/// Forgets what `held` kept on disk.
+pub(super) fn remove(spill: &mut Spill, held: &Held) -> Result<()> {
+    match held {
+        Held::Disk(stored) => spill.files.remove(*stored),
+        Held::Memory(_) => Ok(()),
     }
-
-    /// A session's `session` batch from disk.
-    fn batch(&self, id: u64) -> Result<RecordBatch> {
-        let bytes = self.files.get(id)?.ok_or_else(|| missing(id))?;
-        FrameReader::new(&bytes).batch()
-    }
-
-    /// A session's partial state from disk.
-    pub(super) fn read(&self, calls: &AggregateCalls, id: u64) -> Result<Partial> {
-        let (_, _, columns) = snapshot::parts(&self.batch(id)?, 2)?;
-        Partial::from_columns(calls, &columns)
-    }
-
-    /// Writes a session's `session` batch; returns where it went.
-    fn put(&mut self, batch: &RecordBatch) -> Result<Held> {
-        let mut w = FrameWriter::default();
-        w.batch(batch)?;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.files.put(id, &w.bytes)?;
-        self.disk_bytes += w.bytes.len();
-        Ok(Held::Disk {
-            id,
-            bytes: w.bytes.len(),
-        })
-    }
-
-    /// Forgets what `held` kept on disk.
-    pub(super) fn remove(&mut self, held: &Held) -> Result<()> {
-        if let Held::Disk { id, bytes } = held {
-            self.files.remove(*id)?;
-            self.disk_bytes -= bytes;
-        }
-        Ok(())
-    }
-}
-
-fn missing(id: u64) -> DataFusionError {
-    DataFusionError::Internal(format!("a session's state {id} is not on disk"))
 }
 
 /// `held` as a live state, read back from disk (and removed there) if it went.
@@ -102,11 +53,13 @@ pub(super) fn into_live(
 ) -> Result<OneGroup> {
     match held {
         Held::Memory(state) => Ok(state),
-        Held::Disk { id, .. } => {
-            let spill = spill.ok_or_else(|| missing(id))?;
+        Held::Disk(stored) => {
+            let spill = spill.ok_or_else(|| {
+                DataFusionError::Internal("a session's state on disk without a backend".into())
+            })?;
             let mut state = calls.new_one_group()?;
-            state.merge(&spill.read(calls, id)?.states)?;
-            spill.remove(&held)?;
+            state.merge(&spill.read(calls, stored)?.states)?;
+            remove(spill, &held)?;
             Ok(state)
         }
     }
@@ -116,7 +69,7 @@ impl SessionAggregate {
     /// Keeps session states beyond `backend`'s memory budget on disk.
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         if let Some(backend) = backend {
-            self.spill = Some(Spill::new(backend)?);
+            self.spill = Some(Spill::open(backend)?);
         }
         Ok(self)
     }
@@ -124,8 +77,8 @@ impl SessionAggregate {
     /// Session `id`'s live state, brought back from disk if it went there.
     pub(super) fn live_state(&mut self, id: usize) -> Result<&mut OneGroup> {
         let session = self.sessions.get_mut(&id).expect("live session");
-        if let Held::Disk { id, bytes } = session.state {
-            let held = Held::Disk { id, bytes };
+        if let Held::Disk(stored) = session.state {
+            let held = Held::Disk(stored);
             session.state = Held::Memory(into_live(self.spill.as_mut(), &self.calls, held)?);
         }
         match &mut session.state {
@@ -153,11 +106,10 @@ impl SessionAggregate {
                 .sessions
                 .values()
                 .filter_map(|s| match &s.state {
-                    Held::Disk { id, .. } => Some(
+                    Held::Disk(stored) => Some(
                         spill
                             .files
-                            .place(*id)
-                            .ok_or_else(|| missing(*id))
+                            .place(*stored)
                             .map(|place| (place, s.emitted.clone())),
                     ),
                     Held::Memory(_) => None,
@@ -167,7 +119,7 @@ impl SessionAggregate {
                 Box::new(
                     move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {
                         for (place, emitted) in on_disk {
-                            out(FrameReader::new(&place.read()?).batch()?)?;
+                            out(place.read()?)?;
                             if let Some(rows) = emitted {
                                 out(emitted_batch(&rows)?)?;
                             }
@@ -212,7 +164,7 @@ impl SessionAggregate {
             held -= state.size();
             let columns = partial_columns(&self.converter, &session.key, state.freeze()?)?;
             let batch = snapshot::batch("session", &[session.start, session.end], columns)?;
-            session.state = spill.put(&batch)?;
+            session.state = Held::Disk(spill.files.put(&batch)?);
         }
         Ok(())
     }

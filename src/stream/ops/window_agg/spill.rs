@@ -11,80 +11,49 @@
 //! fires; emitted rows kept for a lateness stay in memory too.
 
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::Result;
 
 use super::{Slice, WindowAggregate};
-use crate::stream::checkpoint::frame::{FrameReader, FrameWriter};
 use crate::stream::operator::StateReader;
-use crate::stream::ops::grouped::{AggregateCalls, Partial};
+use crate::stream::ops::grouped::Partial;
+use crate::stream::ops::partial_spill::PartialSpill;
 use crate::stream::snapshot;
-use crate::stream::state_backend::files::RunFiles;
+use crate::stream::state_backend::batches::Stored;
 use crate::stream::state_backend::SledBackend;
 use crate::stream::window::Span;
 
 /// A frozen partial state, in memory or in the scratch files.
 pub(super) enum Held {
     Memory(Partial),
-    Disk { id: u64, bytes: usize },
+    Disk(Stored),
 }
 
 impl Held {
     pub(super) fn memory_size(&self) -> usize {
         match self {
             Held::Memory(partial) => partial.size(),
-            Held::Disk { .. } => 0,
+            Held::Disk(_) => 0,
         }
     }
 }
 
-pub(super) struct Spill {
-    files: RunFiles,
-    /// Bytes of partial states kept in memory.
-    memory: usize,
-    next_id: u64,
-    /// Bytes of the partial states on disk.
-    pub(super) disk_bytes: usize,
-}
+pub(super) type Spill = PartialSpill;
 
-impl Spill {
-    pub(super) fn new(backend: &SledBackend) -> Result<Self> {
-        Ok(Self {
-            files: RunFiles::new(backend.scratch_dir()?),
-            memory: backend.memory,
-            next_id: 0,
-            disk_bytes: 0,
-        })
-    }
-
-    /// A slice's partial state from disk.
-    pub(super) fn read(&self, calls: &AggregateCalls, id: u64) -> Result<Partial> {
-        let bytes = self.files.get(id)?.ok_or_else(|| missing(id))?;
-        let batch = FrameReader::new(&bytes).batch()?;
-        let (_, _, columns) = snapshot::parts(&batch, 2)?;
-        Partial::from_columns(calls, &columns)
-    }
-
-    /// Forgets what `partials` kept on disk.
-    pub(super) fn remove(&mut self, partials: &[Held]) -> Result<()> {
-        for held in partials {
-            if let Held::Disk { id, bytes } = held {
-                self.files.remove(*id)?;
-                self.disk_bytes -= bytes;
-            }
+/// Forgets what `partials` kept on disk.
+pub(super) fn remove(spill: &mut Spill, partials: &[Held]) -> Result<()> {
+    for held in partials {
+        if let Held::Disk(stored) = held {
+            spill.files.remove(*stored)?;
         }
-        Ok(())
     }
-}
-
-fn missing(id: u64) -> DataFusionError {
-    DataFusionError::Internal(format!("a window slice's state {id} is not on disk"))
+    Ok(())
 }
 
 impl WindowAggregate {
     /// Keeps frozen slice states beyond `backend`'s memory budget on disk.
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         if let Some(backend) = backend {
-            self.spill = Some(Spill::new(backend)?);
+            self.spill = Some(Spill::open(backend)?);
         }
         Ok(self)
     }
@@ -113,9 +82,7 @@ impl WindowAggregate {
                 .values()
                 .flat_map(|s| &s.partials)
                 .filter_map(|held| match held {
-                    Held::Disk { id, .. } => {
-                        Some(spill.files.place(*id).ok_or_else(|| missing(*id)))
-                    }
+                    Held::Disk(stored) => Some(spill.files.place(*stored)),
                     Held::Memory(_) => None,
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -123,7 +90,7 @@ impl WindowAggregate {
                 Box::new(
                     move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {
                         for place in on_disk {
-                            out(FrameReader::new(&place.read()?).batch()?)?;
+                            out(place.read()?)?;
                         }
                         Ok(())
                     },
@@ -159,16 +126,7 @@ impl WindowAggregate {
                 };
                 let size = state.size();
                 let batch = snapshot::batch("slice", &[slice.0, slice.1], state.columns())?;
-                let mut w = FrameWriter::default();
-                w.batch(&batch)?;
-                let id = spill.next_id;
-                spill.next_id += 1;
-                spill.files.put(id, &w.bytes)?;
-                spill.disk_bytes += w.bytes.len();
-                *partial = Held::Disk {
-                    id,
-                    bytes: w.bytes.len(),
-                };
+                *partial = Held::Disk(spill.files.put(&batch)?);
                 held -= size;
             }
         }

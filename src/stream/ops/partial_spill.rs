@@ -1,0 +1,32 @@
+//! Frozen partial aggregate states beyond an operator's memory budget under the sled
+//! state backend (window slices', sessions'), kept as the snapshot batches that hold
+//! them: two leading integers (the slice's or session's bounds), then the partial
+//! state's columns.
+
+use datafusion::common::Result;
+
+use super::grouped::{AggregateCalls, Partial};
+use crate::stream::snapshot;
+use crate::stream::state_backend::batches::{BatchFiles, Stored};
+use crate::stream::state_backend::SledBackend;
+
+pub struct PartialSpill {
+    pub files: BatchFiles,
+    /// Bytes of partial states the operator keeps in memory.
+    pub memory: usize,
+}
+
+impl PartialSpill {
+    pub fn open(backend: &SledBackend) -> Result<Self> {
+        Ok(Self {
+            files: BatchFiles::open(backend)?,
+            memory: backend.memory,
+        })
+    }
+
+    /// A partial state from disk.
+    pub fn read(&self, calls: &AggregateCalls, stored: Stored) -> Result<Partial> {
+        let (_, _, columns) = snapshot::parts(&self.files.get(stored)?, 2)?;
+        Partial::from_columns(calls, &columns)
+    }
+}

@@ -7,10 +7,8 @@
 //! brings its state back; incremental snapshots read the states on disk of the keys they
 //! write; a whole snapshot reads them off the task, as they are then.
 
-use datafusion::common::HashSet;
-
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{DataFusionError, HashSet, Result};
 
 use super::{partial_columns, SessionAggregate};
 use crate::stream::operator::StateReader;

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray};
-use datafusion::arrow::compute::{filter, prep_null_mask_filter};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, UInt32Array};
+use datafusion::arrow::compute::{filter, prep_null_mask_filter, take};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result, ScalarValue};
@@ -210,6 +210,28 @@ impl Grouped {
     }
 }
 
+/// Each aggregate call's argument columns and FILTER mask over a batch, evaluated once
+/// for rows that go to many groups.
+pub struct CallInputs {
+    args: Vec<Vec<ArrayRef>>,
+    filters: Vec<Option<BooleanArray>>,
+}
+
+impl AggregateCalls {
+    pub fn inputs(&self, batch: &RecordBatch) -> Result<CallInputs> {
+        let calls = 0..self.aggregates.len();
+        Ok(CallInputs {
+            args: calls
+                .clone()
+                .map(|i| self.arguments(i, batch))
+                .collect::<Result<_>>()?,
+            filters: calls
+                .map(|i| self.filter(i, batch))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
 /// The aggregate state of one group (a session's) on DataFusion's row accumulators: a
 /// [`Grouped`] (hash table, vectors per call sized for many groups) took kilobytes for
 /// one. Its states are those of the grouped accumulators, so the two merge each other's.
@@ -222,14 +244,23 @@ impl OneGroup {
         self.accumulators.iter().map(|a| a.size()).sum()
     }
 
-    /// Folds every row of `batch` in.
-    pub fn update(&mut self, calls: &AggregateCalls, batch: &RecordBatch) -> Result<()> {
-        for (i, acc) in self.accumulators.iter_mut().enumerate() {
-            let mut args = calls.arguments(i, batch)?;
-            if let Some(mask) = calls.filter(i, batch)? {
+    /// Folds in rows `rows` of the batch `inputs` were computed over.
+    pub fn update(&mut self, inputs: &CallInputs, rows: &UInt32Array) -> Result<()> {
+        for (acc, (args, mask)) in self
+            .accumulators
+            .iter_mut()
+            .zip(inputs.args.iter().zip(&inputs.filters))
+        {
+            let mut args = args
+                .iter()
+                .map(|a| take(a, rows, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            if let Some(mask) = mask {
+                let mask = take(mask, rows, None)?;
+                let mask = mask.as_boolean();
                 args = args
                     .iter()
-                    .map(|a| filter(a, &mask))
+                    .map(|a| filter(a, mask))
                     .collect::<std::result::Result<_, _>>()?;
             }
             acc.update_batch(&args)?;
@@ -372,12 +403,17 @@ mod tests {
             .unwrap();
         let mut one = calls.new_one_group().unwrap();
         one.merge(&grouped.freeze().unwrap().states).unwrap();
-        one.update(&calls, &second).unwrap();
+        let every = |b: &RecordBatch| UInt32Array::from_iter_values(0..b.num_rows() as u32);
+        one.update(&calls.inputs(&second).unwrap(), &every(&second))
+            .unwrap();
         assert_eq!(one_values(&mut one), expected);
 
         // One group, then Grouped.
         let mut one = calls.new_one_group().unwrap();
-        one.update(&calls, &first).unwrap();
+        // Two calls over parts of a batch, as sessions take theirs.
+        let inputs = calls.inputs(&first).unwrap();
+        one.update(&inputs, &UInt32Array::from(vec![2, 0])).unwrap();
+        one.update(&inputs, &UInt32Array::from(vec![1])).unwrap();
         let partial = Partial {
             keys: calls
                 .key_columns(&first)

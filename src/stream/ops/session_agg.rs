@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, Int64Array, UInt32Array};
-use datafusion::arrow::compute::{concat, take_record_batch};
+use datafusion::arrow::compute::concat;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter};
@@ -453,11 +453,14 @@ impl Operator for SessionAggregate {
         for (id, row) in joined {
             rows_of.entry(resolve(id)).or_default().push(row);
         }
-        for (id, rows) in rows_of {
-            let part: RecordBatch = take_record_batch(&batch.rows, &UInt32Array::from(rows))?;
-            let calls = self.calls.clone();
-            self.live_state(id)?.update(&calls, &part)?;
-            self.changed.insert(id);
+        if !rows_of.is_empty() {
+            // Arguments once for the batch; each session takes its rows of them.
+            let inputs = self.calls.inputs(&batch.rows)?;
+            for (id, rows) in rows_of {
+                self.live_state(id)?
+                    .update(&inputs, &UInt32Array::from(rows))?;
+                self.changed.insert(id);
+            }
         }
         for rows in std::mem::take(&mut self.retract) {
             out.push(ChangeBatch::with_op(rows, Op::UpdateBefore));

@@ -114,6 +114,15 @@ impl Partial {
             .collect()
     }
 
+    /// Row `row` of a partial state holding several groups.
+    pub fn slice(&self, row: usize) -> Partial {
+        let one = |columns: &[ArrayRef]| columns.iter().map(|c| c.slice(row, 1)).collect();
+        Partial {
+            keys: one(&self.keys),
+            states: self.states.iter().map(|s| one(s)).collect(),
+        }
+    }
+
     /// The inverse of [`Partial::columns`] for the aggregates of `calls`.
     pub fn from_columns(calls: &AggregateCalls, columns: &[ArrayRef]) -> Result<Self> {
         let keys = calls.key_schema.fields().len();
@@ -251,18 +260,19 @@ impl OneGroup {
             .iter_mut()
             .zip(inputs.args.iter().zip(&inputs.filters))
         {
-            let mut args = args
+            // A FILTER narrows the rows first: the arguments are taken once.
+            let kept;
+            let rows = match mask {
+                Some(mask) => {
+                    kept = filter(rows, take(mask, rows, None)?.as_boolean())?;
+                    kept.as_primitive()
+                }
+                None => rows,
+            };
+            let args = args
                 .iter()
                 .map(|a| take(a, rows, None))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            if let Some(mask) = mask {
-                let mask = take(mask, rows, None)?;
-                let mask = mask.as_boolean();
-                args = args
-                    .iter()
-                    .map(|a| filter(a, mask))
-                    .collect::<std::result::Result<_, _>>()?;
-            }
             acc.update_batch(&args)?;
         }
         Ok(())

@@ -138,19 +138,14 @@ impl SessionAggregate {
 
     /// Puts back a session of a snapshot: `bounds` (start, end), the number of the
     /// snapshot of changes it came from (whose sessions of a key replace those of
-    /// earlier ones), and its partial state's columns.
+    /// earlier ones), its key and its partial state.
     fn restore_session(
         &mut self,
         (start, end): (Millis, Millis),
         from: Option<i64>,
-        columns: &[ArrayRef],
+        key: OwnedRow,
+        partial: &Partial,
     ) -> Result<()> {
-        let partial = Partial::from_columns(&self.calls, columns)?;
-        let key = self
-            .converter
-            .convert_columns(&partial.keys)?
-            .row(0)
-            .owned();
         if let Some(from) = from {
             if self.restored_from.get(&key) != Some(&from) {
                 self.restored_from.insert(key.clone(), from);
@@ -319,7 +314,7 @@ impl SessionAggregate {
                     states
                 }
                 // Read off the task, with its emitted rows (`spilled_snapshot`).
-                Held::Disk { .. } if whole => continue,
+                Held::Disk(_) if whole => continue,
                 Held::Disk(stored) => {
                     let spill = self.spill.as_ref().expect("on disk under the backend");
                     spill.read(&self.calls, *stored)?.states
@@ -581,11 +576,13 @@ impl Operator for SessionAggregate {
                 let figure = |c: usize| -> Result<&Int64Array> { snapshot::column(&columns, c) };
                 let (starts, ends) = (figure(0)?, figure(1)?);
                 let from = if changed { Some(figure(2)?) } else { None };
+                let partials = Partial::from_columns(&self.calls, &columns[heads..])?;
+                let keys = self.converter.convert_columns(&partials.keys)?;
                 for row in 0..batch.num_rows() {
-                    let partial: Vec<ArrayRef> =
-                        columns[heads..].iter().map(|c| c.slice(row, 1)).collect();
+                    let partial = partials.slice(row);
                     let bounds = (starts.value(row), ends.value(row));
-                    self.restore_session(bounds, from.map(|f| f.value(row)), &partial)?;
+                    let from = from.map(|f| f.value(row));
+                    self.restore_session(bounds, from, keys.row(row).owned(), &partial)?;
                 }
                 continue;
             }
@@ -596,7 +593,13 @@ impl Operator for SessionAggregate {
                 continue;
             }
             let from = (kind == CHANGED_SESSION).then(|| head[2]);
-            self.restore_session((head[0], head[1]), from, &columns)?;
+            let partial = Partial::from_columns(&self.calls, &columns)?;
+            let key = self
+                .converter
+                .convert_columns(&partial.keys)?
+                .row(0)
+                .owned();
+            self.restore_session((head[0], head[1]), from, key, &partial)?;
         }
         Ok(())
     }
@@ -616,11 +619,7 @@ impl Operator for SessionAggregate {
             self.discard(id)?;
         }
         // What the checkpoint holds counts as unchanged: beyond the budget, to disk.
-        self.snapshotted_changes.clear();
-        let changed = std::mem::take(&mut self.changed);
-        let moved = self.spilled_snapshot(false, &HashSet::default());
-        self.changed = changed;
-        moved.map(|_| ())
+        self.move_out(&HashSet::default())
     }
 }
 

@@ -81,7 +81,7 @@ impl SessionAggregate {
         }
         match &mut session.state {
             Held::Memory(state) => Ok(state),
-            Held::Disk { .. } => unreachable!("brought back"),
+            Held::Disk(_) => unreachable!("brought back"),
         }
     }
 
@@ -135,7 +135,7 @@ impl SessionAggregate {
 
     /// Moves session states to disk until those in memory fit the budget: unchanged
     /// sessions first, then changed ones, those ending last first.
-    fn move_out(&mut self, changed: &HashSet<usize>) -> Result<()> {
+    pub(super) fn move_out(&mut self, changed: &HashSet<usize>) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };

@@ -153,7 +153,8 @@ pub async fn append(log: &TableLog, def: &TableDef, batches: Vec<RecordBatch>) -
 
 /// Appends a job's changes for `epoch` (a table with a primary key takes updates and
 /// deletes: the planner lets only such tables take them) unless `marker` says that epoch
-/// was appended already (the commit is redone after a crash).
+/// was appended already (the commit is redone after a crash). An epoch without changes
+/// writes nothing.
 pub async fn append_once(
     log: &TableLog,
     def: &TableDef,
@@ -161,6 +162,9 @@ pub async fn append_once(
     marker: Option<Vec<u8>>,
     epoch: u64,
 ) -> Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
     let changes = changes
         .into_iter()
         .map(|c| Changes {

@@ -84,9 +84,6 @@ impl LateRows {
         marker: Option<Vec<u8>>,
         epoch: u64,
     ) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
         let changes = rows.into_iter().map(ChangeBatch::new).collect();
         crate::connector::log_table::append_once(
             self.catalog.table_log(),

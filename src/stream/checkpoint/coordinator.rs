@@ -17,6 +17,7 @@ use weir_catalog::{Catalog, TableDef};
 
 use super::store::{CheckpointMeta, Checkpoints, ViewContents};
 use super::{Precommit, Restored, StatePart, TaskSnapshot};
+use crate::connector::log_table::append_once;
 use crate::stream::graph::StreamGraph;
 use crate::stream::late::LateRows;
 use crate::stream::message::{ChangeBatch, Epoch, Millis, END_OF_TIME};
@@ -470,7 +471,7 @@ impl Coordinator {
             Committer::Log { def, catalog } => {
                 let (changes, _, _) = merged_changes(&precommits);
                 let marker = self.durable.as_ref().map(|d| d.checkpoints.sink_marker());
-                commit_log(catalog, def, changes, marker, epoch).await
+                append_once(catalog.table_log(), def, changes, marker, epoch).await
             }
             Committer::Files => {
                 let files = files_of(precommits);
@@ -542,20 +543,6 @@ pub fn merged_changes(precommits: &[Precommit]) -> (Vec<ChangeBatch>, Millis, bo
     (changes, watermark, ended)
 }
 
-/// Appends an epoch's rows to a table's log, once: `marker` records the epochs done.
-async fn commit_log(
-    catalog: &Arc<Catalog>,
-    def: &Arc<TableDef>,
-    changes: Vec<ChangeBatch>,
-    marker: Option<Vec<u8>>,
-    epoch: Epoch,
-) -> Result<()> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    crate::connector::log_table::append_once(catalog.table_log(), def, changes, marker, epoch).await
-}
-
 /// Renames finished hidden files to their visible names; a file already renamed (the
 /// commit is being redone after a crash) is left as it is.
 pub fn publish_files(files: &[(std::path::PathBuf, std::path::PathBuf)]) -> Result<()> {
@@ -620,7 +607,7 @@ async fn redo_sink(
         Committer::Log { def, catalog } => {
             let (changes, _, _) = merged_changes(&precommits);
             let marker = Some(checkpoints.sink_marker());
-            commit_log(catalog, def, changes, marker, epoch).await?;
+            append_once(catalog.table_log(), def, changes, marker, epoch).await?;
             Ok(ViewLog::default())
         }
         Committer::Files => {

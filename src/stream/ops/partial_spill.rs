@@ -17,11 +17,16 @@ pub struct PartialSpill {
 }
 
 impl PartialSpill {
-    pub fn open(backend: &SledBackend) -> Result<Self> {
-        Ok(Self {
-            files: BatchFiles::open(backend)?,
-            memory: backend.memory,
-        })
+    /// The store of an operator kept under `backend`, if any.
+    pub fn under(backend: Option<&SledBackend>) -> Result<Option<Self>> {
+        backend
+            .map(|backend| {
+                Ok(Self {
+                    files: BatchFiles::open(backend)?,
+                    memory: backend.memory,
+                })
+            })
+            .transpose()
     }
 
     /// A partial state from disk.

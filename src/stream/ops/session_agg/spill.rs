@@ -66,9 +66,7 @@ pub(super) fn into_live(
 impl SessionAggregate {
     /// Keeps session states beyond `backend`'s memory budget on disk.
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
-        if let Some(backend) = backend {
-            self.spill = Some(Spill::open(backend)?);
-        }
+        self.spill = Spill::under(backend)?;
         Ok(self)
     }
 

@@ -52,9 +52,7 @@ pub(super) fn remove(spill: &mut Spill, partials: &[Held]) -> Result<()> {
 impl WindowAggregate {
     /// Keeps frozen slice states beyond `backend`'s memory budget on disk.
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
-        if let Some(backend) = backend {
-            self.spill = Some(Spill::open(backend)?);
-        }
+        self.spill = Spill::under(backend)?;
         Ok(self)
     }
 

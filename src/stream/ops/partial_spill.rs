@@ -3,11 +3,13 @@
 //! them: two leading integers (the slice's or session's bounds), then the partial
 //! state's columns.
 
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::Result;
 
 use super::grouped::{AggregateCalls, Partial};
+use crate::stream::operator::StateReader;
 use crate::stream::snapshot;
-use crate::stream::state_backend::batches::{BatchFiles, Stored};
+use crate::stream::state_backend::batches::{BatchFiles, Stored, StoredPlace};
 use crate::stream::state_backend::SledBackend;
 
 pub struct PartialSpill {
@@ -27,6 +29,23 @@ impl PartialSpill {
                 })
             })
             .transpose()
+    }
+
+    /// A whole snapshot's part on disk, read later off the task: each stored state as it
+    /// is now, followed by the batches that go with it. `None` when nothing is on disk.
+    pub fn reader(on_disk: Vec<(StoredPlace, Vec<RecordBatch>)>) -> Option<StateReader> {
+        if on_disk.is_empty() {
+            return None;
+        }
+        Some(Box::new(move |out| {
+            for (place, after) in on_disk {
+                out(place.read()?)?;
+                for batch in after {
+                    out(batch)?;
+                }
+            }
+            Ok(())
+        }))
     }
 
     /// A partial state from disk.

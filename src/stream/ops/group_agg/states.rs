@@ -357,14 +357,14 @@ impl GroupStates {
         }
     }
 
+    /// Rows of the segments that some group still holds.
+    fn live_rows(&self) -> usize {
+        self.segments.iter().flatten().map(|s| s.live).sum()
+    }
+
     /// Every live row in one segment, when garbage outweighs them or segments pile up.
     fn rewrite_if_wasteful(&mut self) -> Result<()> {
-        let live = self
-            .segments
-            .iter()
-            .flatten()
-            .map(|s| s.live)
-            .sum::<usize>();
+        let live = self.live_rows();
         let segments = self.segments.iter().flatten().count();
         if self.rows_held <= 2 * live + self.slack && segments < MAX_SEGMENTS {
             return Ok(());
@@ -574,12 +574,7 @@ pub(super) mod tests {
             if states.segments.iter().any(Option::is_none) {
                 dropped += 1;
             }
-            let live = states
-                .segments
-                .iter()
-                .flatten()
-                .map(|s| s.live)
-                .sum::<usize>();
+            let live = states.live_rows();
             assert!(
                 states.rows_held <= 2 * live + states.slack,
                 "{held} rows held"

@@ -102,28 +102,14 @@ impl SessionAggregate {
                 .sessions
                 .values()
                 .filter_map(|s| match &s.state {
-                    Held::Disk(stored) => Some(
-                        spill
-                            .files
-                            .place(*stored)
-                            .map(|place| (place, s.emitted.clone())),
-                    ),
+                    Held::Disk(stored) => Some(spill.files.place(*stored).and_then(|place| {
+                        let emitted = s.emitted.iter().map(emitted_batch);
+                        Ok((place, emitted.collect::<Result<_>>()?))
+                    })),
                     Held::Memory(_) => None,
                 })
                 .collect::<Result<Vec<_>>>()?;
-            (!on_disk.is_empty()).then(|| {
-                Box::new(
-                    move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {
-                        for (place, emitted) in on_disk {
-                            out(place.read()?)?;
-                            if let Some(rows) = emitted {
-                                out(emitted_batch(&rows)?)?;
-                            }
-                        }
-                        Ok(())
-                    },
-                ) as StateReader
-            })
+            Spill::reader(on_disk)
         } else {
             None
         };

@@ -10,7 +10,6 @@
 //! checkpoint), the partials within the budget, and a window's merged state while it
 //! fires; emitted rows kept for a lateness stay in memory too.
 
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::Result;
 
 use super::{Slice, WindowAggregate};
@@ -80,20 +79,11 @@ impl WindowAggregate {
                 .values()
                 .flat_map(|s| &s.partials)
                 .filter_map(|held| match held {
-                    Held::Disk(stored) => Some(spill.files.place(*stored)),
+                    Held::Disk(stored) => Some(spill.files.place(*stored).map(|p| (p, vec![]))),
                     Held::Memory(_) => None,
                 })
                 .collect::<Result<Vec<_>>>()?;
-            (!on_disk.is_empty()).then(|| {
-                Box::new(
-                    move |out: &mut dyn FnMut(RecordBatch) -> Result<()>| -> Result<()> {
-                        for place in on_disk {
-                            out(place.read()?)?;
-                        }
-                        Ok(())
-                    },
-                ) as StateReader
-            })
+            Spill::reader(on_disk)
         } else {
             None
         };

@@ -241,6 +241,75 @@ async fn growing_state_is_written_once_and_restored_from_its_increments() {
     server.stop().await;
 }
 
+/// A join holding megabytes of rows: its checkpoint stores them in chunks of their own
+/// (not in the epoch's entry of the task), and after a kill -9 they come back with the
+/// rest of its state: the rows of both inputs match what arrives after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_join_state_goes_to_chunks_and_comes_back_after_kill_9() {
+    const ROWS: i64 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    client
+        .batch_execute(&format!(
+            "SET 'execution.checkpointing.interval' = '1 h';
+             CREATE TABLE a (k BIGINT, pad VARCHAR);
+             CREATE TABLE b (k BIGINT, tag VARCHAR);
+             CREATE MATERIALIZED VIEW matched AS
+               SELECT b.tag, count(*) AS n, sum(length(a.pad)) AS padding
+               FROM a JOIN b ON a.k = b.k GROUP BY b.tag;
+             INSERT INTO a SELECT value, repeat('x', 100) FROM generate_series(1, {ROWS});
+             INSERT INTO b VALUES (1, 'before'), ({ROWS}, 'before');
+             FLUSH"
+        ))
+        .await
+        .unwrap();
+    let expected = |rows: &[(&str, i64)]| -> Vec<Vec<String>> {
+        rows.iter()
+            .map(|(tag, n)| vec![tag.to_string(), n.to_string(), (n * 100).to_string()])
+            .collect()
+    };
+    let read = "SELECT tag, n, padding FROM matched ORDER BY tag";
+    assert_eq!(rows(&client, read).await, expected(&[("before", 2)]));
+    weir.kill_9();
+
+    // The join's checkpoint names chunks of its rows (their 2 MB in the store) instead
+    // of holding them.
+    let store = weir_catalog::SledStore::open(&dir.path().join("store")).unwrap();
+    let view = weir::stream::checkpoint::store::Checkpoints::new(Arc::new(store), "view/matched");
+    let meta = view.latest().unwrap().expect("a committed epoch");
+    let chunked: u64 = view
+        .load(&meta)
+        .unwrap()
+        .iter()
+        .flat_map(|task| task.operators.iter().flatten())
+        .map(|part| match part {
+            weir::stream::checkpoint::StatePart::Stored(c) if c.joined() => c.bytes,
+            _ => 0,
+        })
+        .sum();
+    assert!(chunked > 2_000_000, "{chunked} bytes in chunks");
+    drop(view);
+
+    let weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    assert_eq!(rows(&client, read).await, expected(&[("before", 2)]));
+    // Both inputs' rows came back: new rows of b find a's, and of a find b's.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO b SELECT value, 'after' FROM generate_series(1, {ROWS}, 2);
+             INSERT INTO a VALUES ({ROWS}, repeat('y', 100));
+             FLUSH"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, read).await,
+        expected(&[("after", ROWS / 2), ("before", 3)])
+    );
+    weir.kill_9();
+}
+
 /// An updating view whose every key changes at every epoch: its stored changes outgrow
 /// it within two epochs and fold into its base; a restart reads that base and the
 /// epochs after it, and goes on counting from them.

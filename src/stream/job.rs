@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use weir_catalog::Catalog;
 
 use super::checkpoint::beyond_memory::{self, StoringSnapshot};
-use super::checkpoint::chunks::restore_parts;
+use super::checkpoint::chunks::{holds_large_batches, restore_parts};
 use super::checkpoint::coordinator::{
     Ack, CheckpointHistory, Committer, Coordinator, Durable, ViewLog,
 };
@@ -333,8 +333,8 @@ impl TaskEnd {
     }
 
     /// Acknowledges barrier `epoch` with `snapshot`: at once when its operators keep
-    /// nothing beyond memory (`readers`), else from the thread that stores that, once
-    /// stored (or reporting why it could not be).
+    /// nothing beyond memory (`readers`) and it holds no big batches, else from the
+    /// thread that stores those, once stored (or reporting why it could not be).
     fn acknowledge(
         &self,
         epoch: Epoch,
@@ -342,7 +342,8 @@ impl TaskEnd {
         alignment: Duration,
     ) -> Option<StoringSnapshot> {
         let task = self.task;
-        if readers.is_empty() {
+        let large = self.chunks.is_some() && holds_large_batches(&snapshot);
+        if readers.is_empty() && !large {
             self.ack(Ack::Barrier {
                 epoch,
                 task,

@@ -5,11 +5,13 @@
 //! ([`ChunkWriter`]) and then acknowledges the barrier, as Flink's RocksDB backend takes
 //! a checkpoint's synchronous part (hard links to its files) at the barrier and uploads
 //! it asynchronously. A task waits for it at its next barrier (or its end) only, so it has
-//! one snapshot being stored at a time and acknowledges epochs in order.
+//! one snapshot being stored at a time and acknowledges epochs in order. The same thread
+//! stores the big batches of state a task's snapshot holds in memory
+//! ([`store_large_batches`]), so they are not encoded at once with the epoch.
 
 use datafusion::common::{DataFusionError, Result};
 
-use super::chunks::ChunkWriter;
+use super::chunks::{store_large_batches, ChunkWriter};
 use super::store::Checkpoints;
 use super::{StatePart, TaskSnapshot};
 use crate::stream::failpoint;
@@ -22,10 +24,11 @@ pub struct StoringSnapshot {
     written: tokio::task::JoinHandle<Vec<(usize, usize)>>,
 }
 
-/// Reads what `readers` (each with its operator's position in the chain) froze, as
-/// epoch `epoch`'s and task `task`'s chunks in `chunks` (kept as batches without a
-/// store), adds them to the operators' parts of `snapshot`, and hands the snapshot, or
-/// why it could not be stored, to `done`, all on a blocking thread.
+/// Stores the big batches of `snapshot` as chunks in `chunks` (when the job keeps
+/// checkpoints), reads what `readers` (each with its operator's position in the chain)
+/// froze, as epoch `epoch`'s and task `task`'s chunks in `chunks` (kept as batches
+/// without a store), adds them to the operators' parts of `snapshot`, and hands the
+/// snapshot, or why it could not be stored, to `done`, all on a blocking thread.
 pub fn store(
     readers: Vec<(usize, StateReader)>,
     chunks: Option<Checkpoints>,
@@ -37,6 +40,9 @@ pub fn store(
     let written = tokio::task::spawn_blocking(move || {
         let mut written = Vec::with_capacity(readers.len());
         let read_all = || -> Result<()> {
+            if let Some(at) = &chunks {
+                store_large_batches(&mut snapshot, at, epoch, task)?;
+            }
             for (k, read) in readers {
                 let mut writer = ChunkWriter::new(chunks.clone(), epoch, task, k);
                 read(&mut |batch| writer.push(batch))?;

@@ -10,11 +10,24 @@ use datafusion::common::{DataFusionError, Result};
 
 use super::frame::{FrameReader, FrameWriter};
 use super::store::Checkpoints;
+use super::TaskSnapshot;
 use crate::stream::message::Epoch;
 use crate::stream::operator::Operator;
 
 /// Bytes of batches (in memory) per chunk.
 const CHUNK_BYTES: usize = 16 << 20;
+
+/// A task's state batches held in memory from this size on are written to the store as
+/// chunks by the thread storing its snapshot, not encoded with the rest of the task's
+/// snapshot by the coordinator: a big state's checkpoint then encodes a chunk at a time
+/// into one buffer, where the whole snapshot went into one fresh buffer of its size
+/// (every page of which the kernel zeroed: a third of Nexmark q20's time).
+const INLINE_BYTES: usize = 1 << 20;
+
+/// The sequence numbers of chunks of batches held in memory (see [`INLINE_BYTES`]) have
+/// this bit; a restore gives their batches to the operator with the batches around
+/// them, as if they had stayed in the task's snapshot.
+const JOINED: u64 = 1 << 63;
 
 /// One piece of an operator's snapshot, in restore order.
 #[derive(Debug, Clone)]
@@ -64,6 +77,16 @@ pub struct StoredChunk {
 }
 
 impl StoredChunk {
+    /// Whether it holds batches the operator had in memory (restored with the others).
+    pub fn joined(&self) -> bool {
+        self.id.seq & JOINED != 0
+    }
+
+    /// Its id as the `n`th chunk of its operator's snapshot (a copy keeps its kind).
+    pub fn renumbered(&self, n: u64) -> u64 {
+        (self.id.seq & JOINED) | n
+    }
+
     /// Its batches, each cut to the rows `op`'s subtask owns after a rescale.
     pub fn load(&self, op: &dyn Operator) -> Result<Vec<RecordBatch>> {
         let bytes = self.at.chunk(self.id)?;
@@ -109,14 +132,14 @@ impl StoredChunk {
     }
 }
 
-/// The batches of one chunk, encoded.
-pub(super) fn encode_chunk(batches: &[RecordBatch]) -> Result<Vec<u8>> {
-    let mut w = FrameWriter::default();
+/// The batches of one chunk, encoded into `w` (emptied first, its room kept).
+fn encode_chunk(w: &mut FrameWriter, batches: &[RecordBatch]) -> Result<()> {
+    w.bytes.clear();
     w.u64(batches.len() as u64);
     for b in batches {
         w.batch(b)?;
     }
-    Ok(w.bytes)
+    Ok(())
 }
 
 /// Takes the batches an operator hands over beyond memory during one snapshot and
@@ -130,6 +153,9 @@ pub struct ChunkWriter {
     pending: Vec<RecordBatch>,
     pending_bytes: usize,
     parts: Vec<StatePart>,
+    /// Added to each chunk's position among `parts` for its sequence number.
+    first_seq: u64,
+    encoded: FrameWriter,
 }
 
 impl ChunkWriter {
@@ -142,7 +168,16 @@ impl ChunkWriter {
             pending: Vec::new(),
             pending_bytes: 0,
             parts: Vec::new(),
+            first_seq: 0,
+            encoded: FrameWriter::default(),
         }
+    }
+
+    /// Keeps `part` in the task's snapshot, after the chunks of what came before it.
+    fn keep(&mut self, part: StatePart) -> Result<()> {
+        self.write()?;
+        self.parts.push(part);
+        Ok(())
     }
 
     pub fn push(&mut self, batch: RecordBatch) -> Result<()> {
@@ -172,14 +207,14 @@ impl ChunkWriter {
             epoch: self.epoch,
             task: self.task as u64,
             operator: self.operator as u64,
-            seq: self.parts.len() as u64,
+            seq: self.first_seq | self.parts.len() as u64,
         };
-        let bytes = encode_chunk(&std::mem::take(&mut self.pending))?;
+        encode_chunk(&mut self.encoded, &std::mem::take(&mut self.pending))?;
         self.pending_bytes = 0;
-        at.put_chunk(id, &bytes)?;
+        at.put_chunk(id, &self.encoded.bytes)?;
         self.parts.push(StatePart::Stored(StoredChunk {
             id,
-            bytes: bytes.len() as u64,
+            bytes: self.encoded.bytes.len() as u64,
             at: at.clone(),
             owned: None,
         }));
@@ -193,14 +228,60 @@ impl ChunkWriter {
     }
 }
 
+/// Whether the snapshot holds a batch [`store_large_batches`] would store.
+pub fn holds_large_batches(snapshot: &TaskSnapshot) -> bool {
+    snapshot
+        .operators
+        .iter()
+        .flatten()
+        .any(|p| p.batch().is_some_and(is_large))
+}
+
+fn is_large(batch: &RecordBatch) -> bool {
+    batch.get_array_memory_size() >= INLINE_BYTES
+}
+
+/// Writes the snapshot's batches of [`INLINE_BYTES`] or more to the store as chunks of
+/// epoch `epoch` and task `task` (consecutive ones together, up to a chunk's size), in
+/// their places among the operators' parts, freeing each once written.
+pub fn store_large_batches(
+    snapshot: &mut TaskSnapshot,
+    at: &Checkpoints,
+    epoch: Epoch,
+    task: usize,
+) -> Result<()> {
+    let mut encoded = FrameWriter::default();
+    for (k, parts) in snapshot.operators.iter_mut().enumerate() {
+        if !parts.iter().any(|p| p.batch().is_some_and(is_large)) {
+            continue;
+        }
+        let mut writer = ChunkWriter::new(Some(at.clone()), epoch, task, k);
+        writer.first_seq = JOINED;
+        // One buffer for every chunk of the snapshot.
+        writer.encoded = std::mem::take(&mut encoded);
+        for part in std::mem::take(parts) {
+            match part {
+                StatePart::Batch(batch) if is_large(&batch) => writer.push(batch)?,
+                other => writer.keep(other)?,
+            }
+        }
+        writer.write()?;
+        encoded = std::mem::take(&mut writer.encoded);
+        *parts = writer.parts;
+    }
+    Ok(())
+}
+
 /// Restores an operator from its snapshot's parts, in order: batches held in memory
-/// together, each stored chunk on its own as it is read.
+/// (and those of chunks of them) together, each chunk of state beyond memory on its own
+/// as it is read.
 pub fn restore_parts(op: &mut dyn Operator, parts: &[StatePart]) -> Result<()> {
     let mut batches = Vec::new();
     let mut restored = false;
     for part in parts {
         match part {
             StatePart::Batch(b) => batches.push(b.clone()),
+            StatePart::Stored(chunk) if chunk.joined() => batches.extend(chunk.load(op)?),
             StatePart::Stored(chunk) => {
                 if !batches.is_empty() {
                     op.restore(std::mem::take(&mut batches))?;
@@ -215,4 +296,105 @@ pub fn restore_parts(op: &mut dyn Operator, parts: &[StatePart]) -> Result<()> {
         op.restore(batches)?;
     }
     op.restored()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Array, Int64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+    use crate::stream::message::ChangeBatch;
+
+    /// `rows` rows of value `v`.
+    fn values(v: i64, rows: usize) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)])),
+            vec![Arc::new(Int64Array::from(vec![v; rows]))],
+        )
+        .unwrap()
+    }
+
+    /// A batch of 1.1 MB, above the size that goes to the store.
+    fn big(v: i64) -> StatePart {
+        StatePart::Batch(values(v, 140_000))
+    }
+
+    fn small(v: i64) -> StatePart {
+        StatePart::Batch(values(v, 3))
+    }
+
+    /// Records what each restore call was given: each batch's value and rows.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<Vec<(i64, usize)>>,
+        restored: usize,
+    }
+
+    impl Operator for Recorder {
+        fn process(&mut self, _: usize, _: ChangeBatch, _: &mut Vec<ChangeBatch>) -> Result<()> {
+            Ok(())
+        }
+
+        fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+            let batch = |b: &RecordBatch| {
+                let v = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                (v.value(0), v.len())
+            };
+            self.calls.push(state.iter().map(batch).collect());
+            Ok(())
+        }
+
+        fn restored(&mut self) -> Result<()> {
+            self.restored += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn big_batches_go_to_the_store_and_restore_with_the_batches_around_them() {
+        let at = Checkpoints::new(Arc::new(weir_catalog::MemoryStore::default()), "job/x");
+        // Operator 0 also has a chunk of state beyond memory, stored before.
+        let mut beyond = ChunkWriter::new(Some(at.clone()), 7, 0, 0);
+        beyond.push(values(9, 2)).unwrap();
+        let mut parts = vec![small(1), big(2), big(3), small(4), big(5)];
+        parts.extend(beyond.finish().unwrap());
+        let mut snapshot = TaskSnapshot {
+            operators: vec![parts, vec![small(6)]],
+            changes: vec![true, false],
+            ..Default::default()
+        };
+        assert!(holds_large_batches(&snapshot));
+        store_large_batches(&mut snapshot, &at, 7, 0).unwrap();
+        assert!(!holds_large_batches(&snapshot));
+        let shape: Vec<&str> = snapshot.operators[0]
+            .iter()
+            .map(|p| match p {
+                StatePart::Batch(_) => "batch",
+                StatePart::Stored(c) if c.joined() => "joined",
+                StatePart::Stored(_) => "beyond",
+            })
+            .collect();
+        // Neighbouring big batches share a chunk.
+        assert_eq!(shape, ["batch", "joined", "batch", "joined", "beyond"]);
+        assert!(matches!(snapshot.operators[1][..], [StatePart::Batch(_)]));
+
+        let back = TaskSnapshot::decode_at(&snapshot.into_bytes().unwrap(), Some(&at)).unwrap();
+        let mut op = Recorder::default();
+        restore_parts(&mut op, &back.operators[0]).unwrap();
+        let held = vec![(1, 3), (2, 140_000), (3, 140_000), (4, 3), (5, 140_000)];
+        assert_eq!(op.calls, vec![held, vec![(9, 2)]]);
+        assert_eq!(op.restored, 1);
+        // A copy of the chunk (a savepoint's) stays one of batches held in memory.
+        let StatePart::Stored(joined) = &back.operators[0][1] else {
+            panic!("a chunk");
+        };
+        assert_eq!(joined.renumbered(0), JOINED);
+        let StatePart::Stored(beyond) = &back.operators[0][4] else {
+            panic!("a chunk");
+        };
+        assert_eq!(beyond.renumbered(3), 3);
+    }
 }

@@ -405,7 +405,7 @@ impl Checkpoints {
                             epoch: meta.epoch,
                             task: t as u64,
                             operator: k as u64,
-                            seq,
+                            seq: chunk.renumbered(seq),
                         };
                         seq += 1;
                         target.put_chunk(id, &chunk.at.chunk(chunk.id)?)?;

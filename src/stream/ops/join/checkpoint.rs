@@ -1,4 +1,4 @@
-//! The join's checkpoints: a `progress` batch (the watermark), and per input a batch of
+//! The join's checkpoints: a `progress` batch (the watermark), and per input batches of
 //! its entries (the row's columns, then count, matches, touched, time, and the serial's
 //! origin and counter). A whole snapshot holds every entry; an incremental one the
 //! serials removed since the previous snapshot (a `-removed` batch per input) and the
@@ -21,6 +21,8 @@ const SIDE_KINDS: [&str; 2] = ["join-left", "join-right"];
 const REMOVED_KINDS: [&str; 2] = ["join-left-removed", "join-right-removed"];
 /// Columns after a row's own: count, matches, touched, time, origin, counter.
 const FIGURES: usize = 6;
+/// Entries per batch of a snapshot.
+const SNAPSHOT_ROWS: usize = 1 << 16;
 
 /// A batch of input `s`'s entries: their rows' `columns`, then each entry's figures
 /// (count, matches, touched, time, and the serial's origin and counter).
@@ -29,7 +31,8 @@ pub(super) fn side_state(
     mut columns: Vec<ArrayRef>,
     figures: impl Iterator<Item = [i64; FIGURES]>,
 ) -> Result<RecordBatch> {
-    let mut values: [Vec<i64>; FIGURES] = Default::default();
+    let rows = figures.size_hint().0;
+    let mut values: [Vec<i64>; FIGURES] = std::array::from_fn(|_| Vec::with_capacity(rows));
     for entry in figures {
         for (column, value) in values.iter_mut().zip(entry) {
             column.push(value);
@@ -53,7 +56,7 @@ impl StreamJoin {
         let mut batches = vec![snapshot::progress(self.watermark, 0)?];
         for s in 0..2 {
             let ids = self.sides[s].live_ids();
-            batches.push(self.side_batch(s, &ids)?);
+            batches.extend(self.side_batches(s, &ids)?);
             self.sides[s].forget_changes();
         }
         Ok(batches)
@@ -74,7 +77,7 @@ impl StreamJoin {
                 &[],
                 vec![column(|r| r.0), column(|r| r.1)],
             )?);
-            batches.push(self.side_batch(s, &ids)?);
+            batches.extend(self.side_batches(s, &ids)?);
         }
         Ok(batches)
     }
@@ -98,6 +101,18 @@ impl StreamJoin {
     }
 
     /// The entries `ids` of input `s`, rows and figures.
+    /// Entries `ids` of input `s`, [`SNAPSHOT_ROWS`] a batch: a checkpoint stores big
+    /// state a batch at a time, and a batch of every changed row was one more copy of
+    /// them all.
+    fn side_batches(&self, s: usize, ids: &[EntryId]) -> Result<Vec<RecordBatch>> {
+        if ids.is_empty() {
+            return Ok(vec![self.side_batch(s, ids)?]);
+        }
+        ids.chunks(SNAPSHOT_ROWS)
+            .map(|ids| self.side_batch(s, ids))
+            .collect()
+    }
+
     fn side_batch(&self, s: usize, ids: &[EntryId]) -> Result<RecordBatch> {
         let side = &self.sides[s];
         let rows = side.gather(ids)?;

@@ -15,6 +15,7 @@
 //! input can match it; an unmatched row of an outer side is emitted null-padded then, so
 //! insert-only inputs give insert-only output.
 
+mod block_vec;
 mod checkpoint;
 mod side;
 mod spill;

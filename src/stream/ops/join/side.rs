@@ -19,6 +19,7 @@ use datafusion::common::hash_map::EntryRef;
 use datafusion::common::{HashMap, Result};
 use smallvec::SmallVec;
 
+use super::block_vec::BlockVec;
 use crate::stream::message::Millis;
 
 pub type EntryId = u32;
@@ -100,7 +101,7 @@ pub struct Side {
     /// Chunk ids are `first_chunk + position`; chunks die mostly oldest first.
     chunks: VecDeque<Chunk>,
     first_chunk: u64,
-    entries: Vec<Option<Entry>>,
+    entries: BlockVec<Option<Entry>>,
     free: Vec<EntryId>,
     by_key: HashMap<Arc<[u8]>, Keyed>,
     /// Entries by their encoded row, for sides whose rows can be taken back (or whose
@@ -132,7 +133,7 @@ impl Side {
             schema,
             chunks: VecDeque::new(),
             first_chunk: 0,
-            entries: Vec::new(),
+            entries: BlockVec::default(),
             free: Vec::new(),
             by_key: HashMap::default(),
             by_row: find_rows.then(HashMap::default),

@@ -8,6 +8,7 @@
 //! every argument is a scalar they compute one row and answer a scalar.
 
 mod java_format;
+mod regex_groups;
 mod string;
 mod time;
 mod units;

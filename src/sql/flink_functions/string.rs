@@ -11,6 +11,7 @@ use datafusion::common::Result;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 use regex::Regex;
 
+use super::regex_groups::GroupFinder;
 use super::{invalid_argument, Compiled, FlinkFunction, Inputs, Memo, Param};
 
 pub(super) fn all() -> Vec<FlinkFunction> {
@@ -144,22 +145,12 @@ fn regexp_extract(args: &ScalarFunctionArgs) -> Result<ColumnarValue> {
             out.append_null();
             continue;
         }
-        let (regex, locations) = regexes.get(pattern.value(row), |p| {
-            let regex = compile_regex("REGEXP_EXTRACT")(p)?;
-            let locations = regex.capture_locations();
-            Ok((regex, locations))
+        let finder = regexes.get(pattern.value(row), |p| {
+            GroupFinder::new(p, compile_regex("REGEXP_EXTRACT")(p)?)
         })?;
-        let text = text.value(row);
-        // The whole match needs no groups resolved; a group is read into locations
-        // kept from row to row rather than a Captures allocated for each.
-        let found = match usize::try_from(group.unwrap_or(-1)) {
-            Ok(0) => regex.find(text).map(|m| m.as_str()),
-            Ok(g) => regex
-                .captures_read(locations, text)
-                .and_then(|_| locations.get(g))
-                .map(|(start, end)| &text[start..end]),
-            Err(_) => None,
-        };
+        let found = usize::try_from(group.unwrap_or(-1))
+            .ok()
+            .and_then(|g| finder.group(text.value(row), g));
         out.append_option(found);
     }
     inputs.output(Arc::new(out.finish()))

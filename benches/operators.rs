@@ -3,8 +3,9 @@
 //! changelog at barriers, an interval join storing, probing and expiring rows, the key
 //! hashing every keyed exchange and rescale uses, a sliding window's slice aggregation
 //! and firing, an unbounded GROUP BY's barrier and incremental snapshot among many keys, applying an updating changelog to a view's rows, the encodings of whole
-//! rows that TopN keeps (flat, against arrow's row format), and a CASE of literal
-//! branches as DataFusion evaluates it and as a lookup.
+//! rows that TopN keeps (flat, against arrow's row format), a CASE of literal
+//! branches as DataFusion evaluates it and as a lookup, and REGEXP_EXTRACT's group as
+//! the regex crate finds it and as Weir's one-pass search from literal prefixes does.
 //!
 //! ```sh
 //! cargo bench --bench operators
@@ -554,8 +555,53 @@ fn case_benches(c: &mut Criterion) {
     group.finish();
 }
 
+/// q21's REGEXP_EXTRACT(url, '(&|^)channel_id=([^&]*)', 2) over 8192 Nexmark urls (half
+/// of them without a channel_id, as the hot channels' urls), by the regex crate's
+/// captures and by Weir's [`weir::sql::GroupFinder`].
+fn regex_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("regexp_extract");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    let mut numbers = Numbers(7);
+    let urls: Vec<String> = (0..ROWS)
+        .map(|_| {
+            let mut url = String::from("https://www.nexmark.com/");
+            for _ in 0..3 {
+                for _ in 0..4 {
+                    url.push((b'a' + numbers.below(26) as u8) as char);
+                }
+                url.push('/');
+            }
+            url.push_str("item.htm?query=1");
+            if numbers.below(2) == 0 {
+                url.push_str(&format!("&channel_id={}", numbers.below(1 << 31)));
+            }
+            url
+        })
+        .collect();
+    let pattern = "(&|^)channel_id=([^&]*)";
+    let regex = regex::Regex::new(pattern).unwrap();
+    group.bench_function("q21_channel_id_regex_crate", |b| {
+        let mut locations = regex.capture_locations();
+        b.iter(|| {
+            urls.iter()
+                .filter_map(|url| {
+                    regex
+                        .captures_read(&mut locations, url)
+                        .and_then(|_| locations.get(2))
+                })
+                .count()
+        })
+    });
+    group.bench_function("q21_channel_id_one_pass_from_prefixes", |b| {
+        let mut finder = weir::sql::GroupFinder::new(pattern, regex.clone()).unwrap();
+        b.iter(|| urls.iter().filter_map(|url| finder.group(url, 2)).count())
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    regex_benches,
     case_benches,
     row_encoding_benches,
     topn_benches,

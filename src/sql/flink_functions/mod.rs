@@ -13,6 +13,8 @@ mod string;
 mod time;
 mod units;
 
+pub use regex_groups::GroupFinder;
+
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, LazyLock, Mutex};

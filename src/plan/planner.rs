@@ -1058,7 +1058,11 @@ impl<'a> Planner<'a> {
             "partial aggregates per slice and key, until the last window of the slice fires"
                 .to_string();
         if let Some(b) = &backend {
-            state.push_str(&format!(" (frozen ones {})", b.describe()));
+            state.push_str(&format!(
+                " (frozen ones {}, {})",
+                b.describe(),
+                b.describe_merges(crate::stream::ops::window_agg::MERGED_IN_PARTS)
+            ));
         }
         let out = self.operator(
             &input,

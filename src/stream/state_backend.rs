@@ -150,6 +150,15 @@ impl SledBackend {
     pub fn describe(&self) -> String {
         format!("on disk beyond {} per input", human_bytes(self.memory))
     }
+
+    /// What EXPLAIN says about a window aggregate's merges in parts: beyond `factor`
+    /// times the budget.
+    pub fn describe_merges(&self, factor: usize) -> String {
+        format!(
+            "a window merged in parts beyond {} of them",
+            human_bytes(self.memory.saturating_mul(factor))
+        )
+    }
 }
 
 fn human_bytes(bytes: usize) -> String {

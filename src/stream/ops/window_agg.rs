@@ -24,6 +24,8 @@ use spill::{Held, Spill};
 
 mod spill;
 
+pub use spill::MERGED_IN_PARTS;
+
 /// The group key columns of output rows, in key order.
 pub fn output_keys(output: &[OutputColumn], columns: &[ArrayRef]) -> Vec<ArrayRef> {
     let mut keys: Vec<(usize, ArrayRef)> = output
@@ -89,6 +91,9 @@ pub struct WindowAggregate {
     pub late_rows: Option<LateRecorder>,
     /// Under the sled backend: where frozen slice states beyond the budget go.
     spill: Option<Spill>,
+    /// Windows merged in parts.
+    #[cfg(test)]
+    merged_in_parts: usize,
 }
 
 impl WindowAggregate {
@@ -115,6 +120,8 @@ impl WindowAggregate {
             dirty: BTreeSet::new(),
             emitted_changed: BTreeSet::new(),
             spill: None,
+            #[cfg(test)]
+            merged_in_parts: 0,
         }
     }
 
@@ -129,6 +136,23 @@ impl WindowAggregate {
     }
 
     fn fire(&mut self, window: Span, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if let Some(parts) = self.parts_on_disk(window)? {
+            let mut fired = Vec::new();
+            for part in parts.into_iter().filter(|p| !p.is_empty()) {
+                let mut state = self.merge_part(part)?;
+                if let Some(rows) = self.window_rows(window, &mut state)? {
+                    match self.lateness {
+                        0 => out.push(ChangeBatch::new(rows)),
+                        _ => fired.push(rows),
+                    }
+                }
+            }
+            if !fired.is_empty() {
+                let rows = concat_batches(&self.schema, &fired)?;
+                self.emit_correctable(window, rows, out);
+            }
+            return Ok(());
+        }
         let slices = self.slicing.slices_of_window(window);
         // A slice no later window needs is consumed in place.
         let mut state: Option<Grouped> = None;
@@ -165,6 +189,19 @@ impl WindowAggregate {
         let Some(mut state) = state else {
             return Ok(());
         };
+        let Some(rows) = self.window_rows(window, &mut state)? else {
+            return Ok(());
+        };
+        if self.lateness == 0 {
+            out.push(ChangeBatch::new(rows));
+        } else {
+            self.emit_correctable(window, rows, out);
+        }
+        Ok(())
+    }
+
+    /// `window`'s output rows of merged state `state`; `None` when it has none.
+    fn window_rows(&self, window: Span, state: &mut Grouped) -> Result<Option<RecordBatch>> {
         let (keys, values) = state.evaluate()?;
         let rows = keys
             .first()
@@ -172,7 +209,7 @@ impl WindowAggregate {
             .or(values.first().map(|v| v.len()))
             .unwrap_or(0);
         if rows == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let columns = self
             .output
@@ -194,11 +231,12 @@ impl WindowAggregate {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
-        if self.lateness == 0 {
-            out.push(ChangeBatch::new(rows));
-            return Ok(());
-        }
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
+    }
+
+    /// Emits `rows` of `window` under an allowed lateness: kept, and a window that fired
+    /// before takes its earlier rows back.
+    fn emit_correctable(&mut self, window: Span, rows: RecordBatch, out: &mut Vec<ChangeBatch>) {
         self.emitted_changed.insert(window);
         match self.emitted.insert(window, rows.clone()) {
             Some(old) => {
@@ -207,7 +245,6 @@ impl WindowAggregate {
             }
             None => out.push(ChangeBatch::new(rows)),
         }
-        Ok(())
     }
 
     /// Drops the slices no window open at `watermark` needs and the emitted rows of
@@ -699,12 +736,70 @@ pub(crate) mod tests {
                 assert_eq!(disk.state_size() > 0, memory.state_size() > 0, "step {i}");
             }
             assert!(went >= 3, "state went to disk after {went} steps");
+            assert!(disk.merged_in_parts > 0, "no window was merged in parts");
             assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
             restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |op| {
                 let partials = op.slices.values().map(|s| s.partials.len()).sum::<usize>();
                 (op.slices.len(), op.emitted.len(), partials)
             });
         }
+    }
+
+    /// A window whose partial states take more than 16 times the budget fires in parts
+    /// of its keys, a batch each; together they are the rows the operator in memory
+    /// gives, and the parts leave nothing on disk.
+    #[test]
+    fn a_window_beyond_its_budget_fires_in_parts_of_its_keys() {
+        use crate::stream::operator::testing::snapshot_of;
+        const KEYS: i64 = 3000;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend {
+            root: dir.path().to_path_buf(),
+            memory: 2048,
+        };
+        let mut disk = operator().with_backend(Some(&backend)).unwrap();
+        let mut memory = operator();
+        // Each key in two slices, and twice in the first across a checkpoint.
+        let early: Vec<(i64, i64, i64)> = (0..KEYS).map(|k| (k, k, 1)).collect();
+        let again: Vec<(i64, i64, i64)> = (0..KEYS).map(|k| (k, 1, 5)).collect();
+        let later: Vec<(i64, i64, i64)> = (0..KEYS).step_by(2).map(|k| (k, 3, 12)).collect();
+        let mut outputs = Vec::new();
+        for op in [&mut disk, &mut memory] {
+            let mut out = Vec::new();
+            op.process(0, rows(&early), &mut out).unwrap();
+            snapshot_of(op, true);
+            op.process(0, rows(&again), &mut out).unwrap();
+            snapshot_of(op, false);
+            op.process(0, rows(&later), &mut out).unwrap();
+            op.on_watermark(20, &mut out).unwrap();
+            outputs.push(out);
+        }
+        let (parts, whole) = (&outputs[0], &outputs[1]);
+        assert_eq!(
+            disk.merged_in_parts, 2,
+            "both windows ending by 20 fired in parts"
+        );
+        let lines = |out: &[ChangeBatch]| {
+            let mut lines = crate::stream::message::change_lines(out);
+            lines.sort();
+            lines
+        };
+        assert_eq!(lines(parts), lines(whole));
+        assert_eq!(lines(whole).len(), 2 * KEYS as usize);
+        let largest = parts.iter().map(ChangeBatch::num_rows).max().unwrap();
+        assert!(largest < KEYS as usize / 4, "a part of {largest} rows");
+        // What is left on disk is the slices' frozen states later windows need.
+        let slices_on_disk: usize = disk
+            .slices
+            .values()
+            .flat_map(|s| &s.partials)
+            .map(|held| match held {
+                Held::Disk(stored) => stored.bytes,
+                Held::Memory(_) => 0,
+            })
+            .sum();
+        let on_disk = disk.spill.as_ref().unwrap().files.bytes();
+        assert_eq!(on_disk, slices_on_disk, "the parts were removed");
     }
 
     #[test]

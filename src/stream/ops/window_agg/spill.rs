@@ -6,15 +6,23 @@
 //! fire find theirs in memory. Incremental snapshots never need what is on disk (it was
 //! written before it went); a whole snapshot reads it off the task, as it is then.
 //!
+//! A window whose slices' partial states take more than [`MERGED_IN_PARTS`] times the
+//! budget is merged in parts: its partial states, split by a hash of their keys, go to
+//! the scratch files a part each, and each part is merged and emitted on its own, so a
+//! firing window holds the merged state of a part of its keys at a time, not of all.
+//!
 //! What stays in memory: each slice's live state (what arrived since the last
-//! checkpoint), the partials within the budget, and a window's merged state while it
-//! fires; emitted rows kept for a lateness stay in memory too.
+//! checkpoint), the partials within the budget, and a part of a firing window's merged
+//! state; emitted rows kept for a lateness stay in memory too.
 
+use datafusion::arrow::array::{ArrayRef, UInt32Array};
+use datafusion::arrow::compute::take;
+use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::common::Result;
 
 use super::{Slice, WindowAggregate};
 use crate::stream::operator::StateReader;
-use crate::stream::ops::grouped::Partial;
+use crate::stream::ops::grouped::{Grouped, Partial};
 use crate::stream::ops::partial_spill::PartialSpill;
 use crate::stream::snapshot;
 use crate::stream::state_backend::batches::Stored;
@@ -34,9 +42,64 @@ impl Held {
             Held::Disk(_) => 0,
         }
     }
+
+    /// Bytes in memory or on disk.
+    fn size(&self) -> usize {
+        match self {
+            Held::Memory(partial) => partial.size(),
+            Held::Disk(stored) => stored.bytes,
+        }
+    }
+}
+
+/// `partial`'s rows split into `count` parts by a hash of their keys: each non-empty
+/// part's number and rows. `hashes` is scratch space.
+fn split(partial: &Partial, count: usize, hashes: &mut Vec<u64>) -> Result<Vec<(usize, Partial)>> {
+    let rows = partial.keys.first().map_or(0, |k| k.len());
+    hashes.clear();
+    hashes.resize(rows, 0);
+    create_hashes(&partial.keys, &PART_HASH, hashes)?;
+    let mut rows_of: Vec<Vec<u32>> = vec![Vec::new(); count];
+    for (row, hash) in hashes.iter().enumerate() {
+        rows_of[(*hash % count as u64) as usize].push(row as u32);
+    }
+    rows_of
+        .into_iter()
+        .enumerate()
+        .filter(|(_, rows)| !rows.is_empty())
+        .map(|(part, rows)| {
+            let rows = UInt32Array::from(rows);
+            let taken = |columns: &[ArrayRef]| -> Result<Vec<ArrayRef>> {
+                Ok(columns
+                    .iter()
+                    .map(|c| take(c.as_ref(), &rows, None))
+                    .collect::<std::result::Result<_, _>>()?)
+            };
+            Ok((
+                part,
+                Partial {
+                    keys: taken(&partial.keys)?,
+                    states: partial
+                        .states
+                        .iter()
+                        .map(|s| taken(s))
+                        .collect::<Result<_>>()?,
+                },
+            ))
+        })
+        .collect()
 }
 
 pub(super) type Spill = PartialSpill;
+
+/// A firing window whose slices' partial states take more than this many times the
+/// memory budget is merged in parts.
+pub const MERGED_IN_PARTS: usize = 16;
+/// Parts a window is merged in at most.
+const MAX_PARTS: usize = 256;
+/// Keys go to parts by this hash (not the exchange's, which chose the subtask: a
+/// subtask's keys would fall into few of its parts).
+const PART_HASH: RandomState = RandomState::with_seed(0x7061_7274);
 
 /// Forgets what `partials` kept on disk.
 pub(super) fn remove(spill: &mut Spill, partials: &[Held]) -> Result<()> {
@@ -53,6 +116,74 @@ impl WindowAggregate {
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         self.spill = Spill::under(backend)?;
         Ok(self)
+    }
+
+    /// Under the backend, when the partial states of `window`'s slices (live ones
+    /// frozen first) take more than [`MERGED_IN_PARTS`] times the budget: those states
+    /// split by key into parts on disk, each to be merged on its own; `None` to merge
+    /// them at once. A window without keys has one row, and is merged at once.
+    pub(super) fn parts_on_disk(&mut self, window: Span) -> Result<Option<Vec<Vec<Stored>>>> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(None);
+        };
+        if self.calls.key_schema.fields().is_empty() {
+            return Ok(None);
+        }
+        let slices = self.slicing.slices_of_window(window);
+        let mut bytes = 0;
+        for slice in &slices {
+            let Some(entry) = self.slices.get_mut(slice) else {
+                continue;
+            };
+            if let Some(mut live) = entry.live.take() {
+                if !live.is_empty() {
+                    entry.partials.push(Held::Memory(live.freeze()?));
+                }
+            }
+            bytes += entry.partials.iter().map(Held::size).sum::<usize>();
+        }
+        let merged_at_once = spill.memory.saturating_mul(MERGED_IN_PARTS);
+        if bytes <= merged_at_once {
+            return Ok(None);
+        }
+        let count = bytes.div_ceil(merged_at_once.max(1)).clamp(2, MAX_PARTS);
+        let mut parts = vec![Vec::new(); count];
+        let mut hashes = Vec::new();
+        for slice in &slices {
+            let Some(entry) = self.slices.get(slice) else {
+                continue;
+            };
+            for held in &entry.partials {
+                let read;
+                let partial = match held {
+                    Held::Memory(partial) => partial,
+                    Held::Disk(stored) => {
+                        read = spill.read(&self.calls, *stored)?;
+                        &read
+                    }
+                };
+                for (part, piece) in split(partial, count, &mut hashes)? {
+                    let batch = snapshot::batch("slice", &[window.0, window.1], piece.columns())?;
+                    parts[part].push(spill.files.put(&batch)?);
+                }
+            }
+        }
+        #[cfg(test)]
+        {
+            self.merged_in_parts += 1;
+        }
+        Ok(Some(parts))
+    }
+
+    /// Part `part` of a window merged in parts, read and removed from disk.
+    pub(super) fn merge_part(&mut self, part: Vec<Stored>) -> Result<Grouped> {
+        let spill = self.spill.as_mut().expect("parts are on disk");
+        let mut state = self.calls.new_state()?;
+        for stored in part {
+            state.merge(&spill.read(&self.calls, stored)?)?;
+            spill.files.remove(stored)?;
+        }
+        Ok(state)
     }
 
     /// Bytes of the partial states kept in memory.

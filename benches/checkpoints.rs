@@ -6,6 +6,7 @@
 //! cargo bench --bench checkpoints -- --set state.backend=sled   # any session setting
 //! cargo bench --bench checkpoints -- --rate 500000 --keys 4000000  # random keys of 4 M
 //! cargo bench --bench checkpoints -- --window --keys 2000000  # per 1-hour TUMBLE window
+//! cargo bench --bench checkpoints -- --window --window-seconds 10  # windows that fire
 //! cargo bench --bench checkpoints -- --session --keys 2000000  # per 1-hour SESSION
 //! ```
 //!
@@ -13,7 +14,8 @@
 //! new key: state grows at a flat rate. With `--keys N` the keys are random among N
 //! instead: state grows to N keys, then only changes (at most the rate's keys an epoch).
 //! With `--window` the view counts per key and 1-hour TUMBLE window of the rows' time
-//! (the wall clock): no window fires during the run, so its slice states only grow; with
+//! (the wall clock): no window fires during the run, so its slice states only grow (with
+//! `--window-seconds N`, windows of N seconds, which fire 5 s after they end); with
 //! `--session`, per key and SESSION window with a gap of 1 hour: no session closes. The
 //! process's peak RSS is printed at the end of the run (before the restart). Every second the bench prints the view's latest
 //! checkpoint from SHOW CHECKPOINTS (duration, bytes written, operator state). Then the
@@ -33,8 +35,10 @@ struct Args {
     seconds: u64,
     /// Random keys among this many, instead of a new key per row.
     keys: Option<u64>,
-    /// Count per key and 1-hour TUMBLE window instead of per key.
+    /// Count per key and TUMBLE window instead of per key.
     window: bool,
+    /// The TUMBLE window's size.
+    window_seconds: u64,
     /// Count per key and SESSION window with a gap of 1 hour instead of per key.
     session: bool,
     /// Session settings for the view (`--set key=value`).
@@ -47,6 +51,7 @@ fn parse_args() -> Args {
         seconds: 10,
         keys: None,
         window: false,
+        window_seconds: 3600,
         session: false,
         settings: Vec::new(),
     };
@@ -62,6 +67,7 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = number("--seconds"),
             "--keys" => args.keys = Some(number("--keys")),
             "--window" => args.window = true,
+            "--window-seconds" => args.window_seconds = number("--window-seconds"),
             "--session" => args.session = true,
             "--set" => {
                 let setting = it.next().expect("--set takes key=value");
@@ -93,18 +99,22 @@ fn main() {
             "SET 'parallelism.default' = '1'".to_string(),
             create_table(&args),
             if args.window {
-                "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
-                 sum(v) AS total FROM TABLE(TUMBLE(TABLE gen, DESCRIPTOR(ts), INTERVAL '1' HOUR)) \
-                 GROUP BY window_start, window_end, k"
+                format!(
+                    "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
+                     sum(v) AS total FROM TABLE(TUMBLE(TABLE gen, DESCRIPTOR(ts), \
+                     INTERVAL '{}' SECOND)) GROUP BY window_start, window_end, k",
+                    args.window_seconds
+                )
             } else if args.session {
                 "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
                  sum(v) AS total FROM TABLE(SESSION(TABLE gen PARTITION BY k, DESCRIPTOR(ts), \
                  INTERVAL '1' HOUR)) GROUP BY window_start, window_end, k"
+                    .to_string()
             } else {
                 "CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total \
                  FROM gen GROUP BY k"
-            }
-            .to_string(),
+                    .to_string()
+            },
         ]) {
             rows(&client, &statement).await;
         }

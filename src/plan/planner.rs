@@ -1261,10 +1261,20 @@ impl<'a> Planner<'a> {
             ChangelogMode::InsertOnly
         };
         let detail = format!("{}", plan.display());
+        // Windows' buffered rows may go to disk; an end-of-input fragment's stay.
+        let backend = if windows.is_some() {
+            self.backend.clone()
+        } else {
+            None
+        };
+        let state = match &backend {
+            Some(b) => format!("{state} (those checkpointed {})", b.describe()),
+            None => state.to_string(),
+        };
         let node = self.add(StreamNode {
             name: name.into(),
             detail,
-            state: state.into(),
+            state,
             parallelism,
             inputs,
             kind: NodeKind::Operator(Arc::new(move |_| {
@@ -1276,7 +1286,7 @@ impl<'a> Planner<'a> {
                 );
                 op.late_rows = late_rows.clone().map(LateRecorder::new);
                 op.lateness = lateness;
-                Ok(Box::new(op) as _)
+                Ok(Box::new(op.with_backend(backend.as_ref())?) as _)
             })),
             schema: arrow,
             changelog,

@@ -19,10 +19,14 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 
 use crate::stream::late::LateRecorder;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
-use crate::stream::operator::Operator;
+use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Span};
+
+mod spill;
+
+use spill::{Buffered, Spill};
 
 /// The whole input, when the fragment is not per window.
 const EVERYTHING: Span = (Millis::MIN, Millis::MAX);
@@ -35,7 +39,7 @@ pub struct Fragment {
     /// Per input, the columns holding window_start and window_end; `None`: run at the end.
     windows: Option<Vec<(usize, usize)>>,
     schema: SchemaRef,
-    buffers: BTreeMap<Span, Vec<Vec<ChangeBatch>>>,
+    buffers: BTreeMap<Span, Vec<Vec<Buffered>>>,
     watermark: Millis,
     late: u64,
     /// Where dropped rows go, if the session named a late-data table.
@@ -55,6 +59,8 @@ pub struct Fragment {
     snapshots: i64,
     /// While restoring: the snapshot each window's emitted rows came from.
     restored_from: BTreeMap<Span, i64>,
+    /// Under the sled backend: where buffered rows beyond the budget go.
+    spill: Option<Spill>,
 }
 
 /// Kinds of state batches of a snapshot of changes: a window's emitted rows (or that it
@@ -91,6 +97,7 @@ impl Fragment {
             emitted_changed: Default::default(),
             snapshots: 0,
             restored_from: BTreeMap::new(),
+            spill: None,
         }
     }
 
@@ -99,7 +106,40 @@ impl Fragment {
         self.buffers
             .entry(span)
             .or_insert_with(|| vec![Vec::new(); n])[input]
-            .push(rows);
+            .push(Buffered::Memory(Box::new(rows)));
+    }
+
+    /// Bytes of buffered rows held in memory.
+    fn buffered_in_memory(&self) -> usize {
+        self.buffers
+            .values()
+            .flatten()
+            .flatten()
+            .map(Buffered::memory_size)
+            .sum()
+    }
+
+    /// A `rows` state batch: its window, input and rows (with their ops).
+    fn decode_rows(&self, batch: &RecordBatch) -> Result<(Span, usize, ChangeBatch)> {
+        let (_, head, mut columns) = snapshot::parts(batch, 4)?;
+        let input = head[2] as usize;
+        let ops = if head[3] == 1 {
+            columns.pop().and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int8Array>()
+                    .cloned()
+            })
+        } else {
+            None
+        };
+        let schema = Arc::new(self.inputs[input].as_arrow().clone());
+        let rows = crate::stream::batch_of(schema, columns, batch.num_rows())?;
+        let change = ChangeBatch {
+            rows,
+            watermarks: None,
+            ops,
+        };
+        Ok(((head[0], head[1]), input, change))
     }
 
     /// Runs the node over one window's rows.
@@ -167,7 +207,9 @@ impl Fragment {
 
     fn fire(&mut self, span: Span, out: &mut Vec<ChangeBatch>) -> Result<()> {
         if self.lateness == 0 {
-            if let Some(rows) = self.buffers.remove(&span) {
+            if let Some(buffered) = self.buffers.remove(&span) {
+                let rows = self.loaded(buffered.clone())?;
+                self.remove(&buffered)?;
                 let batches = self.run(rows)?;
                 out.extend(
                     batches
@@ -179,9 +221,10 @@ impl Fragment {
             return Ok(());
         }
         // Kept for corrections: the rows, and what the window emitted.
-        let Some(rows) = self.buffers.get(&span).cloned() else {
+        let Some(buffered) = self.buffers.get(&span).cloned() else {
             return Ok(());
         };
+        let rows = self.loaded(buffered)?;
         let new: Vec<RecordBatch> = self
             .run(rows)?
             .into_iter()
@@ -206,13 +249,18 @@ impl Fragment {
 
     /// Drops the windows whose lateness the watermark passed: their rows (fired windows
     /// without a lateness went when they fired) and what they emitted.
-    fn drop_passed(&mut self, watermark: Millis) {
+    fn drop_passed(&mut self, watermark: Millis) -> Result<()> {
         let lateness = self.lateness;
         let passed = |s: &Span| fired(s.1 + lateness, watermark);
-        self.buffers.retain(|s, _| !passed(s));
+        let gone: Vec<Span> = self.buffers.keys().filter(|s| passed(s)).copied().collect();
+        for span in gone {
+            let buffered = self.buffers.remove(&span).expect("listed");
+            self.remove(&buffered)?;
+        }
         self.emitted.retain(|s, _| !passed(s));
         // Without checkpoints no snapshot empties it.
         self.emitted_changed.retain(|s| !passed(s));
+        Ok(())
     }
 
     /// The buffered rows and emitted windows, whole or as what changed since the
@@ -233,12 +281,10 @@ impl Fragment {
             for (input, changes) in inputs.iter().enumerate() {
                 let from = if whole { 0 } else { taken[input] };
                 for change in &changes[from..] {
-                    let mut columns = change.rows.columns().to_vec();
-                    if let Some(ops) = &change.ops {
-                        columns.push(Arc::new(ops.clone()));
+                    // Those on disk are read off the task (`spilled_snapshot`).
+                    if let Buffered::Memory(change) = change {
+                        out.push(rows_batch(*span, input, change)?);
                     }
-                    let head = [span.0, span.1, input as i64, change.ops.is_some() as i64];
-                    out.push(snapshot::batch("rows", &head, columns)?);
                 }
                 taken[input] = changes.len();
             }
@@ -308,6 +354,16 @@ impl Fragment {
     }
 }
 
+/// The `rows` state batch of `change`, buffered for input `input` of window `span`.
+fn rows_batch(span: Span, input: usize, change: &ChangeBatch) -> Result<RecordBatch> {
+    let mut columns = change.rows.columns().to_vec();
+    if let Some(ops) = &change.ops {
+        columns.push(Arc::new(ops.clone()));
+    }
+    let head = [span.0, span.1, input as i64, change.ops.is_some() as i64];
+    snapshot::batch("rows", &head, columns)
+}
+
 impl Operator for Fragment {
     fn process(
         &mut self,
@@ -337,8 +393,7 @@ impl Operator for Fragment {
         for span in due {
             self.fire(span, out)?;
         }
-        self.drop_passed(watermark);
-        Ok(())
+        self.drop_passed(watermark)
     }
 
     fn on_end(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -360,12 +415,7 @@ impl Operator for Fragment {
         Ok(())
     }
     fn state_size(&self) -> usize {
-        self.buffers
-            .values()
-            .flatten()
-            .flatten()
-            .map(|b| b.rows.get_array_memory_size())
-            .sum()
+        self.buffered_in_memory()
     }
 
     fn late_rows_dropped(&self) -> u64 {
@@ -385,6 +435,10 @@ impl Operator for Fragment {
 
     fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
         self.snapshot_of(false).map(Some)
+    }
+
+    fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        self.spilled_snapshot(whole)
     }
 
     /// Fragments are keyed by window: every state batch names its window in its header.
@@ -449,28 +503,8 @@ impl Operator for Fragment {
                 }
                 _ => {}
             }
-            let (_, head, mut columns) = snapshot::parts(&batch, 4)?;
-            let input = head[2] as usize;
-            let ops = if head[3] == 1 {
-                columns.pop().and_then(|c| {
-                    c.as_any()
-                        .downcast_ref::<datafusion::arrow::array::Int8Array>()
-                        .cloned()
-                })
-            } else {
-                None
-            };
-            let schema = Arc::new(self.inputs[input].as_arrow().clone());
-            let rows = crate::stream::batch_of(schema, columns, batch.num_rows())?;
-            self.buffer(
-                (head[0], head[1]),
-                input,
-                ChangeBatch {
-                    rows,
-                    watermarks: None,
-                    ops,
-                },
-            );
+            let (span, input, rows) = self.decode_rows(&batch)?;
+            self.buffer(span, input, rows);
         }
         Ok(())
     }
@@ -480,7 +514,16 @@ impl Operator for Fragment {
     fn restored(&mut self) -> Result<()> {
         self.restored_from.clear();
         if self.windows.is_some() {
-            self.drop_passed(self.watermark);
+            self.drop_passed(self.watermark)?;
+        }
+        // Everything restored is in the checkpoint already: what is beyond the budget
+        // may go to disk at once.
+        if self.spill.is_some() {
+            for (span, inputs) in &self.buffers {
+                self.snapshotted
+                    .insert(*span, inputs.iter().map(Vec::len).collect());
+            }
+            self.move_out()?;
         }
         Ok(())
     }
@@ -529,6 +572,61 @@ mod tests {
             (rows(&[(3, 6, 41), (4, 1, 60)]), 58),
             (rows(&[(4, 2, 65), (2, 1, 49)]), 200),
         ]
+    }
+
+    /// Under the sled backend with a budget of 0, every snapshot moves the buffered rows
+    /// out: windows read them back when they fire (and when late rows correct them),
+    /// whole snapshots read them off the task, and what is dropped leaves the disk.
+    /// Output and restores are those of the fragment in memory.
+    #[test]
+    fn buffered_rows_on_disk_give_the_same_windows_and_restores() {
+        use crate::stream::operator::testing::{run_step, snapshot_of};
+        use crate::stream::state_backend::SledBackend;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend {
+            root: dir.path().to_path_buf(),
+            memory: 0,
+        };
+        for lateness in [0, 50] {
+            let fresh = || fragment(lateness).with_backend(Some(&backend)).unwrap();
+            let mut memory = fragment(lateness);
+            let mut disk = fresh();
+            let mut went = 0;
+            for (i, step) in steps().iter().enumerate() {
+                assert_eq!(
+                    run_step(&mut disk, step),
+                    run_step(&mut memory, step),
+                    "step {i}"
+                );
+                let lines = |b: &[RecordBatch]| {
+                    let mut l: Vec<String> = b.iter().map(|b| format!("{b:?}")).collect();
+                    l.sort();
+                    l
+                };
+                let (of_disk, of_memory) = (
+                    snapshot_of(&mut disk, i == 0),
+                    snapshot_of(&mut memory, i == 0),
+                );
+                if i == 0 {
+                    assert_eq!(lines(&of_disk), lines(&of_memory));
+                }
+                let on_disk = disk.spill.as_ref().expect("backend").files.bytes();
+                if i == 3 {
+                    // A whole snapshot reads what is on disk.
+                    assert!(on_disk > 0);
+                    let (of_disk, of_memory) =
+                        (snapshot_of(&mut disk, true), snapshot_of(&mut memory, true));
+                    assert_eq!(lines(&of_disk), lines(&of_memory));
+                }
+                went += (on_disk > 0) as usize;
+                assert_eq!(disk.buffered_in_memory(), 0, "step {i}: all moved out");
+            }
+            assert!(went >= 3, "rows went to disk after {went} steps");
+            assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
+            restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |f| {
+                (f.buffers.len(), f.emitted.len())
+            });
+        }
     }
 
     #[test]

@@ -1,0 +1,134 @@
+//! A windowed fragment's buffered rows under the sled state backend (window TopN, window
+//! joins, window deduplication). Buffered batches never change, so once a snapshot has
+//! written them, those beyond the memory budget go to the backend's scratch files as
+//! the `rows` batches snapshots hold, those of the windows that fire last first, and
+//! come back when their window fires. Incremental snapshots never need what is on disk
+//! (it was written before it went); a whole snapshot reads it off the task, as it is.
+//!
+//! What stays in memory: the rows buffered since the last checkpoint, those within the
+//! budget, a firing window's rows while DataFusion runs over them, and the rows fired
+//! windows emitted while a lateness keeps them.
+
+use datafusion::common::Result;
+
+use super::{Fragment, Span};
+use crate::stream::message::ChangeBatch;
+use crate::stream::operator::StateReader;
+use crate::stream::ops::partial_spill::PartialSpill;
+use crate::stream::state_backend::batches::Stored;
+use crate::stream::state_backend::SledBackend;
+
+/// A buffered batch of a window's input, in memory or in the scratch files.
+#[derive(Clone)]
+pub(super) enum Buffered {
+    Memory(Box<ChangeBatch>),
+    Disk(Stored),
+}
+
+impl Buffered {
+    pub(super) fn memory_size(&self) -> usize {
+        match self {
+            Buffered::Memory(rows) => rows.rows.get_array_memory_size(),
+            Buffered::Disk(_) => 0,
+        }
+    }
+}
+
+pub(super) type Spill = PartialSpill;
+
+impl Fragment {
+    /// Keeps buffered rows beyond `backend`'s memory budget on disk.
+    pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
+        self.spill = Spill::under(backend)?;
+        Ok(self)
+    }
+
+    /// The batches of `buffered`, those on disk read back.
+    pub(super) fn loaded(&self, buffered: Vec<Vec<Buffered>>) -> Result<Vec<Vec<ChangeBatch>>> {
+        buffered
+            .into_iter()
+            .map(|input| {
+                input
+                    .into_iter()
+                    .map(|b| match b {
+                        Buffered::Memory(rows) => Ok(*rows),
+                        Buffered::Disk(stored) => {
+                            let spill = self.spill.as_ref().expect("on disk under the backend");
+                            Ok(self.decode_rows(&spill.files.get(stored)?)?.2)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Forgets what `buffered` kept on disk.
+    pub(super) fn remove(&mut self, buffered: &[Vec<Buffered>]) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        for b in buffered.iter().flatten() {
+            if let Buffered::Disk(stored) = b {
+                spill.files.remove(*stored)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a snapshot: what is on disk as it is now, for a whole one (read later, off
+    /// the task); then the batches beyond the budget go to disk.
+    pub(super) fn spilled_snapshot(&mut self, whole: bool) -> Result<Option<StateReader>> {
+        let Some(spill) = self.spill.as_ref() else {
+            return Ok(None);
+        };
+        let reader = if whole {
+            let on_disk = self
+                .buffers
+                .values()
+                .flatten()
+                .flatten()
+                .filter_map(|b| match b {
+                    Buffered::Disk(stored) => Some(spill.files.place(*stored).map(|p| (p, vec![]))),
+                    Buffered::Memory(_) => None,
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Spill::reader(on_disk)
+        } else {
+            None
+        };
+        self.move_out()?;
+        Ok(reader)
+    }
+
+    /// Moves snapshotted batches to disk until those in memory fit the budget, those of
+    /// the windows that end last first.
+    pub(super) fn move_out(&mut self) -> Result<()> {
+        let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
+            return Ok(());
+        };
+        let mut held = self.buffered_in_memory();
+        let mut spans: Vec<Span> = self.buffers.keys().copied().collect();
+        spans.sort_by_key(|span| std::cmp::Reverse(span.1));
+        for span in spans {
+            let taken = self.snapshotted.get(&span).cloned().unwrap_or_default();
+            let spill = self.spill.as_mut().expect("checked");
+            let inputs = self.buffers.get_mut(&span).expect("listed");
+            for (input, changes) in inputs.iter_mut().enumerate() {
+                let snapshotted = taken.get(input).copied().unwrap_or(0);
+                for b in &mut changes[..snapshotted] {
+                    if held <= memory {
+                        return Ok(());
+                    }
+                    let Buffered::Memory(rows) = b else {
+                        continue;
+                    };
+                    let size = rows.rows.get_array_memory_size();
+                    let batch = super::rows_batch(span, input, rows)?;
+                    *b = Buffered::Disk(spill.files.put(&batch)?);
+                    held -= size;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -48,6 +48,18 @@ impl PartialSpill {
         }))
     }
 
+    /// A whole snapshot's part on disk when it is only `stored` (no batches after them).
+    pub fn reader_of(
+        &self,
+        stored: impl IntoIterator<Item = Stored>,
+    ) -> Result<Option<StateReader>> {
+        let on_disk = stored
+            .into_iter()
+            .map(|s| self.files.place(s).map(|p| (p, vec![])))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::reader(on_disk))
+    }
+
     /// A partial state from disk.
     pub fn read(&self, calls: &AggregateCalls, stored: Stored) -> Result<Partial> {
         let (_, _, columns) = snapshot::parts(&self.files.get(stored)?, 2)?;

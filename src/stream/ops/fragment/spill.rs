@@ -81,21 +81,19 @@ impl Fragment {
         let Some(spill) = self.spill.as_ref() else {
             return Ok(None);
         };
-        let reader = if whole {
-            let on_disk = self
-                .buffers
-                .values()
-                .flatten()
-                .flatten()
-                .filter_map(|b| match b {
-                    Buffered::Disk(stored) => Some(spill.files.place(*stored).map(|p| (p, vec![]))),
-                    Buffered::Memory(_) => None,
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Spill::reader(on_disk)
-        } else {
-            None
-        };
+        // Only a whole snapshot needs what is on disk (an incremental one wrote it before
+        // it went).
+        let reader =
+            if whole {
+                spill.reader_of(self.buffers.values().flatten().flatten().filter_map(
+                    |b| match b {
+                        Buffered::Disk(stored) => Some(*stored),
+                        Buffered::Memory(_) => None,
+                    },
+                ))?
+            } else {
+                None
+            };
         self.move_out()?;
         Ok(reader)
     }

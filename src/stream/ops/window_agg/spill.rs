@@ -204,20 +204,17 @@ impl WindowAggregate {
         };
         // Only a whole snapshot needs what is on disk (an incremental one wrote it before
         // it went).
-        let reader = if whole {
-            let on_disk = self
-                .slices
-                .values()
-                .flat_map(|s| &s.partials)
-                .filter_map(|held| match held {
-                    Held::Disk(stored) => Some(spill.files.place(*stored).map(|p| (p, vec![]))),
-                    Held::Memory(_) => None,
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Spill::reader(on_disk)
-        } else {
-            None
-        };
+        let reader =
+            if whole {
+                spill.reader_of(self.slices.values().flat_map(|s| &s.partials).filter_map(
+                    |held| match held {
+                        Held::Disk(stored) => Some(*stored),
+                        Held::Memory(_) => None,
+                    },
+                ))?
+            } else {
+                None
+            };
         self.move_out()?;
         Ok(reader)
     }

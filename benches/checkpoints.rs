@@ -7,6 +7,7 @@
 //! cargo bench --bench checkpoints -- --rate 500000 --keys 4000000  # random keys of 4 M
 //! cargo bench --bench checkpoints -- --window --keys 2000000  # per 1-hour TUMBLE window
 //! cargo bench --bench checkpoints -- --window --window-seconds 10  # windows that fire
+//! cargo bench --bench checkpoints -- --window --window-seconds 30 --per-window  # a row a window
 //! cargo bench --bench checkpoints -- --session --keys 2000000  # per 1-hour SESSION
 //! ```
 //!
@@ -15,7 +16,9 @@
 //! instead: state grows to N keys, then only changes (at most the rate's keys an epoch).
 //! With `--window` the view counts per key and 1-hour TUMBLE window of the rows' time
 //! (the wall clock): no window fires during the run, so its slice states only grow (with
-//! `--window-seconds N`, windows of N seconds, which fire 5 s after they end); with
+//! `--window-seconds N`, windows of N seconds, which fire 5 s after they end; with
+//! `--per-window` the view keeps a row per window, the keys and rows it counted, so its
+//! own rows do not weigh in the peak RSS); with
 //! `--session`, per key and SESSION window with a gap of 1 hour: no session closes. The
 //! process's peak RSS is printed at the end of the run (before the restart). Every second the bench prints the view's latest
 //! checkpoint from SHOW CHECKPOINTS (duration, bytes written, operator state). Then the
@@ -39,6 +42,8 @@ struct Args {
     window: bool,
     /// The TUMBLE window's size.
     window_seconds: u64,
+    /// With `window`: the view sums each window's rows up into one.
+    per_window: bool,
     /// Count per key and SESSION window with a gap of 1 hour instead of per key.
     session: bool,
     /// Session settings for the view (`--set key=value`).
@@ -52,6 +57,7 @@ fn parse_args() -> Args {
         keys: None,
         window: false,
         window_seconds: 3600,
+        per_window: false,
         session: false,
         settings: Vec::new(),
     };
@@ -68,6 +74,7 @@ fn parse_args() -> Args {
             "--keys" => args.keys = Some(number("--keys")),
             "--window" => args.window = true,
             "--window-seconds" => args.window_seconds = number("--window-seconds"),
+            "--per-window" => args.per_window = true,
             "--session" => args.session = true,
             "--set" => {
                 let setting = it.next().expect("--set takes key=value");
@@ -99,12 +106,20 @@ fn main() {
             "SET 'parallelism.default' = '1'".to_string(),
             create_table(&args),
             if args.window {
-                format!(
-                    "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
+                let per_key = format!(
+                    "SELECT window_start, k, count(*) AS n, \
                      sum(v) AS total FROM TABLE(TUMBLE(TABLE gen, DESCRIPTOR(ts), \
                      INTERVAL '{}' SECOND)) GROUP BY window_start, window_end, k",
                     args.window_seconds
-                )
+                );
+                if args.per_window {
+                    format!(
+                        "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, \
+                         count(*) AS k, sum(n) AS n FROM ({per_key}) GROUP BY window_start"
+                    )
+                } else {
+                    format!("CREATE MATERIALIZED VIEW per_key AS {per_key}")
+                }
             } else if args.session {
                 "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, count(*) AS n, \
                  sum(v) AS total FROM TABLE(SESSION(TABLE gen PARTITION BY k, DESCRIPTOR(ts), \

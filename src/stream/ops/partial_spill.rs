@@ -1,7 +1,8 @@
 //! Frozen partial aggregate states beyond an operator's memory budget under the sled
 //! state backend (window slices', sessions'), kept as the snapshot batches that hold
 //! them: two leading integers (the slice's or session's bounds), then the partial
-//! state's columns.
+//! state's columns. Windowed fragments keep their buffered rows here too, as their
+//! `rows` snapshot batches.
 
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::Result;

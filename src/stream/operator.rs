@@ -124,6 +124,18 @@ pub trait Operator: Send {
 pub mod testing {
     use super::*;
 
+    /// A sled backend with no memory budget, in a temporary directory (kept while the
+    /// returned guard lives): every state that can go to disk does.
+    pub fn backend_without_memory() -> (tempfile::TempDir, crate::stream::state_backend::SledBackend)
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::stream::state_backend::SledBackend {
+            root: dir.path().to_path_buf(),
+            memory: 0,
+        };
+        (dir, backend)
+    }
+
     /// A whole snapshot (or the changes since the previous one) with what the operator
     /// keeps beyond memory, as a checkpoint takes it.
     pub fn snapshot_of(op: &mut dyn Operator, whole: bool) -> Vec<RecordBatch> {

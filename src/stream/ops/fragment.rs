@@ -580,13 +580,8 @@ mod tests {
     /// Output and restores are those of the fragment in memory.
     #[test]
     fn buffered_rows_on_disk_give_the_same_windows_and_restores() {
-        use crate::stream::operator::testing::{run_step, snapshot_of};
-        use crate::stream::state_backend::SledBackend;
-        let dir = tempfile::tempdir().unwrap();
-        let backend = SledBackend {
-            root: dir.path().to_path_buf(),
-            memory: 0,
-        };
+        use crate::stream::operator::testing::{backend_without_memory, run_step, snapshot_of};
+        let (_dir, backend) = backend_without_memory();
         for lateness in [0, 50] {
             let fresh = || fragment(lateness).with_backend(Some(&backend)).unwrap();
             let mut memory = fragment(lateness);

@@ -709,12 +709,8 @@ pub(crate) mod tests {
     /// those of the operator in memory.
     #[test]
     fn frozen_slice_states_on_disk_give_the_same_windows_and_restores() {
-        use crate::stream::operator::testing::{run_step, snapshot_of};
-        let dir = tempfile::tempdir().unwrap();
-        let backend = SledBackend {
-            root: dir.path().to_path_buf(),
-            memory: 0,
-        };
+        use crate::stream::operator::testing::{backend_without_memory, run_step, snapshot_of};
+        let (_dir, backend) = backend_without_memory();
         for lateness in [0, 25] {
             let fresh = || {
                 let mut op = operator().with_backend(Some(&backend)).unwrap();

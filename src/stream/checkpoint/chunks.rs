@@ -173,6 +173,14 @@ impl ChunkWriter {
         }
     }
 
+    /// A writer of chunks of batches operator `operator` held in memory ([`JOINED`]).
+    fn joined(at: &Checkpoints, epoch: Epoch, task: usize, operator: usize) -> Self {
+        Self {
+            first_seq: JOINED,
+            ..Self::new(Some(at.clone()), epoch, task, operator)
+        }
+    }
+
     /// Keeps `part` in the task's snapshot, after the chunks of what came before it.
     fn keep(&mut self, part: StatePart) -> Result<()> {
         self.write()?;
@@ -250,24 +258,19 @@ pub fn store_large_batches(
     epoch: Epoch,
     task: usize,
 ) -> Result<()> {
-    let mut encoded = FrameWriter::default();
     for (k, parts) in snapshot.operators.iter_mut().enumerate() {
         if !parts.iter().any(|p| p.batch().is_some_and(is_large)) {
             continue;
         }
-        let mut writer = ChunkWriter::new(Some(at.clone()), epoch, task, k);
-        writer.first_seq = JOINED;
-        // One buffer for every chunk of the snapshot.
-        writer.encoded = std::mem::take(&mut encoded);
+        // Its chunks are encoded one after another into one buffer.
+        let mut writer = ChunkWriter::joined(at, epoch, task, k);
         for part in std::mem::take(parts) {
             match part {
                 StatePart::Batch(batch) if is_large(&batch) => writer.push(batch)?,
                 other => writer.keep(other)?,
             }
         }
-        writer.write()?;
-        encoded = std::mem::take(&mut writer.encoded);
-        *parts = writer.parts;
+        *parts = writer.finish()?;
     }
     Ok(())
 }

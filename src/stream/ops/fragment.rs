@@ -208,7 +208,7 @@ impl Fragment {
     fn fire(&mut self, span: Span, out: &mut Vec<ChangeBatch>) -> Result<()> {
         if self.lateness == 0 {
             if let Some(buffered) = self.buffers.remove(&span) {
-                let rows = self.loaded(buffered.clone())?;
+                let rows = self.loaded(&buffered)?;
                 self.remove(&buffered)?;
                 let batches = self.run(rows)?;
                 out.extend(
@@ -221,7 +221,7 @@ impl Fragment {
             return Ok(());
         }
         // Kept for corrections: the rows, and what the window emitted.
-        let Some(buffered) = self.buffers.get(&span).cloned() else {
+        let Some(buffered) = self.buffers.get(&span) else {
             return Ok(());
         };
         let rows = self.loaded(buffered)?;

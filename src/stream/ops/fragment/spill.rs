@@ -44,17 +44,17 @@ impl Fragment {
     }
 
     /// The batches of `buffered`, those on disk read back.
-    pub(super) fn loaded(&self, buffered: Vec<Vec<Buffered>>) -> Result<Vec<Vec<ChangeBatch>>> {
+    pub(super) fn loaded(&self, buffered: &[Vec<Buffered>]) -> Result<Vec<Vec<ChangeBatch>>> {
         buffered
-            .into_iter()
+            .iter()
             .map(|input| {
                 input
-                    .into_iter()
+                    .iter()
                     .map(|b| match b {
-                        Buffered::Memory(rows) => Ok(*rows),
+                        Buffered::Memory(rows) => Ok((**rows).clone()),
                         Buffered::Disk(stored) => {
                             let spill = self.spill.as_ref().expect("on disk under the backend");
-                            Ok(self.decode_rows(&spill.files.get(stored)?)?.2)
+                            Ok(self.decode_rows(&spill.files.get(*stored)?)?.2)
                         }
                     })
                     .collect()

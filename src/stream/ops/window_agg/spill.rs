@@ -119,9 +119,11 @@ impl WindowAggregate {
     }
 
     /// Under the backend, when the partial states of `window`'s slices (live ones
-    /// frozen first) take more than [`MERGED_IN_PARTS`] times the budget: those states
-    /// split by key into parts on disk, each to be merged on its own; `None` to merge
-    /// them at once. A window without keys has one row, and is merged at once.
+    /// included) take more than [`MERGED_IN_PARTS`] times the budget: those states,
+    /// live ones frozen, split by key into parts on disk, each to be merged on its own;
+    /// `None` to merge them at once (a last slice's live state is then consumed in
+    /// place, as without the backend). A window without keys has one row, and is merged
+    /// at once.
     pub(super) fn parts_on_disk(&mut self, window: Span) -> Result<Option<Vec<Vec<Stored>>>> {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(None);
@@ -130,7 +132,21 @@ impl WindowAggregate {
             return Ok(None);
         }
         let slices = self.slicing.slices_of_window(window);
-        let mut bytes = 0;
+        let bytes: usize = slices
+            .iter()
+            .filter_map(|slice| self.slices.get(slice))
+            .map(|entry| {
+                entry.live.as_ref().map_or(0, Grouped::size)
+                    + entry.partials.iter().map(Held::size).sum::<usize>()
+            })
+            .sum();
+        let merged_at_once = spill.memory.saturating_mul(MERGED_IN_PARTS);
+        if bytes <= merged_at_once {
+            return Ok(None);
+        }
+        let count = bytes.div_ceil(merged_at_once.max(1)).clamp(2, MAX_PARTS);
+        let mut parts = vec![Vec::new(); count];
+        let mut hashes = Vec::new();
         for slice in &slices {
             let Some(entry) = self.slices.get_mut(slice) else {
                 continue;
@@ -140,19 +156,6 @@ impl WindowAggregate {
                     entry.partials.push(Held::Memory(live.freeze()?));
                 }
             }
-            bytes += entry.partials.iter().map(Held::size).sum::<usize>();
-        }
-        let merged_at_once = spill.memory.saturating_mul(MERGED_IN_PARTS);
-        if bytes <= merged_at_once {
-            return Ok(None);
-        }
-        let count = bytes.div_ceil(merged_at_once.max(1)).clamp(2, MAX_PARTS);
-        let mut parts = vec![Vec::new(); count];
-        let mut hashes = Vec::new();
-        for slice in &slices {
-            let Some(entry) = self.slices.get(slice) else {
-                continue;
-            };
             for held in &entry.partials {
                 let read;
                 let partial = match held {

@@ -98,7 +98,11 @@ impl GroupFinder {
                 from = place.start + 1;
             }
         }
-        // No match starts before `from`; the regex still sees the text before it.
+        // No match starts before `from`; the regex still sees the text before it. The
+        // whole match needs no groups resolved.
+        if group == 0 {
+            return self.regex.find_at(text, from).map(|m| m.as_str());
+        }
         self.regex
             .captures_read_at(&mut self.locations, text, from)
             .and_then(|_| self.locations.get(group))

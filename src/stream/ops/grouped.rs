@@ -44,6 +44,18 @@ impl AggregateCalls {
         })
     }
 
+    /// Per call: whether its row accumulator's state survives `state()` (checked by
+    /// `row_states_survive_being_read`; any other call's is built again).
+    pub fn states_kept(&self) -> Vec<bool> {
+        self.aggregates
+            .iter()
+            .map(|a| {
+                !a.is_distinct()
+                    && matches!(a.fun().name(), "sum" | "count" | "avg" | "min" | "max")
+            })
+            .collect()
+    }
+
     /// One fresh accumulator per aggregate call.
     pub fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
         self.aggregates.iter().map(accumulator_of).collect()
@@ -226,6 +238,31 @@ pub struct CallInputs {
     filters: Vec<Option<BooleanArray>>,
 }
 
+impl CallInputs {
+    /// Rows `indices` of these inputs, in that order.
+    pub fn take(&self, indices: &UInt32Array) -> Result<CallInputs> {
+        Ok(CallInputs {
+            args: self
+                .args
+                .iter()
+                .map(|args| {
+                    args.iter()
+                        .map(|a| take(a, indices, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                })
+                .collect::<std::result::Result<_, _>>()?,
+            filters: self
+                .filters
+                .iter()
+                .map(|f| match f {
+                    Some(mask) => Ok(Some(take(mask, indices, None)?.as_boolean().clone())),
+                    None => Ok(None),
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
 impl AggregateCalls {
     pub fn inputs(&self, batch: &RecordBatch) -> Result<CallInputs> {
         let calls = 0..self.aggregates.len();
@@ -253,26 +290,28 @@ impl OneGroup {
         self.accumulators.iter().map(|a| a.size()).sum()
     }
 
-    /// Folds in rows `rows` of the batch `inputs` were computed over.
-    pub fn update(&mut self, inputs: &CallInputs, rows: &UInt32Array) -> Result<()> {
+    /// Folds in rows `offset..offset + len` of `inputs` (sessions take their rows of a
+    /// batch's inputs put in session order, as ranges: slicing copies nothing).
+    pub fn update_range(&mut self, inputs: &CallInputs, offset: usize, len: usize) -> Result<()> {
         for (acc, (args, mask)) in self
             .accumulators
             .iter_mut()
             .zip(inputs.args.iter().zip(&inputs.filters))
         {
-            // A FILTER narrows the rows first: the arguments are taken once.
-            let kept;
-            let rows = match mask {
+            let args: Vec<ArrayRef> = args.iter().map(|a| a.slice(offset, len)).collect();
+            let args = match mask {
+                // A FILTER narrows the rows first.
                 Some(mask) => {
-                    kept = filter(rows, take(mask, rows, None)?.as_boolean())?;
-                    kept.as_primitive()
+                    let mask = mask.slice(offset, len);
+                    if mask.true_count() == 0 {
+                        continue;
+                    }
+                    args.iter()
+                        .map(|a| filter(a, &mask))
+                        .collect::<std::result::Result<Vec<_>, _>>()?
                 }
-                None => rows,
+                None => args,
             };
-            let args = args
-                .iter()
-                .map(|a| take(a, rows, None))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
             acc.update_batch(&args)?;
         }
         Ok(())
@@ -298,6 +337,30 @@ impl OneGroup {
                     .collect::<Result<Vec<_>>>()
             })
             .collect()
+    }
+
+    /// Each call's state values, leaving the state as it was: DataFusion lets `state`
+    /// consume an accumulator, so those of calls not known to survive it (`kept`) are
+    /// built again from their values; SUM, COUNT, AVG, MIN and MAX need not be.
+    pub fn state_values(
+        &mut self,
+        calls: &AggregateCalls,
+        kept: &[bool],
+    ) -> Result<Vec<Vec<ScalarValue>>> {
+        let mut values = Vec::with_capacity(self.accumulators.len());
+        for (i, acc) in self.accumulators.iter_mut().enumerate() {
+            let state = acc.state()?;
+            if !kept[i] {
+                let arrays = state
+                    .iter()
+                    .map(|v| v.to_array())
+                    .collect::<Result<Vec<_>>>()?;
+                *acc = calls.aggregates[i].create_accumulator()?;
+                acc.merge_batch(&arrays)?;
+            }
+            values.push(state);
+        }
+        Ok(values)
     }
 
     /// Each call's final value; the accumulators may be spent.
@@ -388,6 +451,28 @@ mod tests {
             .collect()
     }
 
+    /// Reading a one-group state's values leaves it as it was, whether its calls' row
+    /// accumulators survive `state()` (SUM, COUNT, AVG, MAX) or are built again (COUNT
+    /// DISTINCT): read twice, they are the same, and rows folded in after count once.
+    #[test]
+    fn row_states_survive_being_read() {
+        let (calls, input) = calls();
+        let kept = calls.states_kept();
+        assert_eq!(kept, [true, true, true, true, false, true]);
+        let (first, second) = (
+            rows(&input, &[Some(1), Some(2), Some(2)]),
+            rows(&input, &[None, Some(5), Some(2)]),
+        );
+        let mut one = calls.new_one_group().unwrap();
+        one.update_range(&calls.inputs(&first).unwrap(), 0, 3)
+            .unwrap();
+        let read = one.state_values(&calls, &kept).unwrap();
+        assert_eq!(one.state_values(&calls, &kept).unwrap(), read);
+        one.update_range(&calls.inputs(&second).unwrap(), 0, 3)
+            .unwrap();
+        assert_eq!(one_values(&mut one), ["5", "12", "2.4", "5", "3", "5"]);
+    }
+
     /// One group's states and a Grouped's are the same columns: each merges the other's
     /// (sessions restore checkpoints taken when they were Grouped) with the values one
     /// state fed every row has.
@@ -413,17 +498,17 @@ mod tests {
             .unwrap();
         let mut one = calls.new_one_group().unwrap();
         one.merge(&grouped.freeze().unwrap().states).unwrap();
-        let every = |b: &RecordBatch| UInt32Array::from_iter_values(0..b.num_rows() as u32);
-        one.update(&calls.inputs(&second).unwrap(), &every(&second))
+        one.update_range(&calls.inputs(&second).unwrap(), 0, second.num_rows())
             .unwrap();
         assert_eq!(one_values(&mut one), expected);
 
         // One group, then Grouped.
         let mut one = calls.new_one_group().unwrap();
-        // Two calls over parts of a batch, as sessions take theirs.
+        // Two calls over ranges of a batch's rows in session order, as sessions take theirs.
         let inputs = calls.inputs(&first).unwrap();
-        one.update(&inputs, &UInt32Array::from(vec![2, 0])).unwrap();
-        one.update(&inputs, &UInt32Array::from(vec![1])).unwrap();
+        let ordered = inputs.take(&UInt32Array::from(vec![2, 0, 1])).unwrap();
+        one.update_range(&ordered, 0, 2).unwrap();
+        one.update_range(&ordered, 2, 1).unwrap();
         let partial = Partial {
             keys: calls
                 .key_columns(&first)

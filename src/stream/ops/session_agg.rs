@@ -7,10 +7,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, Int64Array, UInt32Array};
-use datafusion::arrow::compute::concat;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{OwnedRow, RowConverter};
+use datafusion::arrow::row::{OwnedRow, Row, RowConverter, Rows};
 use datafusion::common::{HashMap, HashSet, Result, ScalarValue};
 
 use super::grouped::{AggregateCalls, Partial};
@@ -42,6 +41,25 @@ struct Session {
     state: Held,
     /// What the session emitted when it closed, kept while it can still be corrected.
     emitted: Option<RecordBatch>,
+    /// The end `by_end` lists it under: at most `end`, brought up to date only when the
+    /// watermark passes it (rows that extend a session do not touch the index).
+    listed_end: Millis,
+    /// The bytes of memory `state_size` counts for it (its key and live state).
+    accounted: usize,
+}
+
+impl Session {
+    fn new(key: OwnedRow, start: Millis, end: Millis, state: Held) -> Self {
+        Session {
+            key,
+            start,
+            end,
+            state,
+            emitted: None,
+            listed_end: end,
+            accounted: 0,
+        }
+    }
 }
 
 pub struct SessionAggregate {
@@ -57,8 +75,12 @@ pub struct SessionAggregate {
     sessions: HashMap<usize, Session>,
     next_id: usize,
     by_key: HashMap<OwnedRow, Vec<usize>>,
-    /// (end, session) of every open session, to find those the watermark closes.
+    /// (listed end, session) of every open session, to find those the watermark closes.
     by_end: BTreeSet<(Millis, usize)>,
+    /// The memory the sessions' keys and live states take (their `accounted` bytes),
+    /// kept up to date as they change: summing a million sessions' sizes for each
+    /// report of the state size was a sixteenth of a session job's time.
+    held_bytes: usize,
     watermark: Millis,
     late: u64,
     /// Where dropped rows go, if the session named a late-data table.
@@ -107,6 +129,7 @@ impl SessionAggregate {
             next_id: 0,
             by_key: HashMap::default(),
             by_end: BTreeSet::new(),
+            held_bytes: 0,
             watermark: NO_WATERMARK,
             late: 0,
             late_rows: None,
@@ -126,14 +149,42 @@ impl SessionAggregate {
         &self.sessions[&id]
     }
 
-    fn insert(&mut self, session: Session) -> usize {
+    fn insert(&mut self, mut session: Session) -> usize {
         let id = self.next_id;
         self.next_id += 1;
+        session.listed_end = session.end;
         self.by_end.insert((session.end, id));
         self.by_key.entry(session.key.clone()).or_default().push(id);
         self.sessions.insert(id, session);
         self.changed.insert(id);
+        self.account(id);
         id
+    }
+
+    /// Counts session `id`'s memory again, after its state changed.
+    fn account(&mut self, id: usize) {
+        let session = self.sessions.get_mut(&id).expect("live session");
+        let now = session.state.memory_size() + session.key.as_ref().len();
+        self.held_bytes = self.held_bytes - session.accounted + now;
+        session.accounted = now;
+    }
+
+    /// Lists the sessions whose listed end plus `slack` the watermark passed under their
+    /// end, so that the index's entries up to the watermark are exact.
+    fn list_ends(&mut self, slack: Millis, watermark: Millis) {
+        let stale: Vec<(Millis, usize)> = self
+            .by_end
+            .iter()
+            .take_while(|(listed, _)| fired(*listed + slack, watermark))
+            .filter(|(listed, id)| self.sessions[id].end != *listed)
+            .copied()
+            .collect();
+        for (listed, id) in stale {
+            self.by_end.remove(&(listed, id));
+            let session = self.sessions.get_mut(&id).expect("live session");
+            session.listed_end = session.end;
+            self.by_end.insert((session.end, id));
+        }
     }
 
     /// Puts back a session of a snapshot: `bounds` (start, end), the number of the
@@ -156,13 +207,7 @@ impl SessionAggregate {
         }
         let mut state = self.calls.new_one_group()?;
         state.merge(&partial.states)?;
-        self.restored_last = Some(self.insert(Session {
-            key,
-            start,
-            end,
-            state: Held::Memory(state),
-            emitted: None,
-        }));
+        self.restored_last = Some(self.insert(Session::new(key, start, end, Held::Memory(state))));
         Ok(())
     }
 
@@ -177,8 +222,9 @@ impl SessionAggregate {
 
     fn remove(&mut self, id: usize) -> Session {
         let session = self.sessions.remove(&id).expect("live session");
+        self.held_bytes -= session.accounted;
         self.changed.remove(&id);
-        self.by_end.remove(&(session.end, id));
+        self.by_end.remove(&(session.listed_end, id));
         if let Some(ids) = self.by_key.get_mut(&session.key) {
             ids.retain(|i| *i != id);
             if ids.is_empty() {
@@ -230,12 +276,9 @@ impl SessionAggregate {
         if let [only] = touching.as_slice() {
             let id = *only;
             let s = self.sessions.get_mut(&id).expect("live session");
-            if (s.start, s.end) != (start, end) {
-                self.by_end.remove(&(s.end, id));
-                s.start = start;
-                s.end = end;
-                self.by_end.insert((end, id));
-            }
+            // A session only grows: its listed end stays a bound of its end.
+            s.start = start;
+            s.end = end;
             return Ok(Some(id));
         }
         let mut state = self.calls.new_one_group()?;
@@ -247,13 +290,7 @@ impl SessionAggregate {
             state.merge(&merged.freeze()?)?;
             merged_away.push(id);
         }
-        let id = self.insert(Session {
-            key: key.clone(),
-            start,
-            end,
-            state: Held::Memory(state),
-            emitted: None,
-        });
+        let id = self.insert(Session::new(key.clone(), start, end, Held::Memory(state)));
         if corrected {
             self.dirty.insert(id);
         }
@@ -267,19 +304,14 @@ impl SessionAggregate {
         let states = state.freeze()?;
         *state = calls.new_one_group()?;
         state.merge(&states)?;
+        self.account(id);
         let mut copy = calls.new_one_group()?;
         copy.merge(&states)?;
         let session = &self.sessions[&id];
         let (key, start, end) = (session.key.clone(), session.start, session.end);
         let mut batches = Vec::new();
         self.emit(
-            vec![Session {
-                key,
-                start,
-                end,
-                state: Held::Memory(copy),
-                emitted: None,
-            }],
+            vec![Session::new(key, start, end, Held::Memory(copy))],
             &mut batches,
         )?;
         Ok(batches
@@ -303,27 +335,41 @@ impl SessionAggregate {
                 .collect()
         };
         let mut out = vec![snapshot::progress(self.watermark, self.late)?];
-        let mut rows = SessionRows::default();
+        let mut rows = SessionRows::new(&self.converter, ids.len());
+        let kept = self.calls.states_kept();
         for id in ids {
             let session = self.sessions.get_mut(&id).expect("live session");
             let states = match &mut session.state {
                 Held::Memory(state) => {
-                    let states = state.freeze()?;
-                    *state = self.calls.new_one_group()?;
-                    state.merge(&states)?;
+                    let states = state.state_values(&self.calls, &kept)?;
+                    let now = state.size() + session.key.as_ref().len();
+                    self.held_bytes = self.held_bytes - session.accounted + now;
+                    session.accounted = now;
                     states
                 }
                 // Read off the task, with its emitted rows (`spilled_snapshot`).
                 Held::Disk(_) if whole => continue,
                 Held::Disk(stored) => {
                     let spill = self.spill.as_ref().expect("on disk under the backend");
-                    spill.read(&self.calls, *stored)?.states
+                    let states = spill.read(&self.calls, *stored)?.states;
+                    states
+                        .iter()
+                        .map(|call| {
+                            call.iter()
+                                .map(|column| ScalarValue::try_from_array(column, 0))
+                                .collect::<Result<Vec<_>>>()
+                        })
+                        .collect::<Result<Vec<_>>>()?
                 }
             };
             if session.emitted.is_none() {
-                rows.push(session.start, session.end, session.key.clone(), states);
+                rows.push(session.start, session.end, session.key.row(), states);
                 continue;
             }
+            let states = states
+                .iter()
+                .map(|call| call.iter().map(ScalarValue::to_array).collect())
+                .collect::<Result<Vec<_>>>()?;
             let columns = partial_columns(&self.converter, &session.key, states)?;
             out.push(if whole {
                 snapshot::batch("session", &[session.start, session.end], columns)?
@@ -444,17 +490,23 @@ impl Operator for SessionAggregate {
             }
             id
         };
-        let mut rows_of: HashMap<usize, Vec<u32>> = HashMap::default();
-        for (id, row) in joined {
-            rows_of.entry(resolve(id)).or_default().push(row);
-        }
-        if !rows_of.is_empty() {
-            // Arguments once for the batch; each session takes its rows of them.
-            let inputs = self.calls.inputs(&batch.rows)?;
-            for (id, rows) in rows_of {
+        if !joined.is_empty() {
+            // The batch's arguments put in session order once (rows of a session keep
+            // theirs); each session folds in its range of them.
+            for joined in &mut joined {
+                joined.0 = resolve(joined.0);
+            }
+            joined.sort_by_key(|(id, _)| *id);
+            let order = UInt32Array::from_iter_values(joined.iter().map(|(_, row)| *row));
+            let inputs = self.calls.inputs(&batch.rows)?.take(&order)?;
+            let mut offset = 0;
+            for run in joined.chunk_by(|a, b| a.0 == b.0) {
+                let id = run[0].0;
                 self.live_state(id)?
-                    .update(&inputs, &UInt32Array::from(rows))?;
+                    .update_range(&inputs, offset, run.len())?;
+                self.account(id);
                 self.changed.insert(id);
+                offset += run.len();
             }
         }
         for rows in std::mem::take(&mut self.retract) {
@@ -479,6 +531,7 @@ impl Operator for SessionAggregate {
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.watermark = watermark;
+        self.list_ends(0, watermark);
         let due: Vec<usize> = self
             .by_end
             .iter()
@@ -496,6 +549,7 @@ impl Operator for SessionAggregate {
             self.sessions.get_mut(&id).expect("live session").emitted = Some(rows);
             self.changed.insert(id);
         }
+        self.list_ends(self.lateness, watermark);
         let expired: Vec<usize> = self
             .by_end
             .iter()
@@ -509,12 +563,7 @@ impl Operator for SessionAggregate {
     }
 
     fn state_size(&self) -> usize {
-        self.spill.as_ref().map_or(0, |s| s.files.bytes())
-            + self
-                .sessions
-                .values()
-                .map(|s| s.state.memory_size() + s.key.as_ref().len())
-                .sum::<usize>()
+        self.spill.as_ref().map_or(0, |s| s.files.bytes()) + self.held_bytes
     }
 
     fn late_rows_dropped(&self) -> u64 {
@@ -609,6 +658,7 @@ impl Operator for SessionAggregate {
     fn restored(&mut self) -> Result<()> {
         self.restored_from.clear();
         self.restored_last = None;
+        self.list_ends(self.lateness, self.watermark);
         let passed: Vec<usize> = self
             .by_end
             .iter()
@@ -624,30 +674,46 @@ impl Operator for SessionAggregate {
 }
 
 /// Sessions of a snapshot gathered into one batch, a session a row.
-#[derive(Default)]
 struct SessionRows {
     starts: Vec<Millis>,
     ends: Vec<Millis>,
-    keys: Vec<OwnedRow>,
-    /// Per session, each call's one-row state columns.
-    states: Vec<Vec<Vec<ArrayRef>>>,
+    keys: Rows,
+    /// Each state column of each call (in order), a value per session.
+    states: Vec<Vec<ScalarValue>>,
 }
 
 impl SessionRows {
-    fn push(&mut self, start: Millis, end: Millis, key: OwnedRow, states: Vec<Vec<ArrayRef>>) {
+    fn new(converter: &RowConverter, sessions: usize) -> Self {
+        SessionRows {
+            starts: Vec::with_capacity(sessions),
+            ends: Vec::with_capacity(sessions),
+            keys: converter.empty_rows(sessions, sessions * 16),
+            states: Vec::new(),
+        }
+    }
+
+    /// Adds a session with `states`, each call's state values.
+    fn push(&mut self, start: Millis, end: Millis, key: Row<'_>, states: Vec<Vec<ScalarValue>>) {
         self.starts.push(start);
         self.ends.push(end);
         self.keys.push(key);
-        self.states.push(states);
+        let values = states.into_iter().flatten();
+        if self.states.is_empty() {
+            self.states = values.map(|v| vec![v]).collect();
+        } else {
+            for (column, v) in self.states.iter_mut().zip(values) {
+                column.push(v);
+            }
+        }
     }
 
     /// A `sessions` batch, or `sessions-changed` with the number of the snapshot of
     /// changes `changes`; `None` without sessions.
     fn batch(self, converter: &RowConverter, changes: Option<i64>) -> Result<Option<RecordBatch>> {
-        let Some(first) = self.states.first() else {
-            return Ok(None);
-        };
         let n = self.starts.len();
+        if n == 0 {
+            return Ok(None);
+        }
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from(self.starts)),
             Arc::new(Int64Array::from(self.ends)),
@@ -659,13 +725,9 @@ impl SessionRows {
             }
             None => SESSIONS,
         };
-        columns.extend(converter.convert_rows(self.keys.iter().map(|k| k.row()))?);
-        for (call, call_states) in first.iter().enumerate() {
-            for c in 0..call_states.len() {
-                let parts: Vec<&dyn Array> =
-                    self.states.iter().map(|s| s[call][c].as_ref()).collect();
-                columns.push(concat(&parts)?);
-            }
+        columns.extend(converter.convert_rows(&self.keys)?);
+        for values in self.states {
+            columns.push(ScalarValue::iter_to_array(values)?);
         }
         snapshot::batch(kind, &[], columns).map(Some)
     }
@@ -691,7 +753,7 @@ mod tests {
     use datafusion::physical_expr::expressions::col;
 
     use super::*;
-    use crate::stream::operator::testing::{restores_from_incremental_snapshots, Step};
+    use crate::stream::operator::testing::{restores_from_incremental_snapshots, run_step, Step};
 
     fn input_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -774,7 +836,7 @@ mod tests {
     /// Output and restores are those of the operator in memory.
     #[test]
     fn session_states_on_disk_give_the_same_sessions_and_restores() {
-        use crate::stream::operator::testing::{backend_without_memory, run_step, snapshot_of};
+        use crate::stream::operator::testing::{backend_without_memory, snapshot_of};
         let (_dir, backend) = backend_without_memory();
         for lateness in [0, 20] {
             let fresh = || operator(lateness).with_backend(Some(&backend)).unwrap();
@@ -783,6 +845,8 @@ mod tests {
             let mut went = 0;
             for (i, step) in disk_steps().iter().enumerate() {
                 assert_eq!(run_step(&mut disk, step), run_step(&mut memory, step));
+                assert_eq!(disk.held_bytes, recounted(&disk), "step {i}");
+                assert_eq!(memory.held_bytes, recounted(&memory), "step {i}");
                 // Whole and incremental snapshots alike hold what memory's would.
                 let whole = i % 2 == 0;
                 assert_eq!(
@@ -846,8 +910,42 @@ mod tests {
                 || operator(lateness),
                 &steps(),
                 lateness > 0,
-                |op| op.sessions.len(),
+                |op| (op.sessions.len(), op.held_bytes == recounted(op)),
             );
         }
+    }
+
+    /// The memory of the sessions' keys and live states, summed anew.
+    fn recounted(op: &SessionAggregate) -> usize {
+        op.sessions
+            .values()
+            .map(|s| s.state.memory_size() + s.key.as_ref().len())
+            .sum()
+    }
+
+    /// A row extends a session past a watermark that passed the end it had when the
+    /// index listed it: the session stays open, closes at its new end, and the memory
+    /// counted for the sessions follows them in and out.
+    #[test]
+    fn extended_sessions_close_at_their_new_end() {
+        let mut op = operator(0);
+        assert!(run_step(&mut op, &(rows(&[(1, 1, 0), (2, 5, 3)]), 2)).is_empty());
+        assert!(op.held_bytes > 0);
+        assert_eq!(op.held_bytes, recounted(&op));
+        // Key 1's session [0, 10) grows to [0, 18); the watermark passes 10, then 16.
+        assert_eq!(
+            run_step(&mut op, &(rows(&[(1, 2, 8)]), 12)),
+            ["+I 1970-01-01T00:00:00.003,1970-01-01T00:00:00.013,2,5"]
+        );
+        assert_eq!(op.held_bytes, recounted(&op));
+        assert!(run_step(&mut op, &(rows(&[]), 16)).is_empty());
+        assert_eq!(
+            run_step(&mut op, &(rows(&[]), 17)),
+            ["+I 1970-01-01T00:00:00,1970-01-01T00:00:00.018,1,3"]
+        );
+        assert_eq!(
+            (op.sessions.len(), op.held_bytes, op.by_end.len()),
+            (0, 0, 0)
+        );
     }
 }

@@ -71,6 +71,7 @@ impl SessionAggregate {
     }
 
     /// Session `id`'s live state, brought back from disk if it went there.
+    /// The caller counts its memory again (`account`) once done with it.
     pub(super) fn live_state(&mut self, id: usize) -> Result<&mut OneGroup> {
         let session = self.sessions.get_mut(&id).expect("live session");
         if let Held::Disk(stored) = session.state {
@@ -134,8 +135,8 @@ impl SessionAggregate {
             .map(|(id, s)| (changed.contains(id), -s.end, *id))
             .collect();
         order.sort_unstable();
-        let spill = self.spill.as_mut().expect("checked");
         for (_, _, id) in order {
+            let spill = self.spill.as_mut().expect("checked");
             if held <= memory {
                 break;
             }
@@ -147,6 +148,7 @@ impl SessionAggregate {
             let columns = partial_columns(&self.converter, &session.key, state.freeze()?)?;
             let batch = snapshot::batch("session", &[session.start, session.end], columns)?;
             session.state = Held::Disk(spill.files.put(&batch)?);
+            self.account(id);
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, Row, RowConverter, Rows};
 use datafusion::common::{HashMap, HashSet, Result, ScalarValue};
 
-use super::grouped::{AggregateCalls, Partial};
+use super::grouped::{AggregateCalls, CallInputs, Partial};
 use super::window_agg::OutputColumn;
 use super::window_assign::millis_column;
 use crate::stream::late::LateRecorder;
@@ -59,6 +59,13 @@ impl Session {
             listed_end: end,
             accounted: 0,
         }
+    }
+
+    /// Counts its memory again into `held` (all sessions'), after its state changed.
+    fn recount(&mut self, held: &mut usize) {
+        let now = self.state.memory_size() + self.key.as_ref().len();
+        *held = *held - self.accounted + now;
+        self.accounted = now;
     }
 }
 
@@ -161,12 +168,26 @@ impl SessionAggregate {
         id
     }
 
+    /// Folds rows `offset..offset + len` of `inputs` into session `id` (one lookup of
+    /// it: this runs for every session a batch touches).
+    fn fold_in(&mut self, id: usize, inputs: &CallInputs, offset: usize, len: usize) -> Result<()> {
+        let session = self.sessions.get_mut(&id).expect("live session");
+        if let Held::Disk(stored) = session.state {
+            let held = Held::Disk(stored);
+            session.state = Held::Memory(into_live(self.spill.as_mut(), &self.calls, held)?);
+        }
+        let Held::Memory(state) = &mut session.state else {
+            unreachable!("brought back")
+        };
+        state.update_range(inputs, offset, len)?;
+        session.recount(&mut self.held_bytes);
+        Ok(())
+    }
+
     /// Counts session `id`'s memory again, after its state changed.
     fn account(&mut self, id: usize) {
         let session = self.sessions.get_mut(&id).expect("live session");
-        let now = session.state.memory_size() + session.key.as_ref().len();
-        self.held_bytes = self.held_bytes - session.accounted + now;
-        session.accounted = now;
+        session.recount(&mut self.held_bytes);
     }
 
     /// Lists the sessions whose listed end plus `slack` the watermark passed under their
@@ -342,9 +363,7 @@ impl SessionAggregate {
             let states = match &mut session.state {
                 Held::Memory(state) => {
                     let states = state.state_values(&self.calls, &kept)?;
-                    let now = state.size() + session.key.as_ref().len();
-                    self.held_bytes = self.held_bytes - session.accounted + now;
-                    session.accounted = now;
+                    session.recount(&mut self.held_bytes);
                     states
                 }
                 // Read off the task, with its emitted rows (`spilled_snapshot`).
@@ -502,9 +521,7 @@ impl Operator for SessionAggregate {
             let mut offset = 0;
             for run in joined.chunk_by(|a, b| a.0 == b.0) {
                 let id = run[0].0;
-                self.live_state(id)?
-                    .update_range(&inputs, offset, run.len())?;
-                self.account(id);
+                self.fold_in(id, &inputs, offset, run.len())?;
                 self.changed.insert(id);
                 offset += run.len();
             }

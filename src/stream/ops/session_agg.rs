@@ -11,6 +11,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, Row, RowConverter, Rows};
 use datafusion::common::{HashMap, HashSet, Result, ScalarValue};
+use smallvec::{smallvec, SmallVec};
 
 use super::grouped::{AggregateCalls, CallInputs, Partial};
 use super::window_agg::OutputColumn;
@@ -81,7 +82,9 @@ pub struct SessionAggregate {
     /// maps, as the other operators': std's SipHash was 9 % of q11's profile.)
     sessions: HashMap<usize, Session>,
     next_id: usize,
-    by_key: HashMap<OwnedRow, Vec<usize>>,
+    /// Each key's sessions, by the key's encoding: a row finds them without copying
+    /// its key (most keys have one session).
+    by_key: HashMap<Box<[u8]>, SmallVec<[usize; 1]>>,
     /// (listed end, session) of every open session, to find those the watermark closes.
     by_end: BTreeSet<(Millis, usize)>,
     /// The memory the sessions' keys and live states take (their `accounted` bytes),
@@ -161,7 +164,13 @@ impl SessionAggregate {
         self.next_id += 1;
         session.listed_end = session.end;
         self.by_end.insert((session.end, id));
-        self.by_key.entry(session.key.clone()).or_default().push(id);
+        match self.by_key.get_mut(session.key.as_ref()) {
+            Some(ids) => ids.push(id),
+            None => {
+                self.by_key
+                    .insert(session.key.as_ref().into(), smallvec![id]);
+            }
+        }
         self.sessions.insert(id, session);
         self.changed.insert(id);
         self.account(id);
@@ -221,7 +230,7 @@ impl SessionAggregate {
         if let Some(from) = from {
             if self.restored_from.get(&key) != Some(&from) {
                 self.restored_from.insert(key.clone(), from);
-                for id in self.by_key.get(&key).cloned().unwrap_or_default() {
+                for id in self.by_key.get(key.as_ref()).cloned().unwrap_or_default() {
                     self.discard(id)?;
                 }
             }
@@ -246,10 +255,10 @@ impl SessionAggregate {
         self.held_bytes -= session.accounted;
         self.changed.remove(&id);
         self.by_end.remove(&(session.listed_end, id));
-        if let Some(ids) = self.by_key.get_mut(&session.key) {
+        if let Some(ids) = self.by_key.get_mut(session.key.as_ref()) {
             ids.retain(|i| *i != id);
             if ids.is_empty() {
-                self.by_key.remove(&session.key);
+                self.by_key.remove(session.key.as_ref());
             }
         }
         session
@@ -260,15 +269,15 @@ impl SessionAggregate {
     /// Sessions merged away go into `merged_away`, so rows assigned to them can follow.
     fn assign(
         &mut self,
-        key: &OwnedRow,
+        key: Row<'_>,
         t: Millis,
         watermark: Millis,
         merged_away: &mut Vec<usize>,
     ) -> Result<Option<usize>> {
         let (mut start, mut end) = (t, t + self.gap);
-        let touching: Vec<usize> = self
+        let touching: SmallVec<[usize; 2]> = self
             .by_key
-            .get(key)
+            .get(key.as_ref())
             .map(|ids| {
                 ids.iter()
                     .copied()
@@ -311,7 +320,7 @@ impl SessionAggregate {
             state.merge(&merged.freeze()?)?;
             merged_away.push(id);
         }
-        let id = self.insert(Session::new(key.clone(), start, end, Held::Memory(state)));
+        let id = self.insert(Session::new(key.owned(), start, end, Held::Memory(state)));
         if corrected {
             self.dirty.insert(id);
         }
@@ -352,7 +361,7 @@ impl SessionAggregate {
             let keys: HashSet<&OwnedRow> =
                 changed.iter().map(|id| &self.sessions[id].key).collect();
             keys.into_iter()
-                .flat_map(|key| self.by_key[key].iter().copied())
+                .flat_map(|key| self.by_key[key.as_ref()].iter().copied())
                 .collect()
         };
         let mut out = vec![snapshot::progress(self.watermark, self.late)?];
@@ -483,10 +492,9 @@ impl Operator for SessionAggregate {
         let mut merged_away = Vec::new();
         let (mut late, mut late_watermarks) = (Vec::new(), Vec::new());
         for i in 0..batch.num_rows() {
-            let key = keys.row(i).owned();
             let watermark = batch.watermark_of(i, self.watermark);
             merged_away.clear();
-            match self.assign(&key, times.value(i), watermark, &mut merged_away)? {
+            match self.assign(keys.row(i), times.value(i), watermark, &mut merged_away)? {
                 Some(id) => {
                     for old in merged_away.drain(..) {
                         moved.insert(old, id);

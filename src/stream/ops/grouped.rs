@@ -44,8 +44,10 @@ impl AggregateCalls {
         })
     }
 
-    /// Per call: whether its row accumulator's state survives `state()` (checked by
-    /// `row_states_survive_being_read`; any other call's is built again).
+    /// Per call: whether its row accumulator's state survives `state()` (DataFusion 55's
+    /// SUM, COUNT, AVG, MIN and MAX give their `evaluate`-like values: checked for all but
+    /// MIN, whose accumulator mirrors MAX's, by `row_states_survive_being_read`); any
+    /// other call's is built again.
     pub fn states_kept(&self) -> Vec<bool> {
         self.aggregates
             .iter()

@@ -171,9 +171,9 @@ impl SessionAggregate {
                     .insert(session.key.as_ref().into(), smallvec![id]);
             }
         }
+        session.recount(&mut self.held_bytes);
         self.sessions.insert(id, session);
         self.changed.insert(id);
-        self.account(id);
         id
     }
 

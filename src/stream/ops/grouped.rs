@@ -45,9 +45,8 @@ impl AggregateCalls {
     }
 
     /// Per call: whether its row accumulator's state survives `state()` (DataFusion 55's
-    /// SUM, COUNT, AVG, MIN and MAX give their `evaluate`-like values: checked for all but
-    /// MIN, whose accumulator mirrors MAX's, by `row_states_survive_being_read`); any
-    /// other call's is built again.
+    /// SUM, COUNT, AVG, MIN and MAX give their `evaluate` values, which must not consume:
+    /// checked by `row_states_survive_being_read`); any other call's is built again.
     pub fn states_kept(&self) -> Vec<bool> {
         self.aggregates
             .iter()
@@ -454,8 +453,8 @@ mod tests {
     }
 
     /// Reading a one-group state's values leaves it as it was, whether its calls' row
-    /// accumulators survive `state()` (SUM, COUNT, AVG, MAX) or are built again (COUNT
-    /// DISTINCT): read twice, they are the same, and rows folded in after count once.
+    /// accumulators survive `state()` (SUM, COUNT, AVG, MAX, MIN) or are built again
+    /// (COUNT DISTINCT): read twice, they are the same, and rows folded in after count once.
     #[test]
     fn row_states_survive_being_read() {
         let (calls, input) = calls();
@@ -473,6 +472,28 @@ mod tests {
         one.update_range(&calls.inputs(&second).unwrap(), 0, 3)
             .unwrap();
         assert_eq!(one_values(&mut one), ["5", "12", "2.4", "5", "3", "5"]);
+
+        // MIN's state too (the calls above have MAX).
+        let min =
+            AggregateExprBuilder::new(f::min_max::min_udaf(), vec![col("v", &input).unwrap()])
+                .schema(input.clone())
+                .alias("least")
+                .build()
+                .unwrap();
+        let calls = AggregateCalls {
+            aggregates: vec![Arc::new(min)],
+            filters: vec![None],
+            ..calls
+        };
+        assert_eq!(calls.states_kept(), [true]);
+        let mut one = calls.new_one_group().unwrap();
+        one.update_range(&calls.inputs(&second).unwrap(), 0, 3)
+            .unwrap();
+        let read = one.state_values(&calls, &[true]).unwrap();
+        assert_eq!(one.state_values(&calls, &[true]).unwrap(), read);
+        one.update_range(&calls.inputs(&first).unwrap(), 0, 3)
+            .unwrap();
+        assert_eq!(one_values(&mut one), ["1"]);
     }
 
     /// One group's states and a Grouped's are the same columns: each merges the other's

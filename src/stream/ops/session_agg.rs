@@ -159,11 +159,11 @@ impl SessionAggregate {
         &self.sessions[&id]
     }
 
+    /// Lists a new session (`Session::new`: listed under its end, nothing counted yet).
     fn insert(&mut self, mut session: Session) -> usize {
         let id = self.next_id;
         self.next_id += 1;
-        session.listed_end = session.end;
-        self.by_end.insert((session.end, id));
+        self.by_end.insert((session.listed_end, id));
         match self.by_key.get_mut(session.key.as_ref()) {
             Some(ids) => ids.push(id),
             None => {

@@ -284,7 +284,9 @@ impl<'a> Planner<'a> {
     }
 
     fn physical(&self, expr: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
-        self.state.create_physical_expr(expr.clone(), schema)
+        crate::plan::string_in_list::speed_up(
+            self.state.create_physical_expr(expr.clone(), schema)?,
+        )
     }
 
     fn add(&mut self, node: StreamNode) -> usize {

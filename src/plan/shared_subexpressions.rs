@@ -6,6 +6,7 @@
 //! as a column, and the filter and the projections read that column instead; of the
 //! input's columns it passes on only those still read above it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
@@ -62,17 +63,24 @@ pub fn share_with_filter(projection: &Projection) -> Result<Option<LogicalPlan>>
             .map(|t| t.data)
     };
     let predicate = replace(&filter.predicate, &[])?;
-    // The projection below the filter passes on only the input columns the filter and
-    // the projection above it still read: a column read only by shared calls (q21's url)
-    // is not copied by the filter.
-    let lowest = chain.last().expect("a projection");
-    let lowest_exprs = lowest
-        .expr
-        .iter()
-        .map(|e| replace(e, &[]))
-        .collect::<Result<Vec<_>>>()?;
+    // Each projection's expressions, top first, with the shared calls replaced, keeping
+    // only those read above: a column read only by shared calls (q21's url) is neither
+    // passed on by the projections between nor copied by the filter.
+    let mut exprs_of: Vec<Vec<Expr>> = Vec::with_capacity(chain.len());
+    for (depth, p) in chain.iter().enumerate() {
+        let exprs = p
+            .expr
+            .iter()
+            .map(|e| replace(e, &chain[depth + 1..]))
+            .collect::<Result<Vec<_>>>()?;
+        let exprs = match exprs_of.last() {
+            None => exprs,
+            Some(above) => read_only(exprs, p, above),
+        };
+        exprs_of.push(exprs);
+    }
     let mut read = predicate.column_refs();
-    for e in &lowest_exprs {
+    for e in exprs_of.last().expect("a projection") {
         read.extend(e.column_refs());
     }
     let mut computed: Vec<Expr> = filter
@@ -91,22 +99,12 @@ pub fn share_with_filter(projection: &Projection) -> Result<Option<LogicalPlan>>
     );
     let computed = LogicalPlan::Projection(Projection::try_new(computed, filter.input.clone())?);
     let mut plan = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(computed))?);
-    let mut lowest_exprs = Some(lowest_exprs);
-    for (depth, p) in chain.iter().enumerate().rev() {
-        let below = &chain[depth + 1..];
-        let mut exprs = match lowest_exprs.take() {
-            Some(exprs) => exprs,
-            None => p
-                .expr
-                .iter()
-                .map(|e| replace(e, below))
-                .collect::<Result<Vec<_>>>()?,
-        };
+    for (depth, mut exprs) in exprs_of.into_iter().enumerate().rev() {
         plan = if depth == 0 {
             LogicalPlan::Projection(Projection::try_new_with_schema(
                 exprs,
                 Arc::new(plan),
-                p.schema.clone(),
+                chain[0].schema.clone(),
             )?)
         } else {
             // Projections between pass the shared columns on.
@@ -115,6 +113,22 @@ pub fn share_with_filter(projection: &Projection) -> Result<Option<LogicalPlan>>
         };
     }
     Ok(Some(plan))
+}
+
+/// Of `projection`'s expressions `exprs`, those whose column `above` reads (at least one,
+/// so the projection keeps its rows).
+fn read_only(exprs: Vec<Expr>, projection: &Projection, above: &[Expr]) -> Vec<Expr> {
+    let read: HashSet<&Column> = above.iter().flat_map(|e| e.column_refs()).collect();
+    let mut kept: Vec<Expr> = exprs
+        .iter()
+        .zip(projection.schema.columns())
+        .filter(|(_, column)| read.contains(column))
+        .map(|(e, _)| e.clone())
+        .collect();
+    if kept.is_empty() {
+        kept.extend(exprs.into_iter().take(1));
+    }
+    kept
 }
 
 /// The outermost deterministic function calls of `predicate` that an expression of
@@ -246,6 +260,36 @@ mod tests {
             [
                 "Projection: __filter_shared_0 AS up, lower(t.b)",
                 "Filter: __filter_shared_0 = Utf8(\"X\") OR lower(t.b) = Utf8(\"y\")",
+                "Projection: t.b, upper(t.a) AS __filter_shared_0",
+                "TableScan: t",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_column_only_shared_calls_read_is_not_passed_to_the_filter() {
+        // As DataFusion plans q21: a projection between computes what the top one reads
+        // twice and passes on t.a, which only the shared call reads.
+        let p = over_filter(upper(col("a")).is_not_null(), vec![col("t.a"), col("t.b")]);
+        let between = Projection::try_new(
+            vec![lower(col("t.b")).alias("c1"), col("t.a"), col("t.b")],
+            Arc::new(LogicalPlan::Projection(p)),
+        )
+        .unwrap();
+        let top = Projection::try_new(
+            vec![col("c1"), col("c1").alias("again"), upper(col("t.a"))],
+            Arc::new(LogicalPlan::Projection(between)),
+        )
+        .unwrap();
+        let plan = share_with_filter(&top).unwrap().expect("a shared call");
+        assert_eq!(plan.schema(), &top.schema, "the projection's schema stays");
+        assert_eq!(
+            lines(&plan),
+            [
+                "Projection: c1, c1 AS again, __filter_shared_0",
+                "Projection: lower(t.b) AS c1, __filter_shared_0",
+                "Projection: t.b, __filter_shared_0",
+                "Filter: __filter_shared_0 IS NOT NULL",
                 "Projection: t.b, upper(t.a) AS __filter_shared_0",
                 "TableScan: t",
             ]

@@ -1,0 +1,362 @@
+//! `x IN ('a', 'b', ...)` over strings, against a few literals, compared directly.
+//!
+//! DataFusion evaluates an IN list of literals by hashing every row's value and probing a
+//! table through a type-erased comparator: for a handful of short literals that was 10 %
+//! of Nexmark q21's profile (`lower(channel) IN ('apple', 'google', 'facebook', 'baidu')`,
+//! once in its filter and once in its CASE). Here the literals are grouped by length, and
+//! a row's bytes are compared with the literals of its length only: most rows are told
+//! apart by their length alone.
+//!
+//! [`speed_up`] puts it in place of each such `InListExpr` of a physical expression; the
+//! result is the same for every row, NULL included (a NULL value gives NULL; the list has
+//! no NULL, so a value not found gives false, or true under NOT IN).
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, BooleanArray};
+use datafusion::arrow::buffer::BooleanBuffer;
+use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Result, ScalarValue};
+use datafusion::logical_expr::ColumnarValue;
+use datafusion::physical_expr::expressions::{InListExpr, Literal};
+use datafusion::physical_expr::PhysicalExpr;
+
+/// Literals past which DataFusion's hash table is left in place.
+const MAX_LITERALS: usize = 16;
+
+/// `physical` with each IN list of a few string literals compared directly.
+pub fn speed_up(physical: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
+    physical
+        .transform_up(|e| {
+            Ok(match StringInList::of(&e) {
+                Some(fast) => Transformed::yes(Arc::new(fast) as Arc<dyn PhysicalExpr>),
+                None => Transformed::no(e),
+            })
+        })
+        .map(|t| t.data)
+}
+
+/// The literals of an IN list, by length.
+#[derive(Debug, Clone)]
+struct Literals {
+    /// `by_len[n]`: the distinct literals of `n` bytes.
+    by_len: Vec<Vec<Box<[u8]>>>,
+}
+
+impl Literals {
+    fn new<'a>(literals: impl Iterator<Item = &'a str>) -> Self {
+        let mut by_len: Vec<Vec<Box<[u8]>>> = Vec::new();
+        for l in literals {
+            let l = l.as_bytes();
+            if by_len.len() <= l.len() {
+                by_len.resize(l.len() + 1, Vec::new());
+            }
+            if !by_len[l.len()].iter().any(|x| x.as_ref() == l) {
+                by_len[l.len()].push(l.into());
+            }
+        }
+        Self { by_len }
+    }
+
+    #[inline]
+    fn contains(&self, value: &[u8]) -> bool {
+        self.by_len
+            .get(value.len())
+            .is_some_and(|same_len| same_len.iter().any(|l| l.as_ref() == value))
+    }
+}
+
+#[derive(Debug)]
+pub struct StringInList {
+    /// The InList this stands for, for display, children and equality.
+    original: Arc<dyn PhysicalExpr>,
+    value: Arc<dyn PhysicalExpr>,
+    literals: Literals,
+    negated: bool,
+}
+
+impl StringInList {
+    /// The direct form of `expr` when it is an IN list of at most [`MAX_LITERALS`] non-null
+    /// string literals.
+    fn of(expr: &Arc<dyn PhysicalExpr>) -> Option<Self> {
+        let in_list = expr.downcast_ref::<InListExpr>()?;
+        if in_list.list().is_empty() || in_list.list().len() > MAX_LITERALS {
+            return None;
+        }
+        let strings = in_list
+            .list()
+            .iter()
+            .map(|e| match e.downcast_ref::<Literal>()?.value() {
+                ScalarValue::Utf8(Some(s))
+                | ScalarValue::LargeUtf8(Some(s))
+                | ScalarValue::Utf8View(Some(s)) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect::<Option<Vec<&str>>>()?;
+        Some(Self {
+            original: expr.clone(),
+            value: in_list.expr().clone(),
+            literals: Literals::new(strings.into_iter()),
+            negated: in_list.negated(),
+        })
+    }
+}
+
+impl fmt::Display for StringInList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.original.fmt(f)
+    }
+}
+
+impl PartialEq for StringInList {
+    fn eq(&self, other: &Self) -> bool {
+        self.original.as_ref() == other.original.as_ref()
+    }
+}
+
+impl Eq for StringInList {}
+
+impl Hash for StringInList {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.original.hash(state);
+    }
+}
+
+impl PhysicalExpr for StringInList {
+    fn data_type(&self, _input_schema: &Schema) -> Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn nullable(&self, input_schema: &Schema) -> Result<bool> {
+        self.value.nullable(input_schema)
+    }
+
+    fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
+        let array = match self.value.evaluate(batch)? {
+            ColumnarValue::Scalar(s) => {
+                let found = match &s {
+                    ScalarValue::Utf8(v) | ScalarValue::LargeUtf8(v) | ScalarValue::Utf8View(v) => {
+                        v.as_ref()
+                            .map(|v| self.literals.contains(v.as_bytes()) != self.negated)
+                    }
+                    // Not a string after all: DataFusion's own evaluation.
+                    _ => return self.original.evaluate(batch),
+                };
+                return Ok(ColumnarValue::Scalar(ScalarValue::Boolean(found)));
+            }
+            ColumnarValue::Array(array) => array,
+        };
+        let len = array.len();
+        let values = match array.data_type() {
+            DataType::Utf8 => {
+                let a = array.as_string::<i32>();
+                let (offsets, data) = (a.value_offsets(), a.value_data());
+                BooleanBuffer::collect_bool(len, |i| {
+                    let bytes = &data[offsets[i] as usize..offsets[i + 1] as usize];
+                    self.literals.contains(bytes) != self.negated
+                })
+            }
+            DataType::LargeUtf8 => {
+                let a = array.as_string::<i64>();
+                let (offsets, data) = (a.value_offsets(), a.value_data());
+                BooleanBuffer::collect_bool(len, |i| {
+                    let bytes = &data[offsets[i] as usize..offsets[i + 1] as usize];
+                    self.literals.contains(bytes) != self.negated
+                })
+            }
+            DataType::Utf8View => {
+                let a = array.as_string_view();
+                BooleanBuffer::collect_bool(len, |i| {
+                    self.literals.contains(a.value(i).as_bytes()) != self.negated
+                })
+            }
+            _ => return self.original.evaluate(batch),
+        };
+        Ok(ColumnarValue::Array(Arc::new(BooleanArray::new(
+            values,
+            array.logical_nulls(),
+        ))))
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn PhysicalExpr>> {
+        vec![&self.value]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn PhysicalExpr>>,
+    ) -> Result<Arc<dyn PhysicalExpr>> {
+        // The literals stay: only the value's expression is a child here.
+        let mut original_children: Vec<_> = self.original.children().into_iter().cloned().collect();
+        original_children[0] = children[0].clone();
+        Ok(Arc::new(Self {
+            original: self.original.clone().with_new_children(original_children)?,
+            value: children[0].clone(),
+            literals: self.literals.clone(),
+            negated: self.negated,
+        }))
+    }
+
+    fn fmt_sql(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.original.fmt_sql(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{ArrayRef, LargeStringArray, StringArray, StringViewArray};
+    use datafusion::arrow::datatypes::Field;
+    use datafusion::physical_expr::expressions::{col, in_list, lit};
+
+    use super::*;
+
+    const VALUES: [Option<&str>; 9] = [
+        Some("apple"),
+        Some("appl"),
+        None,
+        Some("baidu"),
+        Some(""),
+        Some("google"),
+        Some("channel-42"),
+        Some("Apple"),
+        Some("a channel name longer than any literal"),
+    ];
+
+    /// DataFusion's IN list and the direct one over `array`, for `literals`.
+    fn both(array: ArrayRef, literals: &[&str], negated: bool) -> (ColumnarValue, ColumnarValue) {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "x",
+            array.data_type().clone(),
+            true,
+        )]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![array.clone()]).unwrap();
+        let list = literals
+            .iter()
+            .map(|l| lit(ScalarValue::try_from_string(l.to_string(), array.data_type()).unwrap()))
+            .collect();
+        let original = in_list(col("x", &schema).unwrap(), list, &negated, &schema).unwrap();
+        let fast = speed_up(original.clone()).unwrap();
+        assert!(fast.is::<StringInList>(), "{fast} is sped up");
+        assert_eq!(
+            fast.to_string(),
+            original.to_string(),
+            "EXPLAIN shows the same"
+        );
+        (
+            original.evaluate(&batch).unwrap(),
+            fast.evaluate(&batch).unwrap(),
+        )
+    }
+
+    fn rows(v: ColumnarValue) -> Vec<Option<bool>> {
+        v.into_array(VALUES.len())
+            .unwrap()
+            .as_boolean()
+            .iter()
+            .collect()
+    }
+
+    #[test]
+    fn the_same_rows_as_datafusions_in_list() {
+        let arrays: [ArrayRef; 3] = [
+            Arc::new(StringArray::from(VALUES.to_vec())),
+            Arc::new(LargeStringArray::from(VALUES.to_vec())),
+            Arc::new(StringViewArray::from(VALUES.to_vec())),
+        ];
+        let lists: [&[&str]; 4] = [
+            &["apple", "google", "facebook", "baidu"],
+            &["apple", "apple", ""],
+            &["a channel name longer than any literal"],
+            &["pear"],
+        ];
+        for array in arrays {
+            for list in lists {
+                for negated in [false, true] {
+                    let (original, fast) = both(array.clone(), list, negated);
+                    let expected = rows(original);
+                    assert_eq!(rows(fast), expected, "{list:?} negated {negated}");
+                    assert_eq!(expected[2], None, "NULL IN (...) is NULL");
+                }
+            }
+        }
+        let (_, fast) = both(arrays_first(), &["apple", "baidu"], false);
+        assert_eq!(
+            rows(fast),
+            [
+                Some(true),
+                Some(false),
+                None,
+                Some(true),
+                Some(false),
+                Some(false),
+                Some(false),
+                Some(false),
+                Some(false)
+            ]
+        );
+    }
+
+    fn arrays_first() -> ArrayRef {
+        Arc::new(StringArray::from(VALUES.to_vec()))
+    }
+
+    #[test]
+    fn lists_with_null_or_many_literals_stay_datafusions() {
+        let schema = Schema::new(vec![Field::new("x", DataType::Utf8, true)]);
+        let x = col("x", &schema).unwrap();
+        let with_null = in_list(
+            x.clone(),
+            vec![lit("a"), lit(ScalarValue::Utf8(None))],
+            &false,
+            &schema,
+        )
+        .unwrap();
+        let many = in_list(
+            x.clone(),
+            (0..=MAX_LITERALS).map(|i| lit(format!("v{i}"))).collect(),
+            &false,
+            &schema,
+        )
+        .unwrap();
+        for e in [with_null, many] {
+            assert!(speed_up(e).unwrap().is::<InListExpr>());
+        }
+    }
+
+    #[test]
+    fn a_scalar_value_is_looked_up_once() {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Utf8, true)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(StringArray::from(vec!["z", "z"]))],
+        )
+        .unwrap();
+        for (value, negated, expected) in [
+            (Some("b"), false, Some(true)),
+            (Some("c"), false, Some(false)),
+            (Some("c"), true, Some(true)),
+            (None, true, None),
+        ] {
+            let e = speed_up(
+                in_list(
+                    lit(ScalarValue::Utf8(value.map(str::to_string))),
+                    vec![lit("a"), lit("b")],
+                    &negated,
+                    &schema,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            match e.evaluate(&batch).unwrap() {
+                ColumnarValue::Scalar(ScalarValue::Boolean(found)) => {
+                    assert_eq!(found, expected, "{value:?} negated {negated}")
+                }
+                other => panic!("a scalar, not {other:?}"),
+            }
+        }
+    }
+}

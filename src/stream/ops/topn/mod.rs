@@ -9,7 +9,6 @@
 //! epoch and each changed partition emits, per rank, the row that left it (-U/-D) and
 //! the row that took it (+U/+I) at the barrier.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -200,18 +199,10 @@ impl TopN {
         self.expire();
         let mut old: Vec<(Entry, u64, Op)> = Vec::new();
         let mut new: Vec<(Entry, u64, Op)> = Vec::new();
-        // Partitions emit in an order that does not depend on arrival: by a fixed hash
-        // of their key (cheaper to sort by than the keys), then the key.
-        let mut changed: Vec<(u64, Arc<[u8]>)> = std::mem::take(&mut self.changed)
-            .into_iter()
-            .map(|key| {
-                let mut h = std::hash::DefaultHasher::new();
-                key.hash(&mut h);
-                (h.finish(), key)
-            })
-            .collect();
-        changed.sort_unstable();
-        for (_, key) in changed {
+        // Partitions emit in the order they first changed in the epoch: those new in it
+        // were allocated in that order, so their state is read in address order.
+        let changed = std::mem::take(&mut self.changed);
+        for key in changed {
             let Some(partition) = self.partitions.get_mut(&key) else {
                 continue;
             };
@@ -673,7 +664,7 @@ mod tests {
                 &mut restored,
                 &[("g7", 100, Op::Insert), ("g69999", 1, Op::Insert)]
             ),
-            ["-U g7,7,1", "+I g69999,1,2", "+U g7,100,1", "+I g7,7,2"]
+            ["-U g7,7,1", "+U g7,100,1", "+I g7,7,2", "+I g69999,1,2"]
         );
     }
 
@@ -747,8 +738,8 @@ mod tests {
             [
                 "-U go,8,1",
                 "-U poker,1,1",
-                "+U go,6,1",
                 "+I chess,9,1",
+                "+U go,6,1",
                 "+U poker,2,1",
                 "+I poker,1,2",
             ]

@@ -4,7 +4,8 @@
 //! hashing every keyed exchange and rescale uses, a sliding window's slice aggregation
 //! and firing, an unbounded GROUP BY's barrier and incremental snapshot among many keys, applying an updating changelog to a view's rows, the encodings of whole
 //! rows that TopN keeps (flat, against arrow's row format), a CASE of literal
-//! branches as DataFusion evaluates it and as a lookup, and REGEXP_EXTRACT's group as
+//! branches as DataFusion evaluates it and as a lookup, an IN list of strings by hash
+//! and compared directly, and REGEXP_EXTRACT's group as
 //! the regex crate finds it and as Weir's one-pass search from literal prefixes does.
 //!
 //! ```sh
@@ -549,6 +550,16 @@ fn case_benches(c: &mut Criterion) {
     for (name, expr) in plans {
         let physical = state.create_physical_expr(expr, &schema).unwrap();
         group.bench_function(format!("q21_channel_ids_{name}"), |b| {
+            b.iter(|| physical.evaluate(&batch).unwrap())
+        });
+    }
+    // q21's filter: the channel among the four names, by DataFusion's hash set and by
+    // Weir's direct comparison.
+    let in_list = col("channel").in_list(names.iter().map(|n| lit(*n)).collect(), false);
+    let physical = state.create_physical_expr(in_list, &schema).unwrap();
+    let direct = weir::plan::string_in_list::speed_up(physical.clone()).unwrap();
+    for (name, physical) in [("hash_set", physical), ("direct", direct)] {
+        group.bench_function(format!("q21_channel_in_list_{name}"), |b| {
             b.iter(|| physical.evaluate(&batch).unwrap())
         });
     }

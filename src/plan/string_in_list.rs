@@ -62,11 +62,34 @@ impl Literals {
         Self { by_len }
     }
 
-    #[inline]
+    #[inline(always)]
     fn contains(&self, value: &[u8]) -> bool {
         self.by_len
             .get(value.len())
-            .is_some_and(|same_len| same_len.iter().any(|l| l.as_ref() == value))
+            .is_some_and(|same_len| same_len.iter().any(|l| same_bytes(l, value)))
+    }
+}
+
+/// `a == b` for slices of the same length, short ones compared in words: a slice
+/// comparison is a call to `memcmp`, which cost as much as the rest of the lookup.
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    debug_assert_eq!(a.len(), b.len());
+    let n = a.len();
+    // Two words that overlap when n is under twice their size cover every byte.
+    #[inline(always)]
+    fn word8(s: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"))
+    }
+    #[inline(always)]
+    fn word4(s: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"))
+    }
+    match n {
+        0..=3 => (0..n).all(|i| a[i] == b[i]),
+        4..=7 => word4(a, 0) == word4(b, 0) && word4(a, n - 4) == word4(b, n - 4),
+        8..=16 => word8(a, 0) == word8(b, 0) && word8(a, n - 8) == word8(b, n - 8),
+        _ => a == b,
     }
 }
 
@@ -302,6 +325,20 @@ mod tests {
 
     fn arrays_first() -> ArrayRef {
         Arc::new(StringArray::from(VALUES.to_vec()))
+    }
+
+    #[test]
+    fn short_bytes_compare_as_slices_do() {
+        let base: Vec<u8> = (0..40u8).collect();
+        for n in 0..base.len() {
+            let a = &base[..n];
+            assert!(same_bytes(a, a), "{n} bytes");
+            for at in 0..n {
+                let mut b = a.to_vec();
+                b[at] ^= 0x80;
+                assert!(!same_bytes(a, &b), "{n} bytes, differing at {at}");
+            }
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, BooleanArray};
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, GenericStringArray, OffsetSizeTrait};
 use datafusion::arrow::buffer::BooleanBuffer;
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -129,6 +129,17 @@ impl StringInList {
     }
 }
 
+impl StringInList {
+    /// Whether each value is in the list (under NOT IN: is not), whatever its nulls.
+    fn test_strings<O: OffsetSizeTrait>(&self, strings: &GenericStringArray<O>) -> BooleanBuffer {
+        let (offsets, data) = (strings.value_offsets(), strings.value_data());
+        BooleanBuffer::collect_bool(strings.len(), |i| {
+            let bytes = &data[offsets[i].as_usize()..offsets[i + 1].as_usize()];
+            self.literals.contains(bytes) != self.negated
+        })
+    }
+}
+
 impl fmt::Display for StringInList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.original.fmt(f)
@@ -175,22 +186,8 @@ impl PhysicalExpr for StringInList {
         };
         let len = array.len();
         let values = match array.data_type() {
-            DataType::Utf8 => {
-                let a = array.as_string::<i32>();
-                let (offsets, data) = (a.value_offsets(), a.value_data());
-                BooleanBuffer::collect_bool(len, |i| {
-                    let bytes = &data[offsets[i] as usize..offsets[i + 1] as usize];
-                    self.literals.contains(bytes) != self.negated
-                })
-            }
-            DataType::LargeUtf8 => {
-                let a = array.as_string::<i64>();
-                let (offsets, data) = (a.value_offsets(), a.value_data());
-                BooleanBuffer::collect_bool(len, |i| {
-                    let bytes = &data[offsets[i] as usize..offsets[i + 1] as usize];
-                    self.literals.contains(bytes) != self.negated
-                })
-            }
+            DataType::Utf8 => self.test_strings(array.as_string::<i32>()),
+            DataType::LargeUtf8 => self.test_strings(array.as_string::<i64>()),
             DataType::Utf8View => {
                 let a = array.as_string_view();
                 BooleanBuffer::collect_bool(len, |i| {

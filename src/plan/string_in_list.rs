@@ -127,9 +127,7 @@ impl StringInList {
             negated: in_list.negated(),
         })
     }
-}
 
-impl StringInList {
     /// Whether each value is in the list (under NOT IN: is not), whatever its nulls.
     fn test_strings<O: OffsetSizeTrait>(&self, strings: &GenericStringArray<O>) -> BooleanBuffer {
         let (offsets, data) = (strings.value_offsets(), strings.value_data());

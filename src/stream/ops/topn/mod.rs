@@ -292,7 +292,7 @@ impl Operator for TopN {
             let key = keys.row(i);
             let (sort, row) = (sorts.row(i), full.row(i));
             // One lookup a row; the stored key is cloned only to list the partition.
-            let entry = match self.partitions.entry_ref(key.as_ref()) {
+            let mut entry = match self.partitions.entry_ref(key.as_ref()) {
                 EntryRef::Occupied(entry) => entry,
                 EntryRef::Vacant(entry) => {
                     self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
@@ -303,19 +303,22 @@ impl Operator for TopN {
                     entry.insert_entry_with_key(Arc::from(key.as_ref()), new)
                 }
             };
-            let unlisted = !entry.get().changed || !entry.get().dirty;
-            let key = unlisted.then(|| entry.key().clone());
-            let partition = entry.into_mut();
-            partition.used = true;
+            entry.get_mut().used = true;
             let sign = if batch.retracts(i) { -1 } else { 1 };
             // Over inserts only, rows below the top N never rise again: a row that would
-            // rank after a full partition's last changes nothing.
+            // rank after a full partition's last changes nothing (and touches no more of
+            // the partition's memory, its key's included).
+            let held = entry.get();
             if !self.retracting
-                && partition.present >= limit
-                && !partition.rows.before_last(sort.as_ref(), row.as_ref())
+                && held.present >= limit
+                && !held.rows.before_last(sort.as_ref(), row.as_ref())
             {
                 continue;
             }
+            // The stored key is cloned only to list the partition, once per list.
+            let (list_changed, list_dirty) = (!held.changed, !held.dirty);
+            let key = (list_changed || list_dirty).then(|| entry.key().clone());
+            let partition = entry.into_mut();
             partition.touched = now;
             let added = partition.rows.add(sort.as_ref(), row.as_ref(), sign);
             self.bytes = (self.bytes as isize + added) as usize;
@@ -328,11 +331,16 @@ impl Operator for TopN {
                 }
             }
             if let Some(key) = key {
-                if !partition.changed {
-                    partition.changed = true;
-                    self.changed.push(key.clone());
+                partition.changed = true;
+                partition.dirty = true;
+                match (list_changed, list_dirty) {
+                    (true, true) => {
+                        self.changed.push(key.clone());
+                        self.dirty.push(key);
+                    }
+                    (true, false) => self.changed.push(key),
+                    _ => self.dirty.push(key),
                 }
-                Self::mark_dirty(&mut self.dirty, &key, partition);
             }
         }
         if self

@@ -236,13 +236,18 @@ mod tests {
         }
     }
 
-    /// The rewritten plan, one node per line.
-    fn lines(plan: &LogicalPlan) -> Vec<String> {
-        plan.display_indent()
-            .to_string()
-            .lines()
-            .map(|l| l.trim().to_string())
-            .collect()
+    /// `projection` rewritten, one node per line; the rewrite keeps its schema.
+    fn rewritten(projection: &Projection) -> Vec<String> {
+        let plan = share_with_filter(projection)
+            .unwrap()
+            .expect("a shared call");
+        assert_eq!(
+            plan.schema(),
+            &projection.schema,
+            "the projection's schema stays"
+        );
+        let text = plan.display_indent().to_string();
+        text.lines().map(|l| l.trim().to_string()).collect()
     }
 
     #[test]
@@ -253,10 +258,8 @@ mod tests {
                 .or(lower(col("b")).eq(lit("y"))),
             vec![upper(col("a")).alias("up"), lower(col("b"))],
         );
-        let plan = share_with_filter(&p).unwrap().expect("a shared call");
-        assert_eq!(plan.schema(), &p.schema, "the projection's schema stays");
         assert_eq!(
-            lines(&plan),
+            rewritten(&p),
             [
                 "Projection: __filter_shared_0 AS up, lower(t.b)",
                 "Filter: __filter_shared_0 = Utf8(\"X\") OR lower(t.b) = Utf8(\"y\")",
@@ -281,10 +284,8 @@ mod tests {
             Arc::new(LogicalPlan::Projection(between)),
         )
         .unwrap();
-        let plan = share_with_filter(&top).unwrap().expect("a shared call");
-        assert_eq!(plan.schema(), &top.schema, "the projection's schema stays");
         assert_eq!(
-            lines(&plan),
+            rewritten(&top),
             [
                 "Projection: c1, c1 AS again, __filter_shared_0",
                 "Projection: lower(t.b) AS c1, __filter_shared_0",

@@ -9,14 +9,16 @@
 //! the entries added or changed since then again; restoring replaces an entry by serial.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use datafusion::arrow::array::UInt32Array;
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::hash_map::EntryRef;
 use datafusion::common::{HashMap, Result};
+use hashbrown::hash_table::Entry as TableEntry;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use smallvec::SmallVec;
 
 use super::block_vec::BlockVec;
@@ -55,7 +57,10 @@ pub struct Entry {
     pub touched: Millis,
     /// The row's time attribute (interval joins).
     pub time: Millis,
-    key: Arc<[u8]>,
+    /// Hash of the row's join key: removing the entry finds its key's list by the hash
+    /// and its own id, reading neither the key nor a shared pointer to it (the key's
+    /// reference count was a cache miss at every insert and removal).
+    key_hash: u64,
     /// The encoded row, when the side finds rows by it.
     full: Option<Arc<[u8]>>,
     /// Index into the side's origins (high 16 bits) and counter (low 48 bits).
@@ -78,10 +83,40 @@ pub type Serial = (Origin, u64);
 
 const COUNTER_BITS: u32 = 48;
 
+/// Longest join key held in its map slot.
+const INLINE_KEY: usize = 22;
+
+/// A join key, in the map's slot when it fits (most keys are one or two numbers), so
+/// finding it reads no other memory.
+enum StoredKey {
+    Inline(u8, [u8; INLINE_KEY]),
+    Boxed(Box<[u8]>),
+}
+
+impl StoredKey {
+    fn new(key: &[u8]) -> Self {
+        match key.len() {
+            n if n <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..n].copy_from_slice(key);
+                Self::Inline(n as u8, bytes)
+            }
+            _ => Self::Boxed(key.into()),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline(n, bytes) => &bytes[..*n as usize],
+            Self::Boxed(bytes) => bytes,
+        }
+    }
+}
+
 /// The entries of one join key, and whether the key was used since the sled backend
 /// last looked for keys to move out of memory.
-#[derive(Default)]
 struct Keyed {
+    key: StoredKey,
     /// Inline up to four: most keys of a side over many keys hold one or two rows, and a
     /// list on the heap was a second cache miss at every insert and removal (for 8 bytes
     /// more than a `Vec`).
@@ -103,7 +138,8 @@ pub struct Side {
     first_chunk: u64,
     entries: BlockVec<Option<Entry>>,
     free: Vec<EntryId>,
-    by_key: HashMap<Arc<[u8]>, Keyed>,
+    by_key: HashTable<Keyed>,
+    hasher: DefaultHashBuilder,
     /// Entries by their encoded row, for sides whose rows can be taken back (or whose
     /// rows' state TTL a repeated row refreshes); `None` for insert-only sides, whose
     /// equal rows are then separate entries.
@@ -135,7 +171,8 @@ impl Side {
             first_chunk: 0,
             entries: BlockVec::default(),
             free: Vec::new(),
-            by_key: HashMap::default(),
+            by_key: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             by_row: find_rows.then(HashMap::default),
             live: 0,
             deadlines: BTreeMap::new(),
@@ -247,18 +284,19 @@ impl Side {
 
     /// Marks `key` as used, so the sled backend keeps its rows in memory a while longer.
     pub fn use_key(&mut self, key: &[u8]) {
-        if let Some(keyed) = self.by_key.get_mut(key) {
+        let hash = self.hasher.hash_one(key);
+        if let Some(keyed) = self.by_key.find_mut(hash, |k| k.key.bytes() == key) {
             keyed.used = true;
         }
     }
 
     /// The keys in memory not used since the previous call (all of them when `all`);
     /// every key counts as unused afterwards.
-    pub fn keys_to_move(&mut self, all: bool) -> Vec<Arc<[u8]>> {
+    pub fn keys_to_move(&mut self, all: bool) -> Vec<Box<[u8]>> {
         let mut keys = Vec::new();
-        for (key, keyed) in self.by_key.iter_mut() {
+        for keyed in self.by_key.iter_mut() {
             if all || !keyed.used {
-                keys.push(key.clone());
+                keys.push(keyed.key.bytes().into());
             }
             keyed.used = false;
         }
@@ -287,8 +325,9 @@ impl Side {
 
     /// The entries whose join key is `key`.
     pub fn candidates(&self, key: &[u8]) -> &[EntryId] {
+        let hash = self.hasher.hash_one(key);
         self.by_key
-            .get(key)
+            .find(hash, |k| k.key.bytes() == key)
             .map(|k| k.ids.as_slice())
             .unwrap_or(&[])
     }
@@ -355,14 +394,25 @@ impl Side {
         matches: i64,
         (touched, time): (Millis, Millis),
     ) -> EntryId {
-        // One hash lookup finds or makes the key's list (it took two: for the stored
-        // key, then for the list).
-        let keyed = match self.by_key.entry_ref(key) {
-            EntryRef::Occupied(o) => o,
-            EntryRef::Vacant(v) => v.insert_entry_with_key(Arc::from(key), Keyed::default()),
+        // One hash lookup finds or makes the key's list.
+        let key_hash = self.hasher.hash_one(key);
+        let hasher = &self.hasher;
+        let keyed = match self.by_key.entry(
+            key_hash,
+            |k| k.key.bytes() == key,
+            |k| hasher.hash_one(k.key.bytes()),
+        ) {
+            TableEntry::Occupied(o) => o.into_mut(),
+            TableEntry::Vacant(v) => {
+                self.key_bytes += key.len();
+                v.insert(Keyed {
+                    key: StoredKey::new(key),
+                    ids: SmallVec::new(),
+                    used: false,
+                })
+                .into_mut()
+            }
         };
-        let key = keyed.key().clone();
-        let keyed = keyed.into_mut();
         let id = self
             .free
             .last()
@@ -377,14 +427,14 @@ impl Side {
             matches,
             touched,
             time,
-            key,
+            key_hash,
             full: full.clone(),
             serial: self.next_serial,
             dirty: false,
             persisted: false,
         };
         self.next_serial += 1;
-        self.key_bytes += entry.key.len() + full.as_ref().map_or(0, |f| f.len());
+        self.key_bytes += full.as_ref().map_or(0, |f| f.len());
         self.live += 1;
         match self.free.pop() {
             Some(free) => self.entries[free as usize] = Some(entry),
@@ -409,15 +459,19 @@ impl Side {
             let serial = self.stored_serial(entry.serial);
             self.removed.push(serial);
         }
-        if let EntryRef::Occupied(mut keyed) = self.by_key.entry_ref(&*entry.key) {
-            // Ids stay in arrival order: rows mostly go oldest first (expiry), so the
-            // search ends near the front.
+        // The key's list is the one holding `id` among those with the key's hash.
+        // Ids stay in arrival order: rows mostly go oldest first (expiry), so the search
+        // ends near the front.
+        let found = self
+            .by_key
+            .find_entry(entry.key_hash, |k| k.ids.contains(&id));
+        if let Ok(mut keyed) = found {
             let ids = &mut keyed.get_mut().ids;
-            if let Some(at) = ids.iter().position(|&i| i == id) {
-                ids.remove(at);
-            }
+            let at = ids.iter().position(|&i| i == id).expect("found by it");
+            ids.remove(at);
             if ids.is_empty() {
-                keyed.remove();
+                let (keyed, _) = keyed.remove();
+                self.key_bytes -= keyed.key.bytes().len();
             }
         }
     }
@@ -425,7 +479,10 @@ impl Side {
     /// Takes every entry of `key` out of memory because the sled backend keeps them now:
     /// unlike [`Side::remove`], no removal a snapshot records.
     pub fn move_out_key(&mut self, key: &[u8]) {
-        if let Some(keyed) = self.by_key.remove(key) {
+        let hash = self.hasher.hash_one(key);
+        if let Ok(keyed) = self.by_key.find_entry(hash, |k| k.key.bytes() == key) {
+            let (keyed, _) = keyed.remove();
+            self.key_bytes -= keyed.key.bytes().len();
             for id in keyed.ids {
                 self.drop_entry(id);
             }
@@ -438,7 +495,6 @@ impl Side {
         let entry = self.entries[id as usize].take()?;
         self.free.push(id);
         self.live -= 1;
-        self.key_bytes -= entry.key.len();
         if let (Some(by_row), Some(full)) = (self.by_row.as_mut(), &entry.full) {
             self.key_bytes -= full.len();
             by_row.remove(full);
@@ -604,6 +660,39 @@ mod tests {
         let mut v: Vec<i64> = col.values().to_vec();
         v.sort();
         v
+    }
+
+    #[test]
+    fn keys_inline_or_boxed_find_their_entries_and_go_with_the_last() {
+        let mut side = Side::new(batch(&[]).schema(), false);
+        let chunk = side.push_chunk(batch(&(0..8).collect::<Vec<_>>()));
+        // Lengths around the inline limit; two rows for each key.
+        let keys: Vec<Vec<u8>> = [0, 1, INLINE_KEY, INLINE_KEY + 1, 100]
+            .iter()
+            .map(|&n| vec![7; n])
+            .collect();
+        let mut ids = Vec::new();
+        for (row, key) in keys.iter().chain(keys.iter()).enumerate() {
+            let loc = (chunk, (row % 8) as u32);
+            ids.push((key.clone(), side.insert(key, &[], loc, 0, (0, 0))));
+        }
+        for key in &keys {
+            let expected: Vec<EntryId> =
+                ids.iter().filter(|(k, _)| k == key).map(|p| p.1).collect();
+            assert_eq!(side.candidates(key), expected);
+        }
+        assert!(side.candidates(&[7; 2]).is_empty());
+        for (i, (key, id)) in ids.iter().enumerate() {
+            side.remove(*id);
+            let left: Vec<EntryId> = ids[i + 1..]
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|p| p.1)
+                .collect();
+            assert_eq!(side.candidates(key), left, "key of {} bytes", key.len());
+        }
+        assert_eq!(side.key_bytes, 0);
+        assert_eq!(side.by_key.len(), 0);
     }
 
     #[test]

@@ -368,7 +368,7 @@ impl StreamJoin {
     }
 
     /// Moves input `s`'s entries of `keys` from memory to disk, a run per key.
-    fn move_to_disk(&mut self, s: usize, keys: Vec<Arc<[u8]>>) -> Result<()> {
+    fn move_to_disk(&mut self, s: usize, keys: Vec<Box<[u8]>>) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
         };

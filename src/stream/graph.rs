@@ -169,24 +169,40 @@ impl StreamGraph {
         self.nodes.len() - 1
     }
 
-    /// The node that reads `id`'s output.
-    pub fn consumer_of(&self, id: usize) -> Option<(usize, usize)> {
-        self.nodes.iter().enumerate().find_map(|(n, node)| {
-            node.inputs
-                .iter()
-                .position(|e| e.from == id)
-                .map(|input| (n, input))
-        })
+    /// The nodes that read `id`'s output, each with the position of the input: one,
+    /// unless the planner shares a subplan two parts of the query compute alike.
+    pub fn consumers_of(&self, id: usize) -> Vec<(usize, usize)> {
+        let mut consumers = Vec::new();
+        for (n, node) in self.nodes.iter().enumerate() {
+            for (input, edge) in node.inputs.iter().enumerate() {
+                if edge.from == id {
+                    consumers.push((n, input));
+                }
+            }
+        }
+        consumers
     }
 
     /// Chains of nodes run in one task: a node joins its input's chain when the edge
-    /// between them is a forward edge. Tasks start chain by chain, subtask by subtask.
+    /// between them is a forward edge and the node is that input's only consumer (a
+    /// shared node ends its chain and sends its rows to each consumer's task). Tasks start
+    /// chain by chain, subtask by subtask.
     pub fn chains(&self) -> Vec<Vec<usize>> {
+        let mut consumers = vec![0usize; self.nodes.len()];
+        for node in &self.nodes {
+            for edge in &node.inputs {
+                consumers[edge.from] += 1;
+            }
+        }
         let mut chain_of = vec![usize::MAX; self.nodes.len()];
         let mut chains: Vec<Vec<usize>> = Vec::new();
         for (id, node) in self.nodes.iter().enumerate() {
             let joins = match node.inputs.as_slice() {
-                [edge] if matches!(edge.exchange, Exchange::Forward) => Some(chain_of[edge.from]),
+                [edge]
+                    if matches!(edge.exchange, Exchange::Forward) && consumers[edge.from] == 1 =>
+                {
+                    Some(chain_of[edge.from])
+                }
                 _ => None,
             };
             match joins {
@@ -217,5 +233,56 @@ impl StreamGraph {
             channels.extend(std::iter::repeat_n(input, count));
         }
         channels
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::common::DataFusionError;
+
+    use super::*;
+
+    fn node(inputs: &[(usize, Exchange)]) -> StreamNode {
+        StreamNode {
+            name: "Op".into(),
+            detail: String::new(),
+            state: "none".into(),
+            parallelism: 1,
+            inputs: inputs
+                .iter()
+                .map(|(from, exchange)| Edge {
+                    from: *from,
+                    exchange: exchange.clone(),
+                })
+                .collect(),
+            kind: NodeKind::Operator(Arc::new(|_| {
+                Err(DataFusionError::Internal("not run".into()))
+            })),
+            schema: Arc::new(Schema::empty()),
+            changelog: ChangelogMode::InsertOnly,
+        }
+    }
+
+    #[test]
+    fn a_shared_node_ends_its_chain_and_each_consumer_starts_one() {
+        let forward = || Exchange::Forward;
+        let mut graph = StreamGraph::default();
+        graph.add(node(&[]));
+        graph.add(node(&[(0, forward())]));
+        // Node 1 is read by nodes 2 and 3, both over forward edges.
+        graph.add(node(&[(1, forward())]));
+        graph.add(node(&[(1, forward())]));
+        graph.add(node(&[(2, Exchange::Gather), (3, Exchange::Gather)]));
+        graph.add(node(&[(4, forward())]));
+        assert_eq!(graph.consumers_of(1), vec![(2, 0), (3, 0)]);
+        assert_eq!(graph.consumers_of(4), vec![(5, 0)]);
+        assert!(graph.consumers_of(5).is_empty());
+        assert_eq!(
+            graph.chains(),
+            vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]
+        );
+        // One channel per input edge of node 4 (each upstream has one subtask).
+        assert_eq!(graph.channel_inputs(4, |_| 1), vec![0, 1]);
     }
 }

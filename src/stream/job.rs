@@ -281,7 +281,9 @@ impl Chain {
 }
 
 enum Output {
-    Outlet(Outlet),
+    /// To the tasks of each node reading the chain's last node (several when the
+    /// planner shares it).
+    Outlets(Vec<Outlet>),
     Sink(Sink),
 }
 
@@ -405,7 +407,13 @@ impl Output {
     async fn rows(&mut self, batches: Vec<ChangeBatch>, end: &TaskEnd) -> Result<()> {
         for batch in batches {
             match self {
-                Output::Outlet(o) => o.send(batch).await?,
+                Output::Outlets(outlets) => {
+                    let (last, others) = outlets.split_last_mut().expect("a consumer");
+                    for o in others {
+                        o.send(batch.clone()).await?;
+                    }
+                    last.send(batch).await?
+                }
                 Output::Sink(sink) => {
                     end.metrics
                         .rows_out
@@ -422,7 +430,7 @@ impl Output {
 
     async fn watermark(&mut self, watermark: Millis, end: &TaskEnd) -> Result<()> {
         match self {
-            Output::Outlet(o) => o.broadcast(Message::Watermark(watermark)).await,
+            Output::Outlets(_) => self.signal(Message::Watermark(watermark)).await,
             Output::Sink(_) => {
                 end.metrics
                     .watermark
@@ -435,8 +443,8 @@ impl Output {
     /// Forwards the barrier, or pre-commits what the sink took in this epoch.
     async fn barrier(&mut self, epoch: Epoch, watermark: Millis) -> Result<Option<Precommit>> {
         match self {
-            Output::Outlet(o) => {
-                o.broadcast(Message::Barrier(epoch)).await?;
+            Output::Outlets(_) => {
+                self.signal(Message::Barrier(epoch)).await?;
                 Ok(None)
             }
             Output::Sink(sink) => sink.precommit(watermark, false).await,
@@ -445,15 +453,20 @@ impl Output {
 
     async fn signal(&mut self, message: Message) -> Result<()> {
         match self {
-            Output::Outlet(o) => o.broadcast(message).await,
+            Output::Outlets(outlets) => {
+                for o in outlets {
+                    o.broadcast(message.clone()).await?;
+                }
+                Ok(())
+            }
             Output::Sink(_) => Ok(()),
         }
     }
 
     async fn end(&mut self) -> Result<Option<Precommit>> {
         match self {
-            Output::Outlet(o) => {
-                o.broadcast(Message::End).await?;
+            Output::Outlets(_) => {
+                self.signal(Message::End).await?;
                 Ok(None)
             }
             Output::Sink(sink) => sink.precommit(END_OF_TIME, true).await,
@@ -719,37 +732,42 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
             let output = match &tail.kind {
                 NodeKind::Sink(kind) => Output::Sink(Sink::open(kind, subtask, id)?),
                 _ => {
-                    let (consumer, input) = graph
-                        .consumer_of(tail_id)
-                        .ok_or_else(|| DataFusionError::Internal("node without consumer".into()))?;
-                    let target = chain_of(consumer);
-                    let consumer_node = &graph.nodes[consumer];
-                    let base = {
-                        let mut base = 0;
-                        for edge in &consumer_node.inputs[..input] {
-                            let up = graph.nodes[edge.from].parallelism;
-                            base += if matches!(edge.exchange, Exchange::Forward) {
-                                1
-                            } else {
-                                up
-                            };
-                        }
-                        base
-                    };
-                    let exchange = &consumer_node.inputs[input].exchange;
-                    let all = senders[target].clone();
-                    let (targets, tag, partitioner) = match exchange {
-                        Exchange::Forward => {
-                            (vec![all[subtask].clone()], base, Partitioner::Single)
-                        }
-                        Exchange::Gather => {
-                            (vec![all[0].clone()], base + subtask, Partitioner::Single)
-                        }
-                        Exchange::Hash(keys) => {
-                            (all, base + subtask, Partitioner::Hash(keys.clone()))
-                        }
-                    };
-                    Output::Outlet(Outlet::new(targets, tag as u32, partitioner))
+                    let consumers = graph.consumers_of(tail_id);
+                    if consumers.is_empty() {
+                        return Err(DataFusionError::Internal("node without consumer".into()));
+                    }
+                    let mut outlets = Vec::new();
+                    for (consumer, input) in consumers {
+                        let target = chain_of(consumer);
+                        let consumer_node = &graph.nodes[consumer];
+                        let base = {
+                            let mut base = 0;
+                            for edge in &consumer_node.inputs[..input] {
+                                let up = graph.nodes[edge.from].parallelism;
+                                base += if matches!(edge.exchange, Exchange::Forward) {
+                                    1
+                                } else {
+                                    up
+                                };
+                            }
+                            base
+                        };
+                        let exchange = &consumer_node.inputs[input].exchange;
+                        let all = senders[target].clone();
+                        let (targets, tag, partitioner) = match exchange {
+                            Exchange::Forward => {
+                                (vec![all[subtask].clone()], base, Partitioner::Single)
+                            }
+                            Exchange::Gather => {
+                                (vec![all[0].clone()], base + subtask, Partitioner::Single)
+                            }
+                            Exchange::Hash(keys) => {
+                                (all, base + subtask, Partitioner::Hash(keys.clone()))
+                            }
+                        };
+                        outlets.push(Outlet::new(targets, tag as u32, partitioner));
+                    }
+                    Output::Outlets(outlets)
                 }
             };
             let end = TaskEnd {

@@ -6,7 +6,13 @@ use crate::stream::graph::StreamGraph;
 pub fn render(graph: &StreamGraph) -> String {
     let mut out = String::new();
     if let Some(last) = graph.nodes.len().checked_sub(1) {
-        render_node(graph, last, 0, &mut out);
+        render_node(
+            graph,
+            last,
+            0,
+            &mut vec![false; graph.nodes.len()],
+            &mut out,
+        );
     }
     for notice in &graph.notices {
         out.push_str(&format!("NOTICE: {notice}\n"));
@@ -14,8 +20,11 @@ pub fn render(graph: &StreamGraph) -> String {
     out
 }
 
-fn render_node(graph: &StreamGraph, id: usize, depth: usize, out: &mut String) {
+/// A node read by two parts of the query (a shared subplan) is printed in full once; where
+/// it comes again, its line says so and its inputs are not repeated.
+fn render_node(graph: &StreamGraph, id: usize, depth: usize, shown: &mut [bool], out: &mut String) {
     let node = &graph.nodes[id];
+    let again = std::mem::replace(&mut shown[id], true);
     out.push_str(&"  ".repeat(depth));
     out.push_str(&format!(
         "{} [parallelism={}, changelog={}",
@@ -33,9 +42,13 @@ fn render_node(graph: &StreamGraph, id: usize, depth: usize, out: &mut String) {
         out.push_str(": ");
         out.push_str(&without_window_tables(&node.detail.replace('\n', " ")));
     }
+    if again {
+        out.push_str(" (shared: the same node as above, computed once)\n");
+        return;
+    }
     out.push('\n');
     for edge in &node.inputs {
-        render_node(graph, edge.from, depth + 1, out);
+        render_node(graph, edge.from, depth + 1, shown, out);
     }
 }
 

@@ -100,6 +100,10 @@ pub struct Planner<'a> {
     state_ttl: Option<std::time::Duration>,
     /// 'state.backend' = 'sled': where operators keep state beyond their memory budget.
     backend: Option<SledBackend>,
+    /// Subplans planned so far (with `slice_next` before and after), so a part of the
+    /// query that reads, aggregates or joins alike twice is computed once and shared
+    /// (Flink's sub-plan reuse).
+    planned: std::collections::HashMap<(LogicalPlan, bool), (Stream, bool)>,
 }
 
 fn refuse(message: impl Into<String>) -> DataFusionError {
@@ -124,6 +128,7 @@ impl<'a> Planner<'a> {
             lateness: 0,
             state_ttl: None,
             backend: None,
+            planned: std::collections::HashMap::new(),
         }
     }
 
@@ -415,6 +420,29 @@ impl<'a> Planner<'a> {
     }
 
     fn plan_node(&mut self, plan: &LogicalPlan) -> Result<Stream> {
+        // Scans and stateful operators are worth sharing; a shared node's consumers each
+        // take its rows over a channel, which costs more than a projection or filter.
+        let shareable = matches!(
+            plan,
+            LogicalPlan::TableScan(_)
+                | LogicalPlan::Aggregate(_)
+                | LogicalPlan::Join(_)
+                | LogicalPlan::Window(_)
+        );
+        if !shareable {
+            return self.plan_new_node(plan);
+        }
+        let key = (plan.clone(), self.slice_next);
+        if let Some((stream, slice_next)) = self.planned.get(&key) {
+            self.slice_next = *slice_next;
+            return Ok(stream.clone());
+        }
+        let stream = self.plan_new_node(plan)?;
+        self.planned.insert(key, (stream.clone(), self.slice_next));
+        Ok(stream)
+    }
+
+    fn plan_new_node(&mut self, plan: &LogicalPlan) -> Result<Stream> {
         match plan {
             LogicalPlan::TableScan(scan) => self.plan_scan(scan),
             LogicalPlan::Projection(p) => {

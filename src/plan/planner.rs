@@ -104,6 +104,11 @@ pub struct Planner<'a> {
     /// query that reads, aggregates or joins alike twice is computed once and shared
     /// (Flink's sub-plan reuse).
     planned: std::collections::HashMap<(LogicalPlan, bool), (Stream, bool)>,
+    /// Sources planned so far, by what they read and how they make watermarks: scans of
+    /// one table read it once (Flink's source reuse), each taking the columns it needs.
+    sources: std::collections::HashMap<String, Stream>,
+    /// Shared sources a scan reads every column of: no later scan narrows them.
+    sources_read_whole: std::collections::HashSet<usize>,
 }
 
 fn refuse(message: impl Into<String>) -> DataFusionError {
@@ -129,6 +134,8 @@ impl<'a> Planner<'a> {
             state_ttl: None,
             backend: None,
             planned: std::collections::HashMap::new(),
+            sources: std::collections::HashMap::new(),
+            sources_read_whole: std::collections::HashSet::new(),
         }
     }
 
@@ -625,6 +632,12 @@ impl<'a> Planner<'a> {
                 }
                 None => self.read_only(full.node, projection),
             }
+        } else {
+            // This scan needs every column (or the window's input does).
+            self.read_whole(full.node);
+            if let Some(edge) = self.graph.nodes[full.node].inputs.first() {
+                self.read_whole(edge.from);
+            }
         }
         let mut stream = full;
         let qualified = DFSchema::try_from_qualified_schema(
@@ -650,7 +663,12 @@ impl<'a> Planner<'a> {
     /// Tells a connector source which physical columns the plan reads: the projected ones
     /// and those its computed columns and watermark use (Flink's projection push-down,
     /// keeping the source's schema: a reader may leave the others NULL).
+    ///
+    /// A source shared by several scans reads the columns any of them reads.
     fn read_only(&mut self, node: usize, projection: &[usize]) {
+        if self.sources_read_whole.contains(&node) {
+            return;
+        }
         let NodeKind::Source(spec) = &mut self.graph.nodes[node].kind else {
             return;
         };
@@ -675,8 +693,24 @@ impl<'a> Planner<'a> {
             }
         }
         if let SourceKind::Connector { read: r, .. } = &mut spec.kind {
+            if let Some(before) = r.as_deref() {
+                for (now, was) in read.iter_mut().zip(before) {
+                    *now |= was;
+                }
+            }
             *r = Some(read.into());
         }
+    }
+
+    /// A scan of source `node` (if it is one) reads every column.
+    fn read_whole(&mut self, node: usize) {
+        let NodeKind::Source(spec) = &mut self.graph.nodes[node].kind else {
+            return;
+        };
+        if let SourceKind::Connector { read, .. } = &mut spec.kind {
+            *read = None;
+        }
+        self.sources_read_whole.insert(node);
     }
 
     /// A source reading `provider` (every column, unqualified). `time` names the column
@@ -761,9 +795,13 @@ impl<'a> Planner<'a> {
             Some(def) => self.source_time(def, &schema, time)?,
             None => (vec![], TimeSource::Upstream, format!("view {name}")),
         };
+        // The detail names the table and how its watermarks are made.
+        if let Some(shared) = self.sources.get(&detail) {
+            return Ok(shared.clone());
+        }
         let node = self.add(StreamNode {
             name: "Source".into(),
-            detail,
+            detail: detail.clone(),
             state: "read position".into(),
             parallelism,
             inputs: vec![],
@@ -823,6 +861,7 @@ impl<'a> Planner<'a> {
                 self.set_upsert_key(&mut stream, key);
             }
         }
+        self.sources.insert(detail, stream.clone());
         Ok(stream)
     }
 

@@ -266,57 +266,53 @@ fn interval_join() -> StreamJoin {
     StreamJoin::try_new(Arc::new(spec), system_clock()).unwrap()
 }
 
-fn join_benches(c: &mut Criterion) {
-    let mut group = c.benchmark_group("join");
-    group.throughput(Throughput::Elements(ROWS as u64 * 2));
+/// Both inputs of [`interval_join`] take a batch of bids over `keys` auctions, then the
+/// watermark moves to `lag` batches behind the newest rows.
+fn bench_interval_join(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    name: &str,
+    keys: u64,
+    lag: i64,
+) {
     let mut numbers = Numbers(11);
     let mut join = interval_join();
     let start = std::cell::Cell::new(0i64);
-    group.bench_function("interval_store_probe_expire", |b| {
+    group.bench_function(name, |b| {
         b.iter_batched(
             || {
                 start.set(start.get() + ROWS as i64);
                 (
-                    bids(&mut numbers, 5_000, start.get()),
-                    bids(&mut numbers, 5_000, start.get()),
+                    bids(&mut numbers, keys, start.get()),
+                    bids(&mut numbers, keys, start.get()),
                 )
             },
             |(left, right)| {
                 let mut out = Vec::new();
                 join.process(0, left, &mut out).unwrap();
                 join.process(1, right, &mut out).unwrap();
-                // Rows older than this batch can no longer match: state stays bounded.
-                join.on_watermark(start.get(), &mut out).unwrap();
-                out
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    // As Nexmark q7's bids by price: most keys hold one row, and the watermark trails by
-    // 32 batches, so each side keeps about 262 k rows over as many keys (beyond the
-    // caches: inserts and expiry are a hash lookup into cold memory each).
-    let mut join = interval_join();
-    let start = std::cell::Cell::new(0i64);
-    group.bench_function("interval_262k_live_rows_over_1m_keys", |b| {
-        b.iter_batched(
-            || {
-                start.set(start.get() + ROWS as i64);
-                (
-                    bids(&mut numbers, 1_000_000, start.get()),
-                    bids(&mut numbers, 1_000_000, start.get()),
-                )
-            },
-            |(left, right)| {
-                let mut out = Vec::new();
-                join.process(0, left, &mut out).unwrap();
-                join.process(1, right, &mut out).unwrap();
-                join.on_watermark(start.get() - 32 * ROWS as i64, &mut out)
+                join.on_watermark(start.get() - lag * ROWS as i64, &mut out)
                     .unwrap();
                 out
             },
             BatchSize::SmallInput,
         )
     });
+}
+
+fn join_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("join");
+    group.throughput(Throughput::Elements(ROWS as u64 * 2));
+    // Rows older than this batch can no longer match: state stays small.
+    bench_interval_join(&mut group, "interval_store_probe_expire", 5_000, 0);
+    // As Nexmark q7's bids by price: most keys hold one row, and the watermark trails by
+    // 32 batches, so each side keeps about 262 k rows over as many keys (beyond the
+    // caches: inserts and expiry are a hash lookup into cold memory each).
+    bench_interval_join(
+        &mut group,
+        "interval_262k_live_rows_over_1m_keys",
+        1_000_000,
+        32,
+    );
     group.finish();
 }
 

@@ -609,35 +609,36 @@ impl<'a> Planner<'a> {
         let provider = source_as_provider(&scan.source)?;
         let name = scan.table_name.table().to_string();
         let full = self.plan_provider(&name, provider.clone(), None)?;
-        if let (Some(projection), true) = (&scan.projection, scan.filters.is_empty()) {
-            let any: &dyn std::any::Any = provider.as_ref();
-            match any.downcast_ref::<WindowTvfTable>() {
-                // A window table function's columns are its input's, then the window's;
-                // its input (the window assigner's) reads the time column too.
-                Some(window) => {
-                    let columns = window.input.schema().fields().len();
-                    let time = window
-                        .input
-                        .schema()
-                        .index_of(&window.spec.time_column)
-                        .ok();
-                    let read: Vec<usize> = projection
-                        .iter()
-                        .copied()
-                        .filter(|&i| i < columns)
-                        .chain(time)
-                        .collect();
-                    let input = self.graph.nodes[full.node].inputs[0].from;
-                    self.read_only(input, &read);
-                }
-                None => self.read_only(full.node, projection),
+        let any: &dyn std::any::Any = provider.as_ref();
+        let window = any.downcast_ref::<WindowTvfTable>();
+        // The source this scan reads: a window table function's is its assigner's input.
+        let source = match window {
+            Some(_) => self.graph.nodes[full.node].inputs[0].from,
+            None => full.node,
+        };
+        match (&scan.projection, window) {
+            // A window table function's columns are its input's, then the window's; its
+            // input (the window assigner's) reads the time column too.
+            (Some(projection), Some(window)) if scan.filters.is_empty() => {
+                let columns = window.input.schema().fields().len();
+                let time = window
+                    .input
+                    .schema()
+                    .index_of(&window.spec.time_column)
+                    .ok();
+                let read: Vec<usize> = projection
+                    .iter()
+                    .copied()
+                    .filter(|&i| i < columns)
+                    .chain(time)
+                    .collect();
+                self.read_only(source, &read);
             }
-        } else {
-            // This scan needs every column (or the window's input does).
-            self.read_whole(full.node);
-            if let Some(edge) = self.graph.nodes[full.node].inputs.first() {
-                self.read_whole(edge.from);
+            (Some(projection), None) if scan.filters.is_empty() => {
+                self.read_only(source, projection)
             }
+            // Filters, or no projection: every column.
+            _ => self.read_whole(source),
         }
         let mut stream = full;
         let qualified = DFSchema::try_from_qualified_schema(

@@ -740,18 +740,12 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                     for (consumer, input) in consumers {
                         let target = chain_of(consumer);
                         let consumer_node = &graph.nodes[consumer];
-                        let base = {
-                            let mut base = 0;
-                            for edge in &consumer_node.inputs[..input] {
-                                let up = graph.nodes[edge.from].parallelism;
-                                base += if matches!(edge.exchange, Exchange::Forward) {
-                                    1
-                                } else {
-                                    up
-                                };
-                            }
-                            base
-                        };
+                        // The consumer's first channel for this input.
+                        let base = graph
+                            .channel_inputs(consumer, |n| graph.nodes[n].parallelism)
+                            .iter()
+                            .position(|&i| i == input)
+                            .expect("every input has a channel");
                         let exchange = &consumer_node.inputs[input].exchange;
                         let all = senders[target].clone();
                         let (targets, tag, partitioner) = match exchange {

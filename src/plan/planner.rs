@@ -296,9 +296,8 @@ impl<'a> Planner<'a> {
     }
 
     fn physical(&self, expr: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
-        crate::plan::string_in_list::speed_up(
-            self.state.create_physical_expr(expr.clone(), schema)?,
-        )
+        let physical = self.state.create_physical_expr(expr.clone(), schema)?;
+        crate::plan::string_lookup::speed_up(crate::plan::string_in_list::speed_up(physical)?)
     }
 
     fn add(&mut self, node: StreamNode) -> usize {

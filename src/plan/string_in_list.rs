@@ -40,33 +40,43 @@ pub fn speed_up(physical: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>
         .map(|t| t.data)
 }
 
-/// The literals of an IN list, by length.
+/// String literals by length, each with its place among them (the first place of a
+/// repeated one). Shared with [`crate::plan::string_lookup`].
 #[derive(Debug, Clone)]
-struct Literals {
-    /// `by_len[n]`: the distinct literals of `n` bytes.
-    by_len: Vec<Vec<Box<[u8]>>>,
+pub(crate) struct Literals {
+    /// `by_len[n]`: the distinct literals of `n` bytes, with their places.
+    by_len: Vec<Vec<(Box<[u8]>, usize)>>,
 }
 
 impl Literals {
-    fn new<'a>(literals: impl Iterator<Item = &'a str>) -> Self {
-        let mut by_len: Vec<Vec<Box<[u8]>>> = Vec::new();
-        for l in literals {
+    pub(crate) fn new<'a>(literals: impl Iterator<Item = &'a str>) -> Self {
+        let mut by_len: Vec<Vec<(Box<[u8]>, usize)>> = Vec::new();
+        for (place, l) in literals.enumerate() {
             let l = l.as_bytes();
             if by_len.len() <= l.len() {
                 by_len.resize(l.len() + 1, Vec::new());
             }
-            if !by_len[l.len()].iter().any(|x| x.as_ref() == l) {
-                by_len[l.len()].push(l.into());
+            if !by_len[l.len()].iter().any(|(x, _)| x.as_ref() == l) {
+                by_len[l.len()].push((l.into(), place));
             }
         }
         Self { by_len }
     }
 
+    /// The place of the literal equal to `value`.
+    #[inline(always)]
+    pub(crate) fn find(&self, value: &[u8]) -> Option<usize> {
+        self.by_len.get(value.len()).and_then(|same_len| {
+            same_len
+                .iter()
+                .find(|(l, _)| same_bytes(l, value))
+                .map(|(_, place)| *place)
+        })
+    }
+
     #[inline(always)]
     fn contains(&self, value: &[u8]) -> bool {
-        self.by_len
-            .get(value.len())
-            .is_some_and(|same_len| same_len.iter().any(|l| same_bytes(l, value)))
+        self.find(value).is_some()
     }
 }
 
@@ -126,6 +136,11 @@ impl StringInList {
             literals: Literals::new(strings.into_iter()),
             negated: in_list.negated(),
         })
+    }
+
+    /// The IN list this stands for.
+    pub(crate) fn original(&self) -> &Arc<dyn PhysicalExpr> {
+        &self.original
     }
 
     /// Whether each value is in the list (under NOT IN: is not), whatever its nulls.

@@ -253,11 +253,42 @@ pub(super) fn parse_generic(text: &str) -> SqlResult<Statement> {
             Ok(Statement::Sql(Box::new(statement)))
         }
         Ok(_) => Err(SqlError::syntax("expected exactly one statement")),
+        Err(_) if mentions_system_time(text) => Err(temporal_join_not_supported()),
         Err(compat_err) => match Parser::parse_sql(&PostgreSqlDialect {}, text) {
             Err(e) => Err(SqlError::from_parser(&e, text)),
             Ok(_) => Err(SqlError::from_parser(&compat_err, text)),
         },
     }
+}
+
+/// Whether `text` has `FOR SYSTEM_TIME` outside strings and comments: Flink's temporal
+/// and lookup joins, which the Postgres grammar cannot parse.
+fn mentions_system_time(text: &str) -> bool {
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, text).tokenize() else {
+        return false;
+    };
+    let mut words = tokens.iter().filter_map(|t| match t {
+        Token::Whitespace(_) => None,
+        Token::Word(w) if w.quote_style.is_none() => Some(Some(w.value.to_ascii_uppercase())),
+        _ => Some(None),
+    });
+    let mut previous = None;
+    words.any(|word| {
+        let found = previous.as_deref() == Some("FOR") && word.as_deref() == Some("SYSTEM_TIME");
+        previous = word;
+        found
+    })
+}
+
+fn temporal_join_not_supported() -> SqlError {
+    SqlError::not_supported(
+        "temporal and lookup joins (FOR SYSTEM_TIME AS OF) are not supported yet",
+    )
+    .with_hint(
+        "join the table without FOR SYSTEM_TIME AS OF: a regular join keeps both inputs' rows \
+         and corrects its results when the table changes (SET 'table.exec.state.ttl' bounds \
+         what it keeps)",
+    )
 }
 
 fn peek_word(p: &mut Parser, word: &str) -> bool {

@@ -12,14 +12,12 @@
 //! no NULL, so a value not found gives false, or true under NOT IN).
 
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, GenericStringArray, OffsetSizeTrait};
 use datafusion::arrow::buffer::BooleanBuffer;
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Result, ScalarValue};
 use datafusion::logical_expr::ColumnarValue;
 use datafusion::physical_expr::expressions::{InListExpr, Literal};
@@ -30,14 +28,7 @@ const MAX_LITERALS: usize = 16;
 
 /// `physical` with each IN list of a few string literals compared directly.
 pub fn speed_up(physical: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
-    physical
-        .transform_up(|e| {
-            Ok(match StringInList::of(&e) {
-                Some(fast) => Transformed::yes(Arc::new(fast) as Arc<dyn PhysicalExpr>),
-                None => Transformed::no(e),
-            })
-        })
-        .map(|t| t.data)
+    crate::plan::replace_with_faster(physical, StringInList::of)
 }
 
 /// String literals by length, each with its place among them (the first place of a
@@ -153,25 +144,7 @@ impl StringInList {
     }
 }
 
-impl fmt::Display for StringInList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.original.fmt(f)
-    }
-}
-
-impl PartialEq for StringInList {
-    fn eq(&self, other: &Self) -> bool {
-        self.original.as_ref() == other.original.as_ref()
-    }
-}
-
-impl Eq for StringInList {}
-
-impl Hash for StringInList {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.original.hash(state);
-    }
-}
+crate::plan::same_as_original!(StringInList);
 
 impl PhysicalExpr for StringInList {
     fn data_type(&self, _input_schema: &Schema) -> Result<DataType> {

@@ -15,13 +15,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, StringArray, StringBuilder};
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Result, ScalarValue};
 use datafusion::logical_expr::ColumnarValue;
 use datafusion::physical_expr::expressions::{CaseExpr, Column, InListExpr, Literal};
@@ -31,14 +29,7 @@ use crate::plan::string_in_list::{Literals, StringInList};
 
 /// `physical` with each CASE of the lookup form over strings evaluated in one pass.
 pub fn speed_up(physical: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
-    physical
-        .transform_up(|e| {
-            Ok(match StringLookup::of(&e) {
-                Some(fast) => Transformed::yes(Arc::new(fast) as Arc<dyn PhysicalExpr>),
-                None => Transformed::no(e),
-            })
-        })
-        .map(|t| t.data)
+    crate::plan::replace_with_faster(physical, StringLookup::of)
 }
 
 /// A non-NULL string literal's value; `Some(None)` for a NULL string.
@@ -141,25 +132,7 @@ enum Otherwise<'a> {
     Literal(Option<&'a str>),
 }
 
-impl fmt::Display for StringLookup {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.original.fmt(f)
-    }
-}
-
-impl PartialEq for StringLookup {
-    fn eq(&self, other: &Self) -> bool {
-        self.original.as_ref() == other.original.as_ref()
-    }
-}
-
-impl Eq for StringLookup {}
-
-impl Hash for StringLookup {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.original.hash(state);
-    }
-}
+crate::plan::same_as_original!(StringLookup);
 
 impl PhysicalExpr for StringLookup {
     fn data_type(&self, input_schema: &Schema) -> Result<DataType> {

@@ -32,7 +32,7 @@ pub fn speed_up(physical: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>
     crate::plan::replace_with_faster(physical, StringLookup::of)
 }
 
-/// A non-NULL string literal's value; `Some(None)` for a NULL string.
+/// A string literal's value (`Some(None)` for a NULL string); `None` for anything else.
 fn string_literal(e: &Arc<dyn PhysicalExpr>) -> Option<Option<&str>> {
     match e.downcast_ref::<Literal>()?.value() {
         ScalarValue::Utf8(v) => Some(v.as_deref()),

@@ -1,14 +1,15 @@
 //! The lookup form [`crate::plan::case_lookup`] gives a CASE,
 //! `CASE WHEN x IN ('a', 'b') THEN CASE x WHEN 'a' THEN '0' WHEN 'b' THEN '1' END ELSE e END`,
-//! evaluated in one pass when `x`, the values and `e` are strings and `e` is a column or a
-//! literal: each row's `x` is looked up among the literals and the row takes the value
-//! found, or `e`'s.
+//! evaluated in one pass when `x`, the values and `e` are strings and `e` is a column: each
+//! row's `x` is looked up among the literals and the row takes the value found, or `e`'s.
+//! (With a literal ELSE the rewrite makes a simple CASE, which DataFusion evaluates with a
+//! lookup table of its own.)
 //!
 //! DataFusion evaluates that CASE as an IN list, then splits the rows in two (copying the
 //! columns the CASE reads), evaluates the inner CASE over the matched half and `e` over
 //! the other, and merges the halves (Nexmark q21: 13 % of its profile).
-//! Reading `e` for every row is safe only because a column or a literal costs nothing and
-//! cannot fail; any other `e` keeps DataFusion's evaluation.
+//! Reading `e` for every row is safe only because a column costs nothing and cannot fail;
+//! any other `e` keeps DataFusion's evaluation.
 //!
 //! [`speed_up`] puts it in place of each such CASE of a physical expression; EXPLAIN shows
 //! the CASE it stands for.
@@ -48,22 +49,15 @@ pub struct StringLookup {
     literals: Literals,
     /// The value of each literal, by its place.
     values: Vec<Option<String>>,
-    /// The value of a row whose subject is none of the literals: a column or a literal
-    /// (`None`: NULL).
-    otherwise: Option<Arc<dyn PhysicalExpr>>,
+    /// The value of a row whose subject is none of the literals: a column.
+    otherwise: Arc<dyn PhysicalExpr>,
 }
 
 impl StringLookup {
     fn of(expr: &Arc<dyn PhysicalExpr>) -> Option<Self> {
         let case = expr.downcast_ref::<CaseExpr>()?;
-        // No ELSE (DataFusion drops an ELSE NULL) is a NULL.
-        let otherwise = case.else_expr().cloned();
-        if case.expr().is_some()
-            || case.when_then_expr().len() != 1
-            || otherwise
-                .as_ref()
-                .is_some_and(|e| !(e.is::<Column>() || string_literal(e).is_some()))
-        {
+        let otherwise = case.else_expr().filter(|e| e.is::<Column>())?.clone();
+        if case.expr().is_some() || case.when_then_expr().len() != 1 {
             return None;
         }
         let (matched, looked_up) = &case.when_then_expr()[0];
@@ -106,7 +100,7 @@ impl StringLookup {
     }
 
     /// Each row's value: the one of its subject's literal, else `otherwise`'s.
-    fn look_up(&self, subject: &StringArray, otherwise: Otherwise<'_>) -> StringArray {
+    fn look_up(&self, subject: &StringArray, otherwise: &StringArray) -> StringArray {
         let rows = subject.len();
         let mut out = StringBuilder::with_capacity(rows, subject.value_data().len());
         for i in 0..rows {
@@ -115,21 +109,14 @@ impl StringLookup {
             } else {
                 self.literals.find(subject.value(i).as_bytes())
             };
-            match (found, &otherwise) {
-                (Some(place), _) => out.append_option(self.values[place].as_deref()),
-                (None, Otherwise::Column(c)) if c.is_null(i) => out.append_null(),
-                (None, Otherwise::Column(c)) => out.append_value(c.value(i)),
-                (None, Otherwise::Literal(v)) => out.append_option(*v),
+            match found {
+                Some(place) => out.append_option(self.values[place].as_deref()),
+                None if otherwise.is_null(i) => out.append_null(),
+                None => out.append_value(otherwise.value(i)),
             }
         }
         out.finish()
     }
-}
-
-/// What `otherwise` evaluated to.
-enum Otherwise<'a> {
-    Column(&'a StringArray),
-    Literal(Option<&'a str>),
 }
 
 crate::plan::same_as_original!(StringLookup);
@@ -144,18 +131,14 @@ impl PhysicalExpr for StringLookup {
     }
 
     fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
-        let subject = self.subject.evaluate(batch)?.into_array(batch.num_rows())?;
-        let otherwise = match &self.otherwise {
-            Some(e) => e.evaluate(batch)?,
-            None => ColumnarValue::Scalar(ScalarValue::Utf8(None)),
-        };
-        let otherwise = match &otherwise {
-            ColumnarValue::Array(a) => a.as_string_opt::<i32>().map(Otherwise::Column),
-            ColumnarValue::Scalar(ScalarValue::Utf8(v)) => Some(Otherwise::Literal(v.as_deref())),
-            ColumnarValue::Scalar(_) => None,
-        };
+        let rows = batch.num_rows();
+        let subject = self.subject.evaluate(batch)?.into_array(rows)?;
+        let otherwise = self.otherwise.evaluate(batch)?.into_array(rows)?;
         // Other types (a view or large strings) keep DataFusion's evaluation.
-        match (subject.as_string_opt::<i32>(), otherwise) {
+        match (
+            subject.as_string_opt::<i32>(),
+            otherwise.as_string_opt::<i32>(),
+        ) {
             (Some(subject), Some(otherwise)) => Ok(ColumnarValue::Array(Arc::new(
                 self.look_up(subject, otherwise),
             ))),
@@ -271,20 +254,13 @@ mod tests {
         let listed = ["apple", "google", "baidu", ""];
         let batch = batch();
         let schema = batch.schema();
-        let otherwises = [
-            col("o", &schema).unwrap(),
-            lit("none"),
-            lit(ScalarValue::Utf8(None)),
-        ];
-        for otherwise in otherwises {
-            let original = lookup_case(&schema, &listed, &branches, otherwise);
-            let fast = speed_up(original.clone()).unwrap();
-            assert!(fast.is::<StringLookup>(), "{fast} is sped up");
-            assert_eq!(fast.to_string(), original.to_string());
-            let n = batch.num_rows();
-            let expected = rows(original.evaluate(&batch).unwrap(), n);
-            assert_eq!(rows(fast.evaluate(&batch).unwrap(), n), expected);
-        }
+        let original = lookup_case(&schema, &listed, &branches, col("o", &schema).unwrap());
+        let fast = speed_up(original.clone()).unwrap();
+        assert!(fast.is::<StringLookup>(), "{fast} is sped up");
+        assert_eq!(fast.to_string(), original.to_string());
+        let n = batch.num_rows();
+        let expected = rows(original.evaluate(&batch).unwrap(), n);
+        assert_eq!(rows(fast.evaluate(&batch).unwrap(), n), expected);
         // The values themselves, with the column as ELSE.
         let e = speed_up(lookup_case(
             &batch.schema(),
@@ -312,8 +288,8 @@ mod tests {
         let batch = batch();
         let schema = batch.schema();
         let branches = [("apple", Some("0")), ("google", Some("1"))];
-        // An ELSE that computes (could fail on rows it would not see), and an IN list
-        // other than the branches' literals.
+        // An ELSE that computes (could fail on rows it would not see) or is a literal, and
+        // an IN list other than the branches' literals.
         let computed = binary(
             col("o", &schema).unwrap(),
             Operator::StringConcat,
@@ -323,6 +299,7 @@ mod tests {
         .unwrap();
         for e in [
             lookup_case(&schema, &["apple", "google"], &branches, computed),
+            lookup_case(&schema, &["apple", "google"], &branches, lit("-")),
             lookup_case(&schema, &["apple"], &branches, col("o", &schema).unwrap()),
         ] {
             assert!(speed_up(e).unwrap().is::<CaseExpr>());

@@ -267,17 +267,18 @@ fn mentions_system_time(text: &str) -> bool {
     let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, text).tokenize() else {
         return false;
     };
-    let mut words = tokens.iter().filter_map(|t| match t {
-        Token::Whitespace(_) => None,
-        Token::Word(w) if w.quote_style.is_none() => Some(Some(w.value.to_ascii_uppercase())),
-        _ => Some(None),
-    });
-    let mut previous = None;
-    words.any(|word| {
-        let found = previous.as_deref() == Some("FOR") && word.as_deref() == Some("SYSTEM_TIME");
-        previous = word;
-        found
-    })
+    // A quoted word is no keyword.
+    let keywords: Vec<Keyword> = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .map(|t| match t {
+            Token::Word(w) => w.keyword,
+            _ => Keyword::NoKeyword,
+        })
+        .collect();
+    keywords
+        .windows(2)
+        .any(|pair| pair == [Keyword::FOR, Keyword::SYSTEM_TIME])
 }
 
 fn temporal_join_not_supported() -> SqlError {

@@ -58,6 +58,15 @@ pub fn column_bytes(column: &dyn datafusion::arrow::array::Array) -> usize {
         .unwrap_or_else(|_| column.get_array_memory_size())
 }
 
+/// The bytes `batch`'s columns refer to (a slice counts its rows, not its buffers).
+pub fn batch_bytes(batch: &datafusion::arrow::record_batch::RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| column_bytes(c.as_ref()))
+        .sum()
+}
+
 /// A RowConverter for rows of `fields`, ordered as arrow orders them by default: for keys
 /// compared and hashed by their bytes.
 pub fn row_converter(

@@ -48,7 +48,7 @@ impl StatePart {
     /// Bytes it takes: in memory, or in the store.
     pub fn bytes(&self) -> usize {
         match self {
-            StatePart::Batch(b) => b.get_array_memory_size(),
+            StatePart::Batch(b) => crate::stream::batch_bytes(b),
             StatePart::Stored(c) => c.bytes as usize,
         }
     }
@@ -196,7 +196,7 @@ impl ChunkWriter {
             self.parts.push(StatePart::Batch(batch));
             return Ok(());
         }
-        self.pending_bytes += batch.get_array_memory_size();
+        self.pending_bytes += crate::stream::batch_bytes(&batch);
         self.pending.push(batch);
         if self.pending_bytes >= CHUNK_BYTES {
             self.write()?;
@@ -246,7 +246,7 @@ pub fn holds_large_batches(snapshot: &TaskSnapshot) -> bool {
 }
 
 fn is_large(batch: &RecordBatch) -> bool {
-    batch.get_array_memory_size() >= INLINE_BYTES
+    crate::stream::batch_bytes(batch) >= INLINE_BYTES
 }
 
 /// Writes the snapshot's batches of [`INLINE_BYTES`] or more to the store as chunks of

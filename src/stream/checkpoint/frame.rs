@@ -38,7 +38,7 @@ impl FrameWriter {
     pub fn batch(&mut self, batch: &RecordBatch) -> Result<()> {
         let at = self.bytes.len();
         self.u64(0);
-        self.bytes.reserve(batch.get_array_memory_size() + 1024);
+        self.bytes.reserve(crate::stream::batch_bytes(batch) + 1024);
         let mut writer = StreamWriter::try_new(&mut self.bytes, batch.schema_ref())?;
         writer.write(batch)?;
         writer.finish()?;

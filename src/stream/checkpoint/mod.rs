@@ -153,7 +153,7 @@ impl TaskSnapshot {
             self.operators
                 .iter()
                 .flatten()
-                .map(|p| p.batch().map_or(0, |b| b.get_array_memory_size()) + 1024)
+                .map(|p| p.batch().map_or(0, crate::stream::batch_bytes) + 1024)
                 .sum(),
         );
         w.u64(FORMAT);

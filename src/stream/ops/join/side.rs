@@ -613,6 +613,27 @@ impl Side {
         self.rows_at(&locs)
     }
 
+    /// The rows of entries `ids`, consecutive rows of one chunk ([`Side::run_len`]), as a
+    /// slice sharing the chunk's buffers.
+    pub fn run_rows(&self, ids: &[EntryId]) -> RecordBatch {
+        debug_assert_eq!(self.run_len(ids), ids.len());
+        let (chunk, first) = self.entry(ids[0]).loc;
+        self.chunk_rows(chunk).slice(first as usize, ids.len())
+    }
+
+    /// How many of `ids`, from the first, are consecutive rows of one chunk.
+    pub fn run_len(&self, ids: &[EntryId]) -> usize {
+        let Some(&first) = ids.first() else {
+            return 0;
+        };
+        let (chunk, row) = self.entry(first).loc;
+        1 + ids[1..]
+            .iter()
+            .enumerate()
+            .take_while(|&(i, &id)| self.entry(id).loc == (chunk, row + 1 + i as u32))
+            .count()
+    }
+
     /// The rows at `locs`.
     pub fn rows_at(&self, locs: &[Loc]) -> Result<RecordBatch> {
         let mut slot: HashMap<u64, usize> = HashMap::new();

@@ -805,3 +805,55 @@ fn incremental_snapshots_restore_in_layers_and_hold_only_changes() {
         }
     }
 }
+
+#[test]
+fn snapshots_share_long_runs_of_new_rows_with_the_state() {
+    let rows =
+        |from: i64, n: i64| -> Vec<(i64, i64)> { (from..from + n).map(|v| (v % 7, v)).collect() };
+    let mut before = join(spec(JoinKind::Inner, None));
+    before.started_from(0, 0);
+    run(&mut before, 0, ins(0, &rows(0, 10)));
+    let mut layers = vec![snapshot_of(&mut before, true)];
+    run(&mut before, 0, ins(0, &rows(10, 3000)));
+    // Taking row 1500 back splits the new rows into two runs of over 1024.
+    run(&mut before, 0, change(0, Op::Delete, 1500 % 7, 1500));
+    run(&mut before, 0, ins(0, &rows(5000, 3)));
+    let changes = snapshot_of(&mut before, false);
+    let side = &before.sides[0];
+    // The side's rows are one chunk (the small batches merged into it).
+    let chunk = side.chunk_rows(side.entry(10).loc.0);
+    let values = |b: &RecordBatch| {
+        b.column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .values()
+            .as_ptr_range()
+    };
+    let stored = values(chunk);
+    let left: Vec<&RecordBatch> = changes
+        .iter()
+        .filter(|b| crate::stream::snapshot::kind(b).unwrap() == "join-left")
+        .collect();
+    let sizes: Vec<usize> = left.iter().map(|b| b.num_rows()).collect();
+    let shared: Vec<bool> = left
+        .iter()
+        .map(|b| stored.contains(&values(b).start))
+        .collect();
+    // In entry order: the rows before the deletion, the first later row (it took the
+    // deleted row's entry), the rows after the deletion, the other two later rows. The
+    // later rows are copied: too few to share their chunk for.
+    assert_eq!(sizes, [1490, 1, 1509, 2]);
+    assert_eq!(shared, [true, false, true, false]);
+    layers.push(changes);
+    let mut after = join(spec(JoinKind::Inner, None));
+    after.started_from(3, 0);
+    restore_snapshots(&mut after, layers);
+    let probe = ins(1, &[(0, 1), (3, 2)]);
+    let mut expected = run(&mut before, 1, probe.clone());
+    let mut got = run(&mut after, 1, probe);
+    expected.sort();
+    got.sort();
+    assert_eq!(expected.len(), 431 + 429 + 1);
+    assert_eq!(got, expected);
+}

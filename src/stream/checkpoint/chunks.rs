@@ -17,8 +17,8 @@ use crate::stream::operator::Operator;
 /// Bytes of batches (in memory) per chunk.
 const CHUNK_BYTES: usize = 16 << 20;
 
-/// A task's state batches held in memory from this size on are written to the store as
-/// chunks by the thread storing its snapshot, not encoded with the rest of the task's
+/// An operator's state batches held in memory from this size on (in all) are written to
+/// the store as chunks by the thread storing its snapshot, not encoded with the rest of the task's
 /// snapshot by the coordinator: a big state's checkpoint then encodes a chunk at a time
 /// into one buffer, where the whole snapshot went into one fresh buffer of its size
 /// (every page of which the kernel zeroed: a third of Nexmark q20's time).
@@ -236,22 +236,26 @@ impl ChunkWriter {
     }
 }
 
-/// Whether the snapshot holds a batch [`store_large_batches`] would store.
+/// Whether the snapshot holds batches [`store_large_batches`] would store.
 pub fn holds_large_batches(snapshot: &TaskSnapshot) -> bool {
-    snapshot
-        .operators
+    snapshot.operators.iter().any(|parts| holds_large(parts))
+}
+
+/// Whether an operator's batches held in memory take [`INLINE_BYTES`] or more in all:
+/// many small batches (a join's snapshot shares runs of its chunks, each a batch) weigh
+/// on the epoch's encoding as one big one does.
+fn holds_large(parts: &[StatePart]) -> bool {
+    let held: usize = parts
         .iter()
-        .flatten()
-        .any(|p| p.batch().is_some_and(is_large))
+        .filter_map(StatePart::batch)
+        .map(crate::stream::batch_bytes)
+        .sum();
+    held >= INLINE_BYTES
 }
 
-fn is_large(batch: &RecordBatch) -> bool {
-    crate::stream::batch_bytes(batch) >= INLINE_BYTES
-}
-
-/// Writes the snapshot's batches of [`INLINE_BYTES`] or more to the store as chunks of
-/// epoch `epoch` and task `task` (consecutive ones together, up to a chunk's size), in
-/// their places among the operators' parts, freeing each once written.
+/// Writes the batches of each operator that holds [`INLINE_BYTES`] or more of them to the
+/// store as chunks of epoch `epoch` and task `task` (consecutive ones together, up to a
+/// chunk's size), in their places among the operator's parts, freeing each once written.
 pub fn store_large_batches(
     snapshot: &mut TaskSnapshot,
     at: &Checkpoints,
@@ -259,14 +263,14 @@ pub fn store_large_batches(
     task: usize,
 ) -> Result<()> {
     for (k, parts) in snapshot.operators.iter_mut().enumerate() {
-        if !parts.iter().any(|p| p.batch().is_some_and(is_large)) {
+        if !holds_large(parts) {
             continue;
         }
         // Its chunks are encoded one after another into one buffer.
         let mut writer = ChunkWriter::joined(at, epoch, task, k);
         for part in std::mem::take(parts) {
             match part {
-                StatePart::Batch(batch) if is_large(&batch) => writer.push(batch)?,
+                StatePart::Batch(batch) => writer.push(batch)?,
                 other => writer.keep(other)?,
             }
         }
@@ -362,40 +366,55 @@ mod tests {
         // Operator 0 also has a chunk of state beyond memory, stored before.
         let mut beyond = ChunkWriter::new(Some(at.clone()), 7, 0, 0);
         beyond.push(values(9, 2)).unwrap();
-        let mut parts = vec![small(1), big(2), big(3), small(4), big(5)];
+        let mut parts = vec![small(1), big(2), big(3), small(4)];
         parts.extend(beyond.finish().unwrap());
+        parts.push(big(5));
+        // Operator 1 holds little; operator 2 many batches over 1 MB in all.
+        let many: Vec<StatePart> = (10..20)
+            .map(|v| StatePart::Batch(values(v, 14_000)))
+            .collect();
         let mut snapshot = TaskSnapshot {
-            operators: vec![parts, vec![small(6)]],
-            changes: vec![true, false],
+            operators: vec![parts, vec![small(6)], many],
+            changes: vec![true, false, true],
             ..Default::default()
         };
         assert!(holds_large_batches(&snapshot));
         store_large_batches(&mut snapshot, &at, 7, 0).unwrap();
         assert!(!holds_large_batches(&snapshot));
-        let shape: Vec<&str> = snapshot.operators[0]
-            .iter()
-            .map(|p| match p {
-                StatePart::Batch(_) => "batch",
-                StatePart::Stored(c) if c.joined() => "joined",
-                StatePart::Stored(_) => "beyond",
-            })
-            .collect();
-        // Neighbouring big batches share a chunk.
-        assert_eq!(shape, ["batch", "joined", "batch", "joined", "beyond"]);
-        assert!(matches!(snapshot.operators[1][..], [StatePart::Batch(_)]));
+        let shape = |parts: &[StatePart]| -> Vec<&str> {
+            parts
+                .iter()
+                .map(|p| match p {
+                    StatePart::Batch(_) => "batch",
+                    StatePart::Stored(c) if c.joined() => "joined",
+                    StatePart::Stored(_) => "beyond",
+                })
+                .collect()
+        };
+        // Neighbouring batches share a chunk.
+        assert_eq!(
+            shape(&snapshot.operators[0]),
+            ["joined", "beyond", "joined"]
+        );
+        assert_eq!(shape(&snapshot.operators[1]), ["batch"]);
+        assert_eq!(shape(&snapshot.operators[2]), ["joined"]);
 
         let back = TaskSnapshot::decode_at(&snapshot.into_bytes().unwrap(), Some(&at)).unwrap();
         let mut op = Recorder::default();
         restore_parts(&mut op, &back.operators[0]).unwrap();
-        let held = vec![(1, 3), (2, 140_000), (3, 140_000), (4, 3), (5, 140_000)];
-        assert_eq!(op.calls, vec![held, vec![(9, 2)]]);
+        let held = vec![(1, 3), (2, 140_000), (3, 140_000), (4, 3)];
+        assert_eq!(op.calls, vec![held, vec![(9, 2)], vec![(5, 140_000)]]);
         assert_eq!(op.restored, 1);
+        let mut op = Recorder::default();
+        restore_parts(&mut op, &back.operators[2]).unwrap();
+        let many: Vec<(i64, usize)> = (10..20).map(|v| (v, 14_000)).collect();
+        assert_eq!(op.calls, vec![many]);
         // A copy of the chunk (a savepoint's) stays one of batches held in memory.
-        let StatePart::Stored(joined) = &back.operators[0][1] else {
+        let StatePart::Stored(joined) = &back.operators[0][0] else {
             panic!("a chunk");
         };
         assert_eq!(joined.renumbered(0), JOINED);
-        let StatePart::Stored(beyond) = &back.operators[0][4] else {
+        let StatePart::Stored(beyond) = &back.operators[0][1] else {
             panic!("a chunk");
         };
         assert_eq!(beyond.renumbered(3), 3);

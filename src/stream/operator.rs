@@ -74,12 +74,12 @@ pub trait Operator: Send {
     }
 
     /// The part of the snapshot just taken (by `snapshot` when `whole`, else by
-    /// `snapshot_changes`) that the operator keeps beyond memory, as it is now: read
-    /// later, off the operator's task, while the operator goes on, into batches handed
-    /// to the reader's `out` one at a time, which a checkpoint writes to the store as
-    /// they come instead of holding them. `None`: nothing beyond memory. A restore gets
-    /// these batches after the other ones of the same snapshot, maybe over several
-    /// `restore` calls.
+    /// `snapshot_changes`) that the operator keeps beyond memory, or froze in memory to
+    /// be encoded off its task, as it is now: read later, off the operator's task, while
+    /// the operator goes on, into batches handed to the reader's `out` one at a time,
+    /// which a checkpoint writes to the store as they come instead of holding them.
+    /// `None`: nothing more. A restore gets these batches after the other ones of the
+    /// same snapshot, maybe over several `restore` calls.
     fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
         let _ = whole;
         Ok(None)

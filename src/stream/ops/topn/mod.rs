@@ -42,7 +42,7 @@ pub struct SortKey {
 /// A partition's emitted rows: one inline, as a dedup emits.
 type Emitted = SmallVec<[Entry; 1]>;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Partition {
     rows: Ranked,
     /// How many rows are present (the sum of the counts in `rows`).
@@ -59,6 +59,18 @@ struct Partition {
     /// Under the sled backend: created since the previous move out (not brought back
     /// from disk), so unproven: such partitions go out first.
     created_since_shed: bool,
+}
+
+impl Partition {
+    /// Its rows and emitted rows (entries shared), for a snapshot.
+    fn frozen(&self) -> Partition {
+        Partition {
+            rows: self.rows.clone(),
+            present: self.present,
+            emitted: self.emitted.clone(),
+            ..Partition::default()
+        }
+    }
 }
 
 /// A partition's own fields (boxed) and its map slot, beside its key and rows.
@@ -92,6 +104,8 @@ pub struct TopN {
     bytes: usize,
     /// Partitions beyond the memory budget, under the sled backend.
     spill: Option<spill::Spill>,
+    /// What the last snapshot took of the partitions in memory, encoded off the task.
+    frozen: Option<checkpoint::Frozen>,
 }
 
 impl TopN {
@@ -137,6 +151,7 @@ impl TopN {
             dirty: Vec::new(),
             bytes: 0,
             spill: None,
+            frozen: None,
         })
     }
 
@@ -375,7 +390,7 @@ impl Operator for TopN {
     }
 
     fn snapshot_beyond_memory(&mut self, whole: bool) -> Result<Option<StateReader>> {
-        self.spilled_snapshot(whole)
+        self.frozen_snapshot(whole)
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
@@ -399,6 +414,7 @@ mod tests {
     use datafusion::physical_expr::expressions::Column;
 
     use super::*;
+    use crate::stream::operator::testing::snapshot_of;
     use crate::stream::snapshot;
 
     /// Top 2 scores per game: rows (game, score).
@@ -572,7 +588,7 @@ mod tests {
             .process(0, batch(&[("go", 6, Op::Insert)]), &mut out)
             .unwrap();
         let mut restored = operator(true);
-        restored.restore(original.snapshot().unwrap()).unwrap();
+        restored.restore(snapshot_of(&mut original, true)).unwrap();
         assert_eq!(
             same_output(
                 &mut original,
@@ -627,9 +643,7 @@ mod tests {
         original
             .process(0, batch(&[("go", 6, Op::Insert)]), &mut out)
             .unwrap();
-        let old: Vec<RecordBatch> = original
-            .snapshot()
-            .unwrap()
+        let old: Vec<RecordBatch> = snapshot_of(&mut original, true)
             .iter()
             .map(|b| with_arrow_rows(&original, b))
             .collect();
@@ -658,7 +672,7 @@ mod tests {
         let mut out = Vec::new();
         original.process(0, batch(&rows), &mut out).unwrap();
         original.on_barrier(&mut out).unwrap();
-        let state = original.snapshot().unwrap();
+        let state = snapshot_of(&mut original, true);
         assert_eq!(rows_of(&state, "rows"), [65_536, 4_464]);
         assert_eq!(rows_of(&state, "emitted"), [0, 0]);
         assert_eq!(rows_of(&state, "emitted_top"), [65_536, 4_464]);
@@ -693,7 +707,7 @@ mod tests {
             )
             .unwrap();
         original.on_barrier(&mut out).unwrap();
-        layers.extend(original.snapshot().unwrap());
+        layers.extend(snapshot_of(&mut original, true));
         // Epoch 2 touches go (and chess leaves); poker is not written again. go's
         // emitted rows are its top two, named rather than written again.
         original
@@ -704,7 +718,7 @@ mod tests {
             )
             .unwrap();
         original.on_barrier(&mut out).unwrap();
-        let changes = original.snapshot_changes().unwrap().unwrap();
+        let changes = snapshot_of(&mut original, false);
         let kinds: Vec<(String, usize)> = changes
             .iter()
             .map(|b| (snapshot::kind(b).unwrap(), b.num_rows()))
@@ -730,7 +744,7 @@ mod tests {
                 &mut out,
             )
             .unwrap();
-        let changes = original.snapshot_changes().unwrap().unwrap();
+        let changes = snapshot_of(&mut original, false);
         assert_eq!(rows_of(&changes, "emitted"), [2]);
         assert_eq!(rows_of(&changes, "emitted_top"), [0]);
         layers.extend(changes);
@@ -873,7 +887,6 @@ mod tests {
 
     #[test]
     fn snapshots_under_the_sled_backend_restore_in_layers_into_either_backend() {
-        use crate::stream::operator::testing::snapshot_of;
         for retracting in [false, true] {
             for (memory, restored_memory) in [
                 (Some(0), Some(0)),
@@ -926,7 +939,6 @@ mod tests {
 
     #[test]
     fn a_changed_partition_that_goes_to_disk_twice_between_snapshots_is_in_the_next_one() {
-        use crate::stream::operator::testing::snapshot_of;
         use Op::Insert as I;
         let mut original = operator_in(false, Some(0));
         run_epoch(&mut original, &[("k", 5, I), ("k", 6, I)]);

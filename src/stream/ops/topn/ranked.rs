@@ -65,6 +65,7 @@ const FEW: usize = 32;
 /// and most partitions of a TopN over many keys hold a handful), the rest on the heap.
 type FewRows = SmallVec<[(Entry, i64); 1]>;
 
+#[derive(Clone)]
 pub enum Ranked {
     Few(FewRows),
     Many(BTreeMap<Entry, i64>),

@@ -17,10 +17,10 @@ use crate::stream::operator::Operator;
 /// Bytes of batches (in memory) per chunk.
 const CHUNK_BYTES: usize = 16 << 20;
 
-/// An operator's state batches held in memory from this size on (in all) are written to
-/// the store as chunks by the thread storing its snapshot, not encoded with the rest of the task's
-/// snapshot by the coordinator: a big state's checkpoint then encodes a chunk at a time
-/// into one buffer, where the whole snapshot went into one fresh buffer of its size
+/// An operator's state batches held in memory, from this size in all, are written to the
+/// store as chunks by the thread storing its snapshot, not encoded with the rest of the
+/// task's snapshot by the coordinator: a big state's checkpoint then encodes a chunk at a
+/// time into one buffer, where the whole snapshot went into one fresh buffer of its size
 /// (every page of which the kernel zeroed: a third of Nexmark q20's time).
 const INLINE_BYTES: usize = 1 << 20;
 

@@ -820,7 +820,7 @@ fn snapshots_share_long_runs_of_new_rows_with_the_state() {
     run(&mut before, 0, ins(0, &rows(5000, 3)));
     let changes = snapshot_of(&mut before, false);
     let side = &before.sides[0];
-    // The side's rows are one chunk (the small batches merged into it).
+    // Entry 10's chunk: the second batch's rows, the first (small) batch merged into it.
     let chunk = side.chunk_rows(side.entry(10).loc.0);
     let values = |b: &RecordBatch| {
         b.column(0)
@@ -854,6 +854,7 @@ fn snapshots_share_long_runs_of_new_rows_with_the_state() {
     let mut got = run(&mut after, 1, probe);
     expected.sort();
     got.sort();
-    assert_eq!(expected.len(), 431 + 429 + 1);
+    // Key 0: 0, 7, .., 3003; key 3: 3, 10, .., 3008 and 5001.
+    assert_eq!(expected.len(), 430 + 431);
     assert_eq!(got, expected);
 }

@@ -98,8 +98,21 @@ impl Engine {
             .with_default_catalog_and_schema(names::CATALOG, names::SCHEMA)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(false);
-        let ctx = SessionContext::new_with_config(config);
-        ctx.add_optimizer_rule(Arc::new(crate::plan::case_lookup::CaseLookup));
+        // The CASE lookup rewrite goes before common subexpression elimination, which
+        // would take a comparison repeated within a projection out as a column first and
+        // leave its CASE branch by branch.
+        let mut rules = datafusion::optimizer::Optimizer::new().rules;
+        let cse = rules
+            .iter()
+            .position(|r| r.name() == "common_sub_expression_eliminate")
+            .unwrap_or(rules.len());
+        rules.insert(cse, Arc::new(crate::plan::case_lookup::CaseLookup));
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .with_optimizer_rules(rules)
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let ctx = Arc::new(ctx);
         let jobs = Jobs::new();
         if tokio::runtime::Handle::try_current().is_ok() {

@@ -11,7 +11,9 @@
 //! by the first WHEN either way, and the remaining branches see the same rows.
 //!
 //! [`CaseLookup`] is an optimizer rule of the engine's session, so queries, views and jobs
-//! all get it, and EXPLAIN shows it.
+//! all get it, and EXPLAIN shows it. It runs before DataFusion's common subexpression
+//! elimination, which would take a comparison repeated within a projection out as a column
+//! and leave its CASE without the comparisons the rewrite looks for.
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::Result;

@@ -130,7 +130,7 @@ impl StreamJoin {
         let mut batches = Vec::new();
         for (start, end, shared) in pieces {
             let step = if shared { end - start } else { SNAPSHOT_ROWS };
-            for piece in ids[start..end].chunks(step.max(1)) {
+            for piece in ids[start..end].chunks(step) {
                 batches.push(self.side_batch(s, piece, shared)?);
             }
         }

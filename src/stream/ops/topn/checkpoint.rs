@@ -58,9 +58,7 @@ impl Frozen {
         }
         self.partitions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for chunk in self.partitions.chunks(CHUNK_PARTITIONS) {
-            let partitions: Vec<(&[u8], &Partition)> =
-                chunk.iter().map(|(k, p)| (&**k, p)).collect();
-            for batch in TopN::chunk_batches(self.limit, self.flat, &partitions)? {
+            for batch in TopN::chunk_batches(self.limit, self.flat, chunk)? {
                 out(batch)?;
             }
         }
@@ -75,9 +73,9 @@ impl Frozen {
 }
 
 impl TopN {
-    /// Every partition in memory, frozen for [`Self::frozen_snapshot`]; what changed is
+    /// Freezes every partition in memory for [`Self::frozen_snapshot`]; what changed is
     /// now recorded.
-    pub(super) fn whole_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+    pub(super) fn freeze_whole(&mut self) {
         let partitions = self
             .partitions
             .iter_mut()
@@ -88,12 +86,11 @@ impl TopN {
             .collect();
         self.dirty.clear();
         self.freeze(None, partitions);
-        Ok(vec![])
     }
 
-    /// The partitions in memory changed or gone since the previous snapshot, frozen for
+    /// Freezes the partitions in memory changed or gone since the previous snapshot for
     /// [`Self::frozen_snapshot`].
-    pub(super) fn changed_snapshot(&mut self) -> Result<Vec<RecordBatch>> {
+    pub(super) fn freeze_changes(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
         let mut partitions = Vec::new();
         for key in &dirty {
@@ -104,7 +101,6 @@ impl TopN {
             }
         }
         self.freeze(Some(dirty), partitions);
-        Ok(vec![])
     }
 
     fn freeze(&mut self, reset: Option<Vec<Arc<[u8]>>>, partitions: Vec<(Arc<[u8]>, Partition)>) {
@@ -138,15 +134,16 @@ impl TopN {
 
     /// `rows`, `emitted` and `emitted_top` batches of the partitions, whose rows are
     /// `flat`-encoded or not.
-    pub(super) fn chunk_batches(
+    pub(super) fn chunk_batches<K: AsRef<[u8]>>(
         limit: usize,
         flat: bool,
-        partitions: &[(&[u8], &Partition)],
+        partitions: &[(K, Partition)],
     ) -> Result<[RecordBatch; 3]> {
         let codec = if flat { ROWS_FLAT } else { ROWS_ARROW };
         let (mut row_keys, mut sorts, mut rows, mut counts) = (vec![], vec![], vec![], vec![]);
         let (mut emitted_keys, mut emitted, mut emitted_top) = (vec![], vec![], vec![]);
-        for &(key, p) in partitions {
+        for (key, p) in partitions {
+            let key = key.as_ref();
             for (entry, count) in p.rows.iter() {
                 row_keys.push(key);
                 sorts.push(entry.sort());

@@ -42,7 +42,7 @@ pub struct SortKey {
 /// A partition's emitted rows: one inline, as a dedup emits.
 type Emitted = SmallVec<[Entry; 1]>;
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct Partition {
     rows: Ranked,
     /// How many rows are present (the sum of the counts in `rows`).
@@ -377,12 +377,16 @@ impl Operator for TopN {
         self.emit(out)
     }
 
+    /// Nothing in the task's snapshot itself: the partitions are frozen, and encoded by
+    /// the reader [`Operator::snapshot_beyond_memory`] gives.
     fn snapshot(&mut self) -> Result<Vec<RecordBatch>> {
-        self.whole_snapshot()
+        self.freeze_whole();
+        Ok(vec![])
     }
 
     fn snapshot_changes(&mut self) -> Result<Option<Vec<RecordBatch>>> {
-        self.changed_snapshot().map(Some)
+        self.freeze_changes();
+        Ok(Some(vec![]))
     }
 
     fn state_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<ArrayRef>>> {
@@ -764,6 +768,42 @@ mod tests {
                 "+U go,6,1",
                 "+U poker,2,1",
                 "+I poker,1,2",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_snapshot_is_encoded_off_the_task_as_of_its_barrier() {
+        let later = [("go", 5, Op::Delete), ("go", 9, Op::Insert)];
+        let mut original = operator(true);
+        let mut out = Vec::new();
+        let first = [("go", 5, Op::Insert), ("chess", 3, Op::Insert)];
+        original.process(0, batch(&first), &mut out).unwrap();
+        original.on_barrier(&mut out).unwrap();
+        // The task's part of the snapshot holds no rows; the reader encodes them later.
+        assert!(original.snapshot().unwrap().is_empty());
+        let read = original.snapshot_beyond_memory(true).unwrap().unwrap();
+        // Rows that come before the reader runs are not in this snapshot.
+        original.process(0, batch(&later), &mut out).unwrap();
+        let mut state = Vec::new();
+        read(&mut |b| {
+            state.push(b);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(rows_of(&state, "rows"), [2]);
+        let mut restored = operator(true);
+        restored.restore(state).unwrap();
+        restored.restored().unwrap();
+        restored.process(0, batch(&later), &mut Vec::new()).unwrap();
+        assert_eq!(
+            same_output(&mut original, &mut restored, &[("chess", 4, Op::Insert)]),
+            [
+                "-U go,5,1",
+                "-U chess,3,1",
+                "+U go,9,1",
+                "+U chess,4,1",
+                "+I chess,3,2"
             ]
         );
     }

@@ -330,9 +330,7 @@ impl TopN {
         Ok(Some(Box::new(move |out| {
             let mut group: Vec<(Vec<u8>, Partition)> = Vec::new();
             let mut emit = |group: &mut Vec<(Vec<u8>, Partition)>| -> Result<()> {
-                let partitions: Vec<(&[u8], &Partition)> =
-                    group.iter().map(|(k, p)| (k.as_slice(), p)).collect();
-                for batch in Self::chunk_batches(limit, flat, &partitions)? {
+                for batch in Self::chunk_batches(limit, flat, group)? {
                     out(batch)?;
                 }
                 group.clear();

@@ -17,8 +17,7 @@ use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::hash_map::EntryRef;
-use datafusion::common::{HashMap, Result};
+use datafusion::common::Result;
 use datafusion::physical_expr::PhysicalExpr;
 use smallvec::SmallVec;
 
@@ -26,11 +25,13 @@ use crate::stream::message::{ChangeBatch, Op};
 use crate::stream::operator::{Operator, StateReader};
 
 mod checkpoint;
+mod partitions;
 mod ranked;
 mod spill;
 
 use crate::stream::flat_rows::RowCodec;
 use crate::stream::source::BATCH_SIZE;
+use partitions::{Id, Partitions};
 use ranked::{Entry, Ranked};
 
 /// A sort key of the TopN: an expression and its direction.
@@ -73,9 +74,11 @@ impl Partition {
     }
 }
 
-/// A partition's own fields (boxed) and its map slot, beside its key and rows.
-const PARTITION_OVERHEAD: usize =
-    std::mem::size_of::<Partition>() + std::mem::size_of::<(Arc<[u8]>, Box<Partition>)>();
+/// A partition's own fields and its place in the index, beside its key and rows.
+const PARTITION_OVERHEAD: usize = partitions::SLOT_BYTES;
+
+/// How many partitions ahead a walk over listed slots asks for their rows' memory.
+const PREFETCH_AHEAD: usize = 8;
 
 /// An emitted row's slot (its bytes are shared with, and counted by, its entry).
 const EMITTED_SLOT: usize = 16;
@@ -92,14 +95,16 @@ pub struct TopN {
     sort_converter: RowConverter,
     /// Whole rows, as entries hold them.
     rows_codec: RowCodec,
-    /// Keys shared with the `changed` and `dirty` lists. Partitions are boxed so the
-    /// map's slots stay small: it grows by doubling, copying every slot, and over many
-    /// keys its slots were most of the memory.
-    partitions: HashMap<Arc<[u8]>, Box<Partition>>,
-    /// Partitions with changes not emitted yet.
-    changed: Vec<Arc<[u8]>>,
-    /// Partitions changed (or gone) since the previous snapshot, possibly repeated.
-    dirty: Vec<Arc<[u8]>>,
+    partitions: Partitions,
+    /// Partitions with changes not emitted yet (slots that no longer hold such a
+    /// partition are passed over: their `changed` flag says).
+    changed: Vec<Id>,
+    /// Partitions changed since the previous snapshot, possibly repeated (passed over
+    /// as `changed`, by their `dirty` flag).
+    dirty: Vec<Id>,
+    /// Keys of partitions that left memory since the previous snapshot, gone or (under
+    /// the sled backend) moved to disk with changes: the next snapshot resets them.
+    gone: Vec<Arc<[u8]>>,
     /// Bytes of state held in memory, kept as rows come and go.
     bytes: usize,
     /// Partitions beyond the memory budget, under the sled backend.
@@ -146,9 +151,10 @@ impl TopN {
             partition_converter,
             sort_converter,
             rows_codec,
-            partitions: HashMap::default(),
+            partitions: Partitions::default(),
             changed: Vec::new(),
             dirty: Vec::new(),
+            gone: Vec::new(),
             bytes: 0,
             spill: None,
             frozen: None,
@@ -178,11 +184,11 @@ impl TopN {
         top
     }
 
-    /// Lists `key` among the partitions changed since the previous snapshot.
-    fn mark_dirty(dirty: &mut Vec<Arc<[u8]>>, key: &Arc<[u8]>, partition: &mut Partition) {
+    /// Lists slot `id` among the partitions changed since the previous snapshot.
+    fn mark_dirty(dirty: &mut Vec<Id>, id: Id, partition: &mut Partition) {
         if !partition.dirty {
             partition.dirty = true;
-            dirty.push(key.clone());
+            dirty.push(id);
         }
     }
 
@@ -192,15 +198,14 @@ impl TopN {
             return;
         };
         let now = Instant::now();
-        let (dirty, bytes) = (&mut self.dirty, &mut self.bytes);
-        self.partitions.retain(|key, p| {
-            let keep = p.changed || p.touched.is_some_and(|t| now.duration_since(t) < ttl);
-            if !keep {
-                *bytes -= Self::partition_size(key, p);
-                dirty.push(key.clone());
-            }
-            keep
-        });
+        let expired = self
+            .partitions
+            .slots_where(|p| !p.changed && p.touched.is_none_or(|t| now.duration_since(t) >= ttl));
+        for id in expired {
+            let (key, gone) = self.partitions.remove_at(id);
+            self.bytes -= Self::partition_size(&key, &gone);
+            self.gone.push(key);
+        }
     }
 
     fn partition_size(key: &[u8], p: &Partition) -> usize {
@@ -217,8 +222,11 @@ impl TopN {
         // Partitions emit in the order they first changed in the epoch: those new in it
         // were allocated in that order, so their state is read in address order.
         let changed = std::mem::take(&mut self.changed);
-        for key in changed {
-            let Some(partition) = self.partitions.get_mut(&key) else {
+        for (i, &id) in changed.iter().enumerate() {
+            if let Some(&ahead) = changed.get(i + PREFETCH_AHEAD) {
+                self.partitions.prefetch(ahead);
+            }
+            let Some((_, partition)) = self.partitions.at_mut(id).filter(|(_, p)| p.changed) else {
                 continue;
             };
             partition.changed = false;
@@ -240,16 +248,14 @@ impl TopN {
                 }
             }
             if partition.rows.is_empty() {
-                let gone = self.partitions.remove(&key).expect("present");
+                let (key, gone) = self.partitions.remove_at(id);
                 self.bytes -= Self::partition_size(&key, &gone);
-                if !gone.dirty {
-                    self.dirty.push(key);
-                }
+                self.gone.push(key);
             } else if !same {
                 self.bytes =
                     self.bytes + top.len() * EMITTED_SLOT - partition.emitted.len() * EMITTED_SLOT;
                 partition.emitted = top;
-                Self::mark_dirty(&mut self.dirty, &key, partition);
+                Self::mark_dirty(&mut self.dirty, id, partition);
             }
         }
         // In source-sized batches: one batch of a million changed rows would be
@@ -299,41 +305,33 @@ impl Operator for TopN {
             let mut seen = std::collections::HashSet::new();
             let missing: Vec<&[u8]> = (0..rows.num_rows())
                 .map(|i| keys.row(i).data())
-                .filter(|k| !self.partitions.contains_key(*k) && seen.insert(*k))
+                .filter(|k| !self.partitions.contains(k) && seen.insert(*k))
                 .collect();
             self.bring_back_all(&missing)?;
         }
         for i in 0..rows.num_rows() {
             let key = keys.row(i);
             let (sort, row) = (sorts.row(i), full.row(i));
-            // One lookup a row; the stored key is cloned only to list the partition.
-            let mut entry = match self.partitions.entry_ref(key.as_ref()) {
-                EntryRef::Occupied(entry) => entry,
-                EntryRef::Vacant(entry) => {
-                    self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
-                    let new = Box::new(Partition {
-                        created_since_shed: true,
-                        ..Partition::default()
-                    });
-                    entry.insert_entry_with_key(Arc::from(key.as_ref()), new)
-                }
-            };
-            entry.get_mut().used = true;
+            // One lookup a row; the lists name the partition's slot.
+            let (id, created) = self.partitions.find_or_insert(key.as_ref(), || Partition {
+                created_since_shed: true,
+                ..Partition::default()
+            });
+            if created {
+                self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
+            }
+            let (_, partition) = self.partitions.at_mut(id).expect("found");
+            partition.used = true;
             let sign = if batch.retracts(i) { -1 } else { 1 };
             // Over inserts only, rows below the top N never rise again: a row that would
             // rank after a full partition's last changes nothing (and touches no more of
-            // the partition's memory, its key's included).
-            let held = entry.get();
+            // the partition's memory).
             if !self.retracting
-                && held.present >= limit
-                && !held.rows.before_last(sort.as_ref(), row.as_ref())
+                && partition.present >= limit
+                && !partition.rows.before_last(sort.as_ref(), row.as_ref())
             {
                 continue;
             }
-            // The stored key is cloned only to list the partition, once per list.
-            let (list_changed, list_dirty) = (!held.changed, !held.dirty);
-            let key = (list_changed || list_dirty).then(|| entry.key().clone());
-            let partition = entry.into_mut();
             partition.touched = now;
             let added = partition.rows.add(sort.as_ref(), row.as_ref(), sign);
             self.bytes = (self.bytes as isize + added) as usize;
@@ -345,18 +343,11 @@ impl Operator for TopN {
                     self.bytes -= freed;
                 }
             }
-            if let Some(key) = key {
+            if !partition.changed {
                 partition.changed = true;
-                partition.dirty = true;
-                match (list_changed, list_dirty) {
-                    (true, true) => {
-                        self.changed.push(key.clone());
-                        self.dirty.push(key);
-                    }
-                    (true, false) => self.changed.push(key),
-                    _ => self.dirty.push(key),
-                }
+                self.changed.push(id);
             }
+            Self::mark_dirty(&mut self.dirty, id, partition);
         }
         if self
             .spill
@@ -691,6 +682,55 @@ mod tests {
                 &[("g7", 100, Op::Insert), ("g69999", 1, Op::Insert)]
             ),
             ["-U g7,7,1", "+U g7,100,1", "+I g7,7,2", "+I g69999,1,2"]
+        );
+    }
+
+    #[test]
+    fn a_slot_freed_and_taken_by_another_partition_is_snapshotted_as_both() {
+        let mut original = operator(true);
+        let mut out = Vec::new();
+        original
+            .process(
+                0,
+                batch(&[("go", 5, Op::Insert), ("chess", 3, Op::Insert)]),
+                &mut out,
+            )
+            .unwrap();
+        original.on_barrier(&mut out).unwrap();
+        let mut layers = snapshot_of(&mut original, true);
+        let key = |op: &TopN, game: &str| {
+            let column: ArrayRef = Arc::new(StringArray::from(vec![game]));
+            let keys = op.partition_converter.convert_columns(&[column]).unwrap();
+            op.partitions.find(keys.row(0).as_ref())
+        };
+        let go_slot = key(&original, "go").unwrap();
+        // go empties and leaves at this barrier; poker, new after it, takes its slot
+        // while both slot lists still name it from go's changes.
+        original
+            .process(0, batch(&[("go", 5, Op::Delete)]), &mut out)
+            .unwrap();
+        original.on_barrier(&mut out).unwrap();
+        original
+            .process(0, batch(&[("poker", 1, Op::Insert)]), &mut out)
+            .unwrap();
+        assert_eq!(key(&original, "poker"), Some(go_slot));
+        assert_eq!(key(&original, "go"), None);
+        let changes = snapshot_of(&mut original, false);
+        // Reset: go and poker; rows: poker's once; poker's change is not emitted yet.
+        assert_eq!(rows_of(&changes, "reset"), [2]);
+        assert_eq!(rows_of(&changes, "rows"), [1]);
+        assert_eq!(rows_of(&changes, "changed"), [1]);
+        layers.extend(changes);
+        let mut restored = operator(true);
+        restored.restore(layers).unwrap();
+        assert_eq!(restored.state_size(), original.state_size());
+        assert_eq!(
+            same_output(
+                &mut original,
+                &mut restored,
+                &[("go", 7, Op::Insert), ("chess", 3, Op::Delete)]
+            ),
+            ["-D chess,3,1", "+I poker,1,1", "+I go,7,1"]
         );
     }
 

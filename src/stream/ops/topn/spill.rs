@@ -9,7 +9,7 @@
 //!
 //! Snapshots read partitions on disk straight from the store: incremental ones those
 //! moved with changes since the previous snapshot, whole ones all. (The in-memory part's
-//! `reset` names them: a partition that moves keeps its place in the dirty list.) A
+//! `reset` names them: a partition that moves with changes is listed among those gone.) A
 //! restore builds partitions in memory as layers name them (bringing back those on disk)
 //! and moves them to disk after each restored part, so memory holds at most a part and
 //! the budget.
@@ -18,6 +18,7 @@ use std::collections::HashSet;
 
 use datafusion::common::{DataFusionError, Result};
 
+use super::partitions::Id;
 use super::ranked::Entry;
 use super::{Partition, TopN};
 use crate::stream::message::ChangeBatch;
@@ -217,12 +218,9 @@ impl TopN {
         self.move_cold()?;
         if self.bytes > memory / 4 * 3 {
             // Partitions with results still to emit stay (none, right after an emit).
-            let created: Vec<std::sync::Arc<[u8]>> = self
+            let created = self
                 .partitions
-                .iter()
-                .filter(|(_, p)| p.created_since_shed && !p.changed)
-                .map(|(k, _)| k.clone())
-                .collect();
+                .slots_where(|p| p.created_since_shed && !p.changed);
             self.move_to_disk(created)?;
         }
         Ok(())
@@ -248,41 +246,35 @@ impl TopN {
         if spill.idle.look().is_none() {
             return Ok(());
         }
-        let cold: Vec<std::sync::Arc<[u8]>> = self
-            .partitions
-            .iter_mut()
-            .filter_map(|(k, p)| {
-                let cold = !p.changed && !p.used;
-                p.used = false;
-                cold.then(|| k.clone())
-            })
-            .collect();
+        let cold = self.partitions.slots_where(|p| {
+            let cold = !p.changed && !p.used;
+            p.used = false;
+            cold
+        });
         self.move_to_disk(cold)
     }
 
     /// Moves every partition without results still to emit to disk.
     pub(super) fn move_all_to_disk(&mut self) -> Result<()> {
-        let movable: Vec<std::sync::Arc<[u8]>> = self
-            .partitions
-            .iter()
-            .filter(|(_, p)| !p.changed)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let movable = self.partitions.slots_where(|p| !p.changed);
         self.move_to_disk(movable)
     }
 
-    fn move_to_disk(&mut self, keys: Vec<std::sync::Arc<[u8]>>) -> Result<()> {
-        if keys.is_empty() {
+    /// Moves the partitions of slots `ids` to disk; the next snapshot resets those with
+    /// changes and reads them from there.
+    fn move_to_disk(&mut self, ids: Vec<Id>) -> Result<()> {
+        if ids.is_empty() {
             return Ok(());
         }
         let spill = self.spill.as_mut().expect("moving needs the backend");
-        let mut records = Vec::with_capacity(keys.len());
-        for key in keys {
-            let p = self.partitions.remove(&key).expect("listed");
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (key, p) = self.partitions.remove_at(id);
             self.bytes -= Self::partition_size(&key, &p);
             let top = !p.emitted.is_empty() && Self::top(self.limit, &p) == p.emitted;
             if p.dirty {
                 spill.changed.insert(key.to_vec());
+                self.gone.push(key.clone());
             }
             records.push((key, encode(&p, top)));
         }
@@ -305,13 +297,13 @@ impl TopN {
         };
         let taken = spill.take_all(keys, self.limit)?;
         let n = taken.len();
-        for (i, mut p, dirty) in taken {
-            let key: std::sync::Arc<[u8]> = keys[i].into();
-            self.bytes += Self::partition_size(&key, &p);
+        for (i, p, dirty) in taken {
+            self.bytes += Self::partition_size(keys[i], &p);
+            let id = self.partitions.insert(keys[i].into(), p);
             if dirty {
-                Self::mark_dirty(&mut self.dirty, &key, &mut p);
+                let (_, p) = self.partitions.at_mut(id).expect("inserted");
+                Self::mark_dirty(&mut self.dirty, id, p);
             }
-            self.partitions.insert(key, Box::new(p));
         }
         Ok(n)
     }

@@ -313,14 +313,14 @@ impl Operator for TopN {
             let key = keys.row(i);
             let (sort, row) = (sorts.row(i), full.row(i));
             // One lookup a row; the lists name the partition's slot.
-            let (id, created) = self.partitions.find_or_insert(key.as_ref(), || Partition {
-                created_since_shed: true,
-                ..Partition::default()
-            });
+            let (id, created, partition) =
+                self.partitions.find_or_insert(key.as_ref(), || Partition {
+                    created_since_shed: true,
+                    ..Partition::default()
+                });
             if created {
                 self.bytes += key.as_ref().len() + PARTITION_OVERHEAD;
             }
-            let (_, partition) = self.partitions.at_mut(id).expect("found");
             partition.used = true;
             let sign = if batch.retracts(i) { -1 } else { 1 };
             // Over inserts only, rows below the top N never rise again: a row that would

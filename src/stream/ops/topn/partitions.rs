@@ -92,21 +92,23 @@ impl Partitions {
         slot.key.as_ref().map(|key| (key, &mut slot.partition))
     }
 
-    /// The slot of `key`'s partition, made by `new` if there is none (and then `true`).
+    /// The slot of `key`'s partition and the partition, made by `new` if there was none
+    /// (and then `true`).
     pub(super) fn find_or_insert(
         &mut self,
         key: &[u8],
         new: impl FnOnce() -> Partition,
-    ) -> (Id, bool) {
+    ) -> (Id, bool, &mut Partition) {
         let hash = self.hash(key);
         let pages = &self.pages;
         let found = self.index.find(spread(hash), |&(id, h)| {
             h == hash && pages[id as usize / PAGE][id as usize % PAGE].key.as_deref() == Some(key)
         });
-        if let Some(&(id, _)) = found {
-            return (id, false);
-        }
-        (self.put(hash, key.into(), new()), true)
+        let (id, created) = match found {
+            Some(&(id, _)) => (id, false),
+            None => (self.put(hash, key.into(), new()), true),
+        };
+        (id, created, &mut self.slot_mut(id).partition)
     }
 
     /// Adds `key`'s partition, which must not be there yet.
@@ -231,13 +233,11 @@ mod tests {
             .map(|i| i.to_le_bytes().to_vec())
             .collect();
         for (i, key) in keys.iter().enumerate() {
-            let (id, new) = parts.find_or_insert(key, || with_present(i as i64));
-            assert_eq!((id, new), (i as Id, true));
+            let (id, new, p) = parts.find_or_insert(key, || with_present(i as i64));
+            assert_eq!((id, new, p.present), (i as Id, true, i as i64));
         }
-        assert_eq!(
-            parts.find_or_insert(&keys[7], Partition::default),
-            (7, false)
-        );
+        let (id, new, p) = parts.find_or_insert(&keys[7], Partition::default);
+        assert_eq!((id, new, p.present), (7, false, 7));
         assert_eq!(parts.len(), keys.len());
         // Across the page boundary too.
         let last = keys.len() - 1;

@@ -735,6 +735,31 @@ mod tests {
     }
 
     #[test]
+    fn partitions_past_their_ttl_go_at_a_barrier_and_the_next_snapshot_resets_them() {
+        let mut op = operator(true);
+        op.ttl = Some(Duration::ZERO);
+        let mut out = Vec::new();
+        op.process(0, batch(&[("go", 5, Op::Insert)]), &mut out)
+            .unwrap();
+        // Changed partitions stay until emitted, however old.
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I go,5,1"]);
+        snapshot_of(&mut op, true);
+        out.clear();
+        op.on_barrier(&mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!((op.partitions.len(), op.state_size()), (0, 0));
+        let changes = snapshot_of(&mut op, false);
+        assert_eq!(rows_of(&changes, "reset"), [1]);
+        assert!(rows_of(&changes, "rows").is_empty());
+        // A row of the expired key starts it afresh.
+        op.process(0, batch(&[("go", 2, Op::Insert)]), &mut out)
+            .unwrap();
+        op.on_barrier(&mut out).unwrap();
+        assert_eq!(lines(&out), ["+I go,2,1"]);
+    }
+
+    #[test]
     fn incremental_snapshots_hold_only_changed_partitions_and_restore_in_layers() {
         let mut original = operator(true);
         let mut out = Vec::new();

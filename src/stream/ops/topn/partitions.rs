@@ -82,13 +82,18 @@ impl Partitions {
     }
 
     /// The key and partition in slot `id`, if it holds one.
+    /// (A listed slot may be gone with its page, see [`Partitions::remove_at`].)
     pub(super) fn at(&self, id: Id) -> Option<(&Arc<[u8]>, &Partition)> {
-        let slot = self.slot(id);
+        let slot = self
+            .pages
+            .get(id as usize / PAGE)?
+            .get(id as usize % PAGE)?;
         slot.key.as_ref().map(|key| (key, &slot.partition))
     }
 
     pub(super) fn at_mut(&mut self, id: Id) -> Option<(&Arc<[u8]>, &mut Partition)> {
-        let slot = self.slot_mut(id);
+        let page = self.pages.get_mut(id as usize / PAGE)?;
+        let slot = page.get_mut(id as usize % PAGE)?;
         slot.key.as_ref().map(|key| (key, &mut slot.partition))
     }
 
@@ -145,7 +150,9 @@ impl Partitions {
 
     /// Asks for the memory of the first row of slot `id`'s partition ahead of its use.
     pub(super) fn prefetch(&self, id: Id) {
-        self.slot(id).partition.rows.prefetch_first();
+        if let Some((_, p)) = self.at(id) {
+            p.rows.prefetch_first();
+        }
     }
 
     /// Takes `key`'s partition out.
@@ -154,7 +161,9 @@ impl Partitions {
         Some(self.remove_at(id))
     }
 
-    /// Takes the partition of slot `id` (which holds one) out, freeing the slot.
+    /// Takes the partition of slot `id` (which holds one) out, freeing the slot. The
+    /// last partition out gives back the pages but the first (a burst of partitions
+    /// gone by their TTL would otherwise keep its slots for good).
     pub(super) fn remove_at(&mut self, id: Id) -> (Arc<[u8]>, Partition) {
         let slot = std::mem::replace(
             self.slot_mut(id),
@@ -170,6 +179,12 @@ impl Partitions {
             .expect("indexed")
             .remove();
         self.free.push(id);
+        if self.index.is_empty() && self.pages.len() > 1 {
+            self.pages.truncate(1);
+            self.pages[0].clear();
+            self.free.clear();
+            self.index.shrink_to_fit(|_| unreachable!("empty"));
+        }
         (key, slot.partition)
     }
 
@@ -261,5 +276,15 @@ mod tests {
         }
         assert!(parts.values().all(|p| p.present % 2 == 0));
         assert_eq!(parts.iter().count(), parts.len());
+        // The last one out gives back all pages but the first; old slot numbers find
+        // nothing, and numbering starts again.
+        let all = parts.slots_where(|_| true);
+        for &id in &all {
+            parts.remove_at(id);
+        }
+        assert_eq!((parts.len(), parts.pages.len()), (0, 1));
+        assert!(all.iter().all(|&id| parts.at(id).is_none()));
+        parts.prefetch(all[all.len() - 1]);
+        assert_eq!(parts.find_or_insert(b"again", Partition::default).0, 0);
     }
 }

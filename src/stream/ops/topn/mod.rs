@@ -470,6 +470,14 @@ mod tests {
         crate::stream::message::change_lines(out)
     }
 
+    /// A retracting operator restored from `layers`, holding as much state as `original`.
+    fn restored_like(original: &TopN, layers: Vec<RecordBatch>) -> TopN {
+        let mut restored = operator(true);
+        restored.restore(layers).unwrap();
+        assert_eq!(restored.state_size(), original.state_size());
+        restored
+    }
+
     /// What both operators emit for `rows` and a barrier, which must be the same.
     fn same_output(a: &mut TopN, b: &mut TopN, rows: &[(&str, i64, Op)]) -> Vec<String> {
         let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
@@ -721,9 +729,7 @@ mod tests {
         assert_eq!(rows_of(&changes, "rows"), [1]);
         assert_eq!(rows_of(&changes, "changed"), [1]);
         layers.extend(changes);
-        let mut restored = operator(true);
-        restored.restore(layers).unwrap();
-        assert_eq!(restored.state_size(), original.state_size());
+        let mut restored = restored_like(&original, layers);
         assert_eq!(
             same_output(
                 &mut original,
@@ -817,9 +823,7 @@ mod tests {
         assert_eq!(rows_of(&changes, "emitted"), [2]);
         assert_eq!(rows_of(&changes, "emitted_top"), [0]);
         layers.extend(changes);
-        let mut restored = operator(true);
-        restored.restore(layers).unwrap();
-        assert_eq!(restored.state_size(), original.state_size());
+        let mut restored = restored_like(&original, layers);
         assert_eq!(
             same_output(
                 &mut original,

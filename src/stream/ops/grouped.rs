@@ -15,6 +15,8 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{new_group_values, GroupValues};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
+use super::bigint_calls::BigintCall;
+
 /// What to aggregate: group keys and aggregate calls, planned against the input.
 pub struct AggregateCalls {
     pub keys: Vec<Arc<dyn PhysicalExpr>>,
@@ -39,7 +41,10 @@ impl AggregateCalls {
             accumulators: self
                 .aggregates
                 .iter()
-                .map(|a| a.create_accumulator())
+                .map(|a| match BigintCall::of(a) {
+                    Some(call) => Ok(OneCall::Bigint(call)),
+                    None => Ok(OneCall::Row(a.create_accumulator()?)),
+                })
                 .collect::<Result<_>>()?,
         })
     }
@@ -279,16 +284,28 @@ impl AggregateCalls {
     }
 }
 
-/// The aggregate state of one group (a session's) on DataFusion's row accumulators: a
-/// [`Grouped`] (hash table, vectors per call sized for many groups) took kilobytes for
-/// one. Its states are those of the grouped accumulators, so the two merge each other's.
+/// The aggregate state of one group (a session's) on DataFusion's row accumulators, or
+/// plain numbers for COUNT and BIGINT's SUM, MIN and MAX: a [`Grouped`] (hash table,
+/// vectors per call sized for many groups) took kilobytes for one. Its states are those
+/// of the grouped accumulators, so the two merge each other's.
 pub struct OneGroup {
-    accumulators: Vec<Box<dyn Accumulator>>,
+    accumulators: Vec<OneCall>,
+}
+
+enum OneCall {
+    Bigint(BigintCall),
+    Row(Box<dyn Accumulator>),
 }
 
 impl OneGroup {
     pub fn size(&self) -> usize {
-        self.accumulators.iter().map(|a| a.size()).sum()
+        self.accumulators
+            .iter()
+            .map(|a| match a {
+                OneCall::Bigint(_) => std::mem::size_of::<OneCall>(),
+                OneCall::Row(a) => a.size(),
+            })
+            .sum()
     }
 
     /// Folds in rows `offset..offset + len` of `inputs` (sessions take their rows of a
@@ -299,6 +316,13 @@ impl OneGroup {
             .iter_mut()
             .zip(inputs.args.iter().zip(&inputs.filters))
         {
+            let acc = match acc {
+                OneCall::Bigint(call) => {
+                    call.update(&args[0], mask.as_ref(), offset, len)?;
+                    continue;
+                }
+                OneCall::Row(acc) => acc,
+            };
             let args: Vec<ArrayRef> = args.iter().map(|a| a.slice(offset, len)).collect();
             let args = match mask {
                 // A FILTER narrows the rows first.
@@ -321,7 +345,10 @@ impl OneGroup {
     /// Merges partial states: each call's state columns.
     pub fn merge(&mut self, states: &[Vec<ArrayRef>]) -> Result<()> {
         for (acc, state) in self.accumulators.iter_mut().zip(states) {
-            acc.merge_batch(state)?;
+            match acc {
+                OneCall::Bigint(call) => call.merge(&state[0])?,
+                OneCall::Row(acc) => acc.merge_batch(state)?,
+            }
         }
         Ok(())
     }
@@ -331,11 +358,13 @@ impl OneGroup {
     pub fn freeze(&mut self) -> Result<Vec<Vec<ArrayRef>>> {
         self.accumulators
             .iter_mut()
-            .map(|a| {
-                a.state()?
+            .map(|a| match a {
+                OneCall::Bigint(call) => Ok(vec![call.value().to_array()?]),
+                OneCall::Row(a) => a
+                    .state()?
                     .into_iter()
                     .map(|v| v.to_array())
-                    .collect::<Result<Vec<_>>>()
+                    .collect::<Result<Vec<_>>>(),
             })
             .collect()
     }
@@ -350,6 +379,13 @@ impl OneGroup {
     ) -> Result<Vec<Vec<ScalarValue>>> {
         let mut values = Vec::with_capacity(self.accumulators.len());
         for (i, acc) in self.accumulators.iter_mut().enumerate() {
+            let acc = match acc {
+                OneCall::Bigint(call) => {
+                    values.push(vec![call.value()]);
+                    continue;
+                }
+                OneCall::Row(acc) => acc,
+            };
             let state = acc.state()?;
             if !kept[i] {
                 let arrays = state
@@ -366,7 +402,13 @@ impl OneGroup {
 
     /// Each call's final value; the accumulators may be spent.
     pub fn evaluate(&mut self) -> Result<Vec<ScalarValue>> {
-        self.accumulators.iter_mut().map(|a| a.evaluate()).collect()
+        self.accumulators
+            .iter_mut()
+            .map(|a| match a {
+                OneCall::Bigint(call) => Ok(call.value()),
+                OneCall::Row(a) => a.evaluate(),
+            })
+            .collect()
     }
 }
 

@@ -1,5 +1,6 @@
 //! Operators, one file each.
 
+mod bigint_calls;
 pub mod fragment;
 pub mod group_agg;
 pub mod grouped;

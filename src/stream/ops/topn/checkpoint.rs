@@ -34,9 +34,9 @@ const CHUNK_PARTITIONS: usize = 1 << 16;
 /// storing the checkpoint: the task only clones each partition's entries (shared, not
 /// copied) where it encoded every changed row (Nexmark q18: a fifth of the task's time).
 pub(super) struct Frozen {
-    /// The keys of partitions changed or gone since the previous snapshot (possibly
-    /// repeated), for an incremental snapshot's `reset` batch.
-    reset: Option<Vec<Arc<[u8]>>>,
+    /// For an incremental snapshot, the keys of partitions that left memory since the
+    /// previous one: its `reset` batch names them and the frozen partitions' keys.
+    gone: Option<Vec<Arc<[u8]>>>,
     partitions: Vec<(Arc<[u8]>, Partition)>,
     changed: Vec<Arc<[u8]>>,
     limit: usize,
@@ -47,13 +47,15 @@ impl Frozen {
     /// The batches, in restore order: `reset`, then `rows`, `emitted` and `emitted_top`
     /// of the partitions by key in chunks of [`CHUNK_PARTITIONS`], then `changed`.
     fn encode(mut self, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        if let Some(mut reset) = self.reset {
+        if let Some(gone) = self.gone {
+            let mut reset: Vec<&[u8]> = gone.iter().map(|k| &**k).collect();
+            reset.extend(self.partitions.iter().map(|(k, _)| &**k));
             reset.sort_unstable();
             reset.dedup();
             out(snapshot::batch(
                 "reset",
                 &[],
-                vec![snapshot::binary(reset.iter().map(|k| &**k))],
+                vec![snapshot::binary(reset)],
             )?)?;
         }
         self.partitions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -92,8 +94,6 @@ impl TopN {
         let dirty = std::mem::take(&mut self.dirty);
         // Sized at once: grown by doubling, the copies were a third of the freeze.
         let mut partitions = Vec::with_capacity(dirty.len());
-        let mut reset = std::mem::take(&mut self.gone);
-        reset.reserve(dirty.len());
         for (i, &id) in dirty.iter().enumerate() {
             if let Some(&ahead) = dirty.get(i + super::PREFETCH_AHEAD) {
                 self.partitions.prefetch(ahead);
@@ -101,16 +101,16 @@ impl TopN {
             // A slot listed again (or holding another partition since) is taken once.
             if let Some((key, p)) = self.partitions.at_mut(id).filter(|(_, p)| p.dirty) {
                 p.dirty = false;
-                reset.push(key.clone());
                 partitions.push((key.clone(), p.frozen()));
             }
         }
-        self.freeze(Some(reset), partitions);
+        let gone = std::mem::take(&mut self.gone);
+        self.freeze(Some(gone), partitions);
     }
 
-    fn freeze(&mut self, reset: Option<Vec<Arc<[u8]>>>, partitions: Vec<(Arc<[u8]>, Partition)>) {
+    fn freeze(&mut self, gone: Option<Vec<Arc<[u8]>>>, partitions: Vec<(Arc<[u8]>, Partition)>) {
         self.frozen = Some(Frozen {
-            reset,
+            gone,
             partitions,
             changed: self
                 .changed

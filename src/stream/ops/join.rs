@@ -154,10 +154,9 @@ impl JoinSpec {
     }
 
     /// Whether the sled state backend can keep the rows beyond memory: those of a join
-    /// with keys (records are per key) and without time bounds (an interval join's rows
-    /// leave with the watermark).
+    /// with keys (records are per key).
     pub fn can_spill(&self) -> bool {
-        !self.keys[0].is_empty() && self.interval.is_none()
+        !self.keys[0].is_empty()
     }
 }
 
@@ -278,7 +277,7 @@ impl StreamJoin {
     /// Keeps rows beyond `backend`'s memory budget on disk, if [`JoinSpec::can_spill`].
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         if let Some(backend) = backend.filter(|_| self.spec.can_spill()) {
-            self.spill = spill::Spill::open(backend, &self.spec.inputs)?;
+            self.spill = spill::Spill::open(backend, &self.spec.inputs, self.spec.interval)?;
         }
         Ok(self)
     }
@@ -488,46 +487,69 @@ impl StreamJoin {
     }
 
     /// Interval joins: drops the rows no on-time row can match any more, emitting the
-    /// unmatched rows of outer inputs null-padded.
+    /// unmatched rows of outer inputs null-padded. Under the sled backend the runs on
+    /// disk holding such rows come back first, a group of keys at a time.
     fn expire(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         let Some(interval) = self.spec.interval else {
             return Ok(());
         };
         for s in 0..2 {
-            let due: Vec<Millis> = self.sides[s]
-                .deadlines
-                .range(..self.watermark)
-                .map(|(d, _)| *d)
-                .collect();
-            if due.is_empty() {
-                continue;
-            }
-            let mut ids = Vec::new();
-            for d in due {
-                let listed = self.sides[s].deadlines.remove(&d).unwrap_or_default();
-                let side = &self.sides[s];
-                ids.extend(listed.into_iter().filter(|&id| {
-                    side.is_live(id) && interval.deadline(s, side.entry(id).time) == d
-                }));
-            }
-            ids.sort_unstable();
-            ids.dedup();
-            if self.spec.kind.outer(s) {
-                let mut emitted = Emitted::default();
-                for &id in &ids {
-                    let e = self.sides[s].entry(id);
-                    if e.matches == 0 {
-                        emitted.push(s, Op::Insert, Part::Stored(e.loc), Part::Null, e.count);
-                    }
-                }
-                self.emit(s, None, emitted, out)?;
-            }
-            for id in ids {
-                self.sides[s].remove(id);
-            }
-            self.sides[s].settle()?;
+            self.expire_side(s, interval, out)?;
+            self.bring_back_due(s, &mut |join| {
+                join.expire_side(s, interval, out)?;
+                join.shed(s)
+            })?;
         }
         Ok(())
+    }
+
+    /// [`Self::expire`] of input `s`'s rows in memory. Null-padded rows come out in the
+    /// order the rows arrived (by deadline, then serial), wherever the rows were kept.
+    fn expire_side(
+        &mut self,
+        s: usize,
+        interval: Interval,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let due: Vec<Millis> = self.sides[s]
+            .deadlines
+            .range(..self.watermark)
+            .map(|(d, _)| *d)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::new();
+        for d in due {
+            let listed = self.sides[s].deadlines.remove(&d).unwrap_or_default();
+            let side = &self.sides[s];
+            ids.extend(
+                listed.into_iter().filter(|&id| {
+                    side.is_live(id) && interval.deadline(s, side.entry(id).time) == d
+                }),
+            );
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        if self.spec.kind.outer(s) {
+            let side = &self.sides[s];
+            let mut unmatched: Vec<_> = ids
+                .iter()
+                .map(|&id| (side.entry(id), id))
+                .filter(|(e, _)| e.matches == 0)
+                .map(|(e, id)| ((interval.deadline(s, e.time), side.serial(id)), e))
+                .collect();
+            unmatched.sort_unstable_by_key(|(order, _)| *order);
+            let mut emitted = Emitted::default();
+            for (_, e) in unmatched {
+                emitted.push(s, Op::Insert, Part::Stored(e.loc), Part::Null, e.count);
+            }
+            self.emit(s, None, emitted, out)?;
+        }
+        for id in ids {
+            self.sides[s].remove(id);
+        }
+        self.sides[s].settle()
     }
 }
 

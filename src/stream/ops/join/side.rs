@@ -16,7 +16,7 @@ use datafusion::arrow::array::UInt32Array;
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::{HashMap, Result};
+use datafusion::common::{HashMap, HashSet, Result};
 use hashbrown::hash_table::Entry as TableEntry;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use smallvec::SmallVec;
@@ -485,6 +485,28 @@ impl Side {
             self.key_bytes -= keyed.key.bytes().len();
             for id in keyed.ids {
                 self.drop_entry(id);
+            }
+        }
+    }
+
+    /// Interval joins: takes the entries `moved` (deadline and id) out of the deadline
+    /// lists, after [`Side::move_out_key`] took them out of memory (before any insert
+    /// can reuse their ids).
+    pub fn unlist_deadlines(&mut self, mut moved: Vec<(Millis, EntryId)>) {
+        moved.sort_unstable();
+        for run in moved.chunk_by(|a, b| a.0 == b.0) {
+            let deadline = run[0].0;
+            let Some(ids) = self.deadlines.get_mut(&deadline) else {
+                continue;
+            };
+            if run.len() == 1 {
+                ids.retain(|&id| id != run[0].1);
+            } else {
+                let gone: HashSet<EntryId> = run.iter().map(|m| m.1).collect();
+                ids.retain(|id| !gone.contains(id));
+            }
+            if ids.is_empty() {
+                self.deadlines.remove(&deadline);
             }
         }
     }

@@ -8,6 +8,11 @@
 //! itself only ever sees entries in memory. An insert-only input that never looks for its
 //! own rows adds to a key without bringing the key's spilled entries back.
 //!
+//! Interval joins spill too: each run is listed under the earliest watermark at which one
+//! of its entries can no longer match (its deadline), and once the watermark passes it,
+//! the run's key comes back before the expiry, which then treats its entries as any in
+//! memory (an outer input's unmatched rows are emitted null-padded).
+//!
 //! A run keeps what snapshots need (each entry's row, figures and serial, and whether it
 //! had changed since the previous snapshot when it moved), so snapshots read spilled
 //! entries straight from the store's files as the snapshot froze them, off the join's
@@ -27,7 +32,7 @@ use datafusion::common::{DataFusionError, HashMap, Result};
 use smallvec::SmallVec;
 
 use super::side::{EntryId, LoadedRow, Serial};
-use super::{Encoded, StreamJoin};
+use super::{Encoded, Interval, StreamJoin};
 use crate::stream::message::Millis;
 use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::{FrozenEntries, RunStore};
@@ -59,6 +64,11 @@ pub(super) struct Spill {
     bytes: [usize; 2],
     /// While restoring: each input's entries by serial.
     pub(super) staged: [Option<RunStore>; 2],
+    /// Interval joins: the bounds that give each entry its deadline.
+    interval: Option<Interval>,
+    /// Interval joins: the keys of each input's runs by the earliest deadline among the
+    /// run's entries (a key whose runs came back since is found without runs).
+    due: [BTreeMap<Millis, Vec<Box<[u8]>>>; 2],
 }
 
 /// One input's entries on disk as a snapshot froze them.
@@ -207,7 +217,11 @@ impl<'a> Record<'a> {
 
 impl Spill {
     /// The spill of a join over `inputs`, or none when an input has no columns to store.
-    pub(super) fn open(backend: &SledBackend, inputs: &[SchemaRef; 2]) -> Result<Option<Self>> {
+    pub(super) fn open(
+        backend: &SledBackend,
+        inputs: &[SchemaRef; 2],
+        interval: Option<Interval>,
+    ) -> Result<Option<Self>> {
         if inputs.iter().any(|s| s.fields().is_empty()) {
             return Ok(None);
         }
@@ -237,6 +251,8 @@ impl Spill {
             next_run: 0,
             bytes: [0, 0],
             staged: [None, None],
+            interval,
+            due: [BTreeMap::new(), BTreeMap::new()],
         }))
     }
 
@@ -248,15 +264,27 @@ impl Spill {
 
     /// Writes a run per key of `runs` (each its entries' records) for input `s`.
     fn write_runs(&mut self, s: usize, runs: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<()> {
-        let records: Vec<(Vec<u8>, Vec<u8>)> = runs
-            .into_iter()
-            .map(|(key, value)| (self.new_run(s, &key, value.len()), value))
-            .collect();
+        let mut records = Vec::with_capacity(runs.len());
+        for (key, value) in runs {
+            let first_time = match self.interval {
+                Some(_) => Record::parse_run(&value)?.iter().map(|r| r.time).min(),
+                None => None,
+            };
+            records.push((self.new_run(s, &key, value.len(), first_time), value));
+        }
         self.stores[s].put_all(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
     }
 
-    /// The record key of a new run of `key` of `len` bytes, listed as one of the key's.
-    fn new_run(&mut self, s: usize, key: &[u8], len: usize) -> Vec<u8> {
+    /// The record key of a new run of `key` of `len` bytes, listed as one of the key's;
+    /// an interval join's run is listed as due too, by the earliest time among its
+    /// entries (`first_time`: the earliest has the earliest deadline).
+    fn new_run(&mut self, s: usize, key: &[u8], len: usize, first_time: Option<Millis>) -> Vec<u8> {
+        if let (Some(iv), Some(t)) = (self.interval, first_time) {
+            self.due[s]
+                .entry(iv.deadline(s, t))
+                .or_default()
+                .push(key.into());
+        }
         let seq = self.next_run;
         self.next_run += 1;
         let run_key = run_key(key, seq);
@@ -362,7 +390,13 @@ impl StreamJoin {
                 matches: r.matches,
                 times: (r.touched, r.time),
             };
-            side.insert_loaded(row, r.serial, r.dirty);
+            let id = side.insert_loaded(row, r.serial, r.dirty);
+            if let Some(iv) = spill.interval {
+                side.deadlines
+                    .entry(iv.deadline(s, r.time))
+                    .or_default()
+                    .push(id);
+            }
         }
         side.settle()
     }
@@ -384,14 +418,20 @@ impl StreamJoin {
                 _ => None,
             };
             let mut moved = Vec::with_capacity(group.len());
+            let mut unlisted = Vec::new();
             let mut at = 0;
             for key in group {
                 let mut value = Vec::new();
                 let mut changed = false;
+                let mut first_time = None;
                 for &id in side.candidates(key) {
                     let e = side.entry(id);
                     let dirty = side.is_dirty(id);
                     changed |= dirty;
+                    if let Some(iv) = spill.interval {
+                        first_time = Some(first_time.map_or(e.time, |t: Millis| t.min(e.time)));
+                        unlisted.push((iv.deadline(s, e.time), id));
+                    }
                     Record {
                         serial: side.serial(id),
                         count: e.count,
@@ -407,7 +447,7 @@ impl StreamJoin {
                     .write(&mut value);
                     at += 1;
                 }
-                let run_key = spill.new_run(s, key, value.len());
+                let run_key = spill.new_run(s, key, value.len(), first_time);
                 if changed {
                     spill.changed[s].insert(run_key.clone());
                 }
@@ -417,8 +457,36 @@ impl StreamJoin {
             for key in group {
                 side.move_out_key(key);
             }
+            side.unlist_deadlines(unlisted);
         }
         side.settle()
+    }
+
+    /// Interval joins: brings back input `s`'s spilled runs holding entries whose
+    /// deadline the watermark passed, so that the expiry finds them in memory; `each`
+    /// runs after every group of keys (the expiry itself, so that a large jump of the
+    /// watermark does not bring everything back at once).
+    pub(super) fn bring_back_due(
+        &mut self,
+        s: usize,
+        each: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        let later = spill.due[s].split_off(&self.watermark);
+        let due = std::mem::replace(&mut spill.due[s], later);
+        let mut seen: HashSet<Box<[u8]>> = HashSet::new();
+        let keys: Vec<Box<[u8]>> = due
+            .into_values()
+            .flatten()
+            .filter(|k| seen.insert(k.clone()))
+            .collect();
+        for group in keys.chunks(GROUP_KEYS) {
+            self.bring_back(s, group)?;
+            each(self)?;
+        }
+        Ok(())
     }
 
     /// Keeps input `s` within its memory: first the keys not used since the previous

@@ -14,7 +14,7 @@ pub mod batches;
 pub mod files;
 pub mod runs;
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ pub type ScratchDir = Arc<tempfile::TempDir>;
 /// collide.
 #[derive(Default)]
 pub struct KeyHasher {
-    state: RandomState,
+    state: hashbrown::DefaultHashBuilder,
     #[cfg(test)]
     pub few: Option<u64>,
 }

@@ -277,7 +277,12 @@ impl StreamJoin {
     /// Keeps rows beyond `backend`'s memory budget on disk, if [`JoinSpec::can_spill`].
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         if let Some(backend) = backend.filter(|_| self.spec.can_spill()) {
-            self.spill = spill::Spill::open(backend, &self.spec.inputs, self.spec.interval)?;
+            let kind = self.spec.kind;
+            let interval = self
+                .spec
+                .interval
+                .map(|iv| (iv, [!kind.outer(0), !kind.outer(1)]));
+            self.spill = spill::Spill::open(backend, &self.spec.inputs, interval)?;
         }
         Ok(self)
     }
@@ -303,10 +308,15 @@ impl StreamJoin {
         }
     }
 
-    /// Whether entry `id` of `side` is still within its TTL.
+    /// Whether entry `id` of `side` is still within its TTL and, in an interval join,
+    /// not past its deadline (rows brought back from disk may be, until the expiry).
     fn visible(&self, side: usize, id: EntryId, now: Millis) -> bool {
-        self.spec.ttl[side]
-            .is_none_or(|ttl| self.sides[side].entry(id).touched.saturating_add(ttl) > now)
+        let entry = self.sides[side].entry(id);
+        self.spec.ttl[side].is_none_or(|ttl| entry.touched.saturating_add(ttl) > now)
+            && self
+                .spec
+                .interval
+                .is_none_or(|iv| iv.deadline(side, entry.time) >= self.watermark)
     }
 
     /// The join key columns of `batch` from input `side`.

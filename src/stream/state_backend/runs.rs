@@ -357,7 +357,7 @@ impl RunStore {
     /// emptied either way as they count as snapshotted; `None` when that is nothing.
     pub fn freeze_snapshot(
         &self,
-        changed: &mut std::collections::HashSet<Vec<u8>>,
+        changed: &mut datafusion::common::HashSet<Vec<u8>>,
         whole: bool,
     ) -> Result<Option<FrozenEntries>> {
         let keys = if whole {

@@ -15,12 +15,11 @@
 //! writes each key's newest row to the store (a later layer's row replaces, a removal
 //! deletes), so nothing is gathered in memory and every group starts on disk.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch};
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::Result;
+use datafusion::common::{HashSet, Result};
 
 use super::GroupAggregate;
 use crate::stream::message::ChangeBatch;
@@ -95,7 +94,7 @@ impl GroupAggregate {
             store: RunStore::new(RunFiles::new(backend.scratch_dir()?)),
             memory: backend.memory,
             rows: Arc::new(rows),
-            changed: HashSet::new(),
+            changed: HashSet::default(),
             idle: IdleClock::new(MIN_IDLE),
             unmeasured_rows: 0,
             measure_every_rows: MEASURE_EVERY_ROWS,
@@ -113,7 +112,7 @@ impl GroupAggregate {
             return Ok(());
         }
         let encoded = self.key_converter.convert_columns(keys)?;
-        let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut seen: HashSet<&[u8]> = HashSet::default();
         let distinct: Vec<&[u8]> = (0..encoded.num_rows())
             .map(|i| encoded.row(i).data())
             .filter(|key| seen.insert(key))
@@ -314,7 +313,7 @@ impl GroupAggregate {
             None
         };
         // Newest first: a key's last row in the batch is the one kept.
-        let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut seen: HashSet<&[u8]> = HashSet::default();
         let mut written = Vec::new();
         for i in (0..keys.len()).rev() {
             let key = keys.value(i);

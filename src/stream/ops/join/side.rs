@@ -272,6 +272,12 @@ impl Side {
         id
     }
 
+    /// An entry the sled backend kept on disk was removed there: the next snapshot
+    /// records its removal (harmless if no snapshot had it).
+    pub fn removed_elsewhere(&mut self, serial: Serial) {
+        self.removed.push(serial);
+    }
+
     /// Entry `id`'s encoded row, when the side finds rows by it.
     pub fn full(&self, id: EntryId) -> Option<&[u8]> {
         self.entry(id).full.as_deref()

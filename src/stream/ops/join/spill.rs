@@ -8,10 +8,13 @@
 //! itself only ever sees entries in memory. An insert-only input that never looks for its
 //! own rows adds to a key without bringing the key's spilled entries back.
 //!
-//! Interval joins spill too: each run is listed under the earliest watermark at which one
-//! of its entries can no longer match (its deadline), and once the watermark passes it,
-//! the run's key comes back before the expiry, which then treats its entries as any in
-//! memory (an outer input's unmatched rows are emitted null-padded).
+//! Interval joins spill too, each run listed under a deadline (the watermark after which
+//! its entries can no longer match): an outer input's runs under their earliest entry's,
+//! so that its unmatched rows are emitted null-padded as they would be from memory; other
+//! inputs' runs under their latest entry's, so that a run is read once, when all of it
+//! can go (until then the join ignores its entries past their deadline). Once the
+//! watermark passes a run's deadline it comes back before the expiry, which then treats
+//! its entries as any in memory.
 //!
 //! A run keeps what snapshots need (each entry's row, figures and serial, and whether it
 //! had changed since the previous snapshot when it moved), so snapshots read spilled
@@ -21,14 +24,14 @@
 //! restore stages entries on disk by serial (layers replace and remove entries by it),
 //! then makes runs of them; the join starts with everything on disk.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::Int64Array;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::{DataFusionError, HashMap, Result};
+use datafusion::common::{DataFusionError, HashMap, HashSet, Result};
 use smallvec::SmallVec;
 
 use super::side::{EntryId, LoadedRow, Serial};
@@ -64,11 +67,12 @@ pub(super) struct Spill {
     bytes: [usize; 2],
     /// While restoring: each input's entries by serial.
     pub(super) staged: [Option<RunStore>; 2],
-    /// Interval joins: the bounds that give each entry its deadline.
-    interval: Option<Interval>,
-    /// Interval joins: the keys of each input's runs by the earliest deadline among the
-    /// run's entries (a key whose runs came back since is found without runs).
-    due: [BTreeMap<Millis, Vec<Box<[u8]>>>; 2],
+    /// Interval joins: the bounds that give each entry its deadline, and per input
+    /// whether its runs are due with their latest entry (not an outer input).
+    interval: Option<(Interval, [bool; 2])>,
+    /// Interval joins: the record keys of each input's runs by deadline (a run that came
+    /// back since is not found again: sequence numbers are never reused).
+    due: [BTreeMap<Millis, Vec<Vec<u8>>>; 2],
 }
 
 /// One input's entries on disk as a snapshot froze them.
@@ -179,6 +183,7 @@ fn corrupt() -> DataFusionError {
 
 impl<'a> Record<'a> {
     fn write(&self, out: &mut Vec<u8>) {
+        out.reserve(FIXED + self.row.len());
         out.extend_from_slice(&self.serial.0.to_le_bytes());
         out.extend_from_slice(&self.serial.1.to_le_bytes());
         out.extend_from_slice(&self.count.to_le_bytes());
@@ -215,12 +220,25 @@ impl<'a> Record<'a> {
     }
 }
 
+/// The earliest and latest time among a run's entries (interval joins).
+#[derive(Default, Clone, Copy)]
+struct Times(Option<(Millis, Millis)>);
+
+impl Times {
+    fn add(&mut self, t: Millis) {
+        self.0 = Some(match self.0 {
+            Some((first, last)) => (first.min(t), last.max(t)),
+            None => (t, t),
+        });
+    }
+}
+
 impl Spill {
     /// The spill of a join over `inputs`, or none when an input has no columns to store.
     pub(super) fn open(
         backend: &SledBackend,
         inputs: &[SchemaRef; 2],
-        interval: Option<Interval>,
+        interval: Option<(Interval, [bool; 2])>,
     ) -> Result<Option<Self>> {
         if inputs.iter().any(|s| s.fields().is_empty()) {
             return Ok(None);
@@ -247,7 +265,7 @@ impl Spill {
                 Arc::new(converter(&inputs[0])?),
                 Arc::new(converter(&inputs[1])?),
             ],
-            changed: [HashSet::new(), HashSet::new()],
+            changed: [HashSet::default(), HashSet::default()],
             next_run: 0,
             bytes: [0, 0],
             staged: [None, None],
@@ -266,28 +284,31 @@ impl Spill {
     fn write_runs(&mut self, s: usize, runs: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<()> {
         let mut records = Vec::with_capacity(runs.len());
         for (key, value) in runs {
-            let first_time = match self.interval {
-                Some(_) => Record::parse_run(&value)?.iter().map(|r| r.time).min(),
-                None => None,
-            };
-            records.push((self.new_run(s, &key, value.len(), first_time), value));
+            let mut times = Times::default();
+            if self.interval.is_some() {
+                for r in Record::parse_run(&value)? {
+                    times.add(r.time);
+                }
+            }
+            records.push((self.new_run(s, &key, value.len(), times), value));
         }
         self.stores[s].put_all(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
     }
 
     /// The record key of a new run of `key` of `len` bytes, listed as one of the key's;
-    /// an interval join's run is listed as due too, by the earliest time among its
-    /// entries (`first_time`: the earliest has the earliest deadline).
-    fn new_run(&mut self, s: usize, key: &[u8], len: usize, first_time: Option<Millis>) -> Vec<u8> {
-        if let (Some(iv), Some(t)) = (self.interval, first_time) {
-            self.due[s]
-                .entry(iv.deadline(s, t))
-                .or_default()
-                .push(key.into());
-        }
+    /// an interval join's run is listed as due too, by the deadline of its earliest or
+    /// latest entry (`times`: a later time has a later deadline).
+    fn new_run(&mut self, s: usize, key: &[u8], len: usize, times: Times) -> Vec<u8> {
         let seq = self.next_run;
         self.next_run += 1;
         let run_key = run_key(key, seq);
+        if let (Some((iv, by_last)), Some((first, last))) = (self.interval, times.0) {
+            let time = if by_last[s] { last } else { first };
+            self.due[s]
+                .entry(iv.deadline(s, time))
+                .or_default()
+                .push(run_key.clone());
+        }
         self.bytes[s] += run_key.len() + len;
         let hash = self.hasher.hash(key);
         self.pieces[s].entry(hash).or_default().push(seq);
@@ -333,7 +354,7 @@ impl StreamJoin {
         if self.spill.is_none() {
             return Ok(());
         }
-        let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut seen: HashSet<&[u8]> = HashSet::default();
         let wanted: Vec<&[u8]> = (0..n)
             .map(|i| keys.get(i))
             .filter(|k| seen.insert(k))
@@ -353,9 +374,18 @@ impl StreamJoin {
             side.use_key(key);
             run_keys.extend(spill.runs_of(s, key));
         }
+        self.bring_back_runs(s, &run_keys)
+    }
+
+    /// Brings input `s`'s runs `run_keys` (those still on disk) back into memory.
+    fn bring_back_runs(&mut self, s: usize, run_keys: &[Vec<u8>]) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
         if run_keys.is_empty() {
             return Ok(());
         }
+        let side = &mut self.sides[s];
         let wanted: Vec<&[u8]> = run_keys.iter().map(Vec::as_slice).collect();
         let runs: Vec<(&[u8], Vec<u8>)> = spill.stores[s]
             .take_all(&wanted)?
@@ -391,7 +421,7 @@ impl StreamJoin {
                 times: (r.touched, r.time),
             };
             let id = side.insert_loaded(row, r.serial, r.dirty);
-            if let Some(iv) = spill.interval {
+            if let Some((iv, _)) = spill.interval {
                 side.deadlines
                     .entry(iv.deadline(s, r.time))
                     .or_default()
@@ -423,13 +453,13 @@ impl StreamJoin {
             for key in group {
                 let mut value = Vec::new();
                 let mut changed = false;
-                let mut first_time = None;
+                let mut times = Times::default();
                 for &id in side.candidates(key) {
                     let e = side.entry(id);
                     let dirty = side.is_dirty(id);
                     changed |= dirty;
-                    if let Some(iv) = spill.interval {
-                        first_time = Some(first_time.map_or(e.time, |t: Millis| t.min(e.time)));
+                    if let Some((iv, _)) = spill.interval {
+                        times.add(e.time);
                         unlisted.push((iv.deadline(s, e.time), id));
                     }
                     Record {
@@ -447,7 +477,7 @@ impl StreamJoin {
                     .write(&mut value);
                     at += 1;
                 }
-                let run_key = spill.new_run(s, key, value.len(), first_time);
+                let run_key = spill.new_run(s, key, value.len(), times);
                 if changed {
                     spill.changed[s].insert(run_key.clone());
                 }
@@ -462,10 +492,10 @@ impl StreamJoin {
         side.settle()
     }
 
-    /// Interval joins: brings back input `s`'s spilled runs holding entries whose
-    /// deadline the watermark passed, so that the expiry finds them in memory; `each`
-    /// runs after every group of keys (the expiry itself, so that a large jump of the
-    /// watermark does not bring everything back at once).
+    /// Interval joins: brings back input `s`'s spilled runs whose deadline the watermark
+    /// passed, so that the expiry finds their entries in memory; `each` runs after every
+    /// group of runs (the expiry itself, so that a large jump of the watermark does not
+    /// bring everything back at once).
     pub(super) fn bring_back_due(
         &mut self,
         s: usize,
@@ -476,15 +506,35 @@ impl StreamJoin {
         };
         let later = spill.due[s].split_off(&self.watermark);
         let due = std::mem::replace(&mut spill.due[s], later);
-        let mut seen: HashSet<Box<[u8]>> = HashSet::new();
-        let keys: Vec<Box<[u8]>> = due
-            .into_values()
-            .flatten()
-            .filter(|k| seen.insert(k.clone()))
-            .collect();
-        for group in keys.chunks(GROUP_KEYS) {
-            self.bring_back(s, group)?;
-            each(self)?;
+        let by_last = spill.interval.is_some_and(|(_, by_last)| by_last[s]);
+        let runs: Vec<Vec<u8>> = due.into_values().flatten().collect();
+        for group in runs.chunks(GROUP_KEYS) {
+            if by_last {
+                self.drop_runs(s, group)?;
+            } else {
+                self.bring_back_runs(s, group)?;
+                each(self)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes input `s`'s runs `run_keys` (those still on disk) off the disk, all their
+    /// entries past their deadline and not outer, so without output: only their serials
+    /// are read, for the next snapshot to record them removed.
+    fn drop_runs(&mut self, s: usize, run_keys: &[Vec<u8>]) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        let wanted: Vec<&[u8]> = run_keys.iter().map(Vec::as_slice).collect();
+        for (i, value) in spill.stores[s].take_all(&wanted)? {
+            let run_key = wanted[i];
+            spill.bytes[s] -= run_key.len() + value.len();
+            spill.forget_run(s, run_key)?;
+            spill.changed[s].remove(run_key);
+            for record in Record::parse_run(&value)? {
+                self.sides[s].removed_elsewhere(record.serial);
+            }
         }
         Ok(())
     }
@@ -614,7 +664,7 @@ impl StreamJoin {
             return Ok(());
         };
         let mut keys: Vec<Vec<u8>> = Vec::new();
-        let mut listed: HashSet<Vec<u8>> = HashSet::new();
+        let mut listed: HashSet<Vec<u8>> = HashSet::default();
         spill.stores[s].for_each(&mut |run_key, value| {
             let key = key_of(run_key)?;
             let expired = Record::parse_run(value)?

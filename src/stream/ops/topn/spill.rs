@@ -14,9 +14,7 @@
 //! and moves them to disk after each restored part, so memory holds at most a part and
 //! the budget.
 
-use std::collections::HashSet;
-
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{DataFusionError, HashSet, Result};
 
 use super::partitions::Id;
 use super::ranked::Entry;
@@ -51,7 +49,7 @@ impl Spill {
         Ok(Self {
             store: RunStore::new(RunFiles::new(backend.scratch_dir()?)),
             memory: backend.memory,
-            changed: HashSet::new(),
+            changed: HashSet::default(),
             early_emit: EarlyEmitMark::new(backend.memory),
             idle: IdleClock::new(MIN_IDLE),
         })

@@ -498,7 +498,7 @@ impl StreamJoin {
 
     /// Interval joins: drops the rows no on-time row can match any more, emitting the
     /// unmatched rows of outer inputs null-padded. Under the sled backend the runs on
-    /// disk holding such rows come back first, a group of keys at a time.
+    /// disk the watermark made due follow, a group of runs at a time.
     fn expire(&mut self, out: &mut Vec<ChangeBatch>) -> Result<()> {
         let Some(interval) = self.spec.interval else {
             return Ok(());
@@ -513,8 +513,8 @@ impl StreamJoin {
         Ok(())
     }
 
-    /// [`Self::expire`] of input `s`'s rows in memory. Null-padded rows come out in the
-    /// order the rows arrived (by deadline, then serial), wherever the rows were kept.
+    /// [`Self::expire`] of input `s`'s rows in memory. Null-padded rows come out by
+    /// deadline, then in the order the rows arrived (serial), wherever they were kept.
     fn expire_side(
         &mut self,
         s: usize,

@@ -70,8 +70,7 @@ pub(super) struct Spill {
     /// Interval joins: the bounds that give each entry its deadline, and per input
     /// whether its runs are due with their latest entry (not an outer input).
     interval: Option<(Interval, [bool; 2])>,
-    /// Interval joins: the record keys of each input's runs by deadline (a run that came
-    /// back since is not found again: sequence numbers are never reused).
+    /// Interval joins: the record keys of each input's runs on disk by deadline.
     due: [BTreeMap<Millis, Vec<Vec<u8>>>; 2],
 }
 
@@ -302,10 +301,9 @@ impl Spill {
         let seq = self.next_run;
         self.next_run += 1;
         let run_key = run_key(key, seq);
-        if let (Some((iv, by_last)), Some((first, last))) = (self.interval, times.0) {
-            let time = if by_last[s] { last } else { first };
+        if let Some(deadline) = self.deadline(s, times) {
             self.due[s]
-                .entry(iv.deadline(s, time))
+                .entry(deadline)
                 .or_default()
                 .push(run_key.clone());
         }
@@ -321,6 +319,27 @@ impl Spill {
             Some(seqs) => seqs.iter().map(|&seq| run_key(key, seq)).collect(),
             None => Vec::new(),
         }
+    }
+
+    /// An interval join's run `run_key` of input `s` (its entries' `times`) came back
+    /// before it was due: it is no longer listed.
+    fn unlist_due(&mut self, s: usize, run_key: &[u8], times: Times) {
+        let Some(deadline) = self.deadline(s, times) else {
+            return;
+        };
+        if let Some(runs) = self.due[s].get_mut(&deadline) {
+            runs.retain(|r| r.as_slice() != run_key);
+            if runs.is_empty() {
+                self.due[s].remove(&deadline);
+            }
+        }
+    }
+
+    /// The deadline an interval join lists a run of input `s` under, by its entries'
+    /// `times`.
+    fn deadline(&self, s: usize, times: Times) -> Option<Millis> {
+        let ((iv, by_last), (first, last)) = (self.interval?, times.0?);
+        Some(iv.deadline(s, if by_last[s] { last } else { first }))
     }
 
     /// Run `run_key` of input `s` is no longer on disk.
@@ -345,6 +364,12 @@ impl Spill {
     #[cfg(test)]
     pub(super) fn records(&self) -> [usize; 2] {
         [self.stores[0].len(), self.stores[1].len()]
+    }
+
+    /// Runs of each input listed as due at some watermark.
+    #[cfg(test)]
+    pub(super) fn listed_due(&self) -> [usize; 2] {
+        self.due.each_ref().map(|d| d.values().map(Vec::len).sum())
     }
 }
 
@@ -398,10 +423,13 @@ impl StreamJoin {
             spill.forget_run(s, run_key)?;
             let current = spill.changed[s].remove(*run_key);
             let key = key_of(run_key)?;
+            let mut times = Times::default();
             for mut record in Record::parse_run(value)? {
                 record.dirty &= current;
+                times.add(record.time);
                 records.push((key, record));
             }
+            spill.unlist_due(s, run_key, times);
         }
         let parser = spill.rows[s].parser();
         let columns =

@@ -904,9 +904,14 @@ fn interval_joins_under_the_sled_backend_expire_rows_on_disk() {
     assert_eq!(in_memory.sides[0].len(), 1);
     for j in [&mut j, &mut in_memory] {
         assert_eq!(run(j, 1, ins(1, &[(1, 103)])), ["+I 1,108,1,103"]);
+    }
+    // The probe brought the left run back (it went out again as a new run).
+    assert_eq!(j.spill.as_ref().unwrap().listed_due(), [1, 1]);
+    for j in [&mut j, &mut in_memory] {
         assert!(watermark(j, 114).is_empty());
         assert_eq!(j.state_size(), 0);
     }
+    assert_eq!(j.spill.as_ref().unwrap().listed_due(), [0, 0]);
 
     // Many keys, out-of-order times and watermark jumps over several groups of keys:
     // the same rows as in memory, watermark by watermark (the order within one may
@@ -941,6 +946,7 @@ fn interval_joins_under_the_sled_backend_expire_rows_on_disk() {
             }
             assert!(spilled > 0, "{kind:?} {memory:?}: rows went to disk");
             assert_eq!(on_disk.state_size(), 0);
+            assert_eq!(on_disk.spill.as_ref().unwrap().listed_due(), [0, 0]);
             in_memory = join(interval_spec(kind, -5, 5));
         }
     }

@@ -532,7 +532,14 @@ impl StreamJoin {
         let Some(spill) = self.spill.as_mut() else {
             return Ok(());
         };
-        let later = spill.due[s].split_off(&self.watermark);
+        let watermark = self.watermark;
+        if spill.due[s]
+            .first_key_value()
+            .is_none_or(|(d, _)| *d >= watermark)
+        {
+            return Ok(());
+        }
+        let later = spill.due[s].split_off(&watermark);
         let due = std::mem::replace(&mut spill.due[s], later);
         let by_last = spill.interval.is_some_and(|(_, by_last)| by_last[s]);
         let runs: Vec<Vec<u8>> = due.into_values().flatten().collect();

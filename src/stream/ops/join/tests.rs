@@ -915,7 +915,7 @@ fn interval_joins_under_the_sled_backend_expire_rows_on_disk() {
 
     // Many keys, out-of-order times and watermark jumps over several groups of keys:
     // the same rows as in memory, watermark by watermark (the order within one may
-    // differ: runs come back a group of keys at a time).
+    // differ: runs come back a group at a time).
     let mut rng = Lcg(7);
     let mut steps = Vec::new();
     let mut t = 1_000;

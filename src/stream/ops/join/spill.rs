@@ -9,12 +9,12 @@
 //! own rows adds to a key without bringing the key's spilled entries back.
 //!
 //! Interval joins spill too, each run listed under a deadline (the watermark after which
-//! its entries can no longer match): an outer input's runs under their earliest entry's,
-//! so that its unmatched rows are emitted null-padded as they would be from memory; other
-//! inputs' runs under their latest entry's, so that a run is read once, when all of it
-//! can go (until then the join ignores its entries past their deadline). Once the
-//! watermark passes a run's deadline it comes back before the expiry, which then treats
-//! its entries as any in memory.
+//! its entries can no longer match). An outer input's runs are listed under their
+//! earliest entry's and come back when the watermark passes it, before the expiry, which
+//! treats their entries as any in memory (the unmatched ones are emitted null-padded as
+//! they would be from memory). Other inputs' runs are listed under their latest entry's
+//! and, once the watermark passes it, are dropped reading only their entries' serials
+//! (until then the join ignores entries past their deadline).
 //!
 //! A run keeps what snapshots need (each entry's row, figures and serial, and whether it
 //! had changed since the previous snapshot when it moved), so snapshots read spilled

@@ -290,3 +290,94 @@ async fn skipped_bad_records_are_counted_in_show_jobs() {
     }
     server.stop().await;
 }
+
+/// A view over a Kafka topic of four partitions, moved in place to other parallelisms
+/// (its source's partitions dealt anew to the new number of splits) and restarted: every
+/// record is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_view_rescaled_in_place_counts_every_record_once() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", PARTITIONS, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let send = |from: u64, to: u64| {
+        for i in from..to {
+            let value = format!(r#"{{"k": {}, "v": {i}}}"#, i % 5);
+            producer
+                .send(
+                    BaseRecord::<str, str>::to("events")
+                        .partition((i % PARTITIONS as u64) as i32)
+                        .payload(&value),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    // (k, count, sum of v) of records 0..n.
+    let expected = |n: u64| -> Vec<Vec<String>> {
+        (0..5)
+            .map(|k| {
+                let vs: Vec<u64> = (0..n).filter(|i| i % 5 == k).collect();
+                vec![
+                    k.to_string(),
+                    vs.len().to_string(),
+                    vs.iter().sum::<u64>().to_string(),
+                ]
+            })
+            .collect()
+    };
+    // Waits for the view to count `n` records, then for anything that would come twice.
+    async fn counted(client: &tokio_postgres::Client, n: u64) -> Vec<Vec<String>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            client.batch_execute("FLUSH").await.unwrap();
+            let total = common::rows(client, "SELECT coalesce(sum(n), 0) FROM per_k").await;
+            if total[0][0] == n.to_string() || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client.batch_execute("FLUSH").await.unwrap();
+        common::rows(client, "SELECT k, n, total FROM per_k ORDER BY k").await
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!(
+            "SET 'parallelism.default' = '2'; \
+             SET 'execution.checkpointing.interval' = '200 ms'; \
+             CREATE TABLE events (k BIGINT, v BIGINT) WITH ('connector' = 'kafka', \
+             'topic' = 'events', 'properties.bootstrap.servers' = '{bootstrap}', \
+             'format' = 'json', 'scan.startup.mode' = 'earliest-offset'); \
+             CREATE MATERIALIZED VIEW per_k AS \
+             SELECT k, count(*) AS n, sum(v) AS total FROM events GROUP BY k"
+        ))
+        .await
+        .unwrap();
+    send(0, 100);
+    assert_eq!(counted(&client, 100).await, expected(100));
+    for (parallelism, to) in [(4, 200), (1, 300)] {
+        client
+            .batch_execute(&format!(
+                "ALTER MATERIALIZED VIEW per_k SET PARALLELISM = {parallelism}"
+            ))
+            .await
+            .unwrap();
+        send(to - 100, to);
+        assert_eq!(counted(&client, to).await, expected(to), "at {parallelism}");
+    }
+    // A restart resumes at the last parallelism, from the merged places.
+    server.stop().await;
+    let server = common::TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    send(300, 350);
+    assert_eq!(counted(&client, 350).await, expected(350));
+    server.stop().await;
+}

@@ -89,6 +89,19 @@ pub fn max_splits(def: &TableDef) -> Option<usize> {
     }
 }
 
+/// For a source whose splits can be divided anew when a job is restored at another
+/// parallelism (Kafka: partitions are dealt to the splits), one position holding what
+/// the old splits' `positions` recorded, which every new split restores; `None` for
+/// sources whose splits keep their parallelism.
+pub fn merge_positions(def: &TableDef, positions: &[&[u8]]) -> Option<SqlResult<Vec<u8>>> {
+    resplits(def).then(|| super::kafka::source::merge_positions(positions))
+}
+
+/// Whether [`merge_positions`] takes the table's source.
+pub fn resplits(def: &TableDef) -> bool {
+    def.connector() == Some("kafka") && max_splits(def).is_none()
+}
+
 /// Whether the table's source ends (filesystem, datagen with a row count or sequence,
 /// nexmark with an event count).
 pub fn is_bounded(def: &TableDef) -> bool {

@@ -146,6 +146,13 @@ pub struct StreamNode {
     pub changelog: ChangelogMode,
 }
 
+impl StreamNode {
+    /// Whether the node keeps no state (EXPLAIN's `state=none`).
+    pub fn is_stateless(&self) -> bool {
+        self.state == "none"
+    }
+}
+
 /// Nodes in topological order: a node's inputs come before it; the last node is the sink.
 #[derive(Clone, Default)]
 pub struct StreamGraph {

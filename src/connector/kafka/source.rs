@@ -194,6 +194,34 @@ struct Place {
     from_time: Option<i64>,
 }
 
+/// The position of one reader of all the partitions that the readers with `positions`
+/// had, for a source restored at another parallelism: each split then starts the
+/// partitions it owns at their places. Per partition the furthest place wins: its next
+/// offset only grows, and a reader keeps the place it restored for partitions it does
+/// not read, so an older copy may sit in another reader's position.
+pub fn merge_positions(positions: &[&[u8]]) -> SqlResult<Vec<u8>> {
+    let mut merged: BTreeMap<(String, i32), Place> = BTreeMap::new();
+    for position in positions {
+        let places: Vec<(String, i32, Place)> = serde_json::from_slice(position)
+            .map_err(|e| SqlError::internal(format!("bad kafka position: {e}")))?;
+        for (topic, partition, place) in places {
+            merged
+                .entry((topic, partition))
+                .and_modify(|kept| {
+                    if place.next > kept.next {
+                        *kept = place;
+                    }
+                })
+                .or_insert(place);
+        }
+    }
+    let places: Vec<(String, i32, Place)> = merged
+        .into_iter()
+        .map(|((topic, partition), place)| (topic, partition, place))
+        .collect();
+    Ok(serde_json::to_vec(&places).expect("positions serialize"))
+}
+
 /// Records taken from the consumer, decoded but not yet returned.
 struct Pending {
     lane: u32,

@@ -5,7 +5,9 @@
 //! subtask, the state rows whose keys fall in its range. Sources keep the parallelism
 //! they were checkpointed at (a split's position cannot be divided), and so does every
 //! node they forward to; the first keyed exchange after them spreads rows over the new
-//! parallelism.
+//! parallelism. Sources whose splits can be dealt anew (Kafka's partitions) move to the
+//! new parallelism when nothing they forward to keeps state: every new split restores
+//! one position merged from all the old ones and takes its own partitions' places.
 
 use std::collections::HashMap;
 
@@ -14,10 +16,10 @@ use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
-use super::{StatePart, TaskSnapshot};
+use super::{SourcePosition, StatePart, TaskSnapshot};
 use crate::stream::exchange::{key_group_of, subtask_of_key_group, Tagged};
-use crate::stream::graph::{Exchange, NodeKind, StreamGraph};
-use crate::stream::message::{Message, Millis};
+use crate::stream::graph::{Exchange, NodeKind, SourceKind, SourceSpec, StreamGraph};
+use crate::stream::message::{Message, Millis, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
 
@@ -26,25 +28,97 @@ pub fn parallelism(graph: &StreamGraph) -> Vec<usize> {
     graph.nodes.iter().map(|n| n.parallelism).collect()
 }
 
-/// Gives the sources, and every node they forward to, the parallelism `old` gives them.
+/// Gives the sources, and every node they forward to, the parallelism `old` gives them,
+/// unless such a group of nodes can move (see [`moves_to_new_parallelism`]).
 pub fn keep_source_parallelism(graph: &mut StreamGraph, old: &[usize]) {
     if old.len() != graph.nodes.len() {
         return;
     }
-    let mut kept = vec![false; graph.nodes.len()];
-    for id in 0..graph.nodes.len() {
-        let node = &graph.nodes[id];
-        kept[id] = matches!(node.kind, NodeKind::Source(_))
-            || node
-                .inputs
-                .iter()
-                .any(|e| matches!(e.exchange, Exchange::Forward) && kept[e.from]);
+    // Nodes reached from a source through forward edges, grouped by the edges that
+    // join them (a union's inputs share its parallelism).
+    let n = graph.nodes.len();
+    let mut group: Vec<usize> = (0..n).collect();
+    fn root(group: &mut [usize], mut id: usize) -> usize {
+        while group[id] != id {
+            group[id] = group[group[id]];
+            id = group[id];
+        }
+        id
     }
-    for (id, node) in graph.nodes.iter_mut().enumerate() {
-        if kept[id] {
-            node.parallelism = old[id];
+    let mut fed = vec![false; n];
+    for id in 0..n {
+        let node = &graph.nodes[id];
+        fed[id] = matches!(node.kind, NodeKind::Source(_));
+        for e in &node.inputs {
+            if matches!(e.exchange, Exchange::Forward) && fed[e.from] {
+                fed[id] = true;
+                let (a, b) = (root(&mut group, id), root(&mut group, e.from));
+                group[a] = b;
+            }
         }
     }
+    let mut movable: HashMap<usize, bool> = HashMap::new();
+    for id in (0..n).filter(|&id| fed[id]) {
+        let r = root(&mut group, id);
+        let ok = moves_to_new_parallelism(&graph.nodes[id]);
+        movable.entry(r).and_modify(|m| *m &= ok).or_insert(ok);
+    }
+    for id in (0..n).filter(|&id| fed[id]) {
+        if !movable[&root(&mut group, id)] {
+            graph.nodes[id].parallelism = old[id];
+        }
+    }
+}
+
+/// Whether `node`, fed by sources through forward edges, can be restored at another
+/// parallelism: a source whose splits are dealt anew, or an operator without state.
+fn moves_to_new_parallelism(node: &crate::stream::graph::StreamNode) -> bool {
+    match &node.kind {
+        NodeKind::Source(spec) => match &spec.kind {
+            SourceKind::Connector { def, .. } => crate::connector::factory::resplits(def),
+            _ => false,
+        },
+        NodeKind::Operator(_) => node.is_stateless(),
+        _ => false,
+    }
+}
+
+/// One position for every new subtask of a source restored at another parallelism,
+/// merged from the old subtasks' positions, with the lowest of their watermarks.
+fn merged_source_position(
+    node: &crate::stream::graph::StreamNode,
+    previous: &[TaskSnapshot],
+) -> Result<Option<SourcePosition>> {
+    let NodeKind::Source(SourceSpec {
+        kind: SourceKind::Connector { def, .. },
+        ..
+    }) = &node.kind
+    else {
+        return Err(DataFusionError::Internal(
+            "a source chain changed parallelism".into(),
+        ));
+    };
+    let old: Vec<&SourcePosition> = previous.iter().filter_map(|t| t.source.as_ref()).collect();
+    if old.is_empty() {
+        return Ok(None);
+    }
+    let positions: Vec<&[u8]> = old.iter().map(|p| p.position.as_slice()).collect();
+    let position = crate::connector::factory::merge_positions(def, &positions)
+        .ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "source {} cannot be split anew but changed parallelism",
+                def.name
+            ))
+        })?
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    Ok(Some(SourcePosition {
+        position,
+        watermark: old
+            .iter()
+            .map(|p| p.watermark)
+            .min()
+            .unwrap_or(NO_WATERMARK),
+    }))
 }
 
 /// The snapshots of a checkpoint taken with `old` parallelism per node, rearranged for the
@@ -75,11 +149,10 @@ pub fn redistribute(
             out.extend(previous);
             continue;
         }
-        if matches!(head.kind, NodeKind::Source(_)) {
-            return Err(DataFusionError::Internal(
-                "a source chain changed parallelism".into(),
-            ));
-        }
+        let source = match head.kind {
+            NodeKind::Source(_) => merged_source_position(head, &previous)?,
+            _ => None,
+        };
         // One instance of each operator of the chain tells the key of its state rows.
         let operators = chain
             .iter()
@@ -93,6 +166,7 @@ pub fn redistribute(
             let mut snapshot = TaskSnapshot {
                 inputs: channel_watermarks(graph, chain[0], &watermarks),
                 in_flight: owned_in_flight(graph, old, chain[0], &previous, subtask)?,
+                source: source.clone(),
                 ..Default::default()
             };
             for (k, op) in operators.iter().enumerate() {
@@ -329,6 +403,168 @@ mod tests {
                 column.values().to_vec()
             })
             .collect()
+    }
+
+    use crate::stream::graph::{ChangelogMode, Edge, StreamNode, TimeSource};
+
+    fn node(kind: NodeKind, state: &str, parallelism: usize, inputs: Vec<Edge>) -> StreamNode {
+        StreamNode {
+            name: "n".into(),
+            detail: String::new(),
+            state: state.into(),
+            parallelism,
+            inputs,
+            kind,
+            schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+            changelog: ChangelogMode::InsertOnly,
+        }
+    }
+
+    fn source(connector: &str, parallelism: usize) -> StreamNode {
+        let def = weir_catalog::TableDef {
+            id: weir_catalog::TableId(1),
+            name: format!("{connector}_table"),
+            columns: vec![],
+            computed: vec![],
+            primary_key: vec![],
+            watermark: None,
+            options: [("connector", connector), ("format", "json")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let spec = SourceSpec {
+            kind: SourceKind::Connector {
+                def: Arc::new(def),
+                read: None,
+            },
+            computed: vec![],
+            time: TimeSource::None,
+        };
+        node(NodeKind::Source(spec), "read position", parallelism, vec![])
+    }
+
+    fn operator(state: &str, parallelism: usize, inputs: Vec<Edge>) -> StreamNode {
+        let factory: crate::stream::graph::OperatorFactory =
+            Arc::new(|_| Ok(Box::new(Keyed) as Box<dyn Operator>));
+        node(NodeKind::Operator(factory), state, parallelism, inputs)
+    }
+
+    fn forward(from: usize) -> Edge {
+        Edge {
+            from,
+            exchange: Exchange::Forward,
+        }
+    }
+
+    fn hashed(from: usize) -> Edge {
+        Edge {
+            from,
+            exchange: Exchange::Hash(vec![]),
+        }
+    }
+
+    #[test]
+    fn kafka_sources_move_to_the_new_parallelism_when_nothing_they_forward_to_keeps_state() {
+        let parallelism = |graph: &StreamGraph| -> Vec<usize> {
+            graph.nodes.iter().map(|n| n.parallelism).collect()
+        };
+        // Kafka → stateless → (hash) → keyed state: all at the new parallelism.
+        let mut graph = StreamGraph {
+            nodes: vec![
+                source("kafka", 4),
+                operator("none", 4, vec![forward(0)]),
+                operator("per key", 4, vec![hashed(1)]),
+            ],
+            ..Default::default()
+        };
+        keep_source_parallelism(&mut graph, &[2, 2, 2]);
+        assert_eq!(parallelism(&graph), [4, 4, 4]);
+        // A source whose splits cannot be dealt anew keeps its parallelism, and so does
+        // what it forwards to; so does a Kafka source forwarding to state.
+        for (first, state) in [("datagen", "none"), ("kafka", "rows")] {
+            graph.nodes = vec![
+                source(first, 4),
+                operator(state, 4, vec![forward(0)]),
+                operator("per key", 4, vec![hashed(1)]),
+            ];
+            keep_source_parallelism(&mut graph, &[2, 2, 2]);
+            assert_eq!(parallelism(&graph), [2, 2, 4], "{first} {state}");
+        }
+        // A union of a Kafka and a datagen source: one group, kept.
+        graph.nodes = vec![
+            source("kafka", 4),
+            source("datagen", 4),
+            operator("none", 4, vec![forward(0), forward(1)]),
+            operator("per key", 4, vec![hashed(2)]),
+        ];
+        keep_source_parallelism(&mut graph, &[2, 2, 2, 2]);
+        assert_eq!(parallelism(&graph), [2, 2, 2, 4]);
+    }
+
+    #[test]
+    fn a_rescaled_kafka_source_gives_every_new_subtask_every_partitions_furthest_place() {
+        let graph = StreamGraph {
+            nodes: vec![
+                source("kafka", 3),
+                operator("none", 3, vec![forward(0)]),
+                operator("per key", 2, vec![hashed(1)]),
+            ],
+            ..Default::default()
+        };
+        let position = |places: &str, watermark: Millis| TaskSnapshot {
+            operators: vec![vec![StatePart::Batch(
+                snapshot::progress(watermark, 0).unwrap(),
+            )]],
+            source: Some(SourcePosition {
+                position: places.as_bytes().to_vec(),
+                watermark,
+            }),
+            ..Default::default()
+        };
+        // Subtask 0 reads partitions 0 and 2 and still carries partition 1's place from a
+        // restore before (an older one than subtask 1's).
+        let old = vec![
+            position(
+                r#"[["t",0,{"next":10,"from_time":null}],["t",1,{"next":3,"from_time":null}],["t",2,{"next":null,"from_time":null}]]"#,
+                500,
+            ),
+            position(
+                r#"[["t",1,{"next":7,"from_time":null}],["t",3,{"next":4,"from_time":null}]]"#,
+                400,
+            ),
+            TaskSnapshot {
+                operators: vec![vec![]],
+                ..Default::default()
+            },
+            TaskSnapshot {
+                operators: vec![vec![]],
+                ..Default::default()
+            },
+        ];
+        let new = redistribute(&graph, &[2, 2, 2], old).unwrap();
+        assert_eq!(new.len(), 3 + 2);
+        for task in &new[..3] {
+            let source = task.source.as_ref().unwrap();
+            assert_eq!(source.watermark, 400);
+            let places: serde_json::Value = serde_json::from_slice(&source.position).unwrap();
+            let next: Vec<(i64, serde_json::Value)> = places
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[1].as_i64().unwrap(), p[2]["next"].clone()))
+                .collect();
+            assert_eq!(
+                next,
+                [
+                    (0, 10.into()),
+                    (1, 7.into()),
+                    (2, serde_json::Value::Null),
+                    (3, 4.into())
+                ]
+            );
+        }
+        assert!(new[3..].iter().all(|t| t.source.is_none()));
     }
 
     #[test]

@@ -363,21 +363,32 @@ async fn a_kafka_view_rescaled_in_place_counts_every_record_once() {
         .unwrap();
     send(0, 100);
     assert_eq!(counted(&client, 100).await, expected(100));
-    for (parallelism, to) in [(4, 200), (1, 300)] {
+    for (parallelism, from, to) in [(4, 100, 200), (3, 200, 300), (1, 300, 350)] {
         client
             .batch_execute(&format!(
                 "ALTER MATERIALIZED VIEW per_k SET PARALLELISM = {parallelism}"
             ))
             .await
             .unwrap();
-        send(to - 100, to);
+        assert_eq!(
+            counted(&client, from).await,
+            expected(from),
+            "moved to {parallelism}"
+        );
+        send(from, to);
         assert_eq!(counted(&client, to).await, expected(to), "at {parallelism}");
     }
     // A restart resumes at the last parallelism, from the merged places.
     server.stop().await;
     let server = common::TestServer::start(dir.path()).await;
     let client = server.connect().await;
-    send(300, 350);
-    assert_eq!(counted(&client, 350).await, expected(350));
+    send(350, 400);
+    assert_eq!(counted(&client, 400).await, expected(400));
+    client
+        .batch_execute("ALTER MATERIALIZED VIEW per_k SET PARALLELISM = 2")
+        .await
+        .unwrap();
+    send(400, 450);
+    assert_eq!(counted(&client, 450).await, expected(450));
     server.stop().await;
 }

@@ -5,7 +5,9 @@
 //! must resume from its checkpoint and give the same rows. A fourth run rescales every
 //! running view and job after every FLUSH (parallelism 2 to 3, 3 to 2, ...), with
 //! unaligned checkpoints: each goes on from its checkpoint with its state (and what was
-//! in flight) moved between subtasks, and gives the same rows.
+//! in flight) moved between subtasks, and gives the same rows. A fifth keeps their state
+//! on disk ('state.backend' = 'sled' with no memory) and gives the same rows (EXPLAIN's
+//! notes of what goes to disk aside).
 
 mod common;
 
@@ -385,6 +387,66 @@ async fn streaming_sql_tests_give_the_same_rows_when_rescaled_at_every_flush() {
         server.stop().await;
     }
     assert_passed(&failures, " when rescaled");
+}
+
+/// The streaming pipelines with a final result, with their state on disk: the sled state
+/// backend with no memory, so every operator that can keeps all its state there between
+/// batches or barriers. EXPLAIN's notes of where state goes are left out of both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_sql_tests_give_the_same_rows_with_state_on_disk() {
+    let mut failures = vec![];
+    for file in selected(&pipelines_with_a_final_result()) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = common::TestServer::start(dir.path()).await;
+        let port = server.port;
+        let mut runner = sqllogictest::Runner::new(move || async move {
+            let client = common::connect(port).await;
+            client
+                .simple_query(
+                    "SET 'parallelism.default' = '2'; SET 'state.backend' = 'sled'; \
+                     SET 'state.backend.sled.memory' = '0'",
+                )
+                .await
+                .map_err(DbError)?;
+            Ok(Weir {
+                client,
+                protocol: Protocol::Simple,
+                restarts: None,
+                rescale_to: None,
+                settings: vec![],
+            })
+        });
+        runner.with_validator(validate_lines_without_disk_notes);
+        runner.add_label("simple");
+        runner.add_label("state-on-disk");
+        if let Err(e) = runner.run_file_async(file).await {
+            failures.push(format!("{}: {}", file.display(), e.display(true)));
+        }
+        server.stop().await;
+    }
+    assert_passed(&failures, " with state on disk");
+}
+
+/// [`validate_lines`] with EXPLAIN's notes of what the sled backend keeps on disk taken
+/// out of both sides.
+fn validate_lines_without_disk_notes(
+    normalizer: sqllogictest::Normalizer,
+    actual: &[Vec<String>],
+    expected: &[String],
+) -> bool {
+    static NOTES: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r", on disk beyond [^,\]]+ per input| \((?:frozen ones|the aggregates|those checkpointed) [^)]*\)",
+        )
+        .expect("a valid pattern")
+    });
+    let strip = |line: &str| NOTES.replace_all(line, "").into_owned();
+    let actual: Vec<Vec<String>> = actual
+        .iter()
+        .map(|row| row.iter().map(|v| strip(v)).collect())
+        .collect();
+    let expected: Vec<String> = expected.iter().map(|l| strip(l)).collect();
+    validate_lines(normalizer, &actual, &expected)
 }
 
 /// The streaming pipelines with a final result, killed and resumed at every FLUSH.

@@ -354,39 +354,15 @@ fn pipelines_with_a_final_result() -> Vec<PathBuf> {
 /// The streaming pipelines with a final result, rescaled at every FLUSH.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_sql_tests_give_the_same_rows_when_rescaled_at_every_flush() {
-    let mut failures = vec![];
-    for file in selected(&pipelines_with_a_final_result()) {
-        let dir = tempfile::tempdir().unwrap();
-        let server = common::TestServer::start(dir.path()).await;
-        let port = server.port;
-        let mut runner = sqllogictest::Runner::new(move || async move {
-            let client = common::connect(port).await;
-            // Unaligned checkpoints here (the kill-mode run keeps aligned ones): what is
-            // in flight at the checkpoint a rescale starts from moves with its keys.
-            client
-                .simple_query(
-                    "SET 'parallelism.default' = '2'; \
-                     SET 'execution.checkpointing.unaligned' = 'true'",
-                )
-                .await
-                .map_err(DbError)?;
-            Ok(Weir {
-                client,
-                protocol: Protocol::Simple,
-                restarts: None,
-                rescale_to: Some(3),
-                settings: vec![],
-            })
-        });
-        runner.with_validator(validate_lines);
-        runner.add_label("simple");
-        runner.add_label("rescales");
-        if let Err(e) = runner.run_file_async(file).await {
-            failures.push(format!("{}: {}", file.display(), e.display(true)));
-        }
-        server.stop().await;
-    }
-    assert_passed(&failures, " when rescaled");
+    // Unaligned checkpoints here (the kill-mode run keeps aligned ones): what is in
+    // flight at the checkpoint a rescale starts from moves with its keys.
+    run_pipelines_in_process(
+        "SET 'parallelism.default' = '2'; SET 'execution.checkpointing.unaligned' = 'true'",
+        Some(3),
+        ("rescales", " when rescaled"),
+        validate_lines,
+    )
+    .await;
 }
 
 /// The streaming pipelines with a final result, with their state on disk: the sled state
@@ -394,6 +370,26 @@ async fn streaming_sql_tests_give_the_same_rows_when_rescaled_at_every_flush() {
 /// batches or barriers. EXPLAIN's notes of where state goes are left out of both sides.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_sql_tests_give_the_same_rows_with_state_on_disk() {
+    run_pipelines_in_process(
+        "SET 'parallelism.default' = '2'; SET 'state.backend' = 'sled'; \
+         SET 'state.backend.sled.memory' = '0'",
+        None,
+        ("state-on-disk", " with state on disk"),
+        validate_lines_without_disk_notes,
+    )
+    .await;
+}
+
+/// Runs each streaming pipeline with a final result against a server in this process,
+/// each connection set up by `settings`, moving every job to the next parallelism after
+/// each FLUSH when `rescale_to` is given; `label` is the run's sqllogictest label and
+/// how a failure names it.
+async fn run_pipelines_in_process(
+    settings: &'static str,
+    rescale_to: Option<usize>,
+    (label, how): (&str, &str),
+    validator: sqllogictest::Validator,
+) {
     let mut failures = vec![];
     for file in selected(&pipelines_with_a_final_result()) {
         let dir = tempfile::tempdir().unwrap();
@@ -401,30 +397,24 @@ async fn streaming_sql_tests_give_the_same_rows_with_state_on_disk() {
         let port = server.port;
         let mut runner = sqllogictest::Runner::new(move || async move {
             let client = common::connect(port).await;
-            client
-                .simple_query(
-                    "SET 'parallelism.default' = '2'; SET 'state.backend' = 'sled'; \
-                     SET 'state.backend.sled.memory' = '0'",
-                )
-                .await
-                .map_err(DbError)?;
+            client.simple_query(settings).await.map_err(DbError)?;
             Ok(Weir {
                 client,
                 protocol: Protocol::Simple,
                 restarts: None,
-                rescale_to: None,
+                rescale_to,
                 settings: vec![],
             })
         });
-        runner.with_validator(validate_lines_without_disk_notes);
+        runner.with_validator(validator);
         runner.add_label("simple");
-        runner.add_label("state-on-disk");
+        runner.add_label(label);
         if let Err(e) = runner.run_file_async(file).await {
             failures.push(format!("{}: {}", file.display(), e.display(true)));
         }
         server.stop().await;
     }
-    assert_passed(&failures, " with state on disk");
+    assert_passed(&failures, how);
 }
 
 /// [`validate_lines`] with EXPLAIN's notes of what the sled backend keeps on disk taken

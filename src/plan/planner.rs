@@ -1076,10 +1076,18 @@ impl<'a> Planner<'a> {
             self.graph.late_rows = self.graph.late_rows.take().or(late_rows.clone());
             let lateness = self.lateness;
             let detail = format!("gap {gap} ms, {}", describe_aggregate(agg));
-            let backend = self.backend.clone();
+            let spills = SessionAggregate::try_new(
+                calls.clone(),
+                gap,
+                time_column,
+                factory_output.clone(),
+                arrow.clone(),
+            )?
+            .can_spill()?;
+            let backend = self.backend.clone().filter(|_| spills);
             let mut state = "open sessions per key with their partial aggregates".to_string();
             if let Some(b) = &backend {
-                state.push_str(&format!(" (the aggregates {})", b.describe()));
+                state.push_str(&format!(" (the sessions {})", b.describe()));
             }
             let out = self.operator(
                 &input,

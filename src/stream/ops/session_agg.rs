@@ -13,6 +13,7 @@ use datafusion::arrow::row::{OwnedRow, Row, RowConverter, Rows};
 use datafusion::common::{HashMap, HashSet, Result, ScalarValue};
 use smallvec::{smallvec, SmallVec};
 
+use super::grouped::OneGroup;
 use super::grouped::{AggregateCalls, CallInputs, Partial};
 use super::window_agg::OutputColumn;
 use super::window_assign::millis_column;
@@ -22,7 +23,7 @@ use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::fired;
-use spill::{emitted_batch, into_live, Held, Spill};
+use spill::Spill;
 
 mod spill;
 
@@ -39,18 +40,23 @@ struct Session {
     key: OwnedRow,
     start: Millis,
     end: Millis,
-    state: Held,
+    state: OneGroup,
     /// What the session emitted when it closed, kept while it can still be corrected.
     emitted: Option<RecordBatch>,
     /// The end `by_end` lists it under: at most `end`, brought up to date only when the
     /// watermark passes it (rows that extend a session do not touch the index).
     listed_end: Millis,
-    /// The bytes of memory `state_size` counts for it (its key and live state).
+    /// The bytes of memory `state_size` counts for it (itself, its key, state and
+    /// emitted rows, and its entries in the operator's indexes).
     accounted: usize,
 }
 
+/// The bytes a session takes beside its key, state and emitted rows: itself and its
+/// entries in `sessions`, `by_key` and `by_end`.
+const SESSION_BYTES: usize = std::mem::size_of::<Session>() + 64;
+
 impl Session {
-    fn new(key: OwnedRow, start: Millis, end: Millis, state: Held) -> Self {
+    fn new(key: OwnedRow, start: Millis, end: Millis, state: OneGroup) -> Self {
         Session {
             key,
             start,
@@ -64,7 +70,11 @@ impl Session {
 
     /// Counts its memory again into `held` (all sessions'), after its state changed.
     fn recount(&mut self, held: &mut usize) {
-        let now = self.state.memory_size() + self.key.as_ref().len();
+        let emitted = self
+            .emitted
+            .as_ref()
+            .map_or(0, RecordBatch::get_array_memory_size);
+        let now = SESSION_BYTES + self.state.size() + self.key.as_ref().len() + emitted;
         *held = *held - self.accounted + now;
         self.accounted = now;
     }
@@ -87,7 +97,7 @@ pub struct SessionAggregate {
     by_key: HashMap<Box<[u8]>, SmallVec<[usize; 1]>>,
     /// (listed end, session) of every open session, to find those the watermark closes.
     by_end: BTreeSet<(Millis, usize)>,
-    /// The memory the sessions' keys and live states take (their `accounted` bytes),
+    /// The memory the sessions take (their `accounted` bytes),
     /// kept up to date as they change: summing a million sessions' sizes for each
     /// report of the state size was a sixteenth of a session job's time.
     held_bytes: usize,
@@ -115,7 +125,7 @@ pub struct SessionAggregate {
     restored_last: Option<usize>,
     /// The sessions changed since the snapshot before the last one.
     snapshotted_changes: HashSet<usize>,
-    /// Under the sled backend: where session states beyond the budget go.
+    /// Under the sled backend: where the sessions of keys beyond the budget go.
     spill: Option<Spill>,
 }
 
@@ -181,16 +191,17 @@ impl SessionAggregate {
     /// it: this runs for every session a batch touches).
     fn fold_in(&mut self, id: usize, inputs: &CallInputs, offset: usize, len: usize) -> Result<()> {
         let session = self.sessions.get_mut(&id).expect("live session");
-        if let Held::Disk(stored) = session.state {
-            let held = Held::Disk(stored);
-            session.state = Held::Memory(into_live(self.spill.as_mut(), &self.calls, held)?);
-        }
-        let Held::Memory(state) = &mut session.state else {
-            unreachable!("brought back")
-        };
-        state.update_range(inputs, offset, len)?;
+        session.state.update_range(inputs, offset, len)?;
         session.recount(&mut self.held_bytes);
         Ok(())
+    }
+
+    /// Session `id` closed and emitted `rows`, kept while it can still be corrected.
+    fn set_emitted(&mut self, id: usize, rows: RecordBatch) {
+        let session = self.sessions.get_mut(&id).expect("live session");
+        session.emitted = Some(rows);
+        session.recount(&mut self.held_bytes);
+        self.changed.insert(id);
     }
 
     /// Counts session `id`'s memory again, after its state changed.
@@ -231,23 +242,14 @@ impl SessionAggregate {
             if self.restored_from.get(&key) != Some(&from) {
                 self.restored_from.insert(key.clone(), from);
                 for id in self.by_key.get(key.as_ref()).cloned().unwrap_or_default() {
-                    self.discard(id)?;
+                    self.remove(id);
                 }
             }
         }
         let mut state = self.calls.new_one_group()?;
         state.merge(&partial.states)?;
-        self.restored_last = Some(self.insert(Session::new(key, start, end, Held::Memory(state))));
+        self.restored_last = Some(self.insert(Session::new(key, start, end, state)));
         Ok(())
-    }
-
-    /// Removes session `id` for good, with its state on disk.
-    fn discard(&mut self, id: usize) -> Result<()> {
-        let session = self.remove(id);
-        match self.spill.as_mut() {
-            Some(spill) => spill::remove(spill, &session.state),
-            None => Ok(()),
-        }
     }
 
     fn remove(&mut self, id: usize) -> Session {
@@ -262,6 +264,20 @@ impl SessionAggregate {
             }
         }
         session
+    }
+
+    /// Brings back from disk the sessions of the keys among `keys` that are not in memory.
+    fn bring_back_keys_of(&mut self, keys: &Rows) -> Result<()> {
+        if self.spill.as_ref().is_none_or(|s| s.bytes() == 0) {
+            return Ok(());
+        }
+        let mut seen: HashSet<&[u8]> = HashSet::default();
+        let absent: Vec<&[u8]> = keys
+            .iter()
+            .map(|k| k.data())
+            .filter(|k| !self.by_key.contains_key(*k) && seen.insert(k))
+            .collect();
+        self.bring_back(&absent)
     }
 
     /// Puts a row at `t` into its key's sessions; returns the session it joined, or
@@ -299,6 +315,7 @@ impl SessionAggregate {
         for &id in &touching {
             let s = self.sessions.get_mut(&id).expect("live session");
             if let Some(rows) = s.emitted.take() {
+                s.recount(&mut self.held_bytes);
                 self.retract.push(rows);
                 self.dirty.insert(id);
             }
@@ -315,12 +332,11 @@ impl SessionAggregate {
         let mut corrected = false;
         for id in touching {
             corrected |= self.dirty.remove(&id);
-            let merged = self.remove(id);
-            let mut merged = into_live(self.spill.as_mut(), &self.calls, merged.state)?;
-            state.merge(&merged.freeze()?)?;
+            let mut merged = self.remove(id);
+            state.merge(&merged.state.freeze()?)?;
             merged_away.push(id);
         }
-        let id = self.insert(Session::new(key.owned(), start, end, Held::Memory(state)));
+        let id = self.insert(Session::new(key.owned(), start, end, state));
         if corrected {
             self.dirty.insert(id);
         }
@@ -330,7 +346,7 @@ impl SessionAggregate {
     /// The rows session `id` emits now, leaving its state as it was.
     fn rows_of(&mut self, id: usize) -> Result<RecordBatch> {
         let calls = self.calls.clone();
-        let state = self.live_state(id)?;
+        let state = &mut self.sessions.get_mut(&id).expect("live session").state;
         let states = state.freeze()?;
         *state = calls.new_one_group()?;
         state.merge(&states)?;
@@ -340,10 +356,7 @@ impl SessionAggregate {
         let session = &self.sessions[&id];
         let (key, start, end) = (session.key.clone(), session.start, session.end);
         let mut batches = Vec::new();
-        self.emit(
-            vec![Session::new(key, start, end, Held::Memory(copy))],
-            &mut batches,
-        )?;
+        self.emit(vec![Session::new(key, start, end, copy)], &mut batches)?;
         Ok(batches
             .pop()
             .map(|b| b.rows)
@@ -369,27 +382,8 @@ impl SessionAggregate {
         let kept = self.calls.states_kept();
         for id in ids {
             let session = self.sessions.get_mut(&id).expect("live session");
-            let states = match &mut session.state {
-                Held::Memory(state) => {
-                    let states = state.state_values(&self.calls, &kept)?;
-                    session.recount(&mut self.held_bytes);
-                    states
-                }
-                // Read off the task, with its emitted rows (`spilled_snapshot`).
-                Held::Disk(_) if whole => continue,
-                Held::Disk(stored) => {
-                    let spill = self.spill.as_ref().expect("on disk under the backend");
-                    let states = spill.read(&self.calls, *stored)?.states;
-                    states
-                        .iter()
-                        .map(|call| {
-                            call.iter()
-                                .map(|column| ScalarValue::try_from_array(column, 0))
-                                .collect::<Result<Vec<_>>>()
-                        })
-                        .collect::<Result<Vec<_>>>()?
-                }
-            };
+            let states = session.state.state_values(&self.calls, &kept)?;
+            session.recount(&mut self.held_bytes);
             if session.emitted.is_none() {
                 rows.push(session.start, session.end, session.key.row(), states);
                 continue;
@@ -436,8 +430,8 @@ impl SessionAggregate {
         for s in sessions {
             starts.push(s.start);
             ends.push(s.end);
-            let session_values =
-                into_live(self.spill.as_mut(), &self.calls, s.state)?.evaluate()?;
+            let mut state = s.state;
+            let session_values = state.evaluate()?;
             for (column, v) in values.iter_mut().zip(session_values) {
                 column.push(v);
             }
@@ -486,6 +480,7 @@ impl Operator for SessionAggregate {
         let times = to_millis(batch.rows.column(self.time_column))?;
         let key_columns = self.calls.key_columns(&batch.rows)?;
         let keys = self.converter.convert_columns(&key_columns)?;
+        self.bring_back_keys_of(&keys)?;
         // Rows join sessions one by one; a session merged away later hands its rows on.
         let mut joined: Vec<(usize, u32)> = Vec::with_capacity(batch.num_rows());
         let mut moved: HashMap<usize, usize> = HashMap::default();
@@ -547,8 +542,7 @@ impl Operator for SessionAggregate {
             {
                 let rows = self.rows_of(id)?;
                 out.push(ChangeBatch::with_op(rows.clone(), Op::UpdateAfter));
-                self.sessions.get_mut(&id).expect("live session").emitted = Some(rows);
-                self.changed.insert(id);
+                self.set_emitted(id, rows);
             }
         }
         Ok(())
@@ -556,6 +550,7 @@ impl Operator for SessionAggregate {
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
         self.watermark = watermark;
+        self.bring_back_due(watermark)?;
         self.list_ends(0, watermark);
         let due: Vec<usize> = self
             .by_end
@@ -571,8 +566,7 @@ impl Operator for SessionAggregate {
         for id in due {
             let rows = self.rows_of(id)?;
             out.push(ChangeBatch::new(rows.clone()));
-            self.sessions.get_mut(&id).expect("live session").emitted = Some(rows);
-            self.changed.insert(id);
+            self.set_emitted(id, rows);
         }
         self.list_ends(self.lateness, watermark);
         let expired: Vec<usize> = self
@@ -582,13 +576,13 @@ impl Operator for SessionAggregate {
             .map(|(_, id)| *id)
             .collect();
         for id in expired {
-            self.discard(id)?;
+            self.remove(id);
         }
         Ok(())
     }
 
     fn state_size(&self) -> usize {
-        self.spill.as_ref().map_or(0, |s| s.files.bytes()) + self.held_bytes
+        self.spill.as_ref().map_or(0, Spill::bytes) + self.held_bytes
     }
 
     fn late_rows_dropped(&self) -> u64 {
@@ -640,6 +634,7 @@ impl Operator for SessionAggregate {
                 if let Some(session) = self.restored_last.and_then(|id| self.sessions.get_mut(&id))
                 {
                     session.emitted = Some(rows);
+                    session.recount(&mut self.held_bytes);
                 }
                 continue;
             }
@@ -691,7 +686,7 @@ impl Operator for SessionAggregate {
             .map(|(_, id)| *id)
             .collect();
         for id in passed {
-            self.discard(id)?;
+            self.remove(id);
         }
         // What the checkpoint holds counts as unchanged: beyond the budget, to disk.
         self.move_out(&HashSet::default())
@@ -756,6 +751,11 @@ impl SessionRows {
         }
         snapshot::batch(kind, &[], columns).map(Some)
     }
+}
+
+/// The snapshot batch of a session's emitted rows.
+fn emitted_batch(rows: &RecordBatch) -> Result<RecordBatch> {
+    snapshot::batch("emitted", &[], rows.columns().to_vec())
 }
 
 /// A session's partial state as snapshot columns: its key's, then each call's state.
@@ -855,10 +855,10 @@ mod tests {
         ]
     }
 
-    /// Under the sled backend with no memory for them, every snapshot moves the session
-    /// states out: rows joining a session and the watermark closing it read its state
-    /// back, snapshots read it from disk, and what closes or expires leaves the disk.
-    /// Output and restores are those of the operator in memory.
+    /// Under the sled backend with no memory for them, every snapshot moves every key's
+    /// sessions out: rows of the key and the watermark closing its first session bring
+    /// them back, whole snapshots read them from disk, and what closes or expires leaves
+    /// the disk. Output and restores are those of the operator in memory.
     #[test]
     fn session_states_on_disk_give_the_same_sessions_and_restores() {
         use crate::stream::operator::testing::{backend_without_memory, snapshot_of};
@@ -879,18 +879,82 @@ mod tests {
                     session_lines(&snapshot_of(&mut memory, whole)),
                     "step {i}"
                 );
-                let on_disk = disk.spill.as_ref().expect("backend").files.bytes();
-                went += (on_disk > 0) as usize;
-                let in_memory: usize = disk.sessions.values().map(|s| s.state.memory_size()).sum();
-                assert_eq!(in_memory, 0, "step {i}: every state went");
+                let (keys, listed) = disk.spill.as_ref().expect("backend").counts();
+                went += (keys > 0) as usize;
+                assert_eq!(listed, keys, "step {i}: each key on disk listed once");
+                assert_eq!(keys, memory.by_key.len(), "step {i}: every key went");
+                assert!(
+                    disk.sessions.is_empty() && disk.by_end.is_empty(),
+                    "step {i}"
+                );
+                assert_eq!(disk.held_bytes, 0, "step {i}");
             }
             assert!(went >= 3, "state went to disk after {went} steps");
-            assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
+            assert_eq!(disk.spill.as_ref().unwrap().counts(), (0, 0), "all dropped");
             restores_from_incremental_snapshots(fresh, &disk_steps(), lateness > 0, |op| {
-                (
-                    op.sessions.len(),
-                    op.spill.as_ref().unwrap().files.bytes() > 0,
-                )
+                (op.sessions.len(), op.spill.as_ref().unwrap().counts())
+            });
+        }
+    }
+
+    /// Sessions of many keys through the backend with no budget and with one that keeps
+    /// some keys, rows out of order and late ones, with and without a lateness: the
+    /// output after every step, every snapshot (whole and of changes) and a restore from
+    /// any of them are those of the operator in memory.
+    #[test]
+    fn sessions_of_many_keys_on_disk_behave_as_in_memory() {
+        use crate::stream::operator::testing::snapshot_of;
+        use crate::stream::state_backend::SledBackend;
+        use rand::rngs::SmallRng;
+        use rand::{RngExt, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        for (seed, lateness, budget) in [(1, 0, 0), (2, 20, 0), (3, 0, 4000), (4, 20, 4000)] {
+            let backend = SledBackend {
+                root: dir.path().to_path_buf(),
+                memory: budget,
+            };
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let steps: Vec<Step> = (0..24)
+                .map(|step| {
+                    let base = 10 * step;
+                    let batch: Vec<(i64, i64, i64)> = (0..30)
+                        .map(|_| {
+                            let t = (base + rng.random_range(-40..25)).max(0);
+                            (rng.random_range(0..40), rng.random_range(1..9), t)
+                        })
+                        .collect();
+                    (rows(&batch), base - 15)
+                })
+                .collect();
+            let fresh = || operator(lateness).with_backend(Some(&backend)).unwrap();
+            let (mut memory, mut disk) = (operator(lateness), fresh());
+            let (mut went, mut stayed) = (false, false);
+            for (i, step) in steps.iter().enumerate() {
+                let case = format!("seed {seed} step {i}");
+                assert_eq!(
+                    run_step(&mut disk, step),
+                    run_step(&mut memory, step),
+                    "{case}"
+                );
+                assert_eq!(disk.held_bytes, recounted(&disk), "{case}");
+                let whole = i % 5 == 0;
+                assert_eq!(
+                    session_lines(&snapshot_of(&mut disk, whole)),
+                    session_lines(&snapshot_of(&mut memory, whole)),
+                    "{case}"
+                );
+                let (keys, listed) = disk.spill.as_ref().unwrap().counts();
+                assert_eq!(listed, keys, "{case}");
+                assert_eq!(keys + disk.by_key.len(), memory.by_key.len(), "{case}");
+                assert!(disk.held_bytes <= budget, "{case}");
+                went |= keys > 0;
+                stayed |= !disk.by_key.is_empty();
+            }
+            assert!(went, "seed {seed}: keys went to disk");
+            assert_eq!(stayed, budget > 0, "seed {seed}: a budget keeps some");
+            restores_from_incremental_snapshots(fresh, &steps, lateness > 0, |op| {
+                let (keys, listed) = op.spill.as_ref().unwrap().counts();
+                (op.by_key.len() + keys, listed == keys)
             });
         }
     }
@@ -940,11 +1004,14 @@ mod tests {
         }
     }
 
-    /// The memory of the sessions' keys and live states, summed anew.
+    /// The memory of the sessions, summed anew.
     fn recounted(op: &SessionAggregate) -> usize {
         op.sessions
             .values()
-            .map(|s| s.state.memory_size() + s.key.as_ref().len())
+            .map(|s| {
+                let emitted = s.emitted.as_ref().map_or(0, |e| e.get_array_memory_size());
+                SESSION_BYTES + s.state.size() + s.key.as_ref().len() + emitted
+            })
             .sum()
     }
 

@@ -225,19 +225,73 @@ impl RunStore {
             found.push((i, slot, value.to_vec()));
             Ok(())
         })?;
+        let taken: Vec<(&[u8], Slot)> =
+            found.iter().map(|(i, slot, _)| (keys[*i], *slot)).collect();
+        self.release_taken(&taken)?;
+        Ok(found.into_iter().map(|(i, _, value)| (i, value)).collect())
+    }
+
+    /// The hash the index files `key` under: who lists keys on disk by it (instead of
+    /// keeping the keys) takes them back with [`RunStore::take_hashed`].
+    pub fn hash_of(&self, key: &[u8]) -> u64 {
+        self.hash(key)
+    }
+
+    /// Takes out every key whose hash is one of `hashes` (most often one key a hash),
+    /// with its value, each run read once.
+    pub fn take_hashed(&mut self, hashes: &[u64]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let wanted: HashSet<u64> = hashes.iter().copied().collect();
+        let mut slots: Vec<Slot> = wanted
+            .iter()
+            .filter_map(|h| self.index.get(h).copied())
+            .collect();
+        slots.extend(
+            self.collided
+                .iter()
+                .filter(|(key, _)| wanted.contains(&self.hash(key)))
+                .map(|(_, slot)| *slot),
+        );
+        slots.sort_unstable_by_key(|s| (s.run, s.offset));
+        let mut found: Vec<(Vec<u8>, Slot, Vec<u8>)> = Vec::with_capacity(slots.len());
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        for slot in slots {
+            if current.as_ref().is_none_or(|(run, _)| *run != slot.run) {
+                current = Some((slot.run, self.read_run(slot.run)?));
+            }
+            let (_, record) = current.as_ref().expect("read");
+            found.push((
+                key_at(record, slot)?.to_vec(),
+                slot,
+                value_at(record, slot)?.to_vec(),
+            ));
+        }
+        let taken: Vec<(&[u8], Slot)> = found
+            .iter()
+            .map(|(key, slot, _)| (key.as_slice(), *slot))
+            .collect();
+        self.release_taken(&taken)?;
+        Ok(found
+            .into_iter()
+            .map(|(key, _, value)| (key, value))
+            .collect())
+    }
+
+    /// Takes the entries found at their slots out of the indexes; runs that fall below
+    /// half live have what is left written again.
+    fn release_taken(&mut self, taken: &[(&[u8], Slot)]) -> Result<()> {
         // Every entry is released before any run is rewritten: a rewrite moves the
         // entries of its run still indexed.
-        for (i, slot, _) in &found {
-            self.unindex(keys[*i], *slot);
-            self.release(*slot, entry_size(keys[*i], slot.len as usize))?;
+        for (key, slot) in taken {
+            self.unindex(key, *slot);
+            self.release(*slot, entry_size(key, slot.len as usize))?;
         }
-        let mut runs: Vec<u64> = found.iter().map(|(_, slot, _)| slot.run).collect();
+        let mut runs: Vec<u64> = taken.iter().map(|(_, slot)| slot.run).collect();
         runs.sort_unstable();
         runs.dedup();
         for run in runs {
             self.compact_if_sparse(run)?;
         }
-        Ok(found.into_iter().map(|(i, _, value)| (i, value)).collect())
+        Ok(())
     }
 
     /// Writes the live entries of run `id` again as a new run when less than half of it
@@ -651,6 +705,46 @@ mod tests {
             drop((every, some));
             assert!(files() < held, "{} files held, {} after", held, files());
             assert_eq!(all(&s).len(), 200);
+        }
+    }
+
+    /// Keys taken back by their hashes, one hash shared by several keys (the exact
+    /// index's) included: each comes back once with its value, and the rest stay.
+    #[test]
+    fn keys_are_taken_back_by_their_hashes() {
+        for few_hashes in [false, true] {
+            let mut s = store();
+            s.hasher.few = few_hashes.then_some(3);
+            let keys: Vec<Vec<u8>> = (0..300).map(key).collect();
+            let value = |k: &[u8]| [k, b"-value"].concat();
+            let values: Vec<Vec<u8>> = keys.iter().map(|k| value(k)).collect();
+            s.put_all(
+                keys.iter()
+                    .zip(&values)
+                    .map(|(k, v)| (k.as_slice(), v.as_slice())),
+            )
+            .unwrap();
+            let asked: Vec<u64> = [5, 77, 150, 299].map(|i| s.hash_of(&key(i))).to_vec();
+            let mut taken = s.take_hashed(&asked).unwrap();
+            taken.sort();
+            let mut expected: Vec<(Vec<u8>, Vec<u8>)> = keys
+                .iter()
+                .filter(|k| asked.contains(&s.hash_of(k)))
+                .map(|k| (k.clone(), value(k)))
+                .collect();
+            expected.sort();
+            assert_eq!(taken, expected);
+            if few_hashes {
+                assert!(taken.len() > 4, "keys share the hashes asked for");
+            } else {
+                assert_eq!(taken.len(), 4);
+            }
+            let left = all(&s);
+            assert_eq!(left.len(), 300 - taken.len());
+            assert!(left
+                .iter()
+                .all(|(k, v)| !asked.contains(&s.hash_of(k)) && *v == value(k)));
+            assert!(s.take_hashed(&asked).unwrap().is_empty(), "taken once");
         }
     }
 

@@ -1,93 +1,324 @@
-//! A session aggregate's session states under the sled state backend. After each
-//! snapshot, the partial states beyond the memory budget go to the backend's scratch
-//! files as the `session` batches whole snapshots hold: first those of sessions no row
-//! changed since the previous snapshot, then the others, each group those ending last
-//! first (the next sessions to close keep theirs). A session's key, bounds and emitted
-//! rows stay in memory. A row that joins a session on disk, or the watermark closing it,
-//! brings its state back; incremental snapshots read the states on disk of the keys they
-//! write; a whole snapshot reads them off the task, as they are then.
+//! A session aggregate's sessions under the sled state backend. After each snapshot the
+//! keys whose sessions take memory beyond the budget go to disk whole: every session of
+//! the key (bounds, partial state, emitted rows) in one record of a [`RunStore`] under
+//! the key. First keys no row changed since the snapshot before go, then the others,
+//! each group those whose sessions end last first. What stays in memory of a key on
+//! disk is its index entry and its place on the due list: the watermark at which its
+//! first session closes (or, kept for an allowed lateness, expires), with the key's
+//! hash. A row of the key, or the watermark reaching that place, brings all the key's
+//! sessions back, so a key is either in memory or on disk, never split. Keys go out in
+//! the order of those places, so that the keys one watermark closes come back from few
+//! runs.
+//!
+//! A whole snapshot reads the keys on disk off the task, as they are then; one of
+//! changes needs none of them: keys go out right after a snapshot, and a key that
+//! changes comes back first.
 
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::{DataFusionError, HashSet, Result};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use super::{partial_columns, SessionAggregate};
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{DataFusionError, HashSet, Result, ScalarValue};
+
+use super::{Session, SessionAggregate, SESSIONS};
+use crate::stream::message::Millis;
 use crate::stream::operator::StateReader;
-use crate::stream::ops::grouped::{AggregateCalls, OneGroup};
-use crate::stream::ops::partial_spill::PartialSpill;
+use crate::stream::ops::grouped::AggregateCalls;
 use crate::stream::snapshot;
-use crate::stream::state_backend::batches::Stored;
+use crate::stream::state_backend::files::RunFiles;
+use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::SledBackend;
+use crate::stream::window::fired;
 
-/// A session's partial state: live in memory, or frozen in the scratch files.
-pub(super) enum Held {
-    Memory(OneGroup),
-    Disk(Stored),
+/// Sessions per `sessions` batch of a snapshot's part on disk.
+const SNAPSHOT_SESSIONS: usize = 8192;
+
+pub(super) struct Spill {
+    /// Key -> its sessions ([`Codec::record`]).
+    store: RunStore,
+    /// Bytes of sessions kept in memory.
+    pub(super) memory: usize,
+    /// (when the key is due, its hash) of every key on disk -> how many keys: the
+    /// watermark that passes the first brings the second's keys back.
+    due: BTreeMap<(Millis, u64), u32>,
+    codec: Arc<Codec>,
 }
 
-impl Held {
-    pub(super) fn memory_size(&self) -> usize {
-        match self {
-            Held::Memory(state) => state.size(),
-            Held::Disk(_) => 0,
+/// How a key's sessions are written on disk: the place on the due list, then per session
+/// its row (start, end, each call's state columns) and its emitted row, if any, each
+/// behind its length.
+pub(super) struct Codec {
+    keys: RowConverter,
+    sessions: RowConverter,
+    emitted: RowConverter,
+    output: SchemaRef,
+    /// The state columns of each call, in order.
+    state_types: Vec<Vec<DataType>>,
+}
+
+/// Session rows decoded, a session an element: bounds and each call's state columns.
+struct Decoded {
+    starts: Vec<Millis>,
+    ends: Vec<Millis>,
+    states: Vec<Vec<ArrayRef>>,
+}
+
+/// A key's record read back: its place on the due list and its sessions.
+struct Record<'a> {
+    due: Millis,
+    sessions: Vec<(&'a [u8], Option<&'a [u8]>)>,
+}
+
+impl Codec {
+    fn new(calls: &AggregateCalls, output: SchemaRef) -> Result<Option<Self>> {
+        let keys: Vec<SortField> = calls
+            .key_schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let state_types: Vec<Vec<DataType>> = calls
+            .aggregates
+            .iter()
+            .map(|a| {
+                let fields = a.state_fields()?;
+                Ok(fields.iter().map(|f| f.data_type().clone()).collect())
+            })
+            .collect::<Result<_>>()?;
+        let mut sessions = vec![
+            SortField::new(DataType::Int64),
+            SortField::new(DataType::Int64),
+        ];
+        sessions.extend(state_types.iter().flatten().cloned().map(SortField::new));
+        let emitted: Vec<SortField> = output
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let supported = [&keys, &sessions, &emitted]
+            .iter()
+            .all(|fields| RowConverter::supports_fields(fields));
+        if !supported {
+            return Ok(None);
         }
+        Ok(Some(Codec {
+            keys: RowConverter::new(keys)?,
+            sessions: RowConverter::new(sessions)?,
+            emitted: RowConverter::new(emitted)?,
+            output,
+            state_types,
+        }))
+    }
+
+    /// A key's record: `due`, then each session's row and emitted row.
+    fn record<'a>(
+        due: Millis,
+        sessions: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Vec<u8> {
+        let mut out = due.to_le_bytes().to_vec();
+        for (row, emitted) in sessions {
+            for part in [row, emitted.unwrap_or_default()] {
+                out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        out
+    }
+
+    fn parse(record: &[u8]) -> Result<Record<'_>> {
+        let corrupt = || DataFusionError::Internal("a session record on disk is cut short".into());
+        let bytes = |from: usize, len: usize| record.get(from..from + len).ok_or_else(corrupt);
+        let due = Millis::from_le_bytes(bytes(0, 8)?.try_into().expect("8 bytes"));
+        let mut at = 8;
+        let part = |at: &mut usize| -> Result<&[u8]> {
+            let len = u32::from_le_bytes(bytes(*at, 4)?.try_into().expect("4 bytes")) as usize;
+            let part = bytes(*at + 4, len)?;
+            *at += 4 + len;
+            Ok(part)
+        };
+        let mut sessions = Vec::new();
+        while at < record.len() {
+            let row = part(&mut at)?;
+            // An emitted row is never empty: it has the output's columns.
+            let emitted = Some(part(&mut at)?).filter(|e| !e.is_empty());
+            sessions.push((row, emitted));
+        }
+        Ok(Record { due, sessions })
+    }
+
+    fn decode_sessions<'a>(&self, rows: impl IntoIterator<Item = &'a [u8]>) -> Result<Decoded> {
+        let parser = self.sessions.parser();
+        let columns = self
+            .sessions
+            .convert_rows(rows.into_iter().map(|r| parser.parse(r)))?;
+        let bound = |c: &ArrayRef| c.as_primitive::<Int64Type>().values().to_vec();
+        let (starts, ends) = (bound(&columns[0]), bound(&columns[1]));
+        let mut states = Vec::with_capacity(self.state_types.len());
+        let mut at = 2;
+        for types in &self.state_types {
+            states.push(columns[at..at + types.len()].to_vec());
+            at += types.len();
+        }
+        Ok(Decoded {
+            starts,
+            ends,
+            states,
+        })
+    }
+
+    /// A batch of emitted rows decoded.
+    fn decode_emitted(&self, rows: &[&[u8]]) -> Result<RecordBatch> {
+        let parser = self.emitted.parser();
+        let columns = self
+            .emitted
+            .convert_rows(rows.iter().map(|r| parser.parse(r)))?;
+        crate::stream::batch_of(self.output.clone(), columns, rows.len())
+    }
+
+    fn decode_keys(&self, keys: &[&[u8]]) -> Result<Vec<ArrayRef>> {
+        let parser = self.keys.parser();
+        Ok(self
+            .keys
+            .convert_rows(keys.iter().map(|k| parser.parse(k)))?)
     }
 }
 
-pub(super) type Spill = PartialSpill;
-
-/// Forgets what `held` kept on disk.
-pub(super) fn remove(spill: &mut Spill, held: &Held) -> Result<()> {
-    match held {
-        Held::Disk(stored) => spill.files.remove(*stored),
-        Held::Memory(_) => Ok(()),
+impl Spill {
+    pub(super) fn bytes(&self) -> usize {
+        self.store.bytes()
     }
-}
 
-/// `held` as a live state, read back from disk (and removed there) if it went.
-pub(super) fn into_live(
-    spill: Option<&mut Spill>,
-    calls: &AggregateCalls,
-    held: Held,
-) -> Result<OneGroup> {
-    match held {
-        Held::Memory(state) => Ok(state),
-        Held::Disk(stored) => {
-            let spill = spill.ok_or_else(|| {
-                DataFusionError::Internal("a session's state on disk without a backend".into())
-            })?;
-            let mut state = calls.new_one_group()?;
-            state.merge(&spill.read(calls, stored)?.states)?;
-            remove(spill, &held)?;
-            Ok(state)
+    fn list(&mut self, due: Millis, hash: u64) {
+        *self.due.entry((due, hash)).or_default() += 1;
+    }
+
+    fn unlist(&mut self, due: Millis, hash: u64) {
+        if let Some(n) = self.due.get_mut(&(due, hash)) {
+            *n -= 1;
+            if *n == 0 {
+                self.due.remove(&(due, hash));
+            }
         }
+    }
+
+    /// How many keys are on disk, and how many places the due list holds.
+    #[cfg(test)]
+    pub(super) fn counts(&self) -> (usize, usize) {
+        (
+            self.store.len(),
+            self.due.values().map(|n| *n as usize).sum(),
+        )
     }
 }
 
 impl SessionAggregate {
-    /// Keeps session states beyond `backend`'s memory budget on disk.
+    /// Keeps sessions beyond `backend`'s memory budget on disk, when arrow's row format
+    /// encodes the key, the partial states and the output (else all stay in memory).
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
-        self.spill = Spill::under(backend)?;
+        let Some(backend) = backend else {
+            return Ok(self);
+        };
+        let Some(codec) = Codec::new(&self.calls, self.schema.clone())? else {
+            return Ok(self);
+        };
+        self.spill = Some(Spill {
+            store: RunStore::new(RunFiles::new(backend.scratch_dir()?)),
+            memory: backend.memory,
+            due: BTreeMap::new(),
+            codec: Arc::new(codec),
+        });
         Ok(self)
     }
 
-    /// Session `id`'s live state, brought back from disk if it went there.
-    /// The caller counts its memory again (`account`) once done with it.
-    pub(super) fn live_state(&mut self, id: usize) -> Result<&mut OneGroup> {
-        let session = self.sessions.get_mut(&id).expect("live session");
-        if let Held::Disk(stored) = session.state {
-            let held = Held::Disk(stored);
-            session.state = Held::Memory(into_live(self.spill.as_mut(), &self.calls, held)?);
+    /// Whether the backend can keep its sessions on disk ([`SessionAggregate::with_backend`]).
+    pub fn can_spill(&self) -> Result<bool> {
+        Ok(Codec::new(&self.calls, self.schema.clone())?.is_some())
+    }
+
+    /// Brings the sessions on disk of `keys` (encoded) back into memory.
+    pub(super) fn bring_back(&mut self, keys: &[&[u8]]) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        if spill.store.is_empty() {
+            return Ok(());
         }
-        match &mut session.state {
-            Held::Memory(state) => Ok(state),
-            Held::Disk(_) => unreachable!("brought back"),
+        let found: Vec<(Vec<u8>, Vec<u8>)> = spill
+            .store
+            .take_all(keys)?
+            .into_iter()
+            .map(|(i, record)| (keys[i].to_vec(), record))
+            .collect();
+        self.put_back(found)
+    }
+
+    /// Brings back the keys on disk whose first session `watermark` closes or expires.
+    pub(super) fn bring_back_due(&mut self, watermark: Millis) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        let hashes: Vec<u64> = spill
+            .due
+            .keys()
+            .take_while(|(due, _)| fired(*due, watermark))
+            .map(|(_, hash)| *hash)
+            .collect();
+        if hashes.is_empty() {
+            return Ok(());
         }
+        let found = spill.store.take_hashed(&hashes)?;
+        self.put_back(found)
+    }
+
+    /// Puts the sessions of records taken off disk back into memory, unchanged.
+    fn put_back(&mut self, found: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        let spill = self.spill.as_mut().expect("taken from disk");
+        let codec = spill.codec.clone();
+        let mut owners = Vec::new();
+        let mut rows = Vec::new();
+        let mut emitted = Vec::new();
+        for (k, (key, record)) in found.iter().enumerate() {
+            let record = Codec::parse(record)?;
+            spill.unlist(record.due, spill.store.hash_of(key));
+            for (row, e) in record.sessions {
+                owners.push(k);
+                rows.push(row);
+                emitted.push(e);
+            }
+        }
+        let Decoded {
+            starts,
+            ends,
+            states,
+        } = codec.decode_sessions(rows)?;
+        let key_parser = self.converter.parser();
+        for (i, k) in owners.into_iter().enumerate() {
+            let mut state = self.calls.new_one_group()?;
+            let one: Vec<Vec<ArrayRef>> = states
+                .iter()
+                .map(|call| call.iter().map(|c| c.slice(i, 1)).collect())
+                .collect();
+            state.merge(&one)?;
+            let key = key_parser.parse(&found[k].0).owned();
+            let mut session = Session::new(key, starts[i], ends[i], state);
+            if let Some(row) = emitted[i] {
+                session.emitted = Some(codec.decode_emitted(&[row])?);
+            }
+            let id = self.insert(session);
+            // As it was at the snapshot the key went out after.
+            self.changed.remove(&id);
+        }
+        Ok(())
     }
 
     /// After a snapshot: what is on disk as it is now, for a whole one (read later, off
-    /// the task, each session's state followed by its emitted rows as the snapshot
-    /// holds them); then the states beyond the budget go to disk. `changed`: the
-    /// sessions rows changed since the snapshot before.
+    /// the task); then keys whose sessions are beyond the budget go to disk. `changed`:
+    /// the sessions rows changed since the snapshot before.
     pub(super) fn spilled_snapshot(
         &mut self,
         whole: bool,
@@ -96,21 +327,11 @@ impl SessionAggregate {
         let Some(spill) = self.spill.as_ref() else {
             return Ok(None);
         };
-        // Only a whole snapshot needs what is on disk (an incremental one read the
-        // states of the keys it wrote).
-        let reader = if whole {
-            let on_disk = self
-                .sessions
-                .values()
-                .filter_map(|s| match &s.state {
-                    Held::Disk(stored) => Some(spill.files.place(*stored).and_then(|place| {
-                        let emitted = s.emitted.iter().map(emitted_batch);
-                        Ok((place, emitted.collect::<Result<_>>()?))
-                    })),
-                    Held::Memory(_) => None,
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Spill::reader(on_disk)
+        let reader = if whole && !spill.store.is_empty() {
+            Some(whole_snapshot_reader(
+                spill.store.freeze(None)?,
+                spill.codec.clone(),
+            ))
         } else {
             None
         };
@@ -118,43 +339,182 @@ impl SessionAggregate {
         Ok(reader)
     }
 
-    /// Moves session states to disk until those in memory fit the budget: unchanged
-    /// sessions first, then changed ones, those ending last first.
+    /// Moves keys' sessions to disk until those in memory fit the budget: keys without
+    /// sessions in `changed` first, then the others, those whose sessions end last first.
     pub(super) fn move_out(&mut self, changed: &HashSet<usize>) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
-        let mut held: usize = self.sessions.values().map(|s| s.state.memory_size()).sum();
+        let mut held = self.held_bytes;
         if held <= memory {
             return Ok(());
         }
-        let mut order: Vec<(bool, i64, usize)> = self
-            .sessions
+        // (changed, -last end, bytes, key) of every key.
+        let mut order: Vec<(bool, Millis, usize, &[u8])> = self
+            .by_key
             .iter()
-            .filter(|(_, s)| matches!(s.state, Held::Memory(_)))
-            .map(|(id, s)| (changed.contains(id), -s.end, *id))
+            .map(|(key, ids)| {
+                let sessions = ids.iter().map(|id| &self.sessions[id]);
+                let (mut change, mut last, mut bytes) = (false, Millis::MIN, 0);
+                for (id, s) in ids.iter().zip(sessions) {
+                    change |= changed.contains(id);
+                    last = last.max(s.end);
+                    bytes += s.accounted;
+                }
+                (change, -last, bytes, key.as_ref())
+            })
             .collect();
-        order.sort_unstable();
-        for (_, _, id) in order {
-            let spill = self.spill.as_mut().expect("checked");
+        order.sort_unstable_by_key(|(change, last, _, _)| (*change, *last));
+        let mut going = Vec::new();
+        for (_, _, bytes, key) in order {
             if held <= memory {
                 break;
             }
-            let session = self.sessions.get_mut(&id).expect("listed");
-            let Held::Memory(state) = &mut session.state else {
-                continue;
-            };
-            held -= state.size();
-            let columns = partial_columns(&self.converter, &session.key, state.freeze()?)?;
-            let batch = snapshot::batch("session", &[session.start, session.end], columns)?;
-            session.state = Held::Disk(spill.files.put(&batch)?);
-            self.account(id);
+            held -= bytes;
+            going.push(key.to_vec());
         }
-        Ok(())
+        self.write_out(going)
+    }
+
+    /// Writes every session of `keys` to disk and forgets them in memory.
+    fn write_out(&mut self, keys: Vec<Vec<u8>>) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let lateness = self.lateness;
+        let kept = self.calls.states_kept();
+        let mut sessions: Vec<Session> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new();
+        let mut dues: Vec<Millis> = Vec::with_capacity(keys.len());
+        for (k, key) in keys.iter().enumerate() {
+            let ids = self.by_key.get(key.as_slice()).cloned().unwrap_or_default();
+            let mut due = Millis::MAX;
+            for id in ids {
+                let session = self.remove(id);
+                due = due.min(match session.emitted {
+                    Some(_) => session.end + lateness,
+                    None => session.end,
+                });
+                sessions.push(session);
+                owners.push(k);
+            }
+            dues.push(due);
+        }
+        // Columns start, end and each call's state columns, a session a row.
+        let spill = self.spill.as_mut().expect("moving needs the backend");
+        let codec = spill.codec.clone();
+        let mut starts = Vec::with_capacity(sessions.len());
+        let mut ends = Vec::with_capacity(sessions.len());
+        let mut values: Vec<Vec<ScalarValue>> =
+            vec![Vec::with_capacity(sessions.len()); codec.state_types.iter().flatten().count()];
+        let mut emitted_rows: Vec<Option<Vec<u8>>> = Vec::with_capacity(sessions.len());
+        for session in &mut sessions {
+            starts.push(session.start);
+            ends.push(session.end);
+            let states = session.state.state_values(&self.calls, &kept)?;
+            for (column, v) in values.iter_mut().zip(states.into_iter().flatten()) {
+                column.push(v);
+            }
+            emitted_rows.push(match &session.emitted {
+                Some(rows) => {
+                    let encoded = codec.emitted.convert_columns(rows.columns())?;
+                    Some(encoded.row(0).data().to_vec())
+                }
+                None => None,
+            });
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(datafusion::arrow::array::Int64Array::from(starts)),
+            Arc::new(datafusion::arrow::array::Int64Array::from(ends)),
+        ];
+        for (column, ty) in values.into_iter().zip(codec.state_types.iter().flatten()) {
+            let array = ScalarValue::iter_to_array(column)?;
+            columns.push(if array.data_type() == ty {
+                array
+            } else {
+                datafusion::arrow::compute::cast(&array, ty)?
+            });
+        }
+        let rows = codec.sessions.convert_columns(&columns)?;
+        // A record per key, written in the order they fall due.
+        let mut records: Vec<(Millis, &[u8], Vec<u8>)> = Vec::with_capacity(keys.len());
+        let mut at = 0;
+        for (k, key) in keys.iter().enumerate() {
+            let from = at;
+            while at < owners.len() && owners[at] == k {
+                at += 1;
+            }
+            let parts = (from..at).map(|i| (rows.row(i).data(), emitted_rows[i].as_deref()));
+            records.push((dues[k], key.as_slice(), Codec::record(dues[k], parts)));
+        }
+        records.sort_unstable_by_key(|(due, _, _)| *due);
+        for (due, key, _) in &records {
+            let hash = spill.store.hash_of(key);
+            spill.list(*due, hash);
+        }
+        spill.store.put_all(
+            records
+                .iter()
+                .map(|(_, key, record)| (*key, record.as_slice())),
+        )
     }
 }
 
-/// The snapshot batch of a session's emitted rows.
-pub(super) fn emitted_batch(rows: &RecordBatch) -> Result<RecordBatch> {
-    snapshot::batch("emitted", &[], rows.columns().to_vec())
+/// A whole snapshot's sessions on disk as they are now, read later off the task into
+/// the batches an in-memory snapshot holds: `sessions` batches, and a `session` batch
+/// followed by its `emitted` one for each session kept for an allowed lateness.
+fn whole_snapshot_reader(
+    entries: crate::stream::state_backend::runs::FrozenEntries,
+    codec: Arc<Codec>,
+) -> StateReader {
+    Box::new(move |out| {
+        // Sessions without emitted rows, gathered: (key, session row).
+        let mut plain: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let flush = |plain: &mut Vec<(Vec<u8>, Vec<u8>)>,
+                     out: &mut dyn FnMut(RecordBatch) -> Result<()>|
+         -> Result<()> {
+            let keys: Vec<&[u8]> = plain.iter().map(|(k, _)| k.as_slice()).collect();
+            let rows = plain.iter().map(|(_, r)| r.as_slice());
+            let Decoded {
+                starts,
+                ends,
+                states,
+            } = codec.decode_sessions(rows)?;
+            let mut columns: Vec<ArrayRef> = vec![
+                Arc::new(datafusion::arrow::array::Int64Array::from(starts)),
+                Arc::new(datafusion::arrow::array::Int64Array::from(ends)),
+            ];
+            columns.extend(codec.decode_keys(&keys)?);
+            columns.extend(states.into_iter().flatten());
+            plain.clear();
+            out(snapshot::batch(SESSIONS, &[], columns)?)
+        };
+        entries.for_each(&mut |key, record| {
+            let record = Codec::parse(record)?;
+            for (row, emitted) in record.sessions {
+                let Some(emitted) = emitted else {
+                    plain.push((key.to_vec(), row.to_vec()));
+                    if plain.len() == SNAPSHOT_SESSIONS {
+                        flush(&mut plain, out)?;
+                    }
+                    continue;
+                };
+                let one = codec.decode_sessions([row])?;
+                let mut columns = codec.decode_keys(&[key])?;
+                columns.extend(one.states.into_iter().flatten());
+                out(snapshot::batch(
+                    "session",
+                    &[one.starts[0], one.ends[0]],
+                    columns,
+                )?)?;
+                let rows = codec.decode_emitted(&[emitted])?;
+                out(super::emitted_batch(&rows)?)?;
+            }
+            Ok(())
+        })?;
+        if !plain.is_empty() {
+            flush(&mut plain, out)?;
+        }
+        Ok(())
+    })
 }

@@ -238,13 +238,21 @@ impl SessionAggregate {
         key: OwnedRow,
         partial: &Partial,
     ) -> Result<()> {
-        if let Some(from) = from {
-            if self.restored_from.get(&key) != Some(&from) {
+        let replaces = match from {
+            Some(from) if self.restored_from.get(&key) != Some(&from) => {
                 self.restored_from.insert(key.clone(), from);
-                for id in self.by_key.get(key.as_ref()).cloned().unwrap_or_default() {
-                    self.remove(id);
-                }
+                true
             }
+            _ => false,
+        };
+        if replaces {
+            for id in self.by_key.get(key.as_ref()).cloned().unwrap_or_default() {
+                self.remove(id);
+            }
+            self.forget_on_disk(key.as_ref())?;
+        } else if !self.by_key.contains_key(key.as_ref()) {
+            // Sessions of the key restored earlier may have gone to disk meanwhile.
+            self.bring_back(&[key.as_ref()])?;
         }
         let mut state = self.calls.new_one_group()?;
         state.merge(&partial.states)?;
@@ -670,7 +678,7 @@ impl Operator for SessionAggregate {
                 .owned();
             self.restore_session((head[0], head[1]), from, key, &partial)?;
         }
-        Ok(())
+        self.move_out_while_restoring()
     }
 
     /// The sessions of a whole snapshot and the changes after it that the restored
@@ -678,6 +686,8 @@ impl Operator for SessionAggregate {
     fn restored(&mut self) -> Result<()> {
         self.restored_from.clear();
         self.restored_last = None;
+        // Keys that went to disk while restoring, with sessions that go now.
+        self.bring_back_due(self.watermark)?;
         self.list_ends(self.lateness, self.watermark);
         let passed: Vec<usize> = self
             .by_end
@@ -900,7 +910,8 @@ mod tests {
     /// Sessions of many keys through the backend with no budget and with one that keeps
     /// some keys, rows out of order and late ones, with and without a lateness: the
     /// output after every step, every snapshot (whole and of changes) and a restore from
-    /// any of them are those of the operator in memory.
+    /// any of them (moving keys out between its layers) are those of the operator in
+    /// memory.
     #[test]
     fn sessions_of_many_keys_on_disk_behave_as_in_memory() {
         use crate::stream::operator::testing::snapshot_of;
@@ -926,7 +937,12 @@ mod tests {
                     (rows(&batch), base - 15)
                 })
                 .collect();
-            let fresh = || operator(lateness).with_backend(Some(&backend)).unwrap();
+            // Restores move keys out as they go.
+            let fresh = || {
+                let mut op = operator(lateness).with_backend(Some(&backend)).unwrap();
+                op.spill.as_mut().unwrap().restore_slack = 0;
+                op
+            };
             let (mut memory, mut disk) = (operator(lateness), fresh());
             let (mut went, mut stayed) = (false, false);
             for (i, step) in steps.iter().enumerate() {
@@ -938,11 +954,27 @@ mod tests {
                 );
                 assert_eq!(disk.held_bytes, recounted(&disk), "{case}");
                 let whole = i % 5 == 0;
+                let taken = snapshot_of(&mut disk, whole);
                 assert_eq!(
-                    session_lines(&snapshot_of(&mut disk, whole)),
+                    session_lines(&taken),
                     session_lines(&snapshot_of(&mut memory, whole)),
                     "{case}"
                 );
+                if whole {
+                    // Restored a batch at a time, keys going out between batches: a key's
+                    // sessions of several batches end up in one place, as they were.
+                    let mut restored = fresh();
+                    for batch in &taken {
+                        restored.restore(vec![batch.clone()]).unwrap();
+                    }
+                    restored.restored().unwrap();
+                    let spill = restored.spill.as_ref().unwrap();
+                    for key in restored.by_key.keys() {
+                        assert!(!spill.holds(key), "{case}: a key in memory and on disk");
+                    }
+                    let again = snapshot_of(&mut restored, true);
+                    assert_eq!(session_lines(&again), session_lines(&taken), "{case}");
+                }
                 let (keys, listed) = disk.spill.as_ref().unwrap().counts();
                 assert_eq!(listed, keys, "{case}");
                 assert_eq!(keys + disk.by_key.len(), memory.by_key.len(), "{case}");

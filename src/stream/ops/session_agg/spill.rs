@@ -29,7 +29,7 @@ use crate::stream::ops::grouped::AggregateCalls;
 use crate::stream::snapshot;
 use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::SledBackend;
+use crate::stream::state_backend::{SledBackend, EARLY_EMIT_SLACK};
 use crate::stream::window::fired;
 
 /// Sessions per `sessions` batch of a snapshot's part on disk.
@@ -40,6 +40,9 @@ pub(super) struct Spill {
     store: RunStore,
     /// Bytes of sessions kept in memory.
     pub(super) memory: usize,
+    /// How far a restore lets the sessions in memory outgrow the budget before moving
+    /// keys out ([`EARLY_EMIT_SLACK`]; tests make it 0).
+    pub(super) restore_slack: usize,
     /// (when the key is due, its hash) of every key on disk -> how many keys: the
     /// watermark that passes the first brings the second's keys back.
     due: BTreeMap<(Millis, u64), u32>,
@@ -203,6 +206,19 @@ impl Spill {
         }
     }
 
+    /// Whether `key` (encoded) has sessions on disk.
+    #[cfg(test)]
+    pub(super) fn holds(&self, key: &[u8]) -> bool {
+        let mut found = false;
+        self.store
+            .read(&[key], &mut |_, _| {
+                found = true;
+                Ok(())
+            })
+            .unwrap();
+        found
+    }
+
     /// How many keys are on disk, and how many places the due list holds.
     #[cfg(test)]
     pub(super) fn counts(&self) -> (usize, usize) {
@@ -226,6 +242,7 @@ impl SessionAggregate {
         self.spill = Some(Spill {
             store: RunStore::new(RunFiles::new(backend.scratch_dir()?)),
             memory: backend.memory,
+            restore_slack: EARLY_EMIT_SLACK,
             due: BTreeMap::new(),
             codec: Arc::new(codec),
         });
@@ -252,6 +269,34 @@ impl SessionAggregate {
             .map(|(i, record)| (keys[i].to_vec(), record))
             .collect();
         self.put_back(found)
+    }
+
+    /// Forgets what `key` (encoded) has on disk: a later snapshot replaces its sessions.
+    pub(super) fn forget_on_disk(&mut self, key: &[u8]) -> Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        if let Some(record) = spill.store.take(key)? {
+            let due = Codec::parse(&record)?.due;
+            spill.unlist(due, spill.store.hash_of(key));
+        }
+        Ok(())
+    }
+
+    /// While restoring: once the sessions in memory outgrow the budget by
+    /// [`EARLY_EMIT_SLACK`], keys go to disk as after a snapshot, so that a restore does
+    /// not hold all of them. The key of the session restored last stays: its emitted
+    /// rows may come in the next batch.
+    pub(super) fn move_out_while_restoring(&mut self) -> Result<()> {
+        let Some(spill) = self.spill.as_ref() else {
+            return Ok(());
+        };
+        if self.held_bytes <= spill.memory.saturating_add(spill.restore_slack) {
+            return Ok(());
+        }
+        let last = self.restored_last.and_then(|id| self.sessions.get(&id));
+        let keep = last.map(|s| s.key.as_ref().to_vec());
+        self.move_out_but(&HashSet::default(), keep.as_deref())
     }
 
     /// Brings back the keys on disk whose first session `watermark` closes or expires.
@@ -342,6 +387,11 @@ impl SessionAggregate {
     /// Moves keys' sessions to disk until those in memory fit the budget: keys without
     /// sessions in `changed` first, then the others, those whose sessions end last first.
     pub(super) fn move_out(&mut self, changed: &HashSet<usize>) -> Result<()> {
+        self.move_out_but(changed, None)
+    }
+
+    /// [`SessionAggregate::move_out`], `keep` (an encoded key) staying in memory.
+    fn move_out_but(&mut self, changed: &HashSet<usize>, keep: Option<&[u8]>) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
@@ -353,6 +403,7 @@ impl SessionAggregate {
         let mut order: Vec<(bool, Millis, usize, &[u8])> = self
             .by_key
             .iter()
+            .filter(|(key, _)| keep != Some(key.as_ref()))
             .map(|(key, ids)| {
                 let sessions = ids.iter().map(|id| &self.sessions[id]);
                 let (mut change, mut last, mut bytes) = (false, Millis::MIN, 0);

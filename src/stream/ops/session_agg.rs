@@ -228,6 +228,52 @@ impl SessionAggregate {
         }
     }
 
+    /// Puts back one batch of a snapshot.
+    fn restore_batch(&mut self, batch: RecordBatch) -> Result<()> {
+        let (kind, _, _) = snapshot::parts(&batch, 0)?;
+        if kind == "emitted" {
+            let (_, _, columns) = snapshot::parts(&batch, 0)?;
+            let rows = crate::stream::batch_of(self.schema.clone(), columns, batch.num_rows())?;
+            if let Some(session) = self.restored_last.and_then(|id| self.sessions.get_mut(&id)) {
+                session.emitted = Some(rows);
+                session.recount(&mut self.held_bytes);
+            }
+            return Ok(());
+        }
+        if kind == SESSIONS || kind == CHANGED_SESSIONS {
+            let changed = kind == CHANGED_SESSIONS;
+            let (_, _, columns) = snapshot::parts(&batch, 0)?;
+            let heads = 2 + changed as usize;
+            let figure = |c: usize| -> Result<&Int64Array> { snapshot::column(&columns, c) };
+            let (starts, ends) = (figure(0)?, figure(1)?);
+            let from = if changed { Some(figure(2)?) } else { None };
+            let partials = Partial::from_columns(&self.calls, &columns[heads..])?;
+            let keys = self.converter.convert_columns(&partials.keys)?;
+            for row in 0..batch.num_rows() {
+                let partial = partials.slice(row);
+                let bounds = (starts.value(row), ends.value(row));
+                let from = from.map(|f| f.value(row));
+                self.restore_session(bounds, from, keys.row(row).owned(), &partial)?;
+            }
+            return Ok(());
+        }
+        let heads = if kind == CHANGED_SESSION { 3 } else { 2 };
+        let (kind, head, columns) = snapshot::parts(&batch, heads)?;
+        if kind == "progress" {
+            (self.watermark, self.late) = snapshot::read_progress(&head);
+            return Ok(());
+        }
+        let from = (kind == CHANGED_SESSION).then(|| head[2]);
+        let partial = Partial::from_columns(&self.calls, &columns)?;
+        let key = self
+            .converter
+            .convert_columns(&partial.keys)?
+            .row(0)
+            .owned();
+        self.restore_session((head[0], head[1]), from, key, &partial)?;
+        Ok(())
+    }
+
     /// Puts back a session of a snapshot: `bounds` (start, end), the number of the
     /// snapshot of changes it came from (whose sessions of a key replace those of
     /// earlier ones), its key and its partial state.
@@ -635,50 +681,10 @@ impl Operator for SessionAggregate {
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         for batch in state {
-            let (kind, _, _) = snapshot::parts(&batch, 0)?;
-            if kind == "emitted" {
-                let (_, _, columns) = snapshot::parts(&batch, 0)?;
-                let rows = crate::stream::batch_of(self.schema.clone(), columns, batch.num_rows())?;
-                if let Some(session) = self.restored_last.and_then(|id| self.sessions.get_mut(&id))
-                {
-                    session.emitted = Some(rows);
-                    session.recount(&mut self.held_bytes);
-                }
-                continue;
-            }
-            if kind == SESSIONS || kind == CHANGED_SESSIONS {
-                let changed = kind == CHANGED_SESSIONS;
-                let (_, _, columns) = snapshot::parts(&batch, 0)?;
-                let heads = 2 + changed as usize;
-                let figure = |c: usize| -> Result<&Int64Array> { snapshot::column(&columns, c) };
-                let (starts, ends) = (figure(0)?, figure(1)?);
-                let from = if changed { Some(figure(2)?) } else { None };
-                let partials = Partial::from_columns(&self.calls, &columns[heads..])?;
-                let keys = self.converter.convert_columns(&partials.keys)?;
-                for row in 0..batch.num_rows() {
-                    let partial = partials.slice(row);
-                    let bounds = (starts.value(row), ends.value(row));
-                    let from = from.map(|f| f.value(row));
-                    self.restore_session(bounds, from, keys.row(row).owned(), &partial)?;
-                }
-                continue;
-            }
-            let heads = if kind == CHANGED_SESSION { 3 } else { 2 };
-            let (kind, head, columns) = snapshot::parts(&batch, heads)?;
-            if kind == "progress" {
-                (self.watermark, self.late) = snapshot::read_progress(&head);
-                continue;
-            }
-            let from = (kind == CHANGED_SESSION).then(|| head[2]);
-            let partial = Partial::from_columns(&self.calls, &columns)?;
-            let key = self
-                .converter
-                .convert_columns(&partial.keys)?
-                .row(0)
-                .owned();
-            self.restore_session((head[0], head[1]), from, key, &partial)?;
+            self.restore_batch(batch)?;
+            self.move_out_while_restoring()?;
         }
-        self.move_out_while_restoring()
+        Ok(())
     }
 
     /// The sessions of a whole snapshot and the changes after it that the restored

@@ -120,7 +120,7 @@ pub struct SessionAggregate {
     /// Snapshots taken, numbering them within a chain of snapshots.
     snapshots: i64,
     /// While restoring: the snapshot each key's sessions came from.
-    restored_from: HashMap<OwnedRow, i64>,
+    restored_from: HashMap<Box<[u8]>, i64>,
     /// While restoring: the session restored last, whose emitted rows may follow.
     restored_last: Option<usize>,
     /// The sessions changed since the snapshot before the last one.
@@ -249,6 +249,7 @@ impl SessionAggregate {
             let from = if changed { Some(figure(2)?) } else { None };
             let partials = Partial::from_columns(&self.calls, &columns[heads..])?;
             let keys = self.converter.convert_columns(&partials.keys)?;
+            self.settle_restored_keys(&keys, from)?;
             for row in 0..batch.num_rows() {
                 let partial = partials.slice(row);
                 let bounds = (starts.value(row), ends.value(row));
@@ -285,8 +286,8 @@ impl SessionAggregate {
         partial: &Partial,
     ) -> Result<()> {
         let replaces = match from {
-            Some(from) if self.restored_from.get(&key) != Some(&from) => {
-                self.restored_from.insert(key.clone(), from);
+            Some(from) if self.restored_from.get(key.as_ref()) != Some(&from) => {
+                self.restored_from.insert(key.as_ref().into(), from);
                 true
             }
             _ => false,

@@ -17,9 +17,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::{DataFusionError, HashSet, Result, ScalarValue};
 
 use super::{Session, SessionAggregate, SESSIONS};
@@ -281,6 +281,43 @@ impl SessionAggregate {
             spill.unlist(due, spill.store.hash_of(key));
         }
         Ok(())
+    }
+
+    /// While restoring a batch of sessions of `keys` (of the snapshot of changes `from`
+    /// names, if any): sessions of those keys that went to disk meanwhile come back, or
+    /// are forgotten when the batch's snapshot replaces them, each run read once (a
+    /// lookup a key read a run a key).
+    pub(super) fn settle_restored_keys(
+        &mut self,
+        keys: &Rows,
+        from: Option<&Int64Array>,
+    ) -> Result<()> {
+        if self.spill.as_ref().is_none_or(|s| s.bytes() == 0) {
+            return Ok(());
+        }
+        let mut seen: HashSet<&[u8]> = HashSet::default();
+        let mut absent: Vec<&[u8]> = Vec::new();
+        let mut replaced: Vec<bool> = Vec::new();
+        for (row, key) in keys.iter().enumerate() {
+            let key = key.data();
+            if self.by_key.contains_key(key) || !seen.insert(key) {
+                continue;
+            }
+            absent.push(key);
+            let from = from.map(|f| f.value(row));
+            replaced.push(from.is_some() && self.restored_from.get(key) != from.as_ref());
+        }
+        let spill = self.spill.as_mut().expect("checked");
+        let mut back = Vec::new();
+        for (i, record) in spill.store.take_all(&absent)? {
+            if replaced[i] {
+                let due = Codec::parse(&record)?.due;
+                spill.unlist(due, spill.store.hash_of(absent[i]));
+            } else {
+                back.push((absent[i].to_vec(), record));
+            }
+        }
+        self.put_back(back)
     }
 
     /// While restoring: once the sessions in memory outgrow the budget by

@@ -600,7 +600,7 @@ impl Operator for SessionAggregate {
                 self.set_emitted(id, rows);
             }
         }
-        Ok(())
+        self.move_out_if_grown()
     }
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -918,15 +918,23 @@ mod tests {
     /// some keys, rows out of order and late ones, with and without a lateness: the
     /// output after every step, every snapshot (whole and of changes) and a restore from
     /// any of them (moving keys out between its layers) are those of the operator in
-    /// memory.
+    /// memory; and so when keys go out after every batch, changed ones included.
     #[test]
     fn sessions_of_many_keys_on_disk_behave_as_in_memory() {
         use crate::stream::operator::testing::snapshot_of;
-        use crate::stream::state_backend::SledBackend;
+        use crate::stream::state_backend::{EarlyEmitMark, SledBackend};
         use rand::rngs::SmallRng;
         use rand::{RngExt, SeedableRng};
         let dir = tempfile::tempdir().unwrap();
-        for (seed, lateness, budget) in [(1, 0, 0), (2, 20, 0), (3, 0, 4000), (4, 20, 4000)] {
+        let configs = [
+            (1, 0, 0, false),
+            (2, 20, 0, false),
+            (3, 0, 4000, false),
+            (4, 20, 4000, false),
+            (5, 0, 0, true),
+            (6, 20, 4000, true),
+        ];
+        for (seed, lateness, budget, early) in configs {
             let backend = SledBackend {
                 root: dir.path().to_path_buf(),
                 memory: budget,
@@ -944,14 +952,18 @@ mod tests {
                     (rows(&batch), base - 15)
                 })
                 .collect();
-            // Restores move keys out as they go.
+            // Restores move keys out as they go; `early`: so do batches.
             let fresh = || {
                 let mut op = operator(lateness).with_backend(Some(&backend)).unwrap();
-                op.spill.as_mut().unwrap().restore_slack = 0;
+                let spill = op.spill.as_mut().unwrap();
+                spill.restore_slack = 0;
+                if early {
+                    spill.early = EarlyEmitMark::with_slack(budget, 0);
+                }
                 op
             };
             let (mut memory, mut disk) = (operator(lateness), fresh());
-            let (mut went, mut stayed) = (false, false);
+            let (mut went, mut stayed, mut went_changed) = (false, false, false);
             for (i, step) in steps.iter().enumerate() {
                 let case = format!("seed {seed} step {i}");
                 assert_eq!(
@@ -960,6 +972,8 @@ mod tests {
                     "{case}"
                 );
                 assert_eq!(disk.held_bytes, recounted(&disk), "{case}");
+                // Keys that went out with changes before the snapshot.
+                went_changed |= disk.spill.as_ref().unwrap().changed_keys() > 0;
                 let whole = i % 5 == 0;
                 let taken = snapshot_of(&mut disk, whole);
                 assert_eq!(
@@ -990,6 +1004,7 @@ mod tests {
                 stayed |= !disk.by_key.is_empty();
             }
             assert!(went, "seed {seed}: keys went to disk");
+            assert_eq!(went_changed, early, "seed {seed}: changed keys went early");
             assert_eq!(stayed, budget > 0, "seed {seed}: a budget keeps some");
             restores_from_incremental_snapshots(fresh, &steps, lateness > 0, |op| {
                 let (keys, listed) = op.spill.as_ref().unwrap().counts();

@@ -10,9 +10,11 @@
 //! the order of those places, so that the keys one watermark closes come back from few
 //! runs.
 //!
-//! A whole snapshot reads the keys on disk off the task, as they are then; one of
-//! changes needs none of them: keys go out right after a snapshot, and a key that
-//! changes comes back first.
+//! When the sessions in memory outgrow what stayed at the previous move by 32 MiB
+//! between snapshots ([`EarlyEmitMark`]), keys go out then too, changed ones included:
+//! those are listed, and the next snapshot of changes reads them from disk (a key that
+//! comes back before then is marked changed again instead). A whole snapshot reads every
+//! key on disk; both read off the task, the keys as they were at the snapshot.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,14 +24,15 @@ use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::{DataFusionError, HashSet, Result, ScalarValue};
 
-use super::{Session, SessionAggregate, SESSIONS};
+use super::{Session, SessionAggregate, CHANGED_SESSION, CHANGED_SESSIONS, SESSIONS};
 use crate::stream::message::Millis;
 use crate::stream::operator::StateReader;
 use crate::stream::ops::grouped::AggregateCalls;
 use crate::stream::snapshot;
 use crate::stream::state_backend::files::RunFiles;
+use crate::stream::state_backend::runs::FrozenEntries;
 use crate::stream::state_backend::runs::RunStore;
-use crate::stream::state_backend::{SledBackend, EARLY_EMIT_SLACK};
+use crate::stream::state_backend::{EarlyEmitMark, SledBackend, EARLY_EMIT_SLACK};
 use crate::stream::window::fired;
 
 /// Sessions per `sessions` batch of a snapshot's part on disk.
@@ -47,11 +50,16 @@ pub(super) struct Spill {
     /// watermark that passes the first brings the second's keys back.
     due: BTreeMap<(Millis, u64), u32>,
     codec: Arc<Codec>,
+    /// Keys moved to disk between snapshots with sessions changed since the previous
+    /// one: the next snapshot of changes reads them there.
+    changed: HashSet<Vec<u8>>,
+    /// When keys go out between snapshots.
+    pub(super) early: EarlyEmitMark,
 }
 
 /// How a key's sessions are written on disk: the place on the due list, then per session
-/// its row (start, end, each call's state columns) and its emitted row, if any, each
-/// behind its length.
+/// whether it changed since the previous snapshot (a byte), its row (start, end, each
+/// call's state columns) and its emitted row, if any, each behind its length.
 pub(super) struct Codec {
     keys: RowConverter,
     sessions: RowConverter,
@@ -71,7 +79,14 @@ struct Decoded {
 /// A key's record read back: its place on the due list and its sessions.
 struct Record<'a> {
     due: Millis,
-    sessions: Vec<(&'a [u8], Option<&'a [u8]>)>,
+    sessions: Vec<StoredSession<'a>>,
+}
+
+/// A session as a key's record holds it.
+struct StoredSession<'a> {
+    changed: bool,
+    row: &'a [u8],
+    emitted: Option<&'a [u8]>,
 }
 
 impl Codec {
@@ -116,13 +131,11 @@ impl Codec {
     }
 
     /// A key's record: `due`, then each session's row and emitted row.
-    fn record<'a>(
-        due: Millis,
-        sessions: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-    ) -> Vec<u8> {
+    fn record<'a>(due: Millis, sessions: impl Iterator<Item = StoredSession<'a>>) -> Vec<u8> {
         let mut out = due.to_le_bytes().to_vec();
-        for (row, emitted) in sessions {
-            for part in [row, emitted.unwrap_or_default()] {
+        for session in sessions {
+            out.push(session.changed as u8);
+            for part in [session.row, session.emitted.unwrap_or_default()] {
                 out.extend_from_slice(&(part.len() as u32).to_le_bytes());
                 out.extend_from_slice(part);
             }
@@ -143,10 +156,16 @@ impl Codec {
         };
         let mut sessions = Vec::new();
         while at < record.len() {
+            let changed = bytes(at, 1)?[0] != 0;
+            at += 1;
             let row = part(&mut at)?;
             // An emitted row is never empty: it has the output's columns.
             let emitted = Some(part(&mut at)?).filter(|e| !e.is_empty());
-            sessions.push((row, emitted));
+            sessions.push(StoredSession {
+                changed,
+                row,
+                emitted,
+            });
         }
         Ok(Record { due, sessions })
     }
@@ -206,6 +225,12 @@ impl Spill {
         }
     }
 
+    /// How many keys went to disk with changes the next snapshot of changes reads.
+    #[cfg(test)]
+    pub(super) fn changed_keys(&self) -> usize {
+        self.changed.len()
+    }
+
     /// Whether `key` (encoded) has sessions on disk.
     #[cfg(test)]
     pub(super) fn holds(&self, key: &[u8]) -> bool {
@@ -245,6 +270,8 @@ impl SessionAggregate {
             restore_slack: EARLY_EMIT_SLACK,
             due: BTreeMap::new(),
             codec: Arc::new(codec),
+            changed: HashSet::default(),
+            early: EarlyEmitMark::new(backend.memory),
         });
         Ok(self)
     }
@@ -333,7 +360,7 @@ impl SessionAggregate {
         }
         let last = self.restored_last.and_then(|id| self.sessions.get(&id));
         let keep = last.map(|s| s.key.as_ref().to_vec());
-        self.move_out_but(&HashSet::default(), keep.as_deref())
+        self.move_out_but(Some(&HashSet::default()), keep.as_deref())
     }
 
     /// Brings back the keys on disk whose first session `watermark` closes or expires.
@@ -364,13 +391,17 @@ impl SessionAggregate {
         let mut owners = Vec::new();
         let mut rows = Vec::new();
         let mut emitted = Vec::new();
+        let mut changed = Vec::new();
         for (k, (key, record)) in found.iter().enumerate() {
             let record = Codec::parse(record)?;
             spill.unlist(record.due, spill.store.hash_of(key));
-            for (row, e) in record.sessions {
+            // Its sessions' marks count until a snapshot of changes read the key.
+            let unsnapshotted = spill.changed.remove(key);
+            for session in record.sessions {
                 owners.push(k);
-                rows.push(row);
-                emitted.push(e);
+                rows.push(session.row);
+                emitted.push(session.emitted);
+                changed.push(unsnapshotted && session.changed);
             }
         }
         let Decoded {
@@ -392,8 +423,10 @@ impl SessionAggregate {
                 session.emitted = Some(codec.decode_emitted(&[row])?);
             }
             let id = self.insert(session);
-            // As it was at the snapshot the key went out after.
-            self.changed.remove(&id);
+            // Changed since the previous snapshot as it was when it went out.
+            if !changed[i] {
+                self.changed.remove(&id);
+            }
         }
         Ok(())
     }
@@ -406,29 +439,58 @@ impl SessionAggregate {
         whole: bool,
         changed: &HashSet<usize>,
     ) -> Result<Option<StateReader>> {
-        let Some(spill) = self.spill.as_ref() else {
+        let number = self.snapshots;
+        let Some(spill) = self.spill.as_mut() else {
             return Ok(None);
         };
-        let reader = if whole && !spill.store.is_empty() {
-            Some(whole_snapshot_reader(
-                spill.store.freeze(None)?,
-                spill.codec.clone(),
-            ))
-        } else {
+        let keys = (!whole).then(|| spill.changed.drain().collect::<Vec<_>>());
+        spill.changed.clear();
+        let reader = if keys.as_ref().is_some_and(Vec::is_empty) || spill.store.is_empty() {
             None
+        } else {
+            let entries = spill.store.freeze(keys)?;
+            let changes = (!whole).then_some(number);
+            Some(snapshot_reader(entries, spill.codec.clone(), changes))
         };
         self.move_out(changed)?;
+        self.early_moved();
         Ok(reader)
+    }
+
+    /// After a batch: when the sessions in memory outgrew what stayed at the previous
+    /// move by the slack, keys go to disk as after a snapshot.
+    pub(super) fn move_out_if_grown(&mut self) -> Result<()> {
+        let Some(spill) = self.spill.as_ref() else {
+            return Ok(());
+        };
+        if !spill.early.is_passed(self.held_bytes) {
+            return Ok(());
+        }
+        self.move_out_but(None, None)?;
+        self.early_moved();
+        Ok(())
+    }
+
+    fn early_moved(&mut self) {
+        let stayed = self.held_bytes;
+        if let Some(spill) = self.spill.as_mut() {
+            spill.early.moved(stayed);
+        }
     }
 
     /// Moves keys' sessions to disk until those in memory fit the budget: keys without
     /// sessions in `changed` first, then the others, those whose sessions end last first.
     pub(super) fn move_out(&mut self, changed: &HashSet<usize>) -> Result<()> {
-        self.move_out_but(changed, None)
+        self.move_out_but(Some(changed), None)
     }
 
-    /// [`SessionAggregate::move_out`], `keep` (an encoded key) staying in memory.
-    fn move_out_but(&mut self, changed: &HashSet<usize>, keep: Option<&[u8]>) -> Result<()> {
+    /// [`SessionAggregate::move_out`], `keep` (an encoded key) staying in memory;
+    /// `changed` `None`: the sessions changed since the previous snapshot.
+    fn move_out_but(
+        &mut self,
+        changed: Option<&HashSet<usize>>,
+        keep: Option<&[u8]>,
+    ) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
@@ -445,7 +507,7 @@ impl SessionAggregate {
                 let sessions = ids.iter().map(|id| &self.sessions[id]);
                 let (mut change, mut last, mut bytes) = (false, Millis::MIN, 0);
                 for (id, s) in ids.iter().zip(sessions) {
-                    change |= changed.contains(id);
+                    change |= changed.unwrap_or(&self.changed).contains(id);
                     last = last.max(s.end);
                     bytes += s.accounted;
                 }
@@ -474,10 +536,16 @@ impl SessionAggregate {
         let mut sessions: Vec<Session> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
         let mut dues: Vec<Millis> = Vec::with_capacity(keys.len());
+        let mut changed: Vec<bool> = Vec::new();
+        let mut dirty = Vec::new();
         for (k, key) in keys.iter().enumerate() {
             let ids = self.by_key.get(key.as_slice()).cloned().unwrap_or_default();
+            if ids.iter().any(|id| self.changed.contains(id)) {
+                dirty.push(key.clone());
+            }
             let mut due = Millis::MAX;
             for id in ids {
+                changed.push(self.changed.contains(&id));
                 let session = self.remove(id);
                 due = due.min(match session.emitted {
                     Some(_) => session.end + lateness,
@@ -512,8 +580,8 @@ impl SessionAggregate {
             });
         }
         let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(datafusion::arrow::array::Int64Array::from(starts)),
-            Arc::new(datafusion::arrow::array::Int64Array::from(ends)),
+            Arc::new(Int64Array::from(starts)),
+            Arc::new(Int64Array::from(ends)),
         ];
         for (column, ty) in values.into_iter().zip(codec.state_types.iter().flatten()) {
             let array = ScalarValue::iter_to_array(column)?;
@@ -532,10 +600,15 @@ impl SessionAggregate {
             while at < owners.len() && owners[at] == k {
                 at += 1;
             }
-            let parts = (from..at).map(|i| (rows.row(i).data(), emitted_rows[i].as_deref()));
+            let parts = (from..at).map(|i| StoredSession {
+                changed: changed[i],
+                row: rows.row(i).data(),
+                emitted: emitted_rows[i].as_deref(),
+            });
             records.push((dues[k], key.as_slice(), Codec::record(dues[k], parts)));
         }
         records.sort_unstable_by_key(|(due, _, _)| *due);
+        spill.changed.extend(dirty);
         for (due, key, _) in &records {
             let hash = spill.store.hash_of(key);
             spill.list(*due, hash);
@@ -548,13 +621,11 @@ impl SessionAggregate {
     }
 }
 
-/// A whole snapshot's sessions on disk as they are now, read later off the task into
-/// the batches an in-memory snapshot holds: `sessions` batches, and a `session` batch
-/// followed by its `emitted` one for each session kept for an allowed lateness.
-fn whole_snapshot_reader(
-    entries: crate::stream::state_backend::runs::FrozenEntries,
-    codec: Arc<Codec>,
-) -> StateReader {
+/// Sessions on disk as they are now (`entries`), read later off the task into the batches
+/// an in-memory snapshot holds: of a whole snapshot, or of the snapshot of changes
+/// numbered `changes`. Sessions kept for an allowed lateness each get a batch of their own
+/// followed by their emitted rows.
+fn snapshot_reader(entries: FrozenEntries, codec: Arc<Codec>, changes: Option<i64>) -> StateReader {
     Box::new(move |out| {
         // Sessions without emitted rows, gathered: (key, session row).
         let mut plain: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -568,18 +639,26 @@ fn whole_snapshot_reader(
                 ends,
                 states,
             } = codec.decode_sessions(rows)?;
+            let n = starts.len();
             let mut columns: Vec<ArrayRef> = vec![
-                Arc::new(datafusion::arrow::array::Int64Array::from(starts)),
-                Arc::new(datafusion::arrow::array::Int64Array::from(ends)),
+                Arc::new(Int64Array::from(starts)),
+                Arc::new(Int64Array::from(ends)),
             ];
+            let kind = match changes {
+                Some(number) => {
+                    columns.push(Arc::new(Int64Array::from(vec![number; n])));
+                    CHANGED_SESSIONS
+                }
+                None => SESSIONS,
+            };
             columns.extend(codec.decode_keys(&keys)?);
             columns.extend(states.into_iter().flatten());
             plain.clear();
-            out(snapshot::batch(SESSIONS, &[], columns)?)
+            out(snapshot::batch(kind, &[], columns)?)
         };
         entries.for_each(&mut |key, record| {
             let record = Codec::parse(record)?;
-            for (row, emitted) in record.sessions {
+            for StoredSession { row, emitted, .. } in record.sessions {
                 let Some(emitted) = emitted else {
                     plain.push((key.to_vec(), row.to_vec()));
                     if plain.len() == SNAPSHOT_SESSIONS {
@@ -590,11 +669,13 @@ fn whole_snapshot_reader(
                 let one = codec.decode_sessions([row])?;
                 let mut columns = codec.decode_keys(&[key])?;
                 columns.extend(one.states.into_iter().flatten());
-                out(snapshot::batch(
-                    "session",
-                    &[one.starts[0], one.ends[0]],
-                    columns,
-                )?)?;
+                let (start, end) = (one.starts[0], one.ends[0]);
+                out(match changes {
+                    Some(number) => {
+                        snapshot::batch(CHANGED_SESSION, &[start, end, number], columns)?
+                    }
+                    None => snapshot::batch("session", &[start, end], columns)?,
+                })?;
                 let rows = codec.decode_emitted(&[emitted])?;
                 out(super::emitted_batch(&rows)?)?;
             }

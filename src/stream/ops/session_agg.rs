@@ -228,6 +228,40 @@ impl SessionAggregate {
         }
     }
 
+    /// The keys (encoded) of the sessions a state batch holds, each with the number of
+    /// the snapshot of changes it came from, if any.
+    fn restored_keys(&self, batch: &RecordBatch) -> Result<Vec<(Vec<u8>, Option<i64>)>> {
+        let kind = snapshot::kind(batch)?;
+        let (heads, many) = match kind.as_str() {
+            SESSIONS => (2, true),
+            CHANGED_SESSIONS => (3, true),
+            "session" => (2, false),
+            CHANGED_SESSION => (3, false),
+            _ => return Ok(Vec::new()),
+        };
+        let key_count = self.calls.key_schema.fields().len();
+        let (keys, from): (_, Vec<Option<i64>>) = if many {
+            let (_, _, columns) = snapshot::parts(batch, 0)?;
+            let from = match heads {
+                3 => snapshot::column::<Int64Array>(&columns, 2)?
+                    .values()
+                    .iter()
+                    .map(|f| Some(*f))
+                    .collect(),
+                _ => vec![None; batch.num_rows()],
+            };
+            let keys = self
+                .converter
+                .convert_columns(&columns[heads..heads + key_count])?;
+            (keys, from)
+        } else {
+            let (_, head, columns) = snapshot::parts(batch, heads)?;
+            let keys = self.converter.convert_columns(&columns[..key_count])?;
+            (keys, vec![(heads == 3).then(|| head[2])])
+        };
+        Ok(keys.iter().map(|k| k.data().to_vec()).zip(from).collect())
+    }
+
     /// Puts back one batch of a snapshot.
     fn restore_batch(&mut self, batch: RecordBatch) -> Result<()> {
         let (kind, _, _) = snapshot::parts(&batch, 0)?;
@@ -249,7 +283,6 @@ impl SessionAggregate {
             let from = if changed { Some(figure(2)?) } else { None };
             let partials = Partial::from_columns(&self.calls, &columns[heads..])?;
             let keys = self.converter.convert_columns(&partials.keys)?;
-            self.settle_restored_keys(&keys, from)?;
             for row in 0..batch.num_rows() {
                 let partial = partials.slice(row);
                 let bounds = (starts.value(row), ends.value(row));
@@ -681,6 +714,11 @@ impl Operator for SessionAggregate {
     }
 
     fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        let mut keys = Vec::new();
+        for batch in &state {
+            keys.extend(self.restored_keys(batch)?);
+        }
+        self.settle_restored_keys(keys)?;
         for batch in state {
             self.restore_batch(batch)?;
             self.move_out_while_restoring()?;

@@ -33,7 +33,8 @@ pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 /// What [`RunStore::visit`] hands each key found to: its position, slot and value.
 type VisitSlot<'a> = dyn FnMut(usize, Slot, &[u8]) -> Result<()> + 'a;
 
-/// Where a key's value is: its run and the value's place in it.
+/// Where a key's value is: its run, where its entry starts in the run (so that its key
+/// is read without walking the entries before it), and the value's length.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Slot {
     run: u64,
@@ -141,7 +142,7 @@ impl RunStore {
             if run.len() >= RUN_BYTES {
                 self.seal(&mut run, &mut slots)?;
             }
-            let offset = run.len() + ENTRY_HEADER + key.len();
+            let offset = run.len();
             run.extend_from_slice(&(key.len() as u32).to_le_bytes());
             run.extend_from_slice(key);
             run.extend_from_slice(&(value.len() as u32).to_le_bytes());
@@ -457,7 +458,7 @@ pub struct FrozenEntries {
 struct FrozenRun {
     id: u64,
     place: RunPlace,
-    /// The offsets of the wanted values in the run, ascending, each with the position
+    /// The offsets of the wanted entries in the run, ascending, each with the position
     /// in `keys` of the key it must have (`None`: any, the index pointed at it).
     wanted: Vec<(u32, Option<usize>)>,
 }
@@ -503,27 +504,23 @@ fn corrupt() -> DataFusionError {
     DataFusionError::Internal("the state backend lost a run of records".into())
 }
 
+/// The value of the entry at `slot`.
 fn value_at(record: &[u8], slot: Slot) -> Result<&[u8]> {
-    let (start, end) = (
-        slot.offset as usize,
-        slot.offset as usize + slot.len as usize,
-    );
-    record.get(start..end).ok_or_else(corrupt)
+    entry_of(record, slot).map(|(_, value, _)| value)
 }
 
-/// The key of the entry whose value is at `slot`.
+/// The key of the entry at `slot`.
 fn key_at(record: &[u8], slot: Slot) -> Result<&[u8]> {
-    for entry in entries(record, slot.run) {
-        let (key, _, here) = entry?;
-        if here.offset >= slot.offset {
-            return if here.offset == slot.offset {
-                Ok(key)
-            } else {
-                Err(corrupt())
-            };
-        }
+    entry_of(record, slot).map(|(key, _, _)| key)
+}
+
+/// The entry at `slot`, which must be where it says.
+fn entry_of(record: &[u8], slot: Slot) -> Result<RunEntry<'_>> {
+    let entry = entry_at(record, slot.offset as usize, slot.run)?;
+    if entry.2 != slot {
+        return Err(corrupt());
     }
-    Err(corrupt())
+    Ok(entry)
 }
 
 /// Each entry of run `id`.
@@ -535,8 +532,8 @@ fn entries(record: &[u8], id: u64) -> impl Iterator<Item = Result<RunEntry<'_>>>
         }
         let entry = entry_at(record, at, id);
         // After a cut-short entry, nothing more.
-        at = entry.as_ref().map_or(record.len(), |(_, _, slot)| {
-            (slot.offset + slot.len) as usize
+        at = entry.as_ref().map_or(record.len(), |(key, value, _)| {
+            at + ENTRY_HEADER + key.len() + value.len()
         });
         Some(entry)
     })
@@ -550,11 +547,11 @@ fn entry_at(record: &[u8], at: usize, id: u64) -> Result<RunEntry<'_>> {
     let key_len = u32_at(at)?;
     let key = record.get(at + 4..at + 4 + key_len).ok_or_else(corrupt)?;
     let value_len = u32_at(at + 4 + key_len)?;
-    let offset = at + ENTRY_HEADER + key_len;
-    let value = record.get(offset..offset + value_len).ok_or_else(corrupt)?;
+    let from = at + ENTRY_HEADER + key_len;
+    let value = record.get(from..from + value_len).ok_or_else(corrupt)?;
     let slot = Slot {
         run: id,
-        offset: offset as u32,
+        offset: at as u32,
         len: value_len as u32,
     };
     Ok((key, value, slot))

@@ -278,6 +278,9 @@ impl SessionAggregate {
             let changed = kind == CHANGED_SESSIONS;
             let (_, _, columns) = snapshot::parts(&batch, 0)?;
             let heads = 2 + changed as usize;
+            if self.restore_sessions_to_disk(&columns, heads)? {
+                return Ok(());
+            }
             let figure = |c: usize| -> Result<&Int64Array> { snapshot::column(&columns, c) };
             let (starts, ends) = (figure(0)?, figure(1)?);
             let from = if changed { Some(figure(2)?) } else { None };

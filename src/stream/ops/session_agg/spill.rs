@@ -27,7 +27,7 @@ use datafusion::common::{DataFusionError, HashSet, Result, ScalarValue};
 use super::{Session, SessionAggregate, CHANGED_SESSION, CHANGED_SESSIONS, SESSIONS};
 use crate::stream::message::Millis;
 use crate::stream::operator::StateReader;
-use crate::stream::ops::grouped::AggregateCalls;
+use crate::stream::ops::grouped::{AggregateCalls, Partial};
 use crate::stream::snapshot;
 use crate::stream::state_backend::files::RunFiles;
 use crate::stream::state_backend::runs::FrozenEntries;
@@ -341,6 +341,122 @@ impl SessionAggregate {
             }
         }
         self.put_back(back)
+    }
+
+    /// Restores a batch of many sessions (`columns`: start, end, the number of the
+    /// snapshot of changes when `heads` is 3, the key's columns, each call's state
+    /// columns) under the backend, without building them in memory: sessions of keys in
+    /// memory join them ([`SessionAggregate::restore_session`]); the others are written
+    /// to disk as they are, a record per key, after the sessions this restore already
+    /// wrote of the key unless the batch's snapshot replaces those. `false`: without the
+    /// backend, nothing done.
+    pub(super) fn restore_sessions_to_disk(
+        &mut self,
+        columns: &[ArrayRef],
+        heads: usize,
+    ) -> Result<bool> {
+        let Some(spill) = self.spill.as_ref() else {
+            return Ok(false);
+        };
+        let codec = spill.codec.clone();
+        let starts: &Int64Array = snapshot::column(columns, 0)?;
+        let ends: &Int64Array = snapshot::column(columns, 1)?;
+        let from = match heads {
+            3 => Some(snapshot::column::<Int64Array>(columns, 2)?),
+            _ => None,
+        };
+        let key_count = self.calls.key_schema.fields().len();
+        let keys = self
+            .converter
+            .convert_columns(&columns[heads..heads + key_count])?;
+        // Each key's rows, keys in the order they come.
+        let mut order: Vec<&[u8]> = Vec::new();
+        let mut rows_of: datafusion::common::HashMap<&[u8], Vec<usize>> = Default::default();
+        let mut in_memory = Vec::new();
+        for row in 0..starts.len() {
+            let key = keys.row(row).data();
+            if self.by_key.contains_key(key) {
+                in_memory.push(row);
+                continue;
+            }
+            rows_of
+                .entry(key)
+                .or_insert_with(|| {
+                    order.push(key);
+                    Vec::new()
+                })
+                .push(row);
+        }
+        if !in_memory.is_empty() {
+            let partials = Partial::from_columns(&self.calls, &columns[heads..])?;
+            for row in in_memory {
+                let bounds = (starts.value(row), ends.value(row));
+                let from = from.map(|f| f.value(row));
+                let key = keys.row(row).owned();
+                self.restore_session(bounds, from, key, &partials.slice(row))?;
+            }
+        }
+        if order.is_empty() {
+            return Ok(true);
+        }
+        // A snapshot of changes replaces what earlier ones held of a key.
+        let replaced: Vec<bool> = order
+            .iter()
+            .map(|key| {
+                let from = from.map(|f| f.value(rows_of[key][0]));
+                let replaces = from.is_some() && self.restored_from.get(*key) != from.as_ref();
+                if let (true, Some(from)) = (replaces, from) {
+                    self.restored_from.insert((*key).into(), from);
+                }
+                replaces
+            })
+            .collect();
+        let mut session_columns = vec![columns[0].clone(), columns[1].clone()];
+        let states = &columns[heads + key_count..];
+        for (column, ty) in states.iter().zip(codec.state_types.iter().flatten()) {
+            session_columns.push(if column.data_type() == ty {
+                column.clone()
+            } else {
+                datafusion::arrow::compute::cast(column, ty)?
+            });
+        }
+        let rows = codec.sessions.convert_columns(&session_columns)?;
+        let spill = self.spill.as_mut().expect("checked");
+        let mut earlier: Vec<Option<Vec<u8>>> = vec![None; order.len()];
+        for (i, record) in spill.store.take_all(&order)? {
+            let due = Codec::parse(&record)?.due;
+            spill.unlist(due, spill.store.hash_of(order[i]));
+            if !replaced[i] {
+                earlier[i] = Some(record);
+            }
+        }
+        let mut records: Vec<(Millis, &[u8], Vec<u8>)> = Vec::with_capacity(order.len());
+        for (key, earlier) in order.iter().zip(&earlier) {
+            let earlier = earlier.as_deref().map(Codec::parse).transpose()?;
+            let new = rows_of[key].iter().map(|&row| StoredSession {
+                changed: false,
+                row: rows.row(row).data(),
+                emitted: None,
+            });
+            let due = rows_of[key].iter().map(|&row| ends.value(row));
+            let due = due
+                .chain(earlier.as_ref().map(|r| r.due))
+                .min()
+                .expect("a row");
+            let sessions = earlier.into_iter().flat_map(|r| r.sessions).chain(new);
+            records.push((due, key, Codec::record(due, sessions)));
+        }
+        records.sort_unstable_by_key(|(due, _, _)| *due);
+        for (due, key, _) in &records {
+            let hash = spill.store.hash_of(key);
+            spill.list(*due, hash);
+        }
+        spill.store.put_all(
+            records
+                .iter()
+                .map(|(_, key, record)| (*key, record.as_slice())),
+        )?;
+        Ok(true)
     }
 
     /// While restoring: once the sessions in memory outgrow the budget by

@@ -25,6 +25,8 @@ use crate::stream::source::to_millis;
 use crate::stream::window::fired;
 use spill::Spill;
 
+mod record;
+mod restore;
 mod spill;
 
 /// The kind of state batch holding a session of a snapshot of changes (its start, end

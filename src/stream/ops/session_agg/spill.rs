@@ -14,33 +14,28 @@
 //! between snapshots ([`EarlyEmitMark`]), keys go out then too, changed ones included:
 //! those are listed, and the next snapshot of changes reads them from disk (a key that
 //! comes back before then is marked changed again instead). A whole snapshot reads every
-//! key on disk; both read off the task, the keys as they were at the snapshot.
+//! key on disk; both read off the task, the keys as they were at the snapshot
+//! ([`super::record`] says how a key's record is laid out). Restores write to disk as
+//! they go ([`super::restore`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
-use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::{DataFusionError, HashSet, Result, ScalarValue};
+use datafusion::arrow::array::{ArrayRef, Int64Array};
+use datafusion::common::{HashSet, Result, ScalarValue};
 
-use super::{Session, SessionAggregate, CHANGED_SESSION, CHANGED_SESSIONS, SESSIONS};
+use super::record::{snapshot_reader, Codec, Decoded, StoredSession};
+use super::{Session, SessionAggregate};
 use crate::stream::message::Millis;
 use crate::stream::operator::StateReader;
-use crate::stream::ops::grouped::{AggregateCalls, Partial};
-use crate::stream::snapshot;
 use crate::stream::state_backend::files::RunFiles;
-use crate::stream::state_backend::runs::FrozenEntries;
 use crate::stream::state_backend::runs::RunStore;
 use crate::stream::state_backend::{EarlyEmitMark, SledBackend, EARLY_EMIT_SLACK};
 use crate::stream::window::fired;
 
-/// Sessions per `sessions` batch of a snapshot's part on disk.
-const SNAPSHOT_SESSIONS: usize = 8192;
-
 pub(super) struct Spill {
     /// Key -> its sessions ([`Codec::record`]).
-    store: RunStore,
+    pub(super) store: RunStore,
     /// Bytes of sessions kept in memory.
     pub(super) memory: usize,
     /// How far a restore lets the sessions in memory outgrow the budget before moving
@@ -49,7 +44,7 @@ pub(super) struct Spill {
     /// (when the key is due, its hash) of every key on disk -> how many keys: the
     /// watermark that passes the first brings the second's keys back.
     due: BTreeMap<(Millis, u64), u32>,
-    codec: Arc<Codec>,
+    pub(super) codec: Arc<Codec>,
     /// Keys moved to disk between snapshots with sessions changed since the previous
     /// one: the next snapshot of changes reads them there.
     changed: HashSet<Vec<u8>>,
@@ -57,166 +52,31 @@ pub(super) struct Spill {
     pub(super) early: EarlyEmitMark,
 }
 
-/// How a key's sessions are written on disk: the place on the due list, then per session
-/// whether it changed since the previous snapshot (a byte), its row (start, end, each
-/// call's state columns) and its emitted row, if any, each behind its length.
-pub(super) struct Codec {
-    keys: RowConverter,
-    sessions: RowConverter,
-    emitted: RowConverter,
-    output: SchemaRef,
-    /// The state columns of each call, in order.
-    state_types: Vec<Vec<DataType>>,
-}
-
-/// Session rows decoded, a session an element: bounds and each call's state columns.
-struct Decoded {
-    starts: Vec<Millis>,
-    ends: Vec<Millis>,
-    states: Vec<Vec<ArrayRef>>,
-}
-
-/// A key's record read back: its place on the due list and its sessions.
-struct Record<'a> {
-    due: Millis,
-    sessions: Vec<StoredSession<'a>>,
-}
-
-/// A session as a key's record holds it.
-struct StoredSession<'a> {
-    changed: bool,
-    row: &'a [u8],
-    emitted: Option<&'a [u8]>,
-}
-
-impl Codec {
-    fn new(calls: &AggregateCalls, output: SchemaRef) -> Result<Option<Self>> {
-        let keys: Vec<SortField> = calls
-            .key_schema
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
-        let state_types: Vec<Vec<DataType>> = calls
-            .aggregates
-            .iter()
-            .map(|a| {
-                let fields = a.state_fields()?;
-                Ok(fields.iter().map(|f| f.data_type().clone()).collect())
-            })
-            .collect::<Result<_>>()?;
-        let mut sessions = vec![
-            SortField::new(DataType::Int64),
-            SortField::new(DataType::Int64),
-        ];
-        sessions.extend(state_types.iter().flatten().cloned().map(SortField::new));
-        let emitted: Vec<SortField> = output
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
-        let supported = [&keys, &sessions, &emitted]
-            .iter()
-            .all(|fields| RowConverter::supports_fields(fields));
-        if !supported {
-            return Ok(None);
-        }
-        Ok(Some(Codec {
-            keys: RowConverter::new(keys)?,
-            sessions: RowConverter::new(sessions)?,
-            emitted: RowConverter::new(emitted)?,
-            output,
-            state_types,
-        }))
-    }
-
-    /// A key's record: `due`, then each session's row and emitted row.
-    fn record<'a>(due: Millis, sessions: impl Iterator<Item = StoredSession<'a>>) -> Vec<u8> {
-        let mut out = due.to_le_bytes().to_vec();
-        for session in sessions {
-            out.push(session.changed as u8);
-            for part in [session.row, session.emitted.unwrap_or_default()] {
-                out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-                out.extend_from_slice(part);
-            }
-        }
-        out
-    }
-
-    fn parse(record: &[u8]) -> Result<Record<'_>> {
-        let corrupt = || DataFusionError::Internal("a session record on disk is cut short".into());
-        let bytes = |from: usize, len: usize| record.get(from..from + len).ok_or_else(corrupt);
-        let due = Millis::from_le_bytes(bytes(0, 8)?.try_into().expect("8 bytes"));
-        let mut at = 8;
-        let part = |at: &mut usize| -> Result<&[u8]> {
-            let len = u32::from_le_bytes(bytes(*at, 4)?.try_into().expect("4 bytes")) as usize;
-            let part = bytes(*at + 4, len)?;
-            *at += 4 + len;
-            Ok(part)
-        };
-        let mut sessions = Vec::new();
-        while at < record.len() {
-            let changed = bytes(at, 1)?[0] != 0;
-            at += 1;
-            let row = part(&mut at)?;
-            // An emitted row is never empty: it has the output's columns.
-            let emitted = Some(part(&mut at)?).filter(|e| !e.is_empty());
-            sessions.push(StoredSession {
-                changed,
-                row,
-                emitted,
-            });
-        }
-        Ok(Record { due, sessions })
-    }
-
-    fn decode_sessions<'a>(&self, rows: impl IntoIterator<Item = &'a [u8]>) -> Result<Decoded> {
-        let parser = self.sessions.parser();
-        let columns = self
-            .sessions
-            .convert_rows(rows.into_iter().map(|r| parser.parse(r)))?;
-        let bound = |c: &ArrayRef| c.as_primitive::<Int64Type>().values().to_vec();
-        let (starts, ends) = (bound(&columns[0]), bound(&columns[1]));
-        let mut states = Vec::with_capacity(self.state_types.len());
-        let mut at = 2;
-        for types in &self.state_types {
-            states.push(columns[at..at + types.len()].to_vec());
-            at += types.len();
-        }
-        Ok(Decoded {
-            starts,
-            ends,
-            states,
-        })
-    }
-
-    /// A batch of emitted rows decoded.
-    fn decode_emitted(&self, rows: &[&[u8]]) -> Result<RecordBatch> {
-        let parser = self.emitted.parser();
-        let columns = self
-            .emitted
-            .convert_rows(rows.iter().map(|r| parser.parse(r)))?;
-        crate::stream::batch_of(self.output.clone(), columns, rows.len())
-    }
-
-    fn decode_keys(&self, keys: &[&[u8]]) -> Result<Vec<ArrayRef>> {
-        let parser = self.keys.parser();
-        Ok(self
-            .keys
-            .convert_rows(keys.iter().map(|k| parser.parse(k)))?)
-    }
-}
-
 impl Spill {
     pub(super) fn bytes(&self) -> usize {
         self.store.bytes()
+    }
+
+    /// Writes keys' records ((due, key, record)), listing each key under its due
+    /// place; they go out in that order, so that one watermark's keys share runs.
+    pub(super) fn write(&mut self, mut records: Vec<(Millis, &[u8], Vec<u8>)>) -> Result<()> {
+        records.sort_unstable_by_key(|(due, _, _)| *due);
+        for (due, key, _) in &records {
+            let hash = self.store.hash_of(key);
+            self.list(*due, hash);
+        }
+        self.store.put_all(
+            records
+                .iter()
+                .map(|(_, key, record)| (*key, record.as_slice())),
+        )
     }
 
     fn list(&mut self, due: Millis, hash: u64) {
         *self.due.entry((due, hash)).or_default() += 1;
     }
 
-    fn unlist(&mut self, due: Millis, hash: u64) {
+    pub(super) fn unlist(&mut self, due: Millis, hash: u64) {
         if let Some(n) = self.due.get_mut(&(due, hash)) {
             *n -= 1;
             if *n == 0 {
@@ -298,183 +158,6 @@ impl SessionAggregate {
         self.put_back(found)
     }
 
-    /// Forgets what `key` (encoded) has on disk: a later snapshot replaces its sessions.
-    pub(super) fn forget_on_disk(&mut self, key: &[u8]) -> Result<()> {
-        let Some(spill) = self.spill.as_mut() else {
-            return Ok(());
-        };
-        if let Some(record) = spill.store.take(key)? {
-            let due = Codec::parse(&record)?.due;
-            spill.unlist(due, spill.store.hash_of(key));
-        }
-        Ok(())
-    }
-
-    /// Before restoring a call's batches: sessions of their keys (each with the number
-    /// of the snapshot of changes it came from, if any) that went to disk meanwhile come
-    /// back, or are forgotten when a later snapshot replaces them, all at once so that
-    /// each run is read once (keys of a layer are spread over every run: a take per batch
-    /// of 8192 read nearly all runs each time).
-    pub(super) fn settle_restored_keys(&mut self, keys: Vec<(Vec<u8>, Option<i64>)>) -> Result<()> {
-        if self.spill.as_ref().is_none_or(|s| s.bytes() == 0) {
-            return Ok(());
-        }
-        let mut seen: HashSet<&[u8]> = HashSet::default();
-        let mut absent: Vec<&[u8]> = Vec::new();
-        let mut replaced: Vec<bool> = Vec::new();
-        for (key, from) in &keys {
-            if self.by_key.contains_key(key.as_slice()) || !seen.insert(key) {
-                continue;
-            }
-            absent.push(key);
-            replaced
-                .push(from.is_some() && self.restored_from.get(key.as_slice()) != from.as_ref());
-        }
-        let spill = self.spill.as_mut().expect("checked");
-        let mut back = Vec::new();
-        for (i, record) in spill.store.take_all(&absent)? {
-            if replaced[i] {
-                let due = Codec::parse(&record)?.due;
-                spill.unlist(due, spill.store.hash_of(absent[i]));
-            } else {
-                back.push((absent[i].to_vec(), record));
-            }
-        }
-        self.put_back(back)
-    }
-
-    /// Restores a batch of many sessions (`columns`: start, end, the number of the
-    /// snapshot of changes when `heads` is 3, the key's columns, each call's state
-    /// columns) under the backend, without building them in memory: sessions of keys in
-    /// memory join them ([`SessionAggregate::restore_session`]); the others are written
-    /// to disk as they are, a record per key, after the sessions this restore already
-    /// wrote of the key unless the batch's snapshot replaces those. `false`: without the
-    /// backend, nothing done.
-    pub(super) fn restore_sessions_to_disk(
-        &mut self,
-        columns: &[ArrayRef],
-        heads: usize,
-    ) -> Result<bool> {
-        let Some(spill) = self.spill.as_ref() else {
-            return Ok(false);
-        };
-        let codec = spill.codec.clone();
-        let starts: &Int64Array = snapshot::column(columns, 0)?;
-        let ends: &Int64Array = snapshot::column(columns, 1)?;
-        let from = match heads {
-            3 => Some(snapshot::column::<Int64Array>(columns, 2)?),
-            _ => None,
-        };
-        let key_count = self.calls.key_schema.fields().len();
-        let keys = self
-            .converter
-            .convert_columns(&columns[heads..heads + key_count])?;
-        // Each key's rows, keys in the order they come.
-        let mut order: Vec<&[u8]> = Vec::new();
-        let mut rows_of: datafusion::common::HashMap<&[u8], Vec<usize>> = Default::default();
-        let mut in_memory = Vec::new();
-        for row in 0..starts.len() {
-            let key = keys.row(row).data();
-            if self.by_key.contains_key(key) {
-                in_memory.push(row);
-                continue;
-            }
-            rows_of
-                .entry(key)
-                .or_insert_with(|| {
-                    order.push(key);
-                    Vec::new()
-                })
-                .push(row);
-        }
-        if !in_memory.is_empty() {
-            let partials = Partial::from_columns(&self.calls, &columns[heads..])?;
-            for row in in_memory {
-                let bounds = (starts.value(row), ends.value(row));
-                let from = from.map(|f| f.value(row));
-                let key = keys.row(row).owned();
-                self.restore_session(bounds, from, key, &partials.slice(row))?;
-            }
-        }
-        if order.is_empty() {
-            return Ok(true);
-        }
-        // A snapshot of changes replaces what earlier ones held of a key.
-        let replaced: Vec<bool> = order
-            .iter()
-            .map(|key| {
-                let from = from.map(|f| f.value(rows_of[key][0]));
-                let replaces = from.is_some() && self.restored_from.get(*key) != from.as_ref();
-                if let (true, Some(from)) = (replaces, from) {
-                    self.restored_from.insert((*key).into(), from);
-                }
-                replaces
-            })
-            .collect();
-        let mut session_columns = vec![columns[0].clone(), columns[1].clone()];
-        let states = &columns[heads + key_count..];
-        for (column, ty) in states.iter().zip(codec.state_types.iter().flatten()) {
-            session_columns.push(if column.data_type() == ty {
-                column.clone()
-            } else {
-                datafusion::arrow::compute::cast(column, ty)?
-            });
-        }
-        let rows = codec.sessions.convert_columns(&session_columns)?;
-        let spill = self.spill.as_mut().expect("checked");
-        let mut earlier: Vec<Option<Vec<u8>>> = vec![None; order.len()];
-        for (i, record) in spill.store.take_all(&order)? {
-            let due = Codec::parse(&record)?.due;
-            spill.unlist(due, spill.store.hash_of(order[i]));
-            if !replaced[i] {
-                earlier[i] = Some(record);
-            }
-        }
-        let mut records: Vec<(Millis, &[u8], Vec<u8>)> = Vec::with_capacity(order.len());
-        for (key, earlier) in order.iter().zip(&earlier) {
-            let earlier = earlier.as_deref().map(Codec::parse).transpose()?;
-            let new = rows_of[key].iter().map(|&row| StoredSession {
-                changed: false,
-                row: rows.row(row).data(),
-                emitted: None,
-            });
-            let due = rows_of[key].iter().map(|&row| ends.value(row));
-            let due = due
-                .chain(earlier.as_ref().map(|r| r.due))
-                .min()
-                .expect("a row");
-            let sessions = earlier.into_iter().flat_map(|r| r.sessions).chain(new);
-            records.push((due, key, Codec::record(due, sessions)));
-        }
-        records.sort_unstable_by_key(|(due, _, _)| *due);
-        for (due, key, _) in &records {
-            let hash = spill.store.hash_of(key);
-            spill.list(*due, hash);
-        }
-        spill.store.put_all(
-            records
-                .iter()
-                .map(|(_, key, record)| (*key, record.as_slice())),
-        )?;
-        Ok(true)
-    }
-
-    /// While restoring: once the sessions in memory outgrow the budget by
-    /// [`EARLY_EMIT_SLACK`], keys go to disk as after a snapshot, so that a restore does
-    /// not hold all of them. The key of the session restored last stays: its emitted
-    /// rows may come in the next batch.
-    pub(super) fn move_out_while_restoring(&mut self) -> Result<()> {
-        let Some(spill) = self.spill.as_ref() else {
-            return Ok(());
-        };
-        if self.held_bytes <= spill.memory.saturating_add(spill.restore_slack) {
-            return Ok(());
-        }
-        let last = self.restored_last.and_then(|id| self.sessions.get(&id));
-        let keep = last.map(|s| s.key.as_ref().to_vec());
-        self.move_out_but(Some(&HashSet::default()), keep.as_deref())
-    }
-
     /// Brings back the keys on disk whose first session `watermark` closes or expires.
     pub(super) fn bring_back_due(&mut self, watermark: Millis) -> Result<()> {
         let Some(spill) = self.spill.as_mut() else {
@@ -494,7 +177,7 @@ impl SessionAggregate {
     }
 
     /// Puts the sessions of records taken off disk back into memory, unchanged.
-    fn put_back(&mut self, found: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    pub(super) fn put_back(&mut self, found: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
         if found.is_empty() {
             return Ok(());
         }
@@ -598,7 +281,7 @@ impl SessionAggregate {
 
     /// [`SessionAggregate::move_out`], `keep` (an encoded key) staying in memory;
     /// `changed` `None`: the sessions changed since the previous snapshot.
-    fn move_out_but(
+    pub(super) fn move_out_but(
         &mut self,
         changed: Option<&HashSet<usize>>,
         keep: Option<&[u8]>,
@@ -719,83 +402,7 @@ impl SessionAggregate {
             });
             records.push((dues[k], key.as_slice(), Codec::record(dues[k], parts)));
         }
-        records.sort_unstable_by_key(|(due, _, _)| *due);
         spill.changed.extend(dirty);
-        for (due, key, _) in &records {
-            let hash = spill.store.hash_of(key);
-            spill.list(*due, hash);
-        }
-        spill.store.put_all(
-            records
-                .iter()
-                .map(|(_, key, record)| (*key, record.as_slice())),
-        )
+        spill.write(records)
     }
-}
-
-/// Sessions on disk as they are now (`entries`), read later off the task into the batches
-/// an in-memory snapshot holds: of a whole snapshot, or of the snapshot of changes
-/// numbered `changes`. Sessions kept for an allowed lateness each get a batch of their own
-/// followed by their emitted rows.
-fn snapshot_reader(entries: FrozenEntries, codec: Arc<Codec>, changes: Option<i64>) -> StateReader {
-    Box::new(move |out| {
-        // Sessions without emitted rows, gathered: (key, session row).
-        let mut plain: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let flush = |plain: &mut Vec<(Vec<u8>, Vec<u8>)>,
-                     out: &mut dyn FnMut(RecordBatch) -> Result<()>|
-         -> Result<()> {
-            let keys: Vec<&[u8]> = plain.iter().map(|(k, _)| k.as_slice()).collect();
-            let rows = plain.iter().map(|(_, r)| r.as_slice());
-            let Decoded {
-                starts,
-                ends,
-                states,
-            } = codec.decode_sessions(rows)?;
-            let n = starts.len();
-            let mut columns: Vec<ArrayRef> = vec![
-                Arc::new(Int64Array::from(starts)),
-                Arc::new(Int64Array::from(ends)),
-            ];
-            let kind = match changes {
-                Some(number) => {
-                    columns.push(Arc::new(Int64Array::from(vec![number; n])));
-                    CHANGED_SESSIONS
-                }
-                None => SESSIONS,
-            };
-            columns.extend(codec.decode_keys(&keys)?);
-            columns.extend(states.into_iter().flatten());
-            plain.clear();
-            out(snapshot::batch(kind, &[], columns)?)
-        };
-        entries.for_each(&mut |key, record| {
-            let record = Codec::parse(record)?;
-            for StoredSession { row, emitted, .. } in record.sessions {
-                let Some(emitted) = emitted else {
-                    plain.push((key.to_vec(), row.to_vec()));
-                    if plain.len() == SNAPSHOT_SESSIONS {
-                        flush(&mut plain, out)?;
-                    }
-                    continue;
-                };
-                let one = codec.decode_sessions([row])?;
-                let mut columns = codec.decode_keys(&[key])?;
-                columns.extend(one.states.into_iter().flatten());
-                let (start, end) = (one.starts[0], one.ends[0]);
-                out(match changes {
-                    Some(number) => {
-                        snapshot::batch(CHANGED_SESSION, &[start, end, number], columns)?
-                    }
-                    None => snapshot::batch("session", &[start, end], columns)?,
-                })?;
-                let rows = codec.decode_emitted(&[emitted])?;
-                out(super::emitted_batch(&rows)?)?;
-            }
-            Ok(())
-        })?;
-        if !plain.is_empty() {
-            flush(&mut plain, out)?;
-        }
-        Ok(())
-    })
 }

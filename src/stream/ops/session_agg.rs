@@ -1025,11 +1025,13 @@ mod tests {
                     "{case}"
                 );
                 if whole {
-                    // Restored a batch at a time, keys going out between batches: a key's
-                    // sessions of several batches end up in one place, as they were.
+                    // Restored a row at a time, keys going out between calls: a key's
+                    // sessions of several calls end up in one place, as they were.
                     let mut restored = fresh();
                     for batch in &taken {
-                        restored.restore(vec![batch.clone()]).unwrap();
+                        for row in 0..batch.num_rows() {
+                            restored.restore(vec![batch.slice(row, 1)]).unwrap();
+                        }
                     }
                     restored.restored().unwrap();
                     let spill = restored.spill.as_ref().unwrap();

@@ -54,12 +54,6 @@ pub(super) struct StoredSession<'a> {
 
 impl Codec {
     pub(super) fn new(calls: &AggregateCalls, output: SchemaRef) -> Result<Option<Self>> {
-        let keys: Vec<SortField> = calls
-            .key_schema
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
         let state_types: Vec<Vec<DataType>> = calls
             .aggregates
             .iter()
@@ -78,14 +72,15 @@ impl Codec {
             .iter()
             .map(|f| SortField::new(f.data_type().clone()))
             .collect();
-        let supported = [&keys, &sessions, &emitted]
+        let supported = [&sessions, &emitted]
             .iter()
             .all(|fields| RowConverter::supports_fields(fields));
         if !supported {
             return Ok(None);
         }
         Ok(Some(Codec {
-            keys: RowConverter::new(keys)?,
+            // The operator's own encoding of keys, which records are keyed by.
+            keys: crate::stream::row_converter(calls.key_schema.fields())?,
             sessions: RowConverter::new(sessions)?,
             emitted: RowConverter::new(emitted)?,
             output,

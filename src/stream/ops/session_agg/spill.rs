@@ -176,7 +176,8 @@ impl SessionAggregate {
         self.put_back(found)
     }
 
-    /// Puts the sessions of records taken off disk back into memory, unchanged.
+    /// Puts the sessions of records taken off disk back into memory, marked changed
+    /// as they were when they went (while no snapshot of changes has read them since).
     pub(super) fn put_back(&mut self, found: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
         if found.is_empty() {
             return Ok(());

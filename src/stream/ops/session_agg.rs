@@ -723,7 +723,7 @@ impl Operator for SessionAggregate {
         for batch in &state {
             keys.extend(self.restored_keys(batch)?);
         }
-        self.settle_restored_keys(keys)?;
+        self.forget_replaced_on_disk(keys)?;
         for batch in state {
             self.restore_batch(batch)?;
             self.move_out_while_restoring()?;

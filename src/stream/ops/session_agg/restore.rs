@@ -25,37 +25,33 @@ impl SessionAggregate {
         Ok(())
     }
 
-    /// Before restoring a call's batches: sessions of their keys (each with the number
-    /// of the snapshot of changes it came from, if any) that went to disk meanwhile come
-    /// back, or are forgotten when a later snapshot replaces them, all at once so that
-    /// each run is read once (keys of a layer are spread over every run: a take per batch
-    /// of 8192 read nearly all runs each time).
-    pub(super) fn settle_restored_keys(&mut self, keys: Vec<(Vec<u8>, Option<i64>)>) -> Result<()> {
+    /// Before restoring a call's batches: keys on disk that a later snapshot of changes
+    /// among them replaces (`keys`: each with the number of the snapshot of changes it
+    /// came from, if any) are forgotten, all at once so that each run is read once (keys
+    /// of a layer are spread over every run: a take per batch of 8192 read nearly all
+    /// runs each time). Other keys on disk stay: the batches add to them.
+    pub(super) fn forget_replaced_on_disk(
+        &mut self,
+        keys: Vec<(Vec<u8>, Option<i64>)>,
+    ) -> Result<()> {
         if self.spill.as_ref().is_none_or(|s| s.bytes() == 0) {
             return Ok(());
         }
         let mut seen: HashSet<&[u8]> = HashSet::default();
-        let mut absent: Vec<&[u8]> = Vec::new();
-        let mut replaced: Vec<bool> = Vec::new();
-        for (key, from) in &keys {
-            if self.by_key.contains_key(key.as_slice()) || !seen.insert(key) {
-                continue;
-            }
-            absent.push(key);
-            replaced
-                .push(from.is_some() && self.restored_from.get(key.as_slice()) != from.as_ref());
-        }
+        let replaced: Vec<&[u8]> = keys
+            .iter()
+            .filter(|(key, _)| !self.by_key.contains_key(key.as_slice()) && seen.insert(key))
+            .filter(|(key, from)| {
+                from.is_some() && self.restored_from.get(key.as_slice()) != from.as_ref()
+            })
+            .map(|(key, _)| key.as_slice())
+            .collect();
         let spill = self.spill.as_mut().expect("checked");
-        let mut back = Vec::new();
-        for (i, record) in spill.store.take_all(&absent)? {
-            if replaced[i] {
-                let due = Codec::parse(&record)?.due;
-                spill.unlist(due, spill.store.hash_of(absent[i]));
-            } else {
-                back.push((absent[i].to_vec(), record));
-            }
+        for (i, record) in spill.store.take_all(&replaced)? {
+            let due = Codec::parse(&record)?.due;
+            spill.unlist(due, spill.store.hash_of(replaced[i]));
         }
-        self.put_back(back)
+        Ok(())
     }
 
     /// Restores a batch of many sessions (`columns`: start, end, the number of the

@@ -244,3 +244,103 @@ async fn a_view_rescaled_in_place_counts_every_row_once_across_a_restart() {
     );
     server.stop().await;
 }
+
+/// Polls `sql` (one number) until it reaches `want`, FLUSHing in between.
+async fn wait_for_count(client: &Client, sql: &str, want: i64) {
+    let start = std::time::Instant::now();
+    loop {
+        run(client, "FLUSH").await;
+        let got: i64 = rows(client, sql).await[0][0].parse().unwrap_or(0);
+        if got >= want {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{sql}: {got} of {want} after a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generator_sources_rescaled_while_reading_produce_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    run(&client, "SET 'parallelism.default' = '2'").await;
+    run(
+        &client,
+        "CREATE TABLE gen (id BIGINT) WITH ('connector' = 'datagen', \
+         'rows-per-second' = '4000', 'fields.id.kind' = 'sequence', \
+         'fields.id.start' = '1', 'fields.id.end' = '8000')",
+    )
+    .await;
+    let bids = |name: &str, pace: &str| {
+        format!(
+            "CREATE TABLE {name} (auction BIGINT, price BIGINT) WITH ('connector' = 'nexmark', \
+             'nexmark.table' = 'bid', 'nexmark.event.num' = '12000'{pace})"
+        )
+    };
+    run(
+        &client,
+        &bids("bids", ", 'nexmark.events-per-second' = '6000'"),
+    )
+    .await;
+    run(&client, &bids("all_bids", "")).await;
+    run(
+        &client,
+        "CREATE MATERIALIZED VIEW gen_counts AS SELECT id % 4 AS k, count(*) AS n, \
+         count(DISTINCT id) AS d, sum(id) AS s FROM gen GROUP BY id % 4",
+    )
+    .await;
+    let per_auction = "SELECT auction % 4 AS k, count(*) AS n, sum(price) AS s FROM";
+    run(
+        &client,
+        &format!("CREATE MATERIALIZED VIEW bid_counts AS {per_auction} bids GROUP BY auction % 4"),
+    )
+    .await;
+    // Both sources move while they read (their splits' progress uneven): 2 → 3 → 1 → 4.
+    for (to, pause) in [(3, 500), (1, 400), (4, 300)] {
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        for view in ["gen_counts", "bid_counts"] {
+            run(
+                &client,
+                &format!("ALTER MATERIALIZED VIEW {view} SET PARALLELISM = {to}"),
+            )
+            .await;
+        }
+    }
+    let all_bids: i64 = rows(&client, "SELECT count(*) FROM all_bids").await[0][0]
+        .parse()
+        .unwrap();
+    wait_for_count(&client, "SELECT sum(n) FROM gen_counts", 8000).await;
+    wait_for_count(&client, "SELECT sum(n) FROM bid_counts", all_bids).await;
+    // Both sources ended: nothing more comes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    run(&client, "FLUSH").await;
+    let expected: Vec<Vec<String>> = (0..4)
+        .map(|k| {
+            let ids: Vec<i64> = (1..=8000).filter(|i| i % 4 == k).collect();
+            let n = ids.len().to_string();
+            vec![
+                k.to_string(),
+                n.clone(),
+                n,
+                ids.iter().sum::<i64>().to_string(),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        rows(&client, "SELECT * FROM gen_counts ORDER BY k").await,
+        expected
+    );
+    assert_eq!(
+        rows(&client, "SELECT * FROM bid_counts ORDER BY k").await,
+        rows(
+            &client,
+            &format!("{per_auction} all_bids GROUP BY auction % 4 ORDER BY k")
+        )
+        .await
+    );
+    server.stop().await;
+}

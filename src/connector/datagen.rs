@@ -2,7 +2,8 @@
 //! `'rows-per-second'`, optionally bounded by `'number-of-rows'` or by sequence ends.
 //!
 //! Rows are numbered 0, 1, 2, ... over the whole table; split k of n produces rows
-//! k, k+n, k+2n, ... A sequence column's value in row g is `start + g`, and a random value
+//! k, k+n, k+2n, ... ([`Share`], which also carries a position over to another number
+//! of splits). A sequence column's value in row g is `start + g`, and a random value
 //! is drawn from a generator seeded by the row number, the column and the table's seed
 //! (`'seed'`, random when not given): with a seed the table's rows are the same whatever
 //! the number of splits, and a restored reader repeats exactly what it produced before.
@@ -26,6 +27,7 @@ use weir_catalog::{SqlType, TableDef};
 
 use super::factory::{invalid, opt_u64, to_df, Throttle};
 use super::io::SplitReader;
+use super::share::Share;
 use crate::sql::error::{SqlError, SqlResult};
 use crate::stream::message::ChangeBatch;
 
@@ -88,11 +90,9 @@ pub struct DatagenReader {
     seed: u64,
     /// Rows over all splits; `u64::MAX` = unbounded.
     total: u64,
-    split: u64,
-    splits: u64,
+    /// The row numbers this split produces; its current unit is the next row.
+    share: Share<()>,
     batch_size: usize,
-    /// This split's next row is number `split + next * splits`.
-    next: u64,
     throttle: Throttle,
 }
 
@@ -172,24 +172,14 @@ impl DatagenReader {
             fields,
             seed,
             total,
-            split: split as u64,
-            splits: splits as u64,
+            share: Share::new(split, splits),
             batch_size,
-            next: 0,
             throttle: Throttle::new(rps as f64 / splits as f64),
         })
     }
 
     fn remaining(&self) -> u64 {
-        if self.total == u64::MAX {
-            return u64::MAX;
-        }
-        let mine = if self.total > self.split {
-            (self.total - self.split).div_ceil(self.splits)
-        } else {
-            0
-        };
-        mine.saturating_sub(self.next)
+        self.share.left_below(self.total)
     }
 
     fn rng(&self, row: u64, column: usize) -> SmallRng {
@@ -617,27 +607,25 @@ impl SplitReader for DatagenReader {
         }
         let n = (self.batch_size as u64).min(self.throttle.step()).min(left);
         self.throttle.wait(n).await;
-        let rows: Vec<u64> = (self.next..self.next + n)
-            .map(|j| self.split + j * self.splits)
-            .collect();
+        let mut rows = Vec::with_capacity(n as usize);
+        while rows.len() < n as usize && self.share.unit() < self.total {
+            rows.push(self.share.unit());
+            self.share.pass();
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
         let batch = self.batch(&rows).map_err(to_df)?;
-        self.next += n;
         Ok(Some(ChangeBatch::new(batch)))
     }
 
     fn position(&self) -> Vec<u8> {
-        self.next.to_le_bytes().to_vec()
+        self.share.position(())
     }
 
     fn restore(&mut self, position: &[u8]) -> Result<()> {
-        let bytes: [u8; 8] = position.try_into().map_err(|_| {
-            to_df(SqlError::internal(format!(
-                "bad datagen position of {} bytes",
-                position.len()
-            )))
-        })?;
-        self.next = u64::from_le_bytes(bytes);
-        self.throttle.resume(self.next);
+        self.share.restore(position).map_err(to_df)?;
+        self.throttle.resume(self.share.passed());
         Ok(())
     }
 }
@@ -645,7 +633,7 @@ impl SplitReader for DatagenReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connector::factory::test_util::table;
+    use crate::connector::factory::test_util::{read_rescaled, table};
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
 
@@ -741,6 +729,36 @@ mod tests {
         }
         assert!((350..650).contains(&nulls), "{nulls}");
         assert!(DatagenReader::is_bounded(&def));
+    }
+
+    #[tokio::test]
+    async fn rescaled_readers_produce_every_row_once() {
+        // A sequence and a seeded random column: the same rows however the splits went.
+        let def = table(
+            &[("id", SqlType::BigInt), ("v", SqlType::Int)],
+            &[
+                ("connector", "datagen"),
+                ("rows-per-second", "100000000"),
+                ("seed", "3"),
+                ("fields.id.kind", "sequence"),
+                ("fields.id.start", "1"),
+                ("fields.id.end", "2000"),
+            ],
+        );
+        let straight = read_rescaled(&def, &[(1, 0)], 64).await;
+        assert_eq!(straight.len(), 2000);
+        // Splits read unevenly before each move (one none, one far ahead).
+        for layouts in [
+            &[(2, 3), (3, 0)][..],
+            &[(2, 5), (3, 0), (2, 0), (4, 0)],
+            &[(3, 2), (2, 1), (1, 2), (5, 0)],
+        ] {
+            assert_eq!(
+                read_rescaled(&def, layouts, 64).await,
+                straight,
+                "{layouts:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -90,16 +90,30 @@ pub fn max_splits(def: &TableDef) -> Option<usize> {
 }
 
 /// For a source whose splits can be divided anew when a job is restored at another
-/// parallelism (Kafka: partitions are dealt to the splits), one position holding what
-/// the old splits' `positions` recorded, which every new split restores; `None` for
-/// sources whose splits keep their parallelism.
+/// parallelism, one position holding what the old splits' `positions` (in split order)
+/// recorded, which every new split restores: Kafka's partitions are dealt to the new
+/// splits, each from its furthest place; the generators' numbers and a path's files are
+/// dealt as before (`split + i * splits`), skipping those the old splits read
+/// ([`super::share`]). `None` for sources whose splits keep their parallelism.
 pub fn merge_positions(def: &TableDef, positions: &[&[u8]]) -> Option<SqlResult<Vec<u8>>> {
-    resplits(def).then(|| super::kafka::source::merge_positions(positions))
+    if !resplits(def) {
+        return None;
+    }
+    Some(match def.connector() {
+        Some("kafka") => super::kafka::source::merge_positions(positions),
+        Some("filesystem") => super::filesystem::merge_positions(positions),
+        _ => super::share::merge::<()>(positions),
+    })
 }
 
-/// Whether [`merge_positions`] takes the table's source.
+/// Whether [`merge_positions`] takes the table's source: every connector's but a
+/// changelog's (read by one split, in order) and upsert-kafka's.
 pub fn resplits(def: &TableDef) -> bool {
-    def.connector() == Some("kafka") && max_splits(def).is_none()
+    let connector = matches!(
+        def.connector(),
+        Some("kafka" | "datagen" | "nexmark" | "filesystem")
+    );
+    connector && source_changelog(def) == ChangelogMode::InsertOnly
 }
 
 /// Whether the table's source ends (filesystem, datagen with a row count or sequence,
@@ -301,7 +315,52 @@ where
 pub(crate) mod test_util {
     use std::collections::BTreeMap;
 
+    use datafusion::arrow::util::display::array_value_to_string;
     use weir_catalog::{ColumnDef, SqlType, TableDef, TableId};
+
+    /// Reads the table's source through layouts of splits in turn: `(splits, batches)`
+    /// has split k of `splits` read up to `k * batches` batches (so they are uneven; the
+    /// last layout reads to the end), and the next layout restores the positions merged.
+    /// Returns every row read, as text, sorted.
+    pub async fn read_rescaled(
+        def: &TableDef,
+        layouts: &[(usize, usize)],
+        batch_size: usize,
+    ) -> Vec<String> {
+        let mut rows = Vec::new();
+        let mut merged: Option<Vec<u8>> = None;
+        for (i, &(splits, batches)) in layouts.iter().enumerate() {
+            let last = i + 1 == layouts.len();
+            let mut positions = Vec::new();
+            for split in 0..splits {
+                let mut r = super::open_split(def, split, splits, batch_size, None).unwrap();
+                if let Some(p) = &merged {
+                    r.restore(p).unwrap();
+                }
+                let mut read = 0;
+                while last || read < split * batches {
+                    let Some(b) = r.next_batch().await.unwrap() else {
+                        break;
+                    };
+                    read += 1;
+                    let b = b.rows;
+                    for row in 0..b.num_rows() {
+                        let values: Vec<String> = b
+                            .columns()
+                            .iter()
+                            .map(|c| array_value_to_string(c, row).unwrap())
+                            .collect();
+                        rows.push(values.join(","));
+                    }
+                }
+                positions.push(r.position());
+            }
+            let refs: Vec<&[u8]> = positions.iter().map(Vec::as_slice).collect();
+            merged = Some(super::merge_positions(def, &refs).unwrap().unwrap());
+        }
+        rows.sort();
+        rows
+    }
 
     pub fn table(columns: &[(&str, SqlType)], options: &[(&str, &str)]) -> TableDef {
         TableDef {

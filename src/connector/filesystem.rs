@@ -3,7 +3,8 @@
 //!
 //! As a source, `'path'` is a file or a directory whose regular files are read in name
 //! order (names starting with `.` or `_`, such as files still being written, are
-//! skipped); file i goes to split i % splits. Bounded. A bad record fails the job with
+//! skipped); file i goes to split i % splits ([`Share`]: a split restored at another
+//! parallelism skips the files, and the parts of files, the old splits read). Bounded. A bad record fails the job with
 //! its file and line, or with `'<format>.ignore-parse-errors'` is skipped and counted.
 //!
 //! As a sink (csv and json), `'path'` is a directory. Sink subtask s of job j writes rows to a hidden
@@ -22,6 +23,7 @@ use weir_catalog::TableDef;
 use super::factory::{blocking, invalid, opt_bool, to_df};
 use super::format::{Format, RecordDecoder, RecordEncoder};
 use super::io::{SinkWriter, SplitReader};
+use super::share::{Share, UnitProgress};
 use crate::sql::error::{sqlstate, SqlError, SqlResult};
 use crate::stream::checkpoint::Precommit;
 use crate::stream::message::ChangeBatch;
@@ -72,13 +74,48 @@ pub(crate) fn list_files(path: &Path) -> SqlResult<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Where a split is in a file: the next record's byte offset and 1-based line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct FileAt {
+    offset: u64,
+    line: u64,
+}
+
+impl Default for FileAt {
+    fn default() -> Self {
+        Self { offset: 0, line: 1 }
+    }
+}
+
+impl UnitProgress for FileAt {
+    const BYTES: usize = 16;
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend(self.offset.to_le_bytes());
+        out.extend(self.line.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> Self {
+        let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        Self {
+            offset: word(0),
+            line: word(8),
+        }
+    }
+}
+
+/// A filesystem source's splits' positions merged into one every split of another
+/// parallelism restores.
+pub fn merge_positions(positions: &[&[u8]]) -> SqlResult<Vec<u8>> {
+    super::share::merge::<FileAt>(positions)
+}
+
 struct SourceState {
+    /// Every file of the path; the share says which this split reads.
     files: Vec<PathBuf>,
+    share: Share<FileAt>,
     decoder: RecordDecoder,
     batch_size: usize,
     ignore_errors: bool,
-    /// The next record: file index (into `files`), byte offset and 1-based line.
-    file: usize,
+    /// The next record of the share's current file: byte offset and 1-based line.
     offset: u64,
     line: u64,
     reader: Option<BufReader<File>>,
@@ -88,7 +125,7 @@ struct SourceState {
 pub struct FileSource {
     state: Option<SourceState>,
     /// Copies of the state's position and skip count, readable while a read is running.
-    position: (u64, u64, u64),
+    position: Vec<u8>,
     skipped: u64,
 }
 
@@ -99,45 +136,55 @@ impl FileSource {
             .get("path")
             .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?;
         let format = format_of(def)?;
-        let files = list_files(Path::new(path))?
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| i % splits == split)
-            .map(|(_, f)| f)
-            .collect();
+        let state = SourceState {
+            files: list_files(Path::new(path))?,
+            share: Share::new(split, splits),
+            decoder: RecordDecoder::new(def, format, def.physical_schema())?,
+            batch_size,
+            ignore_errors: opt_bool(def, format.ignore_errors_option())?,
+            offset: 0,
+            line: 1,
+            reader: None,
+            skipped: 0,
+        };
         Ok(Self {
-            state: Some(SourceState {
-                files,
-                decoder: RecordDecoder::new(def, format, def.physical_schema())?,
-                batch_size,
-                ignore_errors: opt_bool(def, format.ignore_errors_option())?,
-                file: 0,
-                offset: 0,
-                line: 1,
-                reader: None,
-                skipped: 0,
-            }),
-            position: (0, 0, 1),
+            position: state.position(),
+            state: Some(state),
             skipped: 0,
         })
     }
 }
 
 impl SourceState {
+    fn file(&self) -> usize {
+        self.share.unit() as usize
+    }
+
     fn path(&self) -> &Path {
-        &self.files[self.file]
+        &self.files[self.file()]
+    }
+
+    fn position(&self) -> Vec<u8> {
+        self.share.position(FileAt {
+            offset: self.offset,
+            line: self.line,
+        })
+    }
+
+    fn go_to(&mut self, at: FileAt) {
+        self.offset = at.offset;
+        self.line = at.line;
+        self.reader = None;
     }
 
     fn next_file(&mut self) {
-        self.file += 1;
-        self.offset = 0;
-        self.line = 1;
-        self.reader = None;
+        let at = self.share.pass();
+        self.go_to(at);
     }
 
     fn read_batch(&mut self) -> SqlResult<Option<ChangeBatch>> {
         loop {
-            if self.file >= self.files.len() {
+            if self.file() >= self.files.len() {
                 return Ok(None);
             }
             if self.reader.is_none() {
@@ -167,7 +214,7 @@ impl SourceState {
     /// range and first line, and whether the file ended.
     #[allow(clippy::type_complexity)]
     fn read_records(&mut self) -> SqlResult<(Vec<u8>, Vec<(usize, usize, u64)>, bool)> {
-        let path = self.files[self.file].clone();
+        let path = self.path().to_path_buf();
         let reader = self.reader.as_mut().expect("opened");
         let mut buf = Vec::new();
         let mut records = Vec::new();
@@ -251,36 +298,23 @@ impl SplitReader for FileSource {
     async fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
         let batch = blocking(&mut self.state, |s| s.read_batch()).await?;
         let s = self.state.as_ref().expect("restored after the read");
-        self.position = (s.file as u64, s.offset, s.line);
+        self.position = s.position();
         self.skipped = s.skipped;
         batch.map_err(to_df)
     }
 
     fn position(&self) -> Vec<u8> {
-        let (file, offset, line) = self.position;
-        [file, offset, line]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect()
+        self.position.clone()
     }
 
     fn restore(&mut self, position: &[u8]) -> Result<()> {
-        if position.len() != 24 {
-            return Err(to_df(SqlError::internal(format!(
-                "bad filesystem position of {} bytes",
-                position.len()
-            ))));
-        }
-        let word = |i: usize| u64::from_le_bytes(position[i * 8..i * 8 + 8].try_into().unwrap());
         let s = self
             .state
             .as_mut()
             .ok_or_else(|| to_df(SqlError::internal("filesystem source used after a failure")))?;
-        s.file = word(0) as usize;
-        s.offset = word(1);
-        s.line = word(2);
-        s.reader = None;
-        self.position = (word(0), word(1), word(2));
+        let at = s.share.restore(position).map_err(to_df)?;
+        s.go_to(at);
+        self.position = s.position();
         Ok(())
     }
 
@@ -451,7 +485,7 @@ impl SinkWriter for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connector::factory::test_util::table;
+    use crate::connector::factory::test_util::{read_rescaled, table};
     use arrow::array::{Array, AsArray, Int32Array, StringArray, TimestampMillisecondArray};
     use arrow::compute::concat_batches;
     use arrow::datatypes::{Int32Type, TimestampMillisecondType};
@@ -804,6 +838,44 @@ mod tests {
             let (back, _) = read(&sink_def, 1).await;
             let back = concat_batches(&sink_def.physical_schema(), &back).unwrap();
             assert_eq!(back, data, "{format}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rescaled_readers_read_every_record_once() {
+        // Five files of different lengths; moves land inside files.
+        let dir = tempfile::tempdir().unwrap();
+        let mut id = 0;
+        for (file, lines) in [("a", 7), ("b", 1), ("c", 12), ("d", 0), ("e", 5)] {
+            let text: String = (0..lines)
+                .map(|_| {
+                    id += 1;
+                    format!("{id},n,2023-11-14 09:00:00\n")
+                })
+                .collect();
+            fs::write(dir.path().join(format!("{file}.csv")), text).unwrap();
+        }
+        let path = dir.path().to_str().unwrap();
+        let def = table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", path),
+                ("format", "csv"),
+            ],
+        );
+        let straight = read_rescaled(&def, &[(1, 0)], 2).await;
+        assert_eq!(straight.len(), 25);
+        for layouts in [
+            &[(2, 2), (3, 0)][..],
+            &[(3, 1), (2, 0), (4, 0), (1, 1), (5, 0)],
+            &[(5, 1), (2, 0)],
+        ] {
+            assert_eq!(
+                read_rescaled(&def, layouts, 2).await,
+                straight,
+                "{layouts:?}"
+            );
         }
     }
 

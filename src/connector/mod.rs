@@ -16,5 +16,6 @@ pub mod log_table;
 pub mod nexmark;
 pub mod options;
 pub mod print;
+pub mod share;
 
 pub use factory::{is_bounded, open_sink, open_split};

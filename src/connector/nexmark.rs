@@ -6,6 +6,7 @@
 //! its number alone (a hash of it seeds the values; the time is a fixed base plus the
 //! number times the inter-event delay of `'nexmark.first-event-rate'`), so a table's rows
 //! are the same however many splits read it: split k of n reads events k, k+n, k+2n, ...
+//! ([`Share`], which also carries a position over to another number of splits).
 //! `'nexmark.max-out-of-orderness'` shuffles event numbers within groups (Nexmark's
 //! out-of-order group size) so event time goes back by at most that much.
 //!
@@ -30,6 +31,7 @@ use weir_catalog::TableDef;
 
 use super::factory::{invalid, opt_duration, opt_u64, to_df, Throttle};
 use super::io::SplitReader;
+use super::share::Share;
 use crate::sql::error::{SqlError, SqlResult};
 use crate::stream::message::ChangeBatch;
 
@@ -470,11 +472,9 @@ pub struct NexmarkReader {
     columns: Vec<Column>,
     /// Field index -> is it declared (so its buffer is filled).
     wanted: Vec<bool>,
-    split: u64,
-    splits: u64,
+    /// The event numbers this split reads; its current unit is the next event.
+    share: Share<()>,
     batch_size: usize,
-    /// This split's next event is number `split + next * splits`.
-    next: u64,
     throttle: Option<Throttle>,
     scratch: String,
     /// Field index -> the string bytes its previous batch held: the next batch reserves
@@ -557,10 +557,8 @@ impl NexmarkReader {
             schema,
             columns,
             wanted,
-            split: split as u64,
-            splits: splits as u64,
+            share: Share::new(split, splits),
             batch_size,
-            next: 0,
             throttle,
             scratch: String::new(),
             str_bytes: vec![0; fields.len()],
@@ -588,14 +586,7 @@ impl NexmarkReader {
 
     /// Events this split has left, if bounded.
     fn remaining(&self) -> Option<u64> {
-        self.config.max_events.map(|max| {
-            let mine = if max > self.split {
-                (max - self.split).div_ceil(self.splits)
-            } else {
-                0
-            };
-            mine.saturating_sub(self.next)
-        })
+        self.config.max_events.map(|max| self.share.left_below(max))
     }
 
     /// Generates this split's next event numbers, up to `events` of them or until `cap`
@@ -603,12 +594,13 @@ impl NexmarkReader {
     fn generate(&mut self, out: &mut Out, events: u64, cap: usize) -> usize {
         let mut rows = 0;
         let stream = self.config.stream;
+        let end = self.config.max_events.unwrap_or(u64::MAX);
         for _ in 0..events {
-            if rows == cap {
+            let n = self.share.unit();
+            if rows == cap || n >= end {
                 break;
             }
-            let n = self.split + self.next * self.splits;
-            self.next += 1;
+            self.share.pass();
             let id = self.config.event_id(n);
             if stream_of(id) != stream {
                 continue;
@@ -824,19 +816,13 @@ impl SplitReader for NexmarkReader {
     }
 
     fn position(&self) -> Vec<u8> {
-        self.next.to_le_bytes().to_vec()
+        self.share.position(())
     }
 
     fn restore(&mut self, position: &[u8]) -> Result<()> {
-        let bytes: [u8; 8] = position.try_into().map_err(|_| {
-            to_df(SqlError::internal(format!(
-                "bad nexmark position of {} bytes",
-                position.len()
-            )))
-        })?;
-        self.next = u64::from_le_bytes(bytes);
+        self.share.restore(position).map_err(to_df)?;
         if let Some(t) = &mut self.throttle {
-            t.resume(self.next);
+            t.resume(self.share.passed());
         }
         Ok(())
     }
@@ -845,7 +831,7 @@ impl SplitReader for NexmarkReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connector::factory::test_util::table;
+    use crate::connector::factory::test_util::{read_rescaled, table};
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::{Int64Type, TimestampMillisecondType};
     use weir_catalog::SqlType;
@@ -990,6 +976,29 @@ mod tests {
         let ts = first.column(5).as_primitive::<TimestampMillisecondType>();
         assert_eq!(ts.value(0), DEFAULT_BASE_TIME_MS);
         assert_eq!(ts.value(10), DEFAULT_BASE_TIME_MS + 1);
+    }
+
+    #[tokio::test]
+    async fn rescaled_readers_produce_every_event_once() {
+        // Out of order too: event numbers shuffled within groups.
+        let def = table(
+            &bid_columns(),
+            &[
+                ("connector", "nexmark"),
+                ("nexmark.table", "bid"),
+                ("nexmark.event.num", "20000"),
+                ("nexmark.max-out-of-orderness", "2 s"),
+            ],
+        );
+        let straight = read_rescaled(&def, &[(1, 0)], 500).await;
+        assert!(straight.len() > 18000, "{} bids", straight.len());
+        for layouts in [&[(2, 3), (3, 0)][..], &[(4, 1), (3, 0), (1, 0), (2, 0)]] {
+            assert_eq!(
+                read_rescaled(&def, layouts, 500).await,
+                straight,
+                "{layouts:?}"
+            );
+        }
     }
 
     #[tokio::test]

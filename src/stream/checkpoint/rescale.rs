@@ -2,12 +2,14 @@
 //!
 //! Keyed state moves by key group: rows are hashed into the fixed [`KEY_GROUPS`], each
 //! subtask owns a contiguous range of them, and a new subtask restores, from every old
-//! subtask, the state rows whose keys fall in its range. Sources keep the parallelism
-//! they were checkpointed at (a split's position cannot be divided), and so does every
-//! node they forward to; the first keyed exchange after them spreads rows over the new
-//! parallelism. Sources whose splits can be dealt anew (Kafka's partitions) move to the
-//! new parallelism when nothing they forward to keeps state: every new split restores
-//! one position merged from all the old ones and takes its own partitions' places.
+//! subtask, the state rows whose keys fall in its range. A connector source moves to
+//! the new parallelism when nothing it forwards to before its first keyed exchange keeps
+//! state: every new split restores one position merged from all the old ones (Kafka's
+//! partitions each from its furthest place; the generators' numbers and a path's files
+//! skipping those read, `connector::share`). Other sources (the table log, views,
+//! changelogs) keep the parallelism they were checkpointed at, and so does every node
+//! they forward to; the first keyed exchange after them spreads rows over the new
+//! parallelism.
 
 use std::collections::HashMap;
 
@@ -101,6 +103,16 @@ fn merged_source_position(
     let old: Vec<&SourcePosition> = previous.iter().filter_map(|t| t.source.as_ref()).collect();
     if old.is_empty() {
         return Ok(None);
+    }
+    // Positions are merged in split order: the generators' and files' tell which units
+    // a split read by its place among them.
+    if old.len() != previous.len() {
+        return Err(DataFusionError::Internal(format!(
+            "{} of {} subtasks of source {} recorded no position",
+            previous.len() - old.len(),
+            previous.len(),
+            def.name
+        )));
     }
     let positions: Vec<&[u8]> = old.iter().map(|p| p.position.as_slice()).collect();
     let position = crate::connector::factory::merge_positions(def, &positions)
@@ -420,7 +432,12 @@ mod tests {
         }
     }
 
+    /// A filesystem table of Debezium change events, for [`source`].
+    const CHANGELOG: &str = "filesystem debezium-json";
+
+    /// A source of the connector (and format, after a space) named.
     fn source(connector: &str, parallelism: usize) -> StreamNode {
+        let (connector, format) = connector.split_once(' ').unwrap_or((connector, "json"));
         let def = weir_catalog::TableDef {
             id: weir_catalog::TableId(1),
             name: format!("{connector}_table"),
@@ -428,7 +445,7 @@ mod tests {
             computed: vec![],
             primary_key: vec![],
             watermark: None,
-            options: [("connector", connector), ("format", "json")]
+            options: [("connector", connector), ("format", format)]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
@@ -465,24 +482,25 @@ mod tests {
     }
 
     #[test]
-    fn kafka_sources_move_to_the_new_parallelism_when_nothing_they_forward_to_keeps_state() {
+    fn connector_sources_move_to_the_new_parallelism_when_nothing_they_forward_to_keeps_state() {
         let parallelism = |graph: &StreamGraph| -> Vec<usize> {
             graph.nodes.iter().map(|n| n.parallelism).collect()
         };
-        // Kafka → stateless → (hash) → keyed state: all at the new parallelism.
-        let mut graph = StreamGraph {
-            nodes: vec![
-                source("kafka", 4),
+        // Kafka, a generator or files → stateless → (hash) → keyed state: all at the new
+        // parallelism.
+        let mut graph = StreamGraph::default();
+        for connector in ["kafka", "datagen", "nexmark", "filesystem"] {
+            graph.nodes = vec![
+                source(connector, 4),
                 operator("none", 4, vec![forward(0)]),
                 operator("per key", 4, vec![hashed(1)]),
-            ],
-            ..Default::default()
-        };
-        keep_source_parallelism(&mut graph, &[2, 2, 2]);
-        assert_eq!(parallelism(&graph), [4, 4, 4]);
-        // A source whose splits cannot be dealt anew keeps its parallelism, and so does
-        // what it forwards to; so does a Kafka source forwarding to state.
-        for (first, state) in [("datagen", "none"), ("kafka", "rows")] {
+            ];
+            keep_source_parallelism(&mut graph, &[2, 2, 2]);
+            assert_eq!(parallelism(&graph), [4, 4, 4], "{connector}");
+        }
+        // A changelog, read by one split in order, keeps its parallelism, and so does
+        // what it forwards to; so does a source forwarding to state.
+        for (first, state) in [(CHANGELOG, "none"), ("kafka", "rows"), ("datagen", "rows")] {
             graph.nodes = vec![
                 source(first, 4),
                 operator(state, 4, vec![forward(0)]),
@@ -491,15 +509,19 @@ mod tests {
             keep_source_parallelism(&mut graph, &[2, 2, 2]);
             assert_eq!(parallelism(&graph), [2, 2, 4], "{first} {state}");
         }
-        // A union of a Kafka and a datagen source: one group, kept.
-        graph.nodes = vec![
-            source("kafka", 4),
-            source("datagen", 4),
-            operator("none", 4, vec![forward(0), forward(1)]),
-            operator("per key", 4, vec![hashed(2)]),
-        ];
-        keep_source_parallelism(&mut graph, &[2, 2, 2, 2]);
-        assert_eq!(parallelism(&graph), [2, 2, 2, 4]);
+        // A union of a Kafka source and a changelog: one group, kept; of Kafka and
+        // datagen: moved.
+        for (other, moved) in [(CHANGELOG, false), ("datagen", true)] {
+            graph.nodes = vec![
+                source("kafka", 4),
+                source(other, 4),
+                operator("none", 4, vec![forward(0), forward(1)]),
+                operator("per key", 4, vec![hashed(2)]),
+            ];
+            keep_source_parallelism(&mut graph, &[2, 2, 2, 2]);
+            let first = if moved { 4 } else { 2 };
+            assert_eq!(parallelism(&graph), [first, first, first, 4], "{other}");
+        }
     }
 
     #[test]

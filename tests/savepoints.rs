@@ -299,7 +299,24 @@ async fn generator_sources_rescaled_while_reading_produce_every_row_once() {
         &format!("CREATE MATERIALIZED VIEW bid_counts AS {per_auction} bids GROUP BY auction % 4"),
     )
     .await;
-    // Both sources move while they read (their splits' progress uneven): 2 → 3 → 1 → 4.
+    // A job copying the rows straight into files: source and sink move together.
+    let out = dir.path().join("out");
+    run(
+        &client,
+        &format!(
+            "CREATE TABLE out (id BIGINT) WITH ('connector' = 'filesystem',              'path' = '{}', 'format' = 'csv')",
+            out.display()
+        ),
+    )
+    .await;
+    run(&client, "INSERT INTO out SELECT id FROM gen").await;
+    let job = rows(&client, "SHOW JOBS")
+        .await
+        .into_iter()
+        .find(|j| j[1].contains("INSERT INTO out"))
+        .expect("the copying job")[0]
+        .clone();
+    // The sources move while they read (their splits' progress uneven): 2 → 3 → 1 → 4.
     for (to, pause) in [(3, 500), (1, 400), (4, 300)] {
         tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
         for view in ["gen_counts", "bid_counts"] {
@@ -309,6 +326,11 @@ async fn generator_sources_rescaled_while_reading_produce_every_row_once() {
             )
             .await;
         }
+        run(
+            &client,
+            &format!("ALTER JOB '{job}' SET PARALLELISM = {to}"),
+        )
+        .await;
     }
     let all_bids: i64 = rows(&client, "SELECT count(*) FROM all_bids").await[0][0]
         .parse()
@@ -333,6 +355,35 @@ async fn generator_sources_rescaled_while_reading_produce_every_row_once() {
     assert_eq!(
         rows(&client, "SELECT * FROM gen_counts ORDER BY k").await,
         expected
+    );
+    // Every row copied once, by files of subtasks of every parallelism it had.
+    let copied = || {
+        let mut copied: Vec<i64> = Vec::new();
+        let mut writers = std::collections::BTreeSet::new();
+        for file in std::fs::read_dir(&out).unwrap() {
+            let file = file.unwrap();
+            let name = file.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            // part-<job>-<subtask>-<n>.csv
+            writers.insert(name.rsplitn(3, '-').nth(1).unwrap().to_string());
+            let text = std::fs::read_to_string(file.path()).unwrap();
+            copied.extend(text.lines().map(|l| l.parse::<i64>().unwrap()));
+        }
+        copied.sort();
+        (copied, writers)
+    };
+    let start = std::time::Instant::now();
+    while copied().0.len() < 8000 && start.elapsed() < std::time::Duration::from_secs(60) {
+        run(&client, "FLUSH").await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (copied, writers) = copied();
+    assert_eq!(copied, (1..=8000).collect::<Vec<_>>());
+    assert!(
+        writers.contains("2"),
+        "subtask 2 of 3 or 4 wrote: {writers:?}"
     );
     assert_eq!(
         rows(&client, "SELECT * FROM bid_counts ORDER BY k").await,

@@ -4,7 +4,7 @@
 //! subtask owns a contiguous range of them, and a new subtask restores, from every old
 //! subtask, the state rows whose keys fall in its range. A connector source moves to
 //! the new parallelism when nothing it forwards to before its first keyed exchange keeps
-//! state: every new split restores one position merged from all the old ones (Kafka's
+//! state (a sink may be among them): every new split restores one position merged from all the old ones (Kafka's
 //! partitions each from its furthest place; the generators' numbers and a path's files
 //! skipping those read, `connector::share`). Other sources (the table log, views,
 //! changelogs) keep the parallelism they were checkpointed at, and so does every node
@@ -18,9 +18,9 @@ use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
-use super::{SourcePosition, StatePart, TaskSnapshot};
+use super::{Precommit, SourcePosition, StatePart, TaskSnapshot};
 use crate::stream::exchange::{key_group_of, subtask_of_key_group, Tagged};
-use crate::stream::graph::{Exchange, NodeKind, SourceKind, SourceSpec, StreamGraph};
+use crate::stream::graph::{Exchange, NodeKind, SinkKind, SourceKind, SourceSpec, StreamGraph};
 use crate::stream::message::{Message, Millis, NO_WATERMARK};
 use crate::stream::operator::Operator;
 use crate::stream::snapshot;
@@ -73,7 +73,9 @@ pub fn keep_source_parallelism(graph: &mut StreamGraph, old: &[usize]) {
 }
 
 /// Whether `node`, fed by sources through forward edges, can be restored at another
-/// parallelism: a source whose splits are dealt anew, or an operator without state.
+/// parallelism: a source whose splits are dealt anew, an operator without state, or a
+/// sink (what a checkpoint holds for a sink is committed before it is restored, and a
+/// sink after a keyed exchange moves too).
 fn moves_to_new_parallelism(node: &crate::stream::graph::StreamNode) -> bool {
     match &node.kind {
         NodeKind::Source(spec) => match &spec.kind {
@@ -81,8 +83,23 @@ fn moves_to_new_parallelism(node: &crate::stream::graph::StreamNode) -> bool {
             _ => false,
         },
         NodeKind::Operator(_) => node.is_stateless(),
-        _ => false,
+        NodeKind::Sink(kind) => !matches!(kind, SinkKind::Collect(_)),
     }
+}
+
+/// What every new subtask of a sink restores: a view's progress (the lowest watermark,
+/// ended once every old subtask had), its changes already committed.
+fn merged_sink(previous: &[TaskSnapshot]) -> Option<Precommit> {
+    let old: Vec<Precommit> = previous.iter().filter_map(|t| t.sink.clone()).collect();
+    if !old.iter().any(|p| matches!(p, Precommit::Changes { .. })) {
+        return None;
+    }
+    let (_, watermark, ended) = super::coordinator::merged_changes(&old);
+    Some(Precommit::Changes {
+        changes: vec![],
+        watermark,
+        ended,
+    })
 }
 
 /// One position for every new subtask of a source restored at another parallelism,
@@ -165,6 +182,7 @@ pub fn redistribute(
             NodeKind::Source(_) => merged_source_position(head, &previous)?,
             _ => None,
         };
+        let sink = merged_sink(&previous);
         // One instance of each operator of the chain tells the key of its state rows.
         let operators = chain
             .iter()
@@ -179,6 +197,7 @@ pub fn redistribute(
                 inputs: channel_watermarks(graph, chain[0], &watermarks),
                 in_flight: owned_in_flight(graph, old, chain[0], &previous, subtask)?,
                 source: source.clone(),
+                sink: sink.clone(),
                 ..Default::default()
             };
             for (k, op) in operators.iter().enumerate() {
@@ -508,6 +527,57 @@ mod tests {
             ];
             keep_source_parallelism(&mut graph, &[2, 2, 2]);
             assert_eq!(parallelism(&graph), [2, 2, 4], "{first} {state}");
+        }
+        // Straight into a sink (an ETL job): moved; a view's sink moves with its
+        // progress merged.
+        let sink = |parallelism| {
+            let mut sink = source("datagen", parallelism);
+            let NodeKind::Source(SourceSpec {
+                kind: SourceKind::Connector { def, .. },
+                ..
+            }) = sink.kind
+            else {
+                unreachable!()
+            };
+            sink.kind = NodeKind::Sink(SinkKind::Connector(def));
+            sink.state = "none".into();
+            sink.inputs = vec![forward(1)];
+            sink
+        };
+        graph.nodes = vec![
+            source("datagen", 4),
+            operator("none", 4, vec![forward(0)]),
+            sink(4),
+        ];
+        keep_source_parallelism(&mut graph, &[2, 2, 2]);
+        assert_eq!(parallelism(&graph), [4, 4, 4]);
+        let changes = |watermark, ended| TaskSnapshot {
+            operators: vec![vec![]],
+            source: Some(SourcePosition {
+                position: 0u64.to_le_bytes().to_vec(),
+                watermark: 0,
+            }),
+            sink: Some(Precommit::Changes {
+                changes: vec![],
+                watermark,
+                ended,
+            }),
+            ..Default::default()
+        };
+        let new = redistribute(
+            &graph,
+            &[2, 2, 2],
+            vec![changes(9, true), changes(7, false)],
+        );
+        for task in new.unwrap() {
+            assert!(matches!(
+                task.sink,
+                Some(Precommit::Changes {
+                    watermark: 7,
+                    ended: false,
+                    ..
+                })
+            ));
         }
         // A union of a Kafka source and a changelog: one group, kept; of Kafka and
         // datagen: moved.

@@ -367,7 +367,7 @@ async fn generator_sources_rescaled_while_reading_produce_every_row_once() {
                 continue;
             }
             // part-<job>-<subtask>-<n>.csv
-            writers.insert(name.rsplitn(3, '-').nth(1).unwrap().to_string());
+            writers.insert(name.rsplit('-').nth(1).unwrap().to_string());
             let text = std::fs::read_to_string(file.path()).unwrap();
             copied.extend(text.lines().map(|l| l.parse::<i64>().unwrap()));
         }

@@ -1131,12 +1131,22 @@ impl<'a> Planner<'a> {
         self.graph.late_rows = self.graph.late_rows.take().or(late_rows.clone());
         let lateness = self.lateness;
         let backend = self.backend.clone();
-        let mut state =
-            "partial aggregates per slice and key, until the last window of the slice fires"
-                .to_string();
+        let mut state = match lateness {
+            0 => "partial aggregates per slice and key, until the last window of the slice fires",
+            _ => {
+                "partial aggregates per slice and key, and each fired window's rows, until the \
+                  allowed lateness after the window (the slice's last) fires"
+            }
+        }
+        .to_string();
         if let Some(b) = &backend {
             state.push_str(&format!(
-                " (frozen ones {}, {})",
+                " ({} {}, {})",
+                if lateness > 0 {
+                    "frozen ones and fired rows"
+                } else {
+                    "frozen ones"
+                },
                 b.describe(),
                 b.describe_merges(crate::stream::ops::window_agg::MERGED_IN_PARTS)
             ));

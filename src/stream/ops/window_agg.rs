@@ -20,7 +20,7 @@ use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Slicing, Span};
-use spill::{Held, Spill};
+use spill::{Emitted, Held, Spill};
 
 mod spill;
 
@@ -82,7 +82,7 @@ pub struct WindowAggregate {
     /// for them re-emit the window's rows as -U (old) and +U (corrected).
     pub lateness: Millis,
     /// What fired windows emitted, while they can still be corrected.
-    emitted: BTreeMap<Span, RecordBatch>,
+    emitted: BTreeMap<Span, Emitted>,
     /// Fired windows that late rows changed since the last watermark.
     dirty: BTreeSet<Span>,
     /// Windows whose emitted rows changed since the previous snapshot.
@@ -94,6 +94,9 @@ pub struct WindowAggregate {
     /// Windows merged in parts.
     #[cfg(test)]
     merged_in_parts: usize,
+    /// Emitted rows a correction read back from disk.
+    #[cfg(test)]
+    emitted_read_back: usize,
 }
 
 impl WindowAggregate {
@@ -122,6 +125,8 @@ impl WindowAggregate {
             spill: None,
             #[cfg(test)]
             merged_in_parts: 0,
+            #[cfg(test)]
+            emitted_read_back: 0,
         }
     }
 
@@ -149,7 +154,7 @@ impl WindowAggregate {
             }
             if !fired.is_empty() {
                 let rows = concat_batches(&self.schema, &fired)?;
-                self.emit_correctable(window, rows, out);
+                self.emit_correctable(window, rows, out)?;
             }
             return Ok(());
         }
@@ -194,10 +199,10 @@ impl WindowAggregate {
         };
         if self.lateness == 0 {
             out.push(ChangeBatch::new(rows));
+            Ok(())
         } else {
-            self.emit_correctable(window, rows, out);
+            self.emit_correctable(window, rows, out)
         }
-        Ok(())
     }
 
     /// `window`'s output rows of merged state `state`; `None` when it has none.
@@ -236,15 +241,22 @@ impl WindowAggregate {
 
     /// Emits `rows` of `window` under an allowed lateness: kept, and a window that fired
     /// before takes its earlier rows back.
-    fn emit_correctable(&mut self, window: Span, rows: RecordBatch, out: &mut Vec<ChangeBatch>) {
+    fn emit_correctable(
+        &mut self,
+        window: Span,
+        rows: RecordBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         self.emitted_changed.insert(window);
-        match self.emitted.insert(window, rows.clone()) {
+        match self.emitted.insert(window, Emitted::Memory(rows.clone())) {
             Some(old) => {
+                let old = self.take_emitted(old)?;
                 out.push(ChangeBatch::with_op(old, Op::UpdateBefore));
                 out.push(ChangeBatch::with_op(rows, Op::UpdateAfter));
             }
             None => out.push(ChangeBatch::new(rows)),
         }
+        Ok(())
     }
 
     /// Drops the slices no window open at `watermark` needs and the emitted rows of
@@ -263,8 +275,18 @@ impl WindowAggregate {
                 spill::remove(spill, &gone.partials)?;
             }
         }
-        self.emitted
-            .retain(|window, _| !fired(window.1 + lateness, watermark));
+        let expired: Vec<Span> = self
+            .emitted
+            .keys()
+            .filter(|window| fired(window.1 + lateness, watermark))
+            .copied()
+            .collect();
+        for window in expired {
+            if let Some(Emitted::Disk(stored)) = self.emitted.remove(&window) {
+                let spill = self.spill.as_mut().expect("on disk under the backend");
+                spill.files.remove(stored)?;
+            }
+        }
         let emitted = &self.emitted;
         self.emitted_changed.retain(|w| emitted.contains_key(w));
         Ok(())
@@ -296,7 +318,12 @@ impl WindowAggregate {
             entry.snapshotted = entry.partials.len();
         }
         let changed = std::mem::take(&mut self.emitted_changed);
-        for (window, rows) in &self.emitted {
+        for (window, emitted) in &self.emitted {
+            // Rows on disk are unchanged since they went (a correction brings them back);
+            // a whole snapshot reads them off the task.
+            let Emitted::Memory(rows) = emitted else {
+                continue;
+            };
             if whole || changed.contains(window) {
                 out.push(snapshot::batch(
                     "emitted",
@@ -431,7 +458,7 @@ impl Operator for WindowAggregate {
             + self
                 .emitted
                 .values()
-                .map(|b| b.get_array_memory_size())
+                .map(Emitted::memory_size)
                 .sum::<usize>()
     }
 
@@ -485,10 +512,13 @@ impl Operator for WindowAggregate {
                     let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
                     let window = (head[0], head[1]);
                     let rows = match self.emitted.remove(&window) {
-                        Some(earlier) => self.upsert(&earlier, rows)?,
+                        Some(earlier) => {
+                            let earlier = self.take_emitted(earlier)?;
+                            self.upsert(&earlier, rows)?
+                        }
                         None => rows,
                     };
-                    self.emitted.insert(window, rows);
+                    self.emitted.insert(window, Emitted::Memory(rows));
                 }
                 other => {
                     return Err(datafusion::common::DataFusionError::Internal(format!(
@@ -720,7 +750,7 @@ pub(crate) mod tests {
             let mut memory = operator();
             memory.lateness = lateness;
             let mut disk = fresh();
-            let mut went = 0;
+            let (mut went, mut emitted_went) = (0, false);
             for (i, step) in steps().iter().enumerate() {
                 assert_eq!(run_step(&mut disk, step), run_step(&mut memory, step));
                 let whole = snapshot_of(&mut disk, i == 0);
@@ -729,15 +759,72 @@ pub(crate) mod tests {
                 }
                 let on_disk = disk.spill.as_ref().expect("backend").files.bytes();
                 went += (on_disk > 0) as usize;
+                emitted_went |= disk.emitted.values().any(|e| matches!(e, Emitted::Disk(_)));
                 assert_eq!(disk.state_size() > 0, memory.state_size() > 0, "step {i}");
             }
             assert!(went >= 3, "state went to disk after {went} steps");
             assert!(disk.merged_in_parts > 0, "no window was merged in parts");
+            if lateness > 0 {
+                assert!(emitted_went, "no window's emitted rows went to disk");
+                assert!(disk.emitted_read_back > 0, "no correction read rows back");
+            }
             assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
             restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |op| {
                 let partials = op.slices.values().map(|s| s.partials.len()).sum::<usize>();
                 (op.slices.len(), op.emitted.len(), partials)
             });
+        }
+    }
+
+    /// Under an allowed lateness, with no memory for them, the rows fired windows
+    /// emitted go to disk at every snapshot; late rows correct them from there, whole
+    /// snapshots read them off the task, and a restore from such a snapshot runs on as
+    /// the operator in memory.
+    #[test]
+    fn emitted_rows_on_disk_are_corrected_and_snapshotted_whole() {
+        use crate::stream::operator::testing::{backend_without_memory, run_step, snapshot_of};
+        let (_dir, backend) = backend_without_memory();
+        let fresh = || {
+            let mut op = operator().with_backend(Some(&backend)).unwrap();
+            op.lateness = 25;
+            op
+        };
+        let emitted_lines = |batches: &[RecordBatch]| {
+            let mut lines: Vec<String> = batches
+                .iter()
+                .filter(|b| snapshot::parts(b, 2).unwrap().0 == "emitted")
+                .flat_map(|b| crate::stream::message::change_lines(&[ChangeBatch::new(b.clone())]))
+                .collect();
+            lines.sort();
+            lines
+        };
+        let steps = steps();
+        let mut memory = operator();
+        memory.lateness = 25;
+        let expected: Vec<Vec<String>> = steps.iter().map(|s| run_step(&mut memory, s)).collect();
+        for k in 1..steps.len() {
+            let (mut disk, mut memory) = (fresh(), operator());
+            memory.lateness = 25;
+            for step in &steps[..k] {
+                run_step(&mut disk, step);
+                run_step(&mut memory, step);
+                let whole = snapshot_of(&mut disk, true);
+                assert_eq!(
+                    emitted_lines(&whole),
+                    emitted_lines(&snapshot_of(&mut memory, true))
+                );
+            }
+            let whole = snapshot_of(&mut disk, true);
+            let mut restored = fresh();
+            restored.restore(whole).unwrap();
+            restored.restored().unwrap();
+            for (i, step) in steps.iter().enumerate().skip(k) {
+                assert_eq!(
+                    run_step(&mut restored, step),
+                    expected[i],
+                    "after step {k}, step {i}"
+                );
+            }
         }
     }
 
@@ -812,8 +899,12 @@ pub(crate) mod tests {
         restored.restore(whole).unwrap();
         restored.restore(changes).unwrap();
         restored.restored().unwrap();
+        let in_memory = |e: &Emitted| match e {
+            Emitted::Memory(rows) => rows.clone(),
+            Emitted::Disk(_) => panic!("no backend"),
+        };
         for (window, rows) in &op.emitted {
-            let got = &restored.emitted[window];
+            let (got, rows) = (&in_memory(&restored.emitted[window]), &in_memory(rows));
             let lines = |b: &RecordBatch| {
                 let mut l: Vec<String> = (0..b.num_rows())
                     .map(|i| {
@@ -842,6 +933,9 @@ pub(crate) mod tests {
         run(&mut other, &[rows(&[(3, 4, 5)])], 40);
         restored.restore(other.snapshot().unwrap()).unwrap();
         restored.restored().unwrap();
-        assert!(restored.emitted.values().all(|rows| rows.num_rows() == 3));
+        assert!(restored
+            .emitted
+            .values()
+            .all(|rows| in_memory(rows).num_rows() == 3));
     }
 }

@@ -11,12 +11,19 @@
 //! the scratch files a part each, and each part is merged and emitted on its own, so a
 //! firing window holds the merged state of a part of its keys at a time, not of all.
 //!
+//! Under an allowed lateness, the rows a fired window emitted are kept to be corrected;
+//! once a snapshot has written them they go to disk too (before the partial states, the
+//! windows that fired first first: a late row is likelier for a window that fired
+//! lately), as the `emitted` batches snapshots hold, and come back when a late row
+//! corrects their window.
+//!
 //! What stays in memory: each slice's live state (what arrived since the last
-//! checkpoint), the partials within the budget, and a part of a firing window's merged
-//! state; emitted rows kept for a lateness stay in memory too.
+//! checkpoint), the partials and emitted rows within the budget, and a part of a firing
+//! window's merged state.
 
 use datafusion::arrow::array::{ArrayRef, UInt32Array};
 use datafusion::arrow::compute::take;
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::common::Result;
 
@@ -48,6 +55,22 @@ impl Held {
         match self {
             Held::Memory(partial) => partial.size(),
             Held::Disk(stored) => stored.bytes,
+        }
+    }
+}
+
+/// The rows a fired window emitted, kept for an allowed lateness: in memory or in the
+/// scratch files.
+pub(super) enum Emitted {
+    Memory(RecordBatch),
+    Disk(Stored),
+}
+
+impl Emitted {
+    pub(super) fn memory_size(&self) -> usize {
+        match self {
+            Emitted::Memory(rows) => rows.get_array_memory_size(),
+            Emitted::Disk(_) => 0,
         }
     }
 }
@@ -189,6 +212,23 @@ impl WindowAggregate {
         Ok(state)
     }
 
+    /// `window`'s emitted rows, read and removed from disk if they were there.
+    pub(super) fn take_emitted(&mut self, emitted: Emitted) -> Result<RecordBatch> {
+        match emitted {
+            Emitted::Memory(rows) => Ok(rows),
+            Emitted::Disk(stored) => {
+                let spill = self.spill.as_mut().expect("on disk under the backend");
+                let (_, _, columns) = snapshot::parts(&spill.files.get(stored)?, 2)?;
+                spill.files.remove(stored)?;
+                #[cfg(test)]
+                {
+                    self.emitted_read_back += 1;
+                }
+                Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+            }
+        }
+    }
+
     /// Bytes of the partial states kept in memory.
     fn partials_in_memory(&self) -> usize {
         self.slices
@@ -207,29 +247,51 @@ impl WindowAggregate {
         };
         // Only a whole snapshot needs what is on disk (an incremental one wrote it before
         // it went).
-        let reader =
-            if whole {
-                spill.reader_of(self.slices.values().flat_map(|s| &s.partials).filter_map(
-                    |held| match held {
-                        Held::Disk(stored) => Some(*stored),
-                        Held::Memory(_) => None,
-                    },
-                ))?
-            } else {
-                None
-            };
+        let reader = if whole {
+            let partials = self.slices.values().flat_map(|s| &s.partials);
+            let partials = partials.filter_map(|held| match held {
+                Held::Disk(stored) => Some(*stored),
+                Held::Memory(_) => None,
+            });
+            let emitted = self.emitted.values().filter_map(|e| match e {
+                Emitted::Disk(stored) => Some(*stored),
+                Emitted::Memory(_) => None,
+            });
+            spill.reader_of(partials.chain(emitted))?
+        } else {
+            None
+        };
         self.move_out()?;
         Ok(reader)
     }
 
-    /// Moves snapshotted partial states to disk until those in memory fit the budget.
+    /// Moves snapshotted emitted rows, then partial states, to disk until what is in
+    /// memory fits the budget.
     fn move_out(&mut self) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
-        let mut held = self.partials_in_memory();
+        let emitted_bytes: usize = self.emitted.values().map(Emitted::memory_size).sum();
+        let mut held = self.partials_in_memory() + emitted_bytes;
         if held <= memory {
             return Ok(());
+        }
+        let spill = self.spill.as_mut().expect("checked");
+        for (window, emitted) in &mut self.emitted {
+            if held <= memory {
+                return Ok(());
+            }
+            // A window corrected since the snapshot waits for the next one.
+            let Emitted::Memory(rows) = emitted else {
+                continue;
+            };
+            if self.emitted_changed.contains(window) {
+                continue;
+            }
+            let size = rows.get_array_memory_size();
+            let batch = snapshot::batch("emitted", &[window.0, window.1], rows.columns().to_vec())?;
+            *emitted = Emitted::Disk(spill.files.put(&batch)?);
+            held -= size;
         }
         let mut order: Vec<Span> = self.slices.keys().copied().collect();
         order.sort_by_key(|slice| std::cmp::Reverse(self.slicing.last_end(*slice)));

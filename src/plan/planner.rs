@@ -1354,9 +1354,18 @@ impl<'a> Planner<'a> {
         } else {
             None
         };
-        let state = match &backend {
-            Some(b) => format!("{state} (those checkpointed {})", b.describe()),
-            None => state.to_string(),
+        let state = match (&backend, lateness > 0) {
+            (Some(b), false) => format!("{state} (those checkpointed {})", b.describe()),
+            (Some(b), true) => format!(
+                "{state}, and of each fired window with the rows it emitted, for the allowed \
+                 lateness (those checkpointed {})",
+                b.describe()
+            ),
+            (None, false) => state.to_string(),
+            (None, true) => format!(
+                "{state}, and of each fired window with the rows it emitted, for the allowed \
+                 lateness"
+            ),
         };
         let node = self.add(StreamNode {
             name: name.into(),

@@ -26,6 +26,7 @@ use crate::stream::window::{fired, Span};
 
 mod spill;
 
+use super::kept_rows::KeptRows;
 use spill::{Buffered, Spill};
 
 /// The whole input, when the fragment is not per window.
@@ -47,7 +48,7 @@ pub struct Fragment {
     /// 'table.exec.emit.allow-lateness': how long fired windows are kept for corrections.
     pub lateness: Millis,
     /// What fired windows emitted, while they can still be corrected.
-    emitted: BTreeMap<Span, Vec<RecordBatch>>,
+    emitted: BTreeMap<Span, KeptRows>,
     /// Fired windows that late rows changed.
     dirty: std::collections::BTreeSet<Span>,
     /// Per window and input, how many buffered batches a snapshot holds already: a
@@ -230,8 +231,9 @@ impl Fragment {
             .into_iter()
             .filter(|b| b.num_rows() > 0)
             .collect();
-        match self.emitted.insert(span, new.clone()) {
+        match self.emitted.insert(span, KeptRows::Memory(new.clone())) {
             Some(old) => {
+                let old = old.take(self.spill.as_mut(), &self.schema)?;
                 out.extend(
                     old.into_iter()
                         .map(|b| ChangeBatch::with_op(b, Op::UpdateBefore)),
@@ -257,7 +259,11 @@ impl Fragment {
             let buffered = self.buffers.remove(&span).expect("listed");
             self.remove(&buffered)?;
         }
-        self.emitted.retain(|s, _| !passed(s));
+        let expired: Vec<Span> = self.emitted.keys().filter(|s| passed(s)).copied().collect();
+        for span in expired {
+            let rows = self.emitted.remove(&span).expect("listed");
+            rows.forget(self.spill.as_mut())?;
+        }
         // Without checkpoints no snapshot empties it.
         self.emitted_changed.retain(|s| !passed(s));
         Ok(())
@@ -291,10 +297,15 @@ impl Fragment {
         }
         // Fired windows kept for late corrections: what they emitted is retracted then.
         let changed = std::mem::take(&mut self.emitted_changed);
-        for (span, batches) in &self.emitted {
+        for (span, kept) in &self.emitted {
             if !whole && !changed.contains(span) {
                 continue;
             }
+            // Rows on disk are unchanged since they went (a correction brings them back);
+            // a whole snapshot reads them off the task.
+            let Some(batches) = kept.in_memory() else {
+                continue;
+            };
             let (emitted, fired, head) = if whole {
                 ("emitted", "fired", vec![span.0, span.1])
             } else {
@@ -416,6 +427,12 @@ impl Operator for Fragment {
     }
     fn state_size(&self) -> usize {
         self.buffered_in_memory()
+            + self
+                .emitted
+                .values()
+                .map(KeptRows::memory_size)
+                .sum::<usize>()
+            + self.spill.as_ref().map_or(0, |s| s.files.bytes())
     }
 
     fn late_rows_dropped(&self) -> u64 {
@@ -491,7 +508,13 @@ impl Operator for Fragment {
                         self.restored_from.insert(window, head[2]);
                         self.emitted.remove(&window);
                     }
-                    let emitted = self.emitted.entry(window).or_default();
+                    let emitted = self
+                        .emitted
+                        .entry(window)
+                        .or_insert_with(|| KeptRows::Memory(vec![]));
+                    let KeptRows::Memory(emitted) = emitted else {
+                        unreachable!("restored rows stay in memory until the restore ends");
+                    };
                     if kind == "emitted" || kind == EMITTED_CHANGED {
                         emitted.push(crate::stream::batch_of(
                             self.schema.clone(),
@@ -615,6 +638,14 @@ mod tests {
                 }
                 went += (on_disk > 0) as usize;
                 assert_eq!(disk.buffered_in_memory(), 0, "step {i}: all moved out");
+                // So are fired windows' rows: late rows correct them from disk (window
+                // [0, 10) in step 2, after it fired in step 1).
+                assert!(
+                    disk.emitted
+                        .values()
+                        .all(|e| matches!(e, KeptRows::Disk(_))),
+                    "step {i}"
+                );
             }
             assert!(went >= 3, "rows went to disk after {went} steps");
             assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");

@@ -5,6 +5,7 @@ pub mod fragment;
 pub mod group_agg;
 pub mod grouped;
 pub mod join;
+pub mod kept_rows;
 pub mod partial_spill;
 pub mod session_agg;
 pub mod stateless;

@@ -13,6 +13,7 @@ use datafusion::arrow::row::{Row, RowConverter, SortField};
 use datafusion::common::Result;
 
 use super::grouped::{AggregateCalls, Grouped, Partial};
+use super::kept_rows::KeptRows;
 use super::window_assign::millis_column;
 use crate::stream::late::LateRecorder;
 use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
@@ -20,7 +21,7 @@ use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
 use crate::stream::window::{fired, Slicing, Span};
-use spill::{Emitted, Held, Spill};
+use spill::{Held, Spill};
 
 mod spill;
 
@@ -82,7 +83,7 @@ pub struct WindowAggregate {
     /// for them re-emit the window's rows as -U (old) and +U (corrected).
     pub lateness: Millis,
     /// What fired windows emitted, while they can still be corrected.
-    emitted: BTreeMap<Span, Emitted>,
+    emitted: BTreeMap<Span, KeptRows>,
     /// Fired windows that late rows changed since the last watermark.
     dirty: BTreeSet<Span>,
     /// Windows whose emitted rows changed since the previous snapshot.
@@ -248,7 +249,10 @@ impl WindowAggregate {
         out: &mut Vec<ChangeBatch>,
     ) -> Result<()> {
         self.emitted_changed.insert(window);
-        match self.emitted.insert(window, Emitted::Memory(rows.clone())) {
+        match self
+            .emitted
+            .insert(window, KeptRows::Memory(vec![rows.clone()]))
+        {
             Some(old) => {
                 let old = self.take_emitted(old)?;
                 out.push(ChangeBatch::with_op(old, Op::UpdateBefore));
@@ -282,9 +286,8 @@ impl WindowAggregate {
             .copied()
             .collect();
         for window in expired {
-            if let Some(Emitted::Disk(stored)) = self.emitted.remove(&window) {
-                let spill = self.spill.as_mut().expect("on disk under the backend");
-                spill.files.remove(stored)?;
+            if let Some(rows) = self.emitted.remove(&window) {
+                rows.forget(self.spill.as_mut())?;
             }
         }
         let emitted = &self.emitted;
@@ -321,15 +324,17 @@ impl WindowAggregate {
         for (window, emitted) in &self.emitted {
             // Rows on disk are unchanged since they went (a correction brings them back);
             // a whole snapshot reads them off the task.
-            let Emitted::Memory(rows) = emitted else {
+            let Some(rows) = emitted.in_memory() else {
                 continue;
             };
             if whole || changed.contains(window) {
-                out.push(snapshot::batch(
-                    "emitted",
-                    &[window.0, window.1],
-                    rows.columns().to_vec(),
-                )?);
+                for rows in rows {
+                    out.push(snapshot::batch(
+                        "emitted",
+                        &[window.0, window.1],
+                        rows.columns().to_vec(),
+                    )?);
+                }
             }
         }
         Ok(out)
@@ -458,7 +463,7 @@ impl Operator for WindowAggregate {
             + self
                 .emitted
                 .values()
-                .map(Emitted::memory_size)
+                .map(KeptRows::memory_size)
                 .sum::<usize>()
     }
 
@@ -518,7 +523,7 @@ impl Operator for WindowAggregate {
                         }
                         None => rows,
                     };
-                    self.emitted.insert(window, Emitted::Memory(rows));
+                    self.emitted.insert(window, KeptRows::Memory(vec![rows]));
                 }
                 other => {
                     return Err(datafusion::common::DataFusionError::Internal(format!(
@@ -759,7 +764,10 @@ pub(crate) mod tests {
                 }
                 let on_disk = disk.spill.as_ref().expect("backend").files.bytes();
                 went += (on_disk > 0) as usize;
-                emitted_went |= disk.emitted.values().any(|e| matches!(e, Emitted::Disk(_)));
+                emitted_went |= disk
+                    .emitted
+                    .values()
+                    .any(|e| matches!(e, KeptRows::Disk(_)));
                 assert_eq!(disk.state_size() > 0, memory.state_size() > 0, "step {i}");
             }
             assert!(went >= 3, "state went to disk after {went} steps");
@@ -899,9 +907,9 @@ pub(crate) mod tests {
         restored.restore(whole).unwrap();
         restored.restore(changes).unwrap();
         restored.restored().unwrap();
-        let in_memory = |e: &Emitted| match e {
-            Emitted::Memory(rows) => rows.clone(),
-            Emitted::Disk(_) => panic!("no backend"),
+        let in_memory = |e: &KeptRows| match e {
+            KeptRows::Memory(rows) => concat_batches(&rows[0].schema(), rows).unwrap(),
+            KeptRows::Disk(_) => panic!("no backend"),
         };
         for (window, rows) in &op.emitted {
             let (got, rows) = (&in_memory(&restored.emitted[window]), &in_memory(rows));

@@ -5,15 +5,18 @@
 //! come back when their window fires. Incremental snapshots never need what is on disk
 //! (it was written before it went); a whole snapshot reads it off the task, as it is.
 //!
+//! Under an allowed lateness, the rows a fired window emitted go to disk too once a
+//! snapshot has them, before buffered rows ([`crate::stream::ops::kept_rows`]).
+//!
 //! What stays in memory: the rows buffered since the last checkpoint, those within the
-//! budget, a firing window's rows while DataFusion runs over them, and the rows fired
-//! windows emitted while a lateness keeps them.
+//! budget, and a firing window's rows while DataFusion runs over them.
 
 use datafusion::common::Result;
 
 use super::{Fragment, Span};
 use crate::stream::message::ChangeBatch;
 use crate::stream::operator::StateReader;
+use crate::stream::ops::kept_rows::{self, KeptRows};
 use crate::stream::ops::partial_spill::PartialSpill;
 use crate::stream::state_backend::batches::Stored;
 use crate::stream::state_backend::SledBackend;
@@ -83,28 +86,37 @@ impl Fragment {
         };
         // Only a whole snapshot needs what is on disk (an incremental one wrote it before
         // it went).
-        let reader =
-            if whole {
-                spill.reader_of(self.buffers.values().flatten().flatten().filter_map(
-                    |b| match b {
-                        Buffered::Disk(stored) => Some(*stored),
-                        Buffered::Memory(_) => None,
-                    },
-                ))?
-            } else {
-                None
-            };
+        let reader = if whole {
+            let buffered = self.buffers.values().flatten().flatten();
+            let buffered = buffered.filter_map(|b| match b {
+                Buffered::Disk(stored) => Some(*stored),
+                Buffered::Memory(_) => None,
+            });
+            let emitted = self
+                .emitted
+                .values()
+                .flat_map(|e| e.stored().iter().copied());
+            spill.reader_of(buffered.chain(emitted))?
+        } else {
+            None
+        };
         self.move_out()?;
         Ok(reader)
     }
 
-    /// Moves snapshotted batches to disk until those in memory fit the budget, those of
-    /// the windows that end last first.
+    /// Moves snapshotted emitted rows, then buffered batches (those of the windows that
+    /// end last first) to disk until what is in memory fits the budget.
     pub(super) fn move_out(&mut self) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
-        let mut held = self.buffered_in_memory();
+        let emitted: usize = self.emitted.values().map(KeptRows::memory_size).sum();
+        let mut held = self.buffered_in_memory() + emitted;
+        let spill = self.spill.as_mut().expect("checked");
+        kept_rows::move_out(&mut self.emitted, &self.emitted_changed, spill, &mut held)?;
+        if held <= memory {
+            return Ok(());
+        }
         let mut spans: Vec<Span> = self.buffers.keys().copied().collect();
         spans.sort_by_key(|span| std::cmp::Reverse(span.1));
         for span in spans {

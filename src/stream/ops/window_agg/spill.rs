@@ -22,7 +22,7 @@
 //! window's merged state.
 
 use datafusion::arrow::array::{ArrayRef, UInt32Array};
-use datafusion::arrow::compute::take;
+use datafusion::arrow::compute::{concat_batches, take};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::common::Result;
@@ -30,6 +30,7 @@ use datafusion::common::Result;
 use super::{Slice, WindowAggregate};
 use crate::stream::operator::StateReader;
 use crate::stream::ops::grouped::{Grouped, Partial};
+use crate::stream::ops::kept_rows::{self, KeptRows};
 use crate::stream::ops::partial_spill::PartialSpill;
 use crate::stream::snapshot;
 use crate::stream::state_backend::batches::Stored;
@@ -55,22 +56,6 @@ impl Held {
         match self {
             Held::Memory(partial) => partial.size(),
             Held::Disk(stored) => stored.bytes,
-        }
-    }
-}
-
-/// The rows a fired window emitted, kept for an allowed lateness: in memory or in the
-/// scratch files.
-pub(super) enum Emitted {
-    Memory(RecordBatch),
-    Disk(Stored),
-}
-
-impl Emitted {
-    pub(super) fn memory_size(&self) -> usize {
-        match self {
-            Emitted::Memory(rows) => rows.get_array_memory_size(),
-            Emitted::Disk(_) => 0,
         }
     }
 }
@@ -213,20 +198,13 @@ impl WindowAggregate {
     }
 
     /// `window`'s emitted rows, read and removed from disk if they were there.
-    pub(super) fn take_emitted(&mut self, emitted: Emitted) -> Result<RecordBatch> {
-        match emitted {
-            Emitted::Memory(rows) => Ok(rows),
-            Emitted::Disk(stored) => {
-                let spill = self.spill.as_mut().expect("on disk under the backend");
-                let (_, _, columns) = snapshot::parts(&spill.files.get(stored)?, 2)?;
-                spill.files.remove(stored)?;
-                #[cfg(test)]
-                {
-                    self.emitted_read_back += 1;
-                }
-                Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
-            }
+    pub(super) fn take_emitted(&mut self, emitted: KeptRows) -> Result<RecordBatch> {
+        #[cfg(test)]
+        {
+            self.emitted_read_back += matches!(emitted, KeptRows::Disk(_)) as usize;
         }
+        let rows = emitted.take(self.spill.as_mut(), &self.schema)?;
+        Ok(concat_batches(&self.schema, &rows)?)
     }
 
     /// Bytes of the partial states kept in memory.
@@ -253,10 +231,10 @@ impl WindowAggregate {
                 Held::Disk(stored) => Some(*stored),
                 Held::Memory(_) => None,
             });
-            let emitted = self.emitted.values().filter_map(|e| match e {
-                Emitted::Disk(stored) => Some(*stored),
-                Emitted::Memory(_) => None,
-            });
+            let emitted = self
+                .emitted
+                .values()
+                .flat_map(|e| e.stored().iter().copied());
             spill.reader_of(partials.chain(emitted))?
         } else {
             None
@@ -271,27 +249,15 @@ impl WindowAggregate {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
-        let emitted_bytes: usize = self.emitted.values().map(Emitted::memory_size).sum();
+        let emitted_bytes: usize = self.emitted.values().map(KeptRows::memory_size).sum();
         let mut held = self.partials_in_memory() + emitted_bytes;
         if held <= memory {
             return Ok(());
         }
         let spill = self.spill.as_mut().expect("checked");
-        for (window, emitted) in &mut self.emitted {
-            if held <= memory {
-                return Ok(());
-            }
-            // A window corrected since the snapshot waits for the next one.
-            let Emitted::Memory(rows) = emitted else {
-                continue;
-            };
-            if self.emitted_changed.contains(window) {
-                continue;
-            }
-            let size = rows.get_array_memory_size();
-            let batch = snapshot::batch("emitted", &[window.0, window.1], rows.columns().to_vec())?;
-            *emitted = Emitted::Disk(spill.files.put(&batch)?);
-            held -= size;
+        kept_rows::move_out(&mut self.emitted, &self.emitted_changed, spill, &mut held)?;
+        if held <= memory {
+            return Ok(());
         }
         let mut order: Vec<Span> = self.slices.keys().copied().collect();
         order.sort_by_key(|slice| std::cmp::Reverse(self.slicing.last_end(*slice)));

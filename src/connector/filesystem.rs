@@ -492,6 +492,19 @@ mod tests {
     use std::sync::Arc;
     use weir_catalog::SqlType;
 
+    /// A CSV table of [`cols`] over the files of `dir`.
+    fn csv_source(dir: &Path) -> TableDef {
+        let path = dir.to_str().unwrap();
+        table(
+            &cols(),
+            &[
+                ("connector", "filesystem"),
+                ("path", path),
+                ("format", "csv"),
+            ],
+        )
+    }
+
     fn cols() -> Vec<(&'static str, SqlType)> {
         vec![
             ("id", SqlType::Int),
@@ -536,15 +549,7 @@ mod tests {
         fs::write(dir.path().join("b.csv"), "4,d,2023-11-14 09:00:03").unwrap();
         fs::write(dir.path().join(".hidden.csv"), "garbage\n").unwrap();
         fs::write(dir.path().join("_tmp"), "garbage\n").unwrap();
-        let path = dir.path().to_str().unwrap();
-        let def = table(
-            &cols(),
-            &[
-                ("connector", "filesystem"),
-                ("path", path),
-                ("format", "csv"),
-            ],
-        );
+        let def = csv_source(dir.path());
         let (batches, _) = read(&def, 1).await;
         assert_eq!(ids(&batches), vec![1, 2, 3, 4]);
         let first = &batches[0];
@@ -606,15 +611,7 @@ mod tests {
             "1,a,2023-11-14 09:00:00\n2,b,2023-11-14 09:00:00\nthree,c,2023-11-14 09:00:00\n4,d,2023-11-14 09:00:00\n5,e\n",
         )
         .unwrap();
-        let path = dir.path().to_str().unwrap();
-        let def = table(
-            &cols(),
-            &[
-                ("connector", "filesystem"),
-                ("path", path),
-                ("format", "csv"),
-            ],
-        );
+        let def = csv_source(dir.path());
         let mut r = FileSource::open(&def, 0, 1, 2).unwrap();
         r.next_batch().await.unwrap().map(|c| c.rows).unwrap();
         let e = SqlError::from(r.next_batch().await.unwrap_err());
@@ -627,6 +624,7 @@ mod tests {
         );
         assert!(e.hint.unwrap().contains("csv.ignore-parse-errors"));
 
+        let path = dir.path().to_str().unwrap();
         let def = table(
             &cols(),
             &[
@@ -855,15 +853,7 @@ mod tests {
                 .collect();
             fs::write(dir.path().join(format!("{file}.csv")), text).unwrap();
         }
-        let path = dir.path().to_str().unwrap();
-        let def = table(
-            &cols(),
-            &[
-                ("connector", "filesystem"),
-                ("path", path),
-                ("format", "csv"),
-            ],
-        );
+        let def = csv_source(dir.path());
         let straight = read_rescaled(&def, &[(1, 0)], 2).await;
         assert_eq!(straight.len(), 25);
         for layouts in [
@@ -887,15 +877,7 @@ mod tests {
             .collect();
         fs::write(dir.path().join("a.csv"), &lines).unwrap();
         fs::write(dir.path().join("b.csv"), &lines).unwrap();
-        let path = dir.path().to_str().unwrap();
-        let def = table(
-            &cols(),
-            &[
-                ("connector", "filesystem"),
-                ("path", path),
-                ("format", "csv"),
-            ],
-        );
+        let def = csv_source(dir.path());
         let mut r = FileSource::open(&def, 0, 1, 3).unwrap();
         let mut seen = vec![];
         for _ in 0..3 {

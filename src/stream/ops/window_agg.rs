@@ -20,6 +20,8 @@ use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
+use crate::stream::state_backend::batches::Stored;
+use crate::stream::state_backend::EarlyEmitMark;
 use crate::stream::window::{fired, Slicing, Span};
 use spill::{Held, Spill};
 
@@ -92,6 +94,12 @@ pub struct WindowAggregate {
     pub late_rows: Option<LateRecorder>,
     /// Under the sled backend: where frozen slice states beyond the budget go.
     spill: Option<Spill>,
+    /// Under the backend: state in memory past this mark between snapshots goes to disk
+    /// then (live slice states frozen first).
+    early: Option<EarlyEmitMark>,
+    /// Partial states that went to disk before a snapshot wrote them, listed by the last
+    /// snapshot of changes for its reader.
+    unsnapshotted_on_disk: Vec<Stored>,
     /// Windows merged in parts.
     #[cfg(test)]
     merged_in_parts: usize,
@@ -124,6 +132,8 @@ impl WindowAggregate {
             dirty: BTreeSet::new(),
             emitted_changed: BTreeSet::new(),
             spill: None,
+            early: None,
+            unsnapshotted_on_disk: Vec::new(),
             #[cfg(test)]
             merged_in_parts: 0,
             #[cfg(test)]
@@ -310,12 +320,14 @@ impl WindowAggregate {
             let from = if whole { 0 } else { entry.snapshotted };
             // Those on disk are read off the task (`spilled_snapshot`).
             for held in &entry.partials[from..] {
-                if let Held::Memory(partial) = held {
-                    out.push(snapshot::batch(
+                match held {
+                    Held::Memory(partial) => out.push(snapshot::batch(
                         "slice",
                         &[slice.0, slice.1],
                         partial.columns(),
-                    )?);
+                    )?),
+                    Held::Disk(stored) if !whole => self.unsnapshotted_on_disk.push(*stored),
+                    Held::Disk(_) => {}
                 }
             }
             entry.snapshotted = entry.partials.len();
@@ -434,7 +446,7 @@ impl Operator for WindowAggregate {
         for window in std::mem::take(&mut self.dirty) {
             self.fire(window, out)?;
         }
-        Ok(())
+        self.move_out_early()
     }
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -746,18 +758,27 @@ pub(crate) mod tests {
     fn frozen_slice_states_on_disk_give_the_same_windows_and_restores() {
         use crate::stream::operator::testing::{backend_without_memory, run_step, snapshot_of};
         let (_dir, backend) = backend_without_memory();
-        for lateness in [0, 25] {
+        // With `early`, state goes to disk after every batch too, before snapshots.
+        for (lateness, early) in [(0, false), (25, false), (0, true), (25, true)] {
             let fresh = || {
                 let mut op = operator().with_backend(Some(&backend)).unwrap();
                 op.lateness = lateness;
+                if early {
+                    op.early = Some(EarlyEmitMark::with_slack(0, 0));
+                }
                 op
             };
             let mut memory = operator();
             memory.lateness = lateness;
             let mut disk = fresh();
-            let (mut went, mut emitted_went) = (0, false);
+            let (mut went, mut emitted_went, mut went_early) = (0, false, false);
             for (i, step) in steps().iter().enumerate() {
                 assert_eq!(run_step(&mut disk, step), run_step(&mut memory, step));
+                went_early |= disk.slices.values().any(|s| {
+                    s.partials[s.snapshotted..]
+                        .iter()
+                        .any(|h| matches!(h, Held::Disk(_)))
+                });
                 let whole = snapshot_of(&mut disk, i == 0);
                 if i == 0 {
                     assert_eq!(whole.len(), snapshot_of(&mut memory, true).len());
@@ -776,6 +797,7 @@ pub(crate) mod tests {
                 assert!(emitted_went, "no window's emitted rows went to disk");
                 assert!(disk.emitted_read_back > 0, "no correction read rows back");
             }
+            assert_eq!(went_early, early, "states went to disk before a snapshot");
             assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
             restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |op| {
                 let partials = op.slices.values().map(|s| s.partials.len()).sum::<usize>();

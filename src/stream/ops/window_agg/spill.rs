@@ -3,8 +3,13 @@
 //! snapshot has written them, those beyond the memory budget go to the backend's
 //! scratch files as the `slice` batches snapshots hold, and come back when a window
 //! that needs them fires. Slices whose windows fire last go first: the next windows to
-//! fire find theirs in memory. Incremental snapshots never need what is on disk (it was
-//! written before it went); a whole snapshot reads it off the task, as it is then.
+//! fire find theirs in memory. A whole snapshot reads what is on disk off the task, as
+//! it is then.
+//!
+//! Between snapshots, once the state in memory outgrows what stayed at the previous move
+//! by 32 MiB (as a GROUP BY's early emit), every live slice state is frozen there and
+//! then, and states go to disk before a snapshot has written them: the next snapshot of
+//! changes reads those off the task too.
 //!
 //! A window whose slices' partial states take more than [`MERGED_IN_PARTS`] times the
 //! budget is merged in parts: its partial states, split by a hash of their keys, go to
@@ -17,9 +22,9 @@
 //! lately), as the `emitted` batches snapshots hold, and come back when a late row
 //! corrects their window.
 //!
-//! What stays in memory: each slice's live state (what arrived since the last
-//! checkpoint), the partials and emitted rows within the budget, and a part of a firing
-//! window's merged state.
+//! What stays in memory: each slice's live state (up to 32 MiB past the budget), the
+//! partials and emitted rows within the budget, and a part of a firing window's merged
+//! state.
 
 use datafusion::arrow::array::{ArrayRef, UInt32Array};
 use datafusion::arrow::compute::{concat_batches, take};
@@ -34,7 +39,7 @@ use crate::stream::ops::kept_rows::{self, KeptRows};
 use crate::stream::ops::partial_spill::PartialSpill;
 use crate::stream::snapshot;
 use crate::stream::state_backend::batches::Stored;
-use crate::stream::state_backend::SledBackend;
+use crate::stream::state_backend::{EarlyEmitMark, SledBackend};
 use crate::stream::window::Span;
 
 /// A frozen partial state, in memory or in the scratch files.
@@ -123,6 +128,7 @@ impl WindowAggregate {
     /// Keeps frozen slice states beyond `backend`'s memory budget on disk.
     pub fn with_backend(mut self, backend: Option<&SledBackend>) -> Result<Self> {
         self.spill = Spill::under(backend)?;
+        self.early = backend.map(|b| EarlyEmitMark::new(b.memory));
         Ok(self)
     }
 
@@ -216,6 +222,35 @@ impl WindowAggregate {
             .sum()
     }
 
+    /// Between snapshots, once the state in memory outgrows what stayed at the previous
+    /// move by [`crate::stream::state_backend::EARLY_EMIT_SLACK`]: every live slice state
+    /// is frozen, and partial states (those no snapshot has written yet included: the
+    /// next snapshot of changes reads them from disk) and snapshotted emitted rows go to
+    /// disk until what is in memory fits the budget.
+    pub(super) fn move_out_early(&mut self) -> Result<()> {
+        let Some(mark) = &self.early else {
+            return Ok(());
+        };
+        let live: usize = self
+            .slices
+            .values()
+            .filter_map(|s| s.live.as_ref())
+            .map(Grouped::size)
+            .sum();
+        let emitted: usize = self.emitted.values().map(KeptRows::memory_size).sum();
+        if !mark.is_passed(live + self.partials_in_memory() + emitted) {
+            return Ok(());
+        }
+        for entry in self.slices.values_mut() {
+            if let Some(mut live) = entry.live.take() {
+                if !live.is_empty() {
+                    entry.partials.push(Held::Memory(live.freeze()?));
+                }
+            }
+        }
+        self.move_out(true)
+    }
+
     /// After a snapshot: what is on disk as it is now, for a whole one (read later, off
     /// the task); then the partials beyond the budget go to disk, those of the slices
     /// whose last window ends last first.
@@ -223,8 +258,9 @@ impl WindowAggregate {
         let Some(spill) = self.spill.as_ref() else {
             return Ok(None);
         };
-        // Only a whole snapshot needs what is on disk (an incremental one wrote it before
-        // it went).
+        // A whole snapshot needs what is on disk; one of changes, what went there before
+        // it was written.
+        let written_before = std::mem::take(&mut self.unsnapshotted_on_disk);
         let reader = if whole {
             let partials = self.slices.values().flat_map(|s| &s.partials);
             let partials = partials.filter_map(|held| match held {
@@ -237,35 +273,49 @@ impl WindowAggregate {
                 .flat_map(|e| e.stored().iter().copied());
             spill.reader_of(partials.chain(emitted))?
         } else {
-            None
+            spill.reader_of(written_before)?
         };
-        self.move_out()?;
+        self.move_out(false)?;
         Ok(reader)
     }
 
-    /// Moves snapshotted emitted rows, then partial states, to disk until what is in
-    /// memory fits the budget.
-    fn move_out(&mut self) -> Result<()> {
+    /// Moves snapshotted emitted rows, then partial states (only those a snapshot wrote
+    /// unless `unsnapshotted`), to disk until what is in memory fits the budget; the
+    /// early-move mark is then set from what stayed.
+    fn move_out(&mut self, unsnapshotted: bool) -> Result<()> {
         let Some(memory) = self.spill.as_ref().map(|s| s.memory) else {
             return Ok(());
         };
         let emitted_bytes: usize = self.emitted.values().map(KeptRows::memory_size).sum();
         let mut held = self.partials_in_memory() + emitted_bytes;
-        if held <= memory {
+        self.move_partials_out(memory, unsnapshotted, &mut held)?;
+        if let Some(mark) = &mut self.early {
+            mark.moved(held);
+        }
+        Ok(())
+    }
+
+    fn move_partials_out(&mut self, memory: usize, all: bool, held: &mut usize) -> Result<()> {
+        if *held <= memory {
             return Ok(());
         }
-        let spill = self.spill.as_mut().expect("checked");
-        kept_rows::move_out(&mut self.emitted, &self.emitted_changed, spill, &mut held)?;
-        if held <= memory {
+        let spill = self.spill.as_mut().expect("under the backend");
+        kept_rows::move_out(&mut self.emitted, &self.emitted_changed, spill, held)?;
+        if *held <= memory {
             return Ok(());
         }
         let mut order: Vec<Span> = self.slices.keys().copied().collect();
         order.sort_by_key(|slice| std::cmp::Reverse(self.slicing.last_end(*slice)));
-        let spill = self.spill.as_mut().expect("checked");
+        let spill = self.spill.as_mut().expect("under the backend");
         for slice in order {
             let entry: &mut Slice = self.slices.get_mut(&slice).expect("listed");
-            for partial in &mut entry.partials[..entry.snapshotted] {
-                if held <= memory {
+            let upto = if all {
+                entry.partials.len()
+            } else {
+                entry.snapshotted
+            };
+            for partial in &mut entry.partials[..upto] {
+                if *held <= memory {
                     return Ok(());
                 }
                 let Held::Memory(state) = partial else {
@@ -274,7 +324,7 @@ impl WindowAggregate {
                 let size = state.size();
                 let batch = snapshot::batch("slice", &[slice.0, slice.1], state.columns())?;
                 *partial = Held::Disk(spill.files.put(&batch)?);
-                held -= size;
+                *held -= size;
             }
         }
         Ok(())

@@ -1354,19 +1354,15 @@ impl<'a> Planner<'a> {
         } else {
             None
         };
-        let state = match (&backend, lateness > 0) {
-            (Some(b), false) => format!("{state} (those checkpointed {})", b.describe()),
-            (Some(b), true) => format!(
-                "{state}, and of each fired window with the rows it emitted, for the allowed \
-                 lateness (those checkpointed {})",
-                b.describe()
-            ),
-            (None, false) => state.to_string(),
-            (None, true) => format!(
-                "{state}, and of each fired window with the rows it emitted, for the allowed \
-                 lateness"
-            ),
-        };
+        let mut state = state.to_string();
+        if lateness > 0 {
+            state.push_str(
+                ", and of each fired window with the rows it emitted, for the allowed lateness",
+            );
+        }
+        if let Some(b) = &backend {
+            state.push_str(&format!(" ({})", b.describe()));
+        }
         let node = self.add(StreamNode {
             name: name.into(),
             detail,

@@ -22,6 +22,8 @@ use crate::stream::message::{ChangeBatch, Millis, Op, NO_WATERMARK};
 use crate::stream::operator::{Operator, StateReader};
 use crate::stream::snapshot;
 use crate::stream::source::to_millis;
+use crate::stream::state_backend::batches::Stored;
+use crate::stream::state_backend::EarlyEmitMark;
 use crate::stream::window::{fired, Span};
 
 mod spill;
@@ -62,6 +64,12 @@ pub struct Fragment {
     restored_from: BTreeMap<Span, i64>,
     /// Under the sled backend: where buffered rows beyond the budget go.
     spill: Option<Spill>,
+    /// Under the backend: rows in memory past this mark between snapshots go to disk
+    /// then.
+    early: Option<EarlyEmitMark>,
+    /// Batches that went to disk before a snapshot wrote them, listed by the last
+    /// snapshot of changes for its reader.
+    unsnapshotted_on_disk: Vec<Stored>,
 }
 
 /// Kinds of state batches of a snapshot of changes: a window's emitted rows (or that it
@@ -99,6 +107,8 @@ impl Fragment {
             snapshots: 0,
             restored_from: BTreeMap::new(),
             spill: None,
+            early: None,
+            unsnapshotted_on_disk: Vec::new(),
         }
     }
 
@@ -288,8 +298,12 @@ impl Fragment {
                 let from = if whole { 0 } else { taken[input] };
                 for change in &changes[from..] {
                     // Those on disk are read off the task (`spilled_snapshot`).
-                    if let Buffered::Memory(change) = change {
-                        out.push(rows_batch(*span, input, change)?);
+                    match change {
+                        Buffered::Memory(change) => out.push(rows_batch(*span, input, change)?),
+                        Buffered::Disk(stored) if !whole => {
+                            self.unsnapshotted_on_disk.push(*stored)
+                        }
+                        Buffered::Disk(_) => {}
                     }
                 }
                 taken[input] = changes.len();
@@ -387,7 +401,7 @@ impl Operator for Fragment {
         for span in std::mem::take(&mut self.dirty) {
             self.fire(span, out)?;
         }
-        Ok(())
+        self.move_out_early()
     }
 
     fn on_watermark(&mut self, watermark: Millis, out: &mut Vec<ChangeBatch>) -> Result<()> {
@@ -546,7 +560,7 @@ impl Operator for Fragment {
                 self.snapshotted
                     .insert(*span, inputs.iter().map(Vec::len).collect());
             }
-            self.move_out()?;
+            self.move_out(false)?;
         }
         Ok(())
     }
@@ -605,17 +619,33 @@ mod tests {
     fn buffered_rows_on_disk_give_the_same_windows_and_restores() {
         use crate::stream::operator::testing::{backend_without_memory, run_step, snapshot_of};
         let (_dir, backend) = backend_without_memory();
-        for lateness in [0, 50] {
-            let fresh = || fragment(lateness).with_backend(Some(&backend)).unwrap();
+        // With `early`, rows go to disk after every batch too, before snapshots.
+        for (lateness, early) in [(0, false), (50, false), (0, true), (50, true)] {
+            let fresh = || {
+                let mut f = fragment(lateness).with_backend(Some(&backend)).unwrap();
+                if early {
+                    f.early = Some(EarlyEmitMark::with_slack(0, 0));
+                }
+                f
+            };
             let mut memory = fragment(lateness);
             let mut disk = fresh();
-            let mut went = 0;
+            let (mut went, mut went_early) = (0, false);
             for (i, step) in steps().iter().enumerate() {
                 assert_eq!(
                     run_step(&mut disk, step),
                     run_step(&mut memory, step),
                     "step {i}"
                 );
+                went_early |= disk.buffers.iter().any(|(span, inputs)| {
+                    let taken = disk.snapshotted.get(span).cloned().unwrap_or_default();
+                    inputs.iter().enumerate().any(|(input, changes)| {
+                        let from = taken.get(input).copied().unwrap_or(0);
+                        changes[from..]
+                            .iter()
+                            .any(|b| matches!(b, Buffered::Disk(_)))
+                    })
+                });
                 let lines = |b: &[RecordBatch]| {
                     let mut l: Vec<String> = b.iter().map(|b| format!("{b:?}")).collect();
                     l.sort();
@@ -648,6 +678,7 @@ mod tests {
                 );
             }
             assert!(went >= 3, "rows went to disk after {went} steps");
+            assert_eq!(went_early, early, "rows went to disk before a snapshot");
             assert_eq!(disk.spill.as_ref().unwrap().files.bytes(), 0, "all dropped");
             restores_from_incremental_snapshots(fresh, &steps(), lateness > 0, |f| {
                 (f.buffers.len(), f.emitted.len())

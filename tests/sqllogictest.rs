@@ -426,7 +426,7 @@ fn validate_lines_without_disk_notes(
 ) -> bool {
     static NOTES: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
         regex::Regex::new(
-            r", on disk beyond [^,\]]+ per input| \((?:frozen ones|the sessions|those checkpointed) [^)]*\)",
+            r", on disk beyond [^,\]]+ per input| \((?:frozen ones|the sessions|on disk beyond) [^)]*\)",
         )
         .expect("a valid pattern")
     });

@@ -4,8 +4,9 @@
 //! As a source, `'path'` is a file or a directory whose regular files are read in name
 //! order (names starting with `.` or `_`, such as files still being written, are
 //! skipped); file i goes to split i % splits ([`Share`]: a split restored at another
-//! parallelism skips the files, and the parts of files, the old splits read). Bounded. A bad record fails the job with
-//! its file and line, or with `'<format>.ignore-parse-errors'` is skipped and counted.
+//! parallelism skips the files, and the parts of files, the old splits read). Bounded.
+//! A bad record fails the job with its file and line, or with
+//! `'<format>.ignore-parse-errors'` is skipped and counted.
 //!
 //! As a sink (csv and json), `'path'` is a directory. Sink subtask s of job j writes rows to a hidden
 //! `.part-j-s-n.csv.inprogress` file; at a barrier it syncs it, and when the epoch commits

@@ -229,7 +229,7 @@ impl RunPlace {
     }
 
     /// The run's length in bytes.
-    pub fn len(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.len as usize
     }
 

@@ -229,7 +229,7 @@ impl RunPlace {
     }
 
     /// The run's length in bytes.
-    pub fn bytes(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len as usize
     }
 

@@ -367,7 +367,7 @@ impl RunStore {
                 .sum();
             let mut whole: Option<Vec<u8>> = None;
             for (at, slot) in slots.iter().enumerate().take(to).skip(from) {
-                if whole.is_none() && guessed * 2 < place.bytes() {
+                if whole.is_none() && guessed * 2 < place.len() {
                     let bytes = place.read_part(
                         slot.offset as usize,
                         ENTRY_HEADER + KEY_GUESS + slot.len as usize,

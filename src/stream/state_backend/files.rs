@@ -225,21 +225,10 @@ pub struct RunPlace {
 
 impl RunPlace {
     pub fn read(&self) -> Result<Vec<u8>> {
-        self.read_part(0, self.len as usize)
-    }
-
-    /// The run's length in bytes.
-    pub fn len(&self) -> usize {
-        self.len as usize
-    }
-
-    /// Up to `len` of the run's bytes from `at` on (fewer at its end).
-    pub fn read_part(&self, at: usize, len: usize) -> Result<Vec<u8>> {
-        let len = len.min((self.len as usize).saturating_sub(at));
-        let mut bytes = vec![0; len];
+        let mut bytes = vec![0; self.len as usize];
         self.file
             .as_file()
-            .read_exact_at(&mut bytes, self.offset + at as u64)
+            .read_exact_at(&mut bytes, self.offset)
             .map_err(|e| {
                 let path = self.file.path();
                 io_error("reading", path.parent().unwrap_or(path), e)

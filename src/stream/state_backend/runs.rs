@@ -32,8 +32,6 @@ pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 
 /// What [`RunStore::visit`] hands each key found to: its position, slot and value.
 type VisitSlot<'a> = dyn FnMut(usize, Slot, &[u8]) -> Result<()> + 'a;
-/// Given an entry's place among the slots asked for, its key and its value.
-type ReadEntry<'a> = dyn FnMut(usize, &[u8], &[u8]) -> Result<()> + 'a;
 
 /// Where a key's value is: its run, where its entry starts in the run (so that its key
 /// is read without walking the entries before it), and the value's length.
@@ -63,15 +61,10 @@ pub struct RunStore {
     next_run: u64,
     /// Bytes of live keys and values.
     bytes: usize,
-    /// Entries read on their own, not with their whole run.
-    #[cfg(test)]
-    read_alone: std::sync::atomic::AtomicUsize,
 }
 
 /// The bytes an entry takes in a run, beside its key and value.
 const ENTRY_HEADER: usize = 8;
-/// Bytes read for an entry's key when it is read on its own: most keys are shorter.
-const KEY_GUESS: usize = 64;
 
 fn entry_size(key: &[u8], value_len: usize) -> usize {
     ENTRY_HEADER + key.len() + value_len
@@ -87,8 +80,6 @@ impl RunStore {
             runs: HashMap::default(),
             next_run: 0,
             bytes: 0,
-            #[cfg(test)]
-            read_alone: Default::default(),
         }
     }
 
@@ -263,10 +254,18 @@ impl RunStore {
         );
         slots.sort_unstable_by_key(|s| (s.run, s.offset));
         let mut found: Vec<(Vec<u8>, Slot, Vec<u8>)> = Vec::with_capacity(slots.len());
-        self.read_entries(&slots, &mut |at, key, value| {
-            found.push((key.to_vec(), slots[at], value.to_vec()));
-            Ok(())
-        })?;
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        for slot in slots {
+            if current.as_ref().is_none_or(|(run, _)| *run != slot.run) {
+                current = Some((slot.run, self.read_run(slot.run)?));
+            }
+            let (_, record) = current.as_ref().expect("read");
+            found.push((
+                key_at(record, slot)?.to_vec(),
+                slot,
+                value_at(record, slot)?.to_vec(),
+            ));
+        }
         let taken: Vec<(&[u8], Slot)> = found
             .iter()
             .map(|(key, slot, _)| (key.as_slice(), *slot))
@@ -341,56 +340,15 @@ impl RunStore {
             })
             .collect();
         slots.sort_unstable_by_key(|(s, _)| (s.run, s.offset));
-        let just_slots: Vec<Slot> = slots.iter().map(|(s, _)| *s).collect();
-        self.read_entries(&just_slots, &mut |at, key, value| {
-            let (slot, i) = slots[at];
-            if key == keys[i] {
-                f(i, slot, value)?;
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        for (slot, i) in slots {
+            if current.as_ref().is_none_or(|(run, _)| *run != slot.run) {
+                current = Some((slot.run, self.read_run(slot.run)?));
             }
-            Ok(())
-        })
-    }
-
-    /// Reads the entries at `slots` (sorted by run and offset), giving `f` each one's
-    /// place in `slots`, key and value. A run whose wanted entries are a small part of it
-    /// has them read one by one (random keys mostly want one entry of a run of some
-    /// hundred), else it is read once, whole.
-    fn read_entries(&self, slots: &[Slot], f: &mut ReadEntry) -> Result<()> {
-        let mut from = 0;
-        while from < slots.len() {
-            let run = slots[from].run;
-            let to = from + slots[from..].iter().take_while(|s| s.run == run).count();
-            let place = self.files.place(run).ok_or_else(corrupt)?;
-            let guessed: usize = slots[from..to]
-                .iter()
-                .map(|s| ENTRY_HEADER + KEY_GUESS + s.len as usize)
-                .sum();
-            let mut whole: Option<Vec<u8>> = None;
-            for (at, slot) in slots.iter().enumerate().take(to).skip(from) {
-                if whole.is_none() && guessed * 2 < place.len() {
-                    let bytes = place.read_part(
-                        slot.offset as usize,
-                        ENTRY_HEADER + KEY_GUESS + slot.len as usize,
-                    )?;
-                    // A key longer than guessed: the run is read whole.
-                    if let Ok((key, value, found)) = entry_at(&bytes, 0, run) {
-                        if found.len == slot.len {
-                            #[cfg(test)]
-                            self.read_alone
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            f(at, key, value)?;
-                            continue;
-                        }
-                    }
-                }
-                let record = match &whole {
-                    Some(record) => record,
-                    None => whole.insert(place.read()?),
-                };
-                let (key, value, _) = entry_of(record, *slot)?;
-                f(at, key, value)?;
+            let (_, record) = current.as_ref().expect("read");
+            if key_at(record, slot)? == keys[i] {
+                f(i, slot, value_at(record, slot)?)?;
             }
-            from = to;
         }
         Ok(())
     }
@@ -544,6 +502,16 @@ impl FrozenEntries {
 
 fn corrupt() -> DataFusionError {
     DataFusionError::Internal("the state backend lost a run of records".into())
+}
+
+/// The value of the entry at `slot`.
+fn value_at(record: &[u8], slot: Slot) -> Result<&[u8]> {
+    entry_of(record, slot).map(|(_, value, _)| value)
+}
+
+/// The key of the entry at `slot`.
+fn key_at(record: &[u8], slot: Slot) -> Result<&[u8]> {
+    entry_of(record, slot).map(|(key, _, _)| key)
 }
 
 /// The entry at `slot`, which must be where it says.
@@ -775,53 +743,6 @@ mod tests {
                 .all(|(k, v)| !asked.contains(&s.hash_of(k)) && *v == value(k)));
             assert!(s.take_hashed(&asked).unwrap().is_empty(), "taken once");
         }
-    }
-
-    /// A key mostly wants one entry of a run: it is read on its own (a key longer than
-    /// guessed makes the run read whole); many entries of a run read it once.
-    #[test]
-    fn entries_are_read_on_their_own_or_with_their_run() {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut s = store();
-        // Every fifth key longer than the guess; values of 0 to 90 bytes.
-        let key_of = |i: u32| match i % 5 {
-            0 => [key(i), vec![b'k'; 100]].concat(),
-            _ => key(i),
-        };
-        let value_of = |i: u32| vec![i as u8; (i % 91) as usize];
-        let keys: Vec<Vec<u8>> = (0..400).map(key_of).collect();
-        let values: Vec<Vec<u8>> = (0..400).map(value_of).collect();
-        s.put_all(
-            keys.iter()
-                .zip(&values)
-                .map(|(k, v)| (k.as_slice(), v.as_slice())),
-        )
-        .unwrap();
-        for i in [1u32, 2, 7, 133, 399] {
-            let before = s.read_alone.load(Relaxed);
-            assert_eq!(s.take(&key_of(i)).unwrap(), Some(value_of(i)), "key {i}");
-            assert_eq!(s.read_alone.load(Relaxed), before + 1, "key {i} read alone");
-        }
-        for i in [0u32, 5, 200] {
-            let before = s.read_alone.load(Relaxed);
-            assert_eq!(s.take(&key_of(i)).unwrap(), Some(value_of(i)), "key {i}");
-            assert_eq!(s.read_alone.load(Relaxed), before, "long key {i}: run read");
-        }
-        // Most of the keys at once: their runs are read whole.
-        let many: Vec<Vec<u8>> = (210..390).map(key_of).collect();
-        let asked: Vec<&[u8]> = many.iter().map(Vec::as_slice).collect();
-        let before = s.read_alone.load(Relaxed);
-        let taken = s.take_all(&asked).unwrap();
-        assert_eq!(taken.len(), many.len());
-        for (at, value) in taken {
-            assert_eq!(value, value_of(210 + at as u32));
-        }
-        assert_eq!(s.read_alone.load(Relaxed), before, "runs read whole");
-        let hash = s.hash_of(&key_of(3));
-        assert_eq!(
-            s.take_hashed(&[hash]).unwrap(),
-            vec![(key_of(3), value_of(3))]
-        );
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub fn merge_positions(def: &TableDef, positions: &[&[u8]]) -> Option<SqlResult<
     }
     Some(match def.connector() {
         Some("kafka") => super::kafka::source::merge_positions(positions),
-        Some("filesystem") => super::filesystem::merge_positions(positions),
+        Some("filesystem") => super::filesystem::merge_positions(def, positions),
         _ => super::share::merge::<()>(positions),
     })
 }

@@ -103,15 +103,112 @@ impl UnitProgress for FileAt {
     }
 }
 
+/// A hash of the names of the files listed, in order (FNV-1a: stable across builds).
+/// A position records it: file i of another listing is another file, so a restore in
+/// the middle of one is refused rather than reading files twice or not at all.
+fn listing_hash(files: &[PathBuf]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for file in files {
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+        for byte in name.unwrap_or_default().bytes().chain([0]) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// What a position says of the files listed: their names' hash and how many.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Listing {
+    hash: u64,
+    files: u64,
+}
+
+impl Listing {
+    fn of(files: &[PathBuf]) -> Self {
+        Self {
+            hash: listing_hash(files),
+            files: files.len() as u64,
+        }
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend(self.hash.to_le_bytes());
+        out.extend(self.files.to_le_bytes());
+    }
+}
+
+/// A position's listing and its split's place; positions stored before listings were
+/// recorded (a unit count and `FileAt`, 24 bytes) have none.
+fn split_position(position: &[u8]) -> (Option<Listing>, &[u8]) {
+    const BEFORE_LISTINGS: usize = 8 + FileAt::BYTES;
+    if position.len() == BEFORE_LISTINGS || position.len() < 16 {
+        return (None, position);
+    }
+    let word = |i: usize| u64::from_le_bytes(position[i..i + 8].try_into().expect("8 bytes"));
+    let listing = Listing {
+        hash: word(0),
+        files: word(8),
+    };
+    (Some(listing), &position[16..])
+}
+
+fn files_changed(def: &TableDef) -> SqlError {
+    let path = def.options.get("path").map_or("", String::as_str);
+    SqlError::new(
+        "55000",
+        format!(
+            "the files under '{path}' are not those table \"{}\" listed when its reading \
+             started, so where it was in them cannot be restored",
+            def.name
+        ),
+    )
+    .with_hint(
+        "put the files back as they were, or drop the views and jobs reading the table and \
+         create them again to read the files as they are now",
+    )
+}
+
 /// A filesystem source's splits' positions merged into one every split of another
 /// parallelism restores.
-pub fn merge_positions(positions: &[&[u8]]) -> SqlResult<Vec<u8>> {
-    super::share::merge::<FileAt>(positions)
+pub fn merge_positions(def: &TableDef, positions: &[&[u8]]) -> SqlResult<Vec<u8>> {
+    let mut listing: Option<Listing> = None;
+    let mut places = Vec::with_capacity(positions.len());
+    for position in positions {
+        let (recorded, place) = split_position(position);
+        if let Some(recorded) = recorded {
+            if listing.is_some_and(|l| l != recorded) {
+                return Err(files_changed(def));
+            }
+            listing = Some(recorded);
+        }
+        places.push(place);
+    }
+    // Positions stored before listings were recorded are taken as of the files now.
+    let listing = match listing {
+        Some(listing) => listing,
+        None => Listing::of(&list_files(Path::new(source_path(def)?))?),
+    };
+    let mut merged = Vec::new();
+    listing.put(&mut merged);
+    merged.extend(super::share::merge::<FileAt>(&places)?);
+    Ok(merged)
+}
+
+fn source_path(def: &TableDef) -> SqlResult<&str> {
+    def.options
+        .get("path")
+        .map(String::as_str)
+        .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))
 }
 
 struct SourceState {
     /// Every file of the path; the share says which this split reads.
     files: Vec<PathBuf>,
+    /// What positions record of the files: those listed when the reading started.
+    listing: Listing,
+    /// Restored past every file of a listing other than `files`: nothing is left.
+    finished: bool,
     share: Share<FileAt>,
     decoder: RecordDecoder,
     batch_size: usize,
@@ -124,6 +221,7 @@ struct SourceState {
 }
 
 pub struct FileSource {
+    def: TableDef,
     state: Option<SourceState>,
     /// Copies of the state's position and skip count, readable while a read is running.
     position: Vec<u8>,
@@ -132,13 +230,12 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn open(def: &TableDef, split: usize, splits: usize, batch_size: usize) -> SqlResult<Self> {
-        let path = def
-            .options
-            .get("path")
-            .ok_or_else(|| invalid("connector 'filesystem' needs option 'path'"))?;
         let format = format_of(def)?;
+        let files = list_files(Path::new(source_path(def)?))?;
         let state = SourceState {
-            files: list_files(Path::new(path))?,
+            listing: Listing::of(&files),
+            finished: false,
+            files,
             share: Share::new(split, splits),
             decoder: RecordDecoder::new(def, format, def.physical_schema())?,
             batch_size,
@@ -149,6 +246,7 @@ impl FileSource {
             skipped: 0,
         };
         Ok(Self {
+            def: def.clone(),
             position: state.position(),
             state: Some(state),
             skipped: 0,
@@ -166,10 +264,13 @@ impl SourceState {
     }
 
     fn position(&self) -> Vec<u8> {
-        self.share.position(FileAt {
+        let mut position = Vec::new();
+        self.listing.put(&mut position);
+        position.extend(self.share.position(FileAt {
             offset: self.offset,
             line: self.line,
-        })
+        }));
+        position
     }
 
     fn go_to(&mut self, at: FileAt) {
@@ -185,7 +286,7 @@ impl SourceState {
 
     fn read_batch(&mut self) -> SqlResult<Option<ChangeBatch>> {
         loop {
-            if self.file() >= self.files.len() {
+            if self.finished || self.file() >= self.files.len() {
                 return Ok(None);
             }
             if self.reader.is_none() {
@@ -313,8 +414,18 @@ impl SplitReader for FileSource {
             .state
             .as_mut()
             .ok_or_else(|| to_df(SqlError::internal("filesystem source used after a failure")))?;
-        let at = s.share.restore(position).map_err(to_df)?;
+        let (listing, place) = split_position(position);
+        let at = s.share.restore(place).map_err(to_df)?;
         s.go_to(at);
+        if let Some(listing) = listing.filter(|l| *l != s.listing) {
+            // A split that had read all its files is done, whatever came since; one in
+            // the middle of them cannot tell which files are which.
+            if s.share.unit() < listing.files {
+                return Err(to_df(files_changed(&self.def)));
+            }
+            s.listing = listing;
+            s.finished = true;
+        }
         self.position = s.position();
         Ok(())
     }
@@ -889,6 +1000,7 @@ mod tests {
         while let Some(b) = r.next_batch().await.unwrap().map(|c| c.rows) {
             rest.push(b);
         }
+        let done = r.position();
         let mut again = FileSource::open(&def, 0, 1, 3).unwrap();
         again.restore(&pos).unwrap();
         let mut rest2 = vec![];
@@ -897,5 +1009,38 @@ mod tests {
         }
         assert_eq!(rest, rest2);
         assert_eq!(ids(&seen).len() + ids(&rest).len(), 14);
+        // A position stored before listings were hashed (unit count, offset, line)
+        // restores as it did: the second file, from its fourth line.
+        let offset = lines
+            .lines()
+            .take(3)
+            .map(|l| l.len() as u64 + 1)
+            .sum::<u64>();
+        let legacy: Vec<u8> = [1u64, offset, 4]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut old = FileSource::open(&def, 0, 1, 3).unwrap();
+        old.restore(&legacy).unwrap();
+        let mut tail = vec![];
+        while let Some(b) = old.next_batch().await.unwrap().map(|c| c.rows) {
+            tail.push(b);
+        }
+        assert_eq!(ids(&tail), vec![4, 5, 6, 7]);
+        // Another file among them: file 1 is not what it was, and the restore says so.
+        fs::write(dir.path().join("0.csv"), &lines).unwrap();
+        let mut changed = FileSource::open(&def, 0, 1, 3).unwrap();
+        let e = SqlError::from(changed.restore(&pos).unwrap_err());
+        assert_eq!(e.code, "55000", "{}", e.message);
+        assert!(e.message.contains("are not those table"), "{}", e.message);
+        // And so does a rescale merging positions of different listings.
+        let now = FileSource::open(&def, 0, 1, 3).unwrap().position();
+        let e = merge_positions(&def, &[&pos, &now]).unwrap_err();
+        assert_eq!(e.code, "55000");
+        // A split that had read all its files is done, whatever came since.
+        let mut finished = FileSource::open(&def, 0, 1, 3).unwrap();
+        finished.restore(&done).unwrap();
+        assert!(finished.next_batch().await.unwrap().is_none());
+        assert_eq!(finished.position(), done, "and stays so");
     }
 }

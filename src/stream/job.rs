@@ -153,6 +153,10 @@ struct Chain {
     snapshots: Vec<SnapshotCost>,
     /// When the state size was last measured for `SHOW JOBS`.
     reported: Option<Instant>,
+    /// Restored from the snapshot of a task that had ended: its operators emitted all
+    /// they would then (a global aggregate its row for no input), so at the end they
+    /// are not asked again (Flink's operators finished on restore).
+    finished: bool,
 }
 
 /// How stale `SHOW JOBS`' state size may be between barriers: measuring it walks some
@@ -201,6 +205,9 @@ impl Chain {
 
     fn end(&mut self) -> Result<Vec<ChangeBatch>> {
         let mut out = Vec::new();
+        if self.finished {
+            return Ok(out);
+        }
         for i in 0..self.operators.len() {
             let mut emitted = Vec::new();
             self.operators[i].on_end(&mut emitted)?;
@@ -723,11 +730,16 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
                     restore_parts(op.as_mut(), parts)?;
                 }
             }
+            // An ended task's snapshot holds no operator state ([`TaskEnd::snapshot`]).
+            let finished = snapshot
+                .as_ref()
+                .is_some_and(|s| s.operators.is_empty() && !operators.is_empty());
             let chain_ops = Chain {
                 operators,
                 figures,
                 snapshots: Vec::new(),
                 reported: None,
+                finished,
             };
             let output = match &tail.kind {
                 NodeKind::Sink(kind) => Output::Sink(Sink::open(kind, subtask, id)?),

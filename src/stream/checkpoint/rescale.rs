@@ -200,7 +200,10 @@ pub fn redistribute(
                 sink: sink.clone(),
                 ..Default::default()
             };
-            for (k, op) in operators.iter().enumerate() {
+            // Ended tasks left their operators' state out: so do the new ones (they end
+            // again at once, with nothing to emit).
+            let ended = previous.iter().all(|t| t.operators.is_empty());
+            for (k, op) in operators.iter().enumerate().filter(|_| !ended) {
                 let state: Vec<&[StatePart]> = previous
                     .iter()
                     .map(|t| t.operators.get(k).map_or(&[][..], Vec::as_slice))

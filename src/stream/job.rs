@@ -154,8 +154,9 @@ struct Chain {
     /// When the state size was last measured for `SHOW JOBS`.
     reported: Option<Instant>,
     /// Restored from the snapshot of a task that had ended: its operators emitted all
-    /// they would then (a global aggregate its row for no input), so at the end they
-    /// are not asked again (Flink's operators finished on restore).
+    /// they would then (a global aggregate its row for no input) and their state was
+    /// left out, so watermarks, barriers and the end do not ask them again (Flink's
+    /// operators finished on restore).
     finished: bool,
 }
 
@@ -180,6 +181,9 @@ impl Chain {
 
     fn watermark(&mut self, watermark: Millis) -> Result<Vec<ChangeBatch>> {
         let mut out = Vec::new();
+        if self.finished {
+            return Ok(out);
+        }
         for i in 0..self.operators.len() {
             let mut emitted = Vec::new();
             self.operators[i].on_watermark(watermark, &mut emitted)?;
@@ -193,6 +197,9 @@ impl Chain {
     /// Lets every operator emit what it held for the barrier, in chain order.
     fn barrier(&mut self) -> Result<Vec<ChangeBatch>> {
         let mut out = Vec::new();
+        if self.finished {
+            return Ok(out);
+        }
         for i in 0..self.operators.len() {
             let mut emitted = Vec::new();
             self.operators[i].on_barrier(&mut emitted)?;

@@ -4,12 +4,12 @@
 //! subtask owns a contiguous range of them, and a new subtask restores, from every old
 //! subtask, the state rows whose keys fall in its range. A connector source moves to
 //! the new parallelism when nothing it forwards to before its first keyed exchange keeps
-//! state (a sink may be among them): every new split restores one position merged from all the old ones (Kafka's
-//! partitions each from its furthest place; the generators' numbers and a path's files
-//! skipping those read, `connector::share`). Other sources (the table log, views,
-//! changelogs) keep the parallelism they were checkpointed at, and so does every node
-//! they forward to; the first keyed exchange after them spreads rows over the new
-//! parallelism.
+//! state (a sink may be among them): every new split restores one position merged from
+//! all the old ones (Kafka's partitions each from its furthest place; the generators'
+//! numbers and a path's files skipping those read, `connector::share`). Other sources
+//! (the table log, views, changelogs) keep the parallelism they were checkpointed at,
+//! and so does every node they forward to; the first keyed exchange after them spreads
+//! rows over the new parallelism.
 
 use std::collections::HashMap;
 
@@ -183,6 +183,9 @@ pub fn redistribute(
             _ => None,
         };
         let sink = merged_sink(&previous);
+        // Ended tasks left their operators' state out: so do the new ones (they end again
+        // at once, with nothing to emit).
+        let ended = previous.iter().all(|t| t.operators.is_empty());
         // One instance of each operator of the chain tells the key of its state rows.
         let operators = chain
             .iter()
@@ -200,9 +203,6 @@ pub fn redistribute(
                 sink: sink.clone(),
                 ..Default::default()
             };
-            // Ended tasks left their operators' state out: so do the new ones (they end
-            // again at once, with nothing to emit).
-            let ended = previous.iter().all(|t| t.operators.is_empty());
             for (k, op) in operators.iter().enumerate().filter(|_| !ended) {
                 let state: Vec<&[StatePart]> = previous
                     .iter()

@@ -439,14 +439,9 @@ impl Operator for Fragment {
         }
         Ok(())
     }
+
     fn state_size(&self) -> usize {
-        self.buffered_in_memory()
-            + self
-                .emitted
-                .values()
-                .map(KeptRows::memory_size)
-                .sum::<usize>()
-            + self.spill.as_ref().map_or(0, |s| s.files.bytes())
+        self.held_in_memory() + self.spill.as_ref().map_or(0, |s| s.files.bytes())
     }
 
     fn late_rows_dropped(&self) -> u64 {

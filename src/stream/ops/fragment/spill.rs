@@ -68,7 +68,7 @@ impl Fragment {
     }
 
     /// Bytes of buffered and emitted rows in memory.
-    fn held_in_memory(&self) -> usize {
+    pub(super) fn held_in_memory(&self) -> usize {
         self.buffered_in_memory()
             + self
                 .emitted

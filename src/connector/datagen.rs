@@ -607,11 +607,7 @@ impl SplitReader for DatagenReader {
         }
         let n = (self.batch_size as u64).min(self.throttle.step()).min(left);
         self.throttle.wait(n).await;
-        let mut rows = Vec::with_capacity(n as usize);
-        while rows.len() < n as usize && self.share.unit() < self.total {
-            rows.push(self.share.unit());
-            self.share.pass();
-        }
+        let rows = self.share.take_units(n, self.total);
         if rows.is_empty() {
             return Ok(None);
         }

@@ -197,6 +197,23 @@ impl<P: UnitProgress> Share<P> {
         mine.saturating_sub(self.next)
     }
 
+    /// Up to `n` of the split's units below `total` not read before, passed; with no
+    /// layers to skip, at once.
+    pub fn take_units(&mut self, n: u64, total: u64) -> Vec<u64> {
+        if self.layers.is_empty() {
+            let n = n.min(self.left_below(total));
+            let (split, splits, next) = (self.split, self.splits, self.next);
+            self.next += n;
+            return (next..next + n).map(|j| split + j * splits).collect();
+        }
+        let mut units = Vec::new();
+        while (units.len() as u64) < n && self.unit() < total {
+            units.push(self.unit());
+            self.pass();
+        }
+        units
+    }
+
     /// The current unit is done: moves to the next one not read before, and returns
     /// where in it to begin.
     pub fn pass(&mut self) -> P {

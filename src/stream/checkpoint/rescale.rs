@@ -567,12 +567,25 @@ mod tests {
             }),
             ..Default::default()
         };
-        let new = redistribute(
-            &graph,
-            &[2, 2, 2],
-            vec![changes(9, true), changes(7, false)],
+        // Tasks that had ended left their operators' state out: the new ones too, so
+        // that they end again without their operators emitting.
+        let ended = |t: TaskSnapshot| TaskSnapshot {
+            operators: vec![],
+            ..t
+        };
+        let old = vec![ended(changes(9, true)), ended(changes(7, true))];
+        let new = redistribute(&graph, &[2, 2, 2], old).unwrap();
+        assert!(
+            new.iter().all(|t| t.operators.is_empty()),
+            "ended: no state"
         );
-        for task in new.unwrap() {
+        let old = vec![changes(9, true), changes(7, false)];
+        let new = redistribute(&graph, &[2, 2, 2], old).unwrap();
+        assert!(
+            new.iter().all(|t| t.operators.len() == 1),
+            "running: its operator"
+        );
+        for task in new {
             assert!(matches!(
                 task.sink,
                 Some(Precommit::Changes {

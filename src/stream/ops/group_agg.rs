@@ -901,49 +901,6 @@ mod tests {
         crate::stream::message::change_lines(out)
     }
 
-    /// `SELECT count(*), max(v) FROM t` over (k, v) rows: a global aggregate.
-    fn global_operator() -> GroupAggregate {
-        let keyed = operator(false, None);
-        // A unit key, as the planner gives a global aggregate.
-        let unit = datafusion::physical_expr::expressions::Literal::new(true.into());
-        let calls = Arc::new(AggregateCalls {
-            keys: vec![Arc::new(unit)],
-            key_schema: Arc::new(Schema::new(vec![Field::new(
-                "unit",
-                DataType::Boolean,
-                false,
-            )])),
-            aggregates: keyed.calls.aggregates.clone(),
-            filters: vec![None, None],
-        });
-        let output: SchemaRef = Arc::new(Schema::new(vec![
-            Field::new("n", DataType::Int64, false),
-            Field::new("top", DataType::Int64, true),
-        ]));
-        GroupAggregate::try_new(calls, keyed.input.clone(), output, false, false, None).unwrap()
-    }
-
-    #[test]
-    fn a_restored_global_aggregate_emits_nothing_new_at_the_end() {
-        let mut op = global_operator();
-        let mut out = Vec::new();
-        op.process(
-            0,
-            batch(&[("a", 1, Op::Insert), ("b", 4, Op::Insert)]),
-            &mut out,
-        )
-        .unwrap();
-        op.on_barrier(&mut out).unwrap();
-        assert_eq!(lines(&out), ["+I 2,4"]);
-        let state = snapshot_of(&mut op, true);
-        let mut restored = global_operator();
-        restored.restore(state).unwrap();
-        restored.restored().unwrap();
-        let mut out = Vec::new();
-        restored.on_end(&mut out).unwrap();
-        assert_eq!(lines(&out), Vec::<String>::new());
-    }
-
     #[test]
     fn retractions_correct_every_aggregate_and_delete_empty_keys() {
         let mut op = operator(true, None);

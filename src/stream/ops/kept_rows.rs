@@ -78,6 +78,11 @@ impl KeptRows {
     }
 }
 
+/// Where the kept rows on disk are, every window's.
+pub fn on_disk(kept: &BTreeMap<Span, KeptRows>) -> impl Iterator<Item = Stored> + '_ {
+    kept.values().flat_map(|rows| rows.stored().iter().copied())
+}
+
 /// Moves kept rows to disk, the windows that fired first first (a late row is likelier
 /// for one that fired lately), until `held` bytes in memory fit `spill`'s budget. A
 /// window in `changed` (corrected since the last snapshot) waits for the next one.

@@ -61,6 +61,20 @@ impl PartialSpill {
         Ok(Self::reader(on_disk))
     }
 
+    /// The reader of a snapshot's part on disk: for a whole snapshot everything there
+    /// (`on_disk`), for one of changes what went there before it was written.
+    pub fn snapshot_reader(
+        &self,
+        whole: bool,
+        on_disk: impl Iterator<Item = Stored>,
+        written_before: Vec<Stored>,
+    ) -> Result<Option<StateReader>> {
+        match whole {
+            true => self.reader_of(on_disk),
+            false => self.reader_of(written_before),
+        }
+    }
+
     /// A partial state from disk.
     pub fn read(&self, calls: &AggregateCalls, stored: Stored) -> Result<Partial> {
         let (_, _, columns) = snapshot::parts(&self.files.get(stored)?, 2)?;

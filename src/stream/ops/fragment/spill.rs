@@ -118,20 +118,13 @@ impl Fragment {
         // A whole snapshot needs what is on disk; one of changes, what went there before
         // it was written.
         let written_before = std::mem::take(&mut self.unsnapshotted_on_disk);
-        let reader = if whole {
-            let buffered = self.buffers.values().flatten().flatten();
-            let buffered = buffered.filter_map(|b| match b {
-                Buffered::Disk(stored) => Some(*stored),
-                Buffered::Memory(_) => None,
-            });
-            let emitted = self
-                .emitted
-                .values()
-                .flat_map(|e| e.stored().iter().copied());
-            spill.reader_of(buffered.chain(emitted))?
-        } else {
-            spill.reader_of(written_before)?
-        };
+        let buffered = self.buffers.values().flatten().flatten();
+        let buffered = buffered.filter_map(|b| match b {
+            Buffered::Disk(stored) => Some(*stored),
+            Buffered::Memory(_) => None,
+        });
+        let on_disk = buffered.chain(kept_rows::on_disk(&self.emitted));
+        let reader = spill.snapshot_reader(whole, on_disk, written_before)?;
         self.move_out(false)?;
         Ok(reader)
     }

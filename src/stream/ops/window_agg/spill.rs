@@ -261,20 +261,13 @@ impl WindowAggregate {
         // A whole snapshot needs what is on disk; one of changes, what went there before
         // it was written.
         let written_before = std::mem::take(&mut self.unsnapshotted_on_disk);
-        let reader = if whole {
-            let partials = self.slices.values().flat_map(|s| &s.partials);
-            let partials = partials.filter_map(|held| match held {
-                Held::Disk(stored) => Some(*stored),
-                Held::Memory(_) => None,
-            });
-            let emitted = self
-                .emitted
-                .values()
-                .flat_map(|e| e.stored().iter().copied());
-            spill.reader_of(partials.chain(emitted))?
-        } else {
-            spill.reader_of(written_before)?
-        };
+        let partials = self.slices.values().flat_map(|s| &s.partials);
+        let partials = partials.filter_map(|held| match held {
+            Held::Disk(stored) => Some(*stored),
+            Held::Memory(_) => None,
+        });
+        let on_disk = partials.chain(kept_rows::on_disk(&self.emitted));
+        let reader = spill.snapshot_reader(whole, on_disk, written_before)?;
         self.move_out(false)?;
         Ok(reader)
     }

@@ -358,6 +358,66 @@ async fn an_updating_views_folded_changes_restore_its_rows() {
     server.stop().await;
 }
 
+/// The rows each running view or job (by a part of its statement) read since the
+/// server started.
+async fn rows_read(client: &tokio_postgres::Client, statement: &str) -> i64 {
+    let jobs = rows(client, "SHOW JOBS").await;
+    let job = jobs
+        .iter()
+        .find(|j| j[1].contains(statement))
+        .unwrap_or_else(|| panic!("no job runs {statement}: {jobs:?}"));
+    job[3].parse().unwrap()
+}
+
+/// A view and a job reading an updating view go on after a kill -9 from where they were
+/// in its changes: they read none of its rows again (before, they started over from
+/// them), though the view folded its stored changes into its rows several times; the
+/// changes after the restart reach them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_an_updating_view_resume_where_they_were_after_a_kill() {
+    const KEYS: i64 = 40_000;
+    let dir = tempfile::tempdir().unwrap();
+    let weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    client.batch_execute(COUNTS_PER_KEY).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE MATERIALIZED VIEW spread AS SELECT n, count(*) AS keys FROM counts GROUP BY n;
+             CREATE TABLE copied (k BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+             INSERT INTO copied SELECT k, n FROM counts",
+        )
+        .await
+        .unwrap();
+    let values: Vec<String> = (0..KEYS).map(|k| format!("({k})")).collect();
+    let all_keys = format!("INSERT INTO t VALUES {}; FLUSH", values.join(", "));
+    // Every key changes every round: the view's stored changes fold every other round.
+    for _ in 0..5 {
+        client.batch_execute(&all_keys).await.unwrap();
+    }
+    let spread = "SELECT * FROM spread ORDER BY n";
+    assert_eq!(rows(&client, spread).await, vec![vec!["5", "40000"]]);
+    weir.kill_9();
+
+    let weir = WeirProcess::start(dir.path());
+    let client = common::connect(weir.port).await;
+    client.batch_execute("FLUSH").await.unwrap();
+    assert_eq!(rows(&client, spread).await, vec![vec!["5", "40000"]]);
+    assert_eq!(rows_read(&client, "AS SELECT n, count(*)").await, 0);
+    assert_eq!(rows_read(&client, "INSERT INTO copied").await, 0);
+    client
+        .batch_execute("INSERT INTO t VALUES (1), (2), (3); FLUSH")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, spread).await,
+        vec![vec!["5", "39997"], vec!["6", "3"]]
+    );
+    // Each changed key: -U and +U.
+    assert_eq!(rows_read(&client, "AS SELECT n, count(*)").await, 6);
+    assert_eq!(rows_read(&client, "INSERT INTO copied").await, 6);
+    weir.kill_9();
+}
+
 /// The epochs of changes view `counts` has stored since its base, read from a stopped
 /// server's store.
 fn view_entries_since_base(data_dir: &std::path::Path) -> usize {

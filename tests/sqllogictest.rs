@@ -130,8 +130,8 @@ fn is_flush(sql: &str) -> bool {
 }
 
 impl Weir {
-    /// Moves every running view and job to the next parallelism (3, 2, 3, ...). One that
-    /// reads an updating view cannot move in place (0A000) and stays.
+    /// Moves every running view and job to the next parallelism (3, 2, 3, ...). One whose
+    /// operators would connect differently there cannot move in place (0A000) and stays.
     async fn rescale_all(&mut self) -> Result<(), DbError> {
         let to = self.rescale_to.expect("rescale mode");
         let jobs = self

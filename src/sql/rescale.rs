@@ -135,9 +135,8 @@ impl Engine {
     }
 
     /// Refuses, before anything stops, a rescale its checkpoint could not be restored
-    /// into: a query over a view whose rows change starts over when restarted (its rows
-    /// would be rebuilt, not moved), and a plan whose operators connect differently at the
-    /// new parallelism has no place for the old subtasks' state.
+    /// into: a plan whose operators connect differently at the new parallelism has no
+    /// place for the old subtasks' state.
     fn check_rescalable(
         &self,
         id: &str,
@@ -146,16 +145,6 @@ impl Engine {
         parallelism: usize,
     ) -> SqlResult<()> {
         let job = self.jobs.job(id).ok_or_else(|| not_running(what))?;
-        if !checkpoint::restorable(&graph) {
-            return Err(SqlError::new(
-                "0A000",
-                format!(
-                    "{what} reads a view whose rows change, and where it was in that view's \
-                     changes is not recorded, so it cannot move to another parallelism in place"
-                ),
-            )
-            .with_hint("drop it and create it again after SET 'parallelism.default'"));
-        }
         checkpoint::rescale::keep_source_parallelism(&mut graph, &job.parallelism);
         if checkpoint::fingerprint(&graph) != job.fingerprint {
             return Err(SqlError::new(

@@ -14,7 +14,7 @@ use datafusion::datasource::{source_as_provider, ViewTable};
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::{DmlStatement, LogicalPlan, WriteOp};
 use datafusion::sql::parser::Statement as DFStatement;
-use weir_catalog::{JobDef, TableDef, ViewDef};
+use weir_catalog::{Catalog, JobDef, TableDef, ViewDef};
 
 use super::engine::{Engine, Outcome};
 use super::error::{SqlError, SqlResult};
@@ -25,7 +25,7 @@ use crate::plan::planner::{Mode, Planner};
 use crate::plan::window_table::WindowTvfTable;
 use crate::stream::checkpoint::coordinator::{recover, Committer, Durable};
 use crate::stream::checkpoint::store::Checkpoints;
-use crate::stream::checkpoint::{self};
+use crate::stream::checkpoint::{self, view_feed};
 use crate::stream::graph::{SinkKind, StreamGraph};
 use crate::stream::job::{JobOptions, JobState, RunningJob};
 use crate::stream::late::LateRows;
@@ -477,19 +477,10 @@ impl Engine {
             Committer::View(_) if start == Start::Rescale => Committer::Direct,
             committer => committer,
         };
+        let followed = view_feed::followed_views(&graph);
         let restore = if let Start::Savepoint(name) = start {
-            if !checkpoint::restorable(&graph) {
-                return Err(SqlError::new(
-                    "0A000",
-                    format!(
-                        "cannot start from savepoint '{name}': the query reads a view whose \
-                         rows change, and where it was in that view's changes is not recorded"
-                    ),
-                )
-                .with_hint("RESET 'execution.savepoint.path' to start from scratch"));
-            }
             self.seed_from_savepoint(name, key).await?;
-            match restore_into(&checkpoints, &mut graph, &committer).await {
+            let restored = match restore_into(&checkpoints, &mut graph, &committer).await {
                 Ok(restored) => restored,
                 Err(e) => {
                     self.remove_checkpoints(key.to_string()).await?;
@@ -505,10 +496,18 @@ impl Engine {
                          RESET 'execution.savepoint.path' to start from scratch",
                     ));
                 }
+            };
+            if let Some(why) = follow_from(&followed, &checkpoints, restored.as_ref()).await? {
+                self.remove_checkpoints(key.to_string()).await?;
+                return Err(SqlError::new(
+                    "55000",
+                    format!("cannot start from savepoint '{name}': {why}"),
+                )
+                .with_hint("RESET 'execution.savepoint.path' to start from scratch"));
             }
-        } else if matches!(start, Start::Resume | Start::Rescale) && checkpoint::restorable(&graph)
-        {
-            restore_into(&checkpoints, &mut graph, &committer)
+            restored
+        } else if matches!(start, Start::Resume | Start::Rescale) {
+            let restored = restore_into(&checkpoints, &mut graph, &committer)
                 .await
                 .map_err(|e| {
                     SqlError::new(
@@ -518,11 +517,35 @@ impl Engine {
                             SqlError::from(e).message
                         ),
                     )
-                })?
+                })?;
+            match follow_from(&followed, &checkpoints, restored.as_ref()).await? {
+                None => restored,
+                // A view is rebuilt by its caller; a job starts over from the views'
+                // rows, as it would have before readers kept their place.
+                Some(why) if start == Start::Resume && key.starts_with("job/") => {
+                    tracing::warn!("job {id} starts over: {why}");
+                    self.start_afresh(key, &followed, &checkpoints).await?;
+                    None
+                }
+                Some(why) => {
+                    return Err(SqlError::new(
+                        "55000",
+                        format!("cannot resume from its checkpoint: {why}"),
+                    ))
+                }
+            }
         } else {
-            self.remove_checkpoints(key.to_string()).await?;
+            self.start_afresh(key, &followed, &checkpoints).await?;
             None
         };
+        if let Committer::View(state) = &committer {
+            let store = checkpoints.clone();
+            let lineage = tokio::task::spawn_blocking(move || store.lineage())
+                .await
+                .map_err(|e| SqlError::internal(e.to_string()))?
+                .map_err(external)?;
+            state.set_log(checkpoints.clone(), lineage);
+        }
         let options = JobOptions {
             durable: Some(Durable {
                 checkpoints,
@@ -536,9 +559,27 @@ impl Engine {
         RunningJob::start_with(id, graph, self.catalog.clone(), options).map_err(external)
     }
 
+    /// Removes a view's or job's checkpoints, and its places in the views it read.
     pub(super) async fn remove_checkpoints(&self, key: String) -> SqlResult<()> {
         let checkpoints = Checkpoints::new(self.catalog.store(), &key);
-        tokio::task::spawn_blocking(move || checkpoints.remove())
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || remove_checkpoints(&catalog, &checkpoints))
+            .await
+            .map_err(|e| SqlError::internal(e.to_string()))?
+            .map_err(external)
+    }
+
+    /// Removes what an earlier view or job of the same name left, and registers the
+    /// new one at the views it follows from their rows as they are now.
+    async fn start_afresh(
+        &self,
+        key: &str,
+        followed: &[view_feed::FollowedView],
+        checkpoints: &Checkpoints,
+    ) -> SqlResult<()> {
+        self.remove_checkpoints(key.to_string()).await?;
+        let (followed, reader) = (followed.to_vec(), checkpoints.clone());
+        tokio::task::spawn_blocking(move || view_feed::register_fresh(&followed, &reader))
             .await
             .map_err(|e| SqlError::internal(e.to_string()))?
             .map_err(external)
@@ -950,8 +991,7 @@ impl Engine {
             let checkpoints = Checkpoints::new(catalog.store(), &format!("job/{id}"));
             let dropped = tokio::task::spawn_blocking(move || {
                 catalog.drop_job(&id)?;
-                checkpoints
-                    .remove()
+                remove_checkpoints(&catalog, &checkpoints)
                     .map_err(|e| weir_catalog::CatalogError::Unsupported(e.to_string()))
             })
             .await;
@@ -985,6 +1025,42 @@ fn sources_of(plan: &LogicalPlan) -> Vec<String> {
 
 /// The newest checkpoint under `checkpoints`, restored into `graph`: its sources keep the
 /// parallelism they were checkpointed at, everything else is redistributed to the graph's.
+/// Removes a view's or job's checkpoints, and its places in the views it read.
+fn remove_checkpoints(
+    catalog: &Catalog,
+    checkpoints: &Checkpoints,
+) -> datafusion::common::Result<()> {
+    let views = catalog
+        .views()
+        .into_iter()
+        .filter(|v| v.materialized)
+        .map(|v| v.name.clone());
+    view_feed::unregister(&catalog.store(), views, checkpoints)?;
+    checkpoints.remove()
+}
+
+/// Registers a restored reader at the views it follows, where its checkpoint resumes
+/// (before anything is read: a fold must keep what it needs); why it cannot go on
+/// there, if so.
+async fn follow_from(
+    followed: &[view_feed::FollowedView],
+    reader: &Checkpoints,
+    restored: Option<&crate::stream::checkpoint::Restored>,
+) -> SqlResult<Option<String>> {
+    let Some(restored) = restored.filter(|_| !followed.is_empty()) else {
+        return Ok(None);
+    };
+    let sources: Vec<_> = restored.tasks.iter().map(|t| t.source.clone()).collect();
+    let (followed, reader) = (followed.to_vec(), reader.clone());
+    tokio::task::spawn_blocking(move || {
+        view_feed::register_at(&followed, &reader, &sources)?;
+        view_feed::unresumable(&followed, &sources)
+    })
+    .await
+    .map_err(|e| SqlError::internal(e.to_string()))?
+    .map_err(external)
+}
+
 async fn restore_into(
     checkpoints: &Checkpoints,
     graph: &mut StreamGraph,

@@ -420,7 +420,7 @@ mod tests {
             Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
         let state = MvState::new(schema.clone(), true);
         state
-            .publish(vec![ChangeBatch::new(rows(&schema, &[1, 2]))], 0, false)
+            .publish(vec![ChangeBatch::new(rows(&schema, &[1, 2]))], 0, false, 1)
             .unwrap();
         let mut s = following(&state, true);
         let mut no_snapshot = following(&state, false);
@@ -429,7 +429,7 @@ mod tests {
             Op::UpdateBefore as i8,
             Op::UpdateAfter as i8,
         ]));
-        state.publish(vec![change], 0, true).unwrap();
+        state.publish(vec![change], 0, true, 2).unwrap();
         assert_eq!(texts(&s.next().await.unwrap().unwrap()), ["+I 1", "+I 2"]);
         assert_eq!(texts(&s.next().await.unwrap().unwrap()), ["-U 1", "+U 3"]);
         assert!(s.next().await.unwrap().is_none());
@@ -448,7 +448,7 @@ mod tests {
         let mut s = following(&state, true);
         for i in 0..FEED_CAPACITY as i64 + 5 {
             state
-                .publish(vec![ChangeBatch::new(rows(&schema, &[i]))], 0, false)
+                .publish(vec![ChangeBatch::new(rows(&schema, &[i]))], 0, false, i as u64)
                 .unwrap();
         }
         let e = s.next().await.unwrap_err();

@@ -832,6 +832,7 @@ fn launch(plan: &Plan, restore: Option<Restored>) -> Result<Launched> {
         bases: HashMap::new(),
         late_rows: graph.late_rows.clone(),
         view_log: plan.view_log.clone(),
+        followed_views: super::checkpoint::view_feed::followed_views(graph),
     };
     let coordinator = tokio::spawn(coordinator.run(ack_receiver));
     Ok(Launched {
@@ -987,7 +988,7 @@ async fn relaunch(plan: &Plan) -> Result<Launched> {
                 .filter_map(|t| t.sink.clone())
                 .collect();
             let (_, watermark, ended) = super::checkpoint::coordinator::merged_changes(&sinks);
-            state.publish(changes, watermark, ended)?;
+            state.publish(changes, watermark, ended, upto)?;
             plan.published.fetch_max(upto, Ordering::SeqCst);
         }
     }

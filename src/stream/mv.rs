@@ -15,7 +15,8 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use tokio::sync::{broadcast, watch};
 
-use super::message::{ChangeBatch, Millis, NO_WATERMARK};
+use super::checkpoint::store::Checkpoints;
+use super::message::{ChangeBatch, Epoch, Millis, NO_WATERMARK};
 use super::view_rows::UpdatingRows;
 
 #[derive(Default)]
@@ -28,6 +29,8 @@ struct Contents {
     bytes: usize,
     watermark: Option<Millis>,
     ended: bool,
+    /// The epoch of the view's job its latest publish committed.
+    epoch: Epoch,
 }
 
 /// Publishes a changefeed subscriber may fall behind by before it is dropped: the view's
@@ -40,6 +43,8 @@ pub struct Changes {
     pub changes: Vec<ChangeBatch>,
     /// The view's input ended with this publish: nothing follows.
     pub ended: bool,
+    /// The epoch of the view's job that committed them.
+    pub epoch: Epoch,
 }
 
 /// Contents: an insert-only view appends at every publish, so a follower's position is a
@@ -55,6 +60,9 @@ pub struct MvState {
     contents: RwLock<Contents>,
     version: watch::Sender<u64>,
     feed: broadcast::Sender<Arc<Changes>>,
+    /// Where the view's job stores its changes per epoch, and the lineage of its
+    /// checkpoints: a reader resumes from them after a restart.
+    log: RwLock<Option<(Checkpoints, u64)>>,
 }
 
 /// What a changefeed subscriber starts from: the rows as of one publish, and a receiver
@@ -63,6 +71,39 @@ pub struct Followed {
     pub snapshot: Vec<RecordBatch>,
     pub changes: broadcast::Receiver<Arc<Changes>>,
     pub ended: bool,
+    /// The epoch the snapshot is as of.
+    pub epoch: Epoch,
+}
+
+/// What a reader resuming after an epoch starts from: the stored changes of the epochs
+/// since, up to `epoch`, and a receiver of exactly the publishes after it.
+pub struct Resumed {
+    pub changes: Vec<ChangeBatch>,
+    pub receiver: broadcast::Receiver<Arc<Changes>>,
+    pub ended: bool,
+    pub epoch: Epoch,
+}
+
+/// Why a reader cannot go on from its place in a view's changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unresumable {
+    /// The view's checkpoints were made anew since (it was rebuilt, or started from a
+    /// savepoint): epochs of another lineage.
+    OtherLineage,
+    /// The changes after the reader's place were folded into the view's stored rows.
+    Folded,
+}
+
+impl std::fmt::Display for Unresumable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unresumable::OtherLineage => "the view was rebuilt since, so its changes start anew",
+            Unresumable::Folded => {
+                "the view's changes since then were folded into its rows, as no running query \
+                 needed them"
+            }
+        })
+    }
 }
 
 /// What a follower reads past its position.
@@ -82,6 +123,7 @@ impl MvState {
             contents: RwLock::default(),
             version: watch::Sender::new(0),
             feed: broadcast::Sender::new(FEED_CAPACITY),
+            log: RwLock::default(),
         })
     }
 
@@ -94,6 +136,7 @@ impl MvState {
             contents: RwLock::default(),
             version: watch::Sender::new(0),
             feed: broadcast::Sender::new(FEED_CAPACITY),
+            log: RwLock::default(),
         })
     }
 
@@ -101,12 +144,14 @@ impl MvState {
         self.schema.clone()
     }
 
-    /// Makes `changes` visible, all at once, with the watermark they are complete up to.
+    /// Makes `changes` visible, all at once, with the watermark they are complete up to;
+    /// `epoch` is the epoch of the view's job that committed them.
     pub fn publish(
         &self,
         changes: Vec<ChangeBatch>,
         watermark: Millis,
         ended: bool,
+        epoch: Epoch,
     ) -> datafusion::common::Result<()> {
         let changes: Vec<ChangeBatch> = changes.into_iter().filter(|c| c.num_rows() > 0).collect();
         {
@@ -117,6 +162,7 @@ impl MvState {
                 let _ = self.feed.send(Arc::new(Changes {
                     changes: changes.clone(),
                     ended,
+                    epoch,
                 }));
             }
             if self.keep_contents && self.updating {
@@ -134,6 +180,7 @@ impl MvState {
             }
             c.watermark = Some(watermark.max(c.watermark.unwrap_or(NO_WATERMARK)));
             c.ended |= ended;
+            c.epoch = c.epoch.max(epoch);
         }
         self.version.send_modify(|v| *v += 1);
         Ok(())
@@ -185,6 +232,67 @@ impl MvState {
             snapshot: c.rows()?,
             changes: self.feed.subscribe(),
             ended: c.ended,
+            epoch: c.epoch,
+        })
+    }
+
+    /// The epoch of the latest publish.
+    pub fn published_epoch(&self) -> Epoch {
+        self.contents.read().unwrap_or_else(|p| p.into_inner()).epoch
+    }
+
+    /// Tells readers where the view's job stores its changes, and their lineage.
+    pub fn set_log(&self, checkpoints: Checkpoints, lineage: u64) {
+        *self.log.write().unwrap_or_else(|p| p.into_inner()) = Some((checkpoints, lineage));
+    }
+
+    /// Where the view's job stores its changes, and their lineage; `None` for a view
+    /// whose job keeps none (a subscription's).
+    pub fn log(&self) -> Option<(Checkpoints, u64)> {
+        self.log.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether a reader can go on after `epoch` of `lineage`: the view's checkpoints are
+    /// still of that lineage and keep every change after it.
+    pub fn resumable(
+        &self,
+        lineage: u64,
+        epoch: Epoch,
+    ) -> Result<std::result::Result<(), Unresumable>> {
+        let Some((log, current)) = self.log() else {
+            return Ok(Err(Unresumable::OtherLineage));
+        };
+        if current != lineage {
+            return Ok(Err(Unresumable::OtherLineage));
+        }
+        Ok(if log.changes_kept_after()? > epoch {
+            Err(Unresumable::Folded)
+        } else {
+            Ok(())
+        })
+    }
+
+    /// Goes on following the changefeed after `epoch` of `lineage`: the stored changes of
+    /// the epochs since and every publish after them.
+    pub fn resume(&self, lineage: u64, epoch: Epoch) -> Result<std::result::Result<Resumed, Unresumable>> {
+        if let Err(why) = self.resumable(lineage, epoch)? {
+            return Ok(Err(why));
+        }
+        let (log, _) = self.log().expect("resumable");
+        // Subscribed before the store is read: every publish up to `upto` was stored
+        // before it was published, every later one arrives on the receiver.
+        let (receiver, upto, ended) = {
+            let c = self.contents.read().unwrap_or_else(|p| p.into_inner());
+            (self.feed.subscribe(), c.epoch, c.ended)
+        };
+        Ok(match log.view_changes_kept(epoch, upto)? {
+            Some(changes) => Ok(Resumed {
+                changes,
+                receiver,
+                ended,
+                epoch: upto.max(epoch),
+            }),
+            None => Err(Unresumable::Folded),
         })
     }
 }

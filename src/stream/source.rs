@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use weir_catalog::{Catalog, TableDef};
 
 use super::graph::{SourceKind, SourceSpec, TimeSource};
-use super::message::{ChangeBatch, Millis, NO_WATERMARK};
+use super::message::{ChangeBatch, Epoch, Millis, NO_WATERMARK};
 use super::mv::MvState;
 use crate::connector::io::SplitReader;
 
@@ -86,6 +86,7 @@ impl Reader {
                 feed: None,
                 delivered: 0,
                 skip: 0,
+                followed: None,
             }),
             SourceKind::Batches(batches) => Reader::Batches(
                 if split == 0 {
@@ -104,7 +105,7 @@ impl Reader {
         Ok(match self {
             Reader::Split(r) => r.position(),
             Reader::Log(r) => position_bytes(r.next),
-            Reader::View(r) => position_bytes(r.delivered),
+            Reader::View(r) => r.position(),
             Reader::Batches(_, taken) => position_bytes(*taken),
         })
     }
@@ -113,10 +114,7 @@ impl Reader {
         match self {
             Reader::Split(r) => r.restore(position)?,
             Reader::Log(r) => r.next = position_of(position)?,
-            Reader::View(r) => {
-                r.skip = position_of(position)?;
-                r.delivered = r.skip;
-            }
+            Reader::View(r) => r.restore(position)?,
             Reader::Batches(q, taken) => {
                 *taken = position_of(position)?;
                 for _ in 0..*taken {
@@ -241,6 +239,19 @@ impl LogReader {
     }
 }
 
+/// Where a reader of an updating view was: the lineage of the view's checkpoints and the
+/// last epoch of its job it had read; `None` when it had not started following it.
+pub fn followed_position(position: &[u8]) -> Result<Option<(u64, Epoch)>> {
+    if position.len() != 16 {
+        return Err(DataFusionError::Internal(
+            "a stored position in an updating view is not 16 bytes".into(),
+        ));
+    }
+    let lineage = position_of(&position[..8])?;
+    let epoch = position_of(&position[8..])?;
+    Ok((lineage != 0).then_some((lineage, epoch)))
+}
+
 pub struct ViewReader {
     state: Arc<MvState>,
     next: usize,
@@ -255,11 +266,40 @@ pub struct ViewReader {
     delivered: u64,
     /// Rows a restored reader already delivered before the restart.
     skip: u64,
+    /// An updating view's: the lineage of the view's checkpoints and the last epoch of
+    /// its job whose changes were queued (the position a checkpoint records). Set once
+    /// followed, or restored.
+    followed: Option<(u64, Epoch)>,
 }
 
 impl ViewReader {
+    fn follows_changes(&self) -> bool {
+        self.state.updating && !self.bounded
+    }
+
+    /// An updating view's reader records where it is in the view's epochs (16 bytes:
+    /// lineage, epoch; a lineage of 0 is a reader that had not started following);
+    /// others the rows delivered (8 bytes).
+    fn position(&self) -> Vec<u8> {
+        if !self.follows_changes() {
+            return position_bytes(self.delivered);
+        }
+        let (lineage, epoch) = self.followed.unwrap_or((0, 0));
+        [lineage.to_be_bytes(), epoch.to_be_bytes()].concat()
+    }
+
+    fn restore(&mut self, position: &[u8]) -> Result<()> {
+        if !self.follows_changes() {
+            self.skip = position_of(position)?;
+            self.delivered = self.skip;
+            return Ok(());
+        }
+        self.followed = followed_position(position)?;
+        Ok(())
+    }
+
     fn fill(&mut self) -> Result<()> {
-        if self.state.updating && !self.bounded {
+        if self.follows_changes() {
             return self.fill_from_feed();
         }
         let published = self.state.read_from(self.next);
@@ -285,25 +325,52 @@ impl ViewReader {
         Ok(())
     }
 
+    /// Starts following the view's changefeed: from its rows as they are, or, restored,
+    /// from the stored changes after the recorded epoch. Whether its input ended.
+    fn start_following(&mut self) -> Result<bool> {
+        let Some((lineage, epoch)) = self.followed else {
+            let followed = self.state.follow()?;
+            self.queue.extend(
+                followed
+                    .snapshot
+                    .into_iter()
+                    .map(|b| Read::Rows(ChangeBatch::new(b))),
+            );
+            self.feed = Some(followed.changes);
+            let lineage = self.state.log().map_or(0, |(_, l)| l);
+            self.followed = (lineage != 0).then_some((lineage, followed.epoch));
+            return Ok(followed.ended);
+        };
+        let resumed = self.state.resume(lineage, epoch)?.map_err(|why| {
+            DataFusionError::External(Box::new(crate::sql::error::SqlError::new(
+                "55000",
+                format!("cannot go on reading the view after its epoch {epoch}: {why}"),
+            )))
+        })?;
+        self.queue
+            .extend(resumed.changes.into_iter().map(Read::Rows));
+        self.feed = Some(resumed.receiver);
+        self.followed = Some((lineage, resumed.epoch));
+        Ok(resumed.ended)
+    }
+
     fn fill_from_feed(&mut self) -> Result<()> {
         use tokio::sync::broadcast::error::TryRecvError;
-        let feed = match &mut self.feed {
-            Some(feed) => feed,
-            None => {
-                let followed = self.state.follow()?;
-                self.queue.extend(
-                    followed
-                        .snapshot
-                        .into_iter()
-                        .map(|b| Read::Rows(ChangeBatch::new(b))),
-                );
-                self.feed.insert(followed.changes)
-            }
-        };
         let mut ended = false;
+        if self.feed.is_none() {
+            ended |= self.start_following()?;
+        }
+        let feed = self.feed.as_mut().expect("following");
         loop {
             match feed.try_recv() {
                 Ok(published) => {
+                    // A publish the stored changes a restored reader started from had.
+                    if let Some((_, followed)) = &mut self.followed {
+                        if published.epoch <= *followed {
+                            continue;
+                        }
+                        *followed = published.epoch;
+                    }
                     self.queue
                         .extend(published.changes.iter().map(|c| Read::Rows(c.clone())));
                     ended |= published.ended;
@@ -312,6 +379,12 @@ impl ViewReader {
                 Err(TryRecvError::Closed) => {
                     ended = true;
                     break;
+                }
+                // Fell behind the publishes the feed holds: the view's stored changes
+                // have them (a fold keeps what a registered reader has not passed).
+                Err(TryRecvError::Lagged(_)) if self.followed.is_some() => {
+                    self.feed = None;
+                    return self.fill_from_feed();
                 }
                 Err(TryRecvError::Lagged(n)) => {
                     return Err(DataFusionError::External(Box::new(

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use weir_catalog::{Catalog, TableDef};
 
 use super::store::{CheckpointMeta, Checkpoints, ViewContents};
-use super::{Precommit, Restored, StatePart, TaskSnapshot};
+use super::{Precommit, Restored, SourcePosition, StatePart, TaskSnapshot};
 use crate::connector::log_table::append_once;
 use crate::stream::graph::StreamGraph;
 use crate::stream::late::LateRows;
@@ -187,6 +187,9 @@ pub struct Coordinator {
     pub late_rows: Option<Arc<LateRows>>,
     /// A view's changes stored since its base (shared across restarts of the job).
     pub view_log: Arc<Mutex<ViewLog>>,
+    /// The updating views the job follows: each committed checkpoint registers where it
+    /// resumes in them.
+    pub followed_views: Vec<super::view_feed::FollowedView>,
 }
 
 struct Pending {
@@ -326,6 +329,9 @@ impl Coordinator {
                         StatePart::Batch(_) => 0,
                     })
                     .sum();
+                let followed = self.followed_views.clone();
+                let sources: Vec<Option<SourcePosition>> =
+                    snapshots.iter().map(|s| s.source.clone()).collect();
                 tokio::task::spawn_blocking(move || {
                     let tasks = snapshots
                         .into_iter()
@@ -333,6 +339,7 @@ impl Coordinator {
                         .collect::<Result<Vec<_>>>()?;
                     let changes = rows.as_ref().map(|(c, _, _)| c.as_slice());
                     let bytes = checkpoints.write(&meta, tasks, changes, chunk_bytes)?;
+                    super::view_feed::register_at(&followed, &checkpoints, &sources)?;
                     checkpoints.prune(RETAINED_EPOCHS)?;
                     Ok::<_, DataFusionError>((bytes, rows))
                 })
@@ -457,7 +464,7 @@ impl Coordinator {
                 let (changes, watermark, ended) =
                     view.unwrap_or_else(|| merged_changes(&precommits));
                 let changed_rows: usize = changes.iter().map(ChangeBatch::num_rows).sum();
-                state.publish(changes, watermark, ended)?;
+                state.publish(changes, watermark, ended, epoch)?;
                 if let (Some(durable), true) = (&self.durable, changed_rows > 0) {
                     let fold = lock(&self.view_log).add(changed_rows, state.size().0);
                     if fold {
@@ -601,7 +608,7 @@ async fn redo_sink(
                 .map_err(|e| DataFusionError::External(Box::new(e)))??;
             let view_log = ViewLog::stored(&contents);
             super::store::check_schema(&contents.rows, &state.schema())?;
-            state.publish(contents.rows, watermark, ended)?;
+            state.publish(contents.rows, watermark, ended, epoch)?;
             Ok(view_log)
         }
         Committer::Log { def, catalog } => {

@@ -9,6 +9,7 @@ pub(crate) mod frame;
 pub mod rescale;
 pub mod snapshot_cost;
 pub mod store;
+pub mod view_feed;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 
 use super::exchange::Tagged;
-use super::graph::{NodeKind, SourceKind, StreamGraph};
+use super::graph::StreamGraph;
 use super::message::{ChangeBatch, Epoch, Message, Millis};
 pub use chunks::StatePart;
 use frame::{FrameReader, FrameWriter};
@@ -51,16 +52,6 @@ pub fn fingerprint(graph: &StreamGraph) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Whether a job's place in every input can be recorded. An updating view is followed
-/// through its changefeed, which cannot be rewound: a job reading one starts over after a
-/// restart (its own state and output are rebuilt from the view's current rows).
-pub fn restorable(graph: &StreamGraph) -> bool {
-    !graph.nodes.iter().any(|n| {
-        matches!(&n.kind, NodeKind::Source(spec)
-            if matches!(&spec.kind, SourceKind::View { state, bounded: false } if state.updating))
-    })
 }
 
 /// The checkpoint a job restarts from.

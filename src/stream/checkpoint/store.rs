@@ -337,6 +337,8 @@ impl Checkpoints {
     }
 
     /// Replaces a view's per-epoch changes up to `epoch` by its contents as of `epoch`.
+    /// Changes a registered reader has not passed yet stay (it resumes from them); they
+    /// go at a later fold, once it has.
     pub fn compact_view(&self, epoch: Epoch, contents: &[RecordBatch]) -> Result<()> {
         let mut w = FrameWriter::default();
         w.u64(epoch);
@@ -346,17 +348,98 @@ impl Checkpoints {
         }
         let mut batch = WriteBatch::default();
         batch.put(self.key(b'b', &[]), w.bytes);
-        for (key, _) in self
+        let needed = self.readers()?.into_iter().map(|(_, e)| e).min();
+        let upto = needed
+            .map_or(epoch, |n| n.min(epoch))
+            .max(self.changes_kept_after()?);
+        batch.put(self.key(b'f', &[]), upto.to_be_bytes().to_vec());
+        for key in self
             .store
-            .scan_prefix(&self.key(b'v', &[]))
+            .scan_keys(&self.key(b'v', &[]))
             .map_err(store_error)?
         {
-            if epoch_of(&key) <= epoch {
+            if epoch_of(&key) <= upto {
                 batch.delete(key);
             }
         }
         self.store.apply(batch).map_err(store_error)?;
         self.store.flush().map_err(store_error)
+    }
+
+    /// The epoch after which a view's per-epoch changes are all kept (those up to it were
+    /// folded into its base and removed; 0: none were).
+    pub fn changes_kept_after(&self) -> Result<Epoch> {
+        if let Some(f) = self.store.get(&self.key(b'f', &[])).map_err(store_error)? {
+            return FrameReader::new(&f).u64();
+        }
+        // Folded before readers kept changes: those up to the base's epoch went.
+        match self.store.get(&self.key(b'b', &[])).map_err(store_error)? {
+            Some(base) => FrameReader::new(&base).u64(),
+            None => Ok(0),
+        }
+    }
+
+    /// A view's changes of the epochs in `(after, upto]`; `None` when some of them were
+    /// folded into its base (a reader at `after` cannot go on from the changes).
+    pub fn view_changes_kept(&self, after: Epoch, upto: Epoch) -> Result<Option<Vec<ChangeBatch>>> {
+        if self.changes_kept_after()? > after {
+            return Ok(None);
+        }
+        Ok(Some(self.view_changes(after, upto)?.0))
+    }
+
+    /// This view's or job's checkpoint lineage: a number drawn when its first checkpoint
+    /// state is made, kept until it is removed. A reader's place in a view's epochs is
+    /// only meaningful within the lineage it was recorded in (a view rebuilt, or started
+    /// from a savepoint, numbers its epochs anew).
+    pub fn lineage(&self) -> Result<u64> {
+        let key = self.key(b'i', &[]);
+        if let Some(v) = self.store.get(&key).map_err(store_error)? {
+            let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+                DataFusionError::Internal("a stored checkpoint lineage is not 8 bytes".into())
+            })?;
+            return Ok(u64::from_be_bytes(bytes));
+        }
+        // Never 0: a reader's position uses 0 for "not following yet".
+        let lineage = rand::random::<u64>().max(1);
+        self.store
+            .put(&key, &lineage.to_be_bytes())
+            .map_err(store_error)?;
+        Ok(lineage)
+    }
+
+    fn reader_key(&self, reader: &Checkpoints) -> Vec<u8> {
+        [self.key(b'r', &[]).as_slice(), reader.prefix.as_slice()].concat()
+    }
+
+    /// Records that `reader` (a view or job reading this view's changes) resumes after
+    /// `epoch`: folds keep the changes after it.
+    pub fn register_reader(&self, reader: &Checkpoints, epoch: Epoch) -> Result<()> {
+        self.store
+            .put(&self.reader_key(reader), &epoch.to_be_bytes())
+            .map_err(store_error)?;
+        self.store.flush().map_err(store_error)
+    }
+
+    pub fn unregister_reader(&self, reader: &Checkpoints) -> Result<()> {
+        self.store
+            .delete(&self.reader_key(reader))
+            .map_err(store_error)
+    }
+
+    /// Each registered reader (by its key prefix) and the epoch it resumes after.
+    pub fn readers(&self) -> Result<Vec<(Vec<u8>, Epoch)>> {
+        let prefix = self.key(b'r', &[]);
+        Ok(self
+            .store
+            .scan_prefix(&prefix)
+            .map_err(store_error)?
+            .into_iter()
+            .map(|(k, v)| {
+                let epoch = v.as_slice().try_into().map_or(0, u64::from_be_bytes);
+                (k[prefix.len()..].to_vec(), epoch)
+            })
+            .collect())
     }
 
     /// Copies the newest committed epoch (its tasks, a view's contents up to it, the log
@@ -385,7 +468,7 @@ impl Checkpoints {
             let rest = &key[self.prefix.len()..];
             let keep = match rest.first() {
                 Some(b'v') => epoch_of(&key) <= meta.epoch,
-                Some(b'b' | b's') => true,
+                Some(b'b' | b'f' | b's') => true,
                 _ => false,
             };
             if keep {
@@ -751,5 +834,58 @@ mod tests {
             vec!["+I 1", "+I 2", "+I 3", "+I 4"]
         );
         assert_eq!((contents.entries, contents.changed_rows), (2, 2));
+    }
+
+    #[test]
+    fn a_fold_keeps_the_changes_a_registered_reader_has_not_passed() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let v = Checkpoints::new(store.clone(), "view/v");
+        let reader = Checkpoints::new(store.clone(), "job/r");
+        let write = |e: Epoch| {
+            let changes = vec![ChangeBatch::new(rows(&[e as i64]))];
+            v.write(&meta(e), vec![], Some(&changes), 0).unwrap();
+        };
+        let kept = |after, upto| {
+            v.view_changes_kept(after, upto)
+                .unwrap()
+                .map(|c| change_lines(&c))
+        };
+        for e in 1..=4 {
+            write(e);
+        }
+        assert_eq!(kept(0, 4).unwrap().len(), 4);
+        v.register_reader(&reader, 2).unwrap();
+        v.compact_view(4, &[rows(&[1, 2, 3, 4])]).unwrap();
+        // The base has every row; the reader still finds what came after its epoch.
+        assert_eq!(v.view_contents(4).unwrap().rows.len(), 1);
+        assert_eq!(kept(2, 4), Some(vec!["+I 3".to_string(), "+I 4".into()]));
+        assert_eq!(kept(1, 4), None, "epoch 2's changes were folded");
+        // Once it has passed them, the next fold removes them.
+        write(5);
+        v.register_reader(&reader, 4).unwrap();
+        v.compact_view(5, &[rows(&[1, 2, 3, 4, 5])]).unwrap();
+        assert_eq!(kept(2, 5), None);
+        assert_eq!(kept(4, 5), Some(vec!["+I 5".to_string()]));
+        assert_eq!(v.readers().unwrap(), vec![(reader.prefix.clone(), 4)]);
+        // Without readers a fold keeps nothing.
+        v.unregister_reader(&reader).unwrap();
+        write(6);
+        v.compact_view(6, &[rows(&[1, 2, 3, 4, 5, 6])]).unwrap();
+        assert_eq!(kept(4, 6), None);
+        assert_eq!(kept(6, 6), Some(vec![]));
+    }
+
+    #[test]
+    fn a_lineage_lasts_until_the_checkpoints_are_removed() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let v = Checkpoints::new(store.clone(), "view/v");
+        let first = v.lineage().unwrap();
+        assert_ne!(first, 0);
+        assert_eq!(v.lineage().unwrap(), first);
+        v.register_reader(&Checkpoints::new(store.clone(), "job/r"), 3)
+            .unwrap();
+        v.remove().unwrap();
+        assert!(v.readers().unwrap().is_empty());
+        assert_ne!(v.lineage().unwrap(), first);
     }
 }

@@ -43,6 +43,11 @@ async fn create_pipeline(client: &Client, sink_dir: &Path, settings: &[&str]) {
          total FROM clicks c JOIN users u ON c.user_id % 4 = u.id GROUP BY u.name"
             .to_string(),
         "RESET 'execution.checkpointing.unaligned'".to_string(),
+        // A view over an updating view: it goes on from where it was in per_user's
+        // changes after each kill.
+        "CREATE MATERIALIZED VIEW users_per_count AS SELECT n, count(*) AS users, \
+         sum(total) AS total FROM per_user GROUP BY n"
+            .to_string(),
         format!(
             "CREATE TABLE tumbles (window_start TIMESTAMP(3), n BIGINT, total BIGINT) WITH \
              ('connector' = 'filesystem', 'path' = '{}', 'format' = 'csv')",
@@ -100,7 +105,13 @@ fn clicks_batch(b: u64) -> String {
 /// What the pipeline holds: every view's rows and every sink file's lines, sorted.
 async fn results(client: &Client, sink_dir: &Path) -> Vec<(String, Vec<String>)> {
     let mut out = vec![];
-    for view in ["hop_bids", "per_user", "per_name", "late_clicks"] {
+    for view in [
+        "hop_bids",
+        "per_user",
+        "per_name",
+        "users_per_count",
+        "late_clicks",
+    ] {
         out.push((
             view.to_string(),
             render(rows(client, &format!("SELECT * FROM {view}")).await),

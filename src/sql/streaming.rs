@@ -155,9 +155,6 @@ pub(super) fn planning_settings(
     settings
 }
 
-/// How long a restart waits for views over views to catch up before serving clients.
-const RESUME_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// Where a view or job starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Start<'a> {
@@ -960,22 +957,6 @@ impl Engine {
                 Ok((running, _, _)) => self.forget_when_done(running),
                 Err(e) => tracing::error!("job {} did not start: {}", job.id, e.message),
             }
-        }
-        // A job over an updating view starts over from the view's rows (a changefeed
-        // cannot be rewound): let it catch up before clients read what it maintains.
-        let catching_up = self
-            .jobs
-            .list()
-            .iter()
-            .any(|j| j.3.reads_views && j.2 == JobState::Running);
-        if catching_up
-            && tokio::time::timeout(RESUME_CATCH_UP, self.jobs.flush())
-                .await
-                .is_err()
-        {
-            tracing::warn!(
-                "views over views had not caught up after {RESUME_CATCH_UP:?}; serving anyway"
-            );
         }
     }
 

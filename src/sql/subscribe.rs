@@ -448,7 +448,12 @@ mod tests {
         let mut s = following(&state, true);
         for i in 0..FEED_CAPACITY as i64 + 5 {
             state
-                .publish(vec![ChangeBatch::new(rows(&schema, &[i]))], 0, false, i as u64)
+                .publish(
+                    vec![ChangeBatch::new(rows(&schema, &[i]))],
+                    0,
+                    false,
+                    i as u64,
+                )
                 .unwrap();
         }
         let e = s.next().await.unwrap_err();

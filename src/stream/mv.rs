@@ -238,7 +238,10 @@ impl MvState {
 
     /// The epoch of the latest publish.
     pub fn published_epoch(&self) -> Epoch {
-        self.contents.read().unwrap_or_else(|p| p.into_inner()).epoch
+        self.contents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .epoch
     }
 
     /// Tells readers where the view's job stores its changes, and their lineage.
@@ -274,7 +277,11 @@ impl MvState {
 
     /// Goes on following the changefeed after `epoch` of `lineage`: the stored changes of
     /// the epochs since and every publish after them.
-    pub fn resume(&self, lineage: u64, epoch: Epoch) -> Result<std::result::Result<Resumed, Unresumable>> {
+    pub fn resume(
+        &self,
+        lineage: u64,
+        epoch: Epoch,
+    ) -> Result<std::result::Result<Resumed, Unresumable>> {
         if let Err(why) = self.resumable(lineage, epoch)? {
             return Ok(Err(why));
         }

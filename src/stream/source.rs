@@ -794,4 +794,124 @@ mod tests {
         rows.prepare(times(&[900]), Some((1, 2))).unwrap();
         assert_eq!(rows.watermark, 900, "partition 0 went idle in turn");
     }
+
+    mod updating_view {
+        use super::*;
+        use crate::stream::checkpoint::store::{CheckpointMeta, Checkpoints};
+        use crate::stream::message::change_lines;
+        use weir_catalog::{MemoryStore, StateStore};
+
+        fn schema() -> SchemaRef {
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]))
+        }
+
+        /// A durable updating view with no rows yet, its checkpoints and their store.
+        fn view() -> (Arc<MvState>, Checkpoints, Arc<dyn StateStore>) {
+            let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+            let log = Checkpoints::new(store.clone(), "view/v");
+            let view = MvState::new(schema(), true);
+            view.set_log(log.clone(), log.lineage().unwrap());
+            (view, log, store)
+        }
+
+        /// Epoch `epoch` of the view's job inserts `values`: stored, then published, as
+        /// its coordinator commits.
+        fn commit(view: &MvState, log: &Checkpoints, epoch: Epoch, values: &[i64]) {
+            let batch =
+                RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values.to_vec()))])
+                    .unwrap();
+            let changes = vec![ChangeBatch::new(batch)];
+            let meta = CheckpointMeta {
+                epoch,
+                tasks: 0,
+                fingerprint: String::new(),
+                parallelism: vec![],
+                builds_on: None,
+                started_ms: 0,
+                bytes: 0,
+                savepoint: None,
+            };
+            log.write(&meta, vec![], Some(&changes), 0).unwrap();
+            view.publish(changes, 0, false, epoch).unwrap();
+        }
+
+        fn reader(view: &Arc<MvState>, position: Option<&[u8]>) -> Reader {
+            let mut reader = Reader::View(ViewReader {
+                state: view.clone(),
+                next: 0,
+                watermark: NO_WATERMARK,
+                bounded: false,
+                changes: view.subscribe(),
+                queue: Default::default(),
+                feed: None,
+                delivered: 0,
+                skip: 0,
+                followed: None,
+            });
+            if let Some(p) = position {
+                reader.restore(p).unwrap();
+            }
+            reader
+        }
+
+        /// The rows the reader has now.
+        fn read(reader: &mut Reader) -> Vec<String> {
+            let changes: Vec<ChangeBatch> = reader
+                .available_now()
+                .unwrap()
+                .into_iter()
+                .filter_map(|r| match r {
+                    Read::Rows(c) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            change_lines(&changes)
+        }
+
+        fn lines(values: std::ops::RangeInclusive<i64>) -> Vec<String> {
+            values.map(|v| format!("+I {v}")).collect()
+        }
+
+        #[test]
+        fn a_restored_reader_reads_the_stored_changes_after_its_place_then_the_publishes() {
+            let (view, log, store) = view();
+            commit(&view, &log, 1, &[1]);
+            commit(&view, &log, 2, &[2]);
+            let mut first = reader(&view, None);
+            assert_eq!(read(&mut first), lines(1..=2), "the rows as they are");
+            commit(&view, &log, 3, &[3]);
+            assert_eq!(read(&mut first), lines(3..=3));
+            let at_3 = first.position().unwrap();
+            commit(&view, &log, 4, &[4]);
+            commit(&view, &log, 5, &[5]);
+            let mut second = reader(&view, Some(&at_3));
+            assert_eq!(read(&mut second), lines(4..=5), "stored after epoch 3");
+            commit(&view, &log, 6, &[6]);
+            assert_eq!(read(&mut second), lines(6..=6), "published, once");
+            assert_eq!(read(&mut first), lines(4..=6));
+            assert_eq!(second.position().unwrap(), first.position().unwrap());
+
+            // A reader falling further behind than the feed holds goes on from the store.
+            for e in 7..=200 {
+                commit(&view, &log, e, &[e as i64]);
+            }
+            assert_eq!(read(&mut second), lines(7..=200));
+
+            // A fold keeps what a registered reader needs, and only that.
+            let job = Checkpoints::new(store, "job/r");
+            log.register_reader(&job, 3).unwrap();
+            log.compact_view(200, &[]).unwrap();
+            assert_eq!(read(&mut reader(&view, Some(&at_3))), lines(4..=200));
+            log.unregister_reader(&job).unwrap();
+            log.compact_view(200, &[]).unwrap();
+            let error = reader(&view, Some(&at_3)).available_now().err().unwrap();
+            assert!(error.to_string().contains("folded"), "{error}");
+
+            // A position of another lineage (the view was rebuilt since) is refused.
+            let mut other = at_3.clone();
+            other[0] ^= 1;
+            let error = reader(&view, Some(&other)).available_now().err().unwrap();
+            assert!(error.to_string().contains("rebuilt"), "{error}");
+        }
+    }
 }

@@ -1,0 +1,130 @@
+//! A view or job reading an updating view goes on from its place in that view's changes
+//! after a restart, a rescale or from a savepoint.
+//!
+//! The upstream view's job stores its changes per epoch (folded into its stored rows now
+//! and then). A reader records, in its checkpoints, the last upstream epoch it read; it
+//! resumes with the stored changes after it, then the live publishes. So that a fold
+//! does not remove changes a reader still needs, every reader is registered in the
+//! upstream's store with the epoch its newest checkpoint resumes after (written after
+//! that checkpoint, so never ahead of it), and folds keep the changes after the lowest.
+//! A reader that stops (dropped, stopped, finished) is unregistered: its savepoints
+//! resume only while the upstream still keeps the changes after them.
+
+use std::sync::Arc;
+
+use datafusion::common::Result;
+
+use super::store::Checkpoints;
+use super::SourcePosition;
+use crate::stream::graph::{NodeKind, SourceKind, StreamGraph};
+use crate::stream::message::Epoch;
+use crate::stream::mv::MvState;
+use crate::stream::source::followed_position;
+
+/// An updating view a graph follows, and the task that reads it.
+#[derive(Clone)]
+pub struct FollowedView {
+    pub task: usize,
+    pub view: Arc<MvState>,
+}
+
+/// The updating views `graph` follows, with the tasks (in launch order) that read them.
+pub fn followed_views(graph: &StreamGraph) -> Vec<FollowedView> {
+    let mut out = Vec::new();
+    let mut task = 0;
+    for chain in graph.chains() {
+        let head = &graph.nodes[chain[0]];
+        if let NodeKind::Source(spec) = &head.kind {
+            if let SourceKind::View {
+                state,
+                bounded: false,
+            } = &spec.kind
+            {
+                if state.updating {
+                    // A view is read by one subtask.
+                    out.extend((task..task + head.parallelism).map(|task| FollowedView {
+                        task,
+                        view: state.clone(),
+                    }));
+                }
+            }
+        }
+        task += head.parallelism;
+    }
+    out
+}
+
+/// Where each followed view's reader is in `sources` (a checkpoint's source positions,
+/// by task): its view, the lineage and the epoch it resumes after, for readers that had
+/// started following.
+fn places<'a>(
+    followed: &'a [FollowedView],
+    sources: &[Option<SourcePosition>],
+) -> Result<Vec<(&'a FollowedView, u64, Epoch)>> {
+    let mut out = Vec::new();
+    for f in followed {
+        let Some(source) = sources.get(f.task).and_then(Option::as_ref) else {
+            continue;
+        };
+        if let Some((lineage, epoch)) = followed_position(&source.position)? {
+            out.push((f, lineage, epoch));
+        }
+    }
+    Ok(out)
+}
+
+/// Registers `reader` at every view it follows, after the epoch its newest checkpoint's
+/// `sources` resume after.
+pub fn register_at(
+    followed: &[FollowedView],
+    reader: &Checkpoints,
+    sources: &[Option<SourcePosition>],
+) -> Result<()> {
+    for (f, lineage, epoch) in places(followed, sources)? {
+        if let Some((log, current)) = f.view.log() {
+            if current == lineage {
+                log.register_reader(reader, epoch)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Registers a reader starting afresh: it follows each view from its rows as they are
+/// published now, or later.
+pub fn register_fresh(followed: &[FollowedView], reader: &Checkpoints) -> Result<()> {
+    for f in followed {
+        if let Some((log, _)) = f.view.log() {
+            log.register_reader(reader, f.view.published_epoch())?;
+        }
+    }
+    Ok(())
+}
+
+/// Why a reader restored at `sources` cannot go on from its place in a view it follows,
+/// if so.
+pub fn unresumable(
+    followed: &[FollowedView],
+    sources: &[Option<SourcePosition>],
+) -> Result<Option<String>> {
+    for (f, lineage, epoch) in places(followed, sources)? {
+        if let Err(why) = f.view.resumable(lineage, epoch)? {
+            return Ok(Some(format!(
+                "where it was in a view it reads (after that view's epoch {epoch}) is gone: {why}"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// Unregisters `reader` at each of `views` (by name): it was removed.
+pub fn unregister(
+    store: &Arc<dyn weir_catalog::StateStore>,
+    views: impl IntoIterator<Item = String>,
+    reader: &Checkpoints,
+) -> Result<()> {
+    for view in views {
+        Checkpoints::new(store.clone(), &format!("view/{view}")).unregister_reader(reader)?;
+    }
+    Ok(())
+}

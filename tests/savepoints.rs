@@ -140,6 +140,60 @@ async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
     server.stop().await;
 }
 
+/// A view over an updating view (`per_key`'s rows change with every click) starts from
+/// its savepoint where it was in that view's changes, at another parallelism; once the
+/// view has folded the changes after the savepoint into its rows (no running query
+/// needed them), a start from it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_over_an_updating_view_resumes_from_its_savepoint() {
+    let (_dir, server, client) = with_clicks(2).await;
+    run(&client, VIEW).await;
+    const TOTALS: &str = "CREATE MATERIALIZED VIEW totals AS \
+        SELECT count(*) AS keys, sum(n) AS n, sum(total) AS total FROM per_key";
+    run(&client, TOTALS).await;
+    let totals = |upto: i64| {
+        vec![vec![
+            "3".to_string(),
+            upto.to_string(),
+            (0..upto).sum::<i64>().to_string(),
+        ]]
+    };
+    insert_clicks(&client, 0, 30).await;
+    run(&client, "FLUSH").await;
+    assert_eq!(rows(&client, "SELECT * FROM totals").await, totals(30));
+    let name = rows(&client, "STOP MATERIALIZED VIEW totals WITH SAVEPOINT").await[0][0].clone();
+    // per_key changes while totals is stopped: totals reads those changes when it starts.
+    insert_clicks(&client, 30, 45).await;
+    run(&client, "FLUSH").await;
+    run(
+        &client,
+        &format!("SET 'execution.savepoint.path' = '{name}'"),
+    )
+    .await;
+    run(&client, "SET 'parallelism.default' = '3'").await;
+    run(&client, TOTALS).await;
+    run(&client, "RESET 'execution.savepoint.path'").await;
+    insert_clicks(&client, 45, 60).await;
+    run(&client, "FLUSH").await;
+    assert_eq!(rows(&client, "SELECT * FROM totals").await, totals(60));
+
+    // Stopped again; 70 epochs of changes later per_key has folded them.
+    let name = rows(&client, "STOP MATERIALIZED VIEW totals WITH SAVEPOINT").await[0][0].clone();
+    for i in 60..130 {
+        insert_clicks(&client, i, i + 1).await;
+        run(&client, "FLUSH").await;
+    }
+    run(
+        &client,
+        &format!("SET 'execution.savepoint.path' = '{name}'"),
+    )
+    .await;
+    let (code, message) = error_code(&client, TOTALS).await;
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("folded"), "{message}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_stopped_with_a_savepoint_writes_each_window_once() {
     let (_dir, server, client) = with_clicks(1).await;

@@ -1034,7 +1034,7 @@ async fn follow_from(
     let sources: Vec<_> = restored.tasks.iter().map(|t| t.source.clone()).collect();
     let (followed, reader) = (followed.to_vec(), reader.clone());
     tokio::task::spawn_blocking(move || {
-        view_feed::register_at(&followed, &reader, &sources)?;
+        view_feed::register_restored(&followed, &reader, &sources)?;
         view_feed::unresumable(&followed, &sources)
     })
     .await

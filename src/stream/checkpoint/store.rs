@@ -413,11 +413,16 @@ impl Checkpoints {
     }
 
     /// Records that `reader` (a view or job reading this view's changes) resumes after
-    /// `epoch`: folds keep the changes after it.
+    /// `epoch`: folds keep the changes after it. Not flushed: a registration lost in a
+    /// crash leaves an earlier one, which keeps more.
     pub fn register_reader(&self, reader: &Checkpoints, epoch: Epoch) -> Result<()> {
         self.store
             .put(&self.reader_key(reader), &epoch.to_be_bytes())
-            .map_err(store_error)?;
+            .map_err(store_error)
+    }
+
+    /// Makes what was written so far durable.
+    pub fn flush(&self) -> Result<()> {
         self.store.flush().map_err(store_error)
     }
 

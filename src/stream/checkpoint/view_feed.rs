@@ -90,12 +90,30 @@ pub fn register_at(
     Ok(())
 }
 
+/// [`register_at`] for a reader restored at `sources`, made durable at once: a start
+/// from a savepoint has no earlier registration to fall back on.
+pub fn register_restored(
+    followed: &[FollowedView],
+    reader: &Checkpoints,
+    sources: &[Option<SourcePosition>],
+) -> Result<()> {
+    register_at(followed, reader, sources)?;
+    for f in followed {
+        if let Some((log, _)) = f.view.log() {
+            log.flush()?;
+        }
+    }
+    Ok(())
+}
+
 /// Registers a reader starting afresh: it follows each view from its rows as they are
 /// published now, or later.
 pub fn register_fresh(followed: &[FollowedView], reader: &Checkpoints) -> Result<()> {
     for f in followed {
         if let Some((log, _)) = f.view.log() {
             log.register_reader(reader, f.view.published_epoch())?;
+            // Its first checkpoint's registration may be lost in a crash: this one stays.
+            log.flush()?;
         }
     }
     Ok(())

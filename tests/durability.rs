@@ -418,6 +418,61 @@ async fn readers_of_an_updating_view_resume_where_they_were_after_a_kill() {
     weir.kill_9();
 }
 
+/// When the updating view itself cannot resume (its checkpoint is of another plan, so it
+/// is rebuilt from its inputs and numbers its changes anew), a view over it is rebuilt
+/// too and a job over it starts over from its rows: the rows stay right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_a_rebuilt_updating_view_start_over_from_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client.batch_execute(COUNTS_PER_KEY).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE MATERIALIZED VIEW spread AS SELECT n, count(*) AS keys FROM counts GROUP BY n;
+             CREATE TABLE copied (k BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+             INSERT INTO copied SELECT k, n FROM counts;
+             INSERT INTO t VALUES (1), (2), (3), (3); FLUSH",
+        )
+        .await
+        .unwrap();
+    server.stop().await;
+    {
+        use weir_catalog::StateStore;
+        let store = weir_catalog::SledStore::open(&dir.path().join("store")).unwrap();
+        let metas = store.scan_prefix(b"ckpt/view/counts\0m").unwrap();
+        assert!(!metas.is_empty());
+        for (key, value) in metas {
+            let mut meta: serde_json::Value = serde_json::from_slice(&value).unwrap();
+            meta["fingerprint"] = "a plan of another version".into();
+            store
+                .put(&key, &serde_json::to_vec(&meta).unwrap())
+                .unwrap();
+        }
+        store.flush().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let client = server.connect().await;
+    client.batch_execute("FLUSH").await.unwrap();
+    let spread = "SELECT * FROM spread ORDER BY n";
+    assert_eq!(
+        rows(&client, spread).await,
+        vec![vec!["1", "2"], vec!["2", "1"]]
+    );
+    // Both read the rebuilt view's three rows.
+    assert_eq!(rows_read(&client, "AS SELECT n, count(*)").await, 3);
+    assert_eq!(rows_read(&client, "INSERT INTO copied").await, 3);
+    client
+        .batch_execute("INSERT INTO t VALUES (1); FLUSH")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&client, spread).await,
+        vec![vec!["1", "1"], vec!["2", "2"]]
+    );
+    server.stop().await;
+}
+
 /// The epochs of changes view `counts` has stored since its base, read from a stopped
 /// server's store.
 fn view_entries_since_base(data_dir: &std::path::Path) -> usize {

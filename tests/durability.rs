@@ -358,15 +358,23 @@ async fn an_updating_views_folded_changes_restore_its_rows() {
     server.stop().await;
 }
 
-/// The rows each running view or job (by a part of its statement) read since the
-/// server started.
-async fn rows_read(client: &tokio_postgres::Client, statement: &str) -> i64 {
+/// A view and a job reading the updating view `counts`.
+const READERS_OF_COUNTS: &str =
+    "CREATE MATERIALIZED VIEW spread AS SELECT n, count(*) AS keys FROM counts GROUP BY n;
+     CREATE TABLE copied (k BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+     INSERT INTO copied SELECT k, n FROM counts";
+
+/// Asserts that the readers of [`READERS_OF_COUNTS`] each read `n` rows since the server
+/// started.
+async fn assert_readers_read(client: &tokio_postgres::Client, n: i64) {
     let jobs = rows(client, "SHOW JOBS").await;
-    let job = jobs
-        .iter()
-        .find(|j| j[1].contains(statement))
-        .unwrap_or_else(|| panic!("no job runs {statement}: {jobs:?}"));
-    job[3].parse().unwrap()
+    for statement in ["AS SELECT n, count(*)", "INSERT INTO copied"] {
+        let job = jobs
+            .iter()
+            .find(|j| j[1].contains(statement))
+            .unwrap_or_else(|| panic!("no job runs {statement}: {jobs:?}"));
+        assert_eq!(job[3].parse::<i64>().unwrap(), n, "{statement}");
+    }
 }
 
 /// A view and a job reading an updating view go on after a kill -9 from where they were
@@ -380,14 +388,7 @@ async fn readers_of_an_updating_view_resume_where_they_were_after_a_kill() {
     let weir = WeirProcess::start(dir.path());
     let client = common::connect(weir.port).await;
     client.batch_execute(COUNTS_PER_KEY).await.unwrap();
-    client
-        .batch_execute(
-            "CREATE MATERIALIZED VIEW spread AS SELECT n, count(*) AS keys FROM counts GROUP BY n;
-             CREATE TABLE copied (k BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
-             INSERT INTO copied SELECT k, n FROM counts",
-        )
-        .await
-        .unwrap();
+    client.batch_execute(READERS_OF_COUNTS).await.unwrap();
     let values: Vec<String> = (0..KEYS).map(|k| format!("({k})")).collect();
     let all_keys = format!("INSERT INTO t VALUES {}; FLUSH", values.join(", "));
     // Every key changes every round: the view's stored changes fold every other round.
@@ -402,8 +403,7 @@ async fn readers_of_an_updating_view_resume_where_they_were_after_a_kill() {
     let client = common::connect(weir.port).await;
     client.batch_execute("FLUSH").await.unwrap();
     assert_eq!(rows(&client, spread).await, vec![vec!["5", "40000"]]);
-    assert_eq!(rows_read(&client, "AS SELECT n, count(*)").await, 0);
-    assert_eq!(rows_read(&client, "INSERT INTO copied").await, 0);
+    assert_readers_read(&client, 0).await;
     client
         .batch_execute("INSERT INTO t VALUES (1), (2), (3); FLUSH")
         .await
@@ -413,8 +413,7 @@ async fn readers_of_an_updating_view_resume_where_they_were_after_a_kill() {
         vec![vec!["5", "39997"], vec!["6", "3"]]
     );
     // Each changed key: -U and +U.
-    assert_eq!(rows_read(&client, "AS SELECT n, count(*)").await, 6);
-    assert_eq!(rows_read(&client, "INSERT INTO copied").await, 6);
+    assert_readers_read(&client, 6).await;
     weir.kill_9();
 }
 
@@ -428,12 +427,9 @@ async fn readers_of_a_rebuilt_updating_view_start_over_from_its_rows() {
     let client = server.connect().await;
     client.batch_execute(COUNTS_PER_KEY).await.unwrap();
     client
-        .batch_execute(
-            "CREATE MATERIALIZED VIEW spread AS SELECT n, count(*) AS keys FROM counts GROUP BY n;
-             CREATE TABLE copied (k BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
-             INSERT INTO copied SELECT k, n FROM counts;
-             INSERT INTO t VALUES (1), (2), (3), (3); FLUSH",
-        )
+        .batch_execute(&format!(
+            "{READERS_OF_COUNTS}; INSERT INTO t VALUES (1), (2), (3), (3); FLUSH"
+        ))
         .await
         .unwrap();
     server.stop().await;
@@ -460,8 +456,7 @@ async fn readers_of_a_rebuilt_updating_view_start_over_from_its_rows() {
         vec![vec!["1", "2"], vec!["2", "1"]]
     );
     // Both read the rebuilt view's three rows.
-    assert_eq!(rows_read(&client, "AS SELECT n, count(*)").await, 3);
-    assert_eq!(rows_read(&client, "INSERT INTO copied").await, 3);
+    assert_readers_read(&client, 3).await;
     client
         .batch_execute("INSERT INTO t VALUES (1); FLUSH")
         .await

@@ -586,11 +586,15 @@ pub fn savepoints(store: &Arc<dyn StateStore>) -> Result<Vec<(CheckpointMeta, St
 /// The newest epoch any job committed: a restarted server numbers epochs after it.
 pub fn latest_epoch(store: &Arc<dyn StateStore>) -> Result<Epoch> {
     let mut latest = 0;
-    for (key, value) in store.scan_prefix(ROOT).map_err(store_error)? {
+    // Keys only: the values under the root are every snapshot's chunks.
+    for key in store.scan_keys(ROOT).map_err(store_error)? {
         let Some(zero) = key.iter().position(|b| *b == 0) else {
             continue;
         };
         if key.get(zero + 1) == Some(&b'm') {
+            let Some(value) = store.get(&key).map_err(store_error)? else {
+                continue;
+            };
             if let Ok(meta) = serde_json::from_slice::<CheckpointMeta>(&value) {
                 latest = latest.max(meta.epoch);
             }

@@ -289,6 +289,7 @@ impl Engine {
             Statement::StopJob { id, savepoint } => self.stop_job(id, *savepoint).await,
             Statement::StopView(name) => self.stop_view(name).await,
             Statement::ShowSavepoints => self.show_savepoints().await,
+            Statement::DropSavepoint(name) => self.drop_savepoint(name).await,
             Statement::AlterParallelism {
                 target,
                 parallelism,

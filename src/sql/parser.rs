@@ -45,6 +45,9 @@ pub enum Statement {
     StopView(String),
     /// `SHOW SAVEPOINTS`.
     ShowSavepoints,
+    /// `DROP SAVEPOINT 'name'`: forgets a savepoint (its state, and the changes of the
+    /// updating views it read that were kept for it).
+    DropSavepoint(String),
     /// `ALTER MATERIALIZED VIEW v SET PARALLELISM = n` / `ALTER JOB 'id' SET PARALLELISM = n`
     /// (RisingWave's syntax): the job goes on from a final checkpoint at `n` subtasks.
     AlterParallelism {
@@ -195,6 +198,11 @@ pub(super) fn parse_one(text: &str) -> SqlResult<Statement> {
         let savepoint = p.parse_keywords(&[Keyword::WITH, Keyword::SAVEPOINT]);
         expect_end(&mut p).map_err(at)?;
         return Ok(Statement::StopJob { id, savepoint });
+    }
+    if p.parse_keywords(&[Keyword::DROP, Keyword::SAVEPOINT]) {
+        let name = p.parse_literal_string().map_err(at)?;
+        expect_end(&mut p).map_err(at)?;
+        return Ok(Statement::DropSavepoint(name));
     }
     if p.parse_keywords(&[Keyword::ALTER, Keyword::MATERIALIZED, Keyword::VIEW]) {
         let name = object_name(&p.parse_object_name(false).map_err(at)?)?;

@@ -1,5 +1,5 @@
 //! Savepoints: `STOP JOB 'id' WITH SAVEPOINT`, `STOP MATERIALIZED VIEW v WITH SAVEPOINT`,
-//! `SHOW SAVEPOINTS`, and starting a job or view from one with
+//! `SHOW SAVEPOINTS`, `DROP SAVEPOINT 'name'`, and starting a job or view from one with
 //! `SET 'execution.savepoint.path' = 'name'` (Flink's key) before it is created.
 
 use std::sync::Arc;
@@ -10,8 +10,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 
 use super::engine::{Engine, Outcome};
 use super::error::{SqlError, SqlResult};
-use super::streaming::external;
+use super::streaming::{external, materialized_views};
 use crate::stream::checkpoint::store::{self, Checkpoints};
+use crate::stream::checkpoint::view_feed;
 use crate::stream::manager::JobKind;
 
 pub(super) fn savepoint_schema() -> SchemaRef {
@@ -38,8 +39,14 @@ pub(super) fn show_savepoints_schema() -> SchemaRef {
 
 impl Engine {
     /// Commits one more epoch, stops the job (its tasks are gone when this returns), and
-    /// keeps its newest checkpoint as savepoint `sp-<id>-<epoch>`.
-    async fn stop_with_savepoint(&self, id: &str, key: &str, statement: &str) -> SqlResult<String> {
+    /// keeps its newest checkpoint as savepoint `sp-<id>-<epoch>`. The updating views
+    /// the job read keep their changes after it for the savepoint: a notice names them.
+    async fn stop_with_savepoint(
+        &self,
+        id: &str,
+        key: &str,
+        statement: &str,
+    ) -> SqlResult<(String, Vec<String>)> {
         self.jobs.job(id).ok_or_else(|| no_job(id))?;
         self.jobs.flush().await;
         self.jobs.stop_and_wait(id).await;
@@ -47,19 +54,58 @@ impl Engine {
         let store = self.catalog.store();
         let statement = statement.to_string();
         let id = id.to_string();
-        tokio::task::spawn_blocking(move || {
+        let views = materialized_views(&self.catalog);
+        let (name, pinned) = tokio::task::spawn_blocking(move || {
             let epoch = checkpoints.latest()?.map(|m| m.epoch).ok_or_else(|| {
                 datafusion::common::DataFusionError::Execution(format!(
                     "job {id} has no checkpoint to keep"
                 ))
             })?;
             let name = format!("sp-{id}-{epoch}");
-            checkpoints.copy_latest_to(&store::savepoint(store, &name), Some(&name), &statement)?;
-            Ok(name)
+            let savepoint = store::savepoint(store.clone(), &name);
+            checkpoints.copy_latest_to(&savepoint, Some(&name), &statement)?;
+            let pinned = view_feed::pin_for_savepoint(&store, views, &checkpoints, &savepoint)?;
+            Ok((name, pinned))
         })
         .await
         .map_err(|e| SqlError::internal(e.to_string()))?
-        .map_err(external)
+        .map_err(external)?;
+        let notices = pinned
+            .into_iter()
+            .map(|(view, epoch)| {
+                format!(
+                    "materialized view {view} keeps its changes after its epoch {epoch} for \
+                     savepoint '{name}' until DROP SAVEPOINT '{name}'"
+                )
+            })
+            .collect();
+        Ok((name, notices))
+    }
+
+    /// `DROP SAVEPOINT 'name'`: its state goes, and so do the changes updating views kept
+    /// for it.
+    pub(super) async fn drop_savepoint(&self, name: &str) -> SqlResult<Outcome> {
+        let store = self.catalog.store();
+        let savepoint = store::savepoint(store.clone(), name);
+        let views = materialized_views(&self.catalog);
+        let dropped = tokio::task::spawn_blocking(move || {
+            if savepoint.latest()?.is_none() {
+                return Ok(false);
+            }
+            view_feed::unregister(&store, views, &savepoint)?;
+            savepoint.remove()?;
+            Ok(true)
+        })
+        .await
+        .map_err(|e| SqlError::internal(e.to_string()))?
+        .map_err(external)?;
+        if !dropped {
+            return Err(SqlError::new(
+                "42704",
+                format!("savepoint '{name}' does not exist; SHOW SAVEPOINTS lists them"),
+            ));
+        }
+        Ok(Outcome::Command(super::CommandTag::new("DROP SAVEPOINT")))
     }
 
     /// `STOP JOB 'id' [WITH SAVEPOINT]`.
@@ -77,7 +123,7 @@ impl Engine {
         let Some((_, statement, ..)) = entry else {
             return Err(no_job(id));
         };
-        let name = if savepoint {
+        let saved = if savepoint {
             Some(
                 self.stop_with_savepoint(id, &format!("job/{id}"), &statement)
                     .await?,
@@ -89,8 +135,8 @@ impl Engine {
         let job = id.to_string();
         self.catalog_write(move |c| c.drop_job(&job)).await?;
         self.remove_checkpoints(format!("job/{id}")).await?;
-        match name {
-            Some(name) => self.savepoint_row(name),
+        match saved {
+            Some((name, notices)) => Ok(Outcome::noticed(notices, self.savepoint_row(name)?)),
             None => Ok(Outcome::Command(super::CommandTag::new("STOP JOB"))),
         }
     }
@@ -130,11 +176,11 @@ impl Engine {
             .find(|j| j.0 == id)
             .map(|j| j.1)
             .unwrap_or_default();
-        let savepoint = self
+        let (savepoint, notices) = self
             .stop_with_savepoint(&id, &format!("view/{name}"), &statement)
             .await?;
         self.drop_materialized_view(name).await?;
-        self.savepoint_row(savepoint)
+        Ok(Outcome::noticed(notices, self.savepoint_row(savepoint)?))
     }
 
     fn savepoint_row(&self, name: String) -> SqlResult<Outcome> {

@@ -1006,17 +1006,22 @@ fn sources_of(plan: &LogicalPlan) -> Vec<String> {
 
 /// The newest checkpoint under `checkpoints`, restored into `graph`: its sources keep the
 /// parallelism they were checkpointed at, everything else is redistributed to the graph's.
+/// The names of the materialized views.
+pub(super) fn materialized_views(catalog: &Catalog) -> Vec<String> {
+    catalog
+        .views()
+        .into_iter()
+        .filter(|v| v.materialized)
+        .map(|v| v.name.clone())
+        .collect()
+}
+
 /// Removes a view's or job's checkpoints, and its places in the views it read.
 fn remove_checkpoints(
     catalog: &Catalog,
     checkpoints: &Checkpoints,
 ) -> datafusion::common::Result<()> {
-    let views = catalog
-        .views()
-        .into_iter()
-        .filter(|v| v.materialized)
-        .map(|v| v.name.clone());
-    view_feed::unregister(&catalog.store(), views, checkpoints)?;
+    view_feed::unregister(&catalog.store(), materialized_views(catalog), checkpoints)?;
     checkpoints.remove()
 }
 

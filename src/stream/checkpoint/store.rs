@@ -426,6 +426,15 @@ impl Checkpoints {
         self.store.flush().map_err(store_error)
     }
 
+    /// The epoch `reader` is registered to resume after, if it is.
+    pub fn reader_epoch(&self, reader: &Checkpoints) -> Result<Option<Epoch>> {
+        self.store
+            .get(&self.reader_key(reader))
+            .map_err(store_error)?
+            .map(|v| FrameReader::new(&v).u64())
+            .transpose()
+    }
+
     pub fn unregister_reader(&self, reader: &Checkpoints) -> Result<()> {
         self.store
             .delete(&self.reader_key(reader))

@@ -7,8 +7,9 @@
 //! does not remove changes a reader still needs, every reader is registered in the
 //! upstream's store with the epoch its newest checkpoint resumes after (written after
 //! that checkpoint, so never ahead of it), and folds keep the changes after the lowest.
-//! A reader that stops (dropped, stopped, finished) is unregistered: its savepoints
-//! resume only while the upstream still keeps the changes after them.
+//! A reader that stops (dropped, stopped, finished) is unregistered; a savepoint taken
+//! as it stops is registered in its place, and keeps the changes after it until it is
+//! dropped (DROP SAVEPOINT).
 
 use std::sync::Arc;
 
@@ -145,4 +146,25 @@ pub fn unregister(
         Checkpoints::new(store.clone(), &format!("view/{view}")).unregister_reader(reader)?;
     }
     Ok(())
+}
+
+/// Registers savepoint `savepoint` of `reader` (stopping) at each of `views` (by name)
+/// where `reader` is registered, at the same epoch: the views keep their changes after
+/// it for a start from the savepoint. Returns each view's name and that epoch.
+pub fn pin_for_savepoint(
+    store: &Arc<dyn weir_catalog::StateStore>,
+    views: impl IntoIterator<Item = String>,
+    reader: &Checkpoints,
+    savepoint: &Checkpoints,
+) -> Result<Vec<(String, Epoch)>> {
+    let mut pinned = Vec::new();
+    for view in views {
+        let log = Checkpoints::new(store.clone(), &format!("view/{view}"));
+        if let Some(epoch) = log.reader_epoch(reader)? {
+            log.register_reader(savepoint, epoch)?;
+            log.flush()?;
+            pinned.push((view, epoch));
+        }
+    }
+    Ok(pinned)
 }

@@ -55,9 +55,13 @@ pub fn followed_views(graph: &StreamGraph) -> Vec<FollowedView> {
     out
 }
 
+/// A position of a reader of an updating view recorded before readers kept their place
+/// in its changes (the rows it had delivered, 8 bytes): it cannot go on from it.
+const EARLIER_POSITION_BYTES: usize = 8;
+
 /// Where each followed view's reader is in `sources` (a checkpoint's source positions,
 /// by task): its view, the lineage and the epoch it resumes after, for readers that had
-/// started following.
+/// started following. Positions of an earlier version are left out.
 fn places<'a>(
     followed: &'a [FollowedView],
     sources: &[Option<SourcePosition>],
@@ -67,6 +71,9 @@ fn places<'a>(
         let Some(source) = sources.get(f.task).and_then(Option::as_ref) else {
             continue;
         };
+        if source.position.len() == EARLIER_POSITION_BYTES {
+            continue;
+        }
         if let Some((lineage, epoch)) = followed_position(&source.position)? {
             out.push((f, lineage, epoch));
         }
@@ -126,6 +133,19 @@ pub fn unresumable(
     followed: &[FollowedView],
     sources: &[Option<SourcePosition>],
 ) -> Result<Option<String>> {
+    let earlier = followed.iter().any(|f| {
+        sources
+            .get(f.task)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.position.len() == EARLIER_POSITION_BYTES)
+    });
+    if earlier {
+        return Ok(Some(
+            "it was checkpointed by an earlier version of Weir, which did not record where \
+             it was in the changes of the views it reads"
+                .into(),
+        ));
+    }
     for (f, lineage, epoch) in places(followed, sources)? {
         if let Err(why) = f.view.resumable(lineage, epoch)? {
             return Ok(Some(format!(
@@ -167,4 +187,64 @@ pub fn pin_for_savepoint(
         }
     }
     Ok(pinned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use weir_catalog::{MemoryStore, StateStore};
+
+    fn position(bytes: Vec<u8>) -> Option<SourcePosition> {
+        Some(SourcePosition {
+            position: bytes,
+            watermark: 0,
+        })
+    }
+
+    #[test]
+    fn a_reader_goes_on_only_from_a_place_its_view_still_keeps() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let log = Checkpoints::new(store.clone(), "view/v");
+        let lineage = log.lineage().unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        let view = MvState::new(schema, true);
+        view.set_log(log.clone(), lineage);
+        let followed = vec![FollowedView { task: 1, view }];
+        let at = |lineage: u64, epoch: Epoch| {
+            vec![
+                None,
+                position([lineage.to_be_bytes(), epoch.to_be_bytes()].concat()),
+            ]
+        };
+        let reader = Checkpoints::new(store, "job/r");
+        assert_eq!(unresumable(&followed, &at(lineage, 4)).unwrap(), None);
+        assert_eq!(
+            unresumable(&followed, &at(0, 0)).unwrap(),
+            None,
+            "not following yet"
+        );
+        register_at(&followed, &reader, &at(lineage, 4)).unwrap();
+        assert_eq!(log.reader_epoch(&reader).unwrap(), Some(4));
+
+        log.compact_view(9, &[]).unwrap();
+        // The registered reader's changes are kept; an earlier place is gone.
+        assert_eq!(unresumable(&followed, &at(lineage, 4)).unwrap(), None);
+        let why = unresumable(&followed, &at(lineage, 3)).unwrap().unwrap();
+        assert!(why.contains("folded"), "{why}");
+        let why = unresumable(&followed, &at(lineage + 1, 4))
+            .unwrap()
+            .unwrap();
+        assert!(why.contains("rebuilt"), "{why}");
+        // A reader checkpointed before places were recorded (rows delivered).
+        let earlier = vec![None, position(7u64.to_be_bytes().to_vec())];
+        let why = unresumable(&followed, &earlier).unwrap().unwrap();
+        assert!(why.contains("earlier version"), "{why}");
+        register_at(&followed, &reader, &earlier).unwrap();
+        assert_eq!(
+            log.reader_epoch(&reader).unwrap(),
+            Some(4),
+            "left as it was"
+        );
+    }
 }

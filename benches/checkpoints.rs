@@ -10,6 +10,7 @@
 //! cargo bench --bench checkpoints -- --window --window-seconds 30 --per-window  # a row a window
 //! cargo bench --bench checkpoints -- --session --keys 2000000  # per 1-hour SESSION
 //! cargo bench --bench checkpoints -- --over-view  # and a view over the view
+//! cargo bench --bench checkpoints -- --window-topn  # the top 3 rows per 1-hour window
 //! ```
 //!
 //! A materialized view counts rows per key over a `datagen` sequence, so every row is a
@@ -25,7 +26,9 @@
 //! checkpoint from SHOW CHECKPOINTS (duration, bytes written, operator state). Then the
 //! server is shut down and started again on the same data directory; the time until it
 //! accepts clients is the recovery time (every view is restored before it listens).
-//! With `--over-view`, a second view counts the first one's keys per count (it reads an
+//! With `--window-topn`, the view keeps the 3 rows of highest `v` per TUMBLE window
+//! (`--window-seconds`, 1 hour by default): a window TopN buffers its window's rows until
+//! it fires. With `--over-view`, a second view counts the first one's keys per count (it reads an
 //! updating view); the bench also prints how long after the restart its rows were right.
 
 use std::time::{Duration, Instant};
@@ -53,6 +56,8 @@ struct Args {
     settings: Vec<(String, String)>,
     /// A second view over the first, counting its keys per count.
     over_view: bool,
+    /// The top 3 rows per TUMBLE window instead of counts.
+    window_topn: bool,
 }
 
 fn parse_args() -> Args {
@@ -66,6 +71,7 @@ fn parse_args() -> Args {
         session: false,
         settings: Vec::new(),
         over_view: false,
+        window_topn: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -83,6 +89,7 @@ fn parse_args() -> Args {
             "--per-window" => args.per_window = true,
             "--session" => args.session = true,
             "--over-view" => args.over_view = true,
+            "--window-topn" => args.window_topn = true,
             "--set" => {
                 let setting = it.next().expect("--set takes key=value");
                 let (key, value) = setting.split_once('=').expect("--set takes key=value");
@@ -112,7 +119,15 @@ fn main() {
         for statement in settings.chain([
             "SET 'parallelism.default' = '1'".to_string(),
             create_table(&args),
-            if args.window {
+            if args.window_topn {
+                format!(
+                    "CREATE MATERIALIZED VIEW per_key AS SELECT window_start, k, v AS n FROM \
+                     (SELECT window_start, window_end, k, v, ROW_NUMBER() OVER (PARTITION BY \
+                     window_start, window_end ORDER BY v DESC) AS rn FROM TABLE(TUMBLE(TABLE \
+                     gen, DESCRIPTOR(ts), INTERVAL '{}' SECOND))) WHERE rn <= 3",
+                    args.window_seconds
+                )
+            } else if args.window {
                 let per_key = format!(
                     "SELECT window_start, k, count(*) AS n, \
                      sum(v) AS total FROM TABLE(TUMBLE(TABLE gen, DESCRIPTOR(ts), \
@@ -238,7 +253,7 @@ fn create_table(args: &Args) -> String {
         ),
     });
     let mut columns = "k BIGINT, v BIGINT".to_string();
-    if args.window || args.session {
+    if args.window || args.session || args.window_topn {
         columns.push_str(", ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '5' SECOND");
         options.push("'fields.ts.max-past' = '0'".into());
     }

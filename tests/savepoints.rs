@@ -89,6 +89,7 @@ async fn a_view_resumes_from_its_savepoint_and_counts_every_row_once() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0][0], name);
     assert!(listed[0][4].contains("GROUP BY k"), "{listed:?}");
+    assert_eq!(listed[0][5], "", "it read no updating view");
 
     // Rows that arrive while the view is stopped are read when it starts again.
     insert_clicks(&client, 30, 45).await;
@@ -194,6 +195,12 @@ async fn a_view_over_an_updating_view_resumes_from_its_savepoint() {
     run(&client, "FLUSH").await;
     assert_eq!(rows(&client, "SELECT * FROM totals").await, totals(130));
 
+    // SHOW SAVEPOINTS tells what each keeps.
+    let listed = rows(&client, "SHOW SAVEPOINTS").await;
+    assert_eq!(listed.len(), 2);
+    for row in &listed {
+        assert!(row[5].starts_with("per_key after epoch "), "{listed:?}");
+    }
     // Dropping the savepoints and the view leaves per_key keeping nothing for them.
     for n in [&name, &name2] {
         run(&client, &format!("DROP SAVEPOINT '{n}'")).await;

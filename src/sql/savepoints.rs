@@ -34,6 +34,8 @@ pub(super) fn show_savepoints_schema() -> SchemaRef {
         ),
         Field::new("bytes", DataType::Int64, false),
         Field::new("statement", DataType::Utf8, false),
+        // The updating views that keep their changes for it (until DROP SAVEPOINT).
+        Field::new("keeps_changes_of", DataType::Utf8, false),
     ]))
 }
 
@@ -190,10 +192,30 @@ impl Engine {
 
     pub(super) async fn show_savepoints(&self) -> SqlResult<Outcome> {
         let store = self.catalog.store();
-        let savepoints = tokio::task::spawn_blocking(move || store::savepoints(&store))
-            .await
-            .map_err(|e| SqlError::internal(e.to_string()))?
-            .map_err(external)?;
+        let views = materialized_views(&self.catalog);
+        let (savepoints, keeps) = tokio::task::spawn_blocking(move || {
+            let savepoints = store::savepoints(&store)?;
+            let keeps = savepoints
+                .iter()
+                .map(|(m, _)| {
+                    let name = m.savepoint.clone().unwrap_or_default();
+                    let pins = view_feed::pinned_by(
+                        &store,
+                        &views,
+                        &store::savepoint(store.clone(), &name),
+                    )?;
+                    Ok(pins
+                        .iter()
+                        .map(|(view, epoch)| format!("{view} after epoch {epoch}"))
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                })
+                .collect::<datafusion::common::Result<Vec<String>>>()?;
+            Ok::<_, datafusion::common::DataFusionError>((savepoints, keeps))
+        })
+        .await
+        .map_err(|e| SqlError::internal(e.to_string()))?
+        .map_err(external)?;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(
                 savepoints
@@ -214,6 +236,7 @@ impl Engine {
                     .iter()
                     .map(|(_, s)| crate::plan::window_tvf::readable(s)),
             )),
+            Arc::new(StringArray::from_iter_values(keeps)),
         ];
         self.rows(RecordBatch::try_new(show_savepoints_schema(), columns)?)
     }

@@ -573,13 +573,17 @@ const SAVEPOINTS: &str = "savepoint/";
 pub fn savepoints(store: &Arc<dyn StateStore>) -> Result<Vec<(CheckpointMeta, String)>> {
     let prefix = [ROOT, SAVEPOINTS.as_bytes()].concat();
     let mut out = Vec::new();
-    for (key, value) in store.scan_prefix(&prefix).map_err(store_error)? {
+    // Keys only: the values are the savepoints' state.
+    for key in store.scan_keys(&prefix).map_err(store_error)? {
         let Some(zero) = key.iter().position(|b| *b == 0) else {
             continue;
         };
         if key.get(zero + 1) != Some(&b'm') {
             continue;
         }
+        let Some(value) = store.get(&key).map_err(store_error)? else {
+            continue;
+        };
         let Ok(meta) = serde_json::from_slice::<CheckpointMeta>(&value) else {
             continue;
         };

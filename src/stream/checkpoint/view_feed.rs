@@ -168,6 +168,23 @@ pub fn unregister(
     Ok(())
 }
 
+/// The views (of `views`, by name) where `reader` is registered, and the epoch each keeps
+/// its changes after for it.
+pub fn pinned_by(
+    store: &Arc<dyn weir_catalog::StateStore>,
+    views: &[String],
+    reader: &Checkpoints,
+) -> Result<Vec<(String, Epoch)>> {
+    let mut out = Vec::new();
+    for view in views {
+        let log = Checkpoints::new(store.clone(), &format!("view/{view}"));
+        if let Some(epoch) = log.reader_epoch(reader)? {
+            out.push((view.clone(), epoch));
+        }
+    }
+    Ok(out)
+}
+
 /// Registers savepoint `savepoint` of `reader` (stopping) at each of `views` (by name)
 /// where `reader` is registered, at the same epoch: the views keep their changes after
 /// it for a start from the savepoint. Returns each view's name and that epoch.
@@ -177,14 +194,12 @@ pub fn pin_for_savepoint(
     reader: &Checkpoints,
     savepoint: &Checkpoints,
 ) -> Result<Vec<(String, Epoch)>> {
-    let mut pinned = Vec::new();
-    for view in views {
+    let views: Vec<String> = views.into_iter().collect();
+    let pinned = pinned_by(store, &views, reader)?;
+    for (view, epoch) in &pinned {
         let log = Checkpoints::new(store.clone(), &format!("view/{view}"));
-        if let Some(epoch) = log.reader_epoch(reader)? {
-            log.register_reader(savepoint, epoch)?;
-            log.flush()?;
-            pinned.push((view, epoch));
-        }
+        log.register_reader(savepoint, *epoch)?;
+        log.flush()?;
     }
     Ok(pinned)
 }

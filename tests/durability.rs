@@ -419,7 +419,8 @@ async fn readers_of_an_updating_view_resume_where_they_were_after_a_kill() {
 
 /// When the updating view itself cannot resume (its checkpoint is of another plan, so it
 /// is rebuilt from its inputs and numbers its changes anew), a view over it is rebuilt
-/// too and a job over it starts over from its rows: the rows stay right.
+/// too and a job over it starts over from its rows: the rows stay right. A savepoint over
+/// it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_of_a_rebuilt_updating_view_start_over_from_its_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -432,6 +433,10 @@ async fn readers_of_a_rebuilt_updating_view_start_over_from_its_rows() {
         ))
         .await
         .unwrap();
+    const SAVED: &str = "CREATE MATERIALIZED VIEW saved AS SELECT count(*) AS keys FROM counts";
+    client.batch_execute(SAVED).await.unwrap();
+    let savepoint =
+        rows(&client, "STOP MATERIALIZED VIEW saved WITH SAVEPOINT").await[0][0].clone();
     server.stop().await;
     {
         use weir_catalog::StateStore;
@@ -465,6 +470,17 @@ async fn readers_of_a_rebuilt_updating_view_start_over_from_its_rows() {
         rows(&client, spread).await,
         vec![vec!["1", "1"], vec!["2", "2"]]
     );
+    // A savepoint of a view over it cannot be started from: the place it kept is in
+    // changes the rebuilt view no longer has.
+    client
+        .batch_execute(&format!("SET 'execution.savepoint.path' = '{savepoint}'"))
+        .await
+        .unwrap();
+    let e = client.batch_execute(SAVED).await.unwrap_err();
+    let e = e.as_db_error().unwrap();
+    assert_eq!(e.code().code(), "55000", "{}", e.message());
+    assert!(e.message().contains("rebuilt"), "{}", e.message());
+    assert!(e.hint().unwrap_or_default().contains("RESET"), "{e:?}");
     server.stop().await;
 }
 

@@ -180,7 +180,15 @@ async fn a_view_over_an_updating_view_resumes_from_its_savepoint() {
 
     // Stopped again: per_key keeps its changes after the savepoint through the folds
     // of 70 epochs of changes.
-    let name2 = rows(&client, "STOP MATERIALIZED VIEW totals WITH SAVEPOINT").await[0][0].clone();
+    let (watcher, mut notices) = common::connect_with_notices(server.port).await;
+    let name2 = rows(&watcher, "STOP MATERIALIZED VIEW totals WITH SAVEPOINT").await[0][0].clone();
+    let (code, notice) = notices.recv().await.expect("a notice");
+    assert_eq!(code, "01000");
+    assert!(
+        notice.starts_with("materialized view per_key keeps its changes after its epoch ")
+            && notice.ends_with(&format!("until DROP SAVEPOINT '{name2}'")),
+        "{notice}"
+    );
     for i in 60..130 {
         insert_clicks(&client, i, i + 1).await;
         run(&client, "FLUSH").await;

@@ -7,31 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::{rows, TestServer};
-use futures::StreamExt;
-use tokio_postgres::{AsyncMessage, NoTls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbounded_state_gets_a_notice_at_create_time() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let (client, mut connection) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={} user=weir dbname=weir", server.port),
-        NoTls,
-    )
-    .await
-    .unwrap();
-    let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notice(notice) = message {
-                let _ = tx.send((
-                    notice.code().code().to_string(),
-                    notice.message().to_string(),
-                ));
-            }
-        }
-    });
+    let (client, mut notices) = common::connect_with_notices(server.port).await;
     client
         .batch_execute(
             "CREATE TABLE clicks (user_id INT, page STRING);

@@ -1004,8 +1004,6 @@ fn sources_of(plan: &LogicalPlan) -> Vec<String> {
     names
 }
 
-/// The newest checkpoint under `checkpoints`, restored into `graph`: its sources keep the
-/// parallelism they were checkpointed at, everything else is redistributed to the graph's.
 /// The names of the materialized views.
 pub(super) fn materialized_views(catalog: &Catalog) -> Vec<String> {
     catalog
@@ -1047,6 +1045,8 @@ async fn follow_from(
     .map_err(external)
 }
 
+/// The newest checkpoint under `checkpoints`, restored into `graph`: its sources keep the
+/// parallelism they were checkpointed at, everything else is redistributed to the graph's.
 async fn restore_into(
     checkpoints: &Checkpoints,
     graph: &mut StreamGraph,

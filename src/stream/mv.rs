@@ -256,12 +256,12 @@ impl MvState {
     }
 
     /// Whether a reader can go on after `epoch` of `lineage`: the view's checkpoints are
-    /// still of that lineage and keep every change after it.
+    /// still of that lineage and keep every change after it. If so, where they are.
     pub fn resumable(
         &self,
         lineage: u64,
         epoch: Epoch,
-    ) -> Result<std::result::Result<(), Unresumable>> {
+    ) -> Result<std::result::Result<Checkpoints, Unresumable>> {
         let Some((log, current)) = self.log() else {
             return Ok(Err(Unresumable::OtherLineage));
         };
@@ -271,7 +271,7 @@ impl MvState {
         Ok(if log.changes_kept_after()? > epoch {
             Err(Unresumable::Folded)
         } else {
-            Ok(())
+            Ok(log)
         })
     }
 
@@ -282,10 +282,10 @@ impl MvState {
         lineage: u64,
         epoch: Epoch,
     ) -> Result<std::result::Result<Resumed, Unresumable>> {
-        if let Err(why) = self.resumable(lineage, epoch)? {
-            return Ok(Err(why));
-        }
-        let (log, _) = self.log().expect("resumable");
+        let log = match self.resumable(lineage, epoch)? {
+            Ok(log) => log,
+            Err(why) => return Ok(Err(why)),
+        };
         // Subscribed before the store is read: every publish up to `upto` was stored
         // before it was published, every later one arrives on the receiver.
         let (receiver, upto, ended) = {

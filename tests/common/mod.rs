@@ -55,6 +55,35 @@ pub async fn connect(port: u16) -> Client {
     client
 }
 
+/// A client whose NOTICEs (SQLSTATE, message) arrive on the receiver, in order.
+pub async fn connect_with_notices(
+    port: u16,
+) -> (
+    Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    use futures::StreamExt;
+    let (client, mut connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=weir dbname=weir"),
+        NoTls,
+    )
+    .await
+    .expect("connects");
+    let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                let _ = tx.send((
+                    notice.code().code().to_string(),
+                    notice.message().to_string(),
+                ));
+            }
+        }
+    });
+    (client, notices)
+}
+
 /// All rows of a simple-protocol query, each value as text ("NULL" for null).
 pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
     try_rows(client, sql)

@@ -330,8 +330,12 @@ impl Coordinator {
                     })
                     .sum();
                 let followed = self.followed_views.clone();
-                let sources: Vec<Option<SourcePosition>> =
-                    snapshots.iter().map(|s| s.source.clone()).collect();
+                // Only a job that follows updating views registers where it is in them.
+                let sources: Vec<Option<SourcePosition>> = if followed.is_empty() {
+                    Vec::new()
+                } else {
+                    snapshots.iter().map(|s| s.source.clone()).collect()
+                };
                 tokio::task::spawn_blocking(move || {
                     let tasks = snapshots
                         .into_iter()

@@ -59,26 +59,41 @@ pub fn followed_views(graph: &StreamGraph) -> Vec<FollowedView> {
 /// in its changes (the rows it had delivered, 8 bytes): it cannot go on from it.
 const EARLIER_POSITION_BYTES: usize = 8;
 
+/// Where a followed view's reader was in a checkpoint.
+enum Place {
+    /// It had not started following (or recorded no position): it starts from the rows.
+    Unstarted,
+    /// Recorded by an earlier version, which kept no place in the view's changes.
+    Earlier,
+    /// After this epoch of this lineage of the view's checkpoints.
+    After { lineage: u64, epoch: Epoch },
+}
+
 /// Where each followed view's reader is in `sources` (a checkpoint's source positions,
-/// by task): its view, the lineage and the epoch it resumes after, for readers that had
-/// started following. Positions of an earlier version are left out.
+/// by task).
 fn places<'a>(
     followed: &'a [FollowedView],
     sources: &[Option<SourcePosition>],
-) -> Result<Vec<(&'a FollowedView, u64, Epoch)>> {
-    let mut out = Vec::new();
-    for f in followed {
-        let Some(source) = sources.get(f.task).and_then(Option::as_ref) else {
-            continue;
-        };
-        if source.position.len() == EARLIER_POSITION_BYTES {
-            continue;
-        }
-        if let Some((lineage, epoch)) = followed_position(&source.position)? {
-            out.push((f, lineage, epoch));
-        }
-    }
-    Ok(out)
+) -> Result<Vec<(&'a FollowedView, Place)>> {
+    followed
+        .iter()
+        .map(|f| {
+            let place = match sources.get(f.task).and_then(Option::as_ref) {
+                None => Place::Unstarted,
+                Some(s) if s.position.len() == EARLIER_POSITION_BYTES => Place::Earlier,
+                Some(s) => match followed_position(&s.position)? {
+                    Some((lineage, epoch)) => Place::After { lineage, epoch },
+                    None => Place::Unstarted,
+                },
+            };
+            Ok((f, place))
+        })
+        .collect()
+}
+
+/// Where `view`'s job stores its checkpoints and changes.
+fn view_log(store: &Arc<dyn weir_catalog::StateStore>, view: &str) -> Checkpoints {
+    Checkpoints::new(store.clone(), &format!("view/{view}"))
 }
 
 /// Registers `reader` at every view it follows, after the epoch its newest checkpoint's
@@ -88,7 +103,10 @@ pub fn register_at(
     reader: &Checkpoints,
     sources: &[Option<SourcePosition>],
 ) -> Result<()> {
-    for (f, lineage, epoch) in places(followed, sources)? {
+    for (f, place) in places(followed, sources)? {
+        let Place::After { lineage, epoch } = place else {
+            continue;
+        };
         if let Some((log, current)) = f.view.log() {
             if current == lineage {
                 log.register_reader(reader, epoch)?;
@@ -133,24 +151,24 @@ pub fn unresumable(
     followed: &[FollowedView],
     sources: &[Option<SourcePosition>],
 ) -> Result<Option<String>> {
-    let earlier = followed.iter().any(|f| {
-        sources
-            .get(f.task)
-            .and_then(Option::as_ref)
-            .is_some_and(|s| s.position.len() == EARLIER_POSITION_BYTES)
-    });
-    if earlier {
-        return Ok(Some(
-            "it was checkpointed by an earlier version of Weir, which did not record where \
-             it was in the changes of the views it reads"
-                .into(),
-        ));
-    }
-    for (f, lineage, epoch) in places(followed, sources)? {
-        if let Err(why) = f.view.resumable(lineage, epoch)? {
-            return Ok(Some(format!(
-                "where it was in a view it reads (after that view's epoch {epoch}) is gone: {why}"
-            )));
+    for (f, place) in places(followed, sources)? {
+        match place {
+            Place::Unstarted => {}
+            Place::Earlier => {
+                return Ok(Some(
+                    "it was checkpointed by an earlier version of Weir, which did not record \
+                     where it was in the changes of the views it reads"
+                        .into(),
+                ))
+            }
+            Place::After { lineage, epoch } => {
+                if let Err(why) = f.view.resumable(lineage, epoch)? {
+                    return Ok(Some(format!(
+                        "where it was in a view it reads (after that view's epoch {epoch}) is \
+                         gone: {why}"
+                    )));
+                }
+            }
         }
     }
     Ok(None)
@@ -163,7 +181,7 @@ pub fn unregister(
     reader: &Checkpoints,
 ) -> Result<()> {
     for view in views {
-        Checkpoints::new(store.clone(), &format!("view/{view}")).unregister_reader(reader)?;
+        view_log(store, &view).unregister_reader(reader)?;
     }
     Ok(())
 }
@@ -177,8 +195,7 @@ pub fn pinned_by(
 ) -> Result<Vec<(String, Epoch)>> {
     let mut out = Vec::new();
     for view in views {
-        let log = Checkpoints::new(store.clone(), &format!("view/{view}"));
-        if let Some(epoch) = log.reader_epoch(reader)? {
+        if let Some(epoch) = view_log(store, view).reader_epoch(reader)? {
             out.push((view.clone(), epoch));
         }
     }
@@ -197,7 +214,7 @@ pub fn pin_for_savepoint(
     let views: Vec<String> = views.into_iter().collect();
     let pinned = pinned_by(store, &views, reader)?;
     for (view, epoch) in &pinned {
-        let log = Checkpoints::new(store.clone(), &format!("view/{view}"));
+        let log = view_log(store, view);
         log.register_reader(savepoint, *epoch)?;
         log.flush()?;
     }
